@@ -1,0 +1,235 @@
+//! Map keys and values shared by the eBPF datapath and the userspace agent.
+//!
+//! Conventions, chosen so that `bpftool map dump` output is readable:
+//! - IPv4 addresses are `[u8; 4]` in network order (the bytes as on the wire), so they dump as
+//!   `[10,96,0,10]` and copy straight into packet headers;
+//! - ports are `u16` in host order, so they dump as `80`;
+//! - every struct is `#[repr(C)]` with explicit padding fields, so layout and BTF agree.
+#![no_std]
+
+pub mod maps;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A service port as clients address it: (virtual IP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `ServiceValue::flags`: the service has `sessionAffinity: ClientIP`.
+pub const SVC_FLAG_AFFINITY: u8 = 1;
+
+/// What the datapath needs to pick a backend for a service port.
+///
+/// Backends live in `BACKEND_SLOTS` under `(id, generation, 1..=count)`. The agent writes a
+/// new generation's slots first and then replaces this value, so a reader never sees a
+/// half-written backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Service-port id, also the index of its counters and its rev-NAT id in conntrack.
+    pub id: u32,
+    /// Number of usable backends; 0 means new connections are rejected.
+    pub count: u16,
+    pub generation: u8,
+    pub flags: u8,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds` when `SVC_FLAG_AFFINITY` is set.
+    pub affinity_timeout_secs: u32,
+}
+
+/// One backend slot of one generation of a service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub generation: u8,
+    pub pad: u8,
+    /// 1-based slot index.
+    pub slot: u16,
+}
+
+/// A backend endpoint (`BACKENDS` value, keyed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// Connection and traffic counters, per CPU, indexed by service or backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// New connections (TCP connects, new UDP flows) assigned.
+    pub conns: u64,
+    /// Packets translated by the tc datapath plus datagrams sent through `sendmsg4`.
+    pub packets: u64,
+    /// Bytes of the packets counted in `packets` (tc datapath only).
+    pub bytes: u64,
+}
+
+/// A conntrack key: the 5-tuple of a packet as seen by the tc programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `CtEntry::direction` of the entry that DNATs client → service to client → backend.
+pub const CT_FORWARD: u8 = 0;
+/// `CtEntry::direction` of the entry that reverse-NATs backend → client to service → client.
+pub const CT_REPLY: u8 = 1;
+
+/// TCP handshake not complete (or a new UDP flow).
+pub const CT_STATE_NEW: u8 = 0;
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// FIN or RST seen: kept briefly for the closing packets.
+pub const CT_STATE_CLOSING: u8 = 2;
+
+/// Idle timeouts, in seconds, after which the agent's GC deletes an entry.
+pub const CT_TIMEOUT_TCP_NEW_SECS: u64 = 60;
+pub const CT_TIMEOUT_TCP_ESTABLISHED_SECS: u64 = 6 * 3600;
+pub const CT_TIMEOUT_TCP_CLOSING_SECS: u64 = 60;
+pub const CT_TIMEOUT_UDP_SECS: u64 = 60;
+
+/// A conntrack entry. A translated flow has two: `CT_FORWARD` under the client's tuple and
+/// `CT_REPLY` under the backend's reply tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// FORWARD: the backend to DNAT to. REPLY: the service address to restore as source.
+    pub nat_addr: [u8; 4],
+    pub nat_port: u16,
+    pub direction: u8,
+    pub state: u8,
+    /// Service-port id; the rev-NAT id of the flow.
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
+    pub last_seen_ns: u64,
+}
+
+impl CtKey {
+    /// The key of the other entry of the same flow, given this key's entry.
+    pub fn peer(&self, entry: &CtEntry) -> CtKey {
+        let (src, dst, sport, dport) = if entry.direction == CT_FORWARD {
+            // client → service; the reply comes from the backend (nat) to the client.
+            (entry.nat_addr, self.src, entry.nat_port, self.sport)
+        } else {
+            // backend → client; the request went from the client to the service (nat).
+            (self.dst, entry.nat_addr, self.dport, entry.nat_port)
+        };
+        CtKey { src, dst, sport, dport, proto: self.proto, pad: [0; 3] }
+    }
+}
+
+/// Idle timeout of a flow, from the states of its two entries: a FIN or RST on either side
+/// makes it closing; otherwise it is established once either side is.
+pub fn ct_flow_timeout_secs(proto: u8, a: u8, b: u8) -> u64 {
+    if proto != IPPROTO_TCP {
+        return CT_TIMEOUT_UDP_SECS;
+    }
+    if a == CT_STATE_CLOSING || b == CT_STATE_CLOSING {
+        CT_TIMEOUT_TCP_CLOSING_SECS
+    } else if a == CT_STATE_ESTABLISHED || b == CT_STATE_ESTABLISHED {
+        CT_TIMEOUT_TCP_ESTABLISHED_SECS
+    } else {
+        CT_TIMEOUT_TCP_NEW_SECS
+    }
+}
+
+/// Which kind of client an affinity entry remembers.
+pub const AFFINITY_CLIENT_IP: u8 = 0;
+/// A socket-LB client: the network namespace cookie stands for the pod's IP, which is not
+/// known yet at connect() time.
+pub const AFFINITY_CLIENT_NETNS: u8 = 1;
+/// Stickiness of an unconnected UDP socket to the backend of its first datagram, as a
+/// conntrack entry keeps a UDP flow on one backend under kube-proxy.
+pub const AFFINITY_CLIENT_SOCKET: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Client IPv4 address (in the first 4 bytes) or a netns or socket cookie.
+    pub client: u64,
+    pub service_id: u32,
+    pub kind: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// Reverse translation for a socket whose destination the socket hooks rewrote:
+/// (socket cookie, backend) → the service address the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub pad: u16,
+    pub service_id: u32,
+}
+
+/// Length of `ServiceName::name`.
+pub const SERVICE_NAME_LEN: usize = 120;
+
+/// `namespace/name:port` of a service port, NUL-padded; written by the agent for `proxyctl`
+/// and `bpftool` (which prints it as a string), never read by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub name: [u8; SERVICE_NAME_LEN],
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self { name: [0; SERVICE_NAME_LEN] }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)] with explicit padding and only integer fields.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for ServiceName {}
+}

@@ -1,0 +1,133 @@
+//! Service lookup, backend selection (random, or sticky for session affinity and UDP sockets)
+//! and counters: the parts shared by the socket hooks and the tc programs.
+use aya_ebpf::{
+    btf_maps::PerCpuArray,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
+use proxy_common::{
+    AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, Backend, CT_TIMEOUT_UDP_SECS, Counters,
+    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey,
+};
+
+use crate::maps::{AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, SERVICE_STATS, SERVICES};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+pub struct Chosen {
+    pub backend_id: u32,
+    pub backend: Backend,
+}
+
+/// A client's claim to keep the backend it had: an affinity entry and its idle timeout.
+pub struct Sticky {
+    key: AffinityKey,
+    timeout_ns: u64,
+}
+
+impl Sticky {
+    /// `sessionAffinity: ClientIP`, if the service has it.
+    #[inline(always)]
+    pub fn client_affinity(svc: &ServiceValue, client: u64, kind: u8) -> Option<Self> {
+        if svc.flags & SVC_FLAG_AFFINITY == 0 {
+            return None;
+        }
+        Some(Self {
+            key: AffinityKey { client, service_id: svc.id, kind, pad: [0; 3] },
+            timeout_ns: svc.affinity_timeout_secs as u64 * NS_PER_SEC,
+        })
+    }
+
+    /// An unconnected UDP socket's datagrams to one service stay on one backend.
+    #[inline(always)]
+    pub fn socket(svc: &ServiceValue, cookie: u64) -> Self {
+        Self {
+            key: AffinityKey {
+                client: cookie,
+                service_id: svc.id,
+                kind: AFFINITY_CLIENT_SOCKET,
+                pad: [0; 3],
+            },
+            timeout_ns: CT_TIMEOUT_UDP_SECS * NS_PER_SEC,
+        }
+    }
+
+    /// The remembered backend, if the entry exists, has not expired and the backend still
+    /// exists; refreshes the entry's idle timer.
+    #[inline(always)]
+    pub fn backend(&self, now: u64) -> Option<Chosen> {
+        let entry = AFFINITY.get_ptr_mut(&self.key)?;
+        // SAFETY: LRU values stay valid for the program's run; a concurrent update of the
+        // timestamp is harmless.
+        unsafe {
+            if now.wrapping_sub((*entry).last_used_ns) > self.timeout_ns {
+                return None;
+            }
+            let backend_id = (*entry).backend_id;
+            let backend = *BACKENDS.get(backend_id)?;
+            (*entry).last_used_ns = now;
+            Some(Chosen { backend_id, backend })
+        }
+    }
+
+    #[inline(always)]
+    pub fn remember(&self, chosen: &Chosen, now: u64) {
+        let value = AffinityValue { backend_id: chosen.backend_id, pad: 0, last_used_ns: now };
+        // An LRU map insert only fails on memory pressure; the flow still works, unsticky.
+        let _ = AFFINITY.insert(&self.key, &value, 0);
+    }
+}
+
+#[inline(always)]
+pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
+    // SAFETY: copied out at once; the agent replaces values whole, never in place.
+    unsafe { SERVICES.get(key).copied() }
+}
+
+pub fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Picks the backend of a new connection: the sticky one if still valid, else a uniformly
+/// random slot of the current generation. `None` when the service has no usable backend.
+#[inline(always)]
+pub fn select_backend(svc: &ServiceValue, sticky: Option<&Sticky>, now: u64) -> Option<Chosen> {
+    if svc.count == 0 {
+        return None;
+    }
+    if let Some(chosen) = sticky.and_then(|s| s.backend(now)) {
+        return Some(chosen);
+    }
+    // SAFETY: no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let slot = (random % svc.count as u32) as u16 + 1;
+    let slot_key =
+        SlotKey { service_id: svc.id, generation: svc.generation, pad: 0, slot };
+    // SAFETY: both values are copied out at once.
+    let backend_id = unsafe { *BACKEND_SLOTS.get(&slot_key)? };
+    let backend = unsafe { *BACKENDS.get(backend_id)? };
+    let chosen = Chosen { backend_id, backend };
+    if let Some(s) = sticky {
+        s.remember(&chosen, now);
+    }
+    Some(chosen)
+}
+
+#[inline(always)]
+fn add<const N: usize>(stats: &PerCpuArray<Counters, N>, id: u32, delta: &Counters) {
+    if let Some(c) = stats.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe {
+            (*c).conns += delta.conns;
+            (*c).packets += delta.packets;
+            (*c).bytes += delta.bytes;
+        }
+    }
+}
+
+/// Adds to the counters of a service port and of one of its backends.
+#[inline(always)]
+pub fn count(service_id: u32, backend_id: u32, delta: Counters) {
+    add(&SERVICE_STATS, service_id, &delta);
+    add(&BACKEND_STATS, backend_id, &delta);
+}

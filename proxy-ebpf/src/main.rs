@@ -1,0 +1,30 @@
+//! The datapath: socket-level load balancing (cgroup sock_addr hooks) and packet-level
+//! DNAT / reverse NAT with our own conntrack (tc), over the maps in `maps`.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod lb;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
+mod tc;
+
+#[cfg(all(not(test), target_arch = "bpf"))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// Host builds (`cargo check --workspace`, clippy) see an empty binary.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

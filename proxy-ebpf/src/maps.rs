@@ -1,0 +1,52 @@
+//! The datapath's maps; names and sizes come from `proxy_common::maps`.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, Counters, CtEntry, CtKey, ServiceKey, ServiceName,
+    ServiceValue, SlotKey, SockRevKey, SockRevValue,
+    maps::{
+        MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+        MAX_SOCK_REV_NAT,
+    },
+};
+
+// The agent owns these three; they hold only what it wrote, so they need no preallocation.
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map(name = "services")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "backend_slots")]
+pub static BACKEND_SLOTS: HashMap<SlotKey, u32, { MAX_BACKEND_SLOTS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "backends")]
+pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// Read by `proxyctl` and `bpftool` only; declared here so that it carries BTF and is pinned
+/// beside the others.
+#[btf_map(name = "service_names")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "service_stats")]
+pub static SERVICE_STATS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "backend_stats")]
+pub static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "conntrack")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+
+#[btf_map(name = "affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "sock_rev_nat")]
+pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { MAX_SOCK_REV_NAT as usize }> =
+    LruHashMap::new();

@@ -1,0 +1,155 @@
+//! Socket-level load balancing: cgroup sock_addr hooks rewrite the destination of a
+//! connect()/sendmsg() to a ClusterIP before any packet exists, and restore the ClusterIP in
+//! what recvmsg()/getpeername() report, so applications never see the rewrite.
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    AFFINITY_CLIENT_NETNS, Counters, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevKey,
+    SockRevValue,
+};
+
+use crate::{
+    lb::{self, Chosen, Sticky},
+    maps::SOCK_REV_NAT,
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[cgroup_sock_addr(connect4)]
+pub fn proxy_connect4(ctx: SockAddrContext) -> i32 {
+    connect(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn proxy_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sendmsg(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn proxy_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_service_addr(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn proxy_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_service_addr(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
+    // SAFETY: the kernel passes a valid context for the program's run.
+    unsafe { &mut *ctx.sock_addr }
+}
+
+/// The service port the socket addresses, if it is TCP or UDP.
+#[inline(always)]
+fn service_key(sa: &bpf_sock_addr) -> Option<ServiceKey> {
+    let proto = sa.protocol as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    Some(ServiceKey {
+        addr: sa.user_ip4.to_ne_bytes(),
+        port: u16::from_be(sa.user_port as u16),
+        proto,
+        pad: 0,
+    })
+}
+
+/// Points the socket at the backend and remembers the service address for the reverse way.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, key: &ServiceKey, service_id: u32, chosen: &Chosen) {
+    let sa = sock_addr(ctx);
+    sa.user_ip4 = u32::from_ne_bytes(chosen.backend.addr);
+    sa.user_port = chosen.backend.port.to_be() as u32;
+    // SAFETY: valid context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rev_key =
+        SockRevKey { cookie, addr: chosen.backend.addr, port: chosen.backend.port, pad: 0 };
+    let rev = SockRevValue { addr: key.addr, port: key.port, pad: 0, service_id };
+    // An LRU insert only fails on memory pressure; the app would then see the backend address.
+    let _ = SOCK_REV_NAT.insert(&rev_key, &rev, 0);
+}
+
+/// kube-proxy REJECTs connections to a service without endpoints: fail at once with
+/// ECONNREFUSED instead of letting the client time out.
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: no preconditions; sets the errno the syscall returns.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
+}
+
+#[inline(always)]
+fn netns_affinity(ctx: &SockAddrContext, svc: &proxy_common::ServiceValue) -> Option<Sticky> {
+    // SAFETY: valid context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    Sticky::client_affinity(svc, netns, AFFINITY_CLIENT_NETNS)
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext) -> i32 {
+    let Some(key) = service_key(sock_addr(ctx)) else { return ALLOW };
+    let Some(svc) = lb::service(&key) else { return ALLOW };
+    let now = lb::now_ns();
+    let affinity = netns_affinity(ctx, &svc);
+    let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
+        return refuse();
+    };
+    redirect(ctx, &key, svc.id, &chosen);
+    lb::count(svc.id, chosen.backend_id, Counters { conns: 1, packets: 0, bytes: 0 });
+    ALLOW
+}
+
+/// Unconnected UDP: each datagram carries its destination, so each is translated; the
+/// socket's first datagram picks the backend, later ones stick to it.
+#[inline(always)]
+fn sendmsg(ctx: &SockAddrContext) -> i32 {
+    let Some(key) = service_key(sock_addr(ctx)) else { return ALLOW };
+    let Some(svc) = lb::service(&key) else { return ALLOW };
+    let now = lb::now_ns();
+    // SAFETY: valid context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let socket = Sticky::socket(&svc, cookie);
+    let (chosen, new_flow) = match socket.backend(now) {
+        Some(chosen) => (chosen, 0),
+        None => {
+            let affinity = netns_affinity(ctx, &svc);
+            let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
+                return refuse();
+            };
+            socket.remember(&chosen, now);
+            (chosen, 1)
+        }
+    };
+    redirect(ctx, &key, svc.id, &chosen);
+    lb::count(svc.id, chosen.backend_id, Counters { conns: new_flow, packets: 1, bytes: 0 });
+    ALLOW
+}
+
+#[inline(always)]
+fn restore_service_addr(ctx: &SockAddrContext) {
+    let sa = sock_addr(ctx);
+    // SAFETY: valid context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevKey {
+        cookie,
+        addr: sa.user_ip4.to_ne_bytes(),
+        port: u16::from_be(sa.user_port as u16),
+        pad: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(rev) = unsafe { SOCK_REV_NAT.get(&key).copied() } {
+        sa.user_ip4 = u32::from_ne_bytes(rev.addr);
+        sa.user_port = rev.port.to_be() as u32;
+    }
+}
