@@ -1,0 +1,62 @@
+//! Why an input object (or part of one) was not served: which object, which field, why.
+use std::fmt;
+
+/// A short, stable reason, used as the `reason` label of the rejected-objects metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The document is not valid YAML or does not match the object's schema.
+    Parse,
+    /// A kind/apiVersion this proxy does not read.
+    UnsupportedKind,
+    MissingField,
+    InvalidAddress,
+    InvalidPort,
+    UnsupportedProtocol,
+    InvalidAffinity,
+    /// Another service port already uses the same address, port and protocol.
+    Conflict,
+    /// A map is full or refused an update.
+    MapUpdate,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Parse => "parse_error",
+            Reason::UnsupportedKind => "unsupported_kind",
+            Reason::MissingField => "missing_field",
+            Reason::InvalidAddress => "invalid_address",
+            Reason::InvalidPort => "invalid_port",
+            Reason::UnsupportedProtocol => "unsupported_protocol",
+            Reason::InvalidAffinity => "invalid_session_affinity",
+            Reason::Conflict => "conflict",
+            Reason::MapUpdate => "map_update_failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// e.g. `Service default/web`, `EndpointSlice default/web-abc`, `manifest /etc/x.yaml`.
+    pub object: String,
+    /// e.g. `spec.ports[1].protocol`.
+    pub field: String,
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(object: &str, field: impl Into<String>, reason: Reason, detail: impl Into<String>) -> Self {
+        Self { object: object.to_owned(), field: field.into(), reason, detail: detail.into() }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.object, self.detail)
+        } else {
+            write!(f, "{}: {}: {}", self.object, self.field, self.detail)
+        }
+    }
+}
