@@ -5,3 +5,5 @@ pub mod manifest;
 pub mod model;
 pub mod rejection;
 pub mod store;
+pub mod maps;
+pub mod reconcile;

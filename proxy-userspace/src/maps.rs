@@ -1,0 +1,152 @@
+//! Typed access to the datapath's pinned maps, for the agent and for `proxyctl`.
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, Counters, CtEntry, CtKey, SERVICE_NAME_LEN, ServiceKey,
+    ServiceName, ServiceValue, SlotKey, maps,
+};
+
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub names: HashMap<MapData, u32, ServiceName>,
+    pub service_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+}
+
+fn open<T>(dir: &Path, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "map {name} is not pinned at {}: is proxy-agent running (or has it run) with --bpffs {}?",
+            path.display(),
+            dir.display()
+        );
+    }
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!("opening pinned map {} (reading BPF maps needs root or CAP_BPF)", path.display())
+    })?;
+    let map = Map::from_map_data(data).with_context(|| format!("reading map {}", path.display()))?;
+    T::try_from(map).with_context(|| format!("map {} has an unexpected type or layout", path.display()))
+}
+
+impl Maps {
+    /// Opens the maps pinned under `dir` (the agent's `--bpffs`).
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: open(dir, maps::SERVICES)?,
+            slots: open(dir, maps::BACKEND_SLOTS)?,
+            backends: open(dir, maps::BACKENDS)?,
+            names: open(dir, maps::SERVICE_NAMES)?,
+            service_stats: open(dir, maps::SERVICE_STATS)?,
+            backend_stats: open(dir, maps::BACKEND_STATS)?,
+            conntrack: open(dir, maps::CONNTRACK)?,
+            affinity: open(dir, maps::AFFINITY)?,
+        })
+    }
+
+    pub fn service_counters(&self, id: u32) -> anyhow::Result<Counters> {
+        Ok(sum(&self.service_stats.get(&id, 0).with_context(|| format!("reading counters of service id {id}"))?))
+    }
+}
+
+pub fn sum(values: &PerCpuValues<Counters>) -> Counters {
+    values.iter().fold(Counters::default(), |a, c| Counters {
+        conns: a.conns + c.conns,
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    })
+}
+
+pub fn zero_counters() -> anyhow::Result<PerCpuValues<Counters>> {
+    let cpus = aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
+    Ok(PerCpuValues::try_from(vec![Counters::default(); cpus])?)
+}
+
+pub fn encode_name(name: &str) -> ServiceName {
+    let mut out = ServiceName::default();
+    let bytes = name.as_bytes();
+    let len = bytes.len().min(SERVICE_NAME_LEN - 1);
+    out.name[..len].copy_from_slice(&bytes[..len]);
+    out
+}
+
+pub fn decode_name(name: &ServiceName) -> String {
+    let end = name.name.iter().position(|b| *b == 0).unwrap_or(SERVICE_NAME_LEN);
+    String::from_utf8_lossy(&name.name[..end]).into_owned()
+}
+
+impl crate::reconcile::ServiceMaps for Maps {
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
+        self.backends.insert(id, backend, 0).with_context(|| format!("writing backend {id} to map {}", maps::BACKENDS))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.backends.remove(&id).with_context(|| format!("deleting backend {id} from map {}", maps::BACKENDS))
+    }
+
+    fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
+        self.slots.insert(key, backend_id, 0).with_context(|| format!("writing {key:?} to map {}", maps::BACKEND_SLOTS))
+    }
+
+    fn delete_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
+        self.slots.remove(key).with_context(|| format!("deleting {key:?} from map {}", maps::BACKEND_SLOTS))
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue, name: &str) -> anyhow::Result<()> {
+        self.names
+            .insert(value.id, encode_name(name), 0)
+            .with_context(|| format!("writing the name of service id {} to map {}", value.id, maps::SERVICE_NAMES))?;
+        self.services.insert(key, value, 0).with_context(|| format!("writing {name} to map {}", maps::SERVICES))
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()> {
+        self.services.remove(key).with_context(|| format!("deleting {key:?} from map {}", maps::SERVICES))?;
+        self.names.remove(&id).with_context(|| format!("deleting service id {id} from map {}", maps::SERVICE_NAMES))
+    }
+
+    fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
+        self.service_stats.set(id, zero_counters()?, 0).with_context(|| format!("zeroing counters of service id {id}"))
+    }
+
+    fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()> {
+        self.backend_stats.set(id, zero_counters()?, 0).with_context(|| format!("zeroing counters of backend id {id}"))
+    }
+
+    fn forget_affinity(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()> {
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.service_id == service_id && backend_ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in stale {
+            // Already gone (LRU eviction, a datapath refresh race) is fine.
+            let _ = self.affinity.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn read_existing(&self) -> anyhow::Result<crate::reconcile::Existing> {
+        let name_of = |id: u32| self.names.get(&id, 0).map(|n| decode_name(&n)).unwrap_or_default();
+        Ok(crate::reconcile::Existing {
+            services: self
+                .services
+                .iter()
+                .map(|r| r.map(|(k, v)| (k, v, name_of(v.id))))
+                .collect::<Result<_, _>>()
+                .context("reading map services")?,
+            slots: self.slots.iter().collect::<Result<_, _>>().context("reading map backend_slots")?,
+            backends: self.backends.iter().collect::<Result<_, _>>().context("reading map backends")?,
+        })
+    }
+}

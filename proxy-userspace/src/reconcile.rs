@@ -1,0 +1,480 @@
+//! Programs the maps to match a desired state, incrementally: a service port whose backends
+//! did not change costs no map write. An update never exposes a half-written service: the
+//! new generation's slots are written first, then the service entry flips to them in one
+//! map update, then the old generation is deleted.
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Context as _, anyhow};
+use proxy_common::{
+    Backend, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey,
+    maps::{MAX_BACKENDS, MAX_SERVICES},
+};
+use tracing::warn;
+
+use crate::desired::{DesiredService, DesiredState};
+
+/// The map operations the reconciler needs; `crate::maps::Maps` implements them on the
+/// pinned maps, the tests on memory.
+pub trait ServiceMaps {
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
+    fn delete_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()>;
+    fn delete_slot(&mut self, key: &SlotKey) -> anyhow::Result<()>;
+    /// Writes the service entry (the atomic flip) and its name.
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue, name: &str) -> anyhow::Result<()>;
+    fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()>;
+    fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()>;
+    fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()>;
+    /// Drops session-affinity and UDP-socket stickiness of `service_id` to `backend_ids`.
+    fn forget_affinity(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()>;
+    /// What the maps already hold, e.g. from a previous agent.
+    fn read_existing(&self) -> anyhow::Result<Existing>;
+}
+
+#[derive(Debug, Default)]
+pub struct Existing {
+    pub services: Vec<(ServiceKey, ServiceValue, String)>,
+    pub slots: Vec<(SlotKey, u32)>,
+    pub backends: Vec<(u32, Backend)>,
+}
+
+/// Ids from 1 to `max - 1`; 0 means "none".
+#[derive(Debug)]
+struct Ids {
+    max: u32,
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl Ids {
+    fn with_used(max: u32, used: &HashSet<u32>) -> Self {
+        let next = used.iter().max().map_or(1, |m| m + 1);
+        Self { max, next, free: (1..next).rev().filter(|id| !used.contains(id)).collect() }
+    }
+
+    fn allocate(&mut self) -> Option<u32> {
+        self.free.pop().or_else(|| {
+            (self.next < self.max).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Programmed {
+    value: ServiceValue,
+    name: String,
+    /// (backend id, backend) in slot order.
+    backends: Vec<(u32, Backend)>,
+}
+
+impl Programmed {
+    fn matches(&self, want: &DesiredService) -> bool {
+        self.name == want.name
+            && affinity(want) == (self.value.flags, self.value.affinity_timeout_secs)
+            && self.backends.len() == want.backends.len()
+            && self.backends.iter().zip(&want.backends).all(|((_, a), b)| a == b)
+    }
+}
+
+fn affinity(want: &DesiredService) -> (u8, u32) {
+    match want.affinity_timeout_secs {
+        Some(t) => (SVC_FLAG_AFFINITY, t),
+        None => (0, 0),
+    }
+}
+
+struct BackendRef {
+    id: u32,
+    refs: u32,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub changed: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    /// Service ports that could not be programmed (they keep their previous state).
+    pub errors: Vec<(String, anyhow::Error)>,
+}
+
+pub struct Reconciler<M> {
+    maps: M,
+    services: HashMap<ServiceKey, Programmed>,
+    backends: HashMap<Backend, BackendRef>,
+    service_ids: Ids,
+    backend_ids: Ids,
+}
+
+impl<M: ServiceMaps> Reconciler<M> {
+    /// Adopts what the maps already hold: complete services become the programmed state
+    /// (so an unchanged service costs no write after an agent restart); slots and backends
+    /// that no service reaches are deleted.
+    pub fn adopt(mut maps: M) -> anyhow::Result<Self> {
+        let existing = maps.read_existing().context("reading the existing map contents")?;
+        let slots: HashMap<SlotKey, u32> = existing.slots.iter().copied().collect();
+        let backend_by_id: HashMap<u32, Backend> = existing.backends.iter().copied().collect();
+        let mut services = HashMap::new();
+        let mut backends: HashMap<Backend, BackendRef> = HashMap::new();
+        for (key, value, name) in existing.services {
+            let resolved: Option<Vec<(u32, Backend)>> = (1..=value.count)
+                .map(|slot| {
+                    let id = *slots.get(&SlotKey { service_id: value.id, generation: value.generation, pad: 0, slot })?;
+                    Some((id, *backend_by_id.get(&id)?))
+                })
+                .collect();
+            let Some(resolved) = resolved else {
+                warn!(service = %name, "adopted service entry has missing slots or backends; deleting it");
+                maps.delete_service(&key, value.id)?;
+                continue;
+            };
+            for (id, backend) in &resolved {
+                backends.entry(*backend).or_insert(BackendRef { id: *id, refs: 0 }).refs += 1;
+            }
+            services.insert(key, Programmed { value, name, backends: resolved });
+        }
+        let live_slots: HashSet<SlotKey> = services
+            .values()
+            .flat_map(|p| (1..=p.value.count).map(|slot| SlotKey { service_id: p.value.id, generation: p.value.generation, pad: 0, slot }))
+            .collect();
+        for (key, _) in existing.slots.iter().filter(|(k, _)| !live_slots.contains(k)) {
+            maps.delete_slot(key)?;
+        }
+        let live_backends: HashSet<u32> = backends.values().map(|b| b.id).collect();
+        for (id, _) in existing.backends.iter().filter(|(id, _)| !live_backends.contains(id)) {
+            maps.delete_backend(*id)?;
+        }
+        let service_ids = Ids::with_used(MAX_SERVICES, &services.values().map(|p| p.value.id).collect());
+        let backend_ids = Ids::with_used(MAX_BACKENDS, &live_backends);
+        Ok(Self { maps, services, backends, service_ids, backend_ids })
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// Number of service ports programmed.
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Brings the maps to `desired`, touching only the service ports that differ.
+    pub fn apply(&mut self, desired: &DesiredState) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (key, want) in desired {
+            if self.services.get(key).is_some_and(|p| p.matches(want)) {
+                report.unchanged += 1;
+                continue;
+            }
+            match self.program(key, want) {
+                Ok(()) => report.changed += 1,
+                Err(e) => report.errors.push((want.name.clone(), e)),
+            }
+        }
+        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+        for key in gone {
+            let name = self.services[&key].name.clone();
+            match self.remove(&key) {
+                Ok(()) => report.removed += 1,
+                Err(e) => report.errors.push((name, e)),
+            }
+        }
+        report
+    }
+
+    fn acquire_backend(&mut self, backend: &Backend) -> anyhow::Result<u32> {
+        if let Some(b) = self.backends.get_mut(backend) {
+            b.refs += 1;
+            return Ok(b.id);
+        }
+        let id = self
+            .backend_ids
+            .allocate()
+            .ok_or_else(|| anyhow!("the backends map is full ({} backends)", MAX_BACKENDS - 1))?;
+        let written = self.maps.reset_backend_counters(id).and_then(|()| self.maps.put_backend(id, backend));
+        if let Err(e) = written {
+            self.backend_ids.release(id);
+            return Err(e);
+        }
+        self.backends.insert(*backend, BackendRef { id, refs: 1 });
+        Ok(id)
+    }
+
+    fn release_backend(&mut self, backend: &Backend) {
+        let Some(b) = self.backends.get_mut(backend) else { return };
+        b.refs -= 1;
+        if b.refs == 0 {
+            let id = b.id;
+            self.backends.remove(backend);
+            if let Err(e) = self.maps.delete_backend(id) {
+                warn!(backend_id = id, "deleting backend: {e:#}");
+            }
+            self.backend_ids.release(id);
+        }
+    }
+
+    fn delete_slots(&mut self, id: u32, generation: u8, count: u16) {
+        for slot in 1..=count {
+            if let Err(e) = self.maps.delete_slot(&SlotKey { service_id: id, generation, pad: 0, slot }) {
+                warn!(service_id = id, slot, "deleting backend slot: {e:#}");
+            }
+        }
+    }
+
+    /// Undoes a failed `program`: the slots written so far, the backends acquired, a new id.
+    fn abandon(&mut self, id: u32, generation: u8, written: u16, acquired: &[(u32, Backend)], new_id: bool) {
+        self.delete_slots(id, generation, written);
+        for (_, b) in acquired {
+            self.release_backend(b);
+        }
+        if new_id {
+            self.service_ids.release(id);
+        }
+    }
+
+    fn program(&mut self, key: &ServiceKey, want: &DesiredService) -> anyhow::Result<()> {
+        let count = u16::try_from(want.backends.len())
+            .map_err(|_| anyhow!("{} backends is more than a service port can have (65535)", want.backends.len()))?;
+        let mut acquired = Vec::with_capacity(want.backends.len());
+        for backend in &want.backends {
+            match self.acquire_backend(backend) {
+                Ok(id) => acquired.push((id, *backend)),
+                Err(e) => {
+                    self.abandon(0, 0, 0, &acquired, false);
+                    return Err(e);
+                }
+            }
+        }
+        let previous = self.services.get(key).map(|p| p.value);
+        let (id, generation, new_id) = match previous {
+            Some(v) => (v.id, v.generation ^ 1, false),
+            None => match self.service_ids.allocate() {
+                Some(id) => (id, 0, true),
+                None => {
+                    self.abandon(0, 0, 0, &acquired, false);
+                    return Err(anyhow!("the services map is full ({} service ports)", MAX_SERVICES - 1));
+                }
+            },
+        };
+        if new_id && let Err(e) = self.maps.reset_service_counters(id) {
+            self.abandon(id, generation, 0, &acquired, new_id);
+            return Err(e);
+        }
+        for (i, (backend_id, _)) in acquired.iter().enumerate() {
+            let slot = SlotKey { service_id: id, generation, pad: 0, slot: i as u16 + 1 };
+            if let Err(e) = self.maps.put_slot(&slot, *backend_id) {
+                self.abandon(id, generation, i as u16, &acquired, new_id);
+                return Err(e.context(format!("writing backend slot {} of {count}", i + 1)));
+            }
+        }
+        let (flags, affinity_timeout_secs) = affinity(want);
+        let value = ServiceValue { id, count, generation, flags, affinity_timeout_secs };
+        if let Err(e) = self.maps.put_service(key, &value, &want.name) {
+            self.abandon(id, generation, count, &acquired, new_id);
+            return Err(e);
+        }
+        let programmed = Programmed { value, name: want.name.clone(), backends: acquired };
+        if let Some(old) = self.services.insert(*key, programmed) {
+            self.retire(&old, &want.backends);
+        }
+        Ok(())
+    }
+
+    /// Cleans up after a service port moved off `old`: its slots, the affinity to backends
+    /// it lost, and one reference to each of its backends.
+    fn retire(&mut self, old: &Programmed, kept: &[Backend]) {
+        self.delete_slots(old.value.id, old.value.generation, old.value.count);
+        let lost: Vec<u32> = old.backends.iter().filter(|(_, b)| !kept.contains(b)).map(|(id, _)| *id).collect();
+        if !lost.is_empty()
+            && let Err(e) = self.maps.forget_affinity(old.value.id, &lost)
+        {
+            warn!(service = %old.name, "dropping affinity to removed backends: {e:#}");
+        }
+        for (_, b) in &old.backends {
+            self.release_backend(b);
+        }
+    }
+
+    fn remove(&mut self, key: &ServiceKey) -> anyhow::Result<()> {
+        let Some(old) = self.services.get(key).cloned() else { return Ok(()) };
+        self.maps.delete_service(key, old.value.id)?;
+        self.services.remove(key);
+        self.retire(&old, &[]);
+        self.service_ids.release(old.value.id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// In-memory maps that log every write.
+    #[derive(Default)]
+    struct Fake {
+        services: BTreeMap<ServiceKey, (ServiceValue, String)>,
+        slots: HashMap<SlotKey, u32>,
+        backends: HashMap<u32, Backend>,
+        slot_capacity: Option<usize>,
+        log: Vec<String>,
+    }
+
+    impl ServiceMaps for &mut Fake {
+        fn put_backend(&mut self, id: u32, b: &Backend) -> anyhow::Result<()> {
+            self.log.push(format!("put backend {id}"));
+            self.backends.insert(id, *b);
+            Ok(())
+        }
+        fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
+            self.log.push(format!("delete backend {id}"));
+            self.backends.remove(&id);
+            Ok(())
+        }
+        fn put_slot(&mut self, k: &SlotKey, id: u32) -> anyhow::Result<()> {
+            if self.slot_capacity.is_some_and(|c| self.slots.len() >= c) {
+                anyhow::bail!("slots map full");
+            }
+            self.log.push(format!("put slot {}/{}/{}", k.service_id, k.generation, k.slot));
+            self.slots.insert(*k, id);
+            Ok(())
+        }
+        fn delete_slot(&mut self, k: &SlotKey) -> anyhow::Result<()> {
+            self.log.push(format!("delete slot {}/{}/{}", k.service_id, k.generation, k.slot));
+            self.slots.remove(k);
+            Ok(())
+        }
+        fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue, name: &str) -> anyhow::Result<()> {
+            self.log.push(format!("put service {} gen {} count {}", v.id, v.generation, v.count));
+            self.services.insert(*k, (*v, name.to_owned()));
+            Ok(())
+        }
+        fn delete_service(&mut self, k: &ServiceKey, id: u32) -> anyhow::Result<()> {
+            self.log.push(format!("delete service {id}"));
+            self.services.remove(k);
+            Ok(())
+        }
+        fn reset_service_counters(&mut self, _: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn reset_backend_counters(&mut self, _: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn forget_affinity(&mut self, id: u32, backends: &[u32]) -> anyhow::Result<()> {
+            self.log.push(format!("forget affinity {id} {backends:?}"));
+            Ok(())
+        }
+        fn read_existing(&self) -> anyhow::Result<Existing> {
+            Ok(Existing {
+                services: self.services.iter().map(|(k, (v, n))| (*k, *v, n.clone())).collect(),
+                slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
+                backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            })
+        }
+    }
+
+    fn key(port: u16) -> ServiceKey {
+        ServiceKey { addr: [10, 96, 0, 1], port, proto: 6, pad: 0 }
+    }
+
+    fn backend(last: u8) -> Backend {
+        Backend { addr: [10, 244, 0, last], port: 8080, proto: 6, pad: 0 }
+    }
+
+    fn state(services: &[(u16, &[u8])]) -> DesiredState {
+        services
+            .iter()
+            .map(|(port, backends)| {
+                let backends = backends.iter().map(|b| backend(*b)).collect();
+                (key(*port), DesiredService { name: format!("ns/svc-{port}"), backends, affinity_timeout_secs: None })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn update_writes_new_slots_before_the_flip_and_deletes_old_after() {
+        let mut fake = Fake::default();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        assert_eq!(r.apply(&state(&[(80, &[1, 2])])).changed, 1);
+        r.maps.log.clear();
+        let report = r.apply(&state(&[(80, &[2, 3])]));
+        assert_eq!((report.changed, report.errors.len()), (1, 0));
+        assert_eq!(r.maps.log, [
+            "put backend 3",
+            "put slot 1/1/1",
+            "put slot 1/1/2",
+            "put service 1 gen 1 count 2",
+            "delete slot 1/0/1",
+            "delete slot 1/0/2",
+            "forget affinity 1 [1]",
+            "delete backend 1",
+        ]);
+    }
+
+    #[test]
+    fn unchanged_state_costs_no_write() {
+        let mut fake = Fake::default();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        r.apply(&state(&[(80, &[1, 2]), (81, &[])]));
+        r.maps.log.clear();
+        let report = r.apply(&state(&[(80, &[1, 2]), (81, &[])]));
+        assert_eq!(report.unchanged, 2);
+        assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
+    }
+
+    #[test]
+    fn restarted_agent_adopts_the_maps_without_rewriting() {
+        let mut fake = Fake::default();
+        Reconciler::adopt(&mut fake).unwrap().apply(&state(&[(80, &[1, 2]), (81, &[2])]));
+        // A stale slot of an old generation, as a crash mid-update could leave.
+        fake.slots.insert(SlotKey { service_id: 1, generation: 1, pad: 0, slot: 1 }, 7);
+        fake.log.clear();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        assert_eq!(r.maps.log, ["delete slot 1/1/1"]);
+        r.maps.log.clear();
+        let report = r.apply(&state(&[(80, &[1, 2]), (81, &[2])]));
+        assert_eq!(report.unchanged, 2);
+        assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
+        // New ids do not collide with adopted ones.
+        r.apply(&state(&[(80, &[1, 2]), (81, &[2]), (82, &[4])]));
+        assert!(r.maps.log.contains(&"put service 3 gen 0 count 1".to_owned()), "{:?}", r.maps.log);
+    }
+
+    #[test]
+    fn shared_backend_lives_until_its_last_service_goes() {
+        let mut fake = Fake::default();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        r.apply(&state(&[(80, &[1]), (81, &[1])]));
+        assert_eq!(r.maps.backends.len(), 1);
+        r.apply(&state(&[(81, &[1])]));
+        assert_eq!(r.maps.backends.len(), 1);
+        assert_eq!(r.apply(&state(&[])).removed, 1);
+        assert!(r.maps.backends.is_empty() && r.maps.slots.is_empty() && r.maps.services.is_empty());
+    }
+
+    #[test]
+    fn full_map_keeps_the_previous_state() {
+        let mut fake = Fake { slot_capacity: Some(3), ..Fake::default() };
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        r.apply(&state(&[(80, &[1, 2])]));
+        let report = r.apply(&state(&[(80, &[1, 2, 3])]));
+        assert_eq!(report.errors.len(), 1);
+        assert!(format!("{:#}", report.errors[0].1).contains("slots map full"));
+        let (value, _) = r.maps.services[&key(80)];
+        assert_eq!((value.generation, value.count), (0, 2), "service still points at the old slots");
+        assert_eq!(r.maps.slots.len(), 2, "partial new generation cleaned up");
+        assert_eq!(r.maps.backends.len(), 2, "backend acquired for the failed update released");
+    }
+}
