@@ -133,7 +133,8 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const REPLY_IP_LEN: usize = IP_HDR_MIN_LEN + core::mem::size_of::<IcmpUnreachable>();
 
-/// One's-complement checksum of `len` bytes at `ptr` (a multiple of 4).
+/// One's-complement checksum of `len` bytes at `ptr` (a multiple of 4), in memory order:
+/// store it with `to_ne_bytes`.
 #[inline(always)]
 fn checksum(ptr: *mut u8, len: u32) -> u16 {
     // SAFETY: ptr points to `len` readable bytes on the stack.
@@ -155,7 +156,7 @@ pub fn into_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<(), i64> {
     icmp.header[0] = ICMP_DEST_UNREACH;
     icmp.header[1] = ICMP_PORT_UNREACH;
     let icmp_csum = checksum((&mut icmp as *mut IcmpUnreachable).cast(), 36);
-    icmp.header[2..4].copy_from_slice(&icmp_csum.to_be_bytes());
+    icmp.header[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());
 
     let mut ip = [0u8; IP_HDR_MIN_LEN];
     ip[0] = 0x45;
@@ -165,7 +166,7 @@ pub fn into_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<(), i64> {
     ip[12..16].copy_from_slice(&flow.key.dst);
     ip[16..20].copy_from_slice(&flow.key.src);
     let ip_csum = checksum(ip.as_mut_ptr(), IP_HDR_MIN_LEN as u32);
-    ip[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    ip[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
 
     let mut macs: [u8; 12] = ctx.load(0)?;
     let (dst, src) = macs.split_at_mut(6);

@@ -7,3 +7,8 @@ pub mod rejection;
 pub mod store;
 pub mod maps;
 pub mod reconcile;
+pub mod agent;
+pub mod conntrack;
+pub mod datapath;
+pub mod http;
+pub mod metrics;

@@ -33,7 +33,10 @@ fn is_manifest(path: &Path) -> bool {
 
 impl ManifestSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), last_good: HashMap::new() }
+        let path = path.into();
+        // Absolute, to compare with the paths of watch events.
+        let path = std::path::absolute(&path).unwrap_or(path);
+        Self { path, last_good: HashMap::new() }
     }
 
     pub fn path(&self) -> &Path {
@@ -88,16 +91,19 @@ impl ManifestSource {
         loaded
     }
 
-    /// Calls `changed` whenever something under the manifest path changes. Watches the
-    /// parent of a file too, since editors replace files by renaming.
+    /// Calls `changed` whenever a manifest changes. Watches the parent of a file (editors
+    /// replace files by renaming) but reacts only to events about the file itself.
     pub fn watch(&self, changed: impl Fn() + Send + 'static) -> anyhow::Result<RecommendedWatcher> {
+        let is_dir = self.path.is_dir();
+        let path = self.path.clone();
+        let relevant = move |p: &Path| if is_dir { is_manifest(p) } else { p == path };
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
+            if event.is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| relevant(p))) {
                 changed();
             }
         })
         .context("creating the manifest file watcher")?;
-        let watched = if self.path.is_dir() { self.path.as_path() } else { self.path.parent().unwrap_or(Path::new(".")) };
+        let watched = if is_dir { self.path.as_path() } else { self.path.parent().unwrap_or(Path::new(".")) };
         watcher
             .watch(watched, RecursiveMode::NonRecursive)
             .with_context(|| format!("watching {}", watched.display()))?;

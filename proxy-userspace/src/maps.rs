@@ -4,7 +4,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtEntry, CtKey, SERVICE_NAME_LEN, ServiceKey,
+    AffinityKey, AffinityValue, Backend, Counters, SERVICE_NAME_LEN, ServiceKey,
     ServiceName, ServiceValue, SlotKey, maps,
 };
 
@@ -15,11 +15,11 @@ pub struct Maps {
     pub names: HashMap<MapData, u32, ServiceName>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
-fn open<T>(dir: &Path, name: &str) -> anyhow::Result<T>
+/// Opens the map `name` pinned under `dir`, as type `T`.
+pub fn open<T>(dir: &Path, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
@@ -48,7 +48,6 @@ impl Maps {
             names: open(dir, maps::SERVICE_NAMES)?,
             service_stats: open(dir, maps::SERVICE_STATS)?,
             backend_stats: open(dir, maps::BACKEND_STATS)?,
-            conntrack: open(dir, maps::CONNTRACK)?,
             affinity: open(dir, maps::AFFINITY)?,
         })
     }

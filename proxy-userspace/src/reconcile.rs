@@ -156,10 +156,6 @@ impl<M: ServiceMaps> Reconciler<M> {
         Ok(Self { maps, services, backends, service_ids, backend_ids })
     }
 
-    pub fn maps(&self) -> &M {
-        &self.maps
-    }
-
     /// Number of service ports programmed.
     pub fn len(&self) -> usize {
         self.services.len()

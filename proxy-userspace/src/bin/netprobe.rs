@@ -1,1 +1,268 @@
-fn main() {}
+//! netprobe: echo servers that answer with their identity, and TCP/UDP/HTTP clients that
+//! report, as one JSON line per attempt, which backend answered and which addresses the
+//! application saw. Used by the integration tests and the demo; run it inside a network
+//! namespace (`--netns`) and cgroup (`--cgroup`) of your choosing.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "Echo servers and clients for testing service load balancing")]
+struct Args {
+    /// Network namespace to enter first: a name under /var/run/netns or a path.
+    #[arg(long, global = true)]
+    netns: Option<String>,
+    /// cgroup v2 directory to join first (its socket hooks then apply to our sockets).
+    #[arg(long, global = true)]
+    cgroup: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve until killed (or --max-secs): TCP and UDP echo answering "ID CLIENT-ADDR".
+    Serve {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+        #[arg(long, default_value_t = 600)]
+        max_secs: u64,
+    },
+    /// TCP connections: one JSON line each.
+    Tcp {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Keep each connection open this long, exchanging a line every --interval-ms,
+        /// then print a summary line.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// Pause between connections.
+        #[arg(long, default_value_t = 0)]
+        gap_ms: u64,
+    },
+    /// UDP requests from a new socket each: one JSON line each.
+    Udp {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// connect() the socket and use send/recv instead of sendto/recvfrom.
+        #[arg(long)]
+        connected: bool,
+    },
+    /// HTTP GET, printed like `curl -s`.
+    Http {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+}
+
+fn enter(netns: Option<&str>, cgroup: Option<&PathBuf>) -> anyhow::Result<()> {
+    if let Some(cgroup) = cgroup {
+        let procs = cgroup.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string()).with_context(|| format!("joining cgroup {}", procs.display()))?;
+    }
+    if let Some(netns) = netns {
+        let path = if netns.contains('/') { PathBuf::from(netns) } else { PathBuf::from("/var/run/netns").join(netns) };
+        let file = std::fs::File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))?;
+        // SAFETY: a valid namespace fd; single-threaded at this point.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("entering network namespace {}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+fn error_kind(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "refused",
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "timeout",
+        _ => "other",
+    }
+}
+
+fn failure(e: &std::io::Error, started: Instant) -> serde_json::Value {
+    json!({"ok": false, "error": e.to_string(), "kind": error_kind(e), "ms": started.elapsed().as_secs_f64() * 1000.0})
+}
+
+/// Parses an echo answer "ID CLIENT-ADDR".
+fn answer(line: &str) -> (String, String) {
+    let mut parts = line.trim().splitn(2, ' ');
+    (parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned())
+}
+
+fn serve(id: String, tcp: Vec<u16>, udp: Vec<u16>, max_secs: u64) -> anyhow::Result<()> {
+    for port in tcp {
+        let listener = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding TCP port {port}"))?;
+        let id = id.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let id = id.clone();
+                std::thread::spawn(move || serve_tcp(stream, &id));
+            }
+        });
+    }
+    for port in udp {
+        let socket = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding UDP port {port}"))?;
+        let id = id.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(format!("{id} {peer}\n").as_bytes(), peer);
+            }
+        });
+    }
+    println!("{}", json!({"serving": id}));
+    std::thread::sleep(Duration::from_secs(max_secs));
+    Ok(())
+}
+
+fn serve_tcp(stream: TcpStream, id: &str) {
+    let Ok(peer) = stream.peer_addr() else { return };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut lines = BufReader::new(stream).lines();
+    while let Some(Ok(line)) = lines.next() {
+        if line.starts_with("GET ") {
+            // Read the rest of the request head, then answer like a tiny web server.
+            for header in lines.by_ref() {
+                if header.map_or(true, |h| h.is_empty()) {
+                    break;
+                }
+            }
+            let body = format!("hello from {id} (you are {peer})\n");
+            let _ = write!(writer, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            return;
+        }
+        if writeln!(writer, "{id} {peer}").is_err() {
+            return;
+        }
+    }
+}
+
+fn exchange(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> std::io::Result<String> {
+    writer.write_all(b"hello\n")?;
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+    }
+    Ok(line)
+}
+
+fn tcp_once(to: SocketAddr, timeout: Duration, hold: Duration, interval: Duration) -> serde_json::Value {
+    let started = Instant::now();
+    let stream = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(s) => s,
+        Err(e) => return failure(&e, started),
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => return failure(&e, started),
+    };
+    let mut reader = BufReader::new(stream);
+    let (backend, server_saw) = match exchange(&mut reader, &mut writer) {
+        Ok(line) => answer(&line),
+        Err(e) => return failure(&e, started),
+    };
+    let connected = json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": peer, "ms": started.elapsed().as_secs_f64() * 1000.0});
+    if hold.is_zero() {
+        return connected;
+    }
+    println!("{connected}");
+    let _ = std::io::stdout().flush();
+    let (mut exchanges, mut failures) = (0u32, 0u32);
+    let mut last_backend = backend.clone();
+    while started.elapsed() < hold {
+        std::thread::sleep(interval);
+        exchanges += 1;
+        match exchange(&mut reader, &mut writer) {
+            Ok(line) => last_backend = answer(&line).0,
+            Err(_) => failures += 1,
+        }
+    }
+    json!({"hold": true, "backend": backend, "last_backend": last_backend, "exchanges": exchanges, "failures": failures})
+}
+
+fn udp_once(to: SocketAddr, timeout: Duration, connected: bool) -> serde_json::Value {
+    let started = Instant::now();
+    let attempt = || -> std::io::Result<serde_json::Value> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(timeout))?;
+        let mut buf = [0u8; 1500];
+        let (n, from) = if connected {
+            socket.connect(to)?;
+            socket.send(b"hello\n")?;
+            let n = socket.recv(&mut buf)?;
+            (n, socket.peer_addr()?)
+        } else {
+            socket.send_to(b"hello\n", to)?;
+            socket.recv_from(&mut buf)?
+        };
+        let (backend, server_saw) = answer(&String::from_utf8_lossy(&buf[..n]));
+        Ok(json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": from.to_string(), "ms": started.elapsed().as_secs_f64() * 1000.0}))
+    };
+    attempt().unwrap_or_else(|e| failure(&e, started))
+}
+
+fn http_once(to: SocketAddr) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).with_context(|| format!("connecting to {to}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET / HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.lines().next().unwrap_or("").to_owned();
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim_end().to_owned();
+    Ok(format!("GET http://{to}/ -> {status}: {body}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    enter(args.netns.as_deref(), args.cgroup.as_ref())?;
+    match args.command {
+        Command::Serve { id, tcp, udp, max_secs } => serve(id, tcp, udp, max_secs)?,
+        Command::Tcp { to, count, timeout_ms, hold_ms, interval_ms, gap_ms } => {
+            for _ in 0..count {
+                let result = tcp_once(to, Duration::from_millis(timeout_ms), Duration::from_millis(hold_ms), Duration::from_millis(interval_ms));
+                println!("{result}");
+                std::thread::sleep(Duration::from_millis(gap_ms));
+            }
+        }
+        Command::Udp { to, count, timeout_ms, connected } => {
+            for _ in 0..count {
+                println!("{}", udp_once(to, Duration::from_millis(timeout_ms), connected));
+            }
+        }
+        Command::Http { to, count } => {
+            for _ in 0..count {
+                match http_once(to) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => println!("GET http://{to}/ failed: {e:#}"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
