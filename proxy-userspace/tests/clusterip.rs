@@ -1,0 +1,251 @@
+//! ClusterIP services through the real datapath, with real TCP and UDP between network
+//! namespaces: pods 1-3 serve as backends, pod 4 is the client. A "hooked" client runs in
+//! the cgroup with the socket hooks (socket LB); an unhooked one goes through tc DNAT.
+mod world;
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use world::{World, ready, service_manifest, spread};
+
+const VIP: &str = "10.96.0.10";
+const CLIENT: usize = 4;
+
+/// Pods 1-3 serving as backend-1..3, pod 4 as client.
+fn three_backends() -> (World, Vec<Ipv4Addr>) {
+    let mut world = World::new(4);
+    for i in 1..=3 {
+        world.serve(i, &format!("backend-{i}"));
+    }
+    let addrs = (1..=3).map(|i| world.pod(i).ip).collect();
+    (world, addrs)
+}
+
+fn assert_each_backend_got_a_fair_share(counts: &std::collections::BTreeMap<String, usize>, total: usize) {
+    assert_eq!(counts.len(), 3, "every backend is reached: {counts:?}");
+    // Uniform random over 3: each gets total/3 ± a few standard deviations.
+    for (backend, n) in counts {
+        assert!(*n >= total / 6, "{backend} got {n} of {total}: {counts:?}");
+    }
+}
+
+#[test]
+fn tcp_and_udp_spread_over_all_backends_and_apps_see_the_cluster_ip() {
+    let (mut world, backends) = three_backends();
+    world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)));
+
+    let tcp = world.probe(CLIENT, true, &["tcp", "--to", &format!("{VIP}:80"), "--count", "300"]);
+    assert_each_backend_got_a_fair_share(&spread(&tcp), 300);
+    for r in &tcp {
+        assert_eq!(r["peer"], format!("{VIP}:80"), "getpeername() shows the ClusterIP: {r}");
+    }
+
+    let udp = world.probe(CLIENT, true, &["udp", "--to", &format!("{VIP}:53"), "--count", "300"]);
+    assert_each_backend_got_a_fair_share(&spread(&udp), 300);
+    for r in &udp {
+        assert_eq!(r["peer"], format!("{VIP}:53"), "recvfrom() reports the ClusterIP: {r}");
+    }
+    let connected = world.probe(CLIENT, true, &["udp", "--to", &format!("{VIP}:53"), "--count", "20", "--connected"]);
+    for r in &connected {
+        assert_eq!(r["peer"], format!("{VIP}:53"), "getpeername() on connected UDP: {r}");
+    }
+
+    let rows: serde_json::Value = serde_json::from_str(&world.proxyctl(&["service", "list", "--output", "json"])).unwrap();
+    let row = |port: u64| rows.as_array().unwrap().iter().find(|r| r["port"] == port).unwrap().clone();
+    assert_eq!(row(80)["name"], "web");
+    assert_eq!(row(80)["port_name"], "http");
+    assert_eq!(row(80)["backends"], 3);
+    assert_eq!(row(80)["connections"], 300, "one new connection per connect()");
+    assert_eq!(row(53)["connections"], 320, "one new flow per UDP socket");
+    assert_eq!(row(53)["packets"], 300, "one datagram per unconnected sendto()");
+    let table = world.proxyctl(&["service", "list"]);
+    assert!(table.contains("default/web:http") && table.contains("10.96.0.10:80/TCP"), "{table}");
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
+    let (mut world, backends) = three_backends();
+    world.start_agent(&service_manifest("sticky", VIP, Some(1), &ready(&backends)));
+    let to = format!("{VIP}:80");
+
+    let first = spread(&world.probe(CLIENT, true, &["tcp", "--to", &to, "--count", "30"]));
+    assert_eq!(first.len(), 1, "all connections within the timeout stick: {first:?}");
+    let mut previous = first.keys().next().unwrap().clone();
+
+    // After an idle period longer than the timeout the choice is random again; with 3
+    // backends, 8 expiries all landing on the previous backend has probability 3^-8.
+    let mut moved = false;
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        let round = spread(&world.probe(CLIENT, true, &["tcp", "--to", &to, "--count", "5"]));
+        assert_eq!(round.len(), 1, "a new affinity sticks again: {round:?}");
+        let backend = round.keys().next().unwrap().clone();
+        moved |= backend != previous;
+        previous = backend;
+        if moved {
+            break;
+        }
+    }
+    assert!(moved, "affinity never expired");
+
+    // The tc path keys affinity on the client IP.
+    let tc = spread(&world.probe(CLIENT, false, &["tcp", "--to", &to, "--count", "20"]));
+    assert_eq!(tc.len(), 1, "tc-path affinity: {tc:?}");
+}
+
+#[test]
+fn removed_backend_gets_no_new_connections_while_established_ones_keep_working() {
+    let (mut world, backends) = three_backends();
+    let agent = world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)));
+    let to = format!("{VIP}:80");
+    let hold = ["tcp", "--to", &to, "--hold-ms", "3000", "--interval-ms", "100"];
+    let (socket_lb, first) = world.spawn_probe(CLIENT, true, &hold);
+    let socket_backend = first["backend"].as_str().unwrap().to_owned();
+    let (tc_path, first) = world.spawn_probe(CLIENT, false, &hold);
+    let tc_backend = first["backend"].as_str().unwrap().to_owned();
+
+    let removed: BTreeSet<String> = [socket_backend.clone(), tc_backend.clone()].into();
+    let kept: Vec<Ipv4Addr> = (1..=3).filter(|i| !removed.contains(&format!("backend-{i}"))).map(|i| world.pod(i).ip).collect();
+    let syncs = agent.syncs();
+    world.write_manifest(&service_manifest("web", VIP, None, &ready(&kept)));
+    agent.wait_for_syncs(syncs + 1);
+
+    for hooked in [true, false] {
+        let counts = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", &to, "--count", "60"]));
+        for backend in &removed {
+            assert!(!counts.contains_key(backend), "removed {backend} got new connections (hooked={hooked}): {counts:?}");
+        }
+    }
+    for (handle, backend) in [(socket_lb, socket_backend), (tc_path, tc_backend)] {
+        let summary = world.finish_probe(handle);
+        assert_eq!(summary["failures"], 0, "established connection broke: {summary}");
+        assert!(summary["exchanges"].as_u64().unwrap() >= 20, "{summary}");
+        assert_eq!(summary["last_backend"], backend.as_str(), "{summary}");
+    }
+}
+
+#[test]
+fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured() {
+    let mut world = World::new(4);
+    for i in 1..=3 {
+        world.serve(i, &format!("backend-{i}"));
+    }
+    let (p1, p2, p3) = (world.pod(1).ip, world.pod(2).ip, world.pod(3).ip);
+    let manifest = [
+        service_manifest("empty", "10.96.0.20", None, &[]),
+        service_manifest("unready", "10.96.0.21", None, &[(p1, false, false, false)]),
+        // Ready endpoints only: the not-ready and the terminating ones get nothing.
+        service_manifest("mixed", "10.96.0.22", None, &[(p1, true, true, false), (p2, false, false, false), (p3, false, true, true)]),
+        // No ready endpoint: the serving+terminating one takes the traffic.
+        service_manifest("draining", "10.96.0.23", None, &[(p2, false, false, true), (p3, false, true, true)]),
+    ]
+    .join("---\n");
+    world.start_agent(&manifest);
+
+    for vip in ["10.96.0.20", "10.96.0.21"] {
+        for hooked in [true, false] {
+            let tcp = &world.probe(CLIENT, hooked, &["tcp", "--to", &format!("{vip}:80"), "--timeout-ms", "3000"])[0];
+            assert_eq!(tcp["kind"], "refused", "TCP to {vip} (hooked={hooked}): {tcp}");
+            assert!(tcp["ms"].as_f64().unwrap() < 1000.0, "refused at once, not after a timeout: {tcp}");
+            let udp = &world.probe(CLIENT, hooked, &["udp", "--to", &format!("{vip}:53"), "--connected", "--timeout-ms", "3000"])[0];
+            assert_eq!(udp["kind"], "refused", "UDP to {vip} (hooked={hooked}): {udp}");
+        }
+    }
+    for hooked in [true, false] {
+        let mixed = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", "10.96.0.22:80", "--count", "30"]));
+        assert_eq!(mixed.keys().collect::<Vec<_>>(), ["backend-1"], "only the ready endpoint: {mixed:?}");
+        let draining = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", "10.96.0.23:80", "--count", "30"]));
+        assert_eq!(draining.keys().collect::<Vec<_>>(), ["backend-3"], "serving+terminating fallback: {draining:?}");
+    }
+}
+
+#[test]
+fn manifest_edit_is_live_within_a_second() {
+    let (mut world, backends) = three_backends();
+    let base = service_manifest("web", VIP, None, &ready(&backends));
+    world.start_agent(&base);
+    let new_service = service_manifest("late", "10.96.0.30", None, &ready(&backends[..1]));
+    let written = Instant::now();
+    world.write_manifest(&format!("{base}---\n{new_service}"));
+    loop {
+        let r = &world.probe(CLIENT, true, &["tcp", "--to", "10.96.0.30:80", "--timeout-ms", "200"])[0];
+        if r["ok"] == true {
+            assert_eq!(r["backend"], "backend-1");
+            break;
+        }
+        assert!(written.elapsed() < Duration::from_secs(1), "new service not reachable within 1 s: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
+    let (mut world, backends) = three_backends();
+    let good = service_manifest("web", VIP, None, &ready(&backends));
+    let agent = world.start_agent(&good);
+    let works = |world: &World| spread(&world.probe(CLIENT, true, &["tcp", "--to", &format!("{VIP}:80"), "--count", "9"])).len() > 1;
+
+    let syncs = agent.syncs();
+    let path = world.write_manifest("apiVersion: v1\nkind: [Service\n");
+    agent.wait_for_syncs(syncs + 1);
+    let line = agent.wait_for_log(&["rejected", &path.display().to_string(), "not valid YAML"]);
+    assert!(line.contains("line 2"), "the error says where: {line}");
+    assert!(works(&world), "web keeps working after a YAML syntax error");
+
+    // One bad object among good ones: it alone is rejected; the others are served.
+    let syncs = agent.syncs();
+    let other = service_manifest("other", "10.96.0.31", None, &ready(&backends[..1]));
+    world.write_manifest(&format!("{}---\n{other}", good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.300")));
+    agent.wait_for_syncs(syncs + 1);
+    let line = agent.wait_for_log(&["Service default/web", "spec.clusterIP", "10.96.0.300", "still serving its last valid version"]);
+    assert!(line.contains("rejected"), "{line}");
+    assert!(works(&world), "web keeps its last valid version");
+    let other = spread(&world.probe(CLIENT, true, &["tcp", "--to", "10.96.0.31:80", "--count", "3"]));
+    assert_eq!(other.keys().collect::<Vec<_>>(), ["backend-1"]);
+    let metrics = world.agent_http("/metrics");
+    assert!(metrics.contains("proxy_rejected_objects_total{reason=\"invalid_address\"} 1"), "{metrics}");
+    assert!(metrics.contains("proxy_rejected_objects_total{reason=\"parse_error\"} 1"), "{metrics}");
+}
+
+#[test]
+fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
+    let (mut world, backends) = three_backends();
+    world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)));
+    let client_ip = world.pod(CLIENT).ip.to_string();
+
+    let tcp = world.probe(CLIENT, false, &["tcp", "--to", &format!("{VIP}:80"), "--count", "90"]);
+    assert_each_backend_got_a_fair_share(&spread(&tcp), 90);
+    for r in &tcp {
+        // The handshake completing at all proves the replies were reverse-NATed.
+        assert_eq!(r["peer"], format!("{VIP}:80"), "{r}");
+        let saw = r["server_saw"].as_str().unwrap();
+        assert!(saw.starts_with(&format!("{client_ip}:")), "the backend sees the real client (no SNAT): {r}");
+    }
+    let udp = world.probe(CLIENT, false, &["udp", "--to", &format!("{VIP}:53"), "--count", "60"]);
+    assert_each_backend_got_a_fair_share(&spread(&udp), 60);
+    for r in &udp {
+        assert_eq!(r["peer"], format!("{VIP}:53"), "reply source is the ClusterIP: {r}");
+    }
+
+    // Our conntrack holds the flows (bpftool shows named fields) and its fill is a metric.
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(world.bpffs.join("conntrack"))
+        .output()
+        .expect("running bpftool");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("\"nat_port\": 8080") && dump.contains("\"rev_nat_id\""), "{dump}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = world.agent_http("/metrics");
+        let entries = metrics.lines().find_map(|l| l.strip_prefix("proxy_conntrack_entries ")).and_then(|v| v.trim().parse::<u64>().ok());
+        if entries.is_some_and(|n| n >= 2 * 150) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "conntrack fill metric missing: {entries:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

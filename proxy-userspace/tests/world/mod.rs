@@ -1,0 +1,317 @@
+//! A test world made of network namespaces: a `node` namespace (where the tc programs
+//! attach and the agent runs) and `pod` namespaces joined to it by veth pairs. Pod `i` has
+//! address 10.244.i.2/24 with its gateway 10.244.i.1 on the node side of its veth `vhI`.
+//! No namespace has a route to the host's interfaces; the socket hooks attach to a cgroup
+//! made for the test and the maps are pinned in a directory of its own. Everything is torn
+//! down on drop, also when the test fails.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_proxy-agent");
+pub const PROXYCTL: &str = env!("CARGO_BIN_EXE_proxyctl");
+pub const NETPROBE: &str = env!("CARGO_BIN_EXE_netprobe");
+
+/// Port every backend serves, TCP and UDP.
+pub const BACKEND_PORT: u16 = 8080;
+
+static WORLDS: AtomicUsize = AtomicUsize::new(0);
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+fn cgroup2_root() -> PathBuf {
+    proxy::datapath::cgroup2_mount().expect("cgroup v2 must be mounted")
+}
+
+pub struct Pod {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The node-side veth.
+    pub iface: String,
+}
+
+pub struct World {
+    pub node: String,
+    pub pods: Vec<Pod>,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub dir: PathBuf,
+    netns: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl World {
+    /// A node with `pods` pod namespaces (numbered from 1).
+    pub fn new(pods: usize) -> World {
+        // SAFETY: no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the integration tests need root (network namespaces, BPF)");
+        let id = format!("px{}-{}", std::process::id(), WORLDS.fetch_add(1, Ordering::SeqCst));
+        let dir = std::env::temp_dir().join(format!("proxy-test-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut world = World {
+            node: format!("{id}-node"),
+            pods: Vec::new(),
+            cgroup: cgroup2_root().join(format!("proxy-test-{id}")),
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-test-{id}")),
+            dir,
+            netns: Vec::new(),
+            children: Vec::new(),
+        };
+        std::fs::create_dir(&world.cgroup).expect("creating the test cgroup");
+        world.add_netns(&world.node.clone());
+        run(Command::new("ip").args(["netns", "exec", &world.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+        for i in 1..=pods {
+            let netns = format!("{id}-p{i}");
+            let iface = format!("vh{i}");
+            world.add_netns(&netns);
+            ip(&["-n", &world.node, "link", "add", &iface, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+            ip(&["-n", &world.node, "addr", "add", &format!("10.244.{i}.1/24"), "dev", &iface]);
+            ip(&["-n", &world.node, "link", "set", &iface, "up"]);
+            ip(&["-n", &netns, "addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"]);
+            ip(&["-n", &netns, "link", "set", "eth0", "up"]);
+            // The pod's only route out leads to the node namespace.
+            ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{i}.1")]);
+            world.pods.push(Pod { netns, ip: Ipv4Addr::new(10, 244, i as u8, 2), iface });
+        }
+        world
+    }
+
+    fn add_netns(&mut self, name: &str) {
+        ip(&["netns", "add", name]);
+        self.netns.push(name.to_owned());
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+    }
+
+    pub fn pod(&self, i: usize) -> &Pod {
+        &self.pods[i - 1]
+    }
+
+    /// Starts an echo server answering as `id` on pod `i` (TCP and UDP `BACKEND_PORT`).
+    pub fn serve(&mut self, i: usize, id: &str) {
+        let port = BACKEND_PORT.to_string();
+        let mut child = Command::new(NETPROBE)
+            .args(["--netns", &self.pod(i).netns, "serve", "--id", id, "--tcp", &port, "--udp", &port, "--max-secs", "300"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting netprobe serve");
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+        assert!(ready.contains("serving"), "server {id} did not start: {ready:?}");
+        self.children.push(child);
+    }
+
+    pub fn write_manifest(&self, yaml: &str) -> PathBuf {
+        let path = self.dir.join("services.yaml");
+        // Write then rename, as editors and config management do.
+        let tmp = self.dir.join(".services.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+
+    /// Starts the agent in the node namespace on `yaml`, with tc on every pod interface,
+    /// and waits for its first sync.
+    pub fn start_agent(&mut self, yaml: &str) -> Agent {
+        let manifest = self.write_manifest(yaml);
+        let interfaces: Vec<&str> = self.pods.iter().map(|p| p.iface.as_str()).collect();
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.node))
+            .arg("--")
+            .arg(AGENT)
+            .arg("--manifests")
+            .arg(&manifest)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--interfaces")
+            .arg(interfaces.join(","))
+            .args(["--conntrack-gc-interval", "1"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting proxy-agent");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("agent: {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let agent = Agent { log, pid: child.id() };
+        self.children.push(child);
+        agent.wait_for_syncs(1);
+        agent
+    }
+
+    fn probe_command(&self, pod: usize, hooked: bool, args: &[&str]) -> Command {
+        let mut cmd = Command::new(NETPROBE);
+        cmd.args(["--netns", &self.pod(pod).netns]);
+        if hooked {
+            cmd.arg("--cgroup").arg(&self.cgroup);
+        }
+        cmd.args(args);
+        cmd
+    }
+
+    /// Runs a netprobe client in pod `pod`, inside the hooked cgroup if `hooked` (socket
+    /// LB) or outside it (the tc path); returns its JSON lines.
+    pub fn probe(&self, pod: usize, hooked: bool, args: &[&str]) -> Vec<Value> {
+        let out = run(&mut self.probe_command(pod, hooked, args));
+        out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad netprobe line {l:?}: {e}"))).collect()
+    }
+
+    /// Starts a long-running netprobe client and returns it with the first JSON line it
+    /// printed.
+    pub fn spawn_probe(&mut self, pod: usize, hooked: bool, args: &[&str]) -> (usize, Value) {
+        let mut child = self.probe_command(pod, hooked, args).stdout(Stdio::piped()).spawn().expect("starting netprobe");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        self.children.push(child);
+        (self.children.len() - 1, serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad netprobe line {line:?}: {e}")))
+    }
+
+    /// Waits for a client started by `spawn_probe` and returns its last JSON line.
+    pub fn finish_probe(&mut self, handle: usize) -> Value {
+        let child = &mut self.children[handle];
+        let mut rest = String::new();
+        child.stdout.as_mut().unwrap().read_to_string(&mut rest).unwrap();
+        child.wait().unwrap();
+        serde_json::from_str(rest.lines().last().expect("no summary line")).unwrap()
+    }
+
+    pub fn proxyctl(&self, args: &[&str]) -> String {
+        run(Command::new(PROXYCTL).arg("--bpffs").arg(&self.bpffs).args(args))
+    }
+
+    /// An HTTP GET to the agent's metrics endpoint (127.0.0.1:10249 in the node namespace).
+    pub fn agent_http(&self, path: &str) -> String {
+        let netns = PathBuf::from("/var/run/netns").join(&self.node);
+        let path = path.to_owned();
+        // setns affects only the calling thread: use a thread of our own.
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&netns).unwrap();
+            // SAFETY: a valid namespace fd.
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
+            let mut stream = TcpStream::connect("127.0.0.1:10249").expect("connecting to the agent's metrics endpoint");
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            response
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for netns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        }
+        // The cgroup can be removed once its processes are gone, which takes a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.cgroup).is_err() && self.cgroup.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Agent {
+    log: Arc<Mutex<Vec<String>>>,
+    pub pid: u32,
+}
+
+impl Agent {
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn syncs(&self) -> usize {
+        self.log_lines().iter().filter(|l| l.contains("synced")).count()
+    }
+
+    /// Waits (at most 10 s) until the agent has logged `n` syncs in all.
+    pub fn wait_for_syncs(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.syncs() < n {
+            assert!(Instant::now() < deadline, "agent did not sync {n} times; log:\n{}", self.log_lines().join("\n"));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The first log line containing every one of `parts`, waiting at most 5 s for it.
+    pub fn wait_for_log(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return line;
+            }
+            assert!(Instant::now() < deadline, "no agent log line with {parts:?}; log:\n{}", self.log_lines().join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A ClusterIP service `default/NAME` at `vip` with TCP port 80 "http" and UDP port 53 "dns"
+/// to `BACKEND_PORT` on the given pods (by address; `(addr, ready, serving, terminating)`).
+pub fn service_manifest(name: &str, vip: &str, affinity_secs: Option<u32>, endpoints: &[(Ipv4Addr, bool, bool, bool)]) -> String {
+    let affinity = affinity_secs.map_or(String::new(), |t| {
+        format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n")
+    });
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n{affinity}  ports:\n  - {{name: http, port: 80, targetPort: {BACKEND_PORT}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}}}\n"
+    );
+    if !endpoints.is_empty() {
+        yaml += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}\nendpoints:\n"
+        );
+        for (addr, ready, serving, terminating) in endpoints {
+            yaml += &format!("- addresses: [{addr}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n");
+        }
+    }
+    yaml
+}
+
+pub fn ready(addrs: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool, bool, bool)> {
+    addrs.iter().map(|a| (*a, true, true, false)).collect()
+}
+
+/// How many results each backend answered; panics on a failed attempt.
+pub fn spread(results: &[Value]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for r in results {
+        assert_eq!(r["ok"], true, "attempt failed: {r}");
+        *counts.entry(r["backend"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    counts
+}
