@@ -12,3 +12,4 @@ pub mod conntrack;
 pub mod datapath;
 pub mod http;
 pub mod metrics;
+pub mod testbed;

@@ -1,30 +1,48 @@
 //! ClusterIP services through the real datapath, with real TCP and UDP between network
 //! namespaces: pods 1-3 serve as backends, pod 4 is the client. A "hooked" client runs in
 //! the cgroup with the socket hooks (socket LB); an unhooked one goes through tc DNAT.
-mod world;
-
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
-use world::{World, ready, service_manifest, spread};
+use proxy::testbed::{Binaries, World, ready, service_manifest};
+use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
 const CLIENT: usize = 4;
 
+fn world(pods: usize) -> World {
+    let bins = Binaries {
+        agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
+        proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
+        netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
+    };
+    World::new(pods, bins).expect("building the namespace world")
+}
+
+/// How many results each backend answered; fails the test on a failed attempt.
+fn spread(results: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in results {
+        assert_eq!(r["ok"], true, "attempt failed: {r}");
+        *counts.entry(r["backend"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    counts
+}
+
 /// Pods 1-3 serving as backend-1..3, pod 4 as client.
 fn three_backends() -> (World, Vec<Ipv4Addr>) {
-    let mut world = World::new(4);
+    let mut world = world(4);
     for i in 1..=3 {
-        world.serve(i, &format!("backend-{i}"));
+        world.serve(i, &format!("backend-{i}")).unwrap();
     }
     let addrs = (1..=3).map(|i| world.pod(i).ip).collect();
     (world, addrs)
 }
 
-fn assert_each_backend_got_a_fair_share(counts: &std::collections::BTreeMap<String, usize>, total: usize) {
+fn assert_each_backend_got_a_fair_share(counts: &BTreeMap<String, usize>, total: usize) {
     assert_eq!(counts.len(), 3, "every backend is reached: {counts:?}");
     // Uniform random over 3: each gets total/3 ± a few standard deviations.
     for (backend, n) in counts {
@@ -35,25 +53,25 @@ fn assert_each_backend_got_a_fair_share(counts: &std::collections::BTreeMap<Stri
 #[test]
 fn tcp_and_udp_spread_over_all_backends_and_apps_see_the_cluster_ip() {
     let (mut world, backends) = three_backends();
-    world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)));
+    world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true).unwrap();
 
-    let tcp = world.probe(CLIENT, true, &["tcp", "--to", &format!("{VIP}:80"), "--count", "300"]);
+    let tcp = world.probe(CLIENT, true, &["tcp", "--to", &format!("{VIP}:80"), "--count", "300"]).unwrap();
     assert_each_backend_got_a_fair_share(&spread(&tcp), 300);
     for r in &tcp {
         assert_eq!(r["peer"], format!("{VIP}:80"), "getpeername() shows the ClusterIP: {r}");
     }
 
-    let udp = world.probe(CLIENT, true, &["udp", "--to", &format!("{VIP}:53"), "--count", "300"]);
+    let udp = world.probe(CLIENT, true, &["udp", "--to", &format!("{VIP}:53"), "--count", "300"]).unwrap();
     assert_each_backend_got_a_fair_share(&spread(&udp), 300);
     for r in &udp {
         assert_eq!(r["peer"], format!("{VIP}:53"), "recvfrom() reports the ClusterIP: {r}");
     }
-    let connected = world.probe(CLIENT, true, &["udp", "--to", &format!("{VIP}:53"), "--count", "20", "--connected"]);
+    let connected = world.probe(CLIENT, true, &["udp", "--to", &format!("{VIP}:53"), "--count", "20", "--connected"]).unwrap();
     for r in &connected {
         assert_eq!(r["peer"], format!("{VIP}:53"), "getpeername() on connected UDP: {r}");
     }
 
-    let rows: serde_json::Value = serde_json::from_str(&world.proxyctl(&["service", "list", "--output", "json"])).unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&world.proxyctl(&["service", "list", "--output", "json"]).unwrap()).unwrap();
     let row = |port: u64| rows.as_array().unwrap().iter().find(|r| r["port"] == port).unwrap().clone();
     assert_eq!(row(80)["name"], "web");
     assert_eq!(row(80)["port_name"], "http");
@@ -61,17 +79,17 @@ fn tcp_and_udp_spread_over_all_backends_and_apps_see_the_cluster_ip() {
     assert_eq!(row(80)["connections"], 300, "one new connection per connect()");
     assert_eq!(row(53)["connections"], 320, "one new flow per UDP socket");
     assert_eq!(row(53)["packets"], 300, "one datagram per unconnected sendto()");
-    let table = world.proxyctl(&["service", "list"]);
+    let table = world.proxyctl(&["service", "list"]).unwrap();
     assert!(table.contains("default/web:http") && table.contains("10.96.0.10:80/TCP"), "{table}");
 }
 
 #[test]
 fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
     let (mut world, backends) = three_backends();
-    world.start_agent(&service_manifest("sticky", VIP, Some(1), &ready(&backends)));
+    world.start_agent(&service_manifest("sticky", VIP, Some(1), &ready(&backends)), true).unwrap();
     let to = format!("{VIP}:80");
 
-    let first = spread(&world.probe(CLIENT, true, &["tcp", "--to", &to, "--count", "30"]));
+    let first = spread(&world.probe(CLIENT, true, &["tcp", "--to", &to, "--count", "30"]).unwrap());
     assert_eq!(first.len(), 1, "all connections within the timeout stick: {first:?}");
     let mut previous = first.keys().next().unwrap().clone();
 
@@ -80,7 +98,7 @@ fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
     let mut moved = false;
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(1300));
-        let round = spread(&world.probe(CLIENT, true, &["tcp", "--to", &to, "--count", "5"]));
+        let round = spread(&world.probe(CLIENT, true, &["tcp", "--to", &to, "--count", "5"]).unwrap());
         assert_eq!(round.len(), 1, "a new affinity sticks again: {round:?}");
         let backend = round.keys().next().unwrap().clone();
         moved |= backend != previous;
@@ -92,35 +110,35 @@ fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
     assert!(moved, "affinity never expired");
 
     // The tc path keys affinity on the client IP.
-    let tc = spread(&world.probe(CLIENT, false, &["tcp", "--to", &to, "--count", "20"]));
+    let tc = spread(&world.probe(CLIENT, false, &["tcp", "--to", &to, "--count", "20"]).unwrap());
     assert_eq!(tc.len(), 1, "tc-path affinity: {tc:?}");
 }
 
 #[test]
 fn removed_backend_gets_no_new_connections_while_established_ones_keep_working() {
     let (mut world, backends) = three_backends();
-    let agent = world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)));
+    let agent = world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true).unwrap();
     let to = format!("{VIP}:80");
     let hold = ["tcp", "--to", &to, "--hold-ms", "3000", "--interval-ms", "100"];
-    let (socket_lb, first) = world.spawn_probe(CLIENT, true, &hold);
+    let (socket_lb, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
     let socket_backend = first["backend"].as_str().unwrap().to_owned();
-    let (tc_path, first) = world.spawn_probe(CLIENT, false, &hold);
+    let (tc_path, first) = world.spawn_probe(CLIENT, false, &hold).unwrap();
     let tc_backend = first["backend"].as_str().unwrap().to_owned();
 
     let removed: BTreeSet<String> = [socket_backend.clone(), tc_backend.clone()].into();
     let kept: Vec<Ipv4Addr> = (1..=3).filter(|i| !removed.contains(&format!("backend-{i}"))).map(|i| world.pod(i).ip).collect();
     let syncs = agent.syncs();
-    world.write_manifest(&service_manifest("web", VIP, None, &ready(&kept)));
-    agent.wait_for_syncs(syncs + 1);
+    world.write_manifest(&service_manifest("web", VIP, None, &ready(&kept))).unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
 
     for hooked in [true, false] {
-        let counts = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", &to, "--count", "60"]));
+        let counts = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", &to, "--count", "60"]).unwrap());
         for backend in &removed {
             assert!(!counts.contains_key(backend), "removed {backend} got new connections (hooked={hooked}): {counts:?}");
         }
     }
     for (handle, backend) in [(socket_lb, socket_backend), (tc_path, tc_backend)] {
-        let summary = world.finish_probe(handle);
+        let summary = world.finish_probe(handle).unwrap();
         assert_eq!(summary["failures"], 0, "established connection broke: {summary}");
         assert!(summary["exchanges"].as_u64().unwrap() >= 20, "{summary}");
         assert_eq!(summary["last_backend"], backend.as_str(), "{summary}");
@@ -129,9 +147,9 @@ fn removed_backend_gets_no_new_connections_while_established_ones_keep_working()
 
 #[test]
 fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured() {
-    let mut world = World::new(4);
+    let mut world = world(4);
     for i in 1..=3 {
-        world.serve(i, &format!("backend-{i}"));
+        world.serve(i, &format!("backend-{i}")).unwrap();
     }
     let (p1, p2, p3) = (world.pod(1).ip, world.pod(2).ip, world.pod(3).ip);
     let manifest = [
@@ -143,21 +161,21 @@ fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured(
         service_manifest("draining", "10.96.0.23", None, &[(p2, false, false, true), (p3, false, true, true)]),
     ]
     .join("---\n");
-    world.start_agent(&manifest);
+    world.start_agent(&manifest, true).unwrap();
 
     for vip in ["10.96.0.20", "10.96.0.21"] {
         for hooked in [true, false] {
-            let tcp = &world.probe(CLIENT, hooked, &["tcp", "--to", &format!("{vip}:80"), "--timeout-ms", "3000"])[0];
+            let tcp = &world.probe(CLIENT, hooked, &["tcp", "--to", &format!("{vip}:80"), "--timeout-ms", "3000"]).unwrap()[0];
             assert_eq!(tcp["kind"], "refused", "TCP to {vip} (hooked={hooked}): {tcp}");
             assert!(tcp["ms"].as_f64().unwrap() < 1000.0, "refused at once, not after a timeout: {tcp}");
-            let udp = &world.probe(CLIENT, hooked, &["udp", "--to", &format!("{vip}:53"), "--connected", "--timeout-ms", "3000"])[0];
+            let udp = &world.probe(CLIENT, hooked, &["udp", "--to", &format!("{vip}:53"), "--connected", "--timeout-ms", "3000"]).unwrap()[0];
             assert_eq!(udp["kind"], "refused", "UDP to {vip} (hooked={hooked}): {udp}");
         }
     }
     for hooked in [true, false] {
-        let mixed = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", "10.96.0.22:80", "--count", "30"]));
+        let mixed = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", "10.96.0.22:80", "--count", "30"]).unwrap());
         assert_eq!(mixed.keys().collect::<Vec<_>>(), ["backend-1"], "only the ready endpoint: {mixed:?}");
-        let draining = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", "10.96.0.23:80", "--count", "30"]));
+        let draining = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", "10.96.0.23:80", "--count", "30"]).unwrap());
         assert_eq!(draining.keys().collect::<Vec<_>>(), ["backend-3"], "serving+terminating fallback: {draining:?}");
     }
 }
@@ -166,12 +184,12 @@ fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured(
 fn manifest_edit_is_live_within_a_second() {
     let (mut world, backends) = three_backends();
     let base = service_manifest("web", VIP, None, &ready(&backends));
-    world.start_agent(&base);
+    world.start_agent(&base, true).unwrap();
     let new_service = service_manifest("late", "10.96.0.30", None, &ready(&backends[..1]));
     let written = Instant::now();
-    world.write_manifest(&format!("{base}---\n{new_service}"));
+    world.write_manifest(&format!("{base}---\n{new_service}")).unwrap();
     loop {
-        let r = &world.probe(CLIENT, true, &["tcp", "--to", "10.96.0.30:80", "--timeout-ms", "200"])[0];
+        let r = &world.probe(CLIENT, true, &["tcp", "--to", "10.96.0.30:80", "--timeout-ms", "200"]).unwrap()[0];
         if r["ok"] == true {
             assert_eq!(r["backend"], "backend-1");
             break;
@@ -185,27 +203,27 @@ fn manifest_edit_is_live_within_a_second() {
 fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
     let (mut world, backends) = three_backends();
     let good = service_manifest("web", VIP, None, &ready(&backends));
-    let agent = world.start_agent(&good);
-    let works = |world: &World| spread(&world.probe(CLIENT, true, &["tcp", "--to", &format!("{VIP}:80"), "--count", "9"])).len() > 1;
+    let agent = world.start_agent(&good, true).unwrap();
+    let works = |world: &World| spread(&world.probe(CLIENT, true, &["tcp", "--to", &format!("{VIP}:80"), "--count", "9"]).unwrap()).len() > 1;
 
     let syncs = agent.syncs();
-    let path = world.write_manifest("apiVersion: v1\nkind: [Service\n");
-    agent.wait_for_syncs(syncs + 1);
-    let line = agent.wait_for_log(&["rejected", &path.display().to_string(), "not valid YAML"]);
+    let path = world.write_manifest("apiVersion: v1\nkind: [Service\n").unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    let line = agent.wait_for_log(&["rejected", &path.display().to_string(), "not valid YAML"]).unwrap();
     assert!(line.contains("line 2"), "the error says where: {line}");
     assert!(works(&world), "web keeps working after a YAML syntax error");
 
     // One bad object among good ones: it alone is rejected; the others are served.
     let syncs = agent.syncs();
     let other = service_manifest("other", "10.96.0.31", None, &ready(&backends[..1]));
-    world.write_manifest(&format!("{}---\n{other}", good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.300")));
-    agent.wait_for_syncs(syncs + 1);
-    let line = agent.wait_for_log(&["Service default/web", "spec.clusterIP", "10.96.0.300", "still serving its last valid version"]);
+    world.write_manifest(&format!("{}---\n{other}", good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.300"))).unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    let line = agent.wait_for_log(&["Service default/web", "spec.clusterIP", "10.96.0.300", "still serving its last valid version"]).unwrap();
     assert!(line.contains("rejected"), "{line}");
     assert!(works(&world), "web keeps its last valid version");
-    let other = spread(&world.probe(CLIENT, true, &["tcp", "--to", "10.96.0.31:80", "--count", "3"]));
+    let other = spread(&world.probe(CLIENT, true, &["tcp", "--to", "10.96.0.31:80", "--count", "3"]).unwrap());
     assert_eq!(other.keys().collect::<Vec<_>>(), ["backend-1"]);
-    let metrics = world.agent_http("/metrics");
+    let metrics = world.agent_http("/metrics").unwrap();
     assert!(metrics.contains("proxy_rejected_objects_total{reason=\"invalid_address\"} 1"), "{metrics}");
     assert!(metrics.contains("proxy_rejected_objects_total{reason=\"parse_error\"} 1"), "{metrics}");
 }
@@ -213,10 +231,10 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
 #[test]
 fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
     let (mut world, backends) = three_backends();
-    world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)));
+    world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true).unwrap();
     let client_ip = world.pod(CLIENT).ip.to_string();
 
-    let tcp = world.probe(CLIENT, false, &["tcp", "--to", &format!("{VIP}:80"), "--count", "90"]);
+    let tcp = world.probe(CLIENT, false, &["tcp", "--to", &format!("{VIP}:80"), "--count", "90"]).unwrap();
     assert_each_backend_got_a_fair_share(&spread(&tcp), 90);
     for r in &tcp {
         // The handshake completing at all proves the replies were reverse-NATed.
@@ -224,7 +242,7 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
         let saw = r["server_saw"].as_str().unwrap();
         assert!(saw.starts_with(&format!("{client_ip}:")), "the backend sees the real client (no SNAT): {r}");
     }
-    let udp = world.probe(CLIENT, false, &["udp", "--to", &format!("{VIP}:53"), "--count", "60"]);
+    let udp = world.probe(CLIENT, false, &["udp", "--to", &format!("{VIP}:53"), "--count", "60"]).unwrap();
     assert_each_backend_got_a_fair_share(&spread(&udp), 60);
     for r in &udp {
         assert_eq!(r["peer"], format!("{VIP}:53"), "reply source is the ClusterIP: {r}");
@@ -240,7 +258,7 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
     assert!(dump.contains("\"nat_port\": 8080") && dump.contains("\"rev_nat_id\""), "{dump}");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let metrics = world.agent_http("/metrics");
+        let metrics = world.agent_http("/metrics").unwrap();
         let entries = metrics.lines().find_map(|l| l.strip_prefix("proxy_conntrack_entries ")).and_then(|v| v.trim().parse::<u64>().ok());
         if entries.is_some_and(|n| n >= 2 * 150) {
             break;

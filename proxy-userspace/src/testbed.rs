@@ -4,8 +4,6 @@
 //! No namespace has a route to the host's interfaces; the socket hooks attach to a cgroup
 //! made for the test and the maps are pinned in a directory of its own. Everything is torn
 //! down on drop, also when the test fails.
-#![allow(dead_code)] // each test binary uses its own subset
-
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpStream},
@@ -18,29 +16,37 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_proxy-agent");
-pub const PROXYCTL: &str = env!("CARGO_BIN_EXE_proxyctl");
-pub const NETPROBE: &str = env!("CARGO_BIN_EXE_netprobe");
+/// Paths of the project's binaries, which the world runs.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub proxyctl: PathBuf,
+    pub netprobe: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries in `dir`, e.g. `target/debug`.
+    pub fn in_dir(dir: &std::path::Path) -> Self {
+        Self { agent: dir.join("proxy-agent"), proxyctl: dir.join("proxyctl"), netprobe: dir.join("netprobe") }
+    }
+}
 
 /// Port every backend serves, TCP and UDP.
 pub const BACKEND_PORT: u16 = 8080;
 
 static WORLDS: AtomicUsize = AtomicUsize::new(0);
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
-
-fn cgroup2_root() -> PathBuf {
-    proxy::datapath::cgroup2_mount().expect("cgroup v2 must be mounted")
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
 }
 
 pub struct Pod {
@@ -51,6 +57,7 @@ pub struct Pod {
 }
 
 pub struct World {
+    pub bins: Binaries,
     pub node: String,
     pub pods: Vec<Pod>,
     pub cgroup: PathBuf,
@@ -58,48 +65,53 @@ pub struct World {
     pub dir: PathBuf,
     netns: Vec<String>,
     children: Vec<Child>,
+    readers: Vec<BufReader<std::process::ChildStdout>>,
 }
 
 impl World {
     /// A node with `pods` pod namespaces (numbered from 1).
-    pub fn new(pods: usize) -> World {
+    pub fn new(pods: usize, bins: Binaries) -> anyhow::Result<World> {
         // SAFETY: no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the integration tests need root (network namespaces, BPF)");
+        ensure!(unsafe { libc::geteuid() } == 0, "the namespace world needs root (network namespaces, BPF)");
         let id = format!("px{}-{}", std::process::id(), WORLDS.fetch_add(1, Ordering::SeqCst));
         let dir = std::env::temp_dir().join(format!("proxy-test-{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cgroup = crate::datapath::cgroup2_mount()?.join(format!("proxy-test-{id}"));
+        std::fs::create_dir(&cgroup).with_context(|| format!("creating the test cgroup {}", cgroup.display()))?;
+        // From here on, Drop cleans up whatever was made.
         let mut world = World {
+            bins,
             node: format!("{id}-node"),
             pods: Vec::new(),
-            cgroup: cgroup2_root().join(format!("proxy-test-{id}")),
+            cgroup,
             bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-test-{id}")),
             dir,
             netns: Vec::new(),
             children: Vec::new(),
+            readers: Vec::new(),
         };
-        std::fs::create_dir(&world.cgroup).expect("creating the test cgroup");
-        world.add_netns(&world.node.clone());
-        run(Command::new("ip").args(["netns", "exec", &world.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+        world.add_netns(&world.node.clone())?;
+        run(Command::new("ip").args(["netns", "exec", &world.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
         for i in 1..=pods {
             let netns = format!("{id}-p{i}");
             let iface = format!("vh{i}");
-            world.add_netns(&netns);
-            ip(&["-n", &world.node, "link", "add", &iface, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
-            ip(&["-n", &world.node, "addr", "add", &format!("10.244.{i}.1/24"), "dev", &iface]);
-            ip(&["-n", &world.node, "link", "set", &iface, "up"]);
-            ip(&["-n", &netns, "addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"]);
-            ip(&["-n", &netns, "link", "set", "eth0", "up"]);
+            world.add_netns(&netns)?;
+            ip(&["-n", &world.node, "link", "add", &iface, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            ip(&["-n", &world.node, "addr", "add", &format!("10.244.{i}.1/24"), "dev", &iface])?;
+            ip(&["-n", &world.node, "link", "set", &iface, "up"])?;
+            ip(&["-n", &netns, "addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"])?;
+            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
             // The pod's only route out leads to the node namespace.
-            ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{i}.1")]);
+            ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{i}.1")])?;
             world.pods.push(Pod { netns, ip: Ipv4Addr::new(10, 244, i as u8, 2), iface });
         }
-        world
+        Ok(world)
     }
 
-    fn add_netns(&mut self, name: &str) {
-        ip(&["netns", "add", name]);
+    fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", name])?;
         self.netns.push(name.to_owned());
-        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ip(&["-n", name, "link", "set", "lo", "up"])
     }
 
     pub fn pod(&self, i: usize) -> &Pod {
@@ -107,37 +119,39 @@ impl World {
     }
 
     /// Starts an echo server answering as `id` on pod `i` (TCP and UDP `BACKEND_PORT`).
-    pub fn serve(&mut self, i: usize, id: &str) {
+    pub fn serve(&mut self, i: usize, id: &str) -> anyhow::Result<()> {
         let port = BACKEND_PORT.to_string();
-        let mut child = Command::new(NETPROBE)
-            .args(["--netns", &self.pod(i).netns, "serve", "--id", id, "--tcp", &port, "--udp", &port, "--max-secs", "300"])
+        let mut child = Command::new(&self.bins.netprobe)
+            .args(["--netns", &self.pod(i).netns, "serve", "--id", id, "--tcp", &port, "--udp", &port, "--max-secs", "600"])
             .stdout(Stdio::piped())
             .spawn()
-            .expect("starting netprobe serve");
-        let mut ready = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
-        assert!(ready.contains("serving"), "server {id} did not start: {ready:?}");
+            .with_context(|| format!("starting {}", self.bins.netprobe.display()))?;
+        let stdout = child.stdout.take();
         self.children.push(child);
+        let mut ready = String::new();
+        BufReader::new(stdout.context("server stdout")?).read_line(&mut ready)?;
+        ensure!(ready.contains("serving"), "server {id} did not start: {ready:?}");
+        Ok(())
     }
 
-    pub fn write_manifest(&self, yaml: &str) -> PathBuf {
+    pub fn write_manifest(&self, yaml: &str) -> anyhow::Result<PathBuf> {
         let path = self.dir.join("services.yaml");
         // Write then rename, as editors and config management do.
         let tmp = self.dir.join(".services.yaml.tmp");
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-        path
+        std::fs::write(&tmp, yaml).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(path)
     }
 
     /// Starts the agent in the node namespace on `yaml`, with tc on every pod interface,
-    /// and waits for its first sync.
-    pub fn start_agent(&mut self, yaml: &str) -> Agent {
-        let manifest = self.write_manifest(yaml);
+    /// and waits for its first sync. Its log lines are echoed to stderr if `echo_log`.
+    pub fn start_agent(&mut self, yaml: &str, echo_log: bool) -> anyhow::Result<Agent> {
+        let manifest = self.write_manifest(yaml)?;
         let interfaces: Vec<&str> = self.pods.iter().map(|p| p.iface.as_str()).collect();
         let mut child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.node))
             .arg("--")
-            .arg(AGENT)
+            .arg(&self.bins.agent)
             .arg("--manifests")
             .arg(&manifest)
             .arg("--cgroup")
@@ -150,24 +164,26 @@ impl World {
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
-            .expect("starting proxy-agent");
+            .with_context(|| format!("starting {}", self.bins.agent.display()))?;
         let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
+        let stderr = child.stderr.take().context("agent stderr")?;
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                sink.lock().unwrap().push(line);
+                if echo_log {
+                    eprintln!("agent: {line}");
+                }
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
         let agent = Agent { log, pid: child.id() };
         self.children.push(child);
-        agent.wait_for_syncs(1);
-        agent
+        agent.wait_for_syncs(1)?;
+        Ok(agent)
     }
 
     fn probe_command(&self, pod: usize, hooked: bool, args: &[&str]) -> Command {
-        let mut cmd = Command::new(NETPROBE);
+        let mut cmd = Command::new(&self.bins.netprobe);
         cmd.args(["--netns", &self.pod(pod).netns]);
         if hooked {
             cmd.arg("--cgroup").arg(&self.cgroup);
@@ -178,52 +194,62 @@ impl World {
 
     /// Runs a netprobe client in pod `pod`, inside the hooked cgroup if `hooked` (socket
     /// LB) or outside it (the tc path); returns its JSON lines.
-    pub fn probe(&self, pod: usize, hooked: bool, args: &[&str]) -> Vec<Value> {
-        let out = run(&mut self.probe_command(pod, hooked, args));
-        out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad netprobe line {l:?}: {e}"))).collect()
+    pub fn probe(&self, pod: usize, hooked: bool, args: &[&str]) -> anyhow::Result<Vec<Value>> {
+        let out = run(&mut self.probe_command(pod, hooked, args))?;
+        out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("bad netprobe line {l:?}"))).collect()
+    }
+
+    /// Runs netprobe in pod `pod` and returns what it printed.
+    pub fn probe_text(&self, pod: usize, hooked: bool, args: &[&str]) -> anyhow::Result<String> {
+        run(&mut self.probe_command(pod, hooked, args))
     }
 
     /// Starts a long-running netprobe client and returns it with the first JSON line it
     /// printed.
-    pub fn spawn_probe(&mut self, pod: usize, hooked: bool, args: &[&str]) -> (usize, Value) {
-        let mut child = self.probe_command(pod, hooked, args).stdout(Stdio::piped()).spawn().expect("starting netprobe");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    pub fn spawn_probe(&mut self, pod: usize, hooked: bool, args: &[&str]) -> anyhow::Result<(usize, Value)> {
+        let mut child = self.probe_command(pod, hooked, args).stdout(Stdio::piped()).spawn().context("starting netprobe")?;
+        let stdout = child.stdout.take().context("netprobe stdout")?;
         self.children.push(child);
-        (self.children.len() - 1, serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad netprobe line {line:?}: {e}")))
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        self.readers.push(reader);
+        let first = serde_json::from_str(&line).with_context(|| format!("bad netprobe line {line:?}"))?;
+        Ok((self.readers.len() - 1, first))
     }
 
     /// Waits for a client started by `spawn_probe` and returns its last JSON line.
-    pub fn finish_probe(&mut self, handle: usize) -> Value {
-        let child = &mut self.children[handle];
+    pub fn finish_probe(&mut self, handle: usize) -> anyhow::Result<Value> {
         let mut rest = String::new();
-        child.stdout.as_mut().unwrap().read_to_string(&mut rest).unwrap();
-        child.wait().unwrap();
-        serde_json::from_str(rest.lines().last().expect("no summary line")).unwrap()
+        self.readers[handle].read_to_string(&mut rest)?;
+        let Some(last) = rest.lines().last() else { bail!("netprobe printed no summary line") };
+        serde_json::from_str(last).with_context(|| format!("bad netprobe line {last:?}"))
     }
 
-    pub fn proxyctl(&self, args: &[&str]) -> String {
-        run(Command::new(PROXYCTL).arg("--bpffs").arg(&self.bpffs).args(args))
+    pub fn proxyctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        run(Command::new(&self.bins.proxyctl).arg("--bpffs").arg(&self.bpffs).args(args))
     }
 
     /// An HTTP GET to the agent's metrics endpoint (127.0.0.1:10249 in the node namespace).
-    pub fn agent_http(&self, path: &str) -> String {
+    pub fn agent_http(&self, path: &str) -> anyhow::Result<String> {
         let netns = PathBuf::from("/var/run/netns").join(&self.node);
         let path = path.to_owned();
         // setns affects only the calling thread: use a thread of our own.
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&netns).unwrap();
+        std::thread::spawn(move || -> anyhow::Result<String> {
+            let ns = std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
             // SAFETY: a valid namespace fd.
-            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
-            let mut stream = TcpStream::connect("127.0.0.1:10249").expect("connecting to the agent's metrics endpoint");
-            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("entering the node namespace");
+            }
+            let mut stream = TcpStream::connect("127.0.0.1:10249").context("connecting to the agent's metrics endpoint")?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
             let mut response = String::new();
-            stream.read_to_string(&mut response).unwrap();
-            response
+            stream.read_to_string(&mut response)?;
+            Ok(response)
         })
         .join()
-        .unwrap()
+        .map_err(|_| anyhow::anyhow!("the metrics request thread panicked"))?
     }
 }
 
@@ -253,7 +279,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn syncs(&self) -> usize {
@@ -261,22 +287,23 @@ impl Agent {
     }
 
     /// Waits (at most 10 s) until the agent has logged `n` syncs in all.
-    pub fn wait_for_syncs(&self, n: usize) {
+    pub fn wait_for_syncs(&self, n: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.syncs() < n {
-            assert!(Instant::now() < deadline, "agent did not sync {n} times; log:\n{}", self.log_lines().join("\n"));
+            ensure!(Instant::now() < deadline, "agent did not sync {n} times; log:\n{}", self.log_lines().join("\n"));
             std::thread::sleep(Duration::from_millis(10));
         }
+        Ok(())
     }
 
     /// The first log line containing every one of `parts`, waiting at most 5 s for it.
-    pub fn wait_for_log(&self, parts: &[&str]) -> String {
+    pub fn wait_for_log(&self, parts: &[&str]) -> anyhow::Result<String> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(line) = self.log_lines().into_iter().find(|l| parts.iter().all(|p| l.contains(p))) {
-                return line;
+                return Ok(line);
             }
-            assert!(Instant::now() < deadline, "no agent log line with {parts:?}; log:\n{}", self.log_lines().join("\n"));
+            ensure!(Instant::now() < deadline, "no agent log line with {parts:?}; log:\n{}", self.log_lines().join("\n"));
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -304,14 +331,4 @@ pub fn service_manifest(name: &str, vip: &str, affinity_secs: Option<u32>, endpo
 
 pub fn ready(addrs: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool, bool, bool)> {
     addrs.iter().map(|a| (*a, true, true, false)).collect()
-}
-
-/// How many results each backend answered; panics on a failed attempt.
-pub fn spread(results: &[Value]) -> std::collections::BTreeMap<String, usize> {
-    let mut counts = std::collections::BTreeMap::new();
-    for r in results {
-        assert_eq!(r["ok"], true, "attempt failed: {r}");
-        *counts.entry(r["backend"].as_str().unwrap().to_owned()).or_default() += 1;
-    }
-    counts
 }
