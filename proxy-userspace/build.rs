@@ -5,9 +5,15 @@ use anyhow::{Context as _, anyhow};
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
     let ebpf_dir = std::path::Path::new(&manifest_dir).join("../proxy-ebpf");
-    let root_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
+    let root_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "proxy-ebpf", root_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "proxy-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
     .context("building the eBPF datapath (run `cargo xtask setup` if the toolchain is missing)")

@@ -132,7 +132,14 @@ impl CtKey {
             // backend → client; the request went from the client to the service (nat).
             (self.dst, entry.nat_addr, self.dport, entry.nat_port)
         };
-        CtKey { src, dst, sport, dport, proto: self.proto, pad: [0; 3] }
+        CtKey {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
     }
 }
 
@@ -211,7 +218,9 @@ pub struct ServiceName {
 
 impl Default for ServiceName {
     fn default() -> Self {
-        Self { name: [0; SERVICE_NAME_LEN] }
+        Self {
+            name: [0; SERVICE_NAME_LEN],
+        }
     }
 }
 

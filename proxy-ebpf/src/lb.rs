@@ -32,7 +32,12 @@ impl Sticky {
             return None;
         }
         Some(Self {
-            key: AffinityKey { client, service_id: svc.id, kind, pad: [0; 3] },
+            key: AffinityKey {
+                client,
+                service_id: svc.id,
+                kind,
+                pad: [0; 3],
+            },
             timeout_ns: svc.affinity_timeout_secs as u64 * NS_PER_SEC,
         })
     }
@@ -55,7 +60,7 @@ impl Sticky {
     /// exists; refreshes the entry's idle timer.
     #[inline(always)]
     pub fn backend(&self, now: u64) -> Option<Chosen> {
-        let entry = AFFINITY.get_ptr_mut(&self.key)?;
+        let entry = AFFINITY.get_ptr_mut(self.key)?;
         // SAFETY: LRU values stay valid for the program's run; a concurrent update of the
         // timestamp is harmless.
         unsafe {
@@ -65,15 +70,22 @@ impl Sticky {
             let backend_id = (*entry).backend_id;
             let backend = *BACKENDS.get(backend_id)?;
             (*entry).last_used_ns = now;
-            Some(Chosen { backend_id, backend })
+            Some(Chosen {
+                backend_id,
+                backend,
+            })
         }
     }
 
     #[inline(always)]
     pub fn remember(&self, chosen: &Chosen, now: u64) {
-        let value = AffinityValue { backend_id: chosen.backend_id, pad: 0, last_used_ns: now };
+        let value = AffinityValue {
+            backend_id: chosen.backend_id,
+            pad: 0,
+            last_used_ns: now,
+        };
         // An LRU map insert only fails on memory pressure; the flow still works, unsticky.
-        let _ = AFFINITY.insert(&self.key, &value, 0);
+        let _ = AFFINITY.insert(self.key, value, 0);
     }
 }
 
@@ -101,12 +113,19 @@ pub fn select_backend(svc: &ServiceValue, sticky: Option<&Sticky>, now: u64) -> 
     // SAFETY: no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot = (random % svc.count as u32) as u16 + 1;
-    let slot_key =
-        SlotKey { service_id: svc.id, generation: svc.generation, pad: 0, slot };
+    let slot_key = SlotKey {
+        service_id: svc.id,
+        generation: svc.generation,
+        pad: 0,
+        slot,
+    };
     // SAFETY: both values are copied out at once.
-    let backend_id = unsafe { *BACKEND_SLOTS.get(&slot_key)? };
+    let backend_id = unsafe { *BACKEND_SLOTS.get(slot_key)? };
     let backend = unsafe { *BACKENDS.get(backend_id)? };
-    let chosen = Chosen { backend_id, backend };
+    let chosen = Chosen {
+        backend_id,
+        backend,
+    };
     if let Some(s) = sticky {
         s.remember(&chosen, now);
     }

@@ -25,8 +25,7 @@ pub static BACKEND_SLOTS: HashMap<SlotKey, u32, { MAX_BACKEND_SLOTS as usize }, 
     HashMap::new();
 
 #[btf_map(name = "backends")]
-pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Read by `proxyctl` and `bpftool` only; declared here so that it carries BTF and is pinned
 /// beside the others.

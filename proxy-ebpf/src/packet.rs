@@ -64,7 +64,11 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
     let l4_off = ETH_HDR_LEN + ip_hdr_len;
     let sport: u16 = ctx.load(l4_off).ok()?;
     let dport: u16 = ctx.load(l4_off + 2).ok()?;
-    let tcp_flags = if proto == IPPROTO_TCP { ctx.load::<u8>(l4_off + 13).ok()? } else { 0 };
+    let tcp_flags = if proto == IPPROTO_TCP {
+        ctx.load::<u8>(l4_off + 13).ok()?
+    } else {
+        0
+    };
     Some(Flow {
         key: CtKey {
             src: ctx.load(IP_SRC_OFF).ok()?,
@@ -152,7 +156,10 @@ pub fn into_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<(), i64> {
     if flow.ip_hdr_len != IP_HDR_MIN_LEN {
         return Err(0);
     }
-    let mut icmp = IcmpUnreachable { header: [0; 8], quote: ctx.load(ETH_HDR_LEN)? };
+    let mut icmp = IcmpUnreachable {
+        header: [0; 8],
+        quote: ctx.load(ETH_HDR_LEN)?,
+    };
     icmp.header[0] = ICMP_DEST_UNREACH;
     icmp.header[1] = ICMP_PORT_UNREACH;
     let icmp_csum = checksum((&mut icmp as *mut IcmpUnreachable).cast(), 36);
@@ -173,9 +180,7 @@ pub fn into_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<(), i64> {
     dst.swap_with_slice(src);
 
     // SAFETY: valid context.
-    let ret = unsafe {
-        bpf_skb_change_tail(ctx.skb.skb, (ETH_HDR_LEN + REPLY_IP_LEN) as u32, 0)
-    };
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HDR_LEN + REPLY_IP_LEN) as u32, 0) };
     if ret != 0 {
         return Err(ret);
     }

@@ -9,8 +9,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AFFINITY_CLIENT_NETNS, Counters, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevKey,
-    SockRevValue,
+    AFFINITY_CLIENT_NETNS, Counters, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevKey, SockRevValue,
 };
 
 use crate::{
@@ -44,22 +43,35 @@ pub fn proxy_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The address the call targets (connect, sendmsg) or reports (recvmsg, getpeername).
 #[inline(always)]
-fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
+fn user_addr(ctx: &SockAddrContext) -> ([u8; 4], u16) {
     // SAFETY: the kernel passes a valid context for the program's run.
-    unsafe { &mut *ctx.sock_addr }
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    (sa.user_ip4.to_ne_bytes(), u16::from_be(sa.user_port as u16))
+}
+
+#[inline(always)]
+fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
+    // SAFETY: as above; these fields are writable for the sock_addr hooks we attach.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes(addr);
+        (*ctx.sock_addr).user_port = port.to_be() as u32;
+    }
 }
 
 /// The service port the socket addresses, if it is TCP or UDP.
 #[inline(always)]
-fn service_key(sa: &bpf_sock_addr) -> Option<ServiceKey> {
-    let proto = sa.protocol as u8;
+fn service_key(ctx: &SockAddrContext) -> Option<ServiceKey> {
+    // SAFETY: as above.
+    let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
+    let (addr, port) = user_addr(ctx);
     Some(ServiceKey {
-        addr: sa.user_ip4.to_ne_bytes(),
-        port: u16::from_be(sa.user_port as u16),
+        addr,
+        port,
         proto,
         pad: 0,
     })
@@ -68,16 +80,23 @@ fn service_key(sa: &bpf_sock_addr) -> Option<ServiceKey> {
 /// Points the socket at the backend and remembers the service address for the reverse way.
 #[inline(always)]
 fn redirect(ctx: &SockAddrContext, key: &ServiceKey, service_id: u32, chosen: &Chosen) {
-    let sa = sock_addr(ctx);
-    sa.user_ip4 = u32::from_ne_bytes(chosen.backend.addr);
-    sa.user_port = chosen.backend.port.to_be() as u32;
+    set_user_addr(ctx, chosen.backend.addr, chosen.backend.port);
     // SAFETY: valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rev_key =
-        SockRevKey { cookie, addr: chosen.backend.addr, port: chosen.backend.port, pad: 0 };
-    let rev = SockRevValue { addr: key.addr, port: key.port, pad: 0, service_id };
+    let rev_key = SockRevKey {
+        cookie,
+        addr: chosen.backend.addr,
+        port: chosen.backend.port,
+        pad: 0,
+    };
+    let rev = SockRevValue {
+        addr: key.addr,
+        port: key.port,
+        pad: 0,
+        service_id,
+    };
     // An LRU insert only fails on memory pressure; the app would then see the backend address.
-    let _ = SOCK_REV_NAT.insert(&rev_key, &rev, 0);
+    let _ = SOCK_REV_NAT.insert(rev_key, rev, 0);
 }
 
 /// kube-proxy REJECTs connections to a service without endpoints: fail at once with
@@ -98,15 +117,27 @@ fn netns_affinity(ctx: &SockAddrContext, svc: &proxy_common::ServiceValue) -> Op
 
 #[inline(always)]
 fn connect(ctx: &SockAddrContext) -> i32 {
-    let Some(key) = service_key(sock_addr(ctx)) else { return ALLOW };
-    let Some(svc) = lb::service(&key) else { return ALLOW };
+    let Some(key) = service_key(ctx) else {
+        return ALLOW;
+    };
+    let Some(svc) = lb::service(&key) else {
+        return ALLOW;
+    };
     let now = lb::now_ns();
     let affinity = netns_affinity(ctx, &svc);
     let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
         return refuse();
     };
     redirect(ctx, &key, svc.id, &chosen);
-    lb::count(svc.id, chosen.backend_id, Counters { conns: 1, packets: 0, bytes: 0 });
+    lb::count(
+        svc.id,
+        chosen.backend_id,
+        Counters {
+            conns: 1,
+            packets: 0,
+            bytes: 0,
+        },
+    );
     ALLOW
 }
 
@@ -114,8 +145,12 @@ fn connect(ctx: &SockAddrContext) -> i32 {
 /// socket's first datagram picks the backend, later ones stick to it.
 #[inline(always)]
 fn sendmsg(ctx: &SockAddrContext) -> i32 {
-    let Some(key) = service_key(sock_addr(ctx)) else { return ALLOW };
-    let Some(svc) = lb::service(&key) else { return ALLOW };
+    let Some(key) = service_key(ctx) else {
+        return ALLOW;
+    };
+    let Some(svc) = lb::service(&key) else {
+        return ALLOW;
+    };
     let now = lb::now_ns();
     // SAFETY: valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -132,24 +167,31 @@ fn sendmsg(ctx: &SockAddrContext) -> i32 {
         }
     };
     redirect(ctx, &key, svc.id, &chosen);
-    lb::count(svc.id, chosen.backend_id, Counters { conns: new_flow, packets: 1, bytes: 0 });
+    lb::count(
+        svc.id,
+        chosen.backend_id,
+        Counters {
+            conns: new_flow,
+            packets: 1,
+            bytes: 0,
+        },
+    );
     ALLOW
 }
 
 #[inline(always)]
 fn restore_service_addr(ctx: &SockAddrContext) {
-    let sa = sock_addr(ctx);
+    let (addr, port) = user_addr(ctx);
     // SAFETY: valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevKey {
         cookie,
-        addr: sa.user_ip4.to_ne_bytes(),
-        port: u16::from_be(sa.user_port as u16),
+        addr,
+        port,
         pad: 0,
     };
     // SAFETY: copied out at once.
-    if let Some(rev) = unsafe { SOCK_REV_NAT.get(&key).copied() } {
-        sa.user_ip4 = u32::from_ne_bytes(rev.addr);
-        sa.user_port = rev.port.to_be() as u32;
+    if let Some(rev) = unsafe { SOCK_REV_NAT.get(key).copied() } {
+        set_user_addr(ctx, rev.addr, rev.port);
     }
 }

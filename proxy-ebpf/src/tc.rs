@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    AFFINITY_CLIENT_IP, CT_FORWARD, CT_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, Counters, CtEntry, CtKey, ServiceKey,
+    AFFINITY_CLIENT_IP, CT_FORWARD, CT_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW,
+    Counters, CtEntry, CtKey, ServiceKey,
 };
 
 use crate::{
@@ -21,16 +21,16 @@ use crate::{
 #[classifier]
 pub fn proxy_ingress(ctx: TcContext) -> i32 {
     match packet::parse(&ctx) {
-        Some(flow) => ingress(&ctx, &flow).unwrap_or(TC_ACT_SHOT as i32),
-        None => TC_ACT_OK as i32,
+        Some(flow) => ingress(&ctx, &flow).unwrap_or(TC_ACT_SHOT),
+        None => TC_ACT_OK,
     }
 }
 
 #[classifier]
 pub fn proxy_egress(ctx: TcContext) -> i32 {
     match packet::parse(&ctx) {
-        Some(flow) => egress(&ctx, &flow).unwrap_or(TC_ACT_SHOT as i32),
-        None => TC_ACT_OK as i32,
+        Some(flow) => egress(&ctx, &flow).unwrap_or(TC_ACT_SHOT),
+        None => TC_ACT_OK,
     }
 }
 
@@ -47,13 +47,17 @@ fn track(entry: &mut CtEntry, flow: &Flow, now: u64) {
 
 #[inline(always)]
 fn traffic(ctx: &TcContext, conns: u64) -> Counters {
-    Counters { conns, packets: 1, bytes: ctx.len() as u64 }
+    Counters {
+        conns,
+        packets: 1,
+        bytes: ctx.len() as u64,
+    }
 }
 
 #[inline(always)]
 fn ingress(ctx: &TcContext, flow: &Flow) -> Result<i32, i64> {
     let now = lb::now_ns();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&flow.key) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) {
         // SAFETY: LRU values stay valid during the program's run; racing updates of the
         // state and timestamp from another CPU are benign.
         let entry = unsafe { &mut *entry };
@@ -62,12 +66,25 @@ fn ingress(ctx: &TcContext, flow: &Flow) -> Result<i32, i64> {
         if entry.direction == CT_FORWARD && !reused {
             track(entry, flow, now);
             lb::count(entry.rev_nat_id, entry.backend_id, traffic(ctx, 0));
-            packet::rewrite(ctx, flow, Endpoint::Destination, entry.nat_addr, entry.nat_port)?;
-            return Ok(TC_ACT_OK as i32);
+            packet::rewrite(
+                ctx,
+                flow,
+                Endpoint::Destination,
+                entry.nat_addr,
+                entry.nat_port,
+            )?;
+            return Ok(TC_ACT_OK);
         }
     }
-    let service = ServiceKey { addr: flow.key.dst, port: flow.key.dport, proto: flow.key.proto, pad: 0 };
-    let Some(svc) = lb::service(&service) else { return Ok(TC_ACT_OK as i32) };
+    let service = ServiceKey {
+        addr: flow.key.dst,
+        port: flow.key.dport,
+        proto: flow.key.proto,
+        pad: 0,
+    };
+    let Some(svc) = lb::service(&service) else {
+        return Ok(TC_ACT_OK);
+    };
     let client = u32::from_ne_bytes(flow.key.src) as u64;
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
     let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
@@ -93,23 +110,31 @@ fn ingress(ctx: &TcContext, flow: &Flow) -> Result<i32, i64> {
     };
     let reply_key: CtKey = flow.key.peer(&forward);
     // LRU inserts evict instead of failing when full.
-    CONNTRACK.insert(&flow.key, &forward, 0)?;
-    CONNTRACK.insert(&reply_key, &reply, 0)?;
+    CONNTRACK.insert(flow.key, forward, 0)?;
+    CONNTRACK.insert(reply_key, reply, 0)?;
     lb::count(svc.id, chosen.backend_id, traffic(ctx, 1));
-    packet::rewrite(ctx, flow, Endpoint::Destination, chosen.backend.addr, chosen.backend.port)?;
-    Ok(TC_ACT_OK as i32)
+    packet::rewrite(
+        ctx,
+        flow,
+        Endpoint::Destination,
+        chosen.backend.addr,
+        chosen.backend.port,
+    )?;
+    Ok(TC_ACT_OK)
 }
 
 #[inline(always)]
 fn egress(ctx: &TcContext, flow: &Flow) -> Result<i32, i64> {
-    let Some(entry) = CONNTRACK.get_ptr_mut(&flow.key) else { return Ok(TC_ACT_OK as i32) };
+    let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) else {
+        return Ok(TC_ACT_OK);
+    };
     // SAFETY: as in `ingress`.
     let entry = unsafe { &mut *entry };
     if entry.direction != CT_REPLY {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     track(entry, flow, lb::now_ns());
     lb::count(entry.rev_nat_id, entry.backend_id, traffic(ctx, 0));
     packet::rewrite(ctx, flow, Endpoint::Source, entry.nat_addr, entry.nat_port)?;
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }

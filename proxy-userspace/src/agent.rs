@@ -1,9 +1,17 @@
 //! The agent's main loop: load and attach the datapath, then keep the maps equal to what the
 //! source says, collect conntrack garbage, and serve metrics, until SIGTERM/SIGINT.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::{Duration, Instant}};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
-use tokio::{signal::unix::{SignalKind, signal}, sync::mpsc};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tracing::{error, info};
 
 use crate::{
@@ -45,7 +53,12 @@ impl Agent {
         let loaded = self.source.load();
         let outcome = self.store.replace(&loaded.objects);
         let (desired, conflicts) = self.store.desired();
-        for rejection in loaded.rejections.iter().chain(&outcome.rejections).chain(&conflicts) {
+        for rejection in loaded
+            .rejections
+            .iter()
+            .chain(&outcome.rejections)
+            .chain(&conflicts)
+        {
             error!("rejected: {rejection}");
             self.metrics.reject(rejection.reason);
         }
@@ -62,7 +75,9 @@ impl Agent {
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         self.metrics.service_ports.set(self.reconciler.len() as i64);
         if report.errors.is_empty() {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
             self.metrics.last_sync.set(now.as_secs_f64());
         }
         info!(
@@ -104,7 +119,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let maps = Maps::open(&config.bpffs)?;
     let reconciler = Reconciler::adopt(maps)?;
     if !reconciler.is_empty() {
-        info!("adopted {} service ports already in the pinned maps", reconciler.len());
+        info!(
+            "adopted {} service ports already in the pinned maps",
+            reconciler.len()
+        );
     }
     let mut conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
@@ -117,7 +135,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // A full channel already means "re-read": nothing is lost by dropping this one.
         let _ = changed_tx.try_send(());
     })?;
-    let mut agent = Agent { source, store: Store::default(), reconciler, metrics };
+    let mut agent = Agent {
+        source,
+        store: Store::default(),
+        reconciler,
+        metrics,
+    };
     agent.sync();
 
     let mut gc = tokio::time::interval(config.conntrack_gc_interval);

@@ -10,7 +10,10 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-parameter.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * NS_PER_SEC + ts.tv_nsec as u64
@@ -29,8 +32,14 @@ pub fn expired_keys(entries: &HashMap<CtKey, CtEntry>, now_ns: u64) -> Vec<CtKey
         .iter()
         .filter(|(key, entry)| {
             let peer = entries.get(&key.peer(entry));
-            let last_seen = peer.map_or(entry.last_seen_ns, |p| p.last_seen_ns.max(entry.last_seen_ns));
-            let timeout = ct_flow_timeout_secs(key.proto, entry.state, peer.map_or(entry.state, |p| p.state));
+            let last_seen = peer.map_or(entry.last_seen_ns, |p| {
+                p.last_seen_ns.max(entry.last_seen_ns)
+            });
+            let timeout = ct_flow_timeout_secs(
+                key.proto,
+                entry.state,
+                peer.map_or(entry.state, |p| p.state),
+            );
             now_ns.saturating_sub(last_seen) > timeout * NS_PER_SEC
         })
         .map(|(key, _)| *key)
@@ -44,19 +53,53 @@ pub fn collect_garbage(conntrack: &mut aya::maps::HashMap<MapData, CtKey, CtEntr
         // The datapath may have refreshed or evicted it meanwhile; either way is fine.
         let _ = conntrack.remove(key);
     }
-    GcReport { entries: entries.len() - expired.len(), expired: expired.len() }
+    GcReport {
+        entries: entries.len() - expired.len(),
+        expired: expired.len(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::{CT_FORWARD, CT_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, IPPROTO_TCP, IPPROTO_UDP};
+    use proxy_common::{
+        CT_FORWARD, CT_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, IPPROTO_TCP,
+        IPPROTO_UDP,
+    };
 
     use super::*;
 
-    fn flow(proto: u8, forward_state: u8, forward_seen_s: u64, reply_state: u8, reply_seen_s: u64) -> HashMap<CtKey, CtEntry> {
-        let key = CtKey { src: [10, 0, 0, 1], dst: [10, 96, 0, 10], sport: 40000, dport: 80, proto, pad: [0; 3] };
-        let forward = CtEntry { nat_addr: [10, 244, 0, 2], nat_port: 8080, direction: CT_FORWARD, state: forward_state, rev_nat_id: 1, backend_id: 1, last_seen_ns: forward_seen_s * NS_PER_SEC };
-        let reply = CtEntry { nat_addr: key.dst, nat_port: key.dport, direction: CT_REPLY, state: reply_state, last_seen_ns: reply_seen_s * NS_PER_SEC, ..forward };
+    fn flow(
+        proto: u8,
+        forward_state: u8,
+        forward_seen_s: u64,
+        reply_state: u8,
+        reply_seen_s: u64,
+    ) -> HashMap<CtKey, CtEntry> {
+        let key = CtKey {
+            src: [10, 0, 0, 1],
+            dst: [10, 96, 0, 10],
+            sport: 40000,
+            dport: 80,
+            proto,
+            pad: [0; 3],
+        };
+        let forward = CtEntry {
+            nat_addr: [10, 244, 0, 2],
+            nat_port: 8080,
+            direction: CT_FORWARD,
+            state: forward_state,
+            rev_nat_id: 1,
+            backend_id: 1,
+            last_seen_ns: forward_seen_s * NS_PER_SEC,
+        };
+        let reply = CtEntry {
+            nat_addr: key.dst,
+            nat_port: key.dport,
+            direction: CT_REPLY,
+            state: reply_state,
+            last_seen_ns: reply_seen_s * NS_PER_SEC,
+            ..forward
+        };
         HashMap::from([(key, forward), (key.peer(&forward), reply)])
     }
 
@@ -65,14 +108,29 @@ mod tests {
         // The reply side never left NEW (server silent), the client keeps it established.
         let entries = flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, 1000, CT_STATE_NEW, 10);
         assert!(expired_keys(&entries, 1500 * NS_PER_SEC).is_empty());
-        assert_eq!(expired_keys(&entries, (1000 + 6 * 3600 + 1) * NS_PER_SEC).len(), 2);
+        assert_eq!(
+            expired_keys(&entries, (1000 + 6 * 3600 + 1) * NS_PER_SEC).len(),
+            2
+        );
     }
 
     #[test]
     fn closing_and_udp_flows_expire_soon() {
-        let closing = flow(IPPROTO_TCP, CT_STATE_CLOSING, 100, CT_STATE_ESTABLISHED, 100);
+        let closing = flow(
+            IPPROTO_TCP,
+            CT_STATE_CLOSING,
+            100,
+            CT_STATE_ESTABLISHED,
+            100,
+        );
         assert_eq!(expired_keys(&closing, 161 * NS_PER_SEC).len(), 2);
-        let udp = flow(IPPROTO_UDP, CT_STATE_ESTABLISHED, 100, CT_STATE_ESTABLISHED, 150);
+        let udp = flow(
+            IPPROTO_UDP,
+            CT_STATE_ESTABLISHED,
+            100,
+            CT_STATE_ESTABLISHED,
+            150,
+        );
         assert!(expired_keys(&udp, 200 * NS_PER_SEC).is_empty());
         assert_eq!(expired_keys(&udp, 211 * NS_PER_SEC).len(), 2);
     }

@@ -31,9 +31,16 @@ pub enum TcAttach {
     Netlink,
 }
 
-const SOCKET_HOOKS: [&str; 4] = ["proxy_connect4", "proxy_sendmsg4", "proxy_recvmsg4", "proxy_getpeername4"];
-const TC_PROGRAMS: [(&str, TcAttachType); 2] =
-    [("proxy_ingress", TcAttachType::Ingress), ("proxy_egress", TcAttachType::Egress)];
+const SOCKET_HOOKS: [&str; 4] = [
+    "proxy_connect4",
+    "proxy_sendmsg4",
+    "proxy_recvmsg4",
+    "proxy_getpeername4",
+];
+const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("proxy_ingress", TcAttachType::Ingress),
+    ("proxy_egress", TcAttachType::Egress),
+];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The loaded datapath. Dropping it detaches every program; the pinned maps stay.
@@ -44,13 +51,15 @@ pub struct Datapath {
 }
 
 fn ensure_bpffs_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating the pin directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the pin directory {}", dir.display()))?;
     let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .with_context(|| format!("pin directory {} contains a NUL byte", dir.display()))?;
     // SAFETY: valid C string and an out-parameter of the right type.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("statfs {}", dir.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", dir.display()));
     }
     if stat.f_type as i64 != BPF_FS_MAGIC {
         bail!(
@@ -64,7 +73,8 @@ fn ensure_bpffs_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     mountinfo
         .lines()
         .find_map(|line| {
@@ -83,26 +93,36 @@ impl Datapath {
             loader.map_pin_path(name, bpffs.join(name));
         }
         let ebpf = loader.load(OBJECT).with_context(|| {
-            format!("loading the eBPF datapath with maps pinned under {}", bpffs.display())
+            format!(
+                "loading the eBPF datapath with maps pinned under {}",
+                bpffs.display()
+            )
         })?;
-        Ok(Self { ebpf, attachments: Vec::new() })
+        Ok(Self {
+            ebpf,
+            attachments: Vec::new(),
+        })
     }
 
     /// Socket-level load balancing for every process in `cgroup` and its descendants.
     pub fn attach_socket_hooks(&mut self, cgroup: &Path) -> anyhow::Result<()> {
-        let fd = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let fd =
+            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in SOCKET_HOOKS {
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
-            program.load().with_context(|| format!("loading {name} (verifier)"))?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
             // A bpf_link attachment: it coexists with other programs on the cgroup.
             program
                 .attach(&fd, CgroupAttachMode::default())
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-            self.attachments.push(format!("{name} on cgroup {}", cgroup.display()));
+            self.attachments
+                .push(format!("{name} on cgroup {}", cgroup.display()));
         }
         Ok(())
     }
@@ -112,7 +132,9 @@ impl Datapath {
         let tcx = match mode {
             TcAttach::Tcx => true,
             TcAttach::Netlink => false,
-            TcAttach::Auto => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
+            TcAttach::Auto => {
+                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+            }
         };
         for (name, attach_type) in TC_PROGRAMS {
             let program: &mut SchedClassifier = self
@@ -120,15 +142,21 @@ impl Datapath {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
-            program.load().with_context(|| format!("loading {name} (verifier)"))?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
             for iface in interfaces {
                 let options = if tcx {
                     TcAttachOptions::TcxOrder(LinkOrder::default())
                 } else {
                     match tc::qdisc_add_clsact(iface) {
                         Ok(()) | Err(TcError::AlreadyAttached) => {}
-                        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                        Err(e) => return Err(e).with_context(|| format!("adding a clsact qdisc to {iface}")),
+                        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        }
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("adding a clsact qdisc to {iface}"));
+                        }
                     }
                     TcAttachOptions::Netlink(NlOptions::default())
                 };
@@ -136,7 +164,8 @@ impl Datapath {
                     .attach_with_options(iface, attach_type, options)
                     .with_context(|| format!("attaching {name} to {iface} ({attach_type:?})"))?;
                 let how = if tcx { "tcx" } else { "netlink" };
-                self.attachments.push(format!("{name} on {iface} {attach_type:?} ({how})"));
+                self.attachments
+                    .push(format!("{name} on {iface} {attach_type:?} ({how})"));
             }
         }
         Ok(())

@@ -21,7 +21,12 @@ pub struct DesiredService {
 pub type DesiredState = BTreeMap<ServiceKey, DesiredService>;
 
 pub fn service_key(spec: &ServiceSpec, port: &PortSpec) -> ServiceKey {
-    ServiceKey { addr: spec.cluster_ip.octets(), port: port.port, proto: port.protocol.ip_proto(), pad: 0 }
+    ServiceKey {
+        addr: spec.cluster_ip.octets(),
+        port: port.port,
+        proto: port.protocol.ip_proto(),
+        pad: 0,
+    }
 }
 
 pub fn port_display_name(spec: &ServiceSpec, port: &PortSpec) -> String {
@@ -39,7 +44,10 @@ fn backends(port: &PortSpec, slices: &[&SliceSpec]) -> Vec<Backend> {
     let candidates: Vec<(&EndpointSpec, u16)> = slices
         .iter()
         .filter_map(|s| {
-            let p = s.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol)?;
+            let p = s
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)?;
             Some(s.endpoints.iter().map(move |e| (e, p.port)))
         })
         .flatten()
@@ -47,8 +55,19 @@ fn backends(port: &PortSpec, slices: &[&SliceSpec]) -> Vec<Backend> {
     let any_ready = candidates.iter().any(|(e, _)| e.ready);
     let mut out: Vec<Backend> = candidates
         .into_iter()
-        .filter(|(e, _)| if any_ready { e.ready } else { e.serving && e.terminating })
-        .map(|(e, target)| Backend { addr: e.addr.octets(), port: target, proto: port.protocol.ip_proto(), pad: 0 })
+        .filter(|(e, _)| {
+            if any_ready {
+                e.ready
+            } else {
+                e.serving && e.terminating
+            }
+        })
+        .map(|(e, target)| Backend {
+            addr: e.addr.octets(),
+            port: target,
+            proto: port.protocol.ip_proto(),
+            pad: 0,
+        })
         .collect();
     out.sort();
     out.dedup();
@@ -63,12 +82,18 @@ pub fn desired_state<'a>(
 ) -> (DesiredState, Vec<Rejection>) {
     let mut by_service: BTreeMap<(&str, &str), Vec<&SliceSpec>> = BTreeMap::new();
     for slice in slices {
-        by_service.entry((&slice.namespace, &slice.service)).or_default().push(slice);
+        by_service
+            .entry((&slice.namespace, &slice.service))
+            .or_default()
+            .push(slice);
     }
     let mut state = DesiredState::new();
     let mut rejections = Vec::new();
     for spec in services {
-        let slices = by_service.get(&(spec.namespace.as_str(), spec.name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
+        let slices = by_service
+            .get(&(spec.namespace.as_str(), spec.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         for port in &spec.ports {
             let key = service_key(spec, port);
             let name = port_display_name(spec, port);
@@ -77,12 +102,25 @@ pub fn desired_state<'a>(
                     &format!("Service {}/{}", spec.namespace, spec.name),
                     "spec.clusterIP",
                     Reason::Conflict,
-                    format!("{}:{}/{} is already served for {}", spec.cluster_ip, port.port, port.protocol.name(), existing.name),
+                    format!(
+                        "{}:{}/{} is already served for {}",
+                        spec.cluster_ip,
+                        port.port,
+                        port.protocol.name(),
+                        existing.name
+                    ),
                 ));
                 continue;
             }
             let backends = backends(port, slices);
-            state.insert(key, DesiredService { name, backends, affinity_timeout_secs: spec.affinity_timeout_secs });
+            state.insert(
+                key,
+                DesiredService {
+                    name,
+                    backends,
+                    affinity_timeout_secs: spec.affinity_timeout_secs,
+                },
+            );
         }
     }
     (state, rejections)
@@ -96,19 +134,45 @@ mod tests {
     use crate::model::Protocol;
 
     fn port(name: &str, port: u16, protocol: Protocol) -> PortSpec {
-        PortSpec { name: name.into(), port, protocol }
+        PortSpec {
+            name: name.into(),
+            port,
+            protocol,
+        }
     }
 
     fn svc(name: &str, ip: [u8; 4], ports: Vec<PortSpec>) -> ServiceSpec {
-        ServiceSpec { namespace: "ns".into(), name: name.into(), cluster_ip: Ipv4Addr::from(ip), ports, affinity_timeout_secs: None }
+        ServiceSpec {
+            namespace: "ns".into(),
+            name: name.into(),
+            cluster_ip: Ipv4Addr::from(ip),
+            ports,
+            affinity_timeout_secs: None,
+        }
     }
 
     fn ep(last: u8, ready: bool, serving: bool, terminating: bool) -> EndpointSpec {
-        EndpointSpec { addr: Ipv4Addr::new(10, 244, 0, last), ready, serving, terminating }
+        EndpointSpec {
+            addr: Ipv4Addr::new(10, 244, 0, last),
+            ready,
+            serving,
+            terminating,
+        }
     }
 
-    fn slice(name: &str, service: &str, ports: Vec<PortSpec>, endpoints: Vec<EndpointSpec>) -> SliceSpec {
-        SliceSpec { namespace: "ns".into(), name: name.into(), service: service.into(), ports, endpoints }
+    fn slice(
+        name: &str,
+        service: &str,
+        ports: Vec<PortSpec>,
+        endpoints: Vec<EndpointSpec>,
+    ) -> SliceSpec {
+        SliceSpec {
+            namespace: "ns".into(),
+            name: name.into(),
+            service: service.into(),
+            ports,
+            endpoints,
+        }
     }
 
     fn addrs(d: &DesiredService) -> Vec<(u8, u16)> {
@@ -117,30 +181,83 @@ mod tests {
 
     #[test]
     fn multi_port_named_target_ports_and_merged_slices() {
-        let web = svc("web", [10, 96, 0, 10], vec![port("http", 80, Protocol::Tcp), port("dns", 53, Protocol::Udp)]);
+        let web = svc(
+            "web",
+            [10, 96, 0, 10],
+            vec![
+                port("http", 80, Protocol::Tcp),
+                port("dns", 53, Protocol::Udp),
+            ],
+        );
         let slices = [
-            slice("web-a", "web", vec![port("http", 8080, Protocol::Tcp), port("dns", 5353, Protocol::Udp)], vec![ep(1, true, true, false)]),
+            slice(
+                "web-a",
+                "web",
+                vec![
+                    port("http", 8080, Protocol::Tcp),
+                    port("dns", 5353, Protocol::Udp),
+                ],
+                vec![ep(1, true, true, false)],
+            ),
             // The same endpoint in a second slice is counted once.
-            slice("web-b", "web", vec![port("http", 8080, Protocol::Tcp)], vec![ep(2, true, true, false), ep(1, true, true, false)]),
-            slice("other", "other", vec![port("http", 9999, Protocol::Tcp)], vec![ep(9, true, true, false)]),
+            slice(
+                "web-b",
+                "web",
+                vec![port("http", 8080, Protocol::Tcp)],
+                vec![ep(2, true, true, false), ep(1, true, true, false)],
+            ),
+            slice(
+                "other",
+                "other",
+                vec![port("http", 9999, Protocol::Tcp)],
+                vec![ep(9, true, true, false)],
+            ),
         ];
         let (state, rejections) = desired_state([&web].into_iter(), slices.iter());
         assert!(rejections.is_empty());
-        let http = &state[&ServiceKey { addr: [10, 96, 0, 10], port: 80, proto: 6, pad: 0 }];
+        let http = &state[&ServiceKey {
+            addr: [10, 96, 0, 10],
+            port: 80,
+            proto: 6,
+            pad: 0,
+        }];
         assert_eq!(http.name, "ns/web:http");
         assert_eq!(addrs(http), [(1, 8080), (2, 8080)]);
-        let dns = &state[&ServiceKey { addr: [10, 96, 0, 10], port: 53, proto: 17, pad: 0 }];
+        let dns = &state[&ServiceKey {
+            addr: [10, 96, 0, 10],
+            port: 53,
+            proto: 17,
+            pad: 0,
+        }];
         assert_eq!(addrs(dns), [(1, 5353)]);
     }
 
     #[test]
     fn terminating_endpoints_serve_only_when_none_is_ready() {
         let web = svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
-        let with_ready = [slice("s", "web", vec![port("", 80, Protocol::Tcp)], vec![ep(1, true, true, false), ep(2, false, true, true), ep(3, false, false, false)])];
+        let with_ready = [slice(
+            "s",
+            "web",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![
+                ep(1, true, true, false),
+                ep(2, false, true, true),
+                ep(3, false, false, false),
+            ],
+        )];
         let (state, _) = desired_state([&web].into_iter(), with_ready.iter());
         assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
 
-        let draining = [slice("s", "web", vec![port("", 80, Protocol::Tcp)], vec![ep(2, false, true, true), ep(3, false, false, true), ep(4, false, false, false)])];
+        let draining = [slice(
+            "s",
+            "web",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![
+                ep(2, false, true, true),
+                ep(3, false, false, true),
+                ep(4, false, false, false),
+            ],
+        )];
         let (state, _) = desired_state([&web].into_iter(), draining.iter());
         assert_eq!(addrs(state.values().next().unwrap()), [(2, 80)]);
     }
@@ -157,11 +274,21 @@ mod tests {
     #[test]
     fn conflicting_service_ports_are_rejected() {
         let a = svc("a", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
-        let b = svc("b", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp), port("", 81, Protocol::Tcp)]);
+        let b = svc(
+            "b",
+            [10, 96, 0, 10],
+            vec![port("", 80, Protocol::Tcp), port("", 81, Protocol::Tcp)],
+        );
         let (state, rejections) = desired_state([&a, &b].into_iter(), std::iter::empty());
         assert_eq!(state.len(), 2);
         assert_eq!(rejections.len(), 1);
         assert_eq!(rejections[0].reason, Reason::Conflict);
-        assert!(rejections[0].to_string().contains("already served for ns/a"), "{}", rejections[0]);
+        assert!(
+            rejections[0]
+                .to_string()
+                .contains("already served for ns/a"),
+            "{}",
+            rejections[0]
+        );
     }
 }

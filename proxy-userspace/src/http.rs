@@ -15,8 +15,14 @@ const MAX_REQUEST: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn health(metrics: &Metrics) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-    format!("{{\"lastUpdated\": {:.3}, \"currentTime\": {now:.3}}}\n", metrics.last_sync.get())
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    format!(
+        "{{\"lastUpdated\": {:.3}, \"currentTime\": {now:.3}}}\n",
+        metrics.last_sync.get()
+    )
 }
 
 fn respond(path: &str, metrics: &Metrics) -> (&'static str, &'static str, String) {
@@ -42,7 +48,10 @@ async fn serve_one(mut stream: TcpStream, metrics: &Metrics) -> anyhow::Result<(
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let path = path.split('?').next().unwrap_or(path);
     let (status, content_type, body) = respond(path, metrics);
-    let head = format!("HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     tokio::time::timeout(IO_TIMEOUT, async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await
@@ -52,13 +61,21 @@ async fn serve_one(mut stream: TcpStream, metrics: &Metrics) -> anyhow::Result<(
 }
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding the metrics server to {addr} (--metrics-bind)"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics server to {addr} (--metrics-bind)"))
 }
 
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    info!("serving /metrics, /healthz and /proxyMode on http://{}", listener.local_addr()?);
+    info!(
+        "serving /metrics, /healthz and /proxyMode on http://{}",
+        listener.local_addr()?
+    );
     loop {
-        let (stream, peer) = listener.accept().await.context("accepting a metrics connection")?;
+        let (stream, peer) = listener
+            .accept()
+            .await
+            .context("accepting a metrics connection")?;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(stream, &metrics).await {

@@ -1,15 +1,15 @@
 //! The userspace side of the eBPF service proxy: input sources, validation, translation to
 //! map entries, the reconciler that programs the pinned maps, and the tools around them.
-pub mod desired;
-pub mod manifest;
-pub mod model;
-pub mod rejection;
-pub mod store;
-pub mod maps;
-pub mod reconcile;
 pub mod agent;
 pub mod conntrack;
 pub mod datapath;
+pub mod desired;
 pub mod http;
+pub mod manifest;
+pub mod maps;
 pub mod metrics;
+pub mod model;
+pub mod reconcile;
+pub mod rejection;
+pub mod store;
 pub mod testbed;

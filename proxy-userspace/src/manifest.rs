@@ -28,7 +28,10 @@ pub struct ManifestSource {
 }
 
 fn is_manifest(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
 }
 
 impl ManifestSource {
@@ -36,7 +39,10 @@ impl ManifestSource {
         let path = path.into();
         // Absolute, to compare with the paths of watch events.
         let path = std::path::absolute(&path).unwrap_or(path);
-        Self { path, last_good: HashMap::new() }
+        Self {
+            path,
+            last_good: HashMap::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -63,7 +69,12 @@ impl ManifestSource {
         let files = match self.files() {
             Ok(files) => files,
             Err(e) => {
-                loaded.rejections.push(Rejection::new(&origin, "", Reason::Parse, format!("cannot list: {e}; still serving the last valid objects")));
+                loaded.rejections.push(Rejection::new(
+                    &origin,
+                    "",
+                    Reason::Parse,
+                    format!("cannot list: {e}; still serving the last valid objects"),
+                ));
                 loaded.objects = self.last_good.values().flatten().cloned().collect();
                 return loaded;
             }
@@ -72,7 +83,9 @@ impl ManifestSource {
         for file in files {
             let origin = format!("manifest {}", file.display());
             let parsed = std::fs::read_to_string(&file)
-                .map_err(|e| Rejection::new(&origin, "", Reason::Parse, format!("cannot read: {e}")))
+                .map_err(|e| {
+                    Rejection::new(&origin, "", Reason::Parse, format!("cannot read: {e}"))
+                })
                 .and_then(|text| parse_manifest(&text, &origin));
             match parsed {
                 Ok((objects, rejections)) => {
@@ -81,12 +94,16 @@ impl ManifestSource {
                 }
                 Err(mut rejection) => {
                     if self.last_good.contains_key(&file) {
-                        rejection.detail.push_str("; still serving the objects it last held");
+                        rejection
+                            .detail
+                            .push_str("; still serving the objects it last held");
                     }
                     loaded.rejections.push(rejection);
                 }
             }
-            loaded.objects.extend(self.last_good.get(&file).into_iter().flatten().cloned());
+            loaded
+                .objects
+                .extend(self.last_good.get(&file).into_iter().flatten().cloned());
         }
         loaded
     }
@@ -97,13 +114,18 @@ impl ManifestSource {
         let is_dir = self.path.is_dir();
         let path = self.path.clone();
         let relevant = move |p: &Path| if is_dir { is_manifest(p) } else { p == path };
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| relevant(p))) {
-                changed();
-            }
-        })
-        .context("creating the manifest file watcher")?;
-        let watched = if is_dir { self.path.as_path() } else { self.path.parent().unwrap_or(Path::new(".")) };
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| relevant(p))) {
+                    changed();
+                }
+            })
+            .context("creating the manifest file watcher")?;
+        let watched = if is_dir {
+            self.path.as_path()
+        } else {
+            self.path.parent().unwrap_or(Path::new("."))
+        };
         watcher
             .watch(watched, RecursiveMode::NonRecursive)
             .with_context(|| format!("watching {}", watched.display()))?;
@@ -113,12 +135,16 @@ impl ManifestSource {
 
 /// Parses a (multi-document) manifest. `Err` when the text is not YAML at all; otherwise
 /// the objects that parsed and a rejection for each document that did not.
-pub fn parse_manifest(text: &str, origin: &str) -> Result<(Vec<Object>, Vec<Rejection>), Rejection> {
+pub fn parse_manifest(
+    text: &str,
+    origin: &str,
+) -> Result<(Vec<Object>, Vec<Rejection>), Rejection> {
     let mut objects = Vec::new();
     let mut rejections = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(document)
-            .map_err(|e| Rejection::new(origin, "", Reason::Parse, format!("not valid YAML: {e}")))?;
+        let value = serde_yaml::Value::deserialize(document).map_err(|e| {
+            Rejection::new(origin, "", Reason::Parse, format!("not valid YAML: {e}"))
+        })?;
         if value.is_null() {
             continue;
         }
@@ -132,32 +158,63 @@ pub fn parse_manifest(text: &str, origin: &str) -> Result<(Vec<Object>, Vec<Reje
 }
 
 fn object_from_value(value: serde_yaml::Value, origin: &str) -> Result<Vec<Object>, Rejection> {
-    let text = |key: &str| value.get(key).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    let text = |key: &str| {
+        value
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_owned()
+    };
     let (api_version, kind) = (text("apiVersion"), text("kind"));
     let meta = value.get("metadata");
-    let meta_text = |key: &str| meta.and_then(|m| m.get(key)).and_then(|v| v.as_str()).map(str::to_owned);
+    let meta_text = |key: &str| {
+        meta.and_then(|m| m.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
     let object = format!(
         "{kind} {}/{} in {origin}",
         meta_text("namespace").unwrap_or_else(|| "default".into()),
         meta_text("name").unwrap_or_default()
     );
-    fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, object: &str) -> Result<T, Rejection> {
+    fn typed<T: serde::de::DeserializeOwned>(
+        value: serde_yaml::Value,
+        object: &str,
+    ) -> Result<T, Rejection> {
         serde_path_to_error::deserialize(value).map_err(|e| {
-            Rejection::new(object, e.path().to_string(), Reason::Parse, e.into_inner().to_string())
+            Rejection::new(
+                object,
+                e.path().to_string(),
+                Reason::Parse,
+                e.into_inner().to_string(),
+            )
         })
     }
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => Ok(vec![Object::Service(Box::new(typed(value, &object)?))]),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Ok(vec![Object::EndpointSlice(Box::new(typed(value, &object)?))]),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Ok(vec![Object::EndpointSlice(Box::new(
+            typed(value, &object)?,
+        ))]),
         ("v1", "List") => {
-            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
             let mut objects = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
                 objects.extend(object_from_value(item, &format!("{origin} items[{i}]"))?);
             }
             Ok(objects)
         }
-        _ => Err(Rejection::new(&object, "kind", Reason::UnsupportedKind, format!("{api_version} {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice)"))),
+        _ => Err(Rejection::new(
+            &object,
+            "kind",
+            Reason::UnsupportedKind,
+            format!(
+                "{api_version} {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice)"
+            ),
+        )),
     }
 }
 
@@ -186,14 +243,18 @@ metadata: {name: cm}
         let (objects, rejections) = parse_manifest(text, "manifest m.yaml").unwrap();
         assert_eq!(objects.len(), 1);
         assert_eq!(rejections.len(), 2);
-        assert_eq!(rejections[0].object, "Service shop/broken in manifest m.yaml (document 2)");
+        assert_eq!(
+            rejections[0].object,
+            "Service shop/broken in manifest m.yaml (document 2)"
+        );
         assert_eq!(rejections[0].field, "spec.ports[0].port");
         assert_eq!(rejections[1].reason, Reason::UnsupportedKind);
     }
 
     #[test]
     fn yaml_syntax_error_fails_the_file() {
-        let err = parse_manifest("apiVersion: v1\nkind: [Service\n", "manifest m.yaml").unwrap_err();
+        let err =
+            parse_manifest("apiVersion: v1\nkind: [Service\n", "manifest m.yaml").unwrap_err();
         assert_eq!(err.reason, Reason::Parse);
         assert!(err.to_string().contains("line"), "{err}");
     }
@@ -214,10 +275,17 @@ metadata: {name: cm}
         assert_eq!(source.load().objects.len(), 1);
         std::fs::write(&file, "kind: [oops\n").unwrap();
         let loaded = source.load();
-        assert_eq!(loaded.objects.len(), 1, "last good objects of the file are kept");
+        assert_eq!(
+            loaded.objects.len(),
+            1,
+            "last good objects of the file are kept"
+        );
         assert!(loaded.rejections[0].to_string().contains("still serving"));
         std::fs::remove_file(&file).unwrap();
-        assert!(source.load().objects.is_empty(), "a deleted file takes its objects with it");
+        assert!(
+            source.load().objects.is_empty(),
+            "a deleted file takes its objects with it"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

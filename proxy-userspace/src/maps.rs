@@ -4,8 +4,8 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, SERVICE_NAME_LEN, ServiceKey,
-    ServiceName, ServiceValue, SlotKey, maps,
+    AffinityKey, AffinityValue, Backend, Counters, SERVICE_NAME_LEN, ServiceKey, ServiceName,
+    ServiceValue, SlotKey, maps,
 };
 
 pub struct Maps {
@@ -32,10 +32,15 @@ where
         );
     }
     let data = MapData::from_pin(&path).with_context(|| {
-        format!("opening pinned map {} (reading BPF maps needs root or CAP_BPF)", path.display())
+        format!(
+            "opening pinned map {} (reading BPF maps needs root or CAP_BPF)",
+            path.display()
+        )
     })?;
-    let map = Map::from_map_data(data).with_context(|| format!("reading map {}", path.display()))?;
-    T::try_from(map).with_context(|| format!("map {} has an unexpected type or layout", path.display()))
+    let map =
+        Map::from_map_data(data).with_context(|| format!("reading map {}", path.display()))?;
+    T::try_from(map)
+        .with_context(|| format!("map {} has an unexpected type or layout", path.display()))
 }
 
 impl Maps {
@@ -53,7 +58,9 @@ impl Maps {
     }
 
     pub fn service_counters(&self, id: u32) -> anyhow::Result<Counters> {
-        Ok(sum(&self.service_stats.get(&id, 0).with_context(|| format!("reading counters of service id {id}"))?))
+        Ok(sum(&self.service_stats.get(&id, 0).with_context(|| {
+            format!("reading counters of service id {id}")
+        })?))
     }
 }
 
@@ -79,45 +86,78 @@ pub fn encode_name(name: &str) -> ServiceName {
 }
 
 pub fn decode_name(name: &ServiceName) -> String {
-    let end = name.name.iter().position(|b| *b == 0).unwrap_or(SERVICE_NAME_LEN);
+    let end = name
+        .name
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(SERVICE_NAME_LEN);
     String::from_utf8_lossy(&name.name[..end]).into_owned()
 }
 
 impl crate::reconcile::ServiceMaps for Maps {
     fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
-        self.backends.insert(id, backend, 0).with_context(|| format!("writing backend {id} to map {}", maps::BACKENDS))
+        self.backends
+            .insert(id, backend, 0)
+            .with_context(|| format!("writing backend {id} to map {}", maps::BACKENDS))
     }
 
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
-        self.backends.remove(&id).with_context(|| format!("deleting backend {id} from map {}", maps::BACKENDS))
+        self.backends
+            .remove(&id)
+            .with_context(|| format!("deleting backend {id} from map {}", maps::BACKENDS))
     }
 
     fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
-        self.slots.insert(key, backend_id, 0).with_context(|| format!("writing {key:?} to map {}", maps::BACKEND_SLOTS))
+        self.slots
+            .insert(key, backend_id, 0)
+            .with_context(|| format!("writing {key:?} to map {}", maps::BACKEND_SLOTS))
     }
 
     fn delete_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
-        self.slots.remove(key).with_context(|| format!("deleting {key:?} from map {}", maps::BACKEND_SLOTS))
+        self.slots
+            .remove(key)
+            .with_context(|| format!("deleting {key:?} from map {}", maps::BACKEND_SLOTS))
     }
 
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue, name: &str) -> anyhow::Result<()> {
+    fn put_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+        name: &str,
+    ) -> anyhow::Result<()> {
         self.names
             .insert(value.id, encode_name(name), 0)
-            .with_context(|| format!("writing the name of service id {} to map {}", value.id, maps::SERVICE_NAMES))?;
-        self.services.insert(key, value, 0).with_context(|| format!("writing {name} to map {}", maps::SERVICES))
+            .with_context(|| {
+                format!(
+                    "writing the name of service id {} to map {}",
+                    value.id,
+                    maps::SERVICE_NAMES
+                )
+            })?;
+        self.services
+            .insert(key, value, 0)
+            .with_context(|| format!("writing {name} to map {}", maps::SERVICES))
     }
 
     fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()> {
-        self.services.remove(key).with_context(|| format!("deleting {key:?} from map {}", maps::SERVICES))?;
-        self.names.remove(&id).with_context(|| format!("deleting service id {id} from map {}", maps::SERVICE_NAMES))
+        self.services
+            .remove(key)
+            .with_context(|| format!("deleting {key:?} from map {}", maps::SERVICES))?;
+        self.names
+            .remove(&id)
+            .with_context(|| format!("deleting service id {id} from map {}", maps::SERVICE_NAMES))
     }
 
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
-        self.service_stats.set(id, zero_counters()?, 0).with_context(|| format!("zeroing counters of service id {id}"))
+        self.service_stats
+            .set(id, zero_counters()?, 0)
+            .with_context(|| format!("zeroing counters of service id {id}"))
     }
 
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()> {
-        self.backend_stats.set(id, zero_counters()?, 0).with_context(|| format!("zeroing counters of backend id {id}"))
+        self.backend_stats
+            .set(id, zero_counters()?, 0)
+            .with_context(|| format!("zeroing counters of backend id {id}"))
     }
 
     fn forget_affinity(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()> {
@@ -136,7 +176,12 @@ impl crate::reconcile::ServiceMaps for Maps {
     }
 
     fn read_existing(&self) -> anyhow::Result<crate::reconcile::Existing> {
-        let name_of = |id: u32| self.names.get(&id, 0).map(|n| decode_name(&n)).unwrap_or_default();
+        let name_of = |id: u32| {
+            self.names
+                .get(&id, 0)
+                .map(|n| decode_name(&n))
+                .unwrap_or_default()
+        };
         Ok(crate::reconcile::Existing {
             services: self
                 .services
@@ -144,8 +189,16 @@ impl crate::reconcile::ServiceMaps for Maps {
                 .map(|r| r.map(|(k, v)| (k, v, name_of(v.id))))
                 .collect::<Result<_, _>>()
                 .context("reading map services")?,
-            slots: self.slots.iter().collect::<Result<_, _>>().context("reading map backend_slots")?,
-            backends: self.backends.iter().collect::<Result<_, _>>().context("reading map backends")?,
+            slots: self
+                .slots
+                .iter()
+                .collect::<Result<_, _>>()
+                .context("reading map backend_slots")?,
+            backends: self
+                .backends
+                .iter()
+                .collect::<Result<_, _>>()
+                .context("reading map backends")?,
         })
     }
 }

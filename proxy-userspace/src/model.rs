@@ -92,51 +92,96 @@ pub enum Validated<T> {
     Invalid(Vec<Rejection>),
 }
 
-fn object_name(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String, String) {
-    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".to_owned());
+fn object_name(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String, String) {
+    let namespace = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
     let name = meta.name.clone().unwrap_or_default();
     let display = format!("{kind} {namespace}/{name}");
     (namespace, name, display)
 }
 
-fn parse_protocol(protocol: Option<&str>, object: &str, field: &str) -> Result<Protocol, Rejection> {
+fn parse_protocol(
+    protocol: Option<&str>,
+    object: &str,
+    field: &str,
+) -> Result<Protocol, Rejection> {
     match protocol.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Err(Rejection::new(object, field, Reason::UnsupportedProtocol, "SCTP is not supported by this proxy; the port is not served")),
-        other => Err(Rejection::new(object, field, Reason::UnsupportedProtocol, format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)"))),
+        "SCTP" => Err(Rejection::new(
+            object,
+            field,
+            Reason::UnsupportedProtocol,
+            "SCTP is not supported by this proxy; the port is not served",
+        )),
+        other => Err(Rejection::new(
+            object,
+            field,
+            Reason::UnsupportedProtocol,
+            format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)"),
+        )),
     }
 }
 
 fn parse_port(port: i32, object: &str, field: &str) -> Result<u16, Rejection> {
-    u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| Rejection::new(object, field, Reason::InvalidPort, format!("{port} is not a port number (1-65535)")))
+    u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| {
+        Rejection::new(
+            object,
+            field,
+            Reason::InvalidPort,
+            format!("{port} is not a port number (1-65535)"),
+        )
+    })
 }
 
 pub fn validate_service(svc: &Service) -> Validated<ServiceSpec> {
     let (namespace, name, object) = object_name("Service", &svc.metadata);
     if name.is_empty() {
-        return Validated::Invalid(vec![Rejection::new(&object, "metadata.name", Reason::MissingField, "a Service needs a name")]);
+        return Validated::Invalid(vec![Rejection::new(
+            &object,
+            "metadata.name",
+            Reason::MissingField,
+            "a Service needs a name",
+        )]);
     }
     let Some(spec) = &svc.spec else {
-        return Validated::Invalid(vec![Rejection::new(&object, "spec", Reason::MissingField, "a Service needs a spec")]);
+        return Validated::Invalid(vec![Rejection::new(
+            &object,
+            "spec",
+            Reason::MissingField,
+            "a Service needs a spec",
+        )]);
     };
     if spec.type_.as_deref() == Some("ExternalName") {
-        return Validated::Ignored(format!("{object}: type ExternalName is DNS-only; nothing to proxy"));
+        return Validated::Ignored(format!(
+            "{object}: type ExternalName is DNS-only; nothing to proxy"
+        ));
     }
     let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
     if cluster_ip.is_empty() || cluster_ip == "None" {
-        return Validated::Ignored(format!("{object}: headless (no clusterIP); nothing to proxy"));
+        return Validated::Ignored(format!(
+            "{object}: headless (no clusterIP); nothing to proxy"
+        ));
     }
     let cluster_ip = match cluster_ip.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(ip)) => ip,
         Ok(std::net::IpAddr::V6(_)) => {
-            return Validated::Ignored(format!("{object}: IPv6 clusterIP {cluster_ip} is not served yet (IPv4 only)"));
+            return Validated::Ignored(format!(
+                "{object}: IPv6 clusterIP {cluster_ip} is not served yet (IPv4 only)"
+            ));
         }
         Err(_) => {
-            return Validated::Invalid(vec![Rejection::new(&object, "spec.clusterIP", Reason::InvalidAddress, format!("{cluster_ip:?} is not an IP address"))]);
+            return Validated::Invalid(vec![Rejection::new(
+                &object,
+                "spec.clusterIP",
+                Reason::InvalidAddress,
+                format!("{cluster_ip:?} is not an IP address"),
+            )]);
         }
     };
     let affinity_timeout_secs = match spec.session_affinity.as_deref() {
@@ -151,12 +196,22 @@ pub fn validate_service(svc: &Service) -> Validated<ServiceSpec> {
                 None => Some(DEFAULT_AFFINITY_TIMEOUT_SECS),
                 Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT_SECS => Some(t as u32),
                 Some(t) => {
-                    return Validated::Invalid(vec![Rejection::new(&object, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", Reason::InvalidAffinity, format!("{t} is outside 1-{MAX_AFFINITY_TIMEOUT_SECS}"))]);
+                    return Validated::Invalid(vec![Rejection::new(
+                        &object,
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        Reason::InvalidAffinity,
+                        format!("{t} is outside 1-{MAX_AFFINITY_TIMEOUT_SECS}"),
+                    )]);
                 }
             }
         }
         Some(other) => {
-            return Validated::Invalid(vec![Rejection::new(&object, "spec.sessionAffinity", Reason::InvalidAffinity, format!("{other:?} is neither None nor ClientIP"))]);
+            return Validated::Invalid(vec![Rejection::new(
+                &object,
+                "spec.sessionAffinity",
+                Reason::InvalidAffinity,
+                format!("{other:?} is neither None nor ClientIP"),
+            )]);
         }
     };
 
@@ -164,42 +219,93 @@ pub fn validate_service(svc: &Service) -> Validated<ServiceSpec> {
     let mut warnings = Vec::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{i}]");
-        let parsed = parse_protocol(port.protocol.as_deref(), &object, &format!("{field}.protocol"))
-            .and_then(|protocol| Ok(PortSpec {
+        let parsed = parse_protocol(
+            port.protocol.as_deref(),
+            &object,
+            &format!("{field}.protocol"),
+        )
+        .and_then(|protocol| {
+            Ok(PortSpec {
                 name: port.name.clone().unwrap_or_default(),
                 port: parse_port(port.port, &object, &format!("{field}.port"))?,
                 protocol,
-            }))
-            .and_then(|p| match ports.iter().any(|q: &PortSpec| q.port == p.port && q.protocol == p.protocol) {
-                true => Err(Rejection::new(&object, &field, Reason::Conflict, format!("port {}/{} is listed twice", p.port, p.protocol.name()))),
+            })
+        })
+        .and_then(|p| {
+            match ports
+                .iter()
+                .any(|q: &PortSpec| q.port == p.port && q.protocol == p.protocol)
+            {
+                true => Err(Rejection::new(
+                    &object,
+                    &field,
+                    Reason::Conflict,
+                    format!("port {}/{} is listed twice", p.port, p.protocol.name()),
+                )),
                 false => Ok(p),
-            });
+            }
+        });
         match parsed {
             Ok(p) => ports.push(p),
             Err(r) => warnings.push(r),
         }
     }
     if ports.is_empty() {
-        warnings.push(Rejection::new(&object, "spec.ports", Reason::MissingField, "no servable port"));
+        warnings.push(Rejection::new(
+            &object,
+            "spec.ports",
+            Reason::MissingField,
+            "no servable port",
+        ));
         return Validated::Invalid(warnings);
     }
-    Validated::Valid(ServiceSpec { namespace, name, cluster_ip, ports, affinity_timeout_secs }, warnings)
+    Validated::Valid(
+        ServiceSpec {
+            namespace,
+            name,
+            cluster_ip,
+            ports,
+            affinity_timeout_secs,
+        },
+        warnings,
+    )
 }
 
 pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
     let (namespace, name, object) = object_name("EndpointSlice", &slice.metadata);
     if name.is_empty() {
-        return Validated::Invalid(vec![Rejection::new(&object, "metadata.name", Reason::MissingField, "an EndpointSlice needs a name")]);
+        return Validated::Invalid(vec![Rejection::new(
+            &object,
+            "metadata.name",
+            Reason::MissingField,
+            "an EndpointSlice needs a name",
+        )]);
     }
-    let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-        return Validated::Ignored(format!("{object}: no {SERVICE_NAME_LABEL} label; not a Service's slice"));
+    let Some(service) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+    else {
+        return Validated::Ignored(format!(
+            "{object}: no {SERVICE_NAME_LABEL} label; not a Service's slice"
+        ));
     };
     match slice.address_type.as_str() {
         "IPv4" => {}
-        "IPv6" => return Validated::Ignored(format!("{object}: IPv6 endpoints are not served yet (IPv4 only)")),
+        "IPv6" => {
+            return Validated::Ignored(format!(
+                "{object}: IPv6 endpoints are not served yet (IPv4 only)"
+            ));
+        }
         "FQDN" => return Validated::Ignored(format!("{object}: FQDN endpoints are not proxied")),
         other => {
-            return Validated::Invalid(vec![Rejection::new(&object, "addressType", Reason::InvalidAddress, format!("unknown address type {other:?}"))]);
+            return Validated::Invalid(vec![Rejection::new(
+                &object,
+                "addressType",
+                Reason::InvalidAddress,
+                format!("unknown address type {other:?}"),
+            )]);
         }
     }
     let mut warnings = Vec::new();
@@ -208,11 +314,25 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
         let field = format!("ports[{i}]");
         let Some(number) = port.port else {
             // An EndpointSlice port without a number means "all ports"; Services never use it.
-            warnings.push(Rejection::new(&object, format!("{field}.port"), Reason::MissingField, "port without a number is not served"));
+            warnings.push(Rejection::new(
+                &object,
+                format!("{field}.port"),
+                Reason::MissingField,
+                "port without a number is not served",
+            ));
             continue;
         };
-        let parsed = parse_protocol(port.protocol.as_deref(), &object, &format!("{field}.protocol")).and_then(|protocol| {
-            Ok(PortSpec { name: port.name.clone().unwrap_or_default(), port: parse_port(number, &object, &format!("{field}.port"))?, protocol })
+        let parsed = parse_protocol(
+            port.protocol.as_deref(),
+            &object,
+            &format!("{field}.protocol"),
+        )
+        .and_then(|protocol| {
+            Ok(PortSpec {
+                name: port.name.clone().unwrap_or_default(),
+                port: parse_port(number, &object, &format!("{field}.port"))?,
+                protocol,
+            })
         });
         match parsed {
             Ok(p) => ports.push(p),
@@ -224,11 +344,21 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
         // Like kube-proxy, use the first address: all addresses of an endpoint are fungible.
         let field = format!("endpoints[{i}].addresses[0]");
         let Some(addr) = endpoint.addresses.first() else {
-            warnings.push(Rejection::new(&object, field, Reason::MissingField, "endpoint without an address"));
+            warnings.push(Rejection::new(
+                &object,
+                field,
+                Reason::MissingField,
+                "endpoint without an address",
+            ));
             continue;
         };
         let Ok(addr) = addr.parse::<Ipv4Addr>() else {
-            warnings.push(Rejection::new(&object, field, Reason::InvalidAddress, format!("{addr:?} is not an IPv4 address")));
+            warnings.push(Rejection::new(
+                &object,
+                field,
+                Reason::InvalidAddress,
+                format!("{addr:?} is not an IPv4 address"),
+            ));
             continue;
         };
         let conditions = endpoint.conditions.as_ref();
@@ -241,7 +371,16 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         });
     }
-    Validated::Valid(SliceSpec { namespace, name, service: service.clone(), ports, endpoints }, warnings)
+    Validated::Valid(
+        SliceSpec {
+            namespace,
+            name,
+            service: service.clone(),
+            ports,
+            endpoints,
+        },
+        warnings,
+    )
 }
 
 #[cfg(test)]
@@ -267,45 +406,82 @@ spec:
 
     #[test]
     fn valid_service_with_defaults() {
-        let Validated::Valid(spec, warnings) = validate_service(&service(WEB)) else { panic!() };
+        let Validated::Valid(spec, warnings) = validate_service(&service(WEB)) else {
+            panic!()
+        };
         assert!(warnings.is_empty());
         assert_eq!(spec.namespace, "shop");
         assert_eq!(spec.cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
-        assert_eq!(spec.ports[0], PortSpec { name: "http".into(), port: 80, protocol: Protocol::Tcp });
+        assert_eq!(
+            spec.ports[0],
+            PortSpec {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp
+            }
+        );
         assert_eq!(spec.ports[1].protocol, Protocol::Udp);
         assert_eq!(spec.affinity_timeout_secs, None);
     }
 
     #[test]
     fn affinity_timeout_default_and_explicit() {
-        let s = service("metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80}]}");
-        let Validated::Valid(spec, _) = validate_service(&s) else { panic!() };
+        let s = service(
+            "metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80}]}",
+        );
+        let Validated::Valid(spec, _) = validate_service(&s) else {
+            panic!()
+        };
         assert_eq!(spec.namespace, "default");
-        assert_eq!(spec.affinity_timeout_secs, Some(DEFAULT_AFFINITY_TIMEOUT_SECS));
-        let s = service("metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}, ports: [{port: 80}]}");
-        let Validated::Valid(spec, _) = validate_service(&s) else { panic!() };
+        assert_eq!(
+            spec.affinity_timeout_secs,
+            Some(DEFAULT_AFFINITY_TIMEOUT_SECS)
+        );
+        let s = service(
+            "metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}, ports: [{port: 80}]}",
+        );
+        let Validated::Valid(spec, _) = validate_service(&s) else {
+            panic!()
+        };
         assert_eq!(spec.affinity_timeout_secs, Some(5));
     }
 
     #[test]
     fn invalid_cluster_ip_names_the_field() {
-        let s = service("metadata: {name: bad, namespace: x}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}");
-        let Validated::Invalid(r) = validate_service(&s) else { panic!() };
-        assert_eq!(r[0].to_string(), "Service x/bad: spec.clusterIP: \"10.96.0.999\" is not an IP address");
+        let s = service(
+            "metadata: {name: bad, namespace: x}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}",
+        );
+        let Validated::Invalid(r) = validate_service(&s) else {
+            panic!()
+        };
+        assert_eq!(
+            r[0].to_string(),
+            "Service x/bad: spec.clusterIP: \"10.96.0.999\" is not an IP address"
+        );
         assert_eq!(r[0].reason, Reason::InvalidAddress);
     }
 
     #[test]
     fn bad_ports_are_dropped_one_by_one() {
-        let s = service("metadata: {name: m}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}, {port: 70000}, {port: 9, protocol: SCTP}, {port: 80}]}");
-        let Validated::Valid(spec, warnings) = validate_service(&s) else { panic!() };
+        let s = service(
+            "metadata: {name: m}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}, {port: 70000}, {port: 9, protocol: SCTP}, {port: 80}]}",
+        );
+        let Validated::Valid(spec, warnings) = validate_service(&s) else {
+            panic!()
+        };
         assert_eq!(spec.ports.len(), 1);
-        let fields: Vec<_> = warnings.iter().map(|w| (w.field.as_str(), w.reason)).collect();
-        assert_eq!(fields, [
-            ("spec.ports[1].port", Reason::InvalidPort),
-            ("spec.ports[2].protocol", Reason::UnsupportedProtocol),
-            ("spec.ports[3]", Reason::Conflict),
-        ]);
+        let fields: Vec<_> = warnings
+            .iter()
+            .map(|w| (w.field.as_str(), w.reason))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("spec.ports[1].port", Reason::InvalidPort),
+                ("spec.ports[2].protocol", Reason::UnsupportedProtocol),
+                ("spec.ports[3]", Reason::Conflict),
+            ]
+        );
     }
 
     #[test]
@@ -315,20 +491,31 @@ spec:
             "metadata: {name: e}\nspec: {type: ExternalName, externalName: example.org}",
             "metadata: {name: v6}\nspec: {clusterIP: 'fd00::1', ports: [{port: 80}]}",
         ] {
-            assert!(matches!(validate_service(&service(yaml)), Validated::Ignored(_)), "{yaml}");
+            assert!(
+                matches!(validate_service(&service(yaml)), Validated::Ignored(_)),
+                "{yaml}"
+            );
         }
     }
 
     #[test]
     fn invalid_affinity_is_rejected() {
-        let s = service("metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}");
-        let Validated::Invalid(r) = validate_service(&s) else { panic!() };
-        assert_eq!(r[0].field, "spec.sessionAffinityConfig.clientIP.timeoutSeconds");
+        let s = service(
+            "metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}",
+        );
+        let Validated::Invalid(r) = validate_service(&s) else {
+            panic!()
+        };
+        assert_eq!(
+            r[0].field,
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+        );
     }
 
     #[test]
     fn slice_conditions_follow_kubernetes_defaults() {
-        let s = slice("
+        let s = slice(
+            "
 metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
@@ -337,11 +524,30 @@ endpoints:
 - addresses: [10.244.1.3]
   conditions: {ready: false, serving: true, terminating: true}
 - addresses: [not-an-ip]
-");
-        let Validated::Valid(spec, warnings) = validate_slice(&s) else { panic!() };
+",
+        );
+        let Validated::Valid(spec, warnings) = validate_slice(&s) else {
+            panic!()
+        };
         assert_eq!(spec.service, "web");
-        assert_eq!(spec.endpoints[0], EndpointSpec { addr: Ipv4Addr::new(10, 244, 1, 2), ready: true, serving: true, terminating: false });
-        assert_eq!(spec.endpoints[1], EndpointSpec { addr: Ipv4Addr::new(10, 244, 1, 3), ready: false, serving: true, terminating: true });
+        assert_eq!(
+            spec.endpoints[0],
+            EndpointSpec {
+                addr: Ipv4Addr::new(10, 244, 1, 2),
+                ready: true,
+                serving: true,
+                terminating: false
+            }
+        );
+        assert_eq!(
+            spec.endpoints[1],
+            EndpointSpec {
+                addr: Ipv4Addr::new(10, 244, 1, 3),
+                ready: false,
+                serving: true,
+                terminating: true
+            }
+        );
         assert_eq!(spec.endpoints.len(), 2);
         assert_eq!(warnings[0].field, "endpoints[2].addresses[0]");
     }

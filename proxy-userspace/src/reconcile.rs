@@ -21,7 +21,12 @@ pub trait ServiceMaps {
     fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()>;
     fn delete_slot(&mut self, key: &SlotKey) -> anyhow::Result<()>;
     /// Writes the service entry (the atomic flip) and its name.
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue, name: &str) -> anyhow::Result<()>;
+    fn put_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+        name: &str,
+    ) -> anyhow::Result<()>;
     fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()>;
@@ -49,7 +54,11 @@ struct Ids {
 impl Ids {
     fn with_used(max: u32, used: &HashSet<u32>) -> Self {
         let next = used.iter().max().map_or(1, |m| m + 1);
-        Self { max, next, free: (1..next).rev().filter(|id| !used.contains(id)).collect() }
+        Self {
+            max,
+            next,
+            free: (1..next).rev().filter(|id| !used.contains(id)).collect(),
+        }
     }
 
     fn allocate(&mut self) -> Option<u32> {
@@ -79,7 +88,11 @@ impl Programmed {
         self.name == want.name
             && affinity(want) == (self.value.flags, self.value.affinity_timeout_secs)
             && self.backends.len() == want.backends.len()
-            && self.backends.iter().zip(&want.backends).all(|((_, a), b)| a == b)
+            && self
+                .backends
+                .iter()
+                .zip(&want.backends)
+                .all(|((_, a), b)| a == b)
     }
 }
 
@@ -118,7 +131,9 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// (so an unchanged service costs no write after an agent restart); slots and backends
     /// that no service reaches are deleted.
     pub fn adopt(mut maps: M) -> anyhow::Result<Self> {
-        let existing = maps.read_existing().context("reading the existing map contents")?;
+        let existing = maps
+            .read_existing()
+            .context("reading the existing map contents")?;
         let slots: HashMap<SlotKey, u32> = existing.slots.iter().copied().collect();
         let backend_by_id: HashMap<u32, Backend> = existing.backends.iter().copied().collect();
         let mut services = HashMap::new();
@@ -126,7 +141,12 @@ impl<M: ServiceMaps> Reconciler<M> {
         for (key, value, name) in existing.services {
             let resolved: Option<Vec<(u32, Backend)>> = (1..=value.count)
                 .map(|slot| {
-                    let id = *slots.get(&SlotKey { service_id: value.id, generation: value.generation, pad: 0, slot })?;
+                    let id = *slots.get(&SlotKey {
+                        service_id: value.id,
+                        generation: value.generation,
+                        pad: 0,
+                        slot,
+                    })?;
                     Some((id, *backend_by_id.get(&id)?))
                 })
                 .collect();
@@ -136,24 +156,58 @@ impl<M: ServiceMaps> Reconciler<M> {
                 continue;
             };
             for (id, backend) in &resolved {
-                backends.entry(*backend).or_insert(BackendRef { id: *id, refs: 0 }).refs += 1;
+                backends
+                    .entry(*backend)
+                    .or_insert(BackendRef { id: *id, refs: 0 })
+                    .refs += 1;
             }
-            services.insert(key, Programmed { value, name, backends: resolved });
+            services.insert(
+                key,
+                Programmed {
+                    value,
+                    name,
+                    backends: resolved,
+                },
+            );
         }
         let live_slots: HashSet<SlotKey> = services
             .values()
-            .flat_map(|p| (1..=p.value.count).map(|slot| SlotKey { service_id: p.value.id, generation: p.value.generation, pad: 0, slot }))
+            .flat_map(|p| {
+                (1..=p.value.count).map(|slot| SlotKey {
+                    service_id: p.value.id,
+                    generation: p.value.generation,
+                    pad: 0,
+                    slot,
+                })
+            })
             .collect();
-        for (key, _) in existing.slots.iter().filter(|(k, _)| !live_slots.contains(k)) {
+        for (key, _) in existing
+            .slots
+            .iter()
+            .filter(|(k, _)| !live_slots.contains(k))
+        {
             maps.delete_slot(key)?;
         }
         let live_backends: HashSet<u32> = backends.values().map(|b| b.id).collect();
-        for (id, _) in existing.backends.iter().filter(|(id, _)| !live_backends.contains(id)) {
+        for (id, _) in existing
+            .backends
+            .iter()
+            .filter(|(id, _)| !live_backends.contains(id))
+        {
             maps.delete_backend(*id)?;
         }
-        let service_ids = Ids::with_used(MAX_SERVICES, &services.values().map(|p| p.value.id).collect());
+        let service_ids = Ids::with_used(
+            MAX_SERVICES,
+            &services.values().map(|p| p.value.id).collect(),
+        );
         let backend_ids = Ids::with_used(MAX_BACKENDS, &live_backends);
-        Ok(Self { maps, services, backends, service_ids, backend_ids })
+        Ok(Self {
+            maps,
+            services,
+            backends,
+            service_ids,
+            backend_ids,
+        })
     }
 
     /// Number of service ports programmed.
@@ -178,7 +232,12 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Err(e) => report.errors.push((want.name.clone(), e)),
             }
         }
-        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
         for key in gone {
             let name = self.services[&key].name.clone();
             match self.remove(&key) {
@@ -198,7 +257,10 @@ impl<M: ServiceMaps> Reconciler<M> {
             .backend_ids
             .allocate()
             .ok_or_else(|| anyhow!("the backends map is full ({} backends)", MAX_BACKENDS - 1))?;
-        let written = self.maps.reset_backend_counters(id).and_then(|()| self.maps.put_backend(id, backend));
+        let written = self
+            .maps
+            .reset_backend_counters(id)
+            .and_then(|()| self.maps.put_backend(id, backend));
         if let Err(e) = written {
             self.backend_ids.release(id);
             return Err(e);
@@ -208,7 +270,9 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     fn release_backend(&mut self, backend: &Backend) {
-        let Some(b) = self.backends.get_mut(backend) else { return };
+        let Some(b) = self.backends.get_mut(backend) else {
+            return;
+        };
         b.refs -= 1;
         if b.refs == 0 {
             let id = b.id;
@@ -222,14 +286,26 @@ impl<M: ServiceMaps> Reconciler<M> {
 
     fn delete_slots(&mut self, id: u32, generation: u8, count: u16) {
         for slot in 1..=count {
-            if let Err(e) = self.maps.delete_slot(&SlotKey { service_id: id, generation, pad: 0, slot }) {
+            if let Err(e) = self.maps.delete_slot(&SlotKey {
+                service_id: id,
+                generation,
+                pad: 0,
+                slot,
+            }) {
                 warn!(service_id = id, slot, "deleting backend slot: {e:#}");
             }
         }
     }
 
     /// Undoes a failed `program`: the slots written so far, the backends acquired, a new id.
-    fn abandon(&mut self, id: u32, generation: u8, written: u16, acquired: &[(u32, Backend)], new_id: bool) {
+    fn abandon(
+        &mut self,
+        id: u32,
+        generation: u8,
+        written: u16,
+        acquired: &[(u32, Backend)],
+        new_id: bool,
+    ) {
         self.delete_slots(id, generation, written);
         for (_, b) in acquired {
             self.release_backend(b);
@@ -240,8 +316,12 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     fn program(&mut self, key: &ServiceKey, want: &DesiredService) -> anyhow::Result<()> {
-        let count = u16::try_from(want.backends.len())
-            .map_err(|_| anyhow!("{} backends is more than a service port can have (65535)", want.backends.len()))?;
+        let count = u16::try_from(want.backends.len()).map_err(|_| {
+            anyhow!(
+                "{} backends is more than a service port can have (65535)",
+                want.backends.len()
+            )
+        })?;
         let mut acquired = Vec::with_capacity(want.backends.len());
         for backend in &want.backends {
             match self.acquire_backend(backend) {
@@ -259,7 +339,10 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Some(id) => (id, 0, true),
                 None => {
                     self.abandon(0, 0, 0, &acquired, false);
-                    return Err(anyhow!("the services map is full ({} service ports)", MAX_SERVICES - 1));
+                    return Err(anyhow!(
+                        "the services map is full ({} service ports)",
+                        MAX_SERVICES - 1
+                    ));
                 }
             },
         };
@@ -268,19 +351,34 @@ impl<M: ServiceMaps> Reconciler<M> {
             return Err(e);
         }
         for (i, (backend_id, _)) in acquired.iter().enumerate() {
-            let slot = SlotKey { service_id: id, generation, pad: 0, slot: i as u16 + 1 };
+            let slot = SlotKey {
+                service_id: id,
+                generation,
+                pad: 0,
+                slot: i as u16 + 1,
+            };
             if let Err(e) = self.maps.put_slot(&slot, *backend_id) {
                 self.abandon(id, generation, i as u16, &acquired, new_id);
                 return Err(e.context(format!("writing backend slot {} of {count}", i + 1)));
             }
         }
         let (flags, affinity_timeout_secs) = affinity(want);
-        let value = ServiceValue { id, count, generation, flags, affinity_timeout_secs };
+        let value = ServiceValue {
+            id,
+            count,
+            generation,
+            flags,
+            affinity_timeout_secs,
+        };
         if let Err(e) = self.maps.put_service(key, &value, &want.name) {
             self.abandon(id, generation, count, &acquired, new_id);
             return Err(e);
         }
-        let programmed = Programmed { value, name: want.name.clone(), backends: acquired };
+        let programmed = Programmed {
+            value,
+            name: want.name.clone(),
+            backends: acquired,
+        };
         if let Some(old) = self.services.insert(*key, programmed) {
             self.retire(&old, &want.backends);
         }
@@ -291,7 +389,12 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// it lost, and one reference to each of its backends.
     fn retire(&mut self, old: &Programmed, kept: &[Backend]) {
         self.delete_slots(old.value.id, old.value.generation, old.value.count);
-        let lost: Vec<u32> = old.backends.iter().filter(|(_, b)| !kept.contains(b)).map(|(id, _)| *id).collect();
+        let lost: Vec<u32> = old
+            .backends
+            .iter()
+            .filter(|(_, b)| !kept.contains(b))
+            .map(|(id, _)| *id)
+            .collect();
         if !lost.is_empty()
             && let Err(e) = self.maps.forget_affinity(old.value.id, &lost)
         {
@@ -303,7 +406,9 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 
     fn remove(&mut self, key: &ServiceKey) -> anyhow::Result<()> {
-        let Some(old) = self.services.get(key).cloned() else { return Ok(()) };
+        let Some(old) = self.services.get(key).cloned() else {
+            return Ok(());
+        };
         self.maps.delete_service(key, old.value.id)?;
         self.services.remove(key);
         self.retire(&old, &[]);
@@ -343,17 +448,31 @@ mod tests {
             if self.slot_capacity.is_some_and(|c| self.slots.len() >= c) {
                 anyhow::bail!("slots map full");
             }
-            self.log.push(format!("put slot {}/{}/{}", k.service_id, k.generation, k.slot));
+            self.log.push(format!(
+                "put slot {}/{}/{}",
+                k.service_id, k.generation, k.slot
+            ));
             self.slots.insert(*k, id);
             Ok(())
         }
         fn delete_slot(&mut self, k: &SlotKey) -> anyhow::Result<()> {
-            self.log.push(format!("delete slot {}/{}/{}", k.service_id, k.generation, k.slot));
+            self.log.push(format!(
+                "delete slot {}/{}/{}",
+                k.service_id, k.generation, k.slot
+            ));
             self.slots.remove(k);
             Ok(())
         }
-        fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue, name: &str) -> anyhow::Result<()> {
-            self.log.push(format!("put service {} gen {} count {}", v.id, v.generation, v.count));
+        fn put_service(
+            &mut self,
+            k: &ServiceKey,
+            v: &ServiceValue,
+            name: &str,
+        ) -> anyhow::Result<()> {
+            self.log.push(format!(
+                "put service {} gen {} count {}",
+                v.id, v.generation, v.count
+            ));
             self.services.insert(*k, (*v, name.to_owned()));
             Ok(())
         }
@@ -374,7 +493,11 @@ mod tests {
         }
         fn read_existing(&self) -> anyhow::Result<Existing> {
             Ok(Existing {
-                services: self.services.iter().map(|(k, (v, n))| (*k, *v, n.clone())).collect(),
+                services: self
+                    .services
+                    .iter()
+                    .map(|(k, (v, n))| (*k, *v, n.clone()))
+                    .collect(),
                 slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             })
@@ -382,11 +505,21 @@ mod tests {
     }
 
     fn key(port: u16) -> ServiceKey {
-        ServiceKey { addr: [10, 96, 0, 1], port, proto: 6, pad: 0 }
+        ServiceKey {
+            addr: [10, 96, 0, 1],
+            port,
+            proto: 6,
+            pad: 0,
+        }
     }
 
     fn backend(last: u8) -> Backend {
-        Backend { addr: [10, 244, 0, last], port: 8080, proto: 6, pad: 0 }
+        Backend {
+            addr: [10, 244, 0, last],
+            port: 8080,
+            proto: 6,
+            pad: 0,
+        }
     }
 
     fn state(services: &[(u16, &[u8])]) -> DesiredState {
@@ -394,7 +527,14 @@ mod tests {
             .iter()
             .map(|(port, backends)| {
                 let backends = backends.iter().map(|b| backend(*b)).collect();
-                (key(*port), DesiredService { name: format!("ns/svc-{port}"), backends, affinity_timeout_secs: None })
+                (
+                    key(*port),
+                    DesiredService {
+                        name: format!("ns/svc-{port}"),
+                        backends,
+                        affinity_timeout_secs: None,
+                    },
+                )
             })
             .collect()
     }
@@ -407,16 +547,19 @@ mod tests {
         r.maps.log.clear();
         let report = r.apply(&state(&[(80, &[2, 3])]));
         assert_eq!((report.changed, report.errors.len()), (1, 0));
-        assert_eq!(r.maps.log, [
-            "put backend 3",
-            "put slot 1/1/1",
-            "put slot 1/1/2",
-            "put service 1 gen 1 count 2",
-            "delete slot 1/0/1",
-            "delete slot 1/0/2",
-            "forget affinity 1 [1]",
-            "delete backend 1",
-        ]);
+        assert_eq!(
+            r.maps.log,
+            [
+                "put backend 3",
+                "put slot 1/1/1",
+                "put slot 1/1/2",
+                "put service 1 gen 1 count 2",
+                "delete slot 1/0/1",
+                "delete slot 1/0/2",
+                "forget affinity 1 [1]",
+                "delete backend 1",
+            ]
+        );
     }
 
     #[test]
@@ -433,9 +576,19 @@ mod tests {
     #[test]
     fn restarted_agent_adopts_the_maps_without_rewriting() {
         let mut fake = Fake::default();
-        Reconciler::adopt(&mut fake).unwrap().apply(&state(&[(80, &[1, 2]), (81, &[2])]));
+        Reconciler::adopt(&mut fake)
+            .unwrap()
+            .apply(&state(&[(80, &[1, 2]), (81, &[2])]));
         // A stale slot of an old generation, as a crash mid-update could leave.
-        fake.slots.insert(SlotKey { service_id: 1, generation: 1, pad: 0, slot: 1 }, 7);
+        fake.slots.insert(
+            SlotKey {
+                service_id: 1,
+                generation: 1,
+                pad: 0,
+                slot: 1,
+            },
+            7,
+        );
         fake.log.clear();
         let mut r = Reconciler::adopt(&mut fake).unwrap();
         assert_eq!(r.maps.log, ["delete slot 1/1/1"]);
@@ -445,7 +598,13 @@ mod tests {
         assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
         // New ids do not collide with adopted ones.
         r.apply(&state(&[(80, &[1, 2]), (81, &[2]), (82, &[4])]));
-        assert!(r.maps.log.contains(&"put service 3 gen 0 count 1".to_owned()), "{:?}", r.maps.log);
+        assert!(
+            r.maps
+                .log
+                .contains(&"put service 3 gen 0 count 1".to_owned()),
+            "{:?}",
+            r.maps.log
+        );
     }
 
     #[test]
@@ -457,20 +616,33 @@ mod tests {
         r.apply(&state(&[(81, &[1])]));
         assert_eq!(r.maps.backends.len(), 1);
         assert_eq!(r.apply(&state(&[])).removed, 1);
-        assert!(r.maps.backends.is_empty() && r.maps.slots.is_empty() && r.maps.services.is_empty());
+        assert!(
+            r.maps.backends.is_empty() && r.maps.slots.is_empty() && r.maps.services.is_empty()
+        );
     }
 
     #[test]
     fn full_map_keeps_the_previous_state() {
-        let mut fake = Fake { slot_capacity: Some(3), ..Fake::default() };
+        let mut fake = Fake {
+            slot_capacity: Some(3),
+            ..Fake::default()
+        };
         let mut r = Reconciler::adopt(&mut fake).unwrap();
         r.apply(&state(&[(80, &[1, 2])]));
         let report = r.apply(&state(&[(80, &[1, 2, 3])]));
         assert_eq!(report.errors.len(), 1);
         assert!(format!("{:#}", report.errors[0].1).contains("slots map full"));
         let (value, _) = r.maps.services[&key(80)];
-        assert_eq!((value.generation, value.count), (0, 2), "service still points at the old slots");
+        assert_eq!(
+            (value.generation, value.count),
+            (0, 2),
+            "service still points at the old slots"
+        );
         assert_eq!(r.maps.slots.len(), 2, "partial new generation cleaned up");
-        assert_eq!(r.maps.backends.len(), 2, "backend acquired for the failed update released");
+        assert_eq!(
+            r.maps.backends.len(),
+            2,
+            "backend acquired for the failed update released"
+        );
     }
 }

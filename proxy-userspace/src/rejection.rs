@@ -46,8 +46,18 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    pub fn new(object: &str, field: impl Into<String>, reason: Reason, detail: impl Into<String>) -> Self {
-        Self { object: object.to_owned(), field: field.into(), reason, detail: detail.into() }
+    pub fn new(
+        object: &str,
+        field: impl Into<String>,
+        reason: Reason,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            object: object.to_owned(),
+            field: field.into(),
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 

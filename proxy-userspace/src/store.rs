@@ -37,7 +37,12 @@ pub struct Store {
 }
 
 fn name_of(meta: &ObjectMeta) -> Name {
-    (meta.namespace.clone().unwrap_or_else(|| "default".to_owned()), meta.name.clone().unwrap_or_default())
+    (
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 /// Validates one object into `next`, falling back to its version in `last` when invalid.
@@ -74,8 +79,20 @@ impl Store {
         let mut slices = BTreeMap::new();
         for object in objects {
             match object {
-                Object::Service(s) => admit(name_of(&s.metadata), validate_service(s), &self.services, &mut services, &mut outcome),
-                Object::EndpointSlice(s) => admit(name_of(&s.metadata), validate_slice(s), &self.slices, &mut slices, &mut outcome),
+                Object::Service(s) => admit(
+                    name_of(&s.metadata),
+                    validate_service(s),
+                    &self.services,
+                    &mut services,
+                    &mut outcome,
+                ),
+                Object::EndpointSlice(s) => admit(
+                    name_of(&s.metadata),
+                    validate_slice(s),
+                    &self.slices,
+                    &mut slices,
+                    &mut outcome,
+                ),
             }
         }
         self.services = services;
@@ -99,14 +116,23 @@ mod tests {
     #[test]
     fn invalid_update_keeps_the_last_valid_version() {
         let mut store = Store::default();
-        let good = service("metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}");
+        let good =
+            service("metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}");
         assert!(store.replace(&[good]).rejections.is_empty());
         let bad = service("metadata: {name: web}\nspec: {clusterIP: bogus, ports: [{port: 80}]}");
         let outcome = store.replace(&[bad]);
         assert_eq!(outcome.rejections.len(), 1);
-        assert!(outcome.rejections[0].to_string().ends_with("still serving its last valid version"));
+        assert!(
+            outcome.rejections[0]
+                .to_string()
+                .ends_with("still serving its last valid version")
+        );
         let (state, _) = store.desired();
-        assert_eq!(state.len(), 1, "the last valid web service is still desired");
+        assert_eq!(
+            state.len(),
+            1,
+            "the last valid web service is still desired"
+        );
         // Removing the object removes it, even after an invalid version.
         store.replace(&[]);
         assert!(store.desired().0.is_empty());
@@ -115,7 +141,9 @@ mod tests {
     #[test]
     fn new_invalid_object_is_not_served() {
         let mut store = Store::default();
-        let outcome = store.replace(&[service("metadata: {name: x}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 0}]}")]);
+        let outcome = store.replace(&[service(
+            "metadata: {name: x}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 0}]}",
+        )]);
         assert_eq!(outcome.rejections.len(), 2);
         assert!(store.desired().0.is_empty());
     }

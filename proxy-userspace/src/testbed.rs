@@ -30,7 +30,11 @@ pub struct Binaries {
 impl Binaries {
     /// The binaries in `dir`, e.g. `target/debug`.
     pub fn in_dir(dir: &std::path::Path) -> Self {
-        Self { agent: dir.join("proxy-agent"), proxyctl: dir.join("proxyctl"), netprobe: dir.join("netprobe") }
+        Self {
+            agent: dir.join("proxy-agent"),
+            proxyctl: dir.join("proxyctl"),
+            netprobe: dir.join("netprobe"),
+        }
     }
 }
 
@@ -41,7 +45,11 @@ static WORLDS: AtomicUsize = AtomicUsize::new(0);
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -72,12 +80,20 @@ impl World {
     /// A node with `pods` pod namespaces (numbered from 1).
     pub fn new(pods: usize, bins: Binaries) -> anyhow::Result<World> {
         // SAFETY: no preconditions.
-        ensure!(unsafe { libc::geteuid() } == 0, "the namespace world needs root (network namespaces, BPF)");
-        let id = format!("px{}-{}", std::process::id(), WORLDS.fetch_add(1, Ordering::SeqCst));
+        ensure!(
+            unsafe { libc::geteuid() } == 0,
+            "the namespace world needs root (network namespaces, BPF)"
+        );
+        let id = format!(
+            "px{}-{}",
+            std::process::id(),
+            WORLDS.fetch_add(1, Ordering::SeqCst)
+        );
         let dir = std::env::temp_dir().join(format!("proxy-test-{id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let cgroup = crate::datapath::cgroup2_mount()?.join(format!("proxy-test-{id}"));
-        std::fs::create_dir(&cgroup).with_context(|| format!("creating the test cgroup {}", cgroup.display()))?;
+        std::fs::create_dir(&cgroup)
+            .with_context(|| format!("creating the test cgroup {}", cgroup.display()))?;
         // From here on, Drop cleans up whatever was made.
         let mut world = World {
             bins,
@@ -91,19 +107,67 @@ impl World {
             readers: Vec::new(),
         };
         world.add_netns(&world.node.clone())?;
-        run(Command::new("ip").args(["netns", "exec", &world.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &world.node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]))?;
         for i in 1..=pods {
             let netns = format!("{id}-p{i}");
             let iface = format!("vh{i}");
             world.add_netns(&netns)?;
-            ip(&["-n", &world.node, "link", "add", &iface, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
-            ip(&["-n", &world.node, "addr", "add", &format!("10.244.{i}.1/24"), "dev", &iface])?;
+            ip(&[
+                "-n",
+                &world.node,
+                "link",
+                "add",
+                &iface,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns,
+            ])?;
+            ip(&[
+                "-n",
+                &world.node,
+                "addr",
+                "add",
+                &format!("10.244.{i}.1/24"),
+                "dev",
+                &iface,
+            ])?;
             ip(&["-n", &world.node, "link", "set", &iface, "up"])?;
-            ip(&["-n", &netns, "addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("10.244.{i}.2/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
             // The pod's only route out leads to the node namespace.
-            ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{i}.1")])?;
-            world.pods.push(Pod { netns, ip: Ipv4Addr::new(10, 244, i as u8, 2), iface });
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.244.{i}.1"),
+            ])?;
+            world.pods.push(Pod {
+                netns,
+                ip: Ipv4Addr::new(10, 244, i as u8, 2),
+                iface,
+            });
         }
         Ok(world)
     }
@@ -122,7 +186,19 @@ impl World {
     pub fn serve(&mut self, i: usize, id: &str) -> anyhow::Result<()> {
         let port = BACKEND_PORT.to_string();
         let mut child = Command::new(&self.bins.netprobe)
-            .args(["--netns", &self.pod(i).netns, "serve", "--id", id, "--tcp", &port, "--udp", &port, "--max-secs", "600"])
+            .args([
+                "--netns",
+                &self.pod(i).netns,
+                "serve",
+                "--id",
+                id,
+                "--tcp",
+                &port,
+                "--udp",
+                &port,
+                "--max-secs",
+                "600",
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", self.bins.netprobe.display()))?;
@@ -130,7 +206,10 @@ impl World {
         self.children.push(child);
         let mut ready = String::new();
         BufReader::new(stdout.context("server stdout")?).read_line(&mut ready)?;
-        ensure!(ready.contains("serving"), "server {id} did not start: {ready:?}");
+        ensure!(
+            ready.contains("serving"),
+            "server {id} did not start: {ready:?}"
+        );
         Ok(())
     }
 
@@ -176,7 +255,10 @@ impl World {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        let agent = Agent { log, pid: child.id() };
+        let agent = Agent {
+            log,
+            pid: child.id(),
+        };
         self.children.push(child);
         agent.wait_for_syncs(1)?;
         Ok(agent)
@@ -196,7 +278,9 @@ impl World {
     /// LB) or outside it (the tc path); returns its JSON lines.
     pub fn probe(&self, pod: usize, hooked: bool, args: &[&str]) -> anyhow::Result<Vec<Value>> {
         let out = run(&mut self.probe_command(pod, hooked, args))?;
-        out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("bad netprobe line {l:?}"))).collect()
+        out.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("bad netprobe line {l:?}")))
+            .collect()
     }
 
     /// Runs netprobe in pod `pod` and returns what it printed.
@@ -206,15 +290,25 @@ impl World {
 
     /// Starts a long-running netprobe client and returns it with the first JSON line it
     /// printed.
-    pub fn spawn_probe(&mut self, pod: usize, hooked: bool, args: &[&str]) -> anyhow::Result<(usize, Value)> {
-        let mut child = self.probe_command(pod, hooked, args).stdout(Stdio::piped()).spawn().context("starting netprobe")?;
+    pub fn spawn_probe(
+        &mut self,
+        pod: usize,
+        hooked: bool,
+        args: &[&str],
+    ) -> anyhow::Result<(usize, Value)> {
+        let mut child = self
+            .probe_command(pod, hooked, args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting netprobe")?;
         let stdout = child.stdout.take().context("netprobe stdout")?;
         self.children.push(child);
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
         reader.read_line(&mut line)?;
         self.readers.push(reader);
-        let first = serde_json::from_str(&line).with_context(|| format!("bad netprobe line {line:?}"))?;
+        let first =
+            serde_json::from_str(&line).with_context(|| format!("bad netprobe line {line:?}"))?;
         Ok((self.readers.len() - 1, first))
     }
 
@@ -222,12 +316,17 @@ impl World {
     pub fn finish_probe(&mut self, handle: usize) -> anyhow::Result<Value> {
         let mut rest = String::new();
         self.readers[handle].read_to_string(&mut rest)?;
-        let Some(last) = rest.lines().last() else { bail!("netprobe printed no summary line") };
+        let Some(last) = rest.lines().last() else {
+            bail!("netprobe printed no summary line")
+        };
         serde_json::from_str(last).with_context(|| format!("bad netprobe line {last:?}"))
     }
 
     pub fn proxyctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        run(Command::new(&self.bins.proxyctl).arg("--bpffs").arg(&self.bpffs).args(args))
+        run(Command::new(&self.bins.proxyctl)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(args))
     }
 
     /// An HTTP GET to the agent's metrics endpoint (127.0.0.1:10249 in the node namespace).
@@ -236,12 +335,15 @@ impl World {
         let path = path.to_owned();
         // setns affects only the calling thread: use a thread of our own.
         std::thread::spawn(move || -> anyhow::Result<String> {
-            let ns = std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+            let ns = std::fs::File::open(&netns)
+                .with_context(|| format!("opening {}", netns.display()))?;
             // SAFETY: a valid namespace fd.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0
+            {
                 return Err(std::io::Error::last_os_error()).context("entering the node namespace");
             }
-            let mut stream = TcpStream::connect("127.0.0.1:10249").context("connecting to the agent's metrics endpoint")?;
+            let mut stream = TcpStream::connect("127.0.0.1:10249")
+                .context("connecting to the agent's metrics endpoint")?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
             let mut response = String::new();
@@ -264,7 +366,10 @@ impl Drop for World {
         }
         // The cgroup can be removed once its processes are gone, which takes a moment.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.cgroup).is_err() && self.cgroup.exists() && Instant::now() < deadline {
+        while std::fs::remove_dir(&self.cgroup).is_err()
+            && self.cgroup.exists()
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = std::fs::remove_dir_all(&self.bpffs);
@@ -283,14 +388,21 @@ impl Agent {
     }
 
     pub fn syncs(&self) -> usize {
-        self.log_lines().iter().filter(|l| l.contains("synced")).count()
+        self.log_lines()
+            .iter()
+            .filter(|l| l.contains("synced"))
+            .count()
     }
 
     /// Waits (at most 10 s) until the agent has logged `n` syncs in all.
     pub fn wait_for_syncs(&self, n: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.syncs() < n {
-            ensure!(Instant::now() < deadline, "agent did not sync {n} times; log:\n{}", self.log_lines().join("\n"));
+            ensure!(
+                Instant::now() < deadline,
+                "agent did not sync {n} times; log:\n{}",
+                self.log_lines().join("\n")
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
@@ -300,10 +412,18 @@ impl Agent {
     pub fn wait_for_log(&self, parts: &[&str]) -> anyhow::Result<String> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(line) = self.log_lines().into_iter().find(|l| parts.iter().all(|p| l.contains(p))) {
+            if let Some(line) = self
+                .log_lines()
+                .into_iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
                 return Ok(line);
             }
-            ensure!(Instant::now() < deadline, "no agent log line with {parts:?}; log:\n{}", self.log_lines().join("\n"));
+            ensure!(
+                Instant::now() < deadline,
+                "no agent log line with {parts:?}; log:\n{}",
+                self.log_lines().join("\n")
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -311,7 +431,12 @@ impl Agent {
 
 /// A ClusterIP service `default/NAME` at `vip` with TCP port 80 "http" and UDP port 53 "dns"
 /// to `BACKEND_PORT` on the given pods (by address; `(addr, ready, serving, terminating)`).
-pub fn service_manifest(name: &str, vip: &str, affinity_secs: Option<u32>, endpoints: &[(Ipv4Addr, bool, bool, bool)]) -> String {
+pub fn service_manifest(
+    name: &str,
+    vip: &str,
+    affinity_secs: Option<u32>,
+    endpoints: &[(Ipv4Addr, bool, bool, bool)],
+) -> String {
     let affinity = affinity_secs.map_or(String::new(), |t| {
         format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n")
     });
@@ -323,7 +448,9 @@ pub fn service_manifest(name: &str, vip: &str, affinity_secs: Option<u32>, endpo
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}\nendpoints:\n"
         );
         for (addr, ready, serving, terminating) in endpoints {
-            yaml += &format!("- addresses: [{addr}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n");
+            yaml += &format!(
+                "- addresses: [{addr}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n"
+            );
         }
     }
     yaml

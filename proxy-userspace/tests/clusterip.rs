@@ -27,7 +27,9 @@ fn spread(results: &[Value]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for r in results {
         assert_eq!(r["ok"], true, "attempt failed: {r}");
-        *counts.entry(r["backend"].as_str().unwrap().to_owned()).or_default() += 1;
+        *counts
+            .entry(r["backend"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     counts
 }
@@ -53,44 +55,119 @@ fn assert_each_backend_got_a_fair_share(counts: &BTreeMap<String, usize>, total:
 #[test]
 fn tcp_and_udp_spread_over_all_backends_and_apps_see_the_cluster_ip() {
     let (mut world, backends) = three_backends();
-    world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true).unwrap();
+    world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
 
-    let tcp = world.probe(CLIENT, true, &["tcp", "--to", &format!("{VIP}:80"), "--count", "300"]).unwrap();
+    let tcp = world
+        .probe(
+            CLIENT,
+            true,
+            &["tcp", "--to", &format!("{VIP}:80"), "--count", "300"],
+        )
+        .unwrap();
     assert_each_backend_got_a_fair_share(&spread(&tcp), 300);
     for r in &tcp {
-        assert_eq!(r["peer"], format!("{VIP}:80"), "getpeername() shows the ClusterIP: {r}");
+        assert_eq!(
+            r["peer"],
+            format!("{VIP}:80"),
+            "getpeername() shows the ClusterIP: {r}"
+        );
     }
 
-    let udp = world.probe(CLIENT, true, &["udp", "--to", &format!("{VIP}:53"), "--count", "300"]).unwrap();
+    let udp = world
+        .probe(
+            CLIENT,
+            true,
+            &["udp", "--to", &format!("{VIP}:53"), "--count", "300"],
+        )
+        .unwrap();
     assert_each_backend_got_a_fair_share(&spread(&udp), 300);
     for r in &udp {
-        assert_eq!(r["peer"], format!("{VIP}:53"), "recvfrom() reports the ClusterIP: {r}");
+        assert_eq!(
+            r["peer"],
+            format!("{VIP}:53"),
+            "recvfrom() reports the ClusterIP: {r}"
+        );
     }
-    let connected = world.probe(CLIENT, true, &["udp", "--to", &format!("{VIP}:53"), "--count", "20", "--connected"]).unwrap();
+    let connected = world
+        .probe(
+            CLIENT,
+            true,
+            &[
+                "udp",
+                "--to",
+                &format!("{VIP}:53"),
+                "--count",
+                "20",
+                "--connected",
+            ],
+        )
+        .unwrap();
     for r in &connected {
-        assert_eq!(r["peer"], format!("{VIP}:53"), "getpeername() on connected UDP: {r}");
+        assert_eq!(
+            r["peer"],
+            format!("{VIP}:53"),
+            "getpeername() on connected UDP: {r}"
+        );
     }
 
-    let rows: serde_json::Value = serde_json::from_str(&world.proxyctl(&["service", "list", "--output", "json"]).unwrap()).unwrap();
-    let row = |port: u64| rows.as_array().unwrap().iter().find(|r| r["port"] == port).unwrap().clone();
+    let rows: serde_json::Value = serde_json::from_str(
+        &world
+            .proxyctl(&["service", "list", "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let row = |port: u64| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["port"] == port)
+            .unwrap()
+            .clone()
+    };
     assert_eq!(row(80)["name"], "web");
     assert_eq!(row(80)["port_name"], "http");
     assert_eq!(row(80)["backends"], 3);
-    assert_eq!(row(80)["connections"], 300, "one new connection per connect()");
+    assert_eq!(
+        row(80)["connections"],
+        300,
+        "one new connection per connect()"
+    );
     assert_eq!(row(53)["connections"], 320, "one new flow per UDP socket");
-    assert_eq!(row(53)["packets"], 300, "one datagram per unconnected sendto()");
+    assert_eq!(
+        row(53)["packets"],
+        300,
+        "one datagram per unconnected sendto()"
+    );
     let table = world.proxyctl(&["service", "list"]).unwrap();
-    assert!(table.contains("default/web:http") && table.contains("10.96.0.10:80/TCP"), "{table}");
+    assert!(
+        table.contains("default/web:http") && table.contains("10.96.0.10:80/TCP"),
+        "{table}"
+    );
 }
 
 #[test]
 fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
     let (mut world, backends) = three_backends();
-    world.start_agent(&service_manifest("sticky", VIP, Some(1), &ready(&backends)), true).unwrap();
+    world
+        .start_agent(
+            &service_manifest("sticky", VIP, Some(1), &ready(&backends)),
+            true,
+        )
+        .unwrap();
     let to = format!("{VIP}:80");
 
-    let first = spread(&world.probe(CLIENT, true, &["tcp", "--to", &to, "--count", "30"]).unwrap());
-    assert_eq!(first.len(), 1, "all connections within the timeout stick: {first:?}");
+    let first = spread(
+        &world
+            .probe(CLIENT, true, &["tcp", "--to", &to, "--count", "30"])
+            .unwrap(),
+    );
+    assert_eq!(
+        first.len(),
+        1,
+        "all connections within the timeout stick: {first:?}"
+    );
     let mut previous = first.keys().next().unwrap().clone();
 
     // After an idle period longer than the timeout the choice is random again; with 3
@@ -98,7 +175,11 @@ fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
     let mut moved = false;
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(1300));
-        let round = spread(&world.probe(CLIENT, true, &["tcp", "--to", &to, "--count", "5"]).unwrap());
+        let round = spread(
+            &world
+                .probe(CLIENT, true, &["tcp", "--to", &to, "--count", "5"])
+                .unwrap(),
+        );
         assert_eq!(round.len(), 1, "a new affinity sticks again: {round:?}");
         let backend = round.keys().next().unwrap().clone();
         moved |= backend != previous;
@@ -110,36 +191,65 @@ fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
     assert!(moved, "affinity never expired");
 
     // The tc path keys affinity on the client IP.
-    let tc = spread(&world.probe(CLIENT, false, &["tcp", "--to", &to, "--count", "20"]).unwrap());
+    let tc = spread(
+        &world
+            .probe(CLIENT, false, &["tcp", "--to", &to, "--count", "20"])
+            .unwrap(),
+    );
     assert_eq!(tc.len(), 1, "tc-path affinity: {tc:?}");
 }
 
 #[test]
 fn removed_backend_gets_no_new_connections_while_established_ones_keep_working() {
     let (mut world, backends) = three_backends();
-    let agent = world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true).unwrap();
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
     let to = format!("{VIP}:80");
-    let hold = ["tcp", "--to", &to, "--hold-ms", "3000", "--interval-ms", "100"];
+    let hold = [
+        "tcp",
+        "--to",
+        &to,
+        "--hold-ms",
+        "3000",
+        "--interval-ms",
+        "100",
+    ];
     let (socket_lb, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
     let socket_backend = first["backend"].as_str().unwrap().to_owned();
     let (tc_path, first) = world.spawn_probe(CLIENT, false, &hold).unwrap();
     let tc_backend = first["backend"].as_str().unwrap().to_owned();
 
     let removed: BTreeSet<String> = [socket_backend.clone(), tc_backend.clone()].into();
-    let kept: Vec<Ipv4Addr> = (1..=3).filter(|i| !removed.contains(&format!("backend-{i}"))).map(|i| world.pod(i).ip).collect();
+    let kept: Vec<Ipv4Addr> = (1..=3)
+        .filter(|i| !removed.contains(&format!("backend-{i}")))
+        .map(|i| world.pod(i).ip)
+        .collect();
     let syncs = agent.syncs();
-    world.write_manifest(&service_manifest("web", VIP, None, &ready(&kept))).unwrap();
+    world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&kept)))
+        .unwrap();
     agent.wait_for_syncs(syncs + 1).unwrap();
 
     for hooked in [true, false] {
-        let counts = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", &to, "--count", "60"]).unwrap());
+        let counts = spread(
+            &world
+                .probe(CLIENT, hooked, &["tcp", "--to", &to, "--count", "60"])
+                .unwrap(),
+        );
         for backend in &removed {
-            assert!(!counts.contains_key(backend), "removed {backend} got new connections (hooked={hooked}): {counts:?}");
+            assert!(
+                !counts.contains_key(backend),
+                "removed {backend} got new connections (hooked={hooked}): {counts:?}"
+            );
         }
     }
     for (handle, backend) in [(socket_lb, socket_backend), (tc_path, tc_backend)] {
         let summary = world.finish_probe(handle).unwrap();
-        assert_eq!(summary["failures"], 0, "established connection broke: {summary}");
+        assert_eq!(
+            summary["failures"], 0,
+            "established connection broke: {summary}"
+        );
         assert!(summary["exchanges"].as_u64().unwrap() >= 20, "{summary}");
         assert_eq!(summary["last_backend"], backend.as_str(), "{summary}");
     }
@@ -156,27 +266,93 @@ fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured(
         service_manifest("empty", "10.96.0.20", None, &[]),
         service_manifest("unready", "10.96.0.21", None, &[(p1, false, false, false)]),
         // Ready endpoints only: the not-ready and the terminating ones get nothing.
-        service_manifest("mixed", "10.96.0.22", None, &[(p1, true, true, false), (p2, false, false, false), (p3, false, true, true)]),
+        service_manifest(
+            "mixed",
+            "10.96.0.22",
+            None,
+            &[
+                (p1, true, true, false),
+                (p2, false, false, false),
+                (p3, false, true, true),
+            ],
+        ),
         // No ready endpoint: the serving+terminating one takes the traffic.
-        service_manifest("draining", "10.96.0.23", None, &[(p2, false, false, true), (p3, false, true, true)]),
+        service_manifest(
+            "draining",
+            "10.96.0.23",
+            None,
+            &[(p2, false, false, true), (p3, false, true, true)],
+        ),
     ]
     .join("---\n");
     world.start_agent(&manifest, true).unwrap();
 
     for vip in ["10.96.0.20", "10.96.0.21"] {
         for hooked in [true, false] {
-            let tcp = &world.probe(CLIENT, hooked, &["tcp", "--to", &format!("{vip}:80"), "--timeout-ms", "3000"]).unwrap()[0];
-            assert_eq!(tcp["kind"], "refused", "TCP to {vip} (hooked={hooked}): {tcp}");
-            assert!(tcp["ms"].as_f64().unwrap() < 1000.0, "refused at once, not after a timeout: {tcp}");
-            let udp = &world.probe(CLIENT, hooked, &["udp", "--to", &format!("{vip}:53"), "--connected", "--timeout-ms", "3000"]).unwrap()[0];
-            assert_eq!(udp["kind"], "refused", "UDP to {vip} (hooked={hooked}): {udp}");
+            let tcp = &world
+                .probe(
+                    CLIENT,
+                    hooked,
+                    &["tcp", "--to", &format!("{vip}:80"), "--timeout-ms", "3000"],
+                )
+                .unwrap()[0];
+            assert_eq!(
+                tcp["kind"], "refused",
+                "TCP to {vip} (hooked={hooked}): {tcp}"
+            );
+            assert!(
+                tcp["ms"].as_f64().unwrap() < 1000.0,
+                "refused at once, not after a timeout: {tcp}"
+            );
+            let udp = &world
+                .probe(
+                    CLIENT,
+                    hooked,
+                    &[
+                        "udp",
+                        "--to",
+                        &format!("{vip}:53"),
+                        "--connected",
+                        "--timeout-ms",
+                        "3000",
+                    ],
+                )
+                .unwrap()[0];
+            assert_eq!(
+                udp["kind"], "refused",
+                "UDP to {vip} (hooked={hooked}): {udp}"
+            );
         }
     }
     for hooked in [true, false] {
-        let mixed = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", "10.96.0.22:80", "--count", "30"]).unwrap());
-        assert_eq!(mixed.keys().collect::<Vec<_>>(), ["backend-1"], "only the ready endpoint: {mixed:?}");
-        let draining = spread(&world.probe(CLIENT, hooked, &["tcp", "--to", "10.96.0.23:80", "--count", "30"]).unwrap());
-        assert_eq!(draining.keys().collect::<Vec<_>>(), ["backend-3"], "serving+terminating fallback: {draining:?}");
+        let mixed = spread(
+            &world
+                .probe(
+                    CLIENT,
+                    hooked,
+                    &["tcp", "--to", "10.96.0.22:80", "--count", "30"],
+                )
+                .unwrap(),
+        );
+        assert_eq!(
+            mixed.keys().collect::<Vec<_>>(),
+            ["backend-1"],
+            "only the ready endpoint: {mixed:?}"
+        );
+        let draining = spread(
+            &world
+                .probe(
+                    CLIENT,
+                    hooked,
+                    &["tcp", "--to", "10.96.0.23:80", "--count", "30"],
+                )
+                .unwrap(),
+        );
+        assert_eq!(
+            draining.keys().collect::<Vec<_>>(),
+            ["backend-3"],
+            "serving+terminating fallback: {draining:?}"
+        );
     }
 }
 
@@ -187,14 +363,25 @@ fn manifest_edit_is_live_within_a_second() {
     world.start_agent(&base, true).unwrap();
     let new_service = service_manifest("late", "10.96.0.30", None, &ready(&backends[..1]));
     let written = Instant::now();
-    world.write_manifest(&format!("{base}---\n{new_service}")).unwrap();
+    world
+        .write_manifest(&format!("{base}---\n{new_service}"))
+        .unwrap();
     loop {
-        let r = &world.probe(CLIENT, true, &["tcp", "--to", "10.96.0.30:80", "--timeout-ms", "200"]).unwrap()[0];
+        let r = &world
+            .probe(
+                CLIENT,
+                true,
+                &["tcp", "--to", "10.96.0.30:80", "--timeout-ms", "200"],
+            )
+            .unwrap()[0];
         if r["ok"] == true {
             assert_eq!(r["backend"], "backend-1");
             break;
         }
-        assert!(written.elapsed() < Duration::from_secs(1), "new service not reachable within 1 s: {r}");
+        assert!(
+            written.elapsed() < Duration::from_secs(1),
+            "new service not reachable within 1 s: {r}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -204,48 +391,111 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
     let (mut world, backends) = three_backends();
     let good = service_manifest("web", VIP, None, &ready(&backends));
     let agent = world.start_agent(&good, true).unwrap();
-    let works = |world: &World| spread(&world.probe(CLIENT, true, &["tcp", "--to", &format!("{VIP}:80"), "--count", "9"]).unwrap()).len() > 1;
+    let works = |world: &World| {
+        spread(
+            &world
+                .probe(
+                    CLIENT,
+                    true,
+                    &["tcp", "--to", &format!("{VIP}:80"), "--count", "9"],
+                )
+                .unwrap(),
+        )
+        .len()
+            > 1
+    };
 
     let syncs = agent.syncs();
-    let path = world.write_manifest("apiVersion: v1\nkind: [Service\n").unwrap();
+    let path = world
+        .write_manifest("apiVersion: v1\nkind: [Service\n")
+        .unwrap();
     agent.wait_for_syncs(syncs + 1).unwrap();
-    let line = agent.wait_for_log(&["rejected", &path.display().to_string(), "not valid YAML"]).unwrap();
+    let line = agent
+        .wait_for_log(&["rejected", &path.display().to_string(), "not valid YAML"])
+        .unwrap();
     assert!(line.contains("line 2"), "the error says where: {line}");
     assert!(works(&world), "web keeps working after a YAML syntax error");
 
     // One bad object among good ones: it alone is rejected; the others are served.
     let syncs = agent.syncs();
     let other = service_manifest("other", "10.96.0.31", None, &ready(&backends[..1]));
-    world.write_manifest(&format!("{}---\n{other}", good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.300"))).unwrap();
+    world
+        .write_manifest(&format!(
+            "{}---\n{other}",
+            good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.300")
+        ))
+        .unwrap();
     agent.wait_for_syncs(syncs + 1).unwrap();
-    let line = agent.wait_for_log(&["Service default/web", "spec.clusterIP", "10.96.0.300", "still serving its last valid version"]).unwrap();
+    let line = agent
+        .wait_for_log(&[
+            "Service default/web",
+            "spec.clusterIP",
+            "10.96.0.300",
+            "still serving its last valid version",
+        ])
+        .unwrap();
     assert!(line.contains("rejected"), "{line}");
     assert!(works(&world), "web keeps its last valid version");
-    let other = spread(&world.probe(CLIENT, true, &["tcp", "--to", "10.96.0.31:80", "--count", "3"]).unwrap());
+    let other = spread(
+        &world
+            .probe(
+                CLIENT,
+                true,
+                &["tcp", "--to", "10.96.0.31:80", "--count", "3"],
+            )
+            .unwrap(),
+    );
     assert_eq!(other.keys().collect::<Vec<_>>(), ["backend-1"]);
     let metrics = world.agent_http("/metrics").unwrap();
-    assert!(metrics.contains("proxy_rejected_objects_total{reason=\"invalid_address\"} 1"), "{metrics}");
-    assert!(metrics.contains("proxy_rejected_objects_total{reason=\"parse_error\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("proxy_rejected_objects_total{reason=\"invalid_address\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("proxy_rejected_objects_total{reason=\"parse_error\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
 fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
     let (mut world, backends) = three_backends();
-    world.start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true).unwrap();
+    world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
     let client_ip = world.pod(CLIENT).ip.to_string();
 
-    let tcp = world.probe(CLIENT, false, &["tcp", "--to", &format!("{VIP}:80"), "--count", "90"]).unwrap();
+    let tcp = world
+        .probe(
+            CLIENT,
+            false,
+            &["tcp", "--to", &format!("{VIP}:80"), "--count", "90"],
+        )
+        .unwrap();
     assert_each_backend_got_a_fair_share(&spread(&tcp), 90);
     for r in &tcp {
         // The handshake completing at all proves the replies were reverse-NATed.
         assert_eq!(r["peer"], format!("{VIP}:80"), "{r}");
         let saw = r["server_saw"].as_str().unwrap();
-        assert!(saw.starts_with(&format!("{client_ip}:")), "the backend sees the real client (no SNAT): {r}");
+        assert!(
+            saw.starts_with(&format!("{client_ip}:")),
+            "the backend sees the real client (no SNAT): {r}"
+        );
     }
-    let udp = world.probe(CLIENT, false, &["udp", "--to", &format!("{VIP}:53"), "--count", "60"]).unwrap();
+    let udp = world
+        .probe(
+            CLIENT,
+            false,
+            &["udp", "--to", &format!("{VIP}:53"), "--count", "60"],
+        )
+        .unwrap();
     assert_each_backend_got_a_fair_share(&spread(&udp), 60);
     for r in &udp {
-        assert_eq!(r["peer"], format!("{VIP}:53"), "reply source is the ClusterIP: {r}");
+        assert_eq!(
+            r["peer"],
+            format!("{VIP}:53"),
+            "reply source is the ClusterIP: {r}"
+        );
     }
 
     // Our conntrack holds the flows (bpftool shows named fields) and its fill is a metric.
@@ -255,15 +505,24 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
         .output()
         .expect("running bpftool");
     let dump = String::from_utf8_lossy(&dump.stdout);
-    assert!(dump.contains("\"nat_port\": 8080") && dump.contains("\"rev_nat_id\""), "{dump}");
+    assert!(
+        dump.contains("\"nat_port\": 8080") && dump.contains("\"rev_nat_id\""),
+        "{dump}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let metrics = world.agent_http("/metrics").unwrap();
-        let entries = metrics.lines().find_map(|l| l.strip_prefix("proxy_conntrack_entries ")).and_then(|v| v.trim().parse::<u64>().ok());
+        let entries = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("proxy_conntrack_entries "))
+            .and_then(|v| v.trim().parse::<u64>().ok());
         if entries.is_some_and(|n| n >= 2 * 150) {
             break;
         }
-        assert!(Instant::now() < deadline, "conntrack fill metric missing: {entries:?}");
+        assert!(
+            Instant::now() < deadline,
+            "conntrack fill metric missing: {entries:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

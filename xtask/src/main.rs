@@ -26,14 +26,67 @@ enum Task {
 
 /// The workspace root (xtask's parent directory).
 fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     println!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(&cargo).args(args).current_dir(root()).status().with_context(|| format!("running {cargo}"))?;
-    ensure!(status.success(), "cargo {} failed ({status})", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    ensure!(
+        status.success(),
+        "cargo {} failed ({status})",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// Runs the test suite, streaming cargo's output, and closes with the totals of every test
+/// binary (cargo's own last line is that of the last binary, often a doc-test run of 0).
+fn test() -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let args = ["test", "--workspace", "--exclude", "proxy-ebpf"];
+    println!("xtask: cargo {}", args.join(" "));
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cargo}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                summary.split(';').find_map(|part| {
+                    part.trim()
+                        .trim_start_matches("ok. ")
+                        .trim_start_matches("FAILED. ")
+                        .strip_suffix(word)?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            passed += count("passed").unwrap_or(0);
+            failed += count("failed").unwrap_or(0);
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    ensure!(
+        status.success() && failed == 0,
+        "the test suite failed ({status})"
+    );
     Ok(())
 }
 
@@ -42,13 +95,15 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run_all(),
         Task::Test => {
             setup::run_all()?;
-            cargo(&["test", "--workspace", "--exclude", "proxy-ebpf"])
+            test()
         }
         Task::Demo => {
             setup::run_all()?;
             cargo(&["build", "-p", "proxy-userspace", "--bins", "--examples"])?;
             let demo = root().join("target/debug/examples/demo");
-            let status = Command::new(&demo).status().with_context(|| format!("running {}", demo.display()))?;
+            let status = Command::new(&demo)
+                .status()
+                .with_context(|| format!("running {}", demo.display()))?;
             ensure!(status.success(), "the demo failed ({status})");
             Ok(())
         }

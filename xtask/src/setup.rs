@@ -21,7 +21,11 @@ fn succeeds(cmd: &mut Command) -> bool {
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -35,7 +39,9 @@ fn apt_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .into_iter()
         .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
@@ -56,15 +62,33 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     if toolchains.lines().any(|l| l.starts_with("nightly")) {
         status("nightly", "toolchain present");
     } else {
-        status("nightly", "installing the nightly toolchain (the eBPF crate needs it)");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        status(
+            "nightly",
+            "installing the nightly toolchain (the eBPF crate needs it)",
+        );
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if components.lines().any(|l| l.starts_with("rust-src")) {
         status("rust-src", "present");
         return Ok(());
     }
-    status("rust-src", "installing (build-std=core for bpfel-unknown-none)");
+    status(
+        "rust-src",
+        "installing (build-std=core for bpfel-unknown-none)",
+    );
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
@@ -83,37 +107,74 @@ fn bpf_linker() -> anyhow::Result<()> {
     let linker = cargo_home.join("bin/bpf-linker");
     // As aya-build will run it: outside `cargo run`, whose LD_LIBRARY_PATH would hide a
     // broken RUNPATH.
-    if succeeds(Command::new(&linker).arg("--version").env_remove("LD_LIBRARY_PATH")) {
+    if succeeds(
+        Command::new(&linker)
+            .arg("--version")
+            .env_remove("LD_LIBRARY_PATH"),
+    ) {
         status("bpf-linker", &format!("present ({})", linker.display()));
         return Ok(());
     }
-    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
     let lib_dir = Path::new(sysroot.trim()).join("lib");
     let soname = std::fs::read_dir(&lib_dir)
         .with_context(|| format!("listing {}", lib_dir.display()))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .find(|name| name.starts_with("libLLVM.so."))
-        .with_context(|| format!("no libLLVM.so.* in {}: is the nightly toolchain complete?", lib_dir.display()))?;
-    let major = soname.trim_start_matches("libLLVM.so.").split('.').next().unwrap_or_default().to_owned();
-    ensure!(major.parse::<u32>().is_ok(), "cannot read the LLVM version from {soname}");
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: is the nightly toolchain complete?",
+                lib_dir.display()
+            )
+        })?;
+    let major = soname
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        major.parse::<u32>().is_ok(),
+        "cannot read the LLVM version from {soname}"
+    );
     let prefix = cargo_home.join("bpf-linker-llvm");
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     // libLLVM.so for the build, the full soname for bpf-linker's RUNPATH at run time.
     for link in ["libLLVM.so", soname.as_str()] {
         let path = prefix_lib.join(link);
         let _ = std::fs::remove_file(&path);
-        std::os::unix::fs::symlink(lib_dir.join(&soname), &path).with_context(|| format!("linking {}", path.display()))?;
+        std::os::unix::fs::symlink(lib_dir.join(&soname), &path)
+            .with_context(|| format!("linking {}", path.display()))?;
     }
-    status("bpf-linker", &format!("building {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)"));
-    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
-        .args(["--features", &format!("llvm-{major}")])
-        .arg("--root")
-        .arg(&cargo_home)
-        .env("LLVM_PREFIX", &prefix))?;
+    status(
+        "bpf-linker",
+        &format!(
+            "building {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)"
+        ),
+    );
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+            ])
+            .args(["--features", &format!("llvm-{major}")])
+            .arg("--root")
+            .arg(&cargo_home)
+            .env("LLVM_PREFIX", &prefix),
+    )?;
     ensure!(
-        succeeds(Command::new(&linker).arg("--version").env_remove("LD_LIBRARY_PATH")),
+        succeeds(
+            Command::new(&linker)
+                .arg("--version")
+                .env_remove("LD_LIBRARY_PATH")
+        ),
         "{} was installed but does not run",
         linker.display()
     );
@@ -133,13 +194,26 @@ fn bpffs() -> anyhow::Result<()> {
 
 /// The socket hooks attach to cgroup v2.
 fn cgroup2() -> anyhow::Result<()> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    match mountinfo.lines().find(|l| l.split(" - ").nth(1).is_some_and(|r| r.starts_with("cgroup2 "))) {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    match mountinfo.lines().find(|l| {
+        l.split(" - ")
+            .nth(1)
+            .is_some_and(|r| r.starts_with("cgroup2 "))
+    }) {
         Some(line) => {
-            status("cgroup2", &format!("mounted on {}", line.split_whitespace().nth(4).unwrap_or("?")));
+            status(
+                "cgroup2",
+                &format!(
+                    "mounted on {}",
+                    line.split_whitespace().nth(4).unwrap_or("?")
+                ),
+            );
             Ok(())
         }
-        None => bail!("cgroup v2 is not mounted; mount it (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`)"),
+        None => bail!(
+            "cgroup v2 is not mounted; mount it (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`)"
+        ),
     }
 }
 

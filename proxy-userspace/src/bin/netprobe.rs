@@ -81,14 +81,21 @@ enum Command {
 fn enter(netns: Option<&str>, cgroup: Option<&PathBuf>) -> anyhow::Result<()> {
     if let Some(cgroup) = cgroup {
         let procs = cgroup.join("cgroup.procs");
-        std::fs::write(&procs, std::process::id().to_string()).with_context(|| format!("joining cgroup {}", procs.display()))?;
+        std::fs::write(&procs, std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", procs.display()))?;
     }
     if let Some(netns) = netns {
-        let path = if netns.contains('/') { PathBuf::from(netns) } else { PathBuf::from("/var/run/netns").join(netns) };
-        let file = std::fs::File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))?;
+        let path = if netns.contains('/') {
+            PathBuf::from(netns)
+        } else {
+            PathBuf::from("/var/run/netns").join(netns)
+        };
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("opening network namespace {}", path.display()))?;
         // SAFETY: a valid namespace fd; single-threaded at this point.
         if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("entering network namespace {}", path.display()));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("entering network namespace {}", path.display()));
         }
     }
     Ok(())
@@ -109,12 +116,16 @@ fn failure(e: &std::io::Error, started: Instant) -> serde_json::Value {
 /// Parses an echo answer "ID CLIENT-ADDR".
 fn answer(line: &str) -> (String, String) {
     let mut parts = line.trim().splitn(2, ' ');
-    (parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned())
+    (
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("").to_owned(),
+    )
 }
 
 fn serve(id: String, tcp: Vec<u16>, udp: Vec<u16>, max_secs: u64) -> anyhow::Result<()> {
     for port in tcp {
-        let listener = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding TCP port {port}"))?;
+        let listener = TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("binding TCP port {port}"))?;
         let id = id.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -124,7 +135,8 @@ fn serve(id: String, tcp: Vec<u16>, udp: Vec<u16>, max_secs: u64) -> anyhow::Res
         });
     }
     for port in udp {
-        let socket = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding UDP port {port}"))?;
+        let socket = UdpSocket::bind(("0.0.0.0", port))
+            .with_context(|| format!("binding UDP port {port}"))?;
         let id = id.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
@@ -141,7 +153,9 @@ fn serve(id: String, tcp: Vec<u16>, udp: Vec<u16>, max_secs: u64) -> anyhow::Res
 fn serve_tcp(stream: TcpStream, id: &str) {
     let Ok(peer) = stream.peer_addr() else { return };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut lines = BufReader::new(stream).lines();
     while let Some(Ok(line)) = lines.next() {
         if line.starts_with("GET ") {
@@ -152,7 +166,11 @@ fn serve_tcp(stream: TcpStream, id: &str) {
                 }
             }
             let body = format!("hello from {id} (you are {peer})\n");
-            let _ = write!(writer, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            let _ = write!(
+                writer,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
             return;
         }
         if writeln!(writer, "{id} {peer}").is_err() {
@@ -165,19 +183,30 @@ fn exchange(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> std::i
     writer.write_all(b"hello\n")?;
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
     }
     Ok(line)
 }
 
-fn tcp_once(to: SocketAddr, timeout: Duration, hold: Duration, interval: Duration) -> serde_json::Value {
+fn tcp_once(
+    to: SocketAddr,
+    timeout: Duration,
+    hold: Duration,
+    interval: Duration,
+) -> serde_json::Value {
     let started = Instant::now();
     let stream = match TcpStream::connect_timeout(&to, timeout) {
         Ok(s) => s,
         Err(e) => return failure(&e, started),
     };
     let _ = stream.set_read_timeout(Some(timeout));
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => return failure(&e, started),
@@ -222,19 +251,26 @@ fn udp_once(to: SocketAddr, timeout: Duration, connected: bool) -> serde_json::V
             socket.recv_from(&mut buf)?
         };
         let (backend, server_saw) = answer(&String::from_utf8_lossy(&buf[..n]));
-        Ok(json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": from.to_string(), "ms": started.elapsed().as_secs_f64() * 1000.0}))
+        Ok(
+            json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": from.to_string(), "ms": started.elapsed().as_secs_f64() * 1000.0}),
+        )
     };
     attempt().unwrap_or_else(|e| failure(&e, started))
 }
 
 fn http_once(to: SocketAddr) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).with_context(|| format!("connecting to {to}"))?;
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {to}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     write!(stream, "GET / HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response.lines().next().unwrap_or("").to_owned();
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim_end().to_owned();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .trim_end()
+        .to_owned();
     Ok(format!("GET http://{to}/ -> {status}: {body}"))
 }
 
@@ -242,17 +278,42 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     enter(args.netns.as_deref(), args.cgroup.as_ref())?;
     match args.command {
-        Command::Serve { id, tcp, udp, max_secs } => serve(id, tcp, udp, max_secs)?,
-        Command::Tcp { to, count, timeout_ms, hold_ms, interval_ms, gap_ms } => {
+        Command::Serve {
+            id,
+            tcp,
+            udp,
+            max_secs,
+        } => serve(id, tcp, udp, max_secs)?,
+        Command::Tcp {
+            to,
+            count,
+            timeout_ms,
+            hold_ms,
+            interval_ms,
+            gap_ms,
+        } => {
             for _ in 0..count {
-                let result = tcp_once(to, Duration::from_millis(timeout_ms), Duration::from_millis(hold_ms), Duration::from_millis(interval_ms));
+                let result = tcp_once(
+                    to,
+                    Duration::from_millis(timeout_ms),
+                    Duration::from_millis(hold_ms),
+                    Duration::from_millis(interval_ms),
+                );
                 println!("{result}");
                 std::thread::sleep(Duration::from_millis(gap_ms));
             }
         }
-        Command::Udp { to, count, timeout_ms, connected } => {
+        Command::Udp {
+            to,
+            count,
+            timeout_ms,
+            connected,
+        } => {
             for _ in 0..count {
-                println!("{}", udp_once(to, Duration::from_millis(timeout_ms), connected));
+                println!(
+                    "{}",
+                    udp_once(to, Duration::from_millis(timeout_ms), connected)
+                );
             }
         }
         Command::Http { to, count } => {

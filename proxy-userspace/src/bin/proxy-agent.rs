@@ -5,7 +5,10 @@ use clap::Parser;
 use proxy::{agent, datapath::TcAttach};
 
 #[derive(Parser)]
-#[command(version, about = "eBPF Kubernetes service proxy (kube-proxy replacement) node agent")]
+#[command(
+    version,
+    about = "eBPF Kubernetes service proxy (kube-proxy replacement) node agent"
+)]
 struct Args {
     /// Kubernetes YAML manifests to serve (v1 Service, discovery.k8s.io/v1 EndpointSlice):
     /// a file, a multi-document file or a directory; re-read when they change.

@@ -67,7 +67,11 @@ fn service_rows(maps: &Maps) -> anyhow::Result<Vec<ServiceRow>> {
     let mut rows = Vec::new();
     for entry in maps.services.iter() {
         let (key, value) = entry?;
-        let full = maps.names.get(&value.id, 0).map(|n| decode_name(&n)).unwrap_or_else(|_| format!("<id {}>", value.id));
+        let full = maps
+            .names
+            .get(&value.id, 0)
+            .map(|n| decode_name(&n))
+            .unwrap_or_else(|_| format!("<id {}>", value.id));
         let (namespace, name, port_name) = split_name(&full);
         let counters = maps.service_counters(value.id)?;
         rows.push(ServiceRow {
@@ -78,18 +82,34 @@ fn service_rows(maps: &Maps) -> anyhow::Result<Vec<ServiceRow>> {
             port: key.port,
             protocol: Protocol::from_ip_proto(key.proto).map_or("?", Protocol::name),
             backends: value.count,
-            session_affinity_timeout_seconds: (value.flags & proxy_common::SVC_FLAG_AFFINITY != 0).then_some(value.affinity_timeout_secs),
+            session_affinity_timeout_seconds: (value.flags & proxy_common::SVC_FLAG_AFFINITY != 0)
+                .then_some(value.affinity_timeout_secs),
             connections: counters.conns,
             packets: counters.packets,
             bytes: counters.bytes,
         });
     }
-    rows.sort_by(|a, b| (&a.namespace, &a.name, a.port, a.protocol).cmp(&(&b.namespace, &b.name, b.port, b.protocol)));
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.name, a.port, a.protocol).cmp(&(
+            &b.namespace,
+            &b.name,
+            b.port,
+            b.protocol,
+        ))
+    });
     Ok(rows)
 }
 
 fn table(rows: &[ServiceRow]) -> String {
-    let header = ["SERVICE", "ADDRESS", "BACKENDS", "AFFINITY", "CONNECTIONS", "PACKETS", "BYTES"];
+    let header = [
+        "SERVICE",
+        "ADDRESS",
+        "BACKENDS",
+        "AFFINITY",
+        "CONNECTIONS",
+        "PACKETS",
+        "BYTES",
+    ];
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
@@ -101,15 +121,33 @@ fn table(rows: &[ServiceRow]) -> String {
                 service,
                 format!("{}:{}/{}", r.address, r.port, r.protocol),
                 r.backends.to_string(),
-                r.session_affinity_timeout_seconds.map_or("-".to_owned(), |t| format!("ClientIP {t}s")),
+                r.session_affinity_timeout_seconds
+                    .map_or("-".to_owned(), |t| format!("ClientIP {t}s")),
                 r.connections.to_string(),
                 r.packets.to_string(),
                 r.bytes.to_string(),
             ]
         })
         .collect();
-    let widths: Vec<usize> = (0..header.len()).map(|i| cells.iter().map(|c| c[i].len()).chain([header[i].len()]).max().unwrap_or(0)).collect();
-    let line = |cols: &[&str]| cols.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cols: &[&str]| {
+        cols.iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
     let mut out = line(&header) + "\n";
     for row in &cells {
         out += &line(&row.iter().map(String::as_str).collect::<Vec<_>>());
@@ -129,7 +167,9 @@ fn emit(text: &str) -> anyhow::Result<()> {
 fn run(args: Args) -> anyhow::Result<()> {
     let maps = Maps::open(&args.bpffs)?;
     match args.command {
-        Command::Service { command: ServiceCommand::List } => {
+        Command::Service {
+            command: ServiceCommand::List,
+        } => {
             let rows = service_rows(&maps)?;
             emit(&match args.output {
                 Output::Table => table(&rows),
