@@ -1,32 +1,51 @@
-//! The agent's main loop: load and attach the datapath, then keep the maps equal to what the
-//! source says, collect conntrack garbage, and serve metrics, until SIGTERM/SIGINT.
+//! The agent's main loop: load and attach the datapath (or keep a previous agent's), then
+//! keep the maps equal to what the source says — coalescing bursts of changes, retrying
+//! failures, repairing drift — collect conntrack garbage and serve metrics, until
+//! SIGTERM/SIGINT. The datapath and its maps stay in place when the agent stops.
 use std::{
+    collections::HashSet,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
+    time::sleep_until,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     conntrack,
     datapath::{Datapath, TcAttach},
+    desired::Topology,
     manifest::ManifestSource,
     maps::Maps,
     metrics::Metrics,
     reconcile::Reconciler,
-    rejection::Reason,
-    store::Store,
+    rejection::{Reason, Rejection},
+    source::{self, SourceEvent},
+    store::{Kind, Outcome, Store},
 };
 
+pub enum SourceConfig {
+    Manifests(PathBuf),
+    Kubernetes {
+        /// `None`: KUBECONFIG, ~/.kube/config or in-cluster.
+        kubeconfig: Option<PathBuf>,
+        /// Watch one namespace only.
+        namespace: Option<String>,
+    },
+}
+
 pub struct Config {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
+    /// This node's name (for node-local endpoints and topology).
+    pub node_name: Option<String>,
+    pub proxy_name: Option<String>,
     /// `None`: the cgroup v2 root.
     pub cgroup: Option<PathBuf>,
     pub bpffs: PathBuf,
@@ -35,36 +54,121 @@ pub struct Config {
     pub tc_attach: TcAttach,
     pub metrics_bind: SocketAddr,
     pub conntrack_gc_interval: Duration,
-    /// Quiet time after a change before re-reading, so that a burst of writes is read once.
+    /// Quiet time after a manifest change before re-reading.
     pub debounce: Duration,
+    /// Least time between two syncs: a burst of changes is programmed together.
+    pub min_sync_interval: Duration,
+    /// How often the maps are compared with the desired state and repaired.
+    pub resync_interval: Duration,
 }
 
+/// Delay before retrying service ports whose programming failed.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 struct Agent {
-    source: ManifestSource,
     store: Store,
     reconciler: Reconciler<Maps>,
     metrics: Arc<Metrics>,
+    /// Kinds the source has listed completely at least once: programming waits for both,
+    /// so that a restarted agent never programs services before their endpoints are known.
+    listed: HashSet<Kind>,
+    /// Since when a change is waiting to be programmed.
+    pending_since: Option<Instant>,
+    writes_reported: u64,
 }
 
 impl Agent {
-    /// Reads the source and programs the difference.
-    fn sync(&mut self) {
-        let started = Instant::now();
-        let loaded = self.source.load();
-        let outcome = self.store.replace(&loaded.objects);
-        let (desired, conflicts) = self.store.desired();
-        for rejection in loaded
-            .rejections
-            .iter()
-            .chain(&outcome.rejections)
-            .chain(&conflicts)
-        {
+    fn ready(&self) -> bool {
+        self.listed.contains(&Kind::Service) && self.listed.contains(&Kind::EndpointSlice)
+    }
+
+    fn report(&self, rejections: &[Rejection]) {
+        for rejection in rejections {
             error!("rejected: {rejection}");
             self.metrics.reject(rejection.reason);
         }
+    }
+
+    /// Takes in what a store update did; returns whether it changed what is served.
+    fn account(&mut self, outcome: Outcome) -> bool {
+        self.report(&outcome.rejections);
         for why in &outcome.ignored {
             info!("not proxied: {why}");
         }
+        self.metrics
+            .service_changes
+            .inc_by(outcome.service_changes as u64);
+        self.metrics
+            .endpoint_changes
+            .inc_by(outcome.endpoint_changes as u64);
+        self.metrics
+            .endpoint_changes_pending
+            .add(outcome.endpoint_changes as i64);
+        outcome.service_changes + outcome.endpoint_changes > 0
+    }
+
+    /// Applies a source event to the store; returns whether a sync is needed.
+    fn handle(&mut self, event: SourceEvent) -> bool {
+        let dirty = match event {
+            SourceEvent::Replace {
+                kinds,
+                objects,
+                rejections,
+            } => {
+                self.report(&rejections);
+                let outcome = self.store.replace(&kinds, &objects);
+                self.listed.extend(kinds);
+                self.account(outcome);
+                // A whole-set update is rare (reload, re-list): always sync and log it.
+                true
+            }
+            SourceEvent::Apply(object) => {
+                let outcome = self.store.apply(&object);
+                self.account(outcome)
+            }
+            SourceEvent::Delete(kind, name) => {
+                let outcome = self.store.delete(kind, name);
+                self.account(outcome)
+            }
+            SourceEvent::Topology(topology) => {
+                let changed = self.store.set_topology(topology.clone());
+                if changed {
+                    info!("node topology: {topology:?}");
+                }
+                changed
+            }
+            SourceEvent::Connected(Ok(())) => {
+                info!("the source is reachable again; catching up");
+                self.metrics.source_connected.set(1);
+                false
+            }
+            SourceEvent::Connected(Err(e)) => {
+                warn!("the source is unreachable; still serving the last programmed state: {e}");
+                self.metrics.source_connected.set(0);
+                self.metrics.source_errors.inc();
+                false
+            }
+        };
+        if dirty {
+            self.pending_since.get_or_insert_with(Instant::now);
+        }
+        dirty
+    }
+
+    fn count_writes(&mut self) {
+        let writes = self.reconciler.writes();
+        self.metrics
+            .map_writes
+            .inc_by(writes - self.writes_reported);
+        self.writes_reported = writes;
+    }
+
+    /// Programs the difference between the store and the maps; returns whether all of it
+    /// was programmed.
+    fn sync(&mut self) -> bool {
+        let started = Instant::now();
+        let (desired, conflicts) = self.store.desired();
+        self.report(&conflicts);
         let report = self.reconciler.apply(&desired);
         for (service, e) in &report.errors {
             error!("programming {service} failed, keeping its previous state: {e:#}");
@@ -74,22 +178,42 @@ impl Agent {
         let elapsed = started.elapsed();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         self.metrics.service_ports.set(self.reconciler.len() as i64);
-        if report.errors.is_empty() {
+        self.count_writes();
+        let complete = report.errors.is_empty();
+        if complete {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
             self.metrics.last_sync.set(now.as_secs_f64());
+            self.metrics.endpoint_changes_pending.set(0);
+            if let Some(since) = self.pending_since.take() {
+                self.metrics
+                    .network_programming
+                    .observe(since.elapsed().as_secs_f64());
+            }
         }
         info!(
-            "synced {} service ports from {}: {} changed, {} removed, {} unchanged, {} failed, in {:.1} ms",
+            "synced {} service ports: {} changed, {} removed, {} unchanged, {} failed, in {:.1} ms",
             self.reconciler.len(),
-            self.source.path().display(),
             report.changed,
             report.removed,
             report.unchanged,
             report.errors.len(),
             elapsed.as_secs_f64() * 1000.0
         );
+        complete
+    }
+
+    fn repair(&mut self) {
+        match self.reconciler.repair() {
+            Ok(0) => {}
+            Ok(n) => {
+                warn!("resync: repaired {n} map entries that differed from the desired state");
+                self.metrics.drift_repairs.inc_by(n as u64);
+            }
+            Err(e) => error!("resync failed: {e:#}"),
+        }
+        self.count_writes();
     }
 }
 
@@ -102,22 +226,53 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
+/// Starts the configured source; it sends its events until the agent stops.
+async fn start_source(
+    config: &Config,
+    events: mpsc::Sender<SourceEvent>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    Ok(match &config.source {
+        SourceConfig::Manifests(path) => {
+            let source = ManifestSource::new(path);
+            info!("source: manifests at {}", source.path().display());
+            tokio::spawn(source::run_manifests(source, events, config.debounce))
+        }
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            namespace,
+        } => {
+            let client = crate::kubernetes::client(kubeconfig.as_deref()).await?;
+            info!(
+                "source: the Kubernetes API ({}), namespace {}",
+                client.default_namespace(),
+                namespace.as_deref().unwrap_or("<all>")
+            );
+            let scope = crate::kubernetes::Scope {
+                namespace: namespace.clone(),
+                proxy_name: config.proxy_name.clone(),
+                node_name: config.node_name.clone(),
+            };
+            tokio::spawn(crate::kubernetes::run(client, scope, events))
+        }
+    })
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let cgroup = match config.cgroup {
-        Some(c) => c,
+    let cgroup = match &config.cgroup {
+        Some(c) => c.clone(),
         None => crate::datapath::cgroup2_mount()?,
     };
     let mut datapath = Datapath::load(&config.bpffs)?;
     datapath.attach_socket_hooks(&cgroup)?;
     datapath.attach_tc(&config.interfaces, config.tc_attach)?;
+    datapath.detach_stale()?;
     for attachment in &datapath.attachments {
         info!("attached {attachment}");
     }
     if let Some(ip) = config.node_ip {
         info!("node IP {ip} (used by NodePort and external traffic)");
     }
-    let maps = Maps::open(&config.bpffs)?;
-    let reconciler = Reconciler::adopt(maps)?;
+    let reconciler = Reconciler::adopt(Maps::open(&config.bpffs)?)?;
     if !reconciler.is_empty() {
         info!(
             "adopted {} service ports already in the pinned maps",
@@ -129,44 +284,64 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = crate::http::bind(config.metrics_bind).await?;
     let mut server = tokio::spawn(crate::http::serve(listener, metrics.clone()));
 
-    let source = ManifestSource::new(&config.manifests);
-    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
-    let _watcher = source.watch(move || {
-        // A full channel already means "re-read": nothing is lost by dropping this one.
-        let _ = changed_tx.try_send(());
-    })?;
+    let (events_tx, mut events) = mpsc::channel(1024);
+    let mut source = start_source(&config, events_tx).await?;
+    let topology = Topology {
+        node_name: config.node_name.clone(),
+        zone: None,
+    };
     let mut agent = Agent {
-        source,
-        store: Store::default(),
+        store: Store::new(config.proxy_name.clone(), topology),
         reconciler,
         metrics,
+        listed: HashSet::new(),
+        pending_since: None,
+        writes_reported: 0,
     };
-    agent.sync();
 
     let mut gc = tokio::time::interval(config.conntrack_gc_interval);
+    let mut resync = tokio::time::interval(config.resync_interval);
+    resync.reset();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut dirty = false;
+    let mut sync_at: Option<tokio::time::Instant> = None;
+    let mut last_sync = tokio::time::Instant::now() - config.min_sync_interval;
     loop {
-        tokio::select! {
-            Some(()) = changed.recv() => {
-                tokio::time::sleep(config.debounce).await;
-                while changed.try_recv().is_ok() {}
-                agent.sync();
+        if dirty && agent.ready() && sync_at.is_none() {
+            sync_at = Some(tokio::time::Instant::now().max(last_sync + config.min_sync_interval));
+        }
+        let sync_due = async {
+            match sync_at {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => dirty |= agent.handle(event),
+                None => bail!("the source stopped"),
+            },
+            _ = sync_due => {
+                sync_at = None;
+                last_sync = tokio::time::Instant::now();
+                dirty = !agent.sync();
+                if dirty {
+                    sync_at = Some(last_sync + RETRY_AFTER);
+                }
+            }
+            _ = resync.tick(), if agent.ready() => agent.repair(),
             _ = gc.tick() => {
                 let report = conntrack::collect_garbage(&mut conntrack);
                 agent.metrics.conntrack_entries.set(report.entries as i64);
                 agent.metrics.conntrack_expired.inc_by(report.expired as u64);
             }
+            result = &mut source => bail!("the source stopped: {:#}", result.map_or_else(anyhow::Error::from, |r| r.err().unwrap_or_else(|| anyhow::anyhow!("ended")))),
+            result = &mut server => bail!("the metrics server stopped: {result:?}"),
             signal = &mut shutdown => {
-                info!("{}: detaching the datapath; maps stay pinned under {}", signal?, config.bpffs.display());
-                break;
-            }
-            result = &mut server => {
-                return Err(anyhow::anyhow!("the metrics server stopped: {result:?}"));
+                info!("{}: exiting; the datapath keeps serving from the maps and links pinned under {}", signal?, config.bpffs.display());
+                return Ok(());
             }
         }
     }
-    drop(datapath);
-    Ok(())
 }

@@ -1,6 +1,8 @@
 //! Loads the eBPF object with every map pinned under the bpffs directory (re-opening maps a
 //! previous agent pinned, so their content survives a restart) and attaches the programs:
-//! the socket hooks to a cgroup, the tc programs to interfaces.
+//! the socket hooks to a cgroup, the tc programs to interfaces. Attachments are bpf_links
+//! pinned under `<bpffs>/links/`, so the datapath keeps serving while the agent is down or
+//! restarting; a restarted agent keeps them instead of re-attaching.
 use std::{
     fs::File,
     path::{Path, PathBuf},
@@ -11,12 +13,13 @@ use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
-        links::LinkOrder,
+        links::{FdLink, LinkOrder, PinnedLink},
         tc::{self, NlOptions, TcAttachOptions, TcError},
     },
     util::KernelVersion,
 };
 use proxy_common::maps;
+use tracing::info;
 
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
 
@@ -43,11 +46,30 @@ const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The loaded datapath. Dropping it detaches every program; the pinned maps stay.
+/// The loaded datapath. Pinned attachments and maps outlive it; netlink tc filters (which
+/// cannot be pinned) are detached when it is dropped.
 pub struct Datapath {
     ebpf: Ebpf,
+    links_dir: PathBuf,
+    /// Pin names of the attachments this configuration wants.
+    wanted: Vec<String>,
     /// Where each program is attached, for logs and `proxyctl`.
     pub attachments: Vec<String>,
+}
+
+/// A bpffs file name for an attachment (bpffs refuses some characters, dots among them).
+fn pin_name(program: &str, target: &str) -> String {
+    let target: String = target
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{program}@{target}")
 }
 
 fn ensure_bpffs_dir(dir: &Path) -> anyhow::Result<()> {
@@ -98,10 +120,55 @@ impl Datapath {
                 bpffs.display()
             )
         })?;
+        let links_dir = bpffs.join("links");
+        std::fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
         Ok(Self {
             ebpf,
+            links_dir,
+            wanted: Vec::new(),
             attachments: Vec::new(),
         })
+    }
+
+    /// Whether `name` is already attached by a pinned link (from a previous agent).
+    fn kept(&mut self, name: String, description: String) -> anyhow::Result<bool> {
+        let path = self.links_dir.join(&name);
+        self.wanted.push(name);
+        if !path.exists() {
+            return Ok(false);
+        }
+        PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening pinned link {}", path.display()))?;
+        self.attachments.push(format!("{description} (kept)"));
+        Ok(true)
+    }
+
+    fn pin(&mut self, link: FdLink, name: &str, description: String) -> anyhow::Result<()> {
+        let path = self.links_dir.join(name);
+        link.pin(&path)
+            .with_context(|| format!("pinning link {}", path.display()))?;
+        self.attachments.push(description);
+        Ok(())
+    }
+
+    /// Detaches what a previous configuration attached and this one does not want (e.g. an
+    /// interface dropped from --interfaces).
+    pub fn detach_stale(&mut self) -> anyhow::Result<()> {
+        let entries = std::fs::read_dir(&self.links_dir)
+            .with_context(|| format!("listing {}", self.links_dir.display()))?;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if self.wanted.contains(&name) {
+                continue;
+            }
+            let link = PinnedLink::from_pin(entry.path())
+                .with_context(|| format!("opening pinned link {name}"))?;
+            link.unpin()
+                .with_context(|| format!("unpinning stale link {name}"))?;
+            info!("detached stale attachment {name}");
+        }
+        Ok(())
     }
 
     /// Socket-level load balancing for every process in `cgroup` and its descendants.
@@ -109,6 +176,11 @@ impl Datapath {
         let fd =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in SOCKET_HOOKS {
+            let pin = pin_name(name, &cgroup.to_string_lossy());
+            let description = format!("{name} on cgroup {}", cgroup.display());
+            if self.kept(pin.clone(), description.clone())? {
+                continue;
+            }
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
@@ -118,11 +190,12 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("loading {name} (verifier)"))?;
             // A bpf_link attachment: it coexists with other programs on the cgroup.
-            program
+            let id = program
                 .attach(&fd, CgroupAttachMode::default())
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-            self.attachments
-                .push(format!("{name} on cgroup {}", cgroup.display()));
+            let link = FdLink::try_from(program.take_link(id)?)
+                .context("a cgroup attachment is a bpf_link")?;
+            self.pin(link, &pin, description)?;
         }
         Ok(())
     }
@@ -136,16 +209,26 @@ impl Datapath {
                 KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
             }
         };
+        let how = if tcx { "tcx" } else { "netlink" };
         for (name, attach_type) in TC_PROGRAMS {
-            let program: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("loading {name} (verifier)"))?;
+            let mut loaded = false;
             for iface in interfaces {
+                let description = format!("{name} on {iface} {attach_type:?} ({how})");
+                let pin = pin_name(name, iface);
+                // Netlink filters cannot be pinned: they are re-attached by every agent.
+                if tcx && self.kept(pin.clone(), description.clone())? {
+                    continue;
+                }
+                let program: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name} missing from the eBPF object"))?
+                    .try_into()?;
+                if !std::mem::replace(&mut loaded, true) {
+                    program
+                        .load()
+                        .with_context(|| format!("loading {name} (verifier)"))?;
+                }
                 let options = if tcx {
                     TcAttachOptions::TcxOrder(LinkOrder::default())
                 } else {
@@ -160,12 +243,16 @@ impl Datapath {
                     }
                     TcAttachOptions::Netlink(NlOptions::default())
                 };
-                program
+                let id = program
                     .attach_with_options(iface, attach_type, options)
                     .with_context(|| format!("attaching {name} to {iface} ({attach_type:?})"))?;
-                let how = if tcx { "tcx" } else { "netlink" };
-                self.attachments
-                    .push(format!("{name} on {iface} {attach_type:?} ({how})"));
+                if tcx {
+                    let link = FdLink::try_from(program.take_link(id)?)
+                        .context("a TCX attachment is a bpf_link")?;
+                    self.pin(link, &pin, description)?;
+                } else {
+                    self.attachments.push(description);
+                }
             }
         }
         Ok(())

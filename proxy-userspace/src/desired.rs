@@ -36,11 +36,48 @@ pub fn port_display_name(spec: &ServiceSpec, port: &PortSpec) -> String {
     }
 }
 
+/// Where this agent runs: for node-local and topology-aware endpoint selection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Topology {
+    pub node_name: Option<String>,
+    /// The node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+impl Topology {
+    fn is_local(&self, e: &EndpointSpec) -> bool {
+        self.node_name.is_some() && e.node_name == self.node_name
+    }
+
+    /// kube-proxy's rule for zone hints: only when every ready endpoint has hints and at
+    /// least one is hinted for this node's zone (otherwise hints could starve the zone).
+    fn hinted_zone<'a>(&'a self, endpoints: &[(&EndpointSpec, u16)]) -> Option<&'a str> {
+        let zone = self.zone.as_deref()?;
+        let mut ready = endpoints.iter().filter(|(e, _)| e.ready).peekable();
+        ready.peek()?;
+        let mut any_for_zone = false;
+        for (e, _) in ready {
+            if e.zone_hints.is_empty() {
+                return None;
+            }
+            any_for_zone |= e.zone_hints.iter().any(|z| z == zone);
+        }
+        any_for_zone.then_some(zone)
+    }
+}
+
 /// The backends of one service port: endpoints of the service's slices whose port has the
-/// service port's name and protocol (the slice port number is the resolved targetPort).
-/// Kubernetes semantics: ready endpoints serve; only when none is ready do the
-/// serving-but-terminating ones take traffic, so a rollout's last pods drain gracefully.
-fn backends(port: &PortSpec, slices: &[&SliceSpec]) -> Vec<Backend> {
+/// service port's name and protocol (the slice port number is the resolved targetPort),
+/// chosen as kube-proxy does: ready endpoints that are eligible (on this node for
+/// `internalTrafficPolicy: Local`, hinted for this zone when hints apply); when none is,
+/// the serving-and-terminating ones (node-local ones for Local), so that a rollout's last
+/// pods drain gracefully.
+fn backends(
+    spec: &ServiceSpec,
+    port: &PortSpec,
+    slices: &[&SliceSpec],
+    topology: &Topology,
+) -> Vec<Backend> {
     let candidates: Vec<(&EndpointSpec, u16)> = slices
         .iter()
         .filter_map(|s| {
@@ -52,19 +89,35 @@ fn backends(port: &PortSpec, slices: &[&SliceSpec]) -> Vec<Backend> {
         })
         .flatten()
         .collect();
-    let any_ready = candidates.iter().any(|(e, _)| e.ready);
-    let mut out: Vec<Backend> = candidates
+    let zone = if spec.internal_local {
+        None
+    } else {
+        topology.hinted_zone(&candidates)
+    };
+    let placed = |e: &EndpointSpec| {
+        if spec.internal_local {
+            topology.is_local(e)
+        } else {
+            zone.is_none_or(|z| e.zone_hints.iter().any(|h| h == z))
+        }
+    };
+    let mut chosen: Vec<&(&EndpointSpec, u16)> = candidates
+        .iter()
+        .filter(|(e, _)| e.ready && placed(e))
+        .collect();
+    if chosen.is_empty() {
+        chosen = candidates
+            .iter()
+            .filter(|(e, _)| {
+                e.serving && e.terminating && (!spec.internal_local || topology.is_local(e))
+            })
+            .collect();
+    }
+    let mut out: Vec<Backend> = chosen
         .into_iter()
-        .filter(|(e, _)| {
-            if any_ready {
-                e.ready
-            } else {
-                e.serving && e.terminating
-            }
-        })
         .map(|(e, target)| Backend {
             addr: e.addr.octets(),
-            port: target,
+            port: *target,
             proto: port.protocol.ip_proto(),
             pad: 0,
         })
@@ -79,6 +132,7 @@ fn backends(port: &PortSpec, slices: &[&SliceSpec]) -> Vec<Backend> {
 pub fn desired_state<'a>(
     services: impl Iterator<Item = &'a ServiceSpec>,
     slices: impl Iterator<Item = &'a SliceSpec>,
+    topology: &Topology,
 ) -> (DesiredState, Vec<Rejection>) {
     let mut by_service: BTreeMap<(&str, &str), Vec<&SliceSpec>> = BTreeMap::new();
     for slice in slices {
@@ -112,7 +166,7 @@ pub fn desired_state<'a>(
                 ));
                 continue;
             }
-            let backends = backends(port, slices);
+            let backends = backends(spec, port, slices, topology);
             state.insert(
                 key,
                 DesiredService {
@@ -148,6 +202,7 @@ mod tests {
             cluster_ip: Ipv4Addr::from(ip),
             ports,
             affinity_timeout_secs: None,
+            internal_local: false,
         }
     }
 
@@ -157,6 +212,8 @@ mod tests {
             ready,
             serving,
             terminating,
+            node_name: None,
+            zone_hints: vec![],
         }
     }
 
@@ -213,7 +270,8 @@ mod tests {
                 vec![ep(9, true, true, false)],
             ),
         ];
-        let (state, rejections) = desired_state([&web].into_iter(), slices.iter());
+        let (state, rejections) =
+            desired_state([&web].into_iter(), slices.iter(), &Topology::default());
         assert!(rejections.is_empty());
         let http = &state[&ServiceKey {
             addr: [10, 96, 0, 10],
@@ -245,7 +303,7 @@ mod tests {
                 ep(3, false, false, false),
             ],
         )];
-        let (state, _) = desired_state([&web].into_iter(), with_ready.iter());
+        let (state, _) = desired_state([&web].into_iter(), with_ready.iter(), &Topology::default());
         assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
 
         let draining = [slice(
@@ -258,14 +316,15 @@ mod tests {
                 ep(4, false, false, false),
             ],
         )];
-        let (state, _) = desired_state([&web].into_iter(), draining.iter());
+        let (state, _) = desired_state([&web].into_iter(), draining.iter(), &Topology::default());
         assert_eq!(addrs(state.values().next().unwrap()), [(2, 80)]);
     }
 
     #[test]
     fn service_without_slices_has_no_backends() {
         let web = svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
-        let (state, _) = desired_state([&web].into_iter(), std::iter::empty());
+        let (state, _) =
+            desired_state([&web].into_iter(), std::iter::empty(), &Topology::default());
         let d = state.values().next().unwrap();
         assert_eq!(d.name, "ns/web");
         assert!(d.backends.is_empty());
@@ -279,7 +338,11 @@ mod tests {
             [10, 96, 0, 10],
             vec![port("", 80, Protocol::Tcp), port("", 81, Protocol::Tcp)],
         );
-        let (state, rejections) = desired_state([&a, &b].into_iter(), std::iter::empty());
+        let (state, rejections) = desired_state(
+            [&a, &b].into_iter(),
+            std::iter::empty(),
+            &Topology::default(),
+        );
         assert_eq!(state.len(), 2);
         assert_eq!(rejections.len(), 1);
         assert_eq!(rejections[0].reason, Reason::Conflict);
@@ -290,5 +353,98 @@ mod tests {
             "{}",
             rejections[0]
         );
+    }
+
+    fn placed(
+        last: u8,
+        ready: bool,
+        terminating: bool,
+        node: &str,
+        zones: &[&str],
+    ) -> EndpointSpec {
+        EndpointSpec {
+            node_name: Some(node.into()),
+            zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+            ..ep(last, ready, ready || terminating, terminating)
+        }
+    }
+
+    fn here() -> Topology {
+        Topology {
+            node_name: Some("node-a".into()),
+            zone: Some("zone-a".into()),
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_node_local_endpoints_only() {
+        let web = ServiceSpec {
+            internal_local: true,
+            ..svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)])
+        };
+        let slices = [slice(
+            "s",
+            "web",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![
+                placed(1, true, false, "node-a", &[]),
+                placed(2, true, false, "node-b", &[]),
+            ],
+        )];
+        let (state, _) = desired_state([&web].into_iter(), slices.iter(), &here());
+        assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
+        // No local endpoint: nothing (kube-proxy drops), even though node-b has one.
+        let remote = [slice(
+            "s",
+            "web",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![placed(2, true, false, "node-b", &[])],
+        )];
+        let (state, _) = desired_state([&web].into_iter(), remote.iter(), &here());
+        assert!(state.values().next().unwrap().backends.is_empty());
+        // Only a terminating local one: it serves.
+        let draining = [slice(
+            "s",
+            "web",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![
+                placed(1, false, true, "node-a", &[]),
+                placed(2, true, false, "node-b", &[]),
+            ],
+        )];
+        let (state, _) = desired_state([&web].into_iter(), draining.iter(), &here());
+        assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
+    }
+
+    #[test]
+    fn zone_hints_apply_only_when_complete_and_matching() {
+        let web = svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
+        let pick = |eps: Vec<EndpointSpec>| {
+            let slices = [slice("s", "web", vec![port("", 80, Protocol::Tcp)], eps)];
+            addrs(
+                desired_state([&web].into_iter(), slices.iter(), &here())
+                    .0
+                    .values()
+                    .next()
+                    .unwrap(),
+            )
+        };
+        let hinted = vec![
+            placed(1, true, false, "node-a", &["zone-a"]),
+            placed(2, true, false, "node-b", &["zone-b"]),
+        ];
+        assert_eq!(pick(hinted), [(1, 80)]);
+        // One ready endpoint without hints: hints are ignored.
+        let partial = vec![
+            placed(1, true, false, "node-a", &["zone-a"]),
+            placed(2, true, false, "node-b", &[]),
+        ];
+        assert_eq!(pick(partial), [(1, 80), (2, 80)]);
+        // No endpoint hinted for our zone: all of them.
+        let elsewhere = vec![
+            placed(1, true, false, "node-b", &["zone-b"]),
+            placed(2, true, false, "node-c", &["zone-c"]),
+        ];
+        assert_eq!(pick(elsewhere), [(1, 80), (2, 80)]);
     }
 }

@@ -20,8 +20,9 @@ fn health(metrics: &Metrics) -> String {
         .unwrap_or_default()
         .as_secs_f64();
     format!(
-        "{{\"lastUpdated\": {:.3}, \"currentTime\": {now:.3}}}\n",
-        metrics.last_sync.get()
+        "{{\"lastUpdated\": {:.3}, \"currentTime\": {now:.3}, \"sourceConnected\": {}}}\n",
+        metrics.last_sync.get(),
+        metrics.source_connected.get() == 1
     )
 }
 

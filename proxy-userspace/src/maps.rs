@@ -16,6 +16,8 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Updates and deletes made through this handle.
+    pub writes: u64,
 }
 
 /// Opens the map `name` pinned under `dir`, as type `T`.
@@ -54,6 +56,7 @@ impl Maps {
             service_stats: open(dir, maps::SERVICE_STATS)?,
             backend_stats: open(dir, maps::BACKEND_STATS)?,
             affinity: open(dir, maps::AFFINITY)?,
+            writes: 0,
         })
     }
 
@@ -96,24 +99,28 @@ pub fn decode_name(name: &ServiceName) -> String {
 
 impl crate::reconcile::ServiceMaps for Maps {
     fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
+        self.writes += 1;
         self.backends
             .insert(id, backend, 0)
             .with_context(|| format!("writing backend {id} to map {}", maps::BACKENDS))
     }
 
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.writes += 1;
         self.backends
             .remove(&id)
             .with_context(|| format!("deleting backend {id} from map {}", maps::BACKENDS))
     }
 
     fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
+        self.writes += 1;
         self.slots
             .insert(key, backend_id, 0)
             .with_context(|| format!("writing {key:?} to map {}", maps::BACKEND_SLOTS))
     }
 
     fn delete_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
+        self.writes += 1;
         self.slots
             .remove(key)
             .with_context(|| format!("deleting {key:?} from map {}", maps::BACKEND_SLOTS))
@@ -125,6 +132,7 @@ impl crate::reconcile::ServiceMaps for Maps {
         value: &ServiceValue,
         name: &str,
     ) -> anyhow::Result<()> {
+        self.writes += 1;
         self.names
             .insert(value.id, encode_name(name), 0)
             .with_context(|| {
@@ -140,6 +148,7 @@ impl crate::reconcile::ServiceMaps for Maps {
     }
 
     fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()> {
+        self.writes += 1;
         self.services
             .remove(key)
             .with_context(|| format!("deleting {key:?} from map {}", maps::SERVICES))?;
@@ -173,6 +182,10 @@ impl crate::reconcile::ServiceMaps for Maps {
             let _ = self.affinity.remove(&key);
         }
         Ok(())
+    }
+
+    fn writes(&self) -> u64 {
+        self.writes
     }
 
     fn read_existing(&self) -> anyhow::Result<crate::reconcile::Existing> {

@@ -2,7 +2,7 @@
 //! dashboards and alerts keep working.
 use prometheus::{
     Encoder as _, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Registry, TextEncoder, core::Collector,
 };
 
 use crate::rejection::Reason;
@@ -11,69 +11,160 @@ pub struct Metrics {
     registry: Registry,
     pub sync_duration: Histogram,
     pub last_sync: Gauge,
+    pub service_changes: IntCounter,
+    pub endpoint_changes: IntCounter,
+    pub endpoint_changes_pending: IntGauge,
+    pub network_programming: Histogram,
     pub rejected: IntCounterVec,
     pub map_update_errors: IntCounter,
+    pub map_writes: IntCounter,
+    pub drift_repairs: IntCounter,
     pub service_ports: IntGauge,
     pub conntrack_entries: IntGauge,
     pub conntrack_capacity: IntGauge,
     pub conntrack_expired: IntCounter,
+    pub source_connected: IntGauge,
+    pub source_errors: IntCounter,
+}
+
+fn register<T: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: T,
+) -> prometheus::Result<T> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+fn histogram(name: &str, help: &str) -> prometheus::Result<Histogram> {
+    Histogram::with_opts(
+        HistogramOpts::new(name, help).buckets(prometheus::exponential_buckets(0.0001, 2.0, 20)?),
+    )
 }
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
-        let registry = Registry::new();
+        let r = Registry::new();
         let m = Self {
-            sync_duration: Histogram::with_opts(
-                HistogramOpts::new(
+            sync_duration: register(
+                &r,
+                histogram(
                     "kubeproxy_sync_proxy_rules_duration_seconds",
-                    "Time to program the maps from a source change.",
-                )
-                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
+                    "Time to program the maps from the source's state.",
+                )?,
             )?,
-            last_sync: Gauge::new(
-                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-                "Unix time of the last successful map programming.",
+            last_sync: register(
+                &r,
+                Gauge::new(
+                    "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                    "Unix time of the last successful map programming.",
+                )?,
             )?,
-            rejected: IntCounterVec::new(
-                Opts::new(
-                    "proxy_rejected_objects_total",
-                    "Objects or parts of objects not served, by reason.",
-                ),
-                &["reason"],
+            service_changes: register(
+                &r,
+                IntCounter::new(
+                    "kubeproxy_sync_proxy_rules_service_changes_total",
+                    "Service changes seen by the proxy.",
+                )?,
             )?,
-            map_update_errors: IntCounter::new(
-                "proxy_map_update_errors_total",
-                "Service ports whose map update failed (previous state kept).",
+            endpoint_changes: register(
+                &r,
+                IntCounter::new(
+                    "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                    "EndpointSlice changes seen by the proxy.",
+                )?,
             )?,
-            service_ports: IntGauge::new(
-                "proxy_service_ports",
-                "Service ports programmed in the datapath.",
+            endpoint_changes_pending: register(
+                &r,
+                IntGauge::new(
+                    "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                    "EndpointSlice changes not yet programmed.",
+                )?,
             )?,
-            conntrack_entries: IntGauge::new(
-                "proxy_conntrack_entries",
-                "Entries in the conntrack map (two per translated flow).",
+            network_programming: register(
+                &r,
+                histogram(
+                    "kubeproxy_network_programming_duration_seconds",
+                    "Time from the agent receiving a change to the change being in the maps.",
+                )?,
             )?,
-            conntrack_capacity: IntGauge::new(
-                "proxy_conntrack_capacity",
-                "Capacity of the conntrack map; entries/capacity is its fill.",
+            rejected: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "proxy_rejected_objects_total",
+                        "Objects or parts of objects not served, by reason.",
+                    ),
+                    &["reason"],
+                )?,
             )?,
-            conntrack_expired: IntCounter::new(
-                "proxy_conntrack_expired_total",
-                "Conntrack entries deleted by the idle-timeout GC.",
+            map_update_errors: register(
+                &r,
+                IntCounter::new(
+                    "proxy_map_update_errors_total",
+                    "Service ports whose map update failed (previous state kept).",
+                )?,
             )?,
-            registry,
+            map_writes: register(
+                &r,
+                IntCounter::new(
+                    "proxy_map_writes_total",
+                    "Map updates and deletes made by the reconciler.",
+                )?,
+            )?,
+            drift_repairs: register(
+                &r,
+                IntCounter::new(
+                    "proxy_drift_repairs_total",
+                    "Map entries the periodic resync found different from the desired state and repaired.",
+                )?,
+            )?,
+            service_ports: register(
+                &r,
+                IntGauge::new(
+                    "proxy_service_ports",
+                    "Service ports programmed in the datapath.",
+                )?,
+            )?,
+            conntrack_entries: register(
+                &r,
+                IntGauge::new(
+                    "proxy_conntrack_entries",
+                    "Entries in the conntrack map (two per translated flow).",
+                )?,
+            )?,
+            conntrack_capacity: register(
+                &r,
+                IntGauge::new(
+                    "proxy_conntrack_capacity",
+                    "Capacity of the conntrack map; entries/capacity is its fill.",
+                )?,
+            )?,
+            conntrack_expired: register(
+                &r,
+                IntCounter::new(
+                    "proxy_conntrack_expired_total",
+                    "Conntrack entries deleted by the idle-timeout GC.",
+                )?,
+            )?,
+            source_connected: register(
+                &r,
+                IntGauge::new(
+                    "proxy_source_connected",
+                    "1 while the source (API server or manifests) is reachable.",
+                )?,
+            )?,
+            source_errors: register(
+                &r,
+                IntCounter::new(
+                    "proxy_source_errors_total",
+                    "Errors from the source (e.g. failed watches of the API server).",
+                )?,
+            )?,
+            registry: r,
         };
-        m.registry.register(Box::new(m.sync_duration.clone()))?;
-        m.registry.register(Box::new(m.last_sync.clone()))?;
-        m.registry.register(Box::new(m.rejected.clone()))?;
-        m.registry.register(Box::new(m.map_update_errors.clone()))?;
-        m.registry.register(Box::new(m.service_ports.clone()))?;
-        m.registry.register(Box::new(m.conntrack_entries.clone()))?;
-        m.registry
-            .register(Box::new(m.conntrack_capacity.clone()))?;
-        m.registry.register(Box::new(m.conntrack_expired.clone()))?;
         m.conntrack_capacity
             .set(proxy_common::maps::MAX_CONNTRACK as i64);
+        m.source_connected.set(1);
         Ok(m)
     }
 

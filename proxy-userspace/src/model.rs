@@ -13,6 +13,10 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label belong to the named proxy, not to the default one.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services (and their slices) with this label are headless: nothing to proxy.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -53,6 +57,8 @@ pub struct ServiceSpec {
     pub ports: Vec<PortSpec>,
     /// `Some(timeout)` for `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
+    /// `internalTrafficPolicy: Local`: only endpoints on this node.
+    pub internal_local: bool,
 }
 
 /// A service port or an EndpointSlice port; `name` is `""` when unnamed.
@@ -79,6 +85,9 @@ pub struct EndpointSpec {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    pub node_name: Option<String>,
+    /// `hints.forZones`: the zones whose clients this endpoint should serve.
+    pub zone_hints: Vec<String>,
 }
 
 /// What validation made of an object.
@@ -139,7 +148,9 @@ fn parse_port(port: i32, object: &str, field: &str) -> Result<u16, Rejection> {
     })
 }
 
-pub fn validate_service(svc: &Service) -> Validated<ServiceSpec> {
+/// Validates a Service for the proxy named `proxy_name` (`None`: the default proxy, which
+/// serves only services without a `service.kubernetes.io/service-proxy-name` label).
+pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<ServiceSpec> {
     let (namespace, name, object) = object_name("Service", &svc.metadata);
     if name.is_empty() {
         return Validated::Invalid(vec![Rejection::new(
@@ -148,6 +159,24 @@ pub fn validate_service(svc: &Service) -> Validated<ServiceSpec> {
             Reason::MissingField,
             "a Service needs a name",
         )]);
+    }
+    let label = |key: &str| {
+        svc.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(key))
+            .map(String::as_str)
+    };
+    if label(SERVICE_PROXY_NAME_LABEL) != proxy_name {
+        return Validated::Ignored(format!(
+            "{object}: labelled {SERVICE_PROXY_NAME_LABEL}={}; served by another proxy",
+            label(SERVICE_PROXY_NAME_LABEL).unwrap_or("<none>")
+        ));
+    }
+    if label(HEADLESS_LABEL).is_some() {
+        return Validated::Ignored(format!(
+            "{object}: labelled {HEADLESS_LABEL}; nothing to proxy"
+        ));
     }
     let Some(spec) = &svc.spec else {
         return Validated::Invalid(vec![Rejection::new(
@@ -162,25 +191,61 @@ pub fn validate_service(svc: &Service) -> Validated<ServiceSpec> {
             "{object}: type ExternalName is DNS-only; nothing to proxy"
         ));
     }
-    let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
-    if cluster_ip.is_empty() || cluster_ip == "None" {
+    // Dual-stack services list one address per family in clusterIPs (clusterIPs[0] ==
+    // clusterIP); a single-stack one may only set clusterIP.
+    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, spec.cluster_ip.as_deref()) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip],
+        _ => vec![],
+    };
+    if cluster_ips
+        .first()
+        .is_none_or(|ip| ip.is_empty() || *ip == "None")
+    {
         return Validated::Ignored(format!(
             "{object}: headless (no clusterIP); nothing to proxy"
         ));
     }
-    let cluster_ip = match cluster_ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => ip,
-        Ok(std::net::IpAddr::V6(_)) => {
-            return Validated::Ignored(format!(
-                "{object}: IPv6 clusterIP {cluster_ip} is not served yet (IPv4 only)"
-            ));
+    let mut warnings = Vec::new();
+    let mut cluster_ip = None;
+    for (i, ip) in cluster_ips.iter().enumerate() {
+        let field = if spec.cluster_ips.is_some() {
+            format!("spec.clusterIPs[{i}]")
+        } else {
+            "spec.clusterIP".to_owned()
+        };
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => cluster_ip = cluster_ip.or(Some(v4)),
+            Ok(std::net::IpAddr::V6(_)) => warnings.push(Rejection::new(
+                &object,
+                field,
+                Reason::UnsupportedFamily,
+                format!("IPv6 address {ip} is not served yet (IPv4 only)"),
+            )),
+            Err(_) => {
+                return Validated::Invalid(vec![Rejection::new(
+                    &object,
+                    field,
+                    Reason::InvalidAddress,
+                    format!("{ip:?} is not an IP address"),
+                )]);
+            }
         }
-        Err(_) => {
+    }
+    let Some(cluster_ip) = cluster_ip else {
+        return Validated::Ignored(format!(
+            "{object}: IPv6-only service; not served yet (IPv4 only)"
+        ));
+    };
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
             return Validated::Invalid(vec![Rejection::new(
                 &object,
-                "spec.clusterIP",
-                Reason::InvalidAddress,
-                format!("{cluster_ip:?} is not an IP address"),
+                "spec.internalTrafficPolicy",
+                Reason::InvalidPolicy,
+                format!("{other:?} is neither Cluster nor Local"),
             )]);
         }
     };
@@ -216,7 +281,6 @@ pub fn validate_service(svc: &Service) -> Validated<ServiceSpec> {
     };
 
     let mut ports = Vec::new();
-    let mut warnings = Vec::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{i}]");
         let parsed = parse_protocol(
@@ -266,6 +330,7 @@ pub fn validate_service(svc: &Service) -> Validated<ServiceSpec> {
             cluster_ip,
             ports,
             affinity_timeout_secs,
+            internal_local,
         },
         warnings,
     )
@@ -281,16 +346,17 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
             "an EndpointSlice needs a name",
         )]);
     }
-    let Some(service) = slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-    else {
+    let labels = slice.metadata.labels.as_ref();
+    let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
         return Validated::Ignored(format!(
             "{object}: no {SERVICE_NAME_LABEL} label; not a Service's slice"
         ));
     };
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return Validated::Ignored(format!(
+            "{object}: labelled {HEADLESS_LABEL}; nothing to proxy"
+        ));
+    }
     match slice.address_type.as_str() {
         "IPv4" => {}
         "IPv6" => {
@@ -364,11 +430,18 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
         let conditions = endpoint.conditions.as_ref();
         // Kubernetes: an unset ready or serving means true, an unset terminating false.
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let zone_hints = endpoint.hints.as_ref().and_then(|h| h.for_zones.as_ref());
         endpoints.push(EndpointSpec {
             addr,
             ready,
             serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: endpoint.node_name.clone(),
+            zone_hints: zone_hints
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
         });
     }
     Validated::Valid(
@@ -406,7 +479,7 @@ spec:
 
     #[test]
     fn valid_service_with_defaults() {
-        let Validated::Valid(spec, warnings) = validate_service(&service(WEB)) else {
+        let Validated::Valid(spec, warnings) = validate_service(&service(WEB), None) else {
             panic!()
         };
         assert!(warnings.is_empty());
@@ -429,7 +502,7 @@ spec:
         let s = service(
             "metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, ports: [{port: 80}]}",
         );
-        let Validated::Valid(spec, _) = validate_service(&s) else {
+        let Validated::Valid(spec, _) = validate_service(&s, None) else {
             panic!()
         };
         assert_eq!(spec.namespace, "default");
@@ -440,7 +513,7 @@ spec:
         let s = service(
             "metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}, ports: [{port: 80}]}",
         );
-        let Validated::Valid(spec, _) = validate_service(&s) else {
+        let Validated::Valid(spec, _) = validate_service(&s, None) else {
             panic!()
         };
         assert_eq!(spec.affinity_timeout_secs, Some(5));
@@ -451,7 +524,7 @@ spec:
         let s = service(
             "metadata: {name: bad, namespace: x}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}",
         );
-        let Validated::Invalid(r) = validate_service(&s) else {
+        let Validated::Invalid(r) = validate_service(&s, None) else {
             panic!()
         };
         assert_eq!(
@@ -466,7 +539,7 @@ spec:
         let s = service(
             "metadata: {name: m}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}, {port: 70000}, {port: 9, protocol: SCTP}, {port: 80}]}",
         );
-        let Validated::Valid(spec, warnings) = validate_service(&s) else {
+        let Validated::Valid(spec, warnings) = validate_service(&s, None) else {
             panic!()
         };
         assert_eq!(spec.ports.len(), 1);
@@ -492,10 +565,55 @@ spec:
             "metadata: {name: v6}\nspec: {clusterIP: 'fd00::1', ports: [{port: 80}]}",
         ] {
             assert!(
-                matches!(validate_service(&service(yaml)), Validated::Ignored(_)),
+                matches!(
+                    validate_service(&service(yaml), None),
+                    Validated::Ignored(_)
+                ),
                 "{yaml}"
             );
         }
+    }
+
+    #[test]
+    fn proxy_name_and_headless_labels_are_honoured() {
+        let labelled = service(
+            "metadata: {name: a, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+        );
+        assert!(matches!(
+            validate_service(&labelled, None),
+            Validated::Ignored(_)
+        ));
+        assert!(matches!(
+            validate_service(&labelled, Some("other")),
+            Validated::Valid(..)
+        ));
+        let plain =
+            service("metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}");
+        assert!(matches!(
+            validate_service(&plain, Some("other")),
+            Validated::Ignored(_)
+        ));
+        let headless = service(
+            "metadata: {name: a, labels: {service.kubernetes.io/headless: ''}}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+        );
+        assert!(matches!(
+            validate_service(&headless, None),
+            Validated::Ignored(_)
+        ));
+    }
+
+    #[test]
+    fn dual_stack_serves_the_ipv4_family_and_says_what_is_not_served() {
+        let s = service(
+            "metadata: {name: d}\nspec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.10], ipFamilies: [IPv6, IPv4], internalTrafficPolicy: Local, ports: [{port: 80}]}",
+        );
+        let Validated::Valid(spec, warnings) = validate_service(&s, None) else {
+            panic!()
+        };
+        assert_eq!(spec.cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
+        assert!(spec.internal_local);
+        assert_eq!(warnings[0].field, "spec.clusterIPs[0]");
+        assert_eq!(warnings[0].reason, Reason::UnsupportedFamily);
     }
 
     #[test]
@@ -503,7 +621,7 @@ spec:
         let s = service(
             "metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}",
         );
-        let Validated::Invalid(r) = validate_service(&s) else {
+        let Validated::Invalid(r) = validate_service(&s, None) else {
             panic!()
         };
         assert_eq!(
@@ -521,6 +639,8 @@ addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints:
 - addresses: [10.244.1.2]
+  nodeName: node-a
+  hints: {forZones: [{name: zone-a}]}
 - addresses: [10.244.1.3]
   conditions: {ready: false, serving: true, terminating: true}
 - addresses: [not-an-ip]
@@ -530,24 +650,20 @@ endpoints:
             panic!()
         };
         assert_eq!(spec.service, "web");
+        let ep =
+            |last, ready, serving, terminating, node: Option<&str>, zones: &[&str]| EndpointSpec {
+                addr: Ipv4Addr::new(10, 244, 1, last),
+                ready,
+                serving,
+                terminating,
+                node_name: node.map(str::to_owned),
+                zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+            };
         assert_eq!(
             spec.endpoints[0],
-            EndpointSpec {
-                addr: Ipv4Addr::new(10, 244, 1, 2),
-                ready: true,
-                serving: true,
-                terminating: false
-            }
+            ep(2, true, true, false, Some("node-a"), &["zone-a"])
         );
-        assert_eq!(
-            spec.endpoints[1],
-            EndpointSpec {
-                addr: Ipv4Addr::new(10, 244, 1, 3),
-                ready: false,
-                serving: true,
-                terminating: true
-            }
-        );
+        assert_eq!(spec.endpoints[1], ep(3, false, true, true, None, &[]));
         assert_eq!(spec.endpoints.len(), 2);
         assert_eq!(warnings[0].field, "endpoints[2].addresses[0]");
     }

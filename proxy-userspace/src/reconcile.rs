@@ -34,6 +34,8 @@ pub trait ServiceMaps {
     fn forget_affinity(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()>;
     /// What the maps already hold, e.g. from a previous agent.
     fn read_existing(&self) -> anyhow::Result<Existing>;
+    /// Map updates and deletes made so far.
+    fn writes(&self) -> u64;
 }
 
 #[derive(Debug, Default)]
@@ -246,6 +248,78 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         report
+    }
+
+    /// Compares the maps with what was programmed and repairs any difference (an entry
+    /// deleted or changed behind the agent's back, e.g. with bpftool); returns how many
+    /// entries it repaired.
+    pub fn repair(&mut self) -> anyhow::Result<usize> {
+        let existing = self
+            .maps
+            .read_existing()
+            .context("reading the maps to check for drift")?;
+        let services: HashMap<ServiceKey, ServiceValue> =
+            existing.services.iter().map(|(k, v, _)| (*k, *v)).collect();
+        let slots: HashMap<SlotKey, u32> = existing.slots.iter().copied().collect();
+        let backends: HashMap<u32, Backend> = existing.backends.iter().copied().collect();
+        let mut repaired = 0;
+        for (id, backend) in self.backends.iter().map(|(b, r)| (r.id, *b)) {
+            if backends.get(&id) != Some(&backend) {
+                self.maps.put_backend(id, &backend)?;
+                repaired += 1;
+            }
+        }
+        for (key, p) in &self.services {
+            for (i, (backend_id, _)) in p.backends.iter().enumerate() {
+                let slot = SlotKey {
+                    service_id: p.value.id,
+                    generation: p.value.generation,
+                    pad: 0,
+                    slot: i as u16 + 1,
+                };
+                if slots.get(&slot) != Some(backend_id) {
+                    self.maps.put_slot(&slot, *backend_id)?;
+                    repaired += 1;
+                }
+            }
+            if services.get(key) != Some(&p.value) {
+                self.maps.put_service(key, &p.value, &p.name)?;
+                repaired += 1;
+            }
+        }
+        for (key, value) in &services {
+            if !self.services.contains_key(key) {
+                self.maps.delete_service(key, value.id)?;
+                repaired += 1;
+            }
+        }
+        let live_slots: HashSet<SlotKey> = self
+            .services
+            .values()
+            .flat_map(|p| {
+                (1..=p.value.count).map(|slot| SlotKey {
+                    service_id: p.value.id,
+                    generation: p.value.generation,
+                    pad: 0,
+                    slot,
+                })
+            })
+            .collect();
+        for key in slots.keys().filter(|k| !live_slots.contains(k)) {
+            self.maps.delete_slot(key)?;
+            repaired += 1;
+        }
+        let live_backends: HashSet<u32> = self.backends.values().map(|b| b.id).collect();
+        for id in backends.keys().filter(|id| !live_backends.contains(id)) {
+            self.maps.delete_backend(*id)?;
+            repaired += 1;
+        }
+        Ok(repaired)
+    }
+
+    /// Map updates and deletes made so far.
+    pub fn writes(&self) -> u64 {
+        self.maps.writes()
     }
 
     fn acquire_backend(&mut self, backend: &Backend) -> anyhow::Result<u32> {
@@ -491,6 +565,12 @@ mod tests {
             self.log.push(format!("forget affinity {id} {backends:?}"));
             Ok(())
         }
+        fn writes(&self) -> u64 {
+            self.log
+                .iter()
+                .filter(|l| l.starts_with("put") || l.starts_with("delete"))
+                .count() as u64
+        }
         fn read_existing(&self) -> anyhow::Result<Existing> {
             Ok(Existing {
                 services: self
@@ -644,5 +724,34 @@ mod tests {
             2,
             "backend acquired for the failed update released"
         );
+    }
+
+    #[test]
+    fn repair_restores_what_was_changed_behind_its_back() {
+        let mut fake = Fake::default();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        r.apply(&state(&[(80, &[1, 2]), (81, &[3])]));
+        assert_eq!(r.repair().unwrap(), 0, "nothing to repair");
+        // Someone deletes a service entry and a slot, and adds a stray service.
+        r.maps.services.remove(&key(80));
+        r.maps.slots.remove(&SlotKey {
+            service_id: 2,
+            generation: 0,
+            pad: 0,
+            slot: 1,
+        });
+        let stray = ServiceValue {
+            id: 9,
+            count: 0,
+            generation: 0,
+            flags: 0,
+            affinity_timeout_secs: 0,
+        };
+        r.maps.services.insert(key(99), (stray, "stray".into()));
+        assert_eq!(r.repair().unwrap(), 3);
+        assert_eq!(r.maps.services.len(), 2);
+        assert!(r.maps.services.contains_key(&key(80)));
+        assert_eq!(r.maps.slots.len(), 3);
+        assert_eq!(r.repair().unwrap(), 0);
     }
 }

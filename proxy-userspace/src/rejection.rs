@@ -13,6 +13,9 @@ pub enum Reason {
     InvalidPort,
     UnsupportedProtocol,
     InvalidAffinity,
+    InvalidPolicy,
+    /// An address family the datapath does not serve yet (IPv6).
+    UnsupportedFamily,
     /// Another service port already uses the same address, port and protocol.
     Conflict,
     /// A map is full or refused an update.
@@ -29,6 +32,8 @@ impl Reason {
             Reason::InvalidPort => "invalid_port",
             Reason::UnsupportedProtocol => "unsupported_protocol",
             Reason::InvalidAffinity => "invalid_session_affinity",
+            Reason::InvalidPolicy => "invalid_traffic_policy",
+            Reason::UnsupportedFamily => "unsupported_ip_family",
             Reason::Conflict => "conflict",
             Reason::MapUpdate => "map_update_failed",
         }

@@ -1,5 +1,7 @@
-//! The objects the proxy serves, by namespace/name, as last validated. Invalid new versions
-//! are rejected and the last valid version stays served ("nothing is lost").
+//! The objects the proxy serves, by kind and namespace/name, as last validated. Sources
+//! feed it whole sets (a manifest reload, a watch re-list) or single changes (watch
+//! events). An invalid new version is rejected and the last valid one stays served
+//! ("nothing is lost").
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
@@ -8,7 +10,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    desired::{DesiredState, desired_state},
+    desired::{DesiredState, Topology, desired_state},
     model::{ServiceSpec, SliceSpec, Validated, validate_service, validate_slice},
     rejection::Rejection,
 };
@@ -20,23 +22,16 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
 }
 
-/// What a store update made of its input.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub rejections: Vec<Rejection>,
-    /// Objects that are legitimately not served, with why (headless, ExternalName, ...).
-    pub ignored: Vec<String>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
 }
 
-type Name = (String, String);
+/// namespace, name
+pub type Name = (String, String);
 
-#[derive(Debug, Default)]
-pub struct Store {
-    services: BTreeMap<Name, ServiceSpec>,
-    slices: BTreeMap<Name, SliceSpec>,
-}
-
-fn name_of(meta: &ObjectMeta) -> Name {
+pub fn name_of(meta: &ObjectMeta) -> Name {
     (
         meta.namespace
             .clone()
@@ -45,63 +40,187 @@ fn name_of(meta: &ObjectMeta) -> Name {
     )
 }
 
-/// Validates one object into `next`, falling back to its version in `last` when invalid.
-fn admit<T: Clone>(
-    name: Name,
-    validated: Validated<T>,
-    last: &BTreeMap<Name, T>,
-    next: &mut BTreeMap<Name, T>,
-    outcome: &mut Outcome,
-) {
-    match validated {
-        Validated::Valid(spec, warnings) => {
-            outcome.rejections.extend(warnings);
-            next.insert(name, spec);
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
         }
-        Validated::Ignored(why) => outcome.ignored.push(why),
-        Validated::Invalid(mut rejections) => {
-            if let Some(previous) = last.get(&name) {
-                for r in &mut rejections {
-                    r.detail.push_str("; still serving its last valid version");
-                }
-                next.insert(name, previous.clone());
-            }
-            outcome.rejections.extend(rejections);
+    }
+
+    pub fn name(&self) -> Name {
+        match self {
+            Object::Service(s) => name_of(&s.metadata),
+            Object::EndpointSlice(s) => name_of(&s.metadata),
         }
     }
 }
 
-impl Store {
-    /// Replaces the whole content with `objects` (a manifest reload or a re-list).
-    pub fn replace(&mut self, objects: &[Object]) -> Outcome {
-        let mut outcome = Outcome::default();
-        let mut services = BTreeMap::new();
-        let mut slices = BTreeMap::new();
-        for object in objects {
-            match object {
-                Object::Service(s) => admit(
-                    name_of(&s.metadata),
-                    validate_service(s),
-                    &self.services,
-                    &mut services,
-                    &mut outcome,
-                ),
-                Object::EndpointSlice(s) => admit(
-                    name_of(&s.metadata),
-                    validate_slice(s),
-                    &self.slices,
-                    &mut slices,
-                    &mut outcome,
-                ),
+/// What a store update made of its input.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub rejections: Vec<Rejection>,
+    /// Objects that are legitimately not served, with why (headless, ExternalName, ...).
+    pub ignored: Vec<String>,
+    /// Services added, changed or removed (what is served, not every write).
+    pub service_changes: usize,
+    /// EndpointSlices added, changed or removed.
+    pub endpoint_changes: usize,
+}
+
+/// The served objects of one kind.
+#[derive(Debug)]
+struct Table<T> {
+    items: BTreeMap<Name, T>,
+}
+
+impl<T: Clone + PartialEq> Table<T> {
+    /// What `validated` leaves for `name`: the new version, nothing (ignored), or the last
+    /// valid version (invalid).
+    fn admit(&self, name: &Name, validated: Validated<T>, outcome: &mut Outcome) -> Option<T> {
+        match validated {
+            Validated::Valid(spec, warnings) => {
+                outcome.rejections.extend(warnings);
+                Some(spec)
+            }
+            Validated::Ignored(why) => {
+                outcome.ignored.push(why);
+                None
+            }
+            Validated::Invalid(mut rejections) => {
+                let previous = self.items.get(name).cloned();
+                if previous.is_some() {
+                    for r in &mut rejections {
+                        r.detail.push_str("; still serving its last valid version");
+                    }
+                }
+                outcome.rejections.extend(rejections);
+                previous
             }
         }
-        self.services = services;
-        self.slices = slices;
+    }
+
+    /// Sets `name` to `new`; returns whether that changed what is served.
+    fn set(&mut self, name: Name, new: Option<T>) -> bool {
+        match new {
+            Some(spec) => self.items.insert(name, spec.clone()).as_ref() != Some(&spec),
+            None => self.items.remove(&name).is_some(),
+        }
+    }
+
+    fn replace(&mut self, validated: Vec<(Name, Validated<T>)>, outcome: &mut Outcome) -> usize {
+        let mut next = BTreeMap::new();
+        for (name, v) in validated {
+            if let Some(spec) = self.admit(&name, v, outcome) {
+                next.insert(name, spec);
+            }
+        }
+        let changes = next
+            .iter()
+            .filter(|(n, spec)| self.items.get(n) != Some(spec))
+            .count()
+            + self.items.keys().filter(|n| !next.contains_key(n)).count();
+        self.items = next;
+        changes
+    }
+}
+
+#[derive(Debug)]
+pub struct Store {
+    services: Table<ServiceSpec>,
+    slices: Table<SliceSpec>,
+    /// The `service.kubernetes.io/service-proxy-name` this proxy serves (`None`: unlabelled).
+    proxy_name: Option<String>,
+    topology: Topology,
+}
+
+impl Store {
+    pub fn new(proxy_name: Option<String>, topology: Topology) -> Self {
+        Self {
+            services: Table {
+                items: BTreeMap::new(),
+            },
+            slices: Table {
+                items: BTreeMap::new(),
+            },
+            proxy_name,
+            topology,
+        }
+    }
+
+    /// Replaces every object of `kinds` with `objects` (a manifest reload, a re-list).
+    pub fn replace(&mut self, kinds: &[Kind], objects: &[Object]) -> Outcome {
+        let mut outcome = Outcome::default();
+        if kinds.contains(&Kind::Service) {
+            let validated = objects
+                .iter()
+                .filter_map(|o| match o {
+                    Object::Service(s) => Some((
+                        name_of(&s.metadata),
+                        validate_service(s, self.proxy_name.as_deref()),
+                    )),
+                    _ => None,
+                })
+                .collect();
+            outcome.service_changes = self.services.replace(validated, &mut outcome);
+        }
+        if kinds.contains(&Kind::EndpointSlice) {
+            let validated = objects
+                .iter()
+                .filter_map(|o| match o {
+                    Object::EndpointSlice(s) => Some((name_of(&s.metadata), validate_slice(s))),
+                    _ => None,
+                })
+                .collect();
+            outcome.endpoint_changes = self.slices.replace(validated, &mut outcome);
+        }
         outcome
     }
 
+    /// One object added or modified.
+    pub fn apply(&mut self, object: &Object) -> Outcome {
+        let mut outcome = Outcome::default();
+        let name = object.name();
+        match object {
+            Object::Service(s) => {
+                let admitted = self.services.admit(
+                    &name,
+                    validate_service(s, self.proxy_name.as_deref()),
+                    &mut outcome,
+                );
+                outcome.service_changes = usize::from(self.services.set(name, admitted));
+            }
+            Object::EndpointSlice(s) => {
+                let admitted = self.slices.admit(&name, validate_slice(s), &mut outcome);
+                outcome.endpoint_changes = usize::from(self.slices.set(name, admitted));
+            }
+        }
+        outcome
+    }
+
+    /// One object deleted.
+    pub fn delete(&mut self, kind: Kind, name: Name) -> Outcome {
+        let mut outcome = Outcome::default();
+        match kind {
+            Kind::Service => outcome.service_changes = usize::from(self.services.set(name, None)),
+            Kind::EndpointSlice => {
+                outcome.endpoint_changes = usize::from(self.slices.set(name, None))
+            }
+        }
+        outcome
+    }
+
+    /// This node's topology changed (its zone label); returns whether it did.
+    pub fn set_topology(&mut self, topology: Topology) -> bool {
+        std::mem::replace(&mut self.topology, topology.clone()) != topology
+    }
+
     pub fn desired(&self) -> (DesiredState, Vec<Rejection>) {
-        desired_state(self.services.values(), self.slices.values())
+        desired_state(
+            self.services.items.values(),
+            self.slices.items.values(),
+            &self.topology,
+        )
     }
 }
 
@@ -113,38 +232,81 @@ mod tests {
         Object::Service(Box::new(serde_yaml::from_str(yaml).unwrap()))
     }
 
+    fn store() -> Store {
+        Store::new(None, Topology::default())
+    }
+
+    const WEB: &str = "metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}";
+
     #[test]
     fn invalid_update_keeps_the_last_valid_version() {
-        let mut store = Store::default();
-        let good =
-            service("metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}");
-        assert!(store.replace(&[good]).rejections.is_empty());
+        let mut store = store();
+        assert!(
+            store
+                .replace(&[Kind::Service], &[service(WEB)])
+                .rejections
+                .is_empty()
+        );
         let bad = service("metadata: {name: web}\nspec: {clusterIP: bogus, ports: [{port: 80}]}");
-        let outcome = store.replace(&[bad]);
+        let outcome = store.replace(&[Kind::Service], &[bad.clone()]);
         assert_eq!(outcome.rejections.len(), 1);
         assert!(
             outcome.rejections[0]
                 .to_string()
                 .ends_with("still serving its last valid version")
         );
-        let (state, _) = store.desired();
+        assert_eq!(outcome.service_changes, 0);
         assert_eq!(
-            state.len(),
+            store.desired().0.len(),
             1,
             "the last valid web service is still desired"
         );
+        // The same through a watch event.
+        assert_eq!(store.apply(&bad).service_changes, 0);
+        assert_eq!(store.desired().0.len(), 1);
         // Removing the object removes it, even after an invalid version.
-        store.replace(&[]);
+        assert_eq!(store.replace(&[Kind::Service], &[]).service_changes, 1);
         assert!(store.desired().0.is_empty());
     }
 
     #[test]
     fn new_invalid_object_is_not_served() {
-        let mut store = Store::default();
-        let outcome = store.replace(&[service(
-            "metadata: {name: x}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 0}]}",
-        )]);
+        let mut store = store();
+        let outcome = store.replace(
+            &[Kind::Service],
+            &[service(
+                "metadata: {name: x}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 0}]}",
+            )],
+        );
         assert_eq!(outcome.rejections.len(), 2);
         assert!(store.desired().0.is_empty());
+    }
+
+    #[test]
+    fn events_count_only_real_changes() {
+        let mut store = store();
+        assert_eq!(store.apply(&service(WEB)).service_changes, 1);
+        assert_eq!(
+            store.apply(&service(WEB)).service_changes,
+            0,
+            "an identical update changes nothing"
+        );
+        // A re-list of slices leaves services alone.
+        assert_eq!(
+            store.replace(&[Kind::EndpointSlice], &[]).service_changes,
+            0
+        );
+        assert_eq!(store.desired().0.len(), 1);
+        // Becoming headless removes it.
+        let headless =
+            service("metadata: {name: web}\nspec: {clusterIP: None, ports: [{port: 80}]}");
+        assert_eq!(store.apply(&headless).service_changes, 1);
+        assert!(store.desired().0.is_empty());
+        assert_eq!(
+            store
+                .delete(Kind::Service, ("default".into(), "web".into()))
+                .service_changes,
+            0
+        );
     }
 }

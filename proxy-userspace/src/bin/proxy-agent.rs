@@ -1,8 +1,12 @@
 //! proxy-agent: the node agent that programs the eBPF service datapath.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use anyhow::Context as _;
 use clap::Parser;
-use proxy::{agent, datapath::TcAttach};
+use proxy::{
+    agent::{self, SourceConfig},
+    datapath::TcAttach,
+};
 
 #[derive(Parser)]
 #[command(
@@ -10,15 +14,31 @@ use proxy::{agent, datapath::TcAttach};
     about = "eBPF Kubernetes service proxy (kube-proxy replacement) node agent"
 )]
 struct Args {
-    /// Kubernetes YAML manifests to serve (v1 Service, discovery.k8s.io/v1 EndpointSlice):
-    /// a file, a multi-document file or a directory; re-read when they change.
+    /// Serve Kubernetes YAML manifests instead of watching an API server (v1 Service,
+    /// discovery.k8s.io/v1 EndpointSlice): a file, a multi-document file or a directory;
+    /// re-read when they change.
+    #[arg(long, conflicts_with_all = ["kubeconfig", "namespace"])]
+    manifests: Option<PathBuf>,
+    /// Watch the API server of this kubeconfig [default: KUBECONFIG, ~/.kube/config, or
+    /// the in-cluster service account].
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// Watch Services and EndpointSlices of this namespace only [default: all].
+    #[arg(long)]
+    namespace: Option<String>,
+    /// This node's name, for node-local endpoints and topology hints [default: the
+    /// hostname].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Serve the services labelled service.kubernetes.io/service-proxy-name=NAME [default:
+    /// the services without that label, as kube-proxy].
+    #[arg(long)]
+    service_proxy_name: Option<String>,
     /// cgroup v2 directory whose processes get socket-level load balancing
     /// [default: the cgroup v2 root, detected from /proc/self/mountinfo].
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Directory on a BPF filesystem where the maps are pinned.
+    /// Directory on a BPF filesystem where the maps and attachments are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/proxy")]
     bpffs: PathBuf,
     /// Interfaces that get the tc programs (DNAT on ingress, reverse NAT on egress),
@@ -37,6 +57,21 @@ struct Args {
     /// Seconds between conntrack garbage collections.
     #[arg(long, default_value_t = 10)]
     conntrack_gc_interval: u64,
+    /// Least milliseconds between two syncs: changes arriving closer together are
+    /// programmed together (kube-proxy's minSyncPeriod). An isolated change is programmed
+    /// at once.
+    #[arg(long, default_value_t = 100)]
+    min_sync_interval_ms: u64,
+    /// Seconds between comparisons of the maps with the desired state (drift repair).
+    #[arg(long, default_value_t = 30)]
+    resync_interval: u64,
+}
+
+fn hostname() -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the hostname")?
+        .trim()
+        .to_owned())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,8 +83,20 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    let source = match args.manifests {
+        Some(path) => SourceConfig::Manifests(path),
+        None => SourceConfig::Kubernetes {
+            kubeconfig: args.kubeconfig,
+            namespace: args.namespace,
+        },
+    };
     let config = agent::Config {
-        manifests: args.manifests,
+        source,
+        node_name: Some(match args.node_name {
+            Some(name) => name,
+            None => hostname()?,
+        }),
+        proxy_name: args.service_proxy_name,
         cgroup: args.cgroup,
         bpffs: args.bpffs,
         interfaces: args.interfaces,
@@ -58,6 +105,8 @@ fn main() -> anyhow::Result<()> {
         metrics_bind: args.metrics_bind,
         conntrack_gc_interval: Duration::from_secs(args.conntrack_gc_interval.max(1)),
         debounce: Duration::from_millis(20),
+        min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
+        resync_interval: Duration::from_secs(args.resync_interval.max(1)),
     };
     tokio::runtime::Runtime::new()?.block_on(agent::run(config))
 }

@@ -1,0 +1,221 @@
+//! The Kubernetes source: watches Services, EndpointSlices and this node with kube-rs
+//! watchers (list, then watch; re-list on 410 Gone; exponential back-off on errors) and
+//! turns their events into `SourceEvent`s.
+use std::path::Path;
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    desired::Topology,
+    model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
+    source::SourceEvent,
+    store::{Kind, Object, name_of},
+};
+
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// A client from `kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the in-cluster
+/// service account.
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "finding a Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)",
+        )?,
+    };
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
+pub struct Scope {
+    /// Watch one namespace only (`None`: all).
+    pub namespace: Option<String>,
+    /// `service.kubernetes.io/service-proxy-name` this proxy serves.
+    pub proxy_name: Option<String>,
+    /// This node, for node-local endpoints and the zone of topology hints.
+    pub node_name: Option<String>,
+}
+
+/// What one watcher saw, tagged with its kind.
+enum Seen {
+    Service(watcher::Event<Service>),
+    Slice(watcher::Event<EndpointSlice>),
+    Node(watcher::Event<Node>),
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn stream<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    tag: fn(watcher::Event<K>) -> Seen,
+) -> BoxStream<'static, Result<Seen, watcher::Error>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    watcher(api, config)
+        .default_backoff()
+        .map(move |r| r.map(tag))
+        .boxed()
+}
+
+fn topology(node_name: &str, node: Option<&Node>) -> Topology {
+    Topology {
+        node_name: Some(node_name.to_owned()),
+        zone: node.and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()),
+    }
+}
+
+/// Buffers a kind's re-list until it is complete, then sends it as one `Replace`.
+struct Relist<T> {
+    kind: Kind,
+    buffer: Vec<T>,
+}
+
+impl<T> Relist<T> {
+    fn handle(&mut self, event: watcher::Event<T>, wrap: fn(T) -> Object) -> Option<SourceEvent> {
+        match event {
+            watcher::Event::Init => {
+                self.buffer.clear();
+                None
+            }
+            watcher::Event::InitApply(o) => {
+                self.buffer.push(o);
+                None
+            }
+            watcher::Event::InitDone => {
+                let objects = self.buffer.drain(..).map(wrap).collect();
+                Some(SourceEvent::Replace {
+                    kinds: vec![self.kind],
+                    objects,
+                    rejections: Vec::new(),
+                })
+            }
+            watcher::Event::Apply(o) => Some(SourceEvent::Apply(wrap(o))),
+            watcher::Event::Delete(o) => {
+                let object = wrap(o);
+                Some(SourceEvent::Delete(self.kind, object.name()))
+            }
+        }
+    }
+}
+
+/// Watches until the agent stops listening.
+pub async fn run(
+    client: Client,
+    scope: Scope,
+    events: mpsc::Sender<SourceEvent>,
+) -> anyhow::Result<()> {
+    // Server-side filtering as kube-proxy does; the model checks the same labels again.
+    let services_selector = match &scope.proxy_name {
+        Some(name) => format!("{SERVICE_PROXY_NAME_LABEL}={name},!{HEADLESS_LABEL}"),
+        None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
+    };
+    let ns = scope.namespace.as_deref();
+    let mut streams = vec![
+        stream(
+            api::<Service>(&client, ns),
+            watcher::Config::default().labels(&services_selector),
+            Seen::Service,
+        ),
+        stream(
+            api::<EndpointSlice>(&client, ns),
+            watcher::Config::default().labels(&format!("!{HEADLESS_LABEL}")),
+            Seen::Slice,
+        ),
+    ];
+    if let Some(node) = &scope.node_name {
+        let nodes: Api<Node> = Api::all(client.clone());
+        streams.push(stream(
+            nodes,
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            Seen::Node,
+        ));
+    }
+    let mut merged = futures::stream::select_all(streams);
+    let mut services = Relist {
+        kind: Kind::Service,
+        buffer: Vec::new(),
+    };
+    let mut slices = Relist {
+        kind: Kind::EndpointSlice,
+        buffer: Vec::new(),
+    };
+    let mut node_seen: Option<Node> = None;
+    let mut connected = true;
+    while let Some(item) = merged.next().await {
+        let event = match item {
+            Err(e) => {
+                connected = false;
+                Some(SourceEvent::Connected(Err(e.to_string())))
+            }
+            Ok(seen) => {
+                if !std::mem::replace(&mut connected, true) {
+                    events
+                        .send(SourceEvent::Connected(Ok(())))
+                        .await
+                        .context("the agent stopped listening")?;
+                }
+                match seen {
+                    Seen::Service(e) => services.handle(e, |s| Object::Service(Box::new(s))),
+                    Seen::Slice(e) => slices.handle(e, |s| Object::EndpointSlice(Box::new(s))),
+                    Seen::Node(e) => {
+                        let name = scope.node_name.as_deref().unwrap_or_default();
+                        match e {
+                            watcher::Event::Init => {
+                                node_seen = None;
+                                None
+                            }
+                            watcher::Event::InitApply(n) | watcher::Event::Apply(n) => {
+                                let t = topology(name, Some(&n));
+                                node_seen = Some(n);
+                                Some(SourceEvent::Topology(t))
+                            }
+                            watcher::Event::InitDone => {
+                                Some(SourceEvent::Topology(topology(name, node_seen.as_ref())))
+                            }
+                            watcher::Event::Delete(n) => {
+                                tracing::warn!("node {:?} was deleted", name_of(&n.metadata).1);
+                                node_seen = None;
+                                Some(SourceEvent::Topology(topology(name, None)))
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(event) = event {
+            events
+                .send(event)
+                .await
+                .context("the agent stopped listening")?;
+        }
+    }
+    anyhow::bail!("the Kubernetes watch streams ended")
+}
