@@ -6,12 +6,12 @@
 //! down on drop, also when the test fails.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::{Ipv4Addr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -74,6 +74,40 @@ pub struct World {
     netns: Vec<String>,
     children: Vec<Child>,
     readers: Vec<BufReader<std::process::ChildStdout>>,
+    /// Tells the forwarders to stop.
+    stop: Arc<AtomicBool>,
+}
+
+/// Runs `f` on a thread of its own inside the network namespace at `netns`.
+fn in_netns<T: Send + 'static>(
+    netns: PathBuf,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    std::thread::spawn(move || {
+        let ns =
+            std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+        // SAFETY: a valid namespace fd; setns affects only this thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("entering {}", netns.display()));
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("a namespace helper thread panicked"))?
+}
+
+/// Copies both ways between two connected streams until either side closes.
+fn relay(a: TcpStream, b: TcpStream) -> std::io::Result<()> {
+    let (mut a2, mut b2) = (a.try_clone()?, b.try_clone()?);
+    let (mut a, mut b) = (a, b);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut a2, &mut b2);
+        let _ = b2.shutdown(std::net::Shutdown::Write);
+    });
+    std::io::copy(&mut b, &mut a)?;
+    let _ = a.shutdown(std::net::Shutdown::Write);
+    Ok(())
 }
 
 impl World {
@@ -105,6 +139,7 @@ impl World {
             netns: Vec::new(),
             children: Vec::new(),
             readers: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
         };
         world.add_netns(&world.node.clone())?;
         run(Command::new("ip").args([
@@ -226,20 +261,30 @@ impl World {
     /// and waits for its first sync. Its log lines are echoed to stderr if `echo_log`.
     pub fn start_agent(&mut self, yaml: &str, echo_log: bool) -> anyhow::Result<Agent> {
         let manifest = self.write_manifest(yaml)?;
+        let manifest = manifest.to_string_lossy().into_owned();
+        self.start_agent_with(&["--manifests", &manifest], echo_log)
+    }
+
+    /// Starts the agent with `source_args` (e.g. `--kubeconfig PATH --namespace NS`), tc on
+    /// every pod interface, and waits for its first sync.
+    pub fn start_agent_with(
+        &mut self,
+        source_args: &[&str],
+        echo_log: bool,
+    ) -> anyhow::Result<Agent> {
         let interfaces: Vec<&str> = self.pods.iter().map(|p| p.iface.as_str()).collect();
         let mut child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.node))
             .arg("--")
             .arg(&self.bins.agent)
-            .arg("--manifests")
-            .arg(&manifest)
+            .args(source_args)
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs")
             .arg(&self.bpffs)
             .arg("--interfaces")
             .arg(interfaces.join(","))
-            .args(["--conntrack-gc-interval", "1"])
+            .args(["--conntrack-gc-interval", "1", "--node-name", "node-a"])
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -322,6 +367,47 @@ impl World {
         serde_json::from_str(last).with_context(|| format!("bad netprobe line {last:?}"))
     }
 
+    /// Makes `127.0.0.1:port` of the host (e.g. a test API server) reachable at the same
+    /// address inside the node namespace, where the agent runs: a listener made inside the
+    /// node namespace relays each connection to the host's loopback.
+    pub fn forward_to_node(&mut self, port: u16) -> anyhow::Result<()> {
+        let netns = PathBuf::from("/var/run/netns").join(&self.node);
+        let listener = in_netns(netns, move || {
+            TcpListener::bind(("127.0.0.1", port))
+                .with_context(|| format!("binding 127.0.0.1:{port} in the node namespace"))
+        })?;
+        listener.set_nonblocking(true)?;
+        let stop = self.stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        std::thread::spawn(move || {
+                            let _ = inside.set_nonblocking(false);
+                            if let Ok(outside) = TcpStream::connect(("127.0.0.1", port)) {
+                                let _ = relay(inside, outside);
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Kills (SIGKILL) a process this world started, e.g. the agent.
+    pub fn kill(&mut self, pid: u32) -> anyhow::Result<()> {
+        let child = self
+            .children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .with_context(|| format!("no process {pid} of ours"))?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     pub fn proxyctl(&self, args: &[&str]) -> anyhow::Result<String> {
         run(Command::new(&self.bins.proxyctl)
             .arg("--bpffs")
@@ -333,15 +419,7 @@ impl World {
     pub fn agent_http(&self, path: &str) -> anyhow::Result<String> {
         let netns = PathBuf::from("/var/run/netns").join(&self.node);
         let path = path.to_owned();
-        // setns affects only the calling thread: use a thread of our own.
-        std::thread::spawn(move || -> anyhow::Result<String> {
-            let ns = std::fs::File::open(&netns)
-                .with_context(|| format!("opening {}", netns.display()))?;
-            // SAFETY: a valid namespace fd.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0
-            {
-                return Err(std::io::Error::last_os_error()).context("entering the node namespace");
-            }
+        in_netns(netns, move || {
             let mut stream = TcpStream::connect("127.0.0.1:10249")
                 .context("connecting to the agent's metrics endpoint")?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -350,13 +428,12 @@ impl World {
             stream.read_to_string(&mut response)?;
             Ok(response)
         })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the metrics request thread panicked"))?
     }
 }
 
 impl Drop for World {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -408,9 +485,9 @@ impl Agent {
         Ok(())
     }
 
-    /// The first log line containing every one of `parts`, waiting at most 5 s for it.
-    pub fn wait_for_log(&self, parts: &[&str]) -> anyhow::Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+    /// The first log line containing every one of `parts`, waiting at most `timeout`.
+    pub fn wait_for_log(&self, parts: &[&str], timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(line) = self
                 .log_lines()

@@ -411,7 +411,10 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
         .unwrap();
     agent.wait_for_syncs(syncs + 1).unwrap();
     let line = agent
-        .wait_for_log(&["rejected", &path.display().to_string(), "not valid YAML"])
+        .wait_for_log(
+            &["rejected", &path.display().to_string(), "not valid YAML"],
+            Duration::from_secs(5),
+        )
         .unwrap();
     assert!(line.contains("line 2"), "the error says where: {line}");
     assert!(works(&world), "web keeps working after a YAML syntax error");
@@ -427,12 +430,15 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
         .unwrap();
     agent.wait_for_syncs(syncs + 1).unwrap();
     let line = agent
-        .wait_for_log(&[
-            "Service default/web",
-            "spec.clusterIP",
-            "10.96.0.300",
-            "still serving its last valid version",
-        ])
+        .wait_for_log(
+            &[
+                "Service default/web",
+                "spec.clusterIP",
+                "10.96.0.300",
+                "still serving its last valid version",
+            ],
+            Duration::from_secs(5),
+        )
         .unwrap();
     assert!(line.contains("rejected"), "{line}");
     assert!(works(&world), "web keeps its last valid version");
@@ -445,7 +451,10 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
             )
             .unwrap(),
     );
-    assert_eq!(other.keys().collect::<Vec<_>>(), ["backend-1"]);
+    assert_eq!(
+        other.keys().collect::<Vec<_>>(),
+        ["backend-1"]
+    );
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(
         metrics.contains("proxy_rejected_objects_total{reason=\"invalid_address\"} 1"),

@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | test | demo`. `test` and `demo` run `setup` first,
 //! which installs what is missing on a fresh machine and skips what is there.
+mod apiserver;
 mod setup;
 
 use std::process::Command;
@@ -50,13 +51,19 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 
 /// Runs the test suite, streaming cargo's output, and closes with the totals of every test
 /// binary (cargo's own last line is that of the last binary, often a doc-test run of 0).
+/// The Kubernetes tests get a real API server and are required to run.
 fn test() -> anyhow::Result<()> {
+    let scripts = root().join("../shared/k8s-apiserver");
+    let apiserver = apiserver::ApiServer::start(&scripts, &root().join("target/k8s-apiserver"))?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let args = ["test", "--workspace", "--exclude", "proxy-ebpf"];
     println!("xtask: cargo {}", args.join(" "));
     let mut child = Command::new(&cargo)
         .args(args)
         .current_dir(root())
+        .env("KUBECONFIG", &apiserver.kubeconfig)
+        .env("PROXY_K8S_TESTS", "required")
+        .env("PROXY_K8S_SCRIPTS", &scripts)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {cargo}"))?;

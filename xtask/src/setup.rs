@@ -7,8 +7,16 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 /// Debian packages: bpftool (map dumps, tests), iproute2 (namespaces, veth, tc), util-linux
-/// (nsenter), tcpdump (debugging the datapath).
-const APT_PACKAGES: [&str; 4] = ["bpftool", "iproute2", "util-linux", "tcpdump"];
+/// (nsenter), tcpdump (debugging the datapath), openssl and curl (the test API server's
+/// certificates and readiness check).
+const APT_PACKAGES: [&str; 6] = [
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "tcpdump",
+    "openssl",
+    "curl",
+];
 const BPF_LINKER_VERSION: &str = "^0.13";
 
 fn status(step: &str, what: &str) {

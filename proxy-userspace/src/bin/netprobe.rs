@@ -68,6 +68,12 @@ enum Command {
         /// connect() the socket and use send/recv instead of sendto/recvfrom.
         #[arg(long)]
         connected: bool,
+        /// Keep each socket this long, exchanging a datagram every --interval-ms, then
+        /// print a summary line.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
     },
     /// HTTP GET, printed like `curl -s`.
     Http {
@@ -216,18 +222,33 @@ fn tcp_once(
         Ok(line) => answer(&line),
         Err(e) => return failure(&e, started),
     };
-    let connected = json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": peer, "ms": started.elapsed().as_secs_f64() * 1000.0});
+    let first = json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": peer, "ms": started.elapsed().as_secs_f64() * 1000.0});
+    hold_on(first, started, hold, interval, || {
+        exchange(&mut reader, &mut writer)
+    })
+}
+
+/// Keeps a flow open until `hold` has passed since `started`, one `exchange` per
+/// `interval`; prints `first` at once and returns a summary (or `first` if not holding).
+fn hold_on(
+    first: serde_json::Value,
+    started: Instant,
+    hold: Duration,
+    interval: Duration,
+    mut exchange: impl FnMut() -> std::io::Result<String>,
+) -> serde_json::Value {
     if hold.is_zero() {
-        return connected;
+        return first;
     }
-    println!("{connected}");
+    println!("{first}");
     let _ = std::io::stdout().flush();
+    let backend = first["backend"].as_str().unwrap_or_default().to_owned();
     let (mut exchanges, mut failures) = (0u32, 0u32);
     let mut last_backend = backend.clone();
     while started.elapsed() < hold {
         std::thread::sleep(interval);
         exchanges += 1;
-        match exchange(&mut reader, &mut writer) {
+        match exchange() {
             Ok(line) => last_backend = answer(&line).0,
             Err(_) => failures += 1,
         }
@@ -235,27 +256,49 @@ fn tcp_once(
     json!({"hold": true, "backend": backend, "last_backend": last_backend, "exchanges": exchanges, "failures": failures})
 }
 
-fn udp_once(to: SocketAddr, timeout: Duration, connected: bool) -> serde_json::Value {
+/// One UDP flow from a new socket: a request and its answer, then, when holding, more
+/// exchanges on the same socket (so on the same backend).
+fn udp_once(
+    to: SocketAddr,
+    timeout: Duration,
+    connected: bool,
+    hold: Duration,
+    interval: Duration,
+) -> serde_json::Value {
     let started = Instant::now();
-    let attempt = || -> std::io::Result<serde_json::Value> {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        socket.set_read_timeout(Some(timeout))?;
+    let socket = match UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => return failure(&e, started),
+    };
+    if connected && let Err(e) = socket.connect(to) {
+        return failure(&e, started);
+    }
+    let exchange = || -> std::io::Result<(String, SocketAddr)> {
         let mut buf = [0u8; 1500];
-        let (n, from) = if connected {
-            socket.connect(to)?;
+        if connected {
             socket.send(b"hello\n")?;
             let n = socket.recv(&mut buf)?;
-            (n, socket.peer_addr()?)
+            Ok((
+                String::from_utf8_lossy(&buf[..n]).into_owned(),
+                socket.peer_addr()?,
+            ))
         } else {
             socket.send_to(b"hello\n", to)?;
-            socket.recv_from(&mut buf)?
-        };
-        let (backend, server_saw) = answer(&String::from_utf8_lossy(&buf[..n]));
-        Ok(
-            json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": from.to_string(), "ms": started.elapsed().as_secs_f64() * 1000.0}),
-        )
+            let (n, from) = socket.recv_from(&mut buf)?;
+            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+        }
     };
-    attempt().unwrap_or_else(|e| failure(&e, started))
+    let (line, from) = match exchange() {
+        Ok(answer) => answer,
+        Err(e) => return failure(&e, started),
+    };
+    let (backend, server_saw) = answer(&line);
+    let first = json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": from.to_string(), "ms": started.elapsed().as_secs_f64() * 1000.0});
+    hold_on(first, started, hold, interval, || {
+        exchange().map(|(line, _)| line)
+    })
 }
 
 fn http_once(to: SocketAddr) -> anyhow::Result<String> {
@@ -308,12 +351,18 @@ fn main() -> anyhow::Result<()> {
             count,
             timeout_ms,
             connected,
+            hold_ms,
+            interval_ms,
         } => {
             for _ in 0..count {
-                println!(
-                    "{}",
-                    udp_once(to, Duration::from_millis(timeout_ms), connected)
+                let result = udp_once(
+                    to,
+                    Duration::from_millis(timeout_ms),
+                    connected,
+                    Duration::from_millis(hold_ms),
+                    Duration::from_millis(interval_ms),
                 );
+                println!("{result}");
             }
         }
         Command::Http { to, count } => {

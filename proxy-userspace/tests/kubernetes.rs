@@ -1,0 +1,690 @@
+//! The agent in Kubernetes mode against a real kube-apiserver (`KUBECONFIG`), with real
+//! traffic through the namespace world: pods 1-3 serve as backends, pod 4 is the client.
+//! `cargo xtask test` starts the API server and sets PROXY_K8S_TESTS=required, which makes
+//! a missing or unreachable API server a failure instead of a skip.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use proxy::testbed::{Agent, BACKEND_PORT, Binaries, World};
+use serde_json::{Value, json};
+
+const CLIENT: usize = 4;
+static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
+
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    kubeconfig: String,
+    namespace: String,
+}
+
+/// A fresh namespace on the test API server, or `None` (skip) when there is none and none
+/// is required.
+fn cluster() -> Option<Cluster> {
+    let required = std::env::var("PROXY_K8S_TESTS").is_ok_and(|v| v == "required");
+    let Ok(kubeconfig) = std::env::var("KUBECONFIG") else {
+        assert!(
+            !required,
+            "PROXY_K8S_TESTS=required but KUBECONFIG is not set"
+        );
+        eprintln!("skipping: no KUBECONFIG (cargo xtask test provides an API server)");
+        return None;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reachable = rt.block_on(async {
+        let client = proxy::kubernetes::client(Some(kubeconfig.as_ref())).await?;
+        tokio::time::timeout(Duration::from_secs(10), client.apiserver_version()).await??;
+        anyhow::Ok(client)
+    });
+    let client = match reachable {
+        Ok(client) => client,
+        Err(e) if !required => {
+            eprintln!("skipping: API server of {kubeconfig} unreachable: {e:#}");
+            return None;
+        }
+        Err(e) => panic!(
+            "PROXY_K8S_TESTS=required but the API server of {kubeconfig} is unreachable: {e:#}"
+        ),
+    };
+    let namespace = format!(
+        "pt-{}-{}",
+        std::process::id(),
+        NAMESPACES.fetch_add(1, Ordering::SeqCst)
+    );
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
+    rt.block_on(Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns))
+        .expect("creating the test namespace");
+    Some(Cluster {
+        rt,
+        client,
+        kubeconfig,
+        namespace,
+    })
+}
+
+fn service_object(name: &str, labels: Value, affinity: bool) -> Service {
+    let mut spec = json!({
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": "web"},
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": BACKEND_PORT},
+        ]
+    });
+    if affinity {
+        spec["sessionAffinity"] = json!("ClientIP");
+        spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 600}});
+    }
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}, "spec": spec}))
+        .unwrap()
+}
+
+/// A slice of `service` with endpoints (address, ready); the "http" port is the named
+/// targetPort "web" resolved to BACKEND_PORT.
+fn slice_object(name: &str, service: &str, endpoints: &[(Ipv4Addr, bool)]) -> EndpointSlice {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(addr, ready)| json!({"addresses": [addr.to_string()], "conditions": {"ready": ready}, "nodeName": "node-a"}))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}, {"name": "dns", "port": BACKEND_PORT, "protocol": "UDP"}],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+impl Cluster {
+    fn services(&self) -> Api<Service> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn slices(&self) -> Api<EndpointSlice> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates a service and returns its allocated ClusterIP.
+    fn create_service(&self, service: &Service) -> String {
+        let created = self
+            .rt
+            .block_on(self.services().create(&PostParams::default(), service))
+            .expect("creating a Service");
+        created
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .expect("an allocated clusterIP")
+    }
+
+    fn create_slice(&self, slice: &EndpointSlice) {
+        self.rt
+            .block_on(self.slices().create(&PostParams::default(), slice))
+            .expect("creating an EndpointSlice");
+    }
+
+    fn set_endpoints(&self, slice: &str, service: &str, endpoints: &[(Ipv4Addr, bool)]) {
+        let patch =
+            Patch::Merge(json!({"endpoints": slice_object(slice, service, endpoints).endpoints}));
+        self.rt
+            .block_on(self.slices().patch(slice, &PatchParams::default(), &patch))
+            .expect("updating an EndpointSlice");
+    }
+
+    fn delete_slice(&self, name: &str) {
+        self.rt
+            .block_on(self.slices().delete(name, &DeleteParams::default()))
+            .expect("deleting an EndpointSlice");
+    }
+
+    fn delete_service(&self, name: &str) {
+        self.rt
+            .block_on(self.services().delete(name, &DeleteParams::default()))
+            .expect("deleting a Service");
+    }
+
+    /// Starts the agent in the node namespace, with the API server forwarded into it.
+    fn start_agent(&self, world: &mut World) -> Agent {
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("reading the kubeconfig");
+        let server = kubeconfig.clusters[0]
+            .cluster
+            .as_ref()
+            .and_then(|c| c.server.clone())
+            .expect("a server URL");
+        let port: u16 = server
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+            .expect("a server port");
+        // Already forwarded when the agent restarts.
+        let _ = world.forward_to_node(port);
+        world
+            .start_agent_with(
+                &[
+                    "--kubeconfig",
+                    &self.kubeconfig,
+                    "--namespace",
+                    &self.namespace,
+                ],
+                true,
+            )
+            .expect("starting the agent in Kubernetes mode")
+    }
+}
+
+fn world() -> World {
+    let bins = Binaries {
+        agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
+        proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
+        netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
+    };
+    let mut world = World::new(4, bins).expect("building the namespace world");
+    for i in 1..=3 {
+        world.serve(i, &format!("backend-{i}")).unwrap();
+    }
+    world
+}
+
+fn pods(world: &World) -> Vec<Ipv4Addr> {
+    (1..=3).map(|i| world.pod(i).ip).collect()
+}
+
+/// Backends that answered `count` TCP connections to `vip:80` (failures are counted as
+/// "<kind>").
+fn tcp_spread(world: &World, vip: &str, hooked: bool, count: u32) -> BTreeMap<String, usize> {
+    let results = world
+        .probe(
+            CLIENT,
+            hooked,
+            &[
+                "tcp",
+                "--to",
+                &format!("{vip}:80"),
+                "--count",
+                &count.to_string(),
+                "--timeout-ms",
+                "1000",
+            ],
+        )
+        .unwrap();
+    let mut spread = BTreeMap::new();
+    for r in results {
+        let who = if r["ok"] == true {
+            r["backend"].as_str().unwrap().to_owned()
+        } else {
+            format!("<{}>", r["kind"].as_str().unwrap())
+        };
+        *spread.entry(who).or_default() += 1;
+    }
+    spread
+}
+
+/// Polls `check` for up to 5 s; the datapath follows the API within milliseconds, the
+/// margin is for a loaded CI machine.
+fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    eventually_within(Duration::from_secs(5), what, probe, check)
+}
+
+fn eventually_within<T: std::fmt::Debug>(
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = probe();
+        if check(&seen) {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {seen:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn backends(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+fn answered(spread: &BTreeMap<String, usize>) -> BTreeSet<String> {
+    spread.keys().cloned().collect()
+}
+
+#[test]
+fn services_follow_the_api_create_scale_unready_affinity_delete_and_labels() {
+    let Some(cluster) = cluster() else { return };
+    let mut world = world();
+    let [p1, p2, p3]: [Ipv4Addr; 3] = pods(&world).try_into().unwrap();
+    let _agent = cluster.start_agent(&mut world);
+
+    // Create: reachable over both ports, the named targetPort resolved through the slice.
+    let vip = cluster.create_service(&service_object("web", json!({}), false));
+    cluster.create_slice(&slice_object(
+        "web-1",
+        "web",
+        &[(p1, true), (p2, true), (p3, true)],
+    ));
+    let all = backends(&["backend-1", "backend-2", "backend-3"]);
+    eventually(
+        "web answers from all backends",
+        || tcp_spread(&world, &vip, true, 60),
+        |s| answered(s) == all,
+    );
+    let udp = world
+        .probe(
+            CLIENT,
+            true,
+            &["udp", "--to", &format!("{vip}:53"), "--count", "30"],
+        )
+        .unwrap();
+    assert!(
+        udp.iter()
+            .all(|r| r["ok"] == true && r["peer"] == format!("{vip}:53")),
+        "{udp:?}"
+    );
+
+    // Scale down to two endpoints: the spread follows.
+    cluster.set_endpoints("web-1", "web", &[(p1, true), (p2, true)]);
+    let two = backends(&["backend-1", "backend-2"]);
+    eventually(
+        "spread follows the scale-down",
+        || tcp_spread(&world, &vip, true, 40),
+        |s| answered(s) == two,
+    );
+    // tc path too.
+    eventually(
+        "tc path follows",
+        || tcp_spread(&world, &vip, false, 30),
+        |s| answered(s) == two,
+    );
+
+    // Not ready: no new connections to it.
+    cluster.set_endpoints("web-1", "web", &[(p1, true), (p2, false)]);
+    eventually(
+        "only the ready endpoint",
+        || tcp_spread(&world, &vip, true, 30),
+        |s| answered(s) == backends(&["backend-1"]),
+    );
+
+    // Session affinity.
+    let sticky = cluster.create_service(&service_object("sticky", json!({}), true));
+    cluster.create_slice(&slice_object(
+        "sticky-1",
+        "sticky",
+        &[(p1, true), (p2, true), (p3, true)],
+    ));
+    let spread = eventually(
+        "sticky reachable",
+        || tcp_spread(&world, &sticky, true, 20),
+        |s| s.keys().all(|k| k.starts_with("backend")),
+    );
+    assert_eq!(
+        spread.len(),
+        1,
+        "ClientIP affinity keeps one backend: {spread:?}"
+    );
+
+    // Labels: another proxy's service and a headless-labelled one are not served.
+    let other = cluster.create_service(&service_object(
+        "other-proxy",
+        json!({"service.kubernetes.io/service-proxy-name": "other"}),
+        false,
+    ));
+    cluster.create_slice(&slice_object("other-proxy-1", "other-proxy", &[(p1, true)]));
+    let headless = cluster.create_service(&service_object(
+        "labelled-headless",
+        json!({"service.kubernetes.io/headless": ""}),
+        false,
+    ));
+    cluster.create_slice(&slice_object(
+        "labelled-headless-1",
+        "labelled-headless",
+        &[(p1, true)],
+    ));
+
+    // Delete the endpoints: refused at once; delete the service: no longer served.
+    cluster.delete_slice("web-1");
+    eventually(
+        "refused without endpoints",
+        || tcp_spread(&world, &vip, true, 3),
+        |s| answered(s) == backends(&["<refused>"]),
+    );
+    cluster.delete_service("web");
+    let listed = || {
+        world
+            .proxyctl(&["service", "list", "--output", "json"])
+            .unwrap()
+    };
+    let rows: Value = serde_json::from_str(&eventually("web gone from the maps", listed, |l| {
+        !l.contains("\"web\"")
+    }))
+    .unwrap();
+    let names: BTreeSet<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["sticky"].into(),
+        "the labelled services were never programmed: {rows}"
+    );
+    for vip in [other, headless] {
+        assert!(
+            tcp_spread(&world, &vip, true, 2)
+                .keys()
+                .all(|k| k.starts_with('<')),
+            "{vip} is not served"
+        );
+    }
+}
+
+#[test]
+fn killed_agent_restarts_without_breaking_flows_or_rewriting_maps() {
+    let Some(cluster) = cluster() else { return };
+    let mut world = world();
+    let [p1, p2, p3]: [Ipv4Addr; 3] = pods(&world).try_into().unwrap();
+    let agent = cluster.start_agent(&mut world);
+    let vip = cluster.create_service(&service_object("web", json!({}), false));
+    cluster.create_slice(&slice_object(
+        "web-1",
+        "web",
+        &[(p1, true), (p2, true), (p3, true)],
+    ));
+    eventually(
+        "web reachable",
+        || tcp_spread(&world, &vip, true, 10),
+        |s| s.keys().all(|k| k.starts_with("backend")),
+    );
+
+    // Long-lived flows through both paths, TCP and UDP.
+    let hold = ["--hold-ms", "6000", "--interval-ms", "100"];
+    let tcp_to = format!("{vip}:80");
+    let udp_to = format!("{vip}:53");
+    let flows: Vec<usize> = [
+        (true, ["tcp", "--to", &tcp_to]),
+        (false, ["tcp", "--to", &tcp_to]),
+        (true, ["udp", "--to", &udp_to]),
+        (false, ["udp", "--to", &udp_to]),
+    ]
+    .into_iter()
+    .map(|(hooked, args)| {
+        let args: Vec<&str> = args.iter().copied().chain(hold).collect();
+        let (handle, first) = world.spawn_probe(CLIENT, hooked, &args).unwrap();
+        assert_eq!(first["ok"], true, "{first}");
+        handle
+    })
+    .collect();
+
+    world.kill(agent.pid).unwrap();
+    // The datapath does not need the agent: new connections work while it is down.
+    for hooked in [true, false] {
+        let spread = tcp_spread(&world, &vip, hooked, 30);
+        assert!(
+            spread.keys().all(|k| k.starts_with("backend")),
+            "agent down (hooked={hooked}): {spread:?}"
+        );
+    }
+
+    let restarted = cluster.start_agent(&mut world);
+    restarted
+        .wait_for_log(&["adopted 2 service ports"], Duration::from_secs(5))
+        .unwrap();
+    let synced = restarted
+        .wait_for_log(&["synced"], Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        synced.contains("0 changed, 0 removed, 2 unchanged"),
+        "no rewrite after a restart: {synced}"
+    );
+    let metrics = world.agent_http("/metrics").unwrap();
+    assert!(metrics.contains("proxy_map_writes_total 0"), "{metrics}");
+
+    for handle in flows {
+        let summary = world.finish_probe(handle).unwrap();
+        assert_eq!(
+            summary["failures"], 0,
+            "a flow broke across the restart: {summary}"
+        );
+        assert_eq!(summary["backend"], summary["last_backend"], "{summary}");
+        assert!(summary["exchanges"].as_u64().unwrap() >= 40, "{summary}");
+    }
+}
+
+#[test]
+fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
+    let Some(cluster) = cluster() else { return };
+    // A private API server, so that stopping it does not disturb the other tests.
+    let scripts = std::path::PathBuf::from(
+        std::env::var("PROXY_K8S_SCRIPTS")
+            .expect("PROXY_K8S_SCRIPTS: the shared k8s-apiserver scripts"),
+    );
+    let dir = std::env::temp_dir().join(format!("proxy-test-apiserver-{}", std::process::id()));
+    let run = |script: &str| {
+        let out = std::process::Command::new("bash")
+            .arg(scripts.join(script))
+            .arg(&dir)
+            .arg("17443")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    struct Stop<F: Fn()>(F);
+    impl<F: Fn()> Drop for Stop<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let stop = || {
+        let _ = std::process::Command::new("bash")
+            .arg(scripts.join("stop.sh"))
+            .arg(&dir)
+            .status();
+    };
+    let _guard = Stop(|| {
+        stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    let kubeconfig = run("start.sh");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt
+        .block_on(proxy::kubernetes::client(Some(kubeconfig.as_ref())))
+        .unwrap();
+    let private = Cluster {
+        rt,
+        client,
+        kubeconfig,
+        namespace: "default".into(),
+    };
+    drop(cluster);
+    let mut world = world();
+    let [p1, p2, _]: [Ipv4Addr; 3] = pods(&world).try_into().unwrap();
+    let agent = private.start_agent(&mut world);
+    let vip = private.create_service(&service_object("web", json!({}), false));
+    private.create_slice(&slice_object("web-1", "web", &[(p1, true)]));
+    eventually(
+        "web reachable",
+        || tcp_spread(&world, &vip, true, 5),
+        |s| answered(s) == backends(&["backend-1"]),
+    );
+
+    // A crash (or a partition): SIGKILL our own API server and etcd by their PID files.
+    // (A graceful stop keeps open watches alive while it drains, which is no outage.)
+    for daemon in ["apiserver", "etcd"] {
+        let pid: i32 = std::fs::read_to_string(dir.join(format!("{daemon}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: a process this test started.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGKILL) },
+            0,
+            "killing {daemon}"
+        );
+        let _ = std::fs::remove_file(dir.join(format!("{daemon}.pid")));
+    }
+    agent
+        .wait_for_log(
+            &[
+                "source is unreachable",
+                "still serving the last programmed state",
+            ],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    let spread = tcp_spread(&world, &vip, true, 10);
+    assert_eq!(
+        answered(&spread),
+        backends(&["backend-1"]),
+        "serving the last state while the API server is down"
+    );
+    let metrics = world.agent_http("/metrics").unwrap();
+    assert!(metrics.contains("proxy_source_connected 0"), "{metrics}");
+    assert!(
+        world
+            .agent_http("/healthz")
+            .unwrap()
+            .contains("\"sourceConnected\": false")
+    );
+
+    run("start.sh");
+    // The agent reconnects by itself (watch back-off) and catches up with a change made after.
+    private.set_endpoints("web-1", "web", &[(p2, true)]);
+    // Within the watchers' reconnect back-off.
+    eventually_within(
+        Duration::from_secs(45),
+        "caught up after the API server came back",
+        || tcp_spread(&world, &vip, true, 5),
+        |s| answered(s) == backends(&["backend-2"]),
+    );
+    agent
+        .wait_for_log(&["source is reachable again"], Duration::from_secs(30))
+        .unwrap();
+    assert!(
+        world
+            .agent_http("/healthz")
+            .unwrap()
+            .contains("\"sourceConnected\": true")
+    );
+}
+
+#[test]
+fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
+    let Some(cluster) = cluster() else { return };
+    let mut world = world();
+    let pods = pods(&world);
+    let agent = cluster.start_agent(&mut world);
+    // CI size; `cargo xtask bench` runs 1,000 services x 10 endpoints.
+    const SERVICES: usize = 100;
+    const ENDPOINTS: u8 = 10;
+    const CHANGES: usize = 300;
+    let endpoints = |seed: usize| -> Vec<(Ipv4Addr, bool)> {
+        (0..ENDPOINTS)
+            .map(|i| {
+                (
+                    Ipv4Addr::new(10, 245, (seed % 200) as u8, i + 1),
+                    (seed + i as usize) % 3 != 0,
+                )
+            })
+            .collect()
+    };
+    let mut vips = Vec::new();
+    for s in 0..SERVICES {
+        vips.push(cluster.create_service(&service_object(&format!("svc-{s}"), json!({}), false)));
+        cluster.create_slice(&slice_object(
+            &format!("svc-{s}-1"),
+            &format!("svc-{s}"),
+            &endpoints(s),
+        ));
+    }
+    // 100 endpoint changes per second.
+    let mut last = BTreeMap::new();
+    let started = Instant::now();
+    for c in 0..CHANGES {
+        let s = (c * 7) % SERVICES;
+        let eps = endpoints(s + c + 1);
+        cluster.set_endpoints(&format!("svc-{s}-1"), &format!("svc-{s}"), &eps);
+        last.insert(s, eps);
+        let due = started + Duration::from_millis(10 * (c as u64 + 1));
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+    // One real service among them still works.
+    cluster.set_endpoints("svc-0-1", "svc-0", &[(pods[0], true)]);
+    last.insert(0, vec![(pods[0], true)]);
+    eventually(
+        "svc-0 follows",
+        || tcp_spread(&world, &vips[0], true, 3),
+        |s| answered(s) == backends(&["backend-1"]),
+    );
+
+    // The maps hold exactly the desired state: every service with its ready endpoints.
+    let expected: BTreeMap<String, BTreeSet<Ipv4Addr>> = (0..SERVICES)
+        .map(|s| {
+            let eps = last.get(&s).cloned().unwrap_or_else(|| endpoints(s));
+            (
+                vips[s].clone(),
+                eps.into_iter()
+                    .filter(|(_, ready)| *ready)
+                    .map(|(a, _)| a)
+                    .collect(),
+            )
+        })
+        .collect();
+    let programmed = || {
+        let maps = proxy::maps::Maps::open(&world.bpffs).unwrap();
+        let existing = proxy::reconcile::ServiceMaps::read_existing(&maps).unwrap();
+        let slots: std::collections::HashMap<_, _> = existing.slots.into_iter().collect();
+        let addrs: BTreeMap<_, _> = existing.backends.into_iter().collect();
+        existing
+            .services
+            .into_iter()
+            .filter(|(key, _, _)| key.port == 80)
+            .map(|(key, value, _)| {
+                let set: BTreeSet<Ipv4Addr> = (1..=value.count)
+                    .map(|slot| {
+                        let id = slots[&proxy_common::SlotKey {
+                            service_id: value.id,
+                            generation: value.generation,
+                            pad: 0,
+                            slot,
+                        }];
+                        Ipv4Addr::from(addrs[&id].addr)
+                    })
+                    .collect();
+                (Ipv4Addr::from(key.addr).to_string(), set)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    eventually("maps equal the API state", programmed, |p| *p == expected);
+    let log = agent.log_lines();
+    assert!(
+        !log.iter().any(|l| l.contains("ERROR")),
+        "no error under churn: {log:#?}"
+    );
+}
