@@ -451,10 +451,7 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
             )
             .unwrap(),
     );
-    assert_eq!(
-        other.keys().collect::<Vec<_>>(),
-        ["backend-1"]
-    );
+    assert_eq!(other.keys().collect::<Vec<_>>(), ["backend-1"]);
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(
         metrics.contains("proxy_rejected_objects_total{reason=\"invalid_address\"} 1"),
@@ -534,4 +531,56 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn resync_repairs_map_entries_changed_behind_the_agents_back() {
+    let (mut world, backends) = three_backends();
+    let manifest = world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&backends)))
+        .unwrap();
+    let manifest = manifest.to_string_lossy().into_owned();
+    let agent = world
+        .start_agent_with(&["--manifests", &manifest, "--resync-interval", "1"], true)
+        .unwrap();
+    assert_eq!(
+        spread(
+            &world
+                .probe(
+                    CLIENT,
+                    true,
+                    &["tcp", "--to", &format!("{VIP}:80"), "--count", "60"]
+                )
+                .unwrap()
+        )
+        .len(),
+        3
+    );
+
+    // Someone deletes the service entry with bpftool: key = addr, port (LE), proto, pad.
+    let deleted = std::process::Command::new("bpftool")
+        .args(["map", "delete", "pinned"])
+        .arg(world.bpffs.join("services"))
+        .args(["key", "10", "96", "0", "10", "80", "0", "6", "0"])
+        .status()
+        .unwrap();
+    assert!(deleted.success());
+    agent
+        .wait_for_log(&["resync: repaired 1 map entries"], Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        spread(
+            &world
+                .probe(
+                    CLIENT,
+                    true,
+                    &["tcp", "--to", &format!("{VIP}:80"), "--count", "60"]
+                )
+                .unwrap()
+        )
+        .len(),
+        3
+    );
+    let metrics = world.agent_http("/metrics").unwrap();
+    assert!(metrics.contains("proxy_drift_repairs_total 1"), "{metrics}");
 }

@@ -600,10 +600,11 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
     let mut world = world();
     let pods = pods(&world);
     let agent = cluster.start_agent(&mut world);
-    // CI size; `cargo xtask bench` runs 1,000 services x 10 endpoints.
-    const SERVICES: usize = 100;
+    // CI size by default; PROXY_CHURN_FULL=1 runs the full scenario: 1,000 services x 10
+    // endpoints, then 100 endpoint changes per second for a minute.
+    let full = std::env::var("PROXY_CHURN_FULL").is_ok_and(|v| v == "1");
+    let (services, changes) = if full { (1000, 6000) } else { (100, 300) };
     const ENDPOINTS: u8 = 10;
-    const CHANGES: usize = 300;
     let endpoints = |seed: usize| -> Vec<(Ipv4Addr, bool)> {
         (0..ENDPOINTS)
             .map(|i| {
@@ -615,7 +616,7 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
             .collect()
     };
     let mut vips = Vec::new();
-    for s in 0..SERVICES {
+    for s in 0..services {
         vips.push(cluster.create_service(&service_object(&format!("svc-{s}"), json!({}), false)));
         cluster.create_slice(&slice_object(
             &format!("svc-{s}-1"),
@@ -626,8 +627,8 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
     // 100 endpoint changes per second.
     let mut last = BTreeMap::new();
     let started = Instant::now();
-    for c in 0..CHANGES {
-        let s = (c * 7) % SERVICES;
+    for c in 0..changes {
+        let s = (c * 7) % services;
         let eps = endpoints(s + c + 1);
         cluster.set_endpoints(&format!("svc-{s}-1"), &format!("svc-{s}"), &eps);
         last.insert(s, eps);
@@ -644,7 +645,7 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
     );
 
     // The maps hold exactly the desired state: every service with its ready endpoints.
-    let expected: BTreeMap<String, BTreeSet<Ipv4Addr>> = (0..SERVICES)
+    let expected: BTreeMap<String, BTreeSet<Ipv4Addr>> = (0..services)
         .map(|s| {
             let eps = last.get(&s).cloned().unwrap_or_else(|| endpoints(s));
             (
