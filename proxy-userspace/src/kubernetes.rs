@@ -53,10 +53,11 @@ pub struct Scope {
 }
 
 /// What one watcher saw, tagged with its kind.
+/// Boxed: the events are hundreds of bytes and the variants differ a lot in size.
 enum Seen {
-    Service(watcher::Event<Service>),
-    Slice(watcher::Event<EndpointSlice>),
-    Node(watcher::Event<Node>),
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -73,7 +74,7 @@ where
 fn stream<K>(
     api: Api<K>,
     config: watcher::Config,
-    tag: fn(watcher::Event<K>) -> Seen,
+    tag: fn(Box<watcher::Event<K>>) -> Seen,
 ) -> BoxStream<'static, Result<Seen, watcher::Error>>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
@@ -81,7 +82,7 @@ where
 {
     watcher(api, config)
         .default_backoff()
-        .map(move |r| r.map(tag))
+        .map(move |r| r.map(|e| tag(Box::new(e))))
         .boxed()
 }
 
@@ -183,11 +184,11 @@ pub async fn run(
                         .context("the agent stopped listening")?;
                 }
                 match seen {
-                    Seen::Service(e) => services.handle(e, |s| Object::Service(Box::new(s))),
-                    Seen::Slice(e) => slices.handle(e, |s| Object::EndpointSlice(Box::new(s))),
+                    Seen::Service(e) => services.handle(*e, |s| Object::Service(Box::new(s))),
+                    Seen::Slice(e) => slices.handle(*e, |s| Object::EndpointSlice(Box::new(s))),
                     Seen::Node(e) => {
                         let name = scope.node_name.as_deref().unwrap_or_default();
-                        match e {
+                        match *e {
                             watcher::Event::Init => {
                                 node_seen = None;
                                 None

@@ -248,7 +248,7 @@ mod tests {
                 .is_empty()
         );
         let bad = service("metadata: {name: web}\nspec: {clusterIP: bogus, ports: [{port: 80}]}");
-        let outcome = store.replace(&[Kind::Service], &[bad.clone()]);
+        let outcome = store.replace(&[Kind::Service], std::slice::from_ref(&bad));
         assert_eq!(outcome.rejections.len(), 1);
         assert!(
             outcome.rejections[0]

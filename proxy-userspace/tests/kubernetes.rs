@@ -610,7 +610,7 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
             .map(|i| {
                 (
                     Ipv4Addr::new(10, 245, (seed % 200) as u8, i + 1),
-                    (seed + i as usize) % 3 != 0,
+                    !(seed + i as usize).is_multiple_of(3),
                 )
             })
             .collect()
