@@ -138,7 +138,7 @@ impl Agent {
                 changed
             }
             SourceEvent::Connected(Ok(())) => {
-                info!("the source is reachable again; catching up");
+                info!("the source is reachable again; re-listing to catch up");
                 self.metrics.source_connected.set(1);
                 false
             }

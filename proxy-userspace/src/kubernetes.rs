@@ -1,7 +1,7 @@
 //! The Kubernetes source: watches Services, EndpointSlices and this node with kube-rs
 //! watchers (list, then watch; re-list on 410 Gone; exponential back-off on errors) and
 //! turns their events into `SourceEvent`s.
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, stream::BoxStream};
@@ -127,12 +127,14 @@ impl<T> Relist<T> {
     }
 }
 
-/// Watches until the agent stops listening.
-pub async fn run(
-    client: Client,
-    scope: Scope,
-    events: mpsc::Sender<SourceEvent>,
-) -> anyhow::Result<()> {
+/// How often the API server's reachability is probed, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// The watch streams of the three kinds, merged.
+fn watch_all(
+    client: &Client,
+    scope: &Scope,
+) -> futures::stream::SelectAll<BoxStream<'static, Result<Seen, watcher::Error>>> {
     // Server-side filtering as kube-proxy does; the model checks the same labels again.
     let services_selector = match &scope.proxy_name {
         Some(name) => format!("{SERVICE_PROXY_NAME_LABEL}={name},!{HEADLESS_LABEL}"),
@@ -141,12 +143,12 @@ pub async fn run(
     let ns = scope.namespace.as_deref();
     let mut streams = vec![
         stream(
-            api::<Service>(&client, ns),
+            api::<Service>(client, ns),
             watcher::Config::default().labels(&services_selector),
             Seen::Service,
         ),
         stream(
-            api::<EndpointSlice>(&client, ns),
+            api::<EndpointSlice>(client, ns),
             watcher::Config::default().labels(&format!("!{HEADLESS_LABEL}")),
             Seen::Slice,
         ),
@@ -159,64 +161,90 @@ pub async fn run(
             Seen::Node,
         ));
     }
-    let mut merged = futures::stream::select_all(streams);
-    let mut services = Relist {
-        kind: Kind::Service,
-        buffer: Vec::new(),
-    };
-    let mut slices = Relist {
-        kind: Kind::EndpointSlice,
-        buffer: Vec::new(),
-    };
-    let mut node_seen: Option<Node> = None;
+    futures::stream::select_all(streams)
+}
+
+/// Watches until the agent stops listening. Reachability does not rely on the watch
+/// streams (a dead connection can look like a quiet watch): the API server is probed every
+/// `PROBE_EVERY`, and when it comes back the watches start over with a full re-list.
+pub async fn run(
+    client: Client,
+    scope: Scope,
+    events: mpsc::Sender<SourceEvent>,
+) -> anyhow::Result<()> {
+    let send = |event| events.send(event);
+    let mut probe = tokio::time::interval(PROBE_EVERY);
     let mut connected = true;
-    while let Some(item) = merged.next().await {
-        let event = match item {
-            Err(e) => {
-                connected = false;
-                Some(SourceEvent::Connected(Err(e.to_string())))
-            }
-            Ok(seen) => {
-                if !std::mem::replace(&mut connected, true) {
-                    events
-                        .send(SourceEvent::Connected(Ok(())))
-                        .await
-                        .context("the agent stopped listening")?;
+    loop {
+        let mut merged = watch_all(&client, &scope);
+        let mut services = Relist {
+            kind: Kind::Service,
+            buffer: Vec::new(),
+        };
+        let mut slices = Relist {
+            kind: Kind::EndpointSlice,
+            buffer: Vec::new(),
+        };
+        let mut node_seen: Option<Node> = None;
+        loop {
+            let item = tokio::select! {
+                item = merged.next() => item.context("the Kubernetes watch streams ended")?,
+                _ = probe.tick() => {
+                    let reachable = tokio::time::timeout(PROBE_EVERY, client.apiserver_version()).await;
+                    match reachable {
+                        Ok(Ok(_)) if !connected => {
+                            connected = true;
+                            send(SourceEvent::Connected(Ok(()))).await.context("the agent stopped listening")?;
+                            break;
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) if connected => {
+                            connected = false;
+                            send(SourceEvent::Connected(Err(format!("API server probe failed: {e}")))).await.context("the agent stopped listening")?;
+                        }
+                        Err(_) if connected => {
+                            connected = false;
+                            send(SourceEvent::Connected(Err(format!("API server probe timed out after {PROBE_EVERY:?}")))).await.context("the agent stopped listening")?;
+                        }
+                        _ => {}
+                    }
+                    continue;
                 }
-                match seen {
-                    Seen::Service(e) => services.handle(*e, |s| Object::Service(Box::new(s))),
-                    Seen::Slice(e) => slices.handle(*e, |s| Object::EndpointSlice(Box::new(s))),
-                    Seen::Node(e) => {
-                        let name = scope.node_name.as_deref().unwrap_or_default();
-                        match *e {
-                            watcher::Event::Init => {
-                                node_seen = None;
-                                None
-                            }
-                            watcher::Event::InitApply(n) | watcher::Event::Apply(n) => {
-                                let t = topology(name, Some(&n));
-                                node_seen = Some(n);
-                                Some(SourceEvent::Topology(t))
-                            }
-                            watcher::Event::InitDone => {
-                                Some(SourceEvent::Topology(topology(name, node_seen.as_ref())))
-                            }
-                            watcher::Event::Delete(n) => {
-                                tracing::warn!("node {:?} was deleted", name_of(&n.metadata).1);
-                                node_seen = None;
-                                Some(SourceEvent::Topology(topology(name, None)))
-                            }
+            };
+            let event = match item {
+                Err(e) => {
+                    // The next successful probe re-lists everything.
+                    connected = false;
+                    Some(SourceEvent::Connected(Err(format!("watch failed: {e}"))))
+                }
+                Ok(Seen::Service(e)) => services.handle(*e, |s| Object::Service(Box::new(s))),
+                Ok(Seen::Slice(e)) => slices.handle(*e, |s| Object::EndpointSlice(Box::new(s))),
+                Ok(Seen::Node(e)) => {
+                    let name = scope.node_name.as_deref().unwrap_or_default();
+                    match *e {
+                        watcher::Event::Init => {
+                            node_seen = None;
+                            None
+                        }
+                        watcher::Event::InitApply(n) | watcher::Event::Apply(n) => {
+                            let t = topology(name, Some(&n));
+                            node_seen = Some(n);
+                            Some(SourceEvent::Topology(t))
+                        }
+                        watcher::Event::InitDone => {
+                            Some(SourceEvent::Topology(topology(name, node_seen.as_ref())))
+                        }
+                        watcher::Event::Delete(n) => {
+                            tracing::warn!("node {:?} was deleted", name_of(&n.metadata).1);
+                            node_seen = None;
+                            Some(SourceEvent::Topology(topology(name, None)))
                         }
                     }
                 }
+            };
+            if let Some(event) = event {
+                send(event).await.context("the agent stopped listening")?;
             }
-        };
-        if let Some(event) = event {
-            events
-                .send(event)
-                .await
-                .context("the agent stopped listening")?;
         }
     }
-    anyhow::bail!("the Kubernetes watch streams ended")
 }
