@@ -36,6 +36,18 @@ pub const ALL: [&str; 9] = [
     SOCK_REV_NAT,
 ];
 
+/// Maps whose capacity the agent may change (`--map-size`): not the per-CPU arrays, whose
+/// size bounds the ids.
+pub const RESIZABLE: [&str; 7] = [
+    SERVICES,
+    BACKEND_SLOTS,
+    BACKENDS,
+    SERVICE_NAMES,
+    CONNTRACK,
+    AFFINITY,
+    SOCK_REV_NAT,
+];
+
 /// Service ports; ids run from 1 to `MAX_SERVICES - 1` (they index `SERVICE_STATS`).
 pub const MAX_SERVICES: u32 = 65_536;
 /// Distinct backends; ids run from 1 to `MAX_BACKENDS - 1` (they index `BACKEND_STATS`).

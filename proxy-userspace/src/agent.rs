@@ -53,6 +53,11 @@ pub struct Config {
     pub node_ip: Option<std::net::Ipv4Addr>,
     pub tc_attach: TcAttach,
     pub metrics_bind: SocketAddr,
+    pub healthz_bind: SocketAddr,
+    /// `/healthz` fails when a source change waits longer than this to be programmed.
+    pub healthz_max_lag: Duration,
+    /// Capacities of maps, by pin name, overriding the built-in ones.
+    pub map_sizes: Vec<(String, u32)>,
     pub conntrack_gc_interval: Duration,
     /// Quiet time after a manifest change before re-reading.
     pub debounce: Duration,
@@ -149,8 +154,9 @@ impl Agent {
                 false
             }
         };
-        if dirty {
-            self.pending_since.get_or_insert_with(Instant::now);
+        if dirty && self.pending_since.is_none() {
+            self.pending_since = Some(Instant::now());
+            self.metrics.pending_since.set(unix_now());
         }
         dirty
     }
@@ -181,10 +187,8 @@ impl Agent {
         self.count_writes();
         let complete = report.errors.is_empty();
         if complete {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            self.metrics.last_sync.set(now.as_secs_f64());
+            self.metrics.last_sync.set(unix_now());
+            self.metrics.pending_since.set(0.0);
             self.metrics.endpoint_changes_pending.set(0);
             if let Some(since) = self.pending_since.take() {
                 self.metrics
@@ -215,6 +219,13 @@ impl Agent {
         }
         self.count_writes();
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
@@ -262,7 +273,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => crate::datapath::cgroup2_mount()?,
     };
-    let mut datapath = Datapath::load(&config.bpffs)?;
+    let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes)?;
     datapath.attach_socket_hooks(&cgroup)?;
     datapath.attach_tc(&config.interfaces, config.tc_attach)?;
     datapath.detach_stale()?;
@@ -281,8 +292,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let mut conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let listener = crate::http::bind(config.metrics_bind).await?;
-    let mut server = tokio::spawn(crate::http::serve(listener, metrics.clone()));
+    let conntrack_capacity = config
+        .map_sizes
+        .iter()
+        .find(|(name, _)| name == proxy_common::maps::CONNTRACK);
+    metrics
+        .conntrack_capacity
+        .set(conntrack_capacity.map_or(proxy_common::maps::MAX_CONNTRACK, |(_, n)| *n) as i64);
+    let metrics_listener = crate::http::bind(config.metrics_bind, "--metrics-bind").await?;
+    let healthz_listener = crate::http::bind(config.healthz_bind, "--healthz-bind").await?;
+    let endpoints = |full| crate::http::Endpoints {
+        metrics: metrics.clone(),
+        full,
+        max_lag: config.healthz_max_lag,
+    };
+    let mut metrics_server = tokio::spawn(crate::http::serve(metrics_listener, endpoints(true)));
+    let mut healthz_server = tokio::spawn(crate::http::serve(healthz_listener, endpoints(false)));
 
     let (events_tx, mut events) = mpsc::channel(1024);
     let mut source = start_source(&config, events_tx).await?;
@@ -337,7 +362,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 agent.metrics.conntrack_expired.inc_by(report.expired as u64);
             }
             result = &mut source => bail!("the source stopped: {:#}", result.map_or_else(anyhow::Error::from, |r| r.err().unwrap_or_else(|| anyhow::anyhow!("ended")))),
-            result = &mut server => bail!("the metrics server stopped: {result:?}"),
+            result = &mut metrics_server => bail!("the metrics server stopped: {result:?}"),
+            result = &mut healthz_server => bail!("the health server stopped: {result:?}"),
             signal = &mut shutdown => {
                 info!("{}: exiting; the datapath keeps serving from the maps and links pinned under {}", signal?, config.bpffs.display());
                 return Ok(());

@@ -108,11 +108,22 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
 }
 
 impl Datapath {
-    pub fn load(bpffs: &Path) -> anyhow::Result<Self> {
+    /// Loads the datapath; `sizes` overrides map capacities (a map already pinned keeps
+    /// the capacity it was created with).
+    pub fn load(bpffs: &Path, sizes: &[(String, u32)]) -> anyhow::Result<Self> {
         ensure_bpffs_dir(bpffs)?;
         let mut loader = EbpfLoader::new();
         for name in maps::ALL {
             loader.map_pin_path(name, bpffs.join(name));
+        }
+        for (name, size) in sizes {
+            let Some(name) = maps::RESIZABLE.iter().find(|n| **n == name.as_str()) else {
+                bail!(
+                    "--map-size {name}: not a resizable map (one of {})",
+                    maps::RESIZABLE.join(", ")
+                );
+            };
+            loader.map_max_entries(name, *size);
         }
         let ebpf = loader.load(OBJECT).with_context(|| {
             format!(

@@ -11,6 +11,7 @@ pub struct Metrics {
     registry: Registry,
     pub sync_duration: Histogram,
     pub last_sync: Gauge,
+    pub pending_since: Gauge,
     pub service_changes: IntCounter,
     pub endpoint_changes: IntCounter,
     pub endpoint_changes_pending: IntGauge,
@@ -57,6 +58,13 @@ impl Metrics {
                 Gauge::new(
                     "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
                     "Unix time of the last successful map programming.",
+                )?,
+            )?,
+            pending_since: register(
+                &r,
+                Gauge::new(
+                    "proxy_sync_pending_since_timestamp_seconds",
+                    "Unix time since when a source change waits to be programmed; 0 when the maps are up to date.",
                 )?,
             )?,
             service_changes: register(

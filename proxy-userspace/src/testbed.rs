@@ -417,11 +417,16 @@ impl World {
 
     /// An HTTP GET to the agent's metrics endpoint (127.0.0.1:10249 in the node namespace).
     pub fn agent_http(&self, path: &str) -> anyhow::Result<String> {
+        self.node_http(10249, path)
+    }
+
+    /// An HTTP GET to `127.0.0.1:port` in the node namespace; the whole response.
+    pub fn node_http(&self, port: u16, path: &str) -> anyhow::Result<String> {
         let netns = PathBuf::from("/var/run/netns").join(&self.node);
         let path = path.to_owned();
         in_netns(netns, move || {
-            let mut stream = TcpStream::connect("127.0.0.1:10249")
-                .context("connecting to the agent's metrics endpoint")?;
+            let mut stream = TcpStream::connect(("127.0.0.1", port))
+                .with_context(|| format!("connecting to 127.0.0.1:{port} in the node namespace"))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
             let mut response = String::new();

@@ -584,3 +584,88 @@ fn resync_repairs_map_entries_changed_behind_the_agents_back() {
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(metrics.contains("proxy_drift_repairs_total 1"), "{metrics}");
 }
+
+#[test]
+fn healthz_turns_unhealthy_while_programming_lags_the_source() {
+    let (mut world, backends) = three_backends();
+    // Room for exactly the two ports of "web": a second service cannot be programmed.
+    let good = service_manifest("web", VIP, None, &ready(&backends));
+    let path = world
+        .write_manifest(&good)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let agent = world
+        .start_agent_with(
+            &[
+                "--manifests",
+                &path,
+                "--map-size",
+                "services=2",
+                "--healthz-max-lag-secs",
+                "1",
+            ],
+            true,
+        )
+        .unwrap();
+    let healthz = |world: &World| world.node_http(10256, "/healthz").unwrap();
+    assert!(
+        healthz(&world).starts_with("HTTP/1.0 200"),
+        "{}",
+        healthz(&world)
+    );
+
+    let extra = service_manifest("extra", "10.96.0.40", None, &ready(&backends));
+    world
+        .write_manifest(&format!("{good}---\n{extra}"))
+        .unwrap();
+    agent
+        .wait_for_log(
+            &[
+                "programming default/extra",
+                "failed, keeping its previous state",
+            ],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !healthz(&world).starts_with("HTTP/1.0 503") {
+        assert!(
+            Instant::now() < deadline,
+            "still healthy while a change cannot be programmed: {}",
+            healthz(&world)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(healthz(&world).contains("\"healthy\": false"));
+    let metrics = world.agent_http("/metrics").unwrap();
+    assert!(
+        metrics.contains("proxy_rejected_objects_total{reason=\"map_update_failed\"}"),
+        "{metrics}"
+    );
+    // The last good state keeps serving meanwhile.
+    assert_eq!(
+        spread(
+            &world
+                .probe(
+                    CLIENT,
+                    true,
+                    &["tcp", "--to", &format!("{VIP}:80"), "--count", "60"]
+                )
+                .unwrap()
+        )
+        .len(),
+        3
+    );
+
+    world.write_manifest(&good).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !healthz(&world).starts_with("HTTP/1.0 200") {
+        assert!(
+            Instant::now() < deadline,
+            "healthy again once programming caught up: {}",
+            healthz(&world)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

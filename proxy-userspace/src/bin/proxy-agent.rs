@@ -54,6 +54,17 @@ struct Args {
     /// Address of the /metrics, /healthz and /proxyMode endpoint.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind: SocketAddr,
+    /// Address of the /healthz endpoint for kubelet probes and load balancers.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind: SocketAddr,
+    /// /healthz answers 503 when a source change has waited longer than this many seconds
+    /// to be programmed (kube-proxy's stays 200 while its rules rot).
+    #[arg(long, default_value_t = 10)]
+    healthz_max_lag_secs: u64,
+    /// Capacity of a map, as NAME=ENTRIES (repeatable), e.g. conntrack=1048576. Applies
+    /// when the map is created: a map already pinned keeps its capacity.
+    #[arg(long = "map-size", value_parser = parse_map_size)]
+    map_sizes: Vec<(String, u32)>,
     /// Seconds between conntrack garbage collections.
     #[arg(long, default_value_t = 10)]
     conntrack_gc_interval: u64,
@@ -65,6 +76,19 @@ struct Args {
     /// Seconds between comparisons of the maps with the desired state (drift repair).
     #[arg(long, default_value_t = 30)]
     resync_interval: u64,
+}
+
+fn parse_map_size(text: &str) -> Result<(String, u32), String> {
+    let (name, size) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=ENTRIES"))?;
+    let size: u32 = size
+        .parse()
+        .map_err(|_| format!("{size:?} is not a number of entries"))?;
+    if size == 0 {
+        return Err("a map needs at least one entry".into());
+    }
+    Ok((name.to_owned(), size))
 }
 
 fn hostname() -> anyhow::Result<String> {
@@ -103,6 +127,9 @@ fn main() -> anyhow::Result<()> {
         node_ip: args.node_ip,
         tc_attach: args.tc_attach,
         metrics_bind: args.metrics_bind,
+        healthz_bind: args.healthz_bind,
+        healthz_max_lag: Duration::from_secs(args.healthz_max_lag_secs),
+        map_sizes: args.map_sizes,
         conntrack_gc_interval: Duration::from_secs(args.conntrack_gc_interval.max(1)),
         debounce: Duration::from_millis(20),
         min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
