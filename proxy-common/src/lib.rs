@@ -205,23 +205,49 @@ pub struct SockRevValue {
     pub service_id: u32,
 }
 
-/// Length of `ServiceName::name`.
+/// Length of `ServiceInfo::name`.
 pub const SERVICE_NAME_LEN: usize = 120;
 
-/// `namespace/name:port` of a service port, NUL-padded; written by the agent for `proxyctl`
-/// and `bpftool` (which prints it as a string), never read by the datapath.
+/// What operators need to know about a service port, written by the agent for `proxyctl`
+/// and `bpftool` (which prints `name` as a string); never read by the datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServiceName {
+pub struct ServiceInfo {
+    /// `namespace/name:port`, NUL-padded.
     pub name: [u8; SERVICE_NAME_LEN],
+    /// 1 when no endpoint is ready and the backends are serving-but-terminating ones.
+    pub terminating: u8,
+    /// 1 for `internalTrafficPolicy: Local`.
+    pub internal_local: u8,
+    pub pad: [u8; 6],
 }
 
-impl Default for ServiceName {
+impl Default for ServiceInfo {
     fn default() -> Self {
         Self {
             name: [0; SERVICE_NAME_LEN],
+            terminating: 0,
+            internal_local: 0,
+            pad: [0; 6],
         }
     }
+}
+
+/// The agent's own state, for `proxyctl status` (single entry at index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub pid: u32,
+    /// Service ports programmed.
+    pub service_ports: u32,
+    /// Unix times, in seconds.
+    pub started: u64,
+    pub heartbeat: u64,
+    pub last_sync: u64,
+    /// Seconds between heartbeats: the agent is alive if its heartbeat is recent.
+    pub heartbeat_interval: u32,
+    /// Service ports that failed to program in the last sync.
+    pub failed: u32,
 }
 
 #[cfg(feature = "user")]
@@ -240,5 +266,6 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
-    unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for AgentStatus {}
 }

@@ -10,8 +10,10 @@ pub const SERVICES: &str = "services";
 pub const BACKEND_SLOTS: &str = "backend_slots";
 /// (backend id → Backend)
 pub const BACKENDS: &str = "backends";
-/// (service id → ServiceName)
+/// (service id → ServiceInfo)
 pub const SERVICE_NAMES: &str = "service_names";
+/// array of one AgentStatus
+pub const AGENT_STATUS: &str = "agent_status";
 /// per-CPU array (service id → Counters)
 pub const SERVICE_STATS: &str = "service_stats";
 /// per-CPU array (backend id → Counters)
@@ -24,7 +26,7 @@ pub const AFFINITY: &str = "affinity";
 pub const SOCK_REV_NAT: &str = "sock_rev_nat";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
@@ -34,6 +36,7 @@ pub const ALL: [&str; 9] = [
     CONNTRACK,
     AFFINITY,
     SOCK_REV_NAT,
+    AGENT_STATUS,
 ];
 
 /// Maps whose capacity the agent may change (`--map-size`): not the per-CPU arrays, whose

@@ -1,12 +1,12 @@
 //! The datapath's maps; names and sizes come from `proxy_common::maps`.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtEntry, CtKey, ServiceKey, ServiceName,
-    ServiceValue, SlotKey, SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, ServiceInfo,
+    ServiceKey, ServiceValue, SlotKey, SockRevKey, SockRevValue,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
         MAX_SOCK_REV_NAT,
@@ -30,7 +30,7 @@ pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLO
 /// Read by `proxyctl` and `bpftool` only; declared here so that it carries BTF and is pinned
 /// beside the others.
 #[btf_map(name = "service_names")]
-pub static SERVICE_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }, NO_PREALLOC> =
+pub static SERVICE_NAMES: HashMap<u32, ServiceInfo, { MAX_SERVICES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map(name = "service_stats")]
@@ -49,3 +49,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as us
 #[btf_map(name = "sock_rev_nat")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { MAX_SOCK_REV_NAT as usize }> =
     LruHashMap::new();
+
+/// Written by the agent for `proxyctl status`; declared here to carry BTF and be pinned.
+#[btf_map(name = "agent_status")]
+pub static AGENT_STATUS: Array<AgentStatus, 1> = Array::new();

@@ -16,6 +16,9 @@ pub struct DesiredService {
     /// Sorted and de-duplicated, so that equal sets compare equal.
     pub backends: Vec<Backend>,
     pub affinity_timeout_secs: Option<u32>,
+    /// No endpoint is ready: the backends are the serving-but-terminating ones.
+    pub terminating: bool,
+    pub internal_local: bool,
 }
 
 pub type DesiredState = BTreeMap<ServiceKey, DesiredService>;
@@ -66,7 +69,7 @@ impl Topology {
     }
 }
 
-/// The backends of one service port: endpoints of the service's slices whose port has the
+/// The backends of one service port, and whether they are the terminating fallback: endpoints of the service's slices whose port has the
 /// service port's name and protocol (the slice port number is the resolved targetPort),
 /// chosen as kube-proxy does: ready endpoints that are eligible (on this node for
 /// `internalTrafficPolicy: Local`, hinted for this zone when hints apply); when none is,
@@ -77,7 +80,7 @@ fn backends(
     port: &PortSpec,
     slices: &[&SliceSpec],
     topology: &Topology,
-) -> Vec<Backend> {
+) -> (Vec<Backend>, bool) {
     let candidates: Vec<(&EndpointSpec, u16)> = slices
         .iter()
         .filter_map(|s| {
@@ -105,7 +108,8 @@ fn backends(
         .iter()
         .filter(|(e, _)| e.ready && placed(e))
         .collect();
-    if chosen.is_empty() {
+    let terminating = chosen.is_empty();
+    if terminating {
         chosen = candidates
             .iter()
             .filter(|(e, _)| {
@@ -124,7 +128,8 @@ fn backends(
         .collect();
     out.sort();
     out.dedup();
-    out
+    let terminating = terminating && !out.is_empty();
+    (out, terminating)
 }
 
 /// Builds the desired state of every service port; conflicting service ports (same address,
@@ -166,13 +171,15 @@ pub fn desired_state<'a>(
                 ));
                 continue;
             }
-            let backends = backends(spec, port, slices, topology);
+            let (backends, terminating) = backends(spec, port, slices, topology);
             state.insert(
                 key,
                 DesiredService {
                     name,
                     backends,
                     affinity_timeout_secs: spec.affinity_timeout_secs,
+                    terminating,
+                    internal_local: spec.internal_local,
                 },
             );
         }

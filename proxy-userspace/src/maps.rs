@@ -1,10 +1,11 @@
 //! Typed access to the datapath's pinned maps, for the agent and for `proxyctl`.
 use std::path::Path;
 
+use crate::reconcile::ServiceMeta;
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, SERVICE_NAME_LEN, ServiceKey, ServiceName,
+    AffinityKey, AffinityValue, Backend, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceKey,
     ServiceValue, SlotKey, maps,
 };
 
@@ -12,7 +13,7 @@ pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend>,
-    pub names: HashMap<MapData, u32, ServiceName>,
+    pub names: HashMap<MapData, u32, ServiceInfo>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
@@ -80,21 +81,29 @@ pub fn zero_counters() -> anyhow::Result<PerCpuValues<Counters>> {
     Ok(PerCpuValues::try_from(vec![Counters::default(); cpus])?)
 }
 
-pub fn encode_name(name: &str) -> ServiceName {
-    let mut out = ServiceName::default();
-    let bytes = name.as_bytes();
+pub fn encode_info(meta: &ServiceMeta) -> ServiceInfo {
+    let mut out = ServiceInfo {
+        terminating: meta.terminating.into(),
+        internal_local: meta.internal_local.into(),
+        ..ServiceInfo::default()
+    };
+    let bytes = meta.name.as_bytes();
     let len = bytes.len().min(SERVICE_NAME_LEN - 1);
     out.name[..len].copy_from_slice(&bytes[..len]);
     out
 }
 
-pub fn decode_name(name: &ServiceName) -> String {
-    let end = name
+pub fn decode_info(info: &ServiceInfo) -> ServiceMeta {
+    let end = info
         .name
         .iter()
         .position(|b| *b == 0)
         .unwrap_or(SERVICE_NAME_LEN);
-    String::from_utf8_lossy(&name.name[..end]).into_owned()
+    ServiceMeta {
+        name: String::from_utf8_lossy(&info.name[..end]).into_owned(),
+        terminating: info.terminating != 0,
+        internal_local: info.internal_local != 0,
+    }
 }
 
 impl crate::reconcile::ServiceMaps for Maps {
@@ -130,11 +139,11 @@ impl crate::reconcile::ServiceMaps for Maps {
         &mut self,
         key: &ServiceKey,
         value: &ServiceValue,
-        name: &str,
+        meta: &ServiceMeta,
     ) -> anyhow::Result<()> {
         self.writes += 1;
         self.names
-            .insert(value.id, encode_name(name), 0)
+            .insert(value.id, encode_info(meta), 0)
             .with_context(|| {
                 format!(
                     "writing the name of service id {} to map {}",
@@ -144,7 +153,7 @@ impl crate::reconcile::ServiceMaps for Maps {
             })?;
         self.services
             .insert(key, value, 0)
-            .with_context(|| format!("writing {name} to map {}", maps::SERVICES))
+            .with_context(|| format!("writing {} to map {}", meta.name, maps::SERVICES))
     }
 
     fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()> {
@@ -189,17 +198,17 @@ impl crate::reconcile::ServiceMaps for Maps {
     }
 
     fn read_existing(&self) -> anyhow::Result<crate::reconcile::Existing> {
-        let name_of = |id: u32| {
+        let meta_of = |id: u32| {
             self.names
                 .get(&id, 0)
-                .map(|n| decode_name(&n))
+                .map(|n| decode_info(&n))
                 .unwrap_or_default()
         };
         Ok(crate::reconcile::Existing {
             services: self
                 .services
                 .iter()
-                .map(|r| r.map(|(k, v)| (k, v, name_of(v.id))))
+                .map(|r| r.map(|(k, v)| (k, v, meta_of(v.id))))
                 .collect::<Result<_, _>>()
                 .context("reading map services")?,
             slots: self

@@ -20,12 +20,12 @@ pub trait ServiceMaps {
     fn delete_backend(&mut self, id: u32) -> anyhow::Result<()>;
     fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()>;
     fn delete_slot(&mut self, key: &SlotKey) -> anyhow::Result<()>;
-    /// Writes the service entry (the atomic flip) and its name.
+    /// Writes the service entry (the atomic flip) and its metadata.
     fn put_service(
         &mut self,
         key: &ServiceKey,
         value: &ServiceValue,
-        name: &str,
+        meta: &ServiceMeta,
     ) -> anyhow::Result<()>;
     fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()>;
@@ -38,9 +38,28 @@ pub trait ServiceMaps {
     fn writes(&self) -> u64;
 }
 
+/// What operators see of a service port besides its entry: name, whether its backends are
+/// the serving-terminating fallback, its internal traffic policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceMeta {
+    pub name: String,
+    pub terminating: bool,
+    pub internal_local: bool,
+}
+
+impl ServiceMeta {
+    pub fn of(want: &DesiredService) -> Self {
+        Self {
+            name: want.name.clone(),
+            terminating: want.terminating,
+            internal_local: want.internal_local,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Existing {
-    pub services: Vec<(ServiceKey, ServiceValue, String)>,
+    pub services: Vec<(ServiceKey, ServiceValue, ServiceMeta)>,
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend)>,
 }
@@ -80,14 +99,14 @@ impl Ids {
 #[derive(Clone, Debug)]
 struct Programmed {
     value: ServiceValue,
-    name: String,
+    meta: ServiceMeta,
     /// (backend id, backend) in slot order.
     backends: Vec<(u32, Backend)>,
 }
 
 impl Programmed {
     fn matches(&self, want: &DesiredService) -> bool {
-        self.name == want.name
+        self.meta == ServiceMeta::of(want)
             && affinity(want) == (self.value.flags, self.value.affinity_timeout_secs)
             && self.backends.len() == want.backends.len()
             && self
@@ -140,7 +159,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         let backend_by_id: HashMap<u32, Backend> = existing.backends.iter().copied().collect();
         let mut services = HashMap::new();
         let mut backends: HashMap<Backend, BackendRef> = HashMap::new();
-        for (key, value, name) in existing.services {
+        for (key, value, meta) in existing.services {
             let resolved: Option<Vec<(u32, Backend)>> = (1..=value.count)
                 .map(|slot| {
                     let id = *slots.get(&SlotKey {
@@ -153,7 +172,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 })
                 .collect();
             let Some(resolved) = resolved else {
-                warn!(service = %name, "adopted service entry has missing slots or backends; deleting it");
+                warn!(service = %meta.name, "adopted service entry has missing slots or backends; deleting it");
                 maps.delete_service(&key, value.id)?;
                 continue;
             };
@@ -167,7 +186,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 key,
                 Programmed {
                     value,
-                    name,
+                    meta,
                     backends: resolved,
                 },
             );
@@ -241,7 +260,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             .copied()
             .collect();
         for key in gone {
-            let name = self.services[&key].name.clone();
+            let name = self.services[&key].meta.name.clone();
             match self.remove(&key) {
                 Ok(()) => report.removed += 1,
                 Err(e) => report.errors.push((name, e)),
@@ -283,7 +302,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 }
             }
             if services.get(key) != Some(&p.value) {
-                self.maps.put_service(key, &p.value, &p.name)?;
+                self.maps.put_service(key, &p.value, &p.meta)?;
                 repaired += 1;
             }
         }
@@ -444,13 +463,14 @@ impl<M: ServiceMaps> Reconciler<M> {
             flags,
             affinity_timeout_secs,
         };
-        if let Err(e) = self.maps.put_service(key, &value, &want.name) {
+        let meta = ServiceMeta::of(want);
+        if let Err(e) = self.maps.put_service(key, &value, &meta) {
             self.abandon(id, generation, count, &acquired, new_id);
             return Err(e);
         }
         let programmed = Programmed {
             value,
-            name: want.name.clone(),
+            meta,
             backends: acquired,
         };
         if let Some(old) = self.services.insert(*key, programmed) {
@@ -472,7 +492,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         if !lost.is_empty()
             && let Err(e) = self.maps.forget_affinity(old.value.id, &lost)
         {
-            warn!(service = %old.name, "dropping affinity to removed backends: {e:#}");
+            warn!(service = %old.meta.name, "dropping affinity to removed backends: {e:#}");
         }
         for (_, b) in &old.backends {
             self.release_backend(b);
@@ -500,7 +520,7 @@ mod tests {
     /// In-memory maps that log every write.
     #[derive(Default)]
     struct Fake {
-        services: BTreeMap<ServiceKey, (ServiceValue, String)>,
+        services: BTreeMap<ServiceKey, (ServiceValue, ServiceMeta)>,
         slots: HashMap<SlotKey, u32>,
         backends: HashMap<u32, Backend>,
         slot_capacity: Option<usize>,
@@ -541,13 +561,13 @@ mod tests {
             &mut self,
             k: &ServiceKey,
             v: &ServiceValue,
-            name: &str,
+            meta: &ServiceMeta,
         ) -> anyhow::Result<()> {
             self.log.push(format!(
                 "put service {} gen {} count {}",
                 v.id, v.generation, v.count
             ));
-            self.services.insert(*k, (*v, name.to_owned()));
+            self.services.insert(*k, (*v, meta.clone()));
             Ok(())
         }
         fn delete_service(&mut self, k: &ServiceKey, id: u32) -> anyhow::Result<()> {
@@ -613,6 +633,8 @@ mod tests {
                         name: format!("ns/svc-{port}"),
                         backends,
                         affinity_timeout_secs: None,
+                        terminating: false,
+                        internal_local: false,
                     },
                 )
             })
@@ -747,7 +769,16 @@ mod tests {
             flags: 0,
             affinity_timeout_secs: 0,
         };
-        r.maps.services.insert(key(99), (stray, "stray".into()));
+        r.maps.services.insert(
+            key(99),
+            (
+                stray,
+                ServiceMeta {
+                    name: "stray".into(),
+                    ..ServiceMeta::default()
+                },
+            ),
+        );
         assert_eq!(r.repair().unwrap(), 3);
         assert_eq!(r.maps.services.len(), 2);
         assert!(r.maps.services.contains_key(&key(80)));

@@ -3,7 +3,7 @@ use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy::{
-    maps::{Maps, decode_name},
+    maps::{Maps, decode_info},
     model::Protocol,
 };
 use serde::Serialize;
@@ -70,7 +70,7 @@ fn service_rows(maps: &Maps) -> anyhow::Result<Vec<ServiceRow>> {
         let full = maps
             .names
             .get(&value.id, 0)
-            .map(|n| decode_name(&n))
+            .map(|n| decode_info(&n).name)
             .unwrap_or_else(|_| format!("<id {}>", value.id));
         let (namespace, name, port_name) = split_name(&full);
         let counters = maps.service_counters(value.id)?;
