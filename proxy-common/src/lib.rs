@@ -209,7 +209,7 @@ pub struct SockRevValue {
 pub const SERVICE_NAME_LEN: usize = 120;
 
 /// What operators need to know about a service port, written by the agent for `proxyctl`
-/// and `bpftool` (which prints `name` as a string); never read by the datapath.
+/// and `bpftool`; never read by the datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceInfo {

@@ -18,7 +18,10 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use proxy_common::AgentStatus;
+
 use crate::{
+    clock::unix_now,
     conntrack,
     datapath::{Datapath, TcAttach},
     desired::Topology,
@@ -80,6 +83,22 @@ struct Agent {
     /// Since when a change is waiting to be programmed.
     pending_since: Option<Instant>,
     writes_reported: u64,
+    status: StatusWriter,
+}
+
+/// Keeps the pinned `agent_status` entry current, for `proxyctl status`.
+struct StatusWriter {
+    map: aya::maps::Array<aya::maps::MapData, AgentStatus>,
+    status: AgentStatus,
+}
+
+impl StatusWriter {
+    fn write(&mut self) {
+        self.status.heartbeat = unix_now() as u64;
+        if let Err(e) = self.map.set(0, self.status, 0) {
+            warn!("writing the agent status map: {e}");
+        }
+    }
 }
 
 impl Agent {
@@ -186,6 +205,12 @@ impl Agent {
         self.metrics.service_ports.set(self.reconciler.len() as i64);
         self.count_writes();
         let complete = report.errors.is_empty();
+        self.status.status.service_ports = self.reconciler.len() as u32;
+        self.status.status.failed = report.errors.len() as u32;
+        if complete {
+            self.status.status.last_sync = unix_now() as u64;
+        }
+        self.status.write();
         if complete {
             self.metrics.last_sync.set(unix_now());
             self.metrics.pending_since.set(0.0);
@@ -219,13 +244,6 @@ impl Agent {
         }
         self.count_writes();
     }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
 }
 
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
@@ -311,6 +329,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (events_tx, mut events) = mpsc::channel(1024);
     let mut source = start_source(&config, events_tx).await?;
+    let status = StatusWriter {
+        map: crate::maps::open(&config.bpffs, proxy_common::maps::AGENT_STATUS)?,
+        status: AgentStatus {
+            pid: std::process::id(),
+            started: unix_now() as u64,
+            heartbeat_interval: config.conntrack_gc_interval.as_secs() as u32,
+            ..AgentStatus::default()
+        },
+    };
     let topology = Topology {
         node_name: config.node_name.clone(),
         zone: None,
@@ -322,6 +349,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         listed: HashSet::new(),
         pending_since: None,
         writes_reported: 0,
+        status,
     };
 
     let mut gc = tokio::time::interval(config.conntrack_gc_interval);
@@ -360,6 +388,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 let report = conntrack::collect_garbage(&mut conntrack);
                 agent.metrics.conntrack_entries.set(report.entries as i64);
                 agent.metrics.conntrack_expired.inc_by(report.expired as u64);
+                agent.status.write();
             }
             result = &mut source => bail!("the source stopped: {:#}", result.map_or_else(anyhow::Error::from, |r| r.err().unwrap_or_else(|| anyhow::anyhow!("ended")))),
             result = &mut metrics_server => bail!("the metrics server stopped: {result:?}"),

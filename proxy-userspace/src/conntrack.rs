@@ -8,17 +8,6 @@ use proxy_common::{CtEntry, CtKey, ct_flow_timeout_secs};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * NS_PER_SEC + ts.tv_nsec as u64
-}
-
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
     /// Entries left in the map.
@@ -48,7 +37,7 @@ pub fn expired_keys(entries: &HashMap<CtKey, CtEntry>, now_ns: u64) -> Vec<CtKey
 
 pub fn collect_garbage(conntrack: &mut aya::maps::HashMap<MapData, CtKey, CtEntry>) -> GcReport {
     let entries: HashMap<CtKey, CtEntry> = conntrack.iter().filter_map(Result::ok).collect();
-    let expired = expired_keys(&entries, monotonic_ns());
+    let expired = expired_keys(&entries, crate::clock::monotonic_ns());
     for key in &expired {
         // The datapath may have refreshed or evicted it meanwhile; either way is fine.
         let _ = conntrack.remove(key);

@@ -10,7 +10,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use crate::metrics::Metrics;
+use crate::{clock::unix_now, metrics::Metrics};
 
 const MAX_REQUEST: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -22,13 +22,6 @@ pub struct Endpoints {
     pub full: bool,
     /// `/healthz` fails when a change has waited longer than this to be programmed.
     pub max_lag: Duration,
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
 }
 
 /// kube-proxy's health answer, plus why it is unhealthy: unlike kube-proxy's, it fails when

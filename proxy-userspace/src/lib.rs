@@ -1,10 +1,12 @@
 //! The userspace side of the eBPF service proxy: input sources, validation, translation to
 //! map entries, the reconciler that programs the pinned maps, and the tools around them.
 pub mod agent;
+pub mod clock;
 pub mod conntrack;
 pub mod datapath;
 pub mod desired;
 pub mod http;
+pub mod inspect;
 pub mod kubernetes;
 pub mod manifest;
 pub mod maps;

@@ -128,7 +128,7 @@ fn tcp_and_udp_spread_over_all_backends_and_apps_see_the_cluster_ip() {
     };
     assert_eq!(row(80)["name"], "web");
     assert_eq!(row(80)["port_name"], "http");
-    assert_eq!(row(80)["backends"], 3);
+    assert_eq!(row(80)["ready_backends"], 3);
     assert_eq!(
         row(80)["connections"],
         300,

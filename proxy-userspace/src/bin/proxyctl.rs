@@ -1,11 +1,11 @@
 //! proxyctl: inspect the datapath's pinned maps (works while the agent is down).
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+//!
+//! Exit codes: 0 success, 1 error (e.g. maps not pinned, no permission), 2 usage error,
+//! 3 the service asked for does not exist.
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy::{
-    maps::{Maps, decode_info},
-    model::Protocol,
-};
+use proxy::{inspect, maps::Maps};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -24,6 +24,7 @@ struct Args {
 enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand)]
@@ -33,159 +34,335 @@ enum Command {
         #[command(subcommand)]
         command: ServiceCommand,
     },
+    /// Flows in the datapath's own conntrack (tc path).
+    Conntrack {
+        #[command(subcommand)]
+        command: ConntrackCommand,
+    },
+    /// Each map: entries, capacity, fill.
+    Maps,
+    /// The agent: alive, last sync, attached programs.
+    Status,
 }
 
 #[derive(Subcommand)]
 enum ServiceCommand {
-    /// One row per service port: name, address, backends and counters.
+    /// One row per service port: name, address, backends, policies, counters.
     List,
+    /// One row per backend of NAMESPACE/NAME's ports: state, connections, traffic, share.
+    Get { service: String },
 }
 
-#[derive(Serialize)]
-struct ServiceRow {
-    namespace: String,
-    name: String,
-    port_name: String,
-    address: Ipv4Addr,
-    port: u16,
-    protocol: &'static str,
-    backends: u16,
-    session_affinity_timeout_seconds: Option<u32>,
-    connections: u64,
-    packets: u64,
-    bytes: u64,
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// One row per flow.
+    List {
+        /// Only the flows of NAMESPACE/NAME.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Delete flows (their next packet is balanced again, as a new connection).
+    Flush {
+        /// Only the flows of NAMESPACE/NAME.
+        #[arg(long)]
+        service: Option<String>,
+    },
 }
 
-/// Splits `namespace/name:port` as the agent writes it.
-fn split_name(full: &str) -> (String, String, String) {
-    let (namespace, rest) = full.split_once('/').unwrap_or(("", full));
-    let (name, port) = rest.split_once(':').unwrap_or((rest, ""));
-    (namespace.to_owned(), name.to_owned(), port.to_owned())
-}
+/// A failure with its exit code.
+struct Failure(u8, anyhow::Error);
 
-fn service_rows(maps: &Maps) -> anyhow::Result<Vec<ServiceRow>> {
-    let mut rows = Vec::new();
-    for entry in maps.services.iter() {
-        let (key, value) = entry?;
-        let full = maps
-            .names
-            .get(&value.id, 0)
-            .map(|n| decode_info(&n).name)
-            .unwrap_or_else(|_| format!("<id {}>", value.id));
-        let (namespace, name, port_name) = split_name(&full);
-        let counters = maps.service_counters(value.id)?;
-        rows.push(ServiceRow {
-            namespace,
-            name,
-            port_name,
-            address: Ipv4Addr::from(key.addr),
-            port: key.port,
-            protocol: Protocol::from_ip_proto(key.proto).map_or("?", Protocol::name),
-            backends: value.count,
-            session_affinity_timeout_seconds: (value.flags & proxy_common::SVC_FLAG_AFFINITY != 0)
-                .then_some(value.affinity_timeout_secs),
-            connections: counters.conns,
-            packets: counters.packets,
-            bytes: counters.bytes,
-        });
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure(1, e)
     }
-    rows.sort_by(|a, b| {
-        (&a.namespace, &a.name, a.port, a.protocol).cmp(&(
-            &b.namespace,
-            &b.name,
-            b.port,
-            b.protocol,
-        ))
-    });
-    Ok(rows)
 }
 
-fn table(rows: &[ServiceRow]) -> String {
-    let header = [
-        "SERVICE",
-        "ADDRESS",
-        "BACKENDS",
-        "AFFINITY",
-        "CONNECTIONS",
-        "PACKETS",
-        "BYTES",
-    ];
-    let cells: Vec<[String; 7]> = rows
-        .iter()
-        .map(|r| {
-            let service = match r.port_name.as_str() {
-                "" => format!("{}/{}", r.namespace, r.name),
-                port => format!("{}/{}:{port}", r.namespace, r.name),
-            };
-            [
-                service,
-                format!("{}:{}/{}", r.address, r.port, r.protocol),
-                r.backends.to_string(),
-                r.session_affinity_timeout_seconds
-                    .map_or("-".to_owned(), |t| format!("ClientIP {t}s")),
-                r.connections.to_string(),
-                r.packets.to_string(),
-                r.bytes.to_string(),
-            ]
-        })
-        .collect();
-    let widths: Vec<usize> = (0..header.len())
+const NOT_FOUND: u8 = 3;
+
+/// Aligned columns; the first row is the header.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
         .map(|i| {
-            cells
-                .iter()
-                .map(|c| c[i].len())
-                .chain([header[i].len()])
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(String::len)
                 .max()
                 .unwrap_or(0)
         })
         .collect();
-    let line = |cols: &[&str]| {
-        cols.iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    let mut out = line(&header) + "\n";
-    for row in &cells {
-        out += &line(&row.iter().map(String::as_str).collect::<Vec<_>>());
-        out.push('\n');
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_owned()
+                + "\n"
+        })
+        .collect()
+}
+
+fn structured<T: Serialize>(output: Output, value: &T) -> anyhow::Result<String> {
+    Ok(match output {
+        Output::Yaml => serde_yaml::to_string(value)?,
+        _ => serde_json::to_string_pretty(value)? + "\n",
+    })
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or("-".to_owned(), |v| v.to_string())
+}
+
+fn service_table(rows: &[inspect::ServiceRow]) -> String {
+    let mut cells = vec![
+        [
+            "SERVICE",
+            "TYPE",
+            "ADDRESS",
+            "BACKENDS(READY/TERM)",
+            "AFFINITY",
+            "POLICY",
+            "CONNECTIONS",
+            "PACKETS",
+            "BYTES",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for r in rows {
+        cells.push(vec![
+            r.full_name(),
+            r.kind.to_owned(),
+            format!("{}:{}/{}", r.address, r.port, r.protocol),
+            format!("{}/{}", r.ready_backends, r.terminating_backends),
+            r.session_affinity_timeout_seconds
+                .map_or("-".to_owned(), |t| format!("ClientIP {t}s")),
+            r.internal_traffic_policy.to_owned(),
+            r.connections.to_string(),
+            r.packets.to_string(),
+            r.bytes.to_string(),
+        ]);
     }
-    out
+    table(&cells)
+}
+
+/// The service ports of NAMESPACE/NAME, or a not-found failure.
+fn ports_of(maps: &Maps, service: &str) -> Result<Vec<inspect::ServiceRow>, Failure> {
+    let ports = inspect::service_ports(maps, service)?;
+    if ports.is_empty() {
+        return Err(Failure(
+            NOT_FOUND,
+            anyhow::anyhow!(
+                "service {service} is not programmed (namespace/name, e.g. default/web)"
+            ),
+        ));
+    }
+    Ok(ports)
+}
+
+#[derive(Serialize)]
+struct ServiceDetail {
+    service: inspect::ServiceRow,
+    backends: Vec<inspect::BackendRow>,
+}
+
+fn run(args: Args) -> Result<String, Failure> {
+    let dir = &args.bpffs;
+    let out = args.output;
+    let maps = || Maps::open(dir).map_err(Failure::from);
+    Ok(match args.command {
+        Command::Service {
+            command: ServiceCommand::List,
+        } => {
+            let rows = inspect::services(&maps()?)?;
+            match out {
+                Output::Table => service_table(&rows),
+                _ => structured(out, &rows)?,
+            }
+        }
+        Command::Service {
+            command: ServiceCommand::Get { service },
+        } => {
+            let maps = maps()?;
+            let mut details = Vec::new();
+            for port in ports_of(&maps, &service)? {
+                let backends = inspect::backends(&maps, dir, &port)?;
+                details.push(ServiceDetail {
+                    service: port,
+                    backends,
+                });
+            }
+            match out {
+                Output::Table => details
+                    .iter()
+                    .map(|d| {
+                        let mut cells = vec![
+                            [
+                                "BACKEND",
+                                "NODE-LOCAL",
+                                "STATE",
+                                "ACTIVE",
+                                "CONNECTIONS",
+                                "PACKETS",
+                                "BYTES",
+                                "SHARE",
+                            ]
+                            .map(String::from)
+                            .to_vec(),
+                        ];
+                        for b in &d.backends {
+                            cells.push(vec![
+                                format!("{}:{}/{}", b.address, b.port, b.protocol),
+                                or_dash(b.node_local),
+                                b.state.to_owned(),
+                                b.active_connections.to_string(),
+                                b.connections.to_string(),
+                                b.packets.to_string(),
+                                b.bytes.to_string(),
+                                format!("{:.1}%", b.connection_share_percent),
+                            ]);
+                        }
+                        format!(
+                            "{}\n{}",
+                            service_table(std::slice::from_ref(&d.service)),
+                            table(&cells)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => structured(out, &details)?,
+            }
+        }
+        Command::Conntrack {
+            command: ConntrackCommand::List { service },
+        } => {
+            let maps = maps()?;
+            let ids = service
+                .map(|s| ports_of(&maps, &s))
+                .transpose()?
+                .map(|p| p.iter().map(|r| r.id).collect::<Vec<_>>());
+            let flows: Vec<inspect::FlowRow> = inspect::flows(&maps, dir, ids.as_deref())?
+                .into_iter()
+                .map(|(_, _, r)| r)
+                .collect();
+            match out {
+                Output::Table => {
+                    let mut cells = vec![
+                        [
+                            "PROTO",
+                            "CLIENT",
+                            "SERVICE-ADDRESS",
+                            "BACKEND",
+                            "SERVICE",
+                            "STATE",
+                            "IDLE(S)",
+                        ]
+                        .map(String::from)
+                        .to_vec(),
+                    ];
+                    for f in &flows {
+                        cells.push(vec![
+                            f.protocol.to_owned(),
+                            f.client.clone(),
+                            f.service_address.clone(),
+                            f.backend.clone(),
+                            f.service.clone(),
+                            f.state.to_owned(),
+                            f.idle_seconds.to_string(),
+                        ]);
+                    }
+                    table(&cells)
+                }
+                _ => structured(out, &flows)?,
+            }
+        }
+        Command::Conntrack {
+            command: ConntrackCommand::Flush { service },
+        } => {
+            let maps = maps()?;
+            let ids = service
+                .map(|s| ports_of(&maps, &s))
+                .transpose()?
+                .map(|p| p.iter().map(|r| r.id).collect::<Vec<_>>());
+            let flushed = inspect::flush(&maps, dir, ids.as_deref())?;
+            match out {
+                Output::Table => format!("flushed {flushed} flows\n"),
+                _ => structured(out, &serde_json::json!({"flushed": flushed}))?,
+            }
+        }
+        Command::Maps => {
+            let rows = inspect::map_fill(dir)?;
+            match out {
+                Output::Table => {
+                    let mut cells = vec![
+                        ["MAP", "ENTRIES", "CAPACITY", "FILL"]
+                            .map(String::from)
+                            .to_vec(),
+                    ];
+                    for r in &rows {
+                        cells.push(vec![
+                            r.name.to_owned(),
+                            or_dash(r.entries),
+                            r.capacity.to_string(),
+                            r.fill_percent
+                                .map_or("-".to_owned(), |f| format!("{f:.1}%")),
+                        ]);
+                    }
+                    table(&cells)
+                }
+                _ => structured(out, &rows)?,
+            }
+        }
+        Command::Status => {
+            let s = inspect::status(dir)?;
+            match out {
+                Output::Table => {
+                    let ago =
+                        |v: Option<u64>| v.map_or("never".to_owned(), |s| format!("{s}s ago"));
+                    let mut text = format!(
+                        "agent:       pid {} {}\nstarted:     {}\nlast sync:   {} ({} service ports, {} failed)\nheartbeat:   {}\nattachments:\n",
+                        s.agent_pid,
+                        if s.agent_alive {
+                            "alive"
+                        } else {
+                            "NOT RUNNING (the datapath keeps serving the pinned state)"
+                        },
+                        ago(s.started_seconds_ago),
+                        ago(s.last_sync_seconds_ago),
+                        s.service_ports,
+                        s.failed_service_ports,
+                        ago(s.heartbeat_seconds_ago),
+                    );
+                    for a in &s.attachments {
+                        text += &format!("  {}\n", a.replacen('@', " on ", 1));
+                    }
+                    text
+                }
+                _ => structured(out, &s)?,
+            }
+        }
+    })
 }
 
 /// Writes the output; a reader that went away (`proxyctl ... | head`) is not an error.
-fn emit(text: &str) -> anyhow::Result<()> {
+fn emit(text: &str) -> std::io::Result<()> {
     match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e),
         _ => Ok(()),
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let maps = Maps::open(&args.bpffs)?;
-    match args.command {
-        Command::Service {
-            command: ServiceCommand::List,
-        } => {
-            let rows = service_rows(&maps)?;
-            emit(&match args.output {
-                Output::Table => table(&rows),
-                Output::Json => serde_json::to_string_pretty(&rows)? + "\n",
-            })?;
-        }
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
-    match run(Args::parse()) {
+    let result = run(Args::parse()).and_then(|text| emit(&text).map_err(|e| Failure(1, e.into())));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure(code, e)) => {
             eprintln!("proxyctl: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

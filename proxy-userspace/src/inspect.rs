@@ -1,0 +1,374 @@
+//! Read-only views of the pinned maps for `proxyctl`: services, one service's backends,
+//! conntrack, map fill and the agent's status. They work while the agent is down.
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use proxy_common::{
+    AgentStatus, Backend, CT_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry,
+    CtKey, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey, maps,
+};
+use serde::Serialize;
+
+use crate::{
+    clock::{monotonic_ns, unix_now},
+    maps::{Maps, decode_info, open, sum},
+    model::Protocol,
+    reconcile::ServiceMeta,
+};
+
+fn protocol(proto: u8) -> &'static str {
+    Protocol::from_ip_proto(proto).map_or("?", Protocol::name)
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub ready_backends: u16,
+    pub terminating_backends: u16,
+    pub session_affinity_timeout_seconds: Option<u32>,
+    pub internal_traffic_policy: &'static str,
+    pub connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    #[serde(skip)]
+    pub id: u32,
+    #[serde(skip)]
+    pub value: ServiceValue,
+}
+
+impl ServiceRow {
+    pub fn full_name(&self) -> String {
+        match self.port_name.as_str() {
+            "" => format!("{}/{}", self.namespace, self.name),
+            port => format!("{}/{}:{port}", self.namespace, self.name),
+        }
+    }
+}
+
+fn service_row(maps: &Maps, key: ServiceKey, value: ServiceValue) -> anyhow::Result<ServiceRow> {
+    let meta = maps
+        .names
+        .get(&value.id, 0)
+        .map(|n| decode_info(&n))
+        .unwrap_or_else(|_| ServiceMeta {
+            name: format!("<id {}>", value.id),
+            ..ServiceMeta::default()
+        });
+    let (namespace, rest) = meta.name.split_once('/').unwrap_or(("", &meta.name));
+    let (name, port_name) = rest.split_once(':').unwrap_or((rest, ""));
+    let counters = maps.service_counters(value.id)?;
+    let (ready, terminating) = if meta.terminating {
+        (0, value.count)
+    } else {
+        (value.count, 0)
+    };
+    Ok(ServiceRow {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        port_name: port_name.to_owned(),
+        kind: "ClusterIP",
+        address: Ipv4Addr::from(key.addr),
+        port: key.port,
+        protocol: protocol(key.proto),
+        ready_backends: ready,
+        terminating_backends: terminating,
+        session_affinity_timeout_seconds: (value.flags & SVC_FLAG_AFFINITY != 0)
+            .then_some(value.affinity_timeout_secs),
+        internal_traffic_policy: if meta.internal_local {
+            "Local"
+        } else {
+            "Cluster"
+        },
+        connections: counters.conns,
+        packets: counters.packets,
+        bytes: counters.bytes,
+        id: value.id,
+        value,
+    })
+}
+
+/// Every service port, sorted by namespace, name and port.
+pub fn services(maps: &Maps) -> anyhow::Result<Vec<ServiceRow>> {
+    let mut rows = Vec::new();
+    for entry in maps.services.iter() {
+        let (key, value) = entry.context("reading map services")?;
+        rows.push(service_row(maps, key, value)?);
+    }
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.name, a.port, a.protocol).cmp(&(
+            &b.namespace,
+            &b.name,
+            b.port,
+            b.protocol,
+        ))
+    });
+    Ok(rows)
+}
+
+/// The service ports of `namespace/name`.
+pub fn service_ports(maps: &Maps, namespaced_name: &str) -> anyhow::Result<Vec<ServiceRow>> {
+    Ok(services(maps)?
+        .into_iter()
+        .filter(|r| format!("{}/{}", r.namespace, r.name) == namespaced_name)
+        .collect())
+}
+
+fn open_conntrack(dir: &Path) -> anyhow::Result<BpfHashMap<MapData, CtKey, CtEntry>> {
+    open(dir, maps::CONNTRACK)
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: &'static str,
+    /// Whether the endpoint runs on this node; not recorded in the maps yet.
+    pub node_local: Option<bool>,
+    pub state: &'static str,
+    /// Open flows through the tc path (socket-balanced connections have no conntrack entry).
+    pub active_connections: u64,
+    pub connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Share of the new connections of this service port's backends, in percent.
+    pub connection_share_percent: f64,
+}
+
+/// The backends of one service port, in slot order.
+pub fn backends(maps: &Maps, dir: &Path, service: &ServiceRow) -> anyhow::Result<Vec<BackendRow>> {
+    let conntrack = open_conntrack(dir)?;
+    let mut active: HashMap<u32, u64> = HashMap::new();
+    for (_, entry) in conntrack.iter().filter_map(Result::ok) {
+        if entry.direction == CT_FORWARD
+            && entry.rev_nat_id == service.id
+            && entry.state != CT_STATE_CLOSING
+        {
+            *active.entry(entry.backend_id).or_default() += 1;
+        }
+    }
+    let v = service.value;
+    let mut rows: Vec<(u32, Backend, Counters)> = Vec::new();
+    for slot in 1..=v.count {
+        let key = SlotKey {
+            service_id: v.id,
+            generation: v.generation,
+            pad: 0,
+            slot,
+        };
+        let id = maps
+            .slots
+            .get(&key, 0)
+            .with_context(|| format!("reading slot {slot} of {}", service.full_name()))?;
+        let backend = maps
+            .backends
+            .get(&id, 0)
+            .with_context(|| format!("reading backend {id}"))?;
+        let counters = sum(&maps
+            .backend_stats
+            .get(&id, 0)
+            .with_context(|| format!("reading counters of backend {id}"))?);
+        rows.push((id, backend, counters));
+    }
+    let total: u64 = rows.iter().map(|(_, _, c)| c.conns).sum();
+    let state = if service.terminating_backends > 0 {
+        "terminating"
+    } else {
+        "ready"
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(id, b, c)| BackendRow {
+            address: Ipv4Addr::from(b.addr),
+            port: b.port,
+            protocol: protocol(b.proto),
+            node_local: None,
+            state,
+            active_connections: active.get(&id).copied().unwrap_or(0),
+            connections: c.conns,
+            packets: c.packets,
+            bytes: c.bytes,
+            connection_share_percent: if total == 0 {
+                0.0
+            } else {
+                (c.conns * 1000 / total) as f64 / 10.0
+            },
+        })
+        .collect())
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowRow {
+    pub protocol: &'static str,
+    pub client: String,
+    pub service_address: String,
+    pub backend: String,
+    pub service: String,
+    pub state: &'static str,
+    pub idle_seconds: u64,
+}
+
+fn state_name(state: u8) -> &'static str {
+    match state {
+        CT_STATE_ESTABLISHED => "established",
+        CT_STATE_CLOSING => "closing",
+        _ => "new",
+    }
+}
+
+/// Flows in our conntrack (one row per flow: its forward entry), of one service's ports if
+/// `ids` is given.
+pub fn flows(
+    maps: &Maps,
+    dir: &Path,
+    ids: Option<&[u32]>,
+) -> anyhow::Result<Vec<(CtKey, CtEntry, FlowRow)>> {
+    let conntrack = open_conntrack(dir)?;
+    let now = monotonic_ns();
+    let mut names: HashMap<u32, String> = HashMap::new();
+    let mut rows = Vec::new();
+    for (key, entry) in conntrack.iter().filter_map(Result::ok) {
+        if entry.direction != CT_FORWARD || ids.is_some_and(|ids| !ids.contains(&entry.rev_nat_id))
+        {
+            continue;
+        }
+        let service = names
+            .entry(entry.rev_nat_id)
+            .or_insert_with(|| {
+                maps.names
+                    .get(&entry.rev_nat_id, 0)
+                    .map(|n| decode_info(&n).name)
+                    .unwrap_or_else(|_| "<removed>".into())
+            })
+            .clone();
+        let row = FlowRow {
+            protocol: protocol(key.proto),
+            client: format!("{}:{}", Ipv4Addr::from(key.src), key.sport),
+            service_address: format!("{}:{}", Ipv4Addr::from(key.dst), key.dport),
+            backend: format!("{}:{}", Ipv4Addr::from(entry.nat_addr), entry.nat_port),
+            service,
+            state: state_name(entry.state),
+            idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+        };
+        rows.push((key, entry, row));
+    }
+    rows.sort_by(|a, b| (&a.2.service, &a.2.client).cmp(&(&b.2.service, &b.2.client)));
+    Ok(rows)
+}
+
+/// Deletes flows (both entries of each); returns how many flows.
+pub fn flush(maps: &Maps, dir: &Path, ids: Option<&[u32]>) -> anyhow::Result<usize> {
+    let flows = flows(maps, dir, ids)?;
+    let mut conntrack = open_conntrack(dir)?;
+    for (key, entry, _) in &flows {
+        // Gone already (expired, evicted) is fine.
+        let _ = conntrack.remove(key);
+        let _ = conntrack.remove(&key.peer(entry));
+    }
+    Ok(flows.len())
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapRow {
+    pub name: &'static str,
+    /// `None` for arrays, which always hold all their entries.
+    pub entries: Option<u64>,
+    pub capacity: u32,
+    pub fill_percent: Option<f64>,
+}
+
+fn count<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> anyhow::Result<u64> {
+    let map: BpfHashMap<MapData, K, V> = open(dir, name)?;
+    Ok(map.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// Entries, capacity and fill of every map.
+pub fn map_fill(dir: &Path) -> anyhow::Result<Vec<MapRow>> {
+    let mut rows = Vec::new();
+    for name in maps::ALL {
+        let path = dir.join(name);
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .with_context(|| {
+                format!(
+                    "reading map {} (is proxy-agent running with --bpffs {}?)",
+                    path.display(),
+                    dir.display()
+                )
+            })?;
+        let entries = match name {
+            maps::SERVICES => Some(count::<ServiceKey, ServiceValue>(dir, name)?),
+            maps::BACKEND_SLOTS => Some(count::<SlotKey, u32>(dir, name)?),
+            maps::BACKENDS => Some(count::<u32, Backend>(dir, name)?),
+            maps::SERVICE_NAMES => Some(count::<u32, proxy_common::ServiceInfo>(dir, name)?),
+            maps::CONNTRACK => Some(count::<CtKey, CtEntry>(dir, name)?),
+            maps::AFFINITY => Some(count::<
+                proxy_common::AffinityKey,
+                proxy_common::AffinityValue,
+            >(dir, name)?),
+            maps::SOCK_REV_NAT => {
+                Some(count::<proxy_common::SockRevKey, proxy_common::SockRevValue>(dir, name)?)
+            }
+            _ => None,
+        };
+        let capacity = info.max_entries();
+        let fill_percent = entries.map(|e| (e * 1000 / u64::from(capacity.max(1))) as f64 / 10.0);
+        rows.push(MapRow {
+            name,
+            entries,
+            capacity,
+            fill_percent,
+        });
+    }
+    Ok(rows)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub agent_pid: u32,
+    /// The process exists and its heartbeat is recent.
+    pub agent_alive: bool,
+    pub started_seconds_ago: Option<u64>,
+    pub last_sync_seconds_ago: Option<u64>,
+    pub heartbeat_seconds_ago: Option<u64>,
+    pub service_ports: u32,
+    pub failed_service_ports: u32,
+    /// Pinned attachments: "program@target".
+    pub attachments: Vec<String>,
+}
+
+pub fn status(dir: &Path) -> anyhow::Result<Status> {
+    let map: Array<MapData, AgentStatus> = open(dir, maps::AGENT_STATUS)?;
+    let s = map.get(&0, 0).context("reading the agent status")?;
+    let now = unix_now() as u64;
+    let ago = |t: u64| (t > 0).then(|| now.saturating_sub(t));
+    let process_exists = s.pid != 0 && PathBuf::from(format!("/proc/{}", s.pid)).exists();
+    let fresh = ago(s.heartbeat).is_some_and(|a| a <= 3 * u64::from(s.heartbeat_interval.max(1)));
+    let links = dir.join("links");
+    let mut attachments: Vec<String> = std::fs::read_dir(&links)
+        .with_context(|| format!("listing {}", links.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    attachments.sort();
+    Ok(Status {
+        agent_pid: s.pid,
+        agent_alive: process_exists && fresh,
+        started_seconds_ago: ago(s.started),
+        last_sync_seconds_ago: ago(s.last_sync),
+        heartbeat_seconds_ago: ago(s.heartbeat),
+        service_ports: s.service_ports,
+        failed_service_ports: s.failed,
+        attachments,
+    })
+}

@@ -1,0 +1,232 @@
+//! `proxyctl` against a live agent: its numbers must match the traffic the test sent.
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+
+use proxy::testbed::{Binaries, World, ready, service_manifest};
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.10";
+const CLIENT: usize = 4;
+
+fn world() -> (World, Vec<Ipv4Addr>) {
+    let bins = Binaries {
+        agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
+        proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
+        netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
+    };
+    let mut world = World::new(4, bins).expect("building the namespace world");
+    for i in 1..=3 {
+        world.serve(i, &format!("backend-{i}")).unwrap();
+    }
+    let pods = (1..=3).map(|i| world.pod(i).ip).collect();
+    (world, pods)
+}
+
+fn json(world: &World, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    serde_json::from_str(&world.proxyctl(&all).unwrap()).unwrap()
+}
+
+#[test]
+fn per_backend_numbers_match_the_traffic_sent() {
+    let (mut world, pods) = world();
+    world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&pods)), true)
+        .unwrap();
+    // 300 connections, half through each path; count who answered.
+    let mut answered: BTreeMap<String, u64> = BTreeMap::new();
+    for hooked in [true, false] {
+        for r in world
+            .probe(
+                CLIENT,
+                hooked,
+                &["tcp", "--to", &format!("{VIP}:80"), "--count", "150"],
+            )
+            .unwrap()
+        {
+            assert_eq!(r["ok"], true, "{r}");
+            *answered
+                .entry(r["backend"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    let detail = json(&world, &["service", "get", "default/web"]);
+    let http = detail
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["service"]["port"] == 80)
+        .unwrap();
+    assert_eq!(http["service"]["connections"], 300);
+    let backends = http["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 3);
+    let mut total = 0;
+    for b in backends {
+        let pod = b["address"]
+            .as_str()
+            .unwrap()
+            .split('.')
+            .nth(2)
+            .unwrap()
+            .to_owned();
+        let expected = answered[&format!("backend-{pod}")];
+        assert_eq!(
+            b["connections"], expected,
+            "backend {b} vs what the servers answered {answered:?}"
+        );
+        assert_eq!(b["state"], "ready");
+        total += b["connections"].as_u64().unwrap();
+        let share = b["connection_share_percent"].as_f64().unwrap();
+        assert!((share - expected as f64 * 100.0 / 300.0).abs() < 0.2, "{b}");
+        // The tc-path half left flows in conntrack (closing now) and counted packets.
+        assert!(b["packets"].as_u64().unwrap() >= 150 / 3, "{b}");
+    }
+    assert_eq!(total, 300, "counts add up to the connections made");
+
+    // YAML and the table say the same.
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(&world.proxyctl(&["service", "list", "-o", "yaml"]).unwrap()).unwrap();
+    assert_eq!(yaml[0]["name"].as_str(), Some("web"));
+    let table = world.proxyctl(&["service", "get", "default/web"]).unwrap();
+    assert!(
+        table.contains("BACKEND") && table.contains("10.244.1.2:8080/TCP"),
+        "{table}"
+    );
+
+    // A service that is not there: exit code 3 and a readable message.
+    let missing = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+        .arg("--bpffs")
+        .arg(&world.bpffs)
+        .args(["service", "get", "default/nope"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("service default/nope is not programmed")
+    );
+    // Maps not pinned: exit code 1 and a hint.
+    let unpinned = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+        .args(["--bpffs", "/sys/fs/bpf/no-such-dir", "service", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(unpinned.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unpinned.stderr).contains("is proxy-agent running"));
+}
+
+#[test]
+fn conntrack_list_and_flush_maps_and_status() {
+    let (mut world, pods) = world();
+    world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&pods)), true)
+        .unwrap();
+    // Long-lived tc-path flows show up as established.
+    let (held, first) = world
+        .spawn_probe(
+            CLIENT,
+            false,
+            &["tcp", "--to", &format!("{VIP}:80"), "--hold-ms", "1500"],
+        )
+        .unwrap();
+    assert_eq!(first["ok"], true);
+    world
+        .probe(
+            CLIENT,
+            false,
+            &["udp", "--to", &format!("{VIP}:53"), "--count", "5"],
+        )
+        .unwrap();
+    let flows = json(&world, &["conntrack", "list", "--service", "default/web"]);
+    let flows = flows.as_array().unwrap();
+    assert_eq!(flows.len(), 6, "{flows:?}");
+    let tcp: Vec<&Value> = flows.iter().filter(|f| f["protocol"] == "TCP").collect();
+    assert_eq!(tcp.len(), 1);
+    assert_eq!(tcp[0]["state"], "established");
+    assert_eq!(tcp[0]["service"], "default/web:http");
+    assert_eq!(tcp[0]["service_address"], format!("{VIP}:80"));
+    let active = json(&world, &["service", "get", "default/web"]);
+    let active: u64 = active[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(active[1]["backends"].as_array().unwrap())
+        .map(|b| b["active_connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(active, 6, "one active flow per open tc-path flow");
+
+    let flushed = json(&world, &["conntrack", "flush", "--service", "default/web"]);
+    assert_eq!(flushed["flushed"], 6);
+    assert!(
+        json(&world, &["conntrack", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    world.finish_probe(held).unwrap();
+
+    let maps = json(&world, &["maps"]);
+    let row = |name: &str| {
+        maps.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(row("services")["entries"], 2);
+    assert_eq!(row("backends")["entries"], 6, "3 pods x TCP and UDP");
+    assert!(row("conntrack")["capacity"].as_u64().unwrap() > 0);
+    assert!(row("service_stats")["entries"].is_null());
+
+    let status = json(&world, &["status"]);
+    assert_eq!(status["agent_alive"], true, "{status}");
+    assert_eq!(status["service_ports"], 2);
+    assert!(status["last_sync_seconds_ago"].as_u64().unwrap() < 60);
+    let attachments: Vec<&str> = status["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        attachments.contains(&"proxy_connect4@")
+            || attachments.iter().any(|a| a.starts_with("proxy_connect4@")),
+        "{attachments:?}"
+    );
+    assert!(
+        attachments.contains(&"proxy_ingress@vh1"),
+        "{attachments:?}"
+    );
+}
+
+#[test]
+fn bpftool_dumps_services_and_backends_with_named_fields() {
+    let (mut world, pods) = world();
+    world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&pods)), true)
+        .unwrap();
+    for (map, fields) in [
+        (
+            "services",
+            ["\"addr\": [10,96,0,10]", "\"port\": 80", "\"count\": 3"],
+        ),
+        (
+            "backends",
+            ["\"addr\": [10,244,1,2]", "\"port\": 8080", "\"proto\": 6"],
+        ),
+    ] {
+        let out = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(world.bpffs.join(map))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bpftool map dump {map}");
+        // bpftool breaks arrays over lines: compare without whitespace.
+        let dump: String = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect();
+        for field in fields {
+            let field: String = field.split_whitespace().collect();
+            assert!(dump.contains(&field), "{map}: {field} not in {dump}");
+        }
+    }
+}
