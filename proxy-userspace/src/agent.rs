@@ -309,7 +309,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let mut conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
-    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let metrics = Arc::new(Metrics::new(config.bpffs.clone()).context("registering metrics")?);
     let conntrack_capacity = config
         .map_sizes
         .iter()

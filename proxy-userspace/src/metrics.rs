@@ -1,14 +1,20 @@
 //! Prometheus metrics, with kube-proxy's names where the meaning matches so that existing
 //! dashboards and alerts keep working.
+use std::path::PathBuf;
+
 use prometheus::{
-    Encoder as _, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder, core::Collector,
+    Encoder as _, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder, core::Collector, proto::MetricFamily,
 };
+use tracing::debug;
 
 use crate::rejection::Reason;
 
 pub struct Metrics {
     registry: Registry,
+    /// Where the maps are pinned: per-service and per-backend counters and map fill are
+    /// read from them at each scrape.
+    bpffs: PathBuf,
     pub sync_duration: Histogram,
     pub last_sync: Gauge,
     pub pending_since: Gauge,
@@ -43,7 +49,7 @@ fn histogram(name: &str, help: &str) -> prometheus::Result<Histogram> {
 }
 
 impl Metrics {
-    pub fn new() -> prometheus::Result<Self> {
+    pub fn new(bpffs: PathBuf) -> prometheus::Result<Self> {
         let r = Registry::new();
         let m = Self {
             sync_duration: register(
@@ -169,6 +175,7 @@ impl Metrics {
                 )?,
             )?,
             registry: r,
+            bpffs,
         };
         m.conntrack_capacity
             .set(proxy_common::maps::MAX_CONNTRACK as i64);
@@ -181,9 +188,102 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        match datapath_families(&self.bpffs) {
+            Ok(more) => families.extend(more),
+            Err(e) => debug!("reading the maps for metrics: {e:#}"),
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8_lossy(&out).into_owned()
     }
+}
+
+/// Per-service and per-backend traffic counters and map fill, as the maps hold them now.
+fn datapath_families(bpffs: &std::path::Path) -> anyhow::Result<Vec<MetricFamily>> {
+    let maps = crate::maps::Maps::open(bpffs)?;
+    let counter =
+        |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels);
+    let service_labels = ["namespace", "service", "port", "address"];
+    let svc = [
+        counter(
+            "proxy_service_connections_total",
+            "New connections to a service port.",
+            &service_labels,
+        )?,
+        counter(
+            "proxy_service_packets_total",
+            "Packets of a service port (tc path and UDP datagrams).",
+            &service_labels,
+        )?,
+        counter(
+            "proxy_service_bytes_total",
+            "Bytes of a service port (tc path).",
+            &service_labels,
+        )?,
+    ];
+    let be = [
+        counter(
+            "proxy_backend_connections_total",
+            "New connections to a backend.",
+            &["backend"],
+        )?,
+        counter(
+            "proxy_backend_packets_total",
+            "Packets to and from a backend (tc path and UDP datagrams).",
+            &["backend"],
+        )?,
+        counter(
+            "proxy_backend_bytes_total",
+            "Bytes to and from a backend (tc path).",
+            &["backend"],
+        )?,
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for row in crate::inspect::services(&maps)? {
+        let address = format!("{}:{}/{}", row.address, row.port, row.protocol);
+        let labels = [
+            row.namespace.as_str(),
+            row.name.as_str(),
+            row.port_name.as_str(),
+            address.as_str(),
+        ];
+        for (vec, value) in svc.iter().zip([row.connections, row.packets, row.bytes]) {
+            vec.with_label_values(&labels).inc_by(value);
+        }
+        for b in crate::inspect::backends(&maps, bpffs, &row)? {
+            let backend = format!("{}:{}/{}", b.address, b.port, b.protocol);
+            // A backend shared by several service ports has one set of counters.
+            if seen.insert(backend.clone()) {
+                for (vec, value) in be.iter().zip([b.connections, b.packets, b.bytes]) {
+                    vec.with_label_values(&[backend.as_str()]).inc_by(value);
+                }
+            }
+        }
+    }
+    let entries = IntGaugeVec::new(
+        Opts::new("proxy_map_entries", "Entries in a map (hash and LRU maps)."),
+        &["map"],
+    )?;
+    let capacity = IntGaugeVec::new(
+        Opts::new(
+            "proxy_map_capacity",
+            "Capacity of a map; entries/capacity is its fill.",
+        ),
+        &["map"],
+    )?;
+    for row in crate::inspect::map_fill(bpffs)? {
+        capacity
+            .with_label_values(&[row.name])
+            .set(i64::from(row.capacity));
+        if let Some(n) = row.entries {
+            entries.with_label_values(&[row.name]).set(n as i64);
+        }
+    }
+    let mut families: Vec<MetricFamily> =
+        svc.iter().chain(&be).flat_map(Collector::collect).collect();
+    families.extend(entries.collect());
+    families.extend(capacity.collect());
+    Ok(families)
 }

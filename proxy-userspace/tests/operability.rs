@@ -1,4 +1,5 @@
-//! `proxyctl` against a live agent: its numbers must match the traffic the test sent.
+//! Operability against a live agent: `proxyctl`, `bpftool` and `/metrics` must match the
+//! traffic the test sent.
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use proxy::testbed::{Binaries, World, ready, service_manifest};
@@ -229,4 +230,74 @@ fn bpftool_dumps_services_and_backends_with_named_fields() {
             assert!(dump.contains(&field), "{map}: {field} not in {dump}");
         }
     }
+}
+
+/// The value of the series `name` (with its labels, e.g. `x_total{a="b"}`) in a scrape.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn metrics_have_kube_proxy_names_and_per_service_and_backend_counters() {
+    let (mut world, pods) = world();
+    world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&pods)), true)
+        .unwrap();
+    let results = world
+        .probe(
+            CLIENT,
+            true,
+            &["tcp", "--to", &format!("{VIP}:80"), "--count", "90"],
+        )
+        .unwrap();
+    let metrics = world.agent_http("/metrics").unwrap();
+    let value = |series: &str| {
+        sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+
+    assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
+    assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
+    assert_eq!(
+        value("kubeproxy_sync_proxy_rules_service_changes_total"),
+        1.0
+    );
+    assert_eq!(
+        value("kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+        1.0
+    );
+    assert_eq!(
+        value("kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+        0.0
+    );
+    assert!(value("kubeproxy_network_programming_duration_seconds_count") >= 1.0);
+    assert_eq!(value("proxy_map_update_errors_total"), 0.0);
+    assert_eq!(value("proxy_service_ports"), 2.0);
+    assert_eq!(
+        value(
+            "proxy_service_connections_total{address=\"10.96.0.10:80/TCP\",namespace=\"default\",port=\"http\",service=\"web\"}"
+        ),
+        90.0
+    );
+    let per_backend: f64 = (1..=3)
+        .map(|i| {
+            value(&format!(
+                "proxy_backend_connections_total{{backend=\"10.244.{i}.2:8080/TCP\"}}"
+            ))
+        })
+        .sum();
+    assert_eq!(per_backend, results.len() as f64);
+    assert_eq!(value("proxy_map_entries{map=\"services\"}"), 2.0);
+    assert!(value("proxy_map_capacity{map=\"conntrack\"}") > 0.0);
+    assert!(world.agent_http("/proxyMode").unwrap().ends_with("ebpf"));
+    let healthz = world.node_http(10256, "/healthz").unwrap();
+    assert!(
+        healthz.starts_with("HTTP/1.0 200") && healthz.contains("\"healthy\": true"),
+        "{healthz}"
+    );
 }
