@@ -17,8 +17,13 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the project needs (apt packages, nightly rust-src, bpf-linker, bpffs).
-    Setup,
+    /// Install what the project needs (apt packages, nightly rust-src, bpf-linker, chart
+    /// test tools, bpffs).
+    Setup {
+        /// Only what building needs (nightly rust-src, bpf-linker), e.g. in an image build.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Set up, then run the whole test suite (unit and namespace integration tests; root).
     Test,
     /// Set up, then run the demo: a namespace world with ClusterIP traffic through the agent.
@@ -99,13 +104,14 @@ fn test() -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().task {
-        Task::Setup => setup::run_all(),
+        Task::Setup { build_only: true } => setup::build_tools(),
+        Task::Setup { build_only: false } => setup::run_all(&root()),
         Task::Test => {
-            setup::run_all()?;
+            setup::run_all(&root())?;
             test()
         }
         Task::Demo => {
-            setup::run_all()?;
+            setup::run_all(&root())?;
             cargo(&["build", "-p", "proxy-userspace", "--bins", "--examples"])?;
             let demo = root().join("target/debug/examples/demo");
             let status = Command::new(&demo)

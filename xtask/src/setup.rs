@@ -225,12 +225,55 @@ fn cgroup2() -> anyhow::Result<()> {
     }
 }
 
-pub fn run_all() -> anyhow::Result<()> {
+/// Python packages of the chart tests, in a virtualenv of their own: Helm's Go SDK
+/// (helm-python-sdk) and the Kubernetes schemas (kubernetes-validate).
+const CHART_TEST_PACKAGES: [&str; 3] = [
+    "helm-python-sdk==0.2.2",
+    "kubernetes-validate==1.37.0",
+    "pyyaml==6.0.2",
+];
+
+/// The virtualenv of the chart tests.
+pub fn chart_venv(root: &Path) -> PathBuf {
+    root.join("target/chart-venv")
+}
+
+fn chart_test_tools(root: &Path) -> anyhow::Result<()> {
+    let venv = chart_venv(root);
+    let python = venv.join("bin/python");
+    if succeeds(Command::new(&python).args(["-c", "import helm_python, kubernetes_validate, yaml"]))
+    {
+        status("chart-tests", &format!("present ({})", venv.display()));
+        return Ok(());
+    }
+    status(
+        "chart-tests",
+        &format!(
+            "installing {} into {}",
+            CHART_TEST_PACKAGES.join(", "),
+            venv.display()
+        ),
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q"])
+        .args(CHART_TEST_PACKAGES))
+}
+
+/// Everything: to build, run and test.
+pub fn run_all(root: &Path) -> anyhow::Result<()> {
     apt_packages()?;
-    nightly_rust_src()?;
-    bpf_linker()?;
+    build_tools()?;
+    chart_test_tools(root)?;
     bpffs()?;
     cgroup2()?;
     status("done", "");
     Ok(())
+}
+
+/// What building needs (e.g. in a container image build): the nightly's rust-src and
+/// bpf-linker.
+pub fn build_tools() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()
 }

@@ -17,14 +17,14 @@ struct Args {
     /// Serve Kubernetes YAML manifests instead of watching an API server (v1 Service,
     /// discovery.k8s.io/v1 EndpointSlice): a file, a multi-document file or a directory;
     /// re-read when they change.
-    #[arg(long, conflicts_with_all = ["kubeconfig", "namespace"])]
+    #[arg(long, env = "PROXY_MANIFESTS", conflicts_with_all = ["kubeconfig", "namespace"])]
     manifests: Option<PathBuf>,
     /// Watch the API server of this kubeconfig [default: KUBECONFIG, ~/.kube/config, or
     /// the in-cluster service account].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Watch Services and EndpointSlices of this namespace only [default: all].
-    #[arg(long)]
+    #[arg(long, env = "PROXY_NAMESPACE")]
     namespace: Option<String>,
     /// This node's name, for node-local endpoints and topology hints [default: the
     /// hostname].
@@ -32,49 +32,49 @@ struct Args {
     node_name: Option<String>,
     /// Serve the services labelled service.kubernetes.io/service-proxy-name=NAME [default:
     /// the services without that label, as kube-proxy].
-    #[arg(long)]
+    #[arg(long, env = "PROXY_SERVICE_PROXY_NAME")]
     service_proxy_name: Option<String>,
     /// cgroup v2 directory whose processes get socket-level load balancing
     /// [default: the cgroup v2 root, detected from /proc/self/mountinfo].
-    #[arg(long)]
+    #[arg(long, env = "PROXY_CGROUP")]
     cgroup: Option<PathBuf>,
     /// Directory on a BPF filesystem where the maps and attachments are pinned.
-    #[arg(long, default_value = "/sys/fs/bpf/proxy")]
+    #[arg(long, env = "PROXY_BPFFS", default_value = "/sys/fs/bpf/proxy")]
     bpffs: PathBuf,
     /// Interfaces that get the tc programs (DNAT on ingress, reverse NAT on egress),
     /// comma-separated, e.g. the host side of pod veths.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "PROXY_INTERFACES", value_delimiter = ',')]
     interfaces: Vec<String>,
     /// This node's IPv4 address (used by NodePort and external traffic).
-    #[arg(long)]
+    #[arg(long, env = "PROXY_NODE_IP")]
     node_ip: Option<std::net::Ipv4Addr>,
     /// How tc programs attach.
-    #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
+    #[arg(long, env = "PROXY_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     tc_attach: TcAttach,
     /// Address of the /metrics, /healthz and /proxyMode endpoint.
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    #[arg(long, env = "PROXY_METRICS_BIND", default_value = "127.0.0.1:10249")]
     metrics_bind: SocketAddr,
     /// Address of the /healthz endpoint for kubelet probes and load balancers.
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    #[arg(long, env = "PROXY_HEALTHZ_BIND", default_value = "0.0.0.0:10256")]
     healthz_bind: SocketAddr,
     /// /healthz answers 503 when a source change has waited longer than this many seconds
     /// to be programmed (kube-proxy's stays 200 while its rules rot).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "PROXY_HEALTHZ_MAX_LAG_SECS", default_value_t = 10)]
     healthz_max_lag_secs: u64,
     /// Capacity of a map, as NAME=ENTRIES (repeatable), e.g. conntrack=1048576. Applies
     /// when the map is created: a map already pinned keeps its capacity.
-    #[arg(long = "map-size", value_parser = parse_map_size)]
+    #[arg(long = "map-size", env = "PROXY_MAP_SIZES", value_delimiter = ',', value_parser = parse_map_size)]
     map_sizes: Vec<(String, u32)>,
     /// Seconds between conntrack garbage collections.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "PROXY_CONNTRACK_GC_INTERVAL", default_value_t = 10)]
     conntrack_gc_interval: u64,
     /// Least milliseconds between two syncs: changes arriving closer together are
     /// programmed together (kube-proxy's minSyncPeriod). An isolated change is programmed
     /// at once.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "PROXY_MIN_SYNC_INTERVAL_MS", default_value_t = 100)]
     min_sync_interval_ms: u64,
     /// Seconds between comparisons of the maps with the desired state (drift repair).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "PROXY_RESYNC_INTERVAL", default_value_t = 30)]
     resync_interval: u64,
 }
 
