@@ -94,12 +94,42 @@ fn test() -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed");
+    let (chart_passed, chart_failed) = chart_tests()?;
+    println!(
+        "tests: {} passed, {} failed",
+        passed + chart_passed,
+        failed + chart_failed
+    );
     ensure!(
         status.success() && failed == 0,
         "the test suite failed ({status})"
     );
+    ensure!(chart_failed == 0, "the chart tests failed");
     Ok(())
+}
+
+/// Runs the Helm chart's tests; returns (passed, failed) from their closing line.
+fn chart_tests() -> anyhow::Result<(u64, u64)> {
+    let python = setup::chart_venv(&root()).join("bin/python");
+    let script = root().join("helm/tests/test_chart.py");
+    println!("xtask: {} {}", python.display(), script.display());
+    let out = Command::new(&python)
+        .arg(&script)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    let summary = text
+        .lines()
+        .find_map(|l| l.strip_prefix("chart: "))
+        .context("the chart tests printed no summary")?;
+    let count = |word: &str| {
+        summary
+            .split(", ")
+            .find_map(|p| p.strip_suffix(word)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((count(" passed"), count(" failed")))
 }
 
 fn main() -> anyhow::Result<()> {
