@@ -61,8 +61,12 @@ pub struct Backend {
     pub addr: [u8; 4],
     pub port: u16,
     pub proto: u8,
-    pub pad: u8,
+    /// `BACKEND_FLAG_*`; informational, the datapath does not read it.
+    pub flags: u8,
 }
+
+/// `Backend::flags`: the endpoint runs on this node.
+pub const BACKEND_FLAG_LOCAL: u8 = 1;
 
 /// Connection and traffic counters, per CPU, indexed by service or backend id.
 #[repr(C)]

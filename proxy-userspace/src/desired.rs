@@ -2,7 +2,7 @@
 //! `DesiredService` per service port, with its usable backends.
 use std::collections::BTreeMap;
 
-use proxy_common::{Backend, ServiceKey};
+use proxy_common::{BACKEND_FLAG_LOCAL, Backend, ServiceKey};
 
 use crate::{
     model::{EndpointSpec, PortSpec, ServiceSpec, SliceSpec},
@@ -123,7 +123,11 @@ fn backends(
             addr: e.addr.octets(),
             port: *target,
             proto: port.protocol.ip_proto(),
-            pad: 0,
+            flags: if topology.is_local(e) {
+                BACKEND_FLAG_LOCAL
+            } else {
+                0
+            },
         })
         .collect();
     out.sort();

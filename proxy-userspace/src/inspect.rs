@@ -9,8 +9,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use proxy_common::{
-    AgentStatus, Backend, CT_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry,
-    CtKey, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey, maps,
+    AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    Counters, CtEntry, CtKey, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey, maps,
 };
 use serde::Serialize;
 
@@ -134,8 +134,8 @@ pub struct BackendRow {
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: &'static str,
-    /// Whether the endpoint runs on this node; not recorded in the maps yet.
-    pub node_local: Option<bool>,
+    /// Whether the endpoint runs on this node (its `nodeName` is the agent's node).
+    pub node_local: bool,
     pub state: &'static str,
     /// Open flows through the tc path (socket-balanced connections have no conntrack entry).
     pub active_connections: u64,
@@ -193,7 +193,7 @@ pub fn backends(maps: &Maps, dir: &Path, service: &ServiceRow) -> anyhow::Result
             address: Ipv4Addr::from(b.addr),
             port: b.port,
             protocol: protocol(b.proto),
-            node_local: None,
+            node_local: b.flags & BACKEND_FLAG_LOCAL != 0,
             state,
             active_connections: active.get(&id).copied().unwrap_or(0),
             connections: c.conns,

@@ -618,7 +618,7 @@ mod tests {
             addr: [10, 244, 0, last],
             port: 8080,
             proto: 6,
-            pad: 0,
+            flags: 0,
         }
     }
 

@@ -297,6 +297,28 @@ fn services_follow_the_api_create_scale_unready_affinity_delete_and_labels() {
         "{udp:?}"
     );
 
+    // The slices put the endpoints on node-a, the agent's node.
+    let detail: Value = serde_json::from_str(
+        &world
+            .proxyctl(&[
+                "service",
+                "get",
+                &format!("{}/web", cluster.namespace),
+                "-o",
+                "json",
+            ])
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        detail[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["node_local"] == true),
+        "{detail}"
+    );
+
     // Scale down to two endpoints: the spread follows.
     cluster.set_endpoints("web-1", "web", &[(p1, true), (p2, true)]);
     let two = backends(&["backend-1", "backend-2"]);

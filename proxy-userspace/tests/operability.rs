@@ -76,6 +76,10 @@ fn per_backend_numbers_match_the_traffic_sent() {
             "backend {b} vs what the servers answered {answered:?}"
         );
         assert_eq!(b["state"], "ready");
+        assert_eq!(
+            b["node_local"], false,
+            "the manifest's endpoints have no nodeName"
+        );
         total += b["connections"].as_u64().unwrap();
         let share = b["connection_share_percent"].as_f64().unwrap();
         assert!((share - expected as f64 * 100.0 / 300.0).abs() < 0.2, "{b}");

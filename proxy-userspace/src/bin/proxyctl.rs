@@ -217,7 +217,7 @@ fn run(args: Args) -> Result<String, Failure> {
                         for b in &d.backends {
                             cells.push(vec![
                                 format!("{}:{}/{}", b.address, b.port, b.protocol),
-                                or_dash(b.node_local),
+                                if b.node_local { "yes" } else { "no" }.to_owned(),
                                 b.state.to_owned(),
                                 b.active_connections.to_string(),
                                 b.connections.to_string(),
