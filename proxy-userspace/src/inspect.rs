@@ -199,11 +199,9 @@ pub fn backends(maps: &Maps, dir: &Path, service: &ServiceRow) -> anyhow::Result
             connections: c.conns,
             packets: c.packets,
             bytes: c.bytes,
-            connection_share_percent: if total == 0 {
-                0.0
-            } else {
-                (c.conns * 1000 / total) as f64 / 10.0
-            },
+            connection_share_percent: (c.conns * 1000)
+                .checked_div(total)
+                .map_or(0.0, |permille| permille as f64 / 10.0),
         })
         .collect())
 }
