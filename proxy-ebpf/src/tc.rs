@@ -34,6 +34,12 @@ pub fn proxy_egress(ctx: TcContext) -> i32 {
     }
 }
 
+/// Does nothing: the baseline the benchmark compares the NAT programs' per-packet cost with.
+#[classifier]
+pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
+    TC_ACT_OK as i32
+}
+
 /// Advances an entry's TCP state with a packet's flags and marks it as seen now.
 #[inline(always)]
 fn track(entry: &mut CtEntry, flow: &Flow, now: u64) {

@@ -211,6 +211,21 @@ impl Datapath {
         Ok(())
     }
 
+    /// A tc program loaded but not attached, e.g. for `BPF_PROG_TEST_RUN` in the benchmark.
+    pub fn load_classifier(&mut self, name: &str) -> anyhow::Result<&SchedClassifier> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
+        Ok(program)
+    }
+
     /// Packet-level NAT on `interfaces`: DNAT on ingress, reverse NAT on egress.
     pub fn attach_tc(&mut self, interfaces: &[String], mode: TcAttach) -> anyhow::Result<()> {
         let tcx = match mode {

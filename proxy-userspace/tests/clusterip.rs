@@ -679,18 +679,56 @@ fn healthz_turns_unhealthy_while_programming_lags_the_source() {
 #[test]
 fn tc_path_works_with_netlink_clsact_attachment_too() {
     let (mut world, backends) = three_backends();
-    let path = world.write_manifest(&service_manifest("web", VIP, None, &ready(&backends))).unwrap();
+    let path = world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&backends)))
+        .unwrap();
     let path = path.to_string_lossy().into_owned();
-    let agent = world.start_agent_with(&["--manifests", &path, "--tc-attach", "netlink"], true).unwrap();
-    agent.wait_for_log(&["attached proxy_ingress on vh4 Ingress (netlink)"], Duration::from_secs(5)).unwrap();
+    let agent = world
+        .start_agent_with(&["--manifests", &path, "--tc-attach", "netlink"], true)
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["attached proxy_ingress on vh4 Ingress (netlink)"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
     let filters = std::process::Command::new("ip")
-        .args(["netns", "exec", &world.node, "tc", "filter", "show", "dev", "vh4", "ingress"])
+        .args([
+            "netns",
+            "exec",
+            &world.node,
+            "tc",
+            "filter",
+            "show",
+            "dev",
+            "vh4",
+            "ingress",
+        ])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&filters.stdout).contains("proxy_ingress"), "tc filter show lists the program");
-    let tcp = world.probe(CLIENT, false, &["tcp", "--to", &format!("{VIP}:80"), "--count", "60"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&filters.stdout).contains("proxy_ingress"),
+        "tc filter show lists the program"
+    );
+    let tcp = world
+        .probe(
+            CLIENT,
+            false,
+            &["tcp", "--to", &format!("{VIP}:80"), "--count", "60"],
+        )
+        .unwrap();
     assert_each_backend_got_a_fair_share(&spread(&tcp), 60);
     assert!(tcp.iter().all(|r| r["peer"] == format!("{VIP}:80")));
-    let udp = world.probe(CLIENT, false, &["udp", "--to", &format!("{VIP}:53"), "--count", "30"]).unwrap();
-    assert!(udp.iter().all(|r| r["ok"] == true && r["peer"] == format!("{VIP}:53")), "{udp:?}");
+    let udp = world
+        .probe(
+            CLIENT,
+            false,
+            &["udp", "--to", &format!("{VIP}:53"), "--count", "30"],
+        )
+        .unwrap();
+    assert!(
+        udp.iter()
+            .all(|r| r["ok"] == true && r["peer"] == format!("{VIP}:53")),
+        "{udp:?}"
+    );
 }

@@ -28,6 +28,12 @@ enum Task {
     Test,
     /// Set up, then run the demo: a namespace world with ClusterIP traffic through the agent.
     Demo,
+    /// Set up, then run the benchmark; writes target/bench/results.md.
+    Bench {
+        /// The smallest size only, with fewer runs: checks the benchmark works.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// The workspace root (xtask's parent directory).
@@ -95,16 +101,37 @@ fn test() -> anyhow::Result<()> {
     }
     let status = child.wait()?;
     let (chart_passed, chart_failed) = chart_tests()?;
-    println!(
-        "tests: {} passed, {} failed",
-        passed + chart_passed,
-        failed + chart_failed
-    );
+    // `cargo test` built the examples: the quick benchmark checks that the bench still works.
+    let bench_ok = bench("debug", &QUICK_BENCH)
+        .inspect_err(|e| println!("bench --quick failed: {e:#}"))
+        .is_ok();
+    let total_passed = passed + chart_passed + u64::from(bench_ok);
+    let total_failed = failed + chart_failed + u64::from(!bench_ok);
+    println!("tests: {total_passed} passed, {total_failed} failed");
     ensure!(
         status.success() && failed == 0,
         "the test suite failed ({status})"
     );
-    ensure!(chart_failed == 0, "the chart tests failed");
+    ensure!(
+        chart_failed == 0 && bench_ok,
+        "the chart tests or the quick benchmark failed"
+    );
+    Ok(())
+}
+
+/// Arguments of the quick benchmark run, which `cargo xtask test` also makes.
+const QUICK_BENCH: [&str; 4] = ["--sizes", "10", "--runs", "10000"];
+
+/// Runs the benchmark built in `profile` (`debug` or `release`) with `args`.
+fn bench(profile: &str, args: &[&str]) -> anyhow::Result<()> {
+    let bench = root().join("target").join(profile).join("examples/bench");
+    println!("xtask: {} {}", bench.display(), args.join(" "));
+    let status = Command::new(&bench)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {}", bench.display()))?;
+    ensure!(status.success(), "the benchmark failed ({status})");
     Ok(())
 }
 
@@ -139,6 +166,18 @@ fn main() -> anyhow::Result<()> {
         Task::Test => {
             setup::run_all(&root())?;
             test()
+        }
+        Task::Bench { quick } => {
+            setup::run_all(&root())?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "proxy-userspace",
+                "--bins",
+                "--examples",
+            ])?;
+            bench("release", if quick { &QUICK_BENCH } else { &[] })
         }
         Task::Demo => {
             setup::run_all(&root())?;
