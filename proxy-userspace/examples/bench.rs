@@ -10,6 +10,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -20,9 +21,12 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use clap::Parser;
 use proxy::{
     datapath::Datapath,
-    desired::{DesiredService, DesiredState},
+    desired::{DesiredService, DesiredState, Topology},
+    manifest::parse_manifest,
     maps::Maps,
     reconcile::Reconciler,
+    store::{Kind, Object, Store},
+    testbed::{Binaries, World},
 };
 use proxy_common::{Backend, ServiceKey, maps};
 
@@ -34,6 +38,9 @@ struct Args {
     /// Program runs per measurement.
     #[arg(long, default_value_t = 100_000)]
     runs: u32,
+    /// Milliseconds of connections per data path in the end-to-end comparison.
+    #[arg(long, default_value_t = 2000)]
+    duration_ms: u64,
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
 }
@@ -139,6 +146,7 @@ fn map_memory(dir: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// A directory removed on drop (pins, scratch files).
 struct PinDir(PathBuf);
 
 impl Drop for PinDir {
@@ -185,23 +193,277 @@ fn per_packet(n: usize, runs: u32) -> anyhow::Result<Datapoint> {
     })
 }
 
-fn manifest(n: usize) -> String {
+/// `n` services (ClusterIP `vip(i)`, port 80) whose endpoints are `endpoints`, port 8080.
+fn manifest(n: usize, endpoints: &[Ipv4Addr]) -> String {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{{addresses: [{e}]}}"))
+        .collect();
+    let endpoints = endpoints.join(", ");
     let mut yaml = String::new();
     for i in 0..n {
-        let [a, b, c, d] = vip(i);
+        let vip = Ipv4Addr::from(vip(i));
         yaml += &format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec: {{clusterIP: {a}.{b}.{c}.{d}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n\
-             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [10.244.{}.1]}}, {{addresses: [10.244.{}.2]}}, {{addresses: [10.244.{}.3]}}]\n",
-            i % 250,
-            i % 250,
-            i % 250
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec: {{clusterIP: {vip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{endpoints}]\n"
         );
     }
     yaml
 }
 
+/// kube-proxy's iptables ruleset (nat table) for `n` services with `endpoints`, as its
+/// iptables mode writes it on every full sync.
+fn iptables_ruleset(n: usize, endpoints: &[Ipv4Addr]) -> String {
+    let mut chains = String::from(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n",
+    );
+    let mut rules = String::from(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
+    );
+    for i in 0..n {
+        let vip = Ipv4Addr::from(vip(i));
+        let svc = format!("KUBE-SVC-{i:016X}");
+        chains += &format!(":{svc} - [0:0]\n");
+        rules += &format!(
+            "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"bench/svc-{i}:http cluster IP\" -m tcp --dport 80 -j {svc}\n"
+        );
+        rules += &format!(
+            "-A {svc} ! -s 10.244.0.0/16 -d {vip}/32 -p tcp -m comment --comment \"bench/svc-{i}:http cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ\n"
+        );
+        for (e, addr) in endpoints.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{i:012X}{e:04X}");
+            chains += &format!(":{sep} - [0:0]\n");
+            let left = endpoints.len() - e;
+            if left > 1 {
+                rules += &format!(
+                    "-A {svc} -m comment --comment \"bench/svc-{i}:http -> {addr}:8080\" -m statistic --mode random --probability {:.11} -j {sep}\n",
+                    1.0 / left as f64
+                );
+            } else {
+                rules += &format!(
+                    "-A {svc} -m comment --comment \"bench/svc-{i}:http -> {addr}:8080\" -j {sep}\n"
+                );
+            }
+            rules += &format!(
+                "-A {sep} -s {addr}/32 -m comment --comment \"bench/svc-{i}:http\" -j KUBE-MARK-MASQ\n"
+            );
+            rules += &format!(
+                "-A {sep} -p tcp -m comment --comment \"bench/svc-{i}:http\" -m tcp -j DNAT --to-destination {addr}:8080\n"
+            );
+        }
+    }
+    chains + &rules + "COMMIT\n"
+}
+
+/// An nftables block: `kind name { line; line; ... }`, one statement per line.
+fn nft_block(kind: &str, name: &str, lines: &[String]) -> String {
+    format!(
+        "\t{kind} {name} {{\n{}\t}}\n",
+        lines
+            .iter()
+            .map(|l| format!("\t\t{l}\n"))
+            .collect::<String>()
+    )
+}
+
+/// kube-proxy's nftables ruleset for `n` services: a verdict map from (address, protocol,
+/// port) to a per-service chain that picks an endpoint chain with `numgen random`.
+fn nftables_ruleset(n: usize, endpoints: &[Ipv4Addr]) -> String {
+    let line = |s: &str| vec![s.to_owned()];
+    let mut out = String::from("table ip kube-proxy {\n");
+    out += &nft_block(
+        "chain",
+        "mark-for-masquerade",
+        &line("mark set mark or 0x4000"),
+    );
+    out += &nft_block(
+        "chain",
+        "masquerading",
+        &[
+            "mark and 0x4000 == 0 return".into(),
+            "mark set mark xor 0x4000".into(),
+            "masquerade fully-random".into(),
+        ],
+    );
+    let mut elements = Vec::new();
+    for i in 0..n {
+        let vip = Ipv4Addr::from(vip(i));
+        let picks: Vec<String> = (0..endpoints.len())
+            .map(|e| format!("{e} : goto endpoint-{i}-{e}"))
+            .collect();
+        out += &nft_block(
+            "chain",
+            &format!("service-{i}"),
+            &[
+                format!(
+                    "ip daddr {vip} tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade"
+                ),
+                format!(
+                    "numgen random mod {} vmap {{ {} }}",
+                    endpoints.len(),
+                    picks.join(", ")
+                ),
+            ],
+        );
+        for (e, addr) in endpoints.iter().enumerate() {
+            out += &nft_block(
+                "chain",
+                &format!("endpoint-{i}-{e}"),
+                &[
+                    format!("ip saddr {addr} jump mark-for-masquerade"),
+                    format!("meta l4proto tcp dnat to {addr}:8080"),
+                ],
+            );
+        }
+        elements.push(format!("{vip} . tcp . 80 : goto service-{i}"));
+    }
+    out += &nft_block(
+        "map",
+        "service-ips",
+        &[
+            "type ipv4_addr . inet_proto . inet_service : verdict".into(),
+            format!("elements = {{ {} }}", elements.join(", ")),
+        ],
+    );
+    out += &nft_block(
+        "chain",
+        "services",
+        &line("ip daddr . meta l4proto . th dport vmap @service-ips"),
+    );
+    out += &nft_block(
+        "chain",
+        "nat-prerouting",
+        &[
+            "type nat hook prerouting priority dstnat; policy accept;".into(),
+            "jump services".into(),
+        ],
+    );
+    out += &nft_block(
+        "chain",
+        "nat-output",
+        &[
+            "type nat hook output priority -100; policy accept;".into(),
+            "jump services".into(),
+        ],
+    );
+    out += &nft_block(
+        "chain",
+        "nat-postrouting",
+        &[
+            "type nat hook postrouting priority srcnat; policy accept;".into(),
+            "jump masquerading".into(),
+        ],
+    );
+    out + "}\n"
+}
+
+/// Loads a ruleset into the node namespace with `tool` (`iptables-restore` or `nft -f -`);
+/// returns how long it took.
+fn load_ruleset(world: &World, tool: &[&str], ruleset: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &world.node])
+        .args(tool)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {tool:?}"))?;
+    std::io::Write::write_all(
+        &mut child.stdin.take().context("stdin")?,
+        ruleset.as_bytes(),
+    )?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "{tool:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(started.elapsed())
+}
+
+/// Connections per second and median first-packet (connect) latency of a sequential client
+/// in pod 4.
+fn rate(world: &World, hooked: bool, to: &str, duration_ms: u64) -> anyhow::Result<(f64, f64)> {
+    let out = world.probe(
+        4,
+        hooked,
+        &[
+            "rate",
+            "--to",
+            to,
+            "--duration-ms",
+            &duration_ms.to_string(),
+        ],
+    )?;
+    let r = out.first().context("no rate result")?;
+    ensure!(r["failures"] == 0, "connections failed through {to}: {r}");
+    Ok((
+        r["per_second"].as_f64().context("per_second")?,
+        r["connect_p50_us"].as_f64().context("connect_p50_us")?,
+    ))
+}
+
+/// A namespace world with backends on pods 1-3 and the client on pod 4.
+fn world(bins: &Binaries) -> anyhow::Result<(World, Vec<Ipv4Addr>)> {
+    let mut world = World::new(4, bins.clone())?;
+    for i in 1..=3 {
+        world.serve(i, &format!("backend-{i}"))?;
+    }
+    let pods = (1..=3).map(|i| world.pod(i).ip).collect();
+    Ok((world, pods))
+}
+
+struct EndToEnd {
+    /// (connections per second, median connect latency in microseconds) per data path.
+    direct: (f64, f64),
+    socket_lb: (f64, f64),
+    tc: (f64, f64),
+    iptables: (f64, f64),
+    nftables: (f64, f64),
+    iptables_restore: Duration,
+    nft_load: Duration,
+}
+
+/// Connection rate through each data path to the last of `n` services, and the time to
+/// load kube-proxy's full rulesets.
+fn end_to_end(n: usize, bins: &Binaries, duration_ms: u64) -> anyhow::Result<EndToEnd> {
+    let last = format!("{}:80", Ipv4Addr::from(vip(n - 1)));
+    let (mut ours, pods) = world(bins)?;
+    let direct = rate(&ours, false, &format!("{}:8080", pods[0]), duration_ms)?;
+    ours.start_agent(&manifest(n, &pods), false)?;
+    let socket_lb = rate(&ours, true, &last, duration_ms)?;
+    let tc = rate(&ours, false, &last, duration_ms)?;
+    drop(ours);
+    let (ipt, pods) = world(bins)?;
+    let iptables_restore = load_ruleset(
+        &ipt,
+        &["iptables-restore", "--noflush"],
+        &iptables_ruleset(n, &pods),
+    )?;
+    let iptables = rate(&ipt, false, &last, duration_ms)?;
+    drop(ipt);
+    let (nft, pods) = world(bins)?;
+    let nft_load = load_ruleset(&nft, &["nft", "-f", "-"], &nftables_ruleset(n, &pods))?;
+    let nftables = rate(&nft, false, &last, duration_ms)?;
+    Ok(EndToEnd {
+        direct,
+        socket_lb,
+        tc,
+        iptables,
+        nftables,
+        iptables_restore,
+        nft_load,
+    })
+}
+
 /// Starts the agent on `n` services; returns (time to the first complete sync, RSS bytes).
-fn agent(n: usize, bin_dir: &Path, work: &Path) -> anyhow::Result<(Duration, u64)> {
+fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<(Duration, u64)> {
     let pins = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/proxy-bench-agent-{}-{n}",
         std::process::id()
@@ -209,8 +471,16 @@ fn agent(n: usize, bin_dir: &Path, work: &Path) -> anyhow::Result<(Duration, u64
     let cgroup =
         proxy::datapath::cgroup2_mount()?.join(format!("proxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&cgroup)?;
-    let path = work.join(format!("services-{n}.yaml"));
-    std::fs::write(&path, manifest(n))?;
+    let manifests =
+        PinDir(std::env::temp_dir().join(format!("proxy-bench-{}-{n}", std::process::id())));
+    std::fs::create_dir_all(&manifests.0)?;
+    let path = manifests.0.join("services.yaml");
+    let endpoints = [
+        Ipv4Addr::new(10, 244, 250, 1),
+        Ipv4Addr::new(10, 244, 250, 2),
+        Ipv4Addr::new(10, 244, 250, 3),
+    ];
+    std::fs::write(&path, manifest(n, &endpoints))?;
     let started = Instant::now();
     let mut child = Command::new(bin_dir.join("proxy-agent"))
         .arg("--manifests")
@@ -258,6 +528,119 @@ fn agent(n: usize, bin_dir: &Path, work: &Path) -> anyhow::Result<(Duration, u64
     result
 }
 
+/// Latency of one EndpointSlice change landing in the maps while `n` services exist, through
+/// the agent's path for a watch event: store update, desired state, incremental reconcile.
+/// Returns (p50, p99) over `changes` changes.
+fn change_latency(n: usize, changes: usize) -> anyhow::Result<(Duration, Duration)> {
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/proxy-bench-change-{}-{n}",
+        std::process::id()
+    )));
+    let _datapath = Datapath::load(&pins.0, &[])?;
+    let mut reconciler = Reconciler::adopt(Maps::open(&pins.0)?)?;
+    let endpoints = [
+        Ipv4Addr::new(10, 244, 250, 1),
+        Ipv4Addr::new(10, 244, 250, 2),
+        Ipv4Addr::new(10, 244, 250, 3),
+    ];
+    let (objects, rejections) =
+        parse_manifest(&manifest(n, &endpoints), "bench").map_err(|r| anyhow::anyhow!("{r}"))?;
+    ensure!(
+        rejections.is_empty(),
+        "bench manifest rejected: {}",
+        rejections[0]
+    );
+    let mut store = Store::new(None, Topology::default());
+    store.replace(&[Kind::Service, Kind::EndpointSlice], &objects);
+    let report = reconciler.apply(&store.desired().0);
+    ensure!(report.errors.is_empty(), "programming {n} services failed");
+    let mut latencies = Vec::with_capacity(changes);
+    for c in 0..changes {
+        // The manifest alternates Service, EndpointSlice.
+        let Object::EndpointSlice(mut slice) = objects[2 * ((c * 7919) % n) + 1].clone() else {
+            bail!("not a slice")
+        };
+        if let Some(endpoint) = slice.endpoints.as_mut().and_then(|e| e.first_mut()) {
+            endpoint.addresses = vec![Ipv4Addr::new(10, 244, 251, (c % 250) as u8 + 1).to_string()];
+        }
+        let started = Instant::now();
+        store.apply(&Object::EndpointSlice(slice));
+        let report = reconciler.apply(&store.desired().0);
+        latencies.push(started.elapsed());
+        ensure!(
+            report.changed == 1 && report.errors.is_empty(),
+            "one change should program one service port: {report:?}"
+        );
+    }
+    latencies.sort();
+    Ok((latencies[changes / 2], latencies[changes * 99 / 100]))
+}
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// A line chart of `series` (name, one value per size) against the number of services.
+fn plot(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    sizes: &[usize],
+    series: &[(&str, Vec<f64>)],
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(0.0, f64::max)
+        * 1.15;
+    let (lo, hi) = (
+        *sizes.first().context("no sizes")? as f64,
+        *sizes.last().context("no sizes")? as f64,
+    );
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(72)
+        .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0.0..max.max(1.0))?;
+    chart
+        .configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc("services (log scale)")
+        .y_desc(y_label)
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    for (i, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = sizes
+            .iter()
+            .map(|n| *n as f64)
+            .zip(values.iter().copied())
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 4, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -282,23 +665,37 @@ fn main() -> anyhow::Result<()> {
         .context("locating the target directory")?
         .to_path_buf();
     std::fs::create_dir_all(&args.out)?;
-    let mut rows: BTreeMap<usize, (Datapoint, Duration, u64)> = BTreeMap::new();
+    let bins = Binaries::in_dir(&bin_dir);
+    let mut rows: BTreeMap<usize, (Datapoint, Duration, u64, EndToEnd, (Duration, Duration))> =
+        BTreeMap::new();
     for &n in &args.sizes {
         eprintln!("bench: {n} services");
         let point = per_packet(n, args.runs)?;
-        let (cold_start, rss) = agent(n, &bin_dir, &args.out)?;
-        for v in [
+        let (cold_start, rss) = agent(n, &bin_dir)?;
+        let e2e = end_to_end(n, &bins, args.duration_ms)?;
+        let change = change_latency(n, 200)?;
+        let paths = [
+            e2e.direct,
+            e2e.socket_lb,
+            e2e.tc,
+            e2e.iptables,
+            e2e.nftables,
+        ];
+        let figures = [
             point.baseline_ns,
             point.miss_ns,
             point.hit_ns,
             cold_start.as_secs_f64(),
-        ] {
+        ]
+        .into_iter()
+        .chain(paths.iter().flat_map(|(r, l)| [*r, *l]));
+        for v in figures {
             ensure!(
                 v.is_finite() && v > 0.0,
                 "a measurement is not a positive number: {v}"
             );
         }
-        rows.insert(n, (point, cold_start, rss));
+        rows.insert(n, (point, cold_start, rss, e2e, change));
     }
     let date = String::from_utf8(
         Command::new("date")
@@ -308,16 +705,18 @@ fn main() -> anyhow::Result<()> {
             .stdout,
     )?;
     let mut md = format!(
-        "Run {} on {} — {} runs per per-packet figure.\n\n\
-         | services | empty tc program (ns/pkt) | first packet, conntrack miss (ns/pkt) | established flow, conntrack hit (ns/pkt) | map memory (MiB) | agent RSS (MiB) | agent cold start to all programmed (ms) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "Run {} on {} — {} runs per per-packet figure, {} ms of connections per data path.\n\n\
+         **Per packet** (`BPF_PROG_TEST_RUN`, ratio to the empty tc program):\n\n\
+         | services | empty tc program (ns/pkt) | first packet, conntrack miss (ns/pkt) | established flow, conntrack hit (ns/pkt) | map memory (MiB) | agent RSS (MiB) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         date.trim(),
         machine(),
-        args.runs
+        args.runs,
+        args.duration_ms
     );
-    for (n, (p, cold, rss)) in &rows {
+    for (n, (p, _, rss, _, _)) in &rows {
         md += &format!(
-            "| {n} | {:.0} | {:.0} ({:.1}x) | {:.0} ({:.1}x) | {:.1} | {:.1} | {:.0} |\n",
+            "| {n} | {:.0} | {:.0} ({:.1}x) | {:.0} ({:.1}x) | {:.1} | {:.1} |\n",
             p.baseline_ns,
             p.miss_ns,
             p.miss_ns / p.baseline_ns,
@@ -325,9 +724,96 @@ fn main() -> anyhow::Result<()> {
             p.hit_ns / p.baseline_ns,
             p.map_bytes as f64 / (1 << 20) as f64,
             *rss as f64 / (1 << 20) as f64,
-            cold.as_secs_f64() * 1000.0
         );
     }
+    md += "\n**New connections end to end** to the last service (sequential TCP connect, one exchange, close; connections/s, median first-packet latency (connect), and the rate as a ratio of connecting to the pod directly):\n\n\
+           | services | direct to pod | our socket LB | our tc path | kube-proxy iptables | kube-proxy nftables |\n\
+           | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    for (n, (_, _, _, e, _)) in &rows {
+        let cell = |(rate, p50): (f64, f64)| {
+            format!("{rate:.0}/s, {p50:.0} µs ({:.2}x)", rate / e.direct.0)
+        };
+        md += &format!(
+            "| {n} | {} | {} | {} | {} | {} |\n",
+            cell(e.direct),
+            cell(e.socket_lb),
+            cell(e.tc),
+            cell(e.iptables),
+            cell(e.nftables)
+        );
+    }
+    md += "\n**Programming** (ours: agent start until every service is in the maps, from where the datapath answers at once; kube-proxy: loading its full ruleset, as on every full sync):\n\n\
+           | services | our cold start (ms) | our one endpoint change, p50 / p99 (ms) | iptables-restore (ms) | nft -f (ms) |\n\
+           | ---: | ---: | ---: | ---: | ---: |\n";
+    for (n, (_, cold, _, e, (p50, p99))) in &rows {
+        md += &format!(
+            "| {n} | {:.0} | {:.2} / {:.2} | {:.0} | {:.0} |\n",
+            cold.as_secs_f64() * 1000.0,
+            p50.as_secs_f64() * 1000.0,
+            p99.as_secs_f64() * 1000.0,
+            e.iptables_restore.as_secs_f64() * 1000.0,
+            e.nft_load.as_secs_f64() * 1000.0
+        );
+    }
+    let font = std::fs::read(FONT).with_context(|| {
+        format!("reading the plots' font {FONT} (apt package fonts-dejavu-core)")
+    })?;
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("{FONT} is not a usable font"))?;
+    let sizes: Vec<usize> = rows.keys().copied().collect();
+    let column =
+        |f: &dyn Fn(&(Datapoint, Duration, u64, EndToEnd, (Duration, Duration))) -> f64| {
+            rows.values().map(f).collect::<Vec<f64>>()
+        };
+    plot(
+        &args.out.join("per-packet.png"),
+        "tc ingress program, cost per packet (BPF_PROG_TEST_RUN)",
+        "ns per packet",
+        &sizes,
+        &[
+            ("empty program", column(&|r| r.0.baseline_ns)),
+            ("first packet (conntrack miss)", column(&|r| r.0.miss_ns)),
+            ("established flow (conntrack hit)", column(&|r| r.0.hit_ns)),
+        ],
+    )?;
+    plot(
+        &args.out.join("connection-rate.png"),
+        "New connections per second to the last service (sequential client)",
+        "connections / s",
+        &sizes,
+        &[
+            ("direct to pod", column(&|r| r.3.direct.0)),
+            ("socket LB", column(&|r| r.3.socket_lb.0)),
+            ("tc path", column(&|r| r.3.tc.0)),
+            ("kube-proxy iptables", column(&|r| r.3.iptables.0)),
+            ("kube-proxy nftables", column(&|r| r.3.nftables.0)),
+        ],
+    )?;
+    plot(
+        &args.out.join("programming.png"),
+        "Programming N services",
+        "ms",
+        &sizes,
+        &[
+            (
+                "our agent, cold start",
+                column(&|r| r.1.as_secs_f64() * 1000.0),
+            ),
+            (
+                "iptables-restore, full ruleset",
+                column(&|r| r.3.iptables_restore.as_secs_f64() * 1000.0),
+            ),
+            (
+                "nft -f, full ruleset",
+                column(&|r| r.3.nft_load.as_secs_f64() * 1000.0),
+            ),
+        ],
+    )?;
+    md += "\n![per packet](per-packet.png) ![connection rate](connection-rate.png) ![programming](programming.png)\n";
     let results = args.out.join("results.md");
     std::fs::write(&results, &md).with_context(|| format!("writing {}", results.display()))?;
     print!("{md}");

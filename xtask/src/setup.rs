@@ -8,14 +8,18 @@ use anyhow::{Context as _, bail, ensure};
 
 /// Debian packages: bpftool (map dumps, tests), iproute2 (namespaces, veth, tc), util-linux
 /// (nsenter), tcpdump (debugging the datapath), openssl and curl (the test API server's
-/// certificates and readiness check).
-const APT_PACKAGES: [&str; 6] = [
+/// certificates and readiness check), iptables and nftables (kube-proxy's data paths, the
+/// benchmark's baselines), fonts-dejavu-core (the benchmark's plots).
+const APT_PACKAGES: [&str; 9] = [
     "bpftool",
     "iproute2",
     "util-linux",
     "tcpdump",
     "openssl",
     "curl",
+    "iptables",
+    "nftables",
+    "fonts-dejavu-core",
 ];
 const BPF_LINKER_VERSION: &str = "^0.13";
 

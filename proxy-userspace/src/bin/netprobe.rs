@@ -75,6 +75,16 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
     },
+    /// Connection rate: connect, exchange a line, close, one after the other for
+    /// --duration-ms; prints connections per second and latency percentiles.
+    Rate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// HTTP GET, printed like `curl -s`.
     Http {
         #[arg(long)]
@@ -301,6 +311,41 @@ fn udp_once(
     })
 }
 
+/// Sequential connections for `duration`: each connect + one exchange + close. Latency is
+/// that of connect(): the round trip of the connection's first packet.
+fn rate(to: SocketAddr, duration: Duration, timeout: Duration) -> serde_json::Value {
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut failures = 0u64;
+    while started.elapsed() < duration {
+        let attempt = Instant::now();
+        let result = TcpStream::connect_timeout(&to, timeout).and_then(|s| {
+            let connected = attempt.elapsed();
+            s.set_read_timeout(Some(timeout))?;
+            let mut writer = s.try_clone()?;
+            exchange(&mut BufReader::new(s), &mut writer).map(|_| connected)
+        });
+        match result {
+            Ok(connected) => latencies.push(connected.as_secs_f64() * 1e6),
+            Err(_) => failures += 1,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    json!({
+        "connections": latencies.len(),
+        "failures": failures,
+        "per_second": latencies.len() as f64 / started.elapsed().as_secs_f64(),
+        "connect_p50_us": pct(0.5),
+        "connect_p99_us": pct(0.99),
+    })
+}
+
 fn http_once(to: SocketAddr) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
         .with_context(|| format!("connecting to {to}"))?;
@@ -364,6 +409,20 @@ fn main() -> anyhow::Result<()> {
                 );
                 println!("{result}");
             }
+        }
+        Command::Rate {
+            to,
+            duration_ms,
+            timeout_ms,
+        } => {
+            println!(
+                "{}",
+                rate(
+                    to,
+                    Duration::from_millis(duration_ms),
+                    Duration::from_millis(timeout_ms)
+                )
+            );
         }
         Command::Http { to, count } => {
             for _ in 0..count {
