@@ -22,8 +22,18 @@ pub struct ServiceKey {
     pub pad: u8,
 }
 
+/// `ServiceKey::addr` of a NodePort: the port is served on every address in `NODE_ADDRS`.
+pub const NODE_PORT_ADDR: [u8; 4] = [0; 4];
+
 /// `ServiceValue::flags`: the service has `sessionAffinity: ClientIP`.
 pub const SVC_FLAG_AFFINITY: u8 = 1;
+/// `ServiceValue::flags`: an external frontend with `externalTrafficPolicy: Cluster`: a
+/// connection to a backend on another node is masqueraded (SNAT to the node IP), so that
+/// the reply comes back through this node.
+pub const SVC_FLAG_MASQUERADE: u8 = 2;
+/// `ServiceValue::flags`: without backends, drop instead of rejecting (a `Local` traffic
+/// policy while the service has endpoints on other nodes, as kube-proxy does).
+pub const SVC_FLAG_DROP_IF_EMPTY: u8 = 4;
 
 /// What the datapath needs to pick a backend for a service port.
 ///
@@ -65,8 +75,24 @@ pub struct Backend {
     pub flags: u8,
 }
 
-/// `Backend::flags`: the endpoint runs on this node.
+/// `Backend::flags`: the endpoint runs on this node (such a backend is never masqueraded).
 pub const BACKEND_FLAG_LOCAL: u8 = 1;
+
+/// This node's addressing, for NodePorts and masquerading (`NODE_CONFIG`, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Source address of masqueraded connections; all zero: masquerading is off.
+    pub snat_addr: [u8; 4],
+    /// Source ports of masqueraded connections, inclusive; outside the kernel's ephemeral
+    /// range so that they never meet the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+/// Default `NodeConfig` SNAT ports: above Linux's default ephemeral range (32768-60999).
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// Connection and traffic counters, per CPU, indexed by service or backend id.
 #[repr(C)]
@@ -109,6 +135,10 @@ pub const CT_TIMEOUT_TCP_ESTABLISHED_SECS: u64 = 6 * 3600;
 pub const CT_TIMEOUT_TCP_CLOSING_SECS: u64 = 60;
 pub const CT_TIMEOUT_UDP_SECS: u64 = 60;
 
+/// `CtEntry::flags`: the flow is masqueraded; its packets are routed by the datapath
+/// itself (the kernel would drop a packet whose source is one of its own addresses).
+pub const CT_FLAG_SNAT: u8 = 1;
+
 /// A conntrack entry. A translated flow has two: `CT_FORWARD` under the client's tuple and
 /// `CT_REPLY` under the backend's reply tuple.
 #[repr(C)]
@@ -122,6 +152,12 @@ pub struct CtEntry {
     /// Service-port id; the rev-NAT id of the flow.
     pub rev_nat_id: u32,
     pub backend_id: u32,
+    /// FORWARD: the source the packet leaves with (the client's own, or the SNAT address
+    /// and port). REPLY: the client, the destination to restore.
+    pub peer_addr: [u8; 4],
+    pub peer_port: u16,
+    pub flags: u8,
+    pub pad: u8,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
     pub last_seen_ns: u64,
 }
@@ -130,11 +166,22 @@ impl CtKey {
     /// The key of the other entry of the same flow, given this key's entry.
     pub fn peer(&self, entry: &CtEntry) -> CtKey {
         let (src, dst, sport, dport) = if entry.direction == CT_FORWARD {
-            // client → service; the reply comes from the backend (nat) to the client.
-            (entry.nat_addr, self.src, entry.nat_port, self.sport)
+            // client → service; the reply comes from the backend (nat) to the client or
+            // to the SNAT address (peer).
+            (
+                entry.nat_addr,
+                entry.peer_addr,
+                entry.nat_port,
+                entry.peer_port,
+            )
         } else {
-            // backend → client; the request went from the client to the service (nat).
-            (self.dst, entry.nat_addr, self.dport, entry.nat_port)
+            // backend → client; the request went from the client (peer) to the service (nat).
+            (
+                entry.peer_addr,
+                entry.nat_addr,
+                entry.peer_port,
+                entry.nat_port,
+            )
         };
         CtKey {
             src,
@@ -223,8 +270,27 @@ pub struct ServiceInfo {
     pub terminating: u8,
     /// 1 for `internalTrafficPolicy: Local`.
     pub internal_local: u8,
-    pub pad: [u8; 6],
+    /// `FRONTEND_*`: which of the service's addresses this entry serves.
+    pub frontend: u8,
+    /// `SERVICE_TYPE_*`.
+    pub service_type: u8,
+    /// 1 for `externalTrafficPolicy: Local`.
+    pub external_local: u8,
+    pub pad: [u8; 3],
 }
+
+/// `ServiceInfo::frontend`: the cluster IP.
+pub const FRONTEND_CLUSTER_IP: u8 = 0;
+/// `ServiceInfo::frontend`: the node port on every node address.
+pub const FRONTEND_NODE_PORT: u8 = 1;
+/// `ServiceInfo::frontend`: one of `spec.externalIPs`.
+pub const FRONTEND_EXTERNAL_IP: u8 = 2;
+/// `ServiceInfo::frontend`: a `status.loadBalancer.ingress[].ip`.
+pub const FRONTEND_LOAD_BALANCER: u8 = 3;
+
+pub const SERVICE_TYPE_CLUSTER_IP: u8 = 0;
+pub const SERVICE_TYPE_NODE_PORT: u8 = 1;
+pub const SERVICE_TYPE_LOAD_BALANCER: u8 = 2;
 
 impl Default for ServiceInfo {
     fn default() -> Self {
@@ -232,7 +298,10 @@ impl Default for ServiceInfo {
             name: [0; SERVICE_NAME_LEN],
             terminating: 0,
             internal_local: 0,
-            pad: [0; 6],
+            frontend: FRONTEND_CLUSTER_IP,
+            service_type: SERVICE_TYPE_CLUSTER_IP,
+            external_local: 0,
+            pad: [0; 3],
         }
     }
 }
@@ -272,4 +341,5 @@ mod pod {
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for AgentStatus {}
+    unsafe impl aya::Pod for NodeConfig {}
 }

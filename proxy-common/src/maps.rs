@@ -25,8 +25,13 @@ pub const AFFINITY: &str = "affinity";
 /// LRU (SockRevKey → SockRevValue)
 pub const SOCK_REV_NAT: &str = "sock_rev_nat";
 
+/// (node IPv4 address → 1): the addresses NodePorts answer on.
+pub const NODE_ADDRS: &str = "node_addrs";
+/// array of one NodeConfig
+pub const NODE_CONFIG: &str = "node_config";
+
 /// Every map the agent pins.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 12] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
@@ -37,6 +42,8 @@ pub const ALL: [&str; 10] = [
     AFFINITY,
     SOCK_REV_NAT,
     AGENT_STATUS,
+    NODE_ADDRS,
+    NODE_CONFIG,
 ];
 
 /// Maps whose capacity the agent may change (`--map-size`): not the per-CPU arrays, whose
@@ -60,3 +67,4 @@ pub const MAX_BACKEND_SLOTS: u32 = 524_288;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOCK_REV_NAT: u32 = 131_072;
+pub const MAX_NODE_ADDRS: u32 = 256;

@@ -6,10 +6,12 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, Backend, CT_TIMEOUT_UDP_SECS, Counters,
-    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey,
+    NODE_PORT_ADDR, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey,
 };
 
-use crate::maps::{AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, SERVICE_STATS, SERVICES};
+use crate::maps::{
+    AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, NODE_ADDRS, SERVICE_STATS, SERVICES,
+};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -90,9 +92,29 @@ impl Sticky {
 }
 
 #[inline(always)]
-pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
+fn service(key: &ServiceKey) -> Option<ServiceValue> {
     // SAFETY: copied out at once; the agent replaces values whole, never in place.
     unsafe { SERVICES.get(key).copied() }
+}
+
+/// The service port at `key`: a cluster, external or load-balancer IP exactly, else a
+/// NodePort when the address is one of this node's. At most three lookups.
+#[inline(always)]
+pub fn service_for(key: &ServiceKey) -> Option<ServiceValue> {
+    if let Some(svc) = service(key) {
+        return Some(svc);
+    }
+    // SAFETY: only tests for presence.
+    unsafe { NODE_ADDRS.get(key.addr) }?;
+    service(&ServiceKey {
+        addr: NODE_PORT_ADDR,
+        ..*key
+    })
+}
+
+pub fn random() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_get_prandom_u32() }
 }
 
 pub fn now_ns() -> u64 {
@@ -110,9 +132,7 @@ pub fn select_backend(svc: &ServiceValue, sticky: Option<&Sticky>, now: u64) -> 
     if let Some(chosen) = sticky.and_then(|s| s.backend(now)) {
         return Some(chosen);
     }
-    // SAFETY: no preconditions.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let slot = (random % svc.count as u32) as u16 + 1;
+    let slot = (random() % svc.count as u32) as u16 + 1;
     let slot_key = SlotKey {
         service_id: svc.id,
         generation: svc.generation,

@@ -5,10 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, ServiceInfo,
-    ServiceKey, ServiceValue, SlotKey, SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, NodeConfig,
+    ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevKey, SockRevValue,
     maps::{
-        MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+        MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES,
         MAX_SOCK_REV_NAT,
     },
 };
@@ -53,3 +53,9 @@ pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { MAX_SOCK_REV_NAT
 /// Written by the agent for `proxyctl status`; declared here to carry BTF and be pinned.
 #[btf_map(name = "agent_status")]
 pub static AGENT_STATUS: Array<AgentStatus, 1> = Array::new();
+
+#[btf_map(name = "node_addrs")]
+pub static NODE_ADDRS: HashMap<[u8; 4], u32, { MAX_NODE_ADDRS as usize }> = HashMap::new();
+
+#[btf_map(name = "node_config")]
+pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -1,18 +1,19 @@
-//! IPv4 TCP/UDP header access for the tc programs: parse once into a `Flow`, rewrite an
-//! address and port with incremental checksum updates, or turn the packet into an ICMP
+//! IPv4 TCP/UDP header access: parse once into a `Flow` (tc and XDP), and for tc rewrite
+//! an address and port with incremental checksum updates, or turn the packet into an ICMP
 //! port-unreachable answer.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_csum_diff, bpf_skb_change_tail},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP};
 
-const ETH_HDR_LEN: usize = 14;
+pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
-const IP_SRC_OFF: usize = ETH_HDR_LEN + 12;
-const IP_DST_OFF: usize = ETH_HDR_LEN + 16;
+pub const IP_TTL_OFF: usize = ETH_HDR_LEN + 8;
+pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
+pub const IP_SRC_OFF: usize = ETH_HDR_LEN + 12;
+pub const IP_DST_OFF: usize = ETH_HDR_LEN + 16;
 const IP_HDR_MIN_LEN: usize = 20;
 const IPPROTO_ICMP: u8 = 1;
 
@@ -41,38 +42,62 @@ impl Flow {
     }
 }
 
+/// Bounds-checked reads of a frame, from its Ethernet header on.
+pub trait Frame {
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load(offset).ok()
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let start = self.data() + offset;
+        if start + core::mem::size_of::<T>() > self.data_end() {
+            return None;
+        }
+        // SAFETY: within [data, data_end), checked above.
+        Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+    }
+}
+
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Flow> {
-    let ethertype: u16 = ctx.load(12).ok()?;
+pub fn parse<F: Frame>(ctx: &F) -> Option<Flow> {
+    let ethertype: u16 = ctx.read(12)?;
     if u16::from_be(ethertype) != ETH_P_IP {
         return None;
     }
-    let version_ihl: u8 = ctx.load(ETH_HDR_LEN).ok()?;
+    let version_ihl: u8 = ctx.read(ETH_HDR_LEN)?;
     let ip_hdr_len = (version_ihl & 0x0f) as usize * 4;
     if version_ihl >> 4 != 4 || ip_hdr_len < IP_HDR_MIN_LEN {
         return None;
     }
     // Later fragments carry no ports.
-    let frag: u16 = ctx.load(ETH_HDR_LEN + 6).ok()?;
+    let frag: u16 = ctx.read(ETH_HDR_LEN + 6)?;
     if u16::from_be(frag) & 0x1fff != 0 {
         return None;
     }
-    let proto: u8 = ctx.load(ETH_HDR_LEN + 9).ok()?;
+    let proto: u8 = ctx.read(ETH_HDR_LEN + 9)?;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
     let l4_off = ETH_HDR_LEN + ip_hdr_len;
-    let sport: u16 = ctx.load(l4_off).ok()?;
-    let dport: u16 = ctx.load(l4_off + 2).ok()?;
+    let sport: u16 = ctx.read(l4_off)?;
+    let dport: u16 = ctx.read(l4_off + 2)?;
     let tcp_flags = if proto == IPPROTO_TCP {
-        ctx.load::<u8>(l4_off + 13).ok()?
+        ctx.read::<u8>(l4_off + 13)?
     } else {
         0
     };
     Some(Flow {
         key: CtKey {
-            src: ctx.load(IP_SRC_OFF).ok()?,
-            dst: ctx.load(IP_DST_OFF).ok()?,
+            src: ctx.read(IP_SRC_OFF)?,
+            dst: ctx.read(IP_DST_OFF)?,
             sport: u16::from_be(sport),
             dport: u16::from_be(dport),
             proto,
@@ -84,12 +109,31 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
     })
 }
 
+#[derive(Clone, Copy)]
 pub enum Endpoint {
     Source,
     Destination,
 }
 
-/// Rewrites the source or destination address and port, updating the IP and L4 checksums.
+impl Flow {
+    /// Offsets of an endpoint's address and port, and its current values.
+    #[inline(always)]
+    pub fn endpoint(&self, which: Endpoint) -> (usize, usize, [u8; 4], u16) {
+        match which {
+            Endpoint::Source => (IP_SRC_OFF, self.l4_off, self.key.src, self.key.sport),
+            Endpoint::Destination => (IP_DST_OFF, self.l4_off + 2, self.key.dst, self.key.dport),
+        }
+    }
+
+    /// Offset of the L4 checksum.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4_off + if self.is_tcp() { 16 } else { 6 }
+    }
+}
+
+/// Rewrites the source or destination address and port, updating the IP and L4 checksums
+/// with the kernel's helpers, which also keep offloaded checksums right.
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -98,15 +142,13 @@ pub fn rewrite(
     addr: [u8; 4],
     port: u16,
 ) -> Result<(), i64> {
-    let (addr_off, port_off, old_addr, old_port) = match which {
-        Endpoint::Source => (IP_SRC_OFF, flow.l4_off, flow.key.src, flow.key.sport),
-        Endpoint::Destination => (IP_DST_OFF, flow.l4_off + 2, flow.key.dst, flow.key.dport),
-    };
-    let (csum_off, l4_flags) = if flow.is_tcp() {
-        (flow.l4_off + 16, 0)
+    let (addr_off, port_off, old_addr, old_port) = flow.endpoint(which);
+    let csum_off = flow.l4_csum_off();
+    // A zero UDP checksum means "none" and must stay zero.
+    let l4_flags = if flow.is_tcp() {
+        0
     } else {
-        // A zero UDP checksum means "none" and must stay zero.
-        (flow.l4_off + 6, BPF_F_MARK_MANGLED_0 as u64)
+        BPF_F_MARK_MANGLED_0 as u64
     };
     let old_addr = u32::from_ne_bytes(old_addr);
     let new_addr = u32::from_ne_bytes(addr);

@@ -120,7 +120,7 @@ fn connect(ctx: &SockAddrContext) -> i32 {
     let Some(key) = service_key(ctx) else {
         return ALLOW;
     };
-    let Some(svc) = lb::service(&key) else {
+    let Some(svc) = lb::service_for(&key) else {
         return ALLOW;
     };
     let now = lb::now_ns();
@@ -148,7 +148,7 @@ fn sendmsg(ctx: &SockAddrContext) -> i32 {
     let Some(key) = service_key(ctx) else {
         return ALLOW;
     };
-    let Some(svc) = lb::service(&key) else {
+    let Some(svc) = lb::service_for(&key) else {
         return ALLOW;
     };
     let now = lb::now_ns();

@@ -69,9 +69,7 @@ fn desired(n: usize) -> DesiredState {
             let service = DesiredService {
                 name: format!("bench/svc-{i}:http"),
                 backends,
-                affinity_timeout_secs: None,
-                terminating: false,
-                internal_local: false,
+                ..DesiredService::default()
             };
             (key, service)
         })
@@ -368,7 +366,7 @@ fn nftables_ruleset(n: usize, endpoints: &[Ipv4Addr]) -> String {
 fn load_ruleset(world: &World, tool: &[&str], ruleset: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &world.node])
+        .args(["netns", "exec", &world.nodes[0].netns])
         .args(tool)
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
@@ -552,7 +550,7 @@ fn change_latency(n: usize, changes: usize) -> anyhow::Result<(Duration, Duratio
     );
     let mut store = Store::new(None, Topology::default());
     store.replace(&[Kind::Service, Kind::EndpointSlice], &objects);
-    let report = reconciler.apply(&store.desired().0);
+    let report = reconciler.apply(&store.desired().services);
     ensure!(report.errors.is_empty(), "programming {n} services failed");
     let mut latencies = Vec::with_capacity(changes);
     for c in 0..changes {
@@ -565,7 +563,7 @@ fn change_latency(n: usize, changes: usize) -> anyhow::Result<(Duration, Duratio
         }
         let started = Instant::now();
         store.apply(&Object::EndpointSlice(slice));
-        let report = reconciler.apply(&store.desired().0);
+        let report = reconciler.apply(&store.desired().services);
         latencies.push(started.elapsed());
         ensure!(
             report.changed == 1 && report.errors.is_empty(),

@@ -24,10 +24,13 @@ use crate::{
     clock::unix_now,
     conntrack,
     datapath::{Datapath, TcAttach},
-    desired::Topology,
+    desired::{HealthChecks, Topology},
+    health_check::HealthCheckServers,
+    http::{Endpoints, ProxyHealth, serve_endpoints},
     manifest::ManifestSource,
     maps::Maps,
     metrics::Metrics,
+    node::NodeAddressing,
     reconcile::Reconciler,
     rejection::{Reason, Rejection},
     source::{self, SourceEvent},
@@ -84,6 +87,7 @@ struct Agent {
     pending_since: Option<Instant>,
     writes_reported: u64,
     status: StatusWriter,
+    health_checks: HealthCheckServers,
 }
 
 /// Keeps the pinned `agent_status` entry current, for `proxyctl status`.
@@ -192,9 +196,10 @@ impl Agent {
     /// was programmed.
     fn sync(&mut self) -> bool {
         let started = Instant::now();
-        let (desired, conflicts) = self.store.desired();
-        self.report(&conflicts);
-        let report = self.reconciler.apply(&desired);
+        let desired = self.store.desired();
+        self.report(&desired.rejections);
+        let report = self.reconciler.apply(&desired.services);
+        self.serve_health_checks(&desired.health_checks);
         for (service, e) in &report.errors {
             error!("programming {service} failed, keeping its previous state: {e:#}");
             self.metrics.map_update_errors.inc();
@@ -233,7 +238,16 @@ impl Agent {
         complete
     }
 
+    fn serve_health_checks(&mut self, checks: &HealthChecks) {
+        for e in self.health_checks.update(checks) {
+            error!("{e:#}; retrying at the next sync or resync");
+            self.metrics.reject(Reason::HealthCheckPort);
+        }
+    }
+
+    /// Repairs map drift, and retries health-check servers that could not start.
     fn repair(&mut self) {
+        self.serve_health_checks(&self.store.desired().health_checks);
         match self.reconciler.repair() {
             Ok(0) => {}
             Ok(n) => {
@@ -298,9 +312,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for attachment in &datapath.attachments {
         info!("attached {attachment}");
     }
-    if let Some(ip) = config.node_ip {
-        info!("node IP {ip} (used by NodePort and external traffic)");
-    }
+    let addressing = NodeAddressing::new(
+        config.node_ip,
+        &crate::node::interface_addrs(&config.interfaces)?,
+    );
+    addressing.program(&config.bpffs)?;
+    info!(
+        "NodePorts answer on {:?}; masquerading as {}",
+        addressing.node_port_addrs,
+        addressing.snat_addr.map_or(
+            "<none: no --node-ip or interface address>".to_owned(),
+            |a| a.to_string()
+        )
+    );
     let reconciler = Reconciler::adopt(Maps::open(&config.bpffs)?)?;
     if !reconciler.is_empty() {
         info!(
@@ -319,13 +343,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .set(conntrack_capacity.map_or(proxy_common::maps::MAX_CONNTRACK, |(_, n)| *n) as i64);
     let metrics_listener = crate::http::bind(config.metrics_bind, "--metrics-bind").await?;
     let healthz_listener = crate::http::bind(config.healthz_bind, "--healthz-bind").await?;
-    let endpoints = |full| crate::http::Endpoints {
+    let proxy_health = ProxyHealth {
         metrics: metrics.clone(),
-        full,
         max_lag: config.healthz_max_lag,
     };
-    let mut metrics_server = tokio::spawn(crate::http::serve(metrics_listener, endpoints(true)));
-    let mut healthz_server = tokio::spawn(crate::http::serve(healthz_listener, endpoints(false)));
+    let endpoints = |full| Endpoints {
+        health: proxy_health.clone(),
+        full,
+    };
+    let mut metrics_server = tokio::spawn(serve_endpoints(metrics_listener, endpoints(true)));
+    let mut healthz_server = tokio::spawn(serve_endpoints(healthz_listener, endpoints(false)));
 
     let (events_tx, mut events) = mpsc::channel(1024);
     let mut source = start_source(&config, events_tx).await?;
@@ -350,6 +377,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pending_since: None,
         writes_reported: 0,
         status,
+        health_checks: HealthCheckServers::new(proxy_health),
     };
 
     let mut gc = tokio::time::interval(config.conntrack_gc_interval);

@@ -79,6 +79,10 @@ mod tests {
             state: forward_state,
             rev_nat_id: 1,
             backend_id: 1,
+            peer_addr: key.src,
+            peer_port: key.sport,
+            flags: 0,
+            pad: 0,
             last_seen_ns: forward_seen_s * NS_PER_SEC,
         };
         let reply = CtEntry {

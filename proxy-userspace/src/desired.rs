@@ -1,35 +1,130 @@
 //! Translation of validated Services and EndpointSlices into what the maps must hold: one
-//! `DesiredService` per service port, with its usable backends.
-use std::collections::BTreeMap;
+//! `DesiredService` per frontend of each service port (its cluster IP, node port, external
+//! and load-balancer IPs), with its usable backends; and the health-check ports to serve.
+use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{BACKEND_FLAG_LOCAL, Backend, ServiceKey};
+use proxy_common::{
+    BACKEND_FLAG_LOCAL, Backend, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP, FRONTEND_LOAD_BALANCER,
+    FRONTEND_NODE_PORT, NODE_PORT_ADDR, ServiceKey,
+};
 
 use crate::{
-    model::{EndpointSpec, PortSpec, ServiceSpec, SliceSpec},
+    model::{EndpointSpec, PortSpec, ServiceSpec, ServiceType, SliceSpec},
     rejection::{Reason, Rejection},
 };
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Which address of a service a frontend serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Frontend {
+    #[default]
+    ClusterIp,
+    /// The node port, on every node address.
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl Frontend {
+    pub fn code(self) -> u8 {
+        match self {
+            Frontend::ClusterIp => FRONTEND_CLUSTER_IP,
+            Frontend::NodePort => FRONTEND_NODE_PORT,
+            Frontend::ExternalIp => FRONTEND_EXTERNAL_IP,
+            Frontend::LoadBalancer => FRONTEND_LOAD_BALANCER,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            FRONTEND_NODE_PORT => Frontend::NodePort,
+            FRONTEND_EXTERNAL_IP => Frontend::ExternalIp,
+            FRONTEND_LOAD_BALANCER => Frontend::LoadBalancer,
+            _ => Frontend::ClusterIp,
+        }
+    }
+
+    /// Traffic from outside the cluster, subject to `externalTrafficPolicy`.
+    pub fn is_external(self) -> bool {
+        self != Frontend::ClusterIp
+    }
+
+    /// The field a conflict on this frontend is reported against.
+    fn field(self) -> &'static str {
+        match self {
+            Frontend::ClusterIp => "spec.clusterIP",
+            Frontend::NodePort => "spec.ports.nodePort",
+            Frontend::ExternalIp => "spec.externalIPs",
+            Frontend::LoadBalancer => "status.loadBalancer.ingress",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredService {
     /// `namespace/name:port-name` (`namespace/name` for an unnamed port).
     pub name: String,
+    pub frontend: Frontend,
+    pub service_type: ServiceType,
     /// Sorted and de-duplicated, so that equal sets compare equal.
     pub backends: Vec<Backend>,
     pub affinity_timeout_secs: Option<u32>,
     /// No endpoint is ready: the backends are the serving-but-terminating ones.
     pub terminating: bool,
     pub internal_local: bool,
+    pub external_local: bool,
+    /// Connections to backends on other nodes are masqueraded: an external frontend with
+    /// `externalTrafficPolicy: Cluster`.
+    pub masquerade: bool,
+    /// A `Local` policy leaves no backend although the service has endpoints elsewhere:
+    /// drop new connections, as kube-proxy does, rather than reject them.
+    pub drop_if_empty: bool,
 }
 
 pub type DesiredState = BTreeMap<ServiceKey, DesiredService>;
 
-pub fn service_key(spec: &ServiceSpec, port: &PortSpec) -> ServiceKey {
-    ServiceKey {
-        addr: spec.cluster_ip.octets(),
-        port: port.port,
+/// What `healthCheckNodePort` answers for a service, on every node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the service on this node.
+    pub local_endpoints: usize,
+}
+
+/// Health checks by port.
+pub type HealthChecks = BTreeMap<u16, HealthCheck>;
+
+/// Everything the agent must program and serve.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub services: DesiredState,
+    pub health_checks: HealthChecks,
+    /// Conflicting service ports and health-check ports, not served.
+    pub rejections: Vec<Rejection>,
+}
+
+/// The frontends of a service port: where clients address it.
+pub fn frontends(spec: &ServiceSpec, port: &PortSpec) -> Vec<(Frontend, ServiceKey)> {
+    let key = |addr: [u8; 4], port_number: u16| ServiceKey {
+        addr,
+        port: port_number,
         proto: port.protocol.ip_proto(),
         pad: 0,
+    };
+    let mut out = vec![(
+        Frontend::ClusterIp,
+        key(spec.cluster_ip.octets(), port.port),
+    )];
+    if let Some(node_port) = port.node_port {
+        out.push((Frontend::NodePort, key(NODE_PORT_ADDR, node_port)));
     }
+    for ip in &spec.external_ips {
+        out.push((Frontend::ExternalIp, key(ip.octets(), port.port)));
+    }
+    for ip in &spec.load_balancer_ips {
+        out.push((Frontend::LoadBalancer, key(ip.octets(), port.port)));
+    }
+    out
 }
 
 pub fn port_display_name(spec: &ServiceSpec, port: &PortSpec) -> String {
@@ -69,36 +164,34 @@ impl Topology {
     }
 }
 
-/// The backends of one service port, and whether they are the terminating fallback: endpoints of the service's slices whose port has the
-/// service port's name and protocol (the slice port number is the resolved targetPort),
-/// chosen as kube-proxy does: ready endpoints that are eligible (on this node for
-/// `internalTrafficPolicy: Local`, hinted for this zone when hints apply); when none is,
-/// the serving-and-terminating ones (node-local ones for Local), so that a rollout's last
-/// pods drain gracefully.
+/// The usable backends of a service port under a traffic policy.
+struct Backends {
+    backends: Vec<Backend>,
+    /// They are the serving-terminating fallback.
+    terminating: bool,
+    /// None here, but the service has usable endpoints elsewhere.
+    only_elsewhere: bool,
+}
+
+/// The backends of one service port under a traffic policy (`local`: `Local`): endpoints of
+/// the service's slices whose port has the service port's name and protocol (the slice port
+/// number is the resolved targetPort), chosen as kube-proxy does: ready endpoints that are
+/// eligible (on this node for a `Local` policy, hinted for this zone when hints apply);
+/// when none is, the serving-and-terminating ones (node-local ones for `Local`), so that a
+/// rollout's last pods drain gracefully.
 fn backends(
-    spec: &ServiceSpec,
     port: &PortSpec,
-    slices: &[&SliceSpec],
+    candidates: &[(&EndpointSpec, u16)],
+    local: bool,
     topology: &Topology,
-) -> (Vec<Backend>, bool) {
-    let candidates: Vec<(&EndpointSpec, u16)> = slices
-        .iter()
-        .filter_map(|s| {
-            let p = s
-                .ports
-                .iter()
-                .find(|p| p.name == port.name && p.protocol == port.protocol)?;
-            Some(s.endpoints.iter().map(move |e| (e, p.port)))
-        })
-        .flatten()
-        .collect();
-    let zone = if spec.internal_local {
+) -> Backends {
+    let zone = if local {
         None
     } else {
-        topology.hinted_zone(&candidates)
+        topology.hinted_zone(candidates)
     };
     let placed = |e: &EndpointSpec| {
-        if spec.internal_local {
+        if local {
             topology.is_local(e)
         } else {
             zone.is_none_or(|z| e.zone_hints.iter().any(|h| h == z))
@@ -112,9 +205,7 @@ fn backends(
     if terminating {
         chosen = candidates
             .iter()
-            .filter(|(e, _)| {
-                e.serving && e.terminating && (!spec.internal_local || topology.is_local(e))
-            })
+            .filter(|(e, _)| e.serving && e.terminating && (!local || topology.is_local(e)))
             .collect();
     }
     let mut out: Vec<Backend> = chosen
@@ -132,17 +223,40 @@ fn backends(
         .collect();
     out.sort();
     out.dedup();
-    let terminating = terminating && !out.is_empty();
-    (out, terminating)
+    let only_elsewhere = out.is_empty()
+        && candidates
+            .iter()
+            .any(|(e, _)| e.ready || (e.serving && e.terminating));
+    Backends {
+        terminating: terminating && !out.is_empty(),
+        backends: out,
+        only_elsewhere,
+    }
 }
 
-/// Builds the desired state of every service port; conflicting service ports (same address,
-/// port and protocol) are rejected, the first one by name wins.
+/// The endpoints of a service port: those of its slices' matching ports, with the target port.
+fn candidates<'a>(port: &PortSpec, slices: &[&'a SliceSpec]) -> Vec<(&'a EndpointSpec, u16)> {
+    slices
+        .iter()
+        .filter_map(|s| {
+            let p = s
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)?;
+            Some(s.endpoints.iter().map(move |e| (e, p.port)))
+        })
+        .flatten()
+        .collect()
+}
+
+/// Builds the desired state of every frontend of every service port, and the health checks;
+/// conflicting frontends (same address, port and protocol) and health-check ports are
+/// rejected, the first one by name wins.
 pub fn desired_state<'a>(
     services: impl Iterator<Item = &'a ServiceSpec>,
     slices: impl Iterator<Item = &'a SliceSpec>,
     topology: &Topology,
-) -> (DesiredState, Vec<Rejection>) {
+) -> Desired {
     let mut by_service: BTreeMap<(&str, &str), Vec<&SliceSpec>> = BTreeMap::new();
     for slice in slices {
         by_service
@@ -150,45 +264,91 @@ pub fn desired_state<'a>(
             .or_default()
             .push(slice);
     }
-    let mut state = DesiredState::new();
-    let mut rejections = Vec::new();
+    let mut desired = Desired::default();
     for spec in services {
         let slices = by_service
             .get(&(spec.namespace.as_str(), spec.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
+        let object = format!("Service {}/{}", spec.namespace, spec.name);
         for port in &spec.ports {
-            let key = service_key(spec, port);
             let name = port_display_name(spec, port);
-            if let Some(existing) = state.get(&key) {
-                rejections.push(Rejection::new(
-                    &format!("Service {}/{}", spec.namespace, spec.name),
-                    "spec.clusterIP",
+            let candidates = candidates(port, slices);
+            let internal = backends(port, &candidates, spec.internal_local, topology);
+            let external = backends(port, &candidates, spec.external_local, topology);
+            for (frontend, key) in frontends(spec, port) {
+                if let Some(existing) = desired.services.get(&key) {
+                    let addr = match frontend {
+                        Frontend::NodePort => "node port ".to_owned(),
+                        _ => format!("{}:", std::net::Ipv4Addr::from(key.addr)),
+                    };
+                    desired.rejections.push(Rejection::new(
+                        &object,
+                        frontend.field(),
+                        Reason::Conflict,
+                        format!(
+                            "{addr}{}/{} is already served for {}",
+                            key.port,
+                            port.protocol.name(),
+                            existing.name
+                        ),
+                    ));
+                    continue;
+                }
+                let (chosen, local) = if frontend.is_external() {
+                    (&external, spec.external_local)
+                } else {
+                    (&internal, spec.internal_local)
+                };
+                desired.services.insert(
+                    key,
+                    DesiredService {
+                        name: name.clone(),
+                        frontend,
+                        service_type: spec.service_type,
+                        backends: chosen.backends.clone(),
+                        affinity_timeout_secs: spec.affinity_timeout_secs,
+                        terminating: chosen.terminating,
+                        internal_local: spec.internal_local,
+                        external_local: spec.external_local,
+                        masquerade: frontend.is_external() && !spec.external_local,
+                        drop_if_empty: local && chosen.only_elsewhere,
+                    },
+                );
+            }
+        }
+        if let Some(port) = spec.health_check_node_port {
+            let local_endpoints = slices
+                .iter()
+                .flat_map(|s| &s.endpoints)
+                .filter(|e| e.ready && topology.is_local(e))
+                .map(|e| e.addr)
+                .collect::<BTreeSet<_>>()
+                .len();
+            match desired.health_checks.get(&port) {
+                Some(other) => desired.rejections.push(Rejection::new(
+                    &object,
+                    "spec.healthCheckNodePort",
                     Reason::Conflict,
                     format!(
-                        "{}:{}/{} is already served for {}",
-                        spec.cluster_ip,
-                        port.port,
-                        port.protocol.name(),
-                        existing.name
+                        "port {port} is already the health check of {}/{}",
+                        other.namespace, other.name
                     ),
-                ));
-                continue;
+                )),
+                None => {
+                    desired.health_checks.insert(
+                        port,
+                        HealthCheck {
+                            namespace: spec.namespace.clone(),
+                            name: spec.name.clone(),
+                            local_endpoints,
+                        },
+                    );
+                }
             }
-            let (backends, terminating) = backends(spec, port, slices, topology);
-            state.insert(
-                key,
-                DesiredService {
-                    name,
-                    backends,
-                    affinity_timeout_secs: spec.affinity_timeout_secs,
-                    terminating,
-                    internal_local: spec.internal_local,
-                },
-            );
         }
     }
-    (state, rejections)
+    desired
 }
 
 #[cfg(test)]
@@ -203,6 +363,7 @@ mod tests {
             name: name.into(),
             port,
             protocol,
+            node_port: None,
         }
     }
 
@@ -210,11 +371,26 @@ mod tests {
         ServiceSpec {
             namespace: "ns".into(),
             name: name.into(),
+            service_type: ServiceType::ClusterIp,
             cluster_ip: Ipv4Addr::from(ip),
             ports,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
             affinity_timeout_secs: None,
             internal_local: false,
+            external_local: false,
+            health_check_node_port: None,
         }
+    }
+
+    /// The desired services and rejections.
+    fn desired<'a>(
+        services: impl Iterator<Item = &'a ServiceSpec>,
+        slices: impl Iterator<Item = &'a SliceSpec>,
+        topology: &Topology,
+    ) -> (DesiredState, Vec<Rejection>) {
+        let desired = desired_state(services, slices, topology);
+        (desired.services, desired.rejections)
     }
 
     fn ep(last: u8, ready: bool, serving: bool, terminating: bool) -> EndpointSpec {
@@ -281,8 +457,7 @@ mod tests {
                 vec![ep(9, true, true, false)],
             ),
         ];
-        let (state, rejections) =
-            desired_state([&web].into_iter(), slices.iter(), &Topology::default());
+        let (state, rejections) = desired([&web].into_iter(), slices.iter(), &Topology::default());
         assert!(rejections.is_empty());
         let http = &state[&ServiceKey {
             addr: [10, 96, 0, 10],
@@ -314,7 +489,7 @@ mod tests {
                 ep(3, false, false, false),
             ],
         )];
-        let (state, _) = desired_state([&web].into_iter(), with_ready.iter(), &Topology::default());
+        let (state, _) = desired([&web].into_iter(), with_ready.iter(), &Topology::default());
         assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
 
         let draining = [slice(
@@ -327,15 +502,14 @@ mod tests {
                 ep(4, false, false, false),
             ],
         )];
-        let (state, _) = desired_state([&web].into_iter(), draining.iter(), &Topology::default());
+        let (state, _) = desired([&web].into_iter(), draining.iter(), &Topology::default());
         assert_eq!(addrs(state.values().next().unwrap()), [(2, 80)]);
     }
 
     #[test]
     fn service_without_slices_has_no_backends() {
         let web = svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
-        let (state, _) =
-            desired_state([&web].into_iter(), std::iter::empty(), &Topology::default());
+        let (state, _) = desired([&web].into_iter(), std::iter::empty(), &Topology::default());
         let d = state.values().next().unwrap();
         assert_eq!(d.name, "ns/web");
         assert!(d.backends.is_empty());
@@ -349,7 +523,7 @@ mod tests {
             [10, 96, 0, 10],
             vec![port("", 80, Protocol::Tcp), port("", 81, Protocol::Tcp)],
         );
-        let (state, rejections) = desired_state(
+        let (state, rejections) = desired(
             [&a, &b].into_iter(),
             std::iter::empty(),
             &Topology::default(),
@@ -402,7 +576,7 @@ mod tests {
                 placed(2, true, false, "node-b", &[]),
             ],
         )];
-        let (state, _) = desired_state([&web].into_iter(), slices.iter(), &here());
+        let (state, _) = desired([&web].into_iter(), slices.iter(), &here());
         assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
         // No local endpoint: nothing (kube-proxy drops), even though node-b has one.
         let remote = [slice(
@@ -411,7 +585,7 @@ mod tests {
             vec![port("", 80, Protocol::Tcp)],
             vec![placed(2, true, false, "node-b", &[])],
         )];
-        let (state, _) = desired_state([&web].into_iter(), remote.iter(), &here());
+        let (state, _) = desired([&web].into_iter(), remote.iter(), &here());
         assert!(state.values().next().unwrap().backends.is_empty());
         // Only a terminating local one: it serves.
         let draining = [slice(
@@ -423,7 +597,7 @@ mod tests {
                 placed(2, true, false, "node-b", &[]),
             ],
         )];
-        let (state, _) = desired_state([&web].into_iter(), draining.iter(), &here());
+        let (state, _) = desired([&web].into_iter(), draining.iter(), &here());
         assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
     }
 
@@ -433,7 +607,7 @@ mod tests {
         let pick = |eps: Vec<EndpointSpec>| {
             let slices = [slice("s", "web", vec![port("", 80, Protocol::Tcp)], eps)];
             addrs(
-                desired_state([&web].into_iter(), slices.iter(), &here())
+                desired([&web].into_iter(), slices.iter(), &here())
                     .0
                     .values()
                     .next()
@@ -457,5 +631,136 @@ mod tests {
             placed(2, true, false, "node-c", &["zone-c"]),
         ];
         assert_eq!(pick(elsewhere), [(1, 80), (2, 80)]);
+    }
+
+    fn load_balancer(external_local: bool) -> ServiceSpec {
+        ServiceSpec {
+            service_type: ServiceType::LoadBalancer,
+            external_ips: vec![Ipv4Addr::new(203, 0, 113, 20)],
+            load_balancer_ips: vec![Ipv4Addr::new(203, 0, 113, 10)],
+            external_local,
+            health_check_node_port: external_local.then_some(32000),
+            ..svc(
+                "lb",
+                [10, 96, 0, 20],
+                vec![PortSpec {
+                    node_port: Some(30080),
+                    ..port("", 80, Protocol::Tcp)
+                }],
+            )
+        }
+    }
+
+    fn frontend(state: &DesiredState, addr: [u8; 4], port: u16) -> &DesiredService {
+        &state[&ServiceKey {
+            addr,
+            port,
+            proto: 6,
+            pad: 0,
+        }]
+    }
+
+    #[test]
+    fn every_frontend_of_a_load_balancer_and_its_external_policy() {
+        let slices = [slice(
+            "s",
+            "lb",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![
+                placed(1, true, false, "node-a", &[]),
+                placed(2, true, false, "node-b", &[]),
+            ],
+        )];
+        let (state, _) = desired([&load_balancer(false)].into_iter(), slices.iter(), &here());
+        assert_eq!(state.len(), 4, "cluster IP, node port, external IP, LB IP");
+        let cluster = frontend(&state, [10, 96, 0, 20], 80);
+        assert_eq!(cluster.frontend, Frontend::ClusterIp);
+        assert!(!cluster.masquerade, "cluster traffic is never masqueraded");
+        let node_port = frontend(&state, NODE_PORT_ADDR, 30080);
+        assert_eq!(node_port.frontend, Frontend::NodePort);
+        assert!(node_port.masquerade);
+        assert_eq!(addrs(node_port), [(1, 80), (2, 80)]);
+        assert_eq!(node_port.backends[0].flags, BACKEND_FLAG_LOCAL);
+        assert_eq!(node_port.backends[1].flags, 0);
+        assert_eq!(
+            frontend(&state, [203, 0, 113, 20], 80).frontend,
+            Frontend::ExternalIp
+        );
+        assert_eq!(
+            frontend(&state, [203, 0, 113, 10], 80).frontend,
+            Frontend::LoadBalancer
+        );
+
+        // Local: external frontends keep node-a's endpoint only and are not masqueraded;
+        // the cluster IP keeps both.
+        let (state, _) = desired([&load_balancer(true)].into_iter(), slices.iter(), &here());
+        let node_port = frontend(&state, NODE_PORT_ADDR, 30080);
+        assert_eq!(addrs(node_port), [(1, 80)]);
+        assert!(!node_port.masquerade);
+        assert_eq!(addrs(frontend(&state, [203, 0, 113, 10], 80)), [(1, 80)]);
+        assert_eq!(
+            addrs(frontend(&state, [10, 96, 0, 20], 80)),
+            [(1, 80), (2, 80)]
+        );
+    }
+
+    #[test]
+    fn local_policy_without_local_endpoints_drops_and_health_check_counts_them() {
+        let remote_only = [slice(
+            "s",
+            "lb",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![placed(2, true, false, "node-b", &[])],
+        )];
+        let lb = load_balancer(true);
+        let d = desired_state([&lb].into_iter(), remote_only.iter(), &here());
+        let node_port = frontend(&d.services, NODE_PORT_ADDR, 30080);
+        assert!(node_port.backends.is_empty());
+        assert!(
+            node_port.drop_if_empty,
+            "endpoints elsewhere: drop, not reject"
+        );
+        assert_eq!(d.health_checks[&32000].local_endpoints, 0);
+        assert_eq!(d.health_checks[&32000].name, "lb");
+
+        // No endpoint anywhere: reject as for any service without endpoints.
+        let d = desired_state([&lb].into_iter(), std::iter::empty(), &here());
+        assert!(!frontend(&d.services, NODE_PORT_ADDR, 30080).drop_if_empty);
+
+        let local = [slice(
+            "s",
+            "lb",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![
+                placed(1, true, false, "node-a", &[]),
+                placed(3, false, true, "node-a", &[]),
+            ],
+        )];
+        let d = desired_state([&lb].into_iter(), local.iter(), &here());
+        assert_eq!(
+            d.health_checks[&32000].local_endpoints, 1,
+            "ready ones only"
+        );
+    }
+
+    #[test]
+    fn node_port_and_health_check_conflicts_are_rejected() {
+        let a = load_balancer(true);
+        let b = ServiceSpec {
+            name: "other".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 21),
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            ..load_balancer(true)
+        };
+        let d = desired_state([&a, &b].into_iter(), std::iter::empty(), &here());
+        let fields: Vec<&str> = d.rejections.iter().map(|r| r.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["spec.ports.nodePort", "spec.healthCheckNodePort"],
+            "{:?}",
+            d.rejections
+        );
+        assert_eq!(frontend(&d.services, NODE_PORT_ADDR, 30080).name, "ns/lb");
     }
 }

@@ -1,6 +1,7 @@
-//! A minimal HTTP/1.0 responder, enough for Prometheus and kubelet probes without a web
-//! framework in a node agent: `/metrics`, `/proxyMode` and `/healthz` on the metrics address,
-//! `/healthz` alone on the health address.
+//! A minimal HTTP/1.0 server, enough for Prometheus, kubelet probes and load-balancer health
+//! checks without a web framework in a node agent: `/metrics`, `/proxyMode` and `/healthz` on
+//! the metrics address, `/healthz` alone on the health address, and whatever another
+//! `Responder` (e.g. a service health check) answers.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -15,59 +16,98 @@ use crate::{clock::unix_now, metrics::Metrics};
 const MAX_REQUEST: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What an HTTP endpoint serves.
-pub struct Endpoints {
+pub struct Response {
+    pub status: &'static str,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Response {
+    fn new(status: &'static str, content_type: &'static str, body: String) -> Self {
+        Self {
+            status,
+            content_type,
+            headers: Vec::new(),
+            body,
+        }
+    }
+}
+
+pub fn status_line(ok: bool) -> &'static str {
+    if ok {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    }
+}
+
+/// What a server answers for a path.
+pub trait Responder: Send + Sync + 'static {
+    fn respond(&self, path: &str) -> Response;
+}
+
+/// Whether the proxy is healthy: unlike kube-proxy's, it is not when programming lags the
+/// source, not only when the process is stuck.
+#[derive(Clone)]
+pub struct ProxyHealth {
     pub metrics: Arc<Metrics>,
-    /// `/metrics` and `/proxyMode` too, or `/healthz` only.
-    pub full: bool,
-    /// `/healthz` fails when a change has waited longer than this to be programmed.
+    /// Unhealthy when a change has waited longer than this to be programmed.
     pub max_lag: Duration,
 }
 
-/// kube-proxy's health answer, plus why it is unhealthy: unlike kube-proxy's, it fails when
-/// programming lags the source, not only when the process is stuck.
+impl ProxyHealth {
+    /// Healthy, and for how many seconds a change has waited.
+    pub fn check(&self) -> (bool, f64) {
+        let pending_since = self.metrics.pending_since.get();
+        let lag = if pending_since > 0.0 {
+            unix_now() - pending_since
+        } else {
+            0.0
+        };
+        (lag <= self.max_lag.as_secs_f64(), lag)
+    }
+}
+
+/// What an HTTP endpoint serves.
+pub struct Endpoints {
+    pub health: ProxyHealth,
+    /// `/metrics` and `/proxyMode` too, or `/healthz` only.
+    pub full: bool,
+}
+
+/// kube-proxy's health answer, plus why it is unhealthy.
 fn health(endpoints: &Endpoints) -> (&'static str, String) {
-    let m = &endpoints.metrics;
+    let m = &endpoints.health.metrics;
     let now = unix_now();
-    let pending_since = m.pending_since.get();
-    let lag = if pending_since > 0.0 {
-        now - pending_since
-    } else {
-        0.0
-    };
-    let healthy = lag <= endpoints.max_lag.as_secs_f64();
+    let (healthy, lag) = endpoints.health.check();
     let body = format!(
         "{{\"lastUpdated\": {:.3}, \"currentTime\": {now:.3}, \"pendingSeconds\": {lag:.3}, \"sourceConnected\": {}, \"healthy\": {healthy}}}\n",
         m.last_sync.get(),
         m.source_connected.get() == 1,
     );
-    (
-        if healthy {
-            "200 OK"
-        } else {
-            "503 Service Unavailable"
-        },
-        body,
-    )
+    (status_line(healthy), body)
 }
 
-fn respond(path: &str, endpoints: &Endpoints) -> (&'static str, &'static str, String) {
-    match (path, endpoints.full) {
-        ("/healthz", _) => {
-            let (status, body) = health(endpoints);
-            (status, "application/json", body)
+impl Responder for Endpoints {
+    fn respond(&self, path: &str) -> Response {
+        match (path, self.full) {
+            ("/healthz", _) => {
+                let (status, body) = health(self);
+                Response::new(status, "application/json", body)
+            }
+            ("/metrics", true) => Response::new(
+                "200 OK",
+                "text/plain; version=0.0.4",
+                self.health.metrics.render(),
+            ),
+            ("/proxyMode", true) => Response::new("200 OK", "text/plain", "ebpf".to_owned()),
+            _ => Response::new("404 Not Found", "text/plain", "not found\n".to_owned()),
         }
-        ("/metrics", true) => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            endpoints.metrics.render(),
-        ),
-        ("/proxyMode", true) => ("200 OK", "text/plain", "ebpf".to_owned()),
-        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
     }
 }
 
-async fn serve_one(mut stream: TcpStream, endpoints: &Endpoints) -> anyhow::Result<()> {
+async fn serve_one(mut stream: TcpStream, responder: &impl Responder) -> anyhow::Result<()> {
     let mut request = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
@@ -80,14 +120,20 @@ async fn serve_one(mut stream: TcpStream, endpoints: &Endpoints) -> anyhow::Resu
     let line = String::from_utf8_lossy(&request);
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let path = path.split('?').next().unwrap_or(path);
-    let (status, content_type, body) = respond(path, endpoints);
-    let head = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+    let response = responder.respond(path);
+    let mut head = format!(
+        "HTTP/1.0 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        response.status,
+        response.content_type,
+        response.body.len()
     );
+    for (name, value) in &response.headers {
+        head += &format!("{name}: {value}\r\n");
+    }
+    head += "\r\n";
     tokio::time::timeout(IO_TIMEOUT, async {
         stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await
+        stream.write_all(response.body.as_bytes()).await
     })
     .await??;
     Ok(())
@@ -100,22 +146,27 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {addr} ({flag})"))
 }
 
-pub async fn serve(listener: TcpListener, endpoints: Endpoints) -> anyhow::Result<()> {
+/// Serves `endpoints` on `listener`.
+pub async fn serve_endpoints(listener: TcpListener, endpoints: Endpoints) -> anyhow::Result<()> {
     let paths = if endpoints.full {
         "/metrics, /healthz and /proxyMode"
     } else {
         "/healthz"
     };
     info!("serving {paths} on http://{}", listener.local_addr()?);
-    let endpoints = Arc::new(endpoints);
+    serve(listener, Arc::new(endpoints)).await
+}
+
+/// Answers each connection to `listener` with `responder`, until the task is dropped.
+pub async fn serve(listener: TcpListener, responder: Arc<impl Responder>) -> anyhow::Result<()> {
     loop {
         let (stream, peer) = listener
             .accept()
             .await
             .context("accepting an HTTP connection")?;
-        let endpoints = endpoints.clone();
+        let responder = responder.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &endpoints).await {
+            if let Err(e) = serve_one(stream, responder.as_ref()).await {
                 debug!(%peer, "HTTP request: {e:#}");
             }
         });

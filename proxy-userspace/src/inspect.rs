@@ -1,7 +1,7 @@
 //! Read-only views of the pinned maps for `proxyctl`: services, one service's backends,
 //! conntrack, map fill and the agent's status. They work while the agent is down.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::{
     clock::{monotonic_ns, unix_now},
+    desired::Frontend,
     maps::{Maps, decode_info, open, sum},
     model::Protocol,
     reconcile::ServiceMeta,
@@ -25,27 +26,36 @@ fn protocol(proto: u8) -> &'static str {
     Protocol::from_ip_proto(proto).map_or("?", Protocol::name)
 }
 
+/// A frontend's map entry.
+pub type FrontendEntry = (Frontend, ServiceKey, ServiceValue);
+
+/// One service port with all its frontends: cluster IP, node port, external and
+/// load-balancer IPs.
 #[derive(Debug, Serialize)]
 pub struct ServiceRow {
     pub namespace: String,
     pub name: String,
     pub port_name: String,
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub service_type: &'static str,
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: &'static str,
+    pub node_port: Option<u16>,
+    /// External IPs, then load-balancer ingress IPs.
+    pub external_addresses: Vec<Ipv4Addr>,
     pub ready_backends: u16,
     pub terminating_backends: u16,
     pub session_affinity_timeout_seconds: Option<u32>,
     pub internal_traffic_policy: &'static str,
+    pub external_traffic_policy: &'static str,
+    /// Summed over the frontends.
     pub connections: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// The map entries of its frontends, cluster IP first.
     #[serde(skip)]
-    pub id: u32,
-    #[serde(skip)]
-    pub value: ServiceValue,
+    pub frontends: Vec<FrontendEntry>,
 }
 
 impl ServiceRow {
@@ -55,20 +65,33 @@ impl ServiceRow {
             port => format!("{}/{}:{port}", self.namespace, self.name),
         }
     }
+
+    /// The service ids (rev-NAT ids) of its frontends.
+    pub fn ids(&self) -> Vec<u32> {
+        self.frontends.iter().map(|(_, _, v)| v.id).collect()
+    }
 }
 
-fn service_row(maps: &Maps, key: ServiceKey, value: ServiceValue) -> anyhow::Result<ServiceRow> {
-    let meta = maps
-        .names
-        .get(&value.id, 0)
-        .map(|n| decode_info(&n))
-        .unwrap_or_else(|_| ServiceMeta {
-            name: format!("<id {}>", value.id),
-            ..ServiceMeta::default()
-        });
+fn policy(local: bool) -> &'static str {
+    if local { "Local" } else { "Cluster" }
+}
+
+/// A row from the frontends of one service port (non-empty, cluster IP first if any).
+fn service_row(
+    maps: &Maps,
+    meta: &ServiceMeta,
+    frontends: Vec<FrontendEntry>,
+) -> anyhow::Result<ServiceRow> {
     let (namespace, rest) = meta.name.split_once('/').unwrap_or(("", &meta.name));
     let (name, port_name) = rest.split_once(':').unwrap_or((rest, ""));
-    let counters = maps.service_counters(value.id)?;
+    let (_, key, value) = frontends[0];
+    let mut counters = Counters::default();
+    for (_, _, v) in &frontends {
+        let c = maps.service_counters(v.id)?;
+        counters.conns += c.conns;
+        counters.packets += c.packets;
+        counters.bytes += c.bytes;
+    }
     let (ready, terminating) = if meta.terminating {
         (0, value.count)
     } else {
@@ -78,33 +101,57 @@ fn service_row(maps: &Maps, key: ServiceKey, value: ServiceValue) -> anyhow::Res
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         port_name: port_name.to_owned(),
-        kind: "ClusterIP",
+        service_type: meta.service_type.name(),
         address: Ipv4Addr::from(key.addr),
         port: key.port,
         protocol: protocol(key.proto),
+        node_port: frontends
+            .iter()
+            .find(|(f, _, _)| *f == Frontend::NodePort)
+            .map(|(_, k, _)| k.port),
+        external_addresses: frontends
+            .iter()
+            .filter(|(f, _, _)| matches!(f, Frontend::ExternalIp | Frontend::LoadBalancer))
+            .map(|(_, k, _)| Ipv4Addr::from(k.addr))
+            .collect(),
         ready_backends: ready,
         terminating_backends: terminating,
         session_affinity_timeout_seconds: (value.flags & SVC_FLAG_AFFINITY != 0)
             .then_some(value.affinity_timeout_secs),
-        internal_traffic_policy: if meta.internal_local {
-            "Local"
-        } else {
-            "Cluster"
-        },
+        internal_traffic_policy: policy(meta.internal_local),
+        external_traffic_policy: policy(meta.external_local),
         connections: counters.conns,
         packets: counters.packets,
         bytes: counters.bytes,
-        id: value.id,
-        value,
+        frontends,
     })
 }
 
 /// Every service port, sorted by namespace, name and port.
 pub fn services(maps: &Maps) -> anyhow::Result<Vec<ServiceRow>> {
-    let mut rows = Vec::new();
+    let mut by_port: BTreeMap<String, (ServiceMeta, Vec<FrontendEntry>)> = BTreeMap::new();
     for entry in maps.services.iter() {
         let (key, value) = entry.context("reading map services")?;
-        rows.push(service_row(maps, key, value)?);
+        let meta = maps
+            .names
+            .get(&value.id, 0)
+            .map(|n| decode_info(&n))
+            .unwrap_or_else(|_| ServiceMeta {
+                name: format!("<id {}>", value.id),
+                ..ServiceMeta::default()
+            });
+        let group = by_port
+            .entry(meta.name.clone())
+            .or_insert_with(|| (meta.clone(), Vec::new()));
+        if meta.frontend == Frontend::ClusterIp {
+            group.0 = meta.clone();
+        }
+        group.1.push((meta.frontend, key, value));
+    }
+    let mut rows = Vec::new();
+    for (_, (meta, mut frontends)) in by_port {
+        frontends.sort_by_key(|(f, k, _)| (f.code(), *k));
+        rows.push(service_row(maps, &meta, frontends)?);
     }
     rows.sort_by(|a, b| {
         (&a.namespace, &a.name, a.port, a.protocol).cmp(&(
@@ -146,31 +193,37 @@ pub struct BackendRow {
     pub connection_share_percent: f64,
 }
 
-/// The backends of one service port, in slot order.
+/// The backends of one service port, of all its frontends (an externalTrafficPolicy: Local
+/// frontend has only the node-local ones), in slot order.
 pub fn backends(maps: &Maps, dir: &Path, service: &ServiceRow) -> anyhow::Result<Vec<BackendRow>> {
     let conntrack = open_conntrack(dir)?;
+    let ids = service.ids();
     let mut active: HashMap<u32, u64> = HashMap::new();
     for (_, entry) in conntrack.iter().filter_map(Result::ok) {
         if entry.direction == CT_FORWARD
-            && entry.rev_nat_id == service.id
+            && ids.contains(&entry.rev_nat_id)
             && entry.state != CT_STATE_CLOSING
         {
             *active.entry(entry.backend_id).or_default() += 1;
         }
     }
-    let v = service.value;
     let mut rows: Vec<(u32, Backend, Counters)> = Vec::new();
-    for slot in 1..=v.count {
-        let key = SlotKey {
+    let slots = service.frontends.iter().flat_map(|(_, _, v)| {
+        (1..=v.count).map(|slot| SlotKey {
             service_id: v.id,
             generation: v.generation,
             pad: 0,
             slot,
-        };
+        })
+    });
+    for key in slots {
         let id = maps
             .slots
             .get(&key, 0)
-            .with_context(|| format!("reading slot {slot} of {}", service.full_name()))?;
+            .with_context(|| format!("reading slot {} of {}", key.slot, service.full_name()))?;
+        if rows.iter().any(|(seen, _, _)| *seen == id) {
+            continue;
+        }
         let backend = maps
             .backends
             .get(&id, 0)

@@ -1,7 +1,7 @@
 //! Typed access to the datapath's pinned maps, for the agent and for `proxyctl`.
 use std::path::Path;
 
-use crate::reconcile::ServiceMeta;
+use crate::{desired::Frontend, model::ServiceType, reconcile::ServiceMeta};
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
@@ -85,6 +85,9 @@ pub fn encode_info(meta: &ServiceMeta) -> ServiceInfo {
     let mut out = ServiceInfo {
         terminating: meta.terminating.into(),
         internal_local: meta.internal_local.into(),
+        frontend: meta.frontend.code(),
+        service_type: meta.service_type.code(),
+        external_local: meta.external_local.into(),
         ..ServiceInfo::default()
     };
     let bytes = meta.name.as_bytes();
@@ -103,6 +106,9 @@ pub fn decode_info(info: &ServiceInfo) -> ServiceMeta {
         name: String::from_utf8_lossy(&info.name[..end]).into_owned(),
         terminating: info.terminating != 0,
         internal_local: info.internal_local != 0,
+        frontend: Frontend::from_code(info.frontend),
+        service_type: ServiceType::from_code(info.service_type),
+        external_local: info.external_local != 0,
     }
 }
 

@@ -48,17 +48,62 @@ impl Protocol {
     }
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    #[default]
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn code(self) -> u8 {
+        match self {
+            ServiceType::ClusterIp => proxy_common::SERVICE_TYPE_CLUSTER_IP,
+            ServiceType::NodePort => proxy_common::SERVICE_TYPE_NODE_PORT,
+            ServiceType::LoadBalancer => proxy_common::SERVICE_TYPE_LOAD_BALANCER,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            proxy_common::SERVICE_TYPE_NODE_PORT => ServiceType::NodePort,
+            proxy_common::SERVICE_TYPE_LOAD_BALANCER => ServiceType::LoadBalancer,
+            _ => ServiceType::ClusterIp,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIp => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
 /// A Service as the datapath serves it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub namespace: String,
     pub name: String,
+    pub service_type: ServiceType,
     pub cluster_ip: Ipv4Addr,
     pub ports: Vec<PortSpec>,
+    /// `spec.externalIPs` (IPv4 ones).
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` of a LoadBalancer, except `ipMode: Proxy` ones
+    /// (the load balancer proxies, so its traffic arrives addressed to the node).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
     /// `Some(timeout)` for `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
     /// `internalTrafficPolicy: Local`: only endpoints on this node.
     pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`: external traffic only to endpoints on this node,
+    /// with the client's address kept.
+    pub external_local: bool,
+    /// `spec.healthCheckNodePort` of an `externalTrafficPolicy: Local` LoadBalancer.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// A service port or an EndpointSlice port; `name` is `""` when unnamed.
@@ -67,6 +112,8 @@ pub struct PortSpec {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// The service port's `nodePort` (NodePort and LoadBalancer services).
+    pub node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,11 +233,24 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
             "a Service needs a spec",
         )]);
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Validated::Ignored(format!(
-            "{object}: type ExternalName is DNS-only; nothing to proxy"
-        ));
-    }
+    let service_type = match spec.type_.as_deref() {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => {
+            return Validated::Ignored(format!(
+                "{object}: type ExternalName is DNS-only; nothing to proxy"
+            ));
+        }
+        Some(other) => {
+            return Validated::Invalid(vec![Rejection::new(
+                &object,
+                "spec.type",
+                Reason::InvalidType,
+                format!("unknown service type {other:?}"),
+            )]);
+        }
+    };
     // Dual-stack services list one address per family in clusterIPs (clusterIPs[0] ==
     // clusterIP); a single-stack one may only set clusterIP.
     let cluster_ips: Vec<&str> = match (&spec.cluster_ips, spec.cluster_ip.as_deref()) {
@@ -249,6 +309,18 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
             )]);
         }
     };
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Validated::Invalid(vec![Rejection::new(
+                &object,
+                "spec.externalTrafficPolicy",
+                Reason::InvalidPolicy,
+                format!("{other:?} is neither Cluster nor Local"),
+            )]);
+        }
+    };
     let affinity_timeout_secs = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => {
@@ -289,10 +361,15 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
             &format!("{field}.protocol"),
         )
         .and_then(|protocol| {
+            let node_port = match (service_type, port.node_port) {
+                (ServiceType::ClusterIp, _) | (_, None) => None,
+                (_, Some(n)) => Some(parse_port(n, &object, &format!("{field}.nodePort"))?),
+            };
             Ok(PortSpec {
                 name: port.name.clone().unwrap_or_default(),
                 port: parse_port(port.port, &object, &format!("{field}.port"))?,
                 protocol,
+                node_port,
             })
         })
         .and_then(|p| {
@@ -323,17 +400,85 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
         ));
         return Validated::Invalid(warnings);
     }
+    let external_ips = ipv4_list(
+        spec.external_ips.iter().flatten().map(String::as_str),
+        &object,
+        "spec.externalIPs",
+        &mut warnings,
+    );
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let load_balancer_ips = match service_type {
+        ServiceType::LoadBalancer => ipv4_list(
+            ingress
+                .into_iter()
+                .flatten()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.as_deref()),
+            &object,
+            "status.loadBalancer.ingress",
+            &mut warnings,
+        ),
+        _ => Vec::new(),
+    };
+    let health_check_node_port = match (external_local, spec.health_check_node_port) {
+        (true, Some(port)) => match parse_port(port, &object, "spec.healthCheckNodePort") {
+            Ok(port) => Some(port),
+            Err(r) => {
+                warnings.push(r);
+                None
+            }
+        },
+        _ => None,
+    };
     Validated::Valid(
         ServiceSpec {
             namespace,
             name,
+            service_type,
             cluster_ip,
             ports,
+            external_ips,
+            load_balancer_ips,
             affinity_timeout_secs,
             internal_local,
+            external_local,
+            health_check_node_port,
         },
         warnings,
     )
+}
+
+/// The IPv4 addresses of a list; IPv6 ones and garbage become warnings.
+fn ipv4_list<'a>(
+    addrs: impl Iterator<Item = &'a str>,
+    object: &str,
+    field: &str,
+    warnings: &mut Vec<Rejection>,
+) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for (i, addr) in addrs.enumerate() {
+        match addr.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) if !out.contains(&v4) => out.push(v4),
+            Ok(std::net::IpAddr::V4(_)) => {}
+            Ok(std::net::IpAddr::V6(_)) => warnings.push(Rejection::new(
+                object,
+                format!("{field}[{i}]"),
+                Reason::UnsupportedFamily,
+                format!("IPv6 address {addr} is not served yet (IPv4 only)"),
+            )),
+            Err(_) => warnings.push(Rejection::new(
+                object,
+                format!("{field}[{i}]"),
+                Reason::InvalidAddress,
+                format!("{addr:?} is not an IP address"),
+            )),
+        }
+    }
+    out
 }
 
 pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
@@ -398,6 +543,7 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
                 name: port.name.clone().unwrap_or_default(),
                 port: parse_port(number, &object, &format!("{field}.port"))?,
                 protocol,
+                node_port: None,
             })
         });
         match parsed {
@@ -490,7 +636,8 @@ spec:
             PortSpec {
                 name: "http".into(),
                 port: 80,
-                protocol: Protocol::Tcp
+                protocol: Protocol::Tcp,
+                node_port: None,
             }
         );
         assert_eq!(spec.ports[1].protocol, Protocol::Udp);
@@ -666,5 +813,51 @@ endpoints:
         assert_eq!(spec.endpoints[1], ep(3, false, true, true, None, &[]));
         assert_eq!(spec.endpoints.len(), 2);
         assert_eq!(warnings[0].field, "endpoints[2].addresses[0]");
+    }
+
+    #[test]
+    fn load_balancer_with_local_policy_node_ports_and_external_addresses() {
+        let svc = service(
+            "metadata: {name: lb}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  externalIPs: [203.0.113.20, 2001:db8::1, bogus]\n  ports: [{port: 80, nodePort: 30080}, {port: 53, protocol: UDP, nodePort: 70000}]\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.10}, {ip: 203.0.113.11, ipMode: Proxy}, {hostname: lb.example}]}}",
+        );
+        let Validated::Valid(spec, warnings) = validate_service(&svc, None) else {
+            panic!()
+        };
+        assert_eq!(spec.service_type, ServiceType::LoadBalancer);
+        assert!(spec.external_local);
+        assert_eq!(spec.health_check_node_port, Some(32000));
+        assert_eq!(spec.external_ips, [Ipv4Addr::new(203, 0, 113, 20)]);
+        // ipMode: Proxy ingress points are the load balancer's own: traffic arrives at nodes.
+        assert_eq!(spec.load_balancer_ips, [Ipv4Addr::new(203, 0, 113, 10)]);
+        assert_eq!(spec.ports[0].node_port, Some(30080));
+        let fields: Vec<&str> = warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ports[1].nodePort",
+                "spec.externalIPs[1]",
+                "spec.externalIPs[2]"
+            ],
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_type_or_external_policy_is_rejected() {
+        for (spec, field) in [
+            ("type: Weird, clusterIP: 10.96.0.1", "spec.type"),
+            (
+                "type: NodePort, clusterIP: 10.96.0.1, externalTrafficPolicy: Nearby",
+                "spec.externalTrafficPolicy",
+            ),
+        ] {
+            let svc = service(&format!(
+                "metadata: {{name: x}}\nspec: {{{spec}, ports: [{{port: 80}}]}}"
+            ));
+            let Validated::Invalid(r) = validate_service(&svc, None) else {
+                panic!("{spec} should be invalid")
+            };
+            assert_eq!(r[0].field, field);
+        }
     }
 }

@@ -6,12 +6,16 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context as _, anyhow};
 use proxy_common::{
-    Backend, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey,
+    Backend, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
+    ServiceValue, SlotKey,
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 use tracing::warn;
 
-use crate::desired::{DesiredService, DesiredState};
+use crate::{
+    desired::{DesiredService, DesiredState, Frontend},
+    model::ServiceType,
+};
 
 /// The map operations the reconciler needs; `crate::maps::Maps` implements them on the
 /// pinned maps, the tests on memory.
@@ -38,21 +42,27 @@ pub trait ServiceMaps {
     fn writes(&self) -> u64;
 }
 
-/// What operators see of a service port besides its entry: name, whether its backends are
-/// the serving-terminating fallback, its internal traffic policy.
+/// What operators see of a service frontend besides its entry: name, frontend and service
+/// type, whether its backends are the serving-terminating fallback, its traffic policies.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceMeta {
     pub name: String,
+    pub frontend: Frontend,
+    pub service_type: ServiceType,
     pub terminating: bool,
     pub internal_local: bool,
+    pub external_local: bool,
 }
 
 impl ServiceMeta {
     pub fn of(want: &DesiredService) -> Self {
         Self {
             name: want.name.clone(),
+            frontend: want.frontend,
+            service_type: want.service_type,
             terminating: want.terminating,
             internal_local: want.internal_local,
+            external_local: want.external_local,
         }
     }
 }
@@ -107,7 +117,7 @@ struct Programmed {
 impl Programmed {
     fn matches(&self, want: &DesiredService) -> bool {
         self.meta == ServiceMeta::of(want)
-            && affinity(want) == (self.value.flags, self.value.affinity_timeout_secs)
+            && flags(want) == (self.value.flags, self.value.affinity_timeout_secs)
             && self.backends.len() == want.backends.len()
             && self
                 .backends
@@ -117,11 +127,19 @@ impl Programmed {
     }
 }
 
-fn affinity(want: &DesiredService) -> (u8, u32) {
-    match want.affinity_timeout_secs {
+/// `ServiceValue::flags` and the affinity timeout.
+fn flags(want: &DesiredService) -> (u8, u32) {
+    let (mut flags, timeout) = match want.affinity_timeout_secs {
         Some(t) => (SVC_FLAG_AFFINITY, t),
         None => (0, 0),
+    };
+    if want.masquerade {
+        flags |= SVC_FLAG_MASQUERADE;
     }
+    if want.drop_if_empty {
+        flags |= SVC_FLAG_DROP_IF_EMPTY;
+    }
+    (flags, timeout)
 }
 
 struct BackendRef {
@@ -455,7 +473,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 return Err(e.context(format!("writing backend slot {} of {count}", i + 1)));
             }
         }
-        let (flags, affinity_timeout_secs) = affinity(want);
+        let (flags, affinity_timeout_secs) = flags(want);
         let value = ServiceValue {
             id,
             count,
@@ -632,9 +650,7 @@ mod tests {
                     DesiredService {
                         name: format!("ns/svc-{port}"),
                         backends,
-                        affinity_timeout_secs: None,
-                        terminating: false,
-                        internal_local: false,
+                        ..DesiredService::default()
                     },
                 )
             })

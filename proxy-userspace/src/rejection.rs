@@ -14,12 +14,15 @@ pub enum Reason {
     UnsupportedProtocol,
     InvalidAffinity,
     InvalidPolicy,
+    InvalidType,
     /// An address family the datapath does not serve yet (IPv6).
     UnsupportedFamily,
     /// Another service port already uses the same address, port and protocol.
     Conflict,
     /// A map is full or refused an update.
     MapUpdate,
+    /// A healthCheckNodePort could not be served (e.g. the port is in use).
+    HealthCheckPort,
 }
 
 impl Reason {
@@ -33,9 +36,11 @@ impl Reason {
             Reason::UnsupportedProtocol => "unsupported_protocol",
             Reason::InvalidAffinity => "invalid_session_affinity",
             Reason::InvalidPolicy => "invalid_traffic_policy",
+            Reason::InvalidType => "invalid_service_type",
             Reason::UnsupportedFamily => "unsupported_ip_family",
             Reason::Conflict => "conflict",
             Reason::MapUpdate => "map_update_failed",
+            Reason::HealthCheckPort => "health_check_port_unavailable",
         }
     }
 }

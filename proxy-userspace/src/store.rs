@@ -10,7 +10,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    desired::{DesiredState, Topology, desired_state},
+    desired::{Desired, Topology, desired_state},
     model::{ServiceSpec, SliceSpec, Validated, validate_service, validate_slice},
     rejection::Rejection,
 };
@@ -215,7 +215,7 @@ impl Store {
         std::mem::replace(&mut self.topology, topology.clone()) != topology
     }
 
-    pub fn desired(&self) -> (DesiredState, Vec<Rejection>) {
+    pub fn desired(&self) -> Desired {
         desired_state(
             self.services.items.values(),
             self.slices.items.values(),
@@ -257,16 +257,16 @@ mod tests {
         );
         assert_eq!(outcome.service_changes, 0);
         assert_eq!(
-            store.desired().0.len(),
+            store.desired().services.len(),
             1,
             "the last valid web service is still desired"
         );
         // The same through a watch event.
         assert_eq!(store.apply(&bad).service_changes, 0);
-        assert_eq!(store.desired().0.len(), 1);
+        assert_eq!(store.desired().services.len(), 1);
         // Removing the object removes it, even after an invalid version.
         assert_eq!(store.replace(&[Kind::Service], &[]).service_changes, 1);
-        assert!(store.desired().0.is_empty());
+        assert!(store.desired().services.is_empty());
     }
 
     #[test]
@@ -279,7 +279,7 @@ mod tests {
             )],
         );
         assert_eq!(outcome.rejections.len(), 2);
-        assert!(store.desired().0.is_empty());
+        assert!(store.desired().services.is_empty());
     }
 
     #[test]
@@ -296,12 +296,12 @@ mod tests {
             store.replace(&[Kind::EndpointSlice], &[]).service_changes,
             0
         );
-        assert_eq!(store.desired().0.len(), 1);
+        assert_eq!(store.desired().services.len(), 1);
         // Becoming headless removes it.
         let headless =
             service("metadata: {name: web}\nspec: {clusterIP: None, ports: [{port: 80}]}");
         assert_eq!(store.apply(&headless).service_changes, 1);
-        assert!(store.desired().0.is_empty());
+        assert!(store.desired().services.is_empty());
         assert_eq!(
             store
                 .delete(Kind::Service, ("default".into(), "web".into()))

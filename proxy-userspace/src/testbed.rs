@@ -1,9 +1,13 @@
-//! A test world made of network namespaces: a `node` namespace (where the tc programs
-//! attach and the agent runs) and `pod` namespaces joined to it by veth pairs. Pod `i` has
-//! address 10.244.i.2/24 with its gateway 10.244.i.1 on the node side of its veth `vhI`.
-//! No namespace has a route to the host's interfaces; the socket hooks attach to a cgroup
-//! made for the test and the maps are pinned in a directory of its own. Everything is torn
-//! down on drop, also when the test fails.
+//! A test world made of network namespaces: `node` namespaces (where the tc programs
+//! attach and an agent runs) and `pod` namespaces joined to their node by veth pairs. Pod
+//! `i` has address 10.244.i.2/24 with its gateway 10.244.i.1 on the node side of its veth
+//! `vhI`. A two-node world adds `ext`, an outside client on a LAN (a bridge in `ext`,
+//! 192.168.50.0/24) with each node's `eth0`: node-a is 192.168.50.1, node-b .2, ext .100;
+//! ext routes `EXTERNAL_NET` (external and load-balancer IPs) to node-a, and each node
+//! routes the other's pod subnets to it. No namespace has a route to the host's
+//! interfaces; each node's socket hooks attach to a cgroup made for the test and its maps
+//! are pinned in a directory of its own. Everything is torn down on drop, also when the
+//! test fails.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
@@ -57,19 +61,38 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("ip").args(args)).map(drop)
 }
 
+/// Where ext routes external and load-balancer IPs (via node-a) in a two-node world.
+pub const EXTERNAL_NET: &str = "203.0.113.0/24";
+/// ext's address on the LAN of a two-node world.
+pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
+
 pub struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
     /// The node-side veth.
     pub iface: String,
+    /// Index of its node in `World::nodes`.
+    pub node: usize,
+}
+
+pub struct Node {
+    /// The Kubernetes node name: node-a, node-b.
+    pub name: String,
+    pub netns: String,
+    /// Its `eth0` address on the LAN, in a two-node world.
+    pub ip: Option<Ipv4Addr>,
+    /// The cgroup of its pods, where its agent's socket hooks attach.
+    pub cgroup: PathBuf,
+    /// Its agent's pin directory.
+    pub bpffs: PathBuf,
 }
 
 pub struct World {
     pub bins: Binaries,
-    pub node: String,
+    pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
-    pub cgroup: PathBuf,
-    pub bpffs: PathBuf,
+    /// The outside client's namespace, in a two-node world.
+    pub ext: Option<String>,
     pub dir: PathBuf,
     netns: Vec<String>,
     children: Vec<Child>,
@@ -111,8 +134,17 @@ fn relay(a: TcpStream, b: TcpStream) -> std::io::Result<()> {
 }
 
 impl World {
-    /// A node with `pods` pod namespaces (numbered from 1).
+    /// One node (node-a) with `pods` pod namespaces (numbered from 1).
     pub fn new(pods: usize, bins: Binaries) -> anyhow::Result<World> {
+        Self::build(&[pods], bins)
+    }
+
+    /// ext, node-a with pods 1..=`pods_a` and node-b with the next `pods_b`, on one LAN.
+    pub fn two_nodes(pods_a: usize, pods_b: usize, bins: Binaries) -> anyhow::Result<World> {
+        Self::build(&[pods_a, pods_b], bins)
+    }
+
+    fn build(pods_per_node: &[usize], bins: Binaries) -> anyhow::Result<World> {
         // SAFETY: no preconditions.
         ensure!(
             unsafe { libc::geteuid() } == 0,
@@ -125,86 +157,178 @@ impl World {
         );
         let dir = std::env::temp_dir().join(format!("proxy-test-{id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let cgroup = crate::datapath::cgroup2_mount()?.join(format!("proxy-test-{id}"));
-        std::fs::create_dir(&cgroup)
-            .with_context(|| format!("creating the test cgroup {}", cgroup.display()))?;
         // From here on, Drop cleans up whatever was made.
         let mut world = World {
             bins,
-            node: format!("{id}-node"),
+            nodes: Vec::new(),
             pods: Vec::new(),
-            cgroup,
-            bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-test-{id}")),
+            ext: None,
             dir,
             netns: Vec::new(),
             children: Vec::new(),
             readers: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
         };
-        world.add_netns(&world.node.clone())?;
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &world.node,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]))?;
-        for i in 1..=pods {
-            let netns = format!("{id}-p{i}");
-            let iface = format!("vh{i}");
-            world.add_netns(&netns)?;
+        let lan = pods_per_node.len() > 1;
+        if lan {
+            let ext = format!("{id}-ext");
+            world.add_netns(&ext)?;
+            ip(&["-n", &ext, "link", "add", "lan", "type", "bridge"])?;
             ip(&[
                 "-n",
-                &world.node,
-                "link",
-                "add",
-                &iface,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns,
-            ])?;
-            ip(&[
-                "-n",
-                &world.node,
+                &ext,
                 "addr",
                 "add",
-                &format!("10.244.{i}.1/24"),
+                &format!("{EXT_IP}/24"),
                 "dev",
-                &iface,
+                "lan",
             ])?;
-            ip(&["-n", &world.node, "link", "set", &iface, "up"])?;
+            ip(&["-n", &ext, "link", "set", "lan", "up"])?;
             ip(&[
                 "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("10.244.{i}.2/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-            // The pod's only route out leads to the node namespace.
-            ip(&[
-                "-n",
-                &netns,
+                &ext,
                 "route",
                 "add",
-                "default",
+                EXTERNAL_NET,
                 "via",
-                &format!("10.244.{i}.1"),
+                "192.168.50.1",
             ])?;
-            world.pods.push(Pod {
-                netns,
-                ip: Ipv4Addr::new(10, 244, i as u8, 2),
-                iface,
-            });
+            world.ext = Some(ext);
+        }
+        for (n, _) in pods_per_node.iter().enumerate() {
+            let letter = (b'a' + n as u8) as char;
+            let suffix = if n == 0 {
+                String::new()
+            } else {
+                format!("-{letter}")
+            };
+            let node = Node {
+                name: format!("node-{letter}"),
+                netns: format!("{id}-node{suffix}"),
+                ip: lan.then(|| Ipv4Addr::new(192, 168, 50, n as u8 + 1)),
+                cgroup: crate::datapath::cgroup2_mount()?.join(format!("proxy-test-{id}{suffix}")),
+                bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-test-{id}{suffix}")),
+            };
+            std::fs::create_dir(&node.cgroup)
+                .with_context(|| format!("creating the test cgroup {}", node.cgroup.display()))?;
+            let netns = node.netns.clone();
+            let node_ip = node.ip;
+            world.nodes.push(node);
+            world.add_netns(&netns)?;
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]))?;
+            if let (Some(node_ip), Some(ext)) = (node_ip, &world.ext) {
+                let port = format!("lan-{letter}");
+                ip(&[
+                    "-n", ext, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                    "netns", &netns,
+                ])?;
+                ip(&["-n", ext, "link", "set", &port, "master", "lan", "up"])?;
+                ip(&[
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{node_ip}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
+                ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+            }
+        }
+        let mut next = 1;
+        for (n, count) in pods_per_node.iter().enumerate() {
+            for _ in 0..*count {
+                world.add_pod(next, n)?;
+                next += 1;
+            }
+        }
+        // Each node reaches the other nodes' pods through them.
+        for pod in &world.pods {
+            let Some(via) = world.nodes[pod.node].ip else {
+                continue;
+            };
+            for (n, node) in world.nodes.iter().enumerate() {
+                if n != pod.node {
+                    let subnet = format!("10.244.{}.0/24", pod.ip.octets()[2]);
+                    ip(&[
+                        "-n",
+                        &node.netns,
+                        "route",
+                        "add",
+                        &subnet,
+                        "via",
+                        &via.to_string(),
+                    ])?;
+                }
+            }
         }
         Ok(world)
+    }
+
+    /// Pod `i` (10.244.i.2) on node `node`.
+    fn add_pod(&mut self, i: usize, node: usize) -> anyhow::Result<()> {
+        let netns = format!("{}-p{i}", self.nodes[node].netns);
+        let node_netns = self.nodes[node].netns.clone();
+        let iface = format!("vh{i}");
+        self.add_netns(&netns)?;
+        ip(&[
+            "-n",
+            &node_netns,
+            "link",
+            "add",
+            &iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ])?;
+        ip(&[
+            "-n",
+            &node_netns,
+            "addr",
+            "add",
+            &format!("10.244.{i}.1/24"),
+            "dev",
+            &iface,
+        ])?;
+        ip(&["-n", &node_netns, "link", "set", &iface, "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("10.244.{i}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        // The pod's only route out leads to its node.
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.244.{i}.1"),
+        ])?;
+        self.pods.push(Pod {
+            netns,
+            ip: Ipv4Addr::new(10, 244, i as u8, 2),
+            iface,
+            node,
+        });
+        Ok(())
     }
 
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
@@ -265,26 +389,49 @@ impl World {
         self.start_agent_with(&["--manifests", &manifest], echo_log)
     }
 
-    /// Starts the agent with `source_args` (e.g. `--kubeconfig PATH --namespace NS`), tc on
-    /// every pod interface, and waits for its first sync.
+    /// Starts node-a's agent with `source_args` (e.g. `--kubeconfig PATH --namespace NS`),
+    /// tc on every pod interface, and waits for its first sync.
     pub fn start_agent_with(
         &mut self,
         source_args: &[&str],
         echo_log: bool,
     ) -> anyhow::Result<Agent> {
-        let interfaces: Vec<&str> = self.pods.iter().map(|p| p.iface.as_str()).collect();
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.node))
+        self.start_agent_on(0, source_args, echo_log)
+    }
+
+    /// Starts node `node`'s agent with `args` (a source and any other flags), tc on its
+    /// `eth0` (with `--node-ip`) and pod interfaces, and waits for its first sync.
+    pub fn start_agent_on(
+        &mut self,
+        node: usize,
+        args: &[&str],
+        echo_log: bool,
+    ) -> anyhow::Result<Agent> {
+        let n = &self.nodes[node];
+        let mut interfaces: Vec<&str> = n.ip.map(|_| "eth0").into_iter().collect();
+        interfaces.extend(
+            self.pods
+                .iter()
+                .filter(|p| p.node == node)
+                .map(|p| p.iface.as_str()),
+        );
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/var/run/netns/{}", n.netns))
             .arg("--")
             .arg(&self.bins.agent)
-            .args(source_args)
+            .args(args)
             .arg("--cgroup")
-            .arg(&self.cgroup)
+            .arg(&n.cgroup)
             .arg("--bpffs")
-            .arg(&self.bpffs)
+            .arg(&n.bpffs)
             .arg("--interfaces")
             .arg(interfaces.join(","))
-            .args(["--conntrack-gc-interval", "1", "--node-name", "node-a"])
+            .args(["--conntrack-gc-interval", "1", "--node-name", &n.name]);
+        if let Some(node_ip) = n.ip {
+            command.args(["--node-ip", &node_ip.to_string()]);
+        }
+        let mut child = command
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -310,13 +457,29 @@ impl World {
     }
 
     fn probe_command(&self, pod: usize, hooked: bool, args: &[&str]) -> Command {
+        let pod = self.pod(pod);
         let mut cmd = Command::new(&self.bins.netprobe);
-        cmd.args(["--netns", &self.pod(pod).netns]);
+        cmd.args(["--netns", &pod.netns]);
         if hooked {
-            cmd.arg("--cgroup").arg(&self.cgroup);
+            cmd.arg("--cgroup").arg(&self.nodes[pod.node].cgroup);
         }
         cmd.args(args);
         cmd
+    }
+
+    /// Runs a netprobe client in ext, the outside client of a two-node world; returns its
+    /// JSON lines.
+    pub fn probe_ext(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
+        let ext = self
+            .ext
+            .as_deref()
+            .context("this world has no ext namespace")?;
+        let out = run(Command::new(&self.bins.netprobe)
+            .args(["--netns", ext])
+            .args(args))?;
+        out.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("bad netprobe line {l:?}")))
+            .collect()
     }
 
     /// Runs a netprobe client in pod `pod`, inside the hooked cgroup if `hooked` (socket
@@ -371,7 +534,7 @@ impl World {
     /// address inside the node namespace, where the agent runs: a listener made inside the
     /// node namespace relays each connection to the host's loopback.
     pub fn forward_to_node(&mut self, port: u16) -> anyhow::Result<()> {
-        let netns = PathBuf::from("/var/run/netns").join(&self.node);
+        let netns = PathBuf::from("/var/run/netns").join(&self.nodes[0].netns);
         let listener = in_netns(netns, move || {
             TcpListener::bind(("127.0.0.1", port))
                 .with_context(|| format!("binding 127.0.0.1:{port} in the node namespace"))
@@ -408,10 +571,15 @@ impl World {
         Ok(())
     }
 
+    /// Runs proxyctl on node-a's maps.
     pub fn proxyctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.proxyctl_on(0, args)
+    }
+
+    pub fn proxyctl_on(&self, node: usize, args: &[&str]) -> anyhow::Result<String> {
         run(Command::new(&self.bins.proxyctl)
             .arg("--bpffs")
-            .arg(&self.bpffs)
+            .arg(&self.nodes[node].bpffs)
             .args(args))
     }
 
@@ -420,13 +588,24 @@ impl World {
         self.node_http(10249, path)
     }
 
-    /// An HTTP GET to `127.0.0.1:port` in the node namespace; the whole response.
+    /// An HTTP GET to `127.0.0.1:port` in node-a's namespace; the whole response.
     pub fn node_http(&self, port: u16, path: &str) -> anyhow::Result<String> {
-        let netns = PathBuf::from("/var/run/netns").join(&self.node);
+        self.http_in(&self.nodes[0].netns, Ipv4Addr::LOCALHOST, port, path)
+    }
+
+    /// An HTTP GET to `addr:port` from the namespace `netns`; the whole response.
+    pub fn http_in(
+        &self,
+        netns: &str,
+        addr: Ipv4Addr,
+        port: u16,
+        path: &str,
+    ) -> anyhow::Result<String> {
+        let netns = PathBuf::from("/var/run/netns").join(netns);
         let path = path.to_owned();
         in_netns(netns, move || {
-            let mut stream = TcpStream::connect(("127.0.0.1", port))
-                .with_context(|| format!("connecting to 127.0.0.1:{port} in the node namespace"))?;
+            let mut stream = TcpStream::connect((addr, port))
+                .with_context(|| format!("connecting to {addr}:{port}"))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
             let mut response = String::new();
@@ -446,15 +625,17 @@ impl Drop for World {
         for netns in &self.netns {
             let _ = Command::new("ip").args(["netns", "del", netns]).status();
         }
-        // The cgroup can be removed once its processes are gone, which takes a moment.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.cgroup).is_err()
-            && self.cgroup.exists()
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(50));
+        for node in &self.nodes {
+            // The cgroup can be removed once its processes are gone, which takes a moment.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(&node.cgroup).is_err()
+                && node.cgroup.exists()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = std::fs::remove_dir_all(&node.bpffs);
         }
-        let _ = std::fs::remove_dir_all(&self.bpffs);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

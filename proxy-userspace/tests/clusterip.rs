@@ -513,7 +513,7 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
     // Our conntrack holds the flows (bpftool shows named fields) and its fill is a metric.
     let dump = std::process::Command::new("bpftool")
         .args(["map", "dump", "pinned"])
-        .arg(world.bpffs.join("conntrack"))
+        .arg(world.nodes[0].bpffs.join("conntrack"))
         .output()
         .expect("running bpftool");
     let dump = String::from_utf8_lossy(&dump.stdout);
@@ -566,7 +566,7 @@ fn resync_repairs_map_entries_changed_behind_the_agents_back() {
     // Someone deletes the service entry with bpftool: key = addr, port (LE), proto, pad.
     let deleted = std::process::Command::new("bpftool")
         .args(["map", "delete", "pinned"])
-        .arg(world.bpffs.join("services"))
+        .arg(world.nodes[0].bpffs.join("services"))
         .args(["key", "10", "96", "0", "10", "80", "0", "6", "0"])
         .status()
         .unwrap();
@@ -696,7 +696,7 @@ fn tc_path_works_with_netlink_clsact_attachment_too() {
         .args([
             "netns",
             "exec",
-            &world.node,
+            &world.nodes[0].netns,
             "tc",
             "filter",
             "show",

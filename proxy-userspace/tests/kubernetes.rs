@@ -680,7 +680,7 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
         })
         .collect();
     let programmed = || {
-        let maps = proxy::maps::Maps::open(&world.bpffs).unwrap();
+        let maps = proxy::maps::Maps::open(&world.nodes[0].bpffs).unwrap();
         let existing = proxy::reconcile::ServiceMaps::read_existing(&maps).unwrap();
         let slots: std::collections::HashMap<_, _> = existing.slots.into_iter().collect();
         let addrs: BTreeMap<_, _> = existing.backends.into_iter().collect();

@@ -101,7 +101,7 @@ fn per_backend_numbers_match_the_traffic_sent() {
     // A service that is not there: exit code 3 and a readable message.
     let missing = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
         .arg("--bpffs")
-        .arg(&world.bpffs)
+        .arg(&world.nodes[0].bpffs)
         .args(["service", "get", "default/nope"])
         .output()
         .unwrap();
@@ -221,7 +221,7 @@ fn bpftool_dumps_services_and_backends_with_named_fields() {
     ] {
         let out = Command::new("bpftool")
             .args(["map", "dump", "pinned"])
-            .arg(world.bpffs.join(map))
+            .arg(world.nodes[0].bpffs.join(map))
             .output()
             .unwrap();
         assert!(out.status.success(), "bpftool map dump {map}");

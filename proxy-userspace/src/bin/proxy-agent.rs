@@ -42,10 +42,13 @@ struct Args {
     #[arg(long, env = "PROXY_BPFFS", default_value = "/sys/fs/bpf/proxy")]
     bpffs: PathBuf,
     /// Interfaces that get the tc programs (DNAT on ingress, reverse NAT on egress),
-    /// comma-separated, e.g. the host side of pod veths.
+    /// comma-separated: the node's external interface(s), for NodePort, external and
+    /// load-balancer IPs, and optionally the host side of pod veths. NodePorts answer on
+    /// their IPv4 addresses.
     #[arg(long, env = "PROXY_INTERFACES", value_delimiter = ',')]
     interfaces: Vec<String>,
-    /// This node's IPv4 address (used by NodePort and external traffic).
+    /// This node's IPv4 address: NodePorts answer on it, and connections to other nodes'
+    /// backends are masqueraded to it [default: the first address of --interfaces].
     #[arg(long, env = "PROXY_NODE_IP")]
     node_ip: Option<std::net::Ipv4Addr>,
     /// How tc programs attach.

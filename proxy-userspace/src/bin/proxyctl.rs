@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 error (e.g. maps not pinned, no permission), 2 usage error,
 //! 3 the service asked for does not exist.
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy::{inspect, maps::Maps};
@@ -123,9 +123,11 @@ fn service_table(rows: &[inspect::ServiceRow]) -> String {
             "SERVICE",
             "TYPE",
             "ADDRESS",
+            "NODE-PORT",
+            "EXTERNAL",
             "BACKENDS(READY/TERM)",
             "AFFINITY",
-            "POLICY",
+            "POLICY(INT/EXT)",
             "CONNECTIONS",
             "PACKETS",
             "BYTES",
@@ -136,12 +138,24 @@ fn service_table(rows: &[inspect::ServiceRow]) -> String {
     for r in rows {
         cells.push(vec![
             r.full_name(),
-            r.kind.to_owned(),
+            r.service_type.to_owned(),
             format!("{}:{}/{}", r.address, r.port, r.protocol),
+            or_dash(r.node_port),
+            match r.external_addresses.as_slice() {
+                [] => "-".to_owned(),
+                addrs => addrs
+                    .iter()
+                    .map(Ipv4Addr::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            },
             format!("{}/{}", r.ready_backends, r.terminating_backends),
             r.session_affinity_timeout_seconds
                 .map_or("-".to_owned(), |t| format!("ClientIP {t}s")),
-            r.internal_traffic_policy.to_owned(),
+            format!(
+                "{}/{}",
+                r.internal_traffic_policy, r.external_traffic_policy
+            ),
             r.connections.to_string(),
             r.packets.to_string(),
             r.bytes.to_string(),
@@ -244,7 +258,7 @@ fn run(args: Args) -> Result<String, Failure> {
             let ids = service
                 .map(|s| ports_of(&maps, &s))
                 .transpose()?
-                .map(|p| p.iter().map(|r| r.id).collect::<Vec<_>>());
+                .map(|p| p.iter().flat_map(|r| r.ids()).collect::<Vec<_>>());
             let flows: Vec<inspect::FlowRow> = inspect::flows(&maps, dir, ids.as_deref())?
                 .into_iter()
                 .map(|(_, _, r)| r)
@@ -287,7 +301,7 @@ fn run(args: Args) -> Result<String, Failure> {
             let ids = service
                 .map(|s| ports_of(&maps, &s))
                 .transpose()?
-                .map(|p| p.iter().map(|r| r.id).collect::<Vec<_>>());
+                .map(|p| p.iter().flat_map(|r| r.ids()).collect::<Vec<_>>());
             let flushed = inspect::flush(&maps, dir, ids.as_deref())?;
             match out {
                 Output::Table => format!("flushed {flushed} flows\n"),

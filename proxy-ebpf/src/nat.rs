@@ -1,0 +1,241 @@
+//! What to do with a packet that did not go through the socket hooks, shared by the tc and
+//! XDP programs: follow its conntrack entry, or balance a new flow to a service backend
+//! (masquerading it when the reply would otherwise bypass this node) and record it.
+use aya_ebpf::bindings::BPF_NOEXIST;
+use proxy_common::{
+    AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, SVC_FLAG_DROP_IF_EMPTY,
+    SVC_FLAG_MASQUERADE, ServiceKey,
+};
+
+use crate::{
+    lb::{self, Chosen, Sticky},
+    maps::{CONNTRACK, NODE_CONFIG},
+    packet::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// Source ports tried for a masqueraded flow before giving up on it.
+const SNAT_ATTEMPTS: u32 = 8;
+
+pub enum Verdict {
+    /// Not a service flow: leave it alone.
+    Pass,
+    Drop,
+    /// A service without backends: answer ICMP port unreachable, as kube-proxy's REJECT.
+    Reject,
+    Translate(Translation),
+}
+
+/// A new address and port for one end of a packet, if `set`. Not an `Option`: the verifier
+/// rejects the uninitialised payload of a `None` when the compiler spills it.
+#[derive(Clone, Copy)]
+pub struct Rewrite {
+    pub set: bool,
+    pub addr: [u8; 4],
+    pub port: u16,
+}
+
+impl Rewrite {
+    const NONE: Rewrite = Rewrite {
+        set: false,
+        addr: [0; 4],
+        port: 0,
+    };
+
+    #[inline(always)]
+    fn to(addr: [u8; 4], port: u16) -> Self {
+        Rewrite {
+            set: true,
+            addr,
+            port,
+        }
+    }
+}
+
+/// The rewrites of one packet.
+pub struct Translation {
+    pub src: Rewrite,
+    pub dst: Rewrite,
+    /// A masqueraded flow's packet: route it ourselves, as the kernel drops packets that
+    /// arrive with one of its own addresses as source.
+    pub route: bool,
+}
+
+/// Advances an entry's TCP state with a packet's flags and marks it as seen now.
+#[inline(always)]
+fn track(entry: &mut CtEntry, flow: &Flow, now: u64) {
+    entry.last_seen_ns = now;
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        entry.state = CT_STATE_CLOSING;
+    } else if entry.state == CT_STATE_NEW && (!flow.is_tcp() || flow.tcp_flags & TCP_SYN == 0) {
+        entry.state = CT_STATE_ESTABLISHED;
+    }
+}
+
+#[inline(always)]
+fn traffic(len: u64, conns: u64) -> Counters {
+    Counters {
+        conns,
+        packets: 1,
+        bytes: len,
+    }
+}
+
+/// A packet arriving on an interface: the forward direction of a tracked flow, the reply of
+/// a masqueraded one, or the first packet of a new service flow.
+#[inline(always)]
+pub fn ingress(flow: &Flow, len: u64) -> Verdict {
+    let now = lb::now_ns();
+    if let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) {
+        // SAFETY: LRU values stay valid during the program's run; racing updates of the
+        // state and timestamp from another CPU are benign.
+        let entry = unsafe { &mut *entry };
+        // A new SYN on a closed flow's tuple is a new connection: balance it again.
+        let reused = flow.is_syn() && entry.state == CT_STATE_CLOSING;
+        let snat = entry.flags & CT_FLAG_SNAT != 0;
+        if !reused && (entry.direction == CT_FORWARD || snat) {
+            track(entry, flow, now);
+            lb::count(entry.rev_nat_id, entry.backend_id, traffic(len, 0));
+            let nat = Rewrite::to(entry.nat_addr, entry.nat_port);
+            let peer = if snat {
+                Rewrite::to(entry.peer_addr, entry.peer_port)
+            } else {
+                Rewrite::NONE
+            };
+            let (src, dst) = if entry.direction == CT_FORWARD {
+                (peer, nat)
+            } else {
+                (nat, peer)
+            };
+            return Verdict::Translate(Translation {
+                src,
+                dst,
+                route: snat,
+            });
+        }
+        // An unmasqueraded reply is reverse-translated on its way out (`egress`).
+    }
+    let service = ServiceKey {
+        addr: flow.key.dst,
+        port: flow.key.dport,
+        proto: flow.key.proto,
+        pad: 0,
+    };
+    let Some(svc) = lb::service_for(&service) else {
+        return Verdict::Pass;
+    };
+    let client = u32::from_ne_bytes(flow.key.src) as u64;
+    let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
+    let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
+        return if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
+            Verdict::Drop
+        } else {
+            Verdict::Reject
+        };
+    };
+    // A remote backend of an externalTrafficPolicy: Cluster frontend would answer the client
+    // directly; a pod sent to itself (hairpin) would see its own address as source.
+    let masquerade = (svc.flags & SVC_FLAG_MASQUERADE != 0
+        && chosen.backend.flags & BACKEND_FLAG_LOCAL == 0)
+        || chosen.backend.addr == flow.key.src;
+    let mut forward = CtEntry {
+        nat_addr: chosen.backend.addr,
+        nat_port: chosen.backend.port,
+        direction: CT_FORWARD,
+        state: CT_STATE_NEW,
+        rev_nat_id: svc.id,
+        backend_id: chosen.backend_id,
+        peer_addr: flow.key.src,
+        peer_port: flow.key.sport,
+        flags: 0,
+        pad: 0,
+        last_seen_ns: now,
+    };
+    track(&mut forward, flow, now);
+    let reply = CtEntry {
+        nat_addr: flow.key.dst,
+        nat_port: flow.key.dport,
+        direction: CT_REPLY,
+        ..forward
+    };
+    let src = if masquerade {
+        let Some((addr, port)) = reserve_snat(flow, &chosen, &mut forward, reply) else {
+            return Verdict::Drop;
+        };
+        Rewrite::to(addr, port)
+    } else {
+        // LRU inserts evict instead of failing when full.
+        if CONNTRACK.insert(flow.key.peer(&forward), reply, 0).is_err() {
+            return Verdict::Drop;
+        }
+        Rewrite::NONE
+    };
+    if CONNTRACK.insert(flow.key, forward, 0).is_err() {
+        return Verdict::Drop;
+    }
+    lb::count(svc.id, chosen.backend_id, traffic(len, 1));
+    Verdict::Translate(Translation {
+        src,
+        dst: Rewrite::to(chosen.backend.addr, chosen.backend.port),
+        route: masquerade,
+    })
+}
+
+/// Picks a source port for a masqueraded flow whose reply tuple (backend → SNAT address and
+/// port) no live flow uses, and records the reply entry under it; the insert with
+/// `BPF_NOEXIST` makes the check and the claim one atomic step.
+#[inline(always)]
+fn reserve_snat(
+    flow: &Flow,
+    chosen: &Chosen,
+    forward: &mut CtEntry,
+    reply: CtEntry,
+) -> Option<([u8; 4], u16)> {
+    let config = NODE_CONFIG.get(0)?;
+    if config.snat_addr == [0; 4] || config.snat_port_max < config.snat_port_min {
+        return None;
+    }
+    let range = (config.snat_port_max - config.snat_port_min) as u32 + 1;
+    let mut reply = reply;
+    reply.flags = CT_FLAG_SNAT;
+    forward.flags = CT_FLAG_SNAT;
+    forward.peer_addr = config.snat_addr;
+    let start = lb::random();
+    for attempt in 0..SNAT_ATTEMPTS {
+        let port = config.snat_port_min + (start.wrapping_add(attempt) % range) as u16;
+        let key = CtKey {
+            src: chosen.backend.addr,
+            dst: config.snat_addr,
+            sport: chosen.backend.port,
+            dport: port,
+            proto: flow.key.proto,
+            pad: [0; 3],
+        };
+        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
+            forward.peer_port = port;
+            return Some((config.snat_addr, port));
+        }
+    }
+    None
+}
+
+/// A packet leaving through an interface: the reply of an unmasqueraded flow gets its
+/// service address back as source.
+#[inline(always)]
+pub fn egress(flow: &Flow, len: u64) -> Verdict {
+    let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: as in `ingress`.
+    let entry = unsafe { &mut *entry };
+    if entry.direction != CT_REPLY || entry.flags & CT_FLAG_SNAT != 0 {
+        return Verdict::Pass;
+    }
+    track(entry, flow, lb::now_ns());
+    lb::count(entry.rev_nat_id, entry.backend_id, traffic(len, 0));
+    Verdict::Translate(Translation {
+        src: Rewrite::to(entry.nat_addr, entry.nat_port),
+        dst: Rewrite::NONE,
+        route: false,
+    })
+}

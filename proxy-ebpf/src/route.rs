@@ -1,0 +1,93 @@
+//! Forwarding a rewritten packet ourselves: a FIB lookup for its new addresses gives the
+//! egress interface and next-hop MAC, and the packet is redirected there. Used for
+//! masqueraded flows, whose packets the kernel's own forwarding would drop as martians.
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+
+use crate::packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF};
+
+const AF_INET: u8 = 2;
+
+/// Where a packet goes next.
+pub enum NextHop {
+    /// Out of `ifindex`, with these MAC addresses.
+    Resolved { ifindex: u32, macs: [u8; 12] },
+    /// Out of `ifindex`; the neighbour is not resolved yet.
+    Unresolved { ifindex: u32 },
+}
+
+/// The route of an IPv4 packet from `src` to `dst` that arrived on `ifindex`.
+#[inline(always)]
+pub fn lookup(
+    ctx: *mut core::ffi::c_void,
+    ifindex: u32,
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> Option<NextHop> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.ifindex = ifindex;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: params is a valid, initialised request of the size passed.
+    let ret = unsafe {
+        fib_lookup(
+            ctx,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    } as u32;
+    match ret {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&params.dmac);
+            macs[6..].copy_from_slice(&params.smac);
+            Some(NextHop::Resolved {
+                ifindex: params.ifindex,
+                macs,
+            })
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Some(NextHop::Unresolved {
+            ifindex: params.ifindex,
+        }),
+        _ => None,
+    }
+}
+
+/// Sends a rewritten IPv4 packet on towards its new destination, as the kernel's forwarding
+/// would: TTL decremented, MACs of the next hop.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, proto: u8) -> Result<i32, i64> {
+    let src: [u8; 4] = ctx.load(IP_SRC_OFF)?;
+    let dst: [u8; 4] = ctx.load(IP_DST_OFF)?;
+    // SAFETY: valid context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(hop) = lookup(ctx.skb.skb.cast(), ifindex, proto, src, dst) else {
+        return Ok(TC_ACT_SHOT);
+    };
+    // TTL and protocol share a 16-bit word of the header checksum.
+    let word: u16 = ctx.load(IP_TTL_OFF)?;
+    if u16::from_be(word) >> 8 <= 1 {
+        return Ok(TC_ACT_SHOT);
+    }
+    let decremented = (u16::from_be(word) - 0x0100).to_be();
+    ctx.l3_csum_replace(IP_CSUM_OFF, word as u64, decremented as u64, 2)?;
+    ctx.store(IP_TTL_OFF, &decremented, 0)?;
+    // SAFETY: valid context and interface index from the FIB.
+    Ok(match hop {
+        NextHop::Resolved { ifindex, macs } => {
+            ctx.store(0, &macs, 0)?;
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+        NextHop::Unresolved { ifindex } => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+    })
+}

@@ -1,0 +1,127 @@
+//! kube-proxy's service health checks: for every `externalTrafficPolicy: Local` load
+//! balancer, an HTTP server on its `healthCheckNodePort` tells the cloud load balancer
+//! whether to send traffic to this node: 200 with the number of local endpoints when there
+//! are some (and the proxy is healthy), 503 otherwise, in kube-proxy's JSON shape.
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{
+    desired::{HealthCheck, HealthChecks},
+    http::{ProxyHealth, Responder, Response, status_line},
+};
+
+struct ServiceHealth {
+    check: Mutex<HealthCheck>,
+    proxy: ProxyHealth,
+}
+
+impl Responder for ServiceHealth {
+    fn respond(&self, _path: &str) -> Response {
+        let check = self.check.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (proxy_healthy, _) = self.proxy.check();
+        let body = format!(
+            "{{\n\t\"service\": {{\n\t\t\"namespace\": {:?},\n\t\t\"name\": {:?}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}",
+            check.namespace, check.name, check.local_endpoints
+        );
+        Response {
+            status: status_line(check.local_endpoints > 0 && proxy_healthy),
+            content_type: "application/json",
+            headers: vec![
+                ("X-Content-Type-Options", "nosniff".to_owned()),
+                (
+                    "X-Load-Balancing-Endpoint-Weight",
+                    check.local_endpoints.to_string(),
+                ),
+            ],
+            body,
+        }
+    }
+}
+
+struct Server {
+    health: Arc<ServiceHealth>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// The running health-check servers, by port.
+pub struct HealthCheckServers {
+    servers: HashMap<u16, Server>,
+    proxy: ProxyHealth,
+}
+
+impl HealthCheckServers {
+    pub fn new(proxy: ProxyHealth) -> Self {
+        Self {
+            servers: HashMap::new(),
+            proxy,
+        }
+    }
+
+    /// Serves exactly `checks`: stops servers of ports no longer wanted, updates the
+    /// others' answers, starts new ones. A port that cannot be bound (or a server that
+    /// stopped) is reported and tried again on the next call. Must run inside the tokio
+    /// runtime.
+    pub fn update(&mut self, checks: &HealthChecks) -> Vec<anyhow::Error> {
+        self.servers.retain(|port, server| {
+            if server.task.is_finished() {
+                warn!("health check on port {port} stopped on its own; restarting it");
+                return false;
+            }
+            let keep = checks.contains_key(port);
+            if !keep {
+                info!("health check on port {port}: stopped");
+                server.task.abort();
+            }
+            keep
+        });
+        let mut errors = Vec::new();
+        for (port, check) in checks {
+            if let Some(server) = self.servers.get(port) {
+                *server
+                    .health
+                    .check
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = check.clone();
+                continue;
+            }
+            match self.start(*port, check) {
+                Ok(server) => {
+                    info!(
+                        "health check of {}/{} on port {port}: serving",
+                        check.namespace, check.name
+                    );
+                    self.servers.insert(*port, server);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        errors
+    }
+
+    fn start(&self, port: u16, check: &HealthCheck) -> anyhow::Result<Server> {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        });
+        let listener = bound.with_context(|| {
+            format!(
+                "binding health check port {addr} of service {}/{}",
+                check.namespace, check.name
+            )
+        })?;
+        let health = Arc::new(ServiceHealth {
+            check: Mutex::new(check.clone()),
+            proxy: self.proxy.clone(),
+        });
+        let task = tokio::spawn(crate::http::serve(listener, health.clone()));
+        Ok(Server { health, task })
+    }
+}

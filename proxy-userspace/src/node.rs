@@ -1,0 +1,129 @@
+//! This node's addressing as the datapath needs it: the addresses NodePorts answer on (those
+//! of the served interfaces, and the node IP) and the source address of masqueraded
+//! connections.
+use std::{collections::BTreeSet, ffi::CStr, net::Ipv4Addr, path::Path};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, HashMap, MapData};
+use proxy_common::{NodeConfig, SNAT_PORT_MAX, SNAT_PORT_MIN, maps};
+
+/// The IPv4 addresses of the network interfaces `names`, in the order of `names`.
+pub fn interface_addrs(names: &[String]) -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("listing interface addresses");
+    }
+    let mut found = Vec::new();
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null()
+            // SAFETY: non-null sockaddr from getifaddrs.
+            || i32::from(unsafe { (*entry.ifa_addr).sa_family }) != libc::AF_INET
+        {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string.
+        let name = unsafe { CStr::from_ptr(entry.ifa_name) }.to_string_lossy();
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+        found.push((
+            name.into_owned(),
+            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        ));
+    }
+    // SAFETY: the list from getifaddrs, not used afterwards.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(names
+        .iter()
+        .flat_map(|n| found.iter().filter(move |(name, _)| name == n).cloned())
+        .collect())
+}
+
+/// What this node answers NodePorts on and masquerades with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddressing {
+    pub node_port_addrs: BTreeSet<Ipv4Addr>,
+    /// `None`: no address to masquerade with; externalTrafficPolicy: Cluster traffic to
+    /// other nodes' backends is dropped.
+    pub snat_addr: Option<Ipv4Addr>,
+}
+
+impl NodeAddressing {
+    /// From `--node-ip` and the addresses of the served interfaces: NodePorts answer on all
+    /// of them; masquerading uses the node IP, else the first interface address.
+    pub fn new(node_ip: Option<Ipv4Addr>, interfaces: &[(String, Ipv4Addr)]) -> Self {
+        let mut node_port_addrs: BTreeSet<Ipv4Addr> = interfaces.iter().map(|(_, a)| *a).collect();
+        node_port_addrs.extend(node_ip);
+        Self {
+            node_port_addrs,
+            snat_addr: node_ip.or(interfaces.first().map(|(_, a)| *a)),
+        }
+    }
+
+    /// Writes `node_addrs` and `node_config` under `bpffs`, replacing what they held.
+    pub fn program(&self, bpffs: &Path) -> anyhow::Result<()> {
+        let mut addrs: HashMap<MapData, [u8; 4], u32> = crate::maps::open(bpffs, maps::NODE_ADDRS)?;
+        let stale: Vec<[u8; 4]> = addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| !self.node_port_addrs.contains(&Ipv4Addr::from(*a)))
+            .collect();
+        for addr in stale {
+            addrs.remove(&addr).with_context(|| {
+                format!(
+                    "removing {} from map {}",
+                    Ipv4Addr::from(addr),
+                    maps::NODE_ADDRS
+                )
+            })?;
+        }
+        if self.node_port_addrs.len() > maps::MAX_NODE_ADDRS as usize {
+            bail!(
+                "{} node addresses is more than map {} holds ({})",
+                self.node_port_addrs.len(),
+                maps::NODE_ADDRS,
+                maps::MAX_NODE_ADDRS
+            );
+        }
+        for addr in &self.node_port_addrs {
+            addrs
+                .insert(addr.octets(), 1, 0)
+                .with_context(|| format!("writing {addr} to map {}", maps::NODE_ADDRS))?;
+        }
+        let mut config: Array<MapData, NodeConfig> = crate::maps::open(bpffs, maps::NODE_CONFIG)?;
+        let value = NodeConfig {
+            snat_addr: self.snat_addr.map_or([0; 4], |a| a.octets()),
+            snat_port_min: SNAT_PORT_MIN,
+            snat_port_max: SNAT_PORT_MAX,
+        };
+        config
+            .set(0, value, 0)
+            .with_context(|| format!("writing map {}", maps::NODE_CONFIG))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_has_its_address_and_the_node_ip_masquerades() {
+        let lo = interface_addrs(&["lo".to_owned()]).unwrap();
+        assert_eq!(lo, [("lo".to_owned(), Ipv4Addr::LOCALHOST)]);
+        let node_ip = Ipv4Addr::new(192, 168, 50, 1);
+        let addressing = NodeAddressing::new(Some(node_ip), &lo);
+        assert_eq!(addressing.snat_addr, Some(node_ip));
+        assert_eq!(
+            addressing.node_port_addrs,
+            [Ipv4Addr::LOCALHOST, node_ip].into_iter().collect()
+        );
+        assert_eq!(
+            NodeAddressing::new(None, &lo).snat_addr,
+            Some(Ipv4Addr::LOCALHOST)
+        );
+    }
+}

@@ -1,0 +1,306 @@
+//! Traffic from outside the cluster through the real datapath, in a two-node world: `ext`
+//! (192.168.50.100) reaches node-a (192.168.50.1) and node-b (.2) on a LAN, each node runs
+//! its own agent on `eth0` and its pods' veths. Pod 1 (node-a) serves as `pod-a`, pod 2
+//! (node-b) as `pod-b`.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use proxy::testbed::{Agent, BACKEND_PORT, Binaries, EXT_IP, World};
+use serde_json::Value;
+
+const CLUSTER_IP: &str = "10.96.0.20";
+const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+const LB_IP: &str = "203.0.113.10";
+const EXTERNAL_IP: &str = "203.0.113.20";
+const NODE_PORT_TCP: u16 = 30080;
+const NODE_PORT_UDP: u16 = 30053;
+const HEALTH_PORT: u16 = 32000;
+
+/// A Service `default/web` of type `LoadBalancer`: TCP 80 (node port 30080) and UDP 53
+/// (node port 30053) to `BACKEND_PORT`, with `extra` spec lines, `status` lines, and the
+/// given endpoints as `(address, node, ready)`.
+fn manifest(extra_spec: &str, status: &str, endpoints: &[(Ipv4Addr, &str, bool)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: {CLUSTER_IP}\n{extra_spec}  ports:\n  - {{name: http, port: 80, targetPort: {BACKEND_PORT}, nodePort: {NODE_PORT_TCP}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}, nodePort: {NODE_PORT_UDP}}}\n{status}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}\nendpoints:\n"
+    );
+    for (addr, node, ready) in endpoints {
+        yaml += &format!(
+            "- addresses: [{addr}]\n  nodeName: {node}\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n"
+        );
+    }
+    yaml
+}
+
+const LOCAL_POLICY: &str = "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n";
+
+fn lb_status(ip: &str) -> String {
+    format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n")
+}
+
+/// The two-node world with both backends serving and both agents running on `yaml`.
+fn cluster(yaml: &str, agent_args: &[&str]) -> (World, Vec<Agent>) {
+    let bins = Binaries {
+        agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
+        proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
+        netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
+    };
+    let mut world = World::two_nodes(1, 1, bins).expect("building the two-node world");
+    world.serve(1, "pod-a").unwrap();
+    world.serve(2, "pod-b").unwrap();
+    let manifest = world.write_manifest(yaml).unwrap();
+    let mut args = vec!["--manifests", manifest.to_str().unwrap()];
+    args.extend(agent_args);
+    let agents = (0..2)
+        .map(|n| world.start_agent_on(n, &args, true).unwrap())
+        .collect();
+    (world, agents)
+}
+
+fn tcp(world: &World, to: String, count: u32) -> Vec<Value> {
+    world
+        .probe_ext(&["tcp", "--to", &to, "--count", &count.to_string()])
+        .unwrap()
+}
+
+/// For each backend that answered: the client addresses it saw. Fails on a failed attempt.
+fn seen_by_backend(results: &[Value]) -> BTreeMap<String, Vec<Ipv4Addr>> {
+    let mut seen: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    for r in results {
+        assert_eq!(r["ok"], true, "attempt failed: {r}");
+        let saw: std::net::SocketAddr = r["server_saw"].as_str().unwrap().parse().unwrap();
+        let std::net::IpAddr::V4(ip) = saw.ip() else {
+            panic!("IPv6 client address {saw}")
+        };
+        seen.entry(r["backend"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(ip);
+    }
+    seen
+}
+
+fn assert_all(addrs: &[Ipv4Addr], expected: Ipv4Addr, what: &str) {
+    assert!(
+        addrs.iter().all(|a| *a == expected),
+        "{what}: expected every connection from {expected}, saw {addrs:?}"
+    );
+}
+
+#[test]
+fn cluster_policy_node_port_reaches_pods_on_both_nodes_masquerading_remote_ones() {
+    let (world, _agents) = cluster(
+        &manifest(
+            "",
+            "",
+            &[
+                (world_pod(1), "node-a", true),
+                (world_pod(2), "node-b", true),
+            ],
+        ),
+        &[],
+    );
+    for (node, local, remote) in [(NODE_A, "pod-a", "pod-b"), (NODE_B, "pod-b", "pod-a")] {
+        let results = tcp(&world, format!("{node}:{NODE_PORT_TCP}"), 60);
+        for r in &results {
+            assert_eq!(r["peer"], format!("{node}:{NODE_PORT_TCP}"), "{r}");
+        }
+        let seen = seen_by_backend(&results);
+        assert_eq!(
+            seen.len(),
+            2,
+            "both nodes' pods answer via {node}: {seen:?}"
+        );
+        // A local backend sees the client; a remote one the node that masqueraded.
+        assert_all(&seen[local], EXT_IP, &format!("{local} via {node}"));
+        assert_all(&seen[remote], node, &format!("{remote} via {node}"));
+    }
+    // UDP: both backends answer, from the node port's address.
+    let results = world
+        .probe_ext(&[
+            "udp",
+            "--to",
+            &format!("{NODE_A}:{NODE_PORT_UDP}"),
+            "--count",
+            "40",
+        ])
+        .unwrap();
+    for r in &results {
+        assert_eq!(r["peer"], format!("{NODE_A}:{NODE_PORT_UDP}"), "{r}");
+    }
+    let seen = seen_by_backend(&results);
+    assert_eq!(seen.len(), 2, "UDP reaches both nodes' pods: {seen:?}");
+    assert_all(&seen["pod-b"], NODE_A, "UDP to the remote pod");
+}
+
+/// Pod `i`'s address (10.244.i.2), known before the world exists.
+fn world_pod(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, i, 2)
+}
+
+/// A health-check answer from ext: (status code, JSON body).
+fn health(world: &World, node: Ipv4Addr) -> (u16, Value) {
+    let ext = world.ext.clone().unwrap();
+    let response = world.http_in(&ext, node, HEALTH_PORT, "/").unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response:?}")),
+    )
+}
+
+#[test]
+fn local_policy_keeps_the_client_ip_and_nodes_without_local_endpoints_drop() {
+    let endpoints = [
+        (world_pod(1), "node-a", true),
+        (world_pod(2), "node-b", false),
+    ];
+    let (world, agents) = cluster(&manifest(LOCAL_POLICY, &lb_status(LB_IP), &endpoints), &[]);
+    // Node-a has the ready endpoint: the pod sees the real client, via the node port and
+    // the load-balancer IP.
+    for to in [format!("{NODE_A}:{NODE_PORT_TCP}"), format!("{LB_IP}:80")] {
+        let seen = seen_by_backend(&tcp(&world, to.clone(), 20));
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{to}: {seen:?}");
+        assert_all(&seen["pod-a"], EXT_IP, &to);
+    }
+    // Node-b has none: it drops (no answer, not even a refusal), as kube-proxy does.
+    let dropped = world
+        .probe_ext(&[
+            "tcp",
+            "--to",
+            &format!("{NODE_B}:{NODE_PORT_TCP}"),
+            "--timeout-ms",
+            "500",
+        ])
+        .unwrap();
+    assert_eq!(dropped[0]["ok"], false, "{dropped:?}");
+    assert_eq!(
+        dropped[0]["kind"], "timeout",
+        "dropped, not refused: {dropped:?}"
+    );
+
+    // kube-proxy's health-check answers, on each node.
+    let (status, body) = health(&world, NODE_A);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(body["service"]["namespace"], "default");
+    assert_eq!(body["service"]["name"], "web");
+    assert_eq!(body["serviceProxyHealthy"], true);
+    let (status, body) = health(&world, NODE_B);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["localEndpoints"], 0);
+
+    // The local endpoint goes away: node-a's health check says so within a second.
+    let gone = [
+        (world_pod(1), "node-a", false),
+        (world_pod(2), "node-b", false),
+    ];
+    let syncs = agents[0].syncs();
+    let changed = Instant::now();
+    world
+        .write_manifest(&manifest(LOCAL_POLICY, &lb_status(LB_IP), &gone))
+        .unwrap();
+    loop {
+        let (status, _) = health(&world, NODE_A);
+        if status == 503 {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "node-a's health check still says {status} a second after its endpoint went away"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agents[0].wait_for_syncs(syncs + 1).unwrap();
+
+    // proxyctl shows the type, addresses, node port and policies.
+    let list = world
+        .proxyctl(&["service", "list", "--output", "json"])
+        .unwrap();
+    let rows: Vec<Value> = serde_json::from_str(&list).unwrap();
+    let http = rows
+        .iter()
+        .find(|r| r["namespace"] == "default" && r["name"] == "web" && r["port_name"] == "http")
+        .unwrap_or_else(|| panic!("no default/web:http in {list}"));
+    assert_eq!(http["type"], "LoadBalancer", "{http}");
+    assert_eq!(http["node_port"], NODE_PORT_TCP, "{http}");
+    assert_eq!(
+        http["external_addresses"],
+        serde_json::json!([LB_IP]),
+        "{http}"
+    );
+    assert_eq!(http["external_traffic_policy"], "Local", "{http}");
+    let table = world.proxyctl(&["service", "list"]).unwrap();
+    for column in ["TYPE", "NODE-PORT", "EXTERNAL", "POLICY"] {
+        assert!(table.contains(column), "no {column} column in\n{table}");
+    }
+}
+
+#[test]
+fn load_balancer_and_external_ips_reach_pods_on_both_nodes() {
+    let spec = format!("  externalIPs: [{EXTERNAL_IP}]\n");
+    let endpoints = [
+        (world_pod(1), "node-a", true),
+        (world_pod(2), "node-b", true),
+    ];
+    let (world, _agents) = cluster(&manifest(&spec, &lb_status(LB_IP), &endpoints), &[]);
+    for to in [format!("{LB_IP}:80"), format!("{EXTERNAL_IP}:80")] {
+        let results = tcp(&world, to.clone(), 60);
+        for r in &results {
+            assert_eq!(r["peer"], to, "the client sees the address it used: {r}");
+        }
+        let seen = seen_by_backend(&results);
+        assert_eq!(seen.len(), 2, "{to} reaches both nodes' pods: {seen:?}");
+        assert_all(&seen["pod-a"], EXT_IP, &format!("{to} to node-a's own pod"));
+        assert_all(&seen["pod-b"], NODE_A, &format!("{to} to node-b's pod"));
+    }
+    let udp = world
+        .probe_ext(&["udp", "--to", &format!("{LB_IP}:53"), "--count", "20"])
+        .unwrap();
+    assert!(!seen_by_backend(&udp).is_empty());
+}
+
+#[test]
+fn hairpin_a_pod_balanced_to_itself_reaches_itself() {
+    // Only pod-a backs the service; pod-a calls it, through the socket hooks and through
+    // the tc path (outside the hooked cgroup).
+    let (world, _agents) = cluster(&manifest("", "", &[(world_pod(1), "node-a", true)]), &[]);
+    for hooked in [true, false] {
+        for to in [
+            format!("{CLUSTER_IP}:80"),
+            format!("{NODE_A}:{NODE_PORT_TCP}"),
+        ] {
+            let results = world
+                .probe(1, hooked, &["tcp", "--to", &to, "--count", "5"])
+                .unwrap();
+            let seen = seen_by_backend(&results);
+            assert_eq!(
+                seen.keys().collect::<Vec<_>>(),
+                ["pod-a"],
+                "hooked={hooked} {to}: {seen:?}"
+            );
+            for r in &results {
+                assert_eq!(r["peer"], to, "hooked={hooked}: {r}");
+            }
+        }
+        let udp = world
+            .probe(
+                1,
+                hooked,
+                &["udp", "--to", &format!("{CLUSTER_IP}:53"), "--count", "3"],
+            )
+            .unwrap();
+        assert_eq!(
+            seen_by_backend(&udp).len(),
+            1,
+            "hooked={hooked} UDP hairpin"
+        );
+    }
+}
