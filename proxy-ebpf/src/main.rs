@@ -17,6 +17,8 @@ mod route;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod tc;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 #[cfg(all(not(test), target_arch = "bpf"))]
 #[panic_handler]

@@ -36,7 +36,7 @@ pub struct Rewrite {
 }
 
 impl Rewrite {
-    const NONE: Rewrite = Rewrite {
+    pub const NONE: Rewrite = Rewrite {
         set: false,
         addr: [0; 4],
         port: 0,
@@ -52,13 +52,16 @@ impl Rewrite {
     }
 }
 
-/// The rewrites of one packet.
+/// The rewrites of one packet, and what to count once it is sent on.
 pub struct Translation {
     pub src: Rewrite,
     pub dst: Rewrite,
     /// A masqueraded flow's packet: route it ourselves, as the kernel drops packets that
     /// arrive with one of its own addresses as source.
     pub route: bool,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub counters: Counters,
 }
 
 /// Advances an entry's TCP state with a packet's flags and marks it as seen now.
@@ -82,7 +85,8 @@ fn traffic(len: u64, conns: u64) -> Counters {
 }
 
 /// A packet arriving on an interface: the forward direction of a tracked flow, the reply of
-/// a masqueraded one, or the first packet of a new service flow.
+/// a masqueraded one, or the first packet of a new service flow. The caller counts the
+/// translation once it has sent the packet on.
 #[inline(always)]
 pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     let now = lb::now_ns();
@@ -95,7 +99,6 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         let snat = entry.flags & CT_FLAG_SNAT != 0;
         if !reused && (entry.direction == CT_FORWARD || snat) {
             track(entry, flow, now);
-            lb::count(entry.rev_nat_id, entry.backend_id, traffic(len, 0));
             let nat = Rewrite::to(entry.nat_addr, entry.nat_port);
             let peer = if snat {
                 Rewrite::to(entry.peer_addr, entry.peer_port)
@@ -111,6 +114,9 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
                 src,
                 dst,
                 route: snat,
+                service_id: entry.rev_nat_id,
+                backend_id: entry.backend_id,
+                counters: traffic(len, 0),
             });
         }
         // An unmasqueraded reply is reverse-translated on its way out (`egress`).
@@ -173,11 +179,13 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     if CONNTRACK.insert(flow.key, forward, 0).is_err() {
         return Verdict::Drop;
     }
-    lb::count(svc.id, chosen.backend_id, traffic(len, 1));
     Verdict::Translate(Translation {
         src,
         dst: Rewrite::to(chosen.backend.addr, chosen.backend.port),
         route: masquerade,
+        service_id: svc.id,
+        backend_id: chosen.backend_id,
+        counters: traffic(len, 1),
     })
 }
 
@@ -232,10 +240,12 @@ pub fn egress(flow: &Flow, len: u64) -> Verdict {
         return Verdict::Pass;
     }
     track(entry, flow, lb::now_ns());
-    lb::count(entry.rev_nat_id, entry.backend_id, traffic(len, 0));
     Verdict::Translate(Translation {
         src: Rewrite::to(entry.nat_addr, entry.nat_port),
         dst: Rewrite::NONE,
         route: false,
+        service_id: entry.rev_nat_id,
+        backend_id: entry.backend_id,
+        counters: traffic(len, 0),
     })
 }

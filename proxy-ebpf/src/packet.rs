@@ -3,7 +3,7 @@
 //! port-unreachable answer.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::{bpf_csum_diff, bpf_skb_change_tail},
+    helpers::{bpf_csum_diff, bpf_skb_change_tail, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP};
@@ -54,15 +54,23 @@ impl Frame for TcContext {
     }
 }
 
+/// Through the load helper rather than direct access: LLVM merges bounds checks of direct
+/// reads in ways the verifier cannot follow.
 impl Frame for XdpContext {
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        let start = self.data() + offset;
-        if start + core::mem::size_of::<T>() > self.data_end() {
-            return None;
-        }
-        // SAFETY: within [data, data_end), checked above.
-        Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes at most size_of::<T>() bytes into `value`.
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx.cast(),
+                offset as u32,
+                value.as_mut_ptr().cast(),
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        // SAFETY: fully written when the helper succeeds.
+        (ret == 0).then(|| unsafe { value.assume_init() })
     }
 }
 

@@ -9,6 +9,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    lb,
     nat::{self, Translation, Verdict},
     packet::{self, Endpoint, Flow},
     route,
@@ -52,7 +53,15 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
             // SAFETY: valid context; sends the answer back out of the interface it came from.
             Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
         }
-        Verdict::Translate(Translation { src, dst, route }) => {
+        Verdict::Translate(Translation {
+            src,
+            dst,
+            route,
+            service_id,
+            backend_id,
+            counters,
+        }) => {
+            lb::count(service_id, backend_id, counters);
             if dst.set {
                 packet::rewrite(ctx, flow, Endpoint::Destination, dst.addr, dst.port)?;
             }

@@ -23,7 +23,7 @@ use proxy_common::AgentStatus;
 use crate::{
     clock::unix_now,
     conntrack,
-    datapath::{Datapath, TcAttach},
+    datapath::{Datapath, TcAttach, XdpAttach},
     desired::{HealthChecks, Topology},
     health_check::HealthCheckServers,
     http::{Endpoints, ProxyHealth, serve_endpoints},
@@ -58,6 +58,7 @@ pub struct Config {
     pub interfaces: Vec<String>,
     pub node_ip: Option<std::net::Ipv4Addr>,
     pub tc_attach: TcAttach,
+    pub xdp: XdpAttach,
     pub metrics_bind: SocketAddr,
     pub healthz_bind: SocketAddr,
     /// `/healthz` fails when a source change waits longer than this to be programmed.
@@ -308,6 +309,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes)?;
     datapath.attach_socket_hooks(&cgroup)?;
     datapath.attach_tc(&config.interfaces, config.tc_attach)?;
+    datapath.attach_xdp(&config.interfaces, config.xdp)?;
     datapath.detach_stale()?;
     for attachment in &datapath.attachments {
         info!("attached {attachment}");

@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{self, NlOptions, TcAttachOptions, TcError},
     },
@@ -33,6 +33,28 @@ pub enum TcAttach {
     /// A clsact qdisc with netlink filters; listed by `tc filter show`.
     Netlink,
 }
+
+/// Whether and how the XDP fast path attaches to the tc interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    Off,
+    /// In the driver (fastest; on veth, the peer needs GRO or XDP of its own for XDP_TX).
+    Native,
+    /// In the kernel's generic hook, on any interface.
+    Generic,
+}
+
+impl XdpAttach {
+    fn label(self) -> &'static str {
+        match self {
+            XdpAttach::Off => "off",
+            XdpAttach::Native => "native",
+            XdpAttach::Generic => "generic",
+        }
+    }
+}
+
+const XDP_PROGRAM: &str = "proxy_xdp";
 
 const SOCKET_HOOKS: [&str; 4] = [
     "proxy_connect4",
@@ -224,6 +246,56 @@ impl Datapath {
                 .with_context(|| format!("loading {name} (verifier)"))?;
         }
         Ok(program)
+    }
+
+    /// The XDP fast path for masqueraded flows on `interfaces`; `Off` attaches nothing (and
+    /// `detach_stale` removes a previous agent's).
+    pub fn attach_xdp(&mut self, interfaces: &[String], mode: XdpAttach) -> anyhow::Result<()> {
+        let xdp_mode = match mode {
+            XdpAttach::Off => return Ok(()),
+            XdpAttach::Native => XdpMode::Driver,
+            XdpAttach::Generic => XdpMode::Skb,
+        };
+        let mut loaded = false;
+        for iface in interfaces {
+            // An interface runs one XDP mode at a time: drop a previous agent's other one.
+            for other in [XdpAttach::Native, XdpAttach::Generic] {
+                let path = self
+                    .links_dir
+                    .join(pin_name(&format!("{XDP_PROGRAM}_{}", other.label()), iface));
+                if other != mode && path.exists() {
+                    PinnedLink::from_pin(&path)
+                        .with_context(|| format!("opening pinned link {}", path.display()))?
+                        .unpin()
+                        .with_context(|| format!("detaching {}", path.display()))?;
+                }
+            }
+            let pin = pin_name(&format!("{XDP_PROGRAM}_{}", mode.label()), iface);
+            let description = format!("{XDP_PROGRAM} on {iface} (XDP {})", mode.label());
+            if self.kept(pin.clone(), description.clone())? {
+                continue;
+            }
+            let program: &mut Xdp = self
+                .ebpf
+                .program_mut(XDP_PROGRAM)
+                .with_context(|| format!("program {XDP_PROGRAM} missing from the eBPF object"))?
+                .try_into()?;
+            if !std::mem::replace(&mut loaded, true) {
+                program
+                    .load()
+                    .with_context(|| format!("loading {XDP_PROGRAM} (verifier)"))?;
+            }
+            let id = program.attach(iface, xdp_mode).with_context(|| {
+                format!(
+                    "attaching {XDP_PROGRAM} to {iface} in {} mode",
+                    mode.label()
+                )
+            })?;
+            let link = FdLink::try_from(program.take_link(id)?)
+                .context("an XDP attachment is a bpf_link")?;
+            self.pin(link, &pin, description)?;
+        }
+        Ok(())
     }
 
     /// Packet-level NAT on `interfaces`: DNAT on ingress, reverse NAT on egress.

@@ -331,6 +331,30 @@ impl World {
         Ok(())
     }
 
+    /// Makes every veth send complete checksums, as frames from a wire carry: XDP cannot
+    /// see a checksum that a virtual device deferred.
+    pub fn use_wire_checksums(&self) -> anyhow::Result<()> {
+        let mut devices: Vec<(&str, String)> = Vec::new();
+        if let Some(ext) = &self.ext {
+            for n in 0..self.nodes.len() {
+                devices.push((ext, format!("lan-{}", (b'a' + n as u8) as char)));
+            }
+        }
+        for node in self.nodes.iter().filter(|n| n.ip.is_some()) {
+            devices.push((&node.netns, "eth0".to_owned()));
+        }
+        for pod in &self.pods {
+            devices.push((&self.nodes[pod.node].netns, pod.iface.clone()));
+            devices.push((&pod.netns, "eth0".to_owned()));
+        }
+        for (netns, device) in devices {
+            run(Command::new("ip").args([
+                "netns", "exec", netns, "ethtool", "-K", &device, "tx", "off",
+            ]))?;
+        }
+        Ok(())
+    }
+
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
         ip(&["netns", "add", name])?;
         self.netns.push(name.to_owned());

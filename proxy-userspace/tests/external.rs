@@ -41,19 +41,35 @@ fn lb_status(ip: &str) -> String {
     format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n")
 }
 
+/// How the agents run: tc only, or with the XDP fast path.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Tc,
+    XdpGeneric,
+}
+
 /// The two-node world with both backends serving and both agents running on `yaml`.
-fn cluster(yaml: &str, agent_args: &[&str]) -> (World, Vec<Agent>) {
+fn cluster(yaml: &str, mode: Mode) -> (World, Vec<Agent>) {
     let bins = Binaries {
         agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
         proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
         netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
     };
     let mut world = World::two_nodes(1, 1, bins).expect("building the two-node world");
+    let xdp = match mode {
+        Mode::Tc => None,
+        Mode::XdpGeneric => Some("generic"),
+    };
+    if xdp.is_some() {
+        world.use_wire_checksums().unwrap();
+    }
     world.serve(1, "pod-a").unwrap();
     world.serve(2, "pod-b").unwrap();
     let manifest = world.write_manifest(yaml).unwrap();
     let mut args = vec!["--manifests", manifest.to_str().unwrap()];
-    args.extend(agent_args);
+    if let Some(xdp) = xdp {
+        args.extend(["--xdp", xdp]);
+    }
     let agents = (0..2)
         .map(|n| world.start_agent_on(n, &args, true).unwrap())
         .collect();
@@ -91,17 +107,15 @@ fn assert_all(addrs: &[Ipv4Addr], expected: Ipv4Addr, what: &str) {
 
 #[test]
 fn cluster_policy_node_port_reaches_pods_on_both_nodes_masquerading_remote_ones() {
-    let (world, _agents) = cluster(
-        &manifest(
-            "",
-            "",
-            &[
-                (world_pod(1), "node-a", true),
-                (world_pod(2), "node-b", true),
-            ],
-        ),
-        &[],
-    );
+    cluster_policy_node_port(Mode::Tc);
+}
+
+fn cluster_policy_node_port(mode: Mode) -> World {
+    let endpoints = [
+        (world_pod(1), "node-a", true),
+        (world_pod(2), "node-b", true),
+    ];
+    let (world, _agents) = cluster(&manifest("", "", &endpoints), mode);
     for (node, local, remote) in [(NODE_A, "pod-a", "pod-b"), (NODE_B, "pod-b", "pod-a")] {
         let results = tcp(&world, format!("{node}:{NODE_PORT_TCP}"), 60);
         for r in &results {
@@ -133,6 +147,7 @@ fn cluster_policy_node_port_reaches_pods_on_both_nodes_masquerading_remote_ones(
     let seen = seen_by_backend(&results);
     assert_eq!(seen.len(), 2, "UDP reaches both nodes' pods: {seen:?}");
     assert_all(&seen["pod-b"], NODE_A, "UDP to the remote pod");
+    world
 }
 
 /// Pod `i`'s address (10.244.i.2), known before the world exists.
@@ -158,11 +173,15 @@ fn health(world: &World, node: Ipv4Addr) -> (u16, Value) {
 
 #[test]
 fn local_policy_keeps_the_client_ip_and_nodes_without_local_endpoints_drop() {
+    local_policy(Mode::Tc);
+}
+
+fn local_policy(mode: Mode) {
     let endpoints = [
         (world_pod(1), "node-a", true),
         (world_pod(2), "node-b", false),
     ];
-    let (world, agents) = cluster(&manifest(LOCAL_POLICY, &lb_status(LB_IP), &endpoints), &[]);
+    let (world, agents) = cluster(&manifest(LOCAL_POLICY, &lb_status(LB_IP), &endpoints), mode);
     // Node-a has the ready endpoint: the pod sees the real client, via the node port and
     // the load-balancer IP.
     for to in [format!("{NODE_A}:{NODE_PORT_TCP}"), format!("{LB_IP}:80")] {
@@ -245,12 +264,16 @@ fn local_policy_keeps_the_client_ip_and_nodes_without_local_endpoints_drop() {
 
 #[test]
 fn load_balancer_and_external_ips_reach_pods_on_both_nodes() {
+    load_balancer_and_external_ips(Mode::Tc);
+}
+
+fn load_balancer_and_external_ips(mode: Mode) {
     let spec = format!("  externalIPs: [{EXTERNAL_IP}]\n");
     let endpoints = [
         (world_pod(1), "node-a", true),
         (world_pod(2), "node-b", true),
     ];
-    let (world, _agents) = cluster(&manifest(&spec, &lb_status(LB_IP), &endpoints), &[]);
+    let (world, _agents) = cluster(&manifest(&spec, &lb_status(LB_IP), &endpoints), mode);
     for to in [format!("{LB_IP}:80"), format!("{EXTERNAL_IP}:80")] {
         let results = tcp(&world, to.clone(), 60);
         for r in &results {
@@ -269,9 +292,13 @@ fn load_balancer_and_external_ips_reach_pods_on_both_nodes() {
 
 #[test]
 fn hairpin_a_pod_balanced_to_itself_reaches_itself() {
+    hairpin(Mode::Tc);
+}
+
+fn hairpin(mode: Mode) {
     // Only pod-a backs the service; pod-a calls it, through the socket hooks and through
     // the tc path (outside the hooked cgroup).
-    let (world, _agents) = cluster(&manifest("", "", &[(world_pod(1), "node-a", true)]), &[]);
+    let (world, _agents) = cluster(&manifest("", "", &[(world_pod(1), "node-a", true)]), mode);
     for hooked in [true, false] {
         for to in [
             format!("{CLUSTER_IP}:80"),
@@ -303,4 +330,17 @@ fn hairpin_a_pod_balanced_to_itself_reaches_itself() {
             "hooked={hooked} UDP hairpin"
         );
     }
+}
+
+#[test]
+fn xdp_generic_passes_the_same_tests() {
+    let world = cluster_policy_node_port(Mode::XdpGeneric);
+    let status = world.proxyctl(&["status"]).unwrap();
+    assert!(
+        status.contains("proxy_xdp_generic on eth0"),
+        "{status}"
+    );
+    local_policy(Mode::XdpGeneric);
+    load_balancer_and_external_ips(Mode::XdpGeneric);
+    hairpin(Mode::XdpGeneric);
 }

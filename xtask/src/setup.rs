@@ -9,9 +9,11 @@ use anyhow::{Context as _, bail, ensure};
 /// Debian packages: bpftool (map dumps, tests), iproute2 (namespaces, veth, tc), util-linux
 /// (nsenter), tcpdump (debugging the datapath), openssl and curl (the test API server's
 /// certificates and readiness check), iptables and nftables (kube-proxy's data paths, the
-/// benchmark's baselines), fonts-dejavu-core (the benchmark's plots).
-const APT_PACKAGES: [&str; 9] = [
+/// benchmark's baselines), fonts-dejavu-core (the benchmark's plots), ethtool (the XDP
+/// tests' veth offloads).
+const APT_PACKAGES: [&str; 10] = [
     "bpftool",
+    "ethtool",
     "iproute2",
     "util-linux",
     "tcpdump",

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use proxy::{
     agent::{self, SourceConfig},
-    datapath::TcAttach,
+    datapath::{TcAttach, XdpAttach},
 };
 
 #[derive(Parser)]
@@ -54,6 +54,12 @@ struct Args {
     /// How tc programs attach.
     #[arg(long, env = "PROXY_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     tc_attach: TcAttach,
+    /// The XDP fast path on --interfaces: masqueraded NodePort, external and load-balancer
+    /// traffic to other nodes' backends (and its replies) is forwarded from the driver;
+    /// everything else goes on to tc. `generic` works on any interface; `native` needs
+    /// driver support.
+    #[arg(long, env = "PROXY_XDP", value_enum, default_value_t = XdpAttach::Off)]
+    xdp: XdpAttach,
     /// Address of the /metrics, /healthz and /proxyMode endpoint.
     #[arg(long, env = "PROXY_METRICS_BIND", default_value = "127.0.0.1:10249")]
     metrics_bind: SocketAddr,
@@ -129,6 +135,7 @@ fn main() -> anyhow::Result<()> {
         interfaces: args.interfaces,
         node_ip: args.node_ip,
         tc_attach: args.tc_attach,
+        xdp: args.xdp,
         metrics_bind: args.metrics_bind,
         healthz_bind: args.healthz_bind,
         healthz_max_lag: Duration::from_secs(args.healthz_max_lag_secs),
