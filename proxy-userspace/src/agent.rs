@@ -24,7 +24,7 @@ use crate::{
     clock::unix_now,
     conntrack,
     datapath::{Datapath, TcAttach, XdpAttach},
-    desired::{HealthChecks, Topology},
+    desired::Topology,
     health_check::HealthCheckServers,
     http::{Endpoints, ProxyHealth, serve_endpoints},
     manifest::ManifestSource,
@@ -200,7 +200,8 @@ impl Agent {
         let desired = self.store.desired();
         self.report(&desired.rejections);
         let report = self.reconciler.apply(&desired.services);
-        self.serve_health_checks(&desired.health_checks);
+        let errors = self.health_checks.update(&desired.health_checks);
+        self.report_health_check_errors(errors);
         for (service, e) in &report.errors {
             error!("programming {service} failed, keeping its previous state: {e:#}");
             self.metrics.map_update_errors.inc();
@@ -239,8 +240,8 @@ impl Agent {
         complete
     }
 
-    fn serve_health_checks(&mut self, checks: &HealthChecks) {
-        for e in self.health_checks.update(checks) {
+    fn report_health_check_errors(&self, errors: Vec<anyhow::Error>) {
+        for e in errors {
             error!("{e:#}; retrying at the next sync or resync");
             self.metrics.reject(Reason::HealthCheckPort);
         }
@@ -248,7 +249,8 @@ impl Agent {
 
     /// Repairs map drift, and retries health-check servers that could not start.
     fn repair(&mut self) {
-        self.serve_health_checks(&self.store.desired().health_checks);
+        let errors = self.health_checks.retry();
+        self.report_health_check_errors(errors);
         match self.reconciler.repair() {
             Ok(0) => {}
             Ok(n) => {

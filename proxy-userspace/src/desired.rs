@@ -104,7 +104,7 @@ pub struct Desired {
 }
 
 /// The frontends of a service port: where clients address it.
-pub fn frontends(spec: &ServiceSpec, port: &PortSpec) -> Vec<(Frontend, ServiceKey)> {
+fn frontends(spec: &ServiceSpec, port: &PortSpec) -> Vec<(Frontend, ServiceKey)> {
     let key = |addr: [u8; 4], port_number: u16| ServiceKey {
         addr,
         port: port_number,

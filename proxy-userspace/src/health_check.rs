@@ -53,6 +53,8 @@ struct Server {
 /// The running health-check servers, by port.
 pub struct HealthCheckServers {
     servers: HashMap<u16, Server>,
+    /// What the last `update` asked for, for `retry`.
+    wanted: HealthChecks,
     proxy: ProxyHealth,
 }
 
@@ -60,6 +62,7 @@ impl HealthCheckServers {
     pub fn new(proxy: ProxyHealth) -> Self {
         Self {
             servers: HashMap::new(),
+            wanted: HealthChecks::new(),
             proxy,
         }
     }
@@ -69,6 +72,17 @@ impl HealthCheckServers {
     /// stopped) is reported and tried again on the next call. Must run inside the tokio
     /// runtime.
     pub fn update(&mut self, checks: &HealthChecks) -> Vec<anyhow::Error> {
+        self.wanted = checks.clone();
+        self.serve_wanted()
+    }
+
+    /// Starts the wanted servers that failed to start or stopped since the last `update`.
+    pub fn retry(&mut self) -> Vec<anyhow::Error> {
+        self.serve_wanted()
+    }
+
+    fn serve_wanted(&mut self) -> Vec<anyhow::Error> {
+        let checks = &self.wanted;
         self.servers.retain(|port, server| {
             if server.task.is_finished() {
                 warn!("health check on port {port} stopped on its own; restarting it");
@@ -91,7 +105,7 @@ impl HealthCheckServers {
                     .unwrap_or_else(|p| p.into_inner()) = check.clone();
                 continue;
             }
-            match self.start(*port, check) {
+            match start(*port, check, &self.proxy) {
                 Ok(server) => {
                     info!(
                         "health check of {}/{} on port {port}: serving",
@@ -104,24 +118,24 @@ impl HealthCheckServers {
         }
         errors
     }
+}
 
-    fn start(&self, port: u16, check: &HealthCheck) -> anyhow::Result<Server> {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let bound = std::net::TcpListener::bind(addr).and_then(|l| {
-            l.set_nonblocking(true)?;
-            tokio::net::TcpListener::from_std(l)
-        });
-        let listener = bound.with_context(|| {
-            format!(
-                "binding health check port {addr} of service {}/{}",
-                check.namespace, check.name
-            )
-        })?;
-        let health = Arc::new(ServiceHealth {
-            check: Mutex::new(check.clone()),
-            proxy: self.proxy.clone(),
-        });
-        let task = tokio::spawn(crate::http::serve(listener, health.clone()));
-        Ok(Server { health, task })
-    }
+fn start(port: u16, check: &HealthCheck, proxy: &ProxyHealth) -> anyhow::Result<Server> {
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    });
+    let listener = bound.with_context(|| {
+        format!(
+            "binding health check port {addr} of service {}/{}",
+            check.namespace, check.name
+        )
+    })?;
+    let health = Arc::new(ServiceHealth {
+        check: Mutex::new(check.clone()),
+        proxy: proxy.clone(),
+    });
+    let task = tokio::spawn(crate::http::serve(listener, health.clone()));
+    Ok(Server { health, task })
 }

@@ -9,8 +9,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use proxy_common::{
-    AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    Counters, CtEntry, CtKey, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey, maps,
+    AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_SNAT, CT_FORWARD, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    SlotKey, maps,
 };
 use serde::Serialize;
 
@@ -265,6 +266,8 @@ pub struct FlowRow {
     pub client: String,
     pub service_address: String,
     pub backend: String,
+    /// The node's address and port the backend sees, for a masqueraded flow.
+    pub masqueraded_as: Option<String>,
     pub service: String,
     pub state: &'static str,
     pub idle_seconds: u64,
@@ -308,6 +311,8 @@ pub fn flows(
             client: format!("{}:{}", Ipv4Addr::from(key.src), key.sport),
             service_address: format!("{}:{}", Ipv4Addr::from(key.dst), key.dport),
             backend: format!("{}:{}", Ipv4Addr::from(entry.nat_addr), entry.nat_port),
+            masqueraded_as: (entry.flags & CT_FLAG_SNAT != 0)
+                .then(|| format!("{}:{}", Ipv4Addr::from(entry.peer_addr), entry.peer_port)),
             service,
             state: state_name(entry.state),
             idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,

@@ -142,6 +142,20 @@ fn flags(want: &DesiredService) -> (u8, u32) {
     (flags, timeout)
 }
 
+/// The slots the current generation of each service uses.
+fn live_slots<'a>(services: impl Iterator<Item = &'a Programmed>) -> HashSet<SlotKey> {
+    services
+        .flat_map(|p| {
+            (1..=p.value.count).map(|slot| SlotKey {
+                service_id: p.value.id,
+                generation: p.value.generation,
+                pad: 0,
+                slot,
+            })
+        })
+        .collect()
+}
+
 struct BackendRef {
     id: u32,
     refs: u32,
@@ -209,17 +223,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 },
             );
         }
-        let live_slots: HashSet<SlotKey> = services
-            .values()
-            .flat_map(|p| {
-                (1..=p.value.count).map(|slot| SlotKey {
-                    service_id: p.value.id,
-                    generation: p.value.generation,
-                    pad: 0,
-                    slot,
-                })
-            })
-            .collect();
+        let live_slots = live_slots(services.values());
         for (key, _) in existing
             .slots
             .iter()
@@ -330,18 +334,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 repaired += 1;
             }
         }
-        let live_slots: HashSet<SlotKey> = self
-            .services
-            .values()
-            .flat_map(|p| {
-                (1..=p.value.count).map(|slot| SlotKey {
-                    service_id: p.value.id,
-                    generation: p.value.generation,
-                    pad: 0,
-                    slot,
-                })
-            })
-            .collect();
+        let live_slots = live_slots(self.services.values());
         for key in slots.keys().filter(|k| !live_slots.contains(k)) {
             self.maps.delete_slot(key)?;
             repaired += 1;

@@ -131,6 +131,26 @@ fn cluster_policy_node_port(mode: Mode) -> World {
         assert_all(&seen[local], EXT_IP, &format!("{local} via {node}"));
         assert_all(&seen[remote], node, &format!("{remote} via {node}"));
     }
+    // proxyctl shows which flows were masqueraded, and as what.
+    let flows: Vec<Value> = serde_json::from_str(
+        &world
+            .proxyctl(&["conntrack", "list", "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let masqueraded: Vec<&str> = flows
+        .iter()
+        .filter_map(|f| f["masqueraded_as"].as_str())
+        .collect();
+    assert!(!masqueraded.is_empty(), "{flows:?}");
+    for m in masqueraded {
+        let port: u16 = m
+            .strip_prefix(&format!("{NODE_A}:"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(port >= proxy_common::SNAT_PORT_MIN, "{m}");
+    }
     // UDP: both backends answer, from the node port's address.
     let results = world
         .probe_ext(&[
@@ -336,10 +356,7 @@ fn hairpin(mode: Mode) {
 fn xdp_generic_passes_the_same_tests() {
     let world = cluster_policy_node_port(Mode::XdpGeneric);
     let status = world.proxyctl(&["status"]).unwrap();
-    assert!(
-        status.contains("proxy_xdp_generic on eth0"),
-        "{status}"
-    );
+    assert!(status.contains("proxy_xdp_generic on eth0"), "{status}");
     local_policy(Mode::XdpGeneric);
     load_balancer_and_external_ips(Mode::XdpGeneric);
     hairpin(Mode::XdpGeneric);

@@ -178,6 +178,13 @@ fn ports_of(maps: &Maps, service: &str) -> Result<Vec<inspect::ServiceRow>, Fail
     Ok(ports)
 }
 
+/// The service ids of every frontend of NAMESPACE/NAME, if a service is given.
+fn service_ids(maps: &Maps, service: Option<&str>) -> Result<Option<Vec<u32>>, Failure> {
+    service
+        .map(|s| Ok(ports_of(maps, s)?.iter().flat_map(|r| r.ids()).collect()))
+        .transpose()
+}
+
 #[derive(Serialize)]
 struct ServiceDetail {
     service: inspect::ServiceRow,
@@ -255,10 +262,7 @@ fn run(args: Args) -> Result<String, Failure> {
             command: ConntrackCommand::List { service },
         } => {
             let maps = maps()?;
-            let ids = service
-                .map(|s| ports_of(&maps, &s))
-                .transpose()?
-                .map(|p| p.iter().flat_map(|r| r.ids()).collect::<Vec<_>>());
+            let ids = service_ids(&maps, service.as_deref())?;
             let flows: Vec<inspect::FlowRow> = inspect::flows(&maps, dir, ids.as_deref())?
                 .into_iter()
                 .map(|(_, _, r)| r)
@@ -271,6 +275,7 @@ fn run(args: Args) -> Result<String, Failure> {
                             "CLIENT",
                             "SERVICE-ADDRESS",
                             "BACKEND",
+                            "MASQUERADED-AS",
                             "SERVICE",
                             "STATE",
                             "IDLE(S)",
@@ -284,6 +289,7 @@ fn run(args: Args) -> Result<String, Failure> {
                             f.client.clone(),
                             f.service_address.clone(),
                             f.backend.clone(),
+                            or_dash(f.masqueraded_as.as_ref()),
                             f.service.clone(),
                             f.state.to_owned(),
                             f.idle_seconds.to_string(),
@@ -298,10 +304,7 @@ fn run(args: Args) -> Result<String, Failure> {
             command: ConntrackCommand::Flush { service },
         } => {
             let maps = maps()?;
-            let ids = service
-                .map(|s| ports_of(&maps, &s))
-                .transpose()?
-                .map(|p| p.iter().flat_map(|r| r.ids()).collect::<Vec<_>>());
+            let ids = service_ids(&maps, service.as_deref())?;
             let flushed = inspect::flush(&maps, dir, ids.as_deref())?;
             match out {
                 Output::Table => format!("flushed {flushed} flows\n"),
