@@ -71,7 +71,7 @@ for label, values in [("default", {}), ("all options", yaml.safe_load((CHART / "
         check("all options: map sizes passed to the agent", config["data"]["PROXY_MAP_SIZES"] == "conntrack=1048576,services=131072", config["data"])
         check("all options: ServiceMonitor and its Service", len(by_kind(docs, "ServiceMonitor")) == 1 and len(by_kind(docs, "Service")) == 1)
         check("all options: metrics bound for scraping", config["data"]["PROXY_METRICS_BIND"] == "0.0.0.0:9249")
-        check("all options: XDP mode passed to the agent", config["data"]["PROXY_XDP"] == "generic", config["data"])
+        check("all options: XDP mode and interfaces passed to the agent", config["data"]["PROXY_XDP"] == "generic" and config["data"]["PROXY_XDP_INTERFACES"] == "eth0", config["data"])
 
 passed = sum(results)
 print(f"chart: {passed} passed, {len(results) - passed} failed")

@@ -59,6 +59,8 @@ pub struct Config {
     pub node_ip: Option<std::net::Ipv4Addr>,
     pub tc_attach: TcAttach,
     pub xdp: XdpAttach,
+    /// Where XDP attaches; empty: the interfaces holding the node IP.
+    pub xdp_interfaces: Vec<String>,
     pub metrics_bind: SocketAddr,
     pub healthz_bind: SocketAddr,
     /// `/healthz` fails when a source change waits longer than this to be programmed.
@@ -311,15 +313,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes)?;
     datapath.attach_socket_hooks(&cgroup)?;
     datapath.attach_tc(&config.interfaces, config.tc_attach)?;
-    datapath.attach_xdp(&config.interfaces, config.xdp)?;
+    let interface_addrs = crate::node::interface_addrs(&config.interfaces)?;
+    let addressing = NodeAddressing::new(config.node_ip, &interface_addrs);
+    if config.xdp != XdpAttach::Off {
+        let xdp_interfaces = addressing.xdp_interfaces(
+            &config.interfaces,
+            &interface_addrs,
+            &config.xdp_interfaces,
+        )?;
+        datapath.attach_xdp(&xdp_interfaces, config.xdp)?;
+    }
     datapath.detach_stale()?;
     for attachment in &datapath.attachments {
         info!("attached {attachment}");
     }
-    let addressing = NodeAddressing::new(
-        config.node_ip,
-        &crate::node::interface_addrs(&config.interfaces)?,
-    );
     addressing.program(&config.bpffs)?;
     info!(
         "NodePorts answer on {:?}; masquerading as {}",

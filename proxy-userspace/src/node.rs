@@ -64,6 +64,39 @@ impl NodeAddressing {
         }
     }
 
+    /// Where the XDP fast path attaches: `chosen` (which must be served interfaces), or by
+    /// default the served interfaces holding the masquerade address, the node's external
+    /// interface. Not the pod-side veths: a frame XDP sends back out of a veth whose peer
+    /// runs no XDP program waits in the peer's queue until other traffic wakes it.
+    pub fn xdp_interfaces(
+        &self,
+        served: &[String],
+        addrs: &[(String, Ipv4Addr)],
+        chosen: &[String],
+    ) -> anyhow::Result<Vec<String>> {
+        if let Some(stray) = chosen.iter().find(|c| !served.contains(c)) {
+            bail!("--xdp-interfaces names {stray}, which is not one of --interfaces {served:?}");
+        }
+        if !chosen.is_empty() {
+            return Ok(chosen.to_vec());
+        }
+        let mut external: Vec<String> = addrs
+            .iter()
+            .filter(|(_, a)| Some(*a) == self.snat_addr)
+            .map(|(name, _)| name.clone())
+            .collect();
+        external.dedup();
+        if external.is_empty() {
+            bail!(
+                "no interface of --interfaces {served:?} holds the node IP {}: name the XDP \
+                 interfaces with --xdp-interfaces",
+                self.snat_addr
+                    .map_or("<none>".to_owned(), |a| a.to_string())
+            );
+        }
+        Ok(external)
+    }
+
     /// Writes `node_addrs` and `node_config` under `bpffs`, replacing what they held.
     pub fn program(&self, bpffs: &Path) -> anyhow::Result<()> {
         let mut addrs: HashMap<MapData, [u8; 4], u32> = crate::maps::open(bpffs, maps::NODE_ADDRS)?;
@@ -125,5 +158,33 @@ mod tests {
             NodeAddressing::new(None, &lo).snat_addr,
             Some(Ipv4Addr::LOCALHOST)
         );
+    }
+
+    #[test]
+    fn xdp_goes_on_the_interface_with_the_node_ip_unless_chosen() {
+        let served = ["eth0".to_owned(), "vh1".to_owned()];
+        let node_ip = Ipv4Addr::new(192, 168, 50, 1);
+        let addrs = [
+            ("eth0".to_owned(), node_ip),
+            ("vh1".to_owned(), Ipv4Addr::new(10, 244, 1, 1)),
+        ];
+        let addressing = NodeAddressing::new(Some(node_ip), &addrs);
+        assert_eq!(
+            addressing.xdp_interfaces(&served, &addrs, &[]).unwrap(),
+            ["eth0"]
+        );
+        assert_eq!(
+            addressing
+                .xdp_interfaces(&served, &addrs, &["vh1".to_owned()])
+                .unwrap(),
+            ["vh1"]
+        );
+        let stray = addressing
+            .xdp_interfaces(&served, &addrs, &["eth9".to_owned()])
+            .unwrap_err();
+        assert!(stray.to_string().contains("eth9"), "{stray}");
+        let elsewhere = NodeAddressing::new(Some(Ipv4Addr::new(10, 0, 0, 9)), &addrs);
+        let none = elsewhere.xdp_interfaces(&served, &addrs, &[]).unwrap_err();
+        assert!(none.to_string().contains("--xdp-interfaces"), "{none}");
     }
 }

@@ -23,6 +23,8 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
+mod wire;
+
 /// Paths of the project's binaries, which the world runs.
 #[derive(Clone, Debug)]
 pub struct Binaries {
@@ -59,6 +61,15 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("ip").args(args)).map(drop)
+}
+
+fn node_letter(n: usize) -> char {
+    (b'a' + n as u8) as char
+}
+
+/// The LAN bridge's port (in ext) for node `n`'s `eth0`.
+fn lan_port(n: usize) -> String {
+    format!("lan-{}", node_letter(n))
 }
 
 /// Where ext routes external and load-balancer IPs (via node-a) in a two-node world.
@@ -196,7 +207,7 @@ impl World {
             world.ext = Some(ext);
         }
         for (n, _) in pods_per_node.iter().enumerate() {
-            let letter = (b'a' + n as u8) as char;
+            let letter = node_letter(n);
             let suffix = if n == 0 {
                 String::new()
             } else {
@@ -224,7 +235,7 @@ impl World {
                 "net.ipv4.ip_forward=1",
             ]))?;
             if let (Some(node_ip), Some(ext)) = (node_ip, &world.ext) {
-                let port = format!("lan-{letter}");
+                let port = lan_port(n);
                 ip(&[
                     "-n", ext, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
                     "netns", &netns,
@@ -337,7 +348,7 @@ impl World {
         let mut devices: Vec<(&str, String)> = Vec::new();
         if let Some(ext) = &self.ext {
             for n in 0..self.nodes.len() {
-                devices.push((ext, format!("lan-{}", (b'a' + n as u8) as char)));
+                devices.push((ext, lan_port(n)));
             }
         }
         for node in self.nodes.iter().filter(|n| n.ip.is_some()) {
@@ -353,6 +364,36 @@ impl World {
             ]))?;
         }
         Ok(())
+    }
+
+    /// Lets native XDP on the nodes' `eth0` transmit onto the LAN, as onto a wire: the
+    /// LAN's ports get a pass-through XDP program (see `wire`).
+    pub fn ready_lan_for_native_xdp(&self) -> anyhow::Result<()> {
+        let ext = self.ext.as_deref().context("this world has no LAN")?;
+        let ports: Vec<String> = (0..self.nodes.len()).map(lan_port).collect();
+        let pin = PathBuf::from(format!("{}-wire", self.nodes[0].bpffs.display()));
+        wire::attach_pass(ext, &ports, &pin)
+    }
+
+    /// The driver statistics (`ethtool -S`) of `device` on node `node`.
+    pub fn device_stats(
+        &self,
+        node: usize,
+        device: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let out = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.nodes[node].netns,
+            "ethtool",
+            "-S",
+            device,
+        ]))?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.trim().split_once(": "))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect())
     }
 
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {

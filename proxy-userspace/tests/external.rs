@@ -46,6 +46,7 @@ fn lb_status(ip: &str) -> String {
 enum Mode {
     Tc,
     XdpGeneric,
+    XdpNative,
 }
 
 /// The two-node world with both backends serving and both agents running on `yaml`.
@@ -59,9 +60,13 @@ fn cluster(yaml: &str, mode: Mode) -> (World, Vec<Agent>) {
     let xdp = match mode {
         Mode::Tc => None,
         Mode::XdpGeneric => Some("generic"),
+        Mode::XdpNative => Some("native"),
     };
     if xdp.is_some() {
         world.use_wire_checksums().unwrap();
+    }
+    if matches!(mode, Mode::XdpNative) {
+        world.ready_lan_for_native_xdp().unwrap();
     }
     world.serve(1, "pod-a").unwrap();
     world.serve(2, "pod-b").unwrap();
@@ -352,12 +357,28 @@ fn hairpin(mode: Mode) {
     }
 }
 
+/// Every scenario above, with the agents attaching XDP in `mode` as `program`.
+fn with_xdp(mode: Mode, program: &str) {
+    let world = cluster_policy_node_port(mode);
+    let status = world.proxyctl(&["status"]).unwrap();
+    assert!(status.contains(&format!("{program} on eth0")), "{status}");
+    if let Mode::XdpNative = mode {
+        // The driver's own count: node-a sent masqueraded packets back out from XDP.
+        let stats = world.device_stats(0, "eth0").unwrap();
+        assert!(stats["rx_queue_0_xdp_tx"] > 0, "{stats:?}");
+    }
+    drop(world);
+    local_policy(mode);
+    load_balancer_and_external_ips(mode);
+    hairpin(mode);
+}
+
 #[test]
 fn xdp_generic_passes_the_same_tests() {
-    let world = cluster_policy_node_port(Mode::XdpGeneric);
-    let status = world.proxyctl(&["status"]).unwrap();
-    assert!(status.contains("proxy_xdp_generic on eth0"), "{status}");
-    local_policy(Mode::XdpGeneric);
-    load_balancer_and_external_ips(Mode::XdpGeneric);
-    hairpin(Mode::XdpGeneric);
+    with_xdp(Mode::XdpGeneric, "proxy_xdp_generic");
+}
+
+#[test]
+fn xdp_native_passes_the_same_tests() {
+    with_xdp(Mode::XdpNative, "proxy_xdp_native");
 }

@@ -54,12 +54,16 @@ struct Args {
     /// How tc programs attach.
     #[arg(long, env = "PROXY_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     tc_attach: TcAttach,
-    /// The XDP fast path on --interfaces: masqueraded NodePort, external and load-balancer
-    /// traffic to other nodes' backends (and its replies) is forwarded from the driver;
-    /// everything else goes on to tc. `generic` works on any interface; `native` needs
-    /// driver support.
+    /// The XDP fast path on --xdp-interfaces: masqueraded NodePort, external and
+    /// load-balancer traffic to other nodes' backends (and its replies) is forwarded from
+    /// the driver; everything else goes on to tc. `generic` works on any interface;
+    /// `native` needs driver support.
     #[arg(long, env = "PROXY_XDP", value_enum, default_value_t = XdpAttach::Off)]
     xdp: XdpAttach,
+    /// Interfaces of --interfaces that get the XDP fast path, comma-separated [default:
+    /// those holding the node IP, i.e. the external interface].
+    #[arg(long, env = "PROXY_XDP_INTERFACES", value_delimiter = ',')]
+    xdp_interfaces: Vec<String>,
     /// Address of the /metrics, /healthz and /proxyMode endpoint.
     #[arg(long, env = "PROXY_METRICS_BIND", default_value = "127.0.0.1:10249")]
     metrics_bind: SocketAddr,
@@ -136,6 +140,7 @@ fn main() -> anyhow::Result<()> {
         node_ip: args.node_ip,
         tc_attach: args.tc_attach,
         xdp: args.xdp,
+        xdp_interfaces: args.xdp_interfaces,
         metrics_bind: args.metrics_bind,
         healthz_bind: args.healthz_bind,
         healthz_max_lag: Duration::from_secs(args.healthz_max_lag_secs),
