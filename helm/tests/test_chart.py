@@ -72,6 +72,7 @@ for label, values in [("default", {}), ("all options", yaml.safe_load((CHART / "
         check("all options: ServiceMonitor and its Service", len(by_kind(docs, "ServiceMonitor")) == 1 and len(by_kind(docs, "Service")) == 1)
         check("all options: metrics bound for scraping", config["data"]["PROXY_METRICS_BIND"] == "0.0.0.0:9249")
         check("all options: XDP mode and interfaces passed to the agent", config["data"]["PROXY_XDP"] == "generic" and config["data"]["PROXY_XDP_INTERFACES"] == "eth0", config["data"])
+        check("all options: masquerade ports passed to the agent", config["data"]["PROXY_MASQUERADE_PORTS"] == "62000-65000", config["data"])
 
 passed = sum(results)
 print(f"chart: {passed} passed, {len(results) - passed} failed")

@@ -14,8 +14,12 @@ use crate::{
     packet::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Source ports tried for a masqueraded flow before giving up on it.
-const SNAT_ATTEMPTS: u32 = 8;
+/// Random source ports tried for a masqueraded flow before giving up on it: with a third
+/// of the range in use, all of them are taken once in 50 million.
+const SNAT_ATTEMPTS: u32 = 16;
+/// Quiet time after which an ended masqueraded TCP flow gives up its source port: the last
+/// ACK (or a retransmitted FIN) has passed by then.
+const SNAT_REUSE_AFTER_NS: u64 = 1_000_000_000;
 
 pub enum Verdict {
     /// Not a service flow: leave it alone.
@@ -165,7 +169,7 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         ..forward
     };
     let src = if masquerade {
-        let Some((addr, port)) = reserve_snat(flow, &chosen, &mut forward, reply) else {
+        let Some((addr, port)) = reserve_snat(flow, &chosen, &mut forward, reply, now) else {
             return Verdict::Drop;
         };
         Rewrite::to(addr, port)
@@ -198,6 +202,7 @@ fn reserve_snat(
     chosen: &Chosen,
     forward: &mut CtEntry,
     reply: CtEntry,
+    now: u64,
 ) -> Option<([u8; 4], u16)> {
     let config = NODE_CONFIG.get(0)?;
     if config.snat_addr == [0; 4] || config.snat_port_max < config.snat_port_min {
@@ -208,9 +213,9 @@ fn reserve_snat(
     reply.flags = CT_FLAG_SNAT;
     forward.flags = CT_FLAG_SNAT;
     forward.peer_addr = config.snat_addr;
-    let start = lb::random();
-    for attempt in 0..SNAT_ATTEMPTS {
-        let port = config.snat_port_min + (start.wrapping_add(attempt) % range) as u16;
+    for _ in 0..SNAT_ATTEMPTS {
+        // Independent tries: consecutive ones would keep hitting the same run of busy ports.
+        let port = config.snat_port_min + (lb::random() % range) as u16;
         let key = CtKey {
             src: chosen.backend.addr,
             dst: config.snat_addr,
@@ -219,12 +224,55 @@ fn reserve_snat(
             proto: flow.key.proto,
             pad: [0; 3],
         };
-        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
+        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok()
+            || (free_if_ended(&key, now)
+                && CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok())
+        {
             forward.peer_port = port;
             return Some((config.snat_addr, port));
         }
     }
     None
+}
+
+/// Frees the masquerade reply tuple `key` if its TCP flow has ended: both sides sent a FIN
+/// or RST and it has been quiet for `SNAT_REUSE_AFTER_NS`. As the kernel's NAT reuses
+/// TIME_WAIT tuples, this keeps short connections from exhausting the port range while
+/// their entries wait out the closing timeout.
+#[inline(always)]
+fn free_if_ended(key: &CtKey, now: u64) -> bool {
+    let ended = |entry: &CtEntry| {
+        entry.state == CT_STATE_CLOSING
+            && now.saturating_sub(entry.last_seen_ns) >= SNAT_REUSE_AFTER_NS
+    };
+    // SAFETY: LRU values stay valid during the program's run; the entry is copied.
+    let Some(reply) = (unsafe { CONNTRACK.get(key) }).copied() else {
+        return false;
+    };
+    if reply.flags & CT_FLAG_SNAT == 0 || !ended(&reply) {
+        return false;
+    }
+    let forward_key = key.peer(&reply);
+    // SAFETY: as above.
+    if let Some(forward) = unsafe { CONNTRACK.get(forward_key) } {
+        // The client's tuple may already carry a new flow, masqueraded to another port:
+        // that entry is not this flow's and stays.
+        if forward.peer_addr == key.dst && forward.peer_port == key.dport {
+            if !ended(forward) {
+                return false;
+            }
+            let _ = CONNTRACK.remove(forward_key);
+        }
+    }
+    // Another CPU may have freed and re-claimed the tuple since the read above: remove it
+    // only if it is still the entry that was read.
+    // SAFETY: as above.
+    match unsafe { CONNTRACK.get(key) } {
+        Some(now_there) if now_there.last_seen_ns == reply.last_seen_ns => {
+            CONNTRACK.remove(key).is_ok()
+        }
+        _ => false,
+    }
 }
 
 /// A packet leaving through an interface: the reply of an unmasqueraded flow gets its

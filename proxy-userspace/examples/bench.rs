@@ -3,7 +3,10 @@
 //!   the last service added (conntrack miss: a new client per run) and for an established
 //!   flow (conntrack hit), against an empty classifier run the same way;
 //! - the map memory of the datapath and the agent's resident memory;
-//! - the agent's cold start: from its start to N services programmed from a manifest.
+//! - the agent's cold start: from its start to N services programmed from a manifest;
+//! - end to end, new connections through each data path, ours and kube-proxy's;
+//! - external traffic to a NodePort masqueraded to another node, through tc, XDP and
+//!   kube-proxy's rules (`bench/node_port.rs`).
 //!
 //! Every figure is measured in the same run, and ratios are against the baseline of that run.
 //! Writes `results.md` (and prints it) in the output directory.
@@ -29,6 +32,9 @@ use proxy::{
     testbed::{Binaries, World},
 };
 use proxy_common::{Backend, ServiceKey, maps};
+
+#[path = "bench/node_port.rs"]
+mod node_port;
 
 #[derive(Parser)]
 struct Args {
@@ -209,21 +215,27 @@ fn manifest(n: usize, endpoints: &[Ipv4Addr]) -> String {
     yaml
 }
 
-/// kube-proxy's iptables ruleset (nat table) for `n` services with `endpoints`, as its
-/// iptables mode writes it on every full sync.
-fn iptables_ruleset(n: usize, endpoints: &[Ipv4Addr]) -> String {
-    let mut chains = String::from(
-        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n",
-    );
-    let mut rules = String::from(
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+/// kube-proxy's nat table: its fixed chains and rules (service portals, masquerading of
+/// marked connections), then `chains` (declarations) and `rules` of the services.
+fn kube_nat_table(chains: &str, rules: &str) -> String {
+    format!(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n{chains}\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
          -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
          -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
          -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
-         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
-    );
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         {rules}COMMIT\n"
+    )
+}
+
+/// kube-proxy's iptables ruleset (nat table) for `n` services with `endpoints`, as its
+/// iptables mode writes it on every full sync.
+fn iptables_ruleset(n: usize, endpoints: &[Ipv4Addr]) -> String {
+    let mut chains = String::new();
+    let mut rules = String::new();
     for i in 0..n {
         let vip = Ipv4Addr::from(vip(i));
         let svc = format!("KUBE-SVC-{i:016X}");
@@ -256,7 +268,7 @@ fn iptables_ruleset(n: usize, endpoints: &[Ipv4Addr]) -> String {
             );
         }
     }
-    chains + &rules + "COMMIT\n"
+    kube_nat_table(&chains, &rules)
 }
 
 /// An nftables block: `kind name { line; line; ... }`, one statement per line.
@@ -695,6 +707,21 @@ fn main() -> anyhow::Result<()> {
         }
         rows.insert(n, (point, cold_start, rss, e2e, change));
     }
+    eprintln!("bench: NodePort from outside, masqueraded to another node");
+    let mut external = Vec::new();
+    for path in node_port::Path::ALL {
+        let figures = node_port::measure_path(path, &bins, args.duration_ms)
+            .with_context(|| format!("measuring {}", path.label()))?;
+        let (c, r) = (figures.connections, figures.round_trips);
+        for v in [c.0, c.1, r.0, r.1] {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "{}: a measurement is not a positive number: {v}",
+                path.label()
+            );
+        }
+        external.push((path, figures));
+    }
     let date = String::from_utf8(
         Command::new("date")
             .arg("-u")
@@ -751,6 +778,26 @@ fn main() -> anyhow::Result<()> {
             p99.as_secs_f64() * 1000.0,
             e.iptables_restore.as_secs_f64() * 1000.0,
             e.nft_load.as_secs_f64() * 1000.0
+        );
+    }
+    md += &format!(
+        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; ratio to routing to the pod without NAT):\n\n\
+         | data path | new connections/s | median connect (µs) | round trips/s on one connection | median round trip (µs) |\n\
+         | --- | ---: | ---: | ---: | ---: |\n",
+        args.duration_ms
+    );
+    // Path::ALL starts with the baseline.
+    let base = &external[0].1;
+    for (path, f) in &external {
+        md += &format!(
+            "| {} | {:.0} ({:.2}x) | {:.0} | {:.0} ({:.2}x) | {:.0} |\n",
+            path.label(),
+            f.connections.0,
+            f.connections.0 / base.connections.0,
+            f.connections.1,
+            f.round_trips.0,
+            f.round_trips.0 / base.round_trips.0,
+            f.round_trips.1,
         );
     }
     let font = std::fs::read(FONT).with_context(|| {

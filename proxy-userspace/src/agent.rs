@@ -57,6 +57,8 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub interfaces: Vec<String>,
     pub node_ip: Option<std::net::Ipv4Addr>,
+    /// Source ports of masqueraded connections.
+    pub masquerade_ports: std::ops::RangeInclusive<u16>,
     pub tc_attach: TcAttach,
     pub xdp: XdpAttach,
     /// Where XDP attaches; empty: the interfaces holding the node IP.
@@ -314,7 +316,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     datapath.attach_socket_hooks(&cgroup)?;
     datapath.attach_tc(&config.interfaces, config.tc_attach)?;
     let interface_addrs = crate::node::interface_addrs(&config.interfaces)?;
-    let addressing = NodeAddressing::new(config.node_ip, &interface_addrs);
+    let addressing = NodeAddressing::new(
+        config.node_ip,
+        &interface_addrs,
+        config.masquerade_ports.clone(),
+    );
     if config.xdp != XdpAttach::Off {
         let xdp_interfaces = addressing.xdp_interfaces(
             &config.interfaces,
@@ -329,12 +335,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     addressing.program(&config.bpffs)?;
     info!(
-        "NodePorts answer on {:?}; masquerading as {}",
+        "NodePorts answer on {:?}; masquerading as {}, ports {}-{}",
         addressing.node_port_addrs,
         addressing.snat_addr.map_or(
             "<none: no --node-ip or interface address>".to_owned(),
             |a| a.to_string()
-        )
+        ),
+        addressing.snat_ports.start(),
+        addressing.snat_ports.end()
     );
     let reconciler = Reconciler::adopt(Maps::open(&config.bpffs)?)?;
     if !reconciler.is_empty() {

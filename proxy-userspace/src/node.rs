@@ -1,11 +1,11 @@
 //! This node's addressing as the datapath needs it: the addresses NodePorts answer on (those
 //! of the served interfaces, and the node IP) and the source address of masqueraded
 //! connections.
-use std::{collections::BTreeSet, ffi::CStr, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeSet, ffi::CStr, net::Ipv4Addr, ops::RangeInclusive, path::Path};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, MapData};
-use proxy_common::{NodeConfig, SNAT_PORT_MAX, SNAT_PORT_MIN, maps};
+use proxy_common::{NodeConfig, maps};
 
 /// The IPv4 addresses of the network interfaces `names`, in the order of `names`.
 pub fn interface_addrs(names: &[String]) -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
@@ -50,17 +50,44 @@ pub struct NodeAddressing {
     /// `None`: no address to masquerade with; externalTrafficPolicy: Cluster traffic to
     /// other nodes' backends is dropped.
     pub snat_addr: Option<Ipv4Addr>,
+    /// Source ports of masqueraded connections.
+    pub snat_ports: RangeInclusive<u16>,
+}
+
+/// Parses a masquerade port range `MIN-MAX`: unprivileged ports, MIN <= MAX.
+pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (min, max) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not MIN-MAX"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{p:?} is not a port number"))
+    };
+    let (min, max) = (port(min)?, port(max)?);
+    if min < 1024 || min > max {
+        return Err(format!(
+            "{text:?}: need 1024 <= MIN <= MAX (privileged ports belong to the node's services)"
+        ));
+    }
+    Ok(min..=max)
 }
 
 impl NodeAddressing {
     /// From `--node-ip` and the addresses of the served interfaces: NodePorts answer on all
-    /// of them; masquerading uses the node IP, else the first interface address.
-    pub fn new(node_ip: Option<Ipv4Addr>, interfaces: &[(String, Ipv4Addr)]) -> Self {
+    /// of them; masquerading uses the node IP, else the first interface address, and
+    /// `snat_ports`.
+    pub fn new(
+        node_ip: Option<Ipv4Addr>,
+        interfaces: &[(String, Ipv4Addr)],
+        snat_ports: RangeInclusive<u16>,
+    ) -> Self {
         let mut node_port_addrs: BTreeSet<Ipv4Addr> = interfaces.iter().map(|(_, a)| *a).collect();
         node_port_addrs.extend(node_ip);
         Self {
             node_port_addrs,
             snat_addr: node_ip.or(interfaces.first().map(|(_, a)| *a)),
+            snat_ports,
         }
     }
 
@@ -130,8 +157,8 @@ impl NodeAddressing {
         let mut config: Array<MapData, NodeConfig> = crate::maps::open(bpffs, maps::NODE_CONFIG)?;
         let value = NodeConfig {
             snat_addr: self.snat_addr.map_or([0; 4], |a| a.octets()),
-            snat_port_min: SNAT_PORT_MIN,
-            snat_port_max: SNAT_PORT_MAX,
+            snat_port_min: *self.snat_ports.start(),
+            snat_port_max: *self.snat_ports.end(),
         };
         config
             .set(0, value, 0)
@@ -141,21 +168,34 @@ impl NodeAddressing {
 
 #[cfg(test)]
 mod tests {
+    use proxy_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+
     use super::*;
+
+    const PORTS: RangeInclusive<u16> = SNAT_PORT_MIN..=SNAT_PORT_MAX;
+
+    #[test]
+    fn masquerade_port_ranges_are_unprivileged_and_ordered() {
+        assert_eq!(parse_port_range("61000-65535"), Ok(61000..=65535));
+        assert_eq!(parse_port_range("40000-40000"), Ok(40000..=40000));
+        for bad in ["61000", "500-600", "65535-61000", "x-70000", "61000-70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn loopback_has_its_address_and_the_node_ip_masquerades() {
         let lo = interface_addrs(&["lo".to_owned()]).unwrap();
         assert_eq!(lo, [("lo".to_owned(), Ipv4Addr::LOCALHOST)]);
         let node_ip = Ipv4Addr::new(192, 168, 50, 1);
-        let addressing = NodeAddressing::new(Some(node_ip), &lo);
+        let addressing = NodeAddressing::new(Some(node_ip), &lo, PORTS);
         assert_eq!(addressing.snat_addr, Some(node_ip));
         assert_eq!(
             addressing.node_port_addrs,
             [Ipv4Addr::LOCALHOST, node_ip].into_iter().collect()
         );
         assert_eq!(
-            NodeAddressing::new(None, &lo).snat_addr,
+            NodeAddressing::new(None, &lo, PORTS).snat_addr,
             Some(Ipv4Addr::LOCALHOST)
         );
     }
@@ -168,7 +208,7 @@ mod tests {
             ("eth0".to_owned(), node_ip),
             ("vh1".to_owned(), Ipv4Addr::new(10, 244, 1, 1)),
         ];
-        let addressing = NodeAddressing::new(Some(node_ip), &addrs);
+        let addressing = NodeAddressing::new(Some(node_ip), &addrs, PORTS);
         assert_eq!(
             addressing.xdp_interfaces(&served, &addrs, &[]).unwrap(),
             ["eth0"]
@@ -183,7 +223,7 @@ mod tests {
             .xdp_interfaces(&served, &addrs, &["eth9".to_owned()])
             .unwrap_err();
         assert!(stray.to_string().contains("eth9"), "{stray}");
-        let elsewhere = NodeAddressing::new(Some(Ipv4Addr::new(10, 0, 0, 9)), &addrs);
+        let elsewhere = NodeAddressing::new(Some(Ipv4Addr::new(10, 0, 0, 9)), &addrs, PORTS);
         let none = elsewhere.xdp_interfaces(&served, &addrs, &[]).unwrap_err();
         assert!(none.to_string().contains("--xdp-interfaces"), "{none}");
     }

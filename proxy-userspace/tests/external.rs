@@ -51,6 +51,11 @@ enum Mode {
 
 /// The two-node world with both backends serving and both agents running on `yaml`.
 fn cluster(yaml: &str, mode: Mode) -> (World, Vec<Agent>) {
+    cluster_with(yaml, mode, &[])
+}
+
+/// `cluster`, with `extra` arguments for the agents.
+fn cluster_with(yaml: &str, mode: Mode, extra: &[&str]) -> (World, Vec<Agent>) {
     let bins = Binaries {
         agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
         proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
@@ -75,6 +80,7 @@ fn cluster(yaml: &str, mode: Mode) -> (World, Vec<Agent>) {
     if let Some(xdp) = xdp {
         args.extend(["--xdp", xdp]);
     }
+    args.extend(extra);
     let agents = (0..2)
         .map(|n| world.start_agent_on(n, &args, true).unwrap())
         .collect();
@@ -173,6 +179,38 @@ fn cluster_policy_node_port(mode: Mode) -> World {
     assert_eq!(seen.len(), 2, "UDP reaches both nodes' pods: {seen:?}");
     assert_all(&seen["pod-b"], NODE_A, "UDP to the remote pod");
     world
+}
+
+#[test]
+fn masquerade_ports_of_ended_connections_are_reused() {
+    // Four masquerade ports for eight connections, one after the other: a port comes back
+    // once its connection has closed (both FINs) and been quiet for a second; until then
+    // the SYN that needs it waits, and its retransmission gets it.
+    let (world, _agents) = cluster_with(
+        &manifest("", "", &[(world_pod(2), "node-b", true)]),
+        Mode::Tc,
+        &["--masquerade-ports", "61000-61003"],
+    );
+    let results = world
+        .probe_ext(&[
+            "tcp",
+            "--to",
+            &format!("{NODE_A}:{NODE_PORT_TCP}"),
+            "--count",
+            "8",
+            "--timeout-ms",
+            "5000",
+        ])
+        .unwrap();
+    let mut ports = std::collections::BTreeSet::new();
+    for r in &results {
+        assert_eq!(r["ok"], true, "attempt failed: {r}");
+        let saw: std::net::SocketAddr = r["server_saw"].as_str().unwrap().parse().unwrap();
+        assert_eq!(saw.ip(), NODE_A, "{r}");
+        assert!((61000..=61003).contains(&saw.port()), "{r}");
+        ports.insert(saw.port());
+    }
+    assert!(ports.len() <= 4, "{ports:?}");
 }
 
 /// Pod `i`'s address (10.244.i.2), known before the world exists.

@@ -85,6 +85,16 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Request/response rate on one TCP connection: a line and its answer, back to back,
+    /// for --duration-ms; prints round trips per second and latency percentiles.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// HTTP GET, printed like `curl -s`.
     Http {
         #[arg(long)]
@@ -169,6 +179,7 @@ fn serve(id: String, tcp: Vec<u16>, udp: Vec<u16>, max_secs: u64) -> anyhow::Res
 fn serve_tcp(stream: TcpStream, id: &str) {
     let Ok(peer) = stream.peer_addr() else { return };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = stream.set_nodelay(true);
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -189,7 +200,11 @@ fn serve_tcp(stream: TcpStream, id: &str) {
             );
             return;
         }
-        if writeln!(writer, "{id} {peer}").is_err() {
+        // One write: pieces would wait for ACKs (Nagle) on a long connection.
+        if writer
+            .write_all(format!("{id} {peer}\n").as_bytes())
+            .is_err()
+        {
             return;
         }
     }
@@ -331,18 +346,56 @@ fn rate(to: SocketAddr, duration: Duration, timeout: Duration) -> serde_json::Va
         }
     }
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
     json!({
         "connections": latencies.len(),
         "failures": failures,
         "per_second": latencies.len() as f64 / started.elapsed().as_secs_f64(),
-        "connect_p50_us": pct(0.5),
-        "connect_p99_us": pct(0.99),
+        "connect_p50_us": percentile(&latencies, 0.5),
+        "connect_p99_us": percentile(&latencies, 0.99),
+    })
+}
+
+/// The `p` quantile of sorted `values`; NaN if there are none.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p) as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// Back-to-back round trips (a line, its answer) on one connection for `duration`.
+fn round_trips(to: SocketAddr, duration: Duration, timeout: Duration) -> serde_json::Value {
+    let started = Instant::now();
+    let stream = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(s) => s,
+        Err(e) => return failure(&e, started),
+    };
+    let setup = stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.try_clone());
+    let mut writer = match setup {
+        Ok(w) => w,
+        Err(e) => return failure(&e, started),
+    };
+    let mut reader = BufReader::new(stream);
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let attempt = Instant::now();
+        if let Err(e) = exchange(&mut reader, &mut writer) {
+            return failure(&e, started);
+        }
+        latencies.push(attempt.elapsed().as_secs_f64() * 1e6);
+    }
+    let per_second = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    json!({
+        "ok": true,
+        "round_trips": latencies.len(),
+        "per_second": per_second,
+        "p50_us": percentile(&latencies, 0.5),
+        "p99_us": percentile(&latencies, 0.99),
     })
 }
 
@@ -418,6 +471,20 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 rate(
+                    to,
+                    Duration::from_millis(duration_ms),
+                    Duration::from_millis(timeout_ms)
+                )
+            );
+        }
+        Command::Rr {
+            to,
+            duration_ms,
+            timeout_ms,
+        } => {
+            println!(
+                "{}",
+                round_trips(
                     to,
                     Duration::from_millis(duration_ms),
                     Duration::from_millis(timeout_ms)

@@ -51,6 +51,12 @@ struct Args {
     /// backends are masqueraded to it [default: the first address of --interfaces].
     #[arg(long, env = "PROXY_NODE_IP")]
     node_ip: Option<std::net::Ipv4Addr>,
+    /// Source ports of masqueraded connections, MIN-MAX [default: 61000-65535]: keep them
+    /// outside the node's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by
+    /// default) or reserve them (net.ipv4.ip_local_reserved_ports), so that the node's own
+    /// connections never use them.
+    #[arg(long, env = "PROXY_MASQUERADE_PORTS", value_parser = proxy::node::parse_port_range)]
+    masquerade_ports: Option<std::ops::RangeInclusive<u16>>,
     /// How tc programs attach.
     #[arg(long, env = "PROXY_TC_ATTACH", value_enum, default_value_t = TcAttach::Auto)]
     tc_attach: TcAttach,
@@ -138,6 +144,9 @@ fn main() -> anyhow::Result<()> {
         bpffs: args.bpffs,
         interfaces: args.interfaces,
         node_ip: args.node_ip,
+        masquerade_ports: args
+            .masquerade_ports
+            .unwrap_or(proxy_common::SNAT_PORT_MIN..=proxy_common::SNAT_PORT_MAX),
         tc_attach: args.tc_attach,
         xdp: args.xdp,
         xdp_interfaces: args.xdp_interfaces,

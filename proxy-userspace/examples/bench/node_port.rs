@@ -1,0 +1,190 @@
+//! External traffic: a client outside the cluster (`ext`) reaches a NodePort on node-a whose
+//! only backend is a pod on node-b, so every connection is masqueraded by node-a; through
+//! kube-proxy's iptables rules, our tc path, and our XDP fast path in generic and native
+//! mode. The baseline is the same client reaching the pod routed by node-b, without NAT.
+//!
+//! Everything runs on one CPU: client, server and the softirqs their packets raise. The
+//! figures are then the CPU cost of the path; across CPUs, the wake-ups between client and
+//! server (IPIs, expensive on a VM) dominate and vary tenfold from run to run.
+use std::{net::Ipv4Addr, process::Command};
+
+use anyhow::{Context as _, ensure};
+use proxy::testbed::{BACKEND_PORT, Binaries, World};
+use serde_json::Value;
+
+const NODE_A: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+const NODE_PORT: u16 = 30080;
+
+/// A data path from ext to the pod.
+#[derive(Clone, Copy)]
+pub enum Path {
+    /// Routed by node-b, no NAT: the baseline.
+    Routed,
+    KubeProxyIptables,
+    Tc,
+    XdpGeneric,
+    XdpNative,
+}
+
+impl Path {
+    pub const ALL: [Path; 5] = [
+        Path::Routed,
+        Path::KubeProxyIptables,
+        Path::Tc,
+        Path::XdpGeneric,
+        Path::XdpNative,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Path::Routed => "routed to the pod, no NAT",
+            Path::KubeProxyIptables => "kube-proxy iptables NodePort",
+            Path::Tc => "our tc path (--xdp off)",
+            Path::XdpGeneric => "our XDP, generic",
+            Path::XdpNative => "our XDP, native",
+        }
+    }
+}
+
+/// What a client in ext measured through one path.
+pub struct Figures {
+    /// New connections per second and median connect latency (µs), sequentially.
+    pub connections: (f64, f64),
+    /// Round trips per second and their median latency (µs) on one connection.
+    pub round_trips: (f64, f64),
+}
+
+/// A NodePort service on 30080 whose endpoint is `pod` on node-b.
+fn manifest(pod: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: bench}}\nspec: {{type: NodePort, clusterIP: 10.96.0.20, ports: [{{name: http, port: 80, targetPort: {BACKEND_PORT}, nodePort: {NODE_PORT}}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: bench, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}}}]\nendpoints: [{{addresses: [{pod}], nodeName: node-b}}]\n"
+    )
+}
+
+/// kube-proxy's iptables rules for that service (nodePort, externalTrafficPolicy Cluster).
+fn iptables_ruleset(pod: Ipv4Addr) -> String {
+    let chains = ":KUBE-NODEPORTS - [0:0]\n:KUBE-EXT-WEB - [0:0]\n:KUBE-SVC-WEB - [0:0]\n:KUBE-SEP-WEB - [0:0]\n";
+    let rules = format!(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         -A KUBE-NODEPORTS -p tcp -m comment --comment \"bench/web:http\" -m tcp --dport {NODE_PORT} -j KUBE-EXT-WEB\n\
+         -A KUBE-EXT-WEB -m comment --comment \"masquerade traffic for bench/web:http external destinations\" -j KUBE-MARK-MASQ\n\
+         -A KUBE-EXT-WEB -j KUBE-SVC-WEB\n\
+         -A KUBE-SVC-WEB -m comment --comment \"bench/web:http -> {pod}:{BACKEND_PORT}\" -j KUBE-SEP-WEB\n\
+         -A KUBE-SEP-WEB -p tcp -m comment --comment \"bench/web:http\" -m tcp -j DNAT --to-destination {pod}:{BACKEND_PORT}\n"
+    );
+    super::kube_nat_table(chains, &rules)
+}
+
+/// Runs netprobe `mode` from ext to `to` for `duration_ms`; returns (per second, median µs).
+fn measure(world: &World, mode: &str, to: &str, duration_ms: u64) -> anyhow::Result<(f64, f64)> {
+    let out = world.probe_ext(&[mode, "--to", to, "--duration-ms", &duration_ms.to_string()])?;
+    let r: &Value = out.first().context("no result")?;
+    ensure!(
+        r["failures"].as_u64().unwrap_or(0) == 0 && r["ok"] != false,
+        "{mode} through {to} failed: {r}"
+    );
+    let median = if mode == "rate" {
+        "connect_p50_us"
+    } else {
+        "p50_us"
+    };
+    Ok((
+        r["per_second"].as_f64().context("per_second")?,
+        r[median].as_f64().context("median")?,
+    ))
+}
+
+/// This thread's CPU affinity.
+fn affinity() -> anyhow::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data, filled by the call.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid set of the size passed.
+    let ret = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    ensure!(
+        ret == 0,
+        "reading the CPU affinity: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(set)
+}
+
+/// Sets this thread's CPU affinity, which the processes it starts inherit.
+fn set_affinity(set: &libc::cpu_set_t) -> anyhow::Result<()> {
+    // SAFETY: a valid set of the size passed.
+    let ret = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(set), set) };
+    ensure!(
+        ret == 0,
+        "setting the CPU affinity: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// Builds the two-node world for `path` and measures it, on one CPU.
+pub fn measure_path(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow::Result<Figures> {
+    let all = affinity()?;
+    // SAFETY: a valid set and CPU numbers below CPU_SETSIZE.
+    let first = (0..libc::CPU_SETSIZE as usize)
+        .find(|&c| unsafe { libc::CPU_ISSET(c, &all) })
+        .context("no CPU in this thread's affinity")?;
+    let mut one = affinity()?;
+    // SAFETY: a valid set and a CPU number below CPU_SETSIZE.
+    unsafe {
+        libc::CPU_ZERO(&mut one);
+        libc::CPU_SET(first, &mut one);
+    }
+    set_affinity(&one)?;
+    let figures = measure_on_this_cpu(path, bins, duration_ms);
+    set_affinity(&all)?;
+    figures
+}
+
+fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow::Result<Figures> {
+    let mut world = World::two_nodes(0, 1, bins.clone())?;
+    // Complete checksums on every path alike: XDP needs them (see the testbed).
+    world.use_wire_checksums()?;
+    world.serve(1, "pod")?;
+    let pod = world.pod(1).ip;
+    let ext = world.ext.clone().context("the world has no ext")?;
+    let node_port = format!("{NODE_A}:{NODE_PORT}");
+    let (to, xdp) = match path {
+        Path::Routed => {
+            let out = Command::new("ip")
+                .args(["-n", &ext, "route", "add", &format!("{pod}/32"), "via"])
+                .arg(NODE_B.to_string())
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "adding ext's route to the pod: {out:?}"
+            );
+            (format!("{pod}:{BACKEND_PORT}"), None)
+        }
+        Path::KubeProxyIptables => {
+            super::load_ruleset(
+                &world,
+                &["iptables-restore", "--noflush"],
+                &iptables_ruleset(pod),
+            )?;
+            (node_port, None)
+        }
+        Path::Tc => (node_port, Some("off")),
+        Path::XdpGeneric => (node_port, Some("generic")),
+        Path::XdpNative => {
+            world.ready_lan_for_native_xdp()?;
+            (node_port, Some("native"))
+        }
+    };
+    if let Some(mode) = xdp {
+        let manifest = world.write_manifest(&manifest(pod))?;
+        let manifest = manifest.to_string_lossy().into_owned();
+        for node in 0..2 {
+            world.start_agent_on(node, &["--manifests", &manifest, "--xdp", mode], false)?;
+        }
+    }
+    Ok(Figures {
+        connections: measure(&world, "rate", &to, duration_ms)?,
+        round_trips: measure(&world, "rr", &to, duration_ms)?,
+    })
+}
