@@ -12,15 +12,36 @@ pub mod maps;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// A service port as clients address it: (virtual IP, port, protocol).
+/// A service port as clients address it: (virtual IP, port, protocol), and which clients
+/// (`SCOPE_*`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     pub addr: [u8; 4],
     pub port: u16,
     pub proto: u8,
-    pub pad: u8,
+    pub scope: u8,
 }
+
+impl ServiceKey {
+    /// The frontend at `addr:port/proto` as every client reaches it.
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope: SCOPE_ALL,
+        }
+    }
+}
+
+/// `ServiceKey::scope`: the frontend as every client reaches it.
+pub const SCOPE_ALL: u8 = 0;
+/// `ServiceKey::scope`: the frontend as clients inside the cluster reach it (pods and
+/// nodes, through the socket hooks), where that differs (`SVC_FLAG_INTERNAL_SCOPE`): an
+/// externalTrafficPolicy: Local frontend serves them from all the service's endpoints, as
+/// kube-proxy sends pod and node traffic to the cluster-wide endpoints.
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// `ServiceKey::addr` of a NodePort: the port is served on every address in `NODE_ADDRS`.
 pub const NODE_PORT_ADDR: [u8; 4] = [0; 4];
@@ -34,6 +55,9 @@ pub const SVC_FLAG_MASQUERADE: u8 = 2;
 /// `ServiceValue::flags`: without backends, drop instead of rejecting (a `Local` traffic
 /// policy while the service has endpoints on other nodes, as kube-proxy does).
 pub const SVC_FLAG_DROP_IF_EMPTY: u8 = 4;
+/// `ServiceValue::flags`: clients inside the cluster use this frontend's `SCOPE_INTERNAL`
+/// entry.
+pub const SVC_FLAG_INTERNAL_SCOPE: u8 = 8;
 
 /// What the datapath needs to pick a backend for a service port.
 ///

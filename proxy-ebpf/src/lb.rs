@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, Backend, CT_TIMEOUT_UDP_SECS, Counters,
-    NODE_PORT_ADDR, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey,
+    NODE_PORT_ADDR, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_SCOPE, ServiceKey,
+    ServiceValue, SlotKey,
 };
 
 use crate::maps::{
@@ -110,6 +111,30 @@ pub fn service_for(key: &ServiceKey) -> Option<ServiceValue> {
         addr: NODE_PORT_ADDR,
         ..*key
     })
+}
+
+/// `service_for` as a client inside the cluster (a pod or the node, through the socket
+/// hooks) reaches it: a frontend flagged `SVC_FLAG_INTERNAL_SCOPE` serves those clients
+/// from its `SCOPE_INTERNAL` entry. At most five lookups.
+#[inline(always)]
+pub fn service_in_cluster(key: &ServiceKey) -> Option<ServiceValue> {
+    let svc = service_for(key)?;
+    if svc.flags & SVC_FLAG_INTERNAL_SCOPE == 0 {
+        return Some(svc);
+    }
+    let internal = ServiceKey {
+        scope: SCOPE_INTERNAL,
+        ..*key
+    };
+    // The frontend matched exactly, or as a NodePort.
+    service(&internal)
+        .or_else(|| {
+            service(&ServiceKey {
+                addr: NODE_PORT_ADDR,
+                ..internal
+            })
+        })
+        .or(Some(svc))
 }
 
 pub fn random() -> u32 {

@@ -125,12 +125,7 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         }
         // An unmasqueraded reply is reverse-translated on its way out (`egress`).
     }
-    let service = ServiceKey {
-        addr: flow.key.dst,
-        port: flow.key.dport,
-        proto: flow.key.proto,
-        pad: 0,
-    };
+    let service = ServiceKey::new(flow.key.dst, flow.key.dport, flow.key.proto);
     let Some(svc) = lb::service_for(&service) else {
         return Verdict::Pass;
     };

@@ -69,12 +69,7 @@ fn service_key(ctx: &SockAddrContext) -> Option<ServiceKey> {
         return None;
     }
     let (addr, port) = user_addr(ctx);
-    Some(ServiceKey {
-        addr,
-        port,
-        proto,
-        pad: 0,
-    })
+    Some(ServiceKey::new(addr, port, proto))
 }
 
 /// Points the socket at the backend and remembers the service address for the reverse way.
@@ -120,7 +115,7 @@ fn connect(ctx: &SockAddrContext) -> i32 {
     let Some(key) = service_key(ctx) else {
         return ALLOW;
     };
-    let Some(svc) = lb::service_for(&key) else {
+    let Some(svc) = lb::service_in_cluster(&key) else {
         return ALLOW;
     };
     let now = lb::now_ns();
@@ -148,7 +143,7 @@ fn sendmsg(ctx: &SockAddrContext) -> i32 {
     let Some(key) = service_key(ctx) else {
         return ALLOW;
     };
-    let Some(svc) = lb::service_for(&key) else {
+    let Some(svc) = lb::service_in_cluster(&key) else {
         return ALLOW;
     };
     let now = lb::now_ns();

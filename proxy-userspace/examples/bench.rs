@@ -66,12 +66,7 @@ fn desired(n: usize) -> DesiredState {
                     flags: 0,
                 })
                 .collect();
-            let key = ServiceKey {
-                addr: vip(i),
-                port: 80,
-                proto: 6,
-                pad: 0,
-            };
+            let key = ServiceKey::new(vip(i), 80, 6);
             let service = DesiredService {
                 name: format!("bench/svc-{i}:http"),
                 backends,

@@ -1,11 +1,13 @@
 //! Translation of validated Services and EndpointSlices into what the maps must hold: one
 //! `DesiredService` per frontend of each service port (its cluster IP, node port, external
-//! and load-balancer IPs), with its usable backends; and the health-check ports to serve.
+//! and load-balancer IPs), with its usable backends, plus the in-cluster scope of the
+//! frontends whose in-cluster clients see other backends; and the health-check ports to
+//! serve.
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
     BACKEND_FLAG_LOCAL, Backend, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP, FRONTEND_LOAD_BALANCER,
-    FRONTEND_NODE_PORT, NODE_PORT_ADDR, ServiceKey,
+    FRONTEND_NODE_PORT, NODE_PORT_ADDR, SCOPE_INTERNAL, ServiceKey,
 };
 
 use crate::{
@@ -78,6 +80,9 @@ pub struct DesiredService {
     /// A `Local` policy leaves no backend although the service has endpoints elsewhere:
     /// drop new connections, as kube-proxy does, rather than reject them.
     pub drop_if_empty: bool,
+    /// Clients inside the cluster use the entry of this frontend's key in `SCOPE_INTERNAL`
+    /// (an external frontend with `externalTrafficPolicy: Local`).
+    pub internal_scope: bool,
 }
 
 pub type DesiredState = BTreeMap<ServiceKey, DesiredService>;
@@ -105,11 +110,8 @@ pub struct Desired {
 
 /// The frontends of a service port: where clients address it.
 fn frontends(spec: &ServiceSpec, port: &PortSpec) -> Vec<(Frontend, ServiceKey)> {
-    let key = |addr: [u8; 4], port_number: u16| ServiceKey {
-        addr,
-        port: port_number,
-        proto: port.protocol.ip_proto(),
-        pad: 0,
+    let key = |addr: [u8; 4], port_number: u16| {
+        ServiceKey::new(addr, port_number, port.protocol.ip_proto())
     };
     let mut out = vec![(
         Frontend::ClusterIp,
@@ -276,6 +278,12 @@ pub fn desired_state<'a>(
             let candidates = candidates(port, slices);
             let internal = backends(port, &candidates, spec.internal_local, topology);
             let external = backends(port, &candidates, spec.external_local, topology);
+            // kube-proxy sends pods and nodes reaching a Local external frontend to every
+            // endpoint, not only this node's: a pod calling its ingress's load-balancer IP
+            // must not depend on where the ingress controller runs.
+            let cluster_wide = spec
+                .external_local
+                .then(|| backends(port, &candidates, false, topology));
             for (frontend, key) in frontends(spec, port) {
                 if let Some(existing) = desired.services.get(&key) {
                     let addr = match frontend {
@@ -300,21 +308,36 @@ pub fn desired_state<'a>(
                 } else {
                     (&internal, spec.internal_local)
                 };
-                desired.services.insert(
-                    key,
-                    DesiredService {
-                        name: name.clone(),
-                        frontend,
-                        service_type: spec.service_type,
-                        backends: chosen.backends.clone(),
-                        affinity_timeout_secs: spec.affinity_timeout_secs,
-                        terminating: chosen.terminating,
-                        internal_local: spec.internal_local,
-                        external_local: spec.external_local,
-                        masquerade: frontend.is_external() && !spec.external_local,
-                        drop_if_empty: local && chosen.only_elsewhere,
-                    },
-                );
+                let in_cluster = cluster_wide.as_ref().filter(|_| frontend.is_external());
+                let service = DesiredService {
+                    name: name.clone(),
+                    frontend,
+                    service_type: spec.service_type,
+                    backends: chosen.backends.clone(),
+                    affinity_timeout_secs: spec.affinity_timeout_secs,
+                    terminating: chosen.terminating,
+                    internal_local: spec.internal_local,
+                    external_local: spec.external_local,
+                    masquerade: frontend.is_external() && !spec.external_local,
+                    drop_if_empty: local && chosen.only_elsewhere,
+                    internal_scope: in_cluster.is_some(),
+                };
+                if let Some(all) = in_cluster {
+                    let internal_key = ServiceKey {
+                        scope: SCOPE_INTERNAL,
+                        ..key
+                    };
+                    let view = DesiredService {
+                        backends: all.backends.clone(),
+                        terminating: all.terminating,
+                        masquerade: false,
+                        drop_if_empty: false,
+                        internal_scope: false,
+                        ..service.clone()
+                    };
+                    desired.services.insert(internal_key, view);
+                }
+                desired.services.insert(key, service);
             }
         }
         if let Some(port) = spec.health_check_node_port {
@@ -459,20 +482,10 @@ mod tests {
         ];
         let (state, rejections) = desired([&web].into_iter(), slices.iter(), &Topology::default());
         assert!(rejections.is_empty());
-        let http = &state[&ServiceKey {
-            addr: [10, 96, 0, 10],
-            port: 80,
-            proto: 6,
-            pad: 0,
-        }];
+        let http = &state[&ServiceKey::new([10, 96, 0, 10], 80, 6)];
         assert_eq!(http.name, "ns/web:http");
         assert_eq!(addrs(http), [(1, 8080), (2, 8080)]);
-        let dns = &state[&ServiceKey {
-            addr: [10, 96, 0, 10],
-            port: 53,
-            proto: 17,
-            pad: 0,
-        }];
+        let dns = &state[&ServiceKey::new([10, 96, 0, 10], 53, 17)];
         assert_eq!(addrs(dns), [(1, 5353)]);
     }
 
@@ -652,12 +665,7 @@ mod tests {
     }
 
     fn frontend(state: &DesiredState, addr: [u8; 4], port: u16) -> &DesiredService {
-        &state[&ServiceKey {
-            addr,
-            port,
-            proto: 6,
-            pad: 0,
-        }]
+        &state[&ServiceKey::new(addr, port, 6)]
     }
 
     #[test]
@@ -679,6 +687,7 @@ mod tests {
         let node_port = frontend(&state, NODE_PORT_ADDR, 30080);
         assert_eq!(node_port.frontend, Frontend::NodePort);
         assert!(node_port.masquerade);
+        assert!(!node_port.internal_scope, "Cluster: one backend set for every client");
         assert_eq!(addrs(node_port), [(1, 80), (2, 80)]);
         assert_eq!(node_port.backends[0].flags, BACKEND_FLAG_LOCAL);
         assert_eq!(node_port.backends[1].flags, 0);
@@ -702,6 +711,21 @@ mod tests {
             addrs(frontend(&state, [10, 96, 0, 20], 80)),
             [(1, 80), (2, 80)]
         );
+        // ...and clients inside the cluster reach every endpoint through each external
+        // frontend's in-cluster scope, without masquerade or drop.
+        assert_eq!(state.len(), 4 + 3, "three external frontends, in-cluster scope each");
+        for addr in [NODE_PORT_ADDR, [203, 0, 113, 20], [203, 0, 113, 10]] {
+            let port = if addr == NODE_PORT_ADDR { 30080 } else { 80 };
+            let outside = frontend(&state, addr, port);
+            assert!(outside.internal_scope, "{addr:?}");
+            let inside = &state[&ServiceKey {
+                scope: SCOPE_INTERNAL,
+                ..ServiceKey::new(addr, port, 6)
+            }];
+            assert_eq!(addrs(inside), [(1, 80), (2, 80)], "{addr:?}");
+            assert_eq!(inside.frontend, outside.frontend);
+            assert!(!inside.masquerade && !inside.drop_if_empty && !inside.internal_scope);
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use proxy_common::{
     AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_SNAT, CT_FORWARD, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
-    SlotKey, maps,
+    CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, SCOPE_ALL, SVC_FLAG_AFFINITY, ServiceKey,
+    ServiceValue, SlotKey, maps,
 };
 use serde::Serialize;
 
@@ -112,7 +112,9 @@ fn service_row(
             .map(|(_, k, _)| k.port),
         external_addresses: frontends
             .iter()
-            .filter(|(f, _, _)| matches!(f, Frontend::ExternalIp | Frontend::LoadBalancer))
+            .filter(|(f, k, _)| {
+                matches!(f, Frontend::ExternalIp | Frontend::LoadBalancer) && k.scope == SCOPE_ALL
+            })
             .map(|(_, k, _)| Ipv4Addr::from(k.addr))
             .collect(),
         ready_backends: ready,

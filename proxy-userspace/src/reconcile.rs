@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context as _, anyhow};
 use proxy_common::{
-    Backend, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
-    ServiceValue, SlotKey,
+    Backend, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_INTERNAL_SCOPE,
+    SVC_FLAG_MASQUERADE, ServiceKey, ServiceValue, SlotKey,
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 use tracing::warn;
@@ -135,6 +135,9 @@ fn flags(want: &DesiredService) -> (u8, u32) {
     };
     if want.masquerade {
         flags |= SVC_FLAG_MASQUERADE;
+    }
+    if want.internal_scope {
+        flags |= SVC_FLAG_INTERNAL_SCOPE;
     }
     if want.drop_if_empty {
         flags |= SVC_FLAG_DROP_IF_EMPTY;
@@ -616,12 +619,7 @@ mod tests {
     }
 
     fn key(port: u16) -> ServiceKey {
-        ServiceKey {
-            addr: [10, 96, 0, 1],
-            port,
-            proto: 6,
-            pad: 0,
-        }
+        ServiceKey::new([10, 96, 0, 1], port, 6)
     }
 
     fn backend(last: u8) -> Backend {

@@ -563,7 +563,7 @@ fn resync_repairs_map_entries_changed_behind_the_agents_back() {
         3
     );
 
-    // Someone deletes the service entry with bpftool: key = addr, port (LE), proto, pad.
+    // Someone deletes the service entry with bpftool: key = addr, port (LE), proto, scope.
     let deleted = std::process::Command::new("bpftool")
         .args(["map", "delete", "pinned"])
         .arg(world.nodes[0].bpffs.join("services"))

@@ -279,6 +279,20 @@ fn local_policy(mode: Mode) {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["localEndpoints"], 0);
 
+    // Clients inside the cluster are not subject to the external policy: a pod on node-b,
+    // which has no local endpoint, reaches the service through the load-balancer IP and
+    // node-b's node port, as kube-proxy sends pod traffic to every endpoint.
+    for to in [format!("{LB_IP}:80"), format!("{NODE_B}:{NODE_PORT_TCP}")] {
+        let results = world
+            .probe(2, true, &["tcp", "--to", &to, "--count", "5"])
+            .unwrap();
+        let seen = seen_by_backend(&results);
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{to}: {seen:?}");
+        for r in &results {
+            assert_eq!(r["peer"], to, "the pod sees the address it used: {r}");
+        }
+    }
+
     // The local endpoint goes away: node-a's health check says so within a second.
     let gone = [
         (world_pod(1), "node-a", false),
