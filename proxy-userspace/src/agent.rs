@@ -30,7 +30,7 @@ use crate::{
     manifest::ManifestSource,
     maps::Maps,
     metrics::Metrics,
-    node::NodeAddressing,
+    node::NodeAddresses,
     reconcile::Reconciler,
     rejection::{Reason, Rejection},
     source::{self, SourceEvent},
@@ -315,16 +315,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes)?;
     datapath.attach_socket_hooks(&cgroup)?;
     datapath.attach_tc(&config.interfaces, config.tc_attach)?;
-    let interface_addrs = crate::node::interface_addrs(&config.interfaces)?;
-    let addressing = NodeAddressing::new(
+    let mut node_addresses = NodeAddresses::new(
         config.node_ip,
-        &interface_addrs,
+        &config.interfaces,
         config.masquerade_ports.clone(),
-    );
+        &config.bpffs,
+    )?;
     if config.xdp != XdpAttach::Off {
-        let xdp_interfaces = addressing.xdp_interfaces(
+        let xdp_interfaces = node_addresses.current.xdp_interfaces(
             &config.interfaces,
-            &interface_addrs,
+            &node_addresses.interface_addrs,
             &config.xdp_interfaces,
         )?;
         datapath.attach_xdp(&xdp_interfaces, config.xdp)?;
@@ -333,17 +333,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for attachment in &datapath.attachments {
         info!("attached {attachment}");
     }
-    addressing.program(&config.bpffs)?;
-    info!(
-        "NodePorts answer on {:?}; masquerading as {}, ports {}-{}",
-        addressing.node_port_addrs,
-        addressing.snat_addr.map_or(
-            "<none: no --node-ip or interface address>".to_owned(),
-            |a| a.to_string()
-        ),
-        addressing.snat_ports.start(),
-        addressing.snat_ports.end()
-    );
+    info!("{}", node_addresses.current);
     let reconciler = Reconciler::adopt(Maps::open(&config.bpffs)?)?;
     if !reconciler.is_empty() {
         info!(
@@ -432,6 +422,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             _ = resync.tick(), if agent.ready() => agent.repair(),
             _ = gc.tick() => {
+                match node_addresses.refresh() {
+                    Ok(true) => info!("node addresses changed: {}", node_addresses.current),
+                    Ok(false) => {}
+                    Err(e) => warn!("re-reading the node's addresses: {e:#}"),
+                }
                 let report = conntrack::collect_garbage(&mut conntrack);
                 agent.metrics.conntrack_entries.set(report.entries as i64);
                 agent.metrics.conntrack_expired.inc_by(report.expired as u64);

@@ -687,7 +687,10 @@ mod tests {
         let node_port = frontend(&state, NODE_PORT_ADDR, 30080);
         assert_eq!(node_port.frontend, Frontend::NodePort);
         assert!(node_port.masquerade);
-        assert!(!node_port.internal_scope, "Cluster: one backend set for every client");
+        assert!(
+            !node_port.internal_scope,
+            "Cluster: one backend set for every client"
+        );
         assert_eq!(addrs(node_port), [(1, 80), (2, 80)]);
         assert_eq!(node_port.backends[0].flags, BACKEND_FLAG_LOCAL);
         assert_eq!(node_port.backends[1].flags, 0);
@@ -713,7 +716,11 @@ mod tests {
         );
         // ...and clients inside the cluster reach every endpoint through each external
         // frontend's in-cluster scope, without masquerade or drop.
-        assert_eq!(state.len(), 4 + 3, "three external frontends, in-cluster scope each");
+        assert_eq!(
+            state.len(),
+            4 + 3,
+            "three external frontends, in-cluster scope each"
+        );
         for addr in [NODE_PORT_ADDR, [203, 0, 113, 20], [203, 0, 113, 10]] {
             let port = if addr == NODE_PORT_ADDR { 30080 } else { 80 };
             let outside = frontend(&state, addr, port);

@@ -43,6 +43,57 @@ pub fn interface_addrs(names: &[String]) -> anyhow::Result<Vec<(String, Ipv4Addr
         .collect())
 }
 
+/// The node's addressing kept in step with its interfaces' addresses, which can change
+/// while the agent runs (DHCP, an address added to the external interface): re-read and
+/// reprogrammed on every `refresh`.
+pub struct NodeAddresses {
+    node_ip: Option<Ipv4Addr>,
+    interfaces: Vec<String>,
+    bpffs: std::path::PathBuf,
+    pub current: NodeAddressing,
+    /// The interfaces' addresses behind `current`.
+    pub interface_addrs: Vec<(String, Ipv4Addr)>,
+}
+
+impl NodeAddresses {
+    /// Reads the addresses of `interfaces` and programs the maps under `bpffs`.
+    pub fn new(
+        node_ip: Option<Ipv4Addr>,
+        interfaces: &[String],
+        snat_ports: RangeInclusive<u16>,
+        bpffs: &Path,
+    ) -> anyhow::Result<Self> {
+        let interface_addrs = interface_addrs(interfaces)?;
+        let current = NodeAddressing::new(node_ip, &interface_addrs, snat_ports);
+        current.program(bpffs)?;
+        Ok(Self {
+            node_ip,
+            interfaces: interfaces.to_vec(),
+            bpffs: bpffs.to_owned(),
+            current,
+            interface_addrs,
+        })
+    }
+
+    /// Re-reads the interfaces' addresses; reprograms and returns true if the addressing
+    /// changed.
+    pub fn refresh(&mut self) -> anyhow::Result<bool> {
+        let interface_addrs = interface_addrs(&self.interfaces)?;
+        let next = NodeAddressing::new(
+            self.node_ip,
+            &interface_addrs,
+            self.current.snat_ports.clone(),
+        );
+        if next == self.current {
+            return Ok(false);
+        }
+        next.program(&self.bpffs)?;
+        self.current = next;
+        self.interface_addrs = interface_addrs;
+        Ok(true)
+    }
+}
+
 /// What this node answers NodePorts on and masquerades with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeAddressing {
@@ -52,6 +103,24 @@ pub struct NodeAddressing {
     pub snat_addr: Option<Ipv4Addr>,
     /// Source ports of masqueraded connections.
     pub snat_ports: RangeInclusive<u16>,
+}
+
+impl std::fmt::Display for NodeAddressing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodePorts answer on {:?}; ", self.node_port_addrs)?;
+        match self.snat_addr {
+            Some(addr) => write!(
+                f,
+                "masquerading as {addr}, ports {}-{}",
+                self.snat_ports.start(),
+                self.snat_ports.end()
+            ),
+            None => write!(
+                f,
+                "no masquerade address (no --node-ip or interface address)"
+            ),
+        }
+    }
 }
 
 /// Parses a masquerade port range `MIN-MAX`: unprivileged ports, MIN <= MAX.

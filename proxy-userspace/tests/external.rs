@@ -213,6 +213,27 @@ fn masquerade_ports_of_ended_connections_are_reused() {
     assert!(ports.len() <= 4, "{ports:?}");
 }
 
+#[test]
+fn node_ports_follow_addresses_added_while_the_agent_runs() {
+    let (world, agents) = cluster(
+        &manifest("", "", &[(world_pod(1), "node-a", true)]),
+        Mode::Tc,
+    );
+    let added = "192.168.50.11";
+    let status = std::process::Command::new("ip")
+        .args(["-n", &world.nodes[0].netns, "addr", "add"])
+        .args([&format!("{added}/24"), "dev", "eth0"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The agent re-reads its interfaces' addresses at every housekeeping tick (1 s here).
+    agents[0]
+        .wait_for_log(&["node addresses changed", added], Duration::from_secs(5))
+        .unwrap();
+    let seen = seen_by_backend(&tcp(&world, format!("{added}:{NODE_PORT_TCP}"), 3));
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{seen:?}");
+}
+
 /// Pod `i`'s address (10.244.i.2), known before the world exists.
 fn world_pod(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, i, 2)

@@ -84,7 +84,8 @@ struct Args {
     /// when the map is created: a map already pinned keeps its capacity.
     #[arg(long = "map-size", env = "PROXY_MAP_SIZES", value_delimiter = ',', value_parser = parse_map_size)]
     map_sizes: Vec<(String, u32)>,
-    /// Seconds between conntrack garbage collections.
+    /// Seconds between conntrack garbage collections; the interfaces' addresses (where
+    /// NodePorts answer, the masquerade address) are re-read as often.
     #[arg(long, env = "PROXY_CONNTRACK_GC_INTERVAL", default_value_t = 10)]
     conntrack_gc_interval: u64,
     /// Least milliseconds between two syncs: changes arriving closer together are
