@@ -233,6 +233,26 @@ pub fn ct_flow_timeout_secs(proto: u8, a: u8, b: u8) -> u64 {
     }
 }
 
+/// Why the datapath dropped a packet: its index in the `drops` map, and in `DROP_REASONS`.
+/// A `Local` traffic policy leaves no endpoint on this node, while other nodes have some.
+pub const DROP_NO_LOCAL_ENDPOINT: u32 = 0;
+/// Every source port tried for a masqueraded connection was taken.
+pub const DROP_NO_MASQUERADE_PORT: u32 = 1;
+/// A connection needs masquerading but the node has no address to masquerade with.
+pub const DROP_NO_MASQUERADE_ADDRESS: u32 = 2;
+/// A new flow could not be recorded in the conntrack map.
+pub const DROP_CONNTRACK_INSERT: u32 = 3;
+/// A packet the datapath routes itself had no route, or its TTL ran out.
+pub const DROP_NO_ROUTE: u32 = 4;
+/// The `DROP_*` reasons by index, as metrics and `proxyctl status` name them.
+pub const DROP_REASONS: [&str; 5] = [
+    "no_local_endpoint",
+    "no_masquerade_port",
+    "no_masquerade_address",
+    "conntrack_insert_failed",
+    "no_route",
+];
+
 /// Which kind of client an affinity entry remembers.
 pub const AFFINITY_CLIENT_IP: u8 = 0;
 /// A socket-LB client: the network namespace cookie stands for the pod's IP, which is not

@@ -29,9 +29,11 @@ pub const SOCK_REV_NAT: &str = "sock_rev_nat";
 pub const NODE_ADDRS: &str = "node_addrs";
 /// array of one NodeConfig
 pub const NODE_CONFIG: &str = "node_config";
+/// per-CPU array (`DROP_*` reason → packets dropped)
+pub const DROPS: &str = "drops";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
@@ -44,6 +46,7 @@ pub const ALL: [&str; 12] = [
     AGENT_STATUS,
     NODE_ADDRS,
     NODE_CONFIG,
+    DROPS,
 ];
 
 /// Maps whose capacity the agent may change (`--map-size`): not the per-CPU arrays, whose

@@ -11,7 +11,7 @@ use proxy_common::{
 };
 
 use crate::maps::{
-    AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, NODE_ADDRS, SERVICE_STATS, SERVICES,
+    AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, DROPS, NODE_ADDRS, SERVICE_STATS, SERVICES,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -186,6 +186,15 @@ fn add<const N: usize>(stats: &PerCpuArray<Counters, N>, id: u32, delta: &Counte
             (*c).packets += delta.packets;
             (*c).bytes += delta.bytes;
         }
+    }
+}
+
+/// Counts a dropped packet under its `DROP_*` reason.
+#[inline(always)]
+pub fn count_drop(reason: u32) {
+    if let Some(n) = DROPS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *n += 1 };
     }
 }
 

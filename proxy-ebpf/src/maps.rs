@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, NodeConfig,
-    ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, DROP_REASONS,
+    NodeConfig, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevKey, SockRevValue,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES,
         MAX_SOCK_REV_NAT,
@@ -59,3 +59,6 @@ pub static NODE_ADDRS: HashMap<[u8; 4], u32, { MAX_NODE_ADDRS as usize }> = Hash
 
 #[btf_map(name = "node_config")]
 pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map(name = "drops")]
+pub static DROPS: PerCpuArray<u64, { DROP_REASONS.len() }> = PerCpuArray::new();

@@ -4,8 +4,9 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, SVC_FLAG_DROP_IF_EMPTY,
-    SVC_FLAG_MASQUERADE, ServiceKey,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, DROP_CONNTRACK_INSERT,
+    DROP_NO_LOCAL_ENDPOINT, DROP_NO_MASQUERADE_ADDRESS, DROP_NO_MASQUERADE_PORT,
+    SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
 };
 
 use crate::{
@@ -24,7 +25,8 @@ const SNAT_REUSE_AFTER_NS: u64 = 1_000_000_000;
 pub enum Verdict {
     /// Not a service flow: leave it alone.
     Pass,
-    Drop,
+    /// Drop, counted under this `DROP_*` reason.
+    Drop(u32),
     /// A service without backends: answer ICMP port unreachable, as kube-proxy's REJECT.
     Reject,
     Translate(Translation),
@@ -133,7 +135,7 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
     let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
         return if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
-            Verdict::Drop
+            Verdict::Drop(DROP_NO_LOCAL_ENDPOINT)
         } else {
             Verdict::Reject
         };
@@ -164,19 +166,19 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         ..forward
     };
     let src = if masquerade {
-        let Some((addr, port)) = reserve_snat(flow, &chosen, &mut forward, reply, now) else {
-            return Verdict::Drop;
-        };
-        Rewrite::to(addr, port)
+        match reserve_snat(flow, &chosen, &mut forward, reply, now) {
+            Ok((addr, port)) => Rewrite::to(addr, port),
+            Err(reason) => return Verdict::Drop(reason),
+        }
     } else {
         // LRU inserts evict instead of failing when full.
         if CONNTRACK.insert(flow.key.peer(&forward), reply, 0).is_err() {
-            return Verdict::Drop;
+            return Verdict::Drop(DROP_CONNTRACK_INSERT);
         }
         Rewrite::NONE
     };
     if CONNTRACK.insert(flow.key, forward, 0).is_err() {
-        return Verdict::Drop;
+        return Verdict::Drop(DROP_CONNTRACK_INSERT);
     }
     Verdict::Translate(Translation {
         src,
@@ -198,10 +200,10 @@ fn reserve_snat(
     forward: &mut CtEntry,
     reply: CtEntry,
     now: u64,
-) -> Option<([u8; 4], u16)> {
-    let config = NODE_CONFIG.get(0)?;
+) -> Result<([u8; 4], u16), u32> {
+    let config = NODE_CONFIG.get(0).ok_or(DROP_NO_MASQUERADE_ADDRESS)?;
     if config.snat_addr == [0; 4] || config.snat_port_max < config.snat_port_min {
-        return None;
+        return Err(DROP_NO_MASQUERADE_ADDRESS);
     }
     let range = (config.snat_port_max - config.snat_port_min) as u32 + 1;
     let mut reply = reply;
@@ -224,10 +226,10 @@ fn reserve_snat(
                 && CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok())
         {
             forward.peer_port = port;
-            return Some((config.snat_addr, port));
+            return Ok((config.snat_addr, port));
         }
     }
-    None
+    Err(DROP_NO_MASQUERADE_PORT)
 }
 
 /// Frees the masquerade reply tuple `key` if its TCP flow has ended: both sides sent a FIN

@@ -7,7 +7,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF};
+use proxy_common::DROP_NO_ROUTE;
+
+use crate::{
+    lb,
+    packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+};
 
 const AF_INET: u8 = 2;
 
@@ -70,11 +75,13 @@ pub fn forward(ctx: &TcContext, proto: u8) -> Result<i32, i64> {
     // SAFETY: valid context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(hop) = lookup(ctx.skb.skb.cast(), ifindex, proto, src, dst) else {
+        lb::count_drop(DROP_NO_ROUTE);
         return Ok(TC_ACT_SHOT);
     };
     // TTL and protocol share a 16-bit word of the header checksum.
     let word: u16 = ctx.load(IP_TTL_OFF)?;
     if u16::from_be(word) >> 8 <= 1 {
+        lb::count_drop(DROP_NO_ROUTE);
         return Ok(TC_ACT_SHOT);
     }
     let decremented = (u16::from_be(word) - 0x0100).to_be();

@@ -47,7 +47,10 @@ pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
 fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
     match verdict {
         Verdict::Pass => Ok(TC_ACT_OK),
-        Verdict::Drop => Ok(TC_ACT_SHOT),
+        Verdict::Drop(reason) => {
+            lb::count_drop(reason);
+            Ok(TC_ACT_SHOT)
+        }
         Verdict::Reject => {
             packet::into_port_unreachable(ctx, flow)?;
             // SAFETY: valid context; sends the answer back out of the interface it came from.

@@ -33,7 +33,10 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
             false => None,
         }
         .unwrap_or_else(|| pass_to_tc(&t)),
-        Verdict::Drop => XDP_DROP,
+        Verdict::Drop(reason) => {
+            lb::count_drop(reason);
+            XDP_DROP
+        }
         Verdict::Pass | Verdict::Reject => XDP_PASS,
     }
 }

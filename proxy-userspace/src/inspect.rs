@@ -7,11 +7,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use proxy_common::{
     AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_SNAT, CT_FORWARD, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, SCOPE_ALL, SVC_FLAG_AFFINITY, ServiceKey,
-    ServiceValue, SlotKey, maps,
+    CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DROP_REASONS, SCOPE_ALL, SVC_FLAG_AFFINITY,
+    ServiceKey, ServiceValue, SlotKey, maps,
 };
 use serde::Serialize;
 
@@ -404,6 +404,23 @@ pub struct Status {
     pub failed_service_ports: u32,
     /// Pinned attachments: "program@target".
     pub attachments: Vec<String>,
+    /// Packets the datapath dropped, by reason (`DROP_REASONS`).
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+/// Packets the datapath dropped since its maps were created, by reason.
+pub fn drops(dir: &Path) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    let map: PerCpuArray<MapData, u64> = open(dir, maps::DROPS)?;
+    DROP_REASONS
+        .iter()
+        .zip(0u32..)
+        .map(|(name, index)| {
+            let per_cpu = map
+                .get(&index, 0)
+                .with_context(|| format!("reading drops of reason {name}"))?;
+            Ok((*name, per_cpu.iter().sum()))
+        })
+        .collect()
 }
 
 pub fn status(dir: &Path) -> anyhow::Result<Status> {
@@ -428,5 +445,6 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
         service_ports: s.service_ports,
         failed_service_ports: s.failed,
         attachments,
+        drops: drops(dir)?,
     })
 }

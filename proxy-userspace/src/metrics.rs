@@ -281,8 +281,20 @@ fn datapath_families(bpffs: &std::path::Path) -> anyhow::Result<Vec<MetricFamily
             entries.with_label_values(&[row.name]).set(n as i64);
         }
     }
-    let mut families: Vec<MetricFamily> =
-        svc.iter().chain(&be).flat_map(Collector::collect).collect();
+    let drops = counter(
+        "proxy_datapath_drops_total",
+        "Packets the datapath dropped, by reason.",
+        &["reason"],
+    )?;
+    for (reason, packets) in crate::inspect::drops(bpffs)? {
+        drops.with_label_values(&[reason]).inc_by(packets);
+    }
+    let mut families: Vec<MetricFamily> = svc
+        .iter()
+        .chain(&be)
+        .chain([&drops])
+        .flat_map(Collector::collect)
+        .collect();
     families.extend(entries.collect());
     families.extend(capacity.collect());
     Ok(families)

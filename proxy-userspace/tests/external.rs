@@ -211,6 +211,33 @@ fn masquerade_ports_of_ended_connections_are_reused() {
         ports.insert(saw.port());
     }
     assert!(ports.len() <= 4, "{ports:?}");
+    // The SYNs that found every port taken were dropped, and counted.
+    assert!(drops(&world, 0, "no_masquerade_port") > 0);
+}
+
+/// Node `node`'s datapath drops for `reason`, from `proxyctl status`, checked against its
+/// metric.
+fn drops(world: &World, node: usize, reason: &str) -> u64 {
+    let status: Value = serde_json::from_str(
+        &world
+            .proxyctl_on(node, &["status", "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let count = status["drops"][reason]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {reason} in {status}"));
+    let metrics = world
+        .http_in(
+            &world.nodes[node].netns,
+            Ipv4Addr::LOCALHOST,
+            10249,
+            "/metrics",
+        )
+        .unwrap();
+    let line = format!("proxy_datapath_drops_total{{reason=\"{reason}\"}} {count}");
+    assert!(metrics.contains(&line), "no {line:?} in\n{metrics}");
+    count
 }
 
 #[test]
@@ -288,6 +315,7 @@ fn local_policy(mode: Mode) {
         dropped[0]["kind"], "timeout",
         "dropped, not refused: {dropped:?}"
     );
+    assert!(drops(&world, 1, "no_local_endpoint") > 0);
 
     // kube-proxy's health-check answers, on each node.
     let (status, body) = health(&world, NODE_A);

@@ -357,6 +357,10 @@ fn run(args: Args) -> Result<String, Failure> {
                     for a in &s.attachments {
                         text += &format!("  {}\n", a.replacen('@', " on ", 1));
                     }
+                    text += "datapath drops:\n";
+                    for (reason, packets) in &s.drops {
+                        text += &format!("  {reason:<24} {packets}\n");
+                    }
                     text
                 }
                 _ => structured(out, &s)?,
