@@ -18,9 +18,11 @@ use crate::{
 /// Random source ports tried for a masqueraded flow before giving up on it: with a third
 /// of the range in use, all of them are taken once in 50 million.
 const SNAT_ATTEMPTS: u32 = 16;
-/// Quiet time after which an ended masqueraded TCP flow gives up its source port: the last
-/// ACK (or a retransmitted FIN) has passed by then.
-const SNAT_REUSE_AFTER_NS: u64 = 1_000_000_000;
+/// Quiet time after which an ended masqueraded TCP flow gives up its source port: just over
+/// TCP's minimum retransmission timeout (200 ms), so that a lost last ACK shows up as a
+/// retransmitted FIN, which keeps the flow, before the port can go to another. Short, as
+/// the time a port sits unusable bounds the connection rate to one backend (ports / grace).
+const SNAT_REUSE_AFTER_NS: u64 = 250_000_000;
 
 pub enum Verdict {
     /// Not a service flow: leave it alone.

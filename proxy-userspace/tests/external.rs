@@ -184,8 +184,8 @@ fn cluster_policy_node_port(mode: Mode) -> World {
 #[test]
 fn masquerade_ports_of_ended_connections_are_reused() {
     // Four masquerade ports for eight connections, one after the other: a port comes back
-    // once its connection has closed (both FINs) and been quiet for a second; until then
-    // the SYN that needs it waits, and its retransmission gets it.
+    // once its connection has closed (both FINs) and been quiet for 250 ms; until then the
+    // SYN that needs it is dropped, and its retransmission gets it.
     let (world, _agents) = cluster_with(
         &manifest("", "", &[(world_pod(2), "node-b", true)]),
         Mode::Tc,
