@@ -424,6 +424,10 @@ fn world(bins: &Binaries) -> anyhow::Result<(World, Vec<Ipv4Addr>)> {
     Ok((world, pods))
 }
 
+/// One size's figures: per packet, cold start, agent RSS, end to end, change latency
+/// (p50, p99).
+type Row = (Datapoint, Duration, u64, EndToEnd, (Duration, Duration));
+
 struct EndToEnd {
     /// (connections per second, median connect latency in microseconds) per data path.
     direct: (f64, f64),
@@ -671,8 +675,7 @@ fn main() -> anyhow::Result<()> {
         .to_path_buf();
     std::fs::create_dir_all(&args.out)?;
     let bins = Binaries::in_dir(&bin_dir);
-    let mut rows: BTreeMap<usize, (Datapoint, Duration, u64, EndToEnd, (Duration, Duration))> =
-        BTreeMap::new();
+    let mut rows: BTreeMap<usize, Row> = BTreeMap::new();
     for &n in &args.sizes {
         eprintln!("bench: {n} services");
         let point = per_packet(n, args.runs)?;
@@ -805,10 +808,7 @@ fn main() -> anyhow::Result<()> {
     )
     .map_err(|_| anyhow::anyhow!("{FONT} is not a usable font"))?;
     let sizes: Vec<usize> = rows.keys().copied().collect();
-    let column =
-        |f: &dyn Fn(&(Datapoint, Duration, u64, EndToEnd, (Duration, Duration))) -> f64| {
-            rows.values().map(f).collect::<Vec<f64>>()
-        };
+    let column = |f: &dyn Fn(&Row) -> f64| rows.values().map(f).collect::<Vec<f64>>();
     plot(
         &args.out.join("per-packet.png"),
         "tc ingress program, cost per packet (BPF_PROG_TEST_RUN)",
