@@ -414,16 +414,6 @@ fn rate(world: &World, hooked: bool, to: &str, duration_ms: u64) -> anyhow::Resu
     ))
 }
 
-/// A namespace world with backends on pods 1-3 and the client on pod 4.
-fn world(bins: &Binaries) -> anyhow::Result<(World, Vec<Ipv4Addr>)> {
-    let mut world = World::new(4, bins.clone())?;
-    for i in 1..=3 {
-        world.serve(i, &format!("backend-{i}"))?;
-    }
-    let pods = (1..=3).map(|i| world.pod(i).ip).collect();
-    Ok((world, pods))
-}
-
 /// One size's figures: per packet, cold start, agent RSS, end to end, change latency
 /// (p50, p99).
 type Row = (Datapoint, Duration, u64, EndToEnd, (Duration, Duration));
@@ -443,13 +433,13 @@ struct EndToEnd {
 /// load kube-proxy's full rulesets.
 fn end_to_end(n: usize, bins: &Binaries, duration_ms: u64) -> anyhow::Result<EndToEnd> {
     let last = format!("{}:80", Ipv4Addr::from(vip(n - 1)));
-    let (mut ours, pods) = world(bins)?;
+    let (mut ours, pods) = World::three_backends(bins.clone())?;
     let direct = rate(&ours, false, &format!("{}:8080", pods[0]), duration_ms)?;
     ours.start_agent(&manifest(n, &pods), false)?;
     let socket_lb = rate(&ours, true, &last, duration_ms)?;
     let tc = rate(&ours, false, &last, duration_ms)?;
     drop(ours);
-    let (ipt, pods) = world(bins)?;
+    let (ipt, pods) = World::three_backends(bins.clone())?;
     let iptables_restore = load_ruleset(
         &ipt,
         &["iptables-restore", "--noflush"],
@@ -457,7 +447,7 @@ fn end_to_end(n: usize, bins: &Binaries, duration_ms: u64) -> anyhow::Result<End
     )?;
     let iptables = rate(&ipt, false, &last, duration_ms)?;
     drop(ipt);
-    let (nft, pods) = world(bins)?;
+    let (nft, pods) = World::three_backends(bins.clone())?;
     let nft_load = load_ruleset(&nft, &["nft", "-f", "-"], &nftables_ruleset(n, &pods))?;
     let nftables = rate(&nft, false, &last, duration_ms)?;
     Ok(EndToEnd {

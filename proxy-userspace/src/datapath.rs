@@ -12,7 +12,8 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier, TcAttachType,
+        Xdp, XdpMode,
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{self, NlOptions, TcAttachOptions, TcError},
     },
@@ -214,14 +215,7 @@ impl Datapath {
             if self.kept(pin.clone(), description.clone())? {
                 continue;
             }
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("loading {name} (verifier)"))?;
+            let program = self.loaded(name, CgroupSockAddr::load)?;
             // A bpf_link attachment: it coexists with other programs on the cgroup.
             let id = program
                 .attach(&fd, CgroupAttachMode::default())
@@ -233,19 +227,30 @@ impl Datapath {
         Ok(())
     }
 
-    /// A tc program loaded but not attached, e.g. for `BPF_PROG_TEST_RUN` in the benchmark.
-    pub fn load_classifier(&mut self, name: &str) -> anyhow::Result<&SchedClassifier> {
-        let program: &mut SchedClassifier = self
+    /// Program `name` as a `P`, through the verifier on first use.
+    fn loaded<P>(
+        &mut self,
+        name: &str,
+        load: fn(&mut P) -> Result<(), ProgramError>,
+    ) -> anyhow::Result<&mut P>
+    where
+        for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        let program = self
             .ebpf
             .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-            .try_into()?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("loading {name} (verifier)"))?;
+            .with_context(|| format!("program {name} missing from the eBPF object"))?;
+        let unloaded = program.fd().is_err();
+        let program: &mut P = program.try_into()?;
+        if unloaded {
+            load(program).with_context(|| format!("loading {name} (verifier)"))?;
         }
         Ok(program)
+    }
+
+    /// A tc program loaded but not attached, e.g. for `BPF_PROG_TEST_RUN` in the benchmark.
+    pub fn load_classifier(&mut self, name: &str) -> anyhow::Result<&SchedClassifier> {
+        Ok(self.loaded(name, SchedClassifier::load)?)
     }
 
     /// The XDP fast path for masqueraded flows on `interfaces`; `Off` attaches nothing (and
@@ -256,7 +261,6 @@ impl Datapath {
             XdpAttach::Native => XdpMode::Driver,
             XdpAttach::Generic => XdpMode::Skb,
         };
-        let mut loaded = false;
         for iface in interfaces {
             // An interface runs one XDP mode at a time: drop a previous agent's other one.
             for other in [XdpAttach::Native, XdpAttach::Generic] {
@@ -275,16 +279,7 @@ impl Datapath {
             if self.kept(pin.clone(), description.clone())? {
                 continue;
             }
-            let program: &mut Xdp = self
-                .ebpf
-                .program_mut(XDP_PROGRAM)
-                .with_context(|| format!("program {XDP_PROGRAM} missing from the eBPF object"))?
-                .try_into()?;
-            if !std::mem::replace(&mut loaded, true) {
-                program
-                    .load()
-                    .with_context(|| format!("loading {XDP_PROGRAM} (verifier)"))?;
-            }
+            let program = self.loaded(XDP_PROGRAM, Xdp::load)?;
             let id = program.attach(iface, xdp_mode).with_context(|| {
                 format!(
                     "attaching {XDP_PROGRAM} to {iface} in {} mode",
@@ -309,7 +304,6 @@ impl Datapath {
         };
         let how = if tcx { "tcx" } else { "netlink" };
         for (name, attach_type) in TC_PROGRAMS {
-            let mut loaded = false;
             for iface in interfaces {
                 let description = format!("{name} on {iface} {attach_type:?} ({how})");
                 let pin = pin_name(name, iface);
@@ -317,16 +311,7 @@ impl Datapath {
                 if tcx && self.kept(pin.clone(), description.clone())? {
                     continue;
                 }
-                let program: &mut SchedClassifier = self
-                    .ebpf
-                    .program_mut(name)
-                    .with_context(|| format!("program {name} missing from the eBPF object"))?
-                    .try_into()?;
-                if !std::mem::replace(&mut loaded, true) {
-                    program
-                        .load()
-                        .with_context(|| format!("loading {name} (verifier)"))?;
-                }
+                let program = self.loaded(name, SchedClassifier::load)?;
                 let options = if tcx {
                     TcAttachOptions::TcxOrder(LinkOrder::default())
                 } else {

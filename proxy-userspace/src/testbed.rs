@@ -44,6 +44,19 @@ impl Binaries {
     }
 }
 
+/// The project's binaries as Cargo built them for the integration test that expands this
+/// (`CARGO_BIN_EXE_*` exists only there).
+#[macro_export]
+macro_rules! test_binaries {
+    () => {
+        $crate::testbed::Binaries {
+            agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
+            proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
+            netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
+        }
+    };
+}
+
 /// Port every backend serves, TCP and UDP.
 pub const BACKEND_PORT: u16 = 8080;
 
@@ -148,6 +161,17 @@ impl World {
     /// One node (node-a) with `pods` pod namespaces (numbered from 1).
     pub fn new(pods: usize, bins: Binaries) -> anyhow::Result<World> {
         Self::build(&[pods], bins)
+    }
+
+    /// One node with four pods: pods 1-3 serve as backend-1..3 (their addresses returned),
+    /// pod 4 is the client.
+    pub fn three_backends(bins: Binaries) -> anyhow::Result<(World, Vec<Ipv4Addr>)> {
+        let mut world = Self::new(4, bins)?;
+        for i in 1..=3 {
+            world.serve(i, &format!("backend-{i}"))?;
+        }
+        let backends = (1..=3).map(|i| world.pod(i).ip).collect();
+        Ok((world, backends))
     }
 
     /// ext, node-a with pods 1..=`pods_a` and node-b with the next `pods_b`, on one LAN.

@@ -7,20 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{Binaries, World, ready, service_manifest};
+use proxy::testbed::{World, ready, service_manifest};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
 const CLIENT: usize = 4;
-
-fn world(pods: usize) -> World {
-    let bins = Binaries {
-        agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
-        proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
-        netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
-    };
-    World::new(pods, bins).expect("building the namespace world")
-}
 
 /// How many results each backend answered; fails the test on a failed attempt.
 fn spread(results: &[Value]) -> BTreeMap<String, usize> {
@@ -34,14 +25,19 @@ fn spread(results: &[Value]) -> BTreeMap<String, usize> {
     counts
 }
 
+/// How many of `count` TCP connections from the client to `to` each backend answered.
+fn tcp_spread(world: &World, hooked: bool, to: &str, count: u32) -> BTreeMap<String, usize> {
+    let count = count.to_string();
+    spread(
+        &world
+            .probe(CLIENT, hooked, &["tcp", "--to", to, "--count", &count])
+            .unwrap(),
+    )
+}
+
 /// Pods 1-3 serving as backend-1..3, pod 4 as client.
 fn three_backends() -> (World, Vec<Ipv4Addr>) {
-    let mut world = world(4);
-    for i in 1..=3 {
-        world.serve(i, &format!("backend-{i}")).unwrap();
-    }
-    let addrs = (1..=3).map(|i| world.pod(i).ip).collect();
-    (world, addrs)
+    World::three_backends(proxy::test_binaries!()).expect("building the namespace world")
 }
 
 fn assert_each_backend_got_a_fair_share(counts: &BTreeMap<String, usize>, total: usize) {
@@ -164,11 +160,7 @@ fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
         .unwrap();
     let to = format!("{VIP}:80");
 
-    let first = spread(
-        &world
-            .probe(CLIENT, true, &["tcp", "--to", &to, "--count", "30"])
-            .unwrap(),
-    );
+    let first = tcp_spread(&world, true, &to, 30);
     assert_eq!(
         first.len(),
         1,
@@ -181,11 +173,7 @@ fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
     let mut moved = false;
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(1300));
-        let round = spread(
-            &world
-                .probe(CLIENT, true, &["tcp", "--to", &to, "--count", "5"])
-                .unwrap(),
-        );
+        let round = tcp_spread(&world, true, &to, 5);
         assert_eq!(round.len(), 1, "a new affinity sticks again: {round:?}");
         let backend = round.keys().next().unwrap().clone();
         moved |= backend != previous;
@@ -197,11 +185,7 @@ fn session_affinity_keeps_a_client_on_one_backend_until_it_expires() {
     assert!(moved, "affinity never expired");
 
     // The tc path keys affinity on the client IP.
-    let tc = spread(
-        &world
-            .probe(CLIENT, false, &["tcp", "--to", &to, "--count", "20"])
-            .unwrap(),
-    );
+    let tc = tcp_spread(&world, false, &to, 20);
     assert_eq!(tc.len(), 1, "tc-path affinity: {tc:?}");
 }
 
@@ -238,11 +222,7 @@ fn removed_backend_gets_no_new_connections_while_established_ones_keep_working()
     agent.wait_for_syncs(syncs + 1).unwrap();
 
     for hooked in [true, false] {
-        let counts = spread(
-            &world
-                .probe(CLIENT, hooked, &["tcp", "--to", &to, "--count", "60"])
-                .unwrap(),
-        );
+        let counts = tcp_spread(&world, hooked, &to, 60);
         for backend in &removed {
             assert!(
                 !counts.contains_key(backend),
@@ -263,11 +243,8 @@ fn removed_backend_gets_no_new_connections_while_established_ones_keep_working()
 
 #[test]
 fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured() {
-    let mut world = world(4);
-    for i in 1..=3 {
-        world.serve(i, &format!("backend-{i}")).unwrap();
-    }
-    let (p1, p2, p3) = (world.pod(1).ip, world.pod(2).ip, world.pod(3).ip);
+    let (mut world, backends) = three_backends();
+    let [p1, p2, p3]: [Ipv4Addr; 3] = backends.try_into().unwrap();
     let manifest = [
         service_manifest("empty", "10.96.0.20", None, &[]),
         service_manifest("unready", "10.96.0.21", None, &[(p1, false, false, false)]),
@@ -331,29 +308,13 @@ fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured(
         }
     }
     for hooked in [true, false] {
-        let mixed = spread(
-            &world
-                .probe(
-                    CLIENT,
-                    hooked,
-                    &["tcp", "--to", "10.96.0.22:80", "--count", "30"],
-                )
-                .unwrap(),
-        );
+        let mixed = tcp_spread(&world, hooked, "10.96.0.22:80", 30);
         assert_eq!(
             mixed.keys().collect::<Vec<_>>(),
             ["backend-1"],
             "only the ready endpoint: {mixed:?}"
         );
-        let draining = spread(
-            &world
-                .probe(
-                    CLIENT,
-                    hooked,
-                    &["tcp", "--to", "10.96.0.23:80", "--count", "30"],
-                )
-                .unwrap(),
-        );
+        let draining = tcp_spread(&world, hooked, "10.96.0.23:80", 30);
         assert_eq!(
             draining.keys().collect::<Vec<_>>(),
             ["backend-3"],
@@ -397,19 +358,7 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
     let (mut world, backends) = three_backends();
     let good = service_manifest("web", VIP, None, &ready(&backends));
     let agent = world.start_agent(&good, true).unwrap();
-    let works = |world: &World| {
-        spread(
-            &world
-                .probe(
-                    CLIENT,
-                    true,
-                    &["tcp", "--to", &format!("{VIP}:80"), "--count", "9"],
-                )
-                .unwrap(),
-        )
-        .len()
-            > 1
-    };
+    let works = |world: &World| tcp_spread(world, true, &format!("{VIP}:80"), 9).len() > 1;
 
     let syncs = agent.syncs();
     let path = world
@@ -448,15 +397,7 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
         .unwrap();
     assert!(line.contains("rejected"), "{line}");
     assert!(works(&world), "web keeps its last valid version");
-    let other = spread(
-        &world
-            .probe(
-                CLIENT,
-                true,
-                &["tcp", "--to", "10.96.0.31:80", "--count", "3"],
-            )
-            .unwrap(),
-    );
+    let other = tcp_spread(&world, true, "10.96.0.31:80", 3);
     assert_eq!(other.keys().collect::<Vec<_>>(), ["backend-1"]);
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(
@@ -549,19 +490,7 @@ fn resync_repairs_map_entries_changed_behind_the_agents_back() {
     let agent = world
         .start_agent_with(&["--manifests", &manifest, "--resync-interval", "1"], true)
         .unwrap();
-    assert_eq!(
-        spread(
-            &world
-                .probe(
-                    CLIENT,
-                    true,
-                    &["tcp", "--to", &format!("{VIP}:80"), "--count", "60"]
-                )
-                .unwrap()
-        )
-        .len(),
-        3
-    );
+    assert_eq!(tcp_spread(&world, true, &format!("{VIP}:80"), 60).len(), 3);
 
     // Someone deletes the service entry with bpftool: key = addr, port (LE), proto, scope.
     let deleted = std::process::Command::new("bpftool")
@@ -574,19 +503,7 @@ fn resync_repairs_map_entries_changed_behind_the_agents_back() {
     agent
         .wait_for_log(&["resync: repaired 1 map entries"], Duration::from_secs(5))
         .unwrap();
-    assert_eq!(
-        spread(
-            &world
-                .probe(
-                    CLIENT,
-                    true,
-                    &["tcp", "--to", &format!("{VIP}:80"), "--count", "60"]
-                )
-                .unwrap()
-        )
-        .len(),
-        3
-    );
+    assert_eq!(tcp_spread(&world, true, &format!("{VIP}:80"), 60).len(), 3);
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(metrics.contains("proxy_drift_repairs_total 1"), "{metrics}");
 }
@@ -650,19 +567,7 @@ fn healthz_turns_unhealthy_while_programming_lags_the_source() {
         "{metrics}"
     );
     // The last good state keeps serving meanwhile.
-    assert_eq!(
-        spread(
-            &world
-                .probe(
-                    CLIENT,
-                    true,
-                    &["tcp", "--to", &format!("{VIP}:80"), "--count", "60"]
-                )
-                .unwrap()
-        )
-        .len(),
-        3
-    );
+    assert_eq!(tcp_spread(&world, true, &format!("{VIP}:80"), 60).len(), 3);
 
     world.write_manifest(&good).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{Agent, BACKEND_PORT, Binaries, EXT_IP, World};
+use proxy::testbed::{Agent, BACKEND_PORT, EXT_IP, World};
 use serde_json::Value;
 
 const CLUSTER_IP: &str = "10.96.0.20";
@@ -56,12 +56,8 @@ fn cluster(yaml: &str, mode: Mode) -> (World, Vec<Agent>) {
 
 /// `cluster`, with `extra` arguments for the agents.
 fn cluster_with(yaml: &str, mode: Mode, extra: &[&str]) -> (World, Vec<Agent>) {
-    let bins = Binaries {
-        agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
-        proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
-        netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
-    };
-    let mut world = World::two_nodes(1, 1, bins).expect("building the two-node world");
+    let mut world =
+        World::two_nodes(1, 1, proxy::test_binaries!()).expect("building the two-node world");
     let xdp = match mode {
         Mode::Tc => None,
         Mode::XdpGeneric => Some("generic"),

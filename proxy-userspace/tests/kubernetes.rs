@@ -17,7 +17,7 @@ use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use proxy::testbed::{Agent, BACKEND_PORT, Binaries, World};
+use proxy::testbed::{Agent, BACKEND_PORT, World};
 use serde_json::{Value, json};
 
 const CLIENT: usize = 4;
@@ -182,21 +182,9 @@ impl Cluster {
     }
 }
 
-fn world() -> World {
-    let bins = Binaries {
-        agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
-        proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
-        netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
-    };
-    let mut world = World::new(4, bins).expect("building the namespace world");
-    for i in 1..=3 {
-        world.serve(i, &format!("backend-{i}")).unwrap();
-    }
-    world
-}
-
-fn pods(world: &World) -> Vec<Ipv4Addr> {
-    (1..=3).map(|i| world.pod(i).ip).collect()
+/// Pods 1-3 serving as backend-1..3 (their addresses), pod 4 as client.
+fn world() -> (World, Vec<Ipv4Addr>) {
+    World::three_backends(proxy::test_binaries!()).expect("building the namespace world")
 }
 
 /// Backends that answered `count` TCP connections to `vip:80` (failures are counted as
@@ -267,8 +255,8 @@ fn answered(spread: &BTreeMap<String, usize>) -> BTreeSet<String> {
 #[test]
 fn services_follow_the_api_create_scale_unready_affinity_delete_and_labels() {
     let Some(cluster) = cluster() else { return };
-    let mut world = world();
-    let [p1, p2, p3]: [Ipv4Addr; 3] = pods(&world).try_into().unwrap();
+    let (mut world, pods) = world();
+    let [p1, p2, p3]: [Ipv4Addr; 3] = pods.try_into().unwrap();
     let _agent = cluster.start_agent(&mut world);
 
     // Create: reachable over both ports, the named targetPort resolved through the slice.
@@ -419,8 +407,8 @@ fn services_follow_the_api_create_scale_unready_affinity_delete_and_labels() {
 #[test]
 fn killed_agent_restarts_without_breaking_flows_or_rewriting_maps() {
     let Some(cluster) = cluster() else { return };
-    let mut world = world();
-    let [p1, p2, p3]: [Ipv4Addr; 3] = pods(&world).try_into().unwrap();
+    let (mut world, pods) = world();
+    let [p1, p2, p3]: [Ipv4Addr; 3] = pods.try_into().unwrap();
     let agent = cluster.start_agent(&mut world);
     let vip = cluster.create_service(&service_object("web", json!({}), false));
     cluster.create_slice(&slice_object(
@@ -544,8 +532,8 @@ fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
         namespace: "default".into(),
     };
     drop(cluster);
-    let mut world = world();
-    let [p1, p2, _]: [Ipv4Addr; 3] = pods(&world).try_into().unwrap();
+    let (mut world, pods) = world();
+    let [p1, p2, _]: [Ipv4Addr; 3] = pods.try_into().unwrap();
     let agent = private.start_agent(&mut world);
     let vip = private.create_service(&service_object("web", json!({}), false));
     private.create_slice(&slice_object("web-1", "web", &[(p1, true)]));
@@ -619,8 +607,7 @@ fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
 #[test]
 fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
     let Some(cluster) = cluster() else { return };
-    let mut world = world();
-    let pods = pods(&world);
+    let (mut world, pods) = world();
     let agent = cluster.start_agent(&mut world);
     // CI size by default; PROXY_CHURN_FULL=1 runs the full scenario: 1,000 services x 10
     // endpoints, then 100 endpoint changes per second for a minute.

@@ -2,24 +2,14 @@
 //! traffic the test sent.
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
-use proxy::testbed::{Binaries, World, ready, service_manifest};
+use proxy::testbed::{World, ready, service_manifest};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
 const CLIENT: usize = 4;
 
 fn world() -> (World, Vec<Ipv4Addr>) {
-    let bins = Binaries {
-        agent: env!("CARGO_BIN_EXE_proxy-agent").into(),
-        proxyctl: env!("CARGO_BIN_EXE_proxyctl").into(),
-        netprobe: env!("CARGO_BIN_EXE_netprobe").into(),
-    };
-    let mut world = World::new(4, bins).expect("building the namespace world");
-    for i in 1..=3 {
-        world.serve(i, &format!("backend-{i}")).unwrap();
-    }
-    let pods = (1..=3).map(|i| world.pod(i).ip).collect();
-    (world, pods)
+    World::three_backends(proxy::test_binaries!()).expect("building the namespace world")
 }
 
 fn json(world: &World, args: &[&str]) -> Value {

@@ -77,24 +77,10 @@ enum Command {
     },
     /// Connection rate: connect, exchange a line, close, one after the other for
     /// --duration-ms; prints connections per second and latency percentiles.
-    Rate {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 2000)]
-        duration_ms: u64,
-        #[arg(long, default_value_t = 1000)]
-        timeout_ms: u64,
-    },
+    Rate(Timed),
     /// Request/response rate on one TCP connection: a line and its answer, back to back,
     /// for --duration-ms; prints round trips per second and latency percentiles.
-    Rr {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 2000)]
-        duration_ms: u64,
-        #[arg(long, default_value_t = 1000)]
-        timeout_ms: u64,
-    },
+    Rr(Timed),
     /// HTTP GET, printed like `curl -s`.
     Http {
         #[arg(long)]
@@ -102,6 +88,30 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+}
+
+/// A measurement against `--to` lasting `--duration-ms`.
+#[derive(clap::Args)]
+struct Timed {
+    #[arg(long)]
+    to: SocketAddr,
+    #[arg(long, default_value_t = 2000)]
+    duration_ms: u64,
+    /// Per connect or read.
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+impl Timed {
+    /// Runs `measure(to, duration, timeout)` and prints its result.
+    fn print(&self, measure: fn(SocketAddr, Duration, Duration) -> serde_json::Value) {
+        let result = measure(
+            self.to,
+            Duration::from_millis(self.duration_ms),
+            Duration::from_millis(self.timeout_ms),
+        );
+        println!("{result}");
+    }
 }
 
 fn enter(netns: Option<&str>, cgroup: Option<&PathBuf>) -> anyhow::Result<()> {
@@ -463,34 +473,8 @@ fn main() -> anyhow::Result<()> {
                 println!("{result}");
             }
         }
-        Command::Rate {
-            to,
-            duration_ms,
-            timeout_ms,
-        } => {
-            println!(
-                "{}",
-                rate(
-                    to,
-                    Duration::from_millis(duration_ms),
-                    Duration::from_millis(timeout_ms)
-                )
-            );
-        }
-        Command::Rr {
-            to,
-            duration_ms,
-            timeout_ms,
-        } => {
-            println!(
-                "{}",
-                round_trips(
-                    to,
-                    Duration::from_millis(duration_ms),
-                    Duration::from_millis(timeout_ms)
-                )
-            );
-        }
+        Command::Rate(timed) => timed.print(rate),
+        Command::Rr(timed) => timed.print(round_trips),
         Command::Http { to, count } => {
             for _ in 0..count {
                 match http_once(to) {
