@@ -18,6 +18,12 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(scripts: &Path, dir: &Path) -> anyhow::Result<Self> {
+        ensure!(
+            scripts.join("build.sh").is_file(),
+            "the Kubernetes tests need the shared kube-apiserver scripts at {} (a `shared` \
+             directory beside this checkout); none there",
+            scripts.display()
+        );
         println!(
             "xtask: building kube-apiserver and etcd if needed (about 5 minutes the first time)"
         );
