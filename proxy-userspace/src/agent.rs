@@ -16,13 +16,14 @@ use tokio::{
     sync::mpsc,
     time::sleep_until,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use proxy_common::AgentStatus;
 
 use crate::{
     clock::unix_now,
     conntrack,
+    controller::Controller,
     datapath::{Datapath, TcAttach, XdpAttach},
     desired::Topology,
     health_check::HealthCheckServers,
@@ -31,7 +32,7 @@ use crate::{
     maps::Maps,
     metrics::Metrics,
     node::NodeAddresses,
-    reconcile::Reconciler,
+    reconcile::{Existing, Reconciler, ServiceMaps as _},
     rejection::{Reason, Rejection},
     source::{self, SourceEvent},
     store::{Kind, Outcome, Store},
@@ -78,12 +79,8 @@ pub struct Config {
     pub resync_interval: Duration,
 }
 
-/// Delay before retrying service ports whose programming failed.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
-
 struct Agent {
-    store: Store,
-    reconciler: Reconciler<Maps>,
+    controller: Controller<Maps>,
     metrics: Arc<Metrics>,
     /// Kinds the source has listed completely at least once: programming waits for both,
     /// so that a restarted agent never programs services before their endpoints are known.
@@ -122,8 +119,8 @@ impl Agent {
         }
     }
 
-    /// Takes in what a store update did; returns whether it changed what is served.
-    fn account(&mut self, outcome: Outcome) -> bool {
+    /// Takes in what a store update did.
+    fn account(&mut self, outcome: Outcome) {
         self.report(&outcome.rejections);
         for why in &outcome.ignored {
             info!("not proxied: {why}");
@@ -137,87 +134,97 @@ impl Agent {
         self.metrics
             .endpoint_changes_pending
             .add(outcome.endpoint_changes as i64);
-        outcome.service_changes + outcome.endpoint_changes > 0
     }
 
-    /// Applies a source event to the store; returns whether a sync is needed.
-    fn handle(&mut self, event: SourceEvent) -> bool {
-        let dirty = match event {
+    /// Applies a source event to the store, which queues the services it changed.
+    fn handle(&mut self, event: SourceEvent) {
+        match event {
             SourceEvent::Replace {
                 kinds,
                 objects,
                 rejections,
             } => {
                 self.report(&rejections);
-                let outcome = self.store.replace(&kinds, &objects);
+                let outcome = self.controller.replace(&kinds, &objects);
                 self.listed.extend(kinds);
                 self.account(outcome);
-                // A whole-set update is rare (reload, re-list): always sync and log it.
-                true
             }
             SourceEvent::Apply(object) => {
-                let outcome = self.store.apply(&object);
-                self.account(outcome)
+                let outcome = self.controller.apply(&object);
+                self.account(outcome);
             }
             SourceEvent::Delete(kind, name) => {
-                let outcome = self.store.delete(kind, name);
-                self.account(outcome)
+                let outcome = self.controller.delete(kind, name);
+                self.account(outcome);
             }
             SourceEvent::Topology(topology) => {
-                let changed = self.store.set_topology(topology.clone());
-                if changed {
+                if self.controller.set_topology(topology.clone()) {
                     info!("node topology: {topology:?}");
                 }
-                changed
             }
             SourceEvent::Connected(Ok(())) => {
                 info!("the source is reachable again; re-listing to catch up");
                 self.metrics.source_connected.set(1);
-                false
             }
             SourceEvent::Connected(Err(e)) => {
                 warn!("the source is unreachable; still serving the last programmed state: {e}");
                 self.metrics.source_connected.set(0);
                 self.metrics.source_errors.inc();
-                false
             }
-        };
-        if dirty && self.pending_since.is_none() {
+        }
+        if self.controller.has_changes() && self.pending_since.is_none() {
             self.pending_since = Some(Instant::now());
             self.metrics.pending_since.set(unix_now());
         }
-        dirty
     }
 
     fn count_writes(&mut self) {
-        let writes = self.reconciler.writes();
+        let writes = self.controller.writes();
         self.metrics
             .map_writes
             .inc_by(writes - self.writes_reported);
         self.writes_reported = writes;
     }
 
-    /// Programs the difference between the store and the maps; returns whether all of it
-    /// was programmed.
+    /// Programs the services that changed or are due for a retry; returns whether
+    /// everything is programmed.
     fn sync(&mut self) -> bool {
         let started = Instant::now();
-        let desired = self.store.desired();
-        self.report(&desired.rejections);
-        let report = self.reconciler.apply(&desired.services);
-        let errors = self.health_checks.update(&desired.health_checks);
-        self.report_health_check_errors(errors);
-        for (service, e) in &report.errors {
-            error!("programming {service} failed, keeping its previous state: {e:#}");
+        let outcome = self.controller.sync(started);
+        self.report(&outcome.rejections);
+        if let Some(checks) = self.controller.changed_health_checks() {
+            let errors = self.health_checks.update(checks);
+            self.report_health_check_errors(errors);
+        }
+        for failure in &outcome.failures {
             self.metrics.map_update_errors.inc();
-            self.metrics.reject(Reason::MapUpdate);
+            // A service that keeps failing (a full map) is reported once, then retried
+            // with back-off quietly.
+            if failure.failures == 1 {
+                error!(
+                    "programming {} failed, keeping its previous state and retrying with back-off: {:#}",
+                    failure.port, failure.error
+                );
+                self.metrics.reject(Reason::MapUpdate);
+            } else {
+                debug!(
+                    "programming {} failed again ({} times): {:#}",
+                    failure.port, failure.failures, failure.error
+                );
+            }
+        }
+        for ((namespace, name), failures) in &outcome.recovered {
+            info!("service {namespace}/{name} programmed after {failures} failed attempts");
         }
         let elapsed = started.elapsed();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
-        self.metrics.service_ports.set(self.reconciler.len() as i64);
+        let programmed = self.controller.programmed();
+        self.metrics.service_ports.set(programmed as i64);
         self.count_writes();
-        let complete = report.errors.is_empty();
-        self.status.status.service_ports = self.reconciler.len() as u32;
-        self.status.status.failed = report.errors.len() as u32;
+        let retrying = self.controller.retrying();
+        let complete = retrying == 0 && !self.controller.needs_sweep();
+        self.status.status.service_ports = programmed as u32;
+        self.status.status.failed = retrying as u32;
         if complete {
             self.status.status.last_sync = unix_now() as u64;
         }
@@ -233,13 +240,14 @@ impl Agent {
             }
         }
         info!(
-            "synced {} service ports: {} changed, {} removed, {} unchanged, {} failed, in {:.1} ms",
-            self.reconciler.len(),
-            report.changed,
-            report.removed,
-            report.unchanged,
-            report.errors.len(),
-            elapsed.as_secs_f64() * 1000.0
+            "synced {} services in {:.1} ms: {} service ports changed, {} removed, {} unchanged; {} service ports programmed, {} services retrying",
+            outcome.services,
+            elapsed.as_secs_f64() * 1000.0,
+            outcome.changed,
+            outcome.removed,
+            outcome.unchanged,
+            programmed,
+            retrying,
         );
         complete
     }
@@ -251,11 +259,26 @@ impl Agent {
         }
     }
 
-    /// Repairs map drift, and retries health-check servers that could not start.
-    fn repair(&mut self) {
+    /// Retries health-check servers that could not start, and starts reading a snapshot of
+    /// the maps on a blocking thread; `repair` gets it.
+    fn begin_resync(
+        &mut self,
+        bpffs: &std::path::Path,
+        snapshots: &mpsc::Sender<anyhow::Result<Existing>>,
+    ) {
         let errors = self.health_checks.retry();
         self.report_health_check_errors(errors);
-        match self.reconciler.repair() {
+        self.controller.begin_snapshot();
+        let (bpffs, snapshots) = (bpffs.to_path_buf(), snapshots.clone());
+        tokio::task::spawn_blocking(move || {
+            let snapshot = Maps::open(&bpffs).and_then(|maps| maps.read_existing());
+            let _ = snapshots.blocking_send(snapshot);
+        });
+    }
+
+    /// Repairs map drift that a snapshot shows.
+    fn repair(&mut self, snapshot: anyhow::Result<Existing>) {
+        match snapshot.and_then(|snapshot| self.controller.repair(&snapshot)) {
             Ok(0) => {}
             Ok(n) => {
                 warn!("resync: repaired {n} map entries that differed from the desired state");
@@ -265,6 +288,13 @@ impl Agent {
         }
         self.count_writes();
     }
+}
+
+/// Why a task that should run until the agent stops has ended.
+fn why_ended(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    result.map_or_else(anyhow::Error::from, |r| {
+        r.err().unwrap_or_else(|| anyhow::anyhow!("ended"))
+    })
 }
 
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
@@ -341,7 +371,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             reconciler.len()
         );
     }
-    let mut conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
+    let conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
     let metrics = Arc::new(Metrics::new(config.bpffs.clone()).context("registering metrics")?);
     let conntrack_capacity = config
         .map_sizes
@@ -379,8 +409,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         zone: None,
     };
     let mut agent = Agent {
-        store: Store::new(config.proxy_name.clone(), topology),
-        reconciler,
+        controller: Controller::new(Store::new(config.proxy_name.clone(), topology), reconciler),
         metrics,
         listed: HashSet::new(),
         pending_since: None,
@@ -389,18 +418,40 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health_checks: HealthCheckServers::new(proxy_health),
     };
 
-    let mut gc = tokio::time::interval(config.conntrack_gc_interval);
+    let metrics = agent.metrics.clone();
+    let mut gc = tokio::spawn(conntrack::collect_garbage_every(
+        conntrack,
+        config.conntrack_gc_interval,
+        move |report| {
+            metrics.conntrack_entries.set(report.entries as i64);
+            metrics.conntrack_expired.inc_by(report.expired as u64);
+        },
+    ));
+    let mut heartbeat = tokio::time::interval(config.conntrack_gc_interval);
     let mut resync = tokio::time::interval(config.resync_interval);
     resync.reset();
+    // Drift repair reads every map: off the loop, one snapshot at a time.
+    let (snapshots_tx, mut snapshots) = mpsc::channel(1);
+    let mut resyncing = false;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut dirty = false;
-    let mut sync_at: Option<tokio::time::Instant> = None;
     let mut last_sync = tokio::time::Instant::now() - config.min_sync_interval;
     loop {
-        if dirty && agent.ready() && sync_at.is_none() {
-            sync_at = Some(tokio::time::Instant::now().max(last_sync + config.min_sync_interval));
-        }
+        // Changes wait for the minimum interval since the last sync (a burst is programmed
+        // together); failed services wait for their own back-off.
+        let sync_at = agent.ready().then(|| {
+            if agent.controller.has_changes() || agent.controller.needs_sweep() {
+                Some(tokio::time::Instant::now())
+            } else {
+                agent
+                    .controller
+                    .next_retry()
+                    .map(tokio::time::Instant::from_std)
+            }
+        });
+        let sync_at = sync_at
+            .flatten()
+            .map(|at| at.max(last_sync + config.min_sync_interval));
         let sync_due = async {
             match sync_at {
                 Some(at) => sleep_until(at).await,
@@ -409,30 +460,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         tokio::select! {
             event = events.recv() => match event {
-                Some(event) => dirty |= agent.handle(event),
+                Some(event) => agent.handle(event),
                 None => bail!("the source stopped"),
             },
             _ = sync_due => {
-                sync_at = None;
                 last_sync = tokio::time::Instant::now();
-                dirty = !agent.sync();
-                if dirty {
-                    sync_at = Some(last_sync + RETRY_AFTER);
-                }
+                agent.sync();
             }
-            _ = resync.tick(), if agent.ready() => agent.repair(),
-            _ = gc.tick() => {
+            _ = resync.tick(), if agent.ready() && !resyncing => {
+                resyncing = true;
+                agent.begin_resync(&config.bpffs, &snapshots_tx);
+            }
+            Some(snapshot) = snapshots.recv() => {
+                resyncing = false;
+                agent.repair(snapshot);
+            }
+            _ = heartbeat.tick() => {
                 match node_addresses.refresh() {
                     Ok(true) => info!("node addresses changed: {}", node_addresses.current),
                     Ok(false) => {}
                     Err(e) => warn!("re-reading the node's addresses: {e:#}"),
                 }
-                let report = conntrack::collect_garbage(&mut conntrack);
-                agent.metrics.conntrack_entries.set(report.entries as i64);
-                agent.metrics.conntrack_expired.inc_by(report.expired as u64);
                 agent.status.write();
             }
-            result = &mut source => bail!("the source stopped: {:#}", result.map_or_else(anyhow::Error::from, |r| r.err().unwrap_or_else(|| anyhow::anyhow!("ended")))),
+            result = &mut gc => bail!("the conntrack garbage collector stopped: {:#}", why_ended(result)),
+            result = &mut source => bail!("the source stopped: {:#}", why_ended(result)),
             result = &mut metrics_server => bail!("the metrics server stopped: {result:?}"),
             result = &mut healthz_server => bail!("the health server stopped: {result:?}"),
             signal = &mut shutdown => {

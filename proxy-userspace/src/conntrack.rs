@@ -48,6 +48,27 @@ pub fn collect_garbage(conntrack: &mut aya::maps::HashMap<MapData, CtKey, CtEntr
     }
 }
 
+/// Collects garbage every `interval` on a blocking thread, so that scanning the map never
+/// delays programming; `report` gets the outcome of every pass.
+pub async fn collect_garbage_every(
+    mut conntrack: aya::maps::HashMap<MapData, CtKey, CtEntry>,
+    interval: std::time::Duration,
+    report: impl Fn(GcReport),
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let (map, gc) = tokio::task::spawn_blocking(move || {
+            let gc = collect_garbage(&mut conntrack);
+            (conntrack, gc)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the conntrack garbage collector failed: {e}"))?;
+        conntrack = map;
+        report(gc);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proxy_common::{

@@ -11,7 +11,7 @@ use proxy_common::{
 };
 
 use crate::{
-    model::{EndpointSpec, PortSpec, ServiceSpec, ServiceType, SliceSpec},
+    model::{EndpointSpec, PortSpec, Protocol, ServiceSpec, ServiceType, SliceSpec},
     rejection::{Reason, Rejection},
 };
 
@@ -99,7 +99,8 @@ pub struct HealthCheck {
 /// Health checks by port.
 pub type HealthChecks = BTreeMap<u16, HealthCheck>;
 
-/// Everything the agent must program and serve.
+/// Everything the agent must program and serve, computed at once (the tests' oracle).
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct Desired {
     pub services: DesiredState,
@@ -251,9 +252,142 @@ fn candidates<'a>(port: &PortSpec, slices: &[&'a SliceSpec]) -> Vec<(&'a Endpoin
         .collect()
 }
 
-/// Builds the desired state of every frontend of every service port, and the health checks;
-/// conflicting frontends (same address, port and protocol) and health-check ports are
-/// rejected, the first one by name wins.
+/// One frontend of a service port: the entries its service programs when it owns the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendEntry {
+    pub key: ServiceKey,
+    pub service: DesiredService,
+    /// What clients inside the cluster get, under `in_cluster_key(key)`: an external
+    /// frontend with `externalTrafficPolicy: Local`.
+    pub in_cluster: Option<DesiredService>,
+}
+
+/// What one service asks for, before conflicts with other services are resolved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// In claim order: within a service, the first frontend with a key wins it.
+    pub frontends: Vec<FrontendEntry>,
+    pub health_check: Option<(u16, HealthCheck)>,
+}
+
+/// The key of a frontend's in-cluster scope entry.
+pub fn in_cluster_key(key: &ServiceKey) -> ServiceKey {
+    ServiceKey {
+        scope: SCOPE_INTERNAL,
+        ..*key
+    }
+}
+
+/// `Service namespace/name`, the object a rejection names.
+pub fn service_object(namespace: &str, name: &str) -> String {
+    format!("Service {namespace}/{name}")
+}
+
+/// Translates one service and its slices into every frontend of every port and its health
+/// check.
+pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology) -> Translation {
+    let mut out = Translation::default();
+    for port in &spec.ports {
+        let name = port_display_name(spec, port);
+        let candidates = candidates(port, slices);
+        let internal = backends(port, &candidates, spec.internal_local, topology);
+        let external = backends(port, &candidates, spec.external_local, topology);
+        // kube-proxy sends pods and nodes reaching a Local external frontend to every
+        // endpoint, not only this node's: a pod calling its ingress's load-balancer IP
+        // must not depend on where the ingress controller runs.
+        let cluster_wide = spec
+            .external_local
+            .then(|| backends(port, &candidates, false, topology));
+        for (frontend, key) in frontends(spec, port) {
+            let (chosen, local) = if frontend.is_external() {
+                (&external, spec.external_local)
+            } else {
+                (&internal, spec.internal_local)
+            };
+            let in_cluster = cluster_wide.as_ref().filter(|_| frontend.is_external());
+            let service = DesiredService {
+                name: name.clone(),
+                frontend,
+                service_type: spec.service_type,
+                backends: chosen.backends.clone(),
+                affinity_timeout_secs: spec.affinity_timeout_secs,
+                terminating: chosen.terminating,
+                internal_local: spec.internal_local,
+                external_local: spec.external_local,
+                masquerade: frontend.is_external() && !spec.external_local,
+                drop_if_empty: local && chosen.only_elsewhere,
+                internal_scope: in_cluster.is_some(),
+            };
+            let in_cluster = in_cluster.map(|all| DesiredService {
+                backends: all.backends.clone(),
+                terminating: all.terminating,
+                masquerade: false,
+                drop_if_empty: false,
+                internal_scope: false,
+                ..service.clone()
+            });
+            out.frontends.push(FrontendEntry {
+                key,
+                service,
+                in_cluster,
+            });
+        }
+    }
+    if let Some(port) = spec.health_check_node_port {
+        let local_endpoints = slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.ready && topology.is_local(e))
+            .map(|e| e.addr)
+            .collect::<BTreeSet<_>>()
+            .len();
+        let check = HealthCheck {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            local_endpoints,
+        };
+        out.health_check = Some((port, check));
+    }
+    out
+}
+
+/// `object`'s frontend `entry` loses its key to the service port named `owner`.
+pub fn frontend_conflict(object: &str, entry: &FrontendEntry, owner: &str) -> Rejection {
+    let key = &entry.key;
+    let addr = match entry.service.frontend {
+        Frontend::NodePort => "node port ".to_owned(),
+        _ => format!("{}:", std::net::Ipv4Addr::from(key.addr)),
+    };
+    let protocol = Protocol::from_ip_proto(key.proto).map_or("?", Protocol::name);
+    Rejection::new(
+        object,
+        entry.service.frontend.field(),
+        Reason::Conflict,
+        format!(
+            "{addr}{}/{protocol} is already served for {owner}",
+            key.port
+        ),
+    )
+}
+
+/// `object`'s health-check node port `port` is already `owner`'s.
+pub fn health_check_conflict(object: &str, port: u16, owner: &HealthCheck) -> Rejection {
+    Rejection::new(
+        object,
+        "spec.healthCheckNodePort",
+        Reason::Conflict,
+        format!(
+            "port {port} is already the health check of {}/{}",
+            owner.namespace, owner.name
+        ),
+    )
+}
+
+/// The whole desired state at once: every service translated, conflicting frontends (same
+/// address, port and protocol) and health-check ports rejected, the first one by name
+/// wins. The incremental controller must always end where this does; the tests use it as
+/// their oracle.
+#[cfg(test)]
 pub fn desired_state<'a>(
     services: impl Iterator<Item = &'a ServiceSpec>,
     slices: impl Iterator<Item = &'a SliceSpec>,
@@ -272,101 +406,27 @@ pub fn desired_state<'a>(
             .get(&(spec.namespace.as_str(), spec.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let object = format!("Service {}/{}", spec.namespace, spec.name);
-        for port in &spec.ports {
-            let name = port_display_name(spec, port);
-            let candidates = candidates(port, slices);
-            let internal = backends(port, &candidates, spec.internal_local, topology);
-            let external = backends(port, &candidates, spec.external_local, topology);
-            // kube-proxy sends pods and nodes reaching a Local external frontend to every
-            // endpoint, not only this node's: a pod calling its ingress's load-balancer IP
-            // must not depend on where the ingress controller runs.
-            let cluster_wide = spec
-                .external_local
-                .then(|| backends(port, &candidates, false, topology));
-            for (frontend, key) in frontends(spec, port) {
-                if let Some(existing) = desired.services.get(&key) {
-                    let addr = match frontend {
-                        Frontend::NodePort => "node port ".to_owned(),
-                        _ => format!("{}:", std::net::Ipv4Addr::from(key.addr)),
-                    };
-                    desired.rejections.push(Rejection::new(
-                        &object,
-                        frontend.field(),
-                        Reason::Conflict,
-                        format!(
-                            "{addr}{}/{} is already served for {}",
-                            key.port,
-                            port.protocol.name(),
-                            existing.name
-                        ),
-                    ));
-                    continue;
-                }
-                let (chosen, local) = if frontend.is_external() {
-                    (&external, spec.external_local)
-                } else {
-                    (&internal, spec.internal_local)
-                };
-                let in_cluster = cluster_wide.as_ref().filter(|_| frontend.is_external());
-                let service = DesiredService {
-                    name: name.clone(),
-                    frontend,
-                    service_type: spec.service_type,
-                    backends: chosen.backends.clone(),
-                    affinity_timeout_secs: spec.affinity_timeout_secs,
-                    terminating: chosen.terminating,
-                    internal_local: spec.internal_local,
-                    external_local: spec.external_local,
-                    masquerade: frontend.is_external() && !spec.external_local,
-                    drop_if_empty: local && chosen.only_elsewhere,
-                    internal_scope: in_cluster.is_some(),
-                };
-                if let Some(all) = in_cluster {
-                    let internal_key = ServiceKey {
-                        scope: SCOPE_INTERNAL,
-                        ..key
-                    };
-                    let view = DesiredService {
-                        backends: all.backends.clone(),
-                        terminating: all.terminating,
-                        masquerade: false,
-                        drop_if_empty: false,
-                        internal_scope: false,
-                        ..service.clone()
-                    };
-                    desired.services.insert(internal_key, view);
-                }
-                desired.services.insert(key, service);
+        let object = service_object(&spec.namespace, &spec.name);
+        let translation = translate(spec, slices, topology);
+        for entry in translation.frontends {
+            if let Some(owner) = desired.services.get(&entry.key) {
+                let rejection = frontend_conflict(&object, &entry, &owner.name);
+                desired.rejections.push(rejection);
+                continue;
             }
+            if let Some(view) = entry.in_cluster {
+                desired.services.insert(in_cluster_key(&entry.key), view);
+            }
+            desired.services.insert(entry.key, entry.service);
         }
-        if let Some(port) = spec.health_check_node_port {
-            let local_endpoints = slices
-                .iter()
-                .flat_map(|s| &s.endpoints)
-                .filter(|e| e.ready && topology.is_local(e))
-                .map(|e| e.addr)
-                .collect::<BTreeSet<_>>()
-                .len();
+        if let Some((port, check)) = translation.health_check {
             match desired.health_checks.get(&port) {
-                Some(other) => desired.rejections.push(Rejection::new(
-                    &object,
-                    "spec.healthCheckNodePort",
-                    Reason::Conflict,
-                    format!(
-                        "port {port} is already the health check of {}/{}",
-                        other.namespace, other.name
-                    ),
-                )),
+                Some(owner) => {
+                    let rejection = health_check_conflict(&object, port, owner);
+                    desired.rejections.push(rejection);
+                }
                 None => {
-                    desired.health_checks.insert(
-                        port,
-                        HealthCheck {
-                            namespace: spec.namespace.clone(),
-                            name: spec.name.clone(),
-                            local_endpoints,
-                        },
-                    );
+                    desired.health_checks.insert(port, check);
                 }
             }
         }
@@ -379,7 +439,6 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::Protocol;
 
     fn port(name: &str, port: u16, protocol: Protocol) -> PortSpec {
         PortSpec {

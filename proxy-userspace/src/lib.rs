@@ -1,8 +1,11 @@
 //! The userspace side of the eBPF service proxy: input sources, validation, translation to
 //! map entries, the reconciler that programs the pinned maps, and the tools around them.
+pub mod affinity_cleanup;
 pub mod agent;
+pub mod claims;
 pub mod clock;
 pub mod conntrack;
+pub mod controller;
 pub mod datapath;
 pub mod desired;
 pub mod health_check;
@@ -18,4 +21,5 @@ pub mod reconcile;
 pub mod rejection;
 pub mod source;
 pub mod store;
+pub mod sync_queue;
 pub mod testbed;

@@ -1,12 +1,14 @@
 //! Typed access to the datapath's pinned maps, for the agent and for `proxyctl`.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::{desired::Frontend, model::ServiceType, reconcile::ServiceMeta};
+use crate::{
+    affinity_cleanup::AffinityCleanup, desired::Frontend, model::ServiceType,
+    reconcile::ServiceMeta,
+};
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceKey,
-    ServiceValue, SlotKey, maps,
+    Backend, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
 };
 
 pub struct Maps {
@@ -16,7 +18,10 @@ pub struct Maps {
     pub names: HashMap<MapData, u32, ServiceInfo>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
-    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Where the maps are pinned.
+    dir: PathBuf,
+    /// Started on the first removed backend: `proxyctl` never needs it.
+    affinity_cleanup: Option<AffinityCleanup>,
     /// Updates and deletes made through this handle.
     pub writes: u64,
 }
@@ -56,7 +61,8 @@ impl Maps {
             names: open(dir, maps::SERVICE_NAMES)?,
             service_stats: open(dir, maps::SERVICE_STATS)?,
             backend_stats: open(dir, maps::BACKEND_STATS)?,
-            affinity: open(dir, maps::AFFINITY)?,
+            dir: dir.to_path_buf(),
+            affinity_cleanup: None,
             writes: 0,
         })
     }
@@ -185,17 +191,13 @@ impl crate::reconcile::ServiceMaps for Maps {
     }
 
     fn forget_affinity(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()> {
-        let stale: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| k.service_id == service_id && backend_ids.contains(&v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        for key in stale {
-            // Already gone (LRU eviction, a datapath refresh race) is fine.
-            let _ = self.affinity.remove(&key);
-        }
+        let cleanup = match &mut self.affinity_cleanup {
+            Some(cleanup) => cleanup,
+            None => self
+                .affinity_cleanup
+                .insert(AffinityCleanup::start(open(&self.dir, maps::AFFINITY)?)?),
+        };
+        cleanup.forget(service_id, backend_ids);
         Ok(())
     }
 

@@ -164,6 +164,14 @@ struct BackendRef {
     refs: u32,
 }
 
+/// What `sync_key` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyChange {
+    Unchanged,
+    Programmed,
+    Removed,
+}
+
 /// What one `apply` did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
@@ -174,12 +182,34 @@ pub struct SyncReport {
     pub errors: Vec<(String, anyhow::Error)>,
 }
 
+impl SyncReport {
+    pub fn count(&mut self, name: &str, result: anyhow::Result<KeyChange>) {
+        match result {
+            Ok(KeyChange::Unchanged) => self.unchanged += 1,
+            Ok(KeyChange::Programmed) => self.changed += 1,
+            Ok(KeyChange::Removed) => self.removed += 1,
+            Err(e) => self.errors.push((name.to_owned(), e)),
+        }
+    }
+}
+
+/// What was written since a snapshot of the maps began.
+#[derive(Debug, Default)]
+struct Touched {
+    services: HashSet<ServiceKey>,
+    /// Service ids whose slots were written.
+    service_ids: HashSet<u32>,
+    backends: HashSet<u32>,
+}
+
 pub struct Reconciler<M> {
     maps: M,
     services: HashMap<ServiceKey, Programmed>,
     backends: HashMap<Backend, BackendRef>,
     service_ids: Ids,
     backend_ids: Ids,
+    /// Recording since `begin_snapshot`.
+    touched: Option<Touched>,
 }
 
 impl<M: ServiceMaps> Reconciler<M> {
@@ -253,6 +283,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             backends,
             service_ids,
             backend_ids,
+            touched: None,
         })
     }
 
@@ -269,14 +300,7 @@ impl<M: ServiceMaps> Reconciler<M> {
     pub fn apply(&mut self, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
         for (key, want) in desired {
-            if self.services.get(key).is_some_and(|p| p.matches(want)) {
-                report.unchanged += 1;
-                continue;
-            }
-            match self.program(key, want) {
-                Ok(()) => report.changed += 1,
-                Err(e) => report.errors.push((want.name.clone(), e)),
-            }
+            report.count(&want.name, self.sync_key(key, Some(want)));
         }
         let gone: Vec<ServiceKey> = self
             .services
@@ -286,34 +310,66 @@ impl<M: ServiceMaps> Reconciler<M> {
             .collect();
         for key in gone {
             let name = self.services[&key].meta.name.clone();
-            match self.remove(&key) {
-                Ok(()) => report.removed += 1,
-                Err(e) => report.errors.push((name, e)),
-            }
+            report.count(&name, self.sync_key(&key, None));
         }
         report
     }
 
-    /// Compares the maps with what was programmed and repairs any difference (an entry
-    /// deleted or changed behind the agent's back, e.g. with bpftool); returns how many
-    /// entries it repaired.
-    pub fn repair(&mut self) -> anyhow::Result<usize> {
-        let existing = self
-            .maps
-            .read_existing()
-            .context("reading the maps to check for drift")?;
+    /// Brings the entry of `key` to `want` (`None`: no entry).
+    pub fn sync_key(
+        &mut self,
+        key: &ServiceKey,
+        want: Option<&DesiredService>,
+    ) -> anyhow::Result<KeyChange> {
+        match want {
+            Some(want) if self.services.get(key).is_some_and(|p| p.matches(want)) => {
+                Ok(KeyChange::Unchanged)
+            }
+            Some(want) => self.program(key, want).map(|()| KeyChange::Programmed),
+            None if self.services.contains_key(key) => {
+                self.remove(key).map(|()| KeyChange::Removed)
+            }
+            None => Ok(KeyChange::Unchanged),
+        }
+    }
+
+    /// The service port programmed under `key`.
+    pub fn programmed_name(&self, key: &ServiceKey) -> Option<&str> {
+        Some(&self.services.get(key)?.meta.name)
+    }
+
+    /// The keys programmed now.
+    pub fn keys(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
+    /// Starts recording what is written from now on, for `repair` with a snapshot of the
+    /// maps that is read meanwhile (off the programming path).
+    pub fn begin_snapshot(&mut self) {
+        self.touched = Some(Touched::default());
+    }
+
+    /// Compares `existing`, a snapshot of the maps read since `begin_snapshot`, with what
+    /// was programmed, and repairs any difference (an entry deleted or changed behind the
+    /// agent's back, e.g. with bpftool); returns how many entries it repaired. Entries
+    /// written since the snapshot began are left alone: the snapshot may predate them.
+    pub fn repair(&mut self, existing: &Existing) -> anyhow::Result<usize> {
+        let touched = self.touched.take().unwrap_or_default();
         let services: HashMap<ServiceKey, ServiceValue> =
             existing.services.iter().map(|(k, v, _)| (*k, *v)).collect();
         let slots: HashMap<SlotKey, u32> = existing.slots.iter().copied().collect();
         let backends: HashMap<u32, Backend> = existing.backends.iter().copied().collect();
         let mut repaired = 0;
         for (id, backend) in self.backends.iter().map(|(b, r)| (r.id, *b)) {
-            if backends.get(&id) != Some(&backend) {
+            if !touched.backends.contains(&id) && backends.get(&id) != Some(&backend) {
                 self.maps.put_backend(id, &backend)?;
                 repaired += 1;
             }
         }
         for (key, p) in &self.services {
+            if touched.services.contains(key) || touched.service_ids.contains(&p.value.id) {
+                continue;
+            }
             for (i, (backend_id, _)) in p.backends.iter().enumerate() {
                 let slot = SlotKey {
                     service_id: p.value.id,
@@ -332,18 +388,24 @@ impl<M: ServiceMaps> Reconciler<M> {
             }
         }
         for (key, value) in &services {
-            if !self.services.contains_key(key) {
+            if !self.services.contains_key(key) && !touched.services.contains(key) {
                 self.maps.delete_service(key, value.id)?;
                 repaired += 1;
             }
         }
         let live_slots = live_slots(self.services.values());
-        for key in slots.keys().filter(|k| !live_slots.contains(k)) {
+        for key in slots
+            .keys()
+            .filter(|k| !live_slots.contains(k) && !touched.service_ids.contains(&k.service_id))
+        {
             self.maps.delete_slot(key)?;
             repaired += 1;
         }
         let live_backends: HashSet<u32> = self.backends.values().map(|b| b.id).collect();
-        for id in backends.keys().filter(|id| !live_backends.contains(id)) {
+        for id in backends
+            .keys()
+            .filter(|id| !live_backends.contains(id) && !touched.backends.contains(id))
+        {
             self.maps.delete_backend(*id)?;
             repaired += 1;
         }
@@ -355,6 +417,29 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.maps.writes()
     }
 
+    #[cfg(test)]
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    #[cfg(test)]
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    fn touch_service(&mut self, key: &ServiceKey, id: u32) {
+        if let Some(t) = &mut self.touched {
+            t.services.insert(*key);
+            t.service_ids.insert(id);
+        }
+    }
+
+    fn touch_backend(&mut self, id: u32) {
+        if let Some(t) = &mut self.touched {
+            t.backends.insert(id);
+        }
+    }
+
     fn acquire_backend(&mut self, backend: &Backend) -> anyhow::Result<u32> {
         if let Some(b) = self.backends.get_mut(backend) {
             b.refs += 1;
@@ -364,6 +449,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             .backend_ids
             .allocate()
             .ok_or_else(|| anyhow!("the backends map is full ({} backends)", MAX_BACKENDS - 1))?;
+        self.touch_backend(id);
         let written = self
             .maps
             .reset_backend_counters(id)
@@ -383,6 +469,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         b.refs -= 1;
         if b.refs == 0 {
             let id = b.id;
+            self.touch_backend(id);
             self.backends.remove(backend);
             if let Err(e) = self.maps.delete_backend(id) {
                 warn!(backend_id = id, "deleting backend: {e:#}");
@@ -453,6 +540,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 }
             },
         };
+        self.touch_service(key, id);
         if new_id && let Err(e) = self.maps.reset_service_counters(id) {
             self.abandon(id, generation, 0, &acquired, new_id);
             return Err(e);
@@ -517,6 +605,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         let Some(old) = self.services.get(key).cloned() else {
             return Ok(());
         };
+        self.touch_service(key, old.value.id);
         self.maps.delete_service(key, old.value.id)?;
         self.services.remove(key);
         self.retire(&old, &[]);
@@ -525,20 +614,21 @@ impl<M: ServiceMaps> Reconciler<M> {
     }
 }
 
+/// In-memory maps that log every write, for the tests of what drives the maps.
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
+pub mod fake {
+    use std::collections::{BTreeMap, HashMap};
 
     use super::*;
 
     /// In-memory maps that log every write.
     #[derive(Default)]
-    struct Fake {
-        services: BTreeMap<ServiceKey, (ServiceValue, ServiceMeta)>,
-        slots: HashMap<SlotKey, u32>,
-        backends: HashMap<u32, Backend>,
-        slot_capacity: Option<usize>,
-        log: Vec<String>,
+    pub struct Fake {
+        pub services: BTreeMap<ServiceKey, (ServiceValue, ServiceMeta)>,
+        pub slots: HashMap<SlotKey, u32>,
+        pub backends: HashMap<u32, Backend>,
+        pub slot_capacity: Option<usize>,
+        pub log: Vec<String>,
     }
 
     impl ServiceMaps for &mut Fake {
@@ -617,6 +707,12 @@ mod tests {
             })
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::{fake::Fake, *};
 
     fn key(port: u16) -> ServiceKey {
         ServiceKey::new([10, 96, 0, 1], port, 6)
@@ -755,12 +851,18 @@ mod tests {
         );
     }
 
+    fn repair(r: &mut Reconciler<&mut Fake>) -> usize {
+        r.begin_snapshot();
+        let snapshot = r.maps.read_existing().unwrap();
+        r.repair(&snapshot).unwrap()
+    }
+
     #[test]
     fn repair_restores_what_was_changed_behind_its_back() {
         let mut fake = Fake::default();
         let mut r = Reconciler::adopt(&mut fake).unwrap();
         r.apply(&state(&[(80, &[1, 2]), (81, &[3])]));
-        assert_eq!(r.repair().unwrap(), 0, "nothing to repair");
+        assert_eq!(repair(&mut r), 0, "nothing to repair");
         // Someone deletes a service entry and a slot, and adds a stray service.
         r.maps.services.remove(&key(80));
         r.maps.slots.remove(&SlotKey {
@@ -786,10 +888,25 @@ mod tests {
                 },
             ),
         );
-        assert_eq!(r.repair().unwrap(), 3);
+        assert_eq!(repair(&mut r), 3);
         assert_eq!(r.maps.services.len(), 2);
         assert!(r.maps.services.contains_key(&key(80)));
         assert_eq!(r.maps.slots.len(), 3);
-        assert_eq!(r.repair().unwrap(), 0);
+        assert_eq!(repair(&mut r), 0);
+    }
+
+    #[test]
+    fn writes_after_the_snapshot_began_are_not_drift() {
+        let mut fake = Fake::default();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        r.apply(&state(&[(80, &[1, 2]), (81, &[3])]));
+        r.begin_snapshot();
+        let snapshot = r.maps.read_existing().unwrap();
+        // Programming goes on while the snapshot is compared.
+        r.apply(&state(&[(80, &[2, 4]), (82, &[5])]));
+        r.maps.log.clear();
+        assert_eq!(r.repair(&snapshot).unwrap(), 0, "{:?}", r.maps.log);
+        assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
+        assert_eq!(repair(&mut r), 0);
     }
 }

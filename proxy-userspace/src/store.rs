@@ -2,7 +2,7 @@
 //! feed it whole sets (a manifest reload, a watch re-list) or single changes (watch
 //! events). An invalid new version is rejected and the last valid one stays served
 //! ("nothing is lost").
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
@@ -10,7 +10,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    desired::{Desired, Topology, desired_state},
+    desired::Topology,
     model::{ServiceSpec, SliceSpec, Validated, validate_service, validate_slice},
     rejection::Rejection,
 };
@@ -66,6 +66,9 @@ pub struct Outcome {
     pub service_changes: usize,
     /// EndpointSlices added, changed or removed.
     pub endpoint_changes: usize,
+    /// The services whose translation may have changed: changed services, and the
+    /// services of changed slices (before and after a slice changes its service).
+    pub dirty: BTreeSet<Name>,
 }
 
 /// The served objects of one kind.
@@ -100,35 +103,40 @@ impl<T: Clone + PartialEq> Table<T> {
         }
     }
 
-    /// Sets `name` to `new`; returns whether that changed what is served.
-    fn set(&mut self, name: Name, new: Option<T>) -> bool {
-        match new {
-            Some(spec) => self.items.insert(name, spec.clone()).as_ref() != Some(&spec),
-            None => self.items.remove(&name).is_some(),
-        }
+    /// Sets `name` to `new`; when that changes what is served, returns the previous
+    /// version (`Some(None)`: there was none).
+    fn set(&mut self, name: &Name, new: Option<T>) -> Option<Option<T>> {
+        let previous = match new {
+            Some(spec) if self.items.get(name) == Some(&spec) => return None,
+            Some(spec) => self.items.insert(name.clone(), spec),
+            None => Some(self.items.remove(name)?),
+        };
+        Some(previous)
     }
 
-    fn replace(&mut self, validated: Vec<(Name, Validated<T>)>, outcome: &mut Outcome) -> usize {
-        let mut next = BTreeMap::new();
-        for (name, v) in validated {
-            if let Some(spec) = self.admit(&name, v, outcome) {
-                next.insert(name, spec);
-            }
-        }
-        let changes = next
-            .iter()
-            .filter(|(n, spec)| self.items.get(n) != Some(spec))
-            .count()
-            + self.items.keys().filter(|n| !next.contains_key(n)).count();
-        self.items = next;
-        changes
+    /// The names of this table that `validated` no longer lists.
+    fn missing_from(&self, validated: &[(Name, Validated<T>)]) -> Vec<Name> {
+        let listed: BTreeSet<&Name> = validated.iter().map(|(n, _)| n).collect();
+        self.items
+            .keys()
+            .filter(|n| !listed.contains(n))
+            .cloned()
+            .collect()
     }
+}
+
+/// The service an EndpointSlice belongs to.
+fn service_of(slice: &SliceSpec) -> Name {
+    (slice.namespace.clone(), slice.service.clone())
 }
 
 #[derive(Debug)]
 pub struct Store {
     services: Table<ServiceSpec>,
     slices: Table<SliceSpec>,
+    /// The slices of each service, by their `kubernetes.io/service-name` label: a change to
+    /// one slice dirties its service alone.
+    slices_by_service: HashMap<Name, BTreeSet<Name>>,
     /// The `service.kubernetes.io/service-proxy-name` this proxy serves (`None`: unlabelled).
     proxy_name: Option<String>,
     topology: Topology,
@@ -143,8 +151,42 @@ impl Store {
             slices: Table {
                 items: BTreeMap::new(),
             },
+            slices_by_service: HashMap::new(),
             proxy_name,
             topology,
+        }
+    }
+
+    fn set_service(&mut self, name: &Name, new: Option<ServiceSpec>, outcome: &mut Outcome) {
+        if self.services.set(name, new).is_some() {
+            outcome.service_changes += 1;
+            outcome.dirty.insert(name.clone());
+        }
+    }
+
+    fn set_slice(&mut self, name: &Name, new: Option<SliceSpec>, outcome: &mut Outcome) {
+        let service = new.as_ref().map(service_of);
+        let Some(previous) = self.slices.set(name, new) else {
+            return;
+        };
+        outcome.endpoint_changes += 1;
+        if let Some(old) = previous.as_ref().map(service_of) {
+            if service.as_ref() != Some(&old)
+                && let Some(slices) = self.slices_by_service.get_mut(&old)
+            {
+                slices.remove(name);
+                if slices.is_empty() {
+                    self.slices_by_service.remove(&old);
+                }
+            }
+            outcome.dirty.insert(old);
+        }
+        if let Some(service) = service {
+            self.slices_by_service
+                .entry(service.clone())
+                .or_default()
+                .insert(name.clone());
+            outcome.dirty.insert(service);
         }
     }
 
@@ -152,7 +194,7 @@ impl Store {
     pub fn replace(&mut self, kinds: &[Kind], objects: &[Object]) -> Outcome {
         let mut outcome = Outcome::default();
         if kinds.contains(&Kind::Service) {
-            let validated = objects
+            let validated: Vec<_> = objects
                 .iter()
                 .filter_map(|o| match o {
                     Object::Service(s) => Some((
@@ -162,17 +204,29 @@ impl Store {
                     _ => None,
                 })
                 .collect();
-            outcome.service_changes = self.services.replace(validated, &mut outcome);
+            for name in self.services.missing_from(&validated) {
+                self.set_service(&name, None, &mut outcome);
+            }
+            for (name, v) in validated {
+                let admitted = self.services.admit(&name, v, &mut outcome);
+                self.set_service(&name, admitted, &mut outcome);
+            }
         }
         if kinds.contains(&Kind::EndpointSlice) {
-            let validated = objects
+            let validated: Vec<_> = objects
                 .iter()
                 .filter_map(|o| match o {
                     Object::EndpointSlice(s) => Some((name_of(&s.metadata), validate_slice(s))),
                     _ => None,
                 })
                 .collect();
-            outcome.endpoint_changes = self.slices.replace(validated, &mut outcome);
+            for name in self.slices.missing_from(&validated) {
+                self.set_slice(&name, None, &mut outcome);
+            }
+            for (name, v) in validated {
+                let admitted = self.slices.admit(&name, v, &mut outcome);
+                self.set_slice(&name, admitted, &mut outcome);
+            }
         }
         outcome
     }
@@ -183,16 +237,13 @@ impl Store {
         let name = object.name();
         match object {
             Object::Service(s) => {
-                let admitted = self.services.admit(
-                    &name,
-                    validate_service(s, self.proxy_name.as_deref()),
-                    &mut outcome,
-                );
-                outcome.service_changes = usize::from(self.services.set(name, admitted));
+                let validated = validate_service(s, self.proxy_name.as_deref());
+                let admitted = self.services.admit(&name, validated, &mut outcome);
+                self.set_service(&name, admitted, &mut outcome);
             }
             Object::EndpointSlice(s) => {
                 let admitted = self.slices.admit(&name, validate_slice(s), &mut outcome);
-                outcome.endpoint_changes = usize::from(self.slices.set(name, admitted));
+                self.set_slice(&name, admitted, &mut outcome);
             }
         }
         outcome
@@ -202,21 +253,45 @@ impl Store {
     pub fn delete(&mut self, kind: Kind, name: Name) -> Outcome {
         let mut outcome = Outcome::default();
         match kind {
-            Kind::Service => outcome.service_changes = usize::from(self.services.set(name, None)),
-            Kind::EndpointSlice => {
-                outcome.endpoint_changes = usize::from(self.slices.set(name, None))
-            }
+            Kind::Service => self.set_service(&name, None, &mut outcome),
+            Kind::EndpointSlice => self.set_slice(&name, None, &mut outcome),
         }
         outcome
     }
 
-    /// This node's topology changed (its zone label); returns whether it did.
+    /// This node's topology changed (its zone label); returns whether it did. Every
+    /// service's endpoint selection may depend on it.
     pub fn set_topology(&mut self, topology: Topology) -> bool {
         std::mem::replace(&mut self.topology, topology.clone()) != topology
     }
 
-    pub fn desired(&self) -> Desired {
-        desired_state(
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn service(&self, name: &Name) -> Option<&ServiceSpec> {
+        self.services.items.get(name)
+    }
+
+    /// The names of every served service, in order.
+    pub fn service_names(&self) -> impl Iterator<Item = &Name> {
+        self.services.items.keys()
+    }
+
+    /// The slices labelled with service `name`, in order of their own names.
+    pub fn slices_of(&self, name: &Name) -> Vec<&SliceSpec> {
+        self.slices_by_service
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice| self.slices.items.get(slice))
+            .collect()
+    }
+
+    /// The whole desired state computed at once: the tests' oracle.
+    #[cfg(test)]
+    pub fn desired(&self) -> crate::desired::Desired {
+        crate::desired::desired_state(
             self.services.items.values(),
             self.slices.items.values(),
             &self.topology,

@@ -459,7 +459,7 @@ fn killed_agent_restarts_without_breaking_flows_or_rewriting_maps() {
         .wait_for_log(&["synced"], Duration::from_secs(5))
         .unwrap();
     assert!(
-        synced.contains("0 changed, 0 removed, 2 unchanged"),
+        synced.contains("0 service ports changed, 0 removed, 2 unchanged"),
         "no rewrite after a restart: {synced}"
     );
     let metrics = world.agent_http("/metrics").unwrap();

@@ -1,0 +1,114 @@
+//! Who owns a key that several services ask for (a frontend address, a health-check port):
+//! every claimant is kept, ordered, and the first one owns the key — the same winner as a
+//! full pass over the services in name order. When the owner lets go, the next claimant
+//! owns the key without anyone re-reading the others.
+use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
+
+use crate::store::Name;
+
+/// A service and the position of the claim in its translation: a service can claim one
+/// key twice (two ports on the same address), and its first claim wins.
+pub type Claimant = (Name, usize);
+
+#[derive(Debug, Default)]
+struct Claim {
+    claimants: BTreeSet<Claimant>,
+    /// The owner the losers below were last reported against.
+    reported_owner: Option<Claimant>,
+    reported: BTreeSet<Claimant>,
+}
+
+#[derive(Debug)]
+pub struct Claims<K> {
+    claims: HashMap<K, Claim>,
+}
+
+impl<K> Default for Claims<K> {
+    fn default() -> Self {
+        Self {
+            claims: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Claims<K> {
+    pub fn claim(&mut self, key: &K, claimant: Claimant) {
+        self.claims
+            .entry(key.clone())
+            .or_default()
+            .claimants
+            .insert(claimant);
+    }
+
+    pub fn release(&mut self, key: &K, claimant: &Claimant) {
+        if let Some(claim) = self.claims.get_mut(key) {
+            claim.claimants.remove(claimant);
+            claim.reported.remove(claimant);
+            if claim.claimants.is_empty() {
+                self.claims.remove(key);
+            }
+        }
+    }
+
+    pub fn owner(&self, key: &K) -> Option<&Claimant> {
+        self.claims.get(key)?.claimants.first()
+    }
+
+    pub fn is_owned(&self, key: &K) -> bool {
+        self.claims.contains_key(key)
+    }
+
+    /// The owner of `key` and the claimants that lose to it but were not yet reported as
+    /// losing to that owner: each conflict is reported once, when it appears.
+    pub fn new_losers(&mut self, key: &K) -> Option<(Claimant, Vec<Claimant>)> {
+        let claim = self.claims.get_mut(key)?;
+        let owner = claim.claimants.first()?.clone();
+        if claim.reported_owner.as_ref() != Some(&owner) {
+            claim.reported.clear();
+            claim.reported_owner = Some(owner.clone());
+        }
+        let losers: Vec<Claimant> = claim
+            .claimants
+            .iter()
+            .skip(1)
+            .filter(|c| !claim.reported.contains(*c))
+            .cloned()
+            .collect();
+        claim.reported.extend(losers.iter().cloned());
+        Some((owner, losers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str, ordinal: usize) -> Claimant {
+        (("ns".into(), name.into()), ordinal)
+    }
+
+    #[test]
+    fn first_by_name_owns_and_the_next_takes_over() {
+        let mut claims = Claims::default();
+        claims.claim(&1, c("b", 0));
+        claims.claim(&1, c("a", 3));
+        assert_eq!(claims.owner(&1), Some(&c("a", 3)));
+        assert_eq!(claims.new_losers(&1), Some((c("a", 3), vec![c("b", 0)])));
+        assert_eq!(
+            claims.new_losers(&1),
+            Some((c("a", 3), vec![])),
+            "reported once"
+        );
+        claims.release(&1, &c("a", 3));
+        assert_eq!(claims.owner(&1), Some(&c("b", 0)));
+        assert_eq!(claims.new_losers(&1), Some((c("b", 0), vec![])));
+        // A new owner that sorts first: the old one loses, and is reported again.
+        claims.claim(&1, c("a", 0));
+        assert_eq!(claims.new_losers(&1), Some((c("a", 0), vec![c("b", 0)])));
+        claims.release(&1, &c("a", 0));
+        claims.release(&1, &c("b", 0));
+        assert!(!claims.is_owned(&1));
+        assert_eq!(claims.new_losers(&1), None);
+    }
+}
