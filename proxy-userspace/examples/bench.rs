@@ -23,15 +23,16 @@ use anyhow::{Context as _, bail, ensure};
 use aya::programs::{TestRun as _, TestRunOptions};
 use clap::Parser;
 use proxy::{
+    controller::Controller,
     datapath::Datapath,
     desired::{DesiredService, DesiredState, Topology},
     manifest::parse_manifest,
     maps::Maps,
-    reconcile::Reconciler,
+    reconcile::{Reconciler, ServiceMaps as _},
     store::{Kind, Object, Store},
     testbed::{Binaries, World},
 };
-use proxy_common::{Backend, ServiceKey, maps};
+use proxy_common::{Backend, CtEntry, CtKey, ServiceKey, maps};
 
 #[path = "bench/node_port.rs"]
 mod node_port;
@@ -49,6 +50,13 @@ struct Args {
     duration_ms: u64,
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Numbers of services at which one endpoint change is measured, idle and under load
+    /// (at most 65,535: the services map's capacity).
+    #[arg(long, value_delimiter = ',', default_value = "10000,30000,60000")]
+    change_sizes: Vec<usize>,
+    /// Conntrack entries while changes are measured under load.
+    #[arg(long, default_value_t = 200_000)]
+    change_flows: usize,
 }
 
 fn vip(i: usize) -> [u8; 4] {
@@ -502,7 +510,9 @@ fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<(Duration, u64)> {
         let stderr = child.stderr.take().context("agent stderr")?;
         for line in BufReader::new(stderr).lines() {
             let line = line?;
-            if line.contains(&format!("synced {n} service ports")) && line.contains(" 0 failed") {
+            if line.contains(&format!(
+                "; {n} service ports programmed, 0 services retrying"
+            )) {
                 let elapsed = started.elapsed();
                 let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
                 let rss_kb: u64 = status
@@ -527,16 +537,54 @@ fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<(Duration, u64)> {
     result
 }
 
+/// What one-change latency was measured under.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    Idle,
+    /// The conntrack map holds this many entries, and GC passes and drift-repair snapshots
+    /// run on other threads while changes are programmed, as in the agent.
+    Busy(usize),
+}
+
+/// One-change latency, p50 and p99, and the longest drift-repair comparison, which runs on
+/// the agent's loop and so can delay a change by that much (`Load::Busy` only).
+type ChangeLatency = (Duration, Duration, Option<Duration>);
+
+/// Fills the conntrack map with `flows` established TCP entries (none expires during the
+/// measurement, so every GC pass scans them all).
+fn fill_conntrack(dir: &Path, flows: usize) -> anyhow::Result<()> {
+    let mut conntrack: aya::maps::HashMap<_, CtKey, CtEntry> =
+        proxy::maps::open(dir, maps::CONNTRACK)?;
+    let now = proxy::clock::monotonic_ns();
+    for i in 0..flows {
+        let key = CtKey {
+            src: [10, 244, (i >> 16) as u8, (i >> 8) as u8],
+            dst: [10, 96, 0, 1],
+            sport: i as u16,
+            dport: 80,
+            proto: 6,
+            pad: [0; 3],
+        };
+        let entry = CtEntry {
+            state: proxy_common::CT_STATE_ESTABLISHED,
+            last_seen_ns: now,
+            ..CtEntry::default()
+        };
+        conntrack.insert(key, entry, 0)?;
+    }
+    Ok(())
+}
+
 /// Latency of one EndpointSlice change landing in the maps while `n` services exist, through
-/// the agent's path for a watch event: store update, desired state, incremental reconcile.
-/// Returns (p50, p99) over `changes` changes.
-fn change_latency(n: usize, changes: usize) -> anyhow::Result<(Duration, Duration)> {
+/// the agent's path for a watch event: the controller's store update, then its sync of the
+/// one dirty service.
+fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<ChangeLatency> {
     let pins = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/proxy-bench-change-{}-{n}",
         std::process::id()
     )));
     let _datapath = Datapath::load(&pins.0, &[])?;
-    let mut reconciler = Reconciler::adopt(Maps::open(&pins.0)?)?;
+    let reconciler = Reconciler::adopt(Maps::open(&pins.0)?)?;
     let endpoints = [
         Ipv4Addr::new(10, 244, 250, 1),
         Ipv4Addr::new(10, 244, 250, 2),
@@ -549,12 +597,51 @@ fn change_latency(n: usize, changes: usize) -> anyhow::Result<(Duration, Duratio
         "bench manifest rejected: {}",
         rejections[0]
     );
-    let mut store = Store::new(None, Topology::default());
-    store.replace(&[Kind::Service, Kind::EndpointSlice], &objects);
-    let report = reconciler.apply(&store.desired().services);
-    ensure!(report.errors.is_empty(), "programming {n} services failed");
+    let mut controller = Controller::new(Store::new(None, Topology::default()), reconciler);
+    controller.replace(&[Kind::Service, Kind::EndpointSlice], &objects);
+    let outcome = controller.sync(Instant::now());
+    ensure!(
+        outcome.failures.is_empty(),
+        "programming {n} services failed: {}",
+        outcome.failures[0].error
+    );
+    // The agent's off-loop work, on threads of their own until `stop`.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (want_snapshot, snapshot_wanted) = std::sync::mpsc::channel::<()>();
+    let (snapshot_tx, snapshots) = std::sync::mpsc::channel();
+    let mut workers = Vec::new();
+    if let Load::Busy(flows) = load {
+        fill_conntrack(&pins.0, flows)?;
+        let mut conntrack = proxy::maps::open(&pins.0, maps::CONNTRACK)?;
+        let stopped = stop.clone();
+        workers.push(std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                proxy::conntrack::collect_garbage(&mut conntrack);
+            }
+        }));
+        let dir = pins.0.clone();
+        workers.push(std::thread::spawn(move || {
+            while snapshot_wanted.recv().is_ok() {
+                let snapshot = Maps::open(&dir).and_then(|maps| maps.read_existing());
+                if snapshot_tx.send(snapshot).is_err() {
+                    break;
+                }
+            }
+        }));
+        controller.begin_snapshot();
+        want_snapshot.send(())?;
+    }
     let mut latencies = Vec::with_capacity(changes);
+    let mut longest_repair: Option<Duration> = None;
     for c in 0..changes {
+        if let Ok(snapshot) = snapshots.try_recv() {
+            let started = Instant::now();
+            controller.repair(&snapshot?)?;
+            let took = started.elapsed();
+            longest_repair = Some(longest_repair.map_or(took, |l| l.max(took)));
+            controller.begin_snapshot();
+            want_snapshot.send(())?;
+        }
         // The manifest alternates Service, EndpointSlice.
         let Object::EndpointSlice(mut slice) = objects[2 * ((c * 7919) % n) + 1].clone() else {
             bail!("not a slice")
@@ -563,16 +650,30 @@ fn change_latency(n: usize, changes: usize) -> anyhow::Result<(Duration, Duratio
             endpoint.addresses = vec![Ipv4Addr::new(10, 244, 251, (c % 250) as u8 + 1).to_string()];
         }
         let started = Instant::now();
-        store.apply(&Object::EndpointSlice(slice));
-        let report = reconciler.apply(&store.desired().services);
+        controller.apply(&Object::EndpointSlice(slice));
+        let outcome = controller.sync(Instant::now());
         latencies.push(started.elapsed());
         ensure!(
-            report.changed == 1 && report.errors.is_empty(),
-            "one change should program one service port: {report:?}"
+            outcome.changed == 1 && outcome.failures.is_empty(),
+            "one change should program one service port: {outcome:?}"
         );
+        if load != Load::Idle {
+            // Changes a millisecond apart, so that the off-loop work overlaps them.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(want_snapshot);
+    drop(snapshots);
+    for worker in workers {
+        let _ = worker.join();
     }
     latencies.sort();
-    Ok((latencies[changes / 2], latencies[changes * 99 / 100]))
+    Ok((
+        latencies[changes / 2],
+        latencies[changes * 99 / 100],
+        longest_repair,
+    ))
 }
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -671,7 +772,8 @@ fn main() -> anyhow::Result<()> {
         let point = per_packet(n, args.runs)?;
         let (cold_start, rss) = agent(n, &bin_dir)?;
         let e2e = end_to_end(n, &bins, args.duration_ms)?;
-        let change = change_latency(n, 200)?;
+        let (p50, p99, _) = change_latency(n, 200, Load::Idle)?;
+        let change = (p50, p99);
         let paths = [
             e2e.direct,
             e2e.socket_lb,
@@ -694,6 +796,13 @@ fn main() -> anyhow::Result<()> {
             );
         }
         rows.insert(n, (point, cold_start, rss, e2e, change));
+    }
+    let mut scale = Vec::new();
+    for &n in &args.change_sizes {
+        eprintln!("bench: one endpoint change among {n} services, idle and under load");
+        let idle = change_latency(n, 500, Load::Idle)?;
+        let busy = change_latency(n, 500, Load::Busy(args.change_flows))?;
+        scale.push((n, idle, busy));
     }
     eprintln!("bench: NodePort from outside, masqueraded to another node");
     let mut external = Vec::new();
@@ -769,20 +878,42 @@ fn main() -> anyhow::Result<()> {
         );
     }
     md += &format!(
+        "\n**One endpoint change at scale** (500 changes each; p50 / p99 in ms; under load: {} conntrack entries, GC passes and drift-repair snapshots running back to back on other threads, as in the agent; the drift comparison itself runs on the agent's loop, so its longest run is how long a change could wait behind it):\n\n\
+         | services | idle | under GC and resync | longest drift comparison (ms) |\n\
+         | ---: | ---: | ---: | ---: |\n",
+        args.change_flows
+    );
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    for (n, idle, busy) in &scale {
+        md += &format!(
+            "| {n} | {:.2} / {:.2} | {:.2} / {:.2} | {} |\n",
+            ms(&idle.0),
+            ms(&idle.1),
+            ms(&busy.0),
+            ms(&busy.1),
+            busy.2
+                .map_or("no snapshot finished".to_owned(), |d| format!(
+                    "{:.1}",
+                    ms(&d)
+                )),
+        );
+    }
+    md += &format!(
         "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; ratio to routing to the pod without NAT):\n\n\
-         | data path | new connections/s | median connect (µs) | round trips/s on one connection | median round trip (µs) |\n\
-         | --- | ---: | ---: | ---: | ---: |\n",
+         | data path | new connections/s | median connect (µs) | failed connections | round trips/s on one connection | median round trip (µs) |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n",
         args.duration_ms
     );
     // Path::ALL starts with the baseline.
     let base = &external[0].1;
     for (path, f) in &external {
         md += &format!(
-            "| {} | {:.0} ({:.2}x) | {:.0} | {:.0} ({:.2}x) | {:.0} |\n",
+            "| {} | {:.0} ({:.2}x) | {:.0} | {} | {:.0} ({:.2}x) | {:.0} |\n",
             path.label(),
             f.connections.0,
             f.connections.0 / base.connections.0,
             f.connections.1,
+            f.failed_connections,
             f.round_trips.0,
             f.round_trips.0 / base.round_trips.0,
             f.round_trips.1,

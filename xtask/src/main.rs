@@ -123,7 +123,18 @@ fn test() -> anyhow::Result<()> {
 }
 
 /// Arguments of the quick benchmark run, which `cargo xtask test` also makes.
-const QUICK_BENCH: [&str; 6] = ["--sizes", "10", "--runs", "10000", "--duration-ms", "300"];
+const QUICK_BENCH: [&str; 10] = [
+    "--sizes",
+    "10",
+    "--runs",
+    "10000",
+    "--duration-ms",
+    "300",
+    "--change-sizes",
+    "100",
+    "--change-flows",
+    "10000",
+];
 
 /// Runs the benchmark built in `profile` (`debug` or `release`) with `args`.
 fn bench(profile: &str, args: &[&str]) -> anyhow::Result<()> {

@@ -53,6 +53,8 @@ pub struct Figures {
     pub connections: (f64, f64),
     /// Round trips per second and their median latency (µs) on one connection.
     pub round_trips: (f64, f64),
+    /// Connections that failed while measuring the connection rate.
+    pub failed_connections: u64,
 }
 
 /// A NodePort service on 30080 whose endpoint is `pod` on node-b.
@@ -77,12 +79,21 @@ fn iptables_ruleset(pod: Ipv4Addr) -> String {
     super::kube_nat_table(chains, &rules)
 }
 
-/// Runs netprobe `mode` from ext to `to` for `duration_ms`; returns (per second, median µs).
-fn measure(world: &World, mode: &str, to: &str, duration_ms: u64) -> anyhow::Result<(f64, f64)> {
+/// Runs netprobe `mode` from ext to `to` for `duration_ms`; returns (per second, median µs)
+/// and the failed attempts. A few failed connections (at most 1 in 1,000: a known conntrack
+/// clash when masquerade ports are reused, issue #13) are reported, not fatal.
+fn measure(
+    world: &World,
+    mode: &str,
+    to: &str,
+    duration_ms: u64,
+) -> anyhow::Result<((f64, f64), u64)> {
     let out = world.probe_ext(&[mode, "--to", to, "--duration-ms", &duration_ms.to_string()])?;
     let r: &Value = out.first().context("no result")?;
+    let failures = r["failures"].as_u64().unwrap_or(0);
+    let attempts = r["connections"].as_u64().unwrap_or(0) + failures;
     ensure!(
-        r["failures"].as_u64().unwrap_or(0) == 0 && r["ok"] != false,
+        r["ok"] != false && failures * 1000 <= attempts && (mode == "rate" || failures == 0),
         "{mode} through {to} failed: {r}"
     );
     let median = if mode == "rate" {
@@ -91,8 +102,11 @@ fn measure(world: &World, mode: &str, to: &str, duration_ms: u64) -> anyhow::Res
         "p50_us"
     };
     Ok((
-        r["per_second"].as_f64().context("per_second")?,
-        r[median].as_f64().context("median")?,
+        (
+            r["per_second"].as_f64().context("per_second")?,
+            r[median].as_f64().context("median")?,
+        ),
+        failures,
     ))
 }
 
@@ -183,8 +197,10 @@ fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow:
             world.start_agent_on(node, &["--manifests", &manifest, "--xdp", mode], false)?;
         }
     }
+    let (connections, failed_connections) = measure(&world, "rate", &to, duration_ms)?;
     Ok(Figures {
-        connections: measure(&world, "rate", &to, duration_ms)?,
-        round_trips: measure(&world, "rr", &to, duration_ms)?,
+        connections,
+        round_trips: measure(&world, "rr", &to, duration_ms)?.0,
+        failed_connections,
     })
 }
