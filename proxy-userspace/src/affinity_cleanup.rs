@@ -36,27 +36,25 @@ impl AffinityCleanup {
         mut map: aya::maps::HashMap<MapData, AffinityKey, AffinityValue>,
     ) -> anyhow::Result<Self> {
         let (requests, queue) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("affinity-cleanup".into())
-            .spawn(move || {
-                while let Ok(first) = queue.recv() {
-                    let mut stale = Stale::new();
-                    add(&mut stale, first);
-                    while let Ok(more) = queue.try_recv() {
-                        add(&mut stale, more);
-                    }
-                    let keys: Vec<AffinityKey> = map
-                        .iter()
-                        .filter_map(Result::ok)
-                        .filter(|(k, v)| is_stale(&stale, k, v))
-                        .map(|(k, _)| k)
-                        .collect();
-                    for key in keys {
-                        // Already gone (LRU eviction, a datapath refresh race) is fine.
-                        let _ = map.remove(&key);
-                    }
+        crate::background::spawn("affinity-cleanup", move || {
+            while let Ok(first) = queue.recv() {
+                let mut stale = Stale::new();
+                add(&mut stale, first);
+                while let Ok(more) = queue.try_recv() {
+                    add(&mut stale, more);
                 }
-            })?;
+                let keys: Vec<AffinityKey> = map
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(k, v)| is_stale(&stale, k, v))
+                    .map(|(k, _)| k)
+                    .collect();
+                for key in keys {
+                    // Already gone (LRU eviction, a datapath refresh race) is fine.
+                    let _ = map.remove(&key);
+                }
+            }
+        })?;
         Ok(Self { requests })
     }
 

@@ -32,7 +32,7 @@ use crate::{
     maps::Maps,
     metrics::Metrics,
     node::NodeAddresses,
-    reconcile::{Existing, Reconciler, ServiceMaps as _},
+    reconcile::{Reconciler, Repair, ServiceMaps as _, Snapshot},
     rejection::{Reason, Rejection},
     source::{self, SourceEvent},
     store::{Kind, Outcome, Store},
@@ -78,6 +78,10 @@ pub struct Config {
     /// How often the maps are compared with the desired state and repaired.
     pub resync_interval: Duration,
 }
+
+/// Map entries a drift repair compares between two looks at the event queue: well under a
+/// millisecond of work.
+pub const REPAIR_STEP: usize = 256;
 
 struct Agent {
     controller: Controller<Maps>,
@@ -260,33 +264,55 @@ impl Agent {
     }
 
     /// Retries health-check servers that could not start, and starts reading a snapshot of
-    /// the maps on a blocking thread; `repair` gets it.
+    /// the maps on a background thread; `start_repair` gets it.
     fn begin_resync(
         &mut self,
         bpffs: &std::path::Path,
-        snapshots: &mpsc::Sender<anyhow::Result<Existing>>,
-    ) {
+        snapshots: &mpsc::Sender<anyhow::Result<Snapshot>>,
+    ) -> bool {
         let errors = self.health_checks.retry();
         self.report_health_check_errors(errors);
         self.controller.begin_snapshot();
         let (bpffs, snapshots) = (bpffs.to_path_buf(), snapshots.clone());
-        tokio::task::spawn_blocking(move || {
+        let started = crate::background::spawn("resync-snapshot", move || {
             let snapshot = Maps::open(&bpffs).and_then(|maps| maps.read_existing());
-            let _ = snapshots.blocking_send(snapshot);
+            let _ = snapshots.blocking_send(snapshot.map(Snapshot::from));
         });
+        if let Err(e) = &started {
+            error!("resync: starting the thread that reads the maps: {e}");
+        }
+        started.is_ok()
     }
 
-    /// Repairs map drift that a snapshot shows.
-    fn repair(&mut self, snapshot: anyhow::Result<Existing>) {
-        match snapshot.and_then(|snapshot| self.controller.repair(&snapshot)) {
-            Ok(0) => {}
-            Ok(n) => {
-                warn!("resync: repaired {n} map entries that differed from the desired state");
-                self.metrics.drift_repairs.inc_by(n as u64);
+    fn start_repair(&mut self, snapshot: anyhow::Result<Snapshot>) -> Option<Repair> {
+        match snapshot {
+            Ok(snapshot) => Some(self.controller.start_repair(snapshot)),
+            Err(e) => {
+                error!("resync: reading the maps: {e:#}");
+                None
             }
-            Err(e) => error!("resync failed: {e:#}"),
         }
+    }
+
+    /// Repairs the next entries of `repair` that drifted; returns whether it is over.
+    fn repair_step(&mut self, repair: &mut Repair) -> bool {
+        let done = match self.controller.repair_step(repair, REPAIR_STEP) {
+            Ok(false) => return false,
+            Ok(true) => match repair.repaired {
+                0 => true,
+                n => {
+                    warn!("resync: repaired {n} map entries that differed from the desired state");
+                    self.metrics.drift_repairs.inc_by(n as u64);
+                    true
+                }
+            },
+            Err(e) => {
+                error!("resync failed: {e:#}");
+                true
+            }
+        };
         self.count_writes();
+        done
     }
 }
 
@@ -419,20 +445,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let metrics = agent.metrics.clone();
-    let mut gc = tokio::spawn(conntrack::collect_garbage_every(
-        conntrack,
-        config.conntrack_gc_interval,
-        move |report| {
+    let mut gc =
+        conntrack::collect_garbage_every(conntrack, config.conntrack_gc_interval, move |report| {
             metrics.conntrack_entries.set(report.entries as i64);
             metrics.conntrack_expired.inc_by(report.expired as u64);
-        },
-    ));
+        })
+        .context("starting the conntrack garbage collector")?;
     let mut heartbeat = tokio::time::interval(config.conntrack_gc_interval);
     let mut resync = tokio::time::interval(config.resync_interval);
     resync.reset();
-    // Drift repair reads every map: off the loop, one snapshot at a time.
+    // Drift repair reads every map off the loop, one snapshot at a time, and compares it
+    // between changes, a step at a time.
     let (snapshots_tx, mut snapshots) = mpsc::channel(1);
     let mut resyncing = false;
+    let mut repair: Option<Repair> = None;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut last_sync = tokio::time::Instant::now() - config.min_sync_interval;
@@ -459,6 +485,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         };
         tokio::select! {
+            // Changes first; the repair steps only when nothing else is ready.
+            biased;
             event = events.recv() => match event {
                 Some(event) => agent.handle(event),
                 None => bail!("the source stopped"),
@@ -468,12 +496,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 agent.sync();
             }
             _ = resync.tick(), if agent.ready() && !resyncing => {
-                resyncing = true;
-                agent.begin_resync(&config.bpffs, &snapshots_tx);
+                resyncing = agent.begin_resync(&config.bpffs, &snapshots_tx);
             }
             Some(snapshot) = snapshots.recv() => {
-                resyncing = false;
-                agent.repair(snapshot);
+                repair = agent.start_repair(snapshot);
+                resyncing = repair.is_some();
             }
             _ = heartbeat.tick() => {
                 match node_addresses.refresh() {
@@ -483,13 +510,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
                 agent.status.write();
             }
-            result = &mut gc => bail!("the conntrack garbage collector stopped: {:#}", why_ended(result)),
+            _ = &mut gc => bail!("the conntrack garbage collector stopped (it panicked)"),
             result = &mut source => bail!("the source stopped: {:#}", why_ended(result)),
             result = &mut metrics_server => bail!("the metrics server stopped: {result:?}"),
             result = &mut healthz_server => bail!("the health server stopped: {result:?}"),
             signal = &mut shutdown => {
                 info!("{}: exiting; the datapath keeps serving from the maps and links pinned under {}", signal?, config.bpffs.display());
                 return Ok(());
+            }
+            _ = std::future::ready(()), if repair.is_some() => {
+                if repair.as_mut().is_some_and(|r| agent.repair_step(r)) {
+                    repair = None;
+                    resyncing = false;
+                }
             }
         }
     }

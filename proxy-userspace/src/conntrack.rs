@@ -48,25 +48,20 @@ pub fn collect_garbage(conntrack: &mut aya::maps::HashMap<MapData, CtKey, CtEntr
     }
 }
 
-/// Collects garbage every `interval` on a blocking thread, so that scanning the map never
-/// delays programming; `report` gets the outcome of every pass.
-pub async fn collect_garbage_every(
+/// Collects garbage every `interval` on a background thread, so that scanning the map
+/// never delays programming; `report` gets the outcome of every pass. The receiver hears
+/// only if the thread ends (it panicked).
+pub fn collect_garbage_every(
     mut conntrack: aya::maps::HashMap<MapData, CtKey, CtEntry>,
     interval: std::time::Duration,
-    report: impl Fn(GcReport),
-) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tick.tick().await;
-        let (map, gc) = tokio::task::spawn_blocking(move || {
-            let gc = collect_garbage(&mut conntrack);
-            (conntrack, gc)
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("the conntrack garbage collector failed: {e}"))?;
-        conntrack = map;
-        report(gc);
-    }
+    report: impl Fn(GcReport) + Send + 'static,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    crate::background::spawn("conntrack-gc", move || {
+        loop {
+            std::thread::sleep(interval);
+            report(collect_garbage(&mut conntrack));
+        }
+    })
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::{
         DesiredService, FrontendEntry, HealthChecks, Topology, Translation, frontend_conflict,
         health_check_conflict, in_cluster_key, service_object, translate,
     },
-    reconcile::{Existing, KeyChange, Reconciler, ServiceMaps},
+    reconcile::{KeyChange, Reconciler, Repair, ServiceMaps, Snapshot},
     rejection::Rejection,
     store::{Kind, Name, Object, Outcome, Store},
     sync_queue::SyncQueue,
@@ -189,10 +189,15 @@ impl<M: ServiceMaps> Controller<M> {
         self.reconciler.begin_snapshot();
     }
 
-    /// Repairs the map entries that `snapshot` shows were changed behind the agent's back;
-    /// returns how many.
-    pub fn repair(&mut self, snapshot: &Existing) -> anyhow::Result<usize> {
-        self.reconciler.repair(snapshot)
+    /// Starts comparing `snapshot`, read since `begin_snapshot`, with what is programmed.
+    pub fn start_repair(&self, snapshot: Snapshot) -> Repair {
+        Repair::new(snapshot, &self.reconciler)
+    }
+
+    /// Repairs, among the next `budget` entries of `repair`, those changed behind the
+    /// agent's back; returns whether the repair is complete.
+    pub fn repair_step(&mut self, repair: &mut Repair, budget: usize) -> anyhow::Result<bool> {
+        repair.step(&mut self.reconciler, budget)
     }
 
     /// Map updates and deletes made so far.

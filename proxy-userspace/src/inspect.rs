@@ -23,7 +23,7 @@ use crate::{
     reconcile::ServiceMeta,
 };
 
-fn protocol(proto: u8) -> &'static str {
+pub fn protocol(proto: u8) -> &'static str {
     Protocol::from_ip_proto(proto).map_or("?", Protocol::name)
 }
 
@@ -196,20 +196,38 @@ pub struct BackendRow {
     pub connection_share_percent: f64,
 }
 
-/// The backends of one service port, of all its frontends (an externalTrafficPolicy: Local
-/// frontend has only the node-local ones), in slot order.
-pub fn backends(maps: &Maps, dir: &Path, service: &ServiceRow) -> anyhow::Result<Vec<BackendRow>> {
-    let conntrack = open_conntrack(dir)?;
-    let ids = service.ids();
-    let mut active: HashMap<u32, u64> = HashMap::new();
-    for (_, entry) in conntrack.iter().filter_map(Result::ok) {
-        if entry.direction == CT_FORWARD
-            && ids.contains(&entry.rev_nat_id)
-            && entry.state != CT_STATE_CLOSING
-        {
-            *active.entry(entry.backend_id).or_default() += 1;
+/// Open tc-path flows by (service-port id, backend id), from one pass over conntrack.
+pub struct ActiveFlows(HashMap<(u32, u32), u64>);
+
+impl ActiveFlows {
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let conntrack = open_conntrack(dir)?;
+        let mut active = HashMap::new();
+        for (_, entry) in conntrack.iter().filter_map(Result::ok) {
+            if entry.direction == CT_FORWARD && entry.state != CT_STATE_CLOSING {
+                *active
+                    .entry((entry.rev_nat_id, entry.backend_id))
+                    .or_default() += 1;
+            }
         }
+        Ok(Self(active))
     }
+
+    fn of(&self, service: &ServiceRow, backend_id: u32) -> u64 {
+        service
+            .ids()
+            .iter()
+            .filter_map(|id| self.0.get(&(*id, backend_id)))
+            .sum()
+    }
+}
+
+/// The backends of one service port, of all its frontends (an externalTrafficPolicy: Local
+/// frontend has only the node-local ones), in slot order, with their counters.
+pub fn backend_counters(
+    maps: &Maps,
+    service: &ServiceRow,
+) -> anyhow::Result<Vec<(u32, Backend, Counters)>> {
     let mut rows: Vec<(u32, Backend, Counters)> = Vec::new();
     let slots = service.frontends.iter().flat_map(|(_, _, v)| {
         (1..=v.count).map(|slot| SlotKey {
@@ -237,6 +255,16 @@ pub fn backends(maps: &Maps, dir: &Path, service: &ServiceRow) -> anyhow::Result
             .with_context(|| format!("reading counters of backend {id}"))?);
         rows.push((id, backend, counters));
     }
+    Ok(rows)
+}
+
+/// The backends of one service port with their counters, open flows and connection share.
+pub fn backends(
+    maps: &Maps,
+    active: &ActiveFlows,
+    service: &ServiceRow,
+) -> anyhow::Result<Vec<BackendRow>> {
+    let rows = backend_counters(maps, service)?;
     let total: u64 = rows.iter().map(|(_, _, c)| c.conns).sum();
     let state = if service.terminating_backends > 0 {
         "terminating"
@@ -251,7 +279,7 @@ pub fn backends(maps: &Maps, dir: &Path, service: &ServiceRow) -> anyhow::Result
             protocol: protocol(b.proto),
             node_local: b.flags & BACKEND_FLAG_LOCAL != 0,
             state,
-            active_connections: active.get(&id).copied().unwrap_or(0),
+            active_connections: active.of(service, id),
             connections: c.conns,
             packets: c.packets,
             bytes: c.bytes,

@@ -2,6 +2,7 @@
 //! map entries, the reconciler that programs the pinned maps, and the tools around them.
 pub mod affinity_cleanup;
 pub mod agent;
+pub mod background;
 pub mod claims;
 pub mod clock;
 pub mod conntrack;

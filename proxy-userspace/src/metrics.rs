@@ -252,11 +252,17 @@ fn datapath_families(bpffs: &std::path::Path) -> anyhow::Result<Vec<MetricFamily
         for (vec, value) in svc.iter().zip([row.connections, row.packets, row.bytes]) {
             vec.with_label_values(&labels).inc_by(value);
         }
-        for b in crate::inspect::backends(&maps, bpffs, &row)? {
-            let backend = format!("{}:{}/{}", b.address, b.port, b.protocol);
+        // Counters only: the scrape never scans conntrack.
+        for (id, b, c) in crate::inspect::backend_counters(&maps, &row)? {
             // A backend shared by several service ports has one set of counters.
-            if seen.insert(backend.clone()) {
-                for (vec, value) in be.iter().zip([b.connections, b.packets, b.bytes]) {
+            if seen.insert(id) {
+                let backend = format!(
+                    "{}:{}/{}",
+                    std::net::Ipv4Addr::from(b.addr),
+                    b.port,
+                    crate::inspect::protocol(b.proto)
+                );
+                for (vec, value) in be.iter().zip([c.conns, c.packets, c.bytes]) {
                     vec.with_label_values(&[backend.as_str()]).inc_by(value);
                 }
             }

@@ -17,6 +17,9 @@ use crate::{
     model::ServiceType,
 };
 
+mod repair;
+pub use repair::{Repair, Snapshot};
+
 /// The map operations the reconciler needs; `crate::maps::Maps` implements them on the
 /// pinned maps, the tests on memory.
 pub trait ServiceMaps {
@@ -210,6 +213,10 @@ pub struct Reconciler<M> {
     backend_ids: Ids,
     /// Recording since `begin_snapshot`.
     touched: Option<Touched>,
+    /// The key programmed under each service id, and the backend under each backend id:
+    /// what a drift repair checks map entries against, one entry at a time.
+    key_by_id: HashMap<u32, ServiceKey>,
+    backend_by_id: HashMap<u32, Backend>,
 }
 
 impl<M: ServiceMaps> Reconciler<M> {
@@ -279,6 +286,8 @@ impl<M: ServiceMaps> Reconciler<M> {
         let backend_ids = Ids::with_used(MAX_BACKENDS, &live_backends);
         Ok(Self {
             maps,
+            key_by_id: services.iter().map(|(k, p)| (p.value.id, *k)).collect(),
+            backend_by_id: backends.iter().map(|(b, r)| (r.id, *b)).collect(),
             services,
             backends,
             service_ids,
@@ -349,69 +358,6 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.touched = Some(Touched::default());
     }
 
-    /// Compares `existing`, a snapshot of the maps read since `begin_snapshot`, with what
-    /// was programmed, and repairs any difference (an entry deleted or changed behind the
-    /// agent's back, e.g. with bpftool); returns how many entries it repaired. Entries
-    /// written since the snapshot began are left alone: the snapshot may predate them.
-    pub fn repair(&mut self, existing: &Existing) -> anyhow::Result<usize> {
-        let touched = self.touched.take().unwrap_or_default();
-        let services: HashMap<ServiceKey, ServiceValue> =
-            existing.services.iter().map(|(k, v, _)| (*k, *v)).collect();
-        let slots: HashMap<SlotKey, u32> = existing.slots.iter().copied().collect();
-        let backends: HashMap<u32, Backend> = existing.backends.iter().copied().collect();
-        let mut repaired = 0;
-        for (id, backend) in self.backends.iter().map(|(b, r)| (r.id, *b)) {
-            if !touched.backends.contains(&id) && backends.get(&id) != Some(&backend) {
-                self.maps.put_backend(id, &backend)?;
-                repaired += 1;
-            }
-        }
-        for (key, p) in &self.services {
-            if touched.services.contains(key) || touched.service_ids.contains(&p.value.id) {
-                continue;
-            }
-            for (i, (backend_id, _)) in p.backends.iter().enumerate() {
-                let slot = SlotKey {
-                    service_id: p.value.id,
-                    generation: p.value.generation,
-                    pad: 0,
-                    slot: i as u16 + 1,
-                };
-                if slots.get(&slot) != Some(backend_id) {
-                    self.maps.put_slot(&slot, *backend_id)?;
-                    repaired += 1;
-                }
-            }
-            if services.get(key) != Some(&p.value) {
-                self.maps.put_service(key, &p.value, &p.meta)?;
-                repaired += 1;
-            }
-        }
-        for (key, value) in &services {
-            if !self.services.contains_key(key) && !touched.services.contains(key) {
-                self.maps.delete_service(key, value.id)?;
-                repaired += 1;
-            }
-        }
-        let live_slots = live_slots(self.services.values());
-        for key in slots
-            .keys()
-            .filter(|k| !live_slots.contains(k) && !touched.service_ids.contains(&k.service_id))
-        {
-            self.maps.delete_slot(key)?;
-            repaired += 1;
-        }
-        let live_backends: HashSet<u32> = self.backends.values().map(|b| b.id).collect();
-        for id in backends
-            .keys()
-            .filter(|id| !live_backends.contains(id) && !touched.backends.contains(id))
-        {
-            self.maps.delete_backend(*id)?;
-            repaired += 1;
-        }
-        Ok(repaired)
-    }
-
     /// Map updates and deletes made so far.
     pub fn writes(&self) -> u64 {
         self.maps.writes()
@@ -459,6 +405,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             return Err(e);
         }
         self.backends.insert(*backend, BackendRef { id, refs: 1 });
+        self.backend_by_id.insert(id, *backend);
         Ok(id)
     }
 
@@ -471,6 +418,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             let id = b.id;
             self.touch_backend(id);
             self.backends.remove(backend);
+            self.backend_by_id.remove(&id);
             if let Err(e) = self.maps.delete_backend(id) {
                 warn!(backend_id = id, "deleting backend: {e:#}");
             }
@@ -575,6 +523,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             meta,
             backends: acquired,
         };
+        self.key_by_id.insert(id, *key);
         if let Some(old) = self.services.insert(*key, programmed) {
             self.retire(&old, &want.backends);
         }
@@ -608,6 +557,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.touch_service(key, old.value.id);
         self.maps.delete_service(key, old.value.id)?;
         self.services.remove(key);
+        self.key_by_id.remove(&old.value.id);
         self.retire(&old, &[]);
         self.service_ids.release(old.value.id);
         Ok(())
@@ -854,7 +804,19 @@ mod tests {
     fn repair(r: &mut Reconciler<&mut Fake>) -> usize {
         r.begin_snapshot();
         let snapshot = r.maps.read_existing().unwrap();
-        r.repair(&snapshot).unwrap()
+        repair_from(r, snapshot)
+    }
+
+    /// Runs a repair one entry per step, as the agent does between changes.
+    fn repair_from(r: &mut Reconciler<&mut Fake>, snapshot: Existing) -> usize {
+        let mut repair = Repair::new(snapshot.into(), r);
+        for _ in 0..1000 {
+            if repair.step(r, 1).unwrap() {
+                assert!(r.touched.is_none(), "recording stops with the repair");
+                return repair.repaired;
+            }
+        }
+        panic!("the repair did not finish in 1000 steps")
     }
 
     #[test]
@@ -905,7 +867,7 @@ mod tests {
         // Programming goes on while the snapshot is compared.
         r.apply(&state(&[(80, &[2, 4]), (82, &[5])]));
         r.maps.log.clear();
-        assert_eq!(r.repair(&snapshot).unwrap(), 0, "{:?}", r.maps.log);
+        assert_eq!(repair_from(&mut r, snapshot), 0, "{:?}", r.maps.log);
         assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
         assert_eq!(repair(&mut r), 0);
     }

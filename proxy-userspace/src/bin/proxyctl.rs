@@ -210,8 +210,9 @@ fn run(args: Args) -> Result<String, Failure> {
         } => {
             let maps = maps()?;
             let mut details = Vec::new();
+            let active = inspect::ActiveFlows::read(dir)?;
             for port in ports_of(&maps, &service)? {
-                let backends = inspect::backends(&maps, dir, &port)?;
+                let backends = inspect::backends(&maps, &active, &port)?;
                 details.push(ServiceDetail {
                     service: port,
                     backends,
