@@ -591,8 +591,9 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
         Ipv4Addr::new(10, 244, 250, 2),
         Ipv4Addr::new(10, 244, 250, 3),
     ];
-    let (objects, rejections) =
+    let (parsed, rejections) =
         parse_manifest(&manifest(n, &endpoints), "bench").map_err(|r| anyhow::anyhow!("{r}"))?;
+    let objects: Vec<Object> = parsed.into_iter().map(|(object, _)| object).collect();
     ensure!(
         rejections.is_empty(),
         "bench manifest rejected: {}",

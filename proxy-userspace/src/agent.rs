@@ -161,6 +161,7 @@ impl Agent {
                 let outcome = self.controller.delete(kind, name);
                 self.account(outcome);
             }
+            SourceEvent::Rejected(rejections) => self.report(&rejections),
             SourceEvent::Topology(topology) => {
                 if self.controller.set_topology(topology.clone()) {
                     info!("node topology: {topology:?}");

@@ -3,6 +3,7 @@
 //! the objects it last held; a bad object inside a good file is rejected on its own.
 use std::{
     collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
     path::{Path, PathBuf},
 };
 
@@ -12,19 +13,36 @@ use serde::Deserialize as _;
 
 use crate::{
     rejection::{Reason, Rejection},
-    store::Object,
+    store::{Kind, Name, Object},
 };
 
-/// Objects read from the manifests, and what was wrong with them.
+/// What changed in the manifests since they were last read (everything, the first time).
 #[derive(Debug, Default)]
-pub struct Loaded {
-    pub objects: Vec<Object>,
+pub struct Changes {
+    /// Objects added or changed.
+    pub applied: Vec<Object>,
+    pub deleted: Vec<(Kind, Name)>,
     pub rejections: Vec<Rejection>,
 }
 
+type ObjectId = (Kind, Name);
+
+/// What a manifest file held when it was last parsed: its text's fingerprint and each
+/// object's.
+#[derive(Debug, Default)]
+struct FileState {
+    text: u64,
+    objects: HashMap<ObjectId, u64>,
+}
+
+/// Reads manifests incrementally: a file whose text did not change is not parsed again, and
+/// of a file that did, only the objects that changed are passed on. Only fingerprints are
+/// kept here; the store holds the objects.
 pub struct ManifestSource {
     path: PathBuf,
-    last_good: HashMap<PathBuf, Vec<Object>>,
+    files: HashMap<PathBuf, FileState>,
+    /// The file that defines each object: a second definition elsewhere is rejected.
+    owners: HashMap<ObjectId, PathBuf>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -34,6 +52,12 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
+fn fingerprint(value: &impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
 impl ManifestSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
@@ -41,7 +65,8 @@ impl ManifestSource {
         let path = std::path::absolute(&path).unwrap_or(path);
         Self {
             path,
-            last_good: HashMap::new(),
+            files: HashMap::new(),
+            owners: HashMap::new(),
         }
     }
 
@@ -49,7 +74,7 @@ impl ManifestSource {
         &self.path
     }
 
-    fn files(&self) -> std::io::Result<Vec<PathBuf>> {
+    fn list(&self) -> std::io::Result<Vec<PathBuf>> {
         if !self.path.is_dir() {
             return Ok(vec![self.path.clone()]);
         }
@@ -61,51 +86,113 @@ impl ManifestSource {
         Ok(files)
     }
 
-    /// Reads every manifest file. Files that vanished from a directory take their objects
-    /// with them; a file that cannot be read or parsed keeps its last good objects.
-    pub fn load(&mut self) -> Loaded {
-        let mut loaded = Loaded::default();
-        let origin = format!("manifest {}", self.path.display());
-        let files = match self.files() {
+    /// Reads what changed. Files that vanished from a directory take their objects with
+    /// them; a file that cannot be read or parsed keeps its last good objects.
+    pub fn read_changes(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        let files = match self.list() {
             Ok(files) => files,
             Err(e) => {
-                loaded.rejections.push(Rejection::new(
-                    &origin,
+                changes.rejections.push(Rejection::new(
+                    &format!("manifest {}", self.path.display()),
                     "",
                     Reason::Parse,
                     format!("cannot list: {e}; still serving the last valid objects"),
                 ));
-                loaded.objects = self.last_good.values().flatten().cloned().collect();
-                return loaded;
+                return changes;
             }
         };
-        self.last_good.retain(|path, _| files.contains(path));
+        let vanished: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|f| !files.contains(f))
+            .cloned()
+            .collect();
+        for file in vanished {
+            self.update(&file, FileState::default(), Vec::new(), &mut changes);
+            self.files.remove(&file);
+        }
         for file in files {
             let origin = format!("manifest {}", file.display());
-            let parsed = std::fs::read_to_string(&file)
-                .map_err(|e| {
-                    Rejection::new(&origin, "", Reason::Parse, format!("cannot read: {e}"))
-                })
-                .and_then(|text| parse_manifest(&text, &origin));
-            match parsed {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(e) => {
+                    let detail = format!("cannot read: {e}");
+                    changes
+                        .rejections
+                        .push(Rejection::new(&origin, "", Reason::Parse, detail));
+                    continue;
+                }
+            };
+            let text_fingerprint = fingerprint(&text);
+            if self.files.get(&file).map(|f| f.text) == Some(text_fingerprint) {
+                continue;
+            }
+            match parse_manifest(&text, &origin) {
                 Ok((objects, rejections)) => {
-                    loaded.rejections.extend(rejections);
-                    self.last_good.insert(file.clone(), objects);
+                    changes.rejections.extend(rejections);
+                    let state = FileState {
+                        text: text_fingerprint,
+                        objects: HashMap::new(),
+                    };
+                    self.update(&file, state, objects, &mut changes);
                 }
                 Err(mut rejection) => {
-                    if self.last_good.contains_key(&file) {
+                    if self.files.contains_key(&file) {
                         rejection
                             .detail
                             .push_str("; still serving the objects it last held");
                     }
-                    loaded.rejections.push(rejection);
+                    changes.rejections.push(rejection);
                 }
             }
-            loaded
-                .objects
-                .extend(self.last_good.get(&file).into_iter().flatten().cloned());
         }
-        loaded
+        changes
+    }
+
+    /// `file` now holds `objects` (with their fingerprints): passes on those that are new
+    /// or changed, and the deletion of those it no longer holds.
+    fn update(
+        &mut self,
+        file: &Path,
+        mut state: FileState,
+        objects: Vec<Parsed>,
+        changes: &mut Changes,
+    ) {
+        let old = self.files.remove(file).unwrap_or_default();
+        for (object, object_fingerprint) in objects {
+            let id = (object.kind(), object.name());
+            if let Some(owner) = self.owners.get(&id).filter(|owner| *owner != file) {
+                changes.rejections.push(Rejection::new(
+                    &format!(
+                        "{:?} {}/{} in manifest {}",
+                        id.0,
+                        id.1.0,
+                        id.1.1,
+                        file.display()
+                    ),
+                    "metadata.name",
+                    Reason::Conflict,
+                    format!(
+                        "already defined in {}; this definition is ignored",
+                        owner.display()
+                    ),
+                ));
+                continue;
+            }
+            self.owners.insert(id.clone(), file.to_path_buf());
+            if old.objects.get(&id) != Some(&object_fingerprint) {
+                changes.applied.push(object);
+            }
+            state.objects.insert(id, object_fingerprint);
+        }
+        for id in old.objects.into_keys() {
+            if !state.objects.contains_key(&id) {
+                self.owners.remove(&id);
+                changes.deleted.push(id);
+            }
+        }
+        self.files.insert(file.to_path_buf(), state);
     }
 
     /// Calls `changed` whenever a manifest changes. Watches the parent of a file (editors
@@ -133,12 +220,15 @@ impl ManifestSource {
     }
 }
 
+/// An object and the fingerprint of its document, to tell whether it changed.
+pub type Parsed = (Object, u64);
+
 /// Parses a (multi-document) manifest. `Err` when the text is not YAML at all; otherwise
 /// the objects that parsed and a rejection for each document that did not.
 pub fn parse_manifest(
     text: &str,
     origin: &str,
-) -> Result<(Vec<Object>, Vec<Rejection>), Rejection> {
+) -> Result<(Vec<Parsed>, Vec<Rejection>), Rejection> {
     let mut objects = Vec::new();
     let mut rejections = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -157,7 +247,7 @@ pub fn parse_manifest(
     Ok((objects, rejections))
 }
 
-fn object_from_value(value: serde_yaml::Value, origin: &str) -> Result<Vec<Object>, Rejection> {
+fn object_from_value(value: serde_yaml::Value, origin: &str) -> Result<Vec<Parsed>, Rejection> {
     let text = |key: &str| {
         value
             .get(key)
@@ -190,11 +280,16 @@ fn object_from_value(value: serde_yaml::Value, origin: &str) -> Result<Vec<Objec
             )
         })
     }
+    let print = fingerprint(&value);
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => Ok(vec![Object::Service(Box::new(typed(value, &object)?))]),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Ok(vec![Object::EndpointSlice(Box::new(
-            typed(value, &object)?,
-        ))]),
+        ("v1", "Service") => Ok(vec![(
+            Object::Service(Box::new(typed(value, &object)?)),
+            print,
+        )]),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Ok(vec![(
+            Object::EndpointSlice(Box::new(typed(value, &object)?)),
+            print,
+        )]),
         ("v1", "List") => {
             let items = value
                 .get("items")
@@ -265,25 +360,81 @@ metadata: {name: cm}
         assert_eq!(parse_manifest(text, "m").unwrap().0.len(), 1);
     }
 
+    fn service(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 1}}]}}\n"
+        )
+    }
+
+    fn names(objects: &[Object]) -> Vec<String> {
+        objects.iter().map(|o| o.name().1).collect()
+    }
+
+    #[test]
+    fn only_what_changed_is_passed_on() {
+        let dir = std::env::temp_dir().join(format!("proxy-manifest-diff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+        std::fs::write(
+            &a,
+            service("x", "10.96.0.1") + "---\n" + &service("y", "10.96.0.2"),
+        )
+        .unwrap();
+        std::fs::write(&b, service("z", "10.96.0.3")).unwrap();
+        let mut source = ManifestSource::new(&dir);
+        assert_eq!(names(&source.read_changes().applied), ["x", "y", "z"]);
+        assert!(source.read_changes().applied.is_empty(), "nothing changed");
+        // One object of a file edited, another removed: b is not even parsed.
+        std::fs::write(&a, service("x", "10.96.0.9")).unwrap();
+        let changes = source.read_changes();
+        assert_eq!(names(&changes.applied), ["x"]);
+        assert_eq!(
+            changes.deleted,
+            [(Kind::Service, ("default".into(), "y".into()))]
+        );
+        // A second definition elsewhere is rejected, not served.
+        std::fs::write(
+            &b,
+            service("z", "10.96.0.3") + "---\n" + &service("x", "10.96.0.7"),
+        )
+        .unwrap();
+        let changes = source.read_changes();
+        assert!(changes.applied.is_empty(), "{:?}", changes.applied);
+        assert!(
+            changes.rejections[0]
+                .to_string()
+                .contains("already defined in"),
+            "{}",
+            changes.rejections[0]
+        );
+        std::fs::remove_file(&a).unwrap();
+        let changes = source.read_changes();
+        assert_eq!(
+            changes.deleted,
+            [(Kind::Service, ("default".into(), "x".into()))]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn unparsable_file_keeps_its_last_objects() {
         let dir = std::env::temp_dir().join(format!("proxy-manifest-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("svc.yaml");
-        std::fs::write(&file, "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 1}]}\n").unwrap();
+        std::fs::write(&file, service("a", "10.96.0.1")).unwrap();
         let mut source = ManifestSource::new(&dir);
-        assert_eq!(source.load().objects.len(), 1);
+        assert_eq!(source.read_changes().applied.len(), 1);
         std::fs::write(&file, "kind: [oops\n").unwrap();
-        let loaded = source.load();
-        assert_eq!(
-            loaded.objects.len(),
-            1,
+        let changes = source.read_changes();
+        assert!(
+            changes.applied.is_empty() && changes.deleted.is_empty(),
             "last good objects of the file are kept"
         );
-        assert!(loaded.rejections[0].to_string().contains("still serving"));
+        assert!(changes.rejections[0].to_string().contains("still serving"));
         std::fs::remove_file(&file).unwrap();
-        assert!(
-            source.load().objects.is_empty(),
+        assert_eq!(
+            source.read_changes().deleted.len(),
+            1,
             "a deleted file takes its objects with it"
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -24,11 +24,14 @@ pub enum SourceEvent {
     Apply(Object),
     Delete(Kind, Name),
     Topology(Topology),
+    /// Input that could not be used (a manifest that does not parse, a duplicate object).
+    Rejected(Vec<Rejection>),
     /// Lost (with why) or regained the connection to the API server.
     Connected(Result<(), String>),
 }
 
-/// Sends the manifests' objects now and after every change to them.
+/// Sends the manifests' objects now, as a whole set, and after every change to them, what
+/// changed, as single events.
 pub async fn run_manifests(
     mut source: ManifestSource,
     events: mpsc::Sender<SourceEvent>,
@@ -39,17 +42,20 @@ pub async fn run_manifests(
         // A full channel already means "re-read": nothing is lost by dropping this one.
         let _ = changed_tx.try_send(());
     })?;
-    loop {
-        let loaded = source.load();
-        let event = SourceEvent::Replace {
-            kinds: vec![Kind::Service, Kind::EndpointSlice],
-            objects: loaded.objects,
-            rejections: loaded.rejections,
-        };
+    let first = source.read_changes();
+    let initial = SourceEvent::Replace {
+        kinds: vec![Kind::Service, Kind::EndpointSlice],
+        objects: first.applied,
+        rejections: first.rejections,
+    };
+    let send = |event| async {
         events
             .send(event)
             .await
-            .context("the agent stopped listening")?;
+            .context("the agent stopped listening")
+    };
+    send(initial).await?;
+    loop {
         changed
             .recv()
             .await
@@ -57,5 +63,15 @@ pub async fn run_manifests(
         // Let a burst of writes settle, then read once.
         tokio::time::sleep(debounce).await;
         while changed.try_recv().is_ok() {}
+        let changes = source.read_changes();
+        if !changes.rejections.is_empty() {
+            send(SourceEvent::Rejected(changes.rejections)).await?;
+        }
+        for object in changes.applied {
+            send(SourceEvent::Apply(object)).await?;
+        }
+        for (kind, name) in changes.deleted {
+            send(SourceEvent::Delete(kind, name)).await?;
+        }
     }
 }
