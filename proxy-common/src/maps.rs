@@ -49,24 +49,31 @@ pub const ALL: [&str; 13] = [
     DROPS,
 ];
 
-/// Maps whose capacity the agent may change (`--map-size`): not the per-CPU arrays, whose
-/// size bounds the ids.
-pub const RESIZABLE: [&str; 7] = [
+/// Maps whose capacity the agent may change (`--map-size`). Ids index the counter arrays
+/// and `service_names`, so those follow the map that owns the ids: see `COMPANIONS`.
+pub const RESIZABLE: [&str; 6] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
-    SERVICE_NAMES,
     CONNTRACK,
     AFFINITY,
     SOCK_REV_NAT,
 ];
 
-/// Service ports; ids run from 1 to `MAX_SERVICES - 1` (they index `SERVICE_STATS`).
-pub const MAX_SERVICES: u32 = 65_536;
-/// Distinct backends; ids run from 1 to `MAX_BACKENDS - 1` (they index `BACKEND_STATS`).
-pub const MAX_BACKENDS: u32 = 262_144;
+/// Maps sized with another: a service id and a backend id can be as many as the entries of
+/// `services` and `backends`.
+pub const COMPANIONS: [(&str, &[&str]); 2] = [
+    (SERVICES, &[SERVICE_NAMES, SERVICE_STATS]),
+    (BACKENDS, &[BACKEND_STATS]),
+];
+
+/// Service frontends (each cluster IP, node port, external and load-balancer IP of a
+/// service port); ids run from 1 to `MAX_SERVICES - 1` and index `SERVICE_STATS`.
+pub const MAX_SERVICES: u32 = 131_072;
+/// Distinct backends; ids run from 1 to `MAX_BACKENDS - 1` and index `BACKEND_STATS`.
+pub const MAX_BACKENDS: u32 = 524_288;
 /// Backend slots of all services, for two generations during an update.
-pub const MAX_BACKEND_SLOTS: u32 = 524_288;
+pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOCK_REV_NAT: u32 = 131_072;

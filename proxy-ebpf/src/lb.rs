@@ -1,7 +1,9 @@
 //! Service lookup, backend selection (random, or sticky for session affinity and UDP sockets)
 //! and counters: the parts shared by the socket hooks and the tc programs.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
-    btf_maps::PerCpuArray,
+    btf_maps::Array,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
@@ -177,14 +179,27 @@ pub fn select_backend(svc: &ServiceValue, sticky: Option<&Sticky>, now: u64) -> 
     Some(chosen)
 }
 
+/// Adds `delta` to a counter that every CPU adds to (an add without fetch, its result
+/// unused: BPF's oldest atomic instruction).
+///
+/// # Safety
+/// `field` points into a live map value, 8-byte aligned.
 #[inline(always)]
-fn add<const N: usize>(stats: &PerCpuArray<Counters, N>, id: u32, delta: &Counters) {
+unsafe fn atomic_add(field: *mut u64, delta: u64) {
+    if delta != 0 {
+        // SAFETY: the caller's guarantee.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, delta) };
+    }
+}
+
+#[inline(always)]
+fn add<const N: usize>(stats: &Array<Counters, N>, id: u32, delta: &Counters) {
     if let Some(c) = stats.get_ptr_mut(id) {
-        // SAFETY: per-CPU slot, no concurrent writer.
+        // SAFETY: an array value lives as long as the map; `Counters` is 8-byte aligned.
         unsafe {
-            (*c).conns += delta.conns;
-            (*c).packets += delta.packets;
-            (*c).bytes += delta.bytes;
+            atomic_add(&raw mut (*c).conns, delta.conns);
+            atomic_add(&raw mut (*c).packets, delta.packets);
+            atomic_add(&raw mut (*c).bytes, delta.bytes);
         }
     }
 }

@@ -2,6 +2,10 @@
 //! DNAT / reverse NAT with our own conntrack (tc), over the maps in `maps`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `core::sync::atomic` has no read-modify-write on BPF (no compare-and-swap); the intrinsic
+// is the atomic add the counters need.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod lb;

@@ -33,11 +33,14 @@ pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLO
 pub static SERVICE_NAMES: HashMap<u32, ServiceInfo, { MAX_SERVICES as usize }, NO_PREALLOC> =
     HashMap::new();
 
+// Counters shared by all CPUs, added to atomically: a per-CPU array would cost entries ×
+// 24 bytes × possible CPUs (1 GiB on a 128-CPU node at the default sizes); this costs
+// entries × 24 bytes whatever the node.
 #[btf_map(name = "service_stats")]
-pub static SERVICE_STATS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();
+pub static SERVICE_STATS: Array<Counters, { MAX_SERVICES as usize }> = Array::new();
 
 #[btf_map(name = "backend_stats")]
-pub static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+pub static BACKEND_STATS: Array<Counters, { MAX_BACKENDS as usize }> = Array::new();
 
 #[btf_map(name = "conntrack")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();

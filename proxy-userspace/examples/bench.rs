@@ -141,15 +141,7 @@ fn mean_ns(
 fn map_memory(dir: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
     for name in maps::ALL {
-        let map = aya::maps::MapData::from_pin(dir.join(name))?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()));
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .context("no memlock in fdinfo")?
-            .trim()
-            .parse::<u64>()?;
+        total += proxy::inspect::kernel_memory(&aya::maps::MapData::from_pin(dir.join(name))?)?;
     }
     Ok(total)
 }

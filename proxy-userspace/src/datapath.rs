@@ -147,6 +147,11 @@ impl Datapath {
                 );
             };
             loader.map_max_entries(name, *size);
+            let companions = maps::COMPANIONS.iter().filter(|(owner, _)| owner == name);
+            for companion in companions.flat_map(|(_, companions)| companions.iter()) {
+                // Ids start at 1: one more slot than the entries they number.
+                loader.map_max_entries(companion, size.saturating_add(1));
+            }
         }
         let ebpf = loader.load(OBJECT).with_context(|| {
             format!(

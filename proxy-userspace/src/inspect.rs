@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::{
     clock::{monotonic_ns, unix_now},
     desired::Frontend,
-    maps::{Maps, decode_info, open, sum},
+    maps::{Maps, decode_info, open},
     model::Protocol,
     reconcile::ServiceMeta,
 };
@@ -249,10 +249,7 @@ pub fn backend_counters(
             .backends
             .get(&id, 0)
             .with_context(|| format!("reading backend {id}"))?;
-        let counters = sum(&maps
-            .backend_stats
-            .get(&id, 0)
-            .with_context(|| format!("reading counters of backend {id}"))?);
+        let counters = maps.backend_counters(id)?;
         rows.push((id, backend, counters));
     }
     Ok(rows)
@@ -372,6 +369,21 @@ pub struct MapRow {
     pub entries: Option<u64>,
     pub capacity: u32,
     pub fill_percent: Option<f64>,
+    /// Kernel memory the map is charged for now (fdinfo's `memlock`).
+    pub memory_bytes: u64,
+}
+
+/// The kernel memory `map` is charged for (`memlock` in its fdinfo).
+pub fn kernel_memory(map: &MapData) -> anyhow::Result<u64> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()));
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .context("reading a map's fdinfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .context("no memlock in a map's fdinfo")?
+        .trim()
+        .parse()
+        .context("parsing a map's memlock")
 }
 
 fn count<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> anyhow::Result<u64> {
@@ -384,15 +396,16 @@ pub fn map_fill(dir: &Path) -> anyhow::Result<Vec<MapRow>> {
     let mut rows = Vec::new();
     for name in maps::ALL {
         let path = dir.join(name);
-        let info = MapData::from_pin(&path)
-            .and_then(|m| m.info())
-            .with_context(|| {
-                format!(
-                    "reading map {} (is proxy-agent running with --bpffs {}?)",
-                    path.display(),
-                    dir.display()
-                )
-            })?;
+        let map = MapData::from_pin(&path).with_context(|| {
+            format!(
+                "reading map {} (is proxy-agent running with --bpffs {}?)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        let info = map
+            .info()
+            .with_context(|| format!("reading map {}", path.display()))?;
         let entries = match name {
             maps::SERVICES => Some(count::<ServiceKey, ServiceValue>(dir, name)?),
             maps::BACKEND_SLOTS => Some(count::<SlotKey, u32>(dir, name)?),
@@ -415,6 +428,7 @@ pub fn map_fill(dir: &Path) -> anyhow::Result<Vec<MapRow>> {
             entries,
             capacity,
             fill_percent,
+            memory_bytes: kernel_memory(&map)?,
         });
     }
     Ok(rows)

@@ -6,7 +6,7 @@ use crate::{
     reconcile::ServiceMeta,
 };
 use anyhow::{Context as _, bail};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData};
 use proxy_common::{
     Backend, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
 };
@@ -16,8 +16,8 @@ pub struct Maps {
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub names: HashMap<MapData, u32, ServiceInfo>,
-    pub service_stats: PerCpuArray<MapData, Counters>,
-    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub service_stats: Array<MapData, Counters>,
+    pub backend_stats: Array<MapData, Counters>,
     /// Where the maps are pinned.
     dir: PathBuf,
     /// Started on the first removed backend: `proxyctl` never needs it.
@@ -68,23 +68,16 @@ impl Maps {
     }
 
     pub fn service_counters(&self, id: u32) -> anyhow::Result<Counters> {
-        Ok(sum(&self.service_stats.get(&id, 0).with_context(|| {
-            format!("reading counters of service id {id}")
-        })?))
+        self.service_stats
+            .get(&id, 0)
+            .with_context(|| format!("reading counters of service id {id}"))
     }
-}
 
-pub fn sum(values: &PerCpuValues<Counters>) -> Counters {
-    values.iter().fold(Counters::default(), |a, c| Counters {
-        conns: a.conns + c.conns,
-        packets: a.packets + c.packets,
-        bytes: a.bytes + c.bytes,
-    })
-}
-
-pub fn zero_counters() -> anyhow::Result<PerCpuValues<Counters>> {
-    let cpus = aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
-    Ok(PerCpuValues::try_from(vec![Counters::default(); cpus])?)
+    pub fn backend_counters(&self, id: u32) -> anyhow::Result<Counters> {
+        self.backend_stats
+            .get(&id, 0)
+            .with_context(|| format!("reading counters of backend {id}"))
+    }
 }
 
 pub fn encode_info(meta: &ServiceMeta) -> ServiceInfo {
@@ -180,13 +173,13 @@ impl crate::reconcile::ServiceMaps for Maps {
 
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
         self.service_stats
-            .set(id, zero_counters()?, 0)
+            .set(id, Counters::default(), 0)
             .with_context(|| format!("zeroing counters of service id {id}"))
     }
 
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()> {
         self.backend_stats
-            .set(id, zero_counters()?, 0)
+            .set(id, Counters::default(), 0)
             .with_context(|| format!("zeroing counters of backend id {id}"))
     }
 
@@ -203,6 +196,10 @@ impl crate::reconcile::ServiceMaps for Maps {
 
     fn writes(&self) -> u64 {
         self.writes
+    }
+
+    fn id_capacity(&self) -> (u32, u32) {
+        (self.service_stats.len(), self.backend_stats.len())
     }
 
     fn read_existing(&self) -> anyhow::Result<crate::reconcile::Existing> {

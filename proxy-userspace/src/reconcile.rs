@@ -8,7 +8,6 @@ use anyhow::{Context as _, anyhow};
 use proxy_common::{
     Backend, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_INTERNAL_SCOPE,
     SVC_FLAG_MASQUERADE, ServiceKey, ServiceValue, SlotKey,
-    maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 use tracing::warn;
 
@@ -41,6 +40,8 @@ pub trait ServiceMaps {
     fn forget_affinity(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()>;
     /// What the maps already hold, e.g. from a previous agent.
     fn read_existing(&self) -> anyhow::Result<Existing>;
+    /// How many service ids and backend ids the maps have room for (0 is never used).
+    fn id_capacity(&self) -> (u32, u32);
     /// Map updates and deletes made so far.
     fn writes(&self) -> u64;
 }
@@ -279,11 +280,12 @@ impl<M: ServiceMaps> Reconciler<M> {
         {
             maps.delete_backend(*id)?;
         }
+        let (max_services, max_backends) = maps.id_capacity();
         let service_ids = Ids::with_used(
-            MAX_SERVICES,
+            max_services,
             &services.values().map(|p| p.value.id).collect(),
         );
-        let backend_ids = Ids::with_used(MAX_BACKENDS, &live_backends);
+        let backend_ids = Ids::with_used(max_backends, &live_backends);
         Ok(Self {
             maps,
             key_by_id: services.iter().map(|(k, p)| (p.value.id, *k)).collect(),
@@ -391,10 +393,12 @@ impl<M: ServiceMaps> Reconciler<M> {
             b.refs += 1;
             return Ok(b.id);
         }
-        let id = self
-            .backend_ids
-            .allocate()
-            .ok_or_else(|| anyhow!("the backends map is full ({} backends)", MAX_BACKENDS - 1))?;
+        let id = self.backend_ids.allocate().ok_or_else(|| {
+            anyhow!(
+                "the backends map is full ({} backends; raise it with --map-size backends=N)",
+                self.backend_ids.max - 1
+            )
+        })?;
         self.touch_backend(id);
         let written = self
             .maps
@@ -482,8 +486,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                 None => {
                     self.abandon(0, 0, 0, &acquired, false);
                     return Err(anyhow!(
-                        "the services map is full ({} service ports)",
-                        MAX_SERVICES - 1
+                        "the services map is full ({} frontends; raise it with --map-size services=N)",
+                        self.service_ids.max - 1
                     ));
                 }
             },
@@ -644,6 +648,12 @@ pub mod fake {
                 .iter()
                 .filter(|l| l.starts_with("put") || l.starts_with("delete"))
                 .count() as u64
+        }
+        fn id_capacity(&self) -> (u32, u32) {
+            (
+                proxy_common::maps::MAX_SERVICES,
+                proxy_common::maps::MAX_BACKENDS,
+            )
         }
         fn read_existing(&self) -> anyhow::Result<Existing> {
             Ok(Existing {

@@ -171,6 +171,10 @@ fn conntrack_list_and_flush_maps_and_status() {
     assert_eq!(row("backends")["entries"], 6, "3 pods x TCP and UDP");
     assert!(row("conntrack")["capacity"].as_u64().unwrap() > 0);
     assert!(row("service_stats")["entries"].is_null());
+    // Counters are shared by all CPUs: entries × 24 bytes, not × CPUs.
+    let stats = row("service_stats");
+    let per_entry = stats["memory_bytes"].as_u64().unwrap() / stats["capacity"].as_u64().unwrap();
+    assert!((24..48).contains(&per_entry), "{stats}");
 
     let status = json(&world, &["status"]);
     assert_eq!(status["agent_alive"], true, "{status}");

@@ -317,7 +317,7 @@ fn run(args: Args) -> Result<String, Failure> {
             match out {
                 Output::Table => {
                     let mut cells = vec![
-                        ["MAP", "ENTRIES", "CAPACITY", "FILL"]
+                        ["MAP", "ENTRIES", "CAPACITY", "FILL", "KERNEL MEMORY"]
                             .map(String::from)
                             .to_vec(),
                     ];
@@ -328,6 +328,7 @@ fn run(args: Args) -> Result<String, Failure> {
                             r.capacity.to_string(),
                             r.fill_percent
                                 .map_or("-".to_owned(), |f| format!("{f:.1}%")),
+                            format!("{:.1} MiB", r.memory_bytes as f64 / (1 << 20) as f64),
                         ]);
                     }
                     table(&cells)
