@@ -41,7 +41,11 @@ mod node_port;
 #[derive(Parser)]
 struct Args {
     /// Numbers of services to measure.
-    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,1000,10000,30000,100000"
+    )]
     sizes: Vec<usize>,
     /// Program runs per measurement.
     #[arg(long, default_value_t = 100_000)]
@@ -51,17 +55,22 @@ struct Args {
     duration_ms: u64,
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Numbers of services at which one endpoint change is measured, idle and under load
-    /// (at most 65,535: the services map's capacity).
-    #[arg(long, value_delimiter = ',', default_value = "10000,30000,60000")]
+    /// Numbers of services at which one endpoint change is measured, idle and under load.
+    #[arg(long, value_delimiter = ',', default_value = "10000,30000,100000")]
     change_sizes: Vec<usize>,
+    /// Largest number of services for which kube-proxy's rulesets are loaded and measured
+    /// (iptables-restore takes about a minute at 10,000 services and grows faster than
+    /// linearly).
+    #[arg(long, default_value_t = 10_000)]
+    baseline_max: usize,
     /// Conntrack entries while changes are measured under load.
     #[arg(long, default_value_t = 200_000)]
     change_flows: usize,
 }
 
+/// Service `i`'s cluster IP: 10.96.0.0 onwards (past 65,535 services, 10.97.x.y).
 fn vip(i: usize) -> [u8; 4] {
-    [10, 96, (i >> 8) as u8, i as u8]
+    [10, 96 + (i >> 16) as u8, (i >> 8) as u8, i as u8]
 }
 
 fn desired(n: usize) -> DesiredState {
@@ -415,15 +424,20 @@ fn rate(world: &World, hooked: bool, to: &str, duration_ms: u64) -> anyhow::Resu
     ))
 }
 
-/// One size's figures: per packet, cold start, agent RSS, end to end, change latency
+/// One size's figures: per packet, the agent's process, end to end, change latency
 /// (p50, p99).
-type Row = (Datapoint, Duration, u64, EndToEnd, (Duration, Duration));
+type Row = (Datapoint, AgentFigures, EndToEnd, (Duration, Duration));
 
 struct EndToEnd {
     /// (connections per second, median connect latency in microseconds) per data path.
     direct: (f64, f64),
     socket_lb: (f64, f64),
     tc: (f64, f64),
+    /// kube-proxy's data paths, up to `--baseline-max` services.
+    kube_proxy: Option<KubeProxy>,
+}
+
+struct KubeProxy {
     iptables: (f64, f64),
     nftables: (f64, f64),
     iptables_restore: Duration,
@@ -432,7 +446,12 @@ struct EndToEnd {
 
 /// Connection rate through each data path to the last of `n` services, and the time to
 /// load kube-proxy's full rulesets.
-fn end_to_end(n: usize, bins: &Binaries, duration_ms: u64) -> anyhow::Result<EndToEnd> {
+fn end_to_end(
+    n: usize,
+    bins: &Binaries,
+    duration_ms: u64,
+    baselines: bool,
+) -> anyhow::Result<EndToEnd> {
     let last = format!("{}:80", Ipv4Addr::from(vip(n - 1)));
     let (mut ours, pods) = World::three_backends(bins.clone())?;
     let direct = rate(&ours, false, &format!("{}:8080", pods[0]), duration_ms)?;
@@ -440,21 +459,38 @@ fn end_to_end(n: usize, bins: &Binaries, duration_ms: u64) -> anyhow::Result<End
     let socket_lb = rate(&ours, true, &last, duration_ms)?;
     let tc = rate(&ours, false, &last, duration_ms)?;
     drop(ours);
+    let kube_proxy = if baselines {
+        Some(kube_proxy(n, &last, bins, duration_ms)?)
+    } else {
+        None
+    };
+    Ok(EndToEnd {
+        direct,
+        socket_lb,
+        tc,
+        kube_proxy,
+    })
+}
+
+/// kube-proxy's rulesets for `n` services: load time and connection rate to `last`.
+fn kube_proxy(
+    n: usize,
+    last: &str,
+    bins: &Binaries,
+    duration_ms: u64,
+) -> anyhow::Result<KubeProxy> {
     let (ipt, pods) = World::three_backends(bins.clone())?;
     let iptables_restore = load_ruleset(
         &ipt,
         &["iptables-restore", "--noflush"],
         &iptables_ruleset(n, &pods),
     )?;
-    let iptables = rate(&ipt, false, &last, duration_ms)?;
+    let iptables = rate(&ipt, false, last, duration_ms)?;
     drop(ipt);
     let (nft, pods) = World::three_backends(bins.clone())?;
     let nft_load = load_ruleset(&nft, &["nft", "-f", "-"], &nftables_ruleset(n, &pods))?;
-    let nftables = rate(&nft, false, &last, duration_ms)?;
-    Ok(EndToEnd {
-        direct,
-        socket_lb,
-        tc,
+    let nftables = rate(&nft, false, last, duration_ms)?;
+    Ok(KubeProxy {
         iptables,
         nftables,
         iptables_restore,
@@ -462,8 +498,35 @@ fn end_to_end(n: usize, bins: &Binaries, duration_ms: u64) -> anyhow::Result<End
     })
 }
 
-/// Starts the agent on `n` services; returns (time to the first complete sync, RSS bytes).
-fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<(Duration, u64)> {
+/// What the agent's own process shows at one size.
+struct AgentFigures {
+    /// From start to every service in the maps.
+    cold_start: Duration,
+    rss_bytes: u64,
+    /// From writing one small new file into the manifest directory to its service's
+    /// sync being logged.
+    small_file_edit: Duration,
+}
+
+/// The manifest of one extra service, outside the bench's address range.
+const SMALL_FILE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: edited, namespace: bench}\nspec: {clusterIP: 10.99.0.1, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: edited-1, namespace: bench, labels: {kubernetes.io/service-name: edited}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.250.9], conditions: {ready: true}}]\n";
+
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()?;
+    Ok(rss_kb * 1024)
+}
+
+/// Starts the agent on a directory holding `n` services, waits until they are programmed,
+/// then writes one small file beside them and waits until that lands.
+fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<AgentFigures> {
     let pins = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/proxy-bench-agent-{}-{n}",
         std::process::id()
@@ -475,6 +538,7 @@ fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<(Duration, u64)> {
         PinDir(std::env::temp_dir().join(format!("proxy-bench-{}-{n}", std::process::id())));
     std::fs::create_dir_all(&manifests.0)?;
     let path = manifests.0.join("services.yaml");
+    let small_file = manifests.0.join("edited.yaml");
     let endpoints = [
         Ipv4Addr::new(10, 244, 250, 1),
         Ipv4Addr::new(10, 244, 250, 2),
@@ -484,7 +548,7 @@ fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<(Duration, u64)> {
     let started = Instant::now();
     let mut child = Command::new(bin_dir.join("proxy-agent"))
         .arg("--manifests")
-        .arg(&path)
+        .arg(&manifests.0)
         .arg("--cgroup")
         .arg(&cgroup)
         .arg("--bpffs")
@@ -501,28 +565,32 @@ fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<(Duration, u64)> {
         .context("starting proxy-agent")?;
     let result = (|| {
         let stderr = child.stderr.take().context("agent stderr")?;
-        for line in BufReader::new(stderr).lines() {
-            let line = line?;
-            if line.contains(&format!(
-                "; {n} service ports programmed, 0 services retrying"
-            )) {
-                let elapsed = started.elapsed();
-                let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-                let rss_kb: u64 = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .context("no VmRSS")?
-                    .trim()
-                    .trim_end_matches(" kB")
-                    .trim()
-                    .parse()?;
-                return Ok((elapsed, rss_kb * 1024));
+        let mut lines = BufReader::new(stderr).lines();
+        let mut wait_for = |text: &str| -> anyhow::Result<()> {
+            for line in lines.by_ref() {
+                if line?.contains(text) {
+                    return Ok(());
+                }
+                ensure!(
+                    started.elapsed() < Duration::from_secs(600),
+                    "the agent did not log {text:?} in 10 minutes"
+                );
             }
-            if started.elapsed() > Duration::from_secs(300) {
-                break;
-            }
-        }
-        bail!("the agent did not program {n} services")
+            bail!("the agent stopped before logging {text:?}")
+        };
+        wait_for(&format!(
+            "; {n} service ports programmed, 0 services retrying"
+        ))?;
+        let cold_start = started.elapsed();
+        let rss_bytes = rss_bytes(child.id())?;
+        let edited = Instant::now();
+        std::fs::write(&small_file, SMALL_FILE)?;
+        wait_for("synced 1 services")?;
+        Ok(AgentFigures {
+            cold_start,
+            rss_bytes,
+            small_file_edit: edited.elapsed(),
+        })
     })();
     let _ = child.kill();
     let _ = child.wait();
@@ -690,12 +758,12 @@ fn plot(
     title: &str,
     y_label: &str,
     sizes: &[usize],
-    series: &[(&str, Vec<f64>)],
+    series: &[(&str, Vec<Option<f64>>)],
 ) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let max = series
         .iter()
-        .flat_map(|(_, v)| v.iter().copied())
+        .flat_map(|(_, v)| v.iter().flatten().copied())
         .fold(0.0, f64::max)
         * 1.15;
     let (lo, hi) = (
@@ -719,10 +787,11 @@ fn plot(
         .draw()?;
     for (i, (name, values)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
+        // A missing value (a baseline not run at that size) leaves its point out.
         let points: Vec<(f64, f64)> = sizes
             .iter()
-            .map(|n| *n as f64)
-            .zip(values.iter().copied())
+            .zip(values)
+            .filter_map(|(n, v)| Some((*n as f64, (*v)?)))
             .collect();
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))?
@@ -776,32 +845,29 @@ fn main() -> anyhow::Result<()> {
     for &n in &args.sizes {
         eprintln!("bench: {n} services");
         let point = per_packet(n, args.runs)?;
-        let (cold_start, rss) = agent(n, &bin_dir)?;
-        let e2e = end_to_end(n, &bins, args.duration_ms)?;
+        let process = agent(n, &bin_dir)?;
+        let e2e = end_to_end(n, &bins, args.duration_ms, n <= args.baseline_max)?;
         let (p50, p99, _) = change_latency(n, 200, Load::Idle)?;
         let change = (p50, p99);
-        let paths = [
-            e2e.direct,
-            e2e.socket_lb,
-            e2e.tc,
-            e2e.iptables,
-            e2e.nftables,
-        ];
+        let baselines = e2e.kube_proxy.iter().flat_map(|k| [k.iptables, k.nftables]);
+        let paths = [e2e.direct, e2e.socket_lb, e2e.tc]
+            .into_iter()
+            .chain(baselines);
         let figures = [
             point.baseline_ns,
             point.miss_ns,
             point.hit_ns,
-            cold_start.as_secs_f64(),
+            process.cold_start.as_secs_f64(),
         ]
         .into_iter()
-        .chain(paths.iter().flat_map(|(r, l)| [*r, *l]));
+        .chain(paths.flat_map(|(r, l)| [r, l]));
         for v in figures {
             ensure!(
                 v.is_finite() && v > 0.0,
                 "a measurement is not a positive number: {v}"
             );
         }
-        rows.insert(n, (point, cold_start, rss, e2e, change));
+        rows.insert(n, (point, process, e2e, change));
     }
     let mut scale = Vec::new();
     for &n in &args.change_sizes {
@@ -842,7 +908,7 @@ fn main() -> anyhow::Result<()> {
         args.runs,
         args.duration_ms
     );
-    for (n, (p, _, rss, _, _)) in &rows {
+    for (n, (p, process, _, _)) in &rows {
         md += &format!(
             "| {n} | {:.0} | {:.0} ({:.1}x) | {:.0} ({:.1}x) | {:.1} | {:.1} |\n",
             p.baseline_ns,
@@ -851,36 +917,48 @@ fn main() -> anyhow::Result<()> {
             p.hit_ns,
             p.hit_ns / p.baseline_ns,
             p.map_bytes as f64 / (1 << 20) as f64,
-            *rss as f64 / (1 << 20) as f64,
+            process.rss_bytes as f64 / (1 << 20) as f64,
         );
     }
     md += "\n**New connections end to end** to the last service (sequential TCP connect, one exchange, close; connections/s, median first-packet latency (connect), and the rate as a ratio of connecting to the pod directly):\n\n\
            | services | direct to pod | our socket LB | our tc path | kube-proxy iptables | kube-proxy nftables |\n\
            | ---: | ---: | ---: | ---: | ---: | ---: |\n";
-    for (n, (_, _, _, e, _)) in &rows {
+    let not_run = format!("not run (> {})", args.baseline_max);
+    for (n, (_, _, e, _)) in &rows {
         let cell = |(rate, p50): (f64, f64)| {
             format!("{rate:.0}/s, {p50:.0} µs ({:.2}x)", rate / e.direct.0)
+        };
+        let baseline = |f: fn(&KubeProxy) -> (f64, f64)| {
+            e.kube_proxy
+                .as_ref()
+                .map_or(not_run.clone(), |k| cell(f(k)))
         };
         md += &format!(
             "| {n} | {} | {} | {} | {} | {} |\n",
             cell(e.direct),
             cell(e.socket_lb),
             cell(e.tc),
-            cell(e.iptables),
-            cell(e.nftables)
+            baseline(|k| k.iptables),
+            baseline(|k| k.nftables)
         );
     }
     md += "\n**Programming** (ours: agent start until every service is in the maps, from where the datapath answers at once; kube-proxy: loading its full ruleset, as on every full sync):\n\n\
-           | services | our cold start (ms) | our one endpoint change, p50 / p99 (ms) | iptables-restore (ms) | nft -f (ms) |\n\
-           | ---: | ---: | ---: | ---: | ---: |\n";
-    for (n, (_, cold, _, e, (p50, p99))) in &rows {
+           | services | our cold start (ms) | our one endpoint change, p50 / p99 (ms) | one small manifest file added beside them, to its sync (ms) | iptables-restore (ms) | nft -f (ms) |\n\
+           | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    for (n, (_, process, e, (p50, p99))) in &rows {
+        let load = |f: fn(&KubeProxy) -> Duration| {
+            e.kube_proxy.as_ref().map_or(not_run.clone(), |k| {
+                format!("{:.0}", f(k).as_secs_f64() * 1000.0)
+            })
+        };
         md += &format!(
-            "| {n} | {:.0} | {:.2} / {:.2} | {:.0} | {:.0} |\n",
-            cold.as_secs_f64() * 1000.0,
+            "| {n} | {:.0} | {:.2} / {:.2} | {:.1} | {} | {} |\n",
+            process.cold_start.as_secs_f64() * 1000.0,
             p50.as_secs_f64() * 1000.0,
             p99.as_secs_f64() * 1000.0,
-            e.iptables_restore.as_secs_f64() * 1000.0,
-            e.nft_load.as_secs_f64() * 1000.0
+            process.small_file_edit.as_secs_f64() * 1000.0,
+            load(|k| k.iptables_restore),
+            load(|k| k.nft_load)
         );
     }
     md += &format!(
@@ -935,29 +1013,43 @@ fn main() -> anyhow::Result<()> {
     )
     .map_err(|_| anyhow::anyhow!("{FONT} is not a usable font"))?;
     let sizes: Vec<usize> = rows.keys().copied().collect();
-    let column = |f: &dyn Fn(&Row) -> f64| rows.values().map(f).collect::<Vec<f64>>();
+    let column = |f: &dyn Fn(&Row) -> Option<f64>| rows.values().map(f).collect::<Vec<_>>();
+    let ms = |d: Duration| Some(d.as_secs_f64() * 1000.0);
     plot(
         &args.out.join("per-packet.png"),
         "tc ingress program, cost per packet (BPF_PROG_TEST_RUN)",
         "ns per packet",
         &sizes,
         &[
-            ("empty program", column(&|r| r.0.baseline_ns)),
-            ("first packet (conntrack miss)", column(&|r| r.0.miss_ns)),
-            ("established flow (conntrack hit)", column(&|r| r.0.hit_ns)),
+            ("empty program", column(&|r| Some(r.0.baseline_ns))),
+            (
+                "first packet (conntrack miss)",
+                column(&|r| Some(r.0.miss_ns)),
+            ),
+            (
+                "established flow (conntrack hit)",
+                column(&|r| Some(r.0.hit_ns)),
+            ),
         ],
     )?;
+    let baseline = |r: &Row, f: fn(&KubeProxy) -> f64| r.2.kube_proxy.as_ref().map(f);
     plot(
         &args.out.join("connection-rate.png"),
         "New connections per second to the last service (sequential client)",
         "connections / s",
         &sizes,
         &[
-            ("direct to pod", column(&|r| r.3.direct.0)),
-            ("socket LB", column(&|r| r.3.socket_lb.0)),
-            ("tc path", column(&|r| r.3.tc.0)),
-            ("kube-proxy iptables", column(&|r| r.3.iptables.0)),
-            ("kube-proxy nftables", column(&|r| r.3.nftables.0)),
+            ("direct to pod", column(&|r| Some(r.2.direct.0))),
+            ("socket LB", column(&|r| Some(r.2.socket_lb.0))),
+            ("tc path", column(&|r| Some(r.2.tc.0))),
+            (
+                "kube-proxy iptables",
+                column(&|r| baseline(r, |k| k.iptables.0)),
+            ),
+            (
+                "kube-proxy nftables",
+                column(&|r| baseline(r, |k| k.nftables.0)),
+            ),
         ],
     )?;
     plot(
@@ -966,17 +1058,14 @@ fn main() -> anyhow::Result<()> {
         "ms",
         &sizes,
         &[
-            (
-                "our agent, cold start",
-                column(&|r| r.1.as_secs_f64() * 1000.0),
-            ),
+            ("our agent, cold start", column(&|r| ms(r.1.cold_start))),
             (
                 "iptables-restore, full ruleset",
-                column(&|r| r.3.iptables_restore.as_secs_f64() * 1000.0),
+                column(&|r| baseline(r, |k| k.iptables_restore.as_secs_f64() * 1000.0)),
             ),
             (
                 "nft -f, full ruleset",
-                column(&|r| r.3.nft_load.as_secs_f64() * 1000.0),
+                column(&|r| baseline(r, |k| k.nft_load.as_secs_f64() * 1000.0)),
             ),
         ],
     )?;

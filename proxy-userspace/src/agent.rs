@@ -29,6 +29,7 @@ use crate::{
     health_check::HealthCheckServers,
     http::{Endpoints, ProxyHealth, serve_endpoints},
     manifest::ManifestSource,
+    map_error::MapWriteError,
     maps::Maps,
     metrics::Metrics,
     node::NodeAddresses,
@@ -210,7 +211,8 @@ impl Agent {
                     "programming {} failed, keeping its previous state and retrying with back-off: {:#}",
                     failure.port, failure.error
                 );
-                self.metrics.reject(Reason::MapUpdate);
+                self.metrics
+                    .reject(MapWriteError::reason_of(&failure.error));
             } else {
                 debug!(
                     "programming {} failed again ({} times): {:#}",

@@ -14,6 +14,7 @@ pub mod http;
 pub mod inspect;
 pub mod kubernetes;
 pub mod manifest;
+pub mod map_error;
 pub mod maps;
 pub mod metrics;
 pub mod model;

@@ -2,8 +2,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::{
-    affinity_cleanup::AffinityCleanup, desired::Frontend, model::ServiceType,
-    reconcile::ServiceMeta,
+    affinity_cleanup::AffinityCleanup, desired::Frontend, map_error::MapWriteError,
+    model::ServiceType, reconcile::ServiceMeta,
 };
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, Map, MapData};
@@ -116,6 +116,7 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.writes += 1;
         self.backends
             .insert(id, backend, 0)
+            .map_err(|e| MapWriteError::from_aya(maps::BACKENDS, e))
             .with_context(|| format!("writing backend {id} to map {}", maps::BACKENDS))
     }
 
@@ -123,6 +124,7 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.writes += 1;
         self.backends
             .remove(&id)
+            .map_err(|e| MapWriteError::from_aya(maps::BACKENDS, e))
             .with_context(|| format!("deleting backend {id} from map {}", maps::BACKENDS))
     }
 
@@ -130,6 +132,7 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.writes += 1;
         self.slots
             .insert(key, backend_id, 0)
+            .map_err(|e| MapWriteError::from_aya(maps::BACKEND_SLOTS, e))
             .with_context(|| format!("writing {key:?} to map {}", maps::BACKEND_SLOTS))
     }
 
@@ -137,6 +140,7 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.writes += 1;
         self.slots
             .remove(key)
+            .map_err(|e| MapWriteError::from_aya(maps::BACKEND_SLOTS, e))
             .with_context(|| format!("deleting {key:?} from map {}", maps::BACKEND_SLOTS))
     }
 
@@ -149,6 +153,7 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.writes += 1;
         self.names
             .insert(value.id, encode_info(meta), 0)
+            .map_err(|e| MapWriteError::from_aya(maps::SERVICE_NAMES, e))
             .with_context(|| {
                 format!(
                     "writing the name of service id {} to map {}",
@@ -158,6 +163,7 @@ impl crate::reconcile::ServiceMaps for Maps {
             })?;
         self.services
             .insert(key, value, 0)
+            .map_err(|e| MapWriteError::from_aya(maps::SERVICES, e))
             .with_context(|| format!("writing {} to map {}", meta.name, maps::SERVICES))
     }
 
@@ -165,21 +171,25 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.writes += 1;
         self.services
             .remove(key)
+            .map_err(|e| MapWriteError::from_aya(maps::SERVICES, e))
             .with_context(|| format!("deleting {key:?} from map {}", maps::SERVICES))?;
         self.names
             .remove(&id)
+            .map_err(|e| MapWriteError::from_aya(maps::SERVICE_NAMES, e))
             .with_context(|| format!("deleting service id {id} from map {}", maps::SERVICE_NAMES))
     }
 
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
         self.service_stats
             .set(id, Counters::default(), 0)
+            .map_err(|e| MapWriteError::from_aya(maps::SERVICE_STATS, e))
             .with_context(|| format!("zeroing counters of service id {id}"))
     }
 
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()> {
         self.backend_stats
             .set(id, Counters::default(), 0)
+            .map_err(|e| MapWriteError::from_aya(maps::BACKEND_STATS, e))
             .with_context(|| format!("zeroing counters of backend id {id}"))
     }
 

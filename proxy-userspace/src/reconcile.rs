@@ -7,12 +7,13 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context as _, anyhow};
 use proxy_common::{
     Backend, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_INTERNAL_SCOPE,
-    SVC_FLAG_MASQUERADE, ServiceKey, ServiceValue, SlotKey,
+    SVC_FLAG_MASQUERADE, ServiceKey, ServiceValue, SlotKey, maps,
 };
 use tracing::warn;
 
 use crate::{
     desired::{DesiredService, DesiredState, Frontend},
+    map_error::{MapFailure, MapWriteError},
     model::ServiceType,
 };
 
@@ -76,6 +77,15 @@ pub struct Existing {
     pub services: Vec<(ServiceKey, ServiceValue, ServiceMeta)>,
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend)>,
+}
+
+/// Every id that indexes `map`'s entries (and their counters) is in use.
+fn ids_used_up(map: &'static str, max: u32) -> MapWriteError {
+    MapWriteError {
+        map,
+        failure: MapFailure::Full,
+        detail: format!("all {} ids are in use", max - 1),
+    }
 }
 
 /// Ids from 1 to `max - 1`; 0 means "none".
@@ -393,12 +403,10 @@ impl<M: ServiceMaps> Reconciler<M> {
             b.refs += 1;
             return Ok(b.id);
         }
-        let id = self.backend_ids.allocate().ok_or_else(|| {
-            anyhow!(
-                "the backends map is full ({} backends; raise it with --map-size backends=N)",
-                self.backend_ids.max - 1
-            )
-        })?;
+        let id = self
+            .backend_ids
+            .allocate()
+            .ok_or_else(|| ids_used_up(maps::BACKENDS, self.backend_ids.max))?;
         self.touch_backend(id);
         let written = self
             .maps
@@ -485,10 +493,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                 Some(id) => (id, 0, true),
                 None => {
                     self.abandon(0, 0, 0, &acquired, false);
-                    return Err(anyhow!(
-                        "the services map is full ({} frontends; raise it with --map-size services=N)",
-                        self.service_ids.max - 1
-                    ));
+                    return Err(ids_used_up(maps::SERVICES, self.service_ids.max).into());
                 }
             },
         };

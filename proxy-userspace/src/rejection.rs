@@ -19,7 +19,11 @@ pub enum Reason {
     UnsupportedFamily,
     /// Another service port already uses the same address, port and protocol.
     Conflict,
-    /// A map is full or refused an update.
+    /// A map is full: its entries or the ids that index it are used up.
+    MapFull,
+    /// The kernel refused a map update (a missing capability).
+    MapPermission,
+    /// A map refused an update for another reason.
     MapUpdate,
     /// A healthCheckNodePort could not be served (e.g. the port is in use).
     HealthCheckPort,
@@ -39,6 +43,8 @@ impl Reason {
             Reason::InvalidType => "invalid_service_type",
             Reason::UnsupportedFamily => "unsupported_ip_family",
             Reason::Conflict => "conflict",
+            Reason::MapFull => "map_full",
+            Reason::MapPermission => "map_permission_denied",
             Reason::MapUpdate => "map_update_failed",
             Reason::HealthCheckPort => "health_check_port_unavailable",
         }

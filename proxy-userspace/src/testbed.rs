@@ -496,6 +496,18 @@ impl World {
         args: &[&str],
         echo_log: bool,
     ) -> anyhow::Result<Agent> {
+        let agent = self.spawn_agent_on(node, args, echo_log)?;
+        agent.wait_for_syncs(1)?;
+        Ok(agent)
+    }
+
+    /// Starts node `node`'s agent as `start_agent_on` does, without waiting for anything.
+    pub fn spawn_agent_on(
+        &mut self,
+        node: usize,
+        args: &[&str],
+        echo_log: bool,
+    ) -> anyhow::Result<Agent> {
         let n = &self.nodes[node];
         let mut interfaces: Vec<&str> = n.ip.map(|_| "eth0").into_iter().collect();
         interfaces.extend(
@@ -541,7 +553,6 @@ impl World {
             pid: child.id(),
         };
         self.children.push(child);
-        agent.wait_for_syncs(1)?;
         Ok(agent)
     }
 

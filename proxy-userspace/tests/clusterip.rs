@@ -562,7 +562,7 @@ fn healthz_turns_unhealthy_while_programming_lags_the_source() {
     assert!(healthz(&world).contains("\"healthy\": false"));
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(
-        metrics.contains("proxy_rejected_objects_total{reason=\"map_update_failed\"}"),
+        metrics.contains("proxy_rejected_objects_total{reason=\"map_full\"}"),
         "{metrics}"
     );
     // The last good state keeps serving meanwhile.
@@ -635,4 +635,49 @@ fn tc_path_works_with_netlink_clsact_attachment_too() {
             .all(|r| r["ok"] == true && r["peer"] == format!("{VIP}:53")),
         "{udp:?}"
     );
+}
+
+#[test]
+fn more_than_65536_frontends_are_served_and_a_small_file_edit_lands_alone() {
+    let (mut world, backends) = three_backends();
+    // 33,000 services of two ports each: 66,000 frontends, in 33 files of 1,000 services.
+    let dir = world.dir.join("many");
+    std::fs::create_dir_all(&dir).unwrap();
+    let vip = |i: usize| format!("10.96.{}.{}", i / 250, i % 250 + 1);
+    for file in 0..33 {
+        let yaml: String = (file * 1000..(file + 1) * 1000)
+            .map(|i| service_manifest(&format!("s{i}"), &vip(i), None, &ready(&backends[..1])))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        std::fs::write(dir.join(format!("{file:02}.yaml")), yaml).unwrap();
+    }
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let agent = world
+        .spawn_agent_on(0, &["--manifests", &dir_arg], false)
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["; 66000 service ports programmed, 0 services retrying"],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    // The last frontend answers, over TCP and UDP.
+    let last = vip(32_999);
+    for (proto, port) in [("tcp", 80), ("udp", 53)] {
+        let r = &world
+            .probe(CLIENT, true, &[proto, "--to", &format!("{last}:{port}")])
+            .unwrap()[0];
+        assert_eq!(r["backend"], "backend-1", "{proto}: {r}");
+    }
+    // One small file added beside the 33 big ones: only its service is programmed.
+    let small = service_manifest("small", "10.97.0.1", None, &ready(&backends[1..2]));
+    std::fs::write(dir.join("small.yaml"), small).unwrap();
+    let line = agent
+        .wait_for_log(&["synced 1 services"], Duration::from_secs(30))
+        .unwrap();
+    assert!(line.contains("2 service ports changed"), "{line}");
+    let r = &world
+        .probe(CLIENT, true, &["tcp", "--to", "10.97.0.1:80"])
+        .unwrap()[0];
+    assert_eq!(r["backend"], "backend-2", "{r}");
 }
