@@ -29,8 +29,10 @@ use proxy::{
     desired::{DesiredService, DesiredState, Topology},
     manifest::parse_manifest,
     maps::Maps,
+    metrics::Metrics,
     reconcile::{Reconciler, ServiceMaps as _, Snapshot},
     store::{Kind, Object, Store},
+    sync_state::SharedSyncState,
     testbed::{Binaries, World},
 };
 use proxy_common::{Backend, CtEntry, CtKey, ServiceKey, maps};
@@ -147,12 +149,27 @@ fn mean_ns(
 }
 
 /// Bytes of kernel memory charged to the maps pinned in `dir` (`memlock` in fdinfo).
-fn map_memory(dir: &Path) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// Kernel memory of the maps pinned under `dir`: as measured, and as it would be with 128
+/// possible CPUs (per-CPU maps grow with them; the others do not).
+fn map_memory(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    use aya::maps::MapType;
+    let cpus = aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
+    let (mut measured, mut at_128) = (0, 0);
     for name in maps::ALL {
-        total += proxy::inspect::kernel_memory(&aya::maps::MapData::from_pin(dir.join(name))?)?;
+        let map = aya::maps::MapData::from_pin(dir.join(name))?;
+        let bytes = proxy::inspect::kernel_memory(&map)?;
+        let per_cpu = matches!(
+            map.info()?.map_type()?,
+            MapType::PerCpuArray | MapType::PerCpuHash | MapType::LruPerCpuHash
+        );
+        measured += bytes;
+        at_128 += if per_cpu {
+            bytes / cpus as u64 * 128
+        } else {
+            bytes
+        };
     }
-    Ok(total)
+    Ok((measured, at_128))
 }
 
 /// A directory removed on drop (pins, scratch files).
@@ -168,7 +185,8 @@ struct Datapoint {
     baseline_ns: f64,
     miss_ns: f64,
     hit_ns: f64,
-    map_bytes: u64,
+    /// Kernel memory of the maps, measured and for 128 possible CPUs.
+    map_bytes: (u64, u64),
 }
 
 fn per_packet(n: usize, runs: u32) -> anyhow::Result<Datapoint> {
@@ -607,9 +625,17 @@ enum Load {
     Busy(usize),
 }
 
-/// One-change latency, p50 and p99, and the longest drift-repair step, which runs on the
-/// agent's loop and so can delay a change by that much (`Load::Busy` only).
-type ChangeLatency = (Duration, Duration, Option<Duration>);
+/// One-change latency and, under load, what else the agent does then.
+struct ChangeLatency {
+    p50: Duration,
+    p99: Duration,
+    /// The longest drift-repair step, which runs on the agent's loop and so can delay a
+    /// change by that much.
+    longest_repair_step: Option<Duration>,
+    /// One `/metrics` scrape (rendering, without HTTP) with every service and the full
+    /// conntrack map.
+    scrape: Option<Duration>,
+}
 
 /// Fills the conntrack map with `flows` established TCP entries (none expires during the
 /// measurement, so every GC pass scans them all).
@@ -651,9 +677,11 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
         Ipv4Addr::new(10, 244, 250, 2),
         Ipv4Addr::new(10, 244, 250, 3),
     ];
-    let (parsed, rejections) =
-        parse_manifest(&manifest(n, &endpoints), "bench").map_err(|r| anyhow::anyhow!("{r}"))?;
-    let objects: Vec<Object> = parsed.into_iter().map(|(object, _)| object).collect();
+    let mut objects = Vec::new();
+    let rejections = parse_manifest(&manifest(n, &endpoints), "bench", |(object, _)| {
+        objects.push(object)
+    })
+    .map_err(|r| anyhow::anyhow!("{r}"))?;
     ensure!(
         rejections.is_empty(),
         "bench manifest rejected: {}",
@@ -742,12 +770,27 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
     for worker in workers {
         let _ = worker.join();
     }
+    let scrape = match load {
+        Load::Idle => None,
+        Load::Busy(_) => {
+            let metrics = Metrics::new(pins.0.clone(), SharedSyncState::default())?;
+            let started = Instant::now();
+            let text = metrics.render();
+            let took = started.elapsed();
+            ensure!(
+                text.contains("proxy_service_connections_total{"),
+                "the scrape has no per-service series"
+            );
+            Some(took)
+        }
+    };
     latencies.sort();
-    Ok((
-        latencies[changes / 2],
-        latencies[changes * 99 / 100],
-        longest_repair,
-    ))
+    Ok(ChangeLatency {
+        p50: latencies[changes / 2],
+        p99: latencies[changes * 99 / 100],
+        longest_repair_step: longest_repair,
+        scrape,
+    })
 }
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -847,8 +890,8 @@ fn main() -> anyhow::Result<()> {
         let point = per_packet(n, args.runs)?;
         let process = agent(n, &bin_dir)?;
         let e2e = end_to_end(n, &bins, args.duration_ms, n <= args.baseline_max)?;
-        let (p50, p99, _) = change_latency(n, 200, Load::Idle)?;
-        let change = (p50, p99);
+        let idle = change_latency(n, 200, Load::Idle)?;
+        let change = (idle.p50, idle.p99);
         let baselines = e2e.kube_proxy.iter().flat_map(|k| [k.iptables, k.nftables]);
         let paths = [e2e.direct, e2e.socket_lb, e2e.tc]
             .into_iter()
@@ -901,7 +944,7 @@ fn main() -> anyhow::Result<()> {
     let mut md = format!(
         "Run {} on {} — {} runs per per-packet figure, {} ms of connections per data path.\n\n\
          **Per packet** (`BPF_PROG_TEST_RUN`, ratio to the empty tc program):\n\n\
-         | services | empty tc program (ns/pkt) | first packet, conntrack miss (ns/pkt) | established flow, conntrack hit (ns/pkt) | map memory (MiB) | agent RSS (MiB) |\n\
+         | services | empty tc program (ns/pkt) | first packet, conntrack miss (ns/pkt) | established flow, conntrack hit (ns/pkt) | map memory (MiB; with 128 possible CPUs) | agent RSS (MiB) |\n\
          | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         date.trim(),
         machine(),
@@ -910,13 +953,14 @@ fn main() -> anyhow::Result<()> {
     );
     for (n, (p, process, _, _)) in &rows {
         md += &format!(
-            "| {n} | {:.0} | {:.0} ({:.1}x) | {:.0} ({:.1}x) | {:.1} | {:.1} |\n",
+            "| {n} | {:.0} | {:.0} ({:.1}x) | {:.0} ({:.1}x) | {:.1} ({:.1}) | {:.1} |\n",
             p.baseline_ns,
             p.miss_ns,
             p.miss_ns / p.baseline_ns,
             p.hit_ns,
             p.hit_ns / p.baseline_ns,
-            p.map_bytes as f64 / (1 << 20) as f64,
+            p.map_bytes.0 as f64 / (1 << 20) as f64,
+            p.map_bytes.1 as f64 / (1 << 20) as f64,
             process.rss_bytes as f64 / (1 << 20) as f64,
         );
     }
@@ -963,23 +1007,21 @@ fn main() -> anyhow::Result<()> {
     }
     md += &format!(
         "\n**One endpoint change at scale** (500 changes each; p50 / p99 in ms; under load: {} conntrack entries, GC passes and drift-repair snapshots running back to back on low-priority threads, as in the agent but without its pauses; the drift comparison runs on the agent's loop in steps of {} entries between changes, so the longest step is how long a change could wait behind it):\n\n\
-         | services | idle | under GC and resync | longest drift-repair step (ms) |\n\
-         | ---: | ---: | ---: | ---: |\n",
+         | services | idle | under GC and resync | longest drift-repair step (ms) | one /metrics scrape meanwhile (ms) |\n\
+         | ---: | ---: | ---: | ---: | ---: |\n",
         args.change_flows, REPAIR_STEP
     );
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     for (n, idle, busy) in &scale {
+        let optional = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2}", ms(&d)));
         md += &format!(
-            "| {n} | {:.2} / {:.2} | {:.2} / {:.2} | {} |\n",
-            ms(&idle.0),
-            ms(&idle.1),
-            ms(&busy.0),
-            ms(&busy.1),
-            busy.2
-                .map_or("no snapshot finished".to_owned(), |d| format!(
-                    "{:.1}",
-                    ms(&d)
-                )),
+            "| {n} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |\n",
+            ms(&idle.p50),
+            ms(&idle.p99),
+            ms(&busy.p50),
+            ms(&busy.p99),
+            optional(busy.longest_repair_step),
+            optional(busy.scrape),
         );
     }
     md += &format!(

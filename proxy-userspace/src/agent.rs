@@ -37,6 +37,7 @@ use crate::{
     rejection::{Reason, Rejection},
     source::{self, SourceEvent},
     store::{Kind, Outcome, Store},
+    sync_state::SharedSyncState,
 };
 
 pub enum SourceConfig {
@@ -92,6 +93,8 @@ struct Agent {
     listed: HashSet<Kind>,
     /// Since when a change is waiting to be programmed.
     pending_since: Option<Instant>,
+    /// What health checks and metrics report.
+    state: SharedSyncState,
     writes_reported: u64,
     status: StatusWriter,
     health_checks: HealthCheckServers,
@@ -163,6 +166,12 @@ impl Agent {
                 self.account(outcome);
             }
             SourceEvent::Rejected(rejections) => self.report(&rejections),
+            SourceEvent::Listed(kinds) => self.listed.extend(kinds),
+            SourceEvent::Batch(events) => {
+                for event in events {
+                    self.handle(event);
+                }
+            }
             SourceEvent::Topology(topology) => {
                 if self.controller.set_topology(topology.clone()) {
                     info!("node topology: {topology:?}");
@@ -170,17 +179,17 @@ impl Agent {
             }
             SourceEvent::Connected(Ok(())) => {
                 info!("the source is reachable again; re-listing to catch up");
-                self.metrics.source_connected.set(1);
+                self.state.update(|s| s.source_connected = true);
             }
             SourceEvent::Connected(Err(e)) => {
                 warn!("the source is unreachable; still serving the last programmed state: {e}");
-                self.metrics.source_connected.set(0);
+                self.state.update(|s| s.source_connected = false);
                 self.metrics.source_errors.inc();
             }
         }
         if self.controller.has_changes() && self.pending_since.is_none() {
             self.pending_since = Some(Instant::now());
-            self.metrics.pending_since.set(unix_now());
+            self.state.update(|s| s.pending_since = Some(unix_now()));
         }
     }
 
@@ -237,8 +246,10 @@ impl Agent {
         }
         self.status.write();
         if complete {
-            self.metrics.last_sync.set(unix_now());
-            self.metrics.pending_since.set(0.0);
+            self.state.update(|s| {
+                s.last_sync = unix_now();
+                s.pending_since = None;
+            });
             self.metrics.endpoint_changes_pending.set(0);
             if let Some(since) = self.pending_since.take() {
                 self.metrics
@@ -401,7 +412,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
-    let metrics = Arc::new(Metrics::new(config.bpffs.clone()).context("registering metrics")?);
+    let state = SharedSyncState::default();
+    let metrics =
+        Arc::new(Metrics::new(config.bpffs.clone(), state.clone()).context("registering metrics")?);
     let conntrack_capacity = config
         .map_sizes
         .iter()
@@ -412,15 +425,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics_listener = crate::http::bind(config.metrics_bind, "--metrics-bind").await?;
     let healthz_listener = crate::http::bind(config.healthz_bind, "--healthz-bind").await?;
     let proxy_health = ProxyHealth {
-        metrics: metrics.clone(),
+        state,
         max_lag: config.healthz_max_lag,
     };
-    let endpoints = |full| Endpoints {
+    let endpoints = |metrics| Endpoints {
         health: proxy_health.clone(),
-        full,
+        metrics,
     };
-    let mut metrics_server = tokio::spawn(serve_endpoints(metrics_listener, endpoints(true)));
-    let mut healthz_server = tokio::spawn(serve_endpoints(healthz_listener, endpoints(false)));
+    let mut metrics_server = tokio::spawn(serve_endpoints(
+        metrics_listener,
+        endpoints(Some(metrics.clone())),
+    ));
+    let mut healthz_server = tokio::spawn(serve_endpoints(healthz_listener, endpoints(None)));
 
     let (events_tx, mut events) = mpsc::channel(1024);
     let mut source = start_source(&config, events_tx).await?;
@@ -442,6 +458,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         listed: HashSet::new(),
         pending_since: None,
+        state: proxy_health.state.clone(),
         writes_reported: 0,
         status,
         health_checks: HealthCheckServers::new(proxy_health),

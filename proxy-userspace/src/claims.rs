@@ -2,7 +2,7 @@
 //! every claimant is kept, ordered, and the first one owns the key — the same winner as a
 //! full pass over the services in name order. When the owner lets go, the next claimant
 //! owns the key without anyone re-reading the others.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hash::Hash;
 
 use crate::store::Name;
@@ -11,12 +11,14 @@ use crate::store::Name;
 /// key twice (two ports on the same address), and its first claim wins.
 pub type Claimant = (Name, usize);
 
+/// The claimants of one key, sorted: almost always one, so a small vector rather than a
+/// B-tree (whose first leaf would hold room for eleven).
 #[derive(Debug, Default)]
 struct Claim {
-    claimants: BTreeSet<Claimant>,
-    /// The owner the losers below were last reported against.
+    claimants: Vec<Claimant>,
+    /// The owner the losers in `reported` were reported against (only while there are any).
     reported_owner: Option<Claimant>,
-    reported: BTreeSet<Claimant>,
+    reported: Vec<Claimant>,
 }
 
 #[derive(Debug)]
@@ -34,17 +36,16 @@ impl<K> Default for Claims<K> {
 
 impl<K: Hash + Eq + Clone> Claims<K> {
     pub fn claim(&mut self, key: &K, claimant: Claimant) {
-        self.claims
-            .entry(key.clone())
-            .or_default()
-            .claimants
-            .insert(claimant);
+        let claimants = &mut self.claims.entry(key.clone()).or_default().claimants;
+        if let Err(at) = claimants.binary_search(&claimant) {
+            claimants.insert(at, claimant);
+        }
     }
 
     pub fn release(&mut self, key: &K, claimant: &Claimant) {
         if let Some(claim) = self.claims.get_mut(key) {
-            claim.claimants.remove(claimant);
-            claim.reported.remove(claimant);
+            claim.claimants.retain(|c| c != claimant);
+            claim.reported.retain(|c| c != claimant);
             if claim.claimants.is_empty() {
                 self.claims.remove(key);
             }
@@ -64,6 +65,11 @@ impl<K: Hash + Eq + Clone> Claims<K> {
     pub fn new_losers(&mut self, key: &K) -> Option<(Claimant, Vec<Claimant>)> {
         let claim = self.claims.get_mut(key)?;
         let owner = claim.claimants.first()?.clone();
+        if claim.claimants.len() == 1 {
+            claim.reported_owner = None;
+            claim.reported = Vec::new();
+            return Some((owner, Vec::new()));
+        }
         if claim.reported_owner.as_ref() != Some(&owner) {
             claim.reported.clear();
             claim.reported_owner = Some(owner.clone());

@@ -348,6 +348,8 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
         };
         out.health_check = Some((port, check));
     }
+    // Translations are kept for every service: no spare capacity.
+    out.frontends.shrink_to_fit();
     out
 }
 

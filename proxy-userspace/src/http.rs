@@ -11,7 +11,11 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use crate::{clock::unix_now, metrics::Metrics};
+use crate::{
+    clock::unix_now,
+    metrics::Metrics,
+    sync_state::{SharedSyncState, SyncState},
+};
 
 const MAX_REQUEST: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,21 +55,16 @@ pub trait Responder: Send + Sync + 'static {
 /// source, not only when the process is stuck.
 #[derive(Clone)]
 pub struct ProxyHealth {
-    pub metrics: Arc<Metrics>,
+    pub state: SharedSyncState,
     /// Unhealthy when a change has waited longer than this to be programmed.
     pub max_lag: Duration,
 }
 
 impl ProxyHealth {
-    /// Healthy, and for how many seconds a change has waited.
-    pub fn check(&self) -> (bool, f64) {
-        let pending_since = self.metrics.pending_since.get();
-        let lag = if pending_since > 0.0 {
-            unix_now() - pending_since
-        } else {
-            0.0
-        };
-        (lag <= self.max_lag.as_secs_f64(), lag)
+    /// Healthy, and the state that says so.
+    pub fn check(&self) -> (bool, SyncState) {
+        let state = self.state.get();
+        (state.lag() <= self.max_lag.as_secs_f64(), state)
     }
 }
 
@@ -73,35 +72,33 @@ impl ProxyHealth {
 pub struct Endpoints {
     pub health: ProxyHealth,
     /// `/metrics` and `/proxyMode` too, or `/healthz` only.
-    pub full: bool,
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// kube-proxy's health answer, plus why it is unhealthy.
 fn health(endpoints: &Endpoints) -> (&'static str, String) {
-    let m = &endpoints.health.metrics;
     let now = unix_now();
-    let (healthy, lag) = endpoints.health.check();
+    let (healthy, state) = endpoints.health.check();
     let body = format!(
-        "{{\"lastUpdated\": {:.3}, \"currentTime\": {now:.3}, \"pendingSeconds\": {lag:.3}, \"sourceConnected\": {}, \"healthy\": {healthy}}}\n",
-        m.last_sync.get(),
-        m.source_connected.get() == 1,
+        "{{\"lastUpdated\": {:.3}, \"currentTime\": {now:.3}, \"pendingSeconds\": {:.3}, \"sourceConnected\": {}, \"healthy\": {healthy}}}\n",
+        state.last_sync,
+        state.lag(),
+        state.source_connected,
     );
     (status_line(healthy), body)
 }
 
 impl Responder for Endpoints {
     fn respond(&self, path: &str) -> Response {
-        match (path, self.full) {
+        match (path, &self.metrics) {
             ("/healthz", _) => {
                 let (status, body) = health(self);
                 Response::new(status, "application/json", body)
             }
-            ("/metrics", true) => Response::new(
-                "200 OK",
-                "text/plain; version=0.0.4",
-                self.health.metrics.render(),
-            ),
-            ("/proxyMode", true) => Response::new("200 OK", "text/plain", "ebpf".to_owned()),
+            ("/metrics", Some(metrics)) => {
+                Response::new("200 OK", "text/plain; version=0.0.4", metrics.render())
+            }
+            ("/proxyMode", Some(_)) => Response::new("200 OK", "text/plain", "ebpf".to_owned()),
             _ => Response::new("404 Not Found", "text/plain", "not found\n".to_owned()),
         }
     }
@@ -148,7 +145,7 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
 
 /// Serves `endpoints` on `listener`.
 pub async fn serve_endpoints(listener: TcpListener, endpoints: Endpoints) -> anyhow::Result<()> {
-    let paths = if endpoints.full {
+    let paths = if endpoints.metrics.is_some() {
         "/metrics, /healthz and /proxyMode"
     } else {
         "/healthz"

@@ -24,4 +24,5 @@ pub mod rejection;
 pub mod source;
 pub mod store;
 pub mod sync_queue;
+pub mod sync_state;
 pub mod testbed;

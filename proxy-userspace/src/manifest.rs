@@ -16,13 +16,14 @@ use crate::{
     store::{Kind, Name, Object},
 };
 
-/// What changed in the manifests since they were last read (everything, the first time).
-#[derive(Debug, Default)]
-pub struct Changes {
-    /// Objects added or changed.
-    pub applied: Vec<Object>,
-    pub deleted: Vec<(Kind, Name)>,
-    pub rejections: Vec<Rejection>,
+/// One thing that changed in the manifests since they were last read (everything, the
+/// first time).
+#[derive(Debug)]
+pub enum Change {
+    /// An object added or changed.
+    Applied(Object),
+    Deleted(Kind, Name),
+    Rejected(Rejection),
 }
 
 type ObjectId = (Kind, Name);
@@ -86,20 +87,21 @@ impl ManifestSource {
         Ok(files)
     }
 
-    /// Reads what changed. Files that vanished from a directory take their objects with
-    /// them; a file that cannot be read or parsed keeps its last good objects.
-    pub fn read_changes(&mut self) -> Changes {
-        let mut changes = Changes::default();
+    /// Reads what changed and passes each change to `emit` as it is found, so that no more
+    /// than one object is held here at a time. Files that vanished from a directory take
+    /// their objects with them; a file that cannot be read or parsed keeps its last good
+    /// objects.
+    pub fn read_changes(&mut self, emit: &mut impl FnMut(Change)) {
         let files = match self.list() {
             Ok(files) => files,
             Err(e) => {
-                changes.rejections.push(Rejection::new(
+                emit(Change::Rejected(Rejection::new(
                     &format!("manifest {}", self.path.display()),
                     "",
                     Reason::Parse,
                     format!("cannot list: {e}; still serving the last valid objects"),
-                ));
-                return changes;
+                )));
+                return;
             }
         };
         let vanished: Vec<PathBuf> = self
@@ -109,8 +111,8 @@ impl ManifestSource {
             .cloned()
             .collect();
         for file in vanished {
-            self.update(&file, FileState::default(), Vec::new(), &mut changes);
-            self.files.remove(&file);
+            let old = self.files.remove(&file).unwrap_or_default();
+            self.forget_missing(old, &HashMap::new(), emit);
         }
         for file in files {
             let origin = format!("manifest {}", file.display());
@@ -118,9 +120,12 @@ impl ManifestSource {
                 Ok(text) => text,
                 Err(e) => {
                     let detail = format!("cannot read: {e}");
-                    changes
-                        .rejections
-                        .push(Rejection::new(&origin, "", Reason::Parse, detail));
+                    emit(Change::Rejected(Rejection::new(
+                        &origin,
+                        "",
+                        Reason::Parse,
+                        detail,
+                    )));
                     continue;
                 }
             };
@@ -128,71 +133,54 @@ impl ManifestSource {
             if self.files.get(&file).map(|f| f.text) == Some(text_fingerprint) {
                 continue;
             }
-            match parse_manifest(&text, &origin) {
-                Ok((objects, rejections)) => {
-                    changes.rejections.extend(rejections);
-                    let state = FileState {
+            let old = self.files.remove(&file).unwrap_or_default();
+            let mut objects = HashMap::new();
+            let owners = &mut self.owners;
+            let parsed = parse_manifest(&text, &origin, |(object, print)| {
+                admit(owners, &file, &old, &mut objects, object, print, emit);
+            });
+            let state = match parsed {
+                Ok(rejections) => {
+                    for rejection in rejections {
+                        emit(Change::Rejected(rejection));
+                    }
+                    self.forget_missing(old, &objects, emit);
+                    FileState {
                         text: text_fingerprint,
-                        objects: HashMap::new(),
-                    };
-                    self.update(&file, state, objects, &mut changes);
+                        objects,
+                    }
                 }
                 Err(mut rejection) => {
-                    if self.files.contains_key(&file) {
+                    if !old.objects.is_empty() {
                         rejection
                             .detail
                             .push_str("; still serving the objects it last held");
                     }
-                    changes.rejections.push(rejection);
+                    emit(Change::Rejected(rejection));
+                    // The documents before the error are taken; the file is parsed again
+                    // at its next change.
+                    let mut kept = old;
+                    kept.objects.extend(objects);
+                    kept
                 }
-            }
+            };
+            self.files.insert(file, state);
         }
-        changes
     }
 
-    /// `file` now holds `objects` (with their fingerprints): passes on those that are new
-    /// or changed, and the deletion of those it no longer holds.
-    fn update(
+    /// Deletes the objects `old` held that its file no longer holds (`now`).
+    fn forget_missing(
         &mut self,
-        file: &Path,
-        mut state: FileState,
-        objects: Vec<Parsed>,
-        changes: &mut Changes,
+        old: FileState,
+        now: &HashMap<ObjectId, u64>,
+        emit: &mut impl FnMut(Change),
     ) {
-        let old = self.files.remove(file).unwrap_or_default();
-        for (object, object_fingerprint) in objects {
-            let id = (object.kind(), object.name());
-            if let Some(owner) = self.owners.get(&id).filter(|owner| *owner != file) {
-                changes.rejections.push(Rejection::new(
-                    &format!(
-                        "{:?} {}/{} in manifest {}",
-                        id.0,
-                        id.1.0,
-                        id.1.1,
-                        file.display()
-                    ),
-                    "metadata.name",
-                    Reason::Conflict,
-                    format!(
-                        "already defined in {}; this definition is ignored",
-                        owner.display()
-                    ),
-                ));
-                continue;
-            }
-            self.owners.insert(id.clone(), file.to_path_buf());
-            if old.objects.get(&id) != Some(&object_fingerprint) {
-                changes.applied.push(object);
-            }
-            state.objects.insert(id, object_fingerprint);
-        }
         for id in old.objects.into_keys() {
-            if !state.objects.contains_key(&id) {
+            if !now.contains_key(&id) {
                 self.owners.remove(&id);
-                changes.deleted.push(id);
+                emit(Change::Deleted(id.0, id.1));
             }
         }
-        self.files.insert(file.to_path_buf(), state);
     }
 
     /// Calls `changed` whenever a manifest changes. Watches the parent of a file (editors
@@ -220,16 +208,55 @@ impl ManifestSource {
     }
 }
 
+/// Takes one object that `file` holds now (`print`: its document's fingerprint) into `now`,
+/// passing it on if it is new or changed; rejects a second definition of an object that
+/// another file holds.
+fn admit(
+    owners: &mut HashMap<ObjectId, PathBuf>,
+    file: &Path,
+    old: &FileState,
+    now: &mut HashMap<ObjectId, u64>,
+    object: Object,
+    print: u64,
+    emit: &mut impl FnMut(Change),
+) {
+    let id = (object.kind(), object.name());
+    if let Some(owner) = owners.get(&id).filter(|owner| *owner != file) {
+        emit(Change::Rejected(Rejection::new(
+            &format!(
+                "{:?} {}/{} in manifest {}",
+                id.0,
+                id.1.0,
+                id.1.1,
+                file.display()
+            ),
+            "metadata.name",
+            Reason::Conflict,
+            format!(
+                "already defined in {}; this definition is ignored",
+                owner.display()
+            ),
+        )));
+        return;
+    }
+    owners.insert(id.clone(), file.to_path_buf());
+    if old.objects.get(&id) != Some(&print) {
+        emit(Change::Applied(object));
+    }
+    now.insert(id, print);
+}
+
 /// An object and the fingerprint of its document, to tell whether it changed.
 pub type Parsed = (Object, u64);
 
-/// Parses a (multi-document) manifest. `Err` when the text is not YAML at all; otherwise
-/// the objects that parsed and a rejection for each document that did not.
+/// Parses a (multi-document) manifest, passing each object to `take` as soon as it is
+/// parsed. `Err` at the first document that is not YAML at all; otherwise a rejection for
+/// each document that did not make an object.
 pub fn parse_manifest(
     text: &str,
     origin: &str,
-) -> Result<(Vec<Parsed>, Vec<Rejection>), Rejection> {
-    let mut objects = Vec::new();
+    mut take: impl FnMut(Parsed),
+) -> Result<Vec<Rejection>, Rejection> {
     let mut rejections = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml::Value::deserialize(document).map_err(|e| {
@@ -240,11 +267,11 @@ pub fn parse_manifest(
         }
         let origin = format!("{origin} (document {})", i + 1);
         match object_from_value(value, &origin) {
-            Ok(mut objs) => objects.append(&mut objs),
+            Ok(objects) => objects.into_iter().for_each(&mut take),
             Err(rejection) => rejections.push(rejection),
         }
     }
-    Ok((objects, rejections))
+    Ok(rejections)
 }
 
 fn object_from_value(value: serde_yaml::Value, origin: &str) -> Result<Vec<Parsed>, Rejection> {
@@ -335,7 +362,8 @@ kind: ConfigMap
 metadata: {name: cm}
 ---
 ";
-        let (objects, rejections) = parse_manifest(text, "manifest m.yaml").unwrap();
+        let mut objects = Vec::new();
+        let rejections = parse_manifest(text, "manifest m.yaml", |p| objects.push(p)).unwrap();
         assert_eq!(objects.len(), 1);
         assert_eq!(rejections.len(), 2);
         assert_eq!(
@@ -348,8 +376,8 @@ metadata: {name: cm}
 
     #[test]
     fn yaml_syntax_error_fails_the_file() {
-        let err =
-            parse_manifest("apiVersion: v1\nkind: [Service\n", "manifest m.yaml").unwrap_err();
+        let err = parse_manifest("apiVersion: v1\nkind: [Service\n", "manifest m.yaml", drop)
+            .unwrap_err();
         assert_eq!(err.reason, Reason::Parse);
         assert!(err.to_string().contains("line"), "{err}");
     }
@@ -357,7 +385,9 @@ metadata: {name: cm}
     #[test]
     fn list_items_are_read() {
         let text = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.1, ports: [{port: 1}]}}\n";
-        assert_eq!(parse_manifest(text, "m").unwrap().0.len(), 1);
+        let mut objects = Vec::new();
+        parse_manifest(text, "m", |p| objects.push(p)).unwrap();
+        assert_eq!(objects.len(), 1);
     }
 
     fn service(name: &str, ip: &str) -> String {
@@ -366,8 +396,22 @@ metadata: {name: cm}
         )
     }
 
-    fn names(objects: &[Object]) -> Vec<String> {
-        objects.iter().map(|o| o.name().1).collect()
+    /// What one read found: names applied, ids deleted, rejections.
+    #[derive(Default)]
+    struct Read {
+        applied: Vec<String>,
+        deleted: Vec<ObjectId>,
+        rejections: Vec<Rejection>,
+    }
+
+    fn read(source: &mut ManifestSource) -> Read {
+        let mut read = Read::default();
+        source.read_changes(&mut |change| match change {
+            Change::Applied(o) => read.applied.push(o.name().1),
+            Change::Deleted(kind, name) => read.deleted.push((kind, name)),
+            Change::Rejected(r) => read.rejections.push(r),
+        });
+        read
     }
 
     #[test]
@@ -382,12 +426,12 @@ metadata: {name: cm}
         .unwrap();
         std::fs::write(&b, service("z", "10.96.0.3")).unwrap();
         let mut source = ManifestSource::new(&dir);
-        assert_eq!(names(&source.read_changes().applied), ["x", "y", "z"]);
-        assert!(source.read_changes().applied.is_empty(), "nothing changed");
+        assert_eq!(read(&mut source).applied, ["x", "y", "z"]);
+        assert!(read(&mut source).applied.is_empty(), "nothing changed");
         // One object of a file edited, another removed: b is not even parsed.
         std::fs::write(&a, service("x", "10.96.0.9")).unwrap();
-        let changes = source.read_changes();
-        assert_eq!(names(&changes.applied), ["x"]);
+        let changes = read(&mut source);
+        assert_eq!(changes.applied, ["x"]);
         assert_eq!(
             changes.deleted,
             [(Kind::Service, ("default".into(), "y".into()))]
@@ -398,7 +442,7 @@ metadata: {name: cm}
             service("z", "10.96.0.3") + "---\n" + &service("x", "10.96.0.7"),
         )
         .unwrap();
-        let changes = source.read_changes();
+        let changes = read(&mut source);
         assert!(changes.applied.is_empty(), "{:?}", changes.applied);
         assert!(
             changes.rejections[0]
@@ -408,7 +452,7 @@ metadata: {name: cm}
             changes.rejections[0]
         );
         std::fs::remove_file(&a).unwrap();
-        let changes = source.read_changes();
+        let changes = read(&mut source);
         assert_eq!(
             changes.deleted,
             [(Kind::Service, ("default".into(), "x".into()))]
@@ -423,9 +467,9 @@ metadata: {name: cm}
         let file = dir.join("svc.yaml");
         std::fs::write(&file, service("a", "10.96.0.1")).unwrap();
         let mut source = ManifestSource::new(&dir);
-        assert_eq!(source.read_changes().applied.len(), 1);
+        assert_eq!(read(&mut source).applied.len(), 1);
         std::fs::write(&file, "kind: [oops\n").unwrap();
-        let changes = source.read_changes();
+        let changes = read(&mut source);
         assert!(
             changes.applied.is_empty() && changes.deleted.is_empty(),
             "last good objects of the file are kept"
@@ -433,7 +477,7 @@ metadata: {name: cm}
         assert!(changes.rejections[0].to_string().contains("still serving"));
         std::fs::remove_file(&file).unwrap();
         assert_eq!(
-            source.read_changes().deleted.len(),
+            read(&mut source).deleted.len(),
             1,
             "a deleted file takes its objects with it"
         );

@@ -8,16 +8,19 @@ use prometheus::{
 };
 use tracing::debug;
 
-use crate::rejection::Reason;
+use crate::{rejection::Reason, sync_state::SharedSyncState};
 
 pub struct Metrics {
     registry: Registry,
     /// Where the maps are pinned: per-service and per-backend counters and map fill are
     /// read from them at each scrape.
     bpffs: PathBuf,
+    /// Read at each scrape into `last_sync`, `pending_since` and `source_connected`.
+    state: SharedSyncState,
+    last_sync: Gauge,
+    pending_since: Gauge,
+    source_connected: IntGauge,
     pub sync_duration: Histogram,
-    pub last_sync: Gauge,
-    pub pending_since: Gauge,
     pub service_changes: IntCounter,
     pub endpoint_changes: IntCounter,
     pub endpoint_changes_pending: IntGauge,
@@ -30,7 +33,6 @@ pub struct Metrics {
     pub conntrack_entries: IntGauge,
     pub conntrack_capacity: IntGauge,
     pub conntrack_expired: IntCounter,
-    pub source_connected: IntGauge,
     pub source_errors: IntCounter,
 }
 
@@ -49,7 +51,7 @@ fn histogram(name: &str, help: &str) -> prometheus::Result<Histogram> {
 }
 
 impl Metrics {
-    pub fn new(bpffs: PathBuf) -> prometheus::Result<Self> {
+    pub fn new(bpffs: PathBuf, state: SharedSyncState) -> prometheus::Result<Self> {
         let r = Registry::new();
         let m = Self {
             sync_duration: register(
@@ -176,10 +178,10 @@ impl Metrics {
             )?,
             registry: r,
             bpffs,
+            state,
         };
         m.conntrack_capacity
             .set(proxy_common::maps::MAX_CONNTRACK as i64);
-        m.source_connected.set(1);
         Ok(m)
     }
 
@@ -188,6 +190,10 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        let state = self.state.get();
+        self.last_sync.set(state.last_sync);
+        self.pending_since.set(state.pending_since.unwrap_or(0.0));
+        self.source_connected.set(state.source_connected.into());
         let mut families = self.registry.gather();
         match datapath_families(&self.bpffs) {
             Ok(more) => families.extend(more),

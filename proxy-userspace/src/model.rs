@@ -434,6 +434,8 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
         },
         _ => None,
     };
+    // Specs are held for every service: no spare capacity.
+    ports.shrink_to_fit();
     Validated::Valid(
         ServiceSpec {
             namespace,
@@ -590,6 +592,8 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
                 .collect(),
         });
     }
+    ports.shrink_to_fit();
+    endpoints.shrink_to_fit();
     Validated::Valid(
         SliceSpec {
             namespace,

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     desired::Topology,
-    manifest::ManifestSource,
+    manifest::{Change, ManifestSource},
     rejection::Rejection,
     store::{Kind, Name, Object},
 };
@@ -26,12 +26,58 @@ pub enum SourceEvent {
     Topology(Topology),
     /// Input that could not be used (a manifest that does not parse, a duplicate object).
     Rejected(Vec<Rejection>),
+    /// Every object of these kinds has been sent (as single events): the source's first
+    /// complete listing.
+    Listed(Vec<Kind>),
+    /// Several events at once.
+    Batch(Vec<SourceEvent>),
     /// Lost (with why) or regained the connection to the API server.
     Connected(Result<(), String>),
 }
 
-/// Sends the manifests' objects now, as a whole set, and after every change to them, what
-/// changed, as single events.
+/// Changes sent to the agent in one event: one event per change would cost a loop turn each.
+const BATCH: usize = 256;
+
+fn event_of(change: Change) -> SourceEvent {
+    match change {
+        Change::Applied(object) => SourceEvent::Apply(object),
+        Change::Deleted(kind, name) => SourceEvent::Delete(kind, name),
+        Change::Rejected(rejection) => SourceEvent::Rejected(vec![rejection]),
+    }
+}
+
+/// Reads the manifests on a blocking thread and sends what changed as it is parsed, in
+/// batches, so that the objects are never all held at once.
+async fn send_changes(
+    mut source: ManifestSource,
+    events: &mpsc::Sender<SourceEvent>,
+) -> anyhow::Result<ManifestSource> {
+    let events = events.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut sent = Ok(());
+        let mut send = |batch: &mut Vec<SourceEvent>| {
+            if sent.is_ok() && !batch.is_empty() {
+                let events_now = std::mem::replace(batch, Vec::with_capacity(BATCH));
+                sent = events.blocking_send(SourceEvent::Batch(events_now));
+            }
+        };
+        source.read_changes(&mut |change| {
+            batch.push(event_of(change));
+            if batch.len() == BATCH {
+                send(&mut batch);
+            }
+        });
+        send(&mut batch);
+        sent.map(|()| source)
+            .map_err(|_| anyhow::anyhow!("the agent stopped listening"))
+    })
+    .await
+    .context("the manifest reader panicked")?
+}
+
+/// Sends the manifests' objects now, then `Listed`, and after every change to them what
+/// changed.
 pub async fn run_manifests(
     mut source: ManifestSource,
     events: mpsc::Sender<SourceEvent>,
@@ -42,19 +88,14 @@ pub async fn run_manifests(
         // A full channel already means "re-read": nothing is lost by dropping this one.
         let _ = changed_tx.try_send(());
     })?;
-    let first = source.read_changes();
-    let initial = SourceEvent::Replace {
-        kinds: vec![Kind::Service, Kind::EndpointSlice],
-        objects: first.applied,
-        rejections: first.rejections,
-    };
-    let send = |event| async {
-        events
-            .send(event)
-            .await
-            .context("the agent stopped listening")
-    };
-    send(initial).await?;
+    source = send_changes(source, &events).await?;
+    events
+        .send(SourceEvent::Listed(vec![
+            Kind::Service,
+            Kind::EndpointSlice,
+        ]))
+        .await
+        .context("the agent stopped listening")?;
     loop {
         changed
             .recv()
@@ -63,15 +104,6 @@ pub async fn run_manifests(
         // Let a burst of writes settle, then read once.
         tokio::time::sleep(debounce).await;
         while changed.try_recv().is_ok() {}
-        let changes = source.read_changes();
-        if !changes.rejections.is_empty() {
-            send(SourceEvent::Rejected(changes.rejections)).await?;
-        }
-        for object in changes.applied {
-            send(SourceEvent::Apply(object)).await?;
-        }
-        for (kind, name) in changes.deleted {
-            send(SourceEvent::Delete(kind, name)).await?;
-        }
+        source = send_changes(source, &events).await?;
     }
 }

@@ -136,7 +136,7 @@ pub struct Store {
     slices: Table<SliceSpec>,
     /// The slices of each service, by their `kubernetes.io/service-name` label: a change to
     /// one slice dirties its service alone.
-    slices_by_service: HashMap<Name, BTreeSet<Name>>,
+    slices_by_service: HashMap<Name, Vec<Name>>,
     /// The `service.kubernetes.io/service-proxy-name` this proxy serves (`None`: unlabelled).
     proxy_name: Option<String>,
     topology: Topology,
@@ -174,7 +174,7 @@ impl Store {
             if service.as_ref() != Some(&old)
                 && let Some(slices) = self.slices_by_service.get_mut(&old)
             {
-                slices.remove(name);
+                slices.retain(|s| s != name);
                 if slices.is_empty() {
                     self.slices_by_service.remove(&old);
                 }
@@ -182,10 +182,11 @@ impl Store {
             outcome.dirty.insert(old);
         }
         if let Some(service) = service {
-            self.slices_by_service
-                .entry(service.clone())
-                .or_default()
-                .insert(name.clone());
+            let slices = self.slices_by_service.entry(service.clone()).or_default();
+            // Sorted, as the slices of a service are read in name order.
+            if let Err(at) = slices.binary_search(name) {
+                slices.insert(at, name.clone());
+            }
             outcome.dirty.insert(service);
         }
     }
