@@ -4,21 +4,29 @@
 //! owns the key without anyone re-reading the others.
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::Arc;
 
 use crate::store::Name;
 
 /// A service and the position of the claim in its translation: a service can claim one
-/// key twice (two ports on the same address), and its first claim wins.
-pub type Claimant = (Name, usize);
+/// key twice (two ports on the same address), and its first claim wins. The name is shared
+/// with the service's translation: one is kept per frontend of every service.
+pub type Claimant = (Arc<Name>, usize);
 
 /// The claimants of one key, sorted: almost always one, so a small vector rather than a
 /// B-tree (whose first leaf would hold room for eleven).
 #[derive(Debug, Default)]
 struct Claim {
     claimants: Vec<Claimant>,
-    /// The owner the losers in `reported` were reported against (only while there are any).
-    reported_owner: Option<Claimant>,
-    reported: Vec<Claimant>,
+    /// Only while the key is contested (boxed: one claim is kept per frontend).
+    reported: Option<Box<Reported>>,
+}
+
+/// The losers reported, and the owner they were reported against.
+#[derive(Debug)]
+struct Reported {
+    owner: Claimant,
+    losers: Vec<Claimant>,
 }
 
 #[derive(Debug)]
@@ -45,7 +53,9 @@ impl<K: Hash + Eq + Clone> Claims<K> {
     pub fn release(&mut self, key: &K, claimant: &Claimant) {
         if let Some(claim) = self.claims.get_mut(key) {
             claim.claimants.retain(|c| c != claimant);
-            claim.reported.retain(|c| c != claimant);
+            if let Some(reported) = &mut claim.reported {
+                reported.losers.retain(|c| c != claimant);
+            }
             if claim.claimants.is_empty() {
                 self.claims.remove(key);
             }
@@ -66,22 +76,24 @@ impl<K: Hash + Eq + Clone> Claims<K> {
         let claim = self.claims.get_mut(key)?;
         let owner = claim.claimants.first()?.clone();
         if claim.claimants.len() == 1 {
-            claim.reported_owner = None;
-            claim.reported = Vec::new();
+            claim.reported = None;
             return Some((owner, Vec::new()));
         }
-        if claim.reported_owner.as_ref() != Some(&owner) {
-            claim.reported.clear();
-            claim.reported_owner = Some(owner.clone());
-        }
+        let reported = match &mut claim.reported {
+            Some(r) if r.owner == owner => r,
+            stale => stale.insert(Box::new(Reported {
+                owner: owner.clone(),
+                losers: Vec::new(),
+            })),
+        };
         let losers: Vec<Claimant> = claim
             .claimants
             .iter()
             .skip(1)
-            .filter(|c| !claim.reported.contains(*c))
+            .filter(|c| !reported.losers.contains(*c))
             .cloned()
             .collect();
-        claim.reported.extend(losers.iter().cloned());
+        reported.losers.extend(losers.iter().cloned());
         Some((owner, losers))
     }
 }
@@ -91,7 +103,7 @@ mod tests {
     use super::*;
 
     fn c(name: &str, ordinal: usize) -> Claimant {
-        (("ns".into(), name.into()), ordinal)
+        (Arc::new(("ns".into(), name.into())), ordinal)
     }
 
     #[test]

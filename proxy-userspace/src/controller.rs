@@ -7,6 +7,7 @@
 //! the number of services.
 use std::{
     collections::{BTreeSet, HashMap},
+    sync::Arc,
     time::Instant,
 };
 
@@ -64,7 +65,7 @@ impl SyncOutcome {
 /// What `key` must hold: the entry of the frontend that owns it (or its in-cluster view).
 fn wanted<'a>(
     frontends: &Claims<ServiceKey>,
-    translations: &'a HashMap<Name, Translation>,
+    translations: &'a HashMap<Arc<Name>, Translation>,
     key: &ServiceKey,
 ) -> Option<&'a DesiredService> {
     let base = ServiceKey {
@@ -73,14 +74,14 @@ fn wanted<'a>(
     };
     let entry = owner_entry(frontends, translations, &base)?;
     match key.scope {
-        SCOPE_INTERNAL => entry.in_cluster.as_ref(),
+        SCOPE_INTERNAL => entry.in_cluster.as_deref(),
         _ => Some(&entry.service),
     }
 }
 
 fn owner_entry<'a>(
     frontends: &Claims<ServiceKey>,
-    translations: &'a HashMap<Name, Translation>,
+    translations: &'a HashMap<Arc<Name>, Translation>,
     key: &ServiceKey,
 ) -> Option<&'a FrontendEntry> {
     let (service, i) = frontends.owner(key)?;
@@ -91,7 +92,7 @@ pub struct Controller<M> {
     store: Store,
     reconciler: Reconciler<M>,
     /// The last translation of every service, as claimed.
-    translations: HashMap<Name, Translation>,
+    translations: HashMap<Arc<Name>, Translation>,
     frontends: Claims<ServiceKey>,
     health_ports: Claims<u16>,
     /// The health checks of the services that own their port.
@@ -245,12 +246,16 @@ impl<M: ServiceMaps> Controller<M> {
             Some(spec) => translate(spec, &self.store.slices_of(name), self.store.topology()),
             None => Translation::default(),
         };
-        let old = self.translations.remove(name).unwrap_or_default();
+        // The name is shared by the translation and every claim of the service.
+        let (shared, old) = match self.translations.remove_entry(name) {
+            Some((shared, old)) => (shared, old),
+            None => (Arc::new(name.clone()), Translation::default()),
+        };
         let exists = self.store.service(name).is_some();
         // A retry reprograms even an unchanged translation: its entries did not land.
         if old == new && !self.queue.is_retrying(name) {
             if exists {
-                self.translations.insert(name.clone(), new);
+                self.translations.insert(shared, new);
             }
             return;
         }
@@ -275,22 +280,22 @@ impl<M: ServiceMaps> Controller<M> {
         };
         let (before, after) = (claims(&old), claims(&new));
         for (key, i) in before.difference(&after) {
-            self.frontends.release(key, &(name.clone(), *i));
+            self.frontends.release(key, &(shared.clone(), *i));
         }
         for (key, i) in after.difference(&before) {
-            self.frontends.claim(key, (name.clone(), *i));
+            self.frontends.claim(key, (shared.clone(), *i));
         }
         let port = |t: &Translation| t.health_check.as_ref().map(|(port, _)| *port);
         if port(&old) != port(&new) {
             if let Some(port) = port(&old) {
-                self.health_ports.release(&port, &(name.clone(), 0));
+                self.health_ports.release(&port, &(shared.clone(), 0));
             }
             if let Some(port) = port(&new) {
-                self.health_ports.claim(&port, (name.clone(), 0));
+                self.health_ports.claim(&port, (shared.clone(), 0));
             }
         }
         if exists {
-            self.translations.insert(name.clone(), new);
+            self.translations.insert(shared, new);
         }
         for key in &keys {
             self.program(key, out, failed);
@@ -324,7 +329,7 @@ impl<M: ServiceMaps> Controller<M> {
                     let owner = self
                         .frontends
                         .owner(key)
-                        .map(|(service, _)| service.clone());
+                        .map(|(service, _)| Name::clone(service));
                     let failure = Failure {
                         port,
                         error,

@@ -258,8 +258,9 @@ pub struct FrontendEntry {
     pub key: ServiceKey,
     pub service: DesiredService,
     /// What clients inside the cluster get, under `in_cluster_key(key)`: an external
-    /// frontend with `externalTrafficPolicy: Local`.
-    pub in_cluster: Option<DesiredService>,
+    /// frontend with `externalTrafficPolicy: Local`. Boxed: rare, and one is kept per
+    /// frontend of every service.
+    pub in_cluster: Option<Box<DesiredService>>,
 }
 
 /// What one service asks for, before conflicts with other services are resolved.
@@ -318,13 +319,15 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
                 drop_if_empty: local && chosen.only_elsewhere,
                 internal_scope: in_cluster.is_some(),
             };
-            let in_cluster = in_cluster.map(|all| DesiredService {
-                backends: all.backends.clone(),
-                terminating: all.terminating,
-                masquerade: false,
-                drop_if_empty: false,
-                internal_scope: false,
-                ..service.clone()
+            let in_cluster = in_cluster.map(|all| {
+                Box::new(DesiredService {
+                    backends: all.backends.clone(),
+                    terminating: all.terminating,
+                    masquerade: false,
+                    drop_if_empty: false,
+                    internal_scope: false,
+                    ..service.clone()
+                })
             });
             out.frontends.push(FrontendEntry {
                 key,
@@ -417,7 +420,7 @@ pub fn desired_state<'a>(
                 continue;
             }
             if let Some(view) = entry.in_cluster {
-                desired.services.insert(in_cluster_key(&entry.key), view);
+                desired.services.insert(in_cluster_key(&entry.key), *view);
             }
             desired.services.insert(entry.key, entry.service);
         }
