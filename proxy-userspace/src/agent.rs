@@ -294,6 +294,7 @@ impl Agent {
         });
         if let Err(e) = &started {
             error!("resync: starting the thread that reads the maps: {e}");
+            self.controller.abandon_snapshot();
         }
         started.is_ok()
     }
@@ -303,6 +304,7 @@ impl Agent {
             Ok(snapshot) => Some(self.controller.start_repair(snapshot)),
             Err(e) => {
                 error!("resync: reading the maps: {e:#}");
+                self.controller.abandon_snapshot();
                 None
             }
         }

@@ -190,6 +190,11 @@ impl<M: ServiceMaps> Controller<M> {
         self.reconciler.begin_snapshot();
     }
 
+    /// The snapshot could not be read.
+    pub fn abandon_snapshot(&mut self) {
+        self.reconciler.abandon_snapshot();
+    }
+
     /// Starts comparing `snapshot`, read since `begin_snapshot`, with what is programmed.
     pub fn start_repair(&self, snapshot: Snapshot) -> Repair {
         Repair::new(snapshot, &self.reconciler)

@@ -370,6 +370,11 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.touched = Some(Touched::default());
     }
 
+    /// The snapshot could not be read: stops recording.
+    pub fn abandon_snapshot(&mut self) {
+        self.touched = None;
+    }
+
     /// Map updates and deletes made so far.
     pub fn writes(&self) -> u64 {
         self.maps.writes()
