@@ -1,6 +1,6 @@
-//! What sources tell the agent: whole sets of objects (a manifest reload, a watch re-list),
-//! single changes (watch events), this node's topology, and whether they are connected.
-//! Every source feeds the same store, model and reconciler.
+//! What sources tell the agent: whole sets of objects (a watch re-list), single changes
+//! (watch events, and what changed in the manifests, in batches), this node's topology, and
+//! whether they are connected. Every source feeds the same store, model and reconciler.
 use std::time::Duration;
 
 use anyhow::Context as _;
