@@ -135,8 +135,9 @@ pub struct Store {
     services: Table<ServiceSpec>,
     slices: Table<SliceSpec>,
     /// The slices of each service, by their `kubernetes.io/service-name` label: a change to
-    /// one slice dirties its service alone.
-    slices_by_service: HashMap<Name, Vec<Name>>,
+    /// one slice dirties its service alone. A slice is in its service's namespace, so only
+    /// its own name is kept.
+    slices_by_service: HashMap<Name, Vec<String>>,
     /// The `service.kubernetes.io/service-proxy-name` this proxy serves (`None`: unlabelled).
     proxy_name: Option<String>,
     topology: Topology,
@@ -174,7 +175,7 @@ impl Store {
             if service.as_ref() != Some(&old)
                 && let Some(slices) = self.slices_by_service.get_mut(&old)
             {
-                slices.retain(|s| s != name);
+                slices.retain(|s| *s != name.1);
                 if slices.is_empty() {
                     self.slices_by_service.remove(&old);
                 }
@@ -184,8 +185,8 @@ impl Store {
         if let Some(service) = service {
             let slices = self.slices_by_service.entry(service.clone()).or_default();
             // Sorted, as the slices of a service are read in name order.
-            if let Err(at) = slices.binary_search(name) {
-                slices.insert(at, name.clone());
+            if let Err(at) = slices.binary_search(&name.1) {
+                slices.insert(at, name.1.clone());
             }
             outcome.dirty.insert(service);
         }
@@ -285,7 +286,7 @@ impl Store {
             .get(name)
             .into_iter()
             .flatten()
-            .filter_map(|slice| self.slices.items.get(slice))
+            .filter_map(|slice| self.slices.items.get(&(name.0.clone(), slice.clone())))
             .collect()
     }
 
