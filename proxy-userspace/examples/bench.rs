@@ -198,7 +198,7 @@ fn per_packet(n: usize, runs: u32) -> anyhow::Result<Datapoint> {
     let mut reconciler = Reconciler::adopt(Maps::open(&pins.0)?)?;
     let report = reconciler.apply(&desired(n));
     ensure!(
-        report.errors.is_empty() && report.changed == n,
+        report.errors.is_empty() && report.keys.changed == n,
         "programming {n} services: {:?}",
         report.errors.first().map(|e| format!("{:#}", e.1))
     );
@@ -756,7 +756,7 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
         let outcome = controller.sync(Instant::now());
         latencies.push(started.elapsed());
         ensure!(
-            outcome.changed == 1 && outcome.failures.is_empty(),
+            outcome.keys.changed == 1 && outcome.failures.is_empty(),
             "one change should program one service port: {outcome:?}"
         );
         if load != Load::Idle {

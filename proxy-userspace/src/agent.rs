@@ -261,9 +261,9 @@ impl Agent {
             "synced {} services in {:.1} ms: {} service ports changed, {} removed, {} unchanged; {} service ports programmed, {} services retrying",
             outcome.services,
             elapsed.as_secs_f64() * 1000.0,
-            outcome.changed,
-            outcome.removed,
-            outcome.unchanged,
+            outcome.keys.changed,
+            outcome.keys.removed,
+            outcome.keys.unchanged,
             programmed,
             retrying,
         );
@@ -486,9 +486,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut last_sync = tokio::time::Instant::now() - config.min_sync_interval;
     loop {
         // Changes wait for the minimum interval since the last sync (a burst is programmed
-        // together); failed services wait for their own back-off.
+        // together); failed services, and the sweep of unclaimed entries, wait for their
+        // own back-off.
         let sync_at = agent.ready().then(|| {
-            if agent.controller.has_changes() || agent.controller.needs_sweep() {
+            if agent.controller.has_changes() {
                 Some(tokio::time::Instant::now())
             } else {
                 agent

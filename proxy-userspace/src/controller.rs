@@ -19,10 +19,10 @@ use crate::{
         DesiredService, FrontendEntry, HealthChecks, Topology, Translation, frontend_conflict,
         health_check_conflict, in_cluster_key, service_object, translate,
     },
-    reconcile::{KeyChange, Reconciler, Repair, ServiceMaps, Snapshot},
+    reconcile::{KeyCounts, Reconciler, Repair, ServiceMaps, Snapshot},
     rejection::Rejection,
     store::{Kind, Name, Object, Outcome, Store},
-    sync_queue::SyncQueue,
+    sync_queue::{SyncQueue, backoff},
 };
 
 /// A service port that could not be programmed; it keeps its previous state and its service
@@ -41,25 +41,12 @@ pub struct Failure {
 pub struct SyncOutcome {
     /// Services translated and programmed.
     pub services: usize,
-    /// Map entries (frontend keys) written, removed, or found unchanged.
-    pub changed: usize,
-    pub removed: usize,
-    pub unchanged: usize,
+    pub keys: KeyCounts,
     /// Conflicts that appeared with this sync (each is reported once).
     pub rejections: Vec<Rejection>,
     pub failures: Vec<Failure>,
     /// Services programmed after failing, with how many times they had failed.
     pub recovered: Vec<(Name, u32)>,
-}
-
-impl SyncOutcome {
-    fn count(&mut self, change: KeyChange) {
-        match change {
-            KeyChange::Unchanged => self.unchanged += 1,
-            KeyChange::Programmed => self.changed += 1,
-            KeyChange::Removed => self.removed += 1,
-        }
-    }
 }
 
 /// What `key` must hold: the entry of the frontend that owns it (or its in-cluster view).
@@ -99,10 +86,15 @@ pub struct Controller<M> {
     health_checks: HealthChecks,
     health_checks_changed: bool,
     queue: SyncQueue,
-    /// Entries that no service claims must be removed: after adopting a previous agent's
-    /// maps, and after a removal failed.
-    sweep: bool,
+    /// When entries that no service claims must be removed: after adopting a previous
+    /// agent's maps, and (with back-off) after such a removal failed.
+    sweep: Option<Instant>,
+    sweep_failures: u32,
 }
+
+/// A failure and whom to retry: the service that owns the entry, or (`None`) the sweep of
+/// entries nobody claims.
+type Failed = (Option<Name>, Failure);
 
 impl<M: ServiceMaps> Controller<M> {
     pub fn new(store: Store, reconciler: Reconciler<M>) -> Self {
@@ -115,7 +107,8 @@ impl<M: ServiceMaps> Controller<M> {
             health_checks: HealthChecks::new(),
             health_checks_changed: false,
             queue: SyncQueue::default(),
-            sweep: true,
+            sweep: Some(Instant::now()),
+            sweep_failures: 0,
         }
     }
 
@@ -126,7 +119,7 @@ impl<M: ServiceMaps> Controller<M> {
         outcome
     }
 
-    /// Every object of `kinds` is now `objects` (a manifest reload, a re-list): only the
+    /// Every object of `kinds` is now `objects` (a watch re-list): only the
     /// services that differ are queued.
     pub fn replace(&mut self, kinds: &[Kind], objects: &[Object]) -> Outcome {
         let outcome = self.store.replace(kinds, objects);
@@ -160,9 +153,12 @@ impl<M: ServiceMaps> Controller<M> {
         self.queue.has_changes()
     }
 
-    /// When failed services are due again (or unclaimed entries must be swept).
+    /// When failed services are due again, or unclaimed entries must be swept.
     pub fn next_retry(&self) -> Option<Instant> {
-        self.queue.next_retry()
+        [self.queue.next_retry(), self.sweep]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Services waiting for a retry.
@@ -172,7 +168,7 @@ impl<M: ServiceMaps> Controller<M> {
 
     /// Unclaimed entries are waiting to be removed.
     pub fn needs_sweep(&self) -> bool {
-        self.sweep
+        self.sweep.is_some()
     }
 
     /// Service ports (frontend entries) programmed.
@@ -216,37 +212,49 @@ impl<M: ServiceMaps> Controller<M> {
         let mut outcome = SyncOutcome::default();
         for name in self.queue.take_due(now) {
             outcome.services += 1;
-            let mut failed: Vec<(Name, Failure)> = Vec::new();
+            let mut failed = Vec::new();
             self.sync_service(&name, &mut outcome, &mut failed);
-            let owners: BTreeSet<Name> = failed.iter().map(|(owner, _)| owner.clone()).collect();
-            let counts: HashMap<&Name, u32> = owners
+            let failed_itself = failed
                 .iter()
-                .map(|owner| (owner, self.queue.failed(owner, now)))
-                .collect();
-            for (owner, mut failure) in failed {
-                failure.failures = counts[&owner];
-                outcome.failures.push(failure);
-            }
-            if !owners.contains(&name) && self.queue.is_retrying(&name) {
+                .any(|(owner, _)| owner.as_ref() == Some(&name));
+            self.schedule_retries(failed, now, &mut outcome);
+            if !failed_itself && self.queue.is_retrying(&name) {
                 outcome
                     .recovered
                     .push((name.clone(), self.queue.succeeded(&name)));
             }
         }
-        if self.sweep {
-            self.sweep = false;
-            self.remove_unclaimed(&mut outcome);
+        if self.sweep.is_some_and(|at| at <= now) {
+            let mut failed = Vec::new();
+            self.remove_unclaimed(&mut outcome, &mut failed);
+            if failed.is_empty() {
+                self.sweep = None;
+                self.sweep_failures = 0;
+            }
+            self.schedule_retries(failed, now, &mut outcome);
         }
         outcome
     }
 
+    /// Retries what failed on its own back-off: each service that owns a failed entry, or
+    /// the sweep of entries nobody claims; counts the failures in a row into each.
+    fn schedule_retries(&mut self, failed: Vec<Failed>, now: Instant, out: &mut SyncOutcome) {
+        let mut counts: HashMap<Option<Name>, u32> = HashMap::new();
+        for (owner, mut failure) in failed {
+            failure.failures = *counts.entry(owner.clone()).or_insert_with(|| match &owner {
+                Some(owner) => self.queue.failed(owner, now),
+                None => {
+                    self.sweep_failures += 1;
+                    self.sweep = Some(now + backoff(self.sweep_failures));
+                    self.sweep_failures
+                }
+            });
+            out.failures.push(failure);
+        }
+    }
+
     /// Re-translates service `name` and reprograms the keys it claimed or claims.
-    fn sync_service(
-        &mut self,
-        name: &Name,
-        out: &mut SyncOutcome,
-        failed: &mut Vec<(Name, Failure)>,
-    ) {
+    fn sync_service(&mut self, name: &Name, out: &mut SyncOutcome, failed: &mut Vec<Failed>) {
         let new = match self.store.service(name) {
             Some(spec) => translate(spec, &self.store.slices_of(name), self.store.topology()),
             None => Translation::default(),
@@ -312,12 +320,7 @@ impl<M: ServiceMaps> Controller<M> {
     }
 
     /// Programs `key` and its in-cluster scope with what their owner wants now.
-    fn program(
-        &mut self,
-        key: &ServiceKey,
-        out: &mut SyncOutcome,
-        failed: &mut Vec<(Name, Failure)>,
-    ) {
+    fn program(&mut self, key: &ServiceKey, out: &mut SyncOutcome, failed: &mut Vec<Failed>) {
         for k in [*key, in_cluster_key(key)] {
             let want = wanted(&self.frontends, &self.translations, &k);
             let programmed = self.reconciler.programmed_name(&k);
@@ -329,8 +332,9 @@ impl<M: ServiceMaps> Controller<M> {
                 .or_else(|| programmed.map(str::to_owned))
                 .unwrap_or_default();
             match self.reconciler.sync_key(&k, want) {
-                Ok(change) => out.count(change),
+                Ok(change) => out.keys.add(change),
                 Err(error) => {
+                    // Retried by its owner, or, when nobody claims it, by the sweep.
                     let owner = self
                         .frontends
                         .owner(key)
@@ -340,17 +344,7 @@ impl<M: ServiceMaps> Controller<M> {
                         error,
                         failures: 0,
                     };
-                    match owner {
-                        Some(owner) => failed.push((owner, failure)),
-                        None => {
-                            // Nobody will re-queue a key that nobody claims: sweep it.
-                            self.sweep = true;
-                            out.failures.push(Failure {
-                                failures: 1,
-                                ..failure
-                            });
-                        }
-                    }
+                    failed.push((owner, failure));
                 }
             }
         }
@@ -406,7 +400,7 @@ impl<M: ServiceMaps> Controller<M> {
 
     /// Removes every programmed entry that no service claims (a full scan: only after an
     /// agent restart adopted the maps, or a failed removal).
-    fn remove_unclaimed(&mut self, out: &mut SyncOutcome) {
+    fn remove_unclaimed(&mut self, out: &mut SyncOutcome, failed: &mut Vec<Failed>) {
         let unclaimed: Vec<ServiceKey> = self
             .reconciler
             .keys()
@@ -420,14 +414,14 @@ impl<M: ServiceMaps> Controller<M> {
                 .unwrap_or("")
                 .to_owned();
             match self.reconciler.sync_key(&key, None) {
-                Ok(change) => out.count(change),
+                Ok(change) => out.keys.add(change),
                 Err(error) => {
-                    self.sweep = true;
-                    out.failures.push(Failure {
+                    let failure = Failure {
                         port,
                         error,
-                        failures: 1,
-                    });
+                        failures: 0,
+                    };
+                    failed.push((None, failure));
                 }
             }
         }
@@ -489,6 +483,11 @@ mod tests {
             .collect()
     }
 
+    /// A controller on `maps`, for node-a, adopting what they hold.
+    fn controller(maps: &mut Fake) -> Controller<&mut Fake> {
+        Controller::new(Store::new(None, here()), Reconciler::adopt(maps).unwrap())
+    }
+
     fn name(n: &str) -> Name {
         ("ns".into(), n.into())
     }
@@ -544,10 +543,7 @@ mod tests {
     #[test]
     fn one_change_writes_only_its_service_among_10_000() {
         let mut maps = Fake::default();
-        let mut c = Controller::new(
-            Store::new(None, here()),
-            Reconciler::adopt(&mut maps).unwrap(),
-        );
+        let mut c = controller(&mut maps);
         let mut objects = Vec::new();
         for i in 0..10_000u32 {
             let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
@@ -563,7 +559,7 @@ mod tests {
         }
         c.replace(&[Kind::Service, Kind::EndpointSlice], &objects);
         let first = c.sync(Instant::now());
-        assert_eq!((first.services, first.changed), (10_000, 10_000));
+        assert_eq!((first.services, first.keys.changed), (10_000, 10_000));
         assert!(first.failures.is_empty() && first.rejections.is_empty());
         let id = c.reconciler.maps().services[&ServiceKey::new([10, 96, 20, 1], 80, 6)]
             .0
@@ -578,7 +574,8 @@ mod tests {
         ));
         assert_eq!(outcome.dirty, BTreeSet::from([name("s5000")]));
         let sync = c.sync(Instant::now());
-        assert_eq!((sync.services, sync.changed, sync.unchanged), (1, 1, 0));
+        let keys = sync.keys;
+        assert_eq!((sync.services, keys.changed, keys.unchanged), (1, 1, 0));
         let log = &c.reconciler.maps().log;
         let slots: Vec<&String> = log.iter().filter(|l| l.contains("slot")).collect();
         assert_eq!(slots.len(), 6, "three new slots, three old ones: {log:?}");
@@ -598,10 +595,7 @@ mod tests {
     #[test]
     fn a_conflict_is_reported_once_and_the_loser_takes_over_when_the_key_is_freed() {
         let mut maps = Fake::default();
-        let mut c = Controller::new(
-            Store::new(None, here()),
-            Reconciler::adopt(&mut maps).unwrap(),
-        );
+        let mut c = controller(&mut maps);
         c.apply(&cluster_ip("b", "10.96.0.1", 80));
         c.apply(&slice("b-x", "b", 8080, ready(&["10.244.0.2"])));
         c.apply(&cluster_ip("a", "10.96.0.1", 80));
@@ -640,10 +634,7 @@ mod tests {
             slot_capacity: Some(2),
             ..Fake::default()
         };
-        let mut c = Controller::new(
-            Store::new(None, here()),
-            Reconciler::adopt(&mut maps).unwrap(),
-        );
+        let mut c = controller(&mut maps);
         c.apply(&cluster_ip("big", "10.96.0.1", 80));
         c.apply(&slice(
             "big-x",
@@ -660,7 +651,7 @@ mod tests {
             (sync.failures[0].port.as_str(), sync.failures[0].failures),
             ("ns/big", 1)
         );
-        assert_eq!(sync.changed, 1, "the other service is programmed");
+        assert_eq!(sync.keys.changed, 1, "the other service is programmed");
         assert_eq!(c.next_retry(), Some(t0 + Duration::from_secs(1)));
         assert_eq!(c.sync(t0).services, 0, "not retried before its back-off");
         let sync = c.sync(t0 + Duration::from_secs(1));
@@ -677,10 +668,7 @@ mod tests {
     fn adopted_entries_nobody_claims_are_swept_once() {
         let mut maps = Fake::default();
         {
-            let mut previous = Controller::new(
-                Store::new(None, here()),
-                Reconciler::adopt(&mut maps).unwrap(),
-            );
+            let mut previous = controller(&mut maps);
             previous.apply(&cluster_ip("old", "10.96.0.9", 80));
             previous.apply(&cluster_ip("kept", "10.96.0.1", 80));
             previous.sync(Instant::now());
@@ -688,15 +676,40 @@ mod tests {
         let mut store = Store::new(None, here());
         let objects = [cluster_ip("kept", "10.96.0.1", 80)];
         store.replace(&[Kind::Service, Kind::EndpointSlice], &objects);
-        let mut c = Controller::new(
-            Store::new(None, here()),
-            Reconciler::adopt(&mut maps).unwrap(),
-        );
+        let mut c = controller(&mut maps);
         c.replace(&[Kind::Service, Kind::EndpointSlice], &objects);
         let sync = c.sync(Instant::now());
-        assert_eq!((sync.changed, sync.removed, sync.unchanged), (0, 1, 1));
+        let keys = sync.keys;
+        assert_eq!((keys.changed, keys.removed, keys.unchanged), (0, 1, 1));
         assert!(!c.needs_sweep());
         assert_eq!(served(c.reconciler.maps()), oracle(&store).0);
+    }
+
+    #[test]
+    fn a_failing_sweep_backs_off() {
+        let mut maps = Fake::default();
+        let mut previous = controller(&mut maps);
+        previous.apply(&cluster_ip("old", "10.96.0.9", 80));
+        previous.sync(Instant::now());
+        maps.refuse_deletes = true;
+        let mut c = controller(&mut maps);
+        c.replace(&[Kind::Service, Kind::EndpointSlice], &[]);
+        let t0 = Instant::now();
+        let sync = c.sync(t0);
+        assert_eq!(
+            (sync.failures.len(), sync.failures[0].failures),
+            (1, 1),
+            "{:?}",
+            sync.failures
+        );
+        assert_eq!(c.next_retry(), Some(t0 + Duration::from_secs(1)));
+        assert!(c.sync(t0).failures.is_empty(), "not swept again at once");
+        assert_eq!(c.sync(t0 + Duration::from_secs(1)).failures[0].failures, 2);
+        c.reconciler.maps_mut().refuse_deletes = false;
+        let sync = c.sync(t0 + Duration::from_secs(3));
+        assert!(sync.failures.is_empty());
+        assert_eq!(sync.keys.removed, 1);
+        assert!(!c.needs_sweep() && c.next_retry().is_none());
     }
 
     /// A small deterministic generator (xorshift64*), so that a failing sequence replays.
@@ -777,10 +790,7 @@ mod tests {
         for seed in 1..=40u64 {
             let mut r = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut maps = Fake::default();
-            let mut c = Controller::new(
-                Store::new(None, here()),
-                Reconciler::adopt(&mut maps).unwrap(),
-            );
+            let mut c = controller(&mut maps);
             let mut store = Store::new(None, here());
             for step in 0..150 {
                 match r.below(10) {

@@ -186,22 +186,36 @@ pub enum KeyChange {
     Removed,
 }
 
-/// What one `apply` did.
-#[derive(Debug, Default)]
-pub struct SyncReport {
+/// Service ports (map keys) programmed, removed, or found unchanged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyCounts {
     pub changed: usize,
     pub removed: usize,
     pub unchanged: usize,
+}
+
+impl KeyCounts {
+    pub fn add(&mut self, change: KeyChange) {
+        match change {
+            KeyChange::Unchanged => self.unchanged += 1,
+            KeyChange::Programmed => self.changed += 1,
+            KeyChange::Removed => self.removed += 1,
+        }
+    }
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub keys: KeyCounts,
     /// Service ports that could not be programmed (they keep their previous state).
     pub errors: Vec<(String, anyhow::Error)>,
 }
 
 impl SyncReport {
-    pub fn count(&mut self, name: &str, result: anyhow::Result<KeyChange>) {
+    fn count(&mut self, name: &str, result: anyhow::Result<KeyChange>) {
         match result {
-            Ok(KeyChange::Unchanged) => self.unchanged += 1,
-            Ok(KeyChange::Programmed) => self.changed += 1,
-            Ok(KeyChange::Removed) => self.removed += 1,
+            Ok(change) => self.keys.add(change),
             Err(e) => self.errors.push((name.to_owned(), e)),
         }
     }
@@ -585,13 +599,14 @@ pub mod fake {
 
     use super::*;
 
-    /// In-memory maps that log every write.
     #[derive(Default)]
     pub struct Fake {
         pub services: BTreeMap<ServiceKey, (ServiceValue, ServiceMeta)>,
         pub slots: HashMap<SlotKey, u32>,
         pub backends: HashMap<u32, Backend>,
         pub slot_capacity: Option<usize>,
+        /// Service entries cannot be deleted (a refused write).
+        pub refuse_deletes: bool,
         pub log: Vec<String>,
     }
 
@@ -639,6 +654,9 @@ pub mod fake {
             Ok(())
         }
         fn delete_service(&mut self, k: &ServiceKey, id: u32) -> anyhow::Result<()> {
+            if self.refuse_deletes {
+                anyhow::bail!("deleting service {id} refused");
+            }
             self.log.push(format!("delete service {id}"));
             self.services.remove(k);
             Ok(())
@@ -681,7 +699,6 @@ pub mod fake {
 
 #[cfg(test)]
 mod tests {
-
     use super::{fake::Fake, *};
 
     fn key(port: u16) -> ServiceKey {
@@ -718,10 +735,10 @@ mod tests {
     fn update_writes_new_slots_before_the_flip_and_deletes_old_after() {
         let mut fake = Fake::default();
         let mut r = Reconciler::adopt(&mut fake).unwrap();
-        assert_eq!(r.apply(&state(&[(80, &[1, 2])])).changed, 1);
+        assert_eq!(r.apply(&state(&[(80, &[1, 2])])).keys.changed, 1);
         r.maps.log.clear();
         let report = r.apply(&state(&[(80, &[2, 3])]));
-        assert_eq!((report.changed, report.errors.len()), (1, 0));
+        assert_eq!((report.keys.changed, report.errors.len()), (1, 0));
         assert_eq!(
             r.maps.log,
             [
@@ -744,7 +761,7 @@ mod tests {
         r.apply(&state(&[(80, &[1, 2]), (81, &[])]));
         r.maps.log.clear();
         let report = r.apply(&state(&[(80, &[1, 2]), (81, &[])]));
-        assert_eq!(report.unchanged, 2);
+        assert_eq!(report.keys.unchanged, 2);
         assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
     }
 
@@ -769,7 +786,7 @@ mod tests {
         assert_eq!(r.maps.log, ["delete slot 1/1/1"]);
         r.maps.log.clear();
         let report = r.apply(&state(&[(80, &[1, 2]), (81, &[2])]));
-        assert_eq!(report.unchanged, 2);
+        assert_eq!(report.keys.unchanged, 2);
         assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
         // New ids do not collide with adopted ones.
         r.apply(&state(&[(80, &[1, 2]), (81, &[2]), (82, &[4])]));
@@ -790,7 +807,7 @@ mod tests {
         assert_eq!(r.maps.backends.len(), 1);
         r.apply(&state(&[(81, &[1])]));
         assert_eq!(r.maps.backends.len(), 1);
-        assert_eq!(r.apply(&state(&[])).removed, 1);
+        assert_eq!(r.apply(&state(&[])).keys.removed, 1);
         assert!(
             r.maps.backends.is_empty() && r.maps.slots.is_empty() && r.maps.services.is_empty()
         );

@@ -1,6 +1,6 @@
 //! The objects the proxy serves, by kind and namespace/name, as last validated. Sources
-//! feed it whole sets (a manifest reload, a watch re-list) or single changes (watch
-//! events). An invalid new version is rejected and the last valid one stays served
+//! feed it whole sets (a watch re-list) or single changes (watch events, changed
+//! manifests). An invalid new version is rejected and the last valid one stays served
 //! ("nothing is lost").
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -192,7 +192,7 @@ impl Store {
         }
     }
 
-    /// Replaces every object of `kinds` with `objects` (a manifest reload, a re-list).
+    /// Replaces every object of `kinds` with `objects` (a watch re-list).
     pub fn replace(&mut self, kinds: &[Kind], objects: &[Object]) -> Outcome {
         let mut outcome = Outcome::default();
         if kinds.contains(&Kind::Service) {

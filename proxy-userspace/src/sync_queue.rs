@@ -11,6 +11,13 @@ use crate::store::Name;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
+/// How long to wait after the `failures`-th failure in a row: 1 s, doubling, at most 60 s.
+pub fn backoff(failures: u32) -> Duration {
+    FIRST_RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_RETRY)
+}
+
 #[derive(Debug)]
 struct Retry {
     failures: u32,
@@ -62,8 +69,7 @@ impl SyncQueue {
             at: now,
         });
         retry.failures += 1;
-        let backoff = FIRST_RETRY.saturating_mul(1 << (retry.failures - 1).min(16));
-        retry.at = now + backoff.min(MAX_RETRY);
+        retry.at = now + backoff(retry.failures);
         retry.failures
     }
 
