@@ -133,6 +133,13 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     let Some(svc) = lb::service_for(&service) else {
         return Verdict::Pass;
     };
+    // A TCP segment other than a SYN with no entry of ours belongs to a connection made
+    // before the flow was ours: kube-proxy's kernel NAT carries it during a migration (tc
+    // runs before netfilter). Balancing it anew would send it mid-stream to a backend that
+    // knows nothing of it; left alone, the kernel's conntrack keeps translating it.
+    if flow.is_tcp() && !flow.is_syn() {
+        return Verdict::Pass;
+    }
     let client = u32::from_ne_bytes(flow.key.src) as u64;
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
     let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {

@@ -33,6 +33,7 @@ use crate::{
     maps::Maps,
     metrics::Metrics,
     node::NodeAddresses,
+    preflight,
     reconcile::{Reconciler, Repair, ServiceMaps as _, Snapshot},
     rejection::{Reason, Rejection},
     source::{self, SourceEvent},
@@ -47,6 +48,8 @@ pub enum SourceConfig {
         kubeconfig: Option<PathBuf>,
         /// Watch one namespace only.
         namespace: Option<String>,
+        /// Where the API server is, if not where the configuration says.
+        api_server: Option<crate::kubernetes::ApiServer>,
     },
 }
 
@@ -68,6 +71,9 @@ pub struct Config {
     pub xdp_interfaces: Vec<String>,
     pub metrics_bind: SocketAddr,
     pub healthz_bind: SocketAddr,
+    /// Where `/readyz` and `/livez` answer kubelet's probes, on a port kube-proxy never
+    /// holds, so that readiness does not wait for kube-proxy's ports.
+    pub probe_bind: Option<SocketAddr>,
     /// `/healthz` fails when a source change waits longer than this to be programmed.
     pub healthz_max_lag: Duration,
     /// Capacities of maps, by pin name, overriding the built-in ones.
@@ -84,6 +90,9 @@ pub struct Config {
 /// Map entries a drift repair compares between two looks at the event queue: well under a
 /// millisecond of work.
 pub const REPAIR_STEP: usize = 256;
+
+/// `/livez` fails when the loop has not gone round for three heartbeats, and never sooner.
+const MIN_STALL: Duration = Duration::from_secs(30);
 
 struct Agent {
     controller: Controller<Maps>,
@@ -191,6 +200,27 @@ impl Agent {
             self.pending_since = Some(Instant::now());
             self.state.update(|s| s.pending_since = Some(unix_now()));
         }
+    }
+
+    /// Checks that the kernel still shows the datapath attached as configured, puts back
+    /// what went missing, and reports the rest in health.
+    fn verify_datapath(&mut self, datapath: &mut Datapath) {
+        let (repaired, failed) = datapath.verify();
+        for what in &repaired {
+            warn!("datapath: put back {what}, removed behind the agent's back");
+        }
+        self.metrics.datapath_repairs.inc_by(repaired.len() as u64);
+        let missing: Vec<String> = failed.iter().map(|e| format!("{e:#}")).collect();
+        if missing != self.state.get().datapath_missing {
+            // Logged when it changes, not at every heartbeat.
+            for problem in &missing {
+                error!("datapath: {problem}; /healthz fails until it is back");
+            }
+            if missing.is_empty() {
+                info!("datapath: attached as configured again");
+            }
+        }
+        self.state.update(|s| s.datapath_missing = missing);
     }
 
     fn count_writes(&mut self) {
@@ -348,63 +378,114 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
-/// Starts the configured source; it sends its events until the agent stops.
-async fn start_source(
-    config: &Config,
-    events: mpsc::Sender<SourceEvent>,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+/// The configured source, checked (a kubeconfig read, a manifest path that exists) but not
+/// started.
+enum Source {
+    Manifests(ManifestSource),
+    Kubernetes(kube::Client, String),
+}
+
+async fn prepare_source(config: &Config) -> anyhow::Result<Source> {
     Ok(match &config.source {
         SourceConfig::Manifests(path) => {
-            let source = ManifestSource::new(path);
-            info!("source: manifests at {}", source.path().display());
-            tokio::spawn(source::run_manifests(source, events, config.debounce))
+            preflight::readable(path, "--manifests")?;
+            Source::Manifests(ManifestSource::new(path))
         }
         SourceConfig::Kubernetes {
             kubeconfig,
-            namespace,
+            api_server,
+            ..
         } => {
-            let client = crate::kubernetes::client(kubeconfig.as_deref()).await?;
+            let (client, url) =
+                crate::kubernetes::client(kubeconfig.as_deref(), api_server.as_ref()).await?;
+            Source::Kubernetes(client, url)
+        }
+    })
+}
+
+/// Starts the source; it sends its events until the agent stops.
+fn start_source(
+    source: Source,
+    config: &Config,
+    events: mpsc::Sender<SourceEvent>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    match source {
+        Source::Manifests(source) => {
+            info!("source: manifests at {}", source.path().display());
+            tokio::spawn(source::run_manifests(source, events, config.debounce))
+        }
+        Source::Kubernetes(client, url) => {
+            let namespace = match &config.source {
+                SourceConfig::Kubernetes { namespace, .. } => namespace.clone(),
+                SourceConfig::Manifests(_) => None,
+            };
             info!(
-                "source: the Kubernetes API ({}), namespace {}",
-                client.default_namespace(),
+                "source: the Kubernetes API at {url}, namespace {}",
                 namespace.as_deref().unwrap_or("<all>")
             );
             let scope = crate::kubernetes::Scope {
-                namespace: namespace.clone(),
+                namespace,
                 proxy_name: config.proxy_name.clone(),
                 node_name: config.node_name.clone(),
             };
             tokio::spawn(crate::kubernetes::run(client, scope, events))
         }
+    }
+}
+
+/// The HTTP addresses, bound now when free (`None`: busy, taken over later).
+struct Listeners {
+    metrics: Option<std::net::TcpListener>,
+    healthz: Option<std::net::TcpListener>,
+    probe: Option<Option<std::net::TcpListener>>,
+}
+
+fn bind_listeners(config: &Config) -> anyhow::Result<Listeners> {
+    Ok(Listeners {
+        metrics: crate::http::try_bind(config.metrics_bind, "--metrics-bind")?,
+        healthz: crate::http::try_bind(config.healthz_bind, "--healthz-bind")?,
+        probe: config
+            .probe_bind
+            .map(|addr| crate::http::try_bind(addr, "--probe-bind"))
+            .transpose()?,
     })
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Everything that can be checked is, before the datapath is touched: a mistake must
+    // leave nothing pinned or attached.
     let cgroup = match &config.cgroup {
         Some(c) => c.clone(),
         None => crate::datapath::cgroup2_mount()?,
     };
-    let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes)?;
-    datapath.attach_socket_hooks(&cgroup)?;
-    datapath.attach_tc(&config.interfaces, config.tc_attach)?;
+    preflight::capabilities()?;
+    preflight::bpffs(&config.bpffs)?;
+    preflight::cgroup(&cgroup)?;
+    preflight::interfaces(&config.interfaces, "--interfaces")?;
+    preflight::interfaces(&config.xdp_interfaces, "--xdp-interfaces")?;
+    let source = prepare_source(&config).await?;
+    let listeners = bind_listeners(&config)?;
     let mut node_addresses = NodeAddresses::new(
         config.node_ip,
         &config.interfaces,
         config.masquerade_ports.clone(),
         &config.bpffs,
     )?;
-    if config.xdp != XdpAttach::Off {
-        let xdp_interfaces = node_addresses.current.xdp_interfaces(
+    let xdp_interfaces = match config.xdp {
+        XdpAttach::Off => Vec::new(),
+        _ => node_addresses.current.xdp_interfaces(
             &config.interfaces,
             &node_addresses.interface_addrs,
             &config.xdp_interfaces,
-        )?;
-        datapath.attach_xdp(&xdp_interfaces, config.xdp)?;
-    }
+        )?,
+    };
+
+    let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes)?;
+    datapath.attach_socket_hooks(&cgroup)?;
+    datapath.attach_tc(&config.interfaces, config.tc_attach)?;
+    datapath.attach_xdp(&xdp_interfaces, config.xdp)?;
     datapath.detach_stale()?;
-    for attachment in &datapath.attachments {
-        info!("attached {attachment}");
-    }
+    node_addresses.current.program(&config.bpffs)?;
     info!("{}", node_addresses.current);
     let reconciler = Reconciler::adopt(Maps::open(&config.bpffs)?)?;
     if !reconciler.is_empty() {
@@ -424,24 +505,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     metrics
         .conntrack_capacity
         .set(conntrack_capacity.map_or(proxy_common::maps::MAX_CONNTRACK, |(_, n)| *n) as i64);
-    let metrics_listener = crate::http::bind(config.metrics_bind, "--metrics-bind").await?;
-    let healthz_listener = crate::http::bind(config.healthz_bind, "--healthz-bind").await?;
     let proxy_health = ProxyHealth {
         state,
         max_lag: config.healthz_max_lag,
+        max_stall: (config.conntrack_gc_interval * 3).max(MIN_STALL),
     };
     let endpoints = |metrics| Endpoints {
         health: proxy_health.clone(),
         metrics,
     };
     let mut metrics_server = tokio::spawn(serve_endpoints(
-        metrics_listener,
+        listeners.metrics,
+        config.metrics_bind,
+        "--metrics-bind",
         endpoints(Some(metrics.clone())),
     ));
-    let mut healthz_server = tokio::spawn(serve_endpoints(healthz_listener, endpoints(None)));
+    let mut healthz_server = tokio::spawn(serve_endpoints(
+        listeners.healthz,
+        config.healthz_bind,
+        "--healthz-bind",
+        endpoints(None),
+    ));
+    let mut probe_server = match (listeners.probe, config.probe_bind) {
+        (Some(listener), Some(addr)) => tokio::spawn(serve_endpoints(
+            listener,
+            addr,
+            "--probe-bind",
+            endpoints(None),
+        )),
+        _ => tokio::spawn(std::future::pending()),
+    };
 
     let (events_tx, mut events) = mpsc::channel(1024);
-    let mut source = start_source(&config, events_tx).await?;
+    let mut source = start_source(source, &config, events_tx);
     let status = StatusWriter {
         map: crate::maps::open(&config.bpffs, proxy_common::maps::AGENT_STATUS)?,
         status: AgentStatus {
@@ -507,6 +603,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 None => std::future::pending().await,
             }
         };
+        agent.state.update(|s| s.loop_alive = unix_now());
         tokio::select! {
             // Changes first; the repair steps only when nothing else is ready.
             biased;
@@ -526,6 +623,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 resyncing = repair.is_some();
             }
             _ = heartbeat.tick() => {
+                agent.verify_datapath(&mut datapath);
                 match node_addresses.refresh() {
                     Ok(true) => info!("node addresses changed: {}", node_addresses.current),
                     Ok(false) => {}
@@ -537,6 +635,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             result = &mut source => bail!("the source stopped: {:#}", why_ended(result)),
             result = &mut metrics_server => bail!("the metrics server stopped: {result:?}"),
             result = &mut healthz_server => bail!("the health server stopped: {result:?}"),
+            result = &mut probe_server => bail!("the probe server stopped: {result:?}"),
             signal = &mut shutdown => {
                 info!("{}: exiting; the datapath keeps serving from the maps and links pinned under {}", signal?, config.bpffs.display());
                 return Ok(());

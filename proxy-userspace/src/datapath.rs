@@ -2,9 +2,13 @@
 //! previous agent pinned, so their content survives a restart) and attaches the programs:
 //! the socket hooks to a cgroup, the tc programs to interfaces. Attachments are bpf_links
 //! pinned under `<bpffs>/links/`, so the datapath keeps serving while the agent is down or
-//! restarting; a restarted agent keeps them instead of re-attaching.
+//! restarting; a restarted agent keeps those the kernel still shows attached to the right
+//! target, and re-attaches the others. While it runs, the agent holds every link open and
+//! `verify` puts back what was removed behind its back: a pin (the links stay attached
+//! meanwhile) or an attachment (`bpftool link detach`, an interface re-created).
 use std::{
     fs::File,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -21,6 +25,12 @@ use aya::{
 };
 use proxy_common::maps;
 use tracing::info;
+
+use crate::{
+    link_target::{self, LinkTarget},
+    node_lock::NodeLock,
+    preflight,
+};
 
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
 
@@ -63,21 +73,91 @@ const SOCKET_HOOKS: [&str; 4] = [
     "proxy_recvmsg4",
     "proxy_getpeername4",
 ];
-const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+pub(crate) const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("proxy_ingress", TcAttachType::Ingress),
     ("proxy_egress", TcAttachType::Egress),
 ];
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The loaded datapath. Pinned attachments and maps outlive it; netlink tc filters (which
-/// cannot be pinned) are detached when it is dropped.
-pub struct Datapath {
-    ebpf: Ebpf,
-    links_dir: PathBuf,
-    /// Pin names of the attachments this configuration wants.
-    wanted: Vec<String>,
-    /// Where each program is attached, for logs and `proxyctl`.
-    pub attachments: Vec<String>,
+/// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
+        })
+        .context("no cgroup v2 hierarchy is mounted (socket load balancing needs cgroup v2)")
+}
+
+/// Where one program attaches.
+#[derive(Clone, Debug, PartialEq)]
+enum Target {
+    Cgroup(PathBuf),
+    Tc {
+        iface: String,
+        direction: TcAttachType,
+        /// A TCX link; else a netlink filter, which cannot be pinned nor held.
+        tcx: bool,
+    },
+    Xdp {
+        iface: String,
+        mode: XdpAttach,
+    },
+}
+
+/// One attachment the configuration wants, and its link once made.
+struct Attachment {
+    program: &'static str,
+    target: Target,
+    /// Held open while the agent runs, so that a removed pin detaches nothing.
+    link: Option<PinnedLink>,
+}
+
+impl Attachment {
+    /// Its file under `links/`; `None` for a netlink filter.
+    fn pin(&self) -> Option<String> {
+        match &self.target {
+            Target::Cgroup(path) => Some(pin_name(self.program, &path.to_string_lossy())),
+            Target::Tc { iface, tcx, .. } => tcx.then(|| pin_name(self.program, iface)),
+            Target::Xdp { iface, mode } => Some(xdp_pin_name(*mode, iface)),
+        }
+    }
+
+    fn description(&self) -> String {
+        match &self.target {
+            Target::Cgroup(path) => format!("{} on cgroup {}", self.program, path.display()),
+            Target::Tc {
+                iface,
+                direction,
+                tcx,
+            } => {
+                let how = if *tcx { "tcx" } else { "netlink" };
+                format!("{} on {iface} {direction:?} ({how})", self.program)
+            }
+            Target::Xdp { iface, mode } => {
+                format!("{} on {iface} (XDP {})", self.program, mode.label())
+            }
+        }
+    }
+
+    /// What the kernel must show the link attached to; `None` when the target is gone.
+    fn expected(&self) -> Option<LinkTarget> {
+        match &self.target {
+            Target::Cgroup(path) => std::fs::metadata(path)
+                .ok()
+                .map(|m| LinkTarget::Cgroup(m.ino())),
+            Target::Tc { iface, .. } | Target::Xdp { iface, .. } => {
+                link_target::ifindex(iface).map(LinkTarget::Interface)
+            }
+        }
+    }
+}
+
+fn xdp_pin_name(mode: XdpAttach, iface: &str) -> String {
+    pin_name(&format!("{XDP_PROGRAM}_{}", mode.label()), iface)
 }
 
 /// A bpffs file name for an attachment (bpffs refuses some characters, dots among them).
@@ -95,46 +175,23 @@ fn pin_name(program: &str, target: &str) -> String {
     format!("{program}@{target}")
 }
 
-fn ensure_bpffs_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating the pin directory {}", dir.display()))?;
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .with_context(|| format!("pin directory {} contains a NUL byte", dir.display()))?;
-    // SAFETY: valid C string and an out-parameter of the right type.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", dir.display()));
-    }
-    if stat.f_type as i64 != BPF_FS_MAGIC {
-        bail!(
-            "{} is not on a BPF filesystem, so maps cannot be pinned there; mount one with \
-             `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does) or pass another --bpffs",
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
-pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mountinfo =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
-        })
-        .context("no cgroup v2 hierarchy is mounted (socket load balancing needs cgroup v2)")
+/// The loaded datapath. Pinned attachments and maps outlive it; netlink tc filters (which
+/// cannot be pinned) are detached when it is dropped. It holds the pin directory's lock.
+pub struct Datapath {
+    ebpf: Ebpf,
+    bpffs: PathBuf,
+    lock: NodeLock,
+    wanted: Vec<Attachment>,
 }
 
 impl Datapath {
-    /// Loads the datapath; `sizes` overrides map capacities (a map already pinned keeps
-    /// the capacity it was created with).
+    /// Takes the pin directory's lock and loads the datapath; `sizes` overrides map
+    /// capacities (a map already pinned keeps the capacity it was created with).
     pub fn load(bpffs: &Path, sizes: &[(String, u32)]) -> anyhow::Result<Self> {
-        ensure_bpffs_dir(bpffs)?;
+        preflight::bpffs(bpffs)?;
+        std::fs::create_dir_all(bpffs)
+            .with_context(|| format!("creating the pin directory {}", bpffs.display()))?;
+        let lock = NodeLock::acquire(bpffs)?;
         let mut loader = EbpfLoader::new();
         for name in maps::ALL {
             loader.map_pin_path(name, bpffs.join(name));
@@ -159,75 +216,133 @@ impl Datapath {
                 bpffs.display()
             )
         })?;
-        let links_dir = bpffs.join("links");
-        std::fs::create_dir_all(&links_dir)
-            .with_context(|| format!("creating {}", links_dir.display()))?;
-        Ok(Self {
+        let datapath = Self {
             ebpf,
-            links_dir,
+            bpffs: bpffs.to_path_buf(),
+            lock,
             wanted: Vec::new(),
-            attachments: Vec::new(),
-        })
+        };
+        let links = datapath.links_dir();
+        std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
+        Ok(datapath)
     }
 
-    /// Whether `name` is already attached by a pinned link (from a previous agent).
-    fn kept(&mut self, name: String, description: String) -> anyhow::Result<bool> {
-        let path = self.links_dir.join(&name);
-        self.wanted.push(name);
-        if !path.exists() {
-            return Ok(false);
+    fn links_dir(&self) -> PathBuf {
+        self.bpffs.join("links")
+    }
+
+    /// Wants `program` on `target`: keeps a previous agent's link if the kernel still shows
+    /// it attached there, else attaches it.
+    fn want(&mut self, program: &'static str, target: Target) -> anyhow::Result<()> {
+        self.wanted.push(Attachment {
+            program,
+            target,
+            link: None,
+        });
+        let i = self.wanted.len() - 1;
+        let description = self.wanted[i].description();
+        if let Some(pin) = self.wanted[i].pin() {
+            let path = self.links_dir().join(pin);
+            if path.exists() {
+                let current = link_target::of_pin(&path).ok();
+                if current.is_some() && current == self.wanted[i].expected() {
+                    let link = PinnedLink::from_pin(&path)
+                        .with_context(|| format!("opening pinned link {}", path.display()))?;
+                    self.wanted[i].link = Some(link);
+                    info!("kept {description}");
+                    return Ok(());
+                }
+                unpin(&path)?;
+                info!("{description}: the pinned link was no longer attached; attaching anew");
+            }
         }
-        PinnedLink::from_pin(&path)
-            .with_context(|| format!("opening pinned link {}", path.display()))?;
-        self.attachments.push(format!("{description} (kept)"));
-        Ok(true)
+        self.attach(i)?;
+        info!("attached {description}");
+        Ok(())
     }
 
-    fn pin(&mut self, link: FdLink, name: &str, description: String) -> anyhow::Result<()> {
-        let path = self.links_dir.join(name);
-        link.pin(&path)
-            .with_context(|| format!("pinning link {}", path.display()))?;
-        self.attachments.push(description);
+    /// Attaches `wanted[i]`, pins its link and holds it.
+    fn attach(&mut self, i: usize) -> anyhow::Result<()> {
+        let (program, target) = (self.wanted[i].program, self.wanted[i].target.clone());
+        let link = match &target {
+            Target::Cgroup(cgroup) => {
+                let fd = File::open(cgroup)
+                    .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+                let hook = self.loaded(program, CgroupSockAddr::load)?;
+                // A bpf_link attachment: it coexists with other programs on the cgroup.
+                let id = hook
+                    .attach(&fd, CgroupAttachMode::default())
+                    .with_context(|| {
+                        format!("attaching {program} to cgroup {}", cgroup.display())
+                    })?;
+                Some(FdLink::try_from(hook.take_link(id)?).context("a cgroup link is a bpf_link")?)
+            }
+            Target::Tc {
+                iface,
+                direction,
+                tcx,
+            } => {
+                let options = if *tcx {
+                    TcAttachOptions::TcxOrder(LinkOrder::default())
+                } else {
+                    add_clsact(iface)?;
+                    TcAttachOptions::Netlink(NlOptions::default())
+                };
+                let classifier = self.loaded(program, SchedClassifier::load)?;
+                let id = classifier
+                    .attach_with_options(iface, *direction, options)
+                    .with_context(|| format!("attaching {program} to {iface} ({direction:?})"))?;
+                // A netlink filter stays with the program, detached when the agent exits.
+                (*tcx)
+                    .then(|| classifier.take_link(id))
+                    .transpose()?
+                    .map(FdLink::try_from)
+                    .transpose()
+                    .context("a TCX link is a bpf_link")?
+            }
+            Target::Xdp { iface, mode } => {
+                let xdp_mode = match mode {
+                    XdpAttach::Native => XdpMode::Driver,
+                    _ => XdpMode::Skb,
+                };
+                let xdp = self.loaded(program, Xdp::load)?;
+                let id = xdp.attach(iface, xdp_mode).with_context(|| {
+                    format!("attaching {program} to {iface} in {} mode", mode.label())
+                })?;
+                Some(FdLink::try_from(xdp.take_link(id)?).context("an XDP link is a bpf_link")?)
+            }
+        };
+        if let (Some(link), Some(pin)) = (link, self.wanted[i].pin()) {
+            let path = self.links_dir().join(pin);
+            let pinned = link
+                .pin(&path)
+                .with_context(|| format!("pinning link {}", path.display()))?;
+            self.wanted[i].link = Some(pinned);
+        }
         Ok(())
     }
 
     /// Detaches what a previous configuration attached and this one does not want (e.g. an
     /// interface dropped from --interfaces).
     pub fn detach_stale(&mut self) -> anyhow::Result<()> {
-        let entries = std::fs::read_dir(&self.links_dir)
-            .with_context(|| format!("listing {}", self.links_dir.display()))?;
+        let links = self.links_dir();
+        let entries =
+            std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))?;
+        let wanted: Vec<String> = self.wanted.iter().filter_map(Attachment::pin).collect();
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if self.wanted.contains(&name) {
-                continue;
+            if !wanted.contains(&name) {
+                unpin(&entry.path())?;
+                info!("detached stale attachment {name}");
             }
-            let link = PinnedLink::from_pin(entry.path())
-                .with_context(|| format!("opening pinned link {name}"))?;
-            link.unpin()
-                .with_context(|| format!("unpinning stale link {name}"))?;
-            info!("detached stale attachment {name}");
         }
         Ok(())
     }
 
     /// Socket-level load balancing for every process in `cgroup` and its descendants.
     pub fn attach_socket_hooks(&mut self, cgroup: &Path) -> anyhow::Result<()> {
-        let fd =
-            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in SOCKET_HOOKS {
-            let pin = pin_name(name, &cgroup.to_string_lossy());
-            let description = format!("{name} on cgroup {}", cgroup.display());
-            if self.kept(pin.clone(), description.clone())? {
-                continue;
-            }
-            let program = self.loaded(name, CgroupSockAddr::load)?;
-            // A bpf_link attachment: it coexists with other programs on the cgroup.
-            let id = program
-                .attach(&fd, CgroupAttachMode::default())
-                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-            let link = FdLink::try_from(program.take_link(id)?)
-                .context("a cgroup attachment is a bpf_link")?;
-            self.pin(link, &pin, description)?;
+            self.want(name, Target::Cgroup(cgroup.to_path_buf()))?;
         }
         Ok(())
     }
@@ -261,39 +376,22 @@ impl Datapath {
     /// The XDP fast path for masqueraded flows on `interfaces`; `Off` attaches nothing (and
     /// `detach_stale` removes a previous agent's).
     pub fn attach_xdp(&mut self, interfaces: &[String], mode: XdpAttach) -> anyhow::Result<()> {
-        let xdp_mode = match mode {
-            XdpAttach::Off => return Ok(()),
-            XdpAttach::Native => XdpMode::Driver,
-            XdpAttach::Generic => XdpMode::Skb,
-        };
+        if mode == XdpAttach::Off {
+            return Ok(());
+        }
         for iface in interfaces {
             // An interface runs one XDP mode at a time: drop a previous agent's other one.
             for other in [XdpAttach::Native, XdpAttach::Generic] {
-                let path = self
-                    .links_dir
-                    .join(pin_name(&format!("{XDP_PROGRAM}_{}", other.label()), iface));
+                let path = self.links_dir().join(xdp_pin_name(other, iface));
                 if other != mode && path.exists() {
-                    PinnedLink::from_pin(&path)
-                        .with_context(|| format!("opening pinned link {}", path.display()))?
-                        .unpin()
-                        .with_context(|| format!("detaching {}", path.display()))?;
+                    unpin(&path)?;
                 }
             }
-            let pin = pin_name(&format!("{XDP_PROGRAM}_{}", mode.label()), iface);
-            let description = format!("{XDP_PROGRAM} on {iface} (XDP {})", mode.label());
-            if self.kept(pin.clone(), description.clone())? {
-                continue;
-            }
-            let program = self.loaded(XDP_PROGRAM, Xdp::load)?;
-            let id = program.attach(iface, xdp_mode).with_context(|| {
-                format!(
-                    "attaching {XDP_PROGRAM} to {iface} in {} mode",
-                    mode.label()
-                )
-            })?;
-            let link = FdLink::try_from(program.take_link(id)?)
-                .context("an XDP attachment is a bpf_link")?;
-            self.pin(link, &pin, description)?;
+            let target = Target::Xdp {
+                iface: iface.clone(),
+                mode,
+            };
+            self.want(XDP_PROGRAM, target)?;
         }
         Ok(())
     }
@@ -307,42 +405,113 @@ impl Datapath {
                 KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
             }
         };
-        let how = if tcx { "tcx" } else { "netlink" };
-        for (name, attach_type) in TC_PROGRAMS {
+        for (name, direction) in TC_PROGRAMS {
             for iface in interfaces {
-                let description = format!("{name} on {iface} {attach_type:?} ({how})");
-                let pin = pin_name(name, iface);
-                // Netlink filters cannot be pinned: they are re-attached by every agent.
-                if tcx && self.kept(pin.clone(), description.clone())? {
-                    continue;
-                }
-                let program = self.loaded(name, SchedClassifier::load)?;
-                let options = if tcx {
-                    TcAttachOptions::TcxOrder(LinkOrder::default())
-                } else {
-                    match tc::qdisc_add_clsact(iface) {
-                        Ok(()) | Err(TcError::AlreadyAttached) => {}
-                        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        }
-                        Err(e) => {
-                            return Err(e)
-                                .with_context(|| format!("adding a clsact qdisc to {iface}"));
-                        }
-                    }
-                    TcAttachOptions::Netlink(NlOptions::default())
+                let target = Target::Tc {
+                    iface: iface.clone(),
+                    direction,
+                    tcx,
                 };
-                let id = program
-                    .attach_with_options(iface, attach_type, options)
-                    .with_context(|| format!("attaching {name} to {iface} ({attach_type:?})"))?;
-                if tcx {
-                    let link = FdLink::try_from(program.take_link(id)?)
-                        .context("a TCX attachment is a bpf_link")?;
-                    self.pin(link, &pin, description)?;
-                } else {
-                    self.attachments.push(description);
-                }
+                self.want(name, target)?;
             }
         }
         Ok(())
+    }
+
+    /// Puts back what was removed behind the agent's back: the pin directory, map pins,
+    /// link pins (from the links it holds) and attachments the kernel no longer shows
+    /// (re-attached). Returns what it repaired; an error says what is still missing.
+    /// Netlink filters cannot be checked this way: they are not bpf_links.
+    pub fn verify(&mut self) -> (Vec<String>, Vec<anyhow::Error>) {
+        let mut repaired = Vec::new();
+        let mut failed = Vec::new();
+        if !self.bpffs.exists() {
+            match self.recreate_dir() {
+                Ok(()) => repaired.push(format!("the pin directory {}", self.bpffs.display())),
+                Err(e) => {
+                    failed.push(e);
+                    return (repaired, failed);
+                }
+            }
+        }
+        for name in maps::ALL {
+            let path = self.bpffs.join(name);
+            if path.exists() {
+                continue;
+            }
+            let pinned = self
+                .ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+                .and_then(|map| {
+                    map.pin(&path)
+                        .with_context(|| format!("re-pinning map {}", path.display()))
+                });
+            match pinned {
+                Ok(()) => repaired.push(format!("the pin of map {name}")),
+                Err(e) => failed.push(e),
+            }
+        }
+        for i in 0..self.wanted.len() {
+            match self.verify_one(i) {
+                Ok(Some(what)) => repaired.push(what),
+                Ok(None) => {}
+                Err(e) => failed.push(e),
+            }
+        }
+        (repaired, failed)
+    }
+
+    fn recreate_dir(&mut self) -> anyhow::Result<()> {
+        let links = self.links_dir();
+        std::fs::create_dir_all(&links)
+            .with_context(|| format!("re-creating the pin directory {}", links.display()))?;
+        // The lock was on the removed directory: take it on the new one.
+        self.lock = NodeLock::acquire(&self.bpffs)?;
+        Ok(())
+    }
+
+    fn verify_one(&mut self, i: usize) -> anyhow::Result<Option<String>> {
+        let Some(pin) = self.wanted[i].pin() else {
+            return Ok(None);
+        };
+        let description = self.wanted[i].description();
+        let path = self.links_dir().join(pin);
+        let mut repaired = None;
+        if !path.exists()
+            && let Some(held) = self.wanted[i].link.take()
+        {
+            let pinned = FdLink::from(held)
+                .pin(&path)
+                .with_context(|| format!("re-pinning link {}", path.display()))?;
+            self.wanted[i].link = Some(pinned);
+            repaired = Some(format!("the pin of {description}"));
+        }
+        let expected = self.wanted[i].expected().with_context(|| {
+            format!("{description} is not attached: its target no longer exists")
+        })?;
+        if link_target::of_pin(&path).ok() == Some(expected) {
+            return Ok(repaired);
+        }
+        self.wanted[i].link = None;
+        if path.exists() {
+            unpin(&path)?;
+        }
+        self.attach(i)
+            .with_context(|| format!("re-attaching {description}"))?;
+        Ok(Some(format!("{description} (it had been detached)")))
+    }
+}
+
+/// Removes a link's pin; the link detaches once no one holds it.
+fn unpin(path: &Path) -> anyhow::Result<()> {
+    std::fs::remove_file(path).with_context(|| format!("removing the pin {}", path.display()))
+}
+
+fn add_clsact(iface: &str) -> anyhow::Result<()> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) | Err(TcError::AlreadyAttached) => Ok(()),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("adding a clsact qdisc to {iface}")),
     }
 }

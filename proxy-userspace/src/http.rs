@@ -1,6 +1,6 @@
 //! A minimal HTTP/1.0 server, enough for Prometheus, kubelet probes and load-balancer health
-//! checks without a web framework in a node agent: `/metrics`, `/proxyMode` and `/healthz` on
-//! the metrics address, `/healthz` alone on the health address, and whatever another
+//! checks without a web framework in a node agent: `/metrics` and `/proxyMode` on the metrics
+//! address, `/healthz`, `/readyz` and `/livez` on every address, and whatever another
 //! `Responder` (e.g. a service health check) answers.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -9,7 +9,7 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     clock::unix_now,
@@ -51,48 +51,66 @@ pub trait Responder: Send + Sync + 'static {
     fn respond(&self, path: &str) -> Response;
 }
 
-/// Whether the proxy is healthy: unlike kube-proxy's, it is not when programming lags the
-/// source, not only when the process is stuck.
+/// Whether the proxy serves as configured: unlike kube-proxy's, it is not before its first
+/// complete sync, when programming lags the source or when a part of the datapath is
+/// missing, not only when the process is stuck.
 #[derive(Clone)]
 pub struct ProxyHealth {
     pub state: SharedSyncState,
     /// Unhealthy when a change has waited longer than this to be programmed.
     pub max_lag: Duration,
+    /// Not alive when the agent's loop has not gone round for this long.
+    pub max_stall: Duration,
 }
 
 impl ProxyHealth {
     /// Healthy, and the state that says so.
     pub fn check(&self) -> (bool, SyncState) {
         let state = self.state.get();
-        (state.lag() <= self.max_lag.as_secs_f64(), state)
+        (state.problems(self.max_lag.as_secs_f64()).is_empty(), state)
     }
 }
 
 /// What an HTTP endpoint serves.
 pub struct Endpoints {
     pub health: ProxyHealth,
-    /// `/metrics` and `/proxyMode` too, or `/healthz` only.
+    /// `/metrics` and `/proxyMode` too, or the health paths only.
     pub metrics: Option<Arc<Metrics>>,
 }
 
-/// kube-proxy's health answer, plus why it is unhealthy.
+/// kube-proxy's health answer, plus why it is unhealthy (`/healthz`, `/readyz`).
 fn health(endpoints: &Endpoints) -> (&'static str, String) {
-    let now = unix_now();
-    let (healthy, state) = endpoints.health.check();
-    let body = format!(
-        "{{\"lastUpdated\": {:.3}, \"currentTime\": {now:.3}, \"pendingSeconds\": {:.3}, \"sourceConnected\": {}, \"healthy\": {healthy}}}\n",
-        state.last_sync,
-        state.lag(),
-        state.source_connected,
-    );
-    (status_line(healthy), body)
+    let state = endpoints.health.state.get();
+    let problems = state.problems(endpoints.health.max_lag.as_secs_f64());
+    let body = serde_json::json!({
+        "lastUpdated": (state.last_sync * 1000.0).round() / 1000.0,
+        "currentTime": (unix_now() * 1000.0).round() / 1000.0,
+        "pendingSeconds": (state.lag() * 1000.0).round() / 1000.0,
+        "sourceConnected": state.source_connected,
+        "healthy": problems.is_empty(),
+        "problems": problems,
+    });
+    (status_line(problems.is_empty()), format!("{body}\n"))
+}
+
+/// Whether the agent's loop is going round (`/livez`): a restart is the cure only for a
+/// stuck process, not for an unreachable API server or a missing interface.
+fn liveness(endpoints: &Endpoints) -> (&'static str, String) {
+    let stalled = unix_now() - endpoints.health.state.get().loop_alive;
+    let alive = stalled <= endpoints.health.max_stall.as_secs_f64();
+    let body = serde_json::json!({ "alive": alive, "loopStalledSeconds": (stalled * 10.0).round() / 10.0 });
+    (status_line(alive), format!("{body}\n"))
 }
 
 impl Responder for Endpoints {
     fn respond(&self, path: &str) -> Response {
         match (path, &self.metrics) {
-            ("/healthz", _) => {
+            ("/healthz" | "/readyz", _) => {
                 let (status, body) = health(self);
+                Response::new(status, "application/json", body)
+            }
+            ("/livez", _) => {
+                let (status, body) = liveness(self);
                 Response::new(status, "application/json", body)
             }
             ("/metrics", Some(metrics)) => {
@@ -136,19 +154,55 @@ async fn serve_one(mut stream: TcpStream, responder: &impl Responder) -> anyhow:
     Ok(())
 }
 
-/// Binds `addr`; `flag` names the option that set it, for the error.
-pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr} ({flag})"))
+/// Binds `addr` now if it is free. `Ok(None)` when another process listens there (kube-proxy
+/// on 10249/10256 until it is removed): `serve_endpoints` takes it over once it is free. Any
+/// other failure (an address not on this node, a privileged port) is a configuration error.
+pub fn try_bind(addr: SocketAddr, flag: &str) -> anyhow::Result<Option<std::net::TcpListener>> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(listener) => {
+            listener
+                .set_nonblocking(true)
+                .with_context(|| format!("{flag} {addr}: making the listener non-blocking"))?;
+            Ok(Some(listener))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("binding {addr} ({flag})")),
+    }
 }
 
-/// Serves `endpoints` on `listener`.
-pub async fn serve_endpoints(listener: TcpListener, endpoints: Endpoints) -> anyhow::Result<()> {
+/// How often a busy address is tried again.
+const TAKE_OVER_RETRY: Duration = Duration::from_secs(1);
+
+/// Serves `endpoints` on `listener`, or, if `try_bind` found `addr` busy, on `addr` once
+/// it is free.
+pub async fn serve_endpoints(
+    listener: Option<std::net::TcpListener>,
+    addr: SocketAddr,
+    flag: &'static str,
+    endpoints: Endpoints,
+) -> anyhow::Result<()> {
+    let listener = match listener {
+        Some(listener) => listener,
+        None => {
+            warn!(
+                "{addr} ({flag}) is in use, by kube-proxy if it still runs on this node: \
+                 serving it as soon as it is free"
+            );
+            loop {
+                tokio::time::sleep(TAKE_OVER_RETRY).await;
+                if let Some(listener) = try_bind(addr, flag)? {
+                    info!("took over {addr} ({flag}), now free");
+                    break listener;
+                }
+            }
+        }
+    };
+    let listener = TcpListener::from_std(listener)
+        .with_context(|| format!("{flag} {addr}: registering the listener"))?;
     let paths = if endpoints.metrics.is_some() {
-        "/metrics, /healthz and /proxyMode"
+        "/metrics, /healthz, /readyz, /livez and /proxyMode"
     } else {
-        "/healthz"
+        "/healthz, /readyz and /livez"
     };
     info!("serving {paths} on http://{}", listener.local_addr()?);
     serve(listener, Arc::new(endpoints)).await

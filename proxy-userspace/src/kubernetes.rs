@@ -1,7 +1,10 @@
 //! The Kubernetes source: watches Services, EndpointSlices and this node with kube-rs
 //! watchers (list, then watch; re-list on 410 Gone; exponential back-off on errors) and
 //! turns their events into `SourceEvent`s.
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, stream::BoxStream};
@@ -25,10 +28,63 @@ use crate::{
 
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
+/// Where the API server is, when it is not where the configuration says: in a pod the
+/// in-cluster configuration names the `kubernetes` Service's ClusterIP, which nothing serves
+/// on a node whose service proxy is this agent before it has programmed it (a new or
+/// rebooted node once kube-proxy is gone).
+#[derive(Clone, Debug)]
+pub enum ApiServer {
+    /// `HOST:PORT` or a URL.
+    Address(String),
+    /// The server of a kubeconfig's current context, e.g. the kubelet's
+    /// `/etc/kubernetes/kubelet.conf`; credentials still come from the configuration.
+    FromKubeconfig(PathBuf),
+}
+
+impl ApiServer {
+    fn url(&self) -> anyhow::Result<http::Uri> {
+        let text = match self {
+            ApiServer::Address(address) => address.clone(),
+            ApiServer::FromKubeconfig(path) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                let context = kubeconfig.current_context.as_deref();
+                let cluster = kubeconfig
+                    .contexts
+                    .iter()
+                    .find(|c| Some(c.name.as_str()) == context)
+                    .and_then(|c| c.context.as_ref())
+                    .map(|c| c.cluster.clone());
+                kubeconfig
+                    .clusters
+                    .iter()
+                    .find(|c| cluster.is_none() || Some(&c.name) == cluster.as_ref())
+                    .and_then(|c| c.cluster.as_ref()?.server.clone())
+                    .with_context(|| {
+                        format!(
+                            "kubeconfig {} names no server for its current context",
+                            path.display()
+                        )
+                    })?
+            }
+        };
+        let url = if text.contains("://") {
+            text.clone()
+        } else {
+            format!("https://{text}")
+        };
+        url.parse()
+            .with_context(|| format!("API server address {text:?} is not HOST:PORT or a URL"))
+    }
+}
+
 /// A client from `kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the in-cluster
-/// service account.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
+/// service account, talking to `api_server` if given; and the URL it talks to.
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    api_server: Option<&ApiServer>,
+) -> anyhow::Result<(Client, String)> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -37,10 +93,17 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
                 .with_context(|| format!("loading kubeconfig {}", path.display()))?
         }
         None => kube::Config::infer().await.context(
-            "finding a Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)",
+            "finding a Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster); \
+             pass --kubeconfig, or --manifests to run without an API server",
         )?,
     };
-    Client::try_from(config).context("creating the Kubernetes client")
+    if let Some(server) = api_server {
+        config.cluster_url = server.url()?;
+    }
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config)
+        .with_context(|| format!("creating the Kubernetes client for {url}"))?;
+    Ok((client, url))
 }
 
 pub struct Scope {

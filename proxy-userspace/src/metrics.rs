@@ -15,7 +15,8 @@ pub struct Metrics {
     /// Where the maps are pinned: per-service and per-backend counters and map fill are
     /// read from them at each scrape.
     bpffs: PathBuf,
-    /// Read at each scrape into `last_sync`, `pending_since` and `source_connected`.
+    /// Read at each scrape into `last_sync`, `pending_since`, `source_connected` and
+    /// `datapath_missing`.
     state: SharedSyncState,
     last_sync: Gauge,
     pending_since: Gauge,
@@ -29,6 +30,8 @@ pub struct Metrics {
     pub map_update_errors: IntCounter,
     pub map_writes: IntCounter,
     pub drift_repairs: IntCounter,
+    pub datapath_repairs: IntCounter,
+    datapath_missing: IntGauge,
     pub service_ports: IntGauge,
     pub conntrack_entries: IntGauge,
     pub conntrack_capacity: IntGauge,
@@ -134,6 +137,20 @@ impl Metrics {
                     "Map entries the periodic resync found different from the desired state and repaired.",
                 )?,
             )?,
+            datapath_repairs: register(
+                &r,
+                IntCounter::new(
+                    "proxy_datapath_repairs_total",
+                    "Pins and attachments removed behind the agent's back and put back.",
+                )?,
+            )?,
+            datapath_missing: register(
+                &r,
+                IntGauge::new(
+                    "proxy_datapath_missing",
+                    "Attachments of the configuration the kernel does not show and the agent could not put back; /healthz fails while above 0.",
+                )?,
+            )?,
             service_ports: register(
                 &r,
                 IntGauge::new(
@@ -194,6 +211,8 @@ impl Metrics {
         self.last_sync.set(state.last_sync);
         self.pending_since.set(state.pending_since.unwrap_or(0.0));
         self.source_connected.set(state.source_connected.into());
+        self.datapath_missing
+            .set(state.datapath_missing.len() as i64);
         let mut families = self.registry.gather();
         match datapath_families(&self.bpffs) {
             Ok(more) => families.extend(more),

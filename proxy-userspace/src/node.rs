@@ -56,7 +56,7 @@ pub struct NodeAddresses {
 }
 
 impl NodeAddresses {
-    /// Reads the addresses of `interfaces` and programs the maps under `bpffs`.
+    /// Reads the addresses of `interfaces`; `program` writes them to the maps under `bpffs`.
     pub fn new(
         node_ip: Option<Ipv4Addr>,
         interfaces: &[String],
@@ -65,7 +65,6 @@ impl NodeAddresses {
     ) -> anyhow::Result<Self> {
         let interface_addrs = interface_addrs(interfaces)?;
         let current = NodeAddressing::new(node_ip, &interface_addrs, snat_ports);
-        current.program(bpffs)?;
         Ok(Self {
             node_ip,
             interfaces: interfaces.to_vec(),

@@ -559,7 +559,7 @@ fn healthz_turns_unhealthy_while_programming_lags_the_source() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(healthz(&world).contains("\"healthy\": false"));
+    assert!(healthz(&world).contains("\"healthy\":false"));
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(
         metrics.contains("proxy_rejected_objects_total{reason=\"map_full\"}"),

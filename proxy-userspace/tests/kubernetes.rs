@@ -44,7 +44,9 @@ fn cluster() -> Option<Cluster> {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reachable = rt.block_on(async {
-        let client = proxy::kubernetes::client(Some(kubeconfig.as_ref())).await?;
+        let client = proxy::kubernetes::client(Some(kubeconfig.as_ref()), None)
+            .await?
+            .0;
         tokio::time::timeout(Duration::from_secs(10), client.apiserver_version()).await??;
         anyhow::Ok(client)
     });
@@ -523,8 +525,9 @@ fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
     let kubeconfig = run("start.sh");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt
-        .block_on(proxy::kubernetes::client(Some(kubeconfig.as_ref())))
-        .unwrap();
+        .block_on(proxy::kubernetes::client(Some(kubeconfig.as_ref()), None))
+        .unwrap()
+        .0;
     let private = Cluster {
         rt,
         client,

@@ -295,7 +295,7 @@ fn metrics_have_kube_proxy_names_and_per_service_and_backend_counters() {
     assert!(world.agent_http("/proxyMode").unwrap().ends_with("ebpf"));
     let healthz = world.node_http(10256, "/healthz").unwrap();
     assert!(
-        healthz.starts_with("HTTP/1.0 200") && healthz.contains("\"healthy\": true"),
+        healthz.starts_with("HTTP/1.0 200") && healthz.contains("\"healthy\":true"),
         "{healthz}"
     );
 }

@@ -6,6 +6,7 @@ use clap::Parser;
 use proxy::{
     agent::{self, SourceConfig},
     datapath::{TcAttach, XdpAttach},
+    kubernetes::ApiServer,
 };
 
 /// Many small, long-lived allocations (names and specs of every service): mimalloc keeps them
@@ -22,12 +23,35 @@ struct Args {
     /// Serve Kubernetes YAML manifests instead of watching an API server (v1 Service,
     /// discovery.k8s.io/v1 EndpointSlice): a file, a multi-document file or a directory;
     /// re-read when they change.
-    #[arg(long, env = "PROXY_MANIFESTS", conflicts_with_all = ["kubeconfig", "namespace"])]
+    #[arg(long, env = "PROXY_MANIFESTS", conflicts_with_all = ["kubeconfig", "namespace", "k8s_api_server", "k8s_api_server_from"])]
     manifests: Option<PathBuf>,
     /// Watch the API server of this kubeconfig [default: KUBECONFIG, ~/.kube/config, or
     /// the in-cluster service account].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// The API server to talk to, HOST:PORT or a URL, instead of the one the configuration
+    /// names: in a pod, the in-cluster configuration names the `kubernetes` Service's
+    /// ClusterIP, which only a service proxy serves — on a new or rebooted node, nothing,
+    /// until this agent has programmed it. Credentials still come from the configuration.
+    #[arg(
+        long,
+        env = "PROXY_K8S_API_SERVER",
+        conflicts_with = "k8s_api_server_from"
+    )]
+    k8s_api_server: Option<String>,
+    /// Take the API server's address (not the credentials) from this kubeconfig, e.g. the
+    /// kubelet's /etc/kubernetes/kubelet.conf: --k8s-api-server without writing it down.
+    #[arg(long, env = "PROXY_K8S_API_SERVER_FROM")]
+    k8s_api_server_from: Option<PathBuf>,
+    /// Remove everything an agent created on this node (pinned links and maps under
+    /// --bpffs, tc filters on every interface) and exit; refused while an agent runs.
+    #[arg(long, conflicts_with = "cleanup_kube_proxy")]
+    cleanup: bool,
+    /// Remove kube-proxy's iptables chains and nftables tables from this node, as
+    /// `kube-proxy --cleanup` does, and exit: run it once kube-proxy is gone. Connections
+    /// its rules set up keep their translation (the kernel's conntrack holds it).
+    #[arg(long)]
+    cleanup_kube_proxy: bool,
     /// Watch Services and EndpointSlices of this namespace only [default: all].
     #[arg(long, env = "PROXY_NAMESPACE")]
     namespace: Option<String>,
@@ -78,9 +102,16 @@ struct Args {
     /// Address of the /metrics, /healthz and /proxyMode endpoint.
     #[arg(long, env = "PROXY_METRICS_BIND", default_value = "127.0.0.1:10249")]
     metrics_bind: SocketAddr,
-    /// Address of the /healthz endpoint for kubelet probes and load balancers.
+    /// Address of kube-proxy's /healthz for load balancers' node health checks (also
+    /// /readyz and /livez).
     #[arg(long, env = "PROXY_HEALTHZ_BIND", default_value = "0.0.0.0:10256")]
     healthz_bind: SocketAddr,
+    /// Address of /readyz and /livez (and /healthz) for kubelet's probes, on a port that
+    /// kube-proxy does not hold, so that the agent becomes ready while kube-proxy still runs
+    /// and holds --metrics-bind and --healthz-bind (which are taken over once free)
+    /// [default: none].
+    #[arg(long, env = "PROXY_PROBE_BIND")]
+    probe_bind: Option<SocketAddr>,
     /// /healthz answers 503 when a source change has waited longer than this many seconds
     /// to be programmed (kube-proxy's stays 200 while its rules rot).
     #[arg(long, env = "PROXY_HEALTHZ_MAX_LAG_SECS", default_value_t = 10)]
@@ -132,11 +163,31 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if args.cleanup {
+        let removed = proxy::cleanup::agent_datapath(&args.bpffs)?;
+        tracing::info!("cleanup: {removed}");
+        return Ok(());
+    }
+    if args.cleanup_kube_proxy {
+        let removed = proxy::kube_proxy_cleanup::run()?;
+        if removed.is_empty() {
+            tracing::info!("cleanup of kube-proxy: nothing of kube-proxy's found");
+        }
+        for what in removed {
+            tracing::info!("cleanup of kube-proxy: removed {what}");
+        }
+        return Ok(());
+    }
     let source = match args.manifests {
         Some(path) => SourceConfig::Manifests(path),
         None => SourceConfig::Kubernetes {
             kubeconfig: args.kubeconfig,
             namespace: args.namespace,
+            api_server: match (args.k8s_api_server, args.k8s_api_server_from) {
+                (Some(address), _) => Some(ApiServer::Address(address)),
+                (None, Some(path)) => Some(ApiServer::FromKubeconfig(path)),
+                (None, None) => None,
+            },
         },
     };
     let config = agent::Config {
@@ -158,6 +209,7 @@ fn main() -> anyhow::Result<()> {
         xdp_interfaces: args.xdp_interfaces,
         metrics_bind: args.metrics_bind,
         healthz_bind: args.healthz_bind,
+        probe_bind: args.probe_bind,
         healthz_max_lag: Duration::from_secs(args.healthz_max_lag_secs),
         map_sizes: args.map_sizes,
         conntrack_gc_interval: Duration::from_secs(args.conntrack_gc_interval.max(1)),

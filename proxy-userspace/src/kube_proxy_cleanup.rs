@@ -1,0 +1,219 @@
+//! `proxy-agent --cleanup-kube-proxy`: removes what kube-proxy leaves on a node once it is
+//! gone, as its own `--cleanup` does: in iptables mode (IPv4 and IPv6, legacy and nft
+//! back-ends) its chains in the nat, filter and mangle tables and every rule that jumps to
+//! them; in nftables mode its `kube-proxy` tables. The kernel's conntrack entries are kept:
+//! they carry on translating the connections kube-proxy's rules set up until those end.
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Chains kube-proxy creates (iptables and IPVS modes), by name and by prefix. kubelet's
+/// (`KUBE-KUBELET-CANARY`, `KUBE-FIREWALL`, `KUBE-MARK-DROP`) are not among them.
+const CHAINS: [&str; 14] = [
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-MARK-MASQ",
+    "KUBE-PROXY-CANARY",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-NODE-PORT",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+    "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
+    "KUBE-FIREWALL-IPVS",
+];
+const CHAIN_PREFIXES: [&str; 6] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-SEP-",
+    "KUBE-FW-",
+    "KUBE-EXT-",
+    "KUBE-XLB-",
+];
+const TABLES: [&str; 3] = ["nat", "filter", "mangle"];
+/// The iptables front-ends to clean, each with its save and restore commands: both
+/// back-ends where both exist (kube-proxy uses the one the node's iptables uses), and the
+/// plain names where only those exist. A back-end cleaned twice finds nothing the second time.
+const IPTABLES: [(&str, &str); 6] = [
+    ("iptables-save", "iptables-restore"),
+    ("ip6tables-save", "ip6tables-restore"),
+    ("iptables-legacy-save", "iptables-legacy-restore"),
+    ("iptables-nft-save", "iptables-nft-restore"),
+    ("ip6tables-legacy-save", "ip6tables-legacy-restore"),
+    ("ip6tables-nft-save", "ip6tables-nft-restore"),
+];
+
+fn is_kube_proxy_chain(chain: &str) -> bool {
+    CHAINS.contains(&chain) || CHAIN_PREFIXES.iter().any(|p| chain.starts_with(p))
+}
+
+/// The target of an `-A CHAIN ... -j TARGET` (or `-g`) rule line.
+fn jump_target(rule: &str) -> Option<&str> {
+    let mut words = rule.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "-j" || word == "-g" {
+            return words.next();
+        }
+    }
+    None
+}
+
+/// The `iptables-restore --noflush` input that removes kube-proxy's chains from one table,
+/// given `iptables-save -t TABLE` output, and how many chains it removes. `None` if there
+/// are none. Each chain is flushed (a chain line does that), the rules of other chains that
+/// jump to one are deleted, then the chains are.
+pub fn restore_script(table: &str, saved: &str) -> Option<(String, usize)> {
+    let chains: Vec<&str> = saved
+        .lines()
+        .filter_map(|l| l.strip_prefix(':')?.split_whitespace().next())
+        .filter(|c| is_kube_proxy_chain(c))
+        .collect();
+    if chains.is_empty() {
+        return None;
+    }
+    let mut script = format!("*{table}\n");
+    for chain in &chains {
+        script += &format!(":{chain} - [0:0]\n");
+    }
+    for rule in saved.lines().filter_map(|l| l.strip_prefix("-A ")) {
+        let owner = rule.split_whitespace().next().unwrap_or_default();
+        if !is_kube_proxy_chain(owner) && jump_target(rule).is_some_and(is_kube_proxy_chain) {
+            script += &format!("-D {rule}\n");
+        }
+    }
+    for chain in &chains {
+        script += &format!("-X {chain}\n");
+    }
+    script += "COMMIT\n";
+    Some((script, chains.len()))
+}
+
+fn exists(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+}
+
+fn output(command: &mut Command) -> anyhow::Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn restore(command: &str, script: &str) -> anyhow::Result<()> {
+    let mut child = Command::new(command)
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {command}"))?;
+    child
+        .stdin
+        .take()
+        .context("restore stdin")?
+        .write_all(script.as_bytes())
+        .with_context(|| format!("writing to {command}"))?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{command} --noflush failed: {}\ninput was:\n{script}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Removes kube-proxy's iptables chains and nftables tables; returns one line per thing
+/// removed.
+pub fn run() -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let mut tools = 0;
+    for (save, restore_command) in IPTABLES {
+        if !exists(save) {
+            continue;
+        }
+        tools += 1;
+        for table in TABLES {
+            // A table the kernel or back-end lacks (e.g. no ip6 mangle) has nothing of ours.
+            let Ok(saved) = output(Command::new(save).args(["-t", table])) else {
+                continue;
+            };
+            if let Some((script, chains)) = restore_script(table, &saved) {
+                restore(restore_command, &script)?;
+                removed.push(format!("{chains} chains from {save} -t {table}"));
+            }
+        }
+    }
+    if exists("nft") {
+        tools += 1;
+        let tables = output(Command::new("nft").args(["list", "tables"]))?;
+        for family in ["ip", "ip6", "inet"] {
+            if tables
+                .lines()
+                .any(|l| l.trim() == format!("table {family} kube-proxy"))
+            {
+                output(Command::new("nft").args(["delete", "table", family, "kube-proxy"]))?;
+                removed.push(format!("nftables table {family} kube-proxy"));
+            }
+        }
+    }
+    if tools == 0 {
+        bail!("neither iptables nor nft found in PATH: nothing could be checked");
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_kube_proxy_chains_and_the_jumps_to_them_and_nothing_else() {
+        let saved = "*nat\n\
+            :PREROUTING ACCEPT [0:0]\n\
+            :POSTROUTING ACCEPT [0:0]\n\
+            :KUBE-SERVICES - [0:0]\n\
+            :KUBE-POSTROUTING - [0:0]\n\
+            :KUBE-SVC-ABC - [0:0]\n\
+            :KUBE-SEP-DEF - [0:0]\n\
+            :KUBE-KUBELET-CANARY - [0:0]\n\
+            :CNI-HOSTPORT - [0:0]\n\
+            -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+            -A PREROUTING -j CNI-HOSTPORT\n\
+            -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+            -A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -j KUBE-SVC-ABC\n\
+            -A KUBE-SVC-ABC -j KUBE-SEP-DEF\n\
+            -A KUBE-SEP-DEF -p tcp -j DNAT --to-destination 10.244.1.2:6443\n\
+            COMMIT\n";
+        let (script, chains) = restore_script("nat", saved).unwrap();
+        assert_eq!(chains, 4);
+        assert_eq!(
+            script,
+            "*nat\n\
+             :KUBE-SERVICES - [0:0]\n\
+             :KUBE-POSTROUTING - [0:0]\n\
+             :KUBE-SVC-ABC - [0:0]\n\
+             :KUBE-SEP-DEF - [0:0]\n\
+             -D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -D POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+             -X KUBE-SERVICES\n\
+             -X KUBE-POSTROUTING\n\
+             -X KUBE-SVC-ABC\n\
+             -X KUBE-SEP-DEF\n\
+             COMMIT\n"
+        );
+        assert!(restore_script("filter", "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n").is_none());
+    }
+}

@@ -1,0 +1,124 @@
+//! What a pinned bpf_link is attached to, as the kernel says (`BPF_OBJ_GET_INFO_BY_FD`):
+//! a pin file proves nothing, since `bpftool link detach` or a deleted interface leaves the
+//! link defunct behind it. aya 0.14's `LinkInfo` does not expose the target, hence these
+//! two raw calls.
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+const BPF_LINK_TYPE_XDP: u32 = 6;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// Where a link is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkTarget {
+    /// A cgroup, by id (the inode number of its directory).
+    Cgroup(u64),
+    /// An interface, by index (XDP and TCX links).
+    Interface(u32),
+    /// Attached to nothing any more.
+    Detached,
+    /// A kind of link this module does not read.
+    Other,
+}
+
+/// `struct bpf_link_info` up to the union, which is 8-byte aligned at offset 16; the
+/// union's first fields are the cgroup id (cgroup links) or the ifindex (XDP, TCX).
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    kind: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    target: [u64; 4],
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 4]) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-padded bpf_attr larger than either command reads.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as u32,
+        )
+    };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Opens the object pinned at `path`.
+fn open_pin(path: &Path) -> std::io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [path.as_ptr() as u64, 0, 0, 0];
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What the link pinned at `path` is attached to.
+pub fn of_pin(path: &Path) -> std::io::Result<LinkTarget> {
+    let fd = open_pin(path)?;
+    let mut info = LinkInfo::default();
+    let mut attr = [
+        fd.as_raw_fd() as u64 | ((std::mem::size_of::<LinkInfo>() as u64) << 32),
+        &mut info as *mut LinkInfo as u64,
+        0,
+        0,
+    ];
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(match info.kind {
+        BPF_LINK_TYPE_CGROUP => match info.target[0] {
+            0 => LinkTarget::Detached,
+            id => LinkTarget::Cgroup(id),
+        },
+        BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX => match info.target[0] as u32 {
+            0 => LinkTarget::Detached,
+            index => LinkTarget::Interface(index),
+        },
+        _ => LinkTarget::Other,
+    })
+}
+
+/// The index of interface `name` in this network namespace, if it exists.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: a valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The names of the interfaces of this network namespace (`if_nameindex`: `/sys/class/net`
+/// shows the namespace sysfs was mounted in, not necessarily the process's).
+pub fn interfaces() -> Vec<String> {
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Vec::new();
+    }
+    let mut names = Vec::new();
+    let mut cursor = list;
+    // SAFETY: entries up to the terminating one are valid until if_freenameindex.
+    unsafe {
+        while (*cursor).if_index != 0 {
+            names.push(
+                std::ffi::CStr::from_ptr((*cursor).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            cursor = cursor.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    names
+}
