@@ -2,7 +2,11 @@
 //! gone, as its own `--cleanup` does: in iptables mode (IPv4 and IPv6, legacy and nft
 //! back-ends) its chains in the nat, filter and mangle tables and every rule that jumps to
 //! them; in nftables mode its `kube-proxy` tables. The kernel's conntrack entries are kept:
-//! they carry on translating the connections kube-proxy's rules set up until those end.
+//! they carry on translating the connections kube-proxy's rules set up until those end —
+//! provided the kernel keeps tracking connections in the network namespace, which it stops
+//! doing once no rule uses conntrack any more (kube-proxy's NAT rules may have been the last
+//! ones). So before removing anything, a one-rule table of ours keeps it on
+//! (`CONNTRACK_KEEPER`); `proxy-agent --cleanup` removes it.
 use std::{
     io::Write as _,
     process::{Command, Stdio},
@@ -37,6 +41,8 @@ const CHAIN_PREFIXES: [&str; 6] = [
     "KUBE-XLB-",
 ];
 const TABLES: [&str; 3] = ["nat", "filter", "mangle"];
+/// The nftables table that keeps connection tracking on: a counter of established flows.
+pub const CONNTRACK_KEEPER: &str = "ebpf-proxy-conntrack";
 /// The iptables front-ends to clean, each with its save and restore commands: both
 /// back-ends where both exist (kube-proxy uses the one the node's iptables uses), and the
 /// plain names where only those exist. A back-end cleaned twice finds nothing the second time.
@@ -135,42 +141,120 @@ fn restore(command: &str, script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps the kernel's connection tracking on in this network namespace (idempotent).
+fn keep_conntrack() -> anyhow::Result<()> {
+    let table = format!("inet {CONNTRACK_KEEPER}");
+    let script = format!(
+        "table {table} {{}}\ndelete table {table}\ntable {table} {{\n  chain keep {{\n    \
+         type filter hook prerouting priority raw; policy accept;\n    \
+         ct state established,related counter comment \"keeps connection tracking on for \
+         connections kube-proxy translated\"\n  }}\n}}\n"
+    );
+    nft_script(&script).context("keeping connection tracking on (nft)")
+}
+
+fn nft_script(script: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())
+        .context("writing to nft")?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft -f failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Removes the table of `keep_conntrack`, if there is one.
+pub fn remove_conntrack_keeper() -> anyhow::Result<bool> {
+    if !exists("nft") {
+        return Ok(false);
+    }
+    let tables = output(Command::new("nft").args(["list", "tables"]))?;
+    if !tables
+        .lines()
+        .any(|l| l.trim() == format!("table inet {CONNTRACK_KEEPER}"))
+    {
+        return Ok(false);
+    }
+    output(Command::new("nft").args(["delete", "table", "inet", CONNTRACK_KEEPER]))?;
+    Ok(true)
+}
+
+/// For each of the tables, the script that removes kube-proxy's chains from what `save`
+/// shows now, and what it removes.
+fn scripts(save: &str) -> Vec<(String, String)> {
+    TABLES
+        .iter()
+        .filter_map(|table| {
+            // A table the kernel or back-end lacks (e.g. no ip6 mangle) has nothing of ours.
+            let saved = output(Command::new(save).args(["-t", table])).ok()?;
+            let (script, chains) = restore_script(table, &saved)?;
+            Some((script, format!("{chains} chains from {save} -t {table}")))
+        })
+        .collect()
+}
+
+fn nft_tables() -> anyhow::Result<Vec<&'static str>> {
+    if !exists("nft") {
+        return Ok(Vec::new());
+    }
+    let tables = output(Command::new("nft").args(["list", "tables"]))?;
+    Ok(["ip", "ip6", "inet"]
+        .into_iter()
+        .filter(|family| {
+            tables
+                .lines()
+                .any(|l| l.trim() == format!("table {family} kube-proxy"))
+        })
+        .collect())
+}
+
 /// Removes kube-proxy's iptables chains and nftables tables; returns one line per thing
 /// removed.
 pub fn run() -> anyhow::Result<Vec<String>> {
+    let tools: Vec<(&str, &str)> = IPTABLES
+        .into_iter()
+        .filter(|(save, _)| exists(save))
+        .collect();
+    if tools.is_empty() && !exists("nft") {
+        bail!("neither iptables nor nft found in PATH: nothing could be checked");
+    }
+    let nft_tables = nft_tables()?;
     let mut removed = Vec::new();
-    let mut tools = 0;
-    for (save, restore_command) in IPTABLES {
-        if !exists(save) {
-            continue;
-        }
-        tools += 1;
-        for table in TABLES {
-            // A table the kernel or back-end lacks (e.g. no ip6 mangle) has nothing of ours.
-            let Ok(saved) = output(Command::new(save).args(["-t", table])) else {
-                continue;
-            };
-            if let Some((script, chains)) = restore_script(table, &saved) {
-                restore(restore_command, &script)?;
-                removed.push(format!("{chains} chains from {save} -t {table}"));
-            }
-        }
+    if nft_tables.is_empty() && tools.iter().all(|(save, _)| scripts(save).is_empty()) {
+        return Ok(removed);
     }
     if exists("nft") {
-        tools += 1;
-        let tables = output(Command::new("nft").args(["list", "tables"]))?;
-        for family in ["ip", "ip6", "inet"] {
-            if tables
-                .lines()
-                .any(|l| l.trim() == format!("table {family} kube-proxy"))
-            {
-                output(Command::new("nft").args(["delete", "table", family, "kube-proxy"]))?;
-                removed.push(format!("nftables table {family} kube-proxy"));
-            }
+        keep_conntrack()?;
+    } else {
+        tracing::warn!(
+            "nft not found: connection tracking may stop in this network namespace with \
+             kube-proxy's rules, and the connections they translated with it"
+        );
+    }
+    // Saved again just before each restore: one back-end may show up under two names, and
+    // the second then finds nothing left.
+    for (save, restore_command) in tools {
+        for (script, what) in scripts(save) {
+            restore(restore_command, &script)?;
+            removed.push(what);
         }
     }
-    if tools == 0 {
-        bail!("neither iptables nor nft found in PATH: nothing could be checked");
+    for family in nft_tables {
+        output(Command::new("nft").args(["delete", "table", family, "kube-proxy"]))?;
+        removed.push(format!("nftables table {family} kube-proxy"));
     }
     Ok(removed)
 }

@@ -516,11 +516,8 @@ impl World {
                 .filter(|p| p.node == node)
                 .map(|p| p.iface.as_str()),
         );
-        let mut command = Command::new("nsenter");
+        let mut command = self.agent_command(node);
         command
-            .arg(format!("--net=/var/run/netns/{}", n.netns))
-            .arg("--")
-            .arg(&self.bins.agent)
             .args(args)
             .arg("--cgroup")
             .arg(&n.cgroup)
@@ -554,6 +551,61 @@ impl World {
         };
         self.children.push(child);
         Ok(agent)
+    }
+
+    /// `proxy-agent` in node `node`'s network namespace, without arguments.
+    pub fn agent_command(&self, node: usize) -> Command {
+        self.in_node(node, &self.bins.agent.to_string_lossy())
+    }
+
+    /// `program` in node `node`'s network namespace, without arguments.
+    pub fn in_node(&self, node: usize, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/var/run/netns/{}", self.nodes[node].netns))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
+    /// Runs `program args` in node `node`'s network namespace; its standard output.
+    pub fn run_in_node(&self, node: usize, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        run(self.in_node(node, program).args(args))
+    }
+
+    /// Waits (at most `timeout`) for a process this world started to exit; its status.
+    pub fn wait_exit(
+        &mut self,
+        pid: u32,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let child = self
+            .children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .with_context(|| format!("no process {pid} of ours"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "process {pid} still runs after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts `command` as a process of this world (killed on drop); its pid.
+    pub fn spawn(&mut self, command: &mut Command) -> anyhow::Result<u32> {
+        let child = command
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
     }
 
     fn probe_command(&self, pod: usize, hooked: bool, args: &[&str]) -> Command {

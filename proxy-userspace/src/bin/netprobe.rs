@@ -279,16 +279,24 @@ fn hold_on(
     let _ = std::io::stdout().flush();
     let backend = first["backend"].as_str().unwrap_or_default().to_owned();
     let (mut exchanges, mut failures) = (0u32, 0u32);
+    // When the first exchanges that failed began, to line them up with what the test did.
+    let mut failed_at_ms = Vec::new();
     let mut last_backend = backend.clone();
     while started.elapsed() < hold {
         std::thread::sleep(interval);
         exchanges += 1;
+        let at = started.elapsed().as_millis() as u64;
         match exchange() {
             Ok(line) => last_backend = answer(&line).0,
-            Err(_) => failures += 1,
+            Err(_) => {
+                failures += 1;
+                if failed_at_ms.len() < 10 {
+                    failed_at_ms.push(at);
+                }
+            }
         }
     }
-    json!({"hold": true, "backend": backend, "last_backend": last_backend, "exchanges": exchanges, "failures": failures})
+    json!({"hold": true, "backend": backend, "last_backend": last_backend, "exchanges": exchanges, "failures": failures, "failed_at_ms": failed_at_ms})
 }
 
 /// One UDP flow from a new socket: a request and its answer, then, when holding, more

@@ -49,7 +49,8 @@ struct Args {
     cleanup: bool,
     /// Remove kube-proxy's iptables chains and nftables tables from this node, as
     /// `kube-proxy --cleanup` does, and exit: run it once kube-proxy is gone. Connections
-    /// its rules set up keep their translation (the kernel's conntrack holds it).
+    /// its rules set up keep their translation (the kernel's conntrack holds it; a table
+    /// `inet ebpf-proxy-conntrack` keeps connection tracking on until --cleanup).
     #[arg(long)]
     cleanup_kube_proxy: bool,
     /// Watch Services and EndpointSlices of this namespace only [default: all].
@@ -166,6 +167,12 @@ fn main() -> anyhow::Result<()> {
     if args.cleanup {
         let removed = proxy::cleanup::agent_datapath(&args.bpffs)?;
         tracing::info!("cleanup: {removed}");
+        if proxy::kube_proxy_cleanup::remove_conntrack_keeper()? {
+            tracing::info!(
+                "cleanup: removed the nftables table inet {} (--cleanup-kube-proxy's)",
+                proxy::kube_proxy_cleanup::CONNTRACK_KEEPER
+            );
+        }
         return Ok(());
     }
     if args.cleanup_kube_proxy {

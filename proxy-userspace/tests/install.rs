@@ -1,0 +1,657 @@
+//! Installing the agent on a node as an operator does: in place of a running kube-proxy
+//! (its iptables and nftables rules carrying live flows, its ports held), next to another
+//! agent, with mistakes in the configuration, with its datapath removed behind its back,
+//! and taken away again with `--cleanup`. Pods 1-3 serve as backends, pod 4 is the client.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use proxy::testbed::{BACKEND_PORT, World, ready, service_manifest};
+use serde_json::Value;
+
+const CLIENT: usize = 4;
+const VIP: &str = "10.96.0.10";
+const PROBE_PORT: u16 = 10266;
+
+fn three_backends() -> (World, Vec<Ipv4Addr>) {
+    World::three_backends(proxy::test_binaries!()).expect("building the namespace world")
+}
+
+/// Backend → connections, over `count` new TCP connections from the client.
+fn tcp_spread(world: &World, hooked: bool, count: u32) -> BTreeMap<String, usize> {
+    let to = format!("{VIP}:80");
+    let lines = world
+        .probe(
+            CLIENT,
+            hooked,
+            &["tcp", "--to", &to, "--count", &count.to_string()],
+        )
+        .unwrap();
+    let mut counts = BTreeMap::new();
+    for line in lines {
+        assert_eq!(line["ok"], true, "{line}");
+        *counts
+            .entry(line["backend"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Polls `check` every 50 ms for at most `timeout`; panics with `what` if it never holds.
+fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status_of(response: &str) -> &str {
+    response.lines().next().unwrap_or_default()
+}
+
+fn body_of(response: &str) -> Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+/// What kube-proxy's iptables mode programs for `VIP` (TCP 80 and UDP 53 to the backends),
+/// in the shape and with the names it uses.
+fn kube_proxy_iptables(backends: &[Ipv4Addr]) -> String {
+    let mut nat = String::from(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
+         :KUBE-MARK-MASQ - [0:0]\n:KUBE-PROXY-CANARY - [0:0]\n",
+    );
+    let mut rules = String::from(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
+    );
+    for (proto, port) in [("tcp", 80), ("udp", 53)] {
+        let svc = format!("KUBE-SVC-WEB{}", proto.to_uppercase());
+        nat += &format!(":{svc} - [0:0]\n");
+        rules += &format!(
+            "-A KUBE-SERVICES -d {VIP}/32 -p {proto} -m {proto} --dport {port} -j {svc}\n"
+        );
+        for (i, backend) in backends.iter().enumerate() {
+            let sep = format!("KUBE-SEP-WEB{}{i}", proto.to_uppercase());
+            nat += &format!(":{sep} - [0:0]\n");
+            let left = backends.len() - i;
+            if left > 1 {
+                rules += &format!(
+                    "-A {svc} -m statistic --mode random --probability {:.11} -j {sep}\n",
+                    1.0 / left as f64
+                );
+            } else {
+                rules += &format!("-A {svc} -j {sep}\n");
+            }
+            rules += &format!(
+                "-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {backend}:{BACKEND_PORT}\n"
+            );
+        }
+    }
+    let filter = "*filter\n:KUBE-FORWARD - [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
+        -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+        -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+        -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+        -A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+        COMMIT\n";
+    format!("{nat}{rules}COMMIT\n{filter}")
+}
+
+/// Packets that kube-proxy's `KUBE-SERVICES` rules for `VIP` matched: one per connection
+/// they balanced (the nat table sees a connection's first packet only).
+fn kube_proxy_balanced(world: &World) -> u64 {
+    let saved = world
+        .run_in_node(0, "iptables-save", &["-c", "-t", "nat"])
+        .unwrap();
+    saved
+        .lines()
+        .filter(|l| l.contains("-A KUBE-SERVICES") && l.contains(VIP))
+        .map(|l| {
+            let counters = l.trim_start_matches('[').split(']').next().unwrap();
+            counters.split(':').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+fn iptables_restore(world: &World, rules: &str) {
+    let mut child = world
+        .in_node(0, "iptables-restore")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), rules.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "iptables-restore failed");
+}
+
+/// The chart's kube-proxy migration, step by step, on a node where kube-proxy's iptables
+/// rules carry long-lived TCP and UDP flows and kube-proxy holds 10249 and 10256.
+#[test]
+fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
+    let (mut world, backends) = three_backends();
+    iptables_restore(&world, &kube_proxy_iptables(&backends));
+    // A node that once ran kube-proxy in nftables mode keeps its table too.
+    world
+        .run_in_node(
+            0,
+            "nft",
+            &[
+                "add",
+                "table",
+                "ip",
+                "kube-proxy",
+                "{ comment \"rules for kube-proxy\"; }",
+            ],
+        )
+        .unwrap();
+    let kube_proxy = world
+        .spawn(Command::new(&world.bins.netprobe).args([
+            "--netns",
+            &world.nodes[0].netns,
+            "serve",
+            "--id",
+            "kube-proxy",
+            "--tcp",
+            "10249",
+            "--tcp",
+            "10256",
+            "--max-secs",
+            "120",
+        ]))
+        .unwrap();
+    let listening = |world: &World, port: u16| {
+        let filter = format!("sport = :{port}");
+        !world
+            .run_in_node(0, "ss", &["-ltnH", &filter])
+            .unwrap()
+            .trim()
+            .is_empty()
+    };
+    eventually(
+        Duration::from_secs(5),
+        "kube-proxy stand-in listening",
+        || listening(&world, 10249) && listening(&world, 10256),
+    );
+    // Long-lived flows through kube-proxy's rules, from a pod in the cgroup that will be
+    // hooked and from one outside it (tc path), TCP and connected UDP.
+    let hold = |proto: &'static str| {
+        let mut args = vec![proto, "--to"];
+        args.push(if proto == "tcp" {
+            "10.96.0.10:80"
+        } else {
+            "10.96.0.10:53"
+        });
+        if proto == "udp" {
+            args.push("--connected");
+        }
+        args.extend(["--hold-ms", "8000", "--interval-ms", "100"]);
+        args
+    };
+    let mut flows = Vec::new();
+    for (proto, hooked) in [("tcp", true), ("tcp", false), ("udp", false)] {
+        let (handle, first) = world.spawn_probe(CLIENT, hooked, &hold(proto)).unwrap();
+        assert_eq!(first["ok"], true, "{first}");
+        flows.push((
+            proto,
+            hooked,
+            handle,
+            first["backend"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let balanced_by_kube_proxy = kube_proxy_balanced(&world);
+    assert!(
+        balanced_by_kube_proxy >= 3,
+        "the flows went through kube-proxy's rules"
+    );
+
+    // 1. Install: the agent becomes ready while kube-proxy still holds its ports.
+    let manifest = world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&backends)))
+        .unwrap();
+    let probe_bind = format!("0.0.0.0:{PROBE_PORT}");
+    let agent = world
+        .start_agent_with(
+            &[
+                "--manifests",
+                &manifest.to_string_lossy(),
+                "--probe-bind",
+                &probe_bind,
+            ],
+            true,
+        )
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["127.0.0.1:10249 (--metrics-bind) is in use"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["0.0.0.0:10256 (--healthz-bind) is in use"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let readyz = world.node_http(PROBE_PORT, "/readyz").unwrap();
+    assert!(status_of(&readyz).contains("200"), "{readyz}");
+    assert!(
+        world
+            .node_http(PROBE_PORT, "/livez")
+            .unwrap()
+            .contains("200 OK")
+    );
+
+    // New connections go through eBPF: kube-proxy's rules balance none of them.
+    for hooked in [true, false] {
+        assert_eq!(tcp_spread(&world, hooked, 30).len(), 3);
+    }
+    assert_eq!(kube_proxy_balanced(&world), balanced_by_kube_proxy);
+
+    // 2. kube-proxy goes: the agent takes its ports over.
+    world.kill(kube_proxy).unwrap();
+    agent
+        .wait_for_log(&["took over 0.0.0.0:10256"], Duration::from_secs(5))
+        .unwrap();
+    agent
+        .wait_for_log(&["took over 127.0.0.1:10249"], Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        body_of(&world.node_http(10256, "/healthz").unwrap())["healthy"],
+        true
+    );
+    assert!(
+        world
+            .agent_http("/metrics")
+            .unwrap()
+            .contains("proxy_service_ports 2")
+    );
+
+    // 3. Its rules go, as `kube-proxy --cleanup` removes them.
+    let out = world
+        .agent_command(0)
+        .arg("--cleanup-kube-proxy")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("nftables table ip kube-proxy"), "{log}");
+    for table in ["nat", "filter"] {
+        let saved = world
+            .run_in_node(0, "iptables-save", &["-t", table])
+            .unwrap();
+        assert!(!saved.contains("KUBE-"), "left in {table}:\n{saved}");
+    }
+    let tables = world.run_in_node(0, "nft", &["list", "tables"]).unwrap();
+    assert!(!tables.contains("table ip kube-proxy"), "{tables}");
+    // What keeps the kernel translating kube-proxy's connections without its rules.
+    assert!(
+        tables.contains("table inet ebpf-proxy-conntrack"),
+        "{tables}"
+    );
+    for hooked in [true, false] {
+        assert_eq!(tcp_spread(&world, hooked, 30).len(), 3);
+    }
+
+    // Every flow kube-proxy's rules set up lived through all of it; TCP on its backend.
+    let summaries: Vec<_> = flows
+        .into_iter()
+        .map(|(proto, hooked, handle, backend)| {
+            (proto, hooked, world.finish_probe(handle).unwrap(), backend)
+        })
+        .collect();
+    for (proto, hooked, summary, backend) in summaries {
+        assert_eq!(
+            summary["failures"], 0,
+            "{proto} (hooked={hooked}): {summary}"
+        );
+        assert!(summary["exchanges"].as_u64().unwrap() >= 40, "{summary}");
+        if proto == "tcp" {
+            assert_eq!(summary["last_backend"], backend.as_str(), "{summary}");
+        }
+    }
+
+    // 4. A reboot: the datapath is gone with bpffs; the agent starts from nothing.
+    world.kill(agent.pid).unwrap();
+    let out = world
+        .agent_command(0)
+        .args(["--cleanup", "--bpffs"])
+        .arg(&world.nodes[0].bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = world
+        .probe(
+            CLIENT,
+            true,
+            &["tcp", "--to", "10.96.0.10:80", "--timeout-ms", "500"],
+        )
+        .unwrap();
+    assert_eq!(
+        refused[0]["ok"], false,
+        "nothing serves the ClusterIP: {refused:?}"
+    );
+    world
+        .start_agent_with(&["--manifests", &manifest.to_string_lossy()], true)
+        .unwrap();
+    assert_eq!(tcp_spread(&world, true, 30).len(), 3);
+}
+
+#[test]
+fn a_second_agent_on_the_same_pin_directory_refuses_and_the_first_keeps_serving() {
+    let (mut world, backends) = three_backends();
+    let manifest = service_manifest("web", VIP, None, &ready(&backends));
+    let first = world.start_agent(&manifest, true).unwrap();
+    let path = world.dir.join("services.yaml");
+    let second = world
+        .spawn_agent_on(0, &["--manifests", &path.to_string_lossy()], true)
+        .unwrap();
+    let status = world
+        .wait_exit(second.pid, Duration::from_secs(10))
+        .unwrap();
+    assert!(!status.success());
+    second
+        .wait_for_log(
+            &[&format!(
+                "agent pid {} already owns the datapath",
+                first.pid
+            )],
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    for hooked in [true, false] {
+        assert_eq!(tcp_spread(&world, hooked, 30).len(), 3);
+    }
+    let healthz = world.node_http(10256, "/healthz").unwrap();
+    assert!(status_of(&healthz).contains("200"), "{healthz}");
+    // And `--cleanup` will not pull the datapath from under a running agent.
+    let out = world
+        .agent_command(0)
+        .arg("--cleanup")
+        .arg("--bpffs")
+        .arg(&world.nodes[0].bpffs)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && log.contains(&format!("pid {}", first.pid)),
+        "{log}"
+    );
+    assert!(!tcp_spread(&world, true, 10).is_empty());
+}
+
+/// Runs the agent to its exit with `args` (after the node's defaults) and a pin directory
+/// of its own; returns its log, and checks that it failed and pinned nothing.
+fn fails_cleanly(world: &World, prefix: &[&str], args: &[&str]) -> String {
+    let bpffs = world.nodes[0].bpffs.with_extension("mistake");
+    let manifest = world.dir.join("services.yaml");
+    let mut command = world.in_node(0, prefix.first().copied().unwrap_or("env"));
+    command.args(prefix.iter().skip(1));
+    if !args.contains(&"--kubeconfig") && !args.contains(&"--manifests") {
+        command.arg("--manifests").arg(&manifest);
+    }
+    if !args.contains(&"--cgroup") {
+        command.arg("--cgroup").arg(&world.nodes[0].cgroup);
+    }
+    if !args.contains(&"--bpffs") {
+        command.arg("--bpffs").arg(&bpffs);
+    }
+    let out = command
+        .arg("--interfaces")
+        .arg("vh1")
+        .args(args)
+        .args([
+            "--metrics-bind",
+            "127.0.0.1:0",
+            "--healthz-bind",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} started: {log}");
+    assert!(!bpffs.exists(), "{args:?} pinned something: {log}");
+    let links = world
+        .run_in_node(
+            0,
+            "bpftool",
+            &["cgroup", "show", &world.nodes[0].cgroup.to_string_lossy()],
+        )
+        .unwrap();
+    assert!(links.trim().is_empty(), "{args:?} attached: {links}");
+    log
+}
+
+#[test]
+fn mistakes_fail_before_anything_is_pinned_with_the_fix_in_the_message() {
+    let (world, backends) = three_backends();
+    world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&backends)))
+        .unwrap();
+    let agent = world.bins.agent.to_string_lossy().into_owned();
+    let not_bpffs = world.dir.join("pins");
+    let not_bpffs = not_bpffs.to_string_lossy();
+    let tmp = world.dir.to_string_lossy();
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--interfaces", "eht0"],
+            "no interface eht0 in this network namespace (it has",
+        ),
+        (
+            &["--cgroup", &tmp],
+            "is not a cgroup v2 directory; pass one",
+        ),
+        (&["--bpffs", &not_bpffs], "is not on a BPF filesystem"),
+        (
+            &["--kubeconfig", "/nonexistent/kubeconfig"],
+            "reading kubeconfig /nonexistent/kubeconfig",
+        ),
+        (
+            &["--manifests", "/nonexistent/services.yaml"],
+            "--manifests /nonexistent/services.yaml",
+        ),
+        (
+            &["--probe-bind", "192.0.2.1:10266"],
+            "binding 192.0.2.1:10266 (--probe-bind)",
+        ),
+    ];
+    for (args, message) in cases {
+        let log = fails_cleanly(&world, &[&agent], args);
+        assert!(log.contains(message), "{args:?}: {message:?} not in {log}");
+    }
+    // Without the capabilities of the datapath (root with them dropped).
+    let log = fails_cleanly(
+        &world,
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-bpf,-perfmon,-net_admin,-sys_admin",
+            "--inh-caps",
+            "-all",
+            &agent,
+        ],
+        &[],
+    );
+    assert!(
+        log.contains("missing capabilities CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        "{log}"
+    );
+}
+
+fn write_unreachable_kubeconfig(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:9\"}\n\
+         users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n\
+         current-context: x\n",
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn health_fails_before_the_first_sync_and_while_an_attachment_cannot_be_put_back() {
+    let (mut world, backends) = three_backends();
+    // An API server that never answers: nothing is ever programmed.
+    let kubeconfig = write_unreachable_kubeconfig(&world.dir);
+    let agent = world
+        .spawn_agent_on(0, &["--kubeconfig", &kubeconfig.to_string_lossy()], true)
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["source: the Kubernetes API at https://127.0.0.1:9/"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    eventually(Duration::from_secs(5), "healthz serving", || {
+        world.node_http(10256, "/healthz").is_ok()
+    });
+    let healthz = world.node_http(10256, "/healthz").unwrap();
+    assert!(status_of(&healthz).contains("503"), "{healthz}");
+    assert!(
+        body_of(&healthz)["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("nothing programmed yet")
+    );
+    assert!(status_of(&world.node_http(10256, "/livez").unwrap()).contains("200"));
+    world.kill(agent.pid).unwrap();
+
+    // A programmed node whose pod interface disappears: its tc programs cannot be put back.
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    assert!(status_of(&world.node_http(10256, "/healthz").unwrap()).contains("200"));
+    let veth = world.pod(CLIENT).iface.clone();
+    world.run_in_node(0, "ip", &["link", "del", &veth]).unwrap();
+    agent
+        .wait_for_log(
+            &[&format!("proxy_ingress on {veth}"), "is not attached"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let healthz = world.node_http(10256, "/healthz").unwrap();
+    assert!(status_of(&healthz).contains("503"), "{healthz}");
+    assert!(healthz.contains("its target no longer exists"), "{healthz}");
+    let metrics = world.agent_http("/metrics").unwrap();
+    assert!(metrics.contains("proxy_datapath_missing 2"), "{metrics}");
+}
+
+#[test]
+fn attachments_and_pins_removed_behind_the_agent_are_put_back() {
+    let (mut world, backends) = three_backends();
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    let bpffs = world.nodes[0].bpffs.clone();
+    // A link detached behind the agent's back (`bpftool link detach`): re-attached.
+    let pin = bpffs.join(format!("links/proxy_ingress@{}", world.pod(CLIENT).iface));
+    let shown = world
+        .run_in_node(
+            0,
+            "bpftool",
+            &["-j", "link", "show", "pinned", &pin.to_string_lossy()],
+        )
+        .unwrap();
+    let id = serde_json::from_str::<Value>(&shown).unwrap()["id"].to_string();
+    world
+        .run_in_node(0, "bpftool", &["link", "detach", "id", &id])
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["put back proxy_ingress on vh4", "(it had been detached)"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(tcp_spread(&world, false, 30).len(), 3);
+
+    // The whole pin directory removed: the links stay attached (the agent holds them), and
+    // every pin comes back.
+    std::fs::remove_dir_all(&bpffs).unwrap();
+    assert_eq!(tcp_spread(&world, true, 30).len(), 3);
+    assert_eq!(tcp_spread(&world, false, 30).len(), 3);
+    agent
+        .wait_for_log(&["put back the pin directory"], Duration::from_secs(5))
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["put back the pin of proxy_connect4"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    for name in proxy_common::maps::ALL {
+        assert!(bpffs.join(name).exists(), "map {name} pinned again");
+    }
+    let services = world.proxyctl(&["service", "list"]).unwrap();
+    assert!(services.contains("default/web"), "{services}");
+    let metrics = world.agent_http("/metrics").unwrap();
+    assert!(
+        !metrics.contains("proxy_datapath_repairs_total 0"),
+        "{metrics}"
+    );
+    assert!(status_of(&world.node_http(10256, "/healthz").unwrap()).contains("200"));
+}
+
+#[test]
+fn cleanup_removes_everything_the_agent_created() {
+    let (mut world, backends) = three_backends();
+    let manifest = service_manifest("web", VIP, None, &ready(&backends));
+    for tc in ["tcx", "netlink"] {
+        let path = world.write_manifest(&manifest).unwrap();
+        let agent = world
+            .start_agent_with(
+                &["--manifests", &path.to_string_lossy(), "--tc-attach", tc],
+                true,
+            )
+            .unwrap();
+        assert!(!tcp_spread(&world, false, 10).is_empty());
+        // Killed, not stopped: an agent that exits detaches its netlink filters itself.
+        world.kill(agent.pid).unwrap();
+        let out = world
+            .agent_command(0)
+            .arg("--cleanup")
+            .arg("--bpffs")
+            .arg(&world.nodes[0].bpffs)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        assert!(log.contains("and the pin directory"), "{log}");
+        assert!(!world.nodes[0].bpffs.exists());
+        let cgroup = world
+            .run_in_node(
+                0,
+                "bpftool",
+                &["cgroup", "show", &world.nodes[0].cgroup.to_string_lossy()],
+            )
+            .unwrap();
+        assert!(cgroup.trim().is_empty(), "{tc}: {cgroup}");
+        for pod in 1..=4 {
+            let iface = world.pod(pod).iface.clone();
+            let net = world
+                .run_in_node(0, "bpftool", &["net", "show", "dev", &iface])
+                .unwrap();
+            assert!(!net.contains("proxy_"), "{tc}: {net}");
+        }
+        let refused = world
+            .probe(
+                CLIENT,
+                true,
+                &["tcp", "--to", "10.96.0.10:80", "--timeout-ms", "500"],
+            )
+            .unwrap();
+        assert_eq!(refused[0]["ok"], false, "{tc}: {refused:?}");
+    }
+}
