@@ -154,22 +154,33 @@ impl Cluster {
             .expect("deleting a Service");
     }
 
-    /// Starts the agent in the node namespace, with the API server forwarded into it.
-    fn start_agent(&self, world: &mut World) -> Agent {
+    /// The API server's URL in the kubeconfig.
+    fn server(&self) -> String {
         let kubeconfig =
             kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("reading the kubeconfig");
-        let server = kubeconfig.clusters[0]
+        kubeconfig.clusters[0]
             .cluster
             .as_ref()
             .and_then(|c| c.server.clone())
-            .expect("a server URL");
-        let port: u16 = server
+            .expect("a server URL")
+    }
+
+    /// Makes the API server reachable in the node namespace, at the same address; its port.
+    fn forward_api_server(&self, world: &mut World) -> u16 {
+        let port: u16 = self
+            .server()
             .rsplit(':')
             .next()
             .and_then(|p| p.trim_end_matches('/').parse().ok())
             .expect("a server port");
         // Already forwarded when the agent restarts.
         let _ = world.forward_to_node(port);
+        port
+    }
+
+    /// Starts the agent in the node namespace, with the API server forwarded into it.
+    fn start_agent(&self, world: &mut World) -> Agent {
+        self.forward_api_server(world);
         world
             .start_agent_with(
                 &[
@@ -700,4 +711,65 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
         !log.iter().any(|l| l.contains("ERROR")),
         "no error under churn: {log:#?}"
     );
+}
+
+/// In a pod, the in-cluster configuration names the `kubernetes` Service's ClusterIP, which
+/// nothing serves on a node whose service proxy has not programmed it yet (a new or
+/// rebooted node once kube-proxy is gone): `--k8s-api-server` (or the address taken from
+/// the kubelet's kubeconfig) reaches the API server anyway.
+#[test]
+fn an_agent_configured_with_the_kubernetes_cluster_ip_reaches_the_api_server_through_k8s_api_server()
+ {
+    let Some(cluster) = cluster() else { return };
+    let (mut world, pods) = world();
+    let port = cluster.forward_api_server(&mut world);
+    let in_cluster = world.dir.join("in-cluster-kubeconfig");
+    let text = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    std::fs::write(
+        &in_cluster,
+        text.replace(&cluster.server(), "https://10.96.0.1:443"),
+    )
+    .unwrap();
+    let in_cluster = in_cluster.to_string_lossy().into_owned();
+    let vip = cluster.create_service(&service_object("web", json!({}), false));
+    let endpoints: Vec<(Ipv4Addr, bool)> = pods.iter().map(|p| (*p, true)).collect();
+    cluster.create_slice(&slice_object("web-1", "web", &endpoints));
+    let source = [
+        "--kubeconfig",
+        &in_cluster,
+        "--namespace",
+        &cluster.namespace,
+    ];
+
+    // Without: the node cannot reach the API server, so nothing is programmed, and the
+    // agent says so.
+    let stranded = world.spawn_agent_on(0, &source, true).unwrap();
+    stranded
+        .wait_for_log(&["the source is unreachable"], Duration::from_secs(15))
+        .unwrap();
+    let healthz = world.node_http(10256, "/healthz").unwrap();
+    assert!(healthz.starts_with("HTTP/1.0 503"), "{healthz}");
+    world.kill(stranded.pid).unwrap();
+
+    let address = format!("127.0.0.1:{port}");
+    for flag in [
+        ["--k8s-api-server", address.as_str()],
+        ["--k8s-api-server-from", cluster.kubeconfig.as_str()],
+    ] {
+        let args: Vec<&str> = source.iter().copied().chain(flag).collect();
+        let agent = world.start_agent_on(0, &args, true).unwrap();
+        agent
+            .wait_for_log(
+                &[&format!("the Kubernetes API at https://{address}/")],
+                Duration::from_secs(1),
+            )
+            .unwrap();
+        let all = backends(&["backend-1", "backend-2", "backend-3"]);
+        eventually(
+            "web answers from all backends",
+            || tcp_spread(&world, &vip, true, 60),
+            |s| answered(s) == all,
+        );
+        world.kill(agent.pid).unwrap();
+    }
 }
