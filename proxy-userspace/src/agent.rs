@@ -71,6 +71,9 @@ pub struct Config {
     pub xdp_interfaces: Vec<String>,
     pub metrics_bind: SocketAddr,
     pub healthz_bind: SocketAddr,
+    /// The DaemonSet the agent runs in: when it is gone at SIGTERM, the agent is being
+    /// uninstalled and removes the datapath (Kubernetes source only).
+    pub owner: Option<crate::uninstall::Owner>,
     /// Where `/readyz` and `/livez` answer kubelet's probes, on a port kube-proxy never
     /// holds, so that readiness does not wait for kube-proxy's ports.
     pub probe_bind: Option<SocketAddr>,
@@ -537,6 +540,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let (events_tx, mut events) = mpsc::channel(1024);
+    let client = match &source {
+        Source::Kubernetes(client, _) => Some(client.clone()),
+        Source::Manifests(_) => None,
+    };
     let mut source = start_source(source, &config, events_tx);
     let status = StatusWriter {
         map: crate::maps::open(&config.bpffs, proxy_common::maps::AGENT_STATUS)?,
@@ -637,7 +644,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             result = &mut healthz_server => bail!("the health server stopped: {result:?}"),
             result = &mut probe_server => bail!("the probe server stopped: {result:?}"),
             signal = &mut shutdown => {
-                info!("{}: exiting; the datapath keeps serving from the maps and links pinned under {}", signal?, config.bpffs.display());
+                let signal = signal?;
+                if let (Some(owner), Some(client)) = (&config.owner, &client)
+                    && crate::uninstall::uninstalling(client, owner).await
+                {
+                    info!("{signal}: DaemonSet {owner} is gone: uninstalled, removing the datapath");
+                    // The datapath holds the pin directory's lock and the links.
+                    drop(datapath);
+                    let removed = crate::cleanup::agent_datapath(&config.bpffs)?;
+                    info!("cleanup: {removed}");
+                    return Ok(());
+                }
+                info!("{signal}: exiting; the datapath keeps serving from the maps and links pinned under {}", config.bpffs.display());
                 return Ok(());
             }
             _ = std::future::ready(()), if repair.is_some() => {

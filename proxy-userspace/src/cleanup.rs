@@ -1,8 +1,9 @@
 //! `proxy-agent --cleanup`: removes everything an agent created on this node — the pinned
 //! links (which detaches the socket hooks, TCX and XDP programs), the tc programs attached as
 //! netlink filters (on every interface of this network namespace), the pinned maps and the pin
-//! directory — as kube-proxy's `--cleanup` removes its rules. It refuses while an agent
-//! holds the directory. clsact qdiscs are left: other programs may use them.
+//! directory, and the table that `--cleanup-kube-proxy` left to keep connection tracking on
+//! — as kube-proxy's `--cleanup` removes its rules. It refuses while an agent holds the
+//! directory. clsact qdiscs are left: other programs may use them.
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -11,6 +12,7 @@ use proxy_common::maps;
 
 use crate::{
     datapath::TC_PROGRAMS,
+    kube_proxy_cleanup::{self, CONNTRACK_KEEPER},
     link_target,
     node_lock::{LockError, NodeLock},
 };
@@ -22,13 +24,14 @@ pub struct Removed {
     pub filters: Vec<String>,
     pub maps: usize,
     pub directory: bool,
+    pub conntrack_keeper: bool,
 }
 
 impl std::fmt::Display for Removed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "detached {} pinned links, {} netlink tc filters; removed {} pinned maps{}",
+            "detached {} pinned links, {} netlink tc filters; removed {} pinned maps{}{}",
             self.links.len(),
             self.filters.len(),
             self.maps,
@@ -36,6 +39,11 @@ impl std::fmt::Display for Removed {
                 " and the pin directory"
             } else {
                 ""
+            },
+            if self.conntrack_keeper {
+                format!(" and the nftables table inet {CONNTRACK_KEEPER}")
+            } else {
+                String::new()
             }
         )
     }
@@ -45,6 +53,7 @@ pub fn agent_datapath(bpffs: &Path) -> anyhow::Result<Removed> {
     // Netlink filters are not pinned: they are found by program name on every interface.
     let mut removed = Removed {
         filters: netlink_filters(),
+        conntrack_keeper: kube_proxy_cleanup::remove_conntrack_keeper()?,
         ..Removed::default()
     };
     if !bpffs.exists() {

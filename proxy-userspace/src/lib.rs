@@ -31,3 +31,4 @@ pub mod store;
 pub mod sync_queue;
 pub mod sync_state;
 pub mod testbed;
+pub mod uninstall;

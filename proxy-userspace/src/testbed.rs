@@ -608,6 +608,19 @@ impl World {
         Ok(pid)
     }
 
+    /// Sends SIGTERM to a process this world started.
+    pub fn terminate(&self, pid: u32) -> anyhow::Result<()> {
+        ensure!(
+            self.children.iter().any(|c| c.id() == pid),
+            "no process {pid} of ours"
+        );
+        // SAFETY: a child of ours, not reaped yet (its pid is not reused).
+        if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
     fn probe_command(&self, pod: usize, hooked: bool, args: &[&str]) -> Command {
         let pod = self.pod(pod);
         let mut cmd = Command::new(&self.bins.netprobe);

@@ -773,3 +773,82 @@ fn an_agent_configured_with_the_kubernetes_cluster_ip_reaches_the_api_server_thr
         world.kill(agent.pid).unwrap();
     }
 }
+
+/// `helm uninstall` deletes the agent's DaemonSet, then its pods: an agent stopped while its
+/// DaemonSet still exists (an update, a restart) leaves the datapath to the next one; one
+/// stopped after it is gone removes everything.
+#[test]
+fn an_agent_stopped_by_an_uninstall_removes_the_datapath_and_one_stopped_by_an_update_keeps_it() {
+    let Some(cluster) = cluster() else { return };
+    let (mut world, pods) = world();
+    let daemon_sets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let daemon_set = serde_json::from_value(json!({
+        "metadata": {"name": "proxy"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "proxy"}},
+            "template": {"metadata": {"labels": {"app": "proxy"}}, "spec": {"containers": [{"name": "agent", "image": "proxy"}]}},
+        },
+    }))
+    .unwrap();
+    cluster
+        .rt
+        .block_on(daemon_sets.create(&PostParams::default(), &daemon_set))
+        .expect("creating a DaemonSet");
+    let vip = cluster.create_service(&service_object("web", json!({}), false));
+    let endpoints: Vec<(Ipv4Addr, bool)> = pods.iter().map(|p| (*p, true)).collect();
+    cluster.create_slice(&slice_object("web-1", "web", &endpoints));
+    cluster.forward_api_server(&mut world);
+    let owner = format!("{}/proxy", cluster.namespace);
+    let args = [
+        "--kubeconfig",
+        &cluster.kubeconfig,
+        "--namespace",
+        &cluster.namespace,
+        "--owner-daemonset",
+        &owner,
+    ];
+    let bpffs = world.nodes[0].bpffs.clone();
+    let all = backends(&["backend-1", "backend-2", "backend-3"]);
+
+    let agent = world.start_agent_on(0, &args, true).unwrap();
+    world.terminate(agent.pid).unwrap();
+    assert!(
+        world
+            .wait_exit(agent.pid, Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+    assert!(bpffs.join("links").exists(), "an update keeps the datapath");
+    assert_eq!(answered(&tcp_spread(&world, &vip, true, 30)), all);
+
+    let agent = world.start_agent_on(0, &args, true).unwrap();
+    cluster
+        .rt
+        .block_on(daemon_sets.delete("proxy", &DeleteParams::default()))
+        .expect("deleting the DaemonSet");
+    world.terminate(agent.pid).unwrap();
+    assert!(
+        world
+            .wait_exit(agent.pid, Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+    agent
+        .wait_for_log(
+            &["is gone: uninstalled, removing the datapath"],
+            Duration::from_secs(1),
+        )
+        .unwrap();
+    assert!(!bpffs.exists(), "an uninstall leaves nothing pinned");
+    let cgroup = world
+        .run_in_node(
+            0,
+            "bpftool",
+            &["cgroup", "show", &world.nodes[0].cgroup.to_string_lossy()],
+        )
+        .unwrap();
+    assert!(cgroup.trim().is_empty(), "{cgroup}");
+    let refused = tcp_spread(&world, &vip, true, 3);
+    assert!(refused.keys().all(|k| k.starts_with('<')), "{refused:?}");
+}

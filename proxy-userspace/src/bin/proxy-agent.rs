@@ -43,6 +43,11 @@ struct Args {
     /// kubelet's /etc/kubernetes/kubelet.conf: --k8s-api-server without writing it down.
     #[arg(long, env = "PROXY_K8S_API_SERVER_FROM")]
     k8s_api_server_from: Option<PathBuf>,
+    /// The DaemonSet this agent runs in, NAMESPACE/NAME: when it is gone (or being deleted)
+    /// at SIGTERM, the agent is being uninstalled and removes everything it created, as
+    /// --cleanup; otherwise (an update, a restart) the datapath stays for the next agent.
+    #[arg(long, env = "PROXY_OWNER_DAEMONSET", conflicts_with = "manifests")]
+    owner_daemonset: Option<proxy::uninstall::Owner>,
     /// Remove everything an agent created on this node (pinned links and maps under
     /// --bpffs, tc filters on every interface) and exit; refused while an agent runs.
     #[arg(long, conflicts_with = "cleanup_kube_proxy")]
@@ -167,12 +172,6 @@ fn main() -> anyhow::Result<()> {
     if args.cleanup {
         let removed = proxy::cleanup::agent_datapath(&args.bpffs)?;
         tracing::info!("cleanup: {removed}");
-        if proxy::kube_proxy_cleanup::remove_conntrack_keeper()? {
-            tracing::info!(
-                "cleanup: removed the nftables table inet {} (--cleanup-kube-proxy's)",
-                proxy::kube_proxy_cleanup::CONNTRACK_KEEPER
-            );
-        }
         return Ok(());
     }
     if args.cleanup_kube_proxy {
@@ -217,6 +216,7 @@ fn main() -> anyhow::Result<()> {
         metrics_bind: args.metrics_bind,
         healthz_bind: args.healthz_bind,
         probe_bind: args.probe_bind,
+        owner: args.owner_daemonset,
         healthz_max_lag: Duration::from_secs(args.healthz_max_lag_secs),
         map_sizes: args.map_sizes,
         conntrack_gc_interval: Duration::from_secs(args.conntrack_gc_interval.max(1)),
