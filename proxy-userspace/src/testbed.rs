@@ -113,6 +113,9 @@ pub struct Node {
 
 pub struct World {
     pub bins: Binaries,
+    /// A program and its arguments that run the agent, e.g. `setpriv` with fewer
+    /// capabilities; empty: the agent runs directly.
+    pub agent_wrapper: Vec<String>,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     /// The outside client's namespace, in a two-node world.
@@ -195,6 +198,7 @@ impl World {
         // From here on, Drop cleans up whatever was made.
         let mut world = World {
             bins,
+            agent_wrapper: Vec::new(),
             nodes: Vec::new(),
             pods: Vec::new(),
             ext: None,
@@ -553,9 +557,18 @@ impl World {
         Ok(agent)
     }
 
-    /// `proxy-agent` in node `node`'s network namespace, without arguments.
+    /// `proxy-agent` in node `node`'s network namespace (behind `agent_wrapper`), without
+    /// arguments.
     pub fn agent_command(&self, node: usize) -> Command {
-        self.in_node(node, &self.bins.agent.to_string_lossy())
+        let agent = self.bins.agent.to_string_lossy();
+        match self.agent_wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = self.in_node(node, program);
+                command.args(args).arg(agent.as_ref());
+                command
+            }
+            None => self.in_node(node, &agent),
+        }
     }
 
     /// `program` in node `node`'s network namespace, without arguments.

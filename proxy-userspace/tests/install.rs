@@ -655,3 +655,51 @@ fn cleanup_removes_everything_the_agent_created() {
         assert_eq!(refused[0]["ok"], false, "{tc}: {refused:?}");
     }
 }
+
+/// The chart grants BPF, PERFMON, NET_ADMIN and SYS_RESOURCE, not SYS_ADMIN: the agent
+/// loads, attaches, serves and cleans up with those alone.
+#[test]
+fn the_agent_serves_with_the_charts_capabilities_alone() {
+    let (mut world, backends) = three_backends();
+    world.agent_wrapper = [
+        "setpriv",
+        "--bounding-set",
+        "-all,+bpf,+perfmon,+net_admin,+sys_resource",
+        "--inh-caps",
+        "-all",
+        "--",
+    ]
+    .map(String::from)
+    .to_vec();
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid)).unwrap();
+    let effective = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    let mask = u64::from_str_radix(effective.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    // The chart's set, less what this machine's bounding set lacks (SYS_RESOURCE here).
+    let chart = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 24);
+    let essential = (1 << 39) | (1 << 38) | (1 << 12);
+    assert!(
+        mask & !chart == 0 && mask & essential == essential,
+        "{effective}"
+    );
+    for hooked in [true, false] {
+        assert_eq!(tcp_spread(&world, hooked, 30).len(), 3);
+    }
+    assert!(status_of(&world.node_http(10256, "/healthz").unwrap()).contains("200"));
+    world.kill(agent.pid).unwrap();
+    let out = world
+        .agent_command(0)
+        .arg("--cleanup")
+        .arg("--bpffs")
+        .arg(&world.nodes[0].bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!world.nodes[0].bpffs.exists());
+}
