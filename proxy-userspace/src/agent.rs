@@ -194,7 +194,14 @@ impl Agent {
                 self.state.update(|s| s.source_connected = true);
             }
             SourceEvent::Connected(Err(e)) => {
-                warn!("the source is unreachable; still serving the last programmed state: {e}");
+                // Said once; the watches retry with growing back-off meanwhile.
+                if self.state.get().source_connected {
+                    warn!(
+                        "the source is unreachable; still serving the last programmed state: {e}"
+                    );
+                } else {
+                    debug!("the source is still unreachable: {e}");
+                }
                 self.state.update(|s| s.source_connected = false);
                 self.metrics.source_errors.inc();
             }
@@ -427,6 +434,7 @@ fn start_source(
                 namespace.as_deref().unwrap_or("<all>")
             );
             let scope = crate::kubernetes::Scope {
+                server: url,
                 namespace,
                 proxy_name: config.proxy_name.clone(),
                 node_name: config.node_name.clone(),

@@ -107,6 +107,8 @@ pub async fn client(
 }
 
 pub struct Scope {
+    /// The API server's URL, for messages.
+    pub server: String,
     /// Watch one namespace only (`None`: all).
     pub namespace: Option<String>,
     /// `service.kubernetes.io/service-proxy-name` this proxy serves.
@@ -263,11 +265,11 @@ pub async fn run(
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) if connected => {
                             connected = false;
-                            send(SourceEvent::Connected(Err(format!("API server probe failed: {e}")))).await.context("the agent stopped listening")?;
+                            send(SourceEvent::Connected(Err(format!("API server {} probe failed: {e}", scope.server)))).await.context("the agent stopped listening")?;
                         }
                         Err(_) if connected => {
                             connected = false;
-                            send(SourceEvent::Connected(Err(format!("API server probe timed out after {PROBE_EVERY:?}")))).await.context("the agent stopped listening")?;
+                            send(SourceEvent::Connected(Err(format!("API server {} probe timed out after {PROBE_EVERY:?}", scope.server)))).await.context("the agent stopped listening")?;
                         }
                         _ => {}
                     }
@@ -278,7 +280,10 @@ pub async fn run(
                 Err(e) => {
                     // The next successful probe re-lists everything.
                     connected = false;
-                    Some(SourceEvent::Connected(Err(format!("watch failed: {e}"))))
+                    Some(SourceEvent::Connected(Err(format!(
+                        "watch of {} failed: {e}",
+                        scope.server
+                    ))))
                 }
                 Ok(Seen::Service(e)) => services.handle(*e, |s| Object::Service(Box::new(s))),
                 Ok(Seen::Slice(e)) => slices.handle(*e, |s| Object::EndpointSlice(Box::new(s))),
@@ -295,6 +300,13 @@ pub async fn run(
                             Some(SourceEvent::Topology(t))
                         }
                         watcher::Event::InitDone => {
+                            if node_seen.is_none() {
+                                tracing::warn!(
+                                    "no Node named {name:?}: --node-name (NODE_NAME) must be this node's \
+                                     Kubernetes name, or endpoints on this node are not known as local \
+                                     (externalTrafficPolicy: Local drops, topology hints are ignored)"
+                                );
+                            }
                             Some(SourceEvent::Topology(topology(name, node_seen.as_ref())))
                         }
                         watcher::Event::Delete(n) => {
