@@ -685,7 +685,7 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
     ensure!(
         rejections.is_empty(),
         "bench manifest rejected: {}",
-        rejections[0]
+        rejections[0].rejection
     );
     let mut controller = Controller::new(Store::new(None, Topology::default()), reconciler);
     controller.replace(&[Kind::Service, Kind::EndpointSlice], &objects);

@@ -134,7 +134,11 @@ impl Agent {
 
     fn report(&self, rejections: &[Rejection]) {
         for rejection in rejections {
-            error!("rejected: {rejection}");
+            if rejection.reason == Reason::UnknownField {
+                warn!("ignored: {rejection}");
+            } else {
+                error!("rejected: {rejection}");
+            }
             self.metrics.reject(rejection.reason);
         }
     }

@@ -26,7 +26,7 @@ pub enum Change {
     Rejected(Rejection),
 }
 
-type ObjectId = (Kind, Name);
+pub type ObjectId = (Kind, Name);
 
 /// What a manifest file held when it was last parsed: its text's fingerprint and each
 /// object's.
@@ -140,9 +140,20 @@ impl ManifestSource {
                 admit(owners, &file, &old, &mut objects, object, print, emit);
             });
             let state = match parsed {
-                Ok(rejections) => {
-                    for rejection in rejections {
-                        emit(Change::Rejected(rejection));
+                Ok(failures) => {
+                    for mut failure in failures {
+                        // A document that names an object but does not type-check leaves
+                        // that object's last valid version serving.
+                        if let Some(id) = failure.keep
+                            && let Some(print) = old.objects.get(&id)
+                        {
+                            objects.insert(id, *print);
+                            failure
+                                .rejection
+                                .detail
+                                .push_str("; still serving its last valid version");
+                        }
+                        emit(Change::Rejected(failure.rejection));
                     }
                     self.forget_missing(old, &objects, emit);
                     FileState {
@@ -249,15 +260,77 @@ fn admit(
 /// An object and the fingerprint of its document, to tell whether it changed.
 pub type Parsed = (Object, u64);
 
+/// A document, or a part of one, that was not taken as written.
+#[derive(Debug)]
+pub struct Failed {
+    pub rejection: Rejection,
+    /// The object a document names but whose fields do not type-check (`port: eighty`):
+    /// its last valid version keeps serving. `None` for a document with no identity and
+    /// for a warning (an unknown field, ignored while the rest is served).
+    pub keep: Option<ObjectId>,
+}
+
+/// Deepest nesting of flow collections (`[`, `{`) that is parsed: serde_yaml refuses more
+/// than 128 levels anyway, but only after libyaml spent time quadratic in the depth on it
+/// (4 s for 30,000 levels), holding up every other change.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// The line at which flow collections nest deeper than `MAX_FLOW_DEPTH`, in one pass over
+/// the text (quoted scalars and comments skipped). A bracket inside a plain scalar counts
+/// too: 128 unclosed ones are no Kubernetes object.
+fn too_deep(text: &str) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let (mut quote, mut comment, mut previous) = (None, false, '\n');
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+        }
+        match quote {
+            _ if comment => {}
+            Some('"') if c == '\\' => {
+                chars.next();
+            }
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '#' if previous.is_whitespace() => comment = true,
+                '"' | '\'' if previous.is_whitespace() || ":,[{-".contains(previous) => {
+                    quote = Some(c)
+                }
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Some(line);
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        previous = c;
+    }
+    None
+}
+
 /// Parses a (multi-document) manifest, passing each object to `take` as soon as it is
-/// parsed. `Err` at the first document that is not YAML at all; otherwise a rejection for
-/// each document that did not make an object.
+/// parsed. `Err` at the first document that is not YAML at all; otherwise what was not
+/// taken as written, document by document.
 pub fn parse_manifest(
     text: &str,
     origin: &str,
     mut take: impl FnMut(Parsed),
-) -> Result<Vec<Rejection>, Rejection> {
-    let mut rejections = Vec::new();
+) -> Result<Vec<Failed>, Rejection> {
+    if let Some(line) = too_deep(text) {
+        return Err(Rejection::new(
+            origin,
+            "",
+            Reason::Parse,
+            format!("collections nest deeper than {MAX_FLOW_DEPTH} levels at line {line}"),
+        ));
+    }
+    let mut failed = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml::Value::deserialize(document).map_err(|e| {
             Rejection::new(origin, "", Reason::Parse, format!("not valid YAML: {e}"))
@@ -266,15 +339,30 @@ pub fn parse_manifest(
             continue;
         }
         let origin = format!("{origin} (document {})", i + 1);
-        match object_from_value(value, &origin) {
-            Ok(objects) => objects.into_iter().for_each(&mut take),
-            Err(rejection) => rejections.push(rejection),
+        if let Err(failure) = object_from_value(value, &origin, &mut take, &mut failed) {
+            failed.push(*failure);
         }
     }
-    Ok(rejections)
+    Ok(failed)
 }
 
-fn object_from_value(value: serde_yaml::Value, origin: &str) -> Result<Vec<Parsed>, Rejection> {
+/// The kind of an `apiVersion`/`kind` pair this source reads.
+fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
+    match (api_version, kind) {
+        ("v1", "Service") => Some(Kind::Service),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
+        _ => None,
+    }
+}
+
+/// Takes the object(s) of one document: `take` gets each one; `warnings` the fields it
+/// ignored.
+fn object_from_value(
+    value: serde_yaml::Value,
+    origin: &str,
+    take: &mut impl FnMut(Parsed),
+    warnings: &mut Vec<Failed>,
+) -> Result<(), Box<Failed>> {
     let text = |key: &str| {
         value
             .get(key)
@@ -289,55 +377,88 @@ fn object_from_value(value: serde_yaml::Value, origin: &str) -> Result<Vec<Parse
             .and_then(|v| v.as_str())
             .map(str::to_owned)
     };
-    let object = format!(
-        "{kind} {}/{} in {origin}",
+    let name = (
         meta_text("namespace").unwrap_or_else(|| "default".into()),
-        meta_text("name").unwrap_or_default()
+        meta_text("name").unwrap_or_default(),
     );
-    fn typed<T: serde::de::DeserializeOwned>(
-        value: serde_yaml::Value,
-        object: &str,
-    ) -> Result<T, Rejection> {
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            Rejection::new(
-                object,
-                e.path().to_string(),
-                Reason::Parse,
-                e.into_inner().to_string(),
-            )
-        })
-    }
-    let print = fingerprint(&value);
-    match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => Ok(vec![(
-            Object::Service(Box::new(typed(value, &object)?)),
-            print,
-        )]),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Ok(vec![(
-            Object::EndpointSlice(Box::new(typed(value, &object)?)),
-            print,
-        )]),
-        ("v1", "List") => {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_sequence())
-                .cloned()
-                .unwrap_or_default();
-            let mut objects = Vec::new();
-            for (i, item) in items.into_iter().enumerate() {
-                objects.extend(object_from_value(item, &format!("{origin} items[{i}]"))?);
-            }
-            Ok(objects)
+    let object = format!("{kind} {}/{} in {origin}", name.0, name.1);
+    if api_version == "v1" && kind == "List" {
+        let items = value
+            .get("items")
+            .and_then(|i| i.as_sequence())
+            .cloned()
+            .unwrap_or_default();
+        for (i, item) in items.into_iter().enumerate() {
+            object_from_value(item, &format!("{origin} items[{i}]"), take, warnings)?;
         }
-        _ => Err(Rejection::new(
-            &object,
-            "kind",
-            Reason::UnsupportedKind,
-            format!(
-                "{api_version} {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice)"
-            ),
-        )),
+        return Ok(());
     }
+    let Some(known) = kind_of(&api_version, &kind) else {
+        return Err(Box::new(Failed {
+            rejection: Rejection::new(
+                &object,
+                "kind",
+                Reason::UnsupportedKind,
+                format!(
+                    "{api_version} {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice)"
+                ),
+            ),
+            keep: None,
+        }));
+    };
+    let print = fingerprint(&value);
+    let mut unknown = Vec::new();
+    let typed = match known {
+        Kind::Service => typed(value, &mut unknown).map(|s| Object::Service(Box::new(s))),
+        Kind::EndpointSlice => {
+            typed(value, &mut unknown).map(|s| Object::EndpointSlice(Box::new(s)))
+        }
+    };
+    let typed = typed.map_err(|(field, detail)| {
+        Box::new(Failed {
+            rejection: Rejection::new(&object, field, Reason::Parse, detail),
+            keep: (!name.1.is_empty()).then(|| (known, name.clone())),
+        })
+    })?;
+    warnings.extend(unknown.into_iter().map(|field| Failed {
+        rejection: Rejection::new(
+            &object,
+            field,
+            Reason::UnknownField,
+            "unknown field, ignored (misspelt?); the rest of the object is served",
+        ),
+        keep: None,
+    }));
+    take((typed, print));
+    Ok(())
+}
+
+/// A field's path as kubectl writes it: `spec.ports[0].targetport`.
+fn field_path(path: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+/// `value` as a `T`; the paths of fields `T` does not have go to `unknown`. An error names
+/// the field that did not type-check.
+fn typed<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    unknown: &mut Vec<String>,
+) -> Result<T, (String, String)> {
+    let mut note = |path: serde_ignored::Path| unknown.push(field_path(&path));
+    let ignored = serde_ignored::Deserializer::new(value, &mut note);
+    serde_path_to_error::deserialize(ignored)
+        .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
 }
 
 #[cfg(test)]
@@ -363,15 +484,18 @@ metadata: {name: cm}
 ---
 ";
         let mut objects = Vec::new();
-        let rejections = parse_manifest(text, "manifest m.yaml", |p| objects.push(p)).unwrap();
+        let failed = parse_manifest(text, "manifest m.yaml", |p| objects.push(p)).unwrap();
         assert_eq!(objects.len(), 1);
-        assert_eq!(rejections.len(), 2);
+        assert_eq!(failed.len(), 2);
         assert_eq!(
-            rejections[0].object,
+            failed[0].rejection.object,
             "Service shop/broken in manifest m.yaml (document 2)"
         );
-        assert_eq!(rejections[0].field, "spec.ports[0].port");
-        assert_eq!(rejections[1].reason, Reason::UnsupportedKind);
+        assert_eq!(failed[0].rejection.field, "spec.ports[0].port");
+        let id = (Kind::Service, ("shop".to_owned(), "broken".to_owned()));
+        assert_eq!(failed[0].keep, Some(id));
+        assert_eq!(failed[1].rejection.reason, Reason::UnsupportedKind);
+        assert_eq!(failed[1].keep, None);
     }
 
     #[test]
@@ -388,6 +512,43 @@ metadata: {name: cm}
         let mut objects = Vec::new();
         parse_manifest(text, "m", |p| objects.push(p)).unwrap();
         assert_eq!(objects.len(), 1);
+    }
+
+    #[test]
+    fn unknown_fields_are_named_and_the_rest_is_served() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIp: 10.96.0.10\n  ports: [{port: 80, targetport: 8080}]\n";
+        let mut objects = Vec::new();
+        let failed = parse_manifest(text, "m", |p| objects.push(p)).unwrap();
+        assert_eq!(objects.len(), 1);
+        let fields: Vec<&str> = failed.iter().map(|f| f.rejection.field.as_str()).collect();
+        assert_eq!(fields, ["spec.clusterIp", "spec.ports[0].targetport"]);
+        assert!(
+            failed
+                .iter()
+                .all(|f| f.rejection.reason == Reason::UnknownField && f.keep.is_none())
+        );
+    }
+
+    #[test]
+    fn deeply_nested_flow_collections_are_refused_before_parsing() {
+        let deep = format!(
+            "apiVersion: v1\nkind: Service\nspec: {}{}\n",
+            "[".repeat(30_000),
+            "]".repeat(30_000)
+        );
+        let err = parse_manifest(&deep, "m", drop).unwrap_err();
+        assert!(
+            err.detail.contains("nest deeper than 128 levels at line 3"),
+            "{err}"
+        );
+        // Brackets in quoted scalars and comments do not count.
+        let quoted = format!(
+            "a: '{}'\nb: \"{}\" # {}\n",
+            "[".repeat(200),
+            "{".repeat(200),
+            "[".repeat(200)
+        );
+        assert!(too_deep(&quoted).is_none());
     }
 
     fn service(name: &str, ip: &str) -> String {
@@ -481,6 +642,57 @@ metadata: {name: cm}
             1,
             "a deleted file takes its objects with it"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_document_that_does_not_type_check_keeps_its_objects_last_valid_version() {
+        let dir = std::env::temp_dir().join(format!("proxy-manifest-typed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("svc.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "{}---\n{}",
+                service("a", "10.96.0.1"),
+                service("b", "10.96.0.2")
+            ),
+        )
+        .unwrap();
+        let mut source = ManifestSource::new(&dir);
+        assert_eq!(read(&mut source).applied.len(), 2);
+        let broken = service("a", "10.96.0.1").replace("port: 1", "port: eighty");
+        std::fs::write(&file, format!("{broken}---\n{}", service("b", "10.96.0.3"))).unwrap();
+        let changes = read(&mut source);
+        assert_eq!(changes.applied, ["b"], "the valid neighbour still changes");
+        assert!(
+            changes.deleted.is_empty(),
+            "a keeps serving: {:?}",
+            changes.deleted
+        );
+        assert_eq!(changes.rejections[0].field, "spec.ports[0].port");
+        assert!(
+            changes.rejections[0]
+                .detail
+                .ends_with("still serving its last valid version"),
+            "{}",
+            changes.rejections[0]
+        );
+        // A new object that never type-checked has no last version: it is not served.
+        std::fs::write(
+            &file,
+            format!(
+                "{broken}---\n{}",
+                service("c", "10.96.0.4").replace("port: 1", "port: [1]")
+            ),
+        )
+        .unwrap();
+        let changes = read(&mut source);
+        assert_eq!(
+            changes.deleted,
+            [(Kind::Service, ("default".into(), "b".into()))]
+        );
+        assert!(!changes.rejections[1].detail.contains("still serving"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

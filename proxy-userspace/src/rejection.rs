@@ -6,6 +6,8 @@ use std::fmt;
 pub enum Reason {
     /// The document is not valid YAML or does not match the object's schema.
     Parse,
+    /// A field the object's schema does not have (a typo such as `targetport`): ignored.
+    UnknownField,
     /// A kind/apiVersion this proxy does not read.
     UnsupportedKind,
     MissingField,
@@ -33,6 +35,7 @@ impl Reason {
     pub fn label(self) -> &'static str {
         match self {
             Reason::Parse => "parse_error",
+            Reason::UnknownField => "unknown_field",
             Reason::UnsupportedKind => "unsupported_kind",
             Reason::MissingField => "missing_field",
             Reason::InvalidAddress => "invalid_address",

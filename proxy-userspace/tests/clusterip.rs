@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{World, ready, service_manifest};
+use proxy::testbed::{BACKEND_PORT, World, ready, service_manifest};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
@@ -407,6 +407,37 @@ fn invalid_manifest_keeps_serving_the_last_good_state_and_says_why() {
         metrics.contains("proxy_rejected_objects_total{reason=\"parse_error\"} 1"),
         "{metrics}"
     );
+
+    // Fields that do not type-check (a port as a word, a port as a list) leave the
+    // Service and its EndpointSlice at their last valid versions.
+    let typed = good.replacen("port: 80,", "port: eighty,", 1).replacen(
+        &format!("port: {BACKEND_PORT}}}"),
+        &format!("port: [{BACKEND_PORT}]}}"),
+        1,
+    );
+    assert_ne!(typed, good);
+    world.write_manifest(&typed).unwrap();
+    for field in ["spec.ports[0].port", "ports[0].port"] {
+        agent
+            .wait_for_log(
+                &["rejected", field, "still serving its last valid version"],
+                Duration::from_secs(5),
+            )
+            .unwrap();
+    }
+    assert_eq!(tcp_spread(&world, true, &format!("{VIP}:80"), 30).len(), 3);
+    // A misspelt field is named, and the rest of the object served.
+    let misspelt = good.replacen("clusterIP:", "clusterIp: 10.96.0.99\n  clusterIP:", 1);
+    world.write_manifest(&misspelt).unwrap();
+    agent
+        .wait_for_log(
+            &["WARN", "ignored", "spec.clusterIp", "unknown field"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(tcp_spread(&world, true, &format!("{VIP}:80"), 30).len(), 3);
+    let healthz = world.node_http(10256, "/healthz").unwrap();
+    assert!(healthz.starts_with("HTTP/1.0 200"), "{healthz}");
 }
 
 #[test]
