@@ -28,6 +28,7 @@ use crate::{
     desired::Topology,
     health_check::HealthCheckServers,
     http::{Endpoints, ProxyHealth, serve_endpoints},
+    interfaces::Interfaces,
     manifest::ManifestSource,
     map_error::MapWriteError,
     maps::Maps,
@@ -93,6 +94,10 @@ pub struct Config {
 /// Map entries a drift repair compares between two looks at the event queue: well under a
 /// millisecond of work.
 pub const REPAIR_STEP: usize = 256;
+
+/// How often `--interfaces` patterns and `auto` are resolved again: a new pod's veth gets
+/// the tc programs within this time.
+const FOLLOW_INTERFACES_EVERY: Duration = Duration::from_secs(1);
 
 /// `/livez` fails when the loop has not gone round for three heartbeats, and never sooner.
 const MIN_STALL: Duration = Duration::from_secs(30);
@@ -376,6 +381,34 @@ impl Agent {
     }
 }
 
+/// Moves the tc programs to the interfaces `--interfaces` selects now, if they changed.
+fn follow_interfaces(
+    interfaces: &Interfaces,
+    served: &mut Vec<String>,
+    datapath: &mut Datapath,
+    node_addresses: &mut NodeAddresses,
+) {
+    let now = match interfaces.resolve() {
+        Ok(now) if now != *served => now,
+        Ok(_) => return,
+        Err(e) => {
+            // A named interface that vanished: the heartbeat's check reports it in health.
+            debug!("resolving --interfaces: {e:#}");
+            return;
+        }
+    };
+    match datapath.follow_tc(&now) {
+        Ok(done) => {
+            for what in done {
+                info!("interfaces: {what}");
+            }
+        }
+        Err(e) => error!("interfaces: following {now:?}: {e:#}"),
+    }
+    node_addresses.set_interfaces(&now);
+    *served = now;
+}
+
 /// Why a task that should run until the agent stops has ended.
 fn why_ended(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
     result.map_or_else(anyhow::Error::from, |r| {
@@ -476,28 +509,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     preflight::capabilities()?;
     preflight::bpffs(&config.bpffs)?;
     preflight::cgroup(&cgroup)?;
-    preflight::interfaces(&config.interfaces, "--interfaces")?;
+    let interfaces = Interfaces::new(&config.interfaces, config.node_ip);
+    let mut served = interfaces.resolve()?;
     preflight::interfaces(&config.xdp_interfaces, "--xdp-interfaces")?;
     let source = prepare_source(&config).await?;
     let listeners = bind_listeners(&config)?;
     let mut node_addresses = NodeAddresses::new(
         config.node_ip,
-        &config.interfaces,
+        &served,
         config.masquerade_ports.clone(),
         &config.bpffs,
     )?;
     let xdp_interfaces = match config.xdp {
         XdpAttach::Off => Vec::new(),
         _ => node_addresses.current.xdp_interfaces(
-            &config.interfaces,
+            &served,
             &node_addresses.interface_addrs,
             &config.xdp_interfaces,
         )?,
     };
+    if served.is_empty() && !interfaces.followed() {
+        warn!(
+            "no --interfaces: socket-level load balancing only; NodePorts, external and \
+             load-balancer IPs are not served to clients outside this node (pass the \
+             external interface, or `auto`)"
+        );
+    }
 
     let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes)?;
     datapath.attach_socket_hooks(&cgroup)?;
-    datapath.attach_tc(&config.interfaces, config.tc_attach)?;
+    datapath.attach_tc(&served, config.tc_attach)?;
     datapath.attach_xdp(&xdp_interfaces, config.xdp)?;
     datapath.detach_stale()?;
     node_addresses.current.program(&config.bpffs)?;
@@ -589,6 +630,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
         .context("starting the conntrack garbage collector")?;
     let mut heartbeat = tokio::time::interval(config.conntrack_gc_interval);
+    let mut follow = tokio::time::interval(FOLLOW_INTERFACES_EVERY);
     let mut resync = tokio::time::interval(config.resync_interval);
     resync.reset();
     // Drift repair reads every map off the loop, one snapshot at a time, and compares it
@@ -640,6 +682,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Some(snapshot) = snapshots.recv() => {
                 repair = agent.start_repair(snapshot);
                 resyncing = repair.is_some();
+            }
+            _ = follow.tick(), if interfaces.followed() => {
+                follow_interfaces(&interfaces, &mut served, &mut datapath, &mut node_addresses);
             }
             _ = heartbeat.tick() => {
                 agent.verify_datapath(&mut datapath);

@@ -182,6 +182,8 @@ pub struct Datapath {
     bpffs: PathBuf,
     lock: NodeLock,
     wanted: Vec<Attachment>,
+    /// How `attach_tc` attaches (TCX links or netlink filters), for `follow_tc`.
+    tcx: bool,
 }
 
 impl Datapath {
@@ -221,6 +223,7 @@ impl Datapath {
             bpffs: bpffs.to_path_buf(),
             lock,
             wanted: Vec::new(),
+            tcx: false,
         };
         let links = datapath.links_dir();
         std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
@@ -398,7 +401,7 @@ impl Datapath {
 
     /// Packet-level NAT on `interfaces`: DNAT on ingress, reverse NAT on egress.
     pub fn attach_tc(&mut self, interfaces: &[String], mode: TcAttach) -> anyhow::Result<()> {
-        let tcx = match mode {
+        self.tcx = match mode {
             TcAttach::Tcx => true,
             TcAttach::Netlink => false,
             TcAttach::Auto => {
@@ -410,12 +413,73 @@ impl Datapath {
                 let target = Target::Tc {
                     iface: iface.clone(),
                     direction,
-                    tcx,
+                    tcx: self.tcx,
                 };
                 self.want(name, target)?;
             }
         }
         Ok(())
+    }
+
+    /// Moves the tc programs to `interfaces` (as `attach_tc` put them): attaches them to
+    /// interfaces that appeared, lets go of those that are gone or no longer selected.
+    /// Returns what it did.
+    pub fn follow_tc(&mut self, interfaces: &[String]) -> anyhow::Result<Vec<String>> {
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.wanted.len() {
+            let Target::Tc {
+                iface, direction, ..
+            } = &self.wanted[i].target
+            else {
+                i += 1;
+                continue;
+            };
+            if interfaces.contains(iface) {
+                i += 1;
+                continue;
+            }
+            let (iface, direction) = (iface.clone(), *direction);
+            let gone = self.wanted.remove(i);
+            match gone.pin() {
+                Some(pin) => {
+                    let path = self.links_dir().join(pin);
+                    if path.exists() {
+                        unpin(&path)?;
+                    }
+                }
+                // A netlink filter goes with its interface; one still there is removed.
+                None => {
+                    let _ = tc::qdisc_detach_program(&iface, direction, gone.program);
+                }
+            }
+            done.push(format!("let go of {}", gone.description()));
+        }
+        let attached: Vec<String> = self
+            .wanted
+            .iter()
+            .filter_map(|a| match &a.target {
+                Target::Tc { iface, .. } => Some(iface.clone()),
+                _ => None,
+            })
+            .collect();
+        let new: Vec<String> = interfaces
+            .iter()
+            .filter(|iface| !attached.contains(iface))
+            .cloned()
+            .collect();
+        for (name, direction) in TC_PROGRAMS {
+            for iface in &new {
+                let target = Target::Tc {
+                    iface: iface.clone(),
+                    direction,
+                    tcx: self.tcx,
+                };
+                self.want(name, target)?;
+                done.push(format!("attached {name} to {iface}"));
+            }
+        }
+        Ok(done)
     }
 
     /// Puts back what was removed behind the agent's back: the pin directory, map pins,

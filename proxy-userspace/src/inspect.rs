@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::{
     clock::{monotonic_ns, unix_now},
     desired::Frontend,
+    link_target::LinkTarget,
     maps::{Maps, decode_info, open},
     model::Protocol,
     reconcile::ServiceMeta,
@@ -444,8 +445,8 @@ pub struct Status {
     pub heartbeat_seconds_ago: Option<u64>,
     pub service_ports: u32,
     pub failed_service_ports: u32,
-    /// Pinned attachments: "program@target".
-    pub attachments: Vec<String>,
+    /// Pinned attachments, with what the kernel says they are attached to.
+    pub attachments: Vec<PinnedAttachment>,
     /// Packets the datapath dropped, by reason (`DROP_REASONS`).
     pub drops: BTreeMap<&'static str, u64>,
 }
@@ -465,6 +466,15 @@ pub fn drops(dir: &Path) -> anyhow::Result<BTreeMap<&'static str, u64>> {
         .collect()
 }
 
+#[derive(Debug, serde::Serialize)]
+pub struct PinnedAttachment {
+    /// "program@target".
+    pub pin: String,
+    /// "cgroup ID", "interface INDEX", "DETACHED" (the pin outlived its attachment) or
+    /// "unknown".
+    pub attached_to: String,
+}
+
 pub fn status(dir: &Path) -> anyhow::Result<Status> {
     let map: Array<MapData, AgentStatus> = open(dir, maps::AGENT_STATUS)?;
     let s = map.get(&0, 0).context("reading the agent status")?;
@@ -473,11 +483,23 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
     let process_exists = s.pid != 0 && PathBuf::from(format!("/proc/{}", s.pid)).exists();
     let fresh = ago(s.heartbeat).is_some_and(|a| a <= 3 * u64::from(s.heartbeat_interval.max(1)));
     let links = dir.join("links");
-    let mut attachments: Vec<String> = std::fs::read_dir(&links)
+    let mut attachments: Vec<PinnedAttachment> = std::fs::read_dir(&links)
         .with_context(|| format!("listing {}", links.display()))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|e| {
+            let entry = e.ok()?;
+            let attached_to = match crate::link_target::of_pin(&entry.path()) {
+                Ok(LinkTarget::Cgroup(id)) => format!("cgroup {id}"),
+                Ok(LinkTarget::Interface(index)) => format!("interface {index}"),
+                Ok(LinkTarget::Detached) => "DETACHED".to_owned(),
+                Ok(LinkTarget::Other) | Err(_) => "unknown".to_owned(),
+            };
+            Some(PinnedAttachment {
+                pin: entry.file_name().into_string().ok()?,
+                attached_to,
+            })
+        })
         .collect();
-    attachments.sort();
+    attachments.sort_by(|a, b| a.pin.cmp(&b.pin));
     Ok(Status {
         agent_pid: s.pid,
         agent_alive: process_exists && fresh,

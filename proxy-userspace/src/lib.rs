@@ -13,6 +13,7 @@ pub mod desired;
 pub mod health_check;
 pub mod http;
 pub mod inspect;
+pub mod interfaces;
 pub mod kube_proxy_cleanup;
 pub mod kubernetes;
 pub mod link_target;

@@ -74,6 +74,11 @@ impl NodeAddresses {
         })
     }
 
+    /// Serves `interfaces` from now on (their addresses are read at the next `refresh`).
+    pub fn set_interfaces(&mut self, interfaces: &[String]) {
+        self.interfaces = interfaces.to_vec();
+    }
+
     /// Re-reads the interfaces' addresses; reprograms and returns true if the addressing
     /// changed.
     pub fn refresh(&mut self) -> anyhow::Result<bool> {

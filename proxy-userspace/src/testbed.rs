@@ -116,6 +116,8 @@ pub struct World {
     /// A program and its arguments that run the agent, e.g. `setpriv` with fewer
     /// capabilities; empty: the agent runs directly.
     pub agent_wrapper: Vec<String>,
+    /// `--interfaces` of the agents; `None`: the node's `eth0` and pod veths by name.
+    pub agent_interfaces: Option<String>,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     /// The outside client's namespace, in a two-node world.
@@ -199,6 +201,7 @@ impl World {
         let mut world = World {
             bins,
             agent_wrapper: Vec::new(),
+            agent_interfaces: None,
             nodes: Vec::new(),
             pods: Vec::new(),
             ext: None,
@@ -520,6 +523,10 @@ impl World {
                 .filter(|p| p.node == node)
                 .map(|p| p.iface.as_str()),
         );
+        let interfaces = match &self.agent_interfaces {
+            Some(chosen) => chosen.clone(),
+            None => interfaces.join(","),
+        };
         let mut command = self.agent_command(node);
         command
             .args(args)
@@ -528,7 +535,7 @@ impl World {
             .arg("--bpffs")
             .arg(&n.bpffs)
             .arg("--interfaces")
-            .arg(interfaces.join(","))
+            .arg(interfaces)
             .args(["--conntrack-gc-interval", "1", "--node-name", &n.name]);
         if let Some(node_ip) = n.ip {
             command.args(["--node-ip", &node_ip.to_string()]);

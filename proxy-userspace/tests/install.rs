@@ -640,19 +640,24 @@ fn cleanup_removes_everything_the_agent_created() {
         assert!(cgroup.trim().is_empty(), "{tc}: {cgroup}");
         for pod in 1..=4 {
             let iface = world.pod(pod).iface.clone();
-            let net = world
-                .run_in_node(0, "bpftool", &["net", "show", "dev", &iface])
-                .unwrap();
-            assert!(!net.contains("proxy_"), "{tc}: {net}");
+            for direction in ["ingress", "egress"] {
+                let filters = world
+                    .run_in_node(0, "tc", &["filter", "show", "dev", &iface, direction])
+                    .unwrap();
+                assert!(!filters.contains("proxy_"), "{tc}: {filters}");
+            }
         }
-        let refused = world
-            .probe(
-                CLIENT,
-                true,
-                &["tcp", "--to", "10.96.0.10:80", "--timeout-ms", "500"],
-            )
-            .unwrap();
-        assert_eq!(refused[0]["ok"], false, "{tc}: {refused:?}");
+        // Nothing translates any more, at the socket or on the interfaces.
+        for hooked in [true, false] {
+            let refused = world
+                .probe(
+                    CLIENT,
+                    hooked,
+                    &["tcp", "--to", "10.96.0.10:80", "--timeout-ms", "500"],
+                )
+                .unwrap();
+            assert_eq!(refused[0]["ok"], false, "{tc} hooked={hooked}: {refused:?}");
+        }
     }
 }
 
@@ -702,4 +707,87 @@ fn the_agent_serves_with_the_charts_capabilities_alone() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!world.nodes[0].bpffs.exists());
+}
+
+/// Pod veths by pattern, followed as pods come and go; the external interface by `auto`.
+#[test]
+fn interfaces_by_pattern_are_followed_and_auto_finds_the_external_one() {
+    let (mut world, backends) = three_backends();
+    world.agent_interfaces = Some("vh*".into());
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    // The client's veth was matched: the tc path serves it.
+    assert_eq!(tcp_spread(&world, false, 30).len(), 3);
+    // What the kernel says of the pinned link of proxy_ingress on vh9 (`proxyctl status`:
+    // this bpftool does not show TCX links' interfaces).
+    let pin = world.nodes[0].bpffs.join("links/proxy_ingress@vh9");
+    let link = |world: &World| -> String {
+        let status: Value =
+            serde_json::from_str(&world.proxyctl(&["status", "--output", "json"]).unwrap())
+                .unwrap();
+        status["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["pin"] == "proxy_ingress@vh9")
+            .map_or("absent".to_owned(), |a| a["attached_to"].to_string())
+    };
+    // A new pod's veth gets the programs; a deleted one is let go, and health stays good.
+    world
+        .run_in_node(
+            0,
+            "ip",
+            &["link", "add", "vh9", "type", "veth", "peer", "name", "vh9p"],
+        )
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["interfaces: attached proxy_ingress to vh9"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(link(&world).starts_with("\"interface "), "{}", link(&world));
+    world.run_in_node(0, "ip", &["link", "del", "vh9"]).unwrap();
+    agent
+        .wait_for_log(
+            &["interfaces: let go of proxy_ingress on vh9"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(!pin.exists());
+    std::thread::sleep(Duration::from_millis(1500));
+    let healthz = world.node_http(10256, "/healthz").unwrap();
+    assert!(status_of(&healthz).contains("200"), "{healthz}");
+    world.kill(agent.pid).unwrap();
+    let out = world
+        .agent_command(0)
+        .arg("--cleanup")
+        .arg("--bpffs")
+        .arg(&world.nodes[0].bpffs)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    // `auto` with neither a default route nor --node-ip in this namespace: said, not guessed.
+    let agent = world.bins.agent.to_string_lossy().into_owned();
+    let log = fails_cleanly(&world, &[&agent], &["--interfaces", "auto"]);
+    assert!(log.contains("--interfaces auto: no default route"), "{log}");
+}
+
+#[test]
+fn auto_finds_the_interface_holding_the_node_ip() {
+    let mut world = World::two_nodes(1, 1, proxy::test_binaries!()).unwrap();
+    world.agent_interfaces = Some("auto".into());
+    world.serve(1, "backend-1").unwrap();
+    let agent = world
+        .start_agent(
+            &service_manifest("web", VIP, None, &ready(&[world.pod(1).ip])),
+            true,
+        )
+        .unwrap();
+    agent
+        .wait_for_log(&["attached proxy_ingress on eth0"], Duration::from_secs(1))
+        .unwrap();
+    assert!(!agent.log_lines().iter().any(|l| l.contains("on vh1")));
 }

@@ -180,19 +180,29 @@ fn conntrack_list_and_flush_maps_and_status() {
     assert_eq!(status["agent_alive"], true, "{status}");
     assert_eq!(status["service_ports"], 2);
     assert!(status["last_sync_seconds_ago"].as_u64().unwrap() < 60);
-    let attachments: Vec<&str> = status["attachments"]
+    let attachments: Vec<(&str, &str)> = status["attachments"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| a.as_str().unwrap())
+        .map(|a| {
+            (
+                a["pin"].as_str().unwrap(),
+                a["attached_to"].as_str().unwrap(),
+            )
+        })
         .collect();
+    let cgroup = attachments
+        .iter()
+        .find(|(pin, _)| pin.starts_with("proxy_connect4@"));
     assert!(
-        attachments.contains(&"proxy_connect4@")
-            || attachments.iter().any(|a| a.starts_with("proxy_connect4@")),
+        cgroup.is_some_and(|(_, to)| to.starts_with("cgroup ")),
         "{attachments:?}"
     );
+    let ingress = attachments
+        .iter()
+        .find(|(pin, _)| *pin == "proxy_ingress@vh1");
     assert!(
-        attachments.contains(&"proxy_ingress@vh1"),
+        ingress.is_some_and(|(_, to)| to.starts_with("interface ")),
         "{attachments:?}"
     );
 }

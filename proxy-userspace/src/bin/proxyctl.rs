@@ -357,7 +357,8 @@ fn run(args: Args) -> Result<String, Failure> {
                         ago(s.heartbeat_seconds_ago),
                     );
                     for a in &s.attachments {
-                        text += &format!("  {}\n", a.replacen('@', " on ", 1));
+                        let pin = a.pin.replacen('@', " on ", 1);
+                        text += &format!("  {pin:<56} {}\n", a.attached_to);
                     }
                     text += "datapath drops:\n";
                     for (reason, packets) in &s.drops {
