@@ -94,7 +94,7 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
         context = container["securityContext"]
         caps = context["capabilities"]["add"]
         check("default: the capabilities the agent test runs with, no SYS_ADMIN, not privileged", context["privileged"] is False and sorted(caps) == ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"], caps)
-        check("default: AppArmor unconfined, SELinux spc_t", context["appArmorProfile"] == {"type": "Unconfined"} and context["seLinuxOptions"] == {"type": "spc_t"}, context)
+        check("default: AppArmor and seccomp unconfined (as the image check runs it), SELinux spc_t", context["appArmorProfile"] == {"type": "Unconfined"} and context["seccompProfile"] == {"type": "Unconfined"} and context["seLinuxOptions"] == {"type": "spc_t"}, context)
         check("default: API server address from k8sServiceHost", env.get("PROXY_K8S_API_SERVER") == "10.0.0.10:6443", env)
         check("default: no ServiceMonitor", not by_kind(docs, "ServiceMonitor"))
         check("default: kube-proxy's rules left alone until asked", "cleanup-kube-proxy" not in init, init.keys())

@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask setup | test | demo`. `test` and `demo` run `setup` first,
+//! Project tasks: `cargo xtask setup | test | demo | bench | image`. `test` and `demo` run `setup` first,
 //! which installs what is missing on a fresh machine and skips what is there.
 mod apiserver;
+mod image;
 mod setup;
 
 use std::process::Command;
@@ -28,6 +29,12 @@ enum Task {
     Test,
     /// Set up, then run the demo: a namespace world with ClusterIP traffic through the agent.
     Demo,
+    /// Set up, then build the agent's container image (release binaries) into podman's
+    /// local storage, and check it.
+    Image {
+        #[arg(long, default_value = "localhost/ebpf-proxy:0.1.0")]
+        tag: String,
+    },
     /// Set up, then run the benchmark; writes target/bench/results.md.
     Bench {
         /// The smallest size only, with fewer runs: checks the benchmark works.
@@ -101,6 +108,10 @@ fn test() -> anyhow::Result<()> {
     }
     let status = child.wait()?;
     let (chart_passed, chart_failed) = chart_tests()?;
+    // The image of the binaries `cargo test` built, run.
+    let (image_passed, image_failed) = image_tests(&root().join("target/debug"))
+        .inspect_err(|e| println!("FAIL image: {e:#}"))
+        .unwrap_or((0, 1));
     // `cargo test` built the examples: the quick benchmark checks that the bench still works.
     let bench_ok = bench(
         "debug",
@@ -108,16 +119,16 @@ fn test() -> anyhow::Result<()> {
     )
     .inspect_err(|e| println!("bench --quick failed: {e:#}"))
     .is_ok();
-    let total_passed = passed + chart_passed + u64::from(bench_ok);
-    let total_failed = failed + chart_failed + u64::from(!bench_ok);
+    let total_passed = passed + chart_passed + image_passed + u64::from(bench_ok);
+    let total_failed = failed + chart_failed + image_failed + u64::from(!bench_ok);
     println!("tests: {total_passed} passed, {total_failed} failed");
     ensure!(
         status.success() && failed == 0,
         "the test suite failed ({status})"
     );
     ensure!(
-        chart_failed == 0 && bench_ok,
-        "the chart tests or the quick benchmark failed"
+        chart_failed == 0 && image_failed == 0 && bench_ok,
+        "the chart tests, the image checks or the quick benchmark failed"
     );
     Ok(())
 }
@@ -167,6 +178,19 @@ fn quote_results(dir: &str) -> anyhow::Result<()> {
     std::fs::write(&readme_path, updated).context("writing README.md")?;
     println!("xtask: quoted {dir}/results.md in README.md");
     Ok(())
+}
+
+/// Builds the image from the binaries in `bin_dir` and checks it; (passed, failed).
+fn image_tests(bin_dir: &std::path::Path) -> anyhow::Result<(u64, u64)> {
+    const TAG: &str = "localhost/ebpf-proxy:test";
+    image::build(bin_dir, &root().join("target/image-test"), TAG)?;
+    let checked = image::check(TAG, &root().join("proxy-userspace/manifests/demo.yaml"));
+    // The image is a few hundred MiB: kept only as long as it is checked.
+    let _ = Command::new("podman")
+        .args(["rmi", "--force", TAG])
+        .output();
+    let _ = std::fs::remove_dir_all(root().join("target/image-test"));
+    checked
 }
 
 /// Runs the Helm chart's tests; returns (passed, failed) from their closing line.
@@ -222,6 +246,29 @@ fn main() -> anyhow::Result<()> {
             if !quick {
                 quote_results(out)?;
             }
+            Ok(())
+        }
+        Task::Image { tag } => {
+            setup::run_all(&root())?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "proxy-userspace",
+                "--bin",
+                "proxy-agent",
+                "--bin",
+                "proxyctl",
+            ])?;
+            image::build(
+                &root().join("target/release"),
+                &root().join("target/image"),
+                &tag,
+            )?;
+            let (_, failed) =
+                image::check(&tag, &root().join("proxy-userspace/manifests/demo.yaml"))?;
+            ensure!(failed == 0, "the image checks failed");
+            println!("image: {tag} (push it with `podman push {tag} REGISTRY/NAME:TAG`)");
             Ok(())
         }
         Task::Demo => {

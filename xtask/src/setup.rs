@@ -10,8 +10,9 @@ use anyhow::{Context as _, bail, ensure};
 /// (nsenter), tcpdump (debugging the datapath), openssl and curl (the test API server's
 /// certificates and readiness check), iptables and nftables (kube-proxy's data paths, the
 /// benchmark's baselines), fonts-dejavu-core (the benchmark's plots), ethtool (the XDP
-/// tests' veth offloads).
-const APT_PACKAGES: [&str; 10] = [
+/// tests' veth offloads), mmdebstrap, podman and runc (the container image, built and run
+/// without a registry).
+const APT_PACKAGES: [&str; 13] = [
     "bpftool",
     "ethtool",
     "iproute2",
@@ -22,6 +23,9 @@ const APT_PACKAGES: [&str; 10] = [
     "iptables",
     "nftables",
     "fonts-dejavu-core",
+    "mmdebstrap",
+    "podman",
+    "runc",
 ];
 const BPF_LINKER_VERSION: &str = "^0.13";
 
