@@ -193,6 +193,19 @@ impl Agent {
                     self.handle(event);
                 }
             }
+            SourceEvent::NodeEligible(eligible) => {
+                if eligible != self.state.get().node_eligible {
+                    if eligible {
+                        info!("this node is eligible for load-balanced traffic again");
+                    } else {
+                        warn!(
+                            "this node is being deleted: /healthz fails so that load balancers \
+                             drain it (the datapath keeps serving)"
+                        );
+                    }
+                }
+                self.state.update(|s| s.node_eligible = eligible);
+            }
             SourceEvent::Topology(topology) => {
                 if self.controller.set_topology(topology.clone()) {
                     info!("node topology: {topology:?}");

@@ -78,13 +78,30 @@ pub struct Endpoints {
     pub metrics: Option<Arc<Metrics>>,
 }
 
-/// kube-proxy's health answer, plus why it is unhealthy (`/healthz`, `/readyz`).
-fn health(endpoints: &Endpoints) -> (&'static str, String) {
+/// A time as kube-proxy's `/healthz` writes it (Go's `time.Time` string).
+fn go_time(unix: f64) -> String {
+    let nanos = (unix * 1e9) as i128;
+    k8s_openapi::jiff::Timestamp::from_nanosecond(nanos).map_or_else(
+        |_| String::new(),
+        |t| t.strftime("%Y-%m-%d %H:%M:%S%.f +0000 UTC").to_string(),
+    )
+}
+
+/// kube-proxy's health answer (`lastUpdated`, `currentTime`, `nodeEligible`), plus ours and
+/// why it is unhealthy. `/readyz` is about this agent, so a node being deleted does not
+/// fail it: the datapath serves the node's pods until the end; `/healthz` is what load
+/// balancers ask, and fails then, as kube-proxy's does.
+fn health(endpoints: &Endpoints, for_load_balancers: bool) -> (&'static str, String) {
     let state = endpoints.health.state.get();
-    let problems = state.problems(endpoints.health.max_lag.as_secs_f64());
+    let mut problems = state.problems(endpoints.health.max_lag.as_secs_f64());
+    if for_load_balancers && !state.node_eligible {
+        problems.push("this node is being deleted".to_owned());
+    }
     let body = serde_json::json!({
-        "lastUpdated": (state.last_sync * 1000.0).round() / 1000.0,
-        "currentTime": (unix_now() * 1000.0).round() / 1000.0,
+        "lastUpdated": go_time(state.last_sync),
+        "currentTime": go_time(unix_now()),
+        "nodeEligible": state.node_eligible,
+        "lastUpdatedSeconds": (state.last_sync * 1000.0).round() / 1000.0,
         "pendingSeconds": (state.lag() * 1000.0).round() / 1000.0,
         "sourceConnected": state.source_connected,
         "healthy": problems.is_empty(),
@@ -106,7 +123,7 @@ impl Responder for Endpoints {
     fn respond(&self, path: &str) -> Response {
         match (path, &self.metrics) {
             ("/healthz" | "/readyz", _) => {
-                let (status, body) = health(self);
+                let (status, body) = health(self, path == "/healthz");
                 Response::new(status, "application/json", body)
             }
             ("/livez", _) => {
@@ -221,5 +238,19 @@ pub async fn serve(listener: TcpListener, responder: Arc<impl Responder>) -> any
                 debug!(%peer, "HTTP request: {e:#}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_written_as_kube_proxy_writes_them() {
+        assert_eq!(go_time(0.0), "1970-01-01 00:00:00 +0000 UTC");
+        assert_eq!(
+            go_time(1_764_900_000.5),
+            "2025-12-05 02:00:00.5 +0000 UTC"
+        );
     }
 }

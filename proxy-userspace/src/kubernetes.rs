@@ -27,6 +27,19 @@ use crate::{
 };
 
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The cluster autoscaler's taint on a node it is about to delete.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// kube-proxy's `nodeEligible`: a node being deleted, or about to be by the cluster
+/// autoscaler, tells load balancers to send it no more traffic.
+fn eligible(node: &Node) -> bool {
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    node.metadata.deletion_timestamp.is_none() && !tainted
+}
 
 /// Where the API server is, when it is not where the configuration says: in a pod the
 /// in-cluster configuration names the `kubernetes` Service's ClusterIP, which nothing serves
@@ -296,8 +309,12 @@ pub async fn run(
                         }
                         watcher::Event::InitApply(n) | watcher::Event::Apply(n) => {
                             let t = topology(name, Some(&n));
+                            let events = vec![
+                                SourceEvent::NodeEligible(eligible(&n)),
+                                SourceEvent::Topology(t),
+                            ];
                             node_seen = Some(n);
-                            Some(SourceEvent::Topology(t))
+                            Some(SourceEvent::Batch(events))
                         }
                         watcher::Event::InitDone => {
                             if node_seen.is_none() {
@@ -312,7 +329,10 @@ pub async fn run(
                         watcher::Event::Delete(n) => {
                             tracing::warn!("node {:?} was deleted", name_of(&n.metadata).1);
                             node_seen = None;
-                            Some(SourceEvent::Topology(topology(name, None)))
+                            Some(SourceEvent::Batch(vec![
+                                SourceEvent::NodeEligible(false),
+                                SourceEvent::Topology(topology(name, None)),
+                            ]))
                         }
                     }
                 }

@@ -24,6 +24,9 @@ pub enum SourceEvent {
     Apply(Object),
     Delete(Kind, Name),
     Topology(Topology),
+    /// Whether this node should receive load-balanced traffic (kube-proxy's
+    /// `nodeEligible`): not while it is being deleted or tainted for deletion.
+    NodeEligible(bool),
     /// Input that could not be used (a manifest that does not parse, a duplicate object).
     Rejected(Vec<Rejection>),
     /// Every object of these kinds has been sent (as single events): the source's first

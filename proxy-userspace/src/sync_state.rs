@@ -18,6 +18,8 @@ pub struct SyncState {
     pub datapath_missing: Vec<String>,
     /// Unix seconds when the agent's loop last went round.
     pub loop_alive: f64,
+    /// kube-proxy's `nodeEligible`: false while this node is being deleted.
+    pub node_eligible: bool,
 }
 
 impl Default for SyncState {
@@ -28,6 +30,7 @@ impl Default for SyncState {
             source_connected: true,
             datapath_missing: Vec::new(),
             loop_alive: unix_now(),
+            node_eligible: true,
         }
     }
 }

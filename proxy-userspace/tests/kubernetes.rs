@@ -867,3 +867,62 @@ fn an_agent_stopped_by_an_uninstall_removes_the_datapath_and_one_stopped_by_an_u
     let refused = tcp_spread(&world, &vip, true, 3);
     assert!(refused.keys().all(|k| k.starts_with('<')), "{refused:?}");
 }
+
+/// As kube-proxy's, `/healthz` tells load balancers to drain a node the cluster autoscaler
+/// is about to delete (`nodeEligible: false`), while `/readyz` (the agent's own readiness)
+/// stays 200: the datapath serves the node's pods until the end.
+#[test]
+fn healthz_drains_a_node_tainted_for_deletion_and_readyz_does_not() {
+    let Some(cluster) = cluster() else { return };
+    let (mut world, _pods) = world();
+    // A Node of this test's own: the API server is shared by the tests.
+    let name = format!("node-{}", cluster.namespace);
+    world.nodes[0].name = name.clone();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(cluster.client.clone());
+    let node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    cluster
+        .rt
+        .block_on(nodes.create(&PostParams::default(), &node))
+        .expect("creating a Node");
+    let agent = cluster.start_agent(&mut world);
+    let probe = |path: &str| world.agent_http(path).unwrap();
+    assert!(
+        probe("/healthz").starts_with("HTTP/1.0 200"),
+        "{}",
+        probe("/healthz")
+    );
+    assert!(probe("/healthz").contains("\"nodeEligible\":true"));
+
+    let taint = Patch::Merge(
+        json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}]}}),
+    );
+    cluster
+        .rt
+        .block_on(nodes.patch(&name, &PatchParams::default(), &taint))
+        .expect("tainting the Node");
+    agent
+        .wait_for_log(&["this node is being deleted"], Duration::from_secs(10))
+        .unwrap();
+    let healthz = probe("/healthz");
+    assert!(healthz.starts_with("HTTP/1.0 503"), "{healthz}");
+    assert!(healthz.contains("\"nodeEligible\":false"), "{healthz}");
+    assert!(
+        probe("/readyz").starts_with("HTTP/1.0 200"),
+        "{}",
+        probe("/readyz")
+    );
+
+    let untaint = Patch::Merge(json!({"spec": {"taints": null}}));
+    cluster
+        .rt
+        .block_on(nodes.patch(&name, &PatchParams::default(), &untaint))
+        .expect("removing the taint");
+    eventually(
+        "healthz back to 200",
+        || probe("/healthz"),
+        |h| h.starts_with("HTTP/1.0 200"),
+    );
+    let _ = cluster
+        .rt
+        .block_on(nodes.delete(&name, &DeleteParams::default()));
+}
