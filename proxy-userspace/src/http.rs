@@ -248,9 +248,6 @@ mod tests {
     #[test]
     fn times_are_written_as_kube_proxy_writes_them() {
         assert_eq!(go_time(0.0), "1970-01-01 00:00:00 +0000 UTC");
-        assert_eq!(
-            go_time(1_764_900_000.5),
-            "2025-12-05 02:00:00.5 +0000 UTC"
-        );
+        assert_eq!(go_time(1_764_900_000.5), "2025-12-05 02:00:00.5 +0000 UTC");
     }
 }

@@ -492,6 +492,27 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
         dump.contains("\"nat_port\": 8080") && dump.contains("\"rev_nat_id\""),
         "{dump}"
     );
+    // Two entries per flow: one keyed on the client's tuple, one on the backend's. A UDP
+    // client port that came round again shares them with its earlier flow (the reply-tuple
+    // clash of issue #13), so count the distinct tuples rather than the flows.
+    let tuples = |with_backend: bool| {
+        let flows = tcp
+            .iter()
+            .map(|r| ("tcp", r))
+            .chain(udp.iter().map(|r| ("udp", r)));
+        flows
+            .map(|(proto, r)| {
+                let backend = if with_backend {
+                    r["backend"].to_string()
+                } else {
+                    String::new()
+                };
+                (proto, r["server_saw"].to_string(), backend)
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64
+    };
+    let expected = tuples(false) + tuples(true);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let metrics = world.agent_http("/metrics").unwrap();
@@ -499,12 +520,12 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
             .lines()
             .find_map(|l| l.strip_prefix("proxy_conntrack_entries "))
             .and_then(|v| v.trim().parse::<u64>().ok());
-        if entries.is_some_and(|n| n >= 2 * 150) {
+        if entries.is_some_and(|n| n >= expected) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "conntrack fill metric missing: {entries:?}"
+            "conntrack fill metric missing: {entries:?}, expected {expected}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
