@@ -95,6 +95,10 @@ pub struct Config {
 /// millisecond of work.
 pub const REPAIR_STEP: usize = 256;
 
+/// Source events (batches of up to 256 objects) waiting for the loop: enough to parse
+/// ahead while the datapath loads, few enough that waiting objects cost little memory.
+const SOURCE_BACKLOG: usize = 64;
+
 /// How often `--interfaces` patterns and `auto` are resolved again: a new pod's veth gets
 /// the tc programs within this time.
 const FOLLOW_INTERFACES_EVERY: Duration = Duration::from_secs(1);
@@ -527,6 +531,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     preflight::interfaces(&config.xdp_interfaces, "--xdp-interfaces")?;
     let source = prepare_source(&config).await?;
     let listeners = bind_listeners(&config)?;
+    // The source starts reading (a big manifest takes seconds to parse) while the datapath
+    // loads; its events wait in the channel until the loop runs, at most SOURCE_BACKLOG.
+    let (events_tx, mut events) = mpsc::channel(SOURCE_BACKLOG);
+    let client = match &source {
+        Source::Kubernetes(client, _) => Some(client.clone()),
+        Source::Manifests(_) => None,
+    };
+    let mut source = start_source(source, &config, events_tx);
     let mut node_addresses = NodeAddresses::new(
         config.node_ip,
         &served,
@@ -605,12 +617,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ => tokio::spawn(std::future::pending()),
     };
 
-    let (events_tx, mut events) = mpsc::channel(1024);
-    let client = match &source {
-        Source::Kubernetes(client, _) => Some(client.clone()),
-        Source::Manifests(_) => None,
-    };
-    let mut source = start_source(source, &config, events_tx);
     let status = StatusWriter {
         map: crate::maps::open(&config.bpffs, proxy_common::maps::AGENT_STATUS)?,
         status: AgentStatus {
