@@ -162,6 +162,10 @@ pub const CT_TIMEOUT_UDP_SECS: u64 = 60;
 /// `CtEntry::flags`: the flow is masqueraded; its packets are routed by the datapath
 /// itself (the kernel would drop a packet whose source is one of its own addresses).
 pub const CT_FLAG_SNAT: u8 = 1;
+/// `CtEntry::flags`: a flow the kernel's NAT translates (kube-proxy's, during a migration):
+/// its packets are left alone, so that they keep the backend kube-proxy chose. Only a
+/// forward entry, under the client's tuple; `nat_addr`/`nat_port` say that backend.
+pub const CT_FLAG_PASS: u8 = 2;
 
 /// A conntrack entry. A translated flow has two: `CT_FORWARD` under the client's tuple and
 /// `CT_REPLY` under the backend's reply tuple.

@@ -3,10 +3,10 @@
 //! (masquerading it when the reply would otherwise bypass this node) and record it.
 use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
-    AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, DROP_CONNTRACK_INSERT,
-    DROP_NO_LOCAL_ENDPOINT, DROP_NO_MASQUERADE_ADDRESS, DROP_NO_MASQUERADE_PORT,
-    SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
+    AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey,
+    DROP_CONNTRACK_INSERT, DROP_NO_LOCAL_ENDPOINT, DROP_NO_MASQUERADE_ADDRESS,
+    DROP_NO_MASQUERADE_PORT, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
 };
 
 use crate::{
@@ -102,6 +102,10 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         // SAFETY: LRU values stay valid during the program's run; racing updates of the
         // state and timestamp from another CPU are benign.
         let entry = unsafe { &mut *entry };
+        if entry.flags & CT_FLAG_PASS != 0 {
+            entry.last_seen_ns = now;
+            return Verdict::Pass;
+        }
         // A new SYN on a closed flow's tuple is a new connection: balance it again.
         let reused = flow.is_syn() && entry.state == CT_STATE_CLOSING;
         let snat = entry.flags & CT_FLAG_SNAT != 0;

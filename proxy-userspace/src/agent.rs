@@ -575,7 +575,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             reconciler.len()
         );
     }
-    let conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
+    let mut conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
+    if reconciler.is_empty() {
+        // A first start on this node, maybe beside kube-proxy: its UDP flows stay its own.
+        match crate::kernel_flows::pass_translated_udp(&mut conntrack, crate::clock::monotonic_ns())
+        {
+            Ok(0) => {}
+            Ok(n) => info!(
+                "left {n} UDP flows to the kernel's NAT (kube-proxy's), which translates them"
+            ),
+            Err(e) => warn!(
+                "cannot read the kernel's connection table ({e}): UDP flows that kube-proxy \
+                 translates may be balanced anew by the tc programs"
+            ),
+        }
+    }
     let state = SharedSyncState::default();
     let metrics =
         Arc::new(Metrics::new(config.bpffs.clone(), state.clone()).context("registering metrics")?);

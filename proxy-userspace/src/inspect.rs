@@ -9,9 +9,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use proxy_common::{
-    AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_SNAT, CT_FORWARD, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DROP_REASONS, SCOPE_ALL, SVC_FLAG_AFFINITY,
-    ServiceKey, ServiceValue, SlotKey, maps,
+    AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DROP_REASONS, SCOPE_ALL,
+    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey, maps,
 };
 use serde::Serialize;
 
@@ -205,7 +205,10 @@ impl ActiveFlows {
         let conntrack = open_conntrack(dir)?;
         let mut active = HashMap::new();
         for (_, entry) in conntrack.iter().filter_map(Result::ok) {
-            if entry.direction == CT_FORWARD && entry.state != CT_STATE_CLOSING {
+            if entry.direction == CT_FORWARD
+                && entry.state != CT_STATE_CLOSING
+                && entry.flags & CT_FLAG_PASS == 0
+            {
                 *active
                     .entry((entry.rev_nat_id, entry.backend_id))
                     .or_default() += 1;
@@ -325,15 +328,19 @@ pub fn flows(
         {
             continue;
         }
-        let service = names
-            .entry(entry.rev_nat_id)
-            .or_insert_with(|| {
-                maps.names
-                    .get(&entry.rev_nat_id, 0)
-                    .map(|n| decode_info(&n).name)
-                    .unwrap_or_else(|_| "<removed>".into())
-            })
-            .clone();
+        let service = if entry.flags & CT_FLAG_PASS != 0 {
+            "<left to the kernel's NAT>".to_owned()
+        } else {
+            names
+                .entry(entry.rev_nat_id)
+                .or_insert_with(|| {
+                    maps.names
+                        .get(&entry.rev_nat_id, 0)
+                        .map(|n| decode_info(&n).name)
+                        .unwrap_or_else(|_| "<removed>".into())
+                })
+                .clone()
+        };
         let row = FlowRow {
             protocol: protocol(key.proto),
             client: format!("{}:{}", Ipv4Addr::from(key.src), key.sport),

@@ -14,6 +14,7 @@ pub mod health_check;
 pub mod http;
 pub mod inspect;
 pub mod interfaces;
+pub mod kernel_flows;
 pub mod kube_proxy_cleanup;
 pub mod kubernetes;
 pub mod link_target;

@@ -240,6 +240,13 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
             Duration::from_secs(5),
         )
         .unwrap();
+    // The UDP flow kube-proxy translates is left to the kernel's NAT.
+    agent
+        .wait_for_log(
+            &["left 1 UDP flows to the kernel's NAT"],
+            Duration::from_secs(1),
+        )
+        .unwrap();
     let readyz = world.node_http(PROBE_PORT, "/readyz").unwrap();
     assert!(status_of(&readyz).contains("200"), "{readyz}");
     assert!(
@@ -300,7 +307,7 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
         assert_eq!(tcp_spread(&world, hooked, 30).len(), 3);
     }
 
-    // Every flow kube-proxy's rules set up lived through all of it; TCP on its backend.
+    // Every flow kube-proxy's rules set up lived through all of it, on its backend.
     let summaries: Vec<_> = flows
         .into_iter()
         .map(|(proto, hooked, handle, backend)| {
@@ -313,9 +320,7 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
             "{proto} (hooked={hooked}): {summary}"
         );
         assert!(summary["exchanges"].as_u64().unwrap() >= 40, "{summary}");
-        if proto == "tcp" {
-            assert_eq!(summary["last_backend"], backend.as_str(), "{summary}");
-        }
+        assert_eq!(summary["last_backend"], backend.as_str(), "{summary}");
     }
 
     // 4. A reboot: the datapath is gone with bpffs; the agent starts from nothing.

@@ -1,0 +1,115 @@
+//! UDP flows the kernel's NAT translates when the agent starts (kube-proxy's, during a
+//! migration): UDP has no SYN to tell a new flow from one in the middle, so without this the
+//! tc program would balance their next datagram anew, possibly to another backend. Each
+//! such flow gets a pass entry in our conntrack (`CT_FLAG_PASS`), under the client's tuple:
+//! its packets are left to the kernel, which keeps sending them to the backend kube-proxy
+//! chose, until the flow has been idle for our UDP timeout. TCP needs none of this: a segment
+//! other than a SYN without an entry of ours is left alone anyway.
+use std::net::Ipv4Addr;
+
+use aya::maps::{HashMap, MapData};
+use proxy_common::{CT_FLAG_PASS, CT_FORWARD, CT_STATE_ESTABLISHED, CtEntry, CtKey};
+
+const IPPROTO_UDP: u8 = 17;
+/// `BPF_NOEXIST` (linux/bpf.h): insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+/// The kernel's connection table of this network namespace (`/proc/self/net/...`).
+const NF_CONNTRACK: &str = "/proc/net/nf_conntrack";
+
+/// One side of a kernel conntrack entry.
+#[derive(Debug, PartialEq)]
+struct Tuple {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+}
+
+/// The UDP flows of `/proc/net/nf_conntrack` text whose destination the kernel translated:
+/// (original tuple, reply tuple).
+fn translated_udp(text: &str) -> Vec<(Tuple, Tuple)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.first() != Some(&"ipv4") || fields.get(2) != Some(&"udp") {
+                return None;
+            }
+            let value =
+                |key: &str, nth: usize| fields.iter().filter_map(|f| f.strip_prefix(key)).nth(nth);
+            let tuple = |nth: usize| -> Option<Tuple> {
+                Some(Tuple {
+                    src: value("src=", nth)?.parse().ok()?,
+                    dst: value("dst=", nth)?.parse().ok()?,
+                    sport: value("sport=", nth)?.parse().ok()?,
+                    dport: value("dport=", nth)?.parse().ok()?,
+                })
+            };
+            let (original, reply) = (tuple(0)?, tuple(1)?);
+            // DNAT: the answer comes from somewhere else than where the client sent.
+            (reply.src != original.dst || reply.sport != original.dport)
+                .then_some((original, reply))
+        })
+        .collect()
+}
+
+/// Adds a pass entry for every UDP flow the kernel translates now; returns how many. An
+/// entry of ours under the same tuple is kept. Without a readable `nf_conntrack` (kernels
+/// built without its procfs file) nothing is added and `Err` says so.
+pub fn pass_translated_udp(
+    conntrack: &mut HashMap<MapData, CtKey, CtEntry>,
+    now_ns: u64,
+) -> std::io::Result<usize> {
+    let text = std::fs::read_to_string(NF_CONNTRACK)?;
+    let mut added = 0;
+    for (original, reply) in translated_udp(&text) {
+        let key = CtKey {
+            src: original.src.octets(),
+            dst: original.dst.octets(),
+            sport: original.sport,
+            dport: original.dport,
+            proto: IPPROTO_UDP,
+            pad: [0; 3],
+        };
+        let entry = CtEntry {
+            nat_addr: reply.src.octets(),
+            nat_port: reply.sport,
+            direction: CT_FORWARD,
+            state: CT_STATE_ESTABLISHED,
+            peer_addr: original.src.octets(),
+            peer_port: original.sport,
+            flags: CT_FLAG_PASS,
+            last_seen_ns: now_ns,
+            ..CtEntry::default()
+        };
+        if conntrack.insert(key, entry, BPF_NOEXIST).is_ok() {
+            added += 1;
+        }
+    }
+    Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_udp_flows_whose_destination_was_translated() {
+        let text = "\
+ipv4     2 udp      17 113 src=10.244.4.2 dst=10.96.0.10 sport=41234 dport=53 src=10.244.1.2 dst=10.244.4.2 sport=8080 dport=41234 [ASSURED] mark=0 zone=0 use=2
+ipv4     2 udp      17 20 src=10.244.4.2 dst=10.244.1.2 sport=5000 dport=8080 src=10.244.1.2 dst=10.244.4.2 sport=8080 dport=5000 mark=0 zone=0 use=2
+ipv4     2 tcp      6 431999 ESTABLISHED src=10.244.4.2 dst=10.96.0.10 sport=40000 dport=80 src=10.244.2.2 dst=10.244.4.2 sport=8080 dport=40000 [ASSURED] mark=0 zone=0 use=2
+ipv6     10 udp      17 20 src=fd00::2 dst=fd00::10 sport=1 dport=53 src=fd00::3 dst=fd00::2 sport=8080 dport=1 mark=0 zone=0 use=2
+";
+        let flows = translated_udp(text);
+        assert_eq!(flows.len(), 1);
+        let (original, reply) = &flows[0];
+        assert_eq!(
+            (original.dst, original.dport, original.sport),
+            (Ipv4Addr::new(10, 96, 0, 10), 53, 41234)
+        );
+        assert_eq!(
+            (reply.src, reply.sport),
+            (Ipv4Addr::new(10, 244, 1, 2), 8080)
+        );
+    }
+}
