@@ -9,6 +9,7 @@ pub mod clock;
 pub mod conntrack;
 pub mod controller;
 pub mod datapath;
+pub mod datapath_metrics;
 pub mod desired;
 pub mod health_check;
 pub mod http;

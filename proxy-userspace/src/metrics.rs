@@ -3,18 +3,18 @@
 use std::path::PathBuf;
 
 use prometheus::{
-    Encoder as _, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder, core::Collector, proto::MetricFamily,
+    Encoder as _, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder, core::Collector,
 };
 use tracing::debug;
 
-use crate::{rejection::Reason, sync_state::SharedSyncState};
+use crate::{datapath_metrics::DatapathMetrics, rejection::Reason, sync_state::SharedSyncState};
 
 pub struct Metrics {
     registry: Registry,
-    /// Where the maps are pinned: per-service and per-backend counters and map fill are
-    /// read from them at each scrape.
-    bpffs: PathBuf,
+    /// Per-service and per-backend counters, map fill and drops, read from the maps at
+    /// each scrape.
+    datapath: DatapathMetrics,
     /// Read at each scrape into `last_sync`, `pending_since`, `source_connected` and
     /// `datapath_missing`.
     state: SharedSyncState,
@@ -194,7 +194,7 @@ impl Metrics {
                 )?,
             )?,
             registry: r,
-            bpffs,
+            datapath: DatapathMetrics::new(bpffs),
             state,
         };
         m.conntrack_capacity
@@ -213,120 +213,13 @@ impl Metrics {
         self.source_connected.set(state.source_connected.into());
         self.datapath_missing
             .set(state.datapath_missing.len() as i64);
-        let mut families = self.registry.gather();
-        match datapath_families(&self.bpffs) {
-            Ok(more) => families.extend(more),
-            Err(e) => debug!("reading the maps for metrics: {e:#}"),
-        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
-        let _ = TextEncoder::new().encode(&families, &mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    }
-}
-
-/// Per-service and per-backend traffic counters and map fill, as the maps hold them now.
-fn datapath_families(bpffs: &std::path::Path) -> anyhow::Result<Vec<MetricFamily>> {
-    let maps = crate::maps::Maps::open(bpffs)?;
-    let counter =
-        |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels);
-    let service_labels = ["namespace", "service", "port", "address"];
-    let svc = [
-        counter(
-            "proxy_service_connections_total",
-            "New connections to a service port.",
-            &service_labels,
-        )?,
-        counter(
-            "proxy_service_packets_total",
-            "Packets of a service port (tc path and UDP datagrams).",
-            &service_labels,
-        )?,
-        counter(
-            "proxy_service_bytes_total",
-            "Bytes of a service port (tc path).",
-            &service_labels,
-        )?,
-    ];
-    let be = [
-        counter(
-            "proxy_backend_connections_total",
-            "New connections to a backend.",
-            &["backend"],
-        )?,
-        counter(
-            "proxy_backend_packets_total",
-            "Packets to and from a backend (tc path and UDP datagrams).",
-            &["backend"],
-        )?,
-        counter(
-            "proxy_backend_bytes_total",
-            "Bytes to and from a backend (tc path).",
-            &["backend"],
-        )?,
-    ];
-    let mut seen = std::collections::HashSet::new();
-    for row in crate::inspect::services(&maps)? {
-        let address = format!("{}:{}/{}", row.address, row.port, row.protocol);
-        let labels = [
-            row.namespace.as_str(),
-            row.name.as_str(),
-            row.port_name.as_str(),
-            address.as_str(),
-        ];
-        for (vec, value) in svc.iter().zip([row.connections, row.packets, row.bytes]) {
-            vec.with_label_values(&labels).inc_by(value);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let mut text = String::from_utf8_lossy(&out).into_owned();
+        if let Err(e) = self.datapath.write(&mut text) {
+            debug!("reading the maps for metrics: {e:#}");
         }
-        // Counters only: the scrape never scans conntrack.
-        for (id, b, c) in crate::inspect::backend_counters(&maps, &row)? {
-            // A backend shared by several service ports has one set of counters.
-            if seen.insert(id) {
-                let backend = format!(
-                    "{}:{}/{}",
-                    std::net::Ipv4Addr::from(b.addr),
-                    b.port,
-                    crate::inspect::protocol(b.proto)
-                );
-                for (vec, value) in be.iter().zip([c.conns, c.packets, c.bytes]) {
-                    vec.with_label_values(&[backend.as_str()]).inc_by(value);
-                }
-            }
-        }
+        text
     }
-    let entries = IntGaugeVec::new(
-        Opts::new("proxy_map_entries", "Entries in a map (hash and LRU maps)."),
-        &["map"],
-    )?;
-    let capacity = IntGaugeVec::new(
-        Opts::new(
-            "proxy_map_capacity",
-            "Capacity of a map; entries/capacity is its fill.",
-        ),
-        &["map"],
-    )?;
-    for row in crate::inspect::map_fill(bpffs)? {
-        capacity
-            .with_label_values(&[row.name])
-            .set(i64::from(row.capacity));
-        if let Some(n) = row.entries {
-            entries.with_label_values(&[row.name]).set(n as i64);
-        }
-    }
-    let drops = counter(
-        "proxy_datapath_drops_total",
-        "Packets the datapath dropped, by reason.",
-        &["reason"],
-    )?;
-    for (reason, packets) in crate::inspect::drops(bpffs)? {
-        drops.with_label_values(&[reason]).inc_by(packets);
-    }
-    let mut families: Vec<MetricFamily> = svc
-        .iter()
-        .chain(&be)
-        .chain([&drops])
-        .flat_map(Collector::collect)
-        .collect();
-    families.extend(entries.collect());
-    families.extend(capacity.collect());
-    Ok(families)
 }
