@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use prometheus::{
-    Encoder as _, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder, core::Collector,
+    Encoder as _, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
 };
 use tracing::debug;
 
@@ -56,6 +56,22 @@ fn histogram(name: &str, help: &str) -> prometheus::Result<Histogram> {
 impl Metrics {
     pub fn new(bpffs: PathBuf, state: SharedSyncState) -> prometheus::Result<Self> {
         let r = Registry::new();
+        // process_resident_memory_bytes, process_cpu_seconds_total, process_start_time_seconds
+        // and the rest, as the "Kubernetes / Proxy" dashboard reads them.
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "proxy_build_info",
+                "1, labelled with the agent's version (kube-proxy's kubernetes_build_info).",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        r.register(Box::new(build_info))?;
         let m = Self {
             sync_duration: register(
                 &r,

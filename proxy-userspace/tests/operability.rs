@@ -178,6 +178,14 @@ fn conntrack_list_and_flush_maps_and_status() {
 
     let status = json(&world, &["status"]);
     assert_eq!(status["agent_alive"], true, "{status}");
+    // The pin directory from PROXY_BPFFS, as in the agent's container.
+    let from_env = std::process::Command::new(&world.bins.proxyctl)
+        .env("PROXY_BPFFS", &world.nodes[0].bpffs)
+        .args(["status", "--output", "json"])
+        .output()
+        .unwrap();
+    let from_env: Value = serde_json::from_slice(&from_env.stdout).unwrap();
+    assert_eq!(from_env["agent_pid"], status["agent_pid"], "{from_env}");
     assert_eq!(status["service_ports"], 2);
     assert!(status["last_sync_seconds_ago"].as_u64().unwrap() < 60);
     let attachments: Vec<(&str, &str)> = status["attachments"]
@@ -302,6 +310,17 @@ fn metrics_have_kube_proxy_names_and_per_service_and_backend_counters() {
     assert_eq!(per_backend, results.len() as f64);
     assert_eq!(value("proxy_map_entries{map=\"services\"}"), 2.0);
     assert!(value("proxy_map_capacity{map=\"conntrack\"}") > 0.0);
+    // What the "Kubernetes / Proxy" dashboard and the KubeProxyDown alert read.
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_start_time_seconds") > 1.6e9);
+    assert!(metrics.contains("process_cpu_seconds_total "), "{metrics}");
+    assert_eq!(
+        value(&format!(
+            "proxy_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
     assert!(world.agent_http("/proxyMode").unwrap().ends_with("ebpf"));
     let healthz = world.node_http(10256, "/healthz").unwrap();
     assert!(

@@ -11,8 +11,14 @@ use serde::Serialize;
 #[derive(Parser)]
 #[command(version, about = "Inspect the eBPF service proxy's maps")]
 struct Args {
-    /// Directory where proxy-agent pinned its maps (its --bpffs).
-    #[arg(long, global = true, default_value = "/sys/fs/bpf/proxy")]
+    /// Directory where proxy-agent pinned its maps (its --bpffs; the chart sets PROXY_BPFFS
+    /// in the agent's container, so `kubectl exec ... proxyctl` finds a changed one).
+    #[arg(
+        long,
+        global = true,
+        env = "PROXY_BPFFS",
+        default_value = "/sys/fs/bpf/proxy"
+    )]
     bpffs: PathBuf,
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
