@@ -109,6 +109,7 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
         check("all options: API server address from the kubelet's kubeconfig", env.get("PROXY_K8S_API_SERVER_FROM") == mounts_by_name.get("kubelet-kubeconfig"), (env, mounts_by_name))
         check("all options: extra args, env, annotations, labels, affinity, update strategy", container["args"] == ["--xdp", "generic"] and env.get("RUST_BACKTRACE") == "1" and ds["spec"]["template"]["metadata"]["annotations"]["example.com/team"] == "network" and ds["spec"]["template"]["metadata"]["labels"]["example.com/tier"] == "node" and "nodeAffinity" in pod["affinity"] and ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "10%")
         check("all options: fullnameOverride", ds["metadata"]["name"] == "node-proxy", ds["metadata"]["name"])
+        check("all options: JSON logs", config["data"]["PROXY_LOG_FORMAT"] == "json", config["data"])
 
 passed = sum(results)
 print(f"chart: {passed} passed, {len(results) - passed} failed")

@@ -328,3 +328,40 @@ fn metrics_have_kube_proxy_names_and_per_service_and_backend_counters() {
         "{healthz}"
     );
 }
+
+#[test]
+fn logs_are_json_lines_with_log_format_json() {
+    let (mut world, pods) = world();
+    let path = world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&pods)))
+        .unwrap();
+    let agent = world
+        .start_agent_with(
+            &[
+                "--manifests",
+                &path.to_string_lossy(),
+                "--log-format",
+                "json",
+            ],
+            true,
+        )
+        .unwrap();
+    let lines = agent.log_lines();
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let synced = parsed
+        .iter()
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("synced"))
+        })
+        .expect("a sync line");
+    assert_eq!(synced["level"], "INFO", "{synced}");
+    assert!(
+        synced["timestamp"].is_string() && synced["target"].is_string(),
+        "{synced}"
+    );
+}

@@ -48,6 +48,9 @@ struct Args {
     /// --cleanup; otherwise (an update, a restart) the datapath stays for the next agent.
     #[arg(long, env = "PROXY_OWNER_DAEMONSET", conflicts_with = "manifests")]
     owner_daemonset: Option<proxy::uninstall::Owner>,
+    /// Log lines as text, or as one JSON object each (for log collectors).
+    #[arg(long, env = "PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Remove everything an agent created on this node (pinned links and maps under
     /// --bpffs, tc filters on every interface) and exit; refused while an agent runs.
     #[arg(long, conflicts_with = "cleanup_kube_proxy")]
@@ -140,6 +143,12 @@ struct Args {
     resync_interval: u64,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn parse_map_size(text: &str) -> Result<(String, u32), String> {
     let (name, size) = text
         .split_once('=')
@@ -162,13 +171,18 @@ fn hostname() -> anyhow::Result<String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One JSON object per line, for log collectors.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     if args.cleanup {
         let removed = proxy::cleanup::agent_datapath(&args.bpffs)?;
         tracing::info!("cleanup: {removed}");
