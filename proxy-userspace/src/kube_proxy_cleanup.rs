@@ -118,23 +118,24 @@ fn output(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn restore(command: &str, script: &str) -> anyhow::Result<()> {
-    let mut child = Command::new(command)
-        .arg("--noflush")
+/// Runs `command` with `input` on its standard input; fails with its error output.
+fn feed(command: &mut Command, input: &str) -> anyhow::Result<()> {
+    let mut child = command
         .stdin(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("running {command}"))?;
+        .with_context(|| format!("running {command:?}"))?;
     child
         .stdin
         .take()
-        .context("restore stdin")?
-        .write_all(script.as_bytes())
-        .with_context(|| format!("writing to {command}"))?;
+        .context("its standard input")?
+        .write_all(input.as_bytes())
+        .with_context(|| format!("writing to {command:?}"))?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "{command} --noflush failed: {}\ninput was:\n{script}",
+            "{command:?} failed: {}\ninput was:\n{input}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -150,42 +151,30 @@ fn keep_conntrack() -> anyhow::Result<()> {
          ct state established,related counter comment \"keeps connection tracking on for \
          connections kube-proxy translated\"\n  }}\n}}\n"
     );
-    nft_script(&script).context("keeping connection tracking on (nft)")
+    feed(Command::new("nft").args(["-f", "-"]), &script)
+        .context("keeping connection tracking on (nft)")
 }
 
-fn nft_script(script: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft")?;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(script.as_bytes())
-        .context("writing to nft")?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "nft -f failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+/// Whether `nft list tables` output `tables` has the table `name` of `family`.
+fn nft_has_table(tables: &str, family: &str, name: &str) -> bool {
+    tables
+        .lines()
+        .any(|l| l.trim() == format!("table {family} {name}"))
+}
+
+fn nft_list_tables() -> anyhow::Result<Option<String>> {
+    if !exists("nft") {
+        return Ok(None);
     }
-    Ok(())
+    output(Command::new("nft").args(["list", "tables"])).map(Some)
 }
 
 /// Removes the table of `keep_conntrack`, if there is one.
 pub fn remove_conntrack_keeper() -> anyhow::Result<bool> {
-    if !exists("nft") {
+    let Some(tables) = nft_list_tables()? else {
         return Ok(false);
-    }
-    let tables = output(Command::new("nft").args(["list", "tables"]))?;
-    if !tables
-        .lines()
-        .any(|l| l.trim() == format!("table inet {CONNTRACK_KEEPER}"))
-    {
+    };
+    if !nft_has_table(&tables, "inet", CONNTRACK_KEEPER) {
         return Ok(false);
     }
     output(Command::new("nft").args(["delete", "table", "inet", CONNTRACK_KEEPER]))?;
@@ -206,18 +195,12 @@ fn scripts(save: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The families (`ip`, `ip6`, `inet`) that have a `kube-proxy` nftables table.
 fn nft_tables() -> anyhow::Result<Vec<&'static str>> {
-    if !exists("nft") {
-        return Ok(Vec::new());
-    }
-    let tables = output(Command::new("nft").args(["list", "tables"]))?;
+    let tables = nft_list_tables()?.unwrap_or_default();
     Ok(["ip", "ip6", "inet"]
         .into_iter()
-        .filter(|family| {
-            tables
-                .lines()
-                .any(|l| l.trim() == format!("table {family} kube-proxy"))
-        })
+        .filter(|family| nft_has_table(&tables, family, "kube-proxy"))
         .collect())
 }
 
@@ -248,7 +231,7 @@ pub fn run() -> anyhow::Result<Vec<String>> {
     // the second then finds nothing left.
     for (save, restore_command) in tools {
         for (script, what) in scripts(save) {
-            restore(restore_command, &script)?;
+            feed(Command::new(restore_command).arg("--noflush"), &script)?;
             removed.push(what);
         }
     }

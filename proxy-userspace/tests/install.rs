@@ -50,6 +50,17 @@ fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// `proxy-agent --cleanup` on node-a's pin directory, run to its end.
+fn cleanup(world: &World) -> std::process::Output {
+    world
+        .agent_command(0)
+        .arg("--cleanup")
+        .arg("--bpffs")
+        .arg(&world.nodes[0].bpffs)
+        .output()
+        .unwrap()
+}
+
 fn status_of(response: &str) -> &str {
     response.lines().next().unwrap_or_default()
 }
@@ -325,12 +336,7 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
 
     // 4. A reboot: the datapath is gone with bpffs; the agent starts from nothing.
     world.kill(agent.pid).unwrap();
-    let out = world
-        .agent_command(0)
-        .args(["--cleanup", "--bpffs"])
-        .arg(&world.nodes[0].bpffs)
-        .output()
-        .unwrap();
+    let out = cleanup(&world);
     assert!(
         out.status.success(),
         "{}",
@@ -381,13 +387,7 @@ fn a_second_agent_on_the_same_pin_directory_refuses_and_the_first_keeps_serving(
     let healthz = world.node_http(10256, "/healthz").unwrap();
     assert!(status_of(&healthz).contains("200"), "{healthz}");
     // And `--cleanup` will not pull the datapath from under a running agent.
-    let out = world
-        .agent_command(0)
-        .arg("--cleanup")
-        .arg("--bpffs")
-        .arg(&world.nodes[0].bpffs)
-        .output()
-        .unwrap();
+    let out = cleanup(&world);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && log.contains(&format!("pid {}", first.pid)),
@@ -624,13 +624,7 @@ fn cleanup_removes_everything_the_agent_created() {
         assert!(!tcp_spread(&world, false, 10).is_empty());
         // Killed, not stopped: an agent that exits detaches its netlink filters itself.
         world.kill(agent.pid).unwrap();
-        let out = world
-            .agent_command(0)
-            .arg("--cleanup")
-            .arg("--bpffs")
-            .arg(&world.nodes[0].bpffs)
-            .output()
-            .unwrap();
+        let out = cleanup(&world);
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{log}");
         assert!(log.contains("and the pin directory"), "{log}");
@@ -699,13 +693,7 @@ fn the_agent_serves_with_the_charts_capabilities_alone() {
     }
     assert!(status_of(&world.node_http(10256, "/healthz").unwrap()).contains("200"));
     world.kill(agent.pid).unwrap();
-    let out = world
-        .agent_command(0)
-        .arg("--cleanup")
-        .arg("--bpffs")
-        .arg(&world.nodes[0].bpffs)
-        .output()
-        .unwrap();
+    let out = cleanup(&world);
     assert!(
         out.status.success(),
         "{}",
@@ -765,13 +753,7 @@ fn interfaces_by_pattern_are_followed_and_auto_finds_the_external_one() {
     let healthz = world.node_http(10256, "/healthz").unwrap();
     assert!(status_of(&healthz).contains("200"), "{healthz}");
     world.kill(agent.pid).unwrap();
-    let out = world
-        .agent_command(0)
-        .arg("--cleanup")
-        .arg("--bpffs")
-        .arg(&world.nodes[0].bpffs)
-        .output()
-        .unwrap();
+    let out = cleanup(&world);
     assert!(out.status.success());
 
     // `auto` with neither a default route nor --node-ip in this namespace: said, not guessed.

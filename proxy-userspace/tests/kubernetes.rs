@@ -825,15 +825,15 @@ fn an_agent_stopped_by_an_uninstall_removes_the_datapath_and_one_stopped_by_an_u
     ];
     let bpffs = world.nodes[0].bpffs.clone();
     let all = backends(&["backend-1", "backend-2", "backend-3"]);
+    // SIGTERM, as the kubelet stops a pod; the agent exits cleanly.
+    let stop = |world: &mut World, pid: u32| {
+        world.terminate(pid).unwrap();
+        let status = world.wait_exit(pid, Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "{status}");
+    };
 
     let agent = world.start_agent_on(0, &args, true).unwrap();
-    world.terminate(agent.pid).unwrap();
-    assert!(
-        world
-            .wait_exit(agent.pid, Duration::from_secs(10))
-            .unwrap()
-            .success()
-    );
+    stop(&mut world, agent.pid);
     assert!(bpffs.join("links").exists(), "an update keeps the datapath");
     assert_eq!(answered(&tcp_spread(&world, &vip, true, 30)), all);
 
@@ -842,13 +842,7 @@ fn an_agent_stopped_by_an_uninstall_removes_the_datapath_and_one_stopped_by_an_u
         .rt
         .block_on(daemon_sets.delete("proxy", &DeleteParams::default()))
         .expect("deleting the DaemonSet");
-    world.terminate(agent.pid).unwrap();
-    assert!(
-        world
-            .wait_exit(agent.pid, Duration::from_secs(10))
-            .unwrap()
-            .success()
-    );
+    stop(&mut world, agent.pid);
     agent
         .wait_for_log(
             &["is gone: uninstalled, removing the datapath"],
