@@ -3,7 +3,7 @@
 //! the objects it last held; a bad object inside a good file is rejected on its own.
 use std::{
     collections::HashMap,
-    hash::{BuildHasher as _, Hash},
+    hash::{BuildHasher as _, Hash, Hasher},
     path::{Path, PathBuf},
 };
 
@@ -16,6 +16,7 @@ use crate::{
     store::{Kind, Name, Object},
 };
 
+mod direct;
 mod split;
 
 /// One thing that changed in the manifests since they were last read (everything, the
@@ -59,6 +60,34 @@ fn fingerprint(value: &impl Hash) -> u64 {
     // foldhash rather than SipHash: a fingerprint guards no table against crafted keys, and
     // every document of a cold start is hashed once (4% of its CPU time with SipHash).
     foldhash::quality::FixedState::with_seed(0).hash_one(value)
+}
+
+/// Feeds what is written to a hasher.
+struct HashWriter<H>(H);
+
+impl<H: Hasher> std::io::Write for HashWriter<H> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.write(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The fingerprint of a typed object (of what is served: fields this source ignores do not
+/// count), the same whichever way its document was read. Its JSON form is hashed as it is
+/// written, without being stored.
+fn object_fingerprint(object: &Object) -> u64 {
+    let mut writer = HashWriter(foldhash::quality::FixedState::with_seed(0).build_hasher());
+    let written = match object {
+        Object::Service(s) => serde_json::to_writer(&mut writer, s),
+        Object::EndpointSlice(s) => serde_json::to_writer(&mut writer, s),
+    };
+    // Writing to a hasher cannot fail, nor can serialising these types.
+    debug_assert!(written.is_ok());
+    writer.0.finish()
 }
 
 impl ManifestSource {
@@ -350,8 +379,59 @@ pub fn parse_manifest(
 }
 
 /// Parses the documents of `text`, the first being the file's document `first_document`
-/// (from 0).
+/// (from 0): straight into typed objects if every document allows it, else the exact way.
 fn parse_documents(
+    text: &str,
+    first_document: usize,
+    origin: &str,
+    take: &mut dyn FnMut(Parsed),
+) -> Result<Vec<Failed>, Rejection> {
+    let mut objects = Vec::new();
+    match parse_direct(text, first_document, origin, &mut objects) {
+        Some(warnings) => {
+            objects.into_iter().for_each(take);
+            Ok(warnings)
+        }
+        None => parse_exact(text, first_document, origin, take),
+    }
+}
+
+/// The objects of `text` read straight into their types (`direct`), with the unknown-field
+/// warnings; `None` if a document is not the common case.
+fn parse_direct(
+    text: &str,
+    first_document: usize,
+    origin: &str,
+    objects: &mut Vec<Parsed>,
+) -> Option<Vec<Failed>> {
+    let mut warnings = Vec::new();
+    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let mut unknown = Vec::new();
+        let mut note = |path: serde_ignored::Path| unknown.push(field_path(&path));
+        let read = direct::Read::deserialize(serde_ignored::Deserializer::new(document, &mut note));
+        match read.ok()? {
+            direct::Read::Nothing => {}
+            direct::Read::Bail => return None,
+            direct::Read::Object(object) => {
+                if !unknown.is_empty() {
+                    let kind = match object.kind() {
+                        Kind::Service => "Service",
+                        Kind::EndpointSlice => "EndpointSlice",
+                    };
+                    let origin = format!("{origin} (document {})", first_document + i + 1);
+                    let described = describe(kind, &object.name(), &origin);
+                    warnings.extend(unknown_field_warnings(&described, unknown));
+                }
+                let print = object_fingerprint(&object);
+                objects.push((object, print));
+            }
+        }
+    }
+    Some(warnings)
+}
+
+/// Parses the documents of `text` through a YAML tree, for exact messages about any input.
+fn parse_exact(
     text: &str,
     first_document: usize,
     origin: &str,
@@ -372,6 +452,24 @@ fn parse_documents(
         }
     }
     Ok(failed)
+}
+
+/// How messages name an object: `Service shop/web in manifest m.yaml (document 3)`.
+fn describe(kind: &str, name: &Name, origin: &str) -> String {
+    format!("{kind} {}/{} in {origin}", name.0, name.1)
+}
+
+/// One warning per field of `object` that its type does not have.
+fn unknown_field_warnings(object: &str, fields: Vec<String>) -> impl Iterator<Item = Failed> {
+    fields.into_iter().map(move |field| Failed {
+        rejection: Rejection::new(
+            object,
+            field,
+            Reason::UnknownField,
+            "unknown field, ignored (misspelt?); the rest of the object is served",
+        ),
+        keep: None,
+    })
 }
 
 /// The kind of an `apiVersion`/`kind` pair this source reads.
@@ -409,7 +507,7 @@ fn object_from_value(
         meta_text("namespace").unwrap_or_else(|| "default".into()),
         meta_text("name").unwrap_or_default(),
     );
-    let object = format!("{kind} {}/{} in {origin}", name.0, name.1);
+    let object = describe(&kind, &name, origin);
     if api_version == "v1" && kind == "List" {
         let items = value
             .get("items")
@@ -434,7 +532,6 @@ fn object_from_value(
             keep: None,
         }));
     };
-    let print = fingerprint(&value);
     let mut unknown = Vec::new();
     let typed = match known {
         Kind::Service => typed(value, &mut unknown).map(|s| Object::Service(Box::new(s))),
@@ -448,15 +545,8 @@ fn object_from_value(
             keep: (!name.1.is_empty()).then(|| (known, name.clone())),
         })
     })?;
-    warnings.extend(unknown.into_iter().map(|field| Failed {
-        rejection: Rejection::new(
-            &object,
-            field,
-            Reason::UnknownField,
-            "unknown field, ignored (misspelt?); the rest of the object is served",
-        ),
-        keep: None,
-    }));
+    warnings.extend(unknown_field_warnings(&object, unknown));
+    let print = object_fingerprint(&typed);
     take((typed, print));
     Ok(())
 }
@@ -492,6 +582,84 @@ fn typed<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a parse yields, comparably: (kind, name, fingerprint) of each object, and the
+    /// rejections (or the error that rejects the whole text).
+    type Outcome = (Vec<(Kind, Name, u64)>, Result<Vec<Rejection>, Rejection>);
+    type ParseResult = Result<Vec<Failed>, Rejection>;
+
+    fn outcome(
+        text: &str,
+        parse: fn(&str, usize, &str, &mut dyn FnMut(Parsed)) -> ParseResult,
+    ) -> Outcome {
+        let mut objects = Vec::new();
+        let failed = parse(text, 0, "m", &mut |(o, print)| {
+            objects.push((o.kind(), o.name(), print))
+        });
+        let rejections = failed.map(|f| f.into_iter().map(|f| f.rejection).collect());
+        (objects, rejections)
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {a: b}}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.0.1], conditions: {ready: true}}]\n";
+
+    #[test]
+    fn the_direct_path_reads_what_the_exact_path_reads() {
+        let texts = [
+            format!("{SERVICE}---\n{SLICE}---\n"),
+            // Unknown fields, at the top and inside.
+            format!("{SERVICE}colour: blue\n---\n{SLICE}extra: {{x: 1}}\n"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: bare}\n".to_owned(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: n}\nspec: null\nstatus: {}\n".to_owned(),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: null\nports: null\n".to_owned(),
+            // Fields of the other kind are unknown here.
+            "apiVersion: v1\nkind: Service\nmetadata: {name: n}\nendpoints: []\naddressType: IPv4\n".to_owned(),
+        ];
+        for text in &texts {
+            let mut objects = Vec::new();
+            assert!(
+                parse_direct(text, 0, "m", &mut objects).is_some(),
+                "read directly: {text}"
+            );
+            assert_eq!(
+                outcome(text, parse_documents),
+                outcome(text, parse_exact),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn anything_but_the_common_case_is_read_the_exact_way() {
+        let texts = [
+            // `kind` after `spec`.
+            "metadata: {name: late}\nspec: {ports: [{port: 80}]}\napiVersion: v1\nkind: Service\n".to_owned(),
+            // A key twice.
+            format!("{SERVICE}spec: {{ports: [{{port: 81}}]}}\n"),
+            // A field that does not type-check, in a run with a good object.
+            format!("{SLICE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: b}}\nspec: {{ports: [{{port: eighty}}]}}\n"),
+            // Another kind, a List, no metadata, no addressType, a scalar document.
+            format!("{SERVICE}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\ndata: {{a: b}}\n"),
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {ports: [{port: 1}]}}\n".to_owned(),
+            "apiVersion: v1\nkind: Service\nspec: {ports: [{port: 1}]}\n".to_owned(),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\nendpoints: []\n".to_owned(),
+            "just text\n".to_owned(),
+        ];
+        for text in &texts {
+            let mut objects = Vec::new();
+            assert!(
+                parse_direct(text, 0, "m", &mut objects).is_none(),
+                "bails: {text}"
+            );
+            assert_eq!(
+                outcome(text, parse_documents),
+                outcome(text, parse_exact),
+                "{text}"
+            );
+        }
+        // The good object before the bad one is served either way.
+        assert_eq!(outcome(&texts[2], parse_documents).0.len(), 1);
+    }
 
     #[test]
     fn multi_document_with_one_bad_object() {
