@@ -8,38 +8,65 @@ use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, path::PathBuf, s
 
 use crate::{inspect, maps::Maps};
 
-/// One metric family: its header, then its samples.
-struct Family {
-    body: String,
+/// Appends a metric family's header.
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
 }
 
-impl Family {
-    fn new(name: &str, help: &str, kind: &str) -> Self {
-        Self {
-            body: format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"),
+/// `{a="1",b="2"}`: labels in name order, as the prometheus crate writes them; empty for
+/// none.
+fn label_text(labels: &[(&str, &str)]) -> String {
+    let mut text = String::new();
+    for (i, (label, value)) in labels.iter().enumerate() {
+        text.push(if i == 0 { '{' } else { ',' });
+        let _ = write!(text, "{label}=\"");
+        for c in value.chars() {
+            match c {
+                '\\' => text.push_str("\\\\"),
+                '"' => text.push_str("\\\""),
+                '\n' => text.push_str("\\n"),
+                c => text.push(c),
+            }
         }
+        text.push('"');
+    }
+    if !labels.is_empty() {
+        text.push('}');
+    }
+    text
+}
+
+/// Appends one sample.
+fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "{name}{labels} {value}");
+}
+
+/// Series that share their labels, one value each per family (connections, packets,
+/// bytes), written family after family.
+struct Samples {
+    rows: Vec<(String, [u64; 3])>,
+}
+
+impl Samples {
+    /// The bytes `write` appends to the samples' headers.
+    fn len(&self, families: &[(&str, &str); 3]) -> usize {
+        let digits = |v: u64| v.checked_ilog10().map_or(1, |d| d as usize + 1);
+        let line = |name: &str, labels: &str, value| name.len() + labels.len() + digits(value) + 2;
+        let family = |(i, (name, _)): (usize, &(&str, &str))| {
+            let rows = self.rows.iter();
+            rows.map(|(labels, values)| line(name, labels, values[i]))
+                .sum::<usize>()
+        };
+        families.iter().enumerate().map(family).sum()
     }
 
-    /// A sample: labels in name order, as the prometheus crate writes them.
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        self.body.push_str(name);
-        for (i, (label, text)) in labels.iter().enumerate() {
-            self.body.push(if i == 0 { '{' } else { ',' });
-            let _ = write!(self.body, "{label}=\"");
-            for c in text.chars() {
-                match c {
-                    '\\' => self.body.push_str("\\\\"),
-                    '"' => self.body.push_str("\\\""),
-                    '\n' => self.body.push_str("\\n"),
-                    c => self.body.push(c),
-                }
+    fn write(&self, out: &mut String, families: &[(&str, &str); 3]) {
+        for (i, (name, help)) in families.iter().enumerate() {
+            header(out, name, help, "counter");
+            for (labels, values) in &self.rows {
+                sample(out, name, labels, values[i]);
             }
-            self.body.push('"');
         }
-        if !labels.is_empty() {
-            self.body.push('}');
-        }
-        let _ = writeln!(self.body, " {value}");
     }
 }
 
@@ -86,29 +113,29 @@ impl DatapathMetrics {
         }
     }
 
-    /// Appends the datapath's series to `out`.
+    /// Appends the datapath's series to `out`. The label text of every series is made
+    /// once, then `out` grows once, to its final size: at 100,000 service ports the answer
+    /// is 33 MB, and growing it by doubling, family by family, held three times that.
     pub fn write(&self, out: &mut String) -> anyhow::Result<()> {
         let mut held = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let maps = match &mut *held {
             Some(maps) => maps,
             None => held.insert(Maps::open(&self.bpffs)?),
         };
-        let mut services = SERVICE_SERIES.map(|(name, help)| Family::new(name, help, "counter"));
-        let mut backends = BACKEND_SERIES.map(|(name, help)| Family::new(name, help, "counter"));
+        let mut services = Samples { rows: Vec::new() };
+        let mut backends = Samples { rows: Vec::new() };
         let mut seen = HashSet::new();
         for row in inspect::services(maps)? {
             let address = format!("{}:{}/{}", row.address, row.port, row.protocol);
-            let labels = [
+            let labels = label_text(&[
                 ("address", address.as_str()),
                 ("namespace", row.namespace.as_str()),
                 ("port", row.port_name.as_str()),
                 ("service", row.name.as_str()),
-            ];
-            let values = [row.connections, row.packets, row.bytes];
-            for ((family, (name, _)), value) in services.iter_mut().zip(SERVICE_SERIES).zip(values)
-            {
-                family.sample(name, &labels, value);
-            }
+            ]);
+            services
+                .rows
+                .push((labels, [row.connections, row.packets, row.bytes]));
             for (id, b, c) in inspect::backend_counters(maps, &row)? {
                 // A backend shared by several service ports has one set of counters.
                 if !seen.insert(id) {
@@ -120,43 +147,46 @@ impl DatapathMetrics {
                     b.port,
                     inspect::protocol(b.proto)
                 );
-                let values = [c.conns, c.packets, c.bytes];
-                let series = backends.iter_mut().zip(BACKEND_SERIES).zip(values);
-                for ((family, (name, _)), value) in series {
-                    family.sample(name, &[("backend", &backend)], value);
-                }
+                let labels = label_text(&[("backend", &backend)]);
+                backends.rows.push((labels, [c.conns, c.packets, c.bytes]));
             }
         }
-        let mut entries = Family::new(
-            "proxy_map_entries",
+        let small = 4096;
+        out.reserve(services.len(&SERVICE_SERIES) + backends.len(&BACKEND_SERIES) + small);
+        services.write(out, &SERVICE_SERIES);
+        backends.write(out, &BACKEND_SERIES);
+        let fill = inspect::map_fill(&self.bpffs)?;
+        let (entries, capacity) = ("proxy_map_entries", "proxy_map_capacity");
+        header(
+            out,
+            entries,
             "Entries in a map (hash and LRU maps).",
             "gauge",
         );
-        let mut capacity = Family::new(
-            "proxy_map_capacity",
-            "Capacity of a map; entries/capacity is its fill.",
-            "gauge",
-        );
-        for row in inspect::map_fill(&self.bpffs)? {
-            capacity.sample("proxy_map_capacity", &[("map", row.name)], row.capacity);
+        for row in &fill {
             if let Some(n) = row.entries {
-                entries.sample("proxy_map_entries", &[("map", row.name)], n);
+                sample(out, entries, &label_text(&[("map", row.name)]), n);
             }
         }
-        let mut drops = Family::new(
-            "proxy_datapath_drops_total",
+        let help = "Capacity of a map; entries/capacity is its fill.";
+        header(out, capacity, help, "gauge");
+        for row in &fill {
+            sample(
+                out,
+                capacity,
+                &label_text(&[("map", row.name)]),
+                row.capacity,
+            );
+        }
+        let drops = "proxy_datapath_drops_total";
+        header(
+            out,
+            drops,
             "Packets the datapath dropped, by reason.",
             "counter",
         );
         for (reason, packets) in inspect::drops(&self.bpffs)? {
-            drops.sample("proxy_datapath_drops_total", &[("reason", reason)], packets);
-        }
-        let families = services
-            .into_iter()
-            .chain(backends)
-            .chain([entries, capacity, drops]);
-        for family in families {
-            out.push_str(&family.body);
+            sample(out, drops, &label_text(&[("reason", reason)]), packets);
         }
         Ok(())
     }
@@ -168,11 +198,17 @@ mod tests {
 
     #[test]
     fn samples_are_written_as_prometheus_text_with_escaped_labels() {
-        let mut family = Family::new("x_total", "Things.", "counter");
-        family.sample("x_total", &[("a", "1"), ("b", "q\"\\\n")], 7);
-        family.sample("x_total", &[], 0);
+        let mut body = String::new();
+        header(&mut body, "x_total", "Things.", "counter");
+        sample(
+            &mut body,
+            "x_total",
+            &label_text(&[("a", "1"), ("b", "q\"\\\n")]),
+            7,
+        );
+        sample(&mut body, "x_total", &label_text(&[]), 0);
         assert_eq!(
-            family.body,
+            body,
             "# HELP x_total Things.\n# TYPE x_total counter\nx_total{a=\"1\",b=\"q\\\"\\\\\\n\"} 7\nx_total 0\n"
         );
     }

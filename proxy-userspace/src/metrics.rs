@@ -232,7 +232,8 @@ impl Metrics {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        let mut text = String::from_utf8_lossy(&out).into_owned();
+        let mut text = String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         if let Err(e) = self.datapath.write(&mut text) {
             debug!("reading the maps for metrics: {e:#}");
         }
