@@ -125,7 +125,8 @@ impl DatapathMetrics {
         let mut services = Samples { rows: Vec::new() };
         let mut backends = Samples { rows: Vec::new() };
         let mut seen = HashSet::new();
-        for row in inspect::services(maps)? {
+        let tables = inspect::Tables::read(maps)?;
+        for row in inspect::services(&tables)? {
             let address = format!("{}:{}/{}", row.address, row.port, row.protocol);
             let labels = label_text(&[
                 ("address", address.as_str()),
@@ -136,7 +137,7 @@ impl DatapathMetrics {
             services
                 .rows
                 .push((labels, [row.connections, row.packets, row.bytes]));
-            for (id, b, c) in inspect::backend_counters(maps, &row)? {
+            for (id, b, c) in inspect::backend_counters(&tables, &row)? {
                 // A backend shared by several service ports has one set of counters.
                 if !seen.insert(id) {
                     continue;
@@ -155,7 +156,7 @@ impl DatapathMetrics {
         out.reserve(services.len(&SERVICE_SERIES) + backends.len(&BACKEND_SERIES) + small);
         services.write(out, &SERVICE_SERIES);
         backends.write(out, &BACKEND_SERIES);
-        let fill = inspect::map_fill(&self.bpffs)?;
+        let fill = inspect::map_fill(&self.bpffs, Some(&tables))?;
         let (entries, capacity) = ("proxy_map_entries", "proxy_map_capacity");
         header(
             out,

@@ -163,13 +163,21 @@ async fn serve_one(mut stream: TcpStream, responder: &impl Responder) -> anyhow:
         head += &format!("{name}: {value}\r\n");
     }
     head += "\r\n";
-    tokio::time::timeout(IO_TIMEOUT, async {
+    let written = tokio::time::timeout(IO_TIMEOUT, async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(response.body.as_bytes()).await
     })
-    .await??;
+    .await;
+    if response.body.len() > LARGE_ANSWER {
+        drop(response);
+        crate::allocator::release_free_memory();
+    }
+    written??;
     Ok(())
 }
+
+/// An answer after which the memory it took is given back at once (metrics at scale).
+const LARGE_ANSWER: usize = 1 << 20;
 
 /// Binds `addr` now if it is free. `Ok(None)` when another process listens there (kube-proxy
 /// on 10249/10256 until it is removed): `serve_endpoints` takes it over once it is free. Any

@@ -11,7 +11,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use proxy_common::{
     AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DROP_REASONS, SCOPE_ALL,
-    SVC_FLAG_AFFINITY, ServiceKey, ServiceValue, SlotKey, maps,
+    SVC_FLAG_AFFINITY, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
 };
 use serde::Serialize;
 
@@ -19,6 +19,7 @@ use crate::{
     clock::{monotonic_ns, unix_now},
     desired::Frontend,
     link_target::LinkTarget,
+    map_batch,
     maps::{Maps, decode_info, open},
     model::Protocol,
     reconcile::ServiceMeta,
@@ -30,6 +31,73 @@ pub fn protocol(proto: u8) -> &'static str {
 
 /// A frontend's map entry.
 pub type FrontendEntry = (Frontend, ServiceKey, ServiceValue);
+
+/// The service-side maps, each read whole in batches: the views below look entries up
+/// here, not with a system call each (a scrape at 100,000 services made two million).
+pub struct Tables {
+    services: Vec<(ServiceKey, ServiceValue)>,
+    // foldhash: our own keys, looked up hundreds of thousands of times per scrape.
+    names: foldhash::HashMap<u32, ServiceInfo>,
+    slots: foldhash::HashMap<SlotKey, u32>,
+    backends: foldhash::HashMap<u32, Backend>,
+    /// Indexed by id.
+    service_stats: Vec<Counters>,
+    backend_stats: Vec<Counters>,
+}
+
+/// An array's values, in index order.
+fn array_values(all: Vec<(u32, Counters)>) -> Vec<Counters> {
+    let mut values = vec![Counters::default(); all.len()];
+    for (i, c) in all {
+        if let Some(slot) = values.get_mut(i as usize) {
+            *slot = c;
+        }
+    }
+    values
+}
+
+impl Tables {
+    pub fn read(maps: &Maps) -> anyhow::Result<Self> {
+        let read = |name: &str| format!("reading map {name}");
+        Ok(Self {
+            services: map_batch::read_all(&maps.services).with_context(|| read(maps::SERVICES))?,
+            names: map_batch::read_all(&maps.names)
+                .with_context(|| read(maps::SERVICE_NAMES))?
+                .into_iter()
+                .collect(),
+            slots: map_batch::read_all(&maps.slots)
+                .with_context(|| read(maps::BACKEND_SLOTS))?
+                .into_iter()
+                .collect(),
+            backends: map_batch::read_all(&maps.backends)
+                .with_context(|| read(maps::BACKENDS))?
+                .into_iter()
+                .collect(),
+            service_stats: array_values(
+                map_batch::read_all(&maps.service_stats)
+                    .with_context(|| read(maps::SERVICE_STATS))?,
+            ),
+            backend_stats: array_values(
+                map_batch::read_all(&maps.backend_stats)
+                    .with_context(|| read(maps::BACKEND_STATS))?,
+            ),
+        })
+    }
+
+    fn service_counters(&self, id: u32) -> Counters {
+        self.service_stats
+            .get(id as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn backend_counters(&self, id: u32) -> Counters {
+        self.backend_stats
+            .get(id as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+}
 
 /// One service port with all its frontends: cluster IP, node port, external and
 /// load-balancer IPs.
@@ -80,7 +148,7 @@ fn policy(local: bool) -> &'static str {
 
 /// A row from the frontends of one service port (non-empty, cluster IP first if any).
 fn service_row(
-    maps: &Maps,
+    tables: &Tables,
     meta: &ServiceMeta,
     frontends: Vec<FrontendEntry>,
 ) -> anyhow::Result<ServiceRow> {
@@ -89,7 +157,7 @@ fn service_row(
     let (_, key, value) = frontends[0];
     let mut counters = Counters::default();
     for (_, _, v) in &frontends {
-        let c = maps.service_counters(v.id)?;
+        let c = tables.service_counters(v.id);
         counters.conns += c.conns;
         counters.packets += c.packets;
         counters.bytes += c.bytes;
@@ -132,30 +200,28 @@ fn service_row(
 }
 
 /// Every service port, sorted by namespace, name and port.
-pub fn services(maps: &Maps) -> anyhow::Result<Vec<ServiceRow>> {
+pub fn services(tables: &Tables) -> anyhow::Result<Vec<ServiceRow>> {
     let mut by_port: BTreeMap<String, (ServiceMeta, Vec<FrontendEntry>)> = BTreeMap::new();
-    for entry in maps.services.iter() {
-        let (key, value) = entry.context("reading map services")?;
-        let meta = maps
-            .names
-            .get(&value.id, 0)
-            .map(|n| decode_info(&n))
-            .unwrap_or_else(|_| ServiceMeta {
+    for (key, value) in &tables.services {
+        let meta = tables.names.get(&value.id).map_or_else(
+            || ServiceMeta {
                 name: format!("<id {}>", value.id),
                 ..ServiceMeta::default()
-            });
+            },
+            decode_info,
+        );
         let group = by_port
             .entry(meta.name.clone())
             .or_insert_with(|| (meta.clone(), Vec::new()));
         if meta.frontend == Frontend::ClusterIp {
             group.0 = meta.clone();
         }
-        group.1.push((meta.frontend, key, value));
+        group.1.push((meta.frontend, *key, *value));
     }
     let mut rows = Vec::new();
     for (_, (meta, mut frontends)) in by_port {
         frontends.sort_by_key(|(f, k, _)| (f.code(), *k));
-        rows.push(service_row(maps, &meta, frontends)?);
+        rows.push(service_row(tables, &meta, frontends)?);
     }
     rows.sort_by(|a, b| {
         (&a.namespace, &a.name, a.port, a.protocol).cmp(&(
@@ -169,8 +235,8 @@ pub fn services(maps: &Maps) -> anyhow::Result<Vec<ServiceRow>> {
 }
 
 /// The service ports of `namespace/name`.
-pub fn service_ports(maps: &Maps, namespaced_name: &str) -> anyhow::Result<Vec<ServiceRow>> {
-    Ok(services(maps)?
+pub fn service_ports(tables: &Tables, namespaced_name: &str) -> anyhow::Result<Vec<ServiceRow>> {
+    Ok(services(tables)?
         .into_iter()
         .filter(|r| format!("{}/{}", r.namespace, r.name) == namespaced_name)
         .collect())
@@ -204,16 +270,19 @@ impl ActiveFlows {
     pub fn read(dir: &Path) -> anyhow::Result<Self> {
         let conntrack = open_conntrack(dir)?;
         let mut active = HashMap::new();
-        for (_, entry) in conntrack.iter().filter_map(Result::ok) {
-            if entry.direction == CT_FORWARD
-                && entry.state != CT_STATE_CLOSING
-                && entry.flags & CT_FLAG_PASS == 0
-            {
+        map_batch::for_each_chunk(&conntrack, |_, entries| {
+            let open = entries.iter().filter(|e| {
+                e.direction == CT_FORWARD
+                    && e.state != CT_STATE_CLOSING
+                    && e.flags & CT_FLAG_PASS == 0
+            });
+            for entry in open {
                 *active
                     .entry((entry.rev_nat_id, entry.backend_id))
                     .or_default() += 1;
             }
-        }
+        })
+        .context("reading map conntrack")?;
         Ok(Self(active))
     }
 
@@ -229,7 +298,7 @@ impl ActiveFlows {
 /// The backends of one service port, of all its frontends (an externalTrafficPolicy: Local
 /// frontend has only the node-local ones), in slot order, with their counters.
 pub fn backend_counters(
-    maps: &Maps,
+    tables: &Tables,
     service: &ServiceRow,
 ) -> anyhow::Result<Vec<(u32, Backend, Counters)>> {
     let mut rows: Vec<(u32, Backend, Counters)> = Vec::new();
@@ -242,30 +311,31 @@ pub fn backend_counters(
         })
     });
     for key in slots {
-        let id = maps
-            .slots
-            .get(&key, 0)
-            .with_context(|| format!("reading slot {} of {}", key.slot, service.full_name()))?;
+        let id = *tables.slots.get(&key).with_context(|| {
+            format!(
+                "slot {} of {} is not in the map",
+                key.slot,
+                service.full_name()
+            )
+        })?;
         if rows.iter().any(|(seen, _, _)| *seen == id) {
             continue;
         }
-        let backend = maps
+        let backend = *tables
             .backends
-            .get(&id, 0)
-            .with_context(|| format!("reading backend {id}"))?;
-        let counters = maps.backend_counters(id)?;
-        rows.push((id, backend, counters));
+            .get(&id)
+            .with_context(|| format!("backend {id} is not in the map"))?;
+        rows.push((id, backend, tables.backend_counters(id)));
     }
     Ok(rows)
 }
 
-/// The backends of one service port with their counters, open flows and connection share.
 pub fn backends(
-    maps: &Maps,
+    tables: &Tables,
     active: &ActiveFlows,
     service: &ServiceRow,
 ) -> anyhow::Result<Vec<BackendRow>> {
-    let rows = backend_counters(maps, service)?;
+    let rows = backend_counters(tables, service)?;
     let total: u64 = rows.iter().map(|(_, _, c)| c.conns).sum();
     let state = if service.terminating_backends > 0 {
         "terminating"
@@ -323,7 +393,7 @@ pub fn flows(
     let now = monotonic_ns();
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut rows = Vec::new();
-    for (key, entry) in conntrack.iter().filter_map(Result::ok) {
+    for (key, entry) in map_batch::read_all(&conntrack).context("reading map conntrack")? {
         if entry.direction != CT_FORWARD || ids.is_some_and(|ids| !ids.contains(&entry.rev_nat_id))
         {
             continue;
@@ -396,11 +466,12 @@ pub fn kernel_memory(map: &MapData) -> anyhow::Result<u64> {
 
 fn count<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> anyhow::Result<u64> {
     let map: BpfHashMap<MapData, K, V> = open(dir, name)?;
-    Ok(map.keys().filter(Result::is_ok).count() as u64)
+    map_batch::count(&map).with_context(|| format!("counting the entries of map {name}"))
 }
 
-/// Entries, capacity and fill of every map.
-pub fn map_fill(dir: &Path) -> anyhow::Result<Vec<MapRow>> {
+/// Entries, capacity and fill of every map; the service-side maps counted from `tables`
+/// if given (a scrape read them already), else read.
+pub fn map_fill(dir: &Path, tables: Option<&Tables>) -> anyhow::Result<Vec<MapRow>> {
     let mut rows = Vec::new();
     for name in maps::ALL {
         let path = dir.join(name);
@@ -414,17 +485,21 @@ pub fn map_fill(dir: &Path) -> anyhow::Result<Vec<MapRow>> {
         let info = map
             .info()
             .with_context(|| format!("reading map {}", path.display()))?;
-        let entries = match name {
-            maps::SERVICES => Some(count::<ServiceKey, ServiceValue>(dir, name)?),
-            maps::BACKEND_SLOTS => Some(count::<SlotKey, u32>(dir, name)?),
-            maps::BACKENDS => Some(count::<u32, Backend>(dir, name)?),
-            maps::SERVICE_NAMES => Some(count::<u32, proxy_common::ServiceInfo>(dir, name)?),
-            maps::CONNTRACK => Some(count::<CtKey, CtEntry>(dir, name)?),
-            maps::AFFINITY => Some(count::<
+        let entries = match (name, tables) {
+            (maps::SERVICES, Some(t)) => Some(t.services.len() as u64),
+            (maps::BACKEND_SLOTS, Some(t)) => Some(t.slots.len() as u64),
+            (maps::BACKENDS, Some(t)) => Some(t.backends.len() as u64),
+            (maps::SERVICE_NAMES, Some(t)) => Some(t.names.len() as u64),
+            (maps::SERVICES, None) => Some(count::<ServiceKey, ServiceValue>(dir, name)?),
+            (maps::BACKEND_SLOTS, None) => Some(count::<SlotKey, u32>(dir, name)?),
+            (maps::BACKENDS, None) => Some(count::<u32, Backend>(dir, name)?),
+            (maps::SERVICE_NAMES, None) => Some(count::<u32, ServiceInfo>(dir, name)?),
+            (maps::CONNTRACK, _) => Some(count::<CtKey, CtEntry>(dir, name)?),
+            (maps::AFFINITY, _) => Some(count::<
                 proxy_common::AffinityKey,
                 proxy_common::AffinityValue,
             >(dir, name)?),
-            maps::SOCK_REV_NAT => {
+            (maps::SOCK_REV_NAT, _) => {
                 Some(count::<proxy_common::SockRevKey, proxy_common::SockRevValue>(dir, name)?)
             }
             _ => None,

@@ -2,6 +2,7 @@
 //! map entries, the reconciler that programs the pinned maps, and the tools around them.
 pub mod affinity_cleanup;
 pub mod agent;
+pub mod allocator;
 pub mod background;
 pub mod claims;
 pub mod cleanup;
@@ -20,6 +21,7 @@ pub mod kube_proxy_cleanup;
 pub mod kubernetes;
 pub mod link_target;
 pub mod manifest;
+pub mod map_batch;
 pub mod map_error;
 pub mod maps;
 pub mod metrics;

@@ -66,18 +66,6 @@ impl Maps {
             writes: 0,
         })
     }
-
-    pub fn service_counters(&self, id: u32) -> anyhow::Result<Counters> {
-        self.service_stats
-            .get(&id, 0)
-            .with_context(|| format!("reading counters of service id {id}"))
-    }
-
-    pub fn backend_counters(&self, id: u32) -> anyhow::Result<Counters> {
-        self.backend_stats
-            .get(&id, 0)
-            .with_context(|| format!("reading counters of backend {id}"))
-    }
 }
 
 pub fn encode_info(meta: &ServiceMeta) -> ServiceInfo {

@@ -237,6 +237,8 @@ impl Metrics {
         if let Err(e) = self.datapath.write(&mut text) {
             debug!("reading the maps for metrics: {e:#}");
         }
+        // What the maps were read into is free now; the answer goes after it is sent.
+        crate::allocator::release_free_memory();
         text
     }
 }

@@ -9,13 +9,6 @@ use proxy::{
     kubernetes::ApiServer,
 };
 
-/// Many small, long-lived allocations (names and specs of every service): mimalloc keeps them
-/// with less overhead than the system allocator. Built without transparent huge pages: with
-/// them, a cold start of 100,000 services spent a third of its CPU time zeroing 2 MiB pages
-/// that mimalloc returned to the kernel and touched again (4.8-5.1 s instead of 3.0-3.2 s).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     version,

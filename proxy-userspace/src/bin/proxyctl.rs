@@ -5,7 +5,10 @@
 use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy::{inspect, maps::Maps};
+use proxy::{
+    inspect::{self, Tables},
+    maps::Maps,
+};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -171,8 +174,8 @@ fn service_table(rows: &[inspect::ServiceRow]) -> String {
 }
 
 /// The service ports of NAMESPACE/NAME, or a not-found failure.
-fn ports_of(maps: &Maps, service: &str) -> Result<Vec<inspect::ServiceRow>, Failure> {
-    let ports = inspect::service_ports(maps, service)?;
+fn ports_of(tables: &Tables, service: &str) -> Result<Vec<inspect::ServiceRow>, Failure> {
+    let ports = inspect::service_ports(tables, service)?;
     if ports.is_empty() {
         return Err(Failure(
             NOT_FOUND,
@@ -187,7 +190,10 @@ fn ports_of(maps: &Maps, service: &str) -> Result<Vec<inspect::ServiceRow>, Fail
 /// The service ids of every frontend of NAMESPACE/NAME, if a service is given.
 fn service_ids(maps: &Maps, service: Option<&str>) -> Result<Option<Vec<u32>>, Failure> {
     service
-        .map(|s| Ok(ports_of(maps, s)?.iter().flat_map(|r| r.ids()).collect()))
+        .map(|s| {
+            let ports = ports_of(&Tables::read(maps)?, s)?;
+            Ok(ports.iter().flat_map(|r| r.ids()).collect())
+        })
         .transpose()
 }
 
@@ -205,7 +211,7 @@ fn run(args: Args) -> Result<String, Failure> {
         Command::Service {
             command: ServiceCommand::List,
         } => {
-            let rows = inspect::services(&maps()?)?;
+            let rows = inspect::services(&Tables::read(&maps()?)?)?;
             match out {
                 Output::Table => service_table(&rows),
                 _ => structured(out, &rows)?,
@@ -214,11 +220,11 @@ fn run(args: Args) -> Result<String, Failure> {
         Command::Service {
             command: ServiceCommand::Get { service },
         } => {
-            let maps = maps()?;
+            let tables = Tables::read(&maps()?)?;
             let mut details = Vec::new();
             let active = inspect::ActiveFlows::read(dir)?;
-            for port in ports_of(&maps, &service)? {
-                let backends = inspect::backends(&maps, &active, &port)?;
+            for port in ports_of(&tables, &service)? {
+                let backends = inspect::backends(&tables, &active, &port)?;
                 details.push(ServiceDetail {
                     service: port,
                     backends,
@@ -319,7 +325,7 @@ fn run(args: Args) -> Result<String, Failure> {
             }
         }
         Command::Maps => {
-            let rows = inspect::map_fill(dir)?;
+            let rows = inspect::map_fill(dir, None)?;
             match out {
                 Output::Table => {
                     let mut cells = vec![
