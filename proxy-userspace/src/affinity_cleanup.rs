@@ -43,12 +43,12 @@ impl AffinityCleanup {
                 while let Ok(more) = queue.try_recv() {
                     add(&mut stale, more);
                 }
-                let keys: Vec<AffinityKey> = map
-                    .iter()
-                    .filter_map(Result::ok)
-                    .filter(|(k, v)| is_stale(&stale, k, v))
-                    .map(|(k, _)| k)
-                    .collect();
+                let mut keys: Vec<AffinityKey> = Vec::new();
+                // A map that cannot be read now is cleaned at the next removal.
+                let _ = crate::map_batch::for_each_chunk(&map, |k, v| {
+                    let stale = k.iter().zip(v).filter(|(k, v)| is_stale(&stale, k, v));
+                    keys.extend(stale.map(|(k, _)| *k));
+                });
                 for key in keys {
                     // Already gone (LRU eviction, a datapath refresh race) is fine.
                     let _ = map.remove(&key);

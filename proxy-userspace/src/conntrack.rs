@@ -36,7 +36,11 @@ pub fn expired_keys(entries: &HashMap<CtKey, CtEntry>, now_ns: u64) -> Vec<CtKey
 }
 
 pub fn collect_garbage(conntrack: &mut aya::maps::HashMap<MapData, CtKey, CtEntry>) -> GcReport {
-    let entries: HashMap<CtKey, CtEntry> = conntrack.iter().filter_map(Result::ok).collect();
+    // A map that cannot be read this pass is read at the next.
+    let entries: HashMap<CtKey, CtEntry> = crate::map_batch::read_all(conntrack)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let expired = expired_keys(&entries, crate::clock::monotonic_ns());
     for key in &expired {
         // The datapath may have refreshed or evicted it meanwhile; either way is fine.

@@ -2,7 +2,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::{
-    affinity_cleanup::AffinityCleanup, desired::Frontend, map_error::MapWriteError,
+    affinity_cleanup::AffinityCleanup, desired::Frontend, map_batch, map_error::MapWriteError,
     model::ServiceType, reconcile::ServiceMeta,
 };
 use anyhow::{Context as _, bail};
@@ -201,29 +201,20 @@ impl crate::reconcile::ServiceMaps for Maps {
     }
 
     fn read_existing(&self) -> anyhow::Result<crate::reconcile::Existing> {
-        let meta_of = |id: u32| {
-            self.names
-                .get(&id, 0)
-                .map(|n| decode_info(&n))
-                .unwrap_or_default()
-        };
+        let read = |name: &str| format!("reading map {name}");
+        let names: std::collections::HashMap<u32, ServiceInfo> = map_batch::read_all(&self.names)
+            .with_context(|| read(maps::SERVICE_NAMES))?
+            .into_iter()
+            .collect();
+        let meta_of = |id: u32| names.get(&id).map(decode_info).unwrap_or_default();
         Ok(crate::reconcile::Existing {
-            services: self
-                .services
-                .iter()
-                .map(|r| r.map(|(k, v)| (k, v, meta_of(v.id))))
-                .collect::<Result<_, _>>()
-                .context("reading map services")?,
-            slots: self
-                .slots
-                .iter()
-                .collect::<Result<_, _>>()
-                .context("reading map backend_slots")?,
-            backends: self
-                .backends
-                .iter()
-                .collect::<Result<_, _>>()
-                .context("reading map backends")?,
+            services: map_batch::read_all(&self.services)
+                .with_context(|| read(maps::SERVICES))?
+                .into_iter()
+                .map(|(k, v)| (k, v, meta_of(v.id)))
+                .collect(),
+            slots: map_batch::read_all(&self.slots).with_context(|| read(maps::BACKEND_SLOTS))?,
+            backends: map_batch::read_all(&self.backends).with_context(|| read(maps::BACKENDS))?,
         })
     }
 }
