@@ -235,11 +235,59 @@ pub fn services(tables: &Tables) -> anyhow::Result<Vec<ServiceRow>> {
 }
 
 /// The service ports of `namespace/name`.
-pub fn service_ports(tables: &Tables, namespaced_name: &str) -> anyhow::Result<Vec<ServiceRow>> {
+/// The service ports `query` names, in any form `proxyctl service list` prints.
+pub fn service_ports(tables: &Tables, query: &str) -> anyhow::Result<Vec<ServiceRow>> {
+    let query = ServiceQuery::parse(query);
     Ok(services(tables)?
         .into_iter()
-        .filter(|r| format!("{}/{}", r.namespace, r.name) == namespaced_name)
+        .filter(|r| query.matches(r))
         .collect())
+}
+
+/// How a service port is named: each form `proxyctl service list` prints.
+#[derive(Debug, PartialEq)]
+pub enum ServiceQuery {
+    /// `namespace/name`: all its ports.
+    Service(String),
+    /// `namespace/name:port`, a named port.
+    Port(String),
+    /// `ADDRESS:PORT` or `ADDRESS:PORT/PROTOCOL`: the port with that frontend — cluster,
+    /// external or load-balancer IP, or `0.0.0.0:NODEPORT`.
+    Frontend {
+        address: std::net::SocketAddrV4,
+        protocol: Option<String>,
+    },
+}
+
+impl ServiceQuery {
+    pub fn parse(text: &str) -> Self {
+        let (address, protocol) = match text.split_once('/') {
+            Some((address, protocol)) => (address, Some(protocol.to_uppercase())),
+            None => (text, None),
+        };
+        if let Ok(address) = address.parse() {
+            return Self::Frontend { address, protocol };
+        }
+        if text.contains(':') {
+            Self::Port(text.to_owned())
+        } else {
+            Self::Service(text.to_owned())
+        }
+    }
+
+    pub fn matches(&self, row: &ServiceRow) -> bool {
+        match self {
+            Self::Service(name) => *name == format!("{}/{}", row.namespace, row.name),
+            Self::Port(name) => *name == row.full_name(),
+            Self::Frontend { address, protocol } => row.frontends.iter().any(|(_, key, _)| {
+                Ipv4Addr::from(key.addr) == *address.ip()
+                    && key.port == address.port()
+                    && protocol
+                        .as_deref()
+                        .is_none_or(|p| p == self::protocol(key.proto))
+            }),
+        }
+    }
 }
 
 fn open_conntrack(dir: &Path) -> anyhow::Result<BpfHashMap<MapData, CtKey, CtEntry>> {
@@ -593,4 +641,70 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
         attachments,
         drops: drops(dir)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_printed_name_is_a_query() {
+        let key = |addr: [u8; 4], port| ServiceKey {
+            addr,
+            port,
+            proto: 6,
+            scope: 0,
+        };
+        let value = ServiceValue::default();
+        let row = ServiceRow {
+            namespace: "shop".into(),
+            name: "web".into(),
+            port_name: "http".into(),
+            service_type: "LoadBalancer",
+            address: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: "TCP",
+            node_port: Some(30080),
+            external_addresses: vec![Ipv4Addr::new(192, 0, 2, 7)],
+            ready_backends: 0,
+            terminating_backends: 0,
+            session_affinity_timeout_seconds: None,
+            internal_traffic_policy: "Cluster",
+            external_traffic_policy: "Cluster",
+            connections: 0,
+            packets: 0,
+            bytes: 0,
+            frontends: vec![
+                (Frontend::ClusterIp, key([10, 96, 0, 10], 80), value),
+                (Frontend::NodePort, key([0, 0, 0, 0], 30080), value),
+                (Frontend::LoadBalancer, key([192, 0, 2, 7], 80), value),
+            ],
+        };
+        let accepted = [
+            "shop/web",
+            "shop/web:http",
+            "10.96.0.10:80",
+            "10.96.0.10:80/TCP",
+            "10.96.0.10:80/tcp",
+            "192.0.2.7:80",
+            "0.0.0.0:30080",
+        ];
+        for query in accepted {
+            assert!(ServiceQuery::parse(query).matches(&row), "{query}");
+        }
+        let refused = [
+            "shop/webx",
+            "shop/web:https",
+            "10.96.0.10:81",
+            "10.96.0.10:80/UDP",
+            "10.96.0.11:80",
+        ];
+        for query in refused {
+            assert!(!ServiceQuery::parse(query).matches(&row), "{query}");
+        }
+        assert_eq!(
+            ServiceQuery::parse("shop/web:http"),
+            ServiceQuery::Port("shop/web:http".into())
+        );
+    }
 }

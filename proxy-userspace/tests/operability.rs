@@ -108,6 +108,71 @@ fn per_backend_numbers_match_the_traffic_sent() {
     assert!(String::from_utf8_lossy(&unpinned.stderr).contains("is proxy-agent running"));
 }
 
+/// Every name and address `service list` prints is accepted by `service get`,
+/// `conntrack list --service` and `conntrack flush --service`, and names that port.
+#[test]
+fn every_name_service_list_prints_is_accepted() {
+    let (mut world, pods) = world();
+    let shop = service_manifest("shop", "10.96.0.20", None, &ready(&pods))
+        .replace(
+            "  clusterIP: 10.96.0.20\n",
+            "  type: NodePort\n  clusterIP: 10.96.0.20\n  externalIPs: [192.0.2.20]\n",
+        )
+        .replace(
+            "{name: http, port: 80,",
+            "{name: http, port: 80, nodePort: 30080,",
+        )
+        .replace(
+            "{name: dns, port: 53,",
+            "{name: dns, port: 53, nodePort: 30053,",
+        );
+    let manifest = format!(
+        "{}---\n{shop}",
+        service_manifest("web", VIP, None, &ready(&pods))
+    );
+    world.start_agent(&manifest, true).unwrap();
+    let rows = json(&world, &["service", "list"]);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let text = |v: &Value| v.as_str().unwrap().to_owned();
+    for row in rows {
+        let (namespace, name) = (text(&row["namespace"]), text(&row["name"]));
+        let (address, port, protocol) =
+            (text(&row["address"]), &row["port"], text(&row["protocol"]));
+        let mut names = vec![
+            (format!("{namespace}/{name}"), 2),
+            (format!("{namespace}/{name}:{}", text(&row["port_name"])), 1),
+            (format!("{address}:{port}"), 1),
+            (format!("{address}:{port}/{protocol}"), 1),
+            (format!("{address}:{port}/{}", protocol.to_lowercase()), 1),
+        ];
+        for external in row["external_addresses"].as_array().unwrap() {
+            names.push((format!("{}:{port}", text(external)), 1));
+        }
+        if let Some(node_port) = row["node_port"].as_u64() {
+            names.push((format!("0.0.0.0:{node_port}"), 1));
+        }
+        if name == "shop" {
+            assert_eq!(names.len(), 7, "external IP and node port listed: {row}");
+        }
+        for (query, ports) in names {
+            let got = json(&world, &["service", "get", &query]);
+            let got = got.as_array().unwrap();
+            assert_eq!(got.len(), ports, "{query}: {got:?}");
+            assert!(
+                got.iter().any(|d| d["service"]["address"] == row["address"]
+                    && d["service"]["port"] == row["port"]),
+                "{query} names {row}: {got:?}"
+            );
+            for command in ["list", "flush"] {
+                world
+                    .proxyctl(&["conntrack", command, "--service", &query])
+                    .unwrap_or_else(|e| panic!("conntrack {command} --service {query}: {e:#}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn conntrack_list_and_flush_maps_and_status() {
     let (mut world, pods) = world();

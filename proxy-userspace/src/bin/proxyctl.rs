@@ -58,7 +58,9 @@ enum Command {
 enum ServiceCommand {
     /// One row per service port: name, address, backends, policies, counters.
     List,
-    /// One row per backend of NAMESPACE/NAME's ports: state, connections, traffic, share.
+    /// One row per backend of a service's ports: state, connections, traffic, share. The
+    /// service as `service list` prints it: NAMESPACE/NAME, NAMESPACE/NAME:PORT, or a
+    /// frontend ADDRESS:PORT[/PROTOCOL] (0.0.0.0:NODEPORT for a node port).
     Get { service: String },
 }
 
@@ -66,13 +68,15 @@ enum ServiceCommand {
 enum ConntrackCommand {
     /// One row per flow.
     List {
-        /// Only the flows of NAMESPACE/NAME.
+        /// Only the flows of a service (NAMESPACE/NAME, NAMESPACE/NAME:PORT or
+        /// ADDRESS:PORT[/PROTOCOL], as `service get`).
         #[arg(long)]
         service: Option<String>,
     },
     /// Delete flows (their next packet is balanced again, as a new connection).
     Flush {
-        /// Only the flows of NAMESPACE/NAME.
+        /// Only the flows of a service (NAMESPACE/NAME, NAMESPACE/NAME:PORT or
+        /// ADDRESS:PORT[/PROTOCOL], as `service get`).
         #[arg(long)]
         service: Option<String>,
     },
@@ -180,7 +184,7 @@ fn ports_of(tables: &Tables, service: &str) -> Result<Vec<inspect::ServiceRow>, 
         return Err(Failure(
             NOT_FOUND,
             anyhow::anyhow!(
-                "service {service} is not programmed (namespace/name, e.g. default/web)"
+                "service {service} is not programmed (namespace/name, namespace/name:port or address:port[/protocol], as `proxyctl service list` prints them)"
             ),
         ));
     }
