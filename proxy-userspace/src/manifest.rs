@@ -600,6 +600,18 @@ mod tests {
         (objects, rejections)
     }
 
+    /// `text` is read directly (or not), and to the same outcome as the exact way.
+    fn assert_read(text: &str, directly: bool) {
+        let mut objects = Vec::new();
+        let direct = parse_direct(text, 0, "m", &mut objects).is_some();
+        assert_eq!(direct, directly, "read directly: {text}");
+        assert_eq!(
+            outcome(text, parse_documents),
+            outcome(text, parse_exact),
+            "{text}"
+        );
+    }
+
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {a: b}}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
     const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.0.1], conditions: {ready: true}}]\n";
 
@@ -616,16 +628,7 @@ mod tests {
             "apiVersion: v1\nkind: Service\nmetadata: {name: n}\nendpoints: []\naddressType: IPv4\n".to_owned(),
         ];
         for text in &texts {
-            let mut objects = Vec::new();
-            assert!(
-                parse_direct(text, 0, "m", &mut objects).is_some(),
-                "read directly: {text}"
-            );
-            assert_eq!(
-                outcome(text, parse_documents),
-                outcome(text, parse_exact),
-                "{text}"
-            );
+            assert_read(text, true);
         }
     }
 
@@ -646,16 +649,7 @@ mod tests {
             "just text\n".to_owned(),
         ];
         for text in &texts {
-            let mut objects = Vec::new();
-            assert!(
-                parse_direct(text, 0, "m", &mut objects).is_none(),
-                "bails: {text}"
-            );
-            assert_eq!(
-                outcome(text, parse_documents),
-                outcome(text, parse_exact),
-                "{text}"
-            );
+            assert_read(text, false);
         }
         // The good object before the bad one is served either way.
         assert_eq!(outcome(&texts[2], parse_documents).0.len(), 1);

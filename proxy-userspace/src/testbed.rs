@@ -593,6 +593,12 @@ impl World {
         run(self.in_node(node, program).args(args))
     }
 
+    /// The programs attached to node `node`'s cgroup (`bpftool cgroup show`); empty if none.
+    pub fn cgroup_programs(&self, node: usize) -> anyhow::Result<String> {
+        let cgroup = self.nodes[node].cgroup.to_string_lossy();
+        self.run_in_node(node, "bpftool", &["cgroup", "show", &cgroup])
+    }
+
     /// Waits (at most `timeout`) for a process this world started to exit; its status.
     pub fn wait_exit(
         &mut self,

@@ -427,13 +427,7 @@ fn fails_cleanly(world: &World, prefix: &[&str], args: &[&str]) -> String {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{args:?} started: {log}");
     assert!(!bpffs.exists(), "{args:?} pinned something: {log}");
-    let links = world
-        .run_in_node(
-            0,
-            "bpftool",
-            &["cgroup", "show", &world.nodes[0].cgroup.to_string_lossy()],
-        )
-        .unwrap();
+    let links = world.cgroup_programs(0).unwrap();
     assert!(links.trim().is_empty(), "{args:?} attached: {links}");
     log
 }
@@ -629,13 +623,7 @@ fn cleanup_removes_everything_the_agent_created() {
         assert!(out.status.success(), "{log}");
         assert!(log.contains("and the pin directory"), "{log}");
         assert!(!world.nodes[0].bpffs.exists());
-        let cgroup = world
-            .run_in_node(
-                0,
-                "bpftool",
-                &["cgroup", "show", &world.nodes[0].cgroup.to_string_lossy()],
-            )
-            .unwrap();
+        let cgroup = world.cgroup_programs(0).unwrap();
         assert!(cgroup.trim().is_empty(), "{tc}: {cgroup}");
         for pod in 1..=4 {
             let iface = world.pod(pod).iface.clone();

@@ -850,13 +850,7 @@ fn an_agent_stopped_by_an_uninstall_removes_the_datapath_and_one_stopped_by_an_u
         )
         .unwrap();
     assert!(!bpffs.exists(), "an uninstall leaves nothing pinned");
-    let cgroup = world
-        .run_in_node(
-            0,
-            "bpftool",
-            &["cgroup", "show", &world.nodes[0].cgroup.to_string_lossy()],
-        )
-        .unwrap();
+    let cgroup = world.cgroup_programs(0).unwrap();
     assert!(cgroup.trim().is_empty(), "{cgroup}");
     let refused = tcp_spread(&world, &vip, true, 3);
     assert!(refused.keys().all(|k| k.starts_with('<')), "{refused:?}");

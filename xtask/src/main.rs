@@ -51,6 +51,13 @@ fn root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
+/// Sets the machine up, then builds `targets` of proxy-userspace in release mode.
+fn release_build(targets: &[&str]) -> anyhow::Result<()> {
+    setup::run_all(&root())?;
+    let build = ["build", "--release", "-p", "proxy-userspace"];
+    cargo(&[build.as_slice(), targets].concat())
+}
+
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     println!("xtask: cargo {}", args.join(" "));
@@ -226,15 +233,7 @@ fn main() -> anyhow::Result<()> {
             test()
         }
         Task::Bench { quick } => {
-            setup::run_all(&root())?;
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "proxy-userspace",
-                "--bins",
-                "--examples",
-            ])?;
+            release_build(&["--bins", "--examples"])?;
             // A full run's results are committed and quoted by the README.
             let out = if quick {
                 "target/bench-quick"
@@ -249,17 +248,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Image { tag } => {
-            setup::run_all(&root())?;
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "proxy-userspace",
-                "--bin",
-                "proxy-agent",
-                "--bin",
-                "proxyctl",
-            ])?;
+            release_build(&["--bin", "proxy-agent", "--bin", "proxyctl"])?;
             image::build(
                 &root().join("target/release"),
                 &root().join("target/image"),
