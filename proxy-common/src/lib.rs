@@ -237,25 +237,52 @@ pub fn ct_flow_timeout_secs(proto: u8, a: u8, b: u8) -> u64 {
     }
 }
 
-/// Why the datapath dropped a packet: its index in the `drops` map, and in `DROP_REASONS`.
-/// A `Local` traffic policy leaves no endpoint on this node, while other nodes have some.
-pub const DROP_NO_LOCAL_ENDPOINT: u32 = 0;
-/// Every source port tried for a masqueraded connection was taken.
-pub const DROP_NO_MASQUERADE_PORT: u32 = 1;
-/// A connection needs masquerading but the node has no address to masquerade with.
-pub const DROP_NO_MASQUERADE_ADDRESS: u32 = 2;
-/// A new flow could not be recorded in the conntrack map.
-pub const DROP_CONNTRACK_INSERT: u32 = 3;
-/// A packet the datapath routes itself had no route, or its TTL ran out.
-pub const DROP_NO_ROUTE: u32 = 4;
-/// The `DROP_*` reasons by index, as metrics and `proxyctl status` name them.
-pub const DROP_REASONS: [&str; 5] = [
-    "no_local_endpoint",
-    "no_masquerade_port",
-    "no_masquerade_address",
-    "conntrack_insert_failed",
-    "no_route",
-];
+/// Why the datapath dropped a packet: its index in the `drops` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A `Local` traffic policy leaves no endpoint on this node, while other nodes have some.
+    NoLocalEndpoint = 0,
+    /// Every source port tried for a masqueraded connection was taken.
+    NoMasqueradePort = 1,
+    /// A connection needs masquerading but the node has no address to masquerade with.
+    NoMasqueradeAddress = 2,
+    /// A new flow could not be recorded in the conntrack map.
+    ConntrackInsert = 3,
+    /// A packet the datapath routes itself had no route, or its TTL ran out.
+    NoRoute = 4,
+    /// A new flow's reply tuple was held by another live flow and every other source port
+    /// tried for it was taken too.
+    ConntrackClash = 5,
+}
+
+impl DropReason {
+    /// Every reason, in index order.
+    pub const ALL: [DropReason; 6] = [
+        DropReason::NoLocalEndpoint,
+        DropReason::NoMasqueradePort,
+        DropReason::NoMasqueradeAddress,
+        DropReason::ConntrackInsert,
+        DropReason::NoRoute,
+        DropReason::ConntrackClash,
+    ];
+
+    /// As metrics and `proxyctl status` name it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::NoLocalEndpoint => "no_local_endpoint",
+            DropReason::NoMasqueradePort => "no_masquerade_port",
+            DropReason::NoMasqueradeAddress => "no_masquerade_address",
+            DropReason::ConntrackInsert => "conntrack_insert_failed",
+            DropReason::NoRoute => "no_route",
+            DropReason::ConntrackClash => "conntrack_clash",
+        }
+    }
+}
+
+/// Entries of the `drops` map: room for reasons added later, as a pinned map keeps the
+/// size it was created with across agent upgrades.
+pub const DROP_SLOTS: u32 = 32;
 
 /// Which kind of client an affinity entry remembers.
 pub const AFFINITY_CLIENT_IP: u8 = 0;

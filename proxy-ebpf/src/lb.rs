@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, Backend, CT_TIMEOUT_UDP_SECS, Counters,
-    NODE_PORT_ADDR, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_SCOPE, ServiceKey,
-    ServiceValue, SlotKey,
+    DropReason, NODE_PORT_ADDR, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_SCOPE,
+    ServiceKey, ServiceValue, SlotKey,
 };
 
 use crate::maps::{
@@ -204,10 +204,10 @@ fn add<const N: usize>(stats: &Array<Counters, N>, id: u32, delta: &Counters) {
     }
 }
 
-/// Counts a dropped packet under its `DROP_*` reason.
+/// Counts a dropped packet under its reason.
 #[inline(always)]
-pub fn count_drop(reason: u32) {
-    if let Some(n) = DROPS.get_ptr_mut(reason) {
+pub fn count_drop(reason: DropReason) {
+    if let Some(n) = DROPS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { *n += 1 };
     }

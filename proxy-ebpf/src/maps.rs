@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, DROP_REASONS,
+    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, DROP_SLOTS,
     NodeConfig, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevKey, SockRevValue,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES,
@@ -64,4 +64,4 @@ pub static NODE_ADDRS: HashMap<[u8; 4], u32, { MAX_NODE_ADDRS as usize }> = Hash
 pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
 
 #[btf_map(name = "drops")]
-pub static DROPS: PerCpuArray<u64, { DROP_REASONS.len() }> = PerCpuArray::new();
+pub static DROPS: PerCpuArray<u64, { DROP_SLOTS as usize }> = PerCpuArray::new();

@@ -4,9 +4,8 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey,
-    DROP_CONNTRACK_INSERT, DROP_NO_LOCAL_ENDPOINT, DROP_NO_MASQUERADE_ADDRESS,
-    DROP_NO_MASQUERADE_PORT, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, DropReason,
+    SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
 };
 
 use crate::{
@@ -15,8 +14,8 @@ use crate::{
     packet::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Random source ports tried for a masqueraded flow before giving up on it: with a third
-/// of the range in use, all of them are taken once in 50 million.
+/// Random source ports tried for a masqueraded (or clashing) flow before giving up on it:
+/// with a third of the range in use, all of them are taken once in 50 million.
 const SNAT_ATTEMPTS: u32 = 16;
 /// Quiet time after which an ended masqueraded TCP flow gives up its source port: just over
 /// TCP's minimum retransmission timeout (200 ms), so that a lost last ACK shows up as a
@@ -27,8 +26,8 @@ const SNAT_REUSE_AFTER_NS: u64 = 250_000_000;
 pub enum Verdict {
     /// Not a service flow: leave it alone.
     Pass,
-    /// Drop, counted under this `DROP_*` reason.
-    Drop(u32),
+    /// Drop, counted under this reason.
+    Drop(DropReason),
     /// A service without backends: answer ICMP port unreachable, as kube-proxy's REJECT.
     Reject,
     Translate(Translation),
@@ -112,7 +111,9 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         if !reused && (entry.direction == CT_FORWARD || snat) {
             track(entry, flow, now);
             let nat = Rewrite::to(entry.nat_addr, entry.nat_port);
-            let peer = if snat {
+            // A forward entry keeps the client's source unless the flow was masqueraded or
+            // moved to another source port.
+            let peer = if snat || entry.peer_port != flow.key.sport {
                 Rewrite::to(entry.peer_addr, entry.peer_port)
             } else {
                 Rewrite::NONE
@@ -148,7 +149,7 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
     let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
         return if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
-            Verdict::Drop(DROP_NO_LOCAL_ENDPOINT)
+            Verdict::Drop(DropReason::NoLocalEndpoint)
         } else {
             Verdict::Reject
         };
@@ -178,20 +179,13 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         direction: CT_REPLY,
         ..forward
     };
-    let src = if masquerade {
-        match reserve_snat(flow, &chosen, &mut forward, reply, now) {
-            Ok((addr, port)) => Rewrite::to(addr, port),
-            Err(reason) => return Verdict::Drop(reason),
-        }
-    } else {
-        // LRU inserts evict instead of failing when full.
-        if CONNTRACK.insert(flow.key.peer(&forward), reply, 0).is_err() {
-            return Verdict::Drop(DROP_CONNTRACK_INSERT);
-        }
-        Rewrite::NONE
+    let src = match claim_reply_tuple(flow, &chosen, masquerade, &mut forward, reply, now) {
+        Ok(src) => src,
+        Err(reason) => return Verdict::Drop(reason),
     };
     if CONNTRACK.insert(flow.key, forward, 0).is_err() {
-        return Verdict::Drop(DROP_CONNTRACK_INSERT);
+        let _ = CONNTRACK.remove(flow.key.peer(&forward));
+        return Verdict::Drop(DropReason::ConntrackInsert);
     }
     Verdict::Translate(Translation {
         src,
@@ -203,32 +197,52 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     })
 }
 
-/// Picks a source port for a masqueraded flow whose reply tuple (backend → SNAT address and
-/// port) no live flow uses, and records the reply entry under it; the insert with
-/// `BPF_NOEXIST` makes the check and the claim one atomic step.
+/// Records a new flow's reply entry under a reply tuple (backend → client) that no other
+/// live flow holds, and returns the rewrite of the packet's source that the tuple needs.
+/// The client's own address and port when free, or held by an ended flow or by this client
+/// tuple's previous flow; a masqueraded flow gets the node's address and a free port; an
+/// unmasqueraded flow whose tuple a live flow holds (one client port to two frontends that
+/// share a backend) keeps its address and moves to a free port, as Linux's NAT does. Each
+/// claim is an insert with `BPF_NOEXIST`, so checking and taking a tuple is one step.
 #[inline(always)]
-fn reserve_snat(
+fn claim_reply_tuple(
     flow: &Flow,
     chosen: &Chosen,
+    masquerade: bool,
     forward: &mut CtEntry,
-    reply: CtEntry,
+    mut reply: CtEntry,
     now: u64,
-) -> Result<([u8; 4], u16), u32> {
-    let config = NODE_CONFIG.get(0).ok_or(DROP_NO_MASQUERADE_ADDRESS)?;
-    if config.snat_addr == [0; 4] || config.snat_port_max < config.snat_port_min {
-        return Err(DROP_NO_MASQUERADE_ADDRESS);
+) -> Result<Rewrite, DropReason> {
+    if !masquerade {
+        let key = flow.key.peer(forward);
+        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok()
+            || (replaceable(&key, flow, now) && CONNTRACK.insert(key, reply, 0).is_ok())
+        {
+            return Ok(Rewrite::NONE);
+        }
+    }
+    let config = NODE_CONFIG.get(0).ok_or(DropReason::NoMasqueradeAddress)?;
+    let (addr, exhausted) = if masquerade {
+        if config.snat_addr == [0; 4] {
+            return Err(DropReason::NoMasqueradeAddress);
+        }
+        reply.flags = CT_FLAG_SNAT;
+        forward.flags = CT_FLAG_SNAT;
+        (config.snat_addr, DropReason::NoMasqueradePort)
+    } else {
+        (flow.key.src, DropReason::ConntrackClash)
+    };
+    if config.snat_port_max < config.snat_port_min {
+        return Err(exhausted);
     }
     let range = (config.snat_port_max - config.snat_port_min) as u32 + 1;
-    let mut reply = reply;
-    reply.flags = CT_FLAG_SNAT;
-    forward.flags = CT_FLAG_SNAT;
-    forward.peer_addr = config.snat_addr;
+    forward.peer_addr = addr;
     for _ in 0..SNAT_ATTEMPTS {
         // Independent tries: consecutive ones would keep hitting the same run of busy ports.
         let port = config.snat_port_min + (lb::random() % range) as u16;
         let key = CtKey {
             src: chosen.backend.addr,
-            dst: config.snat_addr,
+            dst: addr,
             sport: chosen.backend.port,
             dport: port,
             proto: flow.key.proto,
@@ -239,16 +253,33 @@ fn reserve_snat(
                 && CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok())
         {
             forward.peer_port = port;
-            return Ok((config.snat_addr, port));
+            return Ok(Rewrite::to(addr, port));
         }
     }
-    Err(DROP_NO_MASQUERADE_PORT)
+    Err(exhausted)
 }
 
-/// Frees the masquerade reply tuple `key` if its TCP flow has ended: both sides sent a FIN
-/// or RST and it has been quiet for `SNAT_REUSE_AFTER_NS`. As the kernel's NAT reuses
-/// TIME_WAIT tuples, this keeps short connections from exhausting the port range while
-/// their entries wait out the closing timeout.
+/// The reply tuple `key` that a new flow of `flow`'s client tuple wants may be taken over:
+/// it holds the previous flow of the same client tuple (a closed connection's tuple used
+/// again, or another CPU recording the same new flow), or a flow that has ended (freed).
+#[inline(always)]
+fn replaceable(key: &CtKey, flow: &Flow, now: u64) -> bool {
+    // SAFETY: LRU values stay valid during the program's run; the entry is copied.
+    let Some(held) = (unsafe { CONNTRACK.get(key) }).copied() else {
+        return false;
+    };
+    (held.direction == CT_REPLY
+        && held.peer_addr == flow.key.src
+        && held.peer_port == flow.key.sport
+        && held.nat_addr == flow.key.dst
+        && held.nat_port == flow.key.dport)
+        || free_if_ended(key, now)
+}
+
+/// Frees the reply tuple `key` if its TCP flow has ended: a FIN or RST was seen and it has
+/// been quiet for `SNAT_REUSE_AFTER_NS`. As the kernel's NAT reuses TIME_WAIT tuples, this
+/// keeps short connections from exhausting the port range while their entries wait out the
+/// closing timeout.
 #[inline(always)]
 fn free_if_ended(key: &CtKey, now: u64) -> bool {
     let ended = |entry: &CtEntry| {
@@ -259,7 +290,7 @@ fn free_if_ended(key: &CtKey, now: u64) -> bool {
     let Some(reply) = (unsafe { CONNTRACK.get(key) }).copied() else {
         return false;
     };
-    if reply.flags & CT_FLAG_SNAT == 0 || !ended(&reply) {
+    if reply.direction != CT_REPLY || !ended(&reply) {
         return false;
     }
     let forward_key = key.peer(&reply);
@@ -297,10 +328,23 @@ pub fn egress(flow: &Flow, len: u64) -> Verdict {
     if entry.direction != CT_REPLY || entry.flags & CT_FLAG_SNAT != 0 {
         return Verdict::Pass;
     }
+    // A SYN from the backend once the handshake is over answers a new connection the
+    // client made to the backend directly from the same port (the backend would not accept
+    // one on a tuple it still has a connection on): the tuple is no longer this flow's.
+    if entry.state != CT_STATE_NEW && flow.tcp_flags & TCP_SYN != 0 {
+        let _ = CONNTRACK.remove(flow.key);
+        return Verdict::Pass;
+    }
     track(entry, flow, lb::now_ns());
+    // A flow moved to another source port gets its client's port back.
+    let dst = if entry.peer_port != flow.key.dport {
+        Rewrite::to(entry.peer_addr, entry.peer_port)
+    } else {
+        Rewrite::NONE
+    };
     Verdict::Translate(Translation {
         src: Rewrite::to(entry.nat_addr, entry.nat_port),
-        dst: Rewrite::NONE,
+        dst,
         route: false,
         service_id: entry.rev_nat_id,
         backend_id: entry.backend_id,

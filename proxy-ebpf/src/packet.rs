@@ -22,7 +22,8 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// An IPv4 TCP or UDP packet (first fragment or unfragmented).
+/// An IPv4 TCP or UDP packet (first fragment or unfragmented) whose headers are whole and
+/// consistent, so that every rewrite of them succeeds.
 pub struct Flow {
     pub key: CtKey,
     pub l4_off: usize,
@@ -36,21 +37,38 @@ impl Flow {
         self.key.proto == IPPROTO_TCP
     }
 
-    /// A TCP SYN without ACK: the first packet of a connection.
+    /// A TCP SYN without ACK, RST or FIN: the only segment that opens a connection (Linux's
+    /// conntrack takes SYN+FIN or SYN+RST for invalid).
     pub fn is_syn(&self) -> bool {
-        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
     }
 }
 
 /// Bounds-checked reads of a frame, from its Ethernet header on.
 pub trait Frame {
     fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+    /// Bytes from the Ethernet header to the end of the frame.
+    fn frame_len(&self) -> usize;
+    /// The frame carries a VLAN tag outside its data (tc sees offloaded tags so): it
+    /// belongs to a VLAN device, not to the interface the program runs on.
+    fn vlan_tagged(&self) -> bool;
 }
 
 impl Frame for TcContext {
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         self.load(offset).ok()
+    }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
+    }
+
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        // SAFETY: valid context.
+        unsafe { (*self.skb.skb).vlan_present != 0 }
     }
 }
 
@@ -72,40 +90,148 @@ impl Frame for XdpContext {
         // SAFETY: fully written when the helper succeeds.
         (ret == 0).then(|| unsafe { value.assume_init() })
     }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
+    /// A tagged frame is still tagged in XDP: its ethertype is not IPv4.
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        false
+    }
 }
 
+/// The fixed IPv4 header as 16-bit words in memory order: one load, and its checksum is
+/// their one's-complement sum whatever the byte order.
+#[derive(Clone, Copy)]
+struct Ipv4Words([u16; 10]);
+
+impl Ipv4Words {
+    fn byte(&self, i: usize) -> u8 {
+        self.0[i / 2].to_ne_bytes()[i % 2]
+    }
+
+    fn be16(&self, word: usize) -> u16 {
+        u16::from_be(self.0[word])
+    }
+
+    fn addr(&self, word: usize) -> [u8; 4] {
+        let [a, b] = self.0[word].to_ne_bytes();
+        let [c, d] = self.0[word + 1].to_ne_bytes();
+        [a, b, c, d]
+    }
+}
+
+/// Folds a 32-bit one's-complement sum to 16 bits.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The IPv4 header's checksum holds, options included.
+#[inline(always)]
+fn header_checksum_ok<F: Frame>(ctx: &F, ip: &Ipv4Words, ip_hdr_len: usize) -> Option<bool> {
+    let mut sum: u32 = ip.0.iter().map(|w| *w as u32).sum();
+    // Options: at most 40 bytes, in 4-byte words.
+    for i in 0..10 {
+        let off = IP_HDR_MIN_LEN + i * 4;
+        if off >= ip_hdr_len {
+            break;
+        }
+        let word: [u16; 2] = ctx.read(ETH_HDR_LEN + off)?;
+        sum += word[0] as u32 + word[1] as u32;
+    }
+    Some(fold(sum) == 0xffff)
+}
+
+/// TCP header up to its flags.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpStart {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    data_off: u8,
+    flags: u8,
+}
+
+/// UDP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UdpHeader {
+    sport: u16,
+    dport: u16,
+    len: u16,
+    csum: u16,
+}
+
+const TCP_HDR_MIN_LEN: usize = 20;
+const UDP_HDR_LEN: usize = 8;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+/// The packet's flow, if it is an IPv4 TCP or UDP packet (first fragment or whole) that
+/// the kernel itself would accept: lengths consistent with the frame, a valid header
+/// checksum, a TCP data offset of at least 5. Anything else is left to the kernel (which
+/// drops what is malformed) before any state is recorded for it.
 #[inline(always)]
 pub fn parse<F: Frame>(ctx: &F) -> Option<Flow> {
     let ethertype: u16 = ctx.read(12)?;
-    if u16::from_be(ethertype) != ETH_P_IP {
+    if u16::from_be(ethertype) != ETH_P_IP || ctx.vlan_tagged() {
         return None;
     }
-    let version_ihl: u8 = ctx.read(ETH_HDR_LEN)?;
+    let ip: Ipv4Words = ctx.read(ETH_HDR_LEN)?;
+    let version_ihl = ip.byte(0);
     let ip_hdr_len = (version_ihl & 0x0f) as usize * 4;
     if version_ihl >> 4 != 4 || ip_hdr_len < IP_HDR_MIN_LEN {
         return None;
     }
     // Later fragments carry no ports.
-    let frag: u16 = ctx.read(ETH_HDR_LEN + 6)?;
-    if u16::from_be(frag) & 0x1fff != 0 {
+    let frag = ip.be16(3);
+    if frag & IP_OFFSET != 0 {
         return None;
     }
-    let proto: u8 = ctx.read(ETH_HDR_LEN + 9)?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    let proto = ip.byte(9);
+    let total = ip.be16(1) as usize;
+    // The frame may be longer (Ethernet padding), never shorter.
+    if total > ctx.frame_len().saturating_sub(ETH_HDR_LEN) {
         return None;
     }
     let l4_off = ETH_HDR_LEN + ip_hdr_len;
-    let sport: u16 = ctx.read(l4_off)?;
-    let dport: u16 = ctx.read(l4_off + 2)?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        ctx.read::<u8>(l4_off + 13)?
-    } else {
-        0
+    let l4_len = total.checked_sub(ip_hdr_len)?;
+    let (sport, dport, tcp_flags) = match proto {
+        IPPROTO_TCP => {
+            let tcp: TcpStart = ctx.read(l4_off)?;
+            let tcp_hdr_len = (tcp.data_off >> 4) as usize * 4;
+            if tcp_hdr_len < TCP_HDR_MIN_LEN || tcp_hdr_len > l4_len {
+                return None;
+            }
+            (tcp.sport, tcp.dport, tcp.flags)
+        }
+        IPPROTO_UDP => {
+            let udp: UdpHeader = ctx.read(l4_off)?;
+            let udp_len = u16::from_be(udp.len) as usize;
+            // A first fragment holds only part of the datagram its length counts.
+            let whole = frag & IP_MF == 0;
+            if udp_len < UDP_HDR_LEN || l4_len < UDP_HDR_LEN || (whole && udp_len > l4_len) {
+                return None;
+            }
+            (udp.sport, udp.dport, 0)
+        }
+        _ => return None,
     };
+    if !header_checksum_ok(ctx, &ip, ip_hdr_len)? {
+        return None;
+    }
     Some(Flow {
         key: CtKey {
-            src: ctx.read(IP_SRC_OFF)?,
-            dst: ctx.read(IP_DST_OFF)?,
+            src: ip.addr(6),
+            dst: ip.addr(8),
             sport: u16::from_be(sport),
             dport: u16::from_be(dport),
             proto,

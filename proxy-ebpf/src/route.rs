@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use proxy_common::DROP_NO_ROUTE;
+use proxy_common::DropReason;
 
 use crate::{
     lb,
@@ -75,13 +75,13 @@ pub fn forward(ctx: &TcContext, proto: u8) -> Result<i32, i64> {
     // SAFETY: valid context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(hop) = lookup(ctx.skb.skb.cast(), ifindex, proto, src, dst) else {
-        lb::count_drop(DROP_NO_ROUTE);
+        lb::count_drop(DropReason::NoRoute);
         return Ok(TC_ACT_SHOT);
     };
     // TTL and protocol share a 16-bit word of the header checksum.
     let word: u16 = ctx.load(IP_TTL_OFF)?;
     if u16::from_be(word) >> 8 <= 1 {
-        lb::count_drop(DROP_NO_ROUTE);
+        lb::count_drop(DropReason::NoRoute);
         return Ok(TC_ACT_SHOT);
     }
     let decremented = (u16::from_be(word) - 0x0100).to_be();

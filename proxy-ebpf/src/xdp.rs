@@ -18,7 +18,7 @@ use proxy_common::Counters;
 use crate::{
     lb,
     nat::{self, Rewrite, Translation, Verdict},
-    packet::{self, Endpoint, Flow, Frame, IP_CSUM_OFF, IP_TTL_OFF},
+    packet::{self, Endpoint, Flow, Frame, IP_CSUM_OFF, IP_TTL_OFF, fold},
     route::{self, NextHop},
 };
 
@@ -70,14 +70,6 @@ fn store<T>(ctx: &XdpContext, offset: usize, value: &T) -> Option<()> {
     (ret == 0).then_some(())
 }
 
-/// Folds a 32-bit one's-complement sum to 16 bits.
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
 /// RFC 1624 incremental update of a checksum (as in memory) for a 16-bit word changing from
 /// `old` to `new` (both as in memory).
 #[inline(always)]
@@ -100,7 +92,8 @@ fn replace32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     )
 }
 
-/// Rewrites one end of the packet, with the IP and L4 checksums.
+/// Rewrites one end of the packet, with the IP and L4 checksums. Both checksums are read
+/// before anything is written, so a failure leaves the frame as it was.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, flow: &Flow, which: Endpoint, to: Rewrite) -> Option<()> {
     if !to.set {
@@ -108,8 +101,8 @@ fn rewrite(ctx: &XdpContext, flow: &Flow, which: Endpoint, to: Rewrite) -> Optio
     }
     let (addr_off, port_off, old_addr, old_port) = flow.endpoint(which);
     let ip_csum: u16 = ctx.read(IP_CSUM_OFF)?;
-    store(ctx, IP_CSUM_OFF, &replace32(ip_csum, old_addr, to.addr))?;
     let l4_csum: u16 = ctx.read(flow.l4_csum_off())?;
+    store(ctx, IP_CSUM_OFF, &replace32(ip_csum, old_addr, to.addr))?;
     // A zero UDP checksum means "none" and stays so.
     if flow.is_tcp() || l4_csum != 0 {
         let mut csum = replace32(l4_csum, old_addr, to.addr);

@@ -7,10 +7,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray};
 use proxy_common::{
     AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DROP_REASONS, SCOPE_ALL,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DropReason, SCOPE_ALL,
     SVC_FLAG_AFFINITY, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
 };
 use serde::Serialize;
@@ -577,21 +577,28 @@ pub struct Status {
     pub failed_service_ports: u32,
     /// Pinned attachments, with what the kernel says they are attached to.
     pub attachments: Vec<PinnedAttachment>,
-    /// Packets the datapath dropped, by reason (`DROP_REASONS`).
+    /// Packets the datapath dropped, by reason (`DropReason`).
     pub drops: BTreeMap<&'static str, u64>,
 }
 
-/// Packets the datapath dropped since its maps were created, by reason.
+/// Packets the datapath dropped since its maps were created, by reason. A reason newer
+/// than a still-pinned older map has no slot there and reads as 0.
 pub fn drops(dir: &Path) -> anyhow::Result<BTreeMap<&'static str, u64>> {
     let map: PerCpuArray<MapData, u64> = open(dir, maps::DROPS)?;
-    DROP_REASONS
+    let slots = map.map().info()?.max_entries();
+    DropReason::ALL
         .iter()
-        .zip(0u32..)
-        .map(|(name, index)| {
-            let per_cpu = map
-                .get(&index, 0)
-                .with_context(|| format!("reading drops of reason {name}"))?;
-            Ok((*name, per_cpu.iter().sum()))
+        .map(|reason| {
+            let index = *reason as u32;
+            let packets = if index < slots {
+                let per_cpu = map
+                    .get(&index, 0)
+                    .with_context(|| format!("reading drops of reason {}", reason.name()))?;
+                per_cpu.iter().sum()
+            } else {
+                0
+            };
+            Ok((reason.name(), packets))
         })
         .collect()
 }

@@ -493,8 +493,8 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
         "{dump}"
     );
     // Two entries per flow: one keyed on the client's tuple, one on the backend's. A UDP
-    // client port that came round again shares them with its earlier flow (the reply-tuple
-    // clash of issue #13), so count the distinct tuples rather than the flows.
+    // client port that came round again is its earlier flow again (same entries, same
+    // backend), so count the distinct tuples rather than the flows.
     let tuples = |with_backend: bool| {
         let flows = tcp
             .iter()
@@ -528,6 +528,109 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
             "conntrack fill metric missing: {entries:?}, expected {expected}"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Two ClusterIPs whose only endpoint is the same pod.
+fn two_services_sharing_a_backend(world: &mut World, backend: Ipv4Addr) {
+    let manifest = [("web", VIP), ("web2", VIP2)]
+        .map(|(name, vip)| service_manifest(name, vip, None, &ready(&[backend])))
+        .join("---\n");
+    world.start_agent(&manifest, true).unwrap();
+}
+
+const VIP2: &str = "10.96.0.11";
+
+#[test]
+fn one_client_port_to_two_cluster_ips_sharing_a_backend_keeps_both_flows_right() {
+    let (mut world, backends) = three_backends();
+    two_services_sharing_a_backend(&mut world, backends[0]);
+    // UDP: datagrams from one port to each ClusterIP in turn; every answer comes from the
+    // address it was sent to (one reply tuple per flow, not the last one's).
+    let (to1, to2) = (format!("{VIP}:53"), format!("{VIP2}:53"));
+    let udp = world
+        .probe(
+            CLIENT,
+            false,
+            &[
+                "udp",
+                "--to",
+                &to1,
+                "--to",
+                &to2,
+                "--count",
+                "6",
+                "--source-port",
+                "40001",
+            ],
+        )
+        .unwrap();
+    for (r, to) in udp.iter().zip([&to1, &to2].into_iter().cycle()) {
+        assert_eq!(r["ok"], true, "{udp:?}");
+        assert_eq!(&r["peer"], to, "{udp:?}");
+    }
+    // TCP: a long connection to the first ClusterIP keeps working while the same port
+    // connects to the second.
+    let port = "40002";
+    let hold = |to: &str, ms: &str| {
+        [
+            "tcp",
+            "--to",
+            to,
+            "--source-port",
+            port,
+            "--hold-ms",
+            ms,
+            "--interval-ms",
+            "100",
+        ]
+        .map(str::to_owned)
+    };
+    let first = hold(&format!("{VIP}:80"), "2500");
+    let (long, opened) = world
+        .spawn_probe(CLIENT, false, &first.each_ref().map(String::as_str))
+        .unwrap();
+    assert_eq!(opened["ok"], true, "{opened}");
+    let second = hold(&format!("{VIP2}:80"), "1000");
+    let other = world
+        .probe(CLIENT, false, &second.each_ref().map(String::as_str))
+        .unwrap();
+    assert_eq!(other[0]["ok"], true, "{other:?}");
+    assert_eq!(other.last().unwrap()["failures"], 0, "{other:?}");
+    let summary = world.finish_probe(long).unwrap();
+    assert_eq!(
+        summary["failures"], 0,
+        "the first connection lives on: {summary}"
+    );
+    assert!(summary["exchanges"].as_u64().unwrap() >= 20, "{summary}");
+}
+
+#[test]
+fn a_direct_connection_reusing_a_closed_service_flows_tuple_is_not_rewritten() {
+    let (mut world, backends) = three_backends();
+    two_services_sharing_a_backend(&mut world, backends[0]);
+    let direct = format!("{}:{BACKEND_PORT}", backends[0]);
+    for round in 0..3 {
+        // A service connection from the port, closed; then one straight to its backend.
+        for to in [format!("{VIP}:80"), direct.clone()] {
+            let r = world
+                .probe(
+                    CLIENT,
+                    false,
+                    &[
+                        "tcp",
+                        "--to",
+                        &to,
+                        "--source-port",
+                        "40003",
+                        "--timeout-ms",
+                        "3000",
+                    ],
+                )
+                .unwrap();
+            assert_eq!(r[0]["ok"], true, "round {round}, to {to}: {r:?}");
+            assert_eq!(r[0]["peer"], to.as_str(), "round {round}: {r:?}");
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::json;
+use socket2::{Domain, Socket, Type};
 
 #[derive(Parser)]
 #[command(about = "Echo servers and clients for testing service load balancing")]
@@ -56,11 +57,15 @@ enum Command {
         /// Pause between connections.
         #[arg(long, default_value_t = 0)]
         gap_ms: u64,
+        /// Connect from this local port (shared with other sockets, SO_REUSEADDR).
+        #[arg(long)]
+        source_port: Option<u16>,
     },
     /// UDP requests from a new socket each: one JSON line each.
     Udp {
-        #[arg(long)]
-        to: SocketAddr,
+        /// Repeated: the requests go to each in turn.
+        #[arg(long, required = true)]
+        to: Vec<SocketAddr>,
         #[arg(long, default_value_t = 1)]
         count: u32,
         #[arg(long, default_value_t = 1000)]
@@ -74,6 +79,9 @@ enum Command {
         hold_ms: u64,
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
+        /// Send from this local port.
+        #[arg(long)]
+        source_port: Option<u16>,
     },
     /// Connection rate: connect, exchange a line, close, one after the other for
     /// --duration-ms; prints connections per second and latency percentiles.
@@ -232,14 +240,35 @@ fn exchange(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> std::i
     Ok(line)
 }
 
+/// A socket bound to `0.0.0.0:port` (or any port), which other sockets may share.
+fn socket_from(kind: Type, port: Option<u16>) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, kind, None)?;
+    if let Some(port) = port {
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    }
+    Ok(socket)
+}
+
+fn connect_from(
+    to: SocketAddr,
+    source_port: Option<u16>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = socket_from(Type::STREAM, source_port)?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    Ok(socket.into())
+}
+
 fn tcp_once(
     to: SocketAddr,
+    source_port: Option<u16>,
     timeout: Duration,
     hold: Duration,
     interval: Duration,
 ) -> serde_json::Value {
     let started = Instant::now();
-    let stream = match TcpStream::connect_timeout(&to, timeout) {
+    let stream = match connect_from(to, source_port, timeout) {
         Ok(s) => s,
         Err(e) => return failure(&e, started),
     };
@@ -303,13 +332,15 @@ fn hold_on(
 /// exchanges on the same socket (so on the same backend).
 fn udp_once(
     to: SocketAddr,
+    source_port: Option<u16>,
     timeout: Duration,
     connected: bool,
     hold: Duration,
     interval: Duration,
 ) -> serde_json::Value {
     let started = Instant::now();
-    let socket = match UdpSocket::bind("0.0.0.0:0")
+    let socket = match socket_from(Type::DGRAM, source_port.or(Some(0)))
+        .map(UdpSocket::from)
         .and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s))
     {
         Ok(s) => s,
@@ -450,10 +481,12 @@ fn main() -> anyhow::Result<()> {
             hold_ms,
             interval_ms,
             gap_ms,
+            source_port,
         } => {
             for _ in 0..count {
                 let result = tcp_once(
                     to,
+                    source_port,
                     Duration::from_millis(timeout_ms),
                     Duration::from_millis(hold_ms),
                     Duration::from_millis(interval_ms),
@@ -469,10 +502,12 @@ fn main() -> anyhow::Result<()> {
             connected,
             hold_ms,
             interval_ms,
+            source_port,
         } => {
-            for _ in 0..count {
+            for i in 0..count as usize {
                 let result = udp_once(
-                    to,
+                    to[i % to.len()],
+                    source_port,
                     Duration::from_millis(timeout_ms),
                     connected,
                     Duration::from_millis(hold_ms),

@@ -1,0 +1,446 @@
+//! Crafted packets through the real tc programs with `BPF_PROG_TEST_RUN`: output bytes,
+//! checksums, verdicts and the conntrack entries each packet leaves, with no namespace
+//! world. Two ClusterIPs share one backend, so that one client port can reach both.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{TestRun as _, TestRunOptions},
+};
+use proxy::{
+    datapath::Datapath,
+    desired::{DesiredService, DesiredState},
+    maps::Maps,
+    node::NodeAddressing,
+    reconcile::Reconciler,
+};
+use proxy_common::{
+    Backend, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN, ServiceKey,
+    maps,
+};
+
+const VIP1: [u8; 4] = [10, 96, 0, 1];
+const VIP2: [u8; 4] = [10, 96, 0, 2];
+const BACKEND: [u8; 4] = [10, 244, 0, 2];
+const BACKEND_PORT: u16 = 8080;
+const CLIENT: [u8; 4] = [10, 244, 0, 9];
+const TC_ACT_OK: u32 = 0;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+static FIXTURES: AtomicUsize = AtomicUsize::new(0);
+
+/// The datapath loaded with its maps pinned in a directory of its own (removed on drop),
+/// serving TCP port 80 and UDP port 53 of `VIP1` and `VIP2`, both to `BACKEND`.
+struct Fixture {
+    pins: PathBuf,
+    datapath: Datapath,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/proxy-test-packets-{}-{}",
+            std::process::id(),
+            FIXTURES.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Small, so that checking it is empty is quick.
+        let sizes = [(maps::CONNTRACK.to_owned(), 4096)];
+        let datapath = Datapath::load(&pins, &sizes).expect("loading the datapath");
+        let fixture = Fixture { pins, datapath };
+        let mut desired = DesiredState::new();
+        for (vip, name) in [(VIP1, "one"), (VIP2, "two")] {
+            for (port, proto) in [(80, IPPROTO_TCP), (53, IPPROTO_UDP)] {
+                let backend = Backend {
+                    addr: BACKEND,
+                    port: BACKEND_PORT,
+                    proto,
+                    flags: 0,
+                };
+                let service = DesiredService {
+                    name: format!("test/{name}:{port}"),
+                    backends: vec![backend],
+                    ..DesiredService::default()
+                };
+                desired.insert(ServiceKey::new(vip, port, proto), service);
+            }
+        }
+        let maps = Maps::open(&fixture.pins).expect("opening the maps");
+        let report = Reconciler::adopt(maps).unwrap().apply(&desired);
+        assert!(report.errors.is_empty(), "programming the services");
+        NodeAddressing::new(
+            Some(Ipv4Addr::new(192, 168, 1, 1)),
+            &[],
+            SNAT_PORT_MIN..=SNAT_PORT_MAX,
+        )
+        .program(&fixture.pins)
+        .expect("programming the node's addresses");
+        fixture
+    }
+
+    /// Runs tc program `name` on `frame`: its verdict and the frame it left.
+    fn run(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program = self.datapath.load_classifier(name).unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let result = program
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {frame:02x?}: {e}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn ingress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run("proxy_ingress", frame)
+    }
+
+    fn egress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run("proxy_egress", frame)
+    }
+
+    fn conntrack_map(&self) -> HashMap<MapData, CtKey, CtEntry> {
+        proxy::maps::open(&self.pins, maps::CONNTRACK).unwrap()
+    }
+
+    fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
+        self.conntrack_map().iter().map(Result::unwrap).collect()
+    }
+
+    fn clear_conntrack(&self) {
+        let mut map = self.conntrack_map();
+        let keys: Vec<CtKey> = map.keys().map(Result::unwrap).collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
+
+/// One's-complement sum of `bytes` as big-endian words.
+fn sum(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// An Ethernet + IPv4 frame around the L4 segment `l4` (whose checksum is filled in).
+fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], mut l4: Vec<u8>) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let csum = !fold(sum(&ip));
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let csum_off = if proto == IPPROTO_TCP { 16 } else { 6 };
+    let mut csum = !fold(pseudo_sum(proto, src, dst, l4.len()) + sum(&l4));
+    if proto == IPPROTO_UDP && csum == 0 {
+        csum = 0xffff;
+    }
+    l4[csum_off..csum_off + 2].copy_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&l4);
+    f
+}
+
+fn pseudo_sum(proto: u8, src: [u8; 4], dst: [u8; 4], len: usize) -> u32 {
+    sum(&src) + sum(&dst) + u32::from(proto) + len as u32
+}
+
+fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&src.1.to_be_bytes());
+    t[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    frame(IPPROTO_TCP, src.0, dst.0, t)
+}
+
+fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&src.1.to_be_bytes());
+    u[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    u[4..6].copy_from_slice(&13u16.to_be_bytes());
+    u.extend_from_slice(b"hello");
+    frame(IPPROTO_UDP, src.0, dst.0, u)
+}
+
+/// The addresses and ports of a frame: ((src, sport), (dst, dport)).
+fn ends(f: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let l4 = 14 + ihl;
+    let port = |o: usize| u16::from_be_bytes([f[l4 + o], f[l4 + o + 1]]);
+    (
+        (f[26..30].try_into().unwrap(), port(0)),
+        (f[30..34].try_into().unwrap(), port(2)),
+    )
+}
+
+/// What the kernel would accept as an IPv4 TCP or UDP packet, checked independently of
+/// the datapath's parser; `None` if the frame is not one.
+fn well_formed(f: &[u8]) -> Option<()> {
+    (f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[14] >> 4 == 4).then_some(())?;
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
+    (ihl >= 20 && total >= ihl && 14 + total <= f.len()).then_some(())?;
+    (fold(sum(&f[14..14 + ihl])) == 0xffff).then_some(())?;
+    let l4 = &f[14 + ihl..14 + total];
+    match f[23] {
+        IPPROTO_TCP => {
+            let off = usize::from(*l4.get(12)? >> 4) * 4;
+            (off >= 20 && off <= l4.len()).then_some(())
+        }
+        IPPROTO_UDP => {
+            let len = usize::from(u16::from_be_bytes([*l4.get(4)?, *l4.get(5)?]));
+            // A first fragment (more fragments follow) holds only part of the datagram.
+            let first_fragment = f[20] & 0x20 != 0;
+            (l4.len() >= 8 && len >= 8 && (first_fragment || len <= l4.len())).then_some(())
+        }
+        _ => None,
+    }
+}
+
+/// The frame's IPv4 header checksum holds, and its TCP or UDP checksum (unless a UDP
+/// checksum is absent).
+fn checksums_hold(f: &[u8]) -> bool {
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
+    let (proto, src, dst) = (f[23], &f[26..30], &f[30..34]);
+    let l4 = &f[14 + ihl..14 + total];
+    let absent = proto == IPPROTO_UDP && l4[6..8] == [0, 0];
+    let l4_ok = absent
+        || fold(
+            pseudo_sum(
+                proto,
+                src.try_into().unwrap(),
+                dst.try_into().unwrap(),
+                l4.len(),
+            ) + sum(l4),
+        ) == 0xffff;
+    fold(sum(&f[14..14 + ihl])) == 0xffff && l4_ok
+}
+
+#[test]
+fn malformed_packets_leave_no_state_and_pass_untouched() {
+    let mut fx = Fixture::new();
+    let syn = tcp((CLIENT, 40000), (VIP1, 80), SYN);
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut bad_ip_csum = syn.clone();
+    bad_ip_csum[24] ^= 0x40;
+    cases.push(("bad IP header checksum", bad_ip_csum));
+    let mut short_offset = syn.clone();
+    short_offset[14 + 20 + 12] = 4 << 4;
+    cases.push(("TCP data offset 4", short_offset));
+    cases.push(("TCP header cut short", syn[..14 + 20 + 12].to_vec()));
+    let mut long_total = syn.clone();
+    long_total[16..18].copy_from_slice(&60u16.to_be_bytes());
+    let csum = !fold(sum(&long_total[14..24]) + sum(&long_total[26..34]));
+    long_total[24..26].copy_from_slice(&csum.to_be_bytes());
+    cases.push(("IP total length beyond the frame", long_total));
+    cases.push(("SYN+FIN", tcp((CLIENT, 40001), (VIP1, 80), SYN | FIN)));
+    cases.push(("SYN+RST", tcp((CLIENT, 40002), (VIP1, 80), SYN | RST)));
+    let mut short_udp = udp((CLIENT, 40003), (VIP1, 53));
+    short_udp[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+    cases.push(("UDP length 4", short_udp));
+    let mut long_udp = udp((CLIENT, 40004), (VIP1, 53));
+    long_udp[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&200u16.to_be_bytes());
+    cases.push(("UDP length beyond the packet", long_udp));
+    for (what, input) in &cases {
+        let (verdict, out) = fx.ingress(input);
+        assert_eq!(verdict, TC_ACT_OK, "{what}: left to the kernel");
+        assert_eq!(&out, input, "{what}: not modified");
+        assert!(fx.conntrack().is_empty(), "{what}: no conntrack entry");
+    }
+    // The well-formed SYN itself is translated and recorded.
+    let (verdict, out) = fx.ingress(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(ends(&out).1, (BACKEND, BACKEND_PORT));
+    assert!(checksums_hold(&out));
+    assert_eq!(fx.conntrack().len(), 2, "forward and reply entries");
+}
+
+/// A small xorshift generator: reproducible mutations without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn mutated_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
+    let mut fx = Fixture::new();
+    let seeds = [
+        tcp((CLIENT, 40000), (VIP1, 80), SYN),
+        tcp((CLIENT, 40000), (VIP2, 80), ACK),
+        udp((CLIENT, 40000), (VIP1, 53)),
+        udp((CLIENT, 40000), (VIP2, 53)),
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut malformed, mut translated) = (0, 0);
+    for i in 0..12_000 {
+        let mut f = seeds[i % seeds.len()].clone();
+        for _ in 0..1 + rng.below(3) {
+            match rng.below(4) {
+                // Any byte after the Ethernet header.
+                0 => {
+                    let at = 14 + rng.below(f.len() - 14);
+                    f[at] = rng.next() as u8;
+                }
+                // A header length field.
+                1 => {
+                    let at = [14, 16, 17, 14 + 20 + 12, 14 + 20 + 4, 14 + 20 + 5][rng.below(6)];
+                    if let Some(byte) = f.get_mut(at) {
+                        *byte = rng.next() as u8;
+                    }
+                }
+                // Cut short (not below an IP header: BPF_PROG_TEST_RUN refuses those).
+                2 => f.truncate(34 + rng.below(f.len() - 33)),
+                // Fragment bits.
+                _ => f[20] = rng.next() as u8,
+            }
+        }
+        // Mostly with a valid header checksum, so that the mutation reaches further.
+        if f.len() >= 34 && rng.below(4) != 0 {
+            let ihl = (usize::from(f[14] & 0x0f) * 4).clamp(20, f.len() - 14);
+            f[24..26].fill(0);
+            let csum = !fold(sum(&f[14..14 + ihl]));
+            f[24..26].copy_from_slice(&csum.to_be_bytes());
+        }
+        let (verdict, out) = fx.ingress(&f);
+        if well_formed(&f).is_none() {
+            malformed += 1;
+            assert_eq!(
+                verdict, TC_ACT_OK,
+                "malformed input {i} {f:02x?} left alone"
+            );
+            assert_eq!(out, f, "malformed input {i} {f:02x?} not modified");
+            let left = fx.conntrack();
+            assert!(
+                left.is_empty(),
+                "malformed input {i} {f:02x?} left {left:?}"
+            );
+            continue;
+        }
+        if out != f {
+            translated += 1;
+            assert!(
+                !checksums_hold(&f) || checksums_hold(&out),
+                "input {i} {f:02x?} came out with a broken checksum: {out:02x?}"
+            );
+        }
+        fx.clear_conntrack();
+    }
+    assert!(
+        malformed > 5_000,
+        "{malformed} of the inputs were malformed"
+    );
+    assert!(translated > 500, "{translated} inputs were translated");
+}
+
+#[test]
+fn one_client_port_to_two_cluster_ips_sharing_a_backend_gets_two_reply_tuples() {
+    for (proto, port) in [(IPPROTO_TCP, 80), (IPPROTO_UDP, 53)] {
+        let mut fx = Fixture::new();
+        let packet = |src, dst| match proto {
+            IPPROTO_TCP => tcp(src, dst, SYN),
+            _ => udp(src, dst),
+        };
+        let reply = |src, dst| match proto {
+            IPPROTO_TCP => tcp(src, dst, SYN | ACK),
+            _ => udp(src, dst),
+        };
+        let (_, first) = fx.ingress(&packet((CLIENT, 40000), (VIP1, port)));
+        assert_eq!(
+            ends(&first),
+            ((CLIENT, 40000), (BACKEND, BACKEND_PORT)),
+            "{proto}: the first flow keeps its port"
+        );
+        let (_, second) = fx.ingress(&packet((CLIENT, 40000), (VIP2, port)));
+        let ((src, moved), dst) = ends(&second);
+        assert_eq!((src, dst), (CLIENT, (BACKEND, BACKEND_PORT)));
+        assert!(
+            (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&moved),
+            "{proto}: the second flow moves to a free port, not {moved}"
+        );
+        assert!(checksums_hold(&first) && checksums_hold(&second));
+        // Each reply goes back as from its own ClusterIP, to the client's own port.
+        for (to_port, vip) in [(40000, VIP1), (moved, VIP2)] {
+            let (verdict, out) = fx.egress(&reply((BACKEND, BACKEND_PORT), (CLIENT, to_port)));
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(ends(&out), ((vip, port), (CLIENT, 40000)), "{proto}");
+            assert!(checksums_hold(&out));
+        }
+        // Later packets of both flows keep their translation.
+        let (_, again) = fx.ingress(&packet((CLIENT, 40000), (VIP2, port)));
+        assert_eq!(ends(&again).0, (CLIENT, moved));
+        let (_, again) = fx.ingress(&packet((CLIENT, 40000), (VIP1, port)));
+        assert_eq!(ends(&again).0, (CLIENT, 40000));
+    }
+}
+
+#[test]
+fn a_direct_connection_on_a_closed_service_flows_tuple_is_not_rewritten() {
+    let mut fx = Fixture::new();
+    let client = (CLIENT, 40000);
+    let backend = (BACKEND, BACKEND_PORT);
+    // A service connection, opened and closed.
+    fx.ingress(&tcp(client, (VIP1, 80), SYN));
+    let (_, synack) = fx.egress(&tcp(backend, client, SYN | ACK));
+    assert_eq!(ends(&synack).0, (VIP1, 80));
+    fx.ingress(&tcp(client, (VIP1, 80), ACK));
+    fx.ingress(&tcp(client, (VIP1, 80), FIN | ACK));
+    let (_, fin) = fx.egress(&tcp(backend, client, FIN | ACK));
+    assert_eq!(
+        ends(&fin).0,
+        (VIP1, 80),
+        "closing packets are still translated"
+    );
+    // The client connects to the backend itself from the same port.
+    let direct = tcp(client, backend, SYN);
+    assert_eq!(fx.ingress(&direct), (TC_ACT_OK, direct.clone()));
+    let answer = tcp(backend, client, SYN | ACK);
+    assert_eq!(
+        fx.egress(&answer),
+        (TC_ACT_OK, answer.clone()),
+        "the backend's answer keeps its own address"
+    );
+    let ack = tcp(backend, client, ACK);
+    assert_eq!(fx.egress(&ack), (TC_ACT_OK, ack.clone()));
+}
