@@ -11,7 +11,7 @@ use proxy_common::{
 use crate::{
     lb::{self, Chosen, Sticky},
     maps::{CONNTRACK, NODE_CONFIG},
-    packet::{Flow, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{ErrorTranslation, Flow, Rewrite, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Random source ports tried for a masqueraded (or clashing) flow before giving up on it:
@@ -31,32 +31,6 @@ pub enum Verdict {
     /// A service without backends: answer ICMP port unreachable, as kube-proxy's REJECT.
     Reject,
     Translate(Translation),
-}
-
-/// A new address and port for one end of a packet, if `set`. Not an `Option`: the verifier
-/// rejects the uninitialised payload of a `None` when the compiler spills it.
-#[derive(Clone, Copy)]
-pub struct Rewrite {
-    pub set: bool,
-    pub addr: [u8; 4],
-    pub port: u16,
-}
-
-impl Rewrite {
-    pub const NONE: Rewrite = Rewrite {
-        set: false,
-        addr: [0; 4],
-        port: 0,
-    };
-
-    #[inline(always)]
-    fn to(addr: [u8; 4], port: u16) -> Self {
-        Rewrite {
-            set: true,
-            addr,
-            port,
-        }
-    }
 }
 
 /// The rewrites of one packet, and what to count once it is sent on.
@@ -108,21 +82,8 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         // A new SYN on a closed flow's tuple is a new connection: balance it again.
         let reused = flow.is_syn() && entry.state == CT_STATE_CLOSING;
         let snat = entry.flags & CT_FLAG_SNAT != 0;
-        if !reused && (entry.direction == CT_FORWARD || snat) {
+        if !reused && let Some((src, dst)) = rewrites(entry, &flow.key, Side::Ingress) {
             track(entry, flow, now);
-            let nat = Rewrite::to(entry.nat_addr, entry.nat_port);
-            // A forward entry keeps the client's source unless the flow was masqueraded or
-            // moved to another source port.
-            let peer = if snat || entry.peer_port != flow.key.sport {
-                Rewrite::to(entry.peer_addr, entry.peer_port)
-            } else {
-                Rewrite::NONE
-            };
-            let (src, dst) = if entry.direction == CT_FORWARD {
-                (peer, nat)
-            } else {
-                (nat, peer)
-            };
             return Verdict::Translate(Translation {
                 src,
                 dst,
@@ -335,19 +296,98 @@ pub fn egress(flow: &Flow, len: u64) -> Verdict {
         let _ = CONNTRACK.remove(flow.key);
         return Verdict::Pass;
     }
-    track(entry, flow, lb::now_ns());
-    // A flow moved to another source port gets its client's port back.
-    let dst = if entry.peer_port != flow.key.dport {
-        Rewrite::to(entry.peer_addr, entry.peer_port)
-    } else {
-        Rewrite::NONE
+    let Some((src, dst)) = rewrites(entry, &flow.key, Side::Egress) else {
+        return Verdict::Pass;
     };
+    track(entry, flow, lb::now_ns());
     Verdict::Translate(Translation {
-        src: Rewrite::to(entry.nat_addr, entry.nat_port),
+        src,
         dst,
         route: false,
         service_id: entry.rev_nat_id,
         backend_id: entry.backend_id,
         counters: traffic(len, 0),
+    })
+}
+
+/// Where a packet is seen: arriving on an interface, or leaving through one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Ingress,
+    Egress,
+}
+
+/// The rewrites (source, destination) of a packet under `key`, tracked by `entry`, on
+/// `side`: ingress translates forward entries and masqueraded replies, egress the replies
+/// of unmasqueraded flows (they leave towards the client). `None`: not translated there.
+#[inline(always)]
+fn rewrites(entry: &CtEntry, key: &CtKey, side: Side) -> Option<(Rewrite, Rewrite)> {
+    if entry.flags & CT_FLAG_PASS != 0 {
+        return None;
+    }
+    let snat = entry.flags & CT_FLAG_SNAT != 0;
+    let nat = Rewrite::to(entry.nat_addr, entry.nat_port);
+    let peer = Rewrite::to(entry.peer_addr, entry.peer_port);
+    match (side, entry.direction) {
+        // The client's source stays unless the flow was masqueraded or moved to another
+        // source port.
+        (Side::Ingress, CT_FORWARD) => Some((
+            if snat || entry.peer_port != key.sport {
+                peer
+            } else {
+                Rewrite::NONE
+            },
+            nat,
+        )),
+        (Side::Ingress, CT_REPLY) if snat => Some((nat, peer)),
+        // A flow moved to another source port gets its client's port back.
+        (Side::Egress, CT_REPLY) if !snat => Some((
+            nat,
+            if entry.peer_port != key.dport {
+                peer
+            } else {
+                Rewrite::NONE
+            },
+        )),
+        _ => None,
+    }
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) quotes a
+/// packet as it was sent, after our translation; it travels back the way a reply to that
+/// packet would, so it is translated as that reply would be: the reply's new destination is
+/// the quoted packet's new source and the error's new destination, the reply's new source
+/// is the quoted packet's new destination (and the error's source when the quoted packet's
+/// destination sent it). Linux's NAT and Cilium do the same; without it path-MTU discovery,
+/// traceroute and port-unreachable answers break through a service.
+#[inline(always)]
+pub fn icmp_error(quoted: &CtKey, sender: [u8; 4], side: Side) -> Option<ErrorTranslation> {
+    let reply = CtKey {
+        src: quoted.dst,
+        dst: quoted.src,
+        sport: quoted.dport,
+        dport: quoted.sport,
+        proto: quoted.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: LRU values stay valid during the program's run; the entry is copied.
+    let entry = (unsafe { CONNTRACK.get(reply) }).copied()?;
+    let (src, dst) = rewrites(&entry, &reply, side)?;
+    let outer_src = if src.set && sender == quoted.dst {
+        Rewrite::to(src.addr, 0)
+    } else {
+        Rewrite::NONE
+    };
+    let outer_dst = if dst.set && dst.addr != quoted.src {
+        Rewrite::to(dst.addr, 0)
+    } else {
+        Rewrite::NONE
+    };
+    Some(ErrorTranslation {
+        inner_src: dst,
+        inner_dst: src,
+        outer_src,
+        outer_dst,
+        route: entry.flags & CT_FLAG_SNAT != 0,
     })
 }

@@ -15,7 +15,7 @@ pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HDR_LEN + 12;
 pub const IP_DST_OFF: usize = ETH_HDR_LEN + 16;
 const IP_HDR_MIN_LEN: usize = 20;
-const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMP: u8 = 1;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -132,6 +132,29 @@ pub fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// RFC 1624 incremental update of a checksum (as in memory) for a 16-bit word changing from
+/// `old` to `new` (both as in memory).
+#[inline(always)]
+pub fn replace16(csum: u16, old: u16, new: u16) -> u16 {
+    let sum = !u16::from_be(csum) as u32 + !u16::from_be(old) as u32 + u16::from_be(new) as u32;
+    (!fold(sum)).to_be()
+}
+
+/// The same for a 4-byte field (an address).
+#[inline(always)]
+pub fn replace32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let csum = replace16(
+        csum,
+        u16::from_ne_bytes([old[0], old[1]]),
+        u16::from_ne_bytes([new[0], new[1]]),
+    );
+    replace16(
+        csum,
+        u16::from_ne_bytes([old[2], old[3]]),
+        u16::from_ne_bytes([new[2], new[3]]),
+    )
+}
+
 /// The IPv4 header's checksum holds, options included.
 #[inline(always)]
 fn header_checksum_ok<F: Frame>(ctx: &F, ip: &Ipv4Words, ip_hdr_len: usize) -> Option<bool> {
@@ -175,12 +198,40 @@ const UDP_HDR_LEN: usize = 8;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
-/// The packet's flow, if it is an IPv4 TCP or UDP packet (first fragment or whole) that
-/// the kernel itself would accept: lengths consistent with the frame, a valid header
-/// checksum, a TCP data offset of at least 5. Anything else is left to the kernel (which
-/// drops what is malformed) before any state is recorded for it.
+/// A packet the datapath may translate.
+pub enum Packet {
+    /// TCP or UDP (first fragment or whole).
+    Transport(Flow),
+    /// An ICMP error quoting a TCP or UDP packet.
+    IcmpError(IcmpError),
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) and the
+/// headers it quotes: the quoted packet's addresses and ports, as it was sent.
+pub struct IcmpError {
+    /// The error's sender (its IP source) and destination.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// The quoted packet's tuple.
+    pub quoted: CtKey,
+    /// Offsets of the ICMP header, the quoted IP header and the quoted L4 header.
+    pub icmp_off: usize,
+    pub inner_ip_off: usize,
+    pub inner_l4_off: usize,
+    /// The quoted L4 header's checksum field is inside the frame.
+    pub inner_csum_present: bool,
+}
+
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMP_HDR_LEN: usize = 8;
+
+/// The packet, if it is an IPv4 TCP or UDP packet (first fragment or whole) or an ICMP
+/// error quoting one, that the kernel itself would accept: lengths consistent with the
+/// frame, a valid header checksum, a TCP data offset of at least 5. Anything else is left
+/// to the kernel (which drops what is malformed) before any state is recorded for it.
 #[inline(always)]
-pub fn parse<F: Frame>(ctx: &F) -> Option<Flow> {
+pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
     let ethertype: u16 = ctx.read(12)?;
     if u16::from_be(ethertype) != ETH_P_IP || ctx.vlan_tagged() {
         return None;
@@ -223,12 +274,19 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Flow> {
             }
             (udp.sport, udp.dport, 0)
         }
+        IPPROTO_ICMP => {
+            let error = parse_icmp_error(ctx, &ip, l4_off, l4_len)?;
+            if !header_checksum_ok(ctx, &ip, ip_hdr_len)? {
+                return None;
+            }
+            return Some(Packet::IcmpError(error));
+        }
         _ => return None,
     };
     if !header_checksum_ok(ctx, &ip, ip_hdr_len)? {
         return None;
     }
-    Some(Flow {
+    Some(Packet::Transport(Flow {
         key: CtKey {
             src: ip.addr(6),
             dst: ip.addr(8),
@@ -240,7 +298,95 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Flow> {
         l4_off,
         ip_hdr_len,
         tcp_flags,
+    }))
+}
+
+/// The ICMP error at `icmp_off` (`len` bytes of ICMP message), if it quotes at least the
+/// IP header and the ports of a TCP or UDP packet.
+#[inline(always)]
+fn parse_icmp_error<F: Frame>(
+    ctx: &F,
+    ip: &Ipv4Words,
+    icmp_off: usize,
+    len: usize,
+) -> Option<IcmpError> {
+    let kind: u8 = ctx.read(icmp_off)?;
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETER_PROBLEM {
+        return None;
+    }
+    let inner_ip_off = icmp_off + ICMP_HDR_LEN;
+    let inner: Ipv4Words = ctx.read(inner_ip_off)?;
+    let inner_ihl = (inner.byte(0) & 0x0f) as usize * 4;
+    let proto = inner.byte(9);
+    if inner.byte(0) >> 4 != 4 || inner_ihl < IP_HDR_MIN_LEN {
+        return None;
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    // The ports, at least, must be quoted (RFC 792: the first 8 bytes of the payload).
+    let inner_l4_off = inner_ip_off + inner_ihl;
+    let quoted = ICMP_HDR_LEN + inner_ihl;
+    if len < quoted + 8 {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.read(inner_l4_off)?;
+    let csum_end = if proto == IPPROTO_TCP { 18 } else { 8 };
+    Some(IcmpError {
+        src: ip.addr(6),
+        dst: ip.addr(8),
+        quoted: CtKey {
+            src: inner.addr(6),
+            dst: inner.addr(8),
+            sport: u16::from_be(ports[0]),
+            dport: u16::from_be(ports[1]),
+            proto,
+            pad: [0; 3],
+        },
+        icmp_off,
+        inner_ip_off,
+        inner_l4_off,
+        inner_csum_present: len >= quoted + csum_end,
     })
+}
+
+/// A new address and port for one end of a packet, if `set`. Not an `Option`: the verifier
+/// rejects the uninitialised payload of a `None` when the compiler spills it.
+#[derive(Clone, Copy)]
+pub struct Rewrite {
+    pub set: bool,
+    pub addr: [u8; 4],
+    pub port: u16,
+}
+
+impl Rewrite {
+    pub const NONE: Rewrite = Rewrite {
+        set: false,
+        addr: [0; 4],
+        port: 0,
+    };
+
+    #[inline(always)]
+    pub fn to(addr: [u8; 4], port: u16) -> Self {
+        Rewrite {
+            set: true,
+            addr,
+            port,
+        }
+    }
+}
+
+/// The rewrites of an ICMP error about a translated flow.
+pub struct ErrorTranslation {
+    /// The quoted packet's new source and destination.
+    pub inner_src: Rewrite,
+    pub inner_dst: Rewrite,
+    /// The error's own new source (when the quoted packet's destination sent it) and
+    /// destination; their ports are unused.
+    pub outer_src: Rewrite,
+    pub outer_dst: Rewrite,
+    /// A masqueraded flow's error: route it ourselves.
+    pub route: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -363,5 +509,93 @@ pub fn into_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<(), i64> {
     ctx.store(0, &macs, 0)?;
     ctx.store(ETH_HDR_LEN, &ip, 0)?;
     ctx.store(ETH_HDR_LEN + IP_HDR_MIN_LEN, &icmp, 0)?;
+    Ok(())
+}
+
+/// Writes the 16-bit `new` (as in memory) at `off` inside the ICMP message whose checksum
+/// is at `csum_off`, and updates that checksum.
+#[inline(always)]
+fn icmp_store16(ctx: &TcContext, csum_off: usize, off: usize, new: u16) -> Result<(), i64> {
+    let old: u16 = ctx.load(off)?;
+    ctx.l4_csum_replace(csum_off, old as u64, new as u64, 2)?;
+    ctx.store(off, &new, 0)
+}
+
+/// Rewrites one end of the packet an ICMP error quotes: its address, with the quoted IP
+/// header's checksum, its port, and the quoted TCP or UDP checksum when it is quoted (a
+/// zero UDP checksum stays zero); the ICMP checksum follows every word changed.
+#[inline(always)]
+fn rewrite_quoted(
+    ctx: &TcContext,
+    error: &IcmpError,
+    which: Endpoint,
+    to: Rewrite,
+) -> Result<(), i64> {
+    if !to.set {
+        return Ok(());
+    }
+    let csum_off = error.icmp_off + 2;
+    let q = &error.quoted;
+    let (addr_off, port_off, old_addr, old_port) = match which {
+        Endpoint::Source => (error.inner_ip_off + 12, error.inner_l4_off, q.src, q.sport),
+        Endpoint::Destination => (
+            error.inner_ip_off + 16,
+            error.inner_l4_off + 2,
+            q.dst,
+            q.dport,
+        ),
+    };
+    let ip_csum_off = error.inner_ip_off + 10;
+    let ip_csum: u16 = ctx.load(ip_csum_off)?;
+    icmp_store16(
+        ctx,
+        csum_off,
+        ip_csum_off,
+        replace32(ip_csum, old_addr, to.addr),
+    )?;
+    let [a, b, c, d] = to.addr;
+    icmp_store16(ctx, csum_off, addr_off, u16::from_ne_bytes([a, b]))?;
+    icmp_store16(ctx, csum_off, addr_off + 2, u16::from_ne_bytes([c, d]))?;
+    let new_port = to.port.to_be();
+    icmp_store16(ctx, csum_off, port_off, new_port)?;
+    if error.inner_csum_present {
+        let tcp = q.proto == IPPROTO_TCP;
+        let l4_csum_off = error.inner_l4_off + if tcp { 16 } else { 6 };
+        let l4_csum: u16 = ctx.load(l4_csum_off)?;
+        if tcp || l4_csum != 0 {
+            let mut csum = replace16(
+                replace32(l4_csum, old_addr, to.addr),
+                old_port.to_be(),
+                new_port,
+            );
+            if !tcp && csum == 0 {
+                csum = 0xffff;
+            }
+            icmp_store16(ctx, csum_off, l4_csum_off, csum)?;
+        }
+    }
+    Ok(())
+}
+
+/// Translates an ICMP error: the quoted packet's ends, then the error's own addresses
+/// (ICMP has no pseudo-header: only the IP checksum follows those).
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &TcContext,
+    error: &IcmpError,
+    t: &ErrorTranslation,
+) -> Result<(), i64> {
+    rewrite_quoted(ctx, error, Endpoint::Source, t.inner_src)?;
+    rewrite_quoted(ctx, error, Endpoint::Destination, t.inner_dst)?;
+    for (to, off, old) in [
+        (t.outer_src, IP_SRC_OFF, error.src),
+        (t.outer_dst, IP_DST_OFF, error.dst),
+    ] {
+        if to.set {
+            let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(to.addr));
+            ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)?;
+            ctx.store(off, &new, 0)?;
+        }
+    }
     Ok(())
 }

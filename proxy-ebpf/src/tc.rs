@@ -10,30 +10,47 @@ use aya_ebpf::{
 
 use crate::{
     lb,
-    nat::{self, Translation, Verdict},
-    packet::{self, Endpoint, Flow},
+    nat::{self, Side, Translation, Verdict},
+    packet::{self, Endpoint, ErrorTranslation, Flow, IPPROTO_ICMP, IcmpError, Packet},
     route,
 };
 
 #[classifier]
 pub fn proxy_ingress(ctx: TcContext) -> i32 {
-    match packet::parse(&ctx) {
-        Some(flow) => {
-            let verdict = nat::ingress(&flow, ctx.len() as u64);
-            apply(&ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
-        }
-        None => TC_ACT_OK,
-    }
+    run(&ctx, Side::Ingress)
 }
 
 #[classifier]
 pub fn proxy_egress(ctx: TcContext) -> i32 {
-    match packet::parse(&ctx) {
-        Some(flow) => {
-            let verdict = nat::egress(&flow, ctx.len() as u64);
-            apply(&ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
+    run(&ctx, Side::Egress)
+}
+
+#[inline(always)]
+fn run(ctx: &TcContext, side: Side) -> i32 {
+    match packet::parse(ctx) {
+        Some(Packet::Transport(flow)) => {
+            let len = ctx.len() as u64;
+            let verdict = match side {
+                Side::Ingress => nat::ingress(&flow, len),
+                Side::Egress => nat::egress(&flow, len),
+            };
+            apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
         }
+        Some(Packet::IcmpError(error)) => match nat::icmp_error(&error.quoted, error.src, side) {
+            Some(t) => translate_error(ctx, &error, &t).unwrap_or(TC_ACT_SHOT),
+            None => TC_ACT_OK,
+        },
         None => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn translate_error(ctx: &TcContext, error: &IcmpError, t: &ErrorTranslation) -> Result<i32, i64> {
+    packet::rewrite_icmp_error(ctx, error, t)?;
+    if t.route {
+        route::forward(ctx, IPPROTO_ICMP)
+    } else {
+        Ok(TC_ACT_OK)
     }
 }
 

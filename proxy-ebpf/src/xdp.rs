@@ -17,14 +17,17 @@ use proxy_common::Counters;
 
 use crate::{
     lb,
-    nat::{self, Rewrite, Translation, Verdict},
-    packet::{self, Endpoint, Flow, Frame, IP_CSUM_OFF, IP_TTL_OFF, fold},
+    nat::{self, Translation, Verdict},
+    packet::{
+        self, Endpoint, Flow, Frame, IP_CSUM_OFF, IP_TTL_OFF, Packet, Rewrite, replace16, replace32,
+    },
     route::{self, NextHop},
 };
 
 #[xdp]
 pub fn proxy_xdp(ctx: XdpContext) -> u32 {
-    let Some(flow) = packet::parse(&ctx) else {
+    // ICMP errors are translated by tc.
+    let Some(Packet::Transport(flow)) = packet::parse(&ctx) else {
         return XDP_PASS;
     };
     match nat::ingress(&flow, (ctx.data_end() - ctx.data()) as u64) {
@@ -68,28 +71,6 @@ fn store<T>(ctx: &XdpContext, offset: usize, value: &T) -> Option<()> {
         )
     };
     (ret == 0).then_some(())
-}
-
-/// RFC 1624 incremental update of a checksum (as in memory) for a 16-bit word changing from
-/// `old` to `new` (both as in memory).
-#[inline(always)]
-fn replace16(csum: u16, old: u16, new: u16) -> u16 {
-    let sum = !u16::from_be(csum) as u32 + !u16::from_be(old) as u32 + u16::from_be(new) as u32;
-    (!fold(sum)).to_be()
-}
-
-#[inline(always)]
-fn replace32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let csum = replace16(
-        csum,
-        u16::from_ne_bytes([old[0], old[1]]),
-        u16::from_ne_bytes([new[0], new[1]]),
-    );
-    replace16(
-        csum,
-        u16::from_ne_bytes([old[2], old[3]]),
-        u16::from_ne_bytes([new[2], new[3]]),
-    )
 }
 
 /// Rewrites one end of the packet, with the IP and L4 checksums. Both checksums are read

@@ -635,6 +635,62 @@ fn a_direct_connection_reusing_a_closed_service_flows_tuple_is_not_rewritten() {
 }
 
 #[test]
+fn icmp_errors_about_tc_path_flows_reach_the_client_translated() {
+    let (mut world, backends) = three_backends();
+    // UDP port 54 leads to a port the backend does not serve.
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {BACKEND_PORT}}}\n  - {{name: closed, port: 54, protocol: UDP, targetPort: 9999}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: closed, port: 9999, protocol: UDP}}\nendpoints:\n- addresses: [{}]\n",
+        backends[0]
+    );
+    world.start_agent(&manifest, true).unwrap();
+    // The backend's port unreachable comes back as from the ClusterIP, quoting what the
+    // client sent: a connected socket sees ECONNREFUSED at once, not a timeout.
+    let closed = format!("{VIP}:54");
+    let udp = world
+        .probe(
+            CLIENT,
+            false,
+            &[
+                "udp",
+                "--to",
+                &closed,
+                "--connected",
+                "--count",
+                "3",
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+        .unwrap();
+    assert!(udp.iter().all(|r| r["kind"] == "refused"), "{udp:?}");
+    // A smaller MTU towards the backend: the node's "fragmentation needed" quotes the
+    // translated segment; translated back, the client's TCP lowers its segment size and a
+    // line longer than any segment gets through (else the path is a black hole).
+    let iface = world.pod(1).iface.clone();
+    world
+        .run_in_node(0, "ip", &["link", "set", &iface, "mtu", "1000"])
+        .unwrap();
+    for hooked in [false, true] {
+        let tcp = world
+            .probe(
+                CLIENT,
+                hooked,
+                &[
+                    "tcp",
+                    "--to",
+                    &format!("{VIP}:80"),
+                    "--line-bytes",
+                    "20000",
+                    "--timeout-ms",
+                    "5000",
+                ],
+            )
+            .unwrap();
+        assert_eq!(tcp[0]["ok"], true, "hooked: {hooked}: {tcp:?}");
+    }
+}
+
+#[test]
 fn resync_repairs_map_entries_changed_behind_the_agents_back() {
     let (mut world, backends) = three_backends();
     let manifest = world

@@ -158,8 +158,13 @@ fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], mut l4: Vec<u8>) -> Vec<u8> {
     ip[16..20].copy_from_slice(&dst);
     let csum = !fold(sum(&ip));
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    let csum_off = if proto == IPPROTO_TCP { 16 } else { 6 };
-    let mut csum = !fold(pseudo_sum(proto, src, dst, l4.len()) + sum(&l4));
+    let (csum_off, pseudo) = match proto {
+        IPPROTO_TCP => (16, pseudo_sum(proto, src, dst, l4.len())),
+        IPPROTO_UDP => (6, pseudo_sum(proto, src, dst, l4.len())),
+        // ICMP: no pseudo-header.
+        _ => (2, 0),
+    };
+    let mut csum = !fold(pseudo + sum(&l4));
     if proto == IPPROTO_UDP && csum == 0 {
         csum = 0xffff;
     }
@@ -171,6 +176,30 @@ fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], mut l4: Vec<u8>) -> Vec<u8> {
 
 fn pseudo_sum(proto: u8, src: [u8; 4], dst: [u8; 4], len: usize) -> u32 {
     sum(&src) + sum(&dst) + u32::from(proto) + len as u32
+}
+
+const IPPROTO_ICMP: u8 = 1;
+
+/// An ICMP error of `kind`/`code` from `src` to `dst` quoting `quoted` (a frame: its IP
+/// packet, whole, is quoted).
+fn icmp_error(kind: u8, code: u8, src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc];
+    message.extend_from_slice(&quoted[14..]);
+    frame(IPPROTO_ICMP, src, dst, message)
+}
+
+/// The packet an ICMP error quotes, as a frame again (a copy of its bytes behind an
+/// Ethernet header).
+fn quoted(error: &[u8]) -> Vec<u8> {
+    let mut f = error[..14].to_vec();
+    f.extend_from_slice(&error[14 + 20 + 8..]);
+    f
+}
+
+/// Every checksum of an ICMP error frame holds: its IP header, the ICMP message, and the
+/// quoted packet's own.
+fn icmp_checksums_hold(f: &[u8]) -> bool {
+    fold(sum(&f[14..34])) == 0xffff && fold(sum(&f[34..])) == 0xffff && checksums_hold(&quoted(f))
 }
 
 fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
@@ -443,4 +472,55 @@ fn a_direct_connection_on_a_closed_service_flows_tuple_is_not_rewritten() {
     );
     let ack = tcp(backend, client, ACK);
     assert_eq!(fx.egress(&ack), (TC_ACT_OK, ack.clone()));
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_outer_and_inner() {
+    let mut fx = Fixture::new();
+    let client = (CLIENT, 40000);
+    let backend = (BACKEND, BACKEND_PORT);
+    // Two UDP flows from one client port; the second moved to another port.
+    let (_, first) = fx.ingress(&udp(client, (VIP1, 53)));
+    let (_, second) = fx.ingress(&udp(client, (VIP2, 53)));
+    let moved = ends(&second).0;
+    const DEST_UNREACH: u8 = 3;
+    const TIME_EXCEEDED: u8 = 11;
+    // The backend's port unreachable about each (leaving towards the client): from the
+    // ClusterIP, quoting the datagram as the client sent it.
+    for (sent, vip) in [(&first, VIP1), (&second, VIP2)] {
+        let error = icmp_error(DEST_UNREACH, 3, BACKEND, CLIENT, sent);
+        let (verdict, out) = fx.egress(&error);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(ends(&out).0.0, vip, "the error comes from the ClusterIP");
+        assert_eq!(
+            ends(&quoted(&out)),
+            (client, (vip, 53)),
+            "the quote as sent"
+        );
+        assert!(icmp_checksums_hold(&out), "{out:02x?}");
+    }
+    // A router on the way (the node itself: time exceeded) keeps its own address.
+    let node = [192, 168, 1, 1];
+    let error = icmp_error(TIME_EXCEEDED, 0, node, CLIENT, &first);
+    let (_, out) = fx.egress(&error);
+    assert_eq!(ends(&out).0.0, node);
+    assert_eq!(ends(&quoted(&out)), (client, (VIP1, 53)));
+    assert!(icmp_checksums_hold(&out));
+    // Fragmentation needed from the client's side about a reply (arriving): to the
+    // backend, quoting the reply as the backend sent it.
+    let (_, reply) = fx.egress(&udp(backend, moved));
+    assert_eq!(ends(&reply), ((VIP2, 53), client));
+    let error = icmp_error(DEST_UNREACH, 4, CLIENT, VIP2, &reply);
+    let (verdict, out) = fx.ingress(&error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(ends(&out).1.0, BACKEND, "to the backend");
+    assert_eq!(ends(&quoted(&out)), (backend, moved));
+    assert!(icmp_checksums_hold(&out));
+    // An error about a flow we do not track passes untouched; so does one quoting too
+    // little to name the flow.
+    let stranger = udp((CLIENT, 41000), (BACKEND, 9999));
+    let error = icmp_error(DEST_UNREACH, 3, BACKEND, CLIENT, &stranger);
+    assert_eq!(fx.egress(&error), (TC_ACT_OK, error.clone()));
+    let short = icmp_error(DEST_UNREACH, 3, BACKEND, CLIENT, &first[..14 + 20 + 4]);
+    assert_eq!(fx.egress(&short), (TC_ACT_OK, short.clone()));
 }

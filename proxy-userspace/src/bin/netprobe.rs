@@ -60,6 +60,9 @@ enum Command {
         /// Connect from this local port (shared with other sockets, SO_REUSEADDR).
         #[arg(long)]
         source_port: Option<u16>,
+        /// Length of the first line sent, newline included.
+        #[arg(long, default_value_t = HELLO.len())]
+        line_bytes: usize,
     },
     /// UDP requests from a new socket each: one JSON line each.
     Udp {
@@ -228,8 +231,15 @@ fn serve_tcp(stream: TcpStream, id: &str) {
     }
 }
 
-fn exchange(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> std::io::Result<String> {
-    writer.write_all(b"hello\n")?;
+const HELLO: &[u8] = b"hello\n";
+
+/// Sends `line` (ending in a newline) and reads the answer line.
+fn exchange(
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut TcpStream,
+    line: &[u8],
+) -> std::io::Result<String> {
+    writer.write_all(line)?;
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Err(std::io::Error::new(
@@ -263,6 +273,7 @@ fn connect_from(
 fn tcp_once(
     to: SocketAddr,
     source_port: Option<u16>,
+    line_bytes: usize,
     timeout: Duration,
     hold: Duration,
     interval: Duration,
@@ -282,13 +293,16 @@ fn tcp_once(
         Err(e) => return failure(&e, started),
     };
     let mut reader = BufReader::new(stream);
-    let (backend, server_saw) = match exchange(&mut reader, &mut writer) {
+    // A long first line: segments as large as the path allows (path-MTU discovery).
+    let mut first_line = vec![b'x'; line_bytes.saturating_sub(1)];
+    first_line.push(b'\n');
+    let (backend, server_saw) = match exchange(&mut reader, &mut writer, &first_line) {
         Ok(line) => answer(&line),
         Err(e) => return failure(&e, started),
     };
     let first = json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": peer, "ms": started.elapsed().as_secs_f64() * 1000.0});
     hold_on(first, started, hold, interval, || {
-        exchange(&mut reader, &mut writer)
+        exchange(&mut reader, &mut writer, HELLO)
     })
 }
 
@@ -387,7 +401,7 @@ fn rate(to: SocketAddr, duration: Duration, timeout: Duration) -> serde_json::Va
             let connected = attempt.elapsed();
             s.set_read_timeout(Some(timeout))?;
             let mut writer = s.try_clone()?;
-            exchange(&mut BufReader::new(s), &mut writer).map(|_| connected)
+            exchange(&mut BufReader::new(s), &mut writer, HELLO).map(|_| connected)
         });
         match result {
             Ok(connected) => latencies.push(connected.as_secs_f64() * 1e6),
@@ -432,7 +446,7 @@ fn round_trips(to: SocketAddr, duration: Duration, timeout: Duration) -> serde_j
     let started = Instant::now();
     while started.elapsed() < duration {
         let attempt = Instant::now();
-        if let Err(e) = exchange(&mut reader, &mut writer) {
+        if let Err(e) = exchange(&mut reader, &mut writer, HELLO) {
             return failure(&e, started);
         }
         latencies.push(attempt.elapsed().as_secs_f64() * 1e6);
@@ -482,11 +496,13 @@ fn main() -> anyhow::Result<()> {
             interval_ms,
             gap_ms,
             source_port,
+            line_bytes,
         } => {
             for _ in 0..count {
                 let result = tcp_once(
                     to,
                     source_port,
+                    line_bytes,
                     Duration::from_millis(timeout_ms),
                     Duration::from_millis(hold_ms),
                     Duration::from_millis(interval_ms),
