@@ -222,6 +222,27 @@ impl CtKey {
     }
 }
 
+/// An IPv4 datagram's fragments (`FRAGMENTS` key): they share source, destination,
+/// protocol and IP id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// The ports of a fragmented datagram, from its first fragment: later fragments carry
+/// none, and are translated as the flow they name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 /// Idle timeout of a flow, from the states of its two entries: a FIN or RST on either side
 /// makes it closing; otherwise it is established once either side is.
 pub fn ct_flow_timeout_secs(proto: u8, a: u8, b: u8) -> u64 {
@@ -417,4 +438,6 @@ mod pod {
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for AgentStatus {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
 }

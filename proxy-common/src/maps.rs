@@ -24,6 +24,8 @@ pub const CONNTRACK: &str = "conntrack";
 pub const AFFINITY: &str = "affinity";
 /// LRU (SockRevKey → SockRevValue)
 pub const SOCK_REV_NAT: &str = "sock_rev_nat";
+/// LRU (FragKey → FragPorts): the ports of fragmented datagrams, for their later fragments
+pub const FRAGMENTS: &str = "fragments";
 
 /// (node IPv4 address → 1): the addresses NodePorts answer on.
 pub const NODE_ADDRS: &str = "node_addrs";
@@ -33,7 +35,7 @@ pub const NODE_CONFIG: &str = "node_config";
 pub const DROPS: &str = "drops";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
@@ -43,6 +45,7 @@ pub const ALL: [&str; 13] = [
     CONNTRACK,
     AFFINITY,
     SOCK_REV_NAT,
+    FRAGMENTS,
     AGENT_STATUS,
     NODE_ADDRS,
     NODE_CONFIG,
@@ -78,3 +81,6 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOCK_REV_NAT: u32 = 131_072;
 pub const MAX_NODE_ADDRS: u32 = 256;
+/// Datagrams in flight in fragments at once (Cilium's default too); a fragment's entry
+/// is needed only until the datagram's last fragment has passed.
+pub const MAX_FRAGMENTS: u32 = 8_192;

@@ -6,10 +6,11 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, DROP_SLOTS,
-    NodeConfig, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevKey, SockRevValue,
+    FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevKey,
+    SockRevValue,
     maps::{
-        MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_NODE_ADDRS, MAX_SERVICES,
-        MAX_SOCK_REV_NAT,
+        MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
+        MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT,
     },
 };
 
@@ -51,6 +52,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as us
 
 #[btf_map(name = "sock_rev_nat")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { MAX_SOCK_REV_NAT as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "fragments")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
 
 /// Written by the agent for `proxyctl status`; declared here to carry BTF and be pinned.

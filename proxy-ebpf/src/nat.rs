@@ -5,12 +5,12 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, DropReason,
-    SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
+    FragKey, FragPorts, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
 };
 
 use crate::{
     lb::{self, Chosen, Sticky},
-    maps::{CONNTRACK, NODE_CONFIG},
+    maps::{CONNTRACK, FRAGMENTS, NODE_CONFIG},
     packet::{ErrorTranslation, Flow, Rewrite, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -70,6 +70,7 @@ fn traffic(len: u64, conns: u64) -> Counters {
 /// translation once it has sent the packet on.
 #[inline(always)]
 pub fn ingress(flow: &Flow, len: u64) -> Verdict {
+    remember_fragment(flow);
     let now = lb::now_ns();
     if let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) {
         // SAFETY: LRU values stay valid during the program's run; racing updates of the
@@ -281,6 +282,7 @@ fn free_if_ended(key: &CtKey, now: u64) -> bool {
 /// service address back as source.
 #[inline(always)]
 pub fn egress(flow: &Flow, len: u64) -> Verdict {
+    remember_fragment(flow);
     let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) else {
         return Verdict::Pass;
     };
@@ -304,6 +306,57 @@ pub fn egress(flow: &Flow, len: u64) -> Verdict {
         src,
         dst,
         route: false,
+        service_id: entry.rev_nat_id,
+        backend_id: entry.backend_id,
+        counters: traffic(len, 0),
+    })
+}
+
+/// Keeps a first fragment's ports for the later fragments of its datagram.
+#[inline(always)]
+fn remember_fragment(flow: &Flow) {
+    if flow.first_fragment {
+        let ports = FragPorts {
+            sport: flow.key.sport,
+            dport: flow.key.dport,
+        };
+        let _ = FRAGMENTS.insert(fragment_key(&flow.key, flow.ip_id), ports, 0);
+    }
+}
+
+#[inline(always)]
+fn fragment_key(key: &CtKey, id: u16) -> FragKey {
+    FragKey {
+        src: key.src,
+        dst: key.dst,
+        id,
+        proto: key.proto,
+        pad: 0,
+    }
+}
+
+/// A later fragment is translated as its datagram's flow (the ports its first fragment
+/// carried), addresses only. Without a first fragment seen (lost, or out of order) it is
+/// left alone, as the datagram could not be reassembled anyway.
+#[inline(always)]
+pub fn fragment(frag: &FragKey, len: u64, side: Side) -> Option<Translation> {
+    // SAFETY: LRU values stay valid during the program's run; the value is copied.
+    let ports = (unsafe { FRAGMENTS.get(frag) }).copied()?;
+    let key = CtKey {
+        src: frag.src,
+        dst: frag.dst,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto: frag.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: as above.
+    let entry = (unsafe { CONNTRACK.get(key) }).copied()?;
+    let (src, dst) = rewrites(&entry, &key, side)?;
+    Some(Translation {
+        src,
+        dst,
+        route: entry.flags & CT_FLAG_SNAT != 0,
         service_id: entry.rev_nat_id,
         backend_id: entry.backend_id,
         counters: traffic(len, 0),

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_skb_change_tail, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
-use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{CtKey, FragKey, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -30,6 +30,9 @@ pub struct Flow {
     pub ip_hdr_len: usize,
     /// TCP flags; 0 for UDP.
     pub tcp_flags: u8,
+    /// The first fragment of a datagram (more follow), and its IP id.
+    pub first_fragment: bool,
+    pub ip_id: u16,
 }
 
 impl Flow {
@@ -202,6 +205,8 @@ const IP_OFFSET: u16 = 0x1fff;
 pub enum Packet {
     /// TCP or UDP (first fragment or whole).
     Transport(Flow),
+    /// A later fragment of a TCP or UDP datagram: no ports of its own.
+    Fragment(FragKey),
     /// An ICMP error quoting a TCP or UDP packet.
     IcmpError(IcmpError),
 }
@@ -242,16 +247,27 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
     if version_ihl >> 4 != 4 || ip_hdr_len < IP_HDR_MIN_LEN {
         return None;
     }
-    // Later fragments carry no ports.
     let frag = ip.be16(3);
-    if frag & IP_OFFSET != 0 {
-        return None;
-    }
     let proto = ip.byte(9);
     let total = ip.be16(1) as usize;
     // The frame may be longer (Ethernet padding), never shorter.
-    if total > ctx.frame_len().saturating_sub(ETH_HDR_LEN) {
+    if total > ctx.frame_len().saturating_sub(ETH_HDR_LEN) || total < ip_hdr_len {
         return None;
+    }
+    // Later fragments carry no ports: their first fragment named the flow.
+    if frag & IP_OFFSET != 0 {
+        if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+            || !header_checksum_ok(ctx, &ip, ip_hdr_len)?
+        {
+            return None;
+        }
+        return Some(Packet::Fragment(FragKey {
+            src: ip.addr(6),
+            dst: ip.addr(8),
+            id: ip.be16(2),
+            proto,
+            pad: 0,
+        }));
     }
     let l4_off = ETH_HDR_LEN + ip_hdr_len;
     let l4_len = total.checked_sub(ip_hdr_len)?;
@@ -298,6 +314,8 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
         l4_off,
         ip_hdr_len,
         tcp_flags,
+        first_fragment: frag & IP_MF != 0,
+        ip_id: ip.be16(2),
     }))
 }
 
@@ -592,10 +610,22 @@ pub fn rewrite_icmp_error(
         (t.outer_dst, IP_DST_OFF, error.dst),
     ] {
         if to.set {
-            let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(to.addr));
-            ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)?;
-            ctx.store(off, &new, 0)?;
+            rewrite_address(ctx, off, old, to.addr)?;
         }
     }
     Ok(())
+}
+
+/// Rewrites an address in the IP header alone (a later fragment has no L4 header; its
+/// first fragment's L4 checksum covers the pseudo-header).
+#[inline(always)]
+pub fn rewrite_address(
+    ctx: &TcContext,
+    offset: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), i64> {
+    let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)?;
+    ctx.store(offset, &new, 0)
 }

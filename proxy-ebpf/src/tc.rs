@@ -7,11 +7,15 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use proxy_common::FragKey;
 
 use crate::{
     lb,
     nat::{self, Side, Translation, Verdict},
-    packet::{self, Endpoint, ErrorTranslation, Flow, IPPROTO_ICMP, IcmpError, Packet},
+    packet::{
+        self, Endpoint, ErrorTranslation, Flow, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IcmpError,
+        Packet,
+    },
     route,
 };
 
@@ -36,11 +40,31 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
             };
             apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
         }
+        Some(Packet::Fragment(frag)) => match nat::fragment(&frag, ctx.len() as u64, side) {
+            Some(t) => translate_fragment(ctx, &frag, t).unwrap_or(TC_ACT_SHOT),
+            None => TC_ACT_OK,
+        },
         Some(Packet::IcmpError(error)) => match nat::icmp_error(&error.quoted, error.src, side) {
             Some(t) => translate_error(ctx, &error, &t).unwrap_or(TC_ACT_SHOT),
             None => TC_ACT_OK,
         },
         None => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn translate_fragment(ctx: &TcContext, frag: &FragKey, t: Translation) -> Result<i32, i64> {
+    lb::count(t.service_id, t.backend_id, t.counters);
+    if t.dst.set {
+        packet::rewrite_address(ctx, IP_DST_OFF, frag.dst, t.dst.addr)?;
+    }
+    if t.src.set {
+        packet::rewrite_address(ctx, IP_SRC_OFF, frag.src, t.src.addr)?;
+    }
+    if t.route {
+        route::forward(ctx, frag.proto)
+    } else {
+        Ok(TC_ACT_OK)
     }
 }
 

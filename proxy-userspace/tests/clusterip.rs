@@ -691,6 +691,37 @@ fn icmp_errors_about_tc_path_flows_reach_the_client_translated() {
 }
 
 #[test]
+fn udp_datagrams_larger_than_the_mtu_arrive_whole_through_a_cluster_ip() {
+    let (mut world, backends) = three_backends();
+    world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    // 4,000 bytes: three fragments each way. On the tc path every fragment must follow its
+    // datagram's flow (to one backend, and back from the ClusterIP) or nothing arrives.
+    for hooked in [false, true] {
+        let udp = world
+            .probe(
+                CLIENT,
+                hooked,
+                &[
+                    "udp",
+                    "--to",
+                    &format!("{VIP}:53"),
+                    "--count",
+                    "30",
+                    "--datagram-bytes",
+                    "4000",
+                ],
+            )
+            .unwrap();
+        assert_each_backend_got_a_fair_share(&spread(&udp), 30);
+        for r in &udp {
+            assert_eq!(r["peer"], format!("{VIP}:53"), "hooked: {hooked}: {r}");
+        }
+    }
+}
+
+#[test]
 fn resync_repairs_map_entries_changed_behind_the_agents_back() {
     let (mut world, backends) = three_backends();
     let manifest = world

@@ -174,6 +174,24 @@ fn cluster_policy_node_port(mode: Mode) -> World {
     let seen = seen_by_backend(&results);
     assert_eq!(seen.len(), 2, "UDP reaches both nodes' pods: {seen:?}");
     assert_all(&seen["pod-b"], NODE_A, "UDP to the remote pod");
+    // Datagrams of 4,000 bytes travel in three fragments each way: every fragment follows
+    // its datagram's flow (masqueraded and routed too), so each arrives whole.
+    let results = world
+        .probe_ext(&[
+            "udp",
+            "--to",
+            &format!("{NODE_A}:{NODE_PORT_UDP}"),
+            "--count",
+            "30",
+            "--datagram-bytes",
+            "4000",
+        ])
+        .unwrap();
+    for r in &results {
+        assert_eq!(r["peer"], format!("{NODE_A}:{NODE_PORT_UDP}"), "{r}");
+    }
+    let seen = seen_by_backend(&results);
+    assert_eq!(seen.len(), 2, "fragmented UDP reaches both pods: {seen:?}");
     world
 }
 

@@ -524,3 +524,84 @@ fn icmp_errors_about_translated_flows_are_translated_outer_and_inner() {
     let short = icmp_error(DEST_UNREACH, 3, BACKEND, CLIENT, &first[..14 + 20 + 4]);
     assert_eq!(fx.egress(&short), (TC_ACT_OK, short.clone()));
 }
+
+/// A fragment of an IPv4 datagram: `payload` at `offset` (in 8-byte units) of the
+/// datagram's L4 bytes; `more` fragments follow.
+fn fragment(src: [u8; 4], dst: [u8; 4], offset: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+    ip[6..8].copy_from_slice(&(offset | if more { 0x2000 } else { 0 }).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = IPPROTO_UDP;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let csum = !fold(sum(&ip));
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A UDP datagram with a 40-byte payload, in two fragments (24 and 24 bytes).
+fn fragmented_udp(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> [Vec<u8>; 2] {
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&48u16.to_be_bytes());
+    udp.extend((0..40).map(|i| i as u8));
+    let csum = !fold(pseudo_sum(IPPROTO_UDP, src.0, dst.0, udp.len()) + sum(&udp));
+    udp[6..8].copy_from_slice(&csum.to_be_bytes());
+    [
+        fragment(src.0, dst.0, 0, true, &udp[..24]),
+        fragment(src.0, dst.0, 3, false, &udp[24..]),
+    ]
+}
+
+/// The datagram the fragments make, checked: each IP header's checksum holds, they agree
+/// on addresses, and the reassembled UDP checksum holds. Returns its ends.
+fn reassembled(fragments: &[Vec<u8>]) -> (([u8; 4], u16), ([u8; 4], u16)) {
+    let mut udp = Vec::new();
+    for f in fragments {
+        assert_eq!(fold(sum(&f[14..34])), 0xffff, "IP checksum of {f:02x?}");
+        assert_eq!(f[26..34], fragments[0][26..34], "one datagram's addresses");
+        udp.extend_from_slice(&f[34..]);
+    }
+    let (src, dst) = (&fragments[0][26..30], &fragments[0][30..34]);
+    let pseudo = pseudo_sum(
+        IPPROTO_UDP,
+        src.try_into().unwrap(),
+        dst.try_into().unwrap(),
+        udp.len(),
+    );
+    assert_eq!(
+        fold(pseudo + sum(&udp)),
+        0xffff,
+        "UDP checksum of the datagram"
+    );
+    ends(&fragments[0])
+}
+
+#[test]
+fn every_fragment_of_a_datagram_follows_its_flow() {
+    let mut fx = Fixture::new();
+    let client = (CLIENT, 40000);
+    let backend = (BACKEND, BACKEND_PORT);
+    // A later fragment before any first one: its flow is unknown, it passes untouched.
+    let [_, early] = fragmented_udp(client, (VIP1, 53));
+    assert_eq!(fx.ingress(&early), (TC_ACT_OK, early.clone()));
+    // Request: both fragments to the backend; the datagram is whole and valid there.
+    let out: Vec<Vec<u8>> = fragmented_udp(client, (VIP1, 53))
+        .iter()
+        .map(|f| fx.ingress(f).1)
+        .collect();
+    assert_eq!(reassembled(&out), (client, backend));
+    // Reply: both fragments from the ClusterIP.
+    let out: Vec<Vec<u8>> = fragmented_udp(backend, client)
+        .iter()
+        .map(|f| fx.egress(f).1)
+        .collect();
+    assert_eq!(reassembled(&out), ((VIP1, 53), client));
+}

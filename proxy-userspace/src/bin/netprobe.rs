@@ -85,6 +85,10 @@ enum Command {
         /// Send from this local port.
         #[arg(long)]
         source_port: Option<u16>,
+        /// Size of each request datagram (the answer is as large); larger than the MTU,
+        /// it travels in fragments.
+        #[arg(long, default_value_t = HELLO.len())]
+        datagram_bytes: usize,
     },
     /// Connection rate: connect, exchange a line, close, one after the other for
     /// --duration-ms; prints connections per second and latency percentiles.
@@ -186,9 +190,15 @@ fn serve(id: String, tcp: Vec<u16>, udp: Vec<u16>, max_secs: u64) -> anyhow::Res
             .with_context(|| format!("binding UDP port {port}"))?;
         let id = id.clone();
         std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(format!("{id} {peer}\n").as_bytes(), peer);
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                // As long as the request (padded after the line), so that a large datagram
+                // is answered by one as large.
+                let mut answer = format!("{id} {peer}\n").into_bytes();
+                if answer.len() < n {
+                    answer.resize(n, b' ');
+                }
+                let _ = socket.send_to(&answer, peer);
             }
         });
     }
@@ -347,6 +357,7 @@ fn hold_on(
 fn udp_once(
     to: SocketAddr,
     source_port: Option<u16>,
+    datagram_bytes: usize,
     timeout: Duration,
     connected: bool,
     hold: Duration,
@@ -363,20 +374,24 @@ fn udp_once(
     if connected && let Err(e) = socket.connect(to) {
         return failure(&e, started);
     }
+    let mut request = HELLO.to_vec();
+    request.resize(datagram_bytes.max(HELLO.len()), b' ');
     let exchange = || -> std::io::Result<(String, SocketAddr)> {
-        let mut buf = [0u8; 1500];
-        if connected {
-            socket.send(b"hello\n")?;
-            let n = socket.recv(&mut buf)?;
-            Ok((
-                String::from_utf8_lossy(&buf[..n]).into_owned(),
-                socket.peer_addr()?,
-            ))
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = if connected {
+            socket.send(&request)?;
+            (socket.recv(&mut buf)?, socket.peer_addr()?)
         } else {
-            socket.send_to(b"hello\n", to)?;
-            let (n, from) = socket.recv_from(&mut buf)?;
-            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+            socket.send_to(&request, to)?;
+            socket.recv_from(&mut buf)?
+        };
+        if n < request.len() {
+            return Err(std::io::Error::other(format!(
+                "sent {} bytes, the answer has only {n}",
+                request.len()
+            )));
         }
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
     };
     let (line, from) = match exchange() {
         Ok(answer) => answer,
@@ -519,11 +534,13 @@ fn main() -> anyhow::Result<()> {
             hold_ms,
             interval_ms,
             source_port,
+            datagram_bytes,
         } => {
             for i in 0..count as usize {
                 let result = udp_once(
                     to[i % to.len()],
                     source_port,
+                    datagram_bytes,
                     Duration::from_millis(timeout_ms),
                     connected,
                     Duration::from_millis(hold_ms),
