@@ -222,6 +222,16 @@ impl CtKey {
     }
 }
 
+/// The account of conntrack entries (`CT_STATS`, one value): created and deleted, by
+/// the datapath and the agent. Entries created, less deleted, less those in the map were
+/// evicted by the LRU map to make room.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtStats {
+    pub created: u64,
+    pub deleted: u64,
+}
+
 /// An IPv4 datagram's fragments (`FRAGMENTS` key): they share source, destination,
 /// protocol and IP id.
 #[repr(C)]
@@ -439,5 +449,6 @@ mod pod {
     unsafe impl aya::Pod for AgentStatus {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for CtStats {}
     unsafe impl aya::Pod for FragPorts {}
 }

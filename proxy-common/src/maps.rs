@@ -24,6 +24,8 @@ pub const CONNTRACK: &str = "conntrack";
 pub const AFFINITY: &str = "affinity";
 /// LRU (SockRevKey → SockRevValue)
 pub const SOCK_REV_NAT: &str = "sock_rev_nat";
+/// array of one CtStats, memory-mappable: conntrack entries created and deleted
+pub const CT_STATS: &str = "ct_stats";
 /// LRU (FragKey → FragPorts): the ports of fragmented datagrams, for their later fragments
 pub const FRAGMENTS: &str = "fragments";
 
@@ -35,7 +37,7 @@ pub const NODE_CONFIG: &str = "node_config";
 pub const DROPS: &str = "drops";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
@@ -45,6 +47,7 @@ pub const ALL: [&str; 14] = [
     CONNTRACK,
     AFFINITY,
     SOCK_REV_NAT,
+    CT_STATS,
     FRAGMENTS,
     AGENT_STATUS,
     NODE_ADDRS,
@@ -77,7 +80,9 @@ pub const MAX_SERVICES: u32 = 131_072;
 pub const MAX_BACKENDS: u32 = 524_288;
 /// Backend slots of all services, for two generations during an update.
 pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
-pub const MAX_CONNTRACK: u32 = 262_144;
+/// Two entries per flow: 262,144 flows, as Linux's `nf_conntrack_max` on a large node, so that
+/// a busy node rarely fills it (an LRU map evicts live flows once full).
+pub const MAX_CONNTRACK: u32 = 524_288;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOCK_REV_NAT: u32 = 131_072;
 pub const MAX_NODE_ADDRS: u32 = 256;

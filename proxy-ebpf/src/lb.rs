@@ -185,7 +185,7 @@ pub fn select_backend(svc: &ServiceValue, sticky: Option<&Sticky>, now: u64) -> 
 /// # Safety
 /// `field` points into a live map value, 8-byte aligned.
 #[inline(always)]
-unsafe fn atomic_add(field: *mut u64, delta: u64) {
+pub unsafe fn atomic_add(field: *mut u64, delta: u64) {
     if delta != 0 {
         // SAFETY: the caller's guarantee.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, delta) };

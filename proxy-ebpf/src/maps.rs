@@ -1,13 +1,13 @@
 //! The datapath's maps; names and sizes come from `proxy_common::maps`.
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, DROP_SLOTS,
-    FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey, ServiceValue, SlotKey, SockRevKey,
-    SockRevValue,
+    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, CtStats,
+    DROP_SLOTS, FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    SockRevKey, SockRevValue,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
         MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT,
@@ -53,6 +53,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as us
 #[btf_map(name = "sock_rev_nat")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { MAX_SOCK_REV_NAT as usize }> =
     LruHashMap::new();
+
+/// Conntrack entries created and deleted, by the datapath and the agent alike (it maps
+/// this array to add atomically).
+#[btf_map(name = "ct_stats")]
+pub static CT_STATS: Array<CtStats, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 #[btf_map(name = "fragments")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }> =

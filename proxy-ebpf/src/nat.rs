@@ -1,7 +1,6 @@
 //! What to do with a packet that did not go through the socket hooks, shared by the tc and
 //! XDP programs: follow its conntrack entry, or balance a new flow to a service backend
 //! (masquerading it when the reply would otherwise bypass this node) and record it.
-use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, DropReason,
@@ -9,6 +8,7 @@ use proxy_common::{
 };
 
 use crate::{
+    ct,
     lb::{self, Chosen, Sticky},
     maps::{CONNTRACK, FRAGMENTS, NODE_CONFIG},
     packet::{ErrorTranslation, Flow, Rewrite, TCP_FIN, TCP_RST, TCP_SYN},
@@ -145,8 +145,8 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         Ok(src) => src,
         Err(reason) => return Verdict::Drop(reason),
     };
-    if CONNTRACK.insert(flow.key, forward, 0).is_err() {
-        let _ = CONNTRACK.remove(flow.key.peer(&forward));
+    if !ct::put(flow.key, forward) {
+        ct::remove(flow.key.peer(&forward));
         return Verdict::Drop(DropReason::ConntrackInsert);
     }
     Verdict::Translate(Translation {
@@ -177,9 +177,7 @@ fn claim_reply_tuple(
 ) -> Result<Rewrite, DropReason> {
     if !masquerade {
         let key = flow.key.peer(forward);
-        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok()
-            || (replaceable(&key, flow, now) && CONNTRACK.insert(key, reply, 0).is_ok())
-        {
+        if ct::create(key, reply) || (replaceable(&key, flow, now) && ct::put(key, reply)) {
             return Ok(Rewrite::NONE);
         }
     }
@@ -210,10 +208,7 @@ fn claim_reply_tuple(
             proto: flow.key.proto,
             pad: [0; 3],
         };
-        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok()
-            || (free_if_ended(&key, now)
-                && CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok())
-        {
+        if ct::create(key, reply) || (free_if_ended(&key, now) && ct::create(key, reply)) {
             forward.peer_port = port;
             return Ok(Rewrite::to(addr, port));
         }
@@ -264,16 +259,14 @@ fn free_if_ended(key: &CtKey, now: u64) -> bool {
             if !ended(forward) {
                 return false;
             }
-            let _ = CONNTRACK.remove(forward_key);
+            ct::remove(forward_key);
         }
     }
     // Another CPU may have freed and re-claimed the tuple since the read above: remove it
     // only if it is still the entry that was read.
     // SAFETY: as above.
     match unsafe { CONNTRACK.get(key) } {
-        Some(now_there) if now_there.last_seen_ns == reply.last_seen_ns => {
-            CONNTRACK.remove(key).is_ok()
-        }
+        Some(now_there) if now_there.last_seen_ns == reply.last_seen_ns => ct::remove(*key),
         _ => false,
     }
 }
@@ -295,7 +288,7 @@ pub fn egress(flow: &Flow, len: u64) -> Verdict {
     // client made to the backend directly from the same port (the backend would not accept
     // one on a tuple it still has a connection on): the tuple is no longer this flow's.
     if entry.state != CT_STATE_NEW && flow.tcp_flags & TCP_SYN != 0 {
-        let _ = CONNTRACK.remove(flow.key);
+        ct::remove(flow.key);
         return Verdict::Pass;
     }
     let Some((src, dst)) = rewrites(entry, &flow.key, Side::Egress) else {

@@ -703,11 +703,12 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
     if let Load::Busy(flows) = load {
         fill_conntrack(&pins.0, flows)?;
         let mut conntrack = proxy::maps::open(&pins.0, maps::CONNTRACK)?;
+        let account = proxy::ct_account::CtAccount::open(&pins.0)?;
         let stopped = stop.clone();
         workers.push(std::thread::spawn(move || {
             proxy::background::lower_priority();
             while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                proxy::conntrack::collect_garbage(&mut conntrack);
+                proxy::conntrack::collect_garbage(&mut conntrack, &account);
             }
         }));
         let dir = pins.0.clone();

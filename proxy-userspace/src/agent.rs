@@ -24,6 +24,7 @@ use crate::{
     clock::unix_now,
     conntrack,
     controller::Controller,
+    ct_account::CtAccount,
     datapath::{Datapath, TcAttach, XdpAttach},
     desired::Topology,
     health_check::HealthCheckServers,
@@ -105,6 +106,8 @@ const FOLLOW_INTERFACES_EVERY: Duration = Duration::from_secs(1);
 
 /// `/livez` fails when the loop has not gone round for three heartbeats, and never sooner.
 const MIN_STALL: Duration = Duration::from_secs(30);
+/// At most one warning a minute about flows lost to a full conntrack map.
+const EVICTION_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 struct Agent {
     controller: Controller<Maps>,
@@ -576,14 +579,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let mut conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
+    let ct_account = CtAccount::open(&config.bpffs)?;
+    let entries = crate::map_batch::count(&conntrack).unwrap_or(0);
+    ct_account.start_from(entries);
+    // Evictions before this agent started are counted, not warned about.
+    let mut evicted_before =
+        crate::ct_account::evicted(ct_account.read(), ct_account.read(), entries);
     if reconciler.is_empty() {
         // A first start on this node, maybe beside kube-proxy: its UDP flows stay its own.
         match crate::kernel_flows::pass_translated_udp(&mut conntrack, crate::clock::monotonic_ns())
         {
             Ok(0) => {}
-            Ok(n) => info!(
-                "left {n} UDP flows to the kernel's NAT (kube-proxy's), which translates them"
-            ),
+            Ok(n) => {
+                ct_account.add_created(n as u64);
+                info!(
+                    "left {n} UDP flows to the kernel's NAT (kube-proxy's), which translates them"
+                )
+            }
             Err(e) => warn!(
                 "cannot read the kernel's connection table ({e}): UDP flows that kube-proxy \
                  translates may be balanced anew by the tc programs"
@@ -593,13 +605,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = SharedSyncState::default();
     let metrics =
         Arc::new(Metrics::new(config.bpffs.clone(), state.clone()).context("registering metrics")?);
-    let conntrack_capacity = config
-        .map_sizes
-        .iter()
-        .find(|(name, _)| name == proxy_common::maps::CONNTRACK);
+    // The pinned map's own: one created by an earlier agent keeps its size.
+    let conntrack_capacity = aya::maps::IterableMap::map(&conntrack)
+        .info()
+        .context("reading the conntrack map's definition")?
+        .max_entries();
     metrics
         .conntrack_capacity
-        .set(conntrack_capacity.map_or(proxy_common::maps::MAX_CONNTRACK, |(_, n)| *n) as i64);
+        .set(i64::from(conntrack_capacity));
     let proxy_health = ProxyHealth {
         state,
         max_lag: config.healthz_max_lag,
@@ -656,12 +669,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let metrics = agent.metrics.clone();
-    let mut gc =
-        conntrack::collect_garbage_every(conntrack, config.conntrack_gc_interval, move |report| {
+    let mut evictions = conntrack::EvictionWarnings::new(EVICTION_WARNING_EVERY);
+    let mut gc = conntrack::collect_garbage_every(
+        conntrack,
+        ct_account,
+        config.conntrack_gc_interval,
+        move |report| {
             metrics.conntrack_entries.set(report.entries as i64);
             metrics.conntrack_expired.inc_by(report.expired as u64);
-        })
-        .context("starting the conntrack garbage collector")?;
+            let counted = metrics.conntrack_evicted.get();
+            metrics
+                .conntrack_evicted
+                .inc_by(report.evicted.saturating_sub(counted));
+            let new = report.evicted.saturating_sub(evicted_before);
+            evicted_before = evicted_before.max(report.evicted);
+            let now = std::time::Instant::now();
+            if let Some(warning) =
+                evictions.note(new as usize, report.entries, conntrack_capacity, now)
+            {
+                warn!("{warning}");
+            }
+        },
+    )
+    .context("starting the conntrack garbage collector")?;
     let mut heartbeat = tokio::time::interval(config.conntrack_gc_interval);
     let mut follow = tokio::time::interval(FOLLOW_INTERFACES_EVERY);
     let mut resync = tokio::time::interval(config.resync_interval);

@@ -480,11 +480,15 @@ pub fn flows(
 pub fn flush(maps: &Maps, dir: &Path, ids: Option<&[u32]>) -> anyhow::Result<usize> {
     let flows = flows(maps, dir, ids)?;
     let mut conntrack = open_conntrack(dir)?;
+    let account = crate::ct_account::CtAccount::open(dir)?;
+    let mut removed = 0;
     for (key, entry, _) in &flows {
         // Gone already (expired, evicted) is fine.
-        let _ = conntrack.remove(key);
-        let _ = conntrack.remove(&key.peer(entry));
+        removed += u64::from(conntrack.remove(key).is_ok());
+        removed += u64::from(conntrack.remove(&key.peer(entry)).is_ok());
     }
+    // Deleted by us, not evicted.
+    account.add_deleted(removed);
     Ok(flows.len())
 }
 

@@ -9,6 +9,7 @@ pub mod cleanup;
 pub mod clock;
 pub mod conntrack;
 pub mod controller;
+pub mod ct_account;
 pub mod datapath;
 pub mod datapath_metrics;
 pub mod desired;

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub conntrack_entries: IntGauge,
     pub conntrack_capacity: IntGauge,
     pub conntrack_expired: IntCounter,
+    pub conntrack_evicted: IntCounter,
     pub source_errors: IntCounter,
 }
 
@@ -195,6 +196,14 @@ impl Metrics {
                     "Conntrack entries deleted by the idle-timeout GC.",
                 )?,
             )?,
+            conntrack_evicted: register(
+                &r,
+                IntCounter::new(
+                    "proxy_conntrack_evicted_total",
+                    "Live flows that lost a conntrack entry to eviction from the full map \
+                     (found by the GC); each broke. Raise the map's size if this grows.",
+                )?,
+            )?,
             source_connected: register(
                 &r,
                 IntGauge::new(
@@ -213,8 +222,6 @@ impl Metrics {
             datapath: DatapathMetrics::new(bpffs),
             state,
         };
-        m.conntrack_capacity
-            .set(proxy_common::maps::MAX_CONNTRACK as i64);
         Ok(m)
     }
 

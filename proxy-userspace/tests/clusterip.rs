@@ -750,6 +750,55 @@ fn resync_repairs_map_entries_changed_behind_the_agents_back() {
 }
 
 #[test]
+fn flows_lost_to_a_full_conntrack_map_are_counted_and_logged() {
+    let (mut world, backends) = three_backends();
+    let path = world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&backends)))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let agent = world
+        .start_agent_with(&["--manifests", &path, "--map-size", "conntrack=64"], true)
+        .unwrap();
+    // The test world's agents collect garbage every second. 150 UDP flows (each from a
+    // new socket, live for a minute) on the tc path: 300 entries for a map of 64. The LRU
+    // map evicts live flows' entries to make room.
+    let udp = world
+        .probe(
+            CLIENT,
+            false,
+            &["udp", "--to", &format!("{VIP}:53"), "--count", "150"],
+        )
+        .unwrap();
+    assert_each_backend_got_a_fair_share(&spread(&udp), 150);
+    let line = agent
+        .wait_for_log(
+            &[
+                "conntrack map full",
+                "entries of live flows evicted",
+                "conntrack=128",
+            ],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let lost: u64 = line
+        .split("full: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count in {line:?}"));
+    assert!(lost > 0, "{line}");
+    let metrics = world.agent_http("/metrics").unwrap();
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("proxy_conntrack_evicted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no eviction counter in {metrics}"));
+    assert!(counted >= lost, "counted {counted}, logged {lost}");
+    assert!(metrics.contains("proxy_conntrack_capacity 64"), "{metrics}");
+}
+
+#[test]
 fn healthz_turns_unhealthy_while_programming_lags_the_source() {
     let (mut world, backends) = three_backends();
     // Room for exactly the two ports of "web": a second service cannot be programmed.
