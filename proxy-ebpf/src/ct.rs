@@ -30,11 +30,14 @@ pub fn create(key: CtKey, entry: CtEntry) -> bool {
     created
 }
 
-/// Records `entry` under `key`, replacing what is there.
+/// Records `entry` under `key`, replacing what is there. Creating is tried first: it is
+/// the common case where this is used (a new flow's entry).
 #[inline(always)]
 pub fn put(key: CtKey, entry: CtEntry) -> bool {
-    // Replaced, or created (the entry was gone, or went while this ran).
-    CONNTRACK.insert(key, entry, BPF_EXIST as u64).is_ok() || create(key, entry)
+    // Created, replaced, or created after all (the entry went while this ran).
+    create(key, entry)
+        || CONNTRACK.insert(key, entry, BPF_EXIST as u64).is_ok()
+        || create(key, entry)
 }
 
 /// Removes the entry under `key`, if there is one.

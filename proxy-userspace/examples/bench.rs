@@ -97,8 +97,8 @@ fn desired(n: usize) -> DesiredState {
         .collect()
 }
 
-/// An Ethernet + IPv4 + TCP SYN packet from `client:40000` to `dst:80`.
-fn syn(client: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+/// An Ethernet + IPv4 + TCP packet with `flags` from `client:40000` to `dst:80`.
+fn tcp_packet(client: [u8; 4], dst: [u8; 4], flags: u8) -> Vec<u8> {
     let mut p = vec![0u8; 14 + 20 + 20];
     p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
     p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
@@ -120,14 +120,22 @@ fn syn(client: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
     tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = 0x02;
+    tcp[13] = flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
     p
 }
 
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn syn(client: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    tcp_packet(client, dst, SYN)
+}
+
 /// Mean kernel-measured run time, in ns, of `runs` single runs of `program` on `packet(i)`.
-/// Single runs because the program rewrites the packet: a repeated run would see the
-/// rewritten packet, not the one being measured.
+/// Single runs let every run see a packet of its own (a new flow each time), but each is
+/// cache-cold and carries about 50 ns of the kernel's timer: compare them with the empty
+/// program measured the same way.
 fn mean_ns(
     program: &aya::programs::SchedClassifier,
     runs: u32,
@@ -146,6 +154,23 @@ fn mean_ns(
             .duration;
     }
     Ok(total.as_nanos() as f64 / f64::from(runs))
+}
+
+/// Mean run time, in ns, of `program` run `repeat` times in a row on `packet` by the kernel
+/// (one timer around them all, caches warm): the steady cost of a packet. The kernel
+/// runs every repetition on the same buffer, so the packet must come out as it went in.
+fn repeat_ns(
+    program: &aya::programs::SchedClassifier,
+    repeat: u32,
+    packet: &[u8],
+) -> anyhow::Result<f64> {
+    let mut out = vec![0u8; 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
+    let run = program.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    Ok(run.duration.as_nanos() as f64)
 }
 
 /// Bytes of kernel memory charged to the maps pinned in `dir` (`memlock` in fdinfo).
@@ -185,6 +210,11 @@ struct Datapoint {
     baseline_ns: f64,
     miss_ns: f64,
     hit_ns: f64,
+    /// Repeat mode: the empty program and an established flow's packet.
+    repeat_baseline_ns: f64,
+    repeat_hit_ns: f64,
+    /// Conntrack fill (entries / capacity) around which first packets were measured.
+    conntrack_fill: f64,
     /// Kernel memory of the maps, measured and for 128 possible CPUs.
     map_bytes: (u64, u64),
 }
@@ -202,20 +232,58 @@ fn per_packet(n: usize, runs: u32) -> anyhow::Result<Datapoint> {
         "programming {n} services: {:?}",
         report.errors.first().map(|e| format!("{:#}", e.1))
     );
+    // First packets are measured around a half-full conntrack map: each run adds two
+    // entries, so the runs start that far below half and end as far above it.
+    let capacity = maps::MAX_CONNTRACK as usize;
+    fill_conntrack(&pins.0, (capacity / 2).saturating_sub(runs as usize))?;
     let last = vip(n - 1);
     let baseline = datapath.load_classifier("proxy_bench_baseline")?;
     let baseline_ns = mean_ns(baseline, runs, |_| syn([10, 1, 0, 1], last))?;
+    let repeat_baseline_ns = repeat_ns(baseline, runs, &syn([10, 1, 0, 1], last))?;
     let ingress = datapath.load_classifier("proxy_ingress")?;
     // A new client every run: conntrack miss, backend selection, two conntrack inserts.
     let miss_ns = mean_ns(ingress, runs, |i| {
         syn([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8], last)
     })?;
-    // The same client every run: conntrack hit (the first run created the entry).
-    let hit_ns = mean_ns(ingress, runs, |_| syn([10, 200, 0, 1], last))?;
+    let conntrack: aya::maps::HashMap<_, CtKey, CtEntry> =
+        proxy::maps::open(&pins.0, maps::CONNTRACK)?;
+    // The fill halfway through the runs.
+    let start = (capacity / 2).saturating_sub(runs as usize) as u64;
+    let middle = (start + proxy::map_batch::count(&conntrack)?) / 2;
+    // An established flow: its SYN made the entries, its segments hit them.
+    let client = [10, 200, 0, 1];
+    mean_ns(ingress, 1, |_| syn(client, last))?;
+    let hit_ns = mean_ns(ingress, runs, |_| tcp_packet(client, last, ACK))?;
+    // Repeat mode runs one buffer again and again: the flow's entry is made to translate
+    // the packet to itself, which costs what any translation costs (the same lookups,
+    // stores and checksum updates), so every repetition is an established flow's packet.
+    let mut conntrack = conntrack;
+    let key = CtKey {
+        src: client,
+        dst: last,
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        pad: [0; 3],
+    };
+    let entry = conntrack.get(&key, 0).context("the flow's forward entry")?;
+    conntrack.insert(
+        key,
+        CtEntry {
+            nat_addr: last,
+            nat_port: 80,
+            ..entry
+        },
+        0,
+    )?;
+    let repeat_hit_ns = repeat_ns(ingress, runs, &tcp_packet(client, last, ACK))?;
     Ok(Datapoint {
         baseline_ns,
         miss_ns,
         hit_ns,
+        repeat_baseline_ns,
+        repeat_hit_ns,
+        conntrack_fill: middle as f64 / capacity as f64,
         map_bytes: map_memory(&pins.0)?,
     })
 }
@@ -422,9 +490,17 @@ fn load_ruleset(world: &World, tool: &[&str], ruleset: &str) -> anyhow::Result<D
 
 /// Connections per second and median first-packet (connect) latency of a sequential client
 /// in pod 4.
-fn rate(world: &World, hooked: bool, to: &str, duration_ms: u64) -> anyhow::Result<(f64, f64)> {
+/// Connection rate from pod `client` to `to`: (connections per second, median connect
+/// latency in µs).
+fn rate(
+    world: &World,
+    client: usize,
+    hooked: bool,
+    to: &str,
+    duration_ms: u64,
+) -> anyhow::Result<(f64, f64)> {
     let out = world.probe(
-        4,
+        client,
         hooked,
         &[
             "rate",
@@ -451,6 +527,8 @@ struct EndToEnd {
     direct: (f64, f64),
     socket_lb: (f64, f64),
     tc: (f64, f64),
+    /// Kernel-measured ns per run of the tc programs during the tc path's run.
+    tc_run_ns: f64,
     /// kube-proxy's data paths, up to `--baseline-max` services.
     kube_proxy: Option<KubeProxy>,
 }
@@ -471,11 +549,17 @@ fn end_to_end(
     baselines: bool,
 ) -> anyhow::Result<EndToEnd> {
     let last = format!("{}:80", Ipv4Addr::from(vip(n - 1)));
-    let (mut ours, pods) = World::three_backends(bins.clone())?;
-    let direct = rate(&ours, false, &format!("{}:8080", pods[0]), duration_ms)?;
+    // One client pod per data path: a path run after another from the same address would
+    // meet its TIME_WAIT tuples to the same pods, and slow down finding free ports.
+    let mut ours = World::new(6, bins.clone())?;
+    for i in 1..=3 {
+        ours.serve(i, &format!("backend-{i}"))?;
+    }
+    let pods: Vec<Ipv4Addr> = (1..=3).map(|i| ours.pod(i).ip).collect();
+    let direct = rate(&ours, 4, false, &format!("{}:8080", pods[0]), duration_ms)?;
     ours.start_agent(&manifest(n, &pods), false)?;
-    let socket_lb = rate(&ours, true, &last, duration_ms)?;
-    let tc = rate(&ours, false, &last, duration_ms)?;
+    let socket_lb = rate(&ours, 5, true, &last, duration_ms)?;
+    let (tc, tc_run_ns) = tc_program_cost(|| rate(&ours, 6, false, &last, duration_ms))?;
     drop(ours);
     let kube_proxy = if baselines {
         Some(kube_proxy(n, &last, bins, duration_ms)?)
@@ -486,8 +570,33 @@ fn end_to_end(
         direct,
         socket_lb,
         tc,
+        tc_run_ns,
         kube_proxy,
     })
+}
+
+/// What `measure` returns, and the mean kernel-measured time of one run of the tc programs
+/// (ingress and egress, every packet through them) while it ran (`BPF_ENABLE_STATS`).
+fn tc_program_cost<T>(measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling BPF run-time statistics")?;
+    let sample = || {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| matches!(p.name_as_str(), Some("proxy_ingress" | "proxy_egress")))
+            .fold((Duration::ZERO, 0u64), |(t, n), p| {
+                (t + p.run_time(), n + p.run_count())
+            })
+    };
+    let before = sample();
+    let result = measure()?;
+    let after = sample();
+    let runs = after.1.saturating_sub(before.1);
+    ensure!(runs > 0, "the tc programs did not run");
+    Ok((
+        result,
+        after.0.saturating_sub(before.0).as_nanos() as f64 / runs as f64,
+    ))
 }
 
 /// kube-proxy's rulesets for `n` services: load time and connection rate to `last`.
@@ -503,11 +612,11 @@ fn kube_proxy(
         &["iptables-restore", "--noflush"],
         &iptables_ruleset(n, &pods),
     )?;
-    let iptables = rate(&ipt, false, last, duration_ms)?;
+    let iptables = rate(&ipt, 4, false, last, duration_ms)?;
     drop(ipt);
     let (nft, pods) = World::three_backends(bins.clone())?;
     let nft_load = load_ruleset(&nft, &["nft", "-f", "-"], &nftables_ruleset(n, &pods))?;
-    let nftables = rate(&nft, false, last, duration_ms)?;
+    let nftables = rate(&nft, 4, false, last, duration_ms)?;
     Ok(KubeProxy {
         iptables,
         nftables,
@@ -901,6 +1010,8 @@ fn main() -> anyhow::Result<()> {
             point.baseline_ns,
             point.miss_ns,
             point.hit_ns,
+            point.repeat_baseline_ns,
+            point.repeat_hit_ns,
             process.cold_start.as_secs_f64(),
         ]
         .into_iter()
@@ -944,30 +1055,42 @@ fn main() -> anyhow::Result<()> {
     )?;
     let mut md = format!(
         "Run {} on {} — {} runs per per-packet figure, {} ms of connections per data path.\n\n\
-         **Per packet** (`BPF_PROG_TEST_RUN`, ratio to the empty tc program):\n\n\
-         | services | empty tc program (ns/pkt) | first packet, conntrack miss (ns/pkt) | established flow, conntrack hit (ns/pkt) | map memory (MiB; with 128 possible CPUs) | agent RSS (MiB) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         **Per packet** (`BPF_PROG_TEST_RUN` of the tc ingress program). *Repeat*: the kernel runs \
+         one packet {} times under one timer, caches warm — an established flow's steady cost (its \
+         entry translates the packet to itself, so that every repetition does the full work). \
+         *Single*: {} runs of one packet each, each cache-cold and timed alone (about 50 ns of \
+         timer in every figure, the empty program's included) — a first packet needs a new flow \
+         every run. \"Above\" is the difference from the empty program measured the same way; \
+         first packets are measured around the stated conntrack fill.\n\n\
+         | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty) | established flow, single (ns; above empty) | first packet, single (ns; above empty; conntrack fill) | map memory (MiB; with 128 possible CPUs) | agent RSS (MiB) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         date.trim(),
         machine(),
         args.runs,
-        args.duration_ms
+        args.duration_ms,
+        args.runs,
+        args.runs,
     );
     for (n, (p, process, _, _)) in &rows {
         md += &format!(
-            "| {n} | {:.0} | {:.0} ({:.1}x) | {:.0} ({:.1}x) | {:.1} ({:.1}) | {:.1} |\n",
+            "| {n} | {:.0} / {:.0} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}; {:.0}%) | {:.1} ({:.1}) | {:.1} |\n",
+            p.repeat_baseline_ns,
             p.baseline_ns,
-            p.miss_ns,
-            p.miss_ns / p.baseline_ns,
+            p.repeat_hit_ns,
+            p.repeat_hit_ns - p.repeat_baseline_ns,
             p.hit_ns,
-            p.hit_ns / p.baseline_ns,
+            p.hit_ns - p.baseline_ns,
+            p.miss_ns,
+            p.miss_ns - p.baseline_ns,
+            p.conntrack_fill * 100.0,
             p.map_bytes.0 as f64 / (1 << 20) as f64,
             p.map_bytes.1 as f64 / (1 << 20) as f64,
             process.rss_bytes as f64 / (1 << 20) as f64,
         );
     }
-    md += "\n**New connections end to end** to the last service (sequential TCP connect, one exchange, close; connections/s, median first-packet latency (connect), and the rate as a ratio of connecting to the pod directly):\n\n\
-           | services | direct to pod | our socket LB | our tc path | kube-proxy iptables | kube-proxy nftables |\n\
-           | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    md += "\n**New connections end to end** to the last service (sequential TCP connect, one exchange, close; connections/s, median first-packet latency (connect), and the rate as a ratio of connecting to the pod directly; each data path from a client pod of its own). The last column is the tc programs' own cost on that real traffic, kernel-measured (`BPF_ENABLE_STATS`): mean ns per run, ingress and egress, over every packet of the tc path's run:\n\n\
+           | services | direct to pod | our socket LB | our tc path | kube-proxy iptables | kube-proxy nftables | tc programs on real traffic (ns/run) |\n\
+           | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     let not_run = format!("not run (> {})", args.baseline_max);
     for (n, (_, _, e, _)) in &rows {
         let cell = |(rate, p50): (f64, f64)| {
@@ -979,12 +1102,13 @@ fn main() -> anyhow::Result<()> {
                 .map_or(not_run.clone(), |k| cell(f(k)))
         };
         md += &format!(
-            "| {n} | {} | {} | {} | {} | {} |\n",
+            "| {n} | {} | {} | {} | {} | {} | {:.0} |\n",
             cell(e.direct),
             cell(e.socket_lb),
             cell(e.tc),
             baseline(|k| k.iptables),
-            baseline(|k| k.nftables)
+            baseline(|k| k.nftables),
+            e.tc_run_ns
         );
     }
     md += "\n**Programming** (ours: agent start until every service is in the maps, from where the datapath answers at once; kube-proxy: loading its full ruleset, as on every full sync):\n\n\
@@ -1064,14 +1188,19 @@ fn main() -> anyhow::Result<()> {
         "ns per packet",
         &sizes,
         &[
-            ("empty program", column(&|r| Some(r.0.baseline_ns))),
             (
-                "first packet (conntrack miss)",
-                column(&|r| Some(r.0.miss_ns)),
+                "empty program (repeat)",
+                column(&|r| Some(r.0.repeat_baseline_ns)),
             ),
             (
-                "established flow (conntrack hit)",
-                column(&|r| Some(r.0.hit_ns)),
+                "established flow (repeat)",
+                column(&|r| Some(r.0.repeat_hit_ns)),
+            ),
+            ("empty program (single)", column(&|r| Some(r.0.baseline_ns))),
+            ("established flow (single)", column(&|r| Some(r.0.hit_ns))),
+            (
+                "first packet (single, half-full conntrack)",
+                column(&|r| Some(r.0.miss_ns)),
             ),
         ],
     )?;
