@@ -227,7 +227,7 @@ pub struct IcmpError {
     pub inner_csum_present: bool,
 }
 
-const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_HDR_LEN: usize = 8;
 
@@ -468,14 +468,14 @@ pub fn rewrite(
 /// ICMP header (type, code, checksum, unused) followed by the quoted IP header and the
 /// first 8 bytes of its payload, as RFC 792 asks.
 #[repr(C)]
-struct IcmpUnreachable {
+struct IcmpQuote {
     header: [u8; 8],
     quote: [u8; IP_HDR_MIN_LEN + 8],
 }
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
-const REPLY_IP_LEN: usize = IP_HDR_MIN_LEN + core::mem::size_of::<IcmpUnreachable>();
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+const REPLY_IP_LEN: usize = IP_HDR_MIN_LEN + core::mem::size_of::<IcmpQuote>();
 
 /// One's-complement checksum of `len` bytes at `ptr` (a multiple of 4), in memory order:
 /// store it with `to_ne_bytes`.
@@ -488,21 +488,23 @@ fn checksum(ptr: *mut u8, len: u32) -> u16 {
     !(sum as u16)
 }
 
-/// Turns the packet into an ICMP port-unreachable from its destination back to its source,
-/// as kube-proxy's REJECT rule answers for a service without endpoints; the caller sends it
-/// back out of the interface it came in on. Only for packets without IP options.
+/// Turns the packet into an ICMP error of `kind` and `code` from its destination back to
+/// its source, quoting it as it arrived: port unreachable, as kube-proxy's REJECT rule
+/// answers for a service without endpoints; time exceeded, as a router answers a packet
+/// whose TTL ran out. The caller sends it back out of the interface it came in on. Only
+/// for packets without IP options.
 #[inline(always)]
-pub fn into_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<(), i64> {
+pub fn into_icmp_error(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Result<(), i64> {
     if flow.ip_hdr_len != IP_HDR_MIN_LEN {
         return Err(0);
     }
-    let mut icmp = IcmpUnreachable {
+    let mut icmp = IcmpQuote {
         header: [0; 8],
         quote: ctx.load(ETH_HDR_LEN)?,
     };
-    icmp.header[0] = ICMP_DEST_UNREACH;
-    icmp.header[1] = ICMP_PORT_UNREACH;
-    let icmp_csum = checksum((&mut icmp as *mut IcmpUnreachable).cast(), 36);
+    icmp.header[0] = kind;
+    icmp.header[1] = code;
+    let icmp_csum = checksum((&mut icmp as *mut IcmpQuote).cast(), 36);
     icmp.header[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());
 
     let mut ip = [0u8; IP_HDR_MIN_LEN];

@@ -13,8 +13,8 @@ use crate::{
     lb,
     nat::{self, Side, Translation, Verdict},
     packet::{
-        self, Endpoint, ErrorTranslation, Flow, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IcmpError,
-        Packet,
+        self, Endpoint, ErrorTranslation, Flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH,
+        ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IPPROTO_ICMP, IcmpError, Packet,
     },
     route,
 };
@@ -50,6 +50,14 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
         },
         None => TC_ACT_OK,
     }
+}
+
+/// Turns the packet into an ICMP error back to its sender, out of the interface it came in on.
+#[inline(always)]
+fn answer(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Result<i32, i64> {
+    packet::into_icmp_error(ctx, flow, kind, code)?;
+    // SAFETY: valid context.
+    Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
 }
 
 #[inline(always)]
@@ -92,11 +100,7 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
             lb::count_drop(reason);
             Ok(TC_ACT_SHOT)
         }
-        Verdict::Reject => {
-            packet::into_port_unreachable(ctx, flow)?;
-            // SAFETY: valid context; sends the answer back out of the interface it came from.
-            Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
-        }
+        Verdict::Reject => answer(ctx, flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH),
         Verdict::Translate(Translation {
             src,
             dst,
@@ -105,6 +109,12 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
             backend_id,
             counters,
         }) => {
+            // A packet we would route ourselves whose TTL runs out here gets the answer a
+            // router gives (traceroute through a masqueraded node port), quoting it as the
+            // client sent it.
+            if route && ctx.load::<u8>(IP_TTL_OFF)? <= 1 {
+                return answer(ctx, flow, ICMP_TIME_EXCEEDED, 0);
+            }
             lb::count(service_id, backend_id, counters);
             if dst.set {
                 packet::rewrite(ctx, flow, Endpoint::Destination, dst.addr, dst.port)?;

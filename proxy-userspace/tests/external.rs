@@ -192,6 +192,25 @@ fn cluster_policy_node_port(mode: Mode) -> World {
     }
     let seen = seen_by_backend(&results);
     assert_eq!(seen.len(), 2, "fragmented UDP reaches both pods: {seen:?}");
+    // A TTL running out at the node (traceroute's first hop): time exceeded comes back,
+    // quoting the datagram as the client sent it, both when the kernel forwards to the
+    // local pod and when the datapath routes a masqueraded one to the remote pod.
+    let expired = world
+        .probe_ext(&[
+            "udp",
+            "--to",
+            &format!("{NODE_A}:{NODE_PORT_UDP}"),
+            "--connected",
+            "--ttl",
+            "1",
+            "--count",
+            "10",
+        ])
+        .unwrap();
+    assert!(
+        expired.iter().all(|r| r["kind"] == "unreachable"),
+        "{expired:?}"
+    );
     world
 }
 

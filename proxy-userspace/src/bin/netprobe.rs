@@ -89,6 +89,9 @@ enum Command {
         /// it travels in fragments.
         #[arg(long, default_value_t = HELLO.len())]
         datagram_bytes: usize,
+        /// Send with this IP TTL, and report ICMP errors (IP_RECVERR), e.g. time exceeded.
+        #[arg(long)]
+        ttl: Option<u32>,
     },
     /// Connection rate: connect, exchange a line, close, one after the other for
     /// --duration-ms; prints connections per second and latency percentiles.
@@ -155,6 +158,7 @@ fn enter(netns: Option<&str>, cgroup: Option<&PathBuf>) -> anyhow::Result<()> {
 fn error_kind(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::ConnectionRefused => "refused",
+        std::io::ErrorKind::HostUnreachable => "unreachable",
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "timeout",
         _ => "other",
     }
@@ -270,6 +274,27 @@ fn socket_from(kind: Type, port: Option<u16>) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
+/// Reports ICMP errors (time exceeded among them) to the socket's user: without
+/// IP_RECVERR, Linux reports only hard errors (port unreachable) on a UDP socket.
+fn recv_errors(socket: &Socket) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the size passed.
+    let ret = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_IP,
+            libc::IP_RECVERR,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn connect_from(
     to: SocketAddr,
     source_port: Option<u16>,
@@ -358,6 +383,7 @@ fn udp_once(
     to: SocketAddr,
     source_port: Option<u16>,
     datagram_bytes: usize,
+    ttl: Option<u32>,
     timeout: Duration,
     connected: bool,
     hold: Duration,
@@ -365,7 +391,13 @@ fn udp_once(
 ) -> serde_json::Value {
     let started = Instant::now();
     let socket = match socket_from(Type::DGRAM, source_port.or(Some(0)))
-        .map(UdpSocket::from)
+        .and_then(|s| {
+            if let Some(ttl) = ttl {
+                s.set_ttl_v4(ttl)?;
+                recv_errors(&s)?;
+            }
+            Ok(UdpSocket::from(s))
+        })
         .and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s))
     {
         Ok(s) => s,
@@ -535,12 +567,14 @@ fn main() -> anyhow::Result<()> {
             interval_ms,
             source_port,
             datagram_bytes,
+            ttl,
         } => {
             for i in 0..count as usize {
                 let result = udp_once(
                     to[i % to.len()],
                     source_port,
                     datagram_bytes,
+                    ttl,
                     Duration::from_millis(timeout_ms),
                     connected,
                     Duration::from_millis(hold_ms),
