@@ -65,34 +65,7 @@ enum Command {
         line_bytes: usize,
     },
     /// UDP requests from a new socket each: one JSON line each.
-    Udp {
-        /// Repeated: the requests go to each in turn.
-        #[arg(long, required = true)]
-        to: Vec<SocketAddr>,
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        #[arg(long, default_value_t = 1000)]
-        timeout_ms: u64,
-        /// connect() the socket and use send/recv instead of sendto/recvfrom.
-        #[arg(long)]
-        connected: bool,
-        /// Keep each socket this long, exchanging a datagram every --interval-ms, then
-        /// print a summary line.
-        #[arg(long, default_value_t = 0)]
-        hold_ms: u64,
-        #[arg(long, default_value_t = 100)]
-        interval_ms: u64,
-        /// Send from this local port.
-        #[arg(long)]
-        source_port: Option<u16>,
-        /// Size of each request datagram (the answer is as large); larger than the MTU,
-        /// it travels in fragments.
-        #[arg(long, default_value_t = HELLO.len())]
-        datagram_bytes: usize,
-        /// Send with this IP TTL, and report ICMP errors (IP_RECVERR), e.g. time exceeded.
-        #[arg(long)]
-        ttl: Option<u32>,
-    },
+    Udp(Udp),
     /// Connection rate: connect, exchange a line, close, one after the other for
     /// --duration-ms; prints connections per second and latency percentiles.
     Rate(Timed),
@@ -106,6 +79,37 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+}
+
+/// UDP requests (`udp`).
+#[derive(clap::Args)]
+struct Udp {
+    /// Repeated: the requests go to each in turn.
+    #[arg(long, required = true)]
+    to: Vec<SocketAddr>,
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+    /// connect() the socket and use send/recv instead of sendto/recvfrom.
+    #[arg(long)]
+    connected: bool,
+    /// Keep each socket this long, exchanging a datagram every --interval-ms, then
+    /// print a summary line.
+    #[arg(long, default_value_t = 0)]
+    hold_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+    /// Send from this local port.
+    #[arg(long)]
+    source_port: Option<u16>,
+    /// Size of each request datagram (the answer is as large); larger than the MTU,
+    /// it travels in fragments.
+    #[arg(long, default_value_t = HELLO.len())]
+    datagram_bytes: usize,
+    /// Send with this IP TTL, and report ICMP errors (IP_RECVERR), e.g. time exceeded.
+    #[arg(long)]
+    ttl: Option<u32>,
 }
 
 /// A measurement against `--to` lasting `--duration-ms`.
@@ -379,16 +383,9 @@ fn hold_on(
 
 /// One UDP flow from a new socket: a request and its answer, then, when holding, more
 /// exchanges on the same socket (so on the same backend).
-fn udp_once(
-    to: SocketAddr,
-    source_port: Option<u16>,
-    datagram_bytes: usize,
-    ttl: Option<u32>,
-    timeout: Duration,
-    connected: bool,
-    hold: Duration,
-    interval: Duration,
-) -> serde_json::Value {
+fn udp_once(to: SocketAddr, args: &Udp) -> serde_json::Value {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let (connected, source_port, ttl) = (args.connected, args.source_port, args.ttl);
     let started = Instant::now();
     let socket = match socket_from(Type::DGRAM, source_port.or(Some(0)))
         .and_then(|s| {
@@ -407,7 +404,7 @@ fn udp_once(
         return failure(&e, started);
     }
     let mut request = HELLO.to_vec();
-    request.resize(datagram_bytes.max(HELLO.len()), b' ');
+    request.resize(args.datagram_bytes.max(HELLO.len()), b' ');
     let exchange = || -> std::io::Result<(String, SocketAddr)> {
         let mut buf = vec![0u8; 65536];
         let (n, from) = if connected {
@@ -431,9 +428,13 @@ fn udp_once(
     };
     let (backend, server_saw) = answer(&line);
     let first = json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": from.to_string(), "ms": started.elapsed().as_secs_f64() * 1000.0});
-    hold_on(first, started, hold, interval, || {
-        exchange().map(|(line, _)| line)
-    })
+    hold_on(
+        first,
+        started,
+        Duration::from_millis(args.hold_ms),
+        Duration::from_millis(args.interval_ms),
+        || exchange().map(|(line, _)| line),
+    )
 }
 
 /// Sequential connections for `duration`: each connect + one exchange + close. Latency is
@@ -558,29 +559,9 @@ fn main() -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(gap_ms));
             }
         }
-        Command::Udp {
-            to,
-            count,
-            timeout_ms,
-            connected,
-            hold_ms,
-            interval_ms,
-            source_port,
-            datagram_bytes,
-            ttl,
-        } => {
-            for i in 0..count as usize {
-                let result = udp_once(
-                    to[i % to.len()],
-                    source_port,
-                    datagram_bytes,
-                    ttl,
-                    Duration::from_millis(timeout_ms),
-                    connected,
-                    Duration::from_millis(hold_ms),
-                    Duration::from_millis(interval_ms),
-                );
-                println!("{result}");
+        Command::Udp(udp) => {
+            for i in 0..udp.count as usize {
+                println!("{}", udp_once(udp.to[i % udp.to.len()], &udp));
             }
         }
         Command::Rate(timed) => timed.print(rate),
