@@ -1,12 +1,10 @@
-//! IPv4 TCP/UDP header access: parse once into a `Flow` (tc and XDP), and for tc rewrite
-//! an address and port with incremental checksum updates, or turn the packet into an ICMP
-//! port-unreachable answer.
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::{bpf_csum_diff, bpf_skb_change_tail, bpf_xdp_load_bytes},
-    programs::{TcContext, XdpContext},
-};
+//! IPv4 packets as the datapath sees them: parsed once (tc and XDP) into a TCP/UDP `Flow`,
+//! a later fragment or an ICMP error quoting a flow, and rewritten an end at a time with
+//! incremental checksum updates, over `Frame`.
 use proxy_common::{CtKey, FragKey, IPPROTO_TCP, IPPROTO_UDP};
+
+pub use crate::frame::Frame;
+use crate::frame::fold;
 
 pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -14,7 +12,7 @@ pub const IP_TTL_OFF: usize = ETH_HDR_LEN + 8;
 pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HDR_LEN + 12;
 pub const IP_DST_OFF: usize = ETH_HDR_LEN + 16;
-const IP_HDR_MIN_LEN: usize = 20;
+pub const IP_HDR_MIN_LEN: usize = 20;
 pub const IPPROTO_ICMP: u8 = 1;
 
 pub const TCP_FIN: u8 = 0x01;
@@ -47,65 +45,6 @@ impl Flow {
     }
 }
 
-/// Bounds-checked reads of a frame, from its Ethernet header on.
-pub trait Frame {
-    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
-    /// Bytes from the Ethernet header to the end of the frame.
-    fn frame_len(&self) -> usize;
-    /// The frame carries a VLAN tag outside its data (tc sees offloaded tags so): it
-    /// belongs to a VLAN device, not to the interface the program runs on.
-    fn vlan_tagged(&self) -> bool;
-}
-
-impl Frame for TcContext {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        self.load(offset).ok()
-    }
-
-    #[inline(always)]
-    fn frame_len(&self) -> usize {
-        self.len() as usize
-    }
-
-    #[inline(always)]
-    fn vlan_tagged(&self) -> bool {
-        // SAFETY: valid context.
-        unsafe { (*self.skb.skb).vlan_present != 0 }
-    }
-}
-
-/// Through the load helper rather than direct access: LLVM merges bounds checks of direct
-/// reads in ways the verifier cannot follow.
-impl Frame for XdpContext {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        let mut value = core::mem::MaybeUninit::<T>::uninit();
-        // SAFETY: the helper writes at most size_of::<T>() bytes into `value`.
-        let ret = unsafe {
-            bpf_xdp_load_bytes(
-                self.ctx.cast(),
-                offset as u32,
-                value.as_mut_ptr().cast(),
-                core::mem::size_of::<T>() as u32,
-            )
-        };
-        // SAFETY: fully written when the helper succeeds.
-        (ret == 0).then(|| unsafe { value.assume_init() })
-    }
-
-    #[inline(always)]
-    fn frame_len(&self) -> usize {
-        self.data_end() - self.data()
-    }
-
-    /// A tagged frame is still tagged in XDP: its ethertype is not IPv4.
-    #[inline(always)]
-    fn vlan_tagged(&self) -> bool {
-        false
-    }
-}
-
 /// The fixed IPv4 header as 16-bit words in memory order: one load, and its checksum is
 /// their one's-complement sum whatever the byte order.
 #[derive(Clone, Copy)]
@@ -125,37 +64,6 @@ impl Ipv4Words {
         let [c, d] = self.0[word + 1].to_ne_bytes();
         [a, b, c, d]
     }
-}
-
-/// Folds a 32-bit one's-complement sum to 16 bits.
-#[inline(always)]
-pub fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
-/// RFC 1624 incremental update of a checksum (as in memory) for a 16-bit word changing from
-/// `old` to `new` (both as in memory).
-#[inline(always)]
-pub fn replace16(csum: u16, old: u16, new: u16) -> u16 {
-    let sum = !u16::from_be(csum) as u32 + !u16::from_be(old) as u32 + u16::from_be(new) as u32;
-    (!fold(sum)).to_be()
-}
-
-/// The same for a 4-byte field (an address).
-#[inline(always)]
-pub fn replace32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let csum = replace16(
-        csum,
-        u16::from_ne_bytes([old[0], old[1]]),
-        u16::from_ne_bytes([new[0], new[1]]),
-    );
-    replace16(
-        csum,
-        u16::from_ne_bytes([old[2], old[3]]),
-        u16::from_ne_bytes([new[2], new[3]]),
-    )
 }
 
 /// The IPv4 header's checksum holds, options included.
@@ -230,6 +138,8 @@ pub struct IcmpError {
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_HDR_LEN: usize = 8;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_PORT_UNREACH: u8 = 3;
 
 /// The packet, if it is an IPv4 TCP or UDP packet (first fragment or whole) or an ICMP
 /// error quoting one, that the kernel itself would accept: lengths consistent with the
@@ -430,204 +340,27 @@ impl Flow {
     }
 }
 
-/// Rewrites the source or destination address and port, updating the IP and L4 checksums
-/// with the kernel's helpers, which also keep offloaded checksums right.
+/// Rewrites one end of the packet, address and port, with the IP and L4 checksums.
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
-    flow: &Flow,
-    which: Endpoint,
-    addr: [u8; 4],
-    port: u16,
-) -> Result<(), i64> {
+pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, which: Endpoint, to: Rewrite) -> Option<()> {
+    if !to.set {
+        return Some(());
+    }
     let (addr_off, port_off, old_addr, old_port) = flow.endpoint(which);
     let csum_off = flow.l4_csum_off();
-    // A zero UDP checksum means "none" and must stay zero.
-    let l4_flags = if flow.is_tcp() {
-        0
-    } else {
-        BPF_F_MARK_MANGLED_0 as u64
-    };
-    let old_addr = u32::from_ne_bytes(old_addr);
-    let new_addr = u32::from_ne_bytes(addr);
-    let old_port = old_port.to_be();
-    let new_port = port.to_be();
-    ctx.l4_csum_replace(
-        csum_off,
-        old_addr as u64,
-        new_addr as u64,
-        BPF_F_PSEUDO_HDR as u64 | l4_flags | 4,
-    )?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
-    ctx.store(addr_off, &new_addr, 0)?;
-    ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, l4_flags | 2)?;
-    ctx.store(port_off, &new_port, 0)?;
-    Ok(())
-}
-
-/// ICMP header (type, code, checksum, unused) followed by the quoted IP header and the
-/// first 8 bytes of its payload, as RFC 792 asks.
-#[repr(C)]
-struct IcmpQuote {
-    header: [u8; 8],
-    quote: [u8; IP_HDR_MIN_LEN + 8],
-}
-
-pub const ICMP_DEST_UNREACH: u8 = 3;
-pub const ICMP_PORT_UNREACH: u8 = 3;
-const REPLY_IP_LEN: usize = IP_HDR_MIN_LEN + core::mem::size_of::<IcmpQuote>();
-
-/// One's-complement checksum of `len` bytes at `ptr` (a multiple of 4), in memory order:
-/// store it with `to_ne_bytes`.
-#[inline(always)]
-fn checksum(ptr: *mut u8, len: u32) -> u16 {
-    // SAFETY: ptr points to `len` readable bytes on the stack.
-    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, ptr.cast(), len, 0) } as u64;
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-/// Turns the packet into an ICMP error of `kind` and `code` from its destination back to
-/// its source, quoting it as it arrived: port unreachable, as kube-proxy's REJECT rule
-/// answers for a service without endpoints; time exceeded, as a router answers a packet
-/// whose TTL ran out. The caller sends it back out of the interface it came in on. Only
-/// for packets without IP options.
-#[inline(always)]
-pub fn into_icmp_error(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Result<(), i64> {
-    if flow.ip_hdr_len != IP_HDR_MIN_LEN {
-        return Err(0);
-    }
-    let mut icmp = IcmpQuote {
-        header: [0; 8],
-        quote: ctx.load(ETH_HDR_LEN)?,
-    };
-    icmp.header[0] = kind;
-    icmp.header[1] = code;
-    let icmp_csum = checksum((&mut icmp as *mut IcmpQuote).cast(), 36);
-    icmp.header[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());
-
-    let mut ip = [0u8; IP_HDR_MIN_LEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(REPLY_IP_LEN as u16).to_be_bytes());
-    ip[8] = 64; // TTL
-    ip[9] = IPPROTO_ICMP;
-    ip[12..16].copy_from_slice(&flow.key.dst);
-    ip[16..20].copy_from_slice(&flow.key.src);
-    let ip_csum = checksum(ip.as_mut_ptr(), IP_HDR_MIN_LEN as u32);
-    ip[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
-
-    let mut macs: [u8; 12] = ctx.load(0)?;
-    let (dst, src) = macs.split_at_mut(6);
-    dst.swap_with_slice(src);
-
-    // SAFETY: valid context.
-    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HDR_LEN + REPLY_IP_LEN) as u32, 0) };
-    if ret != 0 {
-        return Err(ret);
-    }
-    ctx.store(0, &macs, 0)?;
-    ctx.store(ETH_HDR_LEN, &ip, 0)?;
-    ctx.store(ETH_HDR_LEN + IP_HDR_MIN_LEN, &icmp, 0)?;
-    Ok(())
-}
-
-/// Writes the 16-bit `new` (as in memory) at `off` inside the ICMP message whose checksum
-/// is at `csum_off`, and updates that checksum.
-#[inline(always)]
-fn icmp_store16(ctx: &TcContext, csum_off: usize, off: usize, new: u16) -> Result<(), i64> {
-    let old: u16 = ctx.load(off)?;
-    ctx.l4_csum_replace(csum_off, old as u64, new as u64, 2)?;
-    ctx.store(off, &new, 0)
-}
-
-/// Rewrites one end of the packet an ICMP error quotes: its address, with the quoted IP
-/// header's checksum, its port, and the quoted TCP or UDP checksum when it is quoted (a
-/// zero UDP checksum stays zero); the ICMP checksum follows every word changed.
-#[inline(always)]
-fn rewrite_quoted(
-    ctx: &TcContext,
-    error: &IcmpError,
-    which: Endpoint,
-    to: Rewrite,
-) -> Result<(), i64> {
-    if !to.set {
-        return Ok(());
-    }
-    let csum_off = error.icmp_off + 2;
-    let q = &error.quoted;
-    let (addr_off, port_off, old_addr, old_port) = match which {
-        Endpoint::Source => (error.inner_ip_off + 12, error.inner_l4_off, q.src, q.sport),
-        Endpoint::Destination => (
-            error.inner_ip_off + 16,
-            error.inner_l4_off + 2,
-            q.dst,
-            q.dport,
-        ),
-    };
-    let ip_csum_off = error.inner_ip_off + 10;
-    let ip_csum: u16 = ctx.load(ip_csum_off)?;
-    icmp_store16(
-        ctx,
-        csum_off,
-        ip_csum_off,
-        replace32(ip_csum, old_addr, to.addr),
-    )?;
-    let [a, b, c, d] = to.addr;
-    icmp_store16(ctx, csum_off, addr_off, u16::from_ne_bytes([a, b]))?;
-    icmp_store16(ctx, csum_off, addr_off + 2, u16::from_ne_bytes([c, d]))?;
+    let udp = !flow.is_tcp();
+    ctx.update_l4_csum_addr(csum_off, old_addr, to.addr, udp)?;
+    ctx.update_ip_csum32(old_addr, to.addr)?;
+    ctx.write(addr_off, &to.addr)?;
     let new_port = to.port.to_be();
-    icmp_store16(ctx, csum_off, port_off, new_port)?;
-    if error.inner_csum_present {
-        let tcp = q.proto == IPPROTO_TCP;
-        let l4_csum_off = error.inner_l4_off + if tcp { 16 } else { 6 };
-        let l4_csum: u16 = ctx.load(l4_csum_off)?;
-        if tcp || l4_csum != 0 {
-            let mut csum = replace16(
-                replace32(l4_csum, old_addr, to.addr),
-                old_port.to_be(),
-                new_port,
-            );
-            if !tcp && csum == 0 {
-                csum = 0xffff;
-            }
-            icmp_store16(ctx, csum_off, l4_csum_off, csum)?;
-        }
-    }
-    Ok(())
-}
-
-/// Translates an ICMP error: the quoted packet's ends, then the error's own addresses
-/// (ICMP has no pseudo-header: only the IP checksum follows those).
-#[inline(always)]
-pub fn rewrite_icmp_error(
-    ctx: &TcContext,
-    error: &IcmpError,
-    t: &ErrorTranslation,
-) -> Result<(), i64> {
-    rewrite_quoted(ctx, error, Endpoint::Source, t.inner_src)?;
-    rewrite_quoted(ctx, error, Endpoint::Destination, t.inner_dst)?;
-    for (to, off, old) in [
-        (t.outer_src, IP_SRC_OFF, error.src),
-        (t.outer_dst, IP_DST_OFF, error.dst),
-    ] {
-        if to.set {
-            rewrite_address(ctx, off, old, to.addr)?;
-        }
-    }
-    Ok(())
+    ctx.update_l4_csum_port(csum_off, old_port.to_be(), new_port, udp)?;
+    ctx.write(port_off, &new_port)
 }
 
 /// Rewrites an address in the IP header alone (a later fragment has no L4 header; its
 /// first fragment's L4 checksum covers the pseudo-header).
 #[inline(always)]
-pub fn rewrite_address(
-    ctx: &TcContext,
-    offset: usize,
-    old: [u8; 4],
-    new: [u8; 4],
-) -> Result<(), i64> {
-    let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)?;
-    ctx.store(offset, &new, 0)
+pub fn rewrite_address<F: Frame>(ctx: &F, offset: usize, old: [u8; 4], new: [u8; 4]) -> Option<()> {
+    ctx.update_ip_csum32(old, new)?;
+    ctx.write(offset, &new)
 }

@@ -11,12 +11,13 @@ use proxy_common::DropReason;
 
 use crate::{
     lb,
-    packet::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+    packet::{Frame, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
 };
 
 const AF_INET: u8 = 2;
 
 /// Where a packet goes next.
+#[derive(Clone, Copy)]
 pub enum NextHop {
     /// Out of `ifindex`, with these MAC addresses.
     Resolved { ifindex: u32, macs: [u8; 12] },
@@ -66,33 +67,47 @@ pub fn lookup(
     }
 }
 
-/// Sends a rewritten IPv4 packet on towards its new destination, as the kernel's forwarding
-/// would: TTL decremented, MACs of the next hop.
+/// Readies a packet for its next hop as the kernel's forwarding would: TTL decremented
+/// (`None`, untouched, when it has run out) and, when known, the next hop's MACs.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, proto: u8) -> Result<i32, i64> {
-    let src: [u8; 4] = ctx.load(IP_SRC_OFF)?;
-    let dst: [u8; 4] = ctx.load(IP_DST_OFF)?;
+pub fn to_next_hop<F: Frame>(ctx: &F, macs: Option<[u8; 12]>) -> Option<()> {
+    // TTL and protocol share a 16-bit word of the header checksum.
+    let word: u16 = ctx.read(IP_TTL_OFF)?;
+    if u16::from_be(word) >> 8 <= 1 {
+        return None;
+    }
+    let decremented = (u16::from_be(word) - 0x0100).to_be();
+    ctx.update_ip_csum16(word, decremented)?;
+    ctx.write(IP_TTL_OFF, &decremented)?;
+    match macs {
+        Some(macs) => ctx.write(0, &macs),
+        None => Some(()),
+    }
+}
+
+/// Sends a rewritten IPv4 packet on towards its new destination, as the kernel's forwarding
+/// would.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, proto: u8) -> Option<i32> {
+    let src: [u8; 4] = ctx.read(IP_SRC_OFF)?;
+    let dst: [u8; 4] = ctx.read(IP_DST_OFF)?;
     // SAFETY: valid context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(hop) = lookup(ctx.skb.skb.cast(), ifindex, proto, src, dst) else {
         lb::count_drop(DropReason::NoRoute);
-        return Ok(TC_ACT_SHOT);
+        return Some(TC_ACT_SHOT);
     };
-    // TTL and protocol share a 16-bit word of the header checksum.
-    let word: u16 = ctx.load(IP_TTL_OFF)?;
-    if u16::from_be(word) >> 8 <= 1 {
+    let macs = match hop {
+        NextHop::Resolved { macs, .. } => Some(macs),
+        NextHop::Unresolved { .. } => None,
+    };
+    if to_next_hop(ctx, macs).is_none() {
         lb::count_drop(DropReason::NoRoute);
-        return Ok(TC_ACT_SHOT);
+        return Some(TC_ACT_SHOT);
     }
-    let decremented = (u16::from_be(word) - 0x0100).to_be();
-    ctx.l3_csum_replace(IP_CSUM_OFF, word as u64, decremented as u64, 2)?;
-    ctx.store(IP_TTL_OFF, &decremented, 0)?;
-    // SAFETY: valid context and interface index from the FIB.
-    Ok(match hop {
-        NextHop::Resolved { ifindex, macs } => {
-            ctx.store(0, &macs, 0)?;
-            unsafe { bpf_redirect(ifindex, 0) as i32 }
-        }
+    // SAFETY: an interface index from the FIB.
+    Some(match hop {
+        NextHop::Resolved { ifindex, .. } => unsafe { bpf_redirect(ifindex, 0) as i32 },
         NextHop::Unresolved { ifindex } => unsafe {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },

@@ -10,10 +10,10 @@ use aya_ebpf::{
 use proxy_common::FragKey;
 
 use crate::{
-    lb,
+    icmp, lb,
     nat::{self, Side, Translation, Verdict},
     packet::{
-        self, Endpoint, ErrorTranslation, Flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH,
+        self, Endpoint, ErrorTranslation, Flow, Frame, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH,
         ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IPPROTO_ICMP, IcmpError, Packet,
     },
     route,
@@ -29,6 +29,14 @@ pub fn proxy_egress(ctx: TcContext) -> i32 {
     run(&ctx, Side::Egress)
 }
 
+/// Does nothing: the baseline the benchmark compares the NAT programs' per-packet cost with.
+#[classifier]
+pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// A packet the program began to change and could not finish is dropped: half-rewritten,
+/// it would carry a wrong checksum or address.
 #[inline(always)]
 fn run(ctx: &TcContext, side: Side) -> i32 {
     match packet::parse(ctx) {
@@ -38,30 +46,55 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
                 Side::Ingress => nat::ingress(&flow, len),
                 Side::Egress => nat::egress(&flow, len),
             };
-            apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
+            apply(ctx, &flow, verdict)
         }
         Some(Packet::Fragment(frag)) => match nat::fragment(&frag, ctx.len() as u64, side) {
-            Some(t) => translate_fragment(ctx, &frag, t).unwrap_or(TC_ACT_SHOT),
-            None => TC_ACT_OK,
+            Some(t) => translate_fragment(ctx, &frag, t),
+            None => Some(TC_ACT_OK),
         },
         Some(Packet::IcmpError(error)) => match nat::icmp_error(&error.quoted, error.src, side) {
-            Some(t) => translate_error(ctx, &error, &t).unwrap_or(TC_ACT_SHOT),
-            None => TC_ACT_OK,
+            Some(t) => translate_error(ctx, &error, &t),
+            None => Some(TC_ACT_OK),
         },
-        None => TC_ACT_OK,
+        None => Some(TC_ACT_OK),
+    }
+    .unwrap_or(TC_ACT_SHOT)
+}
+
+#[inline(always)]
+fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Option<i32> {
+    match verdict {
+        Verdict::Pass => Some(TC_ACT_OK),
+        Verdict::Drop(reason) => {
+            lb::count_drop(reason);
+            Some(TC_ACT_SHOT)
+        }
+        Verdict::Reject => answer(ctx, flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH),
+        Verdict::Translate(t) => {
+            // A packet we would route ourselves whose TTL runs out here gets the answer a
+            // router gives (traceroute through a masqueraded node port), quoting it as the
+            // client sent it.
+            if t.route && ctx.read::<u8>(IP_TTL_OFF)? <= 1 {
+                return answer(ctx, flow, ICMP_TIME_EXCEEDED, 0);
+            }
+            lb::count(t.service_id, t.backend_id, t.counters);
+            packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)?;
+            packet::rewrite(ctx, flow, Endpoint::Source, t.src)?;
+            sent_on(ctx, t.route, flow.key.proto)
+        }
     }
 }
 
 /// Turns the packet into an ICMP error back to its sender, out of the interface it came in on.
 #[inline(always)]
-fn answer(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Result<i32, i64> {
-    packet::into_icmp_error(ctx, flow, kind, code)?;
+fn answer(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Option<i32> {
+    icmp::into_icmp_error(ctx, flow, kind, code).ok()?;
     // SAFETY: valid context.
-    Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
+    Some(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
 }
 
 #[inline(always)]
-fn translate_fragment(ctx: &TcContext, frag: &FragKey, t: Translation) -> Result<i32, i64> {
+fn translate_fragment(ctx: &TcContext, frag: &FragKey, t: Translation) -> Option<i32> {
     lb::count(t.service_id, t.backend_id, t.counters);
     if t.dst.set {
         packet::rewrite_address(ctx, IP_DST_OFF, frag.dst, t.dst.addr)?;
@@ -69,64 +102,21 @@ fn translate_fragment(ctx: &TcContext, frag: &FragKey, t: Translation) -> Result
     if t.src.set {
         packet::rewrite_address(ctx, IP_SRC_OFF, frag.src, t.src.addr)?;
     }
-    if t.route {
-        route::forward(ctx, frag.proto)
-    } else {
-        Ok(TC_ACT_OK)
-    }
+    sent_on(ctx, t.route, frag.proto)
 }
 
 #[inline(always)]
-fn translate_error(ctx: &TcContext, error: &IcmpError, t: &ErrorTranslation) -> Result<i32, i64> {
-    packet::rewrite_icmp_error(ctx, error, t)?;
-    if t.route {
-        route::forward(ctx, IPPROTO_ICMP)
-    } else {
-        Ok(TC_ACT_OK)
-    }
+fn translate_error(ctx: &TcContext, error: &IcmpError, t: &ErrorTranslation) -> Option<i32> {
+    icmp::rewrite_icmp_error(ctx, error, t).ok()?;
+    sent_on(ctx, t.route, IPPROTO_ICMP)
 }
 
-/// Does nothing: the baseline the benchmark compares the NAT programs' per-packet cost with.
-#[classifier]
-pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
-}
-
+/// A translated packet goes on: routed by us (masqueraded), or left to the kernel.
 #[inline(always)]
-fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
-    match verdict {
-        Verdict::Pass => Ok(TC_ACT_OK),
-        Verdict::Drop(reason) => {
-            lb::count_drop(reason);
-            Ok(TC_ACT_SHOT)
-        }
-        Verdict::Reject => answer(ctx, flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH),
-        Verdict::Translate(Translation {
-            src,
-            dst,
-            route,
-            service_id,
-            backend_id,
-            counters,
-        }) => {
-            // A packet we would route ourselves whose TTL runs out here gets the answer a
-            // router gives (traceroute through a masqueraded node port), quoting it as the
-            // client sent it.
-            if route && ctx.load::<u8>(IP_TTL_OFF)? <= 1 {
-                return answer(ctx, flow, ICMP_TIME_EXCEEDED, 0);
-            }
-            lb::count(service_id, backend_id, counters);
-            if dst.set {
-                packet::rewrite(ctx, flow, Endpoint::Destination, dst.addr, dst.port)?;
-            }
-            if src.set {
-                packet::rewrite(ctx, flow, Endpoint::Source, src.addr, src.port)?;
-            }
-            if route {
-                route::forward(ctx, flow.key.proto)
-            } else {
-                Ok(TC_ACT_OK)
-            }
-        }
+fn sent_on(ctx: &TcContext, route: bool, proto: u8) -> Option<i32> {
+    if route {
+        route::forward(ctx, proto)
+    } else {
+        Some(TC_ACT_OK)
     }
 }

@@ -3,12 +3,12 @@
 //! rewritten and sent back out from the driver, before any socket buffer exists. Everything
 //! else passes to the stack and the tc programs, which share the conntrack.
 //!
-//! Checksums are updated in the packet (RFC 1624), which is right for frames from a wire;
-//! a locally generated frame on a virtual device may carry a deferred (partial) checksum,
-//! which XDP cannot see.
+//! The rewrite is tc's (`packet::rewrite` over `Frame`); checksums are updated in the frame
+//! (RFC 1624), which is right for frames from a wire; a locally generated frame on a
+//! virtual device may carry a deferred (partial) checksum, which XDP cannot see.
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::{bpf_redirect, bpf_xdp_store_bytes},
+    helpers::bpf_redirect,
     macros::xdp,
     programs::XdpContext,
 };
@@ -18,9 +18,7 @@ use proxy_common::Counters;
 use crate::{
     lb,
     nat::{self, Translation, Verdict},
-    packet::{
-        self, Endpoint, Flow, Frame, IP_CSUM_OFF, IP_TTL_OFF, Packet, Rewrite, replace16, replace32,
-    },
+    packet::{self, Endpoint, Flow, Frame, IP_TTL_OFF, Packet},
     route::{self, NextHop},
 };
 
@@ -58,48 +56,9 @@ fn pass_to_tc(t: &Translation) -> u32 {
     XDP_PASS
 }
 
-/// Writes `value` at `offset` of the frame.
-#[inline(always)]
-fn store<T>(ctx: &XdpContext, offset: usize, value: &T) -> Option<()> {
-    // SAFETY: the helper reads size_of::<T>() bytes from `value` and bounds-checks the frame.
-    let ret = unsafe {
-        bpf_xdp_store_bytes(
-            ctx.ctx.cast(),
-            offset as u32,
-            (value as *const T).cast_mut().cast(),
-            core::mem::size_of::<T>() as u32,
-        )
-    };
-    (ret == 0).then_some(())
-}
-
-/// Rewrites one end of the packet, with the IP and L4 checksums. Both checksums are read
-/// before anything is written, so a failure leaves the frame as it was.
-#[inline(always)]
-fn rewrite(ctx: &XdpContext, flow: &Flow, which: Endpoint, to: Rewrite) -> Option<()> {
-    if !to.set {
-        return Some(());
-    }
-    let (addr_off, port_off, old_addr, old_port) = flow.endpoint(which);
-    let ip_csum: u16 = ctx.read(IP_CSUM_OFF)?;
-    let l4_csum: u16 = ctx.read(flow.l4_csum_off())?;
-    store(ctx, IP_CSUM_OFF, &replace32(ip_csum, old_addr, to.addr))?;
-    // A zero UDP checksum means "none" and stays so.
-    if flow.is_tcp() || l4_csum != 0 {
-        let mut csum = replace32(l4_csum, old_addr, to.addr);
-        csum = replace16(csum, old_port.to_be(), to.port.to_be());
-        // A UDP checksum that computes to zero is sent as all ones.
-        if !flow.is_tcp() && csum == 0 {
-            csum = 0xffff;
-        }
-        store(ctx, flow.l4_csum_off(), &csum)?;
-    }
-    store(ctx, addr_off, &to.addr)?;
-    store(ctx, port_off, &to.port.to_be())
-}
-
 /// Rewrites a masqueraded flow's packet and sends it towards its next hop, or `None` to
-/// leave it (untouched) to the stack and tc, e.g. while the neighbour is unresolved.
+/// leave it (untouched) to the stack and tc: while the neighbour is unresolved, or when its
+/// TTL has run out (tc answers that).
 #[inline(always)]
 fn forward(ctx: &XdpContext, flow: &Flow, t: &Translation) -> Option<u32> {
     let src = if t.src.set { t.src.addr } else { flow.key.src };
@@ -110,18 +69,17 @@ fn forward(ctx: &XdpContext, flow: &Flow, t: &Translation) -> Option<u32> {
     else {
         return None;
     };
-    // TTL and protocol share a 16-bit word of the header checksum.
-    let word: u16 = ctx.read(IP_TTL_OFF)?;
-    if u16::from_be(word) >> 8 <= 1 {
+    if ctx.read::<u8>(IP_TTL_OFF)? <= 1 {
         return None;
     }
-    rewrite(ctx, flow, Endpoint::Destination, t.dst)?;
-    rewrite(ctx, flow, Endpoint::Source, t.src)?;
-    let decremented = (u16::from_be(word) - 0x0100).to_be();
-    let ip_csum: u16 = ctx.read(IP_CSUM_OFF)?;
-    store(ctx, IP_CSUM_OFF, &replace16(ip_csum, word, decremented))?;
-    store(ctx, IP_TTL_OFF, &decremented)?;
-    store(ctx, 0, &macs)?;
+    // The frame changes from here on: one that cannot be finished is dropped, not passed on
+    // half-rewritten.
+    let rewritten = packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)
+        .and_then(|()| packet::rewrite(ctx, flow, Endpoint::Source, t.src))
+        .and_then(|()| route::to_next_hop(ctx, Some(macs)));
+    if rewritten.is_none() {
+        return Some(XDP_DROP);
+    }
     lb::count(t.service_id, t.backend_id, t.counters);
     Some(if out == ifindex {
         XDP_TX

@@ -194,7 +194,8 @@ fn cluster_policy_node_port(mode: Mode) -> World {
     assert_eq!(seen.len(), 2, "fragmented UDP reaches both pods: {seen:?}");
     // A TTL running out at the node (traceroute's first hop): time exceeded comes back,
     // quoting the datagram as the client sent it, both when the kernel forwards to the
-    // local pod and when the datapath routes a masqueraded one to the remote pod.
+    // local pod and when the datapath routes a masqueraded one to the remote pod. Five: the
+    // kernel sends six such errors to one destination at once, then one a second.
     let expired = world
         .probe_ext(&[
             "udp",
@@ -204,7 +205,7 @@ fn cluster_policy_node_port(mode: Mode) -> World {
             "--ttl",
             "1",
             "--count",
-            "10",
+            "5",
         ])
         .unwrap();
     assert!(

@@ -1,0 +1,224 @@
+//! Access to a frame, from its Ethernet header on, for parsing and for rewriting, the same
+//! for tc and XDP: the translation code is written once over this trait. tc goes through
+//! the socket buffer's helpers, which also keep offloaded (partial) checksums right; XDP
+//! through its load/store helpers, with checksums updated in the frame (RFC 1624), which is
+//! right for frames from a wire.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::packet::IP_CSUM_OFF;
+
+pub trait Frame {
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+    fn write<T>(&self, offset: usize, value: &T) -> Option<()>;
+    /// Bytes from the Ethernet header to the end of the frame.
+    fn frame_len(&self) -> usize;
+    /// The frame carries a VLAN tag outside its data (tc sees offloaded tags so): it
+    /// belongs to a VLAN device, not to the interface the program runs on.
+    fn vlan_tagged(&self) -> bool;
+    /// Updates the IPv4 header checksum for a 16-bit word changing (both as in memory).
+    fn update_ip_csum16(&self, old: u16, new: u16) -> Option<()>;
+    /// Updates the IPv4 header checksum for an address changing.
+    fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()>;
+    /// Updates the TCP or UDP checksum at `offset` for an address of the pseudo-header
+    /// changing; a zero UDP checksum means "none" and stays so.
+    fn update_l4_csum_addr(
+        &self,
+        offset: usize,
+        old: [u8; 4],
+        new: [u8; 4],
+        udp: bool,
+    ) -> Option<()>;
+    /// Updates the TCP or UDP checksum at `offset` for a port changing (both as in memory).
+    fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()>;
+}
+
+/// Folds a 32-bit one's-complement sum to 16 bits.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// RFC 1624 incremental update of a checksum (as in memory) for a 16-bit word changing from
+/// `old` to `new` (both as in memory).
+#[inline(always)]
+pub fn replace16(csum: u16, old: u16, new: u16) -> u16 {
+    let sum = !u16::from_be(csum) as u32 + !u16::from_be(old) as u32 + u16::from_be(new) as u32;
+    (!fold(sum)).to_be()
+}
+
+/// The same for a 4-byte field (an address).
+#[inline(always)]
+pub fn replace32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let csum = replace16(
+        csum,
+        u16::from_ne_bytes([old[0], old[1]]),
+        u16::from_ne_bytes([new[0], new[1]]),
+    );
+    replace16(
+        csum,
+        u16::from_ne_bytes([old[2], old[3]]),
+        u16::from_ne_bytes([new[2], new[3]]),
+    )
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load(offset).ok()
+    }
+
+    #[inline(always)]
+    fn write<T>(&self, offset: usize, value: &T) -> Option<()> {
+        self.store(offset, value, 0).ok()
+    }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
+    }
+
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        // SAFETY: valid context.
+        unsafe { (*self.skb.skb).vlan_present != 0 }
+    }
+
+    #[inline(always)]
+    fn update_ip_csum16(&self, old: u16, new: u16) -> Option<()> {
+        self.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 2)
+            .ok()
+    }
+
+    #[inline(always)]
+    fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()> {
+        let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+        self.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
+            .ok()
+    }
+
+    #[inline(always)]
+    fn update_l4_csum_addr(
+        &self,
+        offset: usize,
+        old: [u8; 4],
+        new: [u8; 4],
+        udp: bool,
+    ) -> Option<()> {
+        let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+        let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp) | 4;
+        self.l4_csum_replace(offset, old as u64, new as u64, flags)
+            .ok()
+    }
+
+    #[inline(always)]
+    fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()> {
+        self.l4_csum_replace(offset, old as u64, new as u64, mangled_0(udp) | 2)
+            .ok()
+    }
+}
+
+/// The helper flag that keeps a zero UDP checksum ("none") zero, and writes a computed
+/// zero as all ones.
+#[inline(always)]
+fn mangled_0(udp: bool) -> u64 {
+    if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
+}
+
+/// Replaces the 16-bit checksum at `offset` of an XDP frame with `update(checksum)`,
+/// unless it is a UDP checksum of zero ("none"); a UDP checksum computed as zero is sent as
+/// all ones.
+#[inline(always)]
+fn update_csum(
+    ctx: &XdpContext,
+    offset: usize,
+    udp: bool,
+    update: impl Fn(u16) -> u16,
+) -> Option<()> {
+    let csum: u16 = ctx.read(offset)?;
+    if udp && csum == 0 {
+        return Some(());
+    }
+    let mut csum = update(csum);
+    if udp && csum == 0 {
+        csum = 0xffff;
+    }
+    ctx.write(offset, &csum)
+}
+
+/// Through the load and store helpers rather than direct access: LLVM merges bounds
+/// checks of direct reads in ways the verifier cannot follow.
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes at most size_of::<T>() bytes into `value`.
+        let ret = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx.cast(),
+                offset as u32,
+                value.as_mut_ptr().cast(),
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        // SAFETY: fully written when the helper succeeds.
+        (ret == 0).then(|| unsafe { value.assume_init() })
+    }
+
+    #[inline(always)]
+    fn write<T>(&self, offset: usize, value: &T) -> Option<()> {
+        // SAFETY: the helper reads size_of::<T>() bytes from `value` and bounds-checks the
+        // frame.
+        let ret = unsafe {
+            bpf_xdp_store_bytes(
+                self.ctx.cast(),
+                offset as u32,
+                (value as *const T).cast_mut().cast(),
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        (ret == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
+    /// A tagged frame is still tagged in XDP: its ethertype is not IPv4.
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn update_ip_csum16(&self, old: u16, new: u16) -> Option<()> {
+        update_csum(self, IP_CSUM_OFF, false, |c| replace16(c, old, new))
+    }
+
+    #[inline(always)]
+    fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()> {
+        update_csum(self, IP_CSUM_OFF, false, |c| replace32(c, old, new))
+    }
+
+    #[inline(always)]
+    fn update_l4_csum_addr(
+        &self,
+        offset: usize,
+        old: [u8; 4],
+        new: [u8; 4],
+        udp: bool,
+    ) -> Option<()> {
+        update_csum(self, offset, udp, |c| replace32(c, old, new))
+    }
+
+    #[inline(always)]
+    fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()> {
+        update_csum(self, offset, udp, |c| replace16(c, old, new))
+    }
+}

@@ -1,0 +1,167 @@
+//! ICMP errors the tc programs write: an answer built from the packet (port unreachable for
+//! a service without endpoints, time exceeded for a routed packet whose TTL ran out), and the
+//! translation of an error about a translated flow, quoted header included.
+use aya_ebpf::{
+    helpers::{bpf_csum_diff, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use proxy_common::IPPROTO_TCP;
+
+use crate::{
+    frame::{replace16, replace32},
+    packet::{
+        ETH_HDR_LEN, Endpoint, ErrorTranslation, Flow, IP_DST_OFF, IP_HDR_MIN_LEN, IP_SRC_OFF,
+        IPPROTO_ICMP, IcmpError, Rewrite, rewrite_address,
+    },
+};
+
+/// ICMP header (type, code, checksum, unused) followed by the quoted IP header and the
+/// first 8 bytes of its payload, as RFC 792 asks.
+#[repr(C)]
+struct IcmpQuote {
+    header: [u8; 8],
+    quote: [u8; IP_HDR_MIN_LEN + 8],
+}
+
+const REPLY_IP_LEN: usize = IP_HDR_MIN_LEN + core::mem::size_of::<IcmpQuote>();
+
+/// One's-complement checksum of `len` bytes at `ptr` (a multiple of 4), in memory order:
+/// store it with `to_ne_bytes`.
+#[inline(always)]
+fn checksum(ptr: *mut u8, len: u32) -> u16 {
+    // SAFETY: ptr points to `len` readable bytes on the stack.
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, ptr.cast(), len, 0) } as u64;
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Turns the packet into an ICMP error of `kind` and `code` from its destination back to
+/// its source, quoting it as it arrived: port unreachable, as kube-proxy's REJECT rule
+/// answers for a service without endpoints; time exceeded, as a router answers a packet
+/// whose TTL ran out. The caller sends it back out of the interface it came in on. Only
+/// for packets without IP options.
+#[inline(always)]
+pub fn into_icmp_error(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Result<(), i64> {
+    if flow.ip_hdr_len != IP_HDR_MIN_LEN {
+        return Err(0);
+    }
+    let mut icmp = IcmpQuote {
+        header: [0; 8],
+        quote: ctx.load(ETH_HDR_LEN)?,
+    };
+    icmp.header[0] = kind;
+    icmp.header[1] = code;
+    let icmp_csum = checksum((&mut icmp as *mut IcmpQuote).cast(), 36);
+    icmp.header[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());
+
+    let mut ip = [0u8; IP_HDR_MIN_LEN];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(REPLY_IP_LEN as u16).to_be_bytes());
+    ip[8] = 64; // TTL
+    ip[9] = IPPROTO_ICMP;
+    ip[12..16].copy_from_slice(&flow.key.dst);
+    ip[16..20].copy_from_slice(&flow.key.src);
+    let ip_csum = checksum(ip.as_mut_ptr(), IP_HDR_MIN_LEN as u32);
+    ip[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
+
+    let mut macs: [u8; 12] = ctx.load(0)?;
+    let (dst, src) = macs.split_at_mut(6);
+    dst.swap_with_slice(src);
+
+    // SAFETY: valid context.
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HDR_LEN + REPLY_IP_LEN) as u32, 0) };
+    if ret != 0 {
+        return Err(ret);
+    }
+    ctx.store(0, &macs, 0)?;
+    ctx.store(ETH_HDR_LEN, &ip, 0)?;
+    ctx.store(ETH_HDR_LEN + IP_HDR_MIN_LEN, &icmp, 0)?;
+    Ok(())
+}
+
+/// Writes the 16-bit `new` (as in memory) at `off` inside the ICMP message whose checksum
+/// is at `csum_off`, and updates that checksum.
+#[inline(always)]
+fn icmp_store16(ctx: &TcContext, csum_off: usize, off: usize, new: u16) -> Result<(), i64> {
+    let old: u16 = ctx.load(off)?;
+    ctx.l4_csum_replace(csum_off, old as u64, new as u64, 2)?;
+    ctx.store(off, &new, 0)
+}
+
+/// Rewrites one end of the packet an ICMP error quotes: its address, with the quoted IP
+/// header's checksum, its port, and the quoted TCP or UDP checksum when it is quoted (a
+/// zero UDP checksum stays zero); the ICMP checksum follows every word changed.
+#[inline(always)]
+fn rewrite_quoted(
+    ctx: &TcContext,
+    error: &IcmpError,
+    which: Endpoint,
+    to: Rewrite,
+) -> Result<(), i64> {
+    if !to.set {
+        return Ok(());
+    }
+    let csum_off = error.icmp_off + 2;
+    let q = &error.quoted;
+    let (addr_off, port_off, old_addr, old_port) = match which {
+        Endpoint::Source => (error.inner_ip_off + 12, error.inner_l4_off, q.src, q.sport),
+        Endpoint::Destination => (
+            error.inner_ip_off + 16,
+            error.inner_l4_off + 2,
+            q.dst,
+            q.dport,
+        ),
+    };
+    let ip_csum_off = error.inner_ip_off + 10;
+    let ip_csum: u16 = ctx.load(ip_csum_off)?;
+    icmp_store16(
+        ctx,
+        csum_off,
+        ip_csum_off,
+        replace32(ip_csum, old_addr, to.addr),
+    )?;
+    let [a, b, c, d] = to.addr;
+    icmp_store16(ctx, csum_off, addr_off, u16::from_ne_bytes([a, b]))?;
+    icmp_store16(ctx, csum_off, addr_off + 2, u16::from_ne_bytes([c, d]))?;
+    let new_port = to.port.to_be();
+    icmp_store16(ctx, csum_off, port_off, new_port)?;
+    if error.inner_csum_present {
+        let tcp = q.proto == IPPROTO_TCP;
+        let l4_csum_off = error.inner_l4_off + if tcp { 16 } else { 6 };
+        let l4_csum: u16 = ctx.load(l4_csum_off)?;
+        if tcp || l4_csum != 0 {
+            let mut csum = replace16(
+                replace32(l4_csum, old_addr, to.addr),
+                old_port.to_be(),
+                new_port,
+            );
+            if !tcp && csum == 0 {
+                csum = 0xffff;
+            }
+            icmp_store16(ctx, csum_off, l4_csum_off, csum)?;
+        }
+    }
+    Ok(())
+}
+
+/// Translates an ICMP error: the quoted packet's ends, then the error's own addresses
+/// (ICMP has no pseudo-header: only the IP checksum follows those).
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &TcContext,
+    error: &IcmpError,
+    t: &ErrorTranslation,
+) -> Result<(), i64> {
+    rewrite_quoted(ctx, error, Endpoint::Source, t.inner_src)?;
+    rewrite_quoted(ctx, error, Endpoint::Destination, t.inner_dst)?;
+    for (to, off, old) in [
+        (t.outer_src, IP_SRC_OFF, error.src),
+        (t.outer_dst, IP_DST_OFF, error.dst),
+    ] {
+        if to.set {
+            rewrite_address(ctx, off, old, to.addr).ok_or(0)?;
+        }
+    }
+    Ok(())
+}
