@@ -19,21 +19,39 @@ pub trait Frame {
     /// The frame carries a VLAN tag outside its data (tc sees offloaded tags so): it
     /// belongs to a VLAN device, not to the interface the program runs on.
     fn vlan_tagged(&self) -> bool;
+    // The checksum updates below are done in the frame by default (RFC 1624), as XDP needs;
+    // tc has helpers that also handle offloaded checksums.
+
     /// Updates the IPv4 header checksum for a 16-bit word changing (both as in memory).
-    fn update_ip_csum16(&self, old: u16, new: u16) -> Option<()>;
+    #[inline(always)]
+    fn update_ip_csum16(&self, old: u16, new: u16) -> Option<()> {
+        update_csum(self, IP_CSUM_OFF, false, |c| replace16(c, old, new))
+    }
+
     /// Updates the IPv4 header checksum for an address changing.
-    fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()>;
+    #[inline(always)]
+    fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()> {
+        update_csum(self, IP_CSUM_OFF, false, |c| replace32(c, old, new))
+    }
+
     /// Updates the TCP or UDP checksum at `offset` for an address of the pseudo-header
     /// changing; a zero UDP checksum means "none" and stays so.
+    #[inline(always)]
     fn update_l4_csum_addr(
         &self,
         offset: usize,
         old: [u8; 4],
         new: [u8; 4],
         udp: bool,
-    ) -> Option<()>;
+    ) -> Option<()> {
+        update_csum(self, offset, udp, |c| replace32(c, old, new))
+    }
+
     /// Updates the TCP or UDP checksum at `offset` for a port changing (both as in memory).
-    fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()>;
+    #[inline(always)]
+    fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()> {
+        update_csum(self, offset, udp, |c| replace16(c, old, new))
+    }
 }
 
 /// Folds a 32-bit one's-complement sum to 16 bits.
@@ -130,12 +148,11 @@ fn mangled_0(udp: bool) -> u64 {
     if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
 }
 
-/// Replaces the 16-bit checksum at `offset` of an XDP frame with `update(checksum)`,
-/// unless it is a UDP checksum of zero ("none"); a UDP checksum computed as zero is sent as
-/// all ones.
+/// Replaces the 16-bit checksum at `offset` with `update(checksum)`, unless it is a UDP
+/// checksum of zero ("none"); a UDP checksum computed as zero is sent as all ones.
 #[inline(always)]
-fn update_csum(
-    ctx: &XdpContext,
+fn update_csum<F: Frame + ?Sized>(
+    ctx: &F,
     offset: usize,
     udp: bool,
     update: impl Fn(u16) -> u16,
@@ -194,31 +211,5 @@ impl Frame for XdpContext {
     #[inline(always)]
     fn vlan_tagged(&self) -> bool {
         false
-    }
-
-    #[inline(always)]
-    fn update_ip_csum16(&self, old: u16, new: u16) -> Option<()> {
-        update_csum(self, IP_CSUM_OFF, false, |c| replace16(c, old, new))
-    }
-
-    #[inline(always)]
-    fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()> {
-        update_csum(self, IP_CSUM_OFF, false, |c| replace32(c, old, new))
-    }
-
-    #[inline(always)]
-    fn update_l4_csum_addr(
-        &self,
-        offset: usize,
-        old: [u8; 4],
-        new: [u8; 4],
-        udp: bool,
-    ) -> Option<()> {
-        update_csum(self, offset, udp, |c| replace32(c, old, new))
-    }
-
-    #[inline(always)]
-    fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()> {
-        update_csum(self, offset, udp, |c| replace16(c, old, new))
     }
 }
