@@ -20,7 +20,8 @@ pub trait Frame {
     /// belongs to a VLAN device, not to the interface the program runs on.
     fn vlan_tagged(&self) -> bool;
     // The checksum updates below are done in the frame by default (RFC 1624), as XDP needs;
-    // tc has helpers that also handle offloaded checksums.
+    // tc overrides them with its helpers, which also keep offloaded (partial) checksums right
+    // (and, inlined, take less of the 512-byte stack than the arithmetic does).
 
     /// Updates the IPv4 header checksum for a 16-bit word changing (both as in memory).
     #[inline(always)]
@@ -85,15 +86,41 @@ pub fn replace32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     )
 }
 
+/// `size_of::<T>()` bytes at `offset` of a socket buffer, if they are in its linear part,
+/// where the program may read and write them directly (a helper call costs ~14 ns here).
+#[inline(always)]
+fn linear<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // At least two bytes: for one, LLVM turns `ptr + 1 > end` into `ptr >= end`, from which
+    // the verifier does not learn that the byte is inside the packet.
+    if start + offset + core::mem::size_of::<T>().max(2) > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Direct access where the headers are in the linear part, the helpers elsewhere.
 impl Frame for TcContext {
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        self.load(offset).ok()
+        match linear::<T>(self, offset) {
+            // SAFETY: bounds-checked just above, against the packet's end.
+            Some(ptr) => Some(unsafe { ptr.read_unaligned() }),
+            None => self.load(offset).ok(),
+        }
     }
 
     #[inline(always)]
     fn write<T>(&self, offset: usize, value: &T) -> Option<()> {
-        self.store(offset, value, 0).ok()
+        match linear::<T>(self, offset) {
+            // SAFETY: as in `read`.
+            Some(ptr) => {
+                unsafe { ptr.write_unaligned(core::ptr::read(value)) };
+                Some(())
+            }
+            None => self.store(offset, value, 0).ok(),
+        }
     }
 
     #[inline(always)]
