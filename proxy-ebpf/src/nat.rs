@@ -45,14 +45,34 @@ pub struct Translation {
     pub counters: Counters,
 }
 
-/// Advances an entry's TCP state with a packet's flags and marks it as seen now.
+/// How stale an entry's `last_seen_ns` may be: far finer than what reads it (the 250 ms
+/// before an ended flow's masquerade port is reused, the GC's timeouts of a minute and
+/// more), coarse enough that a busy flow's entry is not written, and its cache line taken
+/// from the other CPUs, on every packet.
+const LAST_SEEN_GRANULARITY_NS: u64 = 20_000_000;
+
+/// Marks an entry as seen now, to `LAST_SEEN_GRANULARITY_NS`.
+#[inline(always)]
+fn touch(entry: &mut CtEntry, now: u64) {
+    if now.wrapping_sub(entry.last_seen_ns) >= LAST_SEEN_GRANULARITY_NS {
+        entry.last_seen_ns = now;
+    }
+}
+
+/// Advances an entry's TCP state with a packet's flags and marks it as seen now; writes
+/// only what changed.
 #[inline(always)]
 fn track(entry: &mut CtEntry, flow: &Flow, now: u64) {
-    entry.last_seen_ns = now;
-    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        entry.state = CT_STATE_CLOSING;
+    touch(entry, now);
+    let state = if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        CT_STATE_CLOSING
     } else if entry.state == CT_STATE_NEW && (!flow.is_tcp() || flow.tcp_flags & TCP_SYN == 0) {
-        entry.state = CT_STATE_ESTABLISHED;
+        CT_STATE_ESTABLISHED
+    } else {
+        entry.state
+    };
+    if state != entry.state {
+        entry.state = state;
     }
 }
 
@@ -77,7 +97,7 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         // state and timestamp from another CPU are benign.
         let entry = unsafe { &mut *entry };
         if entry.flags & CT_FLAG_PASS != 0 {
-            entry.last_seen_ns = now;
+            touch(entry, now);
             return Verdict::Pass;
         }
         // A new SYN on a closed flow's tuple is a new connection: balance it again.
