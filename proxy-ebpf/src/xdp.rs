@@ -42,6 +42,13 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Passes everything: the far end of a test "wire" (the test world's `testbed/wire.rs`),
+/// whose veth must run an XDP program for frames sent to it from XDP to be received.
+#[xdp]
+pub fn proxy_wire_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
 /// Leaves a translated packet to the tc program, which finds its conntrack entry (made by
 /// this run if the flow is new) and counts the packet; a new connection is counted here,
 /// as tc sees an already tracked flow.

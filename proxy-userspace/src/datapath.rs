@@ -32,7 +32,7 @@ use crate::{
     preflight,
 };
 
-static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
+pub(crate) static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
 
 /// How the tc programs attach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -36,5 +36,6 @@ pub mod source;
 pub mod store;
 pub mod sync_queue;
 pub mod sync_state;
+#[cfg(feature = "testbed")]
 pub mod testbed;
 pub mod uninstall;
