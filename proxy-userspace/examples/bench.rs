@@ -575,15 +575,23 @@ fn end_to_end(
     })
 }
 
-/// What `measure` returns, and the mean kernel-measured time of one run of the tc programs
-/// (ingress and egress, every packet through them) while it ran (`BPF_ENABLE_STATS`).
-fn tc_program_cost<T>(measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+/// The datapath's packet programs, by their kernel names.
+const PACKET_PROGRAMS: [&str; 3] = ["proxy_ingress", "proxy_egress", "proxy_xdp"];
+
+/// What `measure` returns, with the kernel-measured time the datapath's packet programs ran
+/// while it did and how many runs that was (`BPF_ENABLE_STATS`).
+fn program_cost<T>(
+    measure: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Duration, u64)> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics")?;
     let sample = || {
         aya::programs::loaded_programs()
             .filter_map(Result::ok)
-            .filter(|p| matches!(p.name_as_str(), Some("proxy_ingress" | "proxy_egress")))
+            .filter(|p| {
+                p.name_as_str()
+                    .is_some_and(|n| PACKET_PROGRAMS.contains(&n))
+            })
             .fold((Duration::ZERO, 0u64), |(t, n), p| {
                 (t + p.run_time(), n + p.run_count())
             })
@@ -591,12 +599,19 @@ fn tc_program_cost<T>(measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Re
     let before = sample();
     let result = measure()?;
     let after = sample();
-    let runs = after.1.saturating_sub(before.1);
-    ensure!(runs > 0, "the tc programs did not run");
     Ok((
         result,
-        after.0.saturating_sub(before.0).as_nanos() as f64 / runs as f64,
+        after.0.saturating_sub(before.0),
+        after.1.saturating_sub(before.1),
     ))
+}
+
+/// What `measure` returns, and the mean kernel-measured time of one run of the packet
+/// programs (every packet through them, ingress and egress) while it ran.
+fn tc_program_cost<T>(measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let (result, time, runs) = program_cost(measure)?;
+    ensure!(runs > 0, "the tc programs did not run");
+    Ok((result, time.as_nanos() as f64 / runs as f64))
 }
 
 /// kube-proxy's rulesets for `n` services: load time and connection rate to `last`.
@@ -1150,16 +1165,16 @@ fn main() -> anyhow::Result<()> {
         );
     }
     md += &format!(
-        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; ratio to routing to the pod without NAT):\n\n\
-         | data path | new connections/s | median connect (µs) | failed connections | round trips/s on one connection | median round trip (µs) |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; ratio to routing to the pod without NAT). The last column is the time all our packet programs ran (tc and XDP, kernel-measured) during the round trips, per round trip: the same work, a request and its answer translated and forwarded, done by tc or by XDP:\n\n\
+         | data path | new connections/s | median connect (µs) | failed connections | round trips/s on one connection | median round trip (µs) | our programs' kernel time per round trip (ns) |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         args.duration_ms
     );
     // Path::ALL starts with the baseline.
     let base = &external[0].1;
     for (path, f) in &external {
         md += &format!(
-            "| {} | {:.0} ({:.2}x) | {:.0} | {} | {:.0} ({:.2}x) | {:.0} |\n",
+            "| {} | {:.0} ({:.2}x) | {:.0} | {} | {:.0} ({:.2}x) | {:.0} | {} |\n",
             path.label(),
             f.connections.0,
             f.connections.0 / base.connections.0,
@@ -1168,6 +1183,8 @@ fn main() -> anyhow::Result<()> {
             f.round_trips.0,
             f.round_trips.0 / base.round_trips.0,
             f.round_trips.1,
+            f.datapath_ns_per_round_trip
+                .map_or("—".to_owned(), |ns| format!("{ns:.0}")),
         );
     }
     let font = std::fs::read(FONT).with_context(|| {

@@ -55,6 +55,8 @@ pub struct Figures {
     pub round_trips: (f64, f64),
     /// Connections that failed while measuring the connection rate.
     pub failed_connections: u64,
+    /// Our packet programs' kernel time per round trip (our paths only).
+    pub datapath_ns_per_round_trip: Option<f64>,
 }
 
 /// A NodePort service on 30080 whose endpoint is `pod` on node-b.
@@ -198,9 +200,13 @@ fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow:
         }
     }
     let (connections, failed_connections) = measure(&world, "rate", &to, duration_ms)?;
+    let ((round_trips, _), programs, _) =
+        super::program_cost(|| measure(&world, "rr", &to, duration_ms))?;
+    let count = round_trips.0 * duration_ms as f64 / 1000.0;
     Ok(Figures {
         connections,
-        round_trips: measure(&world, "rr", &to, duration_ms)?.0,
+        round_trips,
         failed_connections,
+        datapath_ns_per_round_trip: xdp.map(|_| programs.as_nanos() as f64 / count),
     })
 }
