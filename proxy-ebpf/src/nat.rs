@@ -14,9 +14,14 @@ use crate::{
     packet::{ErrorTranslation, Flow, Rewrite, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Random source ports tried for a masqueraded (or clashing) flow before giving up on it:
-/// with a third of the range in use, all of them are taken once in 50 million.
-const SNAT_ATTEMPTS: u32 = 16;
+/// Random source ports tried for a masqueraded (or clashing) flow: first this many that
+/// are simply free — even with two thirds of the range in use (short connections to one
+/// backend at thousands a second) all are taken once in 500 million (with 16 it was one
+/// new connection in 800, whose SYN then waited a second for its retransmission) —
+const FREE_PORT_ATTEMPTS: u32 = 48;
+/// — then this many whose flow may have ended, freeing the port (each costs more lookups,
+/// which bounds how many the verifier accepts).
+const ENDED_PORT_ATTEMPTS: u32 = 16;
 /// Quiet time after which an ended masqueraded TCP flow gives up its source port: just over
 /// TCP's minimum retransmission timeout (200 ms), so that a lost last ACK shows up as a
 /// retransmitted FIN, which keeps the flow, before the port can go to another. Short, as
@@ -60,10 +65,23 @@ fn touch(entry: &mut CtEntry, now: u64) {
 }
 
 /// Advances an entry's TCP state with a packet's flags and marks it as seen now; writes
-/// only what changed.
+/// only what changed. A RST ends the connection both ways, so the flow's other entry is
+/// closing too (else a flow reset from one side would hold its masquerade port until the
+/// GC, instead of giving it up once quiet).
 #[inline(always)]
 fn track(entry: &mut CtEntry, flow: &Flow, now: u64) {
     touch(entry, now);
+    if flow.tcp_flags & TCP_RST != 0 {
+        let other = flow.key.peer(entry);
+        if let Some(peer) = CONNTRACK.get_ptr_mut(other) {
+            // SAFETY: as in `ingress`; only the state byte is written.
+            let peer = unsafe { &mut *peer };
+            // The tuple may carry a newer flow already: only this flow's own entry.
+            if other.peer(peer) == flow.key && peer.state != CT_STATE_CLOSING {
+                peer.state = CT_STATE_CLOSING;
+            }
+        }
+    }
     let state = if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         CT_STATE_CLOSING
     } else if entry.state == CT_STATE_NEW && (!flow.is_tcp() || flow.tcp_flags & TCP_SYN == 0) {
@@ -100,8 +118,19 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
             touch(entry, now);
             return Verdict::Pass;
         }
-        // A new SYN on a closed flow's tuple is a new connection: balance it again.
+        // A new SYN on a closed flow's tuple is a new connection: balance it again. The old
+        // flow is over: its reply tuple (a masquerade port) is given up at once, rather than
+        // held until the GC while the client reuses its ports faster than that.
         let reused = flow.is_syn() && entry.state == CT_STATE_CLOSING;
+        if reused {
+            let reply = flow.key.peer(entry);
+            // SAFETY: as above; the entry is copied.
+            if let Some(held) = unsafe { CONNTRACK.get(reply) }.copied()
+                && reply.peer(&held) == flow.key
+            {
+                ct::remove(reply);
+            }
+        }
         let snat = entry.flags & CT_FLAG_SNAT != 0;
         if !reused && let Some((src, dst)) = rewrites(entry, &flow.key, Side::Ingress) {
             track(entry, flow, now);
@@ -217,18 +246,27 @@ fn claim_reply_tuple(
     }
     let range = (config.snat_port_max - config.snat_port_min) as u32 + 1;
     forward.peer_addr = addr;
-    for _ in 0..SNAT_ATTEMPTS {
-        // Independent tries: consecutive ones would keep hitting the same run of busy ports.
-        let port = config.snat_port_min + (lb::random() % range) as u16;
-        let key = CtKey {
-            src: chosen.backend.addr,
-            dst: addr,
-            sport: chosen.backend.port,
-            dport: port,
-            proto: flow.key.proto,
-            pad: [0; 3],
-        };
-        if ct::create(key, reply) || (free_if_ended(&key, now) && ct::create(key, reply)) {
+    // Independent tries: consecutive ports would keep hitting the same run of busy ones.
+    let reply_key = |port: u16| CtKey {
+        src: chosen.backend.addr,
+        dst: addr,
+        sport: chosen.backend.port,
+        dport: port,
+        proto: flow.key.proto,
+        pad: [0; 3],
+    };
+    let random_port = || config.snat_port_min + (lb::random() % range) as u16;
+    for _ in 0..FREE_PORT_ATTEMPTS {
+        let port = random_port();
+        if ct::create(reply_key(port), reply) {
+            forward.peer_port = port;
+            return Ok(Rewrite::to(addr, port));
+        }
+    }
+    for _ in 0..ENDED_PORT_ATTEMPTS {
+        let port = random_port();
+        let key = reply_key(port);
+        if free_if_ended(&key, now) && ct::create(key, reply) {
             forward.peer_port = port;
             return Ok(Rewrite::to(addr, port));
         }

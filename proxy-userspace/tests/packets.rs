@@ -605,3 +605,46 @@ fn every_fragment_of_a_datagram_follows_its_flow() {
         .collect();
     assert_eq!(reassembled(&out), ((VIP1, 53), client));
 }
+
+#[test]
+fn a_reset_closes_both_entries_and_a_new_syn_on_the_tuple_starts_afresh() {
+    let mut fx = Fixture::new();
+    let client = (CLIENT, 40000);
+    let backend = (BACKEND, BACKEND_PORT);
+    fx.ingress(&tcp(client, (VIP1, 80), SYN));
+    fx.egress(&tcp(backend, client, SYN | ACK));
+    fx.ingress(&tcp(client, (VIP1, 80), ACK));
+    let reply_key = CtKey {
+        src: BACKEND,
+        dst: CLIENT,
+        sport: BACKEND_PORT,
+        dport: 40000,
+        proto: IPPROTO_TCP,
+        pad: [0; 3],
+    };
+    let state = |fx: &Fixture| {
+        let entries = fx.conntrack();
+        let of = |key: &CtKey| entries.iter().find(|(k, _)| k == key).map(|(_, e)| e.state);
+        let forward = CtKey {
+            src: CLIENT,
+            dst: VIP1,
+            sport: 40000,
+            dport: 80,
+            proto: IPPROTO_TCP,
+            pad: [0; 3],
+        };
+        (of(&forward), of(&reply_key))
+    };
+    const NEW: u8 = proxy_common::CT_STATE_NEW;
+    const ESTABLISHED: u8 = proxy_common::CT_STATE_ESTABLISHED;
+    const CLOSING: u8 = proxy_common::CT_STATE_CLOSING;
+    assert_eq!(state(&fx), (Some(ESTABLISHED), Some(NEW)));
+    // The client's RST ends the connection both ways: the backend's entry is closing too
+    // (a masqueraded flow's port is then free to reuse once quiet).
+    fx.ingress(&tcp(client, (VIP1, 80), RST | ACK));
+    assert_eq!(state(&fx), (Some(CLOSING), Some(CLOSING)));
+    // The same client tuple opens a new connection: a new flow, with a new reply entry.
+    let (_, out) = fx.ingress(&tcp(client, (VIP1, 80), SYN));
+    assert_eq!(ends(&out), (client, backend));
+    assert_eq!(state(&fx), (Some(NEW), Some(NEW)));
+}
