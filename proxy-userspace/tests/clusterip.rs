@@ -722,6 +722,69 @@ fn udp_datagrams_larger_than_the_mtu_arrive_whole_through_a_cluster_ip() {
 }
 
 #[test]
+fn syns_with_a_bad_ip_checksum_create_no_conntrack_state() {
+    let (mut world, backends) = three_backends();
+    world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    let client = world.pod(CLIENT).ip.to_string();
+    let to = format!("{VIP}:80");
+    let syn = |port: &str, bad: bool| {
+        let mut args = vec![
+            "syn",
+            "--device",
+            "eth0",
+            "--from",
+            &client,
+            "--to",
+            &to,
+            "--source-port",
+            port,
+            "--count",
+            "20",
+        ];
+        if bad {
+            args.push("--bad-ip-checksum");
+        }
+        let out = world.probe(CLIENT, false, &args).unwrap();
+        assert_eq!(out[0]["sent"], 20, "{out:?}");
+    };
+    // Twenty SYNs whose IPv4 header checksum is wrong, then twenty good ones from another
+    // port, written onto the pod's interface: only the good ones are tracked.
+    syn("45000", true);
+    syn("45001", false);
+    let flows = |world: &World| -> Vec<String> {
+        let rows: Value = serde_json::from_str(
+            &world
+                .proxyctl(&["conntrack", "list", "-o", "json"])
+                .unwrap(),
+        )
+        .unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["client"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tracked = loop {
+        let tracked = flows(&world);
+        if tracked.iter().any(|c| c.ends_with(":45001")) || Instant::now() > deadline {
+            break tracked;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        tracked.contains(&format!("{client}:45001")),
+        "the good SYNs reached the program: {tracked:?}"
+    );
+    assert!(
+        !tracked.iter().any(|c| c.ends_with(":45000")),
+        "no state from bad checksums: {tracked:?}"
+    );
+}
+
+#[test]
 fn resync_repairs_map_entries_changed_behind_the_agents_back() {
     let (mut world, backends) = three_backends();
     let manifest = world

@@ -72,6 +72,9 @@ enum Command {
     /// Request/response rate on one TCP connection: a line and its answer, back to back,
     /// for --duration-ms; prints round trips per second and latency percentiles.
     Rr(Timed),
+    /// TCP SYNs written straight onto an interface (AF_PACKET) to the broadcast MAC, for
+    /// datapath tests of packets no socket would send; prints how many were sent.
+    Syn(Syn),
     /// HTTP GET, printed like `curl -s`.
     Http {
         #[arg(long)]
@@ -110,6 +113,26 @@ struct Udp {
     /// Send with this IP TTL, and report ICMP errors (IP_RECVERR), e.g. time exceeded.
     #[arg(long)]
     ttl: Option<u32>,
+}
+
+/// Raw SYNs (`syn`).
+#[derive(clap::Args)]
+struct Syn {
+    /// The interface to write the frames on.
+    #[arg(long)]
+    device: String,
+    /// Source address of the packets.
+    #[arg(long)]
+    from: std::net::Ipv4Addr,
+    #[arg(long)]
+    source_port: u16,
+    #[arg(long)]
+    to: std::net::SocketAddrV4,
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Corrupt the IPv4 header checksum.
+    #[arg(long)]
+    bad_ip_checksum: bool,
 }
 
 /// A measurement against `--to` lasting `--duration-ms`.
@@ -530,6 +553,100 @@ fn http_once(to: SocketAddr) -> anyhow::Result<String> {
     Ok(format!("GET http://{to}/ -> {status}: {body}"))
 }
 
+/// One's-complement sum of `bytes` as big-endian 16-bit words, folded.
+fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// An Ethernet frame to the broadcast MAC with a TCP SYN from `from:sport` to `to`.
+fn syn_frame(src_mac: [u8; 6], syn: &Syn) -> Vec<u8> {
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&syn.from.octets());
+    ip[16..20].copy_from_slice(&syn.to.ip().octets());
+    let mut csum = !ones_complement_sum(&ip);
+    if syn.bad_ip_checksum {
+        csum ^= 0x5a5a;
+    }
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&syn.source_port.to_be_bytes());
+    tcp[2..4].copy_from_slice(&syn.to.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    tcp[16..18].copy_from_slice(&(!ones_complement_sum(&pseudo)).to_be_bytes());
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+fn send_syns(syn: &Syn) -> anyhow::Result<u32> {
+    let mac_text = std::fs::read_to_string(format!("/sys/class/net/{}/address", syn.device))
+        .with_context(|| format!("reading the MAC address of {}", syn.device))?;
+    let mut src_mac = [0u8; 6];
+    for (byte, hex) in src_mac.iter_mut().zip(mac_text.trim().split(':')) {
+        *byte = u8::from_str_radix(hex, 16).context("a MAC address byte")?;
+    }
+    let name = std::ffi::CString::new(syn.device.as_str())?;
+    // SAFETY: a valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    anyhow::ensure!(ifindex != 0, "no interface {}", syn.device);
+    let socket = Socket::new(
+        Domain::PACKET,
+        Type::RAW,
+        Some(socket2::Protocol::from(i32::from(
+            (libc::ETH_P_ALL as u16).to_be(),
+        ))),
+    )
+    .context("opening an AF_PACKET socket")?;
+    // SAFETY: sockaddr_ll is plain data; the fields set are those sendto reads.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].fill(0xff);
+    let frame = syn_frame(src_mac, syn);
+    for _ in 0..syn.count {
+        // SAFETY: a valid socket, frame and address of the sizes passed.
+        let sent = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(
+            sent == frame.len() as isize,
+            "sending a frame on {}: {}",
+            syn.device,
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(syn.count)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     enter(args.netns.as_deref(), args.cgroup.as_ref())?;
@@ -568,6 +685,7 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", udp_once(udp.to[i % udp.to.len()], &udp));
             }
         }
+        Command::Syn(syn) => println!("{}", json!({"sent": send_syns(&syn)?})),
         Command::Rate(timed) => timed.print(rate),
         Command::Rr(timed) => timed.print(round_trips),
         Command::Http { to, count } => {
