@@ -415,7 +415,9 @@ pub struct FlowRow {
     pub client: String,
     pub service_address: String,
     pub backend: String,
-    /// The node's address and port the backend sees, for a masqueraded flow.
+    /// The address and port the backend sees when they are not the client's: the node's,
+    /// for a masqueraded flow, or the client's address with another port, for a flow moved
+    /// off a source port that another flow to the same backend held.
     pub masqueraded_as: Option<String>,
     pub service: String,
     pub state: &'static str,
@@ -464,7 +466,8 @@ pub fn flows(
             client: format!("{}:{}", Ipv4Addr::from(key.src), key.sport),
             service_address: format!("{}:{}", Ipv4Addr::from(key.dst), key.dport),
             backend: format!("{}:{}", Ipv4Addr::from(entry.nat_addr), entry.nat_port),
-            masqueraded_as: (entry.flags & CT_FLAG_SNAT != 0)
+            masqueraded_as: (entry.flags & CT_FLAG_SNAT != 0
+                || (entry.peer_addr, entry.peer_port) != (key.src, key.sport))
                 .then(|| format!("{}:{}", Ipv4Addr::from(entry.peer_addr), entry.peer_port)),
             service,
             state: state_name(entry.state),

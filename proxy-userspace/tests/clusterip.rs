@@ -569,6 +569,22 @@ fn one_client_port_to_two_cluster_ips_sharing_a_backend_keeps_both_flows_right()
         assert_eq!(r["ok"], true, "{udp:?}");
         assert_eq!(&r["peer"], to, "{udp:?}");
     }
+    // proxyctl shows the second flow moved to another port, as the backend saw it.
+    let client = world.pod(CLIENT).ip;
+    let flows: Value = serde_json::from_str(
+        &world
+            .proxyctl(&["conntrack", "list", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let moved: Vec<&Value> = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["client"] == format!("{client}:40001") && f["service_address"] == to2)
+        .collect();
+    assert_eq!(moved.len(), 1, "{flows}");
+    assert_eq!(moved[0]["masqueraded_as"], udp[1]["server_saw"], "{flows}");
     // TCP: a long connection to the first ClusterIP keeps working while the same port
     // connects to the second.
     let port = "40002";
