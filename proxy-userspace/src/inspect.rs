@@ -409,7 +409,7 @@ pub fn backends(
         .collect())
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct FlowRow {
     pub protocol: &'static str,
     pub client: String,

@@ -164,10 +164,13 @@ fn every_name_service_list_prints_is_accepted() {
                     && d["service"]["port"] == row["port"]),
                 "{query} names {row}: {got:?}"
             );
-            for command in ["list", "flush"] {
+            for command in [&["list"][..], &["flush", "--yes"]] {
+                let mut args = vec!["conntrack"];
+                args.extend(command);
+                args.extend(["--service", &query]);
                 world
-                    .proxyctl(&["conntrack", command, "--service", &query])
-                    .unwrap_or_else(|e| panic!("conntrack {command} --service {query}: {e:#}"));
+                    .proxyctl(&args)
+                    .unwrap_or_else(|e| panic!("conntrack {command:?} --service {query}: {e:#}"));
             }
         }
     }
@@ -213,7 +216,36 @@ fn conntrack_list_and_flush_maps_and_status() {
         .sum();
     assert_eq!(active, 6, "one active flow per open tc-path flow");
 
-    let flushed = json(&world, &["conntrack", "flush", "--service", "default/web"]);
+    // Flushing would break the established TCP connection: named, and nothing flushed
+    // without --yes; --dry-run says what would go.
+    let refused = world
+        .proxyctl(&["conntrack", "flush", "--service", "default/web"])
+        .unwrap_err();
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("would break 1 established TCP connections")
+            && refused.contains(tcp[0]["client"].as_str().unwrap())
+            && refused.contains("--yes"),
+        "{refused}"
+    );
+    let dry = json(
+        &world,
+        &[
+            "conntrack",
+            "flush",
+            "--service",
+            "default/web",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(dry["would_flush"], 6, "{dry}");
+    assert_eq!(dry["would_break"][0]["client"], tcp[0]["client"], "{dry}");
+    let still = json(&world, &["conntrack", "list"]);
+    assert_eq!(still.as_array().unwrap().len(), 6, "nothing flushed yet");
+    let flushed = json(
+        &world,
+        &["conntrack", "flush", "--service", "default/web", "--yes"],
+    );
     assert_eq!(flushed["flushed"], 6);
     assert!(
         json(&world, &["conntrack", "list"])

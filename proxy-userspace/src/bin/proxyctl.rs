@@ -73,12 +73,20 @@ enum ConntrackCommand {
         #[arg(long)]
         service: Option<String>,
     },
-    /// Delete flows (their next packet is balanced again, as a new connection).
+    /// Delete flows: their next packet is balanced again, as a new connection. An
+    /// established TCP connection whose flow is deleted breaks (its next segment is not
+    /// translated): without --yes, such flows are named and nothing is deleted.
     Flush {
         /// Only the flows of a service (NAMESPACE/NAME, NAMESPACE/NAME:PORT or
         /// ADDRESS:PORT[/PROTOCOL], as `service get`).
         #[arg(long)]
         service: Option<String>,
+        /// Show what would be deleted, and which connections would break; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete the flows of established TCP connections too.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -92,6 +100,8 @@ impl From<anyhow::Error> for Failure {
 }
 
 const NOT_FOUND: u8 = 3;
+/// `conntrack flush` would break established connections and was not told `--yes`.
+const NOT_CONFIRMED: u8 = 4;
 
 /// Aligned columns; the first row is the header.
 fn table(rows: &[Vec<String>]) -> String {
@@ -285,43 +295,55 @@ fn run(args: Args) -> Result<String, Failure> {
                 .map(|(_, _, r)| r)
                 .collect();
             match out {
-                Output::Table => {
-                    let mut cells = vec![
-                        [
-                            "PROTO",
-                            "CLIENT",
-                            "SERVICE-ADDRESS",
-                            "BACKEND",
-                            "MASQUERADED-AS",
-                            "SERVICE",
-                            "STATE",
-                            "IDLE(S)",
-                        ]
-                        .map(String::from)
-                        .to_vec(),
-                    ];
-                    for f in &flows {
-                        cells.push(vec![
-                            f.protocol.to_owned(),
-                            f.client.clone(),
-                            f.service_address.clone(),
-                            f.backend.clone(),
-                            or_dash(f.masqueraded_as.as_ref()),
-                            f.service.clone(),
-                            f.state.to_owned(),
-                            f.idle_seconds.to_string(),
-                        ]);
-                    }
-                    table(&cells)
-                }
+                Output::Table => flows_table(&flows),
                 _ => structured(out, &flows)?,
             }
         }
         Command::Conntrack {
-            command: ConntrackCommand::Flush { service },
+            command:
+                ConntrackCommand::Flush {
+                    service,
+                    dry_run,
+                    yes,
+                },
         } => {
             let maps = maps()?;
             let ids = service_ids(&maps, service.as_deref())?;
+            let flows: Vec<inspect::FlowRow> = inspect::flows(&maps, dir, ids.as_deref())?
+                .into_iter()
+                .map(|(_, _, r)| r)
+                .collect();
+            let breaking: Vec<&inspect::FlowRow> = flows
+                .iter()
+                .filter(|f| f.protocol == "TCP" && f.state == "established")
+                .collect();
+            if dry_run {
+                return Ok(match out {
+                    Output::Table => format!(
+                        "would flush {} flows, breaking {} established TCP connections:\n{}",
+                        flows.len(),
+                        breaking.len(),
+                        flows_table(&flows)
+                    ),
+                    _ => structured(
+                        out,
+                        &serde_json::json!({"would_flush": flows.len(), "would_break": breaking}),
+                    )?,
+                });
+            }
+            if !breaking.is_empty() && !yes {
+                let named: Vec<inspect::FlowRow> = breaking.into_iter().cloned().collect();
+                return Err(Failure(
+                    NOT_CONFIRMED,
+                    anyhow::anyhow!(
+                        "flushing would break {} established TCP connections (their next \
+                         segment would not be translated); nothing flushed. Run again with \
+                         --yes to flush them, or --dry-run to see every flow:\n{}",
+                        named.len(),
+                        flows_table(&named)
+                    ),
+                ));
+            }
             let flushed = inspect::flush(&maps, dir, ids.as_deref())?;
             match out {
                 Output::Table => format!("flushed {flushed} flows\n"),
@@ -394,6 +416,37 @@ fn emit(text: &str) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Flows as `conntrack list` prints them.
+fn flows_table(flows: &[inspect::FlowRow]) -> String {
+    let mut cells = vec![
+        [
+            "PROTO",
+            "CLIENT",
+            "SERVICE-ADDRESS",
+            "BACKEND",
+            "MASQUERADED-AS",
+            "SERVICE",
+            "STATE",
+            "IDLE(S)",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for f in flows {
+        cells.push(vec![
+            f.protocol.to_owned(),
+            f.client.clone(),
+            f.service_address.clone(),
+            f.backend.clone(),
+            or_dash(f.masqueraded_as.as_ref()),
+            f.service.clone(),
+            f.state.to_owned(),
+            f.idle_seconds.to_string(),
+        ]);
+    }
+    table(&cells)
 }
 
 fn main() -> ExitCode {
