@@ -285,17 +285,21 @@ pub enum DropReason {
     /// A new flow's reply tuple was held by another live flow and every other source port
     /// tried for it was taken too.
     ConntrackClash = 5,
+    /// A new connection to a service without usable endpoints, refused as kube-proxy's
+    /// REJECT does: ECONNREFUSED from the socket hooks, ICMP port unreachable from tc.
+    NoEndpoints = 6,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::NoLocalEndpoint,
         DropReason::NoMasqueradePort,
         DropReason::NoMasqueradeAddress,
         DropReason::ConntrackInsert,
         DropReason::NoRoute,
         DropReason::ConntrackClash,
+        DropReason::NoEndpoints,
     ];
 
     /// As metrics and `proxyctl status` name it.
@@ -307,6 +311,7 @@ impl DropReason {
             DropReason::ConntrackInsert => "conntrack_insert_failed",
             DropReason::NoRoute => "no_route",
             DropReason::ConntrackClash => "conntrack_clash",
+            DropReason::NoEndpoints => "no_endpoints",
         }
     }
 }

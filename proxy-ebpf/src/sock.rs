@@ -9,7 +9,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AFFINITY_CLIENT_NETNS, Counters, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevKey, SockRevValue,
+    AFFINITY_CLIENT_NETNS, Counters, DropReason, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevKey,
+    SockRevValue,
 };
 
 use crate::{
@@ -98,6 +99,7 @@ fn redirect(ctx: &SockAddrContext, key: &ServiceKey, service_id: u32, chosen: &C
 /// ECONNREFUSED instead of letting the client time out.
 #[inline(always)]
 fn refuse() -> i32 {
+    lb::count_drop(DropReason::NoEndpoints);
     // SAFETY: no preconditions; sets the errno the syscall returns.
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     DENY

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::FragKey;
+use proxy_common::{DropReason, FragKey};
 
 use crate::{
     icmp, lb,
@@ -69,7 +69,10 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Option<i32> {
             lb::count_drop(reason);
             Some(TC_ACT_SHOT)
         }
-        Verdict::Reject => answer(ctx, flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH),
+        Verdict::Reject => {
+            lb::count_drop(DropReason::NoEndpoints);
+            answer(ctx, flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
+        }
         Verdict::Translate(t) => {
             // A packet we would route ourselves whose TTL runs out here gets the answer a
             // router gives (traceroute through a masqueraded node port), quoting it as the

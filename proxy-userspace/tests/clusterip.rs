@@ -307,6 +307,10 @@ fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured(
             );
         }
     }
+    // Each refusal is counted: two services, both paths, TCP and UDP.
+    let status: Value =
+        serde_json::from_str(&world.proxyctl(&["status", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(status["drops"]["no_endpoints"], 8, "{status}");
     for hooked in [true, false] {
         let mixed = tcp_spread(&world, hooked, "10.96.0.22:80", 30);
         assert_eq!(
