@@ -327,9 +327,10 @@ impl Agent {
             }
         }
         info!(
-            "synced {} services in {:.1} ms: {} service ports changed, {} removed, {} unchanged; {} service ports programmed, {} services retrying",
+            "synced {} services in {:.1} ms{}: {} service ports changed, {} removed, {} unchanged; {} service ports programmed, {} services retrying",
             outcome.services,
             elapsed.as_secs_f64() * 1000.0,
+            changed_names(&outcome.changed, outcome.changed_more),
             outcome.keys.changed,
             outcome.keys.removed,
             outcome.keys.unchanged,
@@ -786,4 +787,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// " (changed: ns/a, ns/b and 3 more)" for a sync's log line; empty when nothing changed.
+fn changed_names(changed: &[crate::store::Name], more: usize) -> String {
+    if changed.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = changed
+        .iter()
+        .map(|(ns, name)| format!("{ns}/{name}"))
+        .collect();
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(" (changed: {}{more})", names.join(", "))
 }

@@ -47,7 +47,14 @@ pub struct SyncOutcome {
     pub failures: Vec<Failure>,
     /// Services programmed after failing, with how many times they had failed.
     pub recovered: Vec<(Name, u32)>,
+    /// The first `NAMED_CHANGES` services whose entries this sync wrote or removed, and
+    /// how many more did: what the sync's log line names.
+    pub changed: Vec<Name>,
+    pub changed_more: usize,
 }
+
+/// Services a sync names as changed; the rest are counted.
+pub const NAMED_CHANGES: usize = 5;
 
 /// What `key` must hold: the entry of the frontend that owns it (or its in-cluster view).
 fn wanted<'a>(
@@ -213,7 +220,15 @@ impl<M: ServiceMaps> Controller<M> {
         for name in self.queue.take_due(now) {
             outcome.services += 1;
             let mut failed = Vec::new();
+            let before = (outcome.keys.changed, outcome.keys.removed);
             self.sync_service(&name, &mut outcome, &mut failed);
+            if (outcome.keys.changed, outcome.keys.removed) != before {
+                if outcome.changed.len() < NAMED_CHANGES {
+                    outcome.changed.push(name.clone());
+                } else {
+                    outcome.changed_more += 1;
+                }
+            }
             let failed_itself = failed
                 .iter()
                 .any(|(owner, _)| owner.as_ref() == Some(&name));
@@ -560,6 +575,10 @@ mod tests {
         c.replace(&[Kind::Service, Kind::EndpointSlice], &objects);
         let first = c.sync(Instant::now());
         assert_eq!((first.services, first.keys.changed), (10_000, 10_000));
+        assert_eq!(
+            (first.changed.len(), first.changed_more),
+            (NAMED_CHANGES, 10_000 - NAMED_CHANGES)
+        );
         assert!(first.failures.is_empty() && first.rejections.is_empty());
         let id = c.reconciler.maps().services[&ServiceKey::new([10, 96, 20, 1], 80, 6)]
             .0
@@ -576,6 +595,7 @@ mod tests {
         let sync = c.sync(Instant::now());
         let keys = sync.keys;
         assert_eq!((sync.services, keys.changed, keys.unchanged), (1, 1, 0));
+        assert_eq!((sync.changed, sync.changed_more), (vec![name("s5000")], 0));
         let log = &c.reconciler.maps().log;
         let slots: Vec<&String> = log.iter().filter(|l| l.contains("slot")).collect();
         assert_eq!(slots.len(), 6, "three new slots, three old ones: {log:?}");

@@ -1049,7 +1049,10 @@ fn more_than_65536_frontends_are_served_and_a_small_file_edit_lands_alone() {
     let line = agent
         .wait_for_log(&["synced 1 services"], Duration::from_secs(30))
         .unwrap();
-    assert!(line.contains("2 service ports changed"), "{line}");
+    assert!(
+        line.contains("(changed: default/small)") && line.contains("2 service ports changed"),
+        "the sync names what changed: {line}"
+    );
     let r = &world
         .probe(CLIENT, true, &["tcp", "--to", "10.97.0.1:80"])
         .unwrap()[0];
