@@ -118,6 +118,8 @@ pub struct World {
     pub agent_wrapper: Vec<String>,
     /// `--interfaces` of the agents; `None`: the node's `eth0` and pod veths by name.
     pub agent_interfaces: Option<String>,
+    /// `RUST_LOG` of the agents.
+    pub agent_log: String,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     /// The outside client's namespace, in a two-node world.
@@ -202,6 +204,7 @@ impl World {
             bins,
             agent_wrapper: Vec::new(),
             agent_interfaces: None,
+            agent_log: "info".to_owned(),
             nodes: Vec::new(),
             pods: Vec::new(),
             ext: None,
@@ -541,7 +544,7 @@ impl World {
             command.args(["--node-ip", &node_ip.to_string()]);
         }
         let mut child = command
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.agent_log)
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", self.bins.agent.display()))?;

@@ -462,3 +462,24 @@ fn logs_are_json_lines_with_log_format_json() {
         "{synced}"
     );
 }
+
+#[test]
+fn at_debug_the_agents_libraries_stay_at_info() {
+    let (mut world, pods) = world();
+    world.agent_log = "debug".to_owned();
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&pods)), false)
+        .unwrap();
+    let lines = agent.log_lines();
+    let foreign: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(" DEBUG ") && !l.contains(" DEBUG proxy"))
+        .collect();
+    assert!(foreign.is_empty(), "library debug lines: {foreign:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" INFO proxy::agent: synced")),
+        "{lines:?}"
+    );
+}

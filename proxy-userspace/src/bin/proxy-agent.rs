@@ -164,12 +164,25 @@ fn hostname() -> anyhow::Result<String> {
         .to_owned())
 }
 
+/// The log filter for `RUST_LOG`: a bare `debug` or `trace` applies to the agent's own
+/// code, its libraries (kube, hyper, rustls, aya…) staying at `info`, so that the agent's
+/// lines are not lost in hundreds of theirs; any other value, directives included, is used
+/// as given; unset, `info`.
+fn log_directives(rust_log: Option<&str>) -> String {
+    match rust_log.map(str::trim) {
+        None | Some("") => "info".to_owned(),
+        Some(level @ ("debug" | "trace")) => format!("info,proxy={level},proxy_agent={level}"),
+        Some(other) => other.to_owned(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = tracing_subscriber::EnvFilter::try_new(log_directives(rust_log.as_deref()))
+        .unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => logs
@@ -234,4 +247,24 @@ fn main() -> anyhow::Result<()> {
         resync_interval: Duration::from_secs(args.resync_interval.max(1)),
     };
     tokio::runtime::Runtime::new()?.block_on(agent::run(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_directives;
+
+    #[test]
+    fn debug_and_trace_are_the_agents_own_and_other_filters_pass_through() {
+        assert_eq!(log_directives(None), "info");
+        assert_eq!(
+            log_directives(Some("debug")),
+            "info,proxy=debug,proxy_agent=debug"
+        );
+        assert_eq!(
+            log_directives(Some("trace")),
+            "info,proxy=trace,proxy_agent=trace"
+        );
+        assert_eq!(log_directives(Some("warn")), "warn");
+        assert_eq!(log_directives(Some("debug,kube=trace")), "debug,kube=trace");
+    }
 }
