@@ -56,6 +56,16 @@ pub struct Translation {
 /// from the other CPUs, on every packet.
 const LAST_SEEN_GRANULARITY_NS: u64 = 20_000_000;
 
+/// The other entry of the flow whose entry under `key` is `entry`, if the map still holds
+/// it: its key may carry a newer flow already, whose entry is not this flow's.
+#[inline(always)]
+fn partner(key: &CtKey, entry: &CtEntry) -> Option<(CtKey, *mut CtEntry)> {
+    let other = key.peer(entry);
+    let ptr = CONNTRACK.get_ptr_mut(other)?;
+    // SAFETY: LRU values stay valid during the program's run; only compared here.
+    (other.peer(unsafe { &*ptr }) == *key).then_some((other, ptr))
+}
+
 /// Marks an entry as seen now, to `LAST_SEEN_GRANULARITY_NS`.
 #[inline(always)]
 fn touch(entry: &mut CtEntry, now: u64) {
@@ -71,15 +81,13 @@ fn touch(entry: &mut CtEntry, now: u64) {
 #[inline(always)]
 fn track(entry: &mut CtEntry, flow: &Flow, now: u64) {
     touch(entry, now);
-    if flow.tcp_flags & TCP_RST != 0 {
-        let other = flow.key.peer(entry);
-        if let Some(peer) = CONNTRACK.get_ptr_mut(other) {
-            // SAFETY: as in `ingress`; only the state byte is written.
-            let peer = unsafe { &mut *peer };
-            // The tuple may carry a newer flow already: only this flow's own entry.
-            if other.peer(peer) == flow.key && peer.state != CT_STATE_CLOSING {
-                peer.state = CT_STATE_CLOSING;
-            }
+    if flow.tcp_flags & TCP_RST != 0
+        && let Some((_, peer)) = partner(&flow.key, entry)
+    {
+        // SAFETY: as in `ingress`; only the state byte is written.
+        let peer = unsafe { &mut *peer };
+        if peer.state != CT_STATE_CLOSING {
+            peer.state = CT_STATE_CLOSING;
         }
     }
     let state = if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -122,14 +130,8 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
         // flow is over: its reply tuple (a masquerade port) is given up at once, rather than
         // held until the GC while the client reuses its ports faster than that.
         let reused = flow.is_syn() && entry.state == CT_STATE_CLOSING;
-        if reused {
-            let reply = flow.key.peer(entry);
-            // SAFETY: as above; the entry is copied.
-            if let Some(held) = unsafe { CONNTRACK.get(reply) }.copied()
-                && reply.peer(&held) == flow.key
-            {
-                ct::remove(reply);
-            }
+        if reused && let Some((reply, _)) = partner(&flow.key, entry) {
+            ct::remove(reply);
         }
         let snat = entry.flags & CT_FLAG_SNAT != 0;
         if !reused && let Some((src, dst)) = rewrites(entry, &flow.key, Side::Ingress) {
@@ -283,12 +285,7 @@ fn replaceable(key: &CtKey, flow: &Flow, now: u64) -> bool {
     let Some(held) = (unsafe { CONNTRACK.get(key) }).copied() else {
         return false;
     };
-    (held.direction == CT_REPLY
-        && held.peer_addr == flow.key.src
-        && held.peer_port == flow.key.sport
-        && held.nat_addr == flow.key.dst
-        && held.nat_port == flow.key.dport)
-        || free_if_ended(key, now)
+    key.peer(&held) == flow.key || free_if_ended(key, now)
 }
 
 /// Frees the reply tuple `key` if its TCP flow has ended: a FIN or RST was seen and it has
@@ -308,17 +305,14 @@ fn free_if_ended(key: &CtKey, now: u64) -> bool {
     if reply.direction != CT_REPLY || !ended(&reply) {
         return false;
     }
-    let forward_key = key.peer(&reply);
-    // SAFETY: as above.
-    if let Some(forward) = unsafe { CONNTRACK.get(forward_key) } {
-        // The client's tuple may already carry a new flow, masqueraded to another port:
-        // that entry is not this flow's and stays.
-        if forward.peer_addr == key.dst && forward.peer_port == key.dport {
-            if !ended(forward) {
-                return false;
-            }
-            ct::remove(forward_key);
+    // The client's tuple may already carry a new flow, masqueraded to another port: that
+    // entry is not this flow's and stays.
+    if let Some((forward_key, forward)) = partner(key, &reply) {
+        // SAFETY: as above.
+        if !ended(unsafe { &*forward }) {
+            return false;
         }
+        ct::remove(forward_key);
     }
     // Another CPU may have freed and re-claimed the tuple since the read above: remove it
     // only if it is still the entry that was read.
@@ -401,9 +395,7 @@ pub fn fragment(frag: &FragKey, len: u64, side: Side) -> Option<Translation> {
         proto: frag.proto,
         pad: [0; 3],
     };
-    // SAFETY: as above.
-    let entry = (unsafe { CONNTRACK.get(key) }).copied()?;
-    let (src, dst) = rewrites(&entry, &key, side)?;
+    let (entry, src, dst) = tracked(&key, side)?;
     Some(Translation {
         src,
         dst,
@@ -419,6 +411,17 @@ pub fn fragment(frag: &FragKey, len: u64, side: Side) -> Option<Translation> {
 pub enum Side {
     Ingress,
     Egress,
+}
+
+/// The entry under `key` and the rewrites of a packet under it on `side`, if tracked and
+/// translated there: for packets that only follow a flow (fragments, ICMP errors), whose
+/// entry they do not update.
+#[inline(always)]
+fn tracked(key: &CtKey, side: Side) -> Option<(CtEntry, Rewrite, Rewrite)> {
+    // SAFETY: LRU values stay valid during the program's run; the entry is copied.
+    let entry = (unsafe { CONNTRACK.get(key) }).copied()?;
+    let (src, dst) = rewrites(&entry, key, side)?;
+    Some((entry, src, dst))
 }
 
 /// The rewrites (source, destination) of a packet under `key`, tracked by `entry`, on
@@ -474,9 +477,7 @@ pub fn icmp_error(quoted: &CtKey, sender: [u8; 4], side: Side) -> Option<ErrorTr
         proto: quoted.proto,
         pad: [0; 3],
     };
-    // SAFETY: LRU values stay valid during the program's run; the entry is copied.
-    let entry = (unsafe { CONNTRACK.get(reply) }).copied()?;
-    let (src, dst) = rewrites(&entry, &reply, side)?;
+    let (entry, src, dst) = tracked(&reply, side)?;
     let outer_src = if src.set && sender == quoted.dst {
         Rewrite::to(src.addr, 0)
     } else {
