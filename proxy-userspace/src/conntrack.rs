@@ -18,10 +18,10 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 pub struct GcReport {
     /// Entries left in the map.
     pub entries: usize,
+    /// Entries of flows idle past their timeout, and the remaining entries of live flows
+    /// whose other entry was evicted (a flow cannot work on one; a UDP flow then starts
+    /// afresh with its next datagram): both removed.
     pub expired: usize,
-    /// Entries of live flows whose other entry was evicted: removed, as a flow cannot
-    /// work on one (a UDP flow then starts afresh with its next datagram).
-    pub orphaned: usize,
     /// Entries the LRU map evicted since it was created, at least (`ct_account`).
     pub evicted: u64,
 }
@@ -65,15 +65,16 @@ pub fn garbage(entries: &HashMap<CtKey, CtEntry>, read_at_ns: u64, now_ns: u64) 
     found
 }
 
+/// One collection; `None` if the map could not be read this pass (it is read at the next):
+/// an unread map would look empty, and every entry in it evicted.
 pub fn collect_garbage(
     conntrack: &mut aya::maps::HashMap<MapData, CtKey, CtEntry>,
     account: &CtAccount,
-) -> GcReport {
+) -> Option<GcReport> {
     let before = account.read();
     let read_at = crate::clock::monotonic_ns();
-    // A map that cannot be read this pass is read at the next.
     let entries: HashMap<CtKey, CtEntry> = crate::map_batch::read_all(conntrack)
-        .unwrap_or_default()
+        .ok()?
         .into_iter()
         .collect();
     let evicted = evicted(before, account.read(), entries.len() as u64);
@@ -84,12 +85,12 @@ pub fn collect_garbage(
         removed += u64::from(conntrack.remove(key).is_ok());
     }
     account.add_deleted(removed);
-    GcReport {
-        entries: entries.len() - found.expired.len() - found.orphaned.len(),
-        expired: found.expired.len(),
-        orphaned: found.orphaned.len(),
+    let garbage = found.expired.len() + found.orphaned.len();
+    Some(GcReport {
+        entries: entries.len() - garbage,
+        expired: garbage,
         evicted,
-    }
+    })
 }
 
 /// Collects garbage every `interval` on a background thread, so that scanning the map
@@ -104,7 +105,9 @@ pub fn collect_garbage_every(
     crate::background::spawn("conntrack-gc", move || {
         loop {
             std::thread::sleep(interval);
-            report(collect_garbage(&mut conntrack, &account));
+            if let Some(done) = collect_garbage(&mut conntrack, &account) {
+                report(done);
+            }
         }
     })
 }

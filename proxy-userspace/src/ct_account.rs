@@ -33,8 +33,13 @@ impl CtAccount {
     /// Maps the account pinned under `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join(maps::CT_STATS);
-        let map = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let map = MapData::from_pin(&path).with_context(|| {
+            format!(
+                "opening pinned map {} (the conntrack account, pinned by agents since it \
+                     exists: restart the agent on this node to create it)",
+                path.display()
+            )
+        })?;
         // SAFETY: sysconf has no preconditions.
         let len = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .context("reading the page size")?;
@@ -52,7 +57,7 @@ impl CtAccount {
         };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mapping {} (an agent older than it?)", path.display()));
+                .with_context(|| format!("mapping pinned map {} into memory", path.display()));
         }
         let shared = NonNull::new(ptr.cast()).context("mmap returned null")?;
         Ok(Self { shared, len })

@@ -193,7 +193,7 @@ impl Metrics {
                 &r,
                 IntCounter::new(
                     "proxy_conntrack_expired_total",
-                    "Conntrack entries deleted by the idle-timeout GC.",
+                    "Conntrack entries deleted by the GC: idle past their timeout, or left alone by an evicted partner.",
                 )?,
             )?,
             conntrack_evicted: register(
