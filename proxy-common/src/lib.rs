@@ -316,6 +316,40 @@ impl DropReason {
     }
 }
 
+/// A packet dropped or a connection refused, as `proxyctl monitor` shows it (`EVENTS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// `DropReason`.
+    pub reason: u32,
+    /// The service frontend's id (`service_names`); 0 when not known.
+    pub service_id: u32,
+    /// The packet's flow as it arrived; for a refused connect()/sendmsg(), the service
+    /// address it was for (the source is not known yet: 0).
+    pub flow: CtKey,
+    /// `HOOK_*`: where it happened.
+    pub hook: u8,
+    pub pad: [u8; 3],
+    /// The process whose connect()/sendmsg() was refused; 0 for packets.
+    pub pid: u32,
+    pub pad2: u32,
+}
+
+/// `DropEvent::hook`: the tc programs.
+pub const HOOK_TC: u8 = 0;
+/// `DropEvent::hook`: the XDP program.
+pub const HOOK_XDP: u8 = 1;
+/// `DropEvent::hook`: the socket hook of connect().
+pub const HOOK_CONNECT: u8 = 2;
+/// `DropEvent::hook`: the socket hook of sendmsg() (unconnected UDP).
+pub const HOOK_SENDMSG: u8 = 3;
+
+/// Bytes of the `EVENTS` ring buffer: about 5,000 events between two reads of
+/// `proxyctl monitor`.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
 /// Entries of the `drops` map: room for reasons added later, as a pinned map keeps the
 /// size it was created with across agent upgrades.
 pub const DROP_SLOTS: u32 = 32;
@@ -456,4 +490,5 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for CtStats {}
     unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for DropEvent {}
 }

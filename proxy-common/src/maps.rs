@@ -35,9 +35,11 @@ pub const NODE_ADDRS: &str = "node_addrs";
 pub const NODE_CONFIG: &str = "node_config";
 /// per-CPU array (`DROP_*` reason → packets dropped)
 pub const DROPS: &str = "drops";
+/// ring buffer of `DropEvent`s, read by `proxyctl monitor`
+pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
@@ -53,6 +55,7 @@ pub const ALL: [&str; 15] = [
     NODE_ADDRS,
     NODE_CONFIG,
     DROPS,
+    EVENTS,
 ];
 
 /// Maps whose capacity the agent may change (`--map-size`). Ids index the counter arrays

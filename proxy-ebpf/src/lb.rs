@@ -8,12 +8,13 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, Backend, CT_TIMEOUT_UDP_SECS, Counters,
-    DropReason, NODE_PORT_ADDR, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_SCOPE,
-    ServiceKey, ServiceValue, SlotKey,
+    CtKey, DropEvent, DropReason, NODE_PORT_ADDR, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_INTERNAL_SCOPE, ServiceKey, ServiceValue, SlotKey,
 };
 
 use crate::maps::{
-    AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, DROPS, NODE_ADDRS, SERVICE_STATS, SERVICES,
+    AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, DROPS, EVENTS, NODE_ADDRS, SERVICE_STATS,
+    SERVICES,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -204,13 +205,50 @@ fn add<const N: usize>(stats: &Array<Counters, N>, id: u32, delta: &Counters) {
     }
 }
 
-/// Counts a dropped packet under its reason.
+/// What was dropped or refused, where: for the `drops` counters and `proxyctl monitor`.
+pub struct Dropped {
+    pub reason: DropReason,
+    /// The service frontend's id; 0 when not known.
+    pub service_id: u32,
+    pub flow: CtKey,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// The process refused (socket hooks); 0 for packets.
+    pub pid: u32,
+}
+
+impl Dropped {
+    pub fn packet(reason: DropReason, service_id: u32, flow: CtKey, hook: u8) -> Self {
+        Self {
+            reason,
+            service_id,
+            flow,
+            hook,
+            pid: 0,
+        }
+    }
+}
+
+/// Counts a dropped packet or refused connection under its reason, and sends it to
+/// `proxyctl monitor`. With nobody reading, the ring fills and the event is lost; the count
+/// is not.
 #[inline(always)]
-pub fn count_drop(reason: DropReason) {
-    if let Some(n) = DROPS.get_ptr_mut(reason as u32) {
+pub fn count_drop(dropped: Dropped) {
+    if let Some(n) = DROPS.get_ptr_mut(dropped.reason as u32) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { *n += 1 };
     }
+    let event = DropEvent {
+        time_ns: now_ns(),
+        reason: dropped.reason as u32,
+        service_id: dropped.service_id,
+        flow: dropped.flow,
+        hook: dropped.hook,
+        pad: [0; 3],
+        pid: dropped.pid,
+        pad2: 0,
+    };
+    let _ = EVENTS.output(&event, 0);
 }
 
 /// Adds to the counters of a service port and of one of its backends.

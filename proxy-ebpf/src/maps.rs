@@ -1,13 +1,13 @@
 //! The datapath's maps; names and sizes come from `proxy_common::maps`.
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, CtStats,
-    DROP_SLOTS, FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
-    SockRevKey, SockRevValue,
+    DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey,
+    ServiceValue, SlotKey, SockRevKey, SockRevValue,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
         MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT,
@@ -75,3 +75,6 @@ pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
 
 #[btf_map(name = "drops")]
 pub static DROPS: PerCpuArray<u64, { DROP_SLOTS as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "events")]
+pub static EVENTS: RingBuf<DropEvent, { EVENTS_BYTES as usize }> = RingBuf::new();

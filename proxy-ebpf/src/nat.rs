@@ -31,10 +31,11 @@ const SNAT_REUSE_AFTER_NS: u64 = 250_000_000;
 pub enum Verdict {
     /// Not a service flow: leave it alone.
     Pass,
-    /// Drop, counted under this reason.
-    Drop(DropReason),
-    /// A service without backends: answer ICMP port unreachable, as kube-proxy's REJECT.
-    Reject,
+    /// Drop, counted under this reason, for this service id (0: none).
+    Drop(DropReason, u32),
+    /// A service (this id) without backends: answer ICMP port unreachable, as kube-proxy's
+    /// REJECT.
+    Reject(u32),
     Translate(Translation),
 }
 
@@ -162,9 +163,9 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
     let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
         return if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
-            Verdict::Drop(DropReason::NoLocalEndpoint)
+            Verdict::Drop(DropReason::NoLocalEndpoint, svc.id)
         } else {
-            Verdict::Reject
+            Verdict::Reject(svc.id)
         };
     };
     // A remote backend of an externalTrafficPolicy: Cluster frontend would answer the client
@@ -194,11 +195,11 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     };
     let src = match claim_reply_tuple(flow, &chosen, masquerade, &mut forward, reply, now) {
         Ok(src) => src,
-        Err(reason) => return Verdict::Drop(reason),
+        Err(reason) => return Verdict::Drop(reason, svc.id),
     };
     if !ct::put(flow.key, forward) {
         ct::remove(flow.key.peer(&forward));
-        return Verdict::Drop(DropReason::ConntrackInsert);
+        return Verdict::Drop(DropReason::ConntrackInsert, svc.id);
     }
     Verdict::Translate(Translation {
         src,

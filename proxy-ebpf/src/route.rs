@@ -7,10 +7,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use proxy_common::DropReason;
+use proxy_common::{CtKey, DropReason, HOOK_TC};
 
 use crate::{
-    lb,
+    lb::{self, Dropped},
     packet::{Frame, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
 };
 
@@ -88,13 +88,28 @@ pub fn to_next_hop<F: Frame>(ctx: &F, macs: Option<[u8; 12]>) -> Option<()> {
 /// Sends a rewritten IPv4 packet on towards its new destination, as the kernel's forwarding
 /// would.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, proto: u8) -> Option<i32> {
+pub fn forward(ctx: &TcContext, proto: u8, service_id: u32) -> Option<i32> {
     let src: [u8; 4] = ctx.read(IP_SRC_OFF)?;
     let dst: [u8; 4] = ctx.read(IP_DST_OFF)?;
+    // Reported as translated, without ports: the route is for the packet as it leaves.
+    let no_route = || {
+        let flow = CtKey {
+            src,
+            dst,
+            proto,
+            ..CtKey::default()
+        };
+        lb::count_drop(Dropped::packet(
+            DropReason::NoRoute,
+            service_id,
+            flow,
+            HOOK_TC,
+        ));
+    };
     // SAFETY: valid context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(hop) = lookup(ctx.skb.skb.cast(), ifindex, proto, src, dst) else {
-        lb::count_drop(DropReason::NoRoute);
+        no_route();
         return Some(TC_ACT_SHOT);
     };
     let macs = match hop {
@@ -102,7 +117,7 @@ pub fn forward(ctx: &TcContext, proto: u8) -> Option<i32> {
         NextHop::Unresolved { .. } => None,
     };
     if to_next_hop(ctx, macs).is_none() {
-        lb::count_drop(DropReason::NoRoute);
+        no_route();
         return Some(TC_ACT_SHOT);
     }
     // SAFETY: an interface index from the FIB.

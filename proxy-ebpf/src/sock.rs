@@ -4,17 +4,19 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AFFINITY_CLIENT_NETNS, Counters, DropReason, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevKey,
-    SockRevValue,
+    AFFINITY_CLIENT_NETNS, Counters, CtKey, DropReason, HOOK_CONNECT, HOOK_SENDMSG, IPPROTO_TCP,
+    IPPROTO_UDP, ServiceKey, SockRevKey, SockRevValue,
 };
 
 use crate::{
-    lb::{self, Chosen, Sticky},
+    lb::{self, Chosen, Dropped, Sticky},
     maps::SOCK_REV_NAT,
 };
 
@@ -98,8 +100,20 @@ fn redirect(ctx: &SockAddrContext, key: &ServiceKey, service_id: u32, chosen: &C
 /// kube-proxy REJECTs connections to a service without endpoints: fail at once with
 /// ECONNREFUSED instead of letting the client time out.
 #[inline(always)]
-fn refuse() -> i32 {
-    lb::count_drop(DropReason::NoEndpoints);
+fn refuse(key: &ServiceKey, service_id: u32, hook: u8) -> i32 {
+    lb::count_drop(Dropped {
+        reason: DropReason::NoEndpoints,
+        service_id,
+        flow: CtKey {
+            dst: key.addr,
+            dport: key.port,
+            proto: key.proto,
+            ..CtKey::default()
+        },
+        hook,
+        // The thread group id (the process) is the upper half.
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+    });
     // SAFETY: no preconditions; sets the errno the syscall returns.
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     DENY
@@ -123,7 +137,7 @@ fn connect(ctx: &SockAddrContext) -> i32 {
     let now = lb::now_ns();
     let affinity = netns_affinity(ctx, &svc);
     let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
-        return refuse();
+        return refuse(&key, svc.id, HOOK_CONNECT);
     };
     redirect(ctx, &key, svc.id, &chosen);
     lb::count(
@@ -157,7 +171,7 @@ fn sendmsg(ctx: &SockAddrContext) -> i32 {
         None => {
             let affinity = netns_affinity(ctx, &svc);
             let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
-                return refuse();
+                return refuse(&key, svc.id, HOOK_SENDMSG);
             };
             socket.remember(&chosen, now);
             (chosen, 1)

@@ -7,10 +7,11 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{DropReason, FragKey};
+use proxy_common::{DropReason, FragKey, HOOK_TC};
 
 use crate::{
-    icmp, lb,
+    icmp,
+    lb::{self, Dropped},
     nat::{self, Side, Translation, Verdict},
     packet::{
         self, Endpoint, ErrorTranslation, Flow, Frame, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH,
@@ -65,12 +66,17 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
 fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Option<i32> {
     match verdict {
         Verdict::Pass => Some(TC_ACT_OK),
-        Verdict::Drop(reason) => {
-            lb::count_drop(reason);
+        Verdict::Drop(reason, service_id) => {
+            lb::count_drop(Dropped::packet(reason, service_id, flow.key, HOOK_TC));
             Some(TC_ACT_SHOT)
         }
-        Verdict::Reject => {
-            lb::count_drop(DropReason::NoEndpoints);
+        Verdict::Reject(service_id) => {
+            lb::count_drop(Dropped::packet(
+                DropReason::NoEndpoints,
+                service_id,
+                flow.key,
+                HOOK_TC,
+            ));
             answer(ctx, flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
         }
         Verdict::Translate(t) => {
@@ -83,7 +89,7 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Option<i32> {
             lb::count(t.service_id, t.backend_id, t.counters);
             packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)?;
             packet::rewrite(ctx, flow, Endpoint::Source, t.src)?;
-            sent_on(ctx, t.route, flow.key.proto)
+            sent_on(ctx, t.route, flow.key.proto, t.service_id)
         }
     }
 }
@@ -105,20 +111,20 @@ fn translate_fragment(ctx: &TcContext, frag: &FragKey, t: Translation) -> Option
     if t.src.set {
         packet::rewrite_address(ctx, IP_SRC_OFF, frag.src, t.src.addr)?;
     }
-    sent_on(ctx, t.route, frag.proto)
+    sent_on(ctx, t.route, frag.proto, t.service_id)
 }
 
 #[inline(always)]
 fn translate_error(ctx: &TcContext, error: &IcmpError, t: &ErrorTranslation) -> Option<i32> {
     icmp::rewrite_icmp_error(ctx, error, t).ok()?;
-    sent_on(ctx, t.route, IPPROTO_ICMP)
+    sent_on(ctx, t.route, IPPROTO_ICMP, 0)
 }
 
 /// A translated packet goes on: routed by us (masqueraded), or left to the kernel.
 #[inline(always)]
-fn sent_on(ctx: &TcContext, route: bool, proto: u8) -> Option<i32> {
+fn sent_on(ctx: &TcContext, route: bool, proto: u8, service_id: u32) -> Option<i32> {
     if route {
-        route::forward(ctx, proto)
+        route::forward(ctx, proto, service_id)
     } else {
         Some(TC_ACT_OK)
     }

@@ -13,10 +13,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use proxy_common::Counters;
+use proxy_common::{Counters, HOOK_XDP};
 
 use crate::{
-    lb,
+    lb::{self, Dropped},
     nat::{self, Translation, Verdict},
     packet::{self, Endpoint, Flow, Frame, IP_TTL_OFF, Packet},
     route::{self, NextHop},
@@ -34,11 +34,11 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
             false => None,
         }
         .unwrap_or_else(|| pass_to_tc(&t)),
-        Verdict::Drop(reason) => {
-            lb::count_drop(reason);
+        Verdict::Drop(reason, service_id) => {
+            lb::count_drop(Dropped::packet(reason, service_id, flow.key, HOOK_XDP));
             XDP_DROP
         }
-        Verdict::Pass | Verdict::Reject => XDP_PASS,
+        Verdict::Pass | Verdict::Reject(_) => XDP_PASS,
     }
 }
 

@@ -45,6 +45,16 @@ impl Frontend {
         }
     }
 
+    /// As `proxyctl` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Frontend::ClusterIp => "ClusterIP",
+            Frontend::NodePort => "NodePort",
+            Frontend::ExternalIp => "ExternalIP",
+            Frontend::LoadBalancer => "LoadBalancerIP",
+        }
+    }
+
     /// Traffic from outside the cluster, subject to `externalTrafficPolicy`.
     pub fn is_external(self) -> bool {
         self != Frontend::ClusterIp

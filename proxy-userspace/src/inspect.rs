@@ -11,7 +11,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuA
 use proxy_common::{
     AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DropReason, SCOPE_ALL,
-    SVC_FLAG_AFFINITY, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    maps,
 };
 use serde::Serialize;
 
@@ -407,6 +408,90 @@ pub fn backends(
                 .map_or(0.0, |permille| permille as f64 / 10.0),
         })
         .collect())
+}
+
+/// One frontend of a service port as its clients meet it: what happens to a new
+/// connection there, and the backends it is balanced over.
+#[derive(Debug, Serialize)]
+pub struct FrontendRow {
+    /// ClusterIP, NodePort, ExternalIP, LoadBalancerIP.
+    pub frontend: &'static str,
+    /// `ADDRESS:PORT/PROTOCOL`; a node port as `0.0.0.0:PORT/PROTOCOL` (every node address).
+    pub address: String,
+    /// "all", or "in-cluster": what pods and nodes get at an external address whose
+    /// `externalTrafficPolicy: Local` entry serves outside clients only.
+    pub clients: &'static str,
+    /// "balanced", "dropped" (the client times out) or "rejected" (refused at once).
+    pub new_connections: &'static str,
+    /// Why new connections are dropped or rejected (`proxyctl monitor`'s reasons).
+    pub reason: Option<&'static str>,
+    /// The backends are the serving-but-terminating fallback: no endpoint is ready.
+    pub terminating_fallback: bool,
+    /// `ADDRESS:PORT` of each backend, in slot order.
+    pub backends: Vec<String>,
+    pub connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Each frontend of `service`, cluster IP first.
+pub fn frontends(tables: &Tables, service: &ServiceRow) -> anyhow::Result<Vec<FrontendRow>> {
+    service
+        .frontends
+        .iter()
+        .map(|(frontend, key, value)| {
+            let (new_connections, reason) = match value.count {
+                0 if value.flags & SVC_FLAG_DROP_IF_EMPTY != 0 => {
+                    ("dropped", Some(DropReason::NoLocalEndpoint.name()))
+                }
+                0 => ("rejected", Some(DropReason::NoEndpoints.name())),
+                _ => ("balanced", None),
+            };
+            let backends = (1..=value.count)
+                .map(|slot| {
+                    let key = SlotKey {
+                        service_id: value.id,
+                        generation: value.generation,
+                        pad: 0,
+                        slot,
+                    };
+                    let b = tables
+                        .slots
+                        .get(&key)
+                        .and_then(|id| tables.backends.get(id))
+                        .with_context(|| {
+                            format!("slot {slot} of {} is not in the map", service.full_name())
+                        })?;
+                    Ok(format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let counters = tables.service_counters(value.id);
+            Ok(FrontendRow {
+                frontend: frontend.name(),
+                address: format!(
+                    "{}:{}/{}",
+                    Ipv4Addr::from(key.addr),
+                    key.port,
+                    protocol(key.proto)
+                ),
+                clients: if key.scope == SCOPE_ALL {
+                    "all"
+                } else {
+                    "in-cluster"
+                },
+                new_connections,
+                reason,
+                terminating_fallback: tables
+                    .names
+                    .get(&value.id)
+                    .is_some_and(|info| info.terminating != 0),
+                backends,
+                connections: counters.conns,
+                packets: counters.packets,
+                bytes: counters.bytes,
+            })
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -27,6 +27,7 @@ pub mod map_error;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod node;
 pub mod node_lock;
 pub mod preflight;

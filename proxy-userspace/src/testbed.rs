@@ -716,12 +716,40 @@ impl World {
 
     /// Waits for a client started by `spawn_probe` and returns its last JSON line.
     pub fn finish_probe(&mut self, handle: usize) -> anyhow::Result<Value> {
-        let mut rest = String::new();
-        self.readers[handle].read_to_string(&mut rest)?;
+        let rest = self.finish_output(handle)?;
         let Some(last) = rest.lines().last() else {
             bail!("netprobe printed no summary line")
         };
         serde_json::from_str(last).with_context(|| format!("bad netprobe line {last:?}"))
+    }
+
+    /// Starts proxyctl on node `node`'s maps in the background (`monitor`); returns a handle
+    /// for `finish_output` and its pid.
+    pub fn spawn_proxyctl_on(
+        &mut self,
+        node: usize,
+        args: &[&str],
+    ) -> anyhow::Result<(usize, u32)> {
+        let mut child = Command::new(&self.bins.proxyctl)
+            .arg("--bpffs")
+            .arg(&self.nodes[node].bpffs)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting proxyctl")?;
+        let stdout = child.stdout.take().context("proxyctl stdout")?;
+        let pid = child.id();
+        self.children.push(child);
+        self.readers.push(BufReader::new(stdout));
+        Ok((self.readers.len() - 1, pid))
+    }
+
+    /// Waits for a process started by `spawn_probe` or `spawn_proxyctl_on` to close its
+    /// output; the rest of what it printed.
+    pub fn finish_output(&mut self, handle: usize) -> anyhow::Result<String> {
+        let mut rest = String::new();
+        self.readers[handle].read_to_string(&mut rest)?;
+        Ok(rest)
     }
 
     /// Makes `127.0.0.1:port` of the host (e.g. a test API server) reachable at the same

@@ -326,7 +326,7 @@ fn local_policy(mode: Mode) {
         (world_pod(1), "node-a", true),
         (world_pod(2), "node-b", false),
     ];
-    let (world, agents) = cluster(&manifest(LOCAL_POLICY, &lb_status(LB_IP), &endpoints), mode);
+    let (mut world, agents) = cluster(&manifest(LOCAL_POLICY, &lb_status(LB_IP), &endpoints), mode);
     // Node-a has the ready endpoint: the pod sees the real client, via the node port and
     // the load-balancer IP.
     for to in [format!("{NODE_A}:{NODE_PORT_TCP}"), format!("{LB_IP}:80")] {
@@ -334,22 +334,102 @@ fn local_policy(mode: Mode) {
         assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{to}: {seen:?}");
         assert_all(&seen["pod-a"], EXT_IP, &to);
     }
-    // Node-b has none: it drops (no answer, not even a refusal), as kube-proxy does.
-    let dropped = world
-        .probe_ext(&[
-            "tcp",
-            "--to",
-            &format!("{NODE_B}:{NODE_PORT_TCP}"),
-            "--timeout-ms",
-            "500",
-        ])
+    // Node-b has none: it drops (no answer, not even a refusal), as kube-proxy does, and
+    // `proxyctl monitor` there shows each drop with its flow and service.
+    let (output, monitor) = world
+        .spawn_proxyctl_on(
+            1,
+            &[
+                "monitor",
+                "--output",
+                "json",
+                "--count",
+                "1",
+                "--seconds",
+                "10",
+            ],
+        )
         .unwrap();
-    assert_eq!(dropped[0]["ok"], false, "{dropped:?}");
-    assert_eq!(
-        dropped[0]["kind"], "timeout",
-        "dropped, not refused: {dropped:?}"
-    );
+    for _ in 0..10 {
+        let dropped = world
+            .probe_ext(&[
+                "tcp",
+                "--to",
+                &format!("{NODE_B}:{NODE_PORT_TCP}"),
+                "--timeout-ms",
+                "500",
+            ])
+            .unwrap();
+        assert_eq!(dropped[0]["ok"], false, "{dropped:?}");
+        assert_eq!(
+            dropped[0]["kind"], "timeout",
+            "dropped, not refused: {dropped:?}"
+        );
+        if world.wait_exit(monitor, Duration::from_millis(100)).is_ok() {
+            break;
+        }
+    }
     assert!(drops(&world, 1, "no_local_endpoint") > 0);
+    let printed = world.finish_output(output).unwrap();
+    let event: Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(event["action"], "drop", "{event}");
+    assert_eq!(event["reason"], "no_local_endpoint", "{event}");
+    assert_eq!(event["service"], "default/web:http", "{event}");
+    assert_eq!(event["frontend"], "NodePort", "{event}");
+    assert_eq!(
+        event["destination"],
+        format!("{NODE_B}:{NODE_PORT_TCP}"),
+        "{event}"
+    );
+    assert!(
+        event["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("{EXT_IP}:"))),
+        "{event}"
+    );
+    let hook = if matches!(mode, Mode::Tc) {
+        "tc"
+    } else {
+        "xdp"
+    };
+    assert_eq!(event["hook"], hook, "{event}");
+    // Its per-frontend view says so: the load-balancer IP (and the node port) drop outside
+    // clients, while pods and nodes get every endpoint there.
+    let query = format!("{LB_IP}:80/TCP");
+    let detail: Value = serde_json::from_str(
+        &world
+            .proxyctl_on(1, &["service", "get", &query, "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let frontends = detail[0]["frontends"].as_array().unwrap();
+    let lb = |clients: &str| {
+        frontends
+            .iter()
+            .find(|f| f["address"] == query && f["clients"] == clients)
+            .unwrap_or_else(|| panic!("no {clients} frontend {query} in {detail}"))
+    };
+    assert_eq!(lb("all")["new_connections"], "dropped", "{detail}");
+    assert_eq!(lb("all")["reason"], "no_local_endpoint", "{detail}");
+    assert_eq!(lb("all")["frontend"], "LoadBalancerIP", "{detail}");
+    assert_eq!(lb("in-cluster")["new_connections"], "balanced", "{detail}");
+    assert_eq!(
+        lb("in-cluster")["backends"],
+        serde_json::json!([format!("{}:{BACKEND_PORT}", world_pod(1))]),
+        "{detail}"
+    );
+    let cluster_ip = frontends
+        .iter()
+        .find(|f| f["frontend"] == "ClusterIP")
+        .unwrap();
+    assert_eq!(cluster_ip["new_connections"], "balanced", "{detail}");
+    let table = world.proxyctl_on(1, &["service", "get", &query]).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&query) && l.contains("DROPPED (no_local_endpoint)")),
+        "{table}"
+    );
 
     // kube-proxy's health-check answers, on each node.
     let (status, body) = health(&world, NODE_A);

@@ -483,3 +483,87 @@ fn at_debug_the_agents_libraries_stay_at_info() {
         "{lines:?}"
     );
 }
+
+/// Starts `proxyctl monitor -o json --count 1` and repeats `trigger` until the monitor has
+/// printed its event (the monitor skips what happened before it started); the event.
+fn first_monitored(world: &mut World, node: usize, mut trigger: impl FnMut(&World)) -> Value {
+    let (output, pid) = world
+        .spawn_proxyctl_on(
+            node,
+            &[
+                "monitor",
+                "--output",
+                "json",
+                "--count",
+                "1",
+                "--seconds",
+                "10",
+            ],
+        )
+        .unwrap();
+    for _ in 0..10 {
+        trigger(world);
+        if world
+            .wait_exit(pid, std::time::Duration::from_millis(500))
+            .is_ok()
+        {
+            break;
+        }
+    }
+    let printed = world.finish_output(output).unwrap();
+    serde_json::from_str(printed.trim()).unwrap_or_else(|e| panic!("{e}: {printed:?}"))
+}
+
+#[test]
+fn monitor_shows_a_refused_connection_with_its_service_and_process() {
+    let (mut world, _) = world();
+    world
+        .start_agent(&service_manifest("empty", VIP, None, &[]), true)
+        .unwrap();
+    let event = first_monitored(&mut world, 0, |world| {
+        let refused = world
+            .probe(
+                CLIENT,
+                true,
+                &["tcp", "--to", &format!("{VIP}:80"), "--timeout-ms", "200"],
+            )
+            .unwrap();
+        assert_eq!(refused[0]["kind"], "refused", "{refused:?}");
+    });
+    assert_eq!(event["action"], "reject", "{event}");
+    assert_eq!(event["reason"], "no_endpoints", "{event}");
+    assert_eq!(event["service"], "default/empty:http", "{event}");
+    assert_eq!(event["frontend"], "ClusterIP", "{event}");
+    assert_eq!(event["destination"], format!("{VIP}:80"), "{event}");
+    assert_eq!(event["protocol"], "TCP", "{event}");
+    assert_eq!(event["hook"], "connect", "{event}");
+    assert!(event["pid"].as_u64().is_some_and(|p| p > 1), "{event}");
+    // The tc path refuses with ICMP port unreachable; its event has the client's flow.
+    let event = first_monitored(&mut world, 0, |world| {
+        world
+            .probe(
+                CLIENT,
+                false,
+                &["udp", "--to", &format!("{VIP}:53"), "--timeout-ms", "200"],
+            )
+            .unwrap();
+    });
+    assert_eq!(event["reason"], "no_endpoints", "{event}");
+    assert_eq!(event["service"], "default/empty:dns", "{event}");
+    assert_eq!(event["hook"], "tc", "{event}");
+    assert_eq!(event["destination"], format!("{VIP}:53"), "{event}");
+    let source = event["source"].as_str().unwrap();
+    assert!(
+        source.starts_with(&format!("{}:", world.pod(CLIENT).ip)),
+        "{event}"
+    );
+    // Table output has a header and one row per event.
+    let (output, pid) = world
+        .spawn_proxyctl_on(0, &["monitor", "--seconds", "1"])
+        .unwrap();
+    world
+        .wait_exit(pid, std::time::Duration::from_secs(5))
+        .unwrap();
+    let table = world.finish_output(output).unwrap();
+    assert!(table.starts_with("TIME "), "{table}");
+}

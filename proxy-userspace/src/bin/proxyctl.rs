@@ -2,7 +2,12 @@
 //!
 //! Exit codes: 0 success, 1 error (e.g. maps not pinned, no permission), 2 usage error,
 //! 3 the service asked for does not exist.
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy::{
@@ -52,6 +57,16 @@ enum Command {
     Maps,
     /// The agent: alive, last sync, attached programs.
     Status,
+    /// Stream the datapath's drops and refused connections as they happen: time, action,
+    /// reason, service, flow, hook. One monitor per node at a time.
+    Monitor {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -214,7 +229,47 @@ fn service_ids(maps: &Maps, service: Option<&str>) -> Result<Option<Vec<u32>>, F
 #[derive(Serialize)]
 struct ServiceDetail {
     service: inspect::ServiceRow,
+    /// What each of its addresses does with a new connection.
+    frontends: Vec<inspect::FrontendRow>,
     backends: Vec<inspect::BackendRow>,
+}
+
+fn frontends_table(rows: &[inspect::FrontendRow]) -> String {
+    let mut cells = vec![
+        [
+            "FRONTEND",
+            "ADDRESS",
+            "CLIENTS",
+            "NEW-CONNECTIONS",
+            "BACKENDS",
+            "CONNECTIONS",
+            "PACKETS",
+            "BYTES",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for f in rows {
+        let verdict = match f.reason {
+            Some(reason) => format!("{} ({reason})", f.new_connections.to_uppercase()),
+            None if f.terminating_fallback => format!("{} (terminating)", f.new_connections),
+            None => f.new_connections.to_owned(),
+        };
+        cells.push(vec![
+            f.frontend.to_owned(),
+            f.address.clone(),
+            f.clients.to_owned(),
+            verdict,
+            match f.backends.as_slice() {
+                [] => "-".to_owned(),
+                all => all.join(","),
+            },
+            f.connections.to_string(),
+            f.packets.to_string(),
+            f.bytes.to_string(),
+        ]);
+    }
+    table(&cells)
 }
 
 fn run(args: Args) -> Result<String, Failure> {
@@ -240,6 +295,7 @@ fn run(args: Args) -> Result<String, Failure> {
             for port in ports_of(&tables, &service)? {
                 let backends = inspect::backends(&tables, &active, &port)?;
                 details.push(ServiceDetail {
+                    frontends: inspect::frontends(&tables, &port)?,
                     service: port,
                     backends,
                 });
@@ -275,8 +331,9 @@ fn run(args: Args) -> Result<String, Failure> {
                             ]);
                         }
                         format!(
-                            "{}\n{}",
+                            "{}\n{}\n{}",
                             service_table(std::slice::from_ref(&d.service)),
+                            frontends_table(&d.frontends),
                             table(&cells)
                         )
                     })
@@ -374,6 +431,11 @@ fn run(args: Args) -> Result<String, Failure> {
                 _ => structured(out, &rows)?,
             }
         }
+        Command::Monitor { count, seconds } => {
+            // Streams its lines as they come.
+            monitor(dir, out, count, seconds)?;
+            String::new()
+        }
         Command::Status => {
             let s = inspect::status(dir)?;
             match out {
@@ -447,6 +509,70 @@ fn flows_table(flows: &[inspect::FlowRow]) -> String {
         ]);
     }
     table(&cells)
+}
+
+/// One line per event: a table row, or a JSON object (`-o json`, `-o yaml`: JSON lines too,
+/// which stream).
+fn monitor(
+    dir: &std::path::Path,
+    output: Output,
+    count: Option<usize>,
+    seconds: Option<u64>,
+) -> Result<(), Failure> {
+    let mut monitor = proxy::monitor::Monitor::open(dir)?;
+    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
+    let mut seen = 0;
+    if matches!(output, Output::Table) {
+        emit(&format!(
+            "{:<15}  {:<6}  {:<23}  {:<32}  {:<21}  {:<21}  {:<5}  HOOK\n",
+            "TIME", "ACTION", "REASON", "SERVICE", "SOURCE", "DESTINATION", "PROTO"
+        ))
+        .map_err(|e| Failure(1, e.into()))?;
+    }
+    while count.is_none_or(|c| seen < c) {
+        let wait = deadline.map_or(Duration::from_millis(500), |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(500))
+        });
+        if wait.is_zero() {
+            break;
+        }
+        for event in monitor.wait(wait)? {
+            if count.is_some_and(|c| seen >= c) {
+                break;
+            }
+            seen += 1;
+            let line = match output {
+                Output::Table => monitor_row(&event),
+                _ => serde_json::to_string(&event).map_err(anyhow::Error::from)? + "\n",
+            };
+            emit(&line).map_err(|e| Failure(1, e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+fn monitor_row(e: &proxy::monitor::Event) -> String {
+    let time = k8s_openapi::jiff::Timestamp::from_microsecond((e.time * 1e6) as i64).map_or_else(
+        |_| e.time.to_string(),
+        |t| t.strftime("%H:%M:%S%.6f").to_string(),
+    );
+    let service = match (&e.service, e.frontend) {
+        (Some(s), Some(f)) => format!("{s} ({f})"),
+        _ => "-".to_owned(),
+    };
+    let hook = match e.pid {
+        Some(pid) => format!("{} pid {pid}", e.hook),
+        None => e.hook.to_owned(),
+    };
+    format!(
+        "{time:<15}  {:<6}  {:<23}  {service:<32}  {:<21}  {:<21}  {:<5}  {hook}\n",
+        e.action,
+        e.reason,
+        e.source.as_deref().unwrap_or("-"),
+        e.destination,
+        e.protocol
+    )
 }
 
 fn main() -> ExitCode {

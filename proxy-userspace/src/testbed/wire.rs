@@ -18,8 +18,9 @@ const PROGRAM: &str = "proxy_wire_pass";
 /// alive until the devices go away.
 pub fn attach_pass(netns: &str, devices: &[String], pin: &Path) -> anyhow::Result<()> {
     let mut loader = EbpfLoader::new();
-    // Only the program is wanted: the object's maps are made as small as they go.
-    for name in maps::ALL {
+    // Only the program is wanted: the object's maps are made as small as they go (a ring
+    // buffer's size is fixed in pages).
+    for name in maps::ALL.into_iter().filter(|n| *n != maps::EVENTS) {
         loader.map_max_entries(name, 64);
     }
     let mut ebpf = loader
