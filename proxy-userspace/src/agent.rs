@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use k8s_openapi::jiff::Timestamp;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -41,6 +42,7 @@ use crate::{
     source::{self, SourceEvent},
     store::{Kind, Outcome, Store},
     sync_state::SharedSyncState,
+    trigger_times::TriggerTimes,
 };
 
 pub enum SourceConfig {
@@ -115,8 +117,11 @@ struct Agent {
     /// Kinds the source has listed completely at least once: programming waits for both,
     /// so that a restarted agent never programs services before their endpoints are known.
     listed: HashSet<Kind>,
-    /// Since when a change is waiting to be programmed.
-    pending_since: Option<Instant>,
+    /// A change is waiting to be programmed.
+    pending: bool,
+    /// When the endpoint changes waiting to be programmed began, for network programming
+    /// latency.
+    triggers: TriggerTimes,
     /// What health checks and metrics report.
     state: SharedSyncState,
     writes_reported: u64,
@@ -170,6 +175,10 @@ impl Agent {
         self.metrics
             .endpoint_changes_pending
             .add(outcome.endpoint_changes as i64);
+        let received = Timestamp::now();
+        for trigger in outcome.trigger_times {
+            self.triggers.record(trigger, received);
+        }
     }
 
     /// Applies a source event to the store, which queues the services it changed.
@@ -235,8 +244,8 @@ impl Agent {
                 self.metrics.source_errors.inc();
             }
         }
-        if self.controller.has_changes() && self.pending_since.is_none() {
-            self.pending_since = Some(Instant::now());
+        if self.controller.has_changes() && !self.pending {
+            self.pending = true;
             self.state.update(|s| s.pending_since = Some(unix_now()));
         }
     }
@@ -320,10 +329,9 @@ impl Agent {
                 s.pending_since = None;
             });
             self.metrics.endpoint_changes_pending.set(0);
-            if let Some(since) = self.pending_since.take() {
-                self.metrics
-                    .network_programming
-                    .observe(since.elapsed().as_secs_f64());
+            self.pending = false;
+            for latency in self.triggers.programmed(Timestamp::now()) {
+                self.metrics.network_programming.observe(latency);
             }
         }
         info!(
@@ -662,7 +670,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         controller: Controller::new(Store::new(config.proxy_name.clone(), topology), reconciler),
         metrics,
         listed: HashSet::new(),
-        pending_since: None,
+        pending: false,
+        triggers: TriggerTimes::new(Timestamp::now()),
         state: proxy_health.state.clone(),
         writes_reported: 0,
         status,

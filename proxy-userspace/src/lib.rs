@@ -39,4 +39,5 @@ pub mod sync_queue;
 pub mod sync_state;
 #[cfg(feature = "testbed")]
 pub mod testbed;
+pub mod trigger_times;
 pub mod uninstall;

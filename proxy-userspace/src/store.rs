@@ -7,12 +7,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    jiff::Timestamp,
 };
 
 use crate::{
     desired::Topology,
     model::{ServiceSpec, SliceSpec, Validated, validate_service, validate_slice},
     rejection::Rejection,
+    trigger_times,
 };
 
 /// An object from any source (manifest files or the API server).
@@ -66,6 +68,8 @@ pub struct Outcome {
     pub service_changes: usize,
     /// EndpointSlices added, changed or removed.
     pub endpoint_changes: usize,
+    /// For each of those changes, its slice's last-change trigger time, if annotated.
+    pub trigger_times: Vec<Option<Timestamp>>,
     /// The services whose translation may have changed: changed services, and the
     /// services of changed slices (before and after a slice changes its service).
     pub dirty: BTreeSet<Name>,
@@ -165,12 +169,19 @@ impl Store {
         }
     }
 
-    fn set_slice(&mut self, name: &Name, new: Option<SliceSpec>, outcome: &mut Outcome) {
+    fn set_slice(
+        &mut self,
+        name: &Name,
+        new: Option<SliceSpec>,
+        trigger: Option<Timestamp>,
+        outcome: &mut Outcome,
+    ) {
         let service = new.as_ref().map(service_of);
         let Some(previous) = self.slices.set(name, new) else {
             return;
         };
         outcome.endpoint_changes += 1;
+        outcome.trigger_times.push(trigger);
         if let Some(old) = previous.as_ref().map(service_of) {
             if service.as_ref() != Some(&old)
                 && let Some(slices) = self.slices_by_service.get_mut(&old)
@@ -218,16 +229,23 @@ impl Store {
             let validated: Vec<_> = objects
                 .iter()
                 .filter_map(|o| match o {
-                    Object::EndpointSlice(s) => Some((name_of(&s.metadata), validate_slice(s))),
+                    Object::EndpointSlice(s) => Some((
+                        name_of(&s.metadata),
+                        (validate_slice(s), trigger_times::of(s)),
+                    )),
                     _ => None,
                 })
                 .collect();
+            let (validated, triggers): (Vec<_>, Vec<_>) = validated
+                .into_iter()
+                .map(|(name, (v, trigger))| ((name, v), trigger))
+                .unzip();
             for name in self.slices.missing_from(&validated) {
-                self.set_slice(&name, None, &mut outcome);
+                self.set_slice(&name, None, None, &mut outcome);
             }
-            for (name, v) in validated {
+            for ((name, v), trigger) in validated.into_iter().zip(triggers) {
                 let admitted = self.slices.admit(&name, v, &mut outcome);
-                self.set_slice(&name, admitted, &mut outcome);
+                self.set_slice(&name, admitted, trigger, &mut outcome);
             }
         }
         outcome
@@ -245,7 +263,7 @@ impl Store {
             }
             Object::EndpointSlice(s) => {
                 let admitted = self.slices.admit(&name, validate_slice(s), &mut outcome);
-                self.set_slice(&name, admitted, &mut outcome);
+                self.set_slice(&name, admitted, trigger_times::of(s), &mut outcome);
             }
         }
         outcome
@@ -256,7 +274,7 @@ impl Store {
         let mut outcome = Outcome::default();
         match kind {
             Kind::Service => self.set_service(&name, None, &mut outcome),
-            Kind::EndpointSlice => self.set_slice(&name, None, &mut outcome),
+            Kind::EndpointSlice => self.set_slice(&name, None, None, &mut outcome),
         }
         outcome
     }

@@ -567,3 +567,57 @@ fn monitor_shows_a_refused_connection_with_its_service_and_process() {
     let table = world.finish_output(output).unwrap();
     assert!(table.starts_with("TIME "), "{table}");
 }
+
+/// `web`'s manifest with its slice's last-change trigger time set to `trigger` (Unix
+/// seconds), and only the first `ready` pods ready.
+fn annotated(pods: &[Ipv4Addr], ready_pods: usize, trigger: f64) -> String {
+    let endpoints: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (*p, i < ready_pods, i < ready_pods, false))
+        .collect();
+    let at = k8s_openapi::jiff::Timestamp::from_millisecond((trigger * 1000.0) as i64).unwrap();
+    service_manifest("web", VIP, None, &endpoints).replace(
+        "name: web-1, namespace: default,",
+        &format!(
+            "name: web-1, namespace: default, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{at}'}},"
+        ),
+    )
+}
+
+#[test]
+fn network_programming_latency_runs_from_the_slices_trigger_time() {
+    let (mut world, pods) = world();
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&pods)), true)
+        .unwrap();
+    let scrape = |world: &World, series: &str| {
+        let metrics = world.agent_http("/metrics").unwrap();
+        sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+    let count = "kubeproxy_network_programming_duration_seconds_count";
+    let sum = "kubeproxy_network_programming_duration_seconds_sum";
+    let started = scrape(&world, "process_start_time_seconds");
+    let before = (scrape(&world, count), scrape(&world, sum));
+
+    // A change triggered before the agent started is not measured (kube-proxy's rule).
+    let syncs = agent.syncs();
+    world
+        .write_manifest(&annotated(&pods, 2, started - 100.0))
+        .unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    assert_eq!(scrape(&world, count), before.0);
+
+    // One triggered 3 s before it reaches the agent counts those 3 s.
+    let trigger = proxy::clock::unix_now();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let syncs = agent.syncs();
+    world.write_manifest(&annotated(&pods, 1, trigger)).unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    assert_eq!(scrape(&world, count), before.0 + 1.0);
+    let latency = scrape(&world, sum) - before.1;
+    assert!(
+        (3.0..30.0).contains(&latency),
+        "measured {latency} s from a trigger time 3 s before the change was written"
+    );
+}
