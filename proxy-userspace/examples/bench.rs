@@ -898,7 +898,11 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
     let scrape = match load {
         Load::Idle => None,
         Load::Busy(_) => {
-            let metrics = Metrics::new(pins.0.clone(), SharedSyncState::default())?;
+            let metrics = Metrics::new(
+                pins.0.clone(),
+                SharedSyncState::default(),
+                &proxy::rest_client_metrics::RestClientMetrics::new()?,
+            )?;
             let started = Instant::now();
             let text = metrics.render();
             let took = started.elapsed();

@@ -39,6 +39,7 @@ use crate::{
     preflight,
     reconcile::{Reconciler, Repair, ServiceMaps as _, Snapshot},
     rejection::{Reason, Rejection},
+    rest_client_metrics::RestClientMetrics,
     source::{self, SourceEvent},
     store::{Kind, Outcome, Store},
     sync_state::SharedSyncState,
@@ -461,7 +462,10 @@ enum Source {
     Kubernetes(kube::Client, String),
 }
 
-async fn prepare_source(config: &Config) -> anyhow::Result<Source> {
+async fn prepare_source(
+    config: &Config,
+    rest_metrics: &RestClientMetrics,
+) -> anyhow::Result<Source> {
     Ok(match &config.source {
         SourceConfig::Manifests(path) => {
             preflight::readable(path, "--manifests")?;
@@ -473,7 +477,8 @@ async fn prepare_source(config: &Config) -> anyhow::Result<Source> {
             ..
         } => {
             let (client, url) =
-                crate::kubernetes::client(kubeconfig.as_deref(), api_server.as_ref()).await?;
+                crate::kubernetes::client(kubeconfig.as_deref(), api_server.as_ref(), rest_metrics)
+                    .await?;
             Source::Kubernetes(client, url)
         }
     })
@@ -541,7 +546,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let interfaces = Interfaces::new(&config.interfaces, config.node_ip);
     let mut served = interfaces.resolve()?;
     preflight::interfaces(&config.xdp_interfaces, "--xdp-interfaces")?;
-    let source = prepare_source(&config).await?;
+    let rest_metrics = RestClientMetrics::new().context("creating the client metrics")?;
+    let source = prepare_source(&config, &rest_metrics).await?;
     let listeners = bind_listeners(&config)?;
     // The source starts reading (a big manifest takes seconds to parse) while the datapath
     // loads; its events wait in the channel until the loop runs, at most SOURCE_BACKLOG.
@@ -612,8 +618,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let state = SharedSyncState::default();
-    let metrics =
-        Arc::new(Metrics::new(config.bpffs.clone(), state.clone()).context("registering metrics")?);
+    let metrics = Arc::new(
+        Metrics::new(config.bpffs.clone(), state.clone(), &rest_metrics)
+            .context("registering metrics")?,
+    );
     // The pinned map's own: one created by an earlier agent keeps its size.
     let conntrack_capacity = aya::maps::IterableMap::map(&conntrack)
         .info()

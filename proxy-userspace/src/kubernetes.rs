@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::{
     desired::Topology,
     model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
+    rest_client_metrics::RestClientMetrics,
     source::SourceEvent,
     store::{Kind, Object, name_of},
 };
@@ -92,10 +93,12 @@ impl ApiServer {
 }
 
 /// A client from `kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the in-cluster
-/// service account, talking to `api_server` if given; and the URL it talks to.
+/// service account, talking to `api_server` if given, its requests counted in `metrics`;
+/// and the URL it talks to.
 pub async fn client(
     kubeconfig: Option<&Path>,
     api_server: Option<&ApiServer>,
+    metrics: &RestClientMetrics,
 ) -> anyhow::Result<(Client, String)> {
     let mut config = match kubeconfig {
         Some(path) => {
@@ -114,8 +117,14 @@ pub async fn client(
         config.cluster_url = server.url()?;
     }
     let url = config.cluster_url.to_string();
-    let client = Client::try_from(config)
-        .with_context(|| format!("creating the Kubernetes client for {url}"))?;
+    let host = config
+        .cluster_url
+        .authority()
+        .map_or_else(String::new, ToString::to_string);
+    let client = kube::client::ClientBuilder::try_from(config)
+        .with_context(|| format!("creating the Kubernetes client for {url}"))?
+        .with_layer(&metrics.layer(host))
+        .build();
     Ok((client, url))
 }
 

@@ -33,6 +33,7 @@ pub mod node_lock;
 pub mod preflight;
 pub mod reconcile;
 pub mod rejection;
+pub mod rest_client_metrics;
 pub mod source;
 pub mod store;
 pub mod sync_queue;

@@ -8,7 +8,10 @@ use prometheus::{
 };
 use tracing::debug;
 
-use crate::{datapath_metrics::DatapathMetrics, rejection::Reason, sync_state::SharedSyncState};
+use crate::{
+    datapath_metrics::DatapathMetrics, rejection::Reason, rest_client_metrics::RestClientMetrics,
+    sync_state::SharedSyncState,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -55,8 +58,13 @@ fn histogram(name: &str, help: &str) -> prometheus::Result<Histogram> {
 }
 
 impl Metrics {
-    pub fn new(bpffs: PathBuf, state: SharedSyncState) -> prometheus::Result<Self> {
+    pub fn new(
+        bpffs: PathBuf,
+        state: SharedSyncState,
+        rest_client: &RestClientMetrics,
+    ) -> prometheus::Result<Self> {
         let r = Registry::new();
+        rest_client.register(&r)?;
         // process_resident_memory_bytes, process_cpu_seconds_total, process_start_time_seconds
         // and the rest, as the "Kubernetes / Proxy" dashboard reads them.
         r.register(Box::new(

@@ -44,9 +44,13 @@ fn cluster() -> Option<Cluster> {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reachable = rt.block_on(async {
-        let client = proxy::kubernetes::client(Some(kubeconfig.as_ref()), None)
-            .await?
-            .0;
+        let client = proxy::kubernetes::client(
+            Some(kubeconfig.as_ref()),
+            None,
+            &proxy::rest_client_metrics::RestClientMetrics::new().unwrap(),
+        )
+        .await?
+        .0;
         tokio::time::timeout(Duration::from_secs(10), client.apiserver_version()).await??;
         anyhow::Ok(client)
     });
@@ -477,6 +481,20 @@ fn killed_agent_restarts_without_breaking_flows_or_rewriting_maps() {
     );
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(metrics.contains("proxy_map_writes_total 0"), "{metrics}");
+    // client-go's request metrics, as the "Kubernetes / Proxy" dashboard graphs them: the
+    // lists and watches it made.
+    let gets = metrics.lines().find(|l| {
+        l.starts_with("rest_client_requests_total{code=\"200\"") && l.contains("method=\"GET\"")
+    });
+    assert!(
+        gets.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .is_some_and(|n| n >= 2.0),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rest_client_request_duration_seconds_bucket{host="),
+        "{metrics}"
+    );
 
     for handle in flows {
         let summary = world.finish_probe(handle).unwrap();
@@ -536,7 +554,11 @@ fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
     let kubeconfig = run("start.sh");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt
-        .block_on(proxy::kubernetes::client(Some(kubeconfig.as_ref()), None))
+        .block_on(proxy::kubernetes::client(
+            Some(kubeconfig.as_ref()),
+            None,
+            &proxy::rest_client_metrics::RestClientMetrics::new().unwrap(),
+        ))
         .unwrap()
         .0;
     let private = Cluster {
