@@ -4,7 +4,7 @@
 //! scrape they cost seconds, mostly allocating and freeing (a 33 MB answer). The handles of
 //! the maps stay open between scrapes, so a scrape also works while the pins are being put
 //! back; conntrack is walked once (to count its entries), whatever the number of services.
-use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, path::PathBuf, sync::Mutex};
+use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, sync::Mutex};
 
 use crate::{inspect, maps::Maps};
 
@@ -87,7 +87,7 @@ const SERVICE_SERIES: [(&str, &str); 3] = [
 const BACKEND_SERIES: [(&str, &str); 3] = [
     (
         "proxy_backend_connections_total",
-        "New connections to a backend.",
+        "New connections to a backend of a service port.",
     ),
     (
         "proxy_backend_packets_total",
@@ -124,7 +124,6 @@ impl DatapathMetrics {
         };
         let mut services = Samples { rows: Vec::new() };
         let mut backends = Samples { rows: Vec::new() };
-        let mut seen = HashSet::new();
         let tables = inspect::Tables::read(maps)?;
         for row in inspect::services(&tables)? {
             let address = format!("{}:{}/{}", row.address, row.port, row.protocol);
@@ -137,18 +136,20 @@ impl DatapathMetrics {
             services
                 .rows
                 .push((labels, [row.connections, row.packets, row.bytes]));
-            for (id, b, c) in inspect::backend_counters(&tables, &row)? {
-                // A backend shared by several service ports has one set of counters.
-                if !seen.insert(id) {
-                    continue;
-                }
+            // Each service port has its own backend ids, so its own counters per backend.
+            for (_, b, c) in inspect::backend_counters(&tables, &row)? {
                 let backend = format!(
                     "{}:{}/{}",
                     Ipv4Addr::from(b.addr),
                     b.port,
                     inspect::protocol(b.proto)
                 );
-                let labels = label_text(&[("backend", &backend)]);
+                let labels = label_text(&[
+                    ("backend", &backend),
+                    ("namespace", row.namespace.as_str()),
+                    ("port", row.port_name.as_str()),
+                    ("service", row.name.as_str()),
+                ]);
                 backends.rows.push((labels, [c.conns, c.packets, c.bytes]));
             }
         }

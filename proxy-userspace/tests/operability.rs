@@ -400,7 +400,7 @@ fn metrics_have_kube_proxy_names_and_per_service_and_backend_counters() {
     let per_backend: f64 = (1..=3)
         .map(|i| {
             value(&format!(
-                "proxy_backend_connections_total{{backend=\"10.244.{i}.2:8080/TCP\"}}"
+                "proxy_backend_connections_total{{backend=\"10.244.{i}.2:8080/TCP\",namespace=\"default\",port=\"http\",service=\"web\"}}"
             ))
         })
         .sum();
