@@ -2,6 +2,7 @@
 render with the default values and with every option on, validate every rendered object
 against the Kubernetes schemas (kubernetes-validate), and check what the agent needs.
 Prints one line per check and closes with "chart: N passed, M failed"."""
+import json
 import pathlib
 import sys
 
@@ -88,7 +89,7 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
     check(f"{label}: least-privilege RBAC", verbs == {"get", "list", "watch"} and resources == {"services", "nodes", "endpointslices"}, (verbs, resources))
     (own,) = by_kind(docs, "Role")
     check(f"{label}: may read its own DaemonSet only", own["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": [ds["metadata"]["name"]], "verbs": ["get"]}], own["rules"])
-    (config,) = by_kind(docs, "ConfigMap")
+    (config,) = [c for c in by_kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")]
     check(f"{label}: agent settings in the ConfigMap", "PROXY_BPFFS" in config["data"] and "PROXY_HEALTHZ_BIND" in config["data"] and config["data"]["PROXY_PROBE_BIND"].endswith(f":{ports['probes']}"), config["data"])
     if label == "default":
         context = container["securityContext"]
@@ -97,10 +98,14 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
         check("default: AppArmor and seccomp unconfined (as the image check runs it), SELinux spc_t", context["appArmorProfile"] == {"type": "Unconfined"} and context["seccompProfile"] == {"type": "Unconfined"} and context["seLinuxOptions"] == {"type": "spc_t"}, context)
         check("default: API server address from k8sServiceHost", env.get("PROXY_K8S_API_SERVER") == "10.0.0.10:6443", env)
         check("default: no ServiceMonitor", not by_kind(docs, "ServiceMonitor"))
+        check("default: no dashboard", len(by_kind(docs, "ConfigMap")) == 1)
         check("default: kube-proxy's rules left alone until asked", "cleanup-kube-proxy" not in init, init.keys())
     else:
         check("all options: map sizes passed to the agent", config["data"]["PROXY_MAP_SIZES"] == "conntrack=1048576,services=131072", config["data"])
         check("all options: ServiceMonitor and its Service", len(by_kind(docs, "ServiceMonitor")) == 1 and len(by_kind(docs, "Service")) == 1)
+        (board,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+        dashboard = json.loads(board["data"]["ebpf-proxy.json"])
+        check("all options: the Grafana dashboard, for the sidecar, where asked", board["metadata"]["labels"].get("grafana_dashboard") == "1" and board["metadata"]["namespace"] == "monitoring" and dashboard["uid"] == "ebpf-service-proxy", board["metadata"])
         check("all options: metrics bound for scraping", config["data"]["PROXY_METRICS_BIND"] == "0.0.0.0:9249")
         check("all options: XDP mode and interfaces passed to the agent", config["data"]["PROXY_XDP"] == "generic" and config["data"]["PROXY_XDP_INTERFACES"] == "eth0", config["data"])
         check("all options: masquerade ports passed to the agent", config["data"]["PROXY_MASQUERADE_PORTS"] == "62000-65000", config["data"])

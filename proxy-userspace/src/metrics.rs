@@ -230,6 +230,9 @@ impl Metrics {
             datapath: DatapathMetrics::new(bpffs),
             state,
         };
+        for reason in Reason::ALL {
+            m.rejected.with_label_values(&[reason.label()]);
+        }
         Ok(m)
     }
 

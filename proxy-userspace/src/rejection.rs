@@ -32,6 +32,26 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, so that each series exists (at 0) before its first rejection.
+    pub const ALL: [Reason; 16] = [
+        Reason::Parse,
+        Reason::UnknownField,
+        Reason::UnsupportedKind,
+        Reason::MissingField,
+        Reason::InvalidAddress,
+        Reason::InvalidPort,
+        Reason::UnsupportedProtocol,
+        Reason::InvalidAffinity,
+        Reason::InvalidPolicy,
+        Reason::InvalidType,
+        Reason::UnsupportedFamily,
+        Reason::Conflict,
+        Reason::MapFull,
+        Reason::MapPermission,
+        Reason::MapUpdate,
+        Reason::HealthCheckPort,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Reason::Parse => "parse_error",

@@ -421,6 +421,62 @@ fn services_follow_the_api_create_scale_unready_affinity_delete_and_labels() {
     }
 }
 
+/// What the kubernetes-mixin's "Kubernetes / Proxy" dashboard queries, where it has a
+/// meaning here: all but `go_goroutines` (no Go runtime) and `up` (Prometheus' own).
+const MIXIN_PROXY_SERIES: [&str; 8] = [
+    "kubeproxy_sync_proxy_rules_duration_seconds_count",
+    "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+    "kubeproxy_network_programming_duration_seconds_count",
+    "kubeproxy_network_programming_duration_seconds_bucket",
+    "rest_client_requests_total",
+    "rest_client_request_duration_seconds_bucket",
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+];
+
+/// The series names of a scrape's samples.
+fn exported_series(metrics: &str) -> BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The series the chart's Grafana dashboard queries (every name written as a selector,
+/// `name{...}`), but Prometheus' own `up`.
+fn dashboard_series() -> BTreeSet<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../helm/dashboards/ebpf-proxy.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|e| panic!("{path} is not JSON: {e}"));
+    let mut names = BTreeSet::new();
+    let panels = dashboard["panels"].as_array().unwrap();
+    for target in panels
+        .iter()
+        .filter_map(|p| p["targets"].as_array())
+        .flatten()
+    {
+        let expr = target["expr"].as_str().unwrap();
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+        for (at, _) in expr.match_indices('{') {
+            let start = expr[..at].rfind(|c| !ident(c)).map_or(0, |i| i + 1);
+            if start < at {
+                names.insert(expr[start..at].to_owned());
+            }
+        }
+    }
+    names.remove("up");
+    assert!(
+        names.len() > 10,
+        "too few series found in {path}: {names:?}"
+    );
+    names
+}
+
 #[test]
 fn killed_agent_restarts_without_breaking_flows_or_rewriting_maps() {
     let Some(cluster) = cluster() else { return };
@@ -495,6 +551,16 @@ fn killed_agent_restarts_without_breaking_flows_or_rewriting_maps() {
         metrics.contains("rest_client_request_duration_seconds_bucket{host="),
         "{metrics}"
     );
+    let exported = exported_series(&metrics);
+    for series in MIXIN_PROXY_SERIES {
+        assert!(exported.contains(series), "no {series} in {metrics}");
+    }
+    for series in dashboard_series() {
+        assert!(
+            exported.contains(&series),
+            "the dashboard queries {series}, which the agent does not export"
+        );
+    }
 
     for handle in flows {
         let summary = world.finish_probe(handle).unwrap();
