@@ -451,6 +451,36 @@ impl Default for ServiceInfo {
     }
 }
 
+/// An endpoint of a service port that its cluster IP does not balance to (`UNUSED_ENDPOINTS`
+/// key): the cluster IP entry's service id and an index from 1. Written by the agent for
+/// `proxyctl`; never read by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnusedKey {
+    pub service_id: u32,
+    pub index: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnusedEndpoint {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    /// `UNUSED_*`: why it is not used.
+    pub reason: u8,
+}
+
+/// `UnusedEndpoint::reason`: not ready, and not a serving terminating endpoint.
+pub const UNUSED_NOT_READY: u8 = 1;
+/// Serving but terminating: used only when no endpoint is ready.
+pub const UNUSED_TERMINATING: u8 = 2;
+/// On another node, for an `internalTrafficPolicy: Local` service.
+pub const UNUSED_NOT_LOCAL: u8 = 3;
+/// Its topology hints are for other zones than this node's.
+pub const UNUSED_OTHER_ZONE: u8 = 4;
+
 /// The agent's own state, for `proxyctl status` (single entry at index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -491,4 +521,6 @@ mod pod {
     unsafe impl aya::Pod for CtStats {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for UnusedKey {}
+    unsafe impl aya::Pod for UnusedEndpoint {}
 }

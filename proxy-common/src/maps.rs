@@ -12,6 +12,8 @@ pub const BACKEND_SLOTS: &str = "backend_slots";
 pub const BACKENDS: &str = "backends";
 /// (service id → ServiceInfo)
 pub const SERVICE_NAMES: &str = "service_names";
+/// (UnusedKey → UnusedEndpoint): endpoints a cluster IP does not use, and why
+pub const UNUSED_ENDPOINTS: &str = "unused_endpoints";
 /// array of one AgentStatus
 pub const AGENT_STATUS: &str = "agent_status";
 /// per-CPU array (service id → Counters)
@@ -39,11 +41,12 @@ pub const DROPS: &str = "drops";
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
     SERVICE_NAMES,
+    UNUSED_ENDPOINTS,
     SERVICE_STATS,
     BACKEND_STATS,
     CONNTRACK,
@@ -87,6 +90,9 @@ pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
 /// a busy node rarely fills it (an LRU map evicts live flows once full).
 pub const MAX_CONNTRACK: u32 = 524_288;
 pub const MAX_AFFINITY: u32 = 65_536;
+/// Endpoints listed as unused by cluster IPs (not ready, terminating, other node or zone);
+/// past this, the rest go unlisted (the agent says so once).
+pub const MAX_UNUSED_ENDPOINTS: u32 = 131_072;
 pub const MAX_SOCK_REV_NAT: u32 = 131_072;
 pub const MAX_NODE_ADDRS: u32 = 256;
 /// Datagrams in flight in fragments at once (Cilium's default too); a fragment's entry

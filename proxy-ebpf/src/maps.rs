@@ -7,14 +7,14 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, CtStats,
     DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey,
-    ServiceValue, SlotKey, SockRevKey, SockRevValue,
+    ServiceValue, SlotKey, SockRevKey, SockRevValue, UnusedEndpoint, UnusedKey,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
-        MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT,
+        MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_UNUSED_ENDPOINTS,
     },
 };
 
-// The agent owns these three; they hold only what it wrote, so they need no preallocation.
+// The agent owns these; they hold only what it wrote, so they need no preallocation.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 #[btf_map(name = "services")]
@@ -33,6 +33,15 @@ pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLO
 #[btf_map(name = "service_names")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceInfo, { MAX_SERVICES as usize }, NO_PREALLOC> =
     HashMap::new();
+
+/// Informational, like `service_names`: the agent's list for `proxyctl`.
+#[btf_map(name = "unused_endpoints")]
+pub static UNUSED_ENDPOINTS: HashMap<
+    UnusedKey,
+    UnusedEndpoint,
+    { MAX_UNUSED_ENDPOINTS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 // Counters shared by all CPUs, added to atomically: a per-CPU array would cost entries ×
 // 24 bytes × possible CPUs (1 GiB on a 128-CPU node at the default sizes); this costs

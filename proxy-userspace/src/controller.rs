@@ -605,8 +605,9 @@ mod tests {
         );
         assert_eq!(
             c.writes(),
-            1 + 6 + 1,
-            "one new backend, six slots and the service flip (the old backend is shared with other services): {log:?}"
+            1 + 6 + 1 + 1,
+            "one new backend, six slots, the service flip and the backend it lost (its own: \
+             each service port has its own backend ids): {log:?}"
         );
         // Nothing queued: a sync without changes touches nothing.
         assert_eq!(c.sync(Instant::now()).services, 0);

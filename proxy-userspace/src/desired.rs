@@ -7,13 +7,25 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{
     BACKEND_FLAG_LOCAL, Backend, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP, FRONTEND_LOAD_BALANCER,
-    FRONTEND_NODE_PORT, NODE_PORT_ADDR, SCOPE_INTERNAL, ServiceKey,
+    FRONTEND_NODE_PORT, NODE_PORT_ADDR, SCOPE_INTERNAL, ServiceKey, UNUSED_NOT_LOCAL,
+    UNUSED_NOT_READY, UNUSED_OTHER_ZONE, UNUSED_TERMINATING, UnusedEndpoint,
 };
 
 use crate::{
     model::{EndpointSpec, PortSpec, Protocol, ServiceSpec, ServiceType, SliceSpec},
     rejection::{Reason, Rejection},
 };
+
+/// Why an endpoint is not used (`UnusedEndpoint::reason`), as `proxyctl` says it.
+pub fn unused_reason(code: u8) -> &'static str {
+    match code {
+        UNUSED_NOT_READY => "not_ready",
+        UNUSED_TERMINATING => "terminating",
+        UNUSED_NOT_LOCAL => "not_local",
+        UNUSED_OTHER_ZONE => "other_zone",
+        _ => "?",
+    }
+}
 
 /// Which address of a service a frontend serves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,6 +105,9 @@ pub struct DesiredService {
     /// Clients inside the cluster use the entry of this frontend's key in `SCOPE_INTERNAL`
     /// (an external frontend with `externalTrafficPolicy: Local`).
     pub internal_scope: bool,
+    /// The cluster IP frontend's list of the port's endpoints it does not use, and why
+    /// (sorted); empty for the other frontends, whose differences `proxyctl` derives.
+    pub unused: Vec<UnusedEndpoint>,
 }
 
 pub type DesiredState = BTreeMap<ServiceKey, DesiredService>;
@@ -180,6 +195,8 @@ impl Topology {
 /// The usable backends of a service port under a traffic policy.
 struct Backends {
     backends: Vec<Backend>,
+    /// The other endpoints, and why each is not used.
+    unused: Vec<UnusedEndpoint>,
     /// They are the serving-terminating fallback.
     terminating: bool,
     /// None here, but the service has usable endpoints elsewhere.
@@ -240,9 +257,36 @@ fn backends(
         && candidates
             .iter()
             .any(|(e, _)| e.ready || (e.serving && e.terminating));
+    let why = |e: &EndpointSpec| {
+        if local && !topology.is_local(e) && (e.ready || e.serving) {
+            UNUSED_NOT_LOCAL
+        } else if e.ready {
+            UNUSED_OTHER_ZONE
+        } else if e.serving && e.terminating {
+            UNUSED_TERMINATING
+        } else {
+            UNUSED_NOT_READY
+        }
+    };
+    let mut unused: Vec<UnusedEndpoint> = candidates
+        .iter()
+        .filter(|(e, target)| {
+            !out.iter()
+                .any(|b| b.addr == e.addr.octets() && b.port == *target)
+        })
+        .map(|(e, target)| UnusedEndpoint {
+            addr: e.addr.octets(),
+            port: *target,
+            proto: port.protocol.ip_proto(),
+            reason: why(e),
+        })
+        .collect();
+    unused.sort();
+    unused.dedup_by_key(|u| (u.addr, u.port));
     Backends {
         terminating: terminating && !out.is_empty(),
         backends: out,
+        unused,
         only_elsewhere,
     }
 }
@@ -328,6 +372,11 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
                 masquerade: frontend.is_external() && !spec.external_local,
                 drop_if_empty: local && chosen.only_elsewhere,
                 internal_scope: in_cluster.is_some(),
+                unused: if frontend == Frontend::ClusterIp {
+                    chosen.unused.clone()
+                } else {
+                    Vec::new()
+                },
             };
             let in_cluster = in_cluster.map(|all| {
                 Box::new(DesiredService {
@@ -336,6 +385,7 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
                     masquerade: false,
                     drop_if_empty: false,
                     internal_scope: false,
+                    unused: Vec::new(),
                     ..service.clone()
                 })
             });
@@ -686,6 +736,59 @@ mod tests {
         )];
         let (state, _) = desired([&web].into_iter(), draining.iter(), &here());
         assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
+    }
+
+    #[test]
+    fn the_cluster_ip_lists_each_endpoint_it_does_not_use_with_why() {
+        let web = ServiceSpec {
+            internal_local: true,
+            ..svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)])
+        };
+        let not_ready = EndpointSpec {
+            node_name: Some("node-a".into()),
+            ..ep(4, false, false, false)
+        };
+        let slices = [slice(
+            "s",
+            "web",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![
+                placed(1, true, false, "node-a", &[]),
+                placed(2, true, false, "node-b", &[]),
+                placed(3, false, true, "node-a", &[]),
+                not_ready,
+            ],
+        )];
+        let (state, _) = desired([&web].into_iter(), slices.iter(), &here());
+        let cluster_ip = state.values().next().unwrap();
+        assert_eq!(addrs(cluster_ip), [(1, 80)]);
+        let why: Vec<(u8, &str)> = cluster_ip
+            .unused
+            .iter()
+            .map(|u| (u.addr[3], unused_reason(u.reason)))
+            .collect();
+        assert_eq!(
+            why,
+            [(2, "not_local"), (3, "terminating"), (4, "not_ready")]
+        );
+        // Zone hints for another zone.
+        let web = svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
+        let hinted = [slice(
+            "s",
+            "web",
+            vec![port("", 80, Protocol::Tcp)],
+            vec![
+                placed(1, true, false, "node-a", &["zone-a"]),
+                placed(2, true, false, "node-b", &["zone-b"]),
+            ],
+        )];
+        let (state, _) = desired([&web].into_iter(), hinted.iter(), &here());
+        let unused = &state.values().next().unwrap().unused;
+        assert_eq!(unused.len(), 1);
+        assert_eq!(
+            (unused[0].addr[3], unused_reason(unused[0].reason)),
+            (2, "other_zone")
+        );
     }
 
     #[test]

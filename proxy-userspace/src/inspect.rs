@@ -12,13 +12,13 @@ use proxy_common::{
     AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DropReason, SCOPE_ALL,
     SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
-    maps,
+    UNUSED_NOT_LOCAL, UnusedEndpoint, UnusedKey, maps,
 };
 use serde::Serialize;
 
 use crate::{
     clock::{monotonic_ns, unix_now},
-    desired::Frontend,
+    desired::{Frontend, unused_reason},
     link_target::LinkTarget,
     map_batch,
     maps::{Maps, decode_info, open},
@@ -41,6 +41,7 @@ pub struct Tables {
     names: foldhash::HashMap<u32, ServiceInfo>,
     slots: foldhash::HashMap<SlotKey, u32>,
     backends: foldhash::HashMap<u32, Backend>,
+    unused: foldhash::HashMap<UnusedKey, UnusedEndpoint>,
     /// Indexed by id.
     service_stats: Vec<Counters>,
     backend_stats: Vec<Counters>,
@@ -72,6 +73,10 @@ impl Tables {
                 .collect(),
             backends: map_batch::read_all(&maps.backends)
                 .with_context(|| read(maps::BACKENDS))?
+                .into_iter()
+                .collect(),
+            unused: map_batch::read_all(&maps.unused)
+                .with_context(|| read(maps::UNUSED_ENDPOINTS))?
                 .into_iter()
                 .collect(),
             service_stats: array_values(
@@ -429,14 +434,51 @@ pub struct FrontendRow {
     pub terminating_fallback: bool,
     /// `ADDRESS:PORT` of each backend, in slot order.
     pub backends: Vec<String>,
+    /// The port's other endpoints, and why this frontend does not use them.
+    pub unused: Vec<UnusedRow>,
     pub connections: u64,
     pub packets: u64,
     pub bytes: u64,
 }
 
-/// Each frontend of `service`, cluster IP first.
+#[derive(Debug, Serialize)]
+pub struct UnusedRow {
+    /// `ADDRESS:PORT`.
+    pub endpoint: String,
+    /// not_ready, terminating (used only when none is ready), not_local (a `Local` traffic
+    /// policy), other_zone (topology hints).
+    pub reason: &'static str,
+}
+
+/// The endpoints the cluster IP of `service` lists as unused (`ADDRESS:PORT`, reason).
+fn unused_by_cluster_ip(tables: &Tables, service: &ServiceRow) -> Vec<(String, &'static str)> {
+    let Some((_, _, cluster_ip)) = service
+        .frontends
+        .iter()
+        .find(|(f, k, _)| *f == Frontend::ClusterIp && k.scope == SCOPE_ALL)
+    else {
+        return Vec::new();
+    };
+    (1..)
+        .map_while(|index| {
+            let key = UnusedKey {
+                service_id: cluster_ip.id,
+                index,
+                pad: 0,
+            };
+            let u = tables.unused.get(&key)?;
+            let endpoint = format!("{}:{}", Ipv4Addr::from(u.addr), u.port);
+            Some((endpoint, unused_reason(u.reason)))
+        })
+        .collect()
+}
+
+/// Each frontend of `service`, cluster IP first. Endpoints a frontend does not use are the
+/// cluster IP's list, plus those the cluster IP uses and it does not: a `Local` external
+/// traffic policy's other nodes.
 pub fn frontends(tables: &Tables, service: &ServiceRow) -> anyhow::Result<Vec<FrontendRow>> {
-    service
+    let listed = unused_by_cluster_ip(tables, service);
+    let mut rows: Vec<FrontendRow> = service
         .frontends
         .iter()
         .map(|(frontend, key, value)| {
@@ -447,7 +489,7 @@ pub fn frontends(tables: &Tables, service: &ServiceRow) -> anyhow::Result<Vec<Fr
                 0 => ("rejected", Some(DropReason::NoEndpoints.name())),
                 _ => ("balanced", None),
             };
-            let backends = (1..=value.count)
+            let backends: Vec<String> = (1..=value.count)
                 .map(|slot| {
                     let key = SlotKey {
                         service_id: value.id,
@@ -485,13 +527,34 @@ pub fn frontends(tables: &Tables, service: &ServiceRow) -> anyhow::Result<Vec<Fr
                     .names
                     .get(&value.id)
                     .is_some_and(|info| info.terminating != 0),
+                unused: listed
+                    .iter()
+                    .filter(|(e, _)| !backends.contains(e))
+                    .map(|(endpoint, reason)| UnusedRow {
+                        endpoint: endpoint.clone(),
+                        reason,
+                    })
+                    .collect(),
                 backends,
                 connections: counters.conns,
                 packets: counters.packets,
                 bytes: counters.bytes,
             })
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    let cluster_wide: Vec<String> = rows
+        .iter()
+        .find(|r| r.frontend == Frontend::ClusterIp.name() && r.clients == "all")
+        .map_or_else(Vec::new, |r| r.backends.clone());
+    for row in &mut rows {
+        for endpoint in cluster_wide.iter().filter(|e| !row.backends.contains(e)) {
+            row.unused.push(UnusedRow {
+                endpoint: endpoint.clone(),
+                reason: unused_reason(UNUSED_NOT_LOCAL),
+            });
+        }
+    }
+    Ok(rows)
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -8,7 +8,8 @@ use crate::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, Map, MapData};
 use proxy_common::{
-    Backend, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
+    Backend, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    UnusedEndpoint, UnusedKey, maps,
 };
 
 pub struct Maps {
@@ -16,6 +17,7 @@ pub struct Maps {
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub names: HashMap<MapData, u32, ServiceInfo>,
+    pub unused: HashMap<MapData, UnusedKey, UnusedEndpoint>,
     pub service_stats: Array<MapData, Counters>,
     pub backend_stats: Array<MapData, Counters>,
     /// Where the maps are pinned.
@@ -59,6 +61,7 @@ impl Maps {
             slots: open(dir, maps::BACKEND_SLOTS)?,
             backends: open(dir, maps::BACKENDS)?,
             names: open(dir, maps::SERVICE_NAMES)?,
+            unused: open(dir, maps::UNUSED_ENDPOINTS)?,
             service_stats: open(dir, maps::SERVICE_STATS)?,
             backend_stats: open(dir, maps::BACKEND_STATS)?,
             dir: dir.to_path_buf(),
@@ -167,6 +170,22 @@ impl crate::reconcile::ServiceMaps for Maps {
             .with_context(|| format!("deleting service id {id} from map {}", maps::SERVICE_NAMES))
     }
 
+    fn put_unused(&mut self, key: &UnusedKey, endpoint: &UnusedEndpoint) -> anyhow::Result<()> {
+        self.writes += 1;
+        self.unused
+            .insert(key, endpoint, 0)
+            .map_err(|e| MapWriteError::from_aya(maps::UNUSED_ENDPOINTS, e))
+            .with_context(|| format!("writing {key:?} to map {}", maps::UNUSED_ENDPOINTS))
+    }
+
+    fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()> {
+        self.writes += 1;
+        self.unused
+            .remove(key)
+            .map_err(|e| MapWriteError::from_aya(maps::UNUSED_ENDPOINTS, e))
+            .with_context(|| format!("deleting {key:?} from map {}", maps::UNUSED_ENDPOINTS))
+    }
+
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
         self.service_stats
             .set(id, Counters::default(), 0)
@@ -215,6 +234,8 @@ impl crate::reconcile::ServiceMaps for Maps {
                 .collect(),
             slots: map_batch::read_all(&self.slots).with_context(|| read(maps::BACKEND_SLOTS))?,
             backends: map_batch::read_all(&self.backends).with_context(|| read(maps::BACKENDS))?,
+            unused: map_batch::read_all(&self.unused)
+                .with_context(|| read(maps::UNUSED_ENDPOINTS))?,
         })
     }
 }

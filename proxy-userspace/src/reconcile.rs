@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context as _, anyhow};
 use proxy_common::{
     Backend, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_INTERNAL_SCOPE,
-    SVC_FLAG_MASQUERADE, ServiceKey, ServiceValue, SlotKey, maps,
+    SVC_FLAG_MASQUERADE, ServiceKey, ServiceValue, SlotKey, UnusedEndpoint, UnusedKey, maps,
 };
 use tracing::warn;
 
@@ -35,6 +35,9 @@ pub trait ServiceMaps {
         meta: &ServiceMeta,
     ) -> anyhow::Result<()>;
     fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()>;
+    /// An entry of the list of endpoints a cluster IP does not use (for `proxyctl`).
+    fn put_unused(&mut self, key: &UnusedKey, endpoint: &UnusedEndpoint) -> anyhow::Result<()>;
+    fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()>;
     /// Drops session-affinity and UDP-socket stickiness of `service_id` to `backend_ids`.
@@ -77,6 +80,7 @@ pub struct Existing {
     pub services: Vec<(ServiceKey, ServiceValue, ServiceMeta)>,
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend)>,
+    pub unused: Vec<(UnusedKey, UnusedEndpoint)>,
 }
 
 /// Every id that indexes `map`'s entries (and their counters) is in use.
@@ -126,6 +130,8 @@ struct Programmed {
     meta: ServiceMeta,
     /// (backend id, backend) in slot order.
     backends: Vec<(u32, Backend)>,
+    /// The endpoints listed as unused under its id.
+    unused: Vec<UnusedEndpoint>,
 }
 
 impl Programmed {
@@ -139,6 +145,7 @@ impl Programmed {
                 .iter()
                 .zip(&want.backends)
                 .all(|((_, a), b)| a == b)
+            && self.unused == want.unused
     }
 }
 
@@ -255,6 +262,8 @@ pub struct Reconciler<M> {
     /// what a drift repair checks map entries against, one entry at a time.
     key_by_id: HashMap<u32, ServiceKey>,
     backend_by_id: HashMap<u32, Backend>,
+    /// A failure to list unused endpoints was logged.
+    unused_warned: bool,
 }
 
 impl<M: ServiceMaps> Reconciler<M> {
@@ -266,6 +275,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             .read_existing()
             .context("reading the existing map contents")?;
         let slots: HashMap<SlotKey, u32> = existing.slots.iter().copied().collect();
+        let listed: HashMap<UnusedKey, UnusedEndpoint> = existing.unused.iter().copied().collect();
         let backend_by_id: HashMap<u32, Backend> = existing.backends.iter().copied().collect();
         let mut services = HashMap::new();
         let mut backends: HashMap<PortBackend, BackendRef> = HashMap::new();
@@ -301,12 +311,24 @@ impl<M: ServiceMaps> Reconciler<M> {
                     .or_insert(BackendRef { id: *id, refs: 0 })
                     .refs += 1;
             }
+            let unused = (1..)
+                .map_while(|index| {
+                    listed
+                        .get(&UnusedKey {
+                            service_id: value.id,
+                            index,
+                            pad: 0,
+                        })
+                        .copied()
+                })
+                .collect();
             services.insert(
                 key,
                 Programmed {
                     value,
                     meta,
                     backends: resolved,
+                    unused,
                 },
             );
         }
@@ -317,6 +339,16 @@ impl<M: ServiceMaps> Reconciler<M> {
             .filter(|(k, _)| !live_slots.contains(k))
         {
             maps.delete_slot(key)?;
+        }
+        // Entries past an adopted list, or of a service gone.
+        let listed_len: HashMap<u32, usize> = services
+            .values()
+            .map(|p| (p.value.id, p.unused.len()))
+            .collect();
+        for (key, _) in &existing.unused {
+            if usize::from(key.index) > listed_len.get(&key.service_id).copied().unwrap_or(0) {
+                maps.delete_unused(key)?;
+            }
         }
         let live_backends: HashSet<u32> = backends.values().map(|b| b.id).collect();
         for (id, _) in existing
@@ -341,6 +373,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             service_ids,
             backend_ids,
             touched: None,
+            unused_warned: false,
         })
     }
 
@@ -430,6 +463,41 @@ impl<M: ServiceMaps> Reconciler<M> {
         if let Some(t) = &mut self.touched {
             t.services.insert(*key);
             t.service_ids.insert(id);
+        }
+    }
+
+    /// Brings the list of unused endpoints under service id `id` from `previous` to `now`,
+    /// writing only the entries that differ. A failure affects only what `proxyctl` lists:
+    /// it is logged once, and traffic is programmed all the same.
+    fn list_unused(
+        &mut self,
+        id: u32,
+        now: &[UnusedEndpoint],
+        previous: &[UnusedEndpoint],
+        name: &str,
+    ) {
+        let key = |i: usize| UnusedKey {
+            service_id: id,
+            index: i as u16 + 1,
+            pad: 0,
+        };
+        let mut result = Ok(());
+        for (i, endpoint) in now.iter().enumerate() {
+            if previous.get(i) != Some(endpoint) {
+                result = result.and(self.maps.put_unused(&key(i), endpoint));
+            }
+        }
+        for i in now.len()..previous.len() {
+            result = result.and(self.maps.delete_unused(&key(i)));
+        }
+        if let Err(e) = result
+            && !std::mem::replace(&mut self.unused_warned, true)
+        {
+            warn!(
+                service = %name,
+                "listing the endpoints a service does not use (for proxyctl) failed; traffic \
+                 is not affected; not said again: {e:#}"
+            );
         }
     }
 
@@ -571,11 +639,18 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.abandon(id, generation, count, port, &acquired, new_id);
             return Err(e);
         }
+        let previous = self
+            .services
+            .get(key)
+            .map_or(&[][..], |p| &p.unused)
+            .to_vec();
+        self.list_unused(id, &want.unused, &previous, &want.name);
         let kept: HashSet<u32> = acquired.iter().map(|(id, _)| *id).collect();
         let programmed = Programmed {
             value,
             meta,
             backends: acquired,
+            unused: want.unused.clone(),
         };
         self.key_by_id.insert(id, *key);
         if let Some(old) = self.services.insert(*key, programmed) {
@@ -612,6 +687,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         };
         self.touch_service(key, old.value.id);
         self.maps.delete_service(key, old.value.id)?;
+        self.list_unused(old.value.id, &[], &old.unused, &old.meta.name);
         self.services.remove(key);
         self.key_by_id.remove(&old.value.id);
         self.retire(&old, &HashSet::new());
@@ -632,6 +708,7 @@ pub mod fake {
         pub services: BTreeMap<ServiceKey, (ServiceValue, ServiceMeta)>,
         pub slots: HashMap<SlotKey, u32>,
         pub backends: HashMap<u32, Backend>,
+        pub unused: HashMap<UnusedKey, UnusedEndpoint>,
         pub slot_capacity: Option<usize>,
         /// Service entries cannot be deleted (a refused write).
         pub refuse_deletes: bool,
@@ -689,6 +766,18 @@ pub mod fake {
             self.services.remove(k);
             Ok(())
         }
+        fn put_unused(&mut self, k: &UnusedKey, u: &UnusedEndpoint) -> anyhow::Result<()> {
+            self.log
+                .push(format!("put unused {}/{}", k.service_id, k.index));
+            self.unused.insert(*k, *u);
+            Ok(())
+        }
+        fn delete_unused(&mut self, k: &UnusedKey) -> anyhow::Result<()> {
+            self.log
+                .push(format!("delete unused {}/{}", k.service_id, k.index));
+            self.unused.remove(k);
+            Ok(())
+        }
         fn reset_service_counters(&mut self, _: u32) -> anyhow::Result<()> {
             Ok(())
         }
@@ -720,6 +809,7 @@ pub mod fake {
                     .collect(),
                 slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+                unused: self.unused.iter().map(|(k, v)| (*k, *v)).collect(),
             })
         }
     }
@@ -901,6 +991,44 @@ mod tests {
         let ids: HashSet<u32> = r.maps.slots.values().copied().collect();
         assert_eq!(ids.len(), 2, "each port has its own backend id now");
         assert_eq!(r.maps.backends.len(), 2);
+    }
+
+    fn unused(last: u8, reason: u8) -> UnusedEndpoint {
+        UnusedEndpoint {
+            addr: [10, 244, 0, last],
+            port: 8080,
+            proto: 6,
+            reason,
+        }
+    }
+
+    #[test]
+    fn unused_endpoints_are_listed_by_difference_and_adopted_without_rewriting() {
+        let mut fake = Fake::default();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        let with = |list: Vec<UnusedEndpoint>| {
+            let mut s = state(&[(80, &[1])]);
+            s.get_mut(&key(80)).unwrap().unused = list;
+            s
+        };
+        r.apply(&with(vec![unused(2, 1), unused(3, 2)]));
+        assert_eq!(r.maps.unused.len(), 2);
+        r.maps.log.clear();
+        r.apply(&with(vec![unused(2, 1)]));
+        // A new generation for the service, and one list entry deleted.
+        assert!(
+            r.maps.log.contains(&"delete unused 1/2".to_owned())
+                && !r.maps.log.iter().any(|l| l.starts_with("put unused")),
+            "{:?}",
+            r.maps.log
+        );
+        drop(r);
+        fake.log.clear();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        assert_eq!(r.apply(&with(vec![unused(2, 1)])).keys.unchanged, 1);
+        assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
+        r.apply(&state(&[]));
+        assert!(r.maps.unused.is_empty(), "removed with its service");
     }
 
     #[test]

@@ -412,6 +412,32 @@ fn local_policy(mode: Mode) {
     assert_eq!(lb("all")["new_connections"], "dropped", "{detail}");
     assert_eq!(lb("all")["reason"], "no_local_endpoint", "{detail}");
     assert_eq!(lb("all")["frontend"], "LoadBalancerIP", "{detail}");
+    let why = |row: &Value| -> Vec<(String, String)> {
+        row["unused"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                let field = |f: &str| u[f].as_str().unwrap().to_owned();
+                (field("endpoint"), field("reason"))
+            })
+            .collect()
+    };
+    let pod_a = format!("{}:{BACKEND_PORT}", world_pod(1));
+    let pod_b = format!("{}:{BACKEND_PORT}", world_pod(2));
+    assert_eq!(
+        why(lb("all")),
+        [
+            (pod_b.clone(), "not_ready".into()),
+            (pod_a, "not_local".into())
+        ],
+        "{detail}"
+    );
+    assert_eq!(
+        why(lb("in-cluster")),
+        [(pod_b, "not_ready".into())],
+        "{detail}"
+    );
     assert_eq!(lb("in-cluster")["new_connections"], "balanced", "{detail}");
     assert_eq!(
         lb("in-cluster")["backends"],

@@ -621,3 +621,59 @@ fn network_programming_latency_runs_from_the_slices_trigger_time() {
         "measured {latency} s from a trigger time 3 s before the change was written"
     );
 }
+
+#[test]
+fn service_get_lists_the_endpoints_a_frontend_does_not_use_and_why() {
+    let (mut world, pods) = world();
+    // Ready, not ready, serving-and-terminating.
+    let endpoints = [
+        (pods[0], true, true, false),
+        (pods[1], false, false, false),
+        (pods[2], false, true, true),
+    ];
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &endpoints), true)
+        .unwrap();
+    let detail = json(&world, &["service", "get", "default/web:http"]);
+    let cluster_ip = &detail[0]["frontends"][0];
+    assert_eq!(cluster_ip["frontend"], "ClusterIP", "{detail}");
+    assert_eq!(
+        cluster_ip["backends"],
+        serde_json::json!([format!("{}:8080", pods[0])]),
+        "{detail}"
+    );
+    assert_eq!(
+        cluster_ip["unused"],
+        serde_json::json!([
+            {"endpoint": format!("{}:8080", pods[1]), "reason": "not_ready"},
+            {"endpoint": format!("{}:8080", pods[2]), "reason": "terminating"},
+        ]),
+        "{detail}"
+    );
+    let table = world
+        .proxyctl(&["service", "get", "default/web:http"])
+        .unwrap();
+    assert!(
+        table.contains(&format!("{}:8080(not_ready)", pods[1])),
+        "{table}"
+    );
+    // The last ready endpoint goes: the terminating one serves, the list follows.
+    let endpoints = [
+        (pods[0], false, false, false),
+        (pods[1], false, false, false),
+        (pods[2], false, true, true),
+    ];
+    let syncs = agent.syncs();
+    world
+        .write_manifest(&service_manifest("web", VIP, None, &endpoints))
+        .unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    let detail = json(&world, &["service", "get", "default/web:http"]);
+    let cluster_ip = &detail[0]["frontends"][0];
+    assert_eq!(cluster_ip["terminating_fallback"], true, "{detail}");
+    assert_eq!(
+        cluster_ip["unused"].as_array().unwrap().len(),
+        2,
+        "{detail}"
+    );
+}

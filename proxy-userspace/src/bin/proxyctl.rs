@@ -242,6 +242,7 @@ fn frontends_table(rows: &[inspect::FrontendRow]) -> String {
             "CLIENTS",
             "NEW-CONNECTIONS",
             "BACKENDS",
+            "UNUSED(WHY)",
             "CONNECTIONS",
             "PACKETS",
             "BYTES",
@@ -263,6 +264,14 @@ fn frontends_table(rows: &[inspect::FrontendRow]) -> String {
             match f.backends.as_slice() {
                 [] => "-".to_owned(),
                 all => all.join(","),
+            },
+            match f.unused.as_slice() {
+                [] => "-".to_owned(),
+                all => all
+                    .iter()
+                    .map(|u| format!("{}({})", u.endpoint, u.reason))
+                    .collect::<Vec<_>>()
+                    .join(","),
             },
             f.connections.to_string(),
             f.packets.to_string(),
