@@ -225,7 +225,7 @@ impl Agent {
             }
             SourceEvent::Topology(topology) => {
                 if self.controller.set_topology(topology.clone()) {
-                    info!("node topology: {topology:?}");
+                    info!("node topology: {topology}");
                 }
             }
             SourceEvent::Connected(Ok(())) => {

@@ -170,6 +170,18 @@ pub struct Topology {
     pub zone: Option<String>,
 }
 
+impl std::fmt::Display for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "<none>".to_owned());
+        write!(
+            f,
+            "node {}, zone {}",
+            or_none(&self.node_name),
+            or_none(&self.zone)
+        )
+    }
+}
+
 impl Topology {
     fn is_local(&self, e: &EndpointSpec) -> bool {
         self.node_name.is_some() && e.node_name == self.node_name

@@ -102,6 +102,30 @@ pub fn decode_info(info: &ServiceInfo) -> ServiceMeta {
     }
 }
 
+// Keys as messages name them.
+fn slot_name(key: &SlotKey) -> String {
+    format!(
+        "slot {} of service id {} (generation {})",
+        key.slot, key.service_id, key.generation
+    )
+}
+
+fn frontend_name(key: &ServiceKey) -> String {
+    format!(
+        "{}:{}/{}",
+        std::net::Ipv4Addr::from(key.addr),
+        key.port,
+        crate::inspect::protocol(key.proto)
+    )
+}
+
+fn unused_name(key: &UnusedKey) -> String {
+    format!(
+        "unused endpoint {} of service id {}",
+        key.index, key.service_id
+    )
+}
+
 impl crate::reconcile::ServiceMaps for Maps {
     fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
         self.writes += 1;
@@ -124,7 +148,7 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.slots
             .insert(key, backend_id, 0)
             .map_err(|e| MapWriteError::from_aya(maps::BACKEND_SLOTS, e))
-            .with_context(|| format!("writing {key:?} to map {}", maps::BACKEND_SLOTS))
+            .with_context(|| format!("writing {} to map {}", slot_name(key), maps::BACKEND_SLOTS))
     }
 
     fn delete_slot(&mut self, key: &SlotKey) -> anyhow::Result<()> {
@@ -132,7 +156,13 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.slots
             .remove(key)
             .map_err(|e| MapWriteError::from_aya(maps::BACKEND_SLOTS, e))
-            .with_context(|| format!("deleting {key:?} from map {}", maps::BACKEND_SLOTS))
+            .with_context(|| {
+                format!(
+                    "deleting {} from map {}",
+                    slot_name(key),
+                    maps::BACKEND_SLOTS
+                )
+            })
     }
 
     fn put_service(
@@ -163,7 +193,13 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.services
             .remove(key)
             .map_err(|e| MapWriteError::from_aya(maps::SERVICES, e))
-            .with_context(|| format!("deleting {key:?} from map {}", maps::SERVICES))?;
+            .with_context(|| {
+                format!(
+                    "deleting {} from map {}",
+                    frontend_name(key),
+                    maps::SERVICES
+                )
+            })?;
         self.names
             .remove(&id)
             .map_err(|e| MapWriteError::from_aya(maps::SERVICE_NAMES, e))
@@ -175,7 +211,13 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.unused
             .insert(key, endpoint, 0)
             .map_err(|e| MapWriteError::from_aya(maps::UNUSED_ENDPOINTS, e))
-            .with_context(|| format!("writing {key:?} to map {}", maps::UNUSED_ENDPOINTS))
+            .with_context(|| {
+                format!(
+                    "writing {} to map {}",
+                    unused_name(key),
+                    maps::UNUSED_ENDPOINTS
+                )
+            })
     }
 
     fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()> {
@@ -183,7 +225,13 @@ impl crate::reconcile::ServiceMaps for Maps {
         self.unused
             .remove(key)
             .map_err(|e| MapWriteError::from_aya(maps::UNUSED_ENDPOINTS, e))
-            .with_context(|| format!("deleting {key:?} from map {}", maps::UNUSED_ENDPOINTS))
+            .with_context(|| {
+                format!(
+                    "deleting {} from map {}",
+                    unused_name(key),
+                    maps::UNUSED_ENDPOINTS
+                )
+            })
     }
 
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
