@@ -96,7 +96,7 @@ impl Sticky {
 }
 
 #[inline(always)]
-fn service(key: &ServiceKey) -> Option<ServiceValue> {
+pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
     // SAFETY: copied out at once; the agent replaces values whole, never in place.
     unsafe { SERVICES.get(key).copied() }
 }

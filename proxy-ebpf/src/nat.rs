@@ -211,6 +211,25 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     })
 }
 
+/// A new connection of the node's own to a service port that drops new connections (a
+/// `Local` traffic policy with endpoints on other nodes only): the socket hooks leave it
+/// addressed to the service, as kube-proxy drops it, and it is dropped here on its way out
+/// rather than sent after the default route. A pod's is dropped by `ingress` on its veth.
+/// Costs one lookup, for SYNs and UDP only.
+#[inline(always)]
+fn unserved_from_node(flow: &Flow) -> Verdict {
+    if flow.is_tcp() && !flow.is_syn() {
+        return Verdict::Pass;
+    }
+    let key = ServiceKey::new(flow.key.dst, flow.key.dport, flow.key.proto);
+    match lb::service(&key) {
+        Some(svc) if svc.count == 0 && svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 => {
+            Verdict::Drop(DropReason::NoLocalEndpoint, svc.id)
+        }
+        _ => Verdict::Pass,
+    }
+}
+
 /// Records a new flow's reply entry under a reply tuple (backend → client) that no other
 /// live flow holds, and returns the rewrite of the packet's source that the tuple needs.
 /// The client's own address and port when free, or held by an ended flow or by this client
@@ -330,7 +349,7 @@ fn free_if_ended(key: &CtKey, now: u64) -> bool {
 pub fn egress(flow: &Flow, len: u64) -> Verdict {
     remember_fragment(flow);
     let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) else {
-        return Verdict::Pass;
+        return unserved_from_node(flow);
     };
     // SAFETY: as in `ingress`.
     let entry = unsafe { &mut *entry };

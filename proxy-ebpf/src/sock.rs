@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AFFINITY_CLIENT_NETNS, Counters, CtKey, DropReason, HOOK_CONNECT, HOOK_SENDMSG, IPPROTO_TCP,
-    IPPROTO_UDP, ServiceKey, SockRevKey, SockRevValue,
+    IPPROTO_UDP, SVC_FLAG_DROP_IF_EMPTY, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
 };
 
 use crate::{
@@ -119,6 +119,20 @@ fn refuse(key: &ServiceKey, service_id: u32, hook: u8) -> i32 {
     DENY
 }
 
+/// No backend for a new connection: refused at once (kube-proxy's REJECT), unless the
+/// service drops instead (a `Local` traffic policy with endpoints on other nodes only,
+/// kube-proxy's DROP: the client times out). Then the socket is left addressed to the
+/// service, and its packets are dropped by the tc programs where they leave the pod or the
+/// node, as on the tc path.
+#[inline(always)]
+fn refuse_or_leave(key: &ServiceKey, svc: &ServiceValue, hook: u8) -> i32 {
+    if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
+        ALLOW
+    } else {
+        refuse(key, svc.id, hook)
+    }
+}
+
 #[inline(always)]
 fn netns_affinity(ctx: &SockAddrContext, svc: &proxy_common::ServiceValue) -> Option<Sticky> {
     // SAFETY: valid context.
@@ -137,7 +151,7 @@ fn connect(ctx: &SockAddrContext) -> i32 {
     let now = lb::now_ns();
     let affinity = netns_affinity(ctx, &svc);
     let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
-        return refuse(&key, svc.id, HOOK_CONNECT);
+        return refuse_or_leave(&key, &svc, HOOK_CONNECT);
     };
     redirect(ctx, &key, svc.id, &chosen);
     lb::count(
@@ -171,7 +185,7 @@ fn sendmsg(ctx: &SockAddrContext) -> i32 {
         None => {
             let affinity = netns_affinity(ctx, &svc);
             let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
-                return refuse(&key, svc.id, HOOK_SENDMSG);
+                return refuse_or_leave(&key, &svc, HOOK_SENDMSG);
             };
             socket.remember(&chosen, now);
             (chosen, 1)

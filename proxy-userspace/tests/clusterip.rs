@@ -327,6 +327,94 @@ fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured(
     }
 }
 
+/// `default/local` with `internalTrafficPolicy: Local` at 10.96.0.30 (TCP 80, UDP 53), one
+/// ready endpoint `addr` on node `node`.
+fn internal_local(addr: Ipv4Addr, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: default}}\nspec:\n  clusterIP: 10.96.0.30\n  internalTrafficPolicy: Local\n  ports:\n  - {{name: http, port: 80, targetPort: {BACKEND_PORT}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: local-1, namespace: default, labels: {{kubernetes.io/service-name: local}}}}\naddressType: IPv4\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}\nendpoints:\n- addresses: [{addr}]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
+    )
+}
+
+#[test]
+fn internal_traffic_policy_local_without_a_local_endpoint_drops_on_both_paths() {
+    // kube-proxy's TestInternalTrafficPolicy, "internalTrafficPolicy is local and there
+    // are no local endpoints": DROP, the client times out, through the socket hooks too.
+    let (mut world, backends) = three_backends();
+    let agent = world
+        .start_agent(&internal_local(backends[0], "node-b"), true)
+        .unwrap();
+    for hooked in [true, false] {
+        let tcp = &world
+            .probe(
+                CLIENT,
+                hooked,
+                &["tcp", "--to", "10.96.0.30:80", "--timeout-ms", "1500"],
+            )
+            .unwrap()[0];
+        assert_eq!(tcp["kind"], "timeout", "hooked={hooked}: {tcp}");
+        let udp = &world
+            .probe(
+                CLIENT,
+                hooked,
+                &[
+                    "udp",
+                    "--to",
+                    "10.96.0.30:53",
+                    "--connected",
+                    "--timeout-ms",
+                    "1000",
+                ],
+            )
+            .unwrap()[0];
+        assert_eq!(udp["kind"], "timeout", "hooked={hooked}: {udp}");
+    }
+    let dropped = |world: &World| {
+        let status: Value =
+            serde_json::from_str(&world.proxyctl(&["status", "-o", "json"]).unwrap()).unwrap();
+        assert_eq!(status["drops"]["no_endpoints"], 0, "none refused: {status}");
+        status["drops"]["no_local_endpoint"].as_u64().unwrap()
+    };
+    let from_pods = dropped(&world);
+    assert!(from_pods >= 4, "dropped by tc, both paths: {from_pods}");
+    // The node's own connection (in the hooked cgroup) is dropped by tc on its way out: a
+    // route to the ClusterIP through a pod's veth stands for the node's default route.
+    let (veth, via) = (
+        world.pod(CLIENT).iface.clone(),
+        world.pod(CLIENT).ip.to_string(),
+    );
+    world
+        .run_in_node(
+            0,
+            "ip",
+            &["route", "add", "10.96.0.30/32", "via", &via, "dev", &veth],
+        )
+        .unwrap();
+    let node = &world.nodes[0];
+    let out = std::process::Command::new(&world.bins.netprobe)
+        .args(["--netns", &node.netns, "--cgroup"])
+        .arg(&node.cgroup)
+        .args(["tcp", "--to", "10.96.0.30:80", "--timeout-ms", "1000"])
+        .output()
+        .unwrap();
+    let tcp: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(tcp["kind"], "timeout", "from the node: {tcp}");
+    assert!(dropped(&world) > from_pods, "dropped on the veth's egress");
+    // The endpoint is on this node: served, both paths.
+    let syncs = agent.syncs();
+    world
+        .write_manifest(&internal_local(backends[0], "node-a"))
+        .unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    for hooked in [true, false] {
+        let spread = tcp_spread(&world, hooked, "10.96.0.30:80", 5);
+        assert_eq!(
+            spread.keys().collect::<Vec<_>>(),
+            ["backend-1"],
+            "{spread:?}"
+        );
+    }
+}
+
 #[test]
 fn manifest_edit_is_live_within_a_second() {
     let (mut world, backends) = three_backends();
