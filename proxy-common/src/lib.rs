@@ -480,6 +480,8 @@ pub const UNUSED_TERMINATING: u8 = 2;
 pub const UNUSED_NOT_LOCAL: u8 = 3;
 /// Its topology hints are for other zones than this node's.
 pub const UNUSED_OTHER_ZONE: u8 = 4;
+/// Its node hints (`trafficDistribution: PreferSameNode`) are for other nodes.
+pub const UNUSED_OTHER_NODE: u8 = 5;
 
 /// The agent's own state, for `proxyctl status` (single entry at index 0).
 #[repr(C)]

@@ -3,12 +3,12 @@
 //! and load-balancer IPs), with its usable backends, plus the in-cluster scope of the
 //! frontends whose in-cluster clients see other backends; and the health-check ports to
 //! serve.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry};
 
 use proxy_common::{
     BACKEND_FLAG_LOCAL, Backend, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP, FRONTEND_LOAD_BALANCER,
     FRONTEND_NODE_PORT, NODE_PORT_ADDR, SCOPE_INTERNAL, ServiceKey, UNUSED_NOT_LOCAL,
-    UNUSED_NOT_READY, UNUSED_OTHER_ZONE, UNUSED_TERMINATING, UnusedEndpoint,
+    UNUSED_NOT_READY, UNUSED_OTHER_NODE, UNUSED_OTHER_ZONE, UNUSED_TERMINATING, UnusedEndpoint,
 };
 
 use crate::{
@@ -23,6 +23,7 @@ pub fn unused_reason(code: u8) -> &'static str {
         UNUSED_TERMINATING => "terminating",
         UNUSED_NOT_LOCAL => "not_local",
         UNUSED_OTHER_ZONE => "other_zone",
+        UNUSED_OTHER_NODE => "other_node",
         _ => "?",
     }
 }
@@ -187,20 +188,51 @@ impl Topology {
         self.node_name.is_some() && e.node_name == self.node_name
     }
 
-    /// kube-proxy's rule for zone hints: only when every ready endpoint has hints and at
-    /// least one is hinted for this node's zone (otherwise hints could starve the zone).
-    fn hinted_zone<'a>(&'a self, endpoints: &[(&EndpointSpec, u16)]) -> Option<&'a str> {
-        let zone = self.zone.as_deref()?;
-        let mut ready = endpoints.iter().filter(|(e, _)| e.ready).peekable();
-        ready.peek()?;
-        let mut any_for_zone = false;
-        for (e, _) in ready {
-            if e.zone_hints.is_empty() {
-                return None;
-            }
-            any_for_zone |= e.zone_hints.iter().any(|z| z == zone);
+    /// Which hints a service port follows here, as kube-proxy's `topologyModeFromHints`:
+    /// node hints (`trafficDistribution: PreferSameNode`) when every ready endpoint has
+    /// some and one is for this node; else zone hints when every ready endpoint has some
+    /// and one is for this node's zone; else none (hints that would leave this node or zone
+    /// without an endpoint are ignored).
+    fn mode<'a>(&'a self, endpoints: &[(&EndpointSpec, u16)]) -> Hints<'a> {
+        let ready: Vec<&EndpointSpec> = endpoints
+            .iter()
+            .filter(|(e, _)| e.ready)
+            .map(|(e, _)| *e)
+            .collect();
+        let followed = |name: Option<&'a str>, hints: fn(&EndpointSpec) -> &[String]| {
+            let name = name?;
+            let complete = !ready.is_empty() && ready.iter().all(|e| !hints(e).is_empty());
+            let here = ready.iter().any(|e| hints(e).iter().any(|h| h == name));
+            (complete && here).then_some(name)
+        };
+        if let Some(node) = followed(self.node_name.as_deref(), |e| &e.node_hints) {
+            Hints::Node(node)
+        } else if let Some(zone) = followed(self.zone.as_deref(), |e| &e.zone_hints) {
+            Hints::Zone(zone)
+        } else {
+            Hints::None
         }
-        any_for_zone.then_some(zone)
+    }
+}
+
+/// The hints a service port follows on this node (`Topology::mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hints<'a> {
+    None,
+    /// Endpoints hinted for this node only.
+    Node(&'a str),
+    /// Endpoints hinted for this zone only.
+    Zone(&'a str),
+}
+
+impl Hints<'_> {
+    /// kube-proxy's `availableForTopology`.
+    fn admit(self, e: &EndpointSpec) -> bool {
+        match self {
+            Hints::None => true,
+            Hints::Node(node) => e.node_hints.iter().any(|h| h == node),
+            Hints::Zone(zone) => e.zone_hints.iter().any(|h| h == zone),
+        }
     }
 }
 
@@ -218,7 +250,8 @@ struct Backends {
 /// The backends of one service port under a traffic policy (`local`: `Local`): endpoints of
 /// the service's slices whose port has the service port's name and protocol (the slice port
 /// number is the resolved targetPort), chosen as kube-proxy does: ready endpoints that are
-/// eligible (on this node for a `Local` policy, hinted for this zone when hints apply);
+/// eligible (on this node for a `Local` policy, hinted for this node or zone when hints
+/// apply);
 /// when none is, the serving-and-terminating ones (node-local ones for `Local`), so that a
 /// rollout's last pods drain gracefully.
 fn backends(
@@ -227,16 +260,16 @@ fn backends(
     local: bool,
     topology: &Topology,
 ) -> Backends {
-    let zone = if local {
-        None
+    let hints = if local {
+        Hints::None
     } else {
-        topology.hinted_zone(candidates)
+        topology.mode(candidates)
     };
     let placed = |e: &EndpointSpec| {
         if local {
             topology.is_local(e)
         } else {
-            zone.is_none_or(|z| e.zone_hints.iter().any(|h| h == z))
+            hints.admit(e)
         }
     };
     let mut chosen: Vec<&(&EndpointSpec, u16)> = candidates
@@ -270,22 +303,22 @@ fn backends(
             .iter()
             .any(|(e, _)| e.ready || (e.serving && e.terminating));
     let why = |e: &EndpointSpec| {
-        if local && !topology.is_local(e) && (e.ready || e.serving) {
-            UNUSED_NOT_LOCAL
-        } else if e.ready {
-            UNUSED_OTHER_ZONE
-        } else if e.serving && e.terminating {
-            UNUSED_TERMINATING
-        } else {
+        if !e.ready && !(e.serving && e.terminating) {
             UNUSED_NOT_READY
+        } else if local && !topology.is_local(e) {
+            UNUSED_NOT_LOCAL
+        } else if !e.ready {
+            UNUSED_TERMINATING
+        } else if matches!(hints, Hints::Node(_)) {
+            UNUSED_OTHER_NODE
+        } else {
+            UNUSED_OTHER_ZONE
         }
     };
+    let used: HashSet<([u8; 4], u16)> = out.iter().map(|b| (b.addr, b.port)).collect();
     let mut unused: Vec<UnusedEndpoint> = candidates
         .iter()
-        .filter(|(e, target)| {
-            !out.iter()
-                .any(|b| b.addr == e.addr.octets() && b.port == *target)
-        })
+        .filter(|(e, target)| !used.contains(&(e.addr.octets(), *target)))
         .map(|(e, target)| UnusedEndpoint {
             addr: e.addr.octets(),
             port: *target,
@@ -303,19 +336,42 @@ fn backends(
     }
 }
 
-/// The endpoints of a service port: those of its slices' matching ports, with the target port.
-fn candidates<'a>(port: &PortSpec, slices: &[&'a SliceSpec]) -> Vec<(&'a EndpointSpec, u16)> {
-    slices
-        .iter()
-        .filter_map(|s| {
-            let p = s
-                .ports
-                .iter()
-                .find(|p| p.name == port.name && p.protocol == port.protocol)?;
-            Some(s.endpoints.iter().map(move |e| (e, p.port)))
-        })
-        .flatten()
-        .collect()
+/// The endpoints of a service port: those of its slices' matching ports, with the target
+/// port, one per address and port. Where slices list one twice (a pod's IP reused while its
+/// old pod terminates), kube-proxy keeps a local one over a remote one, and a
+/// non-terminating one over a terminating one (kubernetes PR #135593: a new pod is not
+/// served through its predecessor's conditions); else the first, in slice name order.
+fn candidates<'a>(
+    port: &PortSpec,
+    slices: &[&'a SliceSpec],
+    topology: &Topology,
+) -> Vec<(&'a EndpointSpec, u16)> {
+    let mut out: Vec<(&'a EndpointSpec, u16)> = Vec::new();
+    let mut at: HashMap<(std::net::Ipv4Addr, u16), usize> = HashMap::new();
+    let all = slices.iter().filter_map(|s| {
+        let p = s
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)?;
+        Some(s.endpoints.iter().map(move |e| (e, p.port)))
+    });
+    for (e, target) in all.flatten() {
+        match at.entry((e.addr, target)) {
+            Entry::Vacant(slot) => {
+                slot.insert(out.len());
+                out.push((e, target));
+            }
+            Entry::Occupied(slot) => {
+                let kept = &mut out[*slot.get()];
+                let better = (topology.is_local(e) && !topology.is_local(kept.0))
+                    || (kept.0.terminating && !e.terminating);
+                if better {
+                    *kept = (e, target);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One frontend of a service port: the entries its service programs when it owns the key.
@@ -356,7 +412,7 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
     let mut out = Translation::default();
     for port in &spec.ports {
         let name = port_display_name(spec, port);
-        let candidates = candidates(port, slices);
+        let candidates = candidates(port, slices, topology);
         let internal = backends(port, &candidates, spec.internal_local, topology);
         let external = backends(port, &candidates, spec.external_local, topology);
         // kube-proxy sends pods and nodes reaching a Local external frontend to every
@@ -560,6 +616,7 @@ mod tests {
             terminating,
             node_name: None,
             zone_hints: vec![],
+            node_hints: vec![],
         }
     }
 
@@ -833,6 +890,121 @@ mod tests {
             placed(2, true, false, "node-c", &["zone-c"]),
         ];
         assert_eq!(pick(elsewhere), [(1, 80), (2, 80)]);
+        // kube-proxy's TestCategorizeEndpoints, "unready endpoint" and "only unready
+        // endpoints in same zone (should not filter)": only ready endpoints count.
+        let unready_here = vec![
+            placed(1, false, false, "node-a", &["zone-a"]),
+            placed(2, true, false, "node-b", &["zone-b"]),
+            placed(3, true, false, "node-c", &["zone-c"]),
+        ];
+        assert_eq!(pick(unready_here), [(2, 80), (3, 80)]);
+    }
+
+    /// `placed`, with node hints.
+    fn for_nodes(last: u8, node: &str, zones: &[&str], nodes: &[&str]) -> EndpointSpec {
+        EndpointSpec {
+            node_hints: nodes.iter().map(|n| n.to_string()).collect(),
+            ..placed(last, true, false, node, zones)
+        }
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints_and_apply_only_when_complete_and_matching() {
+        // kube-proxy's topologyModeFromHints (PreferSameNode, then PreferSameZone) and its
+        // TestCategorizeEndpoints cases for node hints.
+        let web = svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
+        let pick = |eps: Vec<EndpointSpec>| {
+            let slices = [slice("s", "web", vec![port("", 80, Protocol::Tcp)], eps)];
+            let (state, _) = desired([&web].into_iter(), slices.iter(), &here());
+            let d = state.values().next().unwrap().clone();
+            let why: Vec<(u8, &str)> = d
+                .unused
+                .iter()
+                .map(|u| (u.addr[3], unused_reason(u.reason)))
+                .collect();
+            (addrs(&d), why)
+        };
+        // Node hints for this node win over zone hints for its zone.
+        let (used, why) = pick(vec![
+            for_nodes(1, "node-a", &["zone-a"], &["node-a"]),
+            for_nodes(2, "node-b", &["zone-a"], &["node-b"]),
+        ]);
+        assert_eq!(used, [(1, 80)]);
+        assert_eq!(why, [(2, "other_node")]);
+        // An endpoint without node hints: they are ignored, zone hints apply.
+        let (used, _) = pick(vec![
+            for_nodes(1, "node-a", &["zone-a"], &["node-a"]),
+            for_nodes(2, "node-b", &["zone-a"], &[]),
+            for_nodes(3, "node-c", &["zone-c"], &["node-c"]),
+        ]);
+        assert_eq!(used, [(1, 80), (2, 80)]);
+        // No endpoint hinted for this node: zone hints.
+        let (used, why) = pick(vec![
+            for_nodes(1, "node-b", &["zone-a"], &["node-b"]),
+            for_nodes(2, "node-c", &["zone-c"], &["node-c"]),
+        ]);
+        assert_eq!(used, [(1, 80)]);
+        assert_eq!(why, [(2, "other_zone")]);
+    }
+
+    #[test]
+    fn an_address_listed_twice_is_served_through_its_non_terminating_entry() {
+        // kube-proxy's endpointslicecache addEndpoints since kubernetes PR #135593: an old
+        // pod terminating (serving) in one slice, a new not-ready pod with its IP in
+        // another: the IP is not served through the old pod's conditions.
+        let web = svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
+        let slices = [
+            slice(
+                "a-old",
+                "web",
+                vec![port("", 80, Protocol::Tcp)],
+                vec![ep(1, false, true, true)],
+            ),
+            slice(
+                "b-new",
+                "web",
+                vec![port("", 80, Protocol::Tcp)],
+                vec![ep(1, false, false, false)],
+            ),
+        ];
+        let (state, _) = desired([&web].into_iter(), slices.iter(), &Topology::default());
+        let d = state.values().next().unwrap();
+        assert!(d.backends.is_empty(), "{d:?}");
+        assert_eq!(d.unused.len(), 1);
+        assert_eq!(unused_reason(d.unused[0].reason), "not_ready");
+        // Once the new pod is ready, it serves; in either slice order.
+        let ready_new = [slices[0].clone(), {
+            let mut s = slices[1].clone();
+            s.endpoints[0] = ep(1, true, true, false);
+            s
+        }];
+        for order in [[0, 1], [1, 0]] {
+            let reordered = [&ready_new[order[0]], &ready_new[order[1]]];
+            let (state, _) = desired(
+                [&web].into_iter(),
+                reordered.into_iter(),
+                &Topology::default(),
+            );
+            assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
+        }
+        // A local entry is kept over a remote one (kube-proxy's "favor a true isLocal").
+        let local_twice = [
+            slice(
+                "a",
+                "web",
+                vec![port("", 80, Protocol::Tcp)],
+                vec![placed(1, true, false, "node-b", &[])],
+            ),
+            slice(
+                "b",
+                "web",
+                vec![port("", 80, Protocol::Tcp)],
+                vec![placed(1, true, false, "node-a", &[])],
+            ),
+        ];
+        let (state, _) = desired([&web].into_iter(), local_twice.iter(), &here());
+        let b = &state.values().next().unwrap().backends[0];
+        assert_eq!(b.flags & BACKEND_FLAG_LOCAL, BACKEND_FLAG_LOCAL);
     }
 
     fn load_balancer(external_local: bool) -> ServiceSpec {

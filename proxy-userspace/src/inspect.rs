@@ -446,7 +446,7 @@ pub struct UnusedRow {
     /// `ADDRESS:PORT`.
     pub endpoint: String,
     /// not_ready, terminating (used only when none is ready), not_local (a `Local` traffic
-    /// policy), other_zone (topology hints).
+    /// policy), other_zone, other_node (topology hints).
     pub reason: &'static str,
 }
 

@@ -135,6 +135,9 @@ pub struct EndpointSpec {
     pub node_name: Option<String>,
     /// `hints.forZones`: the zones whose clients this endpoint should serve.
     pub zone_hints: Vec<String>,
+    /// `hints.forNodes` (`trafficDistribution: PreferSameNode`): the nodes whose clients
+    /// this endpoint should serve.
+    pub node_hints: Vec<String>,
 }
 
 /// What validation made of an object.
@@ -576,19 +579,26 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
             continue;
         };
         let conditions = endpoint.conditions.as_ref();
-        // Kubernetes: an unset ready or serving means true, an unset terminating false.
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let zone_hints = endpoint.hints.as_ref().and_then(|h| h.for_zones.as_ref());
+        // As kube-proxy reads them (endpointslicecache.go): an unset ready or serving means
+        // true (whatever ready says), an unset terminating false.
+        let hints = endpoint.hints.as_ref();
         endpoints.push(EndpointSpec {
             addr,
-            ready,
-            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
             node_name: endpoint.node_name.clone(),
-            zone_hints: zone_hints
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
                 .into_iter()
                 .flatten()
                 .map(|z| z.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
                 .collect(),
         });
     }
@@ -795,6 +805,9 @@ endpoints:
 - addresses: [10.244.1.3]
   conditions: {ready: false, serving: true, terminating: true}
 - addresses: [not-an-ip]
+- addresses: [10.244.1.4]
+  conditions: {ready: false}
+  hints: {forNodes: [{name: node-b}]}
 ",
         );
         let Validated::Valid(spec, warnings) = validate_slice(&s) else {
@@ -809,13 +822,22 @@ endpoints:
                 terminating,
                 node_name: node.map(str::to_owned),
                 zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+                node_hints: Vec::new(),
             };
         assert_eq!(
             spec.endpoints[0],
             ep(2, true, true, false, Some("node-a"), &["zone-a"])
         );
         assert_eq!(spec.endpoints[1], ep(3, false, true, true, None, &[]));
-        assert_eq!(spec.endpoints.len(), 2);
+        // kube-proxy reads an unset serving as true, whatever ready says.
+        assert_eq!(
+            spec.endpoints[2],
+            EndpointSpec {
+                node_hints: vec!["node-b".to_owned()],
+                ..ep(4, false, true, false, None, &[])
+            }
+        );
+        assert_eq!(spec.endpoints.len(), 3);
         assert_eq!(warnings[0].field, "endpoints[2].addresses[0]");
     }
 
