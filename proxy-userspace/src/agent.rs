@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{api::core::v1::Node, jiff::Timestamp};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -41,7 +41,7 @@ use crate::{
     rejection::{Reason, Rejection},
     rest_client_metrics::RestClientMetrics,
     source::{self, SourceEvent},
-    store::{Kind, Outcome, Store},
+    store::{Kind, Object, Outcome, Store, name_of},
     sync_state::SharedSyncState,
     trigger_times::TriggerTimes,
 };
@@ -120,6 +120,8 @@ struct Agent {
     listed: HashSet<Kind>,
     /// A change is waiting to be programmed.
     pending: bool,
+    /// `--node-name`: the Node among the manifests whose zone is this node's.
+    node_name: Option<String>,
     /// When the endpoint changes waiting to be programmed began, for network programming
     /// latency.
     triggers: TriggerTimes,
@@ -195,6 +197,10 @@ impl Agent {
                 self.listed.extend(kinds);
                 self.account(outcome);
             }
+            SourceEvent::Apply(Object::Node(node)) => {
+                self.own_node(&name_of(&node.metadata).1, Some(&node));
+            }
+            SourceEvent::Delete(Kind::Node, (_, name)) => self.own_node(&name, None),
             SourceEvent::Apply(object) => {
                 let outcome = self.controller.apply(&object);
                 self.account(outcome);
@@ -249,6 +255,19 @@ impl Agent {
             self.pending = true;
             self.state.update(|s| s.pending_since = Some(unix_now()));
         }
+    }
+
+    /// A Node from the manifests: this node's gives its zone and eligibility, as the Node
+    /// watch does in Kubernetes mode (`None`: it was removed).
+    fn own_node(&mut self, name: &str, node: Option<&Node>) {
+        if self.node_name.as_deref() != Some(name) {
+            return;
+        }
+        self.handle(SourceEvent::Topology(crate::kubernetes::topology(
+            name, node,
+        )));
+        let eligible = node.is_none_or(crate::kubernetes::eligible);
+        self.handle(SourceEvent::NodeEligible(eligible));
     }
 
     /// Checks that the kernel still shows the datapath attached as configured, puts back
@@ -679,6 +698,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         listed: HashSet::new(),
         pending: false,
+        node_name: config.node_name.clone(),
         triggers: TriggerTimes::new(Timestamp::now()),
         state: proxy_health.state.clone(),
         writes_reported: 0,

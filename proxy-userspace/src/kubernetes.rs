@@ -33,7 +33,7 @@ const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// kube-proxy's `nodeEligible`: a node being deleted, or about to be by the cluster
 /// autoscaler, tells load balancers to send it no more traffic.
-fn eligible(node: &Node) -> bool {
+pub fn eligible(node: &Node) -> bool {
     let tainted = node
         .spec
         .as_ref()
@@ -173,7 +173,8 @@ where
         .boxed()
 }
 
-fn topology(node_name: &str, node: Option<&Node>) -> Topology {
+/// This node's topology from its Node object (`None`: there is none).
+pub fn topology(node_name: &str, node: Option<&Node>) -> Topology {
     Topology {
         node_name: Some(node_name.to_owned()),
         zone: node.and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()),

@@ -84,6 +84,7 @@ fn object_fingerprint(object: &Object) -> u64 {
     let written = match object {
         Object::Service(s) => serde_json::to_writer(&mut writer, s),
         Object::EndpointSlice(s) => serde_json::to_writer(&mut writer, s),
+        Object::Node(n) => serde_json::to_writer(&mut writer, n),
     };
     // Writing to a hasher cannot fail, nor can serialising these types.
     debug_assert!(written.is_ok());
@@ -414,10 +415,7 @@ fn parse_direct(
             direct::Read::Bail => return None,
             direct::Read::Object(object) => {
                 if !unknown.is_empty() {
-                    let kind = match object.kind() {
-                        Kind::Service => "Service",
-                        Kind::EndpointSlice => "EndpointSlice",
-                    };
+                    let kind = object.kind().name();
                     let origin = format!("{origin} (document {})", first_document + i + 1);
                     let described = describe(kind, &object.name(), &origin);
                     warnings.extend(unknown_field_warnings(&described, unknown));
@@ -477,6 +475,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
     match (api_version, kind) {
         ("v1", "Service") => Some(Kind::Service),
         ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
+        ("v1", "Node") => Some(Kind::Node),
         _ => None,
     }
 }
@@ -526,7 +525,7 @@ fn object_from_value(
                 "kind",
                 Reason::UnsupportedKind,
                 format!(
-                    "{api_version} {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice)"
+                    "{api_version} {kind} is not read (only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node)"
                 ),
             ),
             keep: None,
@@ -538,6 +537,7 @@ fn object_from_value(
         Kind::EndpointSlice => {
             typed(value, &mut unknown).map(|s| Object::EndpointSlice(Box::new(s)))
         }
+        Kind::Node => typed(value, &mut unknown).map(|n| Object::Node(Box::new(n))),
     };
     let typed = typed.map_err(|(field, detail)| {
         Box::new(Failed {

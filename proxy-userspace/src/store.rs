@@ -5,7 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
     jiff::Timestamp,
 };
@@ -22,12 +25,26 @@ use crate::{
 pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    /// A node of the cluster, from manifests: the agent's own gives its zone and whether it
+    /// is eligible for traffic, as the Node watch does in Kubernetes mode. Not stored.
+    Node(Box<Node>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     Service,
     EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
 }
 
 /// namespace, name
@@ -47,6 +64,7 @@ impl Object {
         match self {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Node(_) => Kind::Node,
         }
     }
 
@@ -54,6 +72,7 @@ impl Object {
         match self {
             Object::Service(s) => name_of(&s.metadata),
             Object::EndpointSlice(s) => name_of(&s.metadata),
+            Object::Node(n) => name_of(&n.metadata),
         }
     }
 }
@@ -265,6 +284,8 @@ impl Store {
                 let admitted = self.slices.admit(&name, validate_slice(s), &mut outcome);
                 self.set_slice(&name, admitted, trigger_times::of(s), &mut outcome);
             }
+            // The agent takes its own node's topology from it; nothing is served.
+            Object::Node(_) => {}
         }
         outcome
     }
@@ -275,6 +296,7 @@ impl Store {
         match kind {
             Kind::Service => self.set_service(&name, None, &mut outcome),
             Kind::EndpointSlice => self.set_slice(&name, None, None, &mut outcome),
+            Kind::Node => {}
         }
         outcome
     }

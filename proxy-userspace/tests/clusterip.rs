@@ -415,6 +415,90 @@ fn internal_traffic_policy_local_without_a_local_endpoint_drops_on_both_paths() 
     }
 }
 
+/// A Node `node-a` in `zone` (none: no Node), and `default/hinted` at 10.96.0.40 over the
+/// three backends, each with `(zone hint, node hint)` (empty: none).
+fn hinted(zone: Option<&str>, backends: &[Ipv4Addr], hints: [(&str, &str); 3]) -> String {
+    let mut yaml = match zone {
+        Some(zone) => format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n---\n"
+        ),
+        None => String::new(),
+    };
+    yaml += &format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: hinted, namespace: default}}\nspec:\n  clusterIP: 10.96.0.40\n  ports:\n  - {{name: http, port: 80, targetPort: {BACKEND_PORT}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: hinted-1, namespace: default, labels: {{kubernetes.io/service-name: hinted}}}}\naddressType: IPv4\nports:\n- {{name: http, port: {BACKEND_PORT}}}\nendpoints:\n"
+    );
+    for (addr, (zone, node)) in backends.iter().zip(hints) {
+        let mut hints = Vec::new();
+        if !zone.is_empty() {
+            hints.push(format!("forZones: [{{name: {zone}}}]"));
+        }
+        if !node.is_empty() {
+            hints.push(format!("forNodes: [{{name: {node}}}]"));
+        }
+        yaml += &format!(
+            "- addresses: [{addr}]\n  conditions: {{ready: true}}\n  hints: {{{}}}\n",
+            hints.join(", ")
+        );
+    }
+    yaml
+}
+
+#[test]
+fn node_and_zone_hints_follow_the_node_manifest() {
+    // kube-proxy's topologyModeFromHints: PreferSameNode when every ready endpoint has node
+    // hints and one is for this node, else PreferSameZone likewise, else every endpoint.
+    let (mut world, backends) = three_backends();
+    let node_hints = [
+        ("zone-a", "node-b"),
+        ("zone-b", "node-a"),
+        ("zone-a", "node-c"),
+    ];
+    let agent = world
+        .start_agent(&hinted(Some("zone-a"), &backends, node_hints), true)
+        .unwrap();
+    let served = |world: &World| -> Vec<Vec<String>> {
+        [true, false]
+            .iter()
+            .map(|hooked| {
+                tcp_spread(world, *hooked, "10.96.0.40:80", 24)
+                    .into_keys()
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(served(&world), [["backend-2"], ["backend-2"]], "node hints");
+    let steps = [
+        // Zone hints only: this node's zone (from its Node manifest).
+        (
+            Some("zone-a"),
+            [("zone-a", ""), ("zone-b", ""), ("zone-a", "")],
+            vec!["backend-1", "backend-3"],
+        ),
+        // The Node moves to zone-b.
+        (
+            Some("zone-b"),
+            [("zone-a", ""), ("zone-b", ""), ("zone-a", "")],
+            vec!["backend-2"],
+        ),
+        // No Node: no zone, hints are not followed.
+        (
+            None,
+            [("zone-a", ""), ("zone-b", ""), ("zone-a", "")],
+            vec!["backend-1", "backend-2", "backend-3"],
+        ),
+    ];
+    for (zone, hints, expected) in steps {
+        let syncs = agent.syncs();
+        world
+            .write_manifest(&hinted(zone, &backends, hints))
+            .unwrap();
+        agent.wait_for_syncs(syncs + 1).unwrap();
+        for got in served(&world) {
+            assert_eq!(got, expected, "zone {zone:?}");
+        }
+    }
+}
+
 #[test]
 fn manifest_edit_is_live_within_a_second() {
     let (mut world, backends) = three_backends();

@@ -8,7 +8,7 @@ use std::fmt;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServiceSpec, ServiceStatus},
+        core::v1::{Node, Service, ServiceSpec, ServiceStatus},
         discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -67,7 +67,8 @@ impl Fields {
             _ => {}
         }
         match (self.known_kind(), key) {
-            (None, _) => Ok(false),
+            // Rare: Nodes take the exact path.
+            (None | Some(Kind::Node), _) => Ok(false),
             (Some(Kind::Service), "spec") => set_once(map, &mut self.spec),
             (Some(Kind::Service), "status") => set_once(map, &mut self.status),
             (Some(Kind::EndpointSlice), "addressType") => set_once(map, &mut self.address_type),
@@ -92,6 +93,10 @@ impl Fields {
                 address_type: self.address_type?,
                 endpoints: self.endpoints.flatten(),
                 ports: self.ports.flatten(),
+            })),
+            Kind::Node => Object::Node(Box::new(Node {
+                metadata,
+                ..Node::default()
             })),
         })
     }
