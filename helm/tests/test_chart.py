@@ -99,6 +99,7 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
         check("default: API server address from k8sServiceHost", env.get("PROXY_K8S_API_SERVER") == "10.0.0.10:6443", env)
         check("default: no ServiceMonitor", not by_kind(docs, "ServiceMonitor"))
         check("default: no dashboard", len(by_kind(docs, "ConfigMap")) == 1)
+        check("default: NodePorts on the primary address, as kube-proxy's nftables mode", config["data"]["PROXY_NODEPORT_ADDRESSES"] == "primary", config["data"])
         check("default: kube-proxy's rules left alone until asked", "cleanup-kube-proxy" not in init, init.keys())
     else:
         check("all options: map sizes passed to the agent", config["data"]["PROXY_MAP_SIZES"] == "conntrack=1048576,services=131072", config["data"])
@@ -108,6 +109,7 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
         check("all options: the Grafana dashboard, for the sidecar, where asked", board["metadata"]["labels"].get("grafana_dashboard") == "1" and board["metadata"]["namespace"] == "monitoring" and dashboard["uid"] == "ebpf-service-proxy", board["metadata"])
         check("all options: metrics bound for scraping", config["data"]["PROXY_METRICS_BIND"] == "0.0.0.0:9249")
         check("all options: XDP mode and interfaces passed to the agent", config["data"]["PROXY_XDP"] == "generic" and config["data"]["PROXY_XDP_INTERFACES"] == "eth0", config["data"])
+        check("all options: NodePort addresses passed to the agent", config["data"]["PROXY_NODEPORT_ADDRESSES"] == "192.168.0.0/16,10.0.0.0/8", config["data"])
         check("all options: masquerade ports passed to the agent", config["data"]["PROXY_MASQUERADE_PORTS"] == "62000-65000", config["data"])
         check("all options: kube-proxy's rules removed by an init container", init["cleanup-kube-proxy"]["args"] == ["--cleanup-kube-proxy"], init)
         mounts_by_name = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}

@@ -36,6 +36,7 @@ use crate::{
     maps::Maps,
     metrics::Metrics,
     node::NodeAddresses,
+    nodeport_addresses::NodePortAddresses,
     preflight,
     reconcile::{Reconciler, Repair, ServiceMaps as _, Snapshot},
     rejection::{Reason, Rejection},
@@ -68,6 +69,8 @@ pub struct Config {
     pub bpffs: PathBuf,
     pub interfaces: Vec<String>,
     pub node_ip: Option<std::net::Ipv4Addr>,
+    /// Which node addresses NodePorts answer on.
+    pub node_port_addresses: NodePortAddresses,
     /// Source ports of masqueraded connections.
     pub masquerade_ports: std::ops::RangeInclusive<u16>,
     pub tc_attach: TcAttach,
@@ -578,6 +581,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut source = start_source(source, &config, events_tx);
     let mut node_addresses = NodeAddresses::new(
         config.node_ip,
+        config.node_port_addresses.clone(),
         &served,
         config.masquerade_ports.clone(),
         &config.bpffs,

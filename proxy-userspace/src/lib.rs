@@ -30,6 +30,7 @@ pub mod model;
 pub mod monitor;
 pub mod node;
 pub mod node_lock;
+pub mod nodeport_addresses;
 pub mod preflight;
 pub mod reconcile;
 pub mod rejection;

@@ -7,6 +7,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{NodeConfig, maps};
 
+use crate::nodeport_addresses::NodePortAddresses;
+
 /// The IPv4 addresses of the network interfaces `names`, in the order of `names`.
 pub fn interface_addrs(names: &[String]) -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -48,6 +50,7 @@ pub fn interface_addrs(names: &[String]) -> anyhow::Result<Vec<(String, Ipv4Addr
 /// reprogrammed on every `refresh`.
 pub struct NodeAddresses {
     node_ip: Option<Ipv4Addr>,
+    node_ports: NodePortAddresses,
     interfaces: Vec<String>,
     bpffs: std::path::PathBuf,
     pub current: NodeAddressing,
@@ -59,14 +62,16 @@ impl NodeAddresses {
     /// Reads the addresses of `interfaces`; `program` writes them to the maps under `bpffs`.
     pub fn new(
         node_ip: Option<Ipv4Addr>,
+        node_ports: NodePortAddresses,
         interfaces: &[String],
         snat_ports: RangeInclusive<u16>,
         bpffs: &Path,
     ) -> anyhow::Result<Self> {
         let interface_addrs = interface_addrs(interfaces)?;
-        let current = NodeAddressing::new(node_ip, &interface_addrs, snat_ports);
+        let current = NodeAddressing::new(node_ip, &interface_addrs, snat_ports, &node_ports);
         Ok(Self {
             node_ip,
+            node_ports,
             interfaces: interfaces.to_vec(),
             bpffs: bpffs.to_owned(),
             current,
@@ -79,20 +84,23 @@ impl NodeAddresses {
         self.interfaces = interfaces.to_vec();
     }
 
-    /// Re-reads the interfaces' addresses; reprograms and returns true if the addressing
-    /// changed.
+    /// Re-reads the interfaces' addresses; returns true if they changed, and reprograms
+    /// if the addressing did (an address `--nodeport-addresses` leaves out changes nothing).
     pub fn refresh(&mut self) -> anyhow::Result<bool> {
         let interface_addrs = interface_addrs(&self.interfaces)?;
+        if interface_addrs == self.interface_addrs {
+            return Ok(false);
+        }
         let next = NodeAddressing::new(
             self.node_ip,
             &interface_addrs,
             self.current.snat_ports.clone(),
+            &self.node_ports,
         );
-        if next == self.current {
-            return Ok(false);
+        if next != self.current {
+            next.program(&self.bpffs)?;
+            self.current = next;
         }
-        next.program(&self.bpffs)?;
-        self.current = next;
         self.interface_addrs = interface_addrs;
         Ok(true)
     }
@@ -147,19 +155,25 @@ pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
 }
 
 impl NodeAddressing {
-    /// From `--node-ip` and the addresses of the served interfaces: NodePorts answer on all
-    /// of them; masquerading uses the node IP, else the first interface address, and
-    /// `snat_ports`.
+    /// From `--node-ip` and the addresses of the served interfaces: the node's primary
+    /// address is the node IP, else the first interface address, and masquerading uses it
+    /// and `snat_ports`; NodePorts answer on those of the addresses `node_ports` admits.
     pub fn new(
         node_ip: Option<Ipv4Addr>,
         interfaces: &[(String, Ipv4Addr)],
         snat_ports: RangeInclusive<u16>,
+        node_ports: &NodePortAddresses,
     ) -> Self {
-        let mut node_port_addrs: BTreeSet<Ipv4Addr> = interfaces.iter().map(|(_, a)| *a).collect();
-        node_port_addrs.extend(node_ip);
+        let primary = node_ip.or(interfaces.first().map(|(_, a)| *a));
+        let node_port_addrs = interfaces
+            .iter()
+            .map(|(_, a)| *a)
+            .chain(node_ip)
+            .filter(|a| node_ports.admits(*a, primary))
+            .collect();
         Self {
             node_port_addrs,
-            snat_addr: node_ip.or(interfaces.first().map(|(_, a)| *a)),
+            snat_addr: primary,
             snat_ports,
         }
     }
@@ -261,14 +275,17 @@ mod tests {
         let lo = interface_addrs(&["lo".to_owned()]).unwrap();
         assert_eq!(lo, [("lo".to_owned(), Ipv4Addr::LOCALHOST)]);
         let node_ip = Ipv4Addr::new(192, 168, 50, 1);
-        let addressing = NodeAddressing::new(Some(node_ip), &lo, PORTS);
+        let addressing = NodeAddressing::new(Some(node_ip), &lo, PORTS, &NodePortAddresses::All);
         assert_eq!(addressing.snat_addr, Some(node_ip));
         assert_eq!(
             addressing.node_port_addrs,
             [Ipv4Addr::LOCALHOST, node_ip].into_iter().collect()
         );
+        // By default (kube-proxy's nftables mode), the primary address only.
+        let primary = NodeAddressing::new(Some(node_ip), &lo, PORTS, &NodePortAddresses::Primary);
+        assert_eq!(primary.node_port_addrs, [node_ip].into_iter().collect());
         assert_eq!(
-            NodeAddressing::new(None, &lo, PORTS).snat_addr,
+            NodeAddressing::new(None, &lo, PORTS, &NodePortAddresses::Primary).snat_addr,
             Some(Ipv4Addr::LOCALHOST)
         );
     }
@@ -281,7 +298,7 @@ mod tests {
             ("eth0".to_owned(), node_ip),
             ("vh1".to_owned(), Ipv4Addr::new(10, 244, 1, 1)),
         ];
-        let addressing = NodeAddressing::new(Some(node_ip), &addrs, PORTS);
+        let addressing = NodeAddressing::new(Some(node_ip), &addrs, PORTS, &NodePortAddresses::All);
         assert_eq!(
             addressing.xdp_interfaces(&served, &addrs, &[]).unwrap(),
             ["eth0"]
@@ -296,7 +313,12 @@ mod tests {
             .xdp_interfaces(&served, &addrs, &["eth9".to_owned()])
             .unwrap_err();
         assert!(stray.to_string().contains("eth9"), "{stray}");
-        let elsewhere = NodeAddressing::new(Some(Ipv4Addr::new(10, 0, 0, 9)), &addrs, PORTS);
+        let elsewhere = NodeAddressing::new(
+            Some(Ipv4Addr::new(10, 0, 0, 9)),
+            &addrs,
+            PORTS,
+            &NodePortAddresses::All,
+        );
         let none = elsewhere.xdp_interfaces(&served, &addrs, &[]).unwrap_err();
         assert!(none.to_string().contains("--xdp-interfaces"), "{none}");
     }

@@ -276,23 +276,45 @@ fn drops(world: &World, node: usize, reason: &str) -> u64 {
 
 #[test]
 fn node_ports_follow_addresses_added_while_the_agent_runs() {
-    let (world, agents) = cluster(
-        &manifest("", "", &[(world_pod(1), "node-a", true)]),
-        Mode::Tc,
-    );
+    // By default NodePorts answer on the node's primary address only (kube-proxy's
+    // nftables default); --nodeport-addresses CIDRs admit the others inside them.
     let added = "192.168.50.11";
-    let status = std::process::Command::new("ip")
-        .args(["-n", &world.nodes[0].netns, "addr", "add"])
-        .args([&format!("{added}/24"), "dev", "eth0"])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    // The agent re-reads its interfaces' addresses at every housekeeping tick (1 s here).
-    agents[0]
-        .wait_for_log(&["node addresses changed", added], Duration::from_secs(5))
-        .unwrap();
-    let seen = seen_by_backend(&tcp(&world, format!("{added}:{NODE_PORT_TCP}"), 3));
-    assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{seen:?}");
+    for (extra, served) in [
+        (&[][..], false),
+        (&["--nodeport-addresses", "192.168.50.0/24"][..], true),
+    ] {
+        let (world, agents) = cluster_with(
+            &manifest("", "", &[(world_pod(1), "node-a", true)]),
+            Mode::Tc,
+            extra,
+        );
+        let status = std::process::Command::new("ip")
+            .args(["-n", &world.nodes[0].netns, "addr", "add"])
+            .args([&format!("{added}/24"), "dev", "eth0"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // The agent re-reads its interfaces' addresses at every housekeeping tick (1 s here).
+        agents[0]
+            .wait_for_log(&["node addresses changed"], Duration::from_secs(5))
+            .unwrap();
+        let to = format!("{added}:{NODE_PORT_TCP}");
+        if served {
+            let seen = seen_by_backend(&tcp(&world, to, 3));
+            assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{seen:?}");
+        } else {
+            let refused = &world
+                .probe_ext(&["tcp", "--to", &to, "--timeout-ms", "1000"])
+                .unwrap()[0];
+            assert_eq!(
+                refused["kind"], "refused",
+                "not a node port address: {refused}"
+            );
+        }
+        // The primary address serves either way.
+        let seen = seen_by_backend(&tcp(&world, format!("{NODE_A}:{NODE_PORT_TCP}"), 3));
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{seen:?}");
+    }
 }
 
 /// Pod `i`'s address (10.244.i.2), known before the world exists.

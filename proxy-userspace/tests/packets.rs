@@ -79,6 +79,7 @@ impl Fixture {
             Some(Ipv4Addr::new(192, 168, 1, 1)),
             &[],
             SNAT_PORT_MIN..=SNAT_PORT_MAX,
+            &proxy::nodeport_addresses::NodePortAddresses::Primary,
         )
         .program(&fixture.pins)
         .expect("programming the node's addresses");

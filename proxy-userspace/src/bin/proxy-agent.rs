@@ -7,6 +7,7 @@ use proxy::{
     agent::{self, SourceConfig},
     datapath::{TcAttach, XdpAttach},
     kubernetes::ApiServer,
+    nodeport_addresses::NodePortAddresses,
 };
 
 #[derive(Parser)]
@@ -84,6 +85,16 @@ struct Args {
     /// backends are masqueraded to it [default: the first address of --interfaces].
     #[arg(long, env = "PROXY_NODE_IP")]
     node_ip: Option<std::net::Ipv4Addr>,
+    /// Which node addresses NodePorts answer on, as kube-proxy's --nodeport-addresses:
+    /// `primary` (the node IP only: kube-proxy's nftables default), `all` (every address of
+    /// --interfaces and the node IP), or IPv4 CIDRs (those addresses inside them).
+    #[arg(
+        long,
+        env = "PROXY_NODEPORT_ADDRESSES",
+        default_value = "primary",
+        value_parser = NodePortAddresses::parse
+    )]
+    nodeport_addresses: NodePortAddresses,
     /// Source ports of masqueraded connections, MIN-MAX [default: 61000-65535]: keep them
     /// outside the node's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by
     /// default) or reserve them (net.ipv4.ip_local_reserved_ports), so that the node's own
@@ -229,6 +240,7 @@ fn main() -> anyhow::Result<()> {
         bpffs: args.bpffs,
         interfaces: args.interfaces,
         node_ip: args.node_ip,
+        node_port_addresses: args.nodeport_addresses,
         masquerade_ports: args
             .masquerade_ports
             .unwrap_or(proxy_common::SNAT_PORT_MIN..=proxy_common::SNAT_PORT_MAX),

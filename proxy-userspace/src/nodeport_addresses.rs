@@ -1,0 +1,106 @@
+//! Which node addresses NodePorts answer on: kube-proxy's `--nodeport-addresses`.
+use std::{fmt, net::Ipv4Addr};
+
+/// `--nodeport-addresses`: `primary` (kube-proxy's nftables default: the node IP only),
+/// `all` (every address of the served interfaces), or IPv4 CIDRs (the addresses of the
+/// served interfaces and the node IP inside them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    Primary,
+    All,
+    Cidrs(Vec<(Ipv4Addr, u8)>),
+}
+
+impl NodePortAddresses {
+    /// Whether NodePorts answer on `addr`, given the node's primary address.
+    pub fn admits(&self, addr: Ipv4Addr, primary: Option<Ipv4Addr>) -> bool {
+        match self {
+            NodePortAddresses::Primary => Some(addr) == primary,
+            NodePortAddresses::All => true,
+            NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|(net, len)| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                u32::from(addr) & mask == u32::from(*net) & mask
+            }),
+        }
+    }
+
+    /// Parses `primary`, `all` or comma-separated IPv4 CIDRs.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "primary" => return Ok(NodePortAddresses::Primary),
+            "all" => return Ok(NodePortAddresses::All),
+            _ => {}
+        }
+        let cidr = |part: &str| -> Result<(Ipv4Addr, u8), String> {
+            let (addr, len) = part
+                .split_once('/')
+                .ok_or_else(|| format!("{part:?} is not an IPv4 CIDR (ADDRESS/LENGTH)"))?;
+            let addr = addr
+                .parse()
+                .map_err(|_| format!("{addr:?} in {part:?} is not an IPv4 address"))?;
+            match len.parse::<u8>() {
+                Ok(len) if len <= 32 => Ok((addr, len)),
+                _ => Err(format!("{len:?} in {part:?} is not a prefix length (0-32)")),
+            }
+        };
+        let cidrs = text
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(cidr)
+            .collect::<Result<Vec<_>, _>>()?;
+        if cidrs.is_empty() {
+            return Err("expected primary, all, or IPv4 CIDRs".to_owned());
+        }
+        Ok(NodePortAddresses::Cidrs(cidrs))
+    }
+}
+
+impl fmt::Display for NodePortAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodePortAddresses::Primary => f.write_str("primary"),
+            NodePortAddresses::All => f.write_str("all"),
+            NodePortAddresses::Cidrs(cidrs) => {
+                let list: Vec<String> = cidrs.iter().map(|(a, l)| format!("{a}/{l}")).collect();
+                f.write_str(&list.join(","))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_and_cidrs_as_kube_proxy_takes_them() {
+        let primary = Some(Ipv4Addr::new(192, 168, 50, 1));
+        let other = Ipv4Addr::new(192, 168, 50, 11);
+        let p = NodePortAddresses::parse("primary").unwrap();
+        assert!(p.admits(primary.unwrap(), primary) && !p.admits(other, primary));
+        assert!(
+            NodePortAddresses::parse("all")
+                .unwrap()
+                .admits(other, primary)
+        );
+        let c = NodePortAddresses::parse("192.168.50.8/29, 10.0.0.0/8").unwrap();
+        assert!(c.admits(other, primary) && !c.admits(primary.unwrap(), primary));
+        assert!(c.admits(Ipv4Addr::new(10, 1, 2, 3), None));
+        assert!(
+            NodePortAddresses::parse("0.0.0.0/0")
+                .unwrap()
+                .admits(other, None)
+        );
+        assert_eq!(c.to_string(), "192.168.50.8/29,10.0.0.0/8");
+        for bad in [
+            "",
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "fd00::/64",
+            "primary,10.0.0.0/8",
+        ] {
+            assert!(NodePortAddresses::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
