@@ -58,6 +58,18 @@ pub const SVC_FLAG_DROP_IF_EMPTY: u8 = 4;
 /// `ServiceValue::flags`: clients inside the cluster use this frontend's `SCOPE_INTERNAL`
 /// entry.
 pub const SVC_FLAG_INTERNAL_SCOPE: u8 = 8;
+/// `ServiceValue::flags`: a load-balancer frontend with `loadBalancerSourceRanges`: new
+/// connections only from the client ranges in `SOURCE_RANGES` under its id.
+pub const SVC_FLAG_SOURCE_RANGES: u8 = 16;
+
+/// The data of a `SOURCE_RANGES` key (an LPM trie key: its prefix length is 32 + the
+/// range's): a frontend's service id, then a client address range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRange {
+    pub service_id: u32,
+    pub addr: [u8; 4],
+}
 
 /// What the datapath needs to pick a backend for a service port.
 ///
@@ -288,11 +300,13 @@ pub enum DropReason {
     /// A new connection to a service without usable endpoints, refused as kube-proxy's
     /// REJECT does: ECONNREFUSED from the socket hooks, ICMP port unreachable from tc.
     NoEndpoints = 6,
+    /// A new connection to a load-balancer IP from outside its `loadBalancerSourceRanges`.
+    SourceRange = 7,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::NoLocalEndpoint,
         DropReason::NoMasqueradePort,
         DropReason::NoMasqueradeAddress,
@@ -300,6 +314,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::ConntrackClash,
         DropReason::NoEndpoints,
+        DropReason::SourceRange,
     ];
 
     /// As metrics and `proxyctl status` name it.
@@ -312,6 +327,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::ConntrackClash => "conntrack_clash",
             DropReason::NoEndpoints => "no_endpoints",
+            DropReason::SourceRange => "source_range",
         }
     }
 }
@@ -523,6 +539,7 @@ mod pod {
     unsafe impl aya::Pod for CtStats {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for UnusedKey {}
     unsafe impl aya::Pod for UnusedEndpoint {}
 }

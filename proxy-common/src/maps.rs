@@ -35,13 +35,16 @@ pub const FRAGMENTS: &str = "fragments";
 pub const NODE_ADDRS: &str = "node_addrs";
 /// array of one NodeConfig
 pub const NODE_CONFIG: &str = "node_config";
+/// LPM trie ((service id, client range) → 1): the `loadBalancerSourceRanges` of
+/// load-balancer frontends
+pub const SOURCE_RANGES: &str = "source_ranges";
 /// per-CPU array (`DROP_*` reason → packets dropped)
 pub const DROPS: &str = "drops";
 /// ring buffer of `DropEvent`s, read by `proxyctl monitor`
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
@@ -57,6 +60,7 @@ pub const ALL: [&str; 17] = [
     AGENT_STATUS,
     NODE_ADDRS,
     NODE_CONFIG,
+    SOURCE_RANGES,
     DROPS,
     EVENTS,
 ];
@@ -93,6 +97,8 @@ pub const MAX_AFFINITY: u32 = 65_536;
 /// Endpoints listed as unused by cluster IPs (not ready, terminating, other node or zone);
 /// past this, the rest go unlisted (the agent says so once).
 pub const MAX_UNUSED_ENDPOINTS: u32 = 131_072;
+/// Client ranges of all load-balancer frontends with `loadBalancerSourceRanges`.
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_SOCK_REV_NAT: u32 = 131_072;
 pub const MAX_NODE_ADDRS: u32 = 256;
 /// Datagrams in flight in fragments at once (Cilium's default too); a fragment's entry

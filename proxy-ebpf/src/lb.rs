@@ -3,18 +3,19 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    btf_maps::Array,
+    btf_maps::{Array, lpm_trie::Key},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
     AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, Backend, CT_TIMEOUT_UDP_SECS, Counters,
     CtKey, DropEvent, DropReason, NODE_PORT_ADDR, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_INTERNAL_SCOPE, ServiceKey, ServiceValue, SlotKey,
+    SVC_FLAG_INTERNAL_SCOPE, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
+    SourceRange,
 };
 
 use crate::maps::{
     AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, DROPS, EVENTS, NODE_ADDRS, SERVICE_STATS,
-    SERVICES,
+    SERVICES, SOURCE_RANGES,
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -118,10 +119,15 @@ pub fn service_for(key: &ServiceKey) -> Option<ServiceValue> {
 
 /// `service_for` as a client inside the cluster (a pod or the node, through the socket
 /// hooks) reaches it: a frontend flagged `SVC_FLAG_INTERNAL_SCOPE` serves those clients
-/// from its `SCOPE_INTERNAL` entry. At most five lookups.
+/// from its `SCOPE_INTERNAL` entry; one with `loadBalancerSourceRanges` is left to tc,
+/// which sees the client's address (kube-proxy filters pods by theirs; a socket has none
+/// yet at connect()). At most five lookups.
 #[inline(always)]
 pub fn service_in_cluster(key: &ServiceKey) -> Option<ServiceValue> {
     let svc = service_for(key)?;
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        return None;
+    }
     if svc.flags & SVC_FLAG_INTERNAL_SCOPE == 0 {
         return Some(svc);
     }
@@ -203,6 +209,20 @@ fn add<const N: usize>(stats: &Array<Counters, N>, id: u32, delta: &Counters) {
             atomic_add(&raw mut (*c).bytes, delta.bytes);
         }
     }
+}
+
+/// Whether `client` may open connections to load-balancer frontend `service_id`, which
+/// has `loadBalancerSourceRanges`: a range under its id holds the address.
+#[inline(always)]
+pub fn source_allowed(service_id: u32, client: [u8; 4]) -> bool {
+    let key = Key::new(
+        64,
+        SourceRange {
+            service_id,
+            addr: client,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 /// What was dropped or refused, where: for the `drops` counters and `proxyctl monitor`.

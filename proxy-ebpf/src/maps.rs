@@ -1,16 +1,16 @@
 //! The datapath's maps; names and sizes come from `proxy_common::maps`.
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, CtStats,
     DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey,
-    ServiceValue, SlotKey, SockRevKey, SockRevValue, UnusedEndpoint, UnusedKey,
+    ServiceValue, SlotKey, SockRevKey, SockRevValue, SourceRange, UnusedEndpoint, UnusedKey,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
-        MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_UNUSED_ENDPOINTS,
+        MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_SOURCE_RANGES, MAX_UNUSED_ENDPOINTS,
     },
 };
 
@@ -81,6 +81,9 @@ pub static NODE_ADDRS: HashMap<[u8; 4], u32, { MAX_NODE_ADDRS as usize }> = Hash
 
 #[btf_map(name = "node_config")]
 pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map(name = "source_ranges")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
 
 #[btf_map(name = "drops")]
 pub static DROPS: PerCpuArray<u64, { DROP_SLOTS as usize }> = PerCpuArray::new();

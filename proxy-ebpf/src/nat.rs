@@ -4,7 +4,8 @@
 use proxy_common::{
     AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, DropReason,
-    FragKey, FragPorts, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, ServiceKey,
+    FragKey, FragPorts, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey,
 };
 
 use crate::{
@@ -158,6 +159,9 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
     // knows nothing of it; left alone, the kernel's conntrack keeps translating it.
     if flow.is_tcp() && !flow.is_syn() {
         return Verdict::Pass;
+    }
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, flow.key.src) {
+        return Verdict::Drop(DropReason::SourceRange, svc.id);
     }
     let client = u32::from_ne_bytes(flow.key.src) as u64;
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);

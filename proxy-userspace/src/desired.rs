@@ -12,6 +12,7 @@ use proxy_common::{
 };
 
 use crate::{
+    cidr::Cidr,
     model::{EndpointSpec, PortSpec, Protocol, ServiceSpec, ServiceType, SliceSpec},
     rejection::{Reason, Rejection},
 };
@@ -106,6 +107,9 @@ pub struct DesiredService {
     /// Clients inside the cluster use the entry of this frontend's key in `SCOPE_INTERNAL`
     /// (an external frontend with `externalTrafficPolicy: Local`).
     pub internal_scope: bool,
+    /// A load-balancer frontend's `loadBalancerSourceRanges` (`Some`: only clients in
+    /// them; sorted).
+    pub source_ranges: Option<Vec<Cidr>>,
     /// The cluster IP frontend's list of the port's endpoints it does not use, and why
     /// (sorted); empty for the other frontends, whose differences `proxyctl` derives.
     pub unused: Vec<UnusedEndpoint>,
@@ -440,6 +444,10 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
                 masquerade: frontend.is_external() && !spec.external_local,
                 drop_if_empty: local && chosen.only_elsewhere,
                 internal_scope: in_cluster.is_some(),
+                source_ranges: spec
+                    .source_ranges
+                    .clone()
+                    .filter(|_| frontend == Frontend::LoadBalancer),
                 unused: if frontend == Frontend::ClusterIp {
                     chosen.unused.clone()
                 } else {
@@ -453,6 +461,9 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
                     masquerade: false,
                     drop_if_empty: false,
                     internal_scope: false,
+                    // Pods reaching a load-balancer IP with source ranges go through tc,
+                    // which checks their address against the frontend's entry.
+                    source_ranges: None,
                     unused: Vec::new(),
                     ..service.clone()
                 })
@@ -591,6 +602,7 @@ mod tests {
             ports,
             external_ips: vec![],
             load_balancer_ips: vec![],
+            source_ranges: None,
             affinity_timeout_secs: None,
             internal_local: false,
             external_local: false,

@@ -4,6 +4,7 @@ pub mod affinity_cleanup;
 pub mod agent;
 pub mod allocator;
 pub mod background;
+pub mod cidr;
 pub mod claims;
 pub mod cleanup;
 pub mod clock;

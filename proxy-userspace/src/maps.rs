@@ -1,15 +1,21 @@
 //! Typed access to the datapath's pinned maps, for the agent and for `proxyctl`.
-use std::path::{Path, PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use crate::{
-    affinity_cleanup::AffinityCleanup, desired::Frontend, map_batch, map_error::MapWriteError,
-    model::ServiceType, reconcile::ServiceMeta,
+    affinity_cleanup::AffinityCleanup, cidr::Cidr, desired::Frontend, map_batch,
+    map_error::MapWriteError, model::ServiceType, reconcile::ServiceMeta,
 };
 use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{
+    Array, HashMap, Map, MapData,
+    lpm_trie::{Key, LpmTrie},
+};
 use proxy_common::{
     Backend, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
-    UnusedEndpoint, UnusedKey, maps,
+    SourceRange, UnusedEndpoint, UnusedKey, maps,
 };
 
 pub struct Maps {
@@ -18,6 +24,7 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub names: HashMap<MapData, u32, ServiceInfo>,
     pub unused: HashMap<MapData, UnusedKey, UnusedEndpoint>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
     pub service_stats: Array<MapData, Counters>,
     pub backend_stats: Array<MapData, Counters>,
     /// Where the maps are pinned.
@@ -62,6 +69,7 @@ impl Maps {
             backends: open(dir, maps::BACKENDS)?,
             names: open(dir, maps::SERVICE_NAMES)?,
             unused: open(dir, maps::UNUSED_ENDPOINTS)?,
+            source_ranges: open(dir, maps::SOURCE_RANGES)?,
             service_stats: open(dir, maps::SERVICE_STATS)?,
             backend_stats: open(dir, maps::BACKEND_STATS)?,
             dir: dir.to_path_buf(),
@@ -100,6 +108,16 @@ pub fn decode_info(info: &ServiceInfo) -> ServiceMeta {
         service_type: ServiceType::from_code(info.service_type),
         external_local: info.external_local != 0,
     }
+}
+
+/// The `source_ranges` key of range `range` of frontend `id`: the id's 32 bits, then the
+/// range's.
+fn range_key(id: u32, range: &Cidr) -> Key<SourceRange> {
+    let data = SourceRange {
+        service_id: id,
+        addr: range.addr.octets(),
+    };
+    Key::new(32 + u32::from(range.len), data)
 }
 
 // Keys as messages name them.
@@ -206,6 +224,32 @@ impl crate::reconcile::ServiceMaps for Maps {
             .with_context(|| format!("deleting service id {id} from map {}", maps::SERVICE_NAMES))
     }
 
+    fn put_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()> {
+        self.writes += 1;
+        self.source_ranges
+            .insert(&range_key(id, range), 1, 0)
+            .map_err(|e| MapWriteError::from_aya(maps::SOURCE_RANGES, e))
+            .with_context(|| {
+                format!(
+                    "writing range {range} of service id {id} to map {}",
+                    maps::SOURCE_RANGES
+                )
+            })
+    }
+
+    fn delete_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()> {
+        self.writes += 1;
+        self.source_ranges
+            .remove(&range_key(id, range))
+            .map_err(|e| MapWriteError::from_aya(maps::SOURCE_RANGES, e))
+            .with_context(|| {
+                format!(
+                    "deleting range {range} of service id {id} from map {}",
+                    maps::SOURCE_RANGES
+                )
+            })
+    }
+
     fn put_unused(&mut self, key: &UnusedKey, endpoint: &UnusedEndpoint) -> anyhow::Result<()> {
         self.writes += 1;
         self.unused
@@ -284,6 +328,18 @@ impl crate::reconcile::ServiceMaps for Maps {
             backends: map_batch::read_all(&self.backends).with_context(|| read(maps::BACKENDS))?,
             unused: map_batch::read_all(&self.unused)
                 .with_context(|| read(maps::UNUSED_ENDPOINTS))?,
+            source_ranges: self
+                .source_ranges
+                .keys()
+                .map(|k| {
+                    let k = k.with_context(|| read(maps::SOURCE_RANGES))?;
+                    let range = Cidr {
+                        addr: Ipv4Addr::from(k.data().addr),
+                        len: (k.prefix_len() - 32) as u8,
+                    };
+                    Ok((k.data().service_id, range))
+                })
+                .collect::<anyhow::Result<_>>()?,
         })
     }
 }

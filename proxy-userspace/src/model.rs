@@ -5,7 +5,10 @@ use std::net::Ipv4Addr;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::rejection::{Reason, Rejection};
+use crate::{
+    cidr::Cidr,
+    rejection::{Reason, Rejection},
+};
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
@@ -17,6 +20,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services (and their slices) with this label are headless: nothing to proxy.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Source ranges of a LoadBalancer whose `spec.loadBalancerSourceRanges` is empty.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -95,6 +100,11 @@ pub struct ServiceSpec {
     /// `status.loadBalancer.ingress[].ip` of a LoadBalancer, except `ipMode: Proxy` ones
     /// (the load balancer proxies, so its traffic arrives addressed to the node).
     pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges` of a LoadBalancer (else its
+    /// `service.beta.kubernetes.io/load-balancer-source-ranges` annotation), IPv4 ones:
+    /// `None` when none is given; `Some` of an empty list lets no IPv4 client in (a list
+    /// none of whose ranges parses does not open the load balancer).
+    pub source_ranges: Option<Vec<Cidr>>,
     /// `Some(timeout)` for `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
     /// `internalTrafficPolicy: Local`: only endpoints on this node.
@@ -427,6 +437,10 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
         ),
         _ => Vec::new(),
     };
+    let source_ranges = match service_type {
+        ServiceType::LoadBalancer => source_ranges(svc, &object, &mut warnings),
+        _ => None,
+    };
     let health_check_node_port = match (external_local, spec.health_check_node_port) {
         (true, Some(port)) => match parse_port(port, &object, "spec.healthCheckNodePort") {
             Ok(port) => Some(port),
@@ -448,6 +462,7 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
             ports,
             external_ips,
             load_balancer_ips,
+            source_ranges,
             affinity_timeout_secs,
             internal_local,
             external_local,
@@ -455,6 +470,63 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
         },
         warnings,
     )
+}
+
+/// kube-proxy's source ranges of a LoadBalancer: the field, else the annotation
+/// (comma-separated). IPv6 ranges and garbage become warnings.
+fn source_ranges(svc: &Service, object: &str, warnings: &mut Vec<Rejection>) -> Option<Vec<Cidr>> {
+    let field = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref())
+        .filter(|r| !r.is_empty());
+    let (path, ranges): (String, Vec<&str>) = match field {
+        Some(ranges) => (
+            "spec.loadBalancerSourceRanges".to_owned(),
+            ranges.iter().map(String::as_str).collect(),
+        ),
+        None => {
+            let annotation = svc
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(SOURCE_RANGES_ANNOTATION)?;
+            let ranges: Vec<&str> = annotation
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .collect();
+            if ranges.is_empty() {
+                return None;
+            }
+            (
+                format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"),
+                ranges,
+            )
+        }
+    };
+    let mut out = Vec::new();
+    for (i, text) in ranges.into_iter().enumerate() {
+        match text.parse::<Cidr>() {
+            Ok(cidr) if !out.contains(&cidr) => out.push(cidr),
+            Ok(_) => {}
+            Err(detail) => {
+                let reason = if text.contains(':') {
+                    Reason::UnsupportedFamily
+                } else {
+                    Reason::InvalidAddress
+                };
+                warnings.push(Rejection::new(
+                    object,
+                    format!("{path}[{i}]"),
+                    reason,
+                    detail,
+                ));
+            }
+        }
+    }
+    out.sort();
+    Some(out)
 }
 
 /// The IPv4 addresses of a list; IPv6 ones and garbage become warnings.
@@ -865,6 +937,53 @@ endpoints:
                 "spec.externalIPs[2]"
             ],
             "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_from_the_field_else_the_annotation() {
+        let ranges = |yaml: &str| {
+            let Validated::Valid(spec, warnings) = validate_service(&service(yaml), None) else {
+                panic!()
+            };
+            let list = spec
+                .source_ranges
+                .map(|r| r.iter().map(Cidr::to_string).collect::<Vec<_>>());
+            (list, warnings.iter().map(|w| w.reason).collect::<Vec<_>>())
+        };
+        let lb = "spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  ports: [{port: 80}]\n";
+        assert_eq!(
+            ranges(&format!("metadata: {{name: lb}}\n{lb}")),
+            (None, vec![])
+        );
+        assert_eq!(
+            ranges(&format!(
+                "metadata: {{name: lb}}\n{lb}  loadBalancerSourceRanges: [10.0.0.0/8, 2001:db8::/32, 192.168.1.7/24]\n"
+            )),
+            (
+                Some(vec!["10.0.0.0/8".into(), "192.168.1.0/24".into()]),
+                vec![Reason::UnsupportedFamily]
+            )
+        );
+        // kube-proxy reads the annotation when the field is empty.
+        let annotated = format!(
+            "metadata: {{name: lb, annotations: {{{SOURCE_RANGES_ANNOTATION}: '203.0.113.0/24, 198.51.100.0/24'}}}}\n{lb}"
+        );
+        assert_eq!(
+            ranges(&annotated).0,
+            Some(vec!["198.51.100.0/24".into(), "203.0.113.0/24".into()])
+        );
+        // None parses: nobody is let in (rather than everybody).
+        assert_eq!(
+            ranges(&format!(
+                "metadata: {{name: lb}}\n{lb}  loadBalancerSourceRanges: [bogus]\n"
+            )),
+            (Some(vec![]), vec![Reason::InvalidAddress])
+        );
+        // Not a LoadBalancer: ignored.
+        assert_eq!(
+            ranges("metadata: {name: c}\nspec:\n  clusterIP: 10.96.0.21\n  ports: [{port: 80}]\n  loadBalancerSourceRanges: [10.0.0.0/8]\n").0,
+            None
         );
     }
 

@@ -1,6 +1,8 @@
 //! Which node addresses NodePorts answer on: kube-proxy's `--nodeport-addresses`.
 use std::{fmt, net::Ipv4Addr};
 
+use crate::cidr::Cidr;
+
 /// `--nodeport-addresses`: `primary` (kube-proxy's nftables default: the node IP only),
 /// `all` (every address of the served interfaces), or IPv4 CIDRs (the addresses of the
 /// served interfaces and the node IP inside them).
@@ -8,7 +10,7 @@ use std::{fmt, net::Ipv4Addr};
 pub enum NodePortAddresses {
     Primary,
     All,
-    Cidrs(Vec<(Ipv4Addr, u8)>),
+    Cidrs(Vec<Cidr>),
 }
 
 impl NodePortAddresses {
@@ -17,10 +19,7 @@ impl NodePortAddresses {
         match self {
             NodePortAddresses::Primary => Some(addr) == primary,
             NodePortAddresses::All => true,
-            NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|(net, len)| {
-                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-                u32::from(addr) & mask == u32::from(*net) & mask
-            }),
+            NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| c.contains(addr)),
         }
     }
 
@@ -31,24 +30,12 @@ impl NodePortAddresses {
             "all" => return Ok(NodePortAddresses::All),
             _ => {}
         }
-        let cidr = |part: &str| -> Result<(Ipv4Addr, u8), String> {
-            let (addr, len) = part
-                .split_once('/')
-                .ok_or_else(|| format!("{part:?} is not an IPv4 CIDR (ADDRESS/LENGTH)"))?;
-            let addr = addr
-                .parse()
-                .map_err(|_| format!("{addr:?} in {part:?} is not an IPv4 address"))?;
-            match len.parse::<u8>() {
-                Ok(len) if len <= 32 => Ok((addr, len)),
-                _ => Err(format!("{len:?} in {part:?} is not a prefix length (0-32)")),
-            }
-        };
         let cidrs = text
             .split(',')
             .map(str::trim)
             .filter(|p| !p.is_empty())
-            .map(cidr)
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(str::parse)
+            .collect::<Result<Vec<Cidr>, _>>()?;
         if cidrs.is_empty() {
             return Err("expected primary, all, or IPv4 CIDRs".to_owned());
         }
@@ -62,7 +49,7 @@ impl fmt::Display for NodePortAddresses {
             NodePortAddresses::Primary => f.write_str("primary"),
             NodePortAddresses::All => f.write_str("all"),
             NodePortAddresses::Cidrs(cidrs) => {
-                let list: Vec<String> = cidrs.iter().map(|(a, l)| format!("{a}/{l}")).collect();
+                let list: Vec<String> = cidrs.iter().map(Cidr::to_string).collect();
                 f.write_str(&list.join(","))
             }
         }

@@ -7,11 +7,13 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context as _, anyhow};
 use proxy_common::{
     Backend, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_INTERNAL_SCOPE,
-    SVC_FLAG_MASQUERADE, ServiceKey, ServiceValue, SlotKey, UnusedEndpoint, UnusedKey, maps,
+    SVC_FLAG_MASQUERADE, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey, UnusedEndpoint,
+    UnusedKey, maps,
 };
 use tracing::warn;
 
 use crate::{
+    cidr::Cidr,
     desired::{DesiredService, DesiredState, Frontend},
     map_error::{MapFailure, MapWriteError},
     model::ServiceType,
@@ -35,6 +37,9 @@ pub trait ServiceMaps {
         meta: &ServiceMeta,
     ) -> anyhow::Result<()>;
     fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()>;
+    /// A client range of load-balancer frontend `id` (`loadBalancerSourceRanges`).
+    fn put_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()>;
+    fn delete_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()>;
     /// An entry of the list of endpoints a cluster IP does not use (for `proxyctl`).
     fn put_unused(&mut self, key: &UnusedKey, endpoint: &UnusedEndpoint) -> anyhow::Result<()>;
     fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()>;
@@ -81,6 +86,7 @@ pub struct Existing {
     pub slots: Vec<(SlotKey, u32)>,
     pub backends: Vec<(u32, Backend)>,
     pub unused: Vec<(UnusedKey, UnusedEndpoint)>,
+    pub source_ranges: Vec<(u32, Cidr)>,
 }
 
 /// Every id that indexes `map`'s entries (and their counters) is in use.
@@ -132,6 +138,8 @@ struct Programmed {
     backends: Vec<(u32, Backend)>,
     /// The endpoints listed as unused under its id.
     unused: Vec<UnusedEndpoint>,
+    /// The client ranges under its id (sorted).
+    source_ranges: Vec<Cidr>,
 }
 
 impl Programmed {
@@ -146,6 +154,7 @@ impl Programmed {
                 .zip(&want.backends)
                 .all(|((_, a), b)| a == b)
             && self.unused == want.unused
+            && *self.source_ranges == *want.source_ranges.as_deref().unwrap_or_default()
     }
 }
 
@@ -163,6 +172,9 @@ fn flags(want: &DesiredService) -> (u8, u32) {
     }
     if want.drop_if_empty {
         flags |= SVC_FLAG_DROP_IF_EMPTY;
+    }
+    if want.source_ranges.is_some() {
+        flags |= SVC_FLAG_SOURCE_RANGES;
     }
     (flags, timeout)
 }
@@ -276,6 +288,10 @@ impl<M: ServiceMaps> Reconciler<M> {
             .context("reading the existing map contents")?;
         let slots: HashMap<SlotKey, u32> = existing.slots.iter().copied().collect();
         let listed: HashMap<UnusedKey, UnusedEndpoint> = existing.unused.iter().copied().collect();
+        let mut ranges: HashMap<u32, Vec<Cidr>> = HashMap::new();
+        for (id, range) in &existing.source_ranges {
+            ranges.entry(*id).or_default().push(*range);
+        }
         let backend_by_id: HashMap<u32, Backend> = existing.backends.iter().copied().collect();
         let mut services = HashMap::new();
         let mut backends: HashMap<PortBackend, BackendRef> = HashMap::new();
@@ -322,6 +338,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                         .copied()
                 })
                 .collect();
+            let mut source_ranges = ranges.remove(&value.id).unwrap_or_default();
+            source_ranges.sort();
             services.insert(
                 key,
                 Programmed {
@@ -329,6 +347,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                     meta,
                     backends: resolved,
                     unused,
+                    source_ranges,
                 },
             );
         }
@@ -339,6 +358,12 @@ impl<M: ServiceMaps> Reconciler<M> {
             .filter(|(k, _)| !live_slots.contains(k))
         {
             maps.delete_slot(key)?;
+        }
+        // Ranges of services gone.
+        for (id, stale) in ranges {
+            for range in stale {
+                maps.delete_source_range(id, &range)?;
+            }
         }
         // Entries past an adopted list, or of a service gone.
         let listed_len: HashMap<u32, usize> = services
@@ -463,6 +488,16 @@ impl<M: ServiceMaps> Reconciler<M> {
         if let Some(t) = &mut self.touched {
             t.services.insert(*key);
             t.service_ids.insert(id);
+        }
+    }
+
+    /// Deletes client ranges of frontend `id`. A range that fails to go keeps admitting its
+    /// clients: logged; the next agent's adoption finds and removes it.
+    fn withdraw_ranges(&mut self, id: u32, ranges: &[Cidr]) {
+        for range in ranges {
+            if let Err(e) = self.maps.delete_source_range(id, range) {
+                warn!(service_id = id, %range, "deleting a source range: {e:#}");
+            }
         }
     }
 
@@ -626,6 +661,22 @@ impl<M: ServiceMaps> Reconciler<M> {
                 return Err(e.context(format!("writing backend slot {} of {count}", i + 1)));
             }
         }
+        let old_ranges = self
+            .services
+            .get(key)
+            .map_or(&[][..], |p| &p.source_ranges)
+            .to_vec();
+        let new_ranges = want.source_ranges.clone().unwrap_or_default();
+        // Ranges are admitted before the entry flips to them, and taken away after.
+        let mut added = Vec::new();
+        for range in new_ranges.iter().filter(|r| !old_ranges.contains(r)) {
+            if let Err(e) = self.maps.put_source_range(id, range) {
+                self.withdraw_ranges(id, &added);
+                self.abandon(id, generation, count, port, &acquired, new_id);
+                return Err(e);
+            }
+            added.push(*range);
+        }
         let (flags, affinity_timeout_secs) = flags(want);
         let value = ServiceValue {
             id,
@@ -636,9 +687,16 @@ impl<M: ServiceMaps> Reconciler<M> {
         };
         let meta = ServiceMeta::of(want);
         if let Err(e) = self.maps.put_service(key, &value, &meta) {
+            self.withdraw_ranges(id, &added);
             self.abandon(id, generation, count, port, &acquired, new_id);
             return Err(e);
         }
+        let removed: Vec<Cidr> = old_ranges
+            .iter()
+            .filter(|r| !new_ranges.contains(r))
+            .copied()
+            .collect();
+        self.withdraw_ranges(id, &removed);
         let previous = self
             .services
             .get(key)
@@ -651,6 +709,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             meta,
             backends: acquired,
             unused: want.unused.clone(),
+            source_ranges: new_ranges,
         };
         self.key_by_id.insert(id, *key);
         if let Some(old) = self.services.insert(*key, programmed) {
@@ -688,6 +747,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.touch_service(key, old.value.id);
         self.maps.delete_service(key, old.value.id)?;
         self.list_unused(old.value.id, &[], &old.unused, &old.meta.name);
+        self.withdraw_ranges(old.value.id, &old.source_ranges);
         self.services.remove(key);
         self.key_by_id.remove(&old.value.id);
         self.retire(&old, &HashSet::new());
@@ -709,6 +769,7 @@ pub mod fake {
         pub slots: HashMap<SlotKey, u32>,
         pub backends: HashMap<u32, Backend>,
         pub unused: HashMap<UnusedKey, UnusedEndpoint>,
+        pub source_ranges: std::collections::BTreeSet<(u32, Cidr)>,
         pub slot_capacity: Option<usize>,
         /// Service entries cannot be deleted (a refused write).
         pub refuse_deletes: bool,
@@ -766,6 +827,16 @@ pub mod fake {
             self.services.remove(k);
             Ok(())
         }
+        fn put_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()> {
+            self.log.push(format!("put range {id} {range}"));
+            self.source_ranges.insert((id, *range));
+            Ok(())
+        }
+        fn delete_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()> {
+            self.log.push(format!("delete range {id} {range}"));
+            self.source_ranges.remove(&(id, *range));
+            Ok(())
+        }
         fn put_unused(&mut self, k: &UnusedKey, u: &UnusedEndpoint) -> anyhow::Result<()> {
             self.log
                 .push(format!("put unused {}/{}", k.service_id, k.index));
@@ -810,6 +881,7 @@ pub mod fake {
                 slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 unused: self.unused.iter().map(|(k, v)| (*k, *v)).collect(),
+                source_ranges: self.source_ranges.iter().copied().collect(),
             })
         }
     }
@@ -1029,6 +1101,57 @@ mod tests {
         assert!(r.maps.log.is_empty(), "{:?}", r.maps.log);
         r.apply(&state(&[]));
         assert!(r.maps.unused.is_empty(), "removed with its service");
+    }
+
+    #[test]
+    fn source_ranges_are_admitted_before_the_flip_and_withdrawn_after() {
+        let mut fake = Fake::default();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        let with = |ranges: Option<&[&str]>| {
+            let mut s = state(&[(80, &[1])]);
+            s.get_mut(&key(80)).unwrap().source_ranges =
+                ranges.map(|r| r.iter().map(|c| c.parse().unwrap()).collect());
+            s
+        };
+        r.apply(&with(Some(&["10.0.0.0/8"])));
+        assert_eq!(
+            r.maps.services[&key(80)].0.flags & SVC_FLAG_SOURCE_RANGES,
+            SVC_FLAG_SOURCE_RANGES
+        );
+        r.maps.log.clear();
+        r.apply(&with(Some(&["192.168.0.0/16"])));
+        let log: Vec<&str> = r
+            .maps
+            .log
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.contains("range") || l.starts_with("put service"))
+            .collect();
+        assert_eq!(
+            log,
+            [
+                "put range 1 192.168.0.0/16",
+                "put service 1 gen 1 count 1",
+                "delete range 1 10.0.0.0/8"
+            ]
+        );
+        // A restarted agent adopts them; without ranges the flag and the entries go.
+        drop(r);
+        fake.log.clear();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        assert_eq!(r.apply(&with(Some(&["192.168.0.0/16"]))).keys.unchanged, 1);
+        r.apply(&with(None));
+        assert_eq!(
+            r.maps.services[&key(80)].0.flags & SVC_FLAG_SOURCE_RANGES,
+            0
+        );
+        assert!(r.maps.source_ranges.is_empty());
+        // Some(empty): the flag with no range lets nobody in.
+        r.apply(&with(Some(&[])));
+        assert_eq!(
+            r.maps.services[&key(80)].0.flags & SVC_FLAG_SOURCE_RANGES,
+            SVC_FLAG_SOURCE_RANGES
+        );
     }
 
     #[test]

@@ -551,6 +551,58 @@ fn local_policy(mode: Mode) {
 }
 
 #[test]
+fn load_balancer_source_ranges_let_in_only_their_clients() {
+    for mode in [Mode::Tc, Mode::XdpGeneric] {
+        source_ranges(mode);
+    }
+}
+
+/// kube-proxy's TestLoadBalancer "blocked external to LB1": a client outside the ranges
+/// is dropped at the load-balancer IP, one inside is served; node ports are not filtered.
+fn source_ranges(mode: Mode) {
+    let endpoints = [
+        (world_pod(1), "node-a", true),
+        (world_pod(2), "node-b", true),
+    ];
+    let yaml = |range: &str| {
+        let spec = format!("  loadBalancerSourceRanges: [{range}]\n");
+        manifest(&spec, &lb_status(LB_IP), &endpoints)
+    };
+    let (world, agents) = cluster(&yaml(&format!("{EXT_IP}/32")), mode);
+    let seen = seen_by_backend(&tcp(&world, format!("{LB_IP}:80"), 6));
+    assert!(
+        !seen.is_empty(),
+        "{mode:?}: the client in the range is served"
+    );
+    let syncs: Vec<usize> = agents.iter().map(Agent::syncs).collect();
+    world.write_manifest(&yaml("10.0.0.0/8")).unwrap();
+    for (agent, n) in agents.iter().zip(syncs) {
+        agent.wait_for_syncs(n + 1).unwrap();
+    }
+    let blocked = world
+        .probe_ext(&["tcp", "--to", &format!("{LB_IP}:80"), "--timeout-ms", "500"])
+        .unwrap();
+    assert_eq!(blocked[0]["kind"], "timeout", "{mode:?}: {blocked:?}");
+    let dropped: u64 = (0..2).map(|n| drops(&world, n, "source_range")).sum();
+    assert!(dropped > 0, "{mode:?}: counted as source_range drops");
+    let seen = seen_by_backend(&tcp(&world, format!("{NODE_A}:{NODE_PORT_TCP}"), 3));
+    assert!(!seen.is_empty(), "{mode:?}: the node port is not filtered");
+    // A pod is filtered by its own address, as with kube-proxy: its socket is left to tc
+    // (10.244.0.0/16 is inside 10.0.0.0/8).
+    let results = world
+        .probe(
+            1,
+            true,
+            &["tcp", "--to", &format!("{LB_IP}:80"), "--count", "3"],
+        )
+        .unwrap();
+    assert!(
+        !seen_by_backend(&results).is_empty(),
+        "{mode:?}: a pod in the range"
+    );
+}
+
+#[test]
 fn load_balancer_and_external_ips_reach_pods_on_both_nodes() {
     load_balancer_and_external_ips(Mode::Tc);
 }
