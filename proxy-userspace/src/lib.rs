@@ -1,6 +1,5 @@
 //! The userspace side of the eBPF service proxy: input sources, validation, translation to
 //! map entries, the reconciler that programs the pinned maps, and the tools around them.
-pub mod affinity_cleanup;
 pub mod agent;
 pub mod allocator;
 pub mod background;
@@ -35,6 +34,7 @@ pub mod nodeport_addresses;
 pub mod preflight;
 pub mod reconcile;
 pub mod rejection;
+pub mod removed_backends;
 pub mod rest_client_metrics;
 pub mod source;
 pub mod store;

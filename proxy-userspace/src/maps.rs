@@ -5,8 +5,14 @@ use std::{
 };
 
 use crate::{
-    affinity_cleanup::AffinityCleanup, cidr::Cidr, desired::Frontend, map_batch,
-    map_error::MapWriteError, model::ServiceType, reconcile::ServiceMeta,
+    cidr::Cidr,
+    ct_account::CtAccount,
+    desired::Frontend,
+    map_batch,
+    map_error::MapWriteError,
+    model::ServiceType,
+    reconcile::ServiceMeta,
+    removed_backends::{self, RemovedBackends},
 };
 use anyhow::{Context as _, bail};
 use aya::maps::{
@@ -30,7 +36,7 @@ pub struct Maps {
     /// Where the maps are pinned.
     dir: PathBuf,
     /// Started on the first removed backend: `proxyctl` never needs it.
-    affinity_cleanup: Option<AffinityCleanup>,
+    removed_backends: Option<RemovedBackends>,
     /// Updates and deletes made through this handle.
     pub writes: u64,
 }
@@ -73,7 +79,7 @@ impl Maps {
             service_stats: open(dir, maps::SERVICE_STATS)?,
             backend_stats: open(dir, maps::BACKEND_STATS)?,
             dir: dir.to_path_buf(),
-            affinity_cleanup: None,
+            removed_backends: None,
             writes: 0,
         })
     }
@@ -292,12 +298,17 @@ impl crate::reconcile::ServiceMaps for Maps {
             .with_context(|| format!("zeroing counters of backend id {id}"))
     }
 
-    fn forget_affinity(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()> {
-        let cleanup = match &mut self.affinity_cleanup {
+    fn forget_backends(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()> {
+        let cleanup = match &mut self.removed_backends {
             Some(cleanup) => cleanup,
-            None => self
-                .affinity_cleanup
-                .insert(AffinityCleanup::start(open(&self.dir, maps::AFFINITY)?)?),
+            None => {
+                let maps = removed_backends::Maps {
+                    affinity: open(&self.dir, maps::AFFINITY)?,
+                    conntrack: open(&self.dir, maps::CONNTRACK)?,
+                    account: CtAccount::open(&self.dir)?,
+                };
+                self.removed_backends.insert(RemovedBackends::start(maps)?)
+            }
         };
         cleanup.forget(service_id, backend_ids);
         Ok(())

@@ -45,8 +45,9 @@ pub trait ServiceMaps {
     fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()>;
-    /// Drops session-affinity and UDP-socket stickiness of `service_id` to `backend_ids`.
-    fn forget_affinity(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()>;
+    /// Forgets what `service_id` keeps of `backend_ids`, which it no longer has: session
+    /// affinity, UDP-socket stickiness and tc-path UDP flows.
+    fn forget_backends(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()>;
     /// What the maps already hold, e.g. from a previous agent.
     fn read_existing(&self) -> anyhow::Result<Existing>;
     /// How many service ids and backend ids the maps have room for (0 is never used).
@@ -718,9 +719,9 @@ impl<M: ServiceMaps> Reconciler<M> {
         Ok(())
     }
 
-    /// Cleans up after a service port moved off `old`: its slots, the affinity to backend
-    /// ids it no longer has (`kept` are its new ones), and one reference to each of its
-    /// backends.
+    /// Cleans up after a service port moved off `old`: its slots, the affinity and UDP flows
+    /// to backend ids it no longer has (`kept` are its new ones), and one reference to each
+    /// of its backends.
     fn retire(&mut self, old: &Programmed, kept: &HashSet<u32>) {
         self.delete_slots(old.value.id, old.value.generation, old.value.count);
         let lost: Vec<u32> = old
@@ -730,9 +731,9 @@ impl<M: ServiceMaps> Reconciler<M> {
             .map(|(id, _)| *id)
             .collect();
         if !lost.is_empty()
-            && let Err(e) = self.maps.forget_affinity(old.value.id, &lost)
+            && let Err(e) = self.maps.forget_backends(old.value.id, &lost)
         {
-            warn!(service = %old.meta.name, "dropping affinity to removed backends: {e:#}");
+            warn!(service = %old.meta.name, "forgetting affinity and UDP flows of removed backends: {e:#}");
         }
         let port = port_of(&old.meta.name);
         for (_, b) in &old.backends {
@@ -855,8 +856,8 @@ pub mod fake {
         fn reset_backend_counters(&mut self, _: u32) -> anyhow::Result<()> {
             Ok(())
         }
-        fn forget_affinity(&mut self, id: u32, backends: &[u32]) -> anyhow::Result<()> {
-            self.log.push(format!("forget affinity {id} {backends:?}"));
+        fn forget_backends(&mut self, id: u32, backends: &[u32]) -> anyhow::Result<()> {
+            self.log.push(format!("forget backends {id} {backends:?}"));
             Ok(())
         }
         fn writes(&self) -> u64 {
@@ -938,7 +939,7 @@ mod tests {
                 "put service 1 gen 1 count 2",
                 "delete slot 1/0/1",
                 "delete slot 1/0/2",
-                "forget affinity 1 [1]",
+                "forget backends 1 [1]",
                 "delete backend 1",
             ]
         );

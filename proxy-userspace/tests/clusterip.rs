@@ -242,6 +242,49 @@ fn removed_backend_gets_no_new_connections_while_established_ones_keep_working()
 }
 
 #[test]
+fn a_tc_path_udp_flow_whose_backend_leaves_is_balanced_again() {
+    // kube-proxy deletes the conntrack entries of UDP flows to an endpoint that left the
+    // service (conntrack/cleanup.go): the next datagram is balanced again, although the
+    // backend's process still answers. TCP flows keep their backend (test above).
+    let (mut world, backends) = three_backends();
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    let to = format!("{VIP}:53");
+    let hold = [
+        "udp",
+        "--to",
+        &to,
+        "--connected",
+        "--hold-ms",
+        "3000",
+        "--interval-ms",
+        "100",
+    ];
+    let (flow, first) = world.spawn_probe(CLIENT, false, &hold).unwrap();
+    let left = first["backend"].as_str().unwrap().to_owned();
+    let kept: Vec<Ipv4Addr> = (1..=3)
+        .filter(|i| format!("backend-{i}") != left)
+        .map(|i| world.pod(i).ip)
+        .collect();
+    let syncs = agent.syncs();
+    world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&kept)))
+        .unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    let summary = world.finish_probe(flow).unwrap();
+    let last = summary["last_backend"].as_str().unwrap();
+    assert_ne!(
+        last, left,
+        "the flow still reaches the removed backend: {summary}"
+    );
+    assert!(last.starts_with("backend-"), "{summary}");
+    // A datagram answered while its flow was being deleted can be lost: no more.
+    assert!(summary["failures"].as_u64().unwrap() <= 1, "{summary}");
+    assert!(summary["exchanges"].as_u64().unwrap() >= 20, "{summary}");
+}
+
+#[test]
 fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured() {
     let (mut world, backends) = three_backends();
     let [p1, p2, p3]: [Ipv4Addr; 3] = backends.try_into().unwrap();

@@ -1,0 +1,162 @@
+//! What a service port keeps of a backend it no longer has, forgotten off the programming
+//! path: session affinity to it, and its UDP flows on the tc path, so that the next
+//! datagram of such a flow is balanced again (as kube-proxy clears the kernel's conntrack
+//! entries of UDP flows to a removed endpoint: DNS breaking after a CoreDNS pod moved is the
+//! classic). TCP flows keep their backend, as with kube-proxy. Finding the entries means
+//! scanning whole maps, so a thread of its own does it, one scan for every batch of
+//! requests that queued up meanwhile (well under a second for full maps); until then a
+//! sticky client or a UDP flow can reach the removed backend once more.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::mpsc,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use proxy_common::{AffinityKey, AffinityValue, CT_FLAG_PASS, CtEntry, CtKey, IPPROTO_UDP};
+use tracing::warn;
+
+use crate::ct_account::CtAccount;
+
+/// Backend ids to forget, by service id.
+type Stale = HashMap<u32, HashSet<u32>>;
+
+fn add(stale: &mut Stale, (service_id, backend_ids): (u32, Vec<u32>)) {
+    stale.entry(service_id).or_default().extend(backend_ids);
+}
+
+fn is_stale(stale: &Stale, service_id: u32, backend_id: u32) -> bool {
+    stale
+        .get(&service_id)
+        .is_some_and(|backends| backends.contains(&backend_id))
+}
+
+/// A UDP flow of the tc path to a removed backend (either of its two entries).
+fn is_stale_flow(stale: &Stale, key: &CtKey, entry: &CtEntry) -> bool {
+    key.proto == IPPROTO_UDP
+        && entry.flags & CT_FLAG_PASS == 0
+        && is_stale(stale, entry.rev_nat_id, entry.backend_id)
+}
+
+/// The maps the worker cleans.
+pub struct Maps {
+    pub affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
+    pub conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
+    pub account: CtAccount,
+}
+
+/// Deletes the keys of `map` that `stale` picks; how many went.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    stale: impl Fn(&K, &V) -> bool,
+) -> u64 {
+    let mut keys: Vec<K> = Vec::new();
+    // A map that cannot be read now is cleaned at the next removal.
+    let _ = crate::map_batch::for_each_chunk(map, |k, v| {
+        keys.extend(
+            k.iter()
+                .zip(v)
+                .filter(|(k, v)| stale(k, v))
+                .map(|(k, _)| *k),
+        );
+    });
+    // Already gone (LRU eviction, a datapath race) is fine.
+    keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64
+}
+
+pub struct RemovedBackends {
+    requests: mpsc::Sender<(u32, Vec<u32>)>,
+}
+
+impl RemovedBackends {
+    /// Starts the worker; it ends when this handle is dropped.
+    pub fn start(mut maps: Maps) -> anyhow::Result<Self> {
+        let (requests, queue) = mpsc::channel();
+        crate::background::spawn("removed-backends", move || {
+            while let Ok(first) = queue.recv() {
+                let mut stale = Stale::new();
+                add(&mut stale, first);
+                while let Ok(more) = queue.try_recv() {
+                    add(&mut stale, more);
+                }
+                remove_where(&mut maps.affinity, |k, v| {
+                    is_stale(&stale, k.service_id, v.backend_id)
+                });
+                let flows = remove_where(&mut maps.conntrack, |k, e| is_stale_flow(&stale, k, e));
+                maps.account.add_deleted(flows);
+            }
+        })?;
+        Ok(Self { requests })
+    }
+
+    /// Queues forgetting what `service_id` keeps of `backend_ids`.
+    pub fn forget(&self, service_id: u32, backend_ids: &[u32]) {
+        if self
+            .requests
+            .send((service_id, backend_ids.to_vec()))
+            .is_err()
+        {
+            warn!(
+                "the removed-backend clean-up thread has stopped; affinity and UDP flows to \
+                 removed backends stay until they expire"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_forgets_the_union_of_its_requests_only() {
+        let mut stale = Stale::new();
+        add(&mut stale, (1, vec![10]));
+        add(&mut stale, (1, vec![11]));
+        add(&mut stale, (2, vec![10]));
+        let key = |service_id| AffinityKey {
+            client: 7,
+            service_id,
+            kind: 0,
+            pad: [0; 3],
+        };
+        let to = |backend_id| AffinityValue {
+            backend_id,
+            pad: 0,
+            last_used_ns: 0,
+        };
+        let stale_affinity = |service_id, backend_id| {
+            is_stale(
+                &stale,
+                key(service_id).service_id,
+                to(backend_id).backend_id,
+            )
+        };
+        assert!(stale_affinity(1, 10));
+        assert!(stale_affinity(1, 11));
+        assert!(stale_affinity(2, 10));
+        assert!(!stale_affinity(2, 11), "another service's backend");
+        assert!(!stale_affinity(3, 10));
+    }
+
+    #[test]
+    fn only_udp_flows_of_the_tc_path_are_forgotten() {
+        let mut stale = Stale::new();
+        add(&mut stale, (1, vec![10]));
+        let flow = |proto, flags| {
+            let key = CtKey {
+                proto,
+                ..CtKey::default()
+            };
+            let entry = CtEntry {
+                rev_nat_id: 1,
+                backend_id: 10,
+                flags,
+                ..CtEntry::default()
+            };
+            is_stale_flow(&stale, &key, &entry)
+        };
+        assert!(flow(IPPROTO_UDP, 0));
+        assert!(!flow(proxy_common::IPPROTO_TCP, 0), "TCP keeps its backend");
+        assert!(!flow(IPPROTO_UDP, CT_FLAG_PASS), "kube-proxy's own flow");
+    }
+}
