@@ -307,7 +307,8 @@ fn backends(
             .iter()
             .any(|(e, _)| e.ready || (e.serving && e.terminating));
     let why = |e: &EndpointSpec| {
-        if !e.ready && !(e.serving && e.terminating) {
+        let usable = e.ready || (e.serving && e.terminating);
+        if !usable {
             UNUSED_NOT_READY
         } else if local && !topology.is_local(e) {
             UNUSED_NOT_LOCAL

@@ -9,7 +9,7 @@ use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -73,7 +73,20 @@ pub struct Monitor {
     started_ns: u64,
     /// CLOCK_MONOTONIC → Unix time.
     offset_secs: f64,
-    _lock: File,
+    _lock: Lock,
+}
+
+/// The monitor's lock file, removed when it ends.
+struct Lock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        // A monitor started meanwhile was refused, not queued: nobody waits on this file.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl Monitor {
@@ -150,7 +163,7 @@ impl Monitor {
 /// An exclusive `flock` standing for the ring buffer at `path`: on a lock file named after
 /// its pin's inode (bpffs refuses open(2) on a ring buffer's pin), in the temporary directory
 /// (so a monitor on the host and one in the agent's container do not see each other).
-fn exclusive(path: &Path) -> anyhow::Result<File> {
+fn exclusive(path: &Path) -> anyhow::Result<Lock> {
     let pin = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     let lock_path =
         std::env::temp_dir().join(format!("proxyctl-monitor-{}-{}.lock", pin.dev(), pin.ino()));
@@ -164,5 +177,8 @@ fn exclusive(path: &Path) -> anyhow::Result<File> {
             path.display()
         );
     }
-    Ok(file)
+    Ok(Lock {
+        _file: file,
+        path: lock_path,
+    })
 }

@@ -62,17 +62,18 @@ mod tests {
 
     #[test]
     fn keywords_and_cidrs_as_kube_proxy_takes_them() {
-        let primary = Some(Ipv4Addr::new(192, 168, 50, 1));
+        let node_ip = Ipv4Addr::new(192, 168, 50, 1);
+        let primary = Some(node_ip);
         let other = Ipv4Addr::new(192, 168, 50, 11);
         let p = NodePortAddresses::parse("primary").unwrap();
-        assert!(p.admits(primary.unwrap(), primary) && !p.admits(other, primary));
+        assert!(p.admits(node_ip, primary) && !p.admits(other, primary));
         assert!(
             NodePortAddresses::parse("all")
                 .unwrap()
                 .admits(other, primary)
         );
         let c = NodePortAddresses::parse("192.168.50.8/29, 10.0.0.0/8").unwrap();
-        assert!(c.admits(other, primary) && !c.admits(primary.unwrap(), primary));
+        assert!(c.admits(other, primary) && !c.admits(node_ip, primary));
         assert!(c.admits(Ipv4Addr::new(10, 1, 2, 3), None));
         assert!(
             NodePortAddresses::parse("0.0.0.0/0")
