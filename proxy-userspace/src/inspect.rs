@@ -97,6 +97,32 @@ impl Tables {
             .unwrap_or_default()
     }
 
+    /// The backends of a frontend's entry, in slot order: (backend id, backend).
+    fn slot_backends(
+        &self,
+        service: &ServiceRow,
+        value: &ServiceValue,
+    ) -> anyhow::Result<Vec<(u32, Backend)>> {
+        (1..=value.count)
+            .map(|slot| {
+                let key = SlotKey {
+                    service_id: value.id,
+                    generation: value.generation,
+                    pad: 0,
+                    slot,
+                };
+                let id = *self.slots.get(&key).with_context(|| {
+                    format!("slot {slot} of {} is not in the map", service.full_name())
+                })?;
+                let backend = *self
+                    .backends
+                    .get(&id)
+                    .with_context(|| format!("backend {id} is not in the map"))?;
+                Ok((id, backend))
+            })
+            .collect()
+    }
+
     fn backend_counters(&self, id: u32) -> Counters {
         self.backend_stats
             .get(id as usize)
@@ -356,30 +382,12 @@ pub fn backend_counters(
     service: &ServiceRow,
 ) -> anyhow::Result<Vec<(u32, Backend, Counters)>> {
     let mut rows: Vec<(u32, Backend, Counters)> = Vec::new();
-    let slots = service.frontends.iter().flat_map(|(_, _, v)| {
-        (1..=v.count).map(|slot| SlotKey {
-            service_id: v.id,
-            generation: v.generation,
-            pad: 0,
-            slot,
-        })
-    });
-    for key in slots {
-        let id = *tables.slots.get(&key).with_context(|| {
-            format!(
-                "slot {} of {} is not in the map",
-                key.slot,
-                service.full_name()
-            )
-        })?;
-        if rows.iter().any(|(seen, _, _)| *seen == id) {
-            continue;
+    for (_, _, value) in &service.frontends {
+        for (id, backend) in tables.slot_backends(service, value)? {
+            if !rows.iter().any(|(seen, _, _)| *seen == id) {
+                rows.push((id, backend, tables.backend_counters(id)));
+            }
         }
-        let backend = *tables
-            .backends
-            .get(&id)
-            .with_context(|| format!("backend {id} is not in the map"))?;
-        rows.push((id, backend, tables.backend_counters(id)));
     }
     Ok(rows)
 }
@@ -489,24 +497,11 @@ pub fn frontends(tables: &Tables, service: &ServiceRow) -> anyhow::Result<Vec<Fr
                 0 => ("rejected", Some(DropReason::NoEndpoints.name())),
                 _ => ("balanced", None),
             };
-            let backends: Vec<String> = (1..=value.count)
-                .map(|slot| {
-                    let key = SlotKey {
-                        service_id: value.id,
-                        generation: value.generation,
-                        pad: 0,
-                        slot,
-                    };
-                    let b = tables
-                        .slots
-                        .get(&key)
-                        .and_then(|id| tables.backends.get(id))
-                        .with_context(|| {
-                            format!("slot {slot} of {} is not in the map", service.full_name())
-                        })?;
-                    Ok(format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
-                })
-                .collect::<anyhow::Result<_>>()?;
+            let backends: Vec<String> = tables
+                .slot_backends(service, value)?
+                .iter()
+                .map(|(_, b)| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
+                .collect();
             let counters = tables.service_counters(value.id);
             Ok(FrontendRow {
                 frontend: frontend.name(),

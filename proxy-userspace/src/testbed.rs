@@ -723,8 +723,36 @@ impl World {
         serde_json::from_str(last).with_context(|| format!("bad netprobe line {last:?}"))
     }
 
-    /// Starts proxyctl on node `node`'s maps in the background (`monitor`); returns a handle
-    /// for `finish_output` and its pid.
+    /// Runs `proxyctl monitor -o json --count 1` on node `node`'s maps, repeating `trigger`
+    /// (at most 10 times) until the monitor has printed its event — it skips what happened
+    /// before it started; the event.
+    pub fn first_monitored(
+        &mut self,
+        node: usize,
+        mut trigger: impl FnMut(&World),
+    ) -> anyhow::Result<Value> {
+        let args = [
+            "monitor",
+            "--output",
+            "json",
+            "--count",
+            "1",
+            "--seconds",
+            "10",
+        ];
+        let (output, pid) = self.spawn_proxyctl_on(node, &args)?;
+        for _ in 0..10 {
+            trigger(self);
+            if self.wait_exit(pid, Duration::from_millis(300)).is_ok() {
+                break;
+            }
+        }
+        let printed = self.finish_output(output)?;
+        serde_json::from_str(printed.trim()).with_context(|| format!("monitor printed {printed:?}"))
+    }
+
+    /// Starts proxyctl on node `node`'s maps in the background; returns a handle for
+    /// `finish_output` and its pid.
     pub fn spawn_proxyctl_on(
         &mut self,
         node: usize,

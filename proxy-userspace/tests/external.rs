@@ -358,42 +358,25 @@ fn local_policy(mode: Mode) {
     }
     // Node-b has none: it drops (no answer, not even a refusal), as kube-proxy does, and
     // `proxyctl monitor` there shows each drop with its flow and service.
-    let (output, monitor) = world
-        .spawn_proxyctl_on(
-            1,
-            &[
-                "monitor",
-                "--output",
-                "json",
-                "--count",
-                "1",
-                "--seconds",
-                "10",
-            ],
-        )
+    let event = world
+        .first_monitored(1, |world| {
+            let dropped = world
+                .probe_ext(&[
+                    "tcp",
+                    "--to",
+                    &format!("{NODE_B}:{NODE_PORT_TCP}"),
+                    "--timeout-ms",
+                    "500",
+                ])
+                .unwrap();
+            assert_eq!(dropped[0]["ok"], false, "{dropped:?}");
+            assert_eq!(
+                dropped[0]["kind"], "timeout",
+                "dropped, not refused: {dropped:?}"
+            );
+        })
         .unwrap();
-    for _ in 0..10 {
-        let dropped = world
-            .probe_ext(&[
-                "tcp",
-                "--to",
-                &format!("{NODE_B}:{NODE_PORT_TCP}"),
-                "--timeout-ms",
-                "500",
-            ])
-            .unwrap();
-        assert_eq!(dropped[0]["ok"], false, "{dropped:?}");
-        assert_eq!(
-            dropped[0]["kind"], "timeout",
-            "dropped, not refused: {dropped:?}"
-        );
-        if world.wait_exit(monitor, Duration::from_millis(100)).is_ok() {
-            break;
-        }
-    }
     assert!(drops(&world, 1, "no_local_endpoint") > 0);
-    let printed = world.finish_output(output).unwrap();
-    let event: Value = serde_json::from_str(printed.trim()).unwrap();
     assert_eq!(event["action"], "drop", "{event}");
     assert_eq!(event["reason"], "no_local_endpoint", "{event}");
     assert_eq!(event["service"], "default/web:http", "{event}");

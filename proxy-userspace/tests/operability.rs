@@ -484,52 +484,24 @@ fn at_debug_the_agents_libraries_stay_at_info() {
     );
 }
 
-/// Starts `proxyctl monitor -o json --count 1` and repeats `trigger` until the monitor has
-/// printed its event (the monitor skips what happened before it started); the event.
-fn first_monitored(world: &mut World, node: usize, mut trigger: impl FnMut(&World)) -> Value {
-    let (output, pid) = world
-        .spawn_proxyctl_on(
-            node,
-            &[
-                "monitor",
-                "--output",
-                "json",
-                "--count",
-                "1",
-                "--seconds",
-                "10",
-            ],
-        )
-        .unwrap();
-    for _ in 0..10 {
-        trigger(world);
-        if world
-            .wait_exit(pid, std::time::Duration::from_millis(500))
-            .is_ok()
-        {
-            break;
-        }
-    }
-    let printed = world.finish_output(output).unwrap();
-    serde_json::from_str(printed.trim()).unwrap_or_else(|e| panic!("{e}: {printed:?}"))
-}
-
 #[test]
 fn monitor_shows_a_refused_connection_with_its_service_and_process() {
     let (mut world, _) = world();
     world
         .start_agent(&service_manifest("empty", VIP, None, &[]), true)
         .unwrap();
-    let event = first_monitored(&mut world, 0, |world| {
-        let refused = world
-            .probe(
-                CLIENT,
-                true,
-                &["tcp", "--to", &format!("{VIP}:80"), "--timeout-ms", "200"],
-            )
-            .unwrap();
-        assert_eq!(refused[0]["kind"], "refused", "{refused:?}");
-    });
+    let event = world
+        .first_monitored(0, |world| {
+            let refused = world
+                .probe(
+                    CLIENT,
+                    true,
+                    &["tcp", "--to", &format!("{VIP}:80"), "--timeout-ms", "200"],
+                )
+                .unwrap();
+            assert_eq!(refused[0]["kind"], "refused", "{refused:?}");
+        })
+        .unwrap();
     assert_eq!(event["action"], "reject", "{event}");
     assert_eq!(event["reason"], "no_endpoints", "{event}");
     assert_eq!(event["service"], "default/empty:http", "{event}");
@@ -539,15 +511,17 @@ fn monitor_shows_a_refused_connection_with_its_service_and_process() {
     assert_eq!(event["hook"], "connect", "{event}");
     assert!(event["pid"].as_u64().is_some_and(|p| p > 1), "{event}");
     // The tc path refuses with ICMP port unreachable; its event has the client's flow.
-    let event = first_monitored(&mut world, 0, |world| {
-        world
-            .probe(
-                CLIENT,
-                false,
-                &["udp", "--to", &format!("{VIP}:53"), "--timeout-ms", "200"],
-            )
-            .unwrap();
-    });
+    let event = world
+        .first_monitored(0, |world| {
+            world
+                .probe(
+                    CLIENT,
+                    false,
+                    &["udp", "--to", &format!("{VIP}:53"), "--timeout-ms", "200"],
+                )
+                .unwrap();
+        })
+        .unwrap();
     assert_eq!(event["reason"], "no_endpoints", "{event}");
     assert_eq!(event["service"], "default/empty:dns", "{event}");
     assert_eq!(event["hook"], "tc", "{event}");
