@@ -21,7 +21,8 @@ impl ApiServer {
         ensure!(
             scripts.join("build.sh").is_file(),
             "the Kubernetes tests need the shared kube-apiserver scripts at {} (a `shared` \
-             directory beside this checkout); none there",
+             directory beside this checkout); none there: set PROXY_K8S_SCRIPTS to their \
+             directory",
             scripts.display()
         );
         println!(
