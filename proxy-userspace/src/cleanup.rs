@@ -74,7 +74,7 @@ pub fn agent_datapath(bpffs: &Path) -> anyhow::Result<Removed> {
             std::fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))?
         {
             let entry = entry?;
-            std::fs::remove_file(entry.path())
+            link_target::detach_and_unpin(&entry.path())
                 .with_context(|| format!("removing the pin {}", entry.path().display()))?;
             removed
                 .links

@@ -567,9 +567,10 @@ impl Datapath {
     }
 }
 
-/// Removes a link's pin; the link detaches once no one holds it.
+/// Detaches a pinned link and removes its pin.
 fn unpin(path: &Path) -> anyhow::Result<()> {
-    std::fs::remove_file(path).with_context(|| format!("removing the pin {}", path.display()))
+    link_target::detach_and_unpin(path)
+        .with_context(|| format!("removing the pin {}", path.display()))
 }
 
 fn add_clsact(iface: &str) -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 //! What a pinned bpf_link is attached to, as the kernel says (`BPF_OBJ_GET_INFO_BY_FD`):
 //! a pin file proves nothing, since `bpftool link detach` or a deleted interface leaves the
-//! link defunct behind it. aya 0.14's `LinkInfo` does not expose the target, hence these
-//! two raw calls.
+//! link defunct behind it; and removing a pinned link at once (`BPF_LINK_DETACH`). aya
+//! 0.14 exposes neither the target nor the detach, hence these raw calls.
 use std::{
     ffi::CString,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -10,6 +10,7 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
@@ -88,6 +89,19 @@ pub fn of_pin(path: &Path) -> std::io::Result<LinkTarget> {
         },
         _ => LinkTarget::Other,
     })
+}
+
+/// Detaches the link pinned at `path` now, then removes the pin. Removing the pin alone
+/// detaches it only when the kernel frees the pin's inode, after an RCU grace period and a
+/// workqueue pass: a connection made right after could still be balanced by it. A link
+/// that cannot be detached this way (the kernel says so) goes with its pin as before.
+pub fn detach_and_unpin(path: &Path) -> std::io::Result<()> {
+    if let Ok(fd) = open_pin(path) {
+        let mut attr = [fd.as_raw_fd() as u64, 0, 0, 0];
+        // An error is a link already detached or of a kind without this command.
+        let _ = bpf(BPF_LINK_DETACH, &mut attr);
+    }
+    std::fs::remove_file(path)
 }
 
 /// The index of interface `name` in this network namespace, if it exists.
