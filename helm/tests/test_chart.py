@@ -82,6 +82,8 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
     check(f"{label}: bpffs mounted by an init container", init["mount-bpffs"]["volumeMounts"][0]["mountPropagation"] == "Bidirectional", init)
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     check(f"{label}: bpffs and cgroup mounted", {"/sys/fs/bpf", values.get("agent", {}).get("cgroupPath", "/sys/fs/cgroup")} <= mounts, mounts)
+    netns = [m for m in container["volumeMounts"] if m["mountPath"] == "/run/netns"]
+    check(f"{label}: pods' network namespaces visible, read-only, as they come", netns and netns[0].get("readOnly") and netns[0].get("mountPropagation") == "HostToContainer", netns)
     check(f"{label}: node name and IP from the downward API", {"NODE_NAME", "PROXY_NODE_IP"} <= env.keys(), env)
     (role,) = by_kind(docs, "ClusterRole")
     verbs = {v for rule in role["rules"] for v in rule["verbs"]}
@@ -94,7 +96,8 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
     if label == "default":
         context = container["securityContext"]
         caps = context["capabilities"]["add"]
-        check("default: the capabilities the agent test runs with, no SYS_ADMIN, not privileged", context["privileged"] is False and sorted(caps) == ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"], caps)
+        check("default: the capabilities the agent tests run with, not privileged", context["privileged"] is False and sorted(caps) == ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"], caps)
+        check("default: TCP connections keep a removed backend, as with kube-proxy", config["data"]["PROXY_DESTROY_TCP_TO_REMOVED_BACKENDS"] == "false", config["data"])
         check("default: AppArmor and seccomp unconfined (as the image check runs it), SELinux spc_t", context["appArmorProfile"] == {"type": "Unconfined"} and context["seccompProfile"] == {"type": "Unconfined"} and context["seLinuxOptions"] == {"type": "spc_t"}, context)
         check("default: API server address from k8sServiceHost", env.get("PROXY_K8S_API_SERVER") == "10.0.0.10:6443", env)
         check("default: no ServiceMonitor", not by_kind(docs, "ServiceMonitor"))
@@ -110,6 +113,7 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
         check("all options: metrics bound for scraping", config["data"]["PROXY_METRICS_BIND"] == "0.0.0.0:9249")
         check("all options: XDP mode and interfaces passed to the agent", config["data"]["PROXY_XDP"] == "generic" and config["data"]["PROXY_XDP_INTERFACES"] == "eth0", config["data"])
         check("all options: NodePort addresses passed to the agent", config["data"]["PROXY_NODEPORT_ADDRESSES"] == "192.168.0.0/16,10.0.0.0/8", config["data"])
+        check("all options: TCP connections to removed backends destroyed", config["data"]["PROXY_DESTROY_TCP_TO_REMOVED_BACKENDS"] == "true", config["data"])
         check("all options: masquerade ports passed to the agent", config["data"]["PROXY_MASQUERADE_PORTS"] == "62000-65000", config["data"])
         check("all options: kube-proxy's rules removed by an init container", init["cleanup-kube-proxy"]["args"] == ["--cleanup-kube-proxy"], init)
         mounts_by_name = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}

@@ -42,6 +42,7 @@ use crate::{
     rejection::{Reason, Rejection},
     rest_client_metrics::RestClientMetrics,
     source::{self, SourceEvent},
+    stale_sockets::StaleSockets,
     store::{Kind, Object, Outcome, Store, name_of},
     sync_state::SharedSyncState,
     trigger_times::TriggerTimes,
@@ -71,6 +72,8 @@ pub struct Config {
     pub node_ip: Option<std::net::Ipv4Addr>,
     /// Which node addresses NodePorts answer on.
     pub node_port_addresses: NodePortAddresses,
+    /// Destroy connected TCP sockets to removed backends too (UDP ones always are).
+    pub destroy_tcp_to_removed_backends: bool,
     /// Source ports of masqueraded connections.
     pub masquerade_ports: std::ops::RangeInclusive<u16>,
     pub tc_attach: TcAttach,
@@ -609,7 +612,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     datapath.detach_stale()?;
     node_addresses.current.program(&config.bpffs)?;
     info!("{}", node_addresses.current);
-    let reconciler = Reconciler::adopt(Maps::open(&config.bpffs)?)?;
+    let state = SharedSyncState::default();
+    let metrics = Arc::new(
+        Metrics::new(config.bpffs.clone(), state.clone(), &rest_metrics)
+            .context("registering metrics")?,
+    );
+    let mut maps = Maps::open(&config.bpffs)?;
+    maps.stale_sockets = StaleSockets::new(
+        &config.bpffs,
+        &cgroup,
+        config.destroy_tcp_to_removed_backends,
+        metrics.stale_sockets_destroyed.clone(),
+    );
+    let reconciler = Reconciler::adopt(maps)?;
     if !reconciler.is_empty() {
         info!(
             "adopted {} service ports already in the pinned maps",
@@ -640,11 +655,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ),
         }
     }
-    let state = SharedSyncState::default();
-    let metrics = Arc::new(
-        Metrics::new(config.bpffs.clone(), state.clone(), &rest_metrics)
-            .context("registering metrics")?,
-    );
     // The pinned map's own: one created by an earlier agent keeps its size.
     let conntrack_capacity = aya::maps::IterableMap::map(&conntrack)
         .info()

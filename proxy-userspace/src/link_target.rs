@@ -4,13 +4,12 @@
 //! 0.14 exposes neither the target nor the detach, hence these raw calls.
 use std::{
     ffi::CString,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     path::Path,
 };
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_DETACH: libc::c_long = 34;
+use crate::bpf_syscall::{bpf, bpf_cmd, bpf_fd};
+
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
@@ -40,31 +39,12 @@ struct LinkInfo {
     target: [u64; 4],
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 4]) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a zero-padded bpf_attr larger than either command reads.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr) as u32,
-        )
-    };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 /// Opens the object pinned at `path`.
 fn open_pin(path: &Path) -> std::io::Result<OwnedFd> {
     let path = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut attr = [path.as_ptr() as u64, 0, 0, 0];
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    bpf_fd(bpf_cmd::BPF_OBJ_GET, &mut attr)
 }
 
 /// What the link pinned at `path` is attached to.
@@ -77,7 +57,7 @@ pub fn of_pin(path: &Path) -> std::io::Result<LinkTarget> {
         0,
         0,
     ];
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(match info.kind {
         BPF_LINK_TYPE_CGROUP => match info.target[0] {
             0 => LinkTarget::Detached,
@@ -99,7 +79,7 @@ pub fn detach_and_unpin(path: &Path) -> std::io::Result<()> {
     if let Ok(fd) = open_pin(path) {
         let mut attr = [fd.as_raw_fd() as u64, 0, 0, 0];
         // An error is a link already detached or of a kind without this command.
-        let _ = bpf(BPF_LINK_DETACH, &mut attr);
+        let _ = bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr);
     }
     std::fs::remove_file(path)
 }

@@ -13,6 +13,7 @@ use crate::{
     model::ServiceType,
     reconcile::ServiceMeta,
     removed_backends::{self, RemovedBackends},
+    stale_sockets::StaleSockets,
 };
 use anyhow::{Context as _, bail};
 use aya::maps::{
@@ -37,6 +38,8 @@ pub struct Maps {
     dir: PathBuf,
     /// Started on the first removed backend: `proxyctl` never needs it.
     removed_backends: Option<RemovedBackends>,
+    /// Handed to `removed_backends` when it starts; the agent sets it.
+    pub stale_sockets: Option<StaleSockets>,
     /// Updates and deletes made through this handle.
     pub writes: u64,
 }
@@ -80,6 +83,7 @@ impl Maps {
             backend_stats: open(dir, maps::BACKEND_STATS)?,
             dir: dir.to_path_buf(),
             removed_backends: None,
+            stale_sockets: None,
             writes: 0,
         })
     }
@@ -298,7 +302,11 @@ impl crate::reconcile::ServiceMaps for Maps {
             .with_context(|| format!("zeroing counters of backend id {id}"))
     }
 
-    fn forget_backends(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()> {
+    fn forget_backends(
+        &mut self,
+        service_id: u32,
+        backends: &[(u32, Backend)],
+    ) -> anyhow::Result<()> {
         let cleanup = match &mut self.removed_backends {
             Some(cleanup) => cleanup,
             None => {
@@ -306,11 +314,12 @@ impl crate::reconcile::ServiceMaps for Maps {
                     affinity: open(&self.dir, maps::AFFINITY)?,
                     conntrack: open(&self.dir, maps::CONNTRACK)?,
                     account: CtAccount::open(&self.dir)?,
+                    sockets: self.stale_sockets.take(),
                 };
                 self.removed_backends.insert(RemovedBackends::start(maps)?)
             }
         };
-        cleanup.forget(service_id, backend_ids);
+        cleanup.forget(service_id, backends);
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use tracing::debug;
 
 use crate::{
     datapath_metrics::DatapathMetrics, rejection::Reason, rest_client_metrics::RestClientMetrics,
-    sync_state::SharedSyncState,
+    sock_destroy::Protocol, sync_state::SharedSyncState,
 };
 
 pub struct Metrics {
@@ -41,6 +41,7 @@ pub struct Metrics {
     pub conntrack_expired: IntCounter,
     pub conntrack_evicted: IntCounter,
     pub source_errors: IntCounter,
+    pub stale_sockets_destroyed: IntCounterVec,
 }
 
 fn register<T: Collector + Clone + 'static>(
@@ -141,6 +142,16 @@ impl Metrics {
                     &["reason"],
                 )?,
             )?,
+            stale_sockets_destroyed: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "proxy_stale_sockets_destroyed_total",
+                        "Connected sockets the socket hooks had pointed at a backend that left the service, destroyed so that they connect again, by protocol.",
+                    ),
+                    &["protocol"],
+                )?,
+            )?,
             map_update_errors: register(
                 &r,
                 IntCounter::new(
@@ -232,6 +243,10 @@ impl Metrics {
         };
         for reason in Reason::ALL {
             m.rejected.with_label_values(&[reason.label()]);
+        }
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            m.stale_sockets_destroyed
+                .with_label_values(&[protocol.name()]);
         }
         Ok(m)
     }

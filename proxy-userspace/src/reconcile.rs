@@ -45,9 +45,14 @@ pub trait ServiceMaps {
     fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()>;
-    /// Forgets what `service_id` keeps of `backend_ids`, which it no longer has: session
-    /// affinity, UDP-socket stickiness and tc-path UDP flows.
-    fn forget_backends(&mut self, service_id: u32, backend_ids: &[u32]) -> anyhow::Result<()>;
+    /// Forgets what `service_id` keeps of `backends` (id, backend), which it no longer has:
+    /// session affinity, tc-path UDP flows, and the connected sockets the socket hooks
+    /// pointed at them.
+    fn forget_backends(
+        &mut self,
+        service_id: u32,
+        backends: &[(u32, Backend)],
+    ) -> anyhow::Result<()>;
     /// What the maps already hold, e.g. from a previous agent.
     fn read_existing(&self) -> anyhow::Result<Existing>;
     /// How many service ids and backend ids the maps have room for (0 is never used).
@@ -724,16 +729,16 @@ impl<M: ServiceMaps> Reconciler<M> {
     /// of its backends.
     fn retire(&mut self, old: &Programmed, kept: &HashSet<u32>) {
         self.delete_slots(old.value.id, old.value.generation, old.value.count);
-        let lost: Vec<u32> = old
+        let lost: Vec<(u32, Backend)> = old
             .backends
             .iter()
             .filter(|(id, _)| !kept.contains(id))
-            .map(|(id, _)| *id)
+            .copied()
             .collect();
         if !lost.is_empty()
             && let Err(e) = self.maps.forget_backends(old.value.id, &lost)
         {
-            warn!(service = %old.meta.name, "forgetting affinity and UDP flows of removed backends: {e:#}");
+            warn!(service = %old.meta.name, "forgetting affinity, UDP flows and sockets of removed backends: {e:#}");
         }
         let port = port_of(&old.meta.name);
         for (_, b) in &old.backends {
@@ -856,8 +861,9 @@ pub mod fake {
         fn reset_backend_counters(&mut self, _: u32) -> anyhow::Result<()> {
             Ok(())
         }
-        fn forget_backends(&mut self, id: u32, backends: &[u32]) -> anyhow::Result<()> {
-            self.log.push(format!("forget backends {id} {backends:?}"));
+        fn forget_backends(&mut self, id: u32, backends: &[(u32, Backend)]) -> anyhow::Result<()> {
+            let ids: Vec<u32> = backends.iter().map(|(id, _)| *id).collect();
+            self.log.push(format!("forget backends {id} {ids:?}"));
             Ok(())
         }
         fn writes(&self) -> u64 {

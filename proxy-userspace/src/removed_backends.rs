@@ -1,27 +1,35 @@
 //! What a service port keeps of a backend it no longer has, forgotten off the programming
-//! path: session affinity to it, and its UDP flows on the tc path, so that the next
-//! datagram of such a flow is balanced again (as kube-proxy clears the kernel's conntrack
-//! entries of UDP flows to a removed endpoint: DNS breaking after a CoreDNS pod moved is the
-//! classic). TCP flows keep their backend, as with kube-proxy. Finding the entries means
-//! scanning whole maps, so a thread of its own does it, one scan for every batch of
-//! requests that queued up meanwhile (well under a second for full maps); until then a
-//! sticky client or a UDP flow can reach the removed backend once more.
+//! path: session affinity to it, its UDP flows on the tc path, so that the next datagram
+//! of such a flow is balanced again (as kube-proxy clears the kernel's conntrack entries of
+//! UDP flows to a removed endpoint: DNS breaking after a CoreDNS pod moved is the classic),
+//! and the connected sockets the socket hooks pointed at it (`stale_sockets`). TCP flows
+//! keep their backend, as with kube-proxy. Finding the entries means scanning whole maps,
+//! so a thread of its own does it, one scan for every batch of requests that queued up
+//! meanwhile (well under a second for full maps); until then a sticky client or a UDP flow
+//! can reach the removed backend once more.
 use std::{
     collections::{HashMap, HashSet},
     sync::mpsc,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use proxy_common::{AffinityKey, AffinityValue, CT_FLAG_PASS, CtEntry, CtKey, IPPROTO_UDP};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, CT_FLAG_PASS, CtEntry, CtKey, IPPROTO_UDP,
+};
 use tracing::warn;
 
-use crate::ct_account::CtAccount;
+use crate::{ct_account::CtAccount, stale_sockets::StaleSockets};
 
 /// Backend ids to forget, by service id.
 type Stale = HashMap<u32, HashSet<u32>>;
 
-fn add(stale: &mut Stale, (service_id, backend_ids): (u32, Vec<u32>)) {
-    stale.entry(service_id).or_default().extend(backend_ids);
+type Request = (u32, Vec<(u32, Backend)>);
+
+fn add(stale: &mut Stale, (service_id, backends): &Request) {
+    stale
+        .entry(*service_id)
+        .or_default()
+        .extend(backends.iter().map(|(id, _)| *id));
 }
 
 fn is_stale(stale: &Stale, service_id: u32, backend_id: u32) -> bool {
@@ -42,6 +50,8 @@ pub struct Maps {
     pub affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     pub conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
     pub account: CtAccount,
+    /// `None` where sockets cannot be destroyed (said at start-up).
+    pub sockets: Option<StaleSockets>,
 }
 
 /// Deletes the keys of `map` that `stale` picks; how many went.
@@ -64,7 +74,7 @@ fn remove_where<K: aya::Pod, V: aya::Pod>(
 }
 
 pub struct RemovedBackends {
-    requests: mpsc::Sender<(u32, Vec<u32>)>,
+    requests: mpsc::Sender<Request>,
 }
 
 impl RemovedBackends {
@@ -73,10 +83,17 @@ impl RemovedBackends {
         let (requests, queue) = mpsc::channel();
         crate::background::spawn("removed-backends", move || {
             while let Ok(first) = queue.recv() {
+                let mut batch = vec![first];
+                batch.extend(queue.try_iter());
                 let mut stale = Stale::new();
-                add(&mut stale, first);
-                while let Ok(more) = queue.try_recv() {
-                    add(&mut stale, more);
+                let mut endpoints = crate::stale_sockets::Removed::default();
+                for request in &batch {
+                    add(&mut stale, request);
+                    endpoints.add(request.0, &request.1);
+                }
+                // The cheapest scan first: the sockets' map is a fraction of conntrack.
+                if let Some(sockets) = &mut maps.sockets {
+                    sockets.destroy(&endpoints);
                 }
                 remove_where(&mut maps.affinity, |k, v| {
                     is_stale(&stale, k.service_id, v.backend_id)
@@ -88,16 +105,12 @@ impl RemovedBackends {
         Ok(Self { requests })
     }
 
-    /// Queues forgetting what `service_id` keeps of `backend_ids`.
-    pub fn forget(&self, service_id: u32, backend_ids: &[u32]) {
-        if self
-            .requests
-            .send((service_id, backend_ids.to_vec()))
-            .is_err()
-        {
+    /// Queues forgetting what `service_id` keeps of `backends`.
+    pub fn forget(&self, service_id: u32, backends: &[(u32, Backend)]) {
+        if self.requests.send((service_id, backends.to_vec())).is_err() {
             warn!(
-                "the removed-backend clean-up thread has stopped; affinity and UDP flows to \
-                 removed backends stay until they expire"
+                "the removed-backend clean-up thread has stopped; affinity, UDP flows and \
+                 connected sockets to removed backends stay until they expire"
             );
         }
     }
@@ -109,10 +122,11 @@ mod tests {
 
     #[test]
     fn a_batch_forgets_the_union_of_its_requests_only() {
+        let to_ids = |ids: &[u32]| ids.iter().map(|id| (*id, Backend::default())).collect();
         let mut stale = Stale::new();
-        add(&mut stale, (1, vec![10]));
-        add(&mut stale, (1, vec![11]));
-        add(&mut stale, (2, vec![10]));
+        add(&mut stale, &(1, to_ids(&[10])));
+        add(&mut stale, &(1, to_ids(&[11])));
+        add(&mut stale, &(2, to_ids(&[10])));
         let key = |service_id| AffinityKey {
             client: 7,
             service_id,
@@ -141,7 +155,7 @@ mod tests {
     #[test]
     fn only_udp_flows_of_the_tc_path_are_forgotten() {
         let mut stale = Stale::new();
-        add(&mut stale, (1, vec![10]));
+        add(&mut stale, &(1, vec![(10, Backend::default())]));
         let flow = |proto, flags| {
             let key = CtKey {
                 proto,

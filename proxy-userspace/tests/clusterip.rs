@@ -284,6 +284,123 @@ fn a_tc_path_udp_flow_whose_backend_leaves_is_balanced_again() {
     assert!(summary["exchanges"].as_u64().unwrap() >= 20, "{summary}");
 }
 
+/// Removes backend `left` from the three-backend service of `world`'s running agent; what
+/// the probe started at `started` had run for when the agent had programmed it, in ms.
+fn remove_backend(
+    world: &mut World,
+    agent: &proxy::testbed::Agent,
+    left: &str,
+    started: Instant,
+) -> u64 {
+    let kept: Vec<Ipv4Addr> = (1..=3)
+        .filter(|i| format!("backend-{i}") != left)
+        .map(|i| world.pod(i).ip)
+        .collect();
+    let syncs = agent.syncs();
+    world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&kept)))
+        .unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    started.elapsed().as_millis() as u64
+}
+
+#[test]
+fn a_connected_udp_socket_the_hook_pointed_at_a_removed_backend_is_destroyed() {
+    // The socket hook connected the socket to the backend itself, so no conntrack entry is
+    // in the way: the socket is destroyed (ECONNABORTED) and a new one is balanced anew.
+    // The removed backend's process still answers throughout.
+    let (mut world, backends) = three_backends();
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    let to = format!("{VIP}:53");
+    let hold = [
+        "udp",
+        "--to",
+        &to,
+        "--connected",
+        "--reconnect-on-error",
+        "--hold-ms",
+        "4000",
+        "--interval-ms",
+        "100",
+    ];
+    let started = Instant::now();
+    let (flow, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
+    assert_eq!(
+        first["peer"],
+        to.as_str(),
+        "the hook reports the service: {first}"
+    );
+    let left = first["backend"].as_str().unwrap().to_owned();
+    let removed_at = remove_backend(&mut world, &agent, &left, started);
+    let summary = world.finish_probe(flow).unwrap();
+    let last = summary["last_backend"].as_str().unwrap();
+    assert_ne!(
+        last, left,
+        "the socket still reaches the removed backend: {summary}"
+    );
+    assert!(last.starts_with("backend-"), "{summary}");
+    assert_eq!(summary["reconnects"], 1, "{summary}");
+    // The exchange the destruction interrupted, no more.
+    assert_eq!(summary["failures"], 1, "{summary}");
+    let failed_at = summary["failed_at_ms"][0].as_u64().unwrap();
+    assert!(
+        failed_at < removed_at + 2000,
+        "destroyed {} ms after the removal was programmed: {summary}",
+        failed_at.saturating_sub(removed_at)
+    );
+    let metrics = world.agent_http("/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"proxy_stale_sockets_destroyed_total{protocol="udp"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"proxy_stale_sockets_destroyed_total{protocol="tcp"} 0"#));
+}
+
+#[test]
+fn tcp_connections_to_a_removed_backend_are_destroyed_only_where_asked() {
+    let (mut world, backends) = three_backends();
+    let manifest = world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&backends)))
+        .unwrap();
+    let agent = world
+        .start_agent_with(
+            &[
+                "--manifests",
+                &manifest.to_string_lossy(),
+                "--destroy-tcp-to-removed-backends",
+            ],
+            true,
+        )
+        .unwrap();
+    let to = format!("{VIP}:80");
+    let hold = [
+        "tcp",
+        "--to",
+        &to,
+        "--hold-ms",
+        "3000",
+        "--interval-ms",
+        "100",
+    ];
+    let started = Instant::now();
+    let (hooked, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
+    let left = first["backend"].as_str().unwrap().to_owned();
+    remove_backend(&mut world, &agent, &left, started);
+    let summary = world.finish_probe(hooked).unwrap();
+    assert!(
+        summary["failures"].as_u64().unwrap() > 0,
+        "the connection to the removed backend lived on: {summary}"
+    );
+    assert!(
+        world
+            .agent_http("/metrics")
+            .unwrap()
+            .contains(r#"proxy_stale_sockets_destroyed_total{protocol="tcp"} 1"#)
+    );
+}
+
 #[test]
 fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured() {
     let (mut world, backends) = three_backends();

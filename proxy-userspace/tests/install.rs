@@ -648,10 +648,11 @@ fn cleanup_removes_everything_the_agent_created() {
     }
 }
 
-/// The chart grants BPF, PERFMON, NET_ADMIN and SYS_RESOURCE, not SYS_ADMIN: the agent
-/// loads, attaches, serves and cleans up with those alone.
+/// The chart grants BPF, PERFMON, NET_ADMIN, SYS_RESOURCE and SYS_ADMIN, the last only to
+/// enter pods' network namespaces: without it the agent loads, attaches, serves and cleans
+/// up all the same, and says once which sockets it cannot destroy.
 #[test]
-fn the_agent_serves_with_the_charts_capabilities_alone() {
+fn the_agent_serves_with_the_charts_capabilities_but_sys_admin() {
     let (mut world, backends) = three_backends();
     world.agent_wrapper = [
         "setpriv",
@@ -669,15 +670,48 @@ fn the_agent_serves_with_the_charts_capabilities_alone() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid)).unwrap();
     let effective = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
     let mask = u64::from_str_radix(effective.split_whitespace().nth(1).unwrap(), 16).unwrap();
-    // The chart's set, less what this machine's bounding set lacks (SYS_RESOURCE here).
+    // The chart's set but SYS_ADMIN, less what this machine's bounding set lacks
+    // (SYS_RESOURCE here).
     let chart = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 24);
     let essential = (1 << 39) | (1 << 38) | (1 << 12);
     assert!(
         mask & !chart == 0 && mask & essential == essential,
         "{effective}"
     );
+    // A pod's connected UDP socket whose backend leaves: it cannot be reached.
+    let (flow, first) = world
+        .spawn_probe(
+            CLIENT,
+            true,
+            &[
+                "udp",
+                "--to",
+                "10.96.0.10:53",
+                "--connected",
+                "--hold-ms",
+                "1500",
+            ],
+        )
+        .unwrap();
+    let left = first["backend"].as_str().unwrap().to_owned();
+    let kept: Vec<_> = backends
+        .iter()
+        .zip(1..)
+        .filter(|(_, i)| format!("backend-{i}") != left)
+        .map(|(ip, _)| *ip)
+        .collect();
+    world
+        .write_manifest(&service_manifest("web", VIP, None, &ready(&kept)))
+        .unwrap();
+    agent
+        .wait_for_log(
+            &["cannot enter pods' network namespaces", "CAP_SYS_ADMIN"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    world.finish_probe(flow).unwrap();
     for hooked in [true, false] {
-        assert_eq!(tcp_spread(&world, hooked, 30).len(), 3);
+        assert_eq!(tcp_spread(&world, hooked, 30).len(), kept.len());
     }
     assert!(status_of(&world.node_http(10256, "/healthz").unwrap()).contains("200"));
     world.kill(agent.pid).unwrap();

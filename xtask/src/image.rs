@@ -172,7 +172,7 @@ fn standalone(tag: &str, manifest: &Path) -> anyhow::Result<()> {
         // As the chart runs it: these capabilities only, seccomp and AppArmor unconfined.
         command
             .args(["--network", "none", "--cap-drop", "all"])
-            .args(["--cap-add", "bpf,perfmon,net_admin"])
+            .args(["--cap-add", "bpf,perfmon,net_admin,sys_admin"])
             .args(["--security-opt", "seccomp=unconfined"])
             .args(["--security-opt", "apparmor=unconfined"])
             .args(ULIMITS)

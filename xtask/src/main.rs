@@ -79,8 +79,10 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
 /// The Kubernetes tests get a real API server and are required to run.
 fn test() -> anyhow::Result<()> {
     // Beside this checkout, or where PROXY_K8S_SCRIPTS says (a clone elsewhere).
-    let scripts = std::env::var_os("PROXY_K8S_SCRIPTS")
-        .map_or_else(|| root().join("../shared/k8s-apiserver"), std::path::PathBuf::from);
+    let scripts = std::env::var_os("PROXY_K8S_SCRIPTS").map_or_else(
+        || root().join("../shared/k8s-apiserver"),
+        std::path::PathBuf::from,
+    );
     let apiserver = apiserver::ApiServer::start(&scripts, &root().join("target/k8s-apiserver"))?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let args = ["test", "--workspace", "--exclude", "proxy-ebpf"];

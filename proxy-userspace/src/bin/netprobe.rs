@@ -113,6 +113,11 @@ struct Udp {
     /// Send with this IP TTL, and report ICMP errors (IP_RECVERR), e.g. time exceeded.
     #[arg(long)]
     ttl: Option<u32>,
+    /// With --connected and --hold-ms: when the socket reports an error (e.g. ECONNABORTED
+    /// after it was destroyed), go on with a new socket connected to the same address, as
+    /// a DNS resolver does; the summary counts `reconnects`.
+    #[arg(long)]
+    reconnect_on_error: bool,
 }
 
 /// Raw SYNs (`syn`).
@@ -410,25 +415,27 @@ fn udp_once(to: SocketAddr, args: &Udp) -> serde_json::Value {
     let timeout = Duration::from_millis(args.timeout_ms);
     let (connected, source_port, ttl) = (args.connected, args.source_port, args.ttl);
     let started = Instant::now();
-    let socket = match socket_from(Type::DGRAM, source_port.or(Some(0)))
-        .and_then(|s| {
-            if let Some(ttl) = ttl {
-                s.set_ttl_v4(ttl)?;
-                recv_errors(&s)?;
-            }
-            Ok(UdpSocket::from(s))
-        })
-        .and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s))
-    {
-        Ok(s) => s,
+    let open = || -> std::io::Result<UdpSocket> {
+        let s = socket_from(Type::DGRAM, source_port.or(Some(0)))?;
+        if let Some(ttl) = ttl {
+            s.set_ttl_v4(ttl)?;
+            recv_errors(&s)?;
+        }
+        let s = UdpSocket::from(s);
+        s.set_read_timeout(Some(timeout))?;
+        if connected {
+            s.connect(to)?;
+        }
+        Ok(s)
+    };
+    let socket = match open() {
+        Ok(s) => std::cell::RefCell::new(s),
         Err(e) => return failure(&e, started),
     };
-    if connected && let Err(e) = socket.connect(to) {
-        return failure(&e, started);
-    }
     let mut request = HELLO.to_vec();
     request.resize(args.datagram_bytes.max(HELLO.len()), b' ');
     let exchange = || -> std::io::Result<(String, SocketAddr)> {
+        let socket = socket.borrow();
         let mut buf = vec![0u8; 65536];
         let (n, from) = if connected {
             socket.send(&request)?;
@@ -451,13 +458,33 @@ fn udp_once(to: SocketAddr, args: &Udp) -> serde_json::Value {
     };
     let (backend, server_saw) = answer(&line);
     let first = json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": from.to_string(), "ms": started.elapsed().as_secs_f64() * 1000.0});
-    hold_on(
+    let mut reconnects = 0u32;
+    let mut summary = hold_on(
         first,
         started,
         Duration::from_millis(args.hold_ms),
         Duration::from_millis(args.interval_ms),
-        || exchange().map(|(line, _)| line),
-    )
+        || {
+            let result = exchange();
+            // A timeout is a lost datagram; any other error is the socket's own.
+            if let Err(e) = &result
+                && args.reconnect_on_error
+                && !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                )
+                && let Ok(fresh) = open()
+            {
+                socket.replace(fresh);
+                reconnects += 1;
+            }
+            result.map(|(line, _)| line)
+        },
+    );
+    if args.reconnect_on_error {
+        summary["reconnects"] = reconnects.into();
+    }
+    summary
 }
 
 /// Sequential connections for `duration`: each connect + one exchange + close. Latency is

@@ -95,6 +95,12 @@ struct Args {
         value_parser = NodePortAddresses::parse
     )]
     nodeport_addresses: NodePortAddresses,
+    /// Also destroy connected TCP sockets that the socket hooks pointed at a backend which
+    /// has left its service (the application sees ECONNABORTED and connects again). Connected
+    /// UDP sockets always are; TCP connections keep their backend by default, as with
+    /// kube-proxy, where they last as long as the backend answers.
+    #[arg(long, env = "PROXY_DESTROY_TCP_TO_REMOVED_BACKENDS")]
+    destroy_tcp_to_removed_backends: bool,
     /// Source ports of masqueraded connections, MIN-MAX [default: 61000-65535]: keep them
     /// outside the node's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by
     /// default) or reserve them (net.ipv4.ip_local_reserved_ports), so that the node's own
@@ -241,6 +247,7 @@ fn main() -> anyhow::Result<()> {
         interfaces: args.interfaces,
         node_ip: args.node_ip,
         node_port_addresses: args.nodeport_addresses,
+        destroy_tcp_to_removed_backends: args.destroy_tcp_to_removed_backends,
         masquerade_ports: args
             .masquerade_ports
             .unwrap_or(proxy_common::SNAT_PORT_MIN..=proxy_common::SNAT_PORT_MAX),

@@ -1,0 +1,429 @@
+//! Destroys connected sockets from inside the kernel: a socket iterator program (`iter/udp`,
+//! `iter/tcp`) calls `bpf_sock_destroy` (Linux ≥ 6.5) on every established socket whose
+//! (cookie, destination) is in its target map, and deletes the target it acted on, so the
+//! targets left afterwards are the sockets it did not find. The application then gets
+//! ECONNABORTED and connects again, through the socket hooks, to a backend still there.
+//!
+//! aya 0.14 can neither relocate a kfunc call nor load a program it did not build from an
+//! ELF object, so the few instructions are assembled here and loaded with raw `bpf()`
+//! calls. An iterator walks the sockets of the network namespace it is opened in: `run`
+//! opens one in each namespace (`pod_namespaces::in_each`).
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Btf,
+    maps::{HashMap, Map, MapData},
+};
+use aya_obj::{
+    btf::BtfKind,
+    generated::{
+        BPF_ADD, BPF_ALU64, BPF_B, BPF_CALL, BPF_DW, BPF_EXIT, BPF_F_NO_PREALLOC, BPF_H, BPF_IMM,
+        BPF_JEQ, BPF_JMP, BPF_JNE, BPF_K, BPF_LD, BPF_LDX, BPF_MEM, BPF_MOV, BPF_PSEUDO_KFUNC_CALL,
+        BPF_PSEUDO_MAP_FD, BPF_ST, BPF_STX, BPF_W, BPF_X, bpf_attach_type, bpf_map_type,
+        bpf_prog_type,
+    },
+};
+
+use crate::bpf_syscall::{attr, bpf_cmd, bpf_fd};
+
+/// A socket to destroy: its cookie and the destination it must still be connected to (a
+/// socket the hooks once pointed at the backend may have been connected elsewhere since).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    /// Network byte order, as the kernel keeps it in the socket.
+    pub port_be: u16,
+    pub pad: u16,
+}
+
+// SAFETY: plain integers, no padding (16 bytes).
+unsafe impl aya::Pod for Target {}
+
+impl Target {
+    pub fn new(cookie: u64, addr: [u8; 4], port: u16) -> Self {
+        Self {
+            cookie,
+            addr,
+            port_be: port.to_be(),
+            pad: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Udp,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Udp => "udp",
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    /// The kernel function the iterator attaches to (`DEFINE_BPF_ITER_FUNC`).
+    fn iterator(self) -> &'static str {
+        match self {
+            Protocol::Udp => "bpf_iter_udp",
+            Protocol::Tcp => "bpf_iter_tcp",
+        }
+    }
+}
+
+/// Targets that fit: one per socket the hooks can remember (`sock_rev_nat`).
+const MAX_TARGETS: u32 = proxy_common::maps::MAX_SOCK_REV_NAT;
+const VERIFIER_LOG: usize = 64 * 1024;
+
+// Offsets the program reads. `bpf_iter__udp` and `bpf_iter__tcp` both hold the socket right
+// after the `bpf_iter_meta` pointer; `struct sock_common` starts with skc_daddr, skc_dport
+// is at 12 and skc_state at 18 (its layout has not moved since Linux 2.6).
+const CTX_SOCKET: i16 = 8;
+const SKC_DADDR: i16 = 0;
+const SKC_DPORT: i16 = 12;
+const SKC_STATE: i16 = 18;
+/// `TCP_ESTABLISHED`, also the state of a connected UDP socket.
+const ESTABLISHED: i32 = 1;
+const FN_MAP_LOOKUP_ELEM: i32 = 1;
+const FN_MAP_DELETE_ELEM: i32 = 3;
+const FN_GET_SOCKET_COOKIE: i32 = 46;
+/// A jump's offset until the program's end is known: jumps go only there.
+const TO_END: i16 = i16::MAX;
+/// Where the program builds its `Target` key on the stack.
+const KEY: i16 = -16;
+
+/// One instruction (`struct bpf_insn`, little-endian: the register nibbles are dst, src).
+fn insn(code: u32, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    u64::from(code as u8)
+        | u64::from(dst | src << 4) << 8
+        | u64::from(off as u16) << 16
+        | u64::from(imm as u32) << 32
+}
+
+/// The program: for the socket in the context, if it is established and its (cookie,
+/// destination) is a target in map `targets` (a file descriptor of this process), destroy
+/// it (kfunc `destroy`, a BTF id of vmlinux) and delete the target.
+fn program(targets: i32, destroy: u32) -> Vec<u64> {
+    const R0: u8 = 0;
+    const R1: u8 = 1;
+    const R2: u8 = 2;
+    const R6: u8 = 6;
+    const FP: u8 = 10;
+    let call = |imm| insn(BPF_JMP | BPF_CALL, 0, 0, 0, imm);
+    let load_map = [
+        insn(
+            BPF_LD | BPF_DW | BPF_IMM,
+            R1,
+            BPF_PSEUDO_MAP_FD as u8,
+            0,
+            targets,
+        ),
+        0,
+    ];
+    let key_in_r2 = [
+        insn(BPF_ALU64 | BPF_MOV | BPF_X, R2, FP, 0, 0),
+        insn(BPF_ALU64 | BPF_ADD | BPF_K, R2, 0, 0, KEY.into()),
+    ];
+    let mut prog = vec![
+        insn(BPF_LDX | BPF_MEM | BPF_DW, R6, R1, CTX_SOCKET, 0),
+        insn(BPF_JMP | BPF_JEQ | BPF_K, R6, 0, TO_END, 0),
+        insn(BPF_LDX | BPF_MEM | BPF_B, R1, R6, SKC_STATE, 0),
+        insn(BPF_JMP | BPF_JNE | BPF_K, R1, 0, TO_END, ESTABLISHED),
+        insn(BPF_ALU64 | BPF_MOV | BPF_X, R1, R6, 0, 0),
+        call(FN_GET_SOCKET_COOKIE),
+        insn(BPF_STX | BPF_MEM | BPF_DW, FP, R0, KEY, 0),
+        insn(BPF_LDX | BPF_MEM | BPF_W, R1, R6, SKC_DADDR, 0),
+        insn(BPF_STX | BPF_MEM | BPF_W, FP, R1, KEY + 8, 0),
+        insn(BPF_LDX | BPF_MEM | BPF_H, R1, R6, SKC_DPORT, 0),
+        insn(BPF_STX | BPF_MEM | BPF_H, FP, R1, KEY + 12, 0),
+        insn(BPF_ST | BPF_MEM | BPF_H, FP, 0, KEY + 14, 0),
+    ];
+    prog.extend(load_map);
+    prog.extend(key_in_r2);
+    prog.extend([
+        call(FN_MAP_LOOKUP_ELEM),
+        insn(BPF_JMP | BPF_JEQ | BPF_K, R0, 0, TO_END, 0),
+        insn(BPF_ALU64 | BPF_MOV | BPF_X, R1, R6, 0, 0),
+        insn(
+            BPF_JMP | BPF_CALL,
+            0,
+            BPF_PSEUDO_KFUNC_CALL as u8,
+            0,
+            destroy as i32,
+        ),
+        insn(BPF_JMP | BPF_JNE | BPF_K, R0, 0, TO_END, 0),
+    ]);
+    prog.extend(load_map);
+    prog.extend(key_in_r2);
+    prog.push(call(FN_MAP_DELETE_ELEM));
+    // Every jump above goes to the end: patch their offsets now that it is known.
+    let end = prog.len();
+    for (pc, ins) in prog.iter_mut().enumerate() {
+        if (*ins >> 16) as u16 == TO_END as u16 && *ins as u8 & 0x07 == BPF_JMP as u8 {
+            let off = (end - pc - 1) as u16;
+            *ins = *ins & !(0xffff << 16) | u64::from(off) << 16;
+        }
+    }
+    prog.push(insn(BPF_ALU64 | BPF_MOV | BPF_K, R0, 0, 0, 0));
+    prog.push(insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0));
+    prog
+}
+
+/// An iterator program attached for one protocol.
+struct Iterator {
+    protocol: Protocol,
+    link: OwnedFd,
+}
+
+pub struct SockDestroy {
+    targets: HashMap<MapData, Target, u8>,
+    iterators: Vec<Iterator>,
+}
+
+/// What one run destroyed, by protocol, and the namespaces it could not search.
+#[derive(Debug, Default)]
+pub struct Destroyed {
+    pub udp: u64,
+    pub tcp: u64,
+    pub errors: Vec<std::io::Error>,
+}
+
+impl SockDestroy {
+    /// Loads the iterators for `protocols`. Fails on a kernel without `bpf_sock_destroy`
+    /// (or without BTF), saying which.
+    pub fn load(protocols: &[Protocol]) -> anyhow::Result<Self> {
+        let btf =
+            Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        let destroy = btf
+            .id_by_type_name_kind("bpf_sock_destroy", BtfKind::Func)
+            .context("this kernel has no bpf_sock_destroy (Linux 6.5 or later has it)")?;
+        let map = MapData::create(
+            aya_obj::Map::new_from_params(
+                bpf_map_type::BPF_MAP_TYPE_HASH as u32,
+                size_of::<Target>() as u32,
+                1,
+                MAX_TARGETS,
+                BPF_F_NO_PREALLOC,
+            ),
+            "stale_sockets",
+            None,
+        )
+        .context("creating the map of sockets to destroy")?;
+        let map_fd = map.fd().as_fd().as_raw_fd();
+        let mut iterators = Vec::new();
+        for &protocol in protocols {
+            let attach = btf
+                .id_by_type_name_kind(protocol.iterator(), BtfKind::Func)
+                .with_context(|| format!("this kernel has no {} iterator", protocol.name()))?;
+            let prog = load_program(protocol, &program(map_fd, destroy), attach)?;
+            let mut link_attr = attr();
+            link_attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+            link_attr.link_create.attach_type = bpf_attach_type::BPF_TRACE_ITER as u32;
+            let link = bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut link_attr)
+                .with_context(|| format!("attaching the {} socket iterator", protocol.name()))?;
+            iterators.push(Iterator { protocol, link });
+        }
+        Ok(Self {
+            targets: HashMap::try_from(Map::HashMap(map))?,
+            iterators,
+        })
+    }
+
+    /// Destroys the sockets `targets` name, looking for them in each of `namespaces`
+    /// (network namespace files). Targets of a protocol without an iterator are ignored.
+    pub fn run(
+        &mut self,
+        targets: &[(Protocol, Target)],
+        namespaces: &[File],
+    ) -> anyhow::Result<Destroyed> {
+        let mut destroyed = Destroyed::default();
+        for iterator in &self.iterators {
+            let mine: Vec<Target> = targets
+                .iter()
+                .filter(|(p, _)| *p == iterator.protocol)
+                .map(|(_, t)| *t)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            for target in &mine {
+                self.targets
+                    .insert(target, 1, 0)
+                    .context("writing a socket to destroy")?;
+            }
+            destroyed
+                .errors
+                .extend(crate::pod_namespaces::in_each(namespaces, || {
+                    walk(&iterator.link)
+                }));
+            let left: Vec<Target> = self.targets.keys().filter_map(Result::ok).collect();
+            for target in &left {
+                let _ = self.targets.remove(target);
+            }
+            let count = (mine.len() - left.len()) as u64;
+            match iterator.protocol {
+                Protocol::Udp => destroyed.udp += count,
+                Protocol::Tcp => destroyed.tcp += count,
+            }
+        }
+        Ok(destroyed)
+    }
+}
+
+fn load_program(protocol: Protocol, insns: &[u64], attach_btf_id: u32) -> anyhow::Result<OwnedFd> {
+    let license = CString::from(c"GPL");
+    let mut log = vec![0u8; VERIFIER_LOG];
+    let mut load = attr();
+    // SAFETY: writing plain fields of the union's program-load member.
+    let prog = unsafe { &mut load.__bindgen_anon_3 };
+    prog.prog_type = bpf_prog_type::BPF_PROG_TYPE_TRACING as u32;
+    prog.expected_attach_type = bpf_attach_type::BPF_TRACE_ITER as u32;
+    prog.attach_btf_id = attach_btf_id;
+    prog.insns = insns.as_ptr() as u64;
+    prog.insn_cnt = insns.len() as u32;
+    prog.license = license.as_ptr() as u64;
+    prog.log_level = 1;
+    prog.log_buf = log.as_mut_ptr() as u64;
+    prog.log_size = log.len() as u32;
+    let name = format!("proxy_destroy_{}", protocol.name());
+    for (dst, src) in prog.prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *dst = src as libc::c_char;
+    }
+    match bpf_fd(bpf_cmd::BPF_PROG_LOAD, &mut load) {
+        Ok(fd) => Ok(fd),
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            bail!(
+                "loading the {} socket-destroying iterator: {e}\n{}",
+                protocol.name(),
+                String::from_utf8_lossy(&log[..end]).trim()
+            )
+        }
+    }
+}
+
+/// Runs the iterator `link` once in the current network namespace.
+fn walk(link: &OwnedFd) -> std::io::Result<()> {
+    let mut create = attr();
+    create.iter_create.link_fd = link.as_raw_fd() as u32;
+    let iter = std::fs::File::from(bpf_fd(bpf_cmd::BPF_ITER_CREATE, &mut create)?);
+    // The program prints nothing: reading to the end runs it on every socket.
+    std::io::copy(&mut &iter, &mut std::io::sink())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_jump_lands_on_the_exit_and_the_key_is_a_target() {
+        let prog = program(7, 99);
+        let exit = prog.len() - 2;
+        let jumps: Vec<usize> = (0..prog.len())
+            .filter(|&pc| {
+                let code = prog[pc] as u8 as u32;
+                code & 0x07 == BPF_JMP && code & 0xf0 != BPF_CALL && code & 0xf0 != BPF_EXIT
+            })
+            .collect();
+        assert_eq!(jumps.len(), 4);
+        for pc in jumps {
+            let off = (prog[pc] >> 16) as i16;
+            assert_eq!(pc + 1 + off as usize, exit, "jump at {pc}");
+        }
+        // The key the program builds: cookie, address, port, zeroed padding.
+        assert_eq!(std::mem::offset_of!(Target, addr) as i16, 8);
+        assert_eq!(std::mem::offset_of!(Target, port_be) as i16, 12);
+        assert_eq!(size_of::<Target>() as i16, -KEY);
+        assert_eq!(
+            Target::new(1, [10, 0, 0, 1], 53).port_be.to_ne_bytes(),
+            [0, 53]
+        );
+    }
+
+    fn cookie(socket: &impl std::os::fd::AsRawFd) -> u64 {
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        // SAFETY: an output buffer of the size passed.
+        let ret = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(ret, 0);
+        cookie
+    }
+
+    fn this_namespace() -> Vec<File> {
+        vec![File::open("/proc/self/ns/net").unwrap()]
+    }
+
+    /// Needs root and Linux ≥ 6.5, as the agent does.
+    #[test]
+    fn a_connected_udp_socket_named_by_a_target_is_destroyed_and_no_other() {
+        use std::net::UdpSocket;
+        let doomed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        doomed.connect("127.0.0.1:9").unwrap();
+        let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
+        moved.connect("127.0.0.1:10").unwrap();
+        let targets = [
+            (
+                Protocol::Udp,
+                Target::new(cookie(&doomed), [127, 0, 0, 1], 9),
+            ),
+            // Named with a destination it is no longer connected to.
+            (
+                Protocol::Udp,
+                Target::new(cookie(&moved), [127, 0, 0, 1], 9),
+            ),
+        ];
+        let mut destroy = SockDestroy::load(&[Protocol::Udp]).unwrap();
+        let destroyed = destroy.run(&targets, &this_namespace()).unwrap();
+        assert_eq!((destroyed.udp, destroyed.tcp), (1, 0));
+        assert!(destroyed.errors.is_empty(), "{:?}", destroyed.errors);
+        assert_eq!(
+            doomed.take_error().unwrap().and_then(|e| e.raw_os_error()),
+            Some(libc::ECONNABORTED)
+        );
+        assert!(doomed.peer_addr().is_err(), "disconnected");
+        assert!(moved.take_error().unwrap().is_none());
+        assert_eq!(destroy.targets.keys().count(), 0, "nothing left behind");
+    }
+
+    #[test]
+    fn tcp_connections_only_where_asked() {
+        use std::{
+            io::Read as _,
+            net::{TcpListener, TcpStream},
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _server = listener.accept().unwrap();
+        let target = [(
+            Protocol::Tcp,
+            Target::new(cookie(&client), [127, 0, 0, 1], port),
+        )];
+        let mut udp_only = SockDestroy::load(&[Protocol::Udp]).unwrap();
+        let none = udp_only.run(&target, &this_namespace()).unwrap();
+        assert_eq!((none.udp, none.tcp), (0, 0));
+        let mut both = SockDestroy::load(&[Protocol::Udp, Protocol::Tcp]).unwrap();
+        let destroyed = both.run(&target, &this_namespace()).unwrap();
+        assert_eq!((destroyed.udp, destroyed.tcp), (0, 1));
+        let error = client.read(&mut [0; 1]).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ECONNABORTED), "{error}");
+    }
+}

@@ -1,0 +1,211 @@
+//! Connected sockets that the socket hooks pointed at a backend which has since left the
+//! service: found through `sock_rev_nat` (socket cookie and backend → service), looked for
+//! in every pod's network namespace, destroyed (`sock_destroy`) so that the application
+//! gets an error and connects again to a backend still there — as Cilium does, and for
+//! the reason kube-proxy deletes the UDP conntrack entries of removed endpoints. UDP
+//! always; TCP only when asked (`--destroy-tcp-to-removed-backends`): a TCP connection to
+//! a backend that still answers is kept by kube-proxy too.
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use prometheus::IntCounterVec;
+use proxy_common::{Backend, IPPROTO_TCP, IPPROTO_UDP, SockRevKey, SockRevValue, maps};
+use tracing::{debug, info, warn};
+
+use crate::sock_destroy::{Protocol, SockDestroy, Target};
+
+/// An endpoint: address and port.
+type Endpoint = ([u8; 4], u16);
+
+/// Endpoints removed from service ids, by service id, with the service's protocol.
+#[derive(Debug, Default)]
+pub struct Removed(HashMap<u32, (Protocol, HashSet<Endpoint>)>);
+
+impl Removed {
+    /// Adds `backends` removed from `service_id`; backends of other protocols are ignored.
+    pub fn add(&mut self, service_id: u32, backends: &[(u32, Backend)]) {
+        for (_, b) in backends {
+            let protocol = match b.proto {
+                IPPROTO_UDP => Protocol::Udp,
+                IPPROTO_TCP => Protocol::Tcp,
+                _ => continue,
+            };
+            self.0
+                .entry(service_id)
+                .or_insert_with(|| (protocol, HashSet::new()))
+                .1
+                .insert((b.addr, b.port));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The socket `key` → `value` of `sock_rev_nat` names, if it was pointed at an endpoint
+    /// removed from its service.
+    fn target(&self, key: &SockRevKey, value: &SockRevValue) -> Option<(Protocol, Target)> {
+        let (protocol, endpoints) = self.0.get(&value.service_id)?;
+        endpoints
+            .contains(&(key.addr, key.port))
+            .then(|| (*protocol, Target::new(key.cookie, key.addr, key.port)))
+    }
+}
+
+pub struct StaleSockets {
+    destroy: SockDestroy,
+    protocols: Vec<Protocol>,
+    rev_nat: BpfHashMap<MapData, SockRevKey, SockRevValue>,
+    cgroup: PathBuf,
+    destroyed: IntCounterVec,
+    /// A missing capability is said once, not at every removal.
+    said_permission: bool,
+}
+
+impl StaleSockets {
+    /// Loads the socket-destroying iterators for UDP, and TCP if `tcp`. On a kernel that
+    /// cannot destroy sockets from BPF it says so, once, and returns `None`.
+    pub fn new(bpffs: &Path, cgroup: &Path, tcp: bool, destroyed: IntCounterVec) -> Option<Self> {
+        let mut protocols = vec![Protocol::Udp];
+        if tcp {
+            protocols.push(Protocol::Tcp);
+        }
+        let loaded = SockDestroy::load(&protocols)
+            .and_then(|destroy| Ok((destroy, crate::maps::open(bpffs, maps::SOCK_REV_NAT)?)));
+        match loaded {
+            Ok((destroy, rev_nat)) => Some(Self {
+                destroy,
+                protocols,
+                rev_nat,
+                cgroup: cgroup.to_path_buf(),
+                destroyed,
+                said_permission: false,
+            }),
+            Err(e) => {
+                warn!(
+                    "connected sockets that the socket hooks pointed at a removed backend \
+                     keep sending to it (the application must reconnect by itself): {e:#}"
+                );
+                None
+            }
+        }
+    }
+
+    /// Destroys the connected sockets pointed at endpoints in `removed`.
+    pub fn destroy(&mut self, removed: &Removed) {
+        if removed.is_empty() {
+            return;
+        }
+        let mut targets = Vec::new();
+        // A map that cannot be read now leaves those sockets as they are.
+        let _ = crate::map_batch::for_each_chunk(&self.rev_nat, |keys, values| {
+            targets.extend(
+                keys.iter()
+                    .zip(values)
+                    .filter_map(|(k, v)| removed.target(k, v))
+                    .filter(|(p, _)| self.protocols.contains(p)),
+            );
+        });
+        if targets.is_empty() {
+            return;
+        }
+        let namespaces =
+            crate::pod_namespaces::open(&self.cgroup, Path::new(crate::pod_namespaces::PINNED));
+        match self.destroy.run(&targets, &namespaces) {
+            Ok(destroyed) => {
+                for (protocol, count) in [
+                    (Protocol::Udp, destroyed.udp),
+                    (Protocol::Tcp, destroyed.tcp),
+                ] {
+                    if count > 0 {
+                        self.destroyed
+                            .with_label_values(&[protocol.name()])
+                            .inc_by(count);
+                        info!(
+                            "destroyed {count} connected {} sockets to removed backends \
+                             ({} network namespaces searched)",
+                            protocol.name().to_uppercase(),
+                            namespaces.len()
+                        );
+                    }
+                }
+                self.report(&destroyed.errors);
+            }
+            Err(e) => warn!("destroying sockets connected to removed backends: {e:#}"),
+        }
+    }
+}
+
+impl StaleSockets {
+    /// Says why namespaces were not searched: a missing capability once, as a warning; a
+    /// namespace gone meanwhile (its pod ended) is no news.
+    fn report(&mut self, errors: &[std::io::Error]) {
+        for e in errors {
+            if e.raw_os_error() == Some(libc::EPERM) {
+                if !self.said_permission {
+                    warn!(
+                        "cannot enter pods' network namespaces ({e}: it needs CAP_SYS_ADMIN): \
+                         connected sockets of pods outside the host network keep sending to \
+                         removed backends"
+                    );
+                    self.said_permission = true;
+                }
+            } else {
+                debug!("a network namespace was not searched for stale sockets: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(addr: [u8; 4], port: u16, proto: u8) -> Backend {
+        Backend {
+            addr,
+            port,
+            proto,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn a_socket_is_a_target_only_through_the_service_that_lost_its_backend() {
+        let mut removed = Removed::default();
+        removed.add(1, &[(10, backend([10, 0, 0, 1], 53, IPPROTO_UDP))]);
+        removed.add(2, &[(11, backend([10, 0, 0, 2], 80, IPPROTO_TCP))]);
+        let socket = |cookie, addr, port, service_id| {
+            removed.target(
+                &SockRevKey {
+                    cookie,
+                    addr,
+                    port,
+                    pad: 0,
+                },
+                &SockRevValue {
+                    service_id,
+                    ..SockRevValue::default()
+                },
+            )
+        };
+        assert_eq!(
+            socket(5, [10, 0, 0, 1], 53, 1),
+            Some((Protocol::Udp, Target::new(5, [10, 0, 0, 1], 53)))
+        );
+        assert_eq!(
+            socket(6, [10, 0, 0, 2], 80, 2),
+            Some((Protocol::Tcp, Target::new(6, [10, 0, 0, 2], 80)))
+        );
+        assert_eq!(
+            socket(5, [10, 0, 0, 1], 53, 3),
+            None,
+            "another service keeps it"
+        );
+        assert_eq!(socket(5, [10, 0, 0, 1], 54, 1), None, "another port");
+        assert_eq!(socket(5, [10, 0, 0, 3], 53, 1), None, "a remaining backend");
+    }
+}
