@@ -39,6 +39,7 @@ pub mod rejection;
 pub mod removed_backends;
 pub mod rest_client_metrics;
 pub mod sock_destroy;
+pub mod sock_diag;
 pub mod source;
 pub mod stale_sockets;
 pub mod store;

@@ -184,6 +184,16 @@ struct Iterator {
     link: OwnedFd,
 }
 
+/// A way of destroying the sockets targets name, in the network namespaces given.
+pub trait Destroyer: Send {
+    fn run(
+        &mut self,
+        targets: &[(Protocol, Target)],
+        namespaces: &[File],
+    ) -> anyhow::Result<Destroyed>;
+}
+
+/// The socket iterators (`bpf_sock_destroy`).
 pub struct SockDestroy {
     targets: HashMap<MapData, Target, u8>,
     iterators: Vec<Iterator>,
@@ -237,10 +247,12 @@ impl SockDestroy {
             iterators,
         })
     }
+}
 
+impl Destroyer for SockDestroy {
     /// Destroys the sockets `targets` name, looking for them in each of `namespaces`
     /// (network namespace files). Targets of a protocol without an iterator are ignored.
-    pub fn run(
+    fn run(
         &mut self,
         targets: &[(Protocol, Target)],
         namespaces: &[File],
@@ -371,9 +383,17 @@ mod tests {
         vec![File::open("/proc/self/ns/net").unwrap()]
     }
 
-    /// Needs root and Linux ≥ 6.5, as the agent does.
-    #[test]
-    fn a_connected_udp_socket_named_by_a_target_is_destroyed_and_no_other() {
+    fn iterators(protocols: &[Protocol]) -> Box<dyn Destroyer> {
+        Box::new(SockDestroy::load(protocols).unwrap())
+    }
+
+    fn sock_diag(protocols: &[Protocol]) -> Box<dyn Destroyer> {
+        Box::new(crate::sock_diag::SockDiag::new(protocols))
+    }
+
+    fn a_connected_udp_socket_named_by_a_target_is_destroyed_and_no_other(
+        destroyer: fn(&[Protocol]) -> Box<dyn Destroyer>,
+    ) {
         use std::net::UdpSocket;
         let doomed = UdpSocket::bind("127.0.0.1:0").unwrap();
         doomed.connect("127.0.0.1:9").unwrap();
@@ -390,8 +410,9 @@ mod tests {
                 Target::new(cookie(&moved), [127, 0, 0, 1], 9),
             ),
         ];
-        let mut destroy = SockDestroy::load(&[Protocol::Udp]).unwrap();
-        let destroyed = destroy.run(&targets, &this_namespace()).unwrap();
+        let destroyed = destroyer(&[Protocol::Udp])
+            .run(&targets, &this_namespace())
+            .unwrap();
         assert_eq!((destroyed.udp, destroyed.tcp), (1, 0));
         assert!(destroyed.errors.is_empty(), "{:?}", destroyed.errors);
         assert_eq!(
@@ -400,11 +421,9 @@ mod tests {
         );
         assert!(doomed.peer_addr().is_err(), "disconnected");
         assert!(moved.take_error().unwrap().is_none());
-        assert_eq!(destroy.targets.keys().count(), 0, "nothing left behind");
     }
 
-    #[test]
-    fn tcp_connections_only_where_asked() {
+    fn tcp_connections_only_where_asked(destroyer: fn(&[Protocol]) -> Box<dyn Destroyer>) {
         use std::{
             io::Read as _,
             net::{TcpListener, TcpStream},
@@ -417,13 +436,46 @@ mod tests {
             Protocol::Tcp,
             Target::new(cookie(&client), [127, 0, 0, 1], port),
         )];
-        let mut udp_only = SockDestroy::load(&[Protocol::Udp]).unwrap();
-        let none = udp_only.run(&target, &this_namespace()).unwrap();
+        let none = destroyer(&[Protocol::Udp])
+            .run(&target, &this_namespace())
+            .unwrap();
         assert_eq!((none.udp, none.tcp), (0, 0));
-        let mut both = SockDestroy::load(&[Protocol::Udp, Protocol::Tcp]).unwrap();
-        let destroyed = both.run(&target, &this_namespace()).unwrap();
+        let destroyed = destroyer(&[Protocol::Udp, Protocol::Tcp])
+            .run(&target, &this_namespace())
+            .unwrap();
         assert_eq!((destroyed.udp, destroyed.tcp), (0, 1));
+        assert!(destroyed.errors.is_empty(), "{:?}", destroyed.errors);
         let error = client.read(&mut [0; 1]).unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::ECONNABORTED), "{error}");
+    }
+
+    // These need root and, for the iterators, Linux ≥ 6.5, as the agent does.
+    #[test]
+    fn the_iterators_destroy_a_connected_udp_socket_named_by_a_target_and_no_other() {
+        a_connected_udp_socket_named_by_a_target_is_destroyed_and_no_other(iterators);
+    }
+
+    #[test]
+    fn sock_diag_destroys_a_connected_udp_socket_named_by_a_target_and_no_other() {
+        a_connected_udp_socket_named_by_a_target_is_destroyed_and_no_other(sock_diag);
+    }
+
+    #[test]
+    fn the_iterators_destroy_tcp_connections_only_where_asked() {
+        tcp_connections_only_where_asked(iterators);
+    }
+
+    #[test]
+    fn sock_diag_destroys_tcp_connections_only_where_asked() {
+        tcp_connections_only_where_asked(sock_diag);
+    }
+
+    #[test]
+    fn the_iterators_leave_no_target_behind() {
+        let mut destroy = SockDestroy::load(&[Protocol::Udp]).unwrap();
+        let nowhere = [(Protocol::Udp, Target::new(1, [127, 0, 0, 1], 9))];
+        let destroyed = destroy.run(&nowhere, &this_namespace()).unwrap();
+        assert_eq!(destroyed.udp, 0);
+        assert_eq!(destroy.targets.keys().count(), 0);
     }
 }

@@ -15,7 +15,10 @@ use prometheus::IntCounterVec;
 use proxy_common::{Backend, IPPROTO_TCP, IPPROTO_UDP, SockRevKey, SockRevValue, maps};
 use tracing::{debug, info, warn};
 
-use crate::sock_destroy::{Protocol, SockDestroy, Target};
+use crate::{
+    sock_destroy::{Destroyer, Protocol, SockDestroy, Target},
+    sock_diag::SockDiag,
+};
 
 /// An endpoint: address and port.
 type Endpoint = ([u8; 4], u16);
@@ -56,42 +59,52 @@ impl Removed {
 }
 
 pub struct StaleSockets {
-    destroy: SockDestroy,
+    destroy: Box<dyn Destroyer>,
     protocols: Vec<Protocol>,
     rev_nat: BpfHashMap<MapData, SockRevKey, SockRevValue>,
     cgroup: PathBuf,
     destroyed: IntCounterVec,
-    /// A missing capability is said once, not at every removal.
-    said_permission: bool,
+    /// What could not be done, by errno, is said once, not at every removal.
+    said: HashSet<i32>,
 }
 
 impl StaleSockets {
-    /// Loads the socket-destroying iterators for UDP, and TCP if `tcp`. On a kernel that
-    /// cannot destroy sockets from BPF it says so, once, and returns `None`.
+    /// Loads the socket-destroying iterators for UDP, and TCP if `tcp`; on a kernel without
+    /// `bpf_sock_destroy`, says so and falls back to sock_diag.
     pub fn new(bpffs: &Path, cgroup: &Path, tcp: bool, destroyed: IntCounterVec) -> Option<Self> {
         let mut protocols = vec![Protocol::Udp];
         if tcp {
             protocols.push(Protocol::Tcp);
         }
-        let loaded = SockDestroy::load(&protocols)
-            .and_then(|destroy| Ok((destroy, crate::maps::open(bpffs, maps::SOCK_REV_NAT)?)));
-        match loaded {
-            Ok((destroy, rev_nat)) => Some(Self {
-                destroy,
-                protocols,
-                rev_nat,
-                cgroup: cgroup.to_path_buf(),
-                destroyed,
-                said_permission: false,
-            }),
+        let rev_nat = match crate::maps::open(bpffs, maps::SOCK_REV_NAT) {
+            Ok(map) => map,
             Err(e) => {
                 warn!(
                     "connected sockets that the socket hooks pointed at a removed backend \
                      keep sending to it (the application must reconnect by itself): {e:#}"
                 );
-                None
+                return None;
             }
-        }
+        };
+        let destroy: Box<dyn Destroyer> = match SockDestroy::load(&protocols) {
+            Ok(iterators) => Box::new(iterators),
+            Err(e) => {
+                warn!(
+                    "sockets connected to removed backends are destroyed through sock_diag \
+                     (a dump of each namespace's sockets at each removal) instead of a BPF \
+                     socket iterator: {e:#}"
+                );
+                Box::new(SockDiag::new(&protocols))
+            }
+        };
+        Some(Self {
+            destroy,
+            protocols,
+            rev_nat,
+            cgroup: cgroup.to_path_buf(),
+            destroyed,
+            said: HashSet::new(),
+        })
     }
 
     /// Destroys the connected sockets pointed at endpoints in `removed`.
@@ -137,24 +150,29 @@ impl StaleSockets {
             Err(e) => warn!("destroying sockets connected to removed backends: {e:#}"),
         }
     }
-}
 
-impl StaleSockets {
-    /// Says why namespaces were not searched: a missing capability once, as a warning; a
-    /// namespace gone meanwhile (its pod ended) is no news.
+    /// Says why sockets could not be destroyed: a missing capability or kernel option
+    /// once, as a warning; a namespace gone meanwhile (its pod ended) is no news.
     fn report(&mut self, errors: &[std::io::Error]) {
         for e in errors {
-            if e.raw_os_error() == Some(libc::EPERM) {
-                if !self.said_permission {
-                    warn!(
-                        "cannot enter pods' network namespaces ({e}: it needs CAP_SYS_ADMIN): \
-                         connected sockets of pods outside the host network keep sending to \
-                         removed backends"
-                    );
-                    self.said_permission = true;
+            let code = e.raw_os_error().unwrap_or_default();
+            let why = match code {
+                libc::EPERM => {
+                    "cannot enter pods' network namespaces (it needs CAP_SYS_ADMIN): connected \
+                     sockets of pods outside the host network keep sending to removed backends"
                 }
-            } else {
-                debug!("a network namespace was not searched for stale sockets: {e}");
+                libc::EOPNOTSUPP => {
+                    "this kernel cannot destroy sockets (sock_diag's SOCK_DESTROY needs \
+                     CONFIG_INET_DIAG_DESTROY): connected sockets keep sending to removed \
+                     backends"
+                }
+                _ => {
+                    debug!("a network namespace was not searched for stale sockets: {e}");
+                    continue;
+                }
+            };
+            if self.said.insert(code) {
+                warn!("{why} ({e})");
             }
         }
     }

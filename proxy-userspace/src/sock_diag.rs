@@ -1,0 +1,228 @@
+//! Destroying sockets where `bpf_sock_destroy` is missing (Linux < 6.5): the kernel's
+//! sock_diag netlink interface lists a namespace's established sockets with their cookies,
+//! and destroys one named by its identity (`SOCK_DESTROY`, which needs
+//! CONFIG_INET_DIAG_DESTROY, and `udp_diag` for UDP). A dump per namespace and protocol
+//! instead of an iterator, the same sockets destroyed.
+use std::{
+    collections::HashSet,
+    fs::File,
+    io::{Error, ErrorKind},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use crate::sock_destroy::{Destroyed, Destroyer, Protocol, Target};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const TCP_ESTABLISHED: u32 = 1;
+const NLMSG_HDR: usize = 16;
+/// `struct inet_diag_sockid`: ports, source and destination (16 bytes each), interface,
+/// cookie.
+const SOCKID: usize = 48;
+/// `inet_diag_req_v2`: family, protocol, extensions, padding, states, then the socket id.
+const REQ_V2: usize = 8 + SOCKID;
+/// Where the socket id starts in `inet_diag_msg` (after family, state, timer, retransmits).
+const MSG_ID_AT: usize = 4;
+
+/// A socket's identity as sock_diag reports it (`struct inet_diag_sockid`, as is).
+#[derive(Clone, Copy)]
+struct SockId([u8; SOCKID]);
+
+impl SockId {
+    /// Its cookie and destination, as the map of targets has them.
+    fn target(&self) -> Target {
+        let b = &self.0;
+        let cookie_lo = u32::from_ne_bytes(b[40..44].try_into().unwrap_or_default());
+        let cookie_hi = u32::from_ne_bytes(b[44..48].try_into().unwrap_or_default());
+        Target {
+            cookie: u64::from(cookie_hi) << 32 | u64::from(cookie_lo),
+            addr: b[20..24].try_into().unwrap_or_default(),
+            port_be: u16::from_ne_bytes([b[2], b[3]]),
+            pad: 0,
+        }
+    }
+}
+
+fn ipproto(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Udp => libc::IPPROTO_UDP as u8,
+        Protocol::Tcp => libc::IPPROTO_TCP as u8,
+    }
+}
+
+/// A netlink message: header, then `inet_diag_req_v2` for `protocol` naming `id`.
+fn request(kind: u16, flags: u16, protocol: Protocol, id: &SockId) -> Vec<u8> {
+    let len = NLMSG_HDR + REQ_V2;
+    let mut msg = Vec::with_capacity(len);
+    msg.extend((len as u32).to_ne_bytes());
+    msg.extend(kind.to_ne_bytes());
+    msg.extend((flags | NLM_F_REQUEST).to_ne_bytes());
+    msg.extend([0; 8]); // sequence, port id: one request at a time, the kernel's
+    msg.extend([libc::AF_INET as u8, ipproto(protocol), 0, 0]);
+    msg.extend((1u32 << TCP_ESTABLISHED).to_ne_bytes());
+    msg.extend(id.0);
+    msg
+}
+
+/// A sock_diag socket in the calling thread's network namespace.
+struct Diag(OwnedFd);
+
+impl Diag {
+    fn open() -> std::io::Result<Self> {
+        // SAFETY: a plain socket call; the descriptor is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(Error::last_os_error());
+        }
+        // SAFETY: just created, owned by nobody else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn send(&self, msg: &[u8]) -> std::io::Result<()> {
+        // SAFETY: a valid buffer of that length.
+        let sent = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if sent < 0 {
+            return Err(Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads messages until `on_message` says it has seen the last, giving it each
+    /// message's type and payload.
+    fn receive(
+        &self,
+        mut on_message: impl FnMut(u16, &[u8]) -> std::io::Result<bool>,
+    ) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: a valid buffer of that length.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(Error::last_os_error());
+            }
+            let mut rest = &buf[..n as usize];
+            while rest.len() >= NLMSG_HDR {
+                let len = u32::from_ne_bytes(rest[..4].try_into().unwrap_or_default()) as usize;
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                if len < NLMSG_HDR || len > rest.len() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidData,
+                        "a truncated netlink message",
+                    ));
+                }
+                if on_message(kind, &rest[NLMSG_HDR..len])? {
+                    return Ok(());
+                }
+                rest = &rest[(len + 3) & !3..];
+            }
+        }
+    }
+
+    /// The established sockets of `protocol` (IPv4) in this namespace.
+    fn established(&self, protocol: Protocol) -> std::io::Result<Vec<SockId>> {
+        self.send(&request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_DUMP,
+            protocol,
+            &SockId([0; SOCKID]),
+        ))?;
+        let mut ids = Vec::new();
+        self.receive(|kind, payload| match kind {
+            NLMSG_DONE => Ok(true),
+            NLMSG_ERROR => {
+                Err(ack_error(payload).unwrap_or_else(|| Error::other("sock_diag dump failed")))
+            }
+            SOCK_DIAG_BY_FAMILY if payload.len() >= MSG_ID_AT + SOCKID => {
+                let mut id = [0; SOCKID];
+                id.copy_from_slice(&payload[MSG_ID_AT..MSG_ID_AT + SOCKID]);
+                ids.push(SockId(id));
+                Ok(false)
+            }
+            _ => Ok(false),
+        })?;
+        Ok(ids)
+    }
+
+    fn destroy(&self, protocol: Protocol, id: &SockId) -> std::io::Result<()> {
+        self.send(&request(SOCK_DESTROY, NLM_F_ACK, protocol, id))?;
+        let mut result = Ok(());
+        self.receive(|kind, payload| {
+            if kind == NLMSG_ERROR {
+                result = ack_error(payload).map_or(Ok(()), Err);
+                return Ok(true);
+            }
+            Ok(false)
+        })?;
+        result
+    }
+}
+
+/// The error an `NLMSG_ERROR` message carries; `None` for an acknowledgement.
+fn ack_error(payload: &[u8]) -> Option<Error> {
+    let code = i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?);
+    (code != 0).then(|| Error::from_raw_os_error(-code))
+}
+
+pub struct SockDiag {
+    protocols: Vec<Protocol>,
+}
+
+impl SockDiag {
+    pub fn new(protocols: &[Protocol]) -> Self {
+        Self {
+            protocols: protocols.to_vec(),
+        }
+    }
+}
+
+impl Destroyer for SockDiag {
+    fn run(
+        &mut self,
+        targets: &[(Protocol, Target)],
+        namespaces: &[File],
+    ) -> anyhow::Result<Destroyed> {
+        let mut destroyed = Destroyed::default();
+        for &protocol in &self.protocols {
+            let wanted: HashSet<Target> = targets
+                .iter()
+                .filter(|(p, _)| *p == protocol)
+                .map(|(_, t)| *t)
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let count = AtomicU64::new(0);
+            destroyed
+                .errors
+                .extend(crate::pod_namespaces::in_each(namespaces, || {
+                    let diag = Diag::open()?;
+                    for id in diag.established(protocol)? {
+                        if wanted.contains(&id.target()) {
+                            diag.destroy(protocol, &id)?;
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(())
+                }));
+            match protocol {
+                Protocol::Udp => destroyed.udp += count.into_inner(),
+                Protocol::Tcp => destroyed.tcp += count.into_inner(),
+            }
+        }
+        Ok(destroyed)
+    }
+}
