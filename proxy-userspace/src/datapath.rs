@@ -67,11 +67,16 @@ impl XdpAttach {
 
 const XDP_PROGRAM: &str = "proxy_xdp";
 
-const SOCKET_HOOKS: [&str; 4] = [
+/// IPv6 sockets' sends to IPv4-mapped addresses go through `sendmsg4` (the kernel hands
+/// them to the IPv4 path), so there is no `sendmsg6` yet: IPv6 services have none to serve.
+const SOCKET_HOOKS: [&str; 7] = [
     "proxy_connect4",
     "proxy_sendmsg4",
     "proxy_recvmsg4",
     "proxy_getpeername4",
+    "proxy_connect6",
+    "proxy_recvmsg6",
+    "proxy_getpeername6",
 ];
 pub(crate) const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("proxy_ingress", TcAttachType::Ingress),

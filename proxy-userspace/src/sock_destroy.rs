@@ -86,7 +86,8 @@ const VERIFIER_LOG: usize = 64 * 1024;
 
 // Offsets the program reads. `bpf_iter__udp` and `bpf_iter__tcp` both hold the socket right
 // after the `bpf_iter_meta` pointer; `struct sock_common` starts with skc_daddr, skc_dport
-// is at 12 and skc_state at 18 (its layout has not moved since Linux 2.6).
+// is at 12 and skc_state at 18 (its layout has not moved since Linux 2.6). An IPv6 socket
+// connected to an IPv4-mapped address keeps the IPv4 destination in skc_daddr too.
 const CTX_SOCKET: i16 = 8;
 const SKC_DADDR: i16 = 0;
 const SKC_DPORT: i16 = 12;
@@ -397,12 +398,19 @@ mod tests {
         use std::net::UdpSocket;
         let doomed = UdpSocket::bind("127.0.0.1:0").unwrap();
         doomed.connect("127.0.0.1:9").unwrap();
+        // A dual-stack application's: an IPv6 socket connected to an IPv4-mapped address.
+        let mapped = UdpSocket::bind("[::]:0").unwrap();
+        mapped.connect("[::ffff:127.0.0.1]:9").unwrap();
         let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
         moved.connect("127.0.0.1:10").unwrap();
         let targets = [
             (
                 Protocol::Udp,
                 Target::new(cookie(&doomed), [127, 0, 0, 1], 9),
+            ),
+            (
+                Protocol::Udp,
+                Target::new(cookie(&mapped), [127, 0, 0, 1], 9),
             ),
             // Named with a destination it is no longer connected to.
             (
@@ -413,13 +421,15 @@ mod tests {
         let destroyed = destroyer(&[Protocol::Udp])
             .run(&targets, &this_namespace())
             .unwrap();
-        assert_eq!((destroyed.udp, destroyed.tcp), (1, 0));
+        assert_eq!((destroyed.udp, destroyed.tcp), (2, 0));
         assert!(destroyed.errors.is_empty(), "{:?}", destroyed.errors);
-        assert_eq!(
-            doomed.take_error().unwrap().and_then(|e| e.raw_os_error()),
-            Some(libc::ECONNABORTED)
-        );
-        assert!(doomed.peer_addr().is_err(), "disconnected");
+        for socket in [&doomed, &mapped] {
+            assert_eq!(
+                socket.take_error().unwrap().and_then(|e| e.raw_os_error()),
+                Some(libc::ECONNABORTED)
+            );
+            assert!(socket.peer_addr().is_err(), "disconnected");
+        }
         assert!(moved.take_error().unwrap().is_none());
     }
 

@@ -31,22 +31,38 @@ const REQ_V2: usize = 8 + SOCKID;
 /// Where the socket id starts in `inet_diag_msg` (after family, state, timer, retransmits).
 const MSG_ID_AT: usize = 4;
 
+/// The families dumped: IPv6 sockets reach IPv4 services through IPv4-mapped addresses.
+const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
+/// Where the destination address starts in a socket id.
+const DST_AT: usize = 20;
+/// `::ffff:0:0/96`.
+const V4_MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
 /// A socket's identity as sock_diag reports it (`struct inet_diag_sockid`, as is).
 #[derive(Clone, Copy)]
 struct SockId([u8; SOCKID]);
 
 impl SockId {
-    /// Its cookie and destination, as the map of targets has them.
-    fn target(&self) -> Target {
+    /// Its cookie and IPv4 destination (IPv4-mapped for `AF_INET6`), as targets name
+    /// sockets; `None` for an IPv6 destination that maps no IPv4 one.
+    fn target(&self, family: u8) -> Option<Target> {
         let b = &self.0;
-        let cookie_lo = u32::from_ne_bytes(b[40..44].try_into().unwrap_or_default());
-        let cookie_hi = u32::from_ne_bytes(b[44..48].try_into().unwrap_or_default());
-        Target {
+        let addr = if family == libc::AF_INET6 as u8 {
+            if b[DST_AT..DST_AT + 12] != V4_MAPPED {
+                return None;
+            }
+            &b[DST_AT + 12..DST_AT + 16]
+        } else {
+            &b[DST_AT..DST_AT + 4]
+        };
+        let cookie_lo = u32::from_ne_bytes(b[40..44].try_into().ok()?);
+        let cookie_hi = u32::from_ne_bytes(b[44..48].try_into().ok()?);
+        Some(Target {
             cookie: u64::from(cookie_hi) << 32 | u64::from(cookie_lo),
-            addr: b[20..24].try_into().unwrap_or_default(),
+            addr: addr.try_into().ok()?,
             port_be: u16::from_ne_bytes([b[2], b[3]]),
             pad: 0,
-        }
+        })
     }
 }
 
@@ -57,15 +73,16 @@ fn ipproto(protocol: Protocol) -> u8 {
     }
 }
 
-/// A netlink message: header, then `inet_diag_req_v2` for `protocol` naming `id`.
-fn request(kind: u16, flags: u16, protocol: Protocol, id: &SockId) -> Vec<u8> {
+/// A netlink message: header, then `inet_diag_req_v2` for `family` and `protocol` naming
+/// `id`.
+fn request(kind: u16, flags: u16, family: u8, protocol: Protocol, id: &SockId) -> Vec<u8> {
     let len = NLMSG_HDR + REQ_V2;
     let mut msg = Vec::with_capacity(len);
     msg.extend((len as u32).to_ne_bytes());
     msg.extend(kind.to_ne_bytes());
     msg.extend((flags | NLM_F_REQUEST).to_ne_bytes());
     msg.extend([0; 8]); // sequence, port id: one request at a time, the kernel's
-    msg.extend([libc::AF_INET as u8, ipproto(protocol), 0, 0]);
+    msg.extend([family, ipproto(protocol), 0, 0]);
     msg.extend((1u32 << TCP_ESTABLISHED).to_ne_bytes());
     msg.extend(id.0);
     msg
@@ -132,11 +149,12 @@ impl Diag {
         }
     }
 
-    /// The established sockets of `protocol` (IPv4) in this namespace.
-    fn established(&self, protocol: Protocol) -> std::io::Result<Vec<SockId>> {
+    /// The established sockets of `family` and `protocol` in this namespace.
+    fn established(&self, family: u8, protocol: Protocol) -> std::io::Result<Vec<SockId>> {
         self.send(&request(
             SOCK_DIAG_BY_FAMILY,
             NLM_F_DUMP,
+            family,
             protocol,
             &SockId([0; SOCKID]),
         ))?;
@@ -157,8 +175,8 @@ impl Diag {
         Ok(ids)
     }
 
-    fn destroy(&self, protocol: Protocol, id: &SockId) -> std::io::Result<()> {
-        self.send(&request(SOCK_DESTROY, NLM_F_ACK, protocol, id))?;
+    fn destroy(&self, family: u8, protocol: Protocol, id: &SockId) -> std::io::Result<()> {
+        self.send(&request(SOCK_DESTROY, NLM_F_ACK, family, protocol, id))?;
         let mut result = Ok(());
         self.receive(|kind, payload| {
             if kind == NLMSG_ERROR {
@@ -210,10 +228,12 @@ impl Destroyer for SockDiag {
                 .errors
                 .extend(crate::pod_namespaces::in_each(namespaces, || {
                     let diag = Diag::open()?;
-                    for id in diag.established(protocol)? {
-                        if wanted.contains(&id.target()) {
-                            diag.destroy(protocol, &id)?;
-                            count.fetch_add(1, Ordering::Relaxed);
+                    for family in FAMILIES {
+                        for id in diag.established(family, protocol)? {
+                            if id.target(family).is_some_and(|t| wanted.contains(&t)) {
+                                diag.destroy(family, protocol, &id)?;
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                     Ok(())

@@ -402,6 +402,71 @@ fn tcp_connections_to_a_removed_backend_are_destroyed_only_where_asked() {
 }
 
 #[test]
+fn an_ipv6_socket_reaches_an_ipv4_service_through_its_mapped_address() {
+    // Dual-stack applications (Java's default) reach IPv4 addresses from IPv6 sockets, as
+    // `::ffff:a.b.c.d`: their connect(), recvmsg() and getpeername() run the IPv6 hooks.
+    let (mut world, backends) = three_backends();
+    let manifest = [
+        service_manifest("web", VIP, None, &ready(&backends)),
+        service_manifest("empty", "10.96.0.20", None, &[]),
+    ]
+    .join("---\n");
+    world.start_agent(&manifest, true).unwrap();
+    let mapped = |port| format!("[::ffff:{VIP}]:{port}");
+    let client = world.pod(CLIENT).ip.to_string();
+    let flows = |world: &World| {
+        let list: Value = serde_json::from_str(
+            &world
+                .proxyctl(&["conntrack", "list", "-o", "json"])
+                .unwrap(),
+        )
+        .unwrap();
+        list.as_array().unwrap().len()
+    };
+    // The socket hooks first: the tc path never sees the service address, so no flow of
+    // ours is tracked; then the tc path, which translates the packets.
+    for hooked in [true, false] {
+        let results = world
+            .probe(
+                CLIENT,
+                hooked,
+                &["tcp", "--to", &mapped(80), "--count", "30"],
+            )
+            .unwrap();
+        assert_eq!(spread(&results).len(), 3, "hooked={hooked}: {results:?}");
+        for r in &results {
+            assert_eq!(r["peer"], mapped(80).as_str(), "the service, as asked: {r}");
+            assert!(r["server_saw"].as_str().unwrap().contains(&client), "{r}");
+        }
+        let dns = mapped(53);
+        for connected in [true, false] {
+            let mut args = vec!["udp", "--to", &dns];
+            args.extend(connected.then_some("--connected"));
+            let udp = world.probe(CLIENT, hooked, &args).unwrap();
+            assert_eq!(udp[0]["ok"], true, "{udp:?}");
+            // recvfrom() or getpeername(): the service's address, not the backend's.
+            assert_eq!(
+                udp[0]["peer"],
+                dns.as_str(),
+                "connected={connected}: {udp:?}"
+            );
+        }
+        assert_eq!(flows(&world) == 0, hooked, "hooked={hooked}");
+    }
+    // Without endpoints: refused at once, by the connect hook.
+    let event = world
+        .first_monitored(0, |world| {
+            let refused = world
+                .probe(CLIENT, true, &["tcp", "--to", "[::ffff:10.96.0.20]:80"])
+                .unwrap();
+            assert_eq!(refused[0]["kind"], "refused", "{refused:?}");
+        })
+        .unwrap();
+    assert_eq!(event["hook"], "connect", "{event}");
+    assert_eq!(event["destination"], "10.96.0.20:80", "{event}");
+}
+
+#[test]
 fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured() {
     let (mut world, backends) = three_backends();
     let [p1, p2, p3]: [Ipv4Addr; 3] = backends.try_into().unwrap();

@@ -42,6 +42,7 @@ enum Command {
     },
     /// TCP connections: one JSON line each.
     Tcp {
+        /// An IPv4-mapped address (`[::ffff:10.96.0.10]:80`) connects from an IPv6 socket.
         #[arg(long)]
         to: SocketAddr,
         #[arg(long, default_value_t = 1)]
@@ -87,7 +88,8 @@ enum Command {
 /// UDP requests (`udp`).
 #[derive(clap::Args)]
 struct Udp {
-    /// Repeated: the requests go to each in turn.
+    /// Repeated: the requests go to each in turn. An IPv4-mapped address
+    /// (`[::ffff:10.96.0.10]:53`) sends from an IPv6 socket.
     #[arg(long, required = true)]
     to: Vec<SocketAddr>,
     #[arg(long, default_value_t = 1)]
@@ -297,11 +299,17 @@ fn exchange(
 }
 
 /// A socket bound to `0.0.0.0:port` (or any port), which other sockets may share.
-fn socket_from(kind: Type, port: Option<u16>) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::IPV4, kind, None)?;
+/// A socket of the family of `to` (an IPv4-mapped IPv6 address gets an IPv6 socket, as a
+/// dual-stack application has), bound to `port` if given.
+fn socket_from(kind: Type, port: Option<u16>, to: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(to), kind, None)?;
     if let Some(port) = port {
         socket.set_reuse_address(true)?;
-        socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        let any = match to {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+        };
+        socket.bind(&any.into())?;
     }
     Ok(socket)
 }
@@ -332,7 +340,7 @@ fn connect_from(
     source_port: Option<u16>,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
-    let socket = socket_from(Type::STREAM, source_port)?;
+    let socket = socket_from(Type::STREAM, source_port, to)?;
     socket.connect_timeout(&to.into(), timeout)?;
     Ok(socket.into())
 }
@@ -416,7 +424,7 @@ fn udp_once(to: SocketAddr, args: &Udp) -> serde_json::Value {
     let (connected, source_port, ttl) = (args.connected, args.source_port, args.ttl);
     let started = Instant::now();
     let open = || -> std::io::Result<UdpSocket> {
-        let s = socket_from(Type::DGRAM, source_port.or(Some(0)))?;
+        let s = socket_from(Type::DGRAM, source_port.or(Some(0)), to)?;
         if let Some(ttl) = ttl {
             s.set_ttl_v4(ttl)?;
             recv_errors(&s)?;
