@@ -624,6 +624,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.destroy_tcp_to_removed_backends,
         metrics.stale_sockets_destroyed.clone(),
     );
+    let mode = maps
+        .stale_sockets
+        .as_ref()
+        .map_or("none", StaleSockets::mode);
+    metrics
+        .stale_socket_destroyer
+        .with_label_values(&[mode])
+        .set(1);
     let reconciler = Reconciler::adopt(maps)?;
     if !reconciler.is_empty() {
         info!(

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub conntrack_evicted: IntCounter,
     pub source_errors: IntCounter,
     pub stale_sockets_destroyed: IntCounterVec,
+    pub stale_socket_destroyer: IntGaugeVec,
 }
 
 fn register<T: Collector + Clone + 'static>(
@@ -150,6 +151,16 @@ impl Metrics {
                         "Connected sockets the socket hooks had pointed at a backend that left the service, destroyed so that they connect again, by protocol.",
                     ),
                     &["protocol"],
+                )?,
+            )?,
+            stale_socket_destroyer: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "proxy_stale_socket_destroyer",
+                        "1 for how this node destroys sockets connected to removed backends: bpf_iterator (bpf_sock_destroy), sock_diag (older kernels) or none.",
+                    ),
+                    &["mode"],
                 )?,
             )?,
             map_update_errors: register(

@@ -187,6 +187,8 @@ struct Iterator {
 
 /// A way of destroying the sockets targets name, in the network namespaces given.
 pub trait Destroyer: Send {
+    /// For the `proxy_stale_socket_destroyer{mode}` metric.
+    fn mode(&self) -> &'static str;
     fn run(
         &mut self,
         targets: &[(Protocol, Target)],
@@ -251,6 +253,10 @@ impl SockDestroy {
 }
 
 impl Destroyer for SockDestroy {
+    fn mode(&self) -> &'static str {
+        "bpf_iterator"
+    }
+
     /// Destroys the sockets `targets` name, looking for them in each of `namespaces`
     /// (network namespace files). Targets of a protocol without an iterator are ignored.
     fn run(

@@ -208,6 +208,10 @@ impl SockDiag {
 }
 
 impl Destroyer for SockDiag {
+    fn mode(&self) -> &'static str {
+        "sock_diag"
+    }
+
     fn run(
         &mut self,
         targets: &[(Protocol, Target)],

@@ -107,6 +107,11 @@ impl StaleSockets {
         })
     }
 
+    /// How sockets are destroyed here: `bpf_iterator` or `sock_diag`.
+    pub fn mode(&self) -> &'static str {
+        self.destroy.mode()
+    }
+
     /// Destroys the connected sockets pointed at endpoints in `removed`.
     pub fn destroy(&mut self, removed: &Removed) {
         if removed.is_empty() {

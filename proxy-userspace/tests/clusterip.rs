@@ -356,6 +356,10 @@ fn a_connected_udp_socket_the_hook_pointed_at_a_removed_backend_is_destroyed() {
         "{metrics}"
     );
     assert!(metrics.contains(r#"proxy_stale_sockets_destroyed_total{protocol="tcp"} 0"#));
+    assert!(
+        metrics.contains(r#"proxy_stale_socket_destroyer{mode="bpf_iterator"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[test]
