@@ -113,6 +113,12 @@ pub struct DesiredService {
     /// The cluster IP frontend's list of the port's endpoints it does not use, and why
     /// (sorted); empty for the other frontends, whose differences `proxyctl` derives.
     pub unused: Vec<UnusedEndpoint>,
+    /// Endpoints (address, port) it does not use for new connections that still serve
+    /// (terminating, or left out by a traffic policy or hints): UDP flows and connected
+    /// sockets to them are kept when they leave its backends, as kube-proxy's conntrack
+    /// clean-up keeps flows to serving endpoints; the reconciler holds such a backend until
+    /// it leaves this list.
+    pub still_serving: Vec<([u8; 4], u16)>,
 }
 
 pub type DesiredState = BTreeMap<ServiceKey, DesiredService>;
@@ -245,6 +251,8 @@ struct Backends {
     backends: Vec<Backend>,
     /// The other endpoints, and why each is not used.
     unused: Vec<UnusedEndpoint>,
+    /// Those of them that still serve.
+    still_serving: Vec<([u8; 4], u16)>,
     /// They are the serving-terminating fallback.
     terminating: bool,
     /// None here, but the service has usable endpoints elsewhere.
@@ -333,10 +341,16 @@ fn backends(
         .collect();
     unused.sort();
     unused.dedup_by_key(|u| (u.addr, u.port));
+    let still_serving = unused
+        .iter()
+        .filter(|u| u.reason != UNUSED_NOT_READY)
+        .map(|u| (u.addr, u.port))
+        .collect();
     Backends {
         terminating: terminating && !out.is_empty(),
         backends: out,
         unused,
+        still_serving,
         only_elsewhere,
     }
 }
@@ -454,6 +468,7 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
                 } else {
                     Vec::new()
                 },
+                still_serving: chosen.still_serving.clone(),
             };
             let in_cluster = in_cluster.map(|all| {
                 Box::new(DesiredService {
@@ -466,6 +481,7 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
                     // which checks their address against the frontend's entry.
                     source_ranges: None,
                     unused: Vec::new(),
+                    still_serving: all.still_serving.clone(),
                     ..service.clone()
                 })
             });
@@ -710,6 +726,13 @@ mod tests {
         )];
         let (state, _) = desired([&web].into_iter(), with_ready.iter(), &Topology::default());
         assert_eq!(addrs(state.values().next().unwrap()), [(1, 80)]);
+        // The terminating one still serves: its flows are kept (kube-proxy's conntrack
+        // clean-up, `TestCleanStaleEntries`, keeps what serving endpoints answer); the
+        // not-serving one's are not.
+        assert_eq!(
+            state.values().next().unwrap().still_serving,
+            [([10, 244, 0, 2], 80)]
+        );
 
         let draining = [slice(
             "s",

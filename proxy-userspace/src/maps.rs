@@ -11,7 +11,7 @@ use crate::{
     map_batch,
     map_error::MapWriteError,
     model::ServiceType,
-    reconcile::ServiceMeta,
+    reconcile::{LostBackend, ServiceMeta},
     removed_backends::{self, RemovedBackends},
     stale_sockets::StaleSockets,
 };
@@ -302,11 +302,7 @@ impl crate::reconcile::ServiceMaps for Maps {
             .with_context(|| format!("zeroing counters of backend id {id}"))
     }
 
-    fn forget_backends(
-        &mut self,
-        service_id: u32,
-        backends: &[(u32, Backend)],
-    ) -> anyhow::Result<()> {
+    fn forget_backends(&mut self, service_id: u32, lost: &[LostBackend]) -> anyhow::Result<()> {
         let cleanup = match &mut self.removed_backends {
             Some(cleanup) => cleanup,
             None => {
@@ -319,7 +315,7 @@ impl crate::reconcile::ServiceMaps for Maps {
                 self.removed_backends.insert(RemovedBackends::start(maps)?)
             }
         };
-        cleanup.forget(service_id, backends);
+        cleanup.forget(service_id, lost);
         Ok(())
     }
 

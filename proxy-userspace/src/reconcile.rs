@@ -22,6 +22,16 @@ use crate::{
 mod repair;
 pub use repair::{Repair, Snapshot};
 
+/// A backend a service port no longer has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostBackend {
+    pub id: u32,
+    pub backend: Backend,
+    /// It still serves (terminating, or left out by a traffic policy or hints): its flows
+    /// are kept, as kube-proxy keeps them.
+    pub serving: bool,
+}
+
 /// The map operations the reconciler needs; `crate::maps::Maps` implements them on the
 /// pinned maps, the tests on memory.
 pub trait ServiceMaps {
@@ -45,14 +55,10 @@ pub trait ServiceMaps {
     fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()>;
-    /// Forgets what `service_id` keeps of `backends` (id, backend), which it no longer has:
-    /// session affinity, tc-path UDP flows, and the connected sockets the socket hooks
-    /// pointed at them.
-    fn forget_backends(
-        &mut self,
-        service_id: u32,
-        backends: &[(u32, Backend)],
-    ) -> anyhow::Result<()>;
+    /// Forgets what `service_id` keeps of backends it no longer has: session affinity to
+    /// them, and, for those that no longer serve, tc-path UDP flows and the connected
+    /// sockets the socket hooks pointed at them.
+    fn forget_backends(&mut self, service_id: u32, lost: &[LostBackend]) -> anyhow::Result<()>;
     /// What the maps already hold, e.g. from a previous agent.
     fn read_existing(&self) -> anyhow::Result<Existing>;
     /// How many service ids and backend ids the maps have room for (0 is never used).
@@ -146,6 +152,10 @@ struct Programmed {
     unused: Vec<UnusedEndpoint>,
     /// The client ranges under its id (sorted).
     source_ranges: Vec<Cidr>,
+    /// Backends it no longer balances to that still serve (`DesiredService::still_serving`),
+    /// held so that their ids stay theirs: when one stops serving, its UDP flows and
+    /// sockets go. Not adopted by a restarted agent, which cannot tell them.
+    draining: Vec<(u32, Backend)>,
 }
 
 impl Programmed {
@@ -161,6 +171,10 @@ impl Programmed {
                 .all(|((_, a), b)| a == b)
             && self.unused == want.unused
             && *self.source_ranges == *want.source_ranges.as_deref().unwrap_or_default()
+            && self
+                .draining
+                .iter()
+                .all(|(_, b)| want.still_serving.contains(&(b.addr, b.port)))
     }
 }
 
@@ -354,6 +368,7 @@ impl<M: ServiceMaps> Reconciler<M> {
                     backends: resolved,
                     unused,
                     source_ranges,
+                    draining: Vec::new(),
                 },
             );
         }
@@ -710,30 +725,71 @@ impl<M: ServiceMaps> Reconciler<M> {
             .to_vec();
         self.list_unused(id, &want.unused, &previous, &want.name);
         let kept: HashSet<u32> = acquired.iter().map(|(id, _)| *id).collect();
+        let draining = self.draining(key, &kept, &want.still_serving, port);
         let programmed = Programmed {
             value,
             meta,
             backends: acquired,
             unused: want.unused.clone(),
             source_ranges: new_ranges,
+            draining,
         };
         self.key_by_id.insert(id, *key);
         if let Some(old) = self.services.insert(*key, programmed) {
-            self.retire(&old, &kept);
+            let draining = self.services[key]
+                .draining
+                .iter()
+                .map(|(id, _)| *id)
+                .collect();
+            self.retire(&old, &kept, &draining);
         }
         Ok(())
     }
 
-    /// Cleans up after a service port moved off `old`: its slots, the affinity and UDP flows
-    /// to backend ids it no longer has (`kept` are its new ones), and one reference to each
-    /// of its backends.
-    fn retire(&mut self, old: &Programmed, kept: &HashSet<u32>) {
-        self.delete_slots(old.value.id, old.value.generation, old.value.count);
-        let lost: Vec<(u32, Backend)> = old
+    /// The backends `key` had (in its slots or draining) that its new slots lack and that
+    /// still serve, each with a reference of its own (the old ones go with `retire`).
+    fn draining(
+        &mut self,
+        key: &ServiceKey,
+        kept: &HashSet<u32>,
+        still_serving: &[([u8; 4], u16)],
+        port: u64,
+    ) -> Vec<(u32, Backend)> {
+        let Some(old) = self.services.get(key) else {
+            return Vec::new();
+        };
+        let draining: Vec<Backend> = old
             .backends
             .iter()
-            .filter(|(id, _)| !kept.contains(id))
-            .copied()
+            .chain(&old.draining)
+            .filter(|(id, b)| !kept.contains(id) && still_serving.contains(&(b.addr, b.port)))
+            .map(|(_, b)| *b)
+            .collect();
+        // A backend still held by `old` is found, not allocated: this cannot fail.
+        draining
+            .into_iter()
+            .filter_map(|b| Some((self.acquire_backend(port, &b).ok()?, b)))
+            .collect()
+    }
+
+    /// Cleans up after a service port moved off `old`: its slots, what is kept of the
+    /// backend ids it no longer balances to (`kept` are its new ones; `draining`, those it
+    /// holds while they still serve), and one reference to each of its backends.
+    fn retire(&mut self, old: &Programmed, kept: &HashSet<u32>, draining: &HashSet<u32>) {
+        self.delete_slots(old.value.id, old.value.generation, old.value.count);
+        // Newly out of the slots (still serving or not), and draining ones that stopped.
+        let out_of_slots = old.backends.iter().filter(|(id, _)| !kept.contains(id));
+        let stopped = old
+            .draining
+            .iter()
+            .filter(|(id, _)| !kept.contains(id) && !draining.contains(id));
+        let lost: Vec<LostBackend> = out_of_slots
+            .chain(stopped)
+            .map(|(id, backend)| LostBackend {
+                id: *id,
+                backend: *backend,
+                serving: draining.contains(id),
+            })
             .collect();
         if !lost.is_empty()
             && let Err(e) = self.maps.forget_backends(old.value.id, &lost)
@@ -741,7 +797,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             warn!(service = %old.meta.name, "forgetting affinity, UDP flows and sockets of removed backends: {e:#}");
         }
         let port = port_of(&old.meta.name);
-        for (_, b) in &old.backends {
+        for (_, b) in old.backends.iter().chain(&old.draining) {
             self.release_backend(port, b);
         }
     }
@@ -756,7 +812,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         self.withdraw_ranges(old.value.id, &old.source_ranges);
         self.services.remove(key);
         self.key_by_id.remove(&old.value.id);
-        self.retire(&old, &HashSet::new());
+        self.retire(&old, &HashSet::new(), &HashSet::new());
         self.service_ids.release(old.value.id);
         Ok(())
     }
@@ -861,8 +917,11 @@ pub mod fake {
         fn reset_backend_counters(&mut self, _: u32) -> anyhow::Result<()> {
             Ok(())
         }
-        fn forget_backends(&mut self, id: u32, backends: &[(u32, Backend)]) -> anyhow::Result<()> {
-            let ids: Vec<u32> = backends.iter().map(|(id, _)| *id).collect();
+        fn forget_backends(&mut self, id: u32, lost: &[LostBackend]) -> anyhow::Result<()> {
+            let ids: Vec<String> = lost
+                .iter()
+                .map(|l| format!("{}{}", l.id, if l.serving { " serving" } else { "" }))
+                .collect();
             self.log.push(format!("forget backends {id} {ids:?}"));
             Ok(())
         }
@@ -945,9 +1004,42 @@ mod tests {
                 "put service 1 gen 1 count 2",
                 "delete slot 1/0/1",
                 "delete slot 1/0/2",
-                "forget backends 1 [1]",
+                "forget backends 1 [\"1\"]",
                 "delete backend 1",
             ]
+        );
+    }
+
+    #[test]
+    fn a_backend_that_still_serves_is_held_until_it_stops() {
+        let mut fake = Fake::default();
+        let mut r = Reconciler::adopt(&mut fake).unwrap();
+        r.apply(&state(&[(80, &[1, 2, 3])]));
+        r.maps.log.clear();
+        let forgotten = |log: &[String]| -> Vec<String> {
+            log.iter()
+                .filter(|l| l.starts_with("forget") || l.starts_with("delete backend"))
+                .cloned()
+                .collect()
+        };
+        // 2 terminates (still serving) and 3 goes: flows to 2 are kept, to 3 forgotten.
+        let mut next = state(&[(80, &[1])]);
+        for service in next.values_mut() {
+            service.still_serving = vec![([10, 244, 0, 2], 8080)];
+        }
+        r.apply(&next);
+        assert_eq!(
+            forgotten(&r.maps.log),
+            ["forget backends 1 [\"2 serving\", \"3\"]", "delete backend 3"]
+        );
+        // Unchanged while it serves.
+        r.maps.log.clear();
+        assert_eq!(r.apply(&next).keys.unchanged, 1);
+        // It stops serving: now its flows go, and so does its entry.
+        r.apply(&state(&[(80, &[1])]));
+        assert_eq!(
+            forgotten(&r.maps.log),
+            ["forget backends 1 [\"2\"]", "delete backend 2"]
         );
     }
 

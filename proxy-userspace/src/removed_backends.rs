@@ -13,23 +13,30 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CT_FLAG_PASS, CtEntry, CtKey, IPPROTO_UDP,
-};
+use proxy_common::{AffinityKey, AffinityValue, CT_FLAG_PASS, CtEntry, CtKey, IPPROTO_UDP};
 use tracing::warn;
 
-use crate::{ct_account::CtAccount, stale_sockets::StaleSockets};
+use crate::{ct_account::CtAccount, reconcile::LostBackend, stale_sockets::StaleSockets};
 
 /// Backend ids to forget, by service id.
 type Stale = HashMap<u32, HashSet<u32>>;
 
-type Request = (u32, Vec<(u32, Backend)>);
+type Request = (u32, Vec<LostBackend>);
 
-fn add(stale: &mut Stale, (service_id, backends): &Request) {
+/// Adds the backends of `request` that `pick` picks.
+fn add(stale: &mut Stale, (service_id, lost): &Request, pick: fn(&LostBackend) -> bool) {
     stale
         .entry(*service_id)
         .or_default()
-        .extend(backends.iter().map(|(id, _)| *id));
+        .extend(lost.iter().filter(|l| pick(l)).map(|l| l.id));
+}
+
+fn every(_: &LostBackend) -> bool {
+    true
+}
+
+fn not_serving(lost: &LostBackend) -> bool {
+    !lost.serving
 }
 
 fn is_stale(stale: &Stale, service_id: u32, backend_id: u32) -> bool {
@@ -85,10 +92,13 @@ impl RemovedBackends {
             while let Ok(first) = queue.recv() {
                 let mut batch = vec![first];
                 batch.extend(queue.try_iter());
-                let mut stale = Stale::new();
+                // Affinity goes for every backend lost; flows and sockets only for those
+                // that no longer serve.
+                let (mut sticky, mut gone) = (Stale::new(), Stale::new());
                 let mut endpoints = crate::stale_sockets::Removed::default();
                 for request in &batch {
-                    add(&mut stale, request);
+                    add(&mut sticky, request, every);
+                    add(&mut gone, request, not_serving);
                     endpoints.add(request.0, &request.1);
                 }
                 // The cheapest scan first: the sockets' map is a fraction of conntrack.
@@ -96,18 +106,18 @@ impl RemovedBackends {
                     sockets.destroy(&endpoints);
                 }
                 remove_where(&mut maps.affinity, |k, v| {
-                    is_stale(&stale, k.service_id, v.backend_id)
+                    is_stale(&sticky, k.service_id, v.backend_id)
                 });
-                let flows = remove_where(&mut maps.conntrack, |k, e| is_stale_flow(&stale, k, e));
+                let flows = remove_where(&mut maps.conntrack, |k, e| is_stale_flow(&gone, k, e));
                 maps.account.add_deleted(flows);
             }
         })?;
         Ok(Self { requests })
     }
 
-    /// Queues forgetting what `service_id` keeps of `backends`.
-    pub fn forget(&self, service_id: u32, backends: &[(u32, Backend)]) {
-        if self.requests.send((service_id, backends.to_vec())).is_err() {
+    /// Queues forgetting what `service_id` keeps of `lost`.
+    pub fn forget(&self, service_id: u32, lost: &[LostBackend]) {
+        if self.requests.send((service_id, lost.to_vec())).is_err() {
             warn!(
                 "the removed-backend clean-up thread has stopped; affinity, UDP flows and \
                  connected sockets to removed backends stay until they expire"
@@ -120,13 +130,20 @@ impl RemovedBackends {
 mod tests {
     use super::*;
 
+    fn lost(id: u32, serving: bool) -> LostBackend {
+        LostBackend {
+            id,
+            backend: proxy_common::Backend::default(),
+            serving,
+        }
+    }
+
     #[test]
     fn a_batch_forgets_the_union_of_its_requests_only() {
-        let to_ids = |ids: &[u32]| ids.iter().map(|id| (*id, Backend::default())).collect();
         let mut stale = Stale::new();
-        add(&mut stale, &(1, to_ids(&[10])));
-        add(&mut stale, &(1, to_ids(&[11])));
-        add(&mut stale, &(2, to_ids(&[10])));
+        add(&mut stale, &(1, vec![lost(10, false)]), every);
+        add(&mut stale, &(1, vec![lost(11, true)]), every);
+        add(&mut stale, &(2, vec![lost(10, false)]), every);
         let key = |service_id| AffinityKey {
             client: 7,
             service_id,
@@ -153,24 +170,37 @@ mod tests {
     }
 
     #[test]
-    fn only_udp_flows_of_the_tc_path_are_forgotten() {
+    fn only_tc_path_udp_flows_to_backends_that_no_longer_serve_are_forgotten() {
         let mut stale = Stale::new();
-        add(&mut stale, &(1, vec![(10, Backend::default())]));
-        let flow = |proto, flags| {
+        add(
+            &mut stale,
+            &(1, vec![lost(10, false), lost(11, true)]),
+            not_serving,
+        );
+        let flow = |proto, flags, backend_id| {
             let key = CtKey {
                 proto,
                 ..CtKey::default()
             };
             let entry = CtEntry {
                 rev_nat_id: 1,
-                backend_id: 10,
+                backend_id,
                 flags,
                 ..CtEntry::default()
             };
             is_stale_flow(&stale, &key, &entry)
         };
-        assert!(flow(IPPROTO_UDP, 0));
-        assert!(!flow(proxy_common::IPPROTO_TCP, 0), "TCP keeps its backend");
-        assert!(!flow(IPPROTO_UDP, CT_FLAG_PASS), "kube-proxy's own flow");
+        assert!(flow(IPPROTO_UDP, 0, 10));
+        assert!(
+            !flow(proxy_common::IPPROTO_TCP, 0, 10),
+            "TCP keeps its backend"
+        );
+        assert!(
+            !flow(IPPROTO_UDP, CT_FLAG_PASS, 10),
+            "kube-proxy's own flow"
+        );
+        // kube-proxy's conntrack clean-up keeps what a serving endpoint answers
+        // (`TestCleanStaleEntries`): a terminating one, or one a policy left out.
+        assert!(!flow(IPPROTO_UDP, 0, 11), "a backend that still serves");
     }
 }

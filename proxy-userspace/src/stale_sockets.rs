@@ -12,10 +12,11 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use prometheus::IntCounterVec;
-use proxy_common::{Backend, IPPROTO_TCP, IPPROTO_UDP, SockRevKey, SockRevValue, maps};
+use proxy_common::{IPPROTO_TCP, IPPROTO_UDP, SockRevKey, SockRevValue, maps};
 use tracing::{debug, info, warn};
 
 use crate::{
+    reconcile::LostBackend,
     sock_destroy::{Destroyer, Protocol, SockDestroy, Target},
     sock_diag::SockDiag,
 };
@@ -28,9 +29,11 @@ type Endpoint = ([u8; 4], u16);
 pub struct Removed(HashMap<u32, (Protocol, HashSet<Endpoint>)>);
 
 impl Removed {
-    /// Adds `backends` removed from `service_id`; backends of other protocols are ignored.
-    pub fn add(&mut self, service_id: u32, backends: &[(u32, Backend)]) {
-        for (_, b) in backends {
+    /// Adds the backends lost by `service_id` that no longer serve (a socket to one that
+    /// does is kept, as kube-proxy keeps such flows); other protocols than TCP and UDP are
+    /// ignored.
+    pub fn add(&mut self, service_id: u32, lost: &[LostBackend]) {
+        for b in lost.iter().filter(|l| !l.serving).map(|l| l.backend) {
             let protocol = match b.proto {
                 IPPROTO_UDP => Protocol::Udp,
                 IPPROTO_TCP => Protocol::Tcp,
@@ -187,20 +190,30 @@ impl StaleSockets {
 mod tests {
     use super::*;
 
-    fn backend(addr: [u8; 4], port: u16, proto: u8) -> Backend {
-        Backend {
-            addr,
-            port,
-            proto,
-            flags: 0,
+    fn lost(addr: [u8; 4], port: u16, proto: u8, serving: bool) -> LostBackend {
+        LostBackend {
+            id: 0,
+            backend: proxy_common::Backend {
+                addr,
+                port,
+                proto,
+                flags: 0,
+            },
+            serving,
         }
     }
 
     #[test]
     fn a_socket_is_a_target_only_through_the_service_that_lost_its_backend() {
         let mut removed = Removed::default();
-        removed.add(1, &[(10, backend([10, 0, 0, 1], 53, IPPROTO_UDP))]);
-        removed.add(2, &[(11, backend([10, 0, 0, 2], 80, IPPROTO_TCP))]);
+        removed.add(
+            1,
+            &[
+                lost([10, 0, 0, 1], 53, IPPROTO_UDP, false),
+                lost([10, 0, 0, 4], 53, IPPROTO_UDP, true),
+            ],
+        );
+        removed.add(2, &[lost([10, 0, 0, 2], 80, IPPROTO_TCP, false)]);
         let socket = |cookie, addr, port, service_id| {
             removed.target(
                 &SockRevKey {
@@ -230,5 +243,10 @@ mod tests {
         );
         assert_eq!(socket(5, [10, 0, 0, 1], 54, 1), None, "another port");
         assert_eq!(socket(5, [10, 0, 0, 3], 53, 1), None, "a remaining backend");
+        assert_eq!(
+            socket(5, [10, 0, 0, 4], 53, 1),
+            None,
+            "a backend that still serves"
+        );
     }
 }

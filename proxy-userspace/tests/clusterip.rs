@@ -363,6 +363,63 @@ fn a_connected_udp_socket_the_hook_pointed_at_a_removed_backend_is_destroyed() {
 }
 
 #[test]
+fn a_udp_socket_to_a_terminating_endpoint_that_still_serves_is_kept_until_it_goes() {
+    // kube-proxy's conntrack clean-up (cleanup.go) keeps UDP flows to serving endpoints,
+    // whatever their terminating status, traffic policy or topology: a terminating pod
+    // that still serves keeps its sockets; once it stops serving, they are destroyed.
+    let (mut world, backends) = three_backends();
+    let agent = world
+        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
+        .unwrap();
+    let to = format!("{VIP}:53");
+    let hold = [
+        "udp",
+        "--to",
+        &to,
+        "--connected",
+        "--reconnect-on-error",
+        "--hold-ms",
+        "4000",
+        "--interval-ms",
+        "100",
+    ];
+    let started = Instant::now();
+    let (flow, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
+    let left = first["backend"].as_str().unwrap().to_owned();
+    let terminating: Vec<_> = (1..=3)
+        .map(|i| {
+            let ip = world.pod(i).ip;
+            if format!("backend-{i}") == left {
+                (ip, false, true, true)
+            } else {
+                (ip, true, true, false)
+            }
+        })
+        .collect();
+    let syncs = agent.syncs();
+    world
+        .write_manifest(&service_manifest("web", VIP, None, &terminating))
+        .unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    // New sockets no longer reach it, this one still does.
+    let fresh = world
+        .probe(CLIENT, true, &["udp", "--to", &to, "--count", "20"])
+        .unwrap();
+    assert!(!spread(&fresh).contains_key(&left), "{fresh:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    let gone_at = remove_backend(&mut world, &agent, &left, started);
+    let summary = world.finish_probe(flow).unwrap();
+    assert_eq!(summary["reconnects"], 1, "{summary}");
+    assert_eq!(summary["failures"], 1, "{summary}");
+    let failed_at = summary["failed_at_ms"][0].as_u64().unwrap();
+    assert!(
+        failed_at + 150 >= gone_at,
+        "destroyed while it still served ({failed_at} ms; gone at {gone_at} ms): {summary}"
+    );
+    assert_ne!(summary["last_backend"], left.as_str(), "{summary}");
+}
+
+#[test]
 fn tcp_connections_to_a_removed_backend_are_destroyed_only_where_asked() {
     let (mut world, backends) = three_backends();
     let manifest = world
