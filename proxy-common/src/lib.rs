@@ -357,6 +357,20 @@ pub struct DropEvent {
 pub const HOOK_TC: u8 = 0;
 /// `DropEvent::hook`: the XDP program.
 pub const HOOK_XDP: u8 = 1;
+
+/// XDP metadata (before the frame) saying that the XDP program of an interface found
+/// nothing for us in this packet: tc ingress on that interface then lets it through without
+/// the same lookups again. The interface is named, so that a packet the kernel moves to
+/// another one (decapsulated, forwarded) is looked at there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpMeta {
+    /// `XDP_META_NOTHING_FOR_US`.
+    pub magic: u32,
+    pub ifindex: u32,
+}
+
+pub const XDP_META_NOTHING_FOR_US: u32 = 0x7870_6e6f;
 /// `DropEvent::hook`: the socket hook of connect().
 pub const HOOK_CONNECT: u8 = 2;
 /// `DropEvent::hook`: the socket hook of sendmsg() (unconnected UDP).

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{DropReason, FragKey, HOOK_TC};
+use proxy_common::{DropReason, FragKey, HOOK_TC, XDP_META_NOTHING_FOR_US, XdpMeta};
 
 use crate::{
     icmp,
@@ -22,7 +22,31 @@ use crate::{
 
 #[classifier]
 pub fn proxy_ingress(ctx: TcContext) -> i32 {
+    if xdp_found_nothing(&ctx) {
+        return TC_ACT_OK;
+    }
     run(&ctx, Side::Ingress)
+}
+
+/// Whether the XDP program of this interface passed the packet as having nothing of ours
+/// (`XdpMeta`); without XDP there is no metadata.
+#[inline(always)]
+fn xdp_found_nothing(ctx: &TcContext) -> bool {
+    // SAFETY: valid context.
+    let (meta, data, ifindex) = unsafe {
+        let skb = ctx.skb.skb;
+        (
+            (*skb).data_meta as usize,
+            ctx.data(),
+            (*skb).ingress_ifindex,
+        )
+    };
+    if meta + size_of::<XdpMeta>() > data {
+        return false;
+    }
+    // SAFETY: the bound is checked against the frame's start, as the verifier wants.
+    let mark = unsafe { *(meta as *const XdpMeta) };
+    mark.magic == XDP_META_NOTHING_FOR_US && mark.ifindex == ifindex
 }
 
 #[classifier]

@@ -7,13 +7,14 @@
 //! (RFC 1624), which is right for frames from a wire; a locally generated frame on a
 //! virtual device may carry a deferred (partial) checksum, which XDP cannot see.
 use aya_ebpf::{
+    EbpfContext,
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_xdp_adjust_meta},
     macros::xdp,
     programs::XdpContext,
 };
 
-use proxy_common::{Counters, HOOK_XDP};
+use proxy_common::{Counters, HOOK_XDP, XDP_META_NOTHING_FOR_US, XdpMeta};
 
 use crate::{
     lb::{self, Dropped},
@@ -38,8 +39,32 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
             lb::count_drop(Dropped::packet(reason, service_id, flow.key, HOOK_XDP));
             XDP_DROP
         }
-        Verdict::Pass | Verdict::Reject(_) => XDP_PASS,
+        Verdict::Pass => nothing_for_us(&ctx),
+        Verdict::Reject(_) => XDP_PASS,
     }
+}
+
+/// Passes a packet that has nothing of ours, saying so to tc ingress (XDP metadata), which
+/// would look it up in the same maps again: on a node with XDP, the traffic it does not
+/// translate (e.g. to its own pods) would pay for both programs.
+#[inline(always)]
+fn nothing_for_us(ctx: &XdpContext) -> u32 {
+    let len = size_of::<XdpMeta>();
+    // SAFETY: valid context; on success the metadata area before the frame is `len` long.
+    if unsafe { bpf_xdp_adjust_meta(ctx.as_ptr().cast(), -(len as i32)) } == 0 {
+        let meta = ctx.metadata();
+        // The verifier wants the bound checked against the frame's start.
+        if meta + len <= ctx.data() {
+            // SAFETY: checked just above.
+            unsafe {
+                *(meta as *mut XdpMeta) = XdpMeta {
+                    magic: XDP_META_NOTHING_FOR_US,
+                    ifindex: ctx.ingress_ifindex() as u32,
+                }
+            };
+        }
+    }
+    XDP_PASS
 }
 
 /// Passes everything: the far end of a test "wire" (the test world's `testbed/wire.rs`),

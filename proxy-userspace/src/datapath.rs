@@ -381,6 +381,11 @@ impl Datapath {
         Ok(self.loaded(name, SchedClassifier::load)?)
     }
 
+    /// The XDP program loaded but not attached, for `BPF_PROG_TEST_RUN` in the tests.
+    pub fn load_xdp(&mut self) -> anyhow::Result<&Xdp> {
+        Ok(self.loaded(XDP_PROGRAM, Xdp::load)?)
+    }
+
     /// The XDP fast path for masqueraded flows on `interfaces`; `Off` attaches nothing (and
     /// `detach_stale` removes a previous agent's).
     pub fn attach_xdp(&mut self, interfaces: &[String], mode: XdpAttach) -> anyhow::Result<()> {

@@ -1030,7 +1030,10 @@ mod tests {
         r.apply(&next);
         assert_eq!(
             forgotten(&r.maps.log),
-            ["forget backends 1 [\"2 serving\", \"3\"]", "delete backend 3"]
+            [
+                "forget backends 1 [\"2 serving\", \"3\"]",
+                "delete backend 3"
+            ]
         );
         // Unchanged while it serves.
         r.maps.log.clear();

@@ -649,3 +649,35 @@ fn a_reset_closes_both_entries_and_a_new_syn_on_the_tuple_starts_afresh() {
     assert_eq!(ends(&out), (client, backend));
     assert_eq!(state(&fx), (Some(NEW), Some(NEW)));
 }
+
+#[test]
+fn xdp_tells_tc_what_has_nothing_of_ours_and_only_that() {
+    const XDP_PASS: u32 = 2;
+    let mut fx = Fixture::new();
+    let mut run_xdp = |frame: &[u8]| {
+        let program = fx.datapath.load_xdp().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let result = program.test_run(opts).unwrap();
+        // The output starts where the frame's metadata does.
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    };
+    // To a pod, not a service: passed, with the mark tc ingress skips its lookups on.
+    let other = udp((CLIENT, 40000), (BACKEND, BACKEND_PORT));
+    let (verdict, out) = run_xdp(&other);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out.len(), other.len() + 8, "{out:02x?}");
+    let word = |at: usize| u32::from_ne_bytes(out[at..at + 4].try_into().unwrap());
+    assert_eq!(word(0), proxy_common::XDP_META_NOTHING_FOR_US);
+    // The interface it came in on (the test run's: loopback).
+    assert_eq!(word(4), 1);
+    assert_eq!(out[8..], other[..]);
+    // To a service, translated but not routed by us: passed for tc to finish, unmarked.
+    let service = udp((CLIENT, 40001), (VIP1, 53));
+    let (verdict, out) = run_xdp(&service);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, service, "unmarked and untouched, for tc");
+}
