@@ -80,8 +80,6 @@ impl Protocol {
     }
 }
 
-/// Targets that fit: one per socket the hooks can remember (`sock_rev_nat`).
-const MAX_TARGETS: u32 = proxy_common::maps::MAX_SOCK_REV_NAT;
 const VERIFIER_LOG: usize = 64 * 1024;
 
 // Offsets the program reads. `bpf_iter__udp` and `bpf_iter__tcp` both hold the socket right
@@ -211,9 +209,10 @@ pub struct Destroyed {
 }
 
 impl SockDestroy {
-    /// Loads the iterators for `protocols`. Fails on a kernel without `bpf_sock_destroy`
-    /// (or without BTF), saying which.
-    pub fn load(protocols: &[Protocol]) -> anyhow::Result<Self> {
+    /// Loads the iterators for `protocols`, with room for `capacity` targets (one per
+    /// entry `sock_rev_nat` can hold, where they come from). Fails on a kernel without
+    /// `bpf_sock_destroy` (or without BTF), saying which.
+    pub fn load(protocols: &[Protocol], capacity: u32) -> anyhow::Result<Self> {
         let btf =
             Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         let destroy = btf
@@ -224,7 +223,7 @@ impl SockDestroy {
                 bpf_map_type::BPF_MAP_TYPE_HASH as u32,
                 size_of::<Target>() as u32,
                 1,
-                MAX_TARGETS,
+                capacity,
                 BPF_F_NO_PREALLOC,
             ),
             "stale_sockets",
@@ -391,7 +390,7 @@ mod tests {
     }
 
     fn iterators(protocols: &[Protocol]) -> Box<dyn Destroyer> {
-        Box::new(SockDestroy::load(protocols).unwrap())
+        Box::new(SockDestroy::load(protocols, 16).unwrap())
     }
 
     fn sock_diag(protocols: &[Protocol]) -> Box<dyn Destroyer> {
@@ -488,7 +487,7 @@ mod tests {
 
     #[test]
     fn the_iterators_leave_no_target_behind() {
-        let mut destroy = SockDestroy::load(&[Protocol::Udp]).unwrap();
+        let mut destroy = SockDestroy::load(&[Protocol::Udp], 16).unwrap();
         let nowhere = [(Protocol::Udp, Target::new(1, [127, 0, 0, 1], 9))];
         let destroyed = destroy.run(&nowhere, &this_namespace()).unwrap();
         assert_eq!(destroyed.udp, 0);

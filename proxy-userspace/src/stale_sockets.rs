@@ -61,10 +61,13 @@ impl Removed {
     }
 }
 
+/// `sock_rev_nat`: (socket cookie, backend) → the service it was balanced for.
+type Socks = BpfHashMap<MapData, SockRevKey, SockRevValue>;
+
 pub struct StaleSockets {
     destroy: Box<dyn Destroyer>,
     protocols: Vec<Protocol>,
-    rev_nat: BpfHashMap<MapData, SockRevKey, SockRevValue>,
+    rev_nat: Socks,
     cgroup: PathBuf,
     destroyed: IntCounterVec,
     /// What could not be done, by errno, is said once, not at every removal.
@@ -79,8 +82,13 @@ impl StaleSockets {
         if tcp {
             protocols.push(Protocol::Tcp);
         }
-        let rev_nat = match crate::maps::open(bpffs, maps::SOCK_REV_NAT) {
-            Ok(map) => map,
+        // The targets come from it: its capacity is theirs.
+        let opened = crate::maps::open::<Socks>(bpffs, maps::SOCK_REV_NAT).and_then(|map| {
+            let capacity = aya::maps::IterableMap::map(&map).info()?.max_entries();
+            Ok((map, capacity))
+        });
+        let (rev_nat, capacity) = match opened {
+            Ok(opened) => opened,
             Err(e) => {
                 warn!(
                     "connected sockets that the socket hooks pointed at a removed backend \
@@ -89,7 +97,7 @@ impl StaleSockets {
                 return None;
             }
         };
-        let destroy: Box<dyn Destroyer> = match SockDestroy::load(&protocols) {
+        let destroy: Box<dyn Destroyer> = match SockDestroy::load(&protocols, capacity) {
             Ok(iterators) => Box::new(iterators),
             Err(e) => {
                 warn!(
