@@ -68,7 +68,7 @@ impl XdpAttach {
 const XDP_PROGRAM: &str = "proxy_xdp";
 
 /// IPv6 sockets' sends to IPv4-mapped addresses go through `sendmsg4` (the kernel hands
-/// them to the IPv4 path), so there is no `sendmsg6` yet: IPv6 services have none to serve.
+/// them to the IPv4 path): `sendmsg6` would only serve IPv6 services, which are not yet.
 const SOCKET_HOOKS: [&str; 7] = [
     "proxy_connect4",
     "proxy_sendmsg4",
