@@ -97,6 +97,7 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
         context = container["securityContext"]
         caps = context["capabilities"]["add"]
         check("default: the capabilities the agent tests run with, not privileged", context["privileged"] is False and sorted(caps) == ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"], caps)
+        check("default: not in the host's PID namespace", "hostPID" not in pod, pod.keys())
         check("default: TCP connections keep a removed backend, as with kube-proxy", config["data"]["PROXY_DESTROY_TCP_TO_REMOVED_BACKENDS"] == "false", config["data"])
         check("default: AppArmor and seccomp unconfined (as the image check runs it), SELinux spc_t", context["appArmorProfile"] == {"type": "Unconfined"} and context["seccompProfile"] == {"type": "Unconfined"} and context["seLinuxOptions"] == {"type": "spc_t"}, context)
         check("default: API server address from k8sServiceHost", env.get("PROXY_K8S_API_SERVER") == "10.0.0.10:6443", env)
@@ -113,6 +114,7 @@ for label, values in [("default", MINIMAL), ("all options", yaml.safe_load((CHAR
         check("all options: metrics bound for scraping", config["data"]["PROXY_METRICS_BIND"] == "0.0.0.0:9249")
         check("all options: XDP mode and interfaces passed to the agent", config["data"]["PROXY_XDP"] == "generic" and config["data"]["PROXY_XDP_INTERFACES"] == "eth0", config["data"])
         check("all options: NodePort addresses passed to the agent", config["data"]["PROXY_NODEPORT_ADDRESSES"] == "192.168.0.0/16,10.0.0.0/8", config["data"])
+        check("all options: the host's PID namespace, where asked", pod.get("hostPID") is True, pod.keys())
         check("all options: TCP connections to removed backends destroyed", config["data"]["PROXY_DESTROY_TCP_TO_REMOVED_BACKENDS"] == "true", config["data"])
         check("all options: masquerade ports passed to the agent", config["data"]["PROXY_MASQUERADE_PORTS"] == "62000-65000", config["data"])
         check("all options: kube-proxy's rules removed by an init container", init["cleanup-kube-proxy"]["args"] == ["--cleanup-kube-proxy"], init)
