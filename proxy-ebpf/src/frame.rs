@@ -1,8 +1,9 @@
 //! Access to a frame, from its Ethernet header on, for parsing and for rewriting, the same
-//! for tc and XDP: the translation code is written once over this trait. tc goes through
-//! the socket buffer's helpers, which also keep offloaded (partial) checksums right; XDP
-//! through its load/store helpers, with checksums updated in the frame (RFC 1624), which is
-//! right for frames from a wire.
+//! for tc and XDP: the translation code is written once over this trait. Both read and
+//! write the headers directly where they are in the frame's linear part (its first buffer,
+//! for XDP), else through the helpers; tc updates checksums with the socket buffer's
+//! helpers, which also keep offloaded (partial) checksums right, XDP in the frame (RFC
+//! 1624), which is right for frames from a wire.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
@@ -86,12 +87,11 @@ pub fn replace32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     )
 }
 
-/// `size_of::<T>()` bytes at `offset` of a socket buffer, if they are in its linear part,
-/// where the program may read and write them directly (a helper call costs ~14 ns here).
+/// `size_of::<T>()` bytes at `offset` of the frame `start..end`, if they are in it — the
+/// linear part of a socket buffer, an XDP frame's first buffer — where the program may read
+/// and write them directly (a helper call costs ~14 ns here).
 #[inline(always)]
-fn linear<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn linear<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
     // At least two bytes: for one, LLVM turns `ptr + 1 > end` into `ptr >= end`, from which
     // the verifier does not learn that the byte is inside the packet.
     if start + offset + core::mem::size_of::<T>().max(2) > end {
@@ -104,7 +104,7 @@ fn linear<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
 impl Frame for TcContext {
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        match linear::<T>(self, offset) {
+        match linear::<T>(self.data(), self.data_end(), offset) {
             // SAFETY: bounds-checked just above, against the packet's end.
             Some(ptr) => Some(unsafe { ptr.read_unaligned() }),
             None => self.load(offset).ok(),
@@ -113,7 +113,7 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn write<T>(&self, offset: usize, value: &T) -> Option<()> {
-        match linear::<T>(self, offset) {
+        match linear::<T>(self.data(), self.data_end(), offset) {
             // SAFETY: as in `read`.
             Some(ptr) => {
                 unsafe { ptr.write_unaligned(core::ptr::read(value)) };
@@ -200,6 +200,11 @@ fn update_csum<F: Frame + ?Sized>(
 impl Frame for XdpContext {
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        if let Some(ptr) = linear::<T>(self.data(), self.data_end(), offset) {
+            // SAFETY: bounds-checked against the first buffer's end.
+            return Some(unsafe { ptr.read_unaligned() });
+        }
+        // Past the first buffer of a multi-buffer frame.
         let mut value = core::mem::MaybeUninit::<T>::uninit();
         // SAFETY: the helper writes at most size_of::<T>() bytes into `value`.
         let ret = unsafe {
@@ -216,6 +221,11 @@ impl Frame for XdpContext {
 
     #[inline(always)]
     fn write<T>(&self, offset: usize, value: &T) -> Option<()> {
+        if let Some(ptr) = linear::<T>(self.data(), self.data_end(), offset) {
+            // SAFETY: as in `read`.
+            unsafe { ptr.write_unaligned(core::ptr::read(value)) };
+            return Some(());
+        }
         // SAFETY: the helper reads size_of::<T>() bytes from `value` and bounds-checks the
         // frame.
         let ret = unsafe {
