@@ -187,11 +187,41 @@ struct Iterator {
 pub trait Destroyer: Send {
     /// For the `proxy_stale_socket_destroyer{mode}` metric.
     fn mode(&self) -> &'static str;
-    fn run(
+    /// Destroys the sockets of `protocol` that `targets` name, looking for them in each of
+    /// `namespaces` (network namespace files): how many, and the namespaces it could not
+    /// search. None for a protocol it was not set up for.
+    fn destroy(
         &mut self,
-        targets: &[(Protocol, Target)],
+        protocol: Protocol,
+        targets: &[Target],
         namespaces: &[File],
-    ) -> anyhow::Result<Destroyed>;
+    ) -> anyhow::Result<(u64, Vec<std::io::Error>)>;
+}
+
+/// Destroys the sockets `targets` name with `destroyer`, protocol by protocol.
+pub fn run(
+    destroyer: &mut dyn Destroyer,
+    targets: &[(Protocol, Target)],
+    namespaces: &[File],
+) -> anyhow::Result<Destroyed> {
+    let mut destroyed = Destroyed::default();
+    for protocol in [Protocol::Udp, Protocol::Tcp] {
+        let mine: Vec<Target> = targets
+            .iter()
+            .filter(|(p, _)| *p == protocol)
+            .map(|(_, t)| *t)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let (count, errors) = destroyer.destroy(protocol, &mine, namespaces)?;
+        match protocol {
+            Protocol::Udp => destroyed.udp += count,
+            Protocol::Tcp => destroyed.tcp += count,
+        }
+        destroyed.errors.extend(errors);
+    }
+    Ok(destroyed)
 }
 
 /// The socket iterators (`bpf_sock_destroy`).
@@ -256,44 +286,27 @@ impl Destroyer for SockDestroy {
         "bpf_iterator"
     }
 
-    /// Destroys the sockets `targets` name, looking for them in each of `namespaces`
-    /// (network namespace files). Targets of a protocol without an iterator are ignored.
-    fn run(
+    fn destroy(
         &mut self,
-        targets: &[(Protocol, Target)],
+        protocol: Protocol,
+        targets: &[Target],
         namespaces: &[File],
-    ) -> anyhow::Result<Destroyed> {
-        let mut destroyed = Destroyed::default();
-        for iterator in &self.iterators {
-            let mine: Vec<Target> = targets
-                .iter()
-                .filter(|(p, _)| *p == iterator.protocol)
-                .map(|(_, t)| *t)
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            for target in &mine {
-                self.targets
-                    .insert(target, 1, 0)
-                    .context("writing a socket to destroy")?;
-            }
-            destroyed
-                .errors
-                .extend(crate::pod_namespaces::in_each(namespaces, || {
-                    walk(&iterator.link)
-                }));
-            let left: Vec<Target> = self.targets.keys().filter_map(Result::ok).collect();
-            for target in &left {
-                let _ = self.targets.remove(target);
-            }
-            let count = (mine.len() - left.len()) as u64;
-            match iterator.protocol {
-                Protocol::Udp => destroyed.udp += count,
-                Protocol::Tcp => destroyed.tcp += count,
-            }
+    ) -> anyhow::Result<(u64, Vec<std::io::Error>)> {
+        let Some(iterator) = self.iterators.iter().find(|i| i.protocol == protocol) else {
+            return Ok((0, Vec::new()));
+        };
+        for target in targets {
+            self.targets
+                .insert(target, 1, 0)
+                .context("writing a socket to destroy")?;
         }
-        Ok(destroyed)
+        let errors = crate::pod_namespaces::in_each(namespaces, || walk(&iterator.link));
+        // The program deletes each target it destroyed: the rest were not found.
+        let left: Vec<Target> = self.targets.keys().filter_map(Result::ok).collect();
+        for target in &left {
+            let _ = self.targets.remove(target);
+        }
+        Ok(((targets.len() - left.len()) as u64, errors))
     }
 }
 
@@ -423,9 +436,12 @@ mod tests {
                 Target::new(cookie(&moved), [127, 0, 0, 1], 9),
             ),
         ];
-        let destroyed = destroyer(&[Protocol::Udp])
-            .run(&targets, &this_namespace())
-            .unwrap();
+        let destroyed = run(
+            &mut *destroyer(&[Protocol::Udp]),
+            &targets,
+            &this_namespace(),
+        )
+        .unwrap();
         assert_eq!((destroyed.udp, destroyed.tcp), (2, 0));
         assert!(destroyed.errors.is_empty(), "{:?}", destroyed.errors);
         for socket in [&doomed, &mapped] {
@@ -451,13 +467,15 @@ mod tests {
             Protocol::Tcp,
             Target::new(cookie(&client), [127, 0, 0, 1], port),
         )];
-        let none = destroyer(&[Protocol::Udp])
-            .run(&target, &this_namespace())
-            .unwrap();
+        let none = run(
+            &mut *destroyer(&[Protocol::Udp]),
+            &target,
+            &this_namespace(),
+        )
+        .unwrap();
         assert_eq!((none.udp, none.tcp), (0, 0));
-        let destroyed = destroyer(&[Protocol::Udp, Protocol::Tcp])
-            .run(&target, &this_namespace())
-            .unwrap();
+        let both = &mut *destroyer(&[Protocol::Udp, Protocol::Tcp]);
+        let destroyed = run(both, &target, &this_namespace()).unwrap();
         assert_eq!((destroyed.udp, destroyed.tcp), (0, 1));
         assert!(destroyed.errors.is_empty(), "{:?}", destroyed.errors);
         let error = client.read(&mut [0; 1]).unwrap_err();
@@ -489,7 +507,7 @@ mod tests {
     fn the_iterators_leave_no_target_behind() {
         let mut destroy = SockDestroy::load(&[Protocol::Udp], 16).unwrap();
         let nowhere = [(Protocol::Udp, Target::new(1, [127, 0, 0, 1], 9))];
-        let destroyed = destroy.run(&nowhere, &this_namespace()).unwrap();
+        let destroyed = run(&mut destroy, &nowhere, &this_namespace()).unwrap();
         assert_eq!(destroyed.udp, 0);
         assert_eq!(destroy.targets.keys().count(), 0);
     }

@@ -11,7 +11,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::sock_destroy::{Destroyed, Destroyer, Protocol, Target};
+use crate::sock_destroy::{Destroyer, Protocol, Target};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -212,41 +212,29 @@ impl Destroyer for SockDiag {
         "sock_diag"
     }
 
-    fn run(
+    fn destroy(
         &mut self,
-        targets: &[(Protocol, Target)],
+        protocol: Protocol,
+        targets: &[Target],
         namespaces: &[File],
-    ) -> anyhow::Result<Destroyed> {
-        let mut destroyed = Destroyed::default();
-        for &protocol in &self.protocols {
-            let wanted: HashSet<Target> = targets
-                .iter()
-                .filter(|(p, _)| *p == protocol)
-                .map(|(_, t)| *t)
-                .collect();
-            if wanted.is_empty() {
-                continue;
-            }
-            let count = AtomicU64::new(0);
-            destroyed
-                .errors
-                .extend(crate::pod_namespaces::in_each(namespaces, || {
-                    let diag = Diag::open()?;
-                    for family in FAMILIES {
-                        for id in diag.established(family, protocol)? {
-                            if id.target(family).is_some_and(|t| wanted.contains(&t)) {
-                                diag.destroy(family, protocol, &id)?;
-                                count.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                    Ok(())
-                }));
-            match protocol {
-                Protocol::Udp => destroyed.udp += count.into_inner(),
-                Protocol::Tcp => destroyed.tcp += count.into_inner(),
-            }
+    ) -> anyhow::Result<(u64, Vec<Error>)> {
+        if !self.protocols.contains(&protocol) {
+            return Ok((0, Vec::new()));
         }
-        Ok(destroyed)
+        let wanted: HashSet<&Target> = targets.iter().collect();
+        let count = AtomicU64::new(0);
+        let errors = crate::pod_namespaces::in_each(namespaces, || {
+            let diag = Diag::open()?;
+            for family in FAMILIES {
+                for id in diag.established(family, protocol)? {
+                    if id.target(family).is_some_and(|t| wanted.contains(&t)) {
+                        diag.destroy(family, protocol, &id)?;
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(())
+        });
+        Ok((count.into_inner(), errors))
     }
 }

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     reconcile::LostBackend,
-    sock_destroy::{Destroyer, Protocol, SockDestroy, Target},
+    sock_destroy::{self, Destroyer, Protocol, SockDestroy, Target},
     sock_diag::SockDiag,
 };
 
@@ -143,7 +143,7 @@ impl StaleSockets {
         }
         let namespaces =
             crate::pod_namespaces::open(&self.cgroup, Path::new(crate::pod_namespaces::PINNED));
-        match self.destroy.run(&targets, &namespaces) {
+        match sock_destroy::run(self.destroy.as_mut(), &targets, &namespaces) {
             Ok(destroyed) => {
                 for (protocol, count) in [
                     (Protocol::Udp, destroyed.udp),

@@ -247,31 +247,10 @@ fn a_tc_path_udp_flow_whose_backend_leaves_is_balanced_again() {
     // service (conntrack/cleanup.go): the next datagram is balanced again, although the
     // backend's process still answers. TCP flows keep their backend (test above).
     let (mut world, backends) = three_backends();
-    let agent = world
-        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
-        .unwrap();
-    let to = format!("{VIP}:53");
-    let hold = [
-        "udp",
-        "--to",
-        &to,
-        "--connected",
-        "--hold-ms",
-        "3000",
-        "--interval-ms",
-        "100",
-    ];
-    let (flow, first) = world.spawn_probe(CLIENT, false, &hold).unwrap();
-    let left = first["backend"].as_str().unwrap().to_owned();
-    let kept: Vec<Ipv4Addr> = (1..=3)
-        .filter(|i| format!("backend-{i}") != left)
-        .map(|i| world.pod(i).ip)
-        .collect();
-    let syncs = agent.syncs();
-    world
-        .write_manifest(&service_manifest("web", VIP, None, &ready(&kept)))
-        .unwrap();
-    agent.wait_for_syncs(syncs + 1).unwrap();
+    let held = HeldUdp::start(&mut world, &backends, false);
+    let left = held.backend();
+    remove_backend(&mut world, &held.agent, &left);
+    let flow = held.flow;
     let summary = world.finish_probe(flow).unwrap();
     let last = summary["last_backend"].as_str().unwrap();
     assert_ne!(
@@ -284,24 +263,76 @@ fn a_tc_path_udp_flow_whose_backend_leaves_is_balanced_again() {
     assert!(summary["exchanges"].as_u64().unwrap() >= 20, "{summary}");
 }
 
-/// Removes backend `left` from the three-backend service of `world`'s running agent; what
-/// the probe started at `started` had run for when the agent had programmed it, in ms.
-fn remove_backend(
+/// Gives the three-backend service `web` of `agent` `endpoints`, and waits for the agent
+/// to have programmed them.
+fn reprogram(
     world: &mut World,
     agent: &proxy::testbed::Agent,
-    left: &str,
-    started: Instant,
-) -> u64 {
+    endpoints: &[(Ipv4Addr, bool, bool, bool)],
+) {
+    let syncs = agent.syncs();
+    world
+        .write_manifest(&service_manifest("web", VIP, None, endpoints))
+        .unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+}
+
+/// Takes backend `left` out of the three-backend service `web` of `agent`.
+fn remove_backend(world: &mut World, agent: &proxy::testbed::Agent, left: &str) {
     let kept: Vec<Ipv4Addr> = (1..=3)
         .filter(|i| format!("backend-{i}") != left)
         .map(|i| world.pod(i).ip)
         .collect();
-    let syncs = agent.syncs();
-    world
-        .write_manifest(&service_manifest("web", VIP, None, &ready(&kept)))
-        .unwrap();
-    agent.wait_for_syncs(syncs + 1).unwrap();
-    started.elapsed().as_millis() as u64
+    reprogram(world, agent, &ready(&kept));
+}
+
+/// A connected UDP socket held 4 s from the client to port 53 of the three-backend service
+/// `web`, one exchange every 100 ms, through the socket hooks if `hooked`, opening a new
+/// socket when it reports an error (as a DNS resolver does).
+struct HeldUdp {
+    agent: proxy::testbed::Agent,
+    flow: usize,
+    /// What its first exchange printed.
+    first: Value,
+    started: Instant,
+}
+
+impl HeldUdp {
+    fn start(world: &mut World, backends: &[Ipv4Addr], hooked: bool) -> HeldUdp {
+        let agent = world
+            .start_agent(&service_manifest("web", VIP, None, &ready(backends)), true)
+            .unwrap();
+        let to = format!("{VIP}:53");
+        let hold = [
+            "udp",
+            "--to",
+            &to,
+            "--connected",
+            "--reconnect-on-error",
+            "--hold-ms",
+            "4000",
+            "--interval-ms",
+            "100",
+        ];
+        let started = Instant::now();
+        let (flow, first) = world.spawn_probe(CLIENT, hooked, &hold).unwrap();
+        HeldUdp {
+            agent,
+            flow,
+            first,
+            started,
+        }
+    }
+
+    /// The backend its first exchange reached.
+    fn backend(&self) -> String {
+        self.first["backend"].as_str().unwrap().to_owned()
+    }
+
+    /// Milliseconds since it started.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
 }
 
 #[test]
@@ -310,30 +341,17 @@ fn a_connected_udp_socket_the_hook_pointed_at_a_removed_backend_is_destroyed() {
     // in the way: the socket is destroyed (ECONNABORTED) and a new one is balanced anew.
     // The removed backend's process still answers throughout.
     let (mut world, backends) = three_backends();
-    let agent = world
-        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
-        .unwrap();
-    let to = format!("{VIP}:53");
-    let hold = [
-        "udp",
-        "--to",
-        &to,
-        "--connected",
-        "--reconnect-on-error",
-        "--hold-ms",
-        "4000",
-        "--interval-ms",
-        "100",
-    ];
-    let started = Instant::now();
-    let (flow, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
+    let held = HeldUdp::start(&mut world, &backends, true);
     assert_eq!(
-        first["peer"],
-        to.as_str(),
-        "the hook reports the service: {first}"
+        held.first["peer"],
+        format!("{VIP}:53"),
+        "the hook reports the service: {}",
+        held.first
     );
-    let left = first["backend"].as_str().unwrap().to_owned();
-    let removed_at = remove_backend(&mut world, &agent, &left, started);
+    let left = held.backend();
+    remove_backend(&mut world, &held.agent, &left);
+    let removed_at = held.now_ms();
+    let flow = held.flow;
     let summary = world.finish_probe(flow).unwrap();
     let last = summary["last_backend"].as_str().unwrap();
     assert_ne!(
@@ -368,24 +386,8 @@ fn a_udp_socket_to_a_terminating_endpoint_that_still_serves_is_kept_until_it_goe
     // whatever their terminating status, traffic policy or topology: a terminating pod
     // that still serves keeps its sockets; once it stops serving, they are destroyed.
     let (mut world, backends) = three_backends();
-    let agent = world
-        .start_agent(&service_manifest("web", VIP, None, &ready(&backends)), true)
-        .unwrap();
-    let to = format!("{VIP}:53");
-    let hold = [
-        "udp",
-        "--to",
-        &to,
-        "--connected",
-        "--reconnect-on-error",
-        "--hold-ms",
-        "4000",
-        "--interval-ms",
-        "100",
-    ];
-    let started = Instant::now();
-    let (flow, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
-    let left = first["backend"].as_str().unwrap().to_owned();
+    let held = HeldUdp::start(&mut world, &backends, true);
+    let left = held.backend();
     let terminating: Vec<_> = (1..=3)
         .map(|i| {
             let ip = world.pod(i).ip;
@@ -396,21 +398,22 @@ fn a_udp_socket_to_a_terminating_endpoint_that_still_serves_is_kept_until_it_goe
             }
         })
         .collect();
-    let syncs = agent.syncs();
-    world
-        .write_manifest(&service_manifest("web", VIP, None, &terminating))
-        .unwrap();
-    agent.wait_for_syncs(syncs + 1).unwrap();
+    reprogram(&mut world, &held.agent, &terminating);
     // New sockets no longer reach it, this one still does.
     let fresh = world
-        .probe(CLIENT, true, &["udp", "--to", &to, "--count", "20"])
+        .probe(
+            CLIENT,
+            true,
+            &["udp", "--to", &format!("{VIP}:53"), "--count", "20"],
+        )
         .unwrap();
     assert!(!spread(&fresh).contains_key(&left), "{fresh:?}");
     std::thread::sleep(Duration::from_millis(1000));
     // Nothing can destroy the socket before the endpoint's removal is written (an exchange
     // takes about a millisecond: one that failed began after that, give or take).
-    let removing_at = started.elapsed().as_millis() as u64;
-    remove_backend(&mut world, &agent, &left, started);
+    let removing_at = held.now_ms();
+    remove_backend(&mut world, &held.agent, &left);
+    let flow = held.flow;
     let summary = world.finish_probe(flow).unwrap();
     assert_eq!(summary["reconnects"], 1, "{summary}");
     assert_eq!(summary["failures"], 1, "{summary}");
@@ -448,10 +451,9 @@ fn tcp_connections_to_a_removed_backend_are_destroyed_only_where_asked() {
         "--interval-ms",
         "100",
     ];
-    let started = Instant::now();
     let (hooked, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
     let left = first["backend"].as_str().unwrap().to_owned();
-    remove_backend(&mut world, &agent, &left, started);
+    remove_backend(&mut world, &agent, &left);
     let summary = world.finish_probe(hooked).unwrap();
     assert!(
         summary["failures"].as_u64().unwrap() > 0,
