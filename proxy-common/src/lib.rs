@@ -1,31 +1,91 @@
 //! Map keys and values shared by the eBPF datapath and the userspace agent.
 //!
 //! Conventions, chosen so that `bpftool map dump` output is readable:
-//! - IPv4 addresses are `[u8; 4]` in network order (the bytes as on the wire), so they dump as
-//!   `[10,96,0,10]` and copy straight into packet headers;
+//! - IPv4 addresses are `[u8; 4]` and IPv6 ones `[u8; 16]`, in network order (the bytes as on
+//!   the wire), so they dump as `[10,96,0,10]` and copy straight into packet headers. Each
+//!   family has its own maps (`services` and `services6`, …), so that neither costs the
+//!   other anything per packet; structs that hold an address are generic over it (`…Of<A>`),
+//!   with an alias per family, and the agent uses them with `core::net::IpAddr` (`Addressed`);
 //! - ports are `u16` in host order, so they dump as `80`;
 //! - every struct is `#[repr(C)]` with explicit padding fields, so layout and BTF agree.
 #![no_std]
 
 pub mod maps;
 
+use core::net::IpAddr;
+
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// A struct that holds one address, generic over its form: `[u8; 4]`, `[u8; 16]` or (in the
+/// agent) `IpAddr`.
+pub trait Addressed {
+    type Addr: Copy;
+    /// The same struct holding `addr` instead.
+    type Of<B: Copy>: Addressed<Addr = B>;
+    fn addr(&self) -> Self::Addr;
+    fn with_addr<B: Copy>(&self, addr: B) -> Self::Of<B>;
+}
+
+/// Implements `Addressed` for a struct generic over its `addr` field.
+macro_rules! addressed {
+    ($name:ident { $($field:ident),* }) => {
+        impl<A: Copy> Addressed for $name<A> {
+            type Addr = A;
+            type Of<B: Copy> = $name<B>;
+            fn addr(&self) -> A {
+                self.addr
+            }
+            fn with_addr<B: Copy>(&self, addr: B) -> $name<B> {
+                $name { addr, $($field: self.$field),* }
+            }
+        }
+    };
+}
+
+/// The two forms the maps hold an `Addressed` struct in, one per address family.
+pub enum ByFamily<T: Addressed> {
+    V4(T::Of<[u8; 4]>),
+    V6(T::Of<[u8; 16]>),
+}
+
+impl<T: Addressed<Addr = IpAddr>> ByFamily<T> {
+    /// `value` as its family's maps hold it. An IPv4-mapped IPv6 address is IPv6 here: the
+    /// agent never makes one (sources parse addresses into their own family).
+    pub fn of(value: &T) -> Self {
+        match value.addr() {
+            IpAddr::V4(a) => ByFamily::V4(value.with_addr(a.octets())),
+            IpAddr::V6(a) => ByFamily::V6(value.with_addr(a.octets())),
+        }
+    }
+}
+
+/// A map's form of `T` as the agent holds it (with an `IpAddr`).
+pub fn from_map<T: Addressed>(value: &T) -> T::Of<IpAddr>
+where
+    T::Addr: Into<IpAddr>,
+{
+    value.with_addr(value.addr().into())
+}
 
 /// A service port as clients address it: (virtual IP, port, protocol), and which clients
 /// (`SCOPE_*`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceKey {
-    pub addr: [u8; 4],
+pub struct ServiceKeyOf<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub scope: u8,
 }
+addressed!(ServiceKeyOf { port, proto, scope });
 
-impl ServiceKey {
+pub type ServiceKey = ServiceKeyOf<[u8; 4]>;
+pub type ServiceKey6 = ServiceKeyOf<[u8; 16]>;
+
+impl<A> ServiceKeyOf<A> {
     /// The frontend at `addr:port/proto` as every client reaches it.
-    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
+    pub const fn new(addr: A, port: u16, proto: u8) -> Self {
         Self {
             addr,
             port,
@@ -45,6 +105,8 @@ pub const SCOPE_INTERNAL: u8 = 1;
 
 /// `ServiceKey::addr` of a NodePort: the port is served on every address in `NODE_ADDRS`.
 pub const NODE_PORT_ADDR: [u8; 4] = [0; 4];
+/// `ServiceKey6::addr` of a NodePort: the port is served on every address in `NODE_ADDRS6`.
+pub const NODE_PORT_ADDR6: [u8; 16] = [0; 16];
 
 /// `ServiceValue::flags`: the service has `sessionAffinity: ClientIP`.
 pub const SVC_FLAG_AFFINITY: u8 = 1;
@@ -100,16 +162,21 @@ pub struct SlotKey {
     pub slot: u16,
 }
 
-/// A backend endpoint (`BACKENDS` value, keyed by backend id).
+/// A backend endpoint (`BACKENDS` / `BACKENDS6` value, keyed by backend id; ids are shared
+/// by the two families).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Backend {
-    pub addr: [u8; 4],
+pub struct BackendOf<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     /// `BACKEND_FLAG_*`; informational, the datapath does not read it.
     pub flags: u8,
 }
+addressed!(BackendOf { port, proto, flags });
+
+pub type Backend = BackendOf<[u8; 4]>;
+pub type Backend6 = BackendOf<[u8; 16]>;
 
 /// `Backend::flags`: the endpoint runs on this node (such a backend is never masqueraded).
 pub const BACKEND_FLAG_LOCAL: u8 = 1;
@@ -344,13 +411,45 @@ pub struct DropEvent {
     pub service_id: u32,
     /// The packet's flow as it arrived; for a refused connect()/sendmsg(), the service
     /// address it was for (the source is not known yet: 0).
-    pub flow: CtKey,
+    pub flow: DropFlow,
     /// `HOOK_*`: where it happened.
     pub hook: u8,
     pub pad: [u8; 3],
     /// The process whose connect()/sendmsg() was refused; 0 for packets.
     pub pid: u32,
     pub pad2: u32,
+}
+
+/// A dropped packet's flow, either family: IPv4 addresses IPv4-mapped (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropFlow {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `addr` IPv4-mapped.
+pub const fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
+}
+
+impl DropFlow {
+    pub fn v4(key: &CtKey) -> Self {
+        Self {
+            src: v4_mapped(key.src),
+            dst: v4_mapped(key.dst),
+            sport: key.sport,
+            dport: key.dport,
+            proto: key.proto,
+            pad: [0; 3],
+        }
+    }
 }
 
 /// `DropEvent::hook`: the tc programs.
@@ -422,14 +521,33 @@ pub struct SockRevKey {
     pub pad: u16,
 }
 
+/// `SockRevKey` of an IPv6 socket (`SOCK_REV_NAT6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey6 {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub pad: u16,
+    pub pad2: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockRevValue {
-    pub addr: [u8; 4],
+pub struct SockRevValueOf<A> {
+    pub addr: A,
     pub port: u16,
     pub pad: u16,
     pub service_id: u32,
 }
+addressed!(SockRevValueOf {
+    port,
+    pad,
+    service_id
+});
+
+pub type SockRevValue = SockRevValueOf<[u8; 4]>;
+pub type SockRevValue6 = SockRevValueOf<[u8; 16]>;
 
 /// Length of `ServiceInfo::name`.
 pub const SERVICE_NAME_LEN: usize = 120;
@@ -492,15 +610,24 @@ pub struct UnusedKey {
     pub pad: u16,
 }
 
+/// `UNUSED_ENDPOINTS` / `UNUSED_ENDPOINTS6` value, the family of the cluster IP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct UnusedEndpoint {
-    pub addr: [u8; 4],
+pub struct UnusedEndpointOf<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     /// `UNUSED_*`: why it is not used.
     pub reason: u8,
 }
+addressed!(UnusedEndpointOf {
+    port,
+    proto,
+    reason
+});
+
+pub type UnusedEndpoint = UnusedEndpointOf<[u8; 4]>;
+pub type UnusedEndpoint6 = UnusedEndpointOf<[u8; 16]>;
 
 /// `UnusedEndpoint::reason`: not ready, and not a serving terminating endpoint.
 pub const UNUSED_NOT_READY: u8 = 1;
@@ -536,9 +663,11 @@ mod pod {
 
     // SAFETY: all of these are #[repr(C)] with explicit padding and only integer fields.
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceKey6 {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
@@ -546,6 +675,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for SockRevKey6 {}
+    unsafe impl aya::Pod for SockRevValue6 {}
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for AgentStatus {}
     unsafe impl aya::Pod for NodeConfig {}
@@ -553,7 +684,9 @@ mod pod {
     unsafe impl aya::Pod for CtStats {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for DropFlow {}
     unsafe impl aya::Pod for SourceRange {}
     unsafe impl aya::Pod for UnusedKey {}
     unsafe impl aya::Pod for UnusedEndpoint {}
+    unsafe impl aya::Pod for UnusedEndpoint6 {}
 }

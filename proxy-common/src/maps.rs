@@ -6,14 +6,20 @@
 
 /// (ServiceKey → ServiceValue)
 pub const SERVICES: &str = "services";
+/// (ServiceKey6 → ServiceValue): IPv6 frontends; ids shared with `services`
+pub const SERVICES6: &str = "services6";
 /// (SlotKey → backend id)
 pub const BACKEND_SLOTS: &str = "backend_slots";
 /// (backend id → Backend)
 pub const BACKENDS: &str = "backends";
+/// (backend id → Backend6): IPv6 backends; ids shared with `backends`
+pub const BACKENDS6: &str = "backends6";
 /// (service id → ServiceInfo)
 pub const SERVICE_NAMES: &str = "service_names";
 /// (UnusedKey → UnusedEndpoint): endpoints a cluster IP does not use, and why
 pub const UNUSED_ENDPOINTS: &str = "unused_endpoints";
+/// (UnusedKey → UnusedEndpoint6): the same for IPv6 cluster IPs
+pub const UNUSED_ENDPOINTS6: &str = "unused_endpoints6";
 /// array of one AgentStatus
 pub const AGENT_STATUS: &str = "agent_status";
 /// per-CPU array (service id → Counters)
@@ -26,6 +32,8 @@ pub const CONNTRACK: &str = "conntrack";
 pub const AFFINITY: &str = "affinity";
 /// LRU (SockRevKey → SockRevValue)
 pub const SOCK_REV_NAT: &str = "sock_rev_nat";
+/// LRU (SockRevKey6 → SockRevValue6)
+pub const SOCK_REV_NAT6: &str = "sock_rev_nat6";
 /// array of one CtStats, memory-mappable: conntrack entries created and deleted
 pub const CT_STATS: &str = "ct_stats";
 /// LRU (FragKey → FragPorts): the ports of fragmented datagrams, for their later fragments
@@ -33,6 +41,8 @@ pub const FRAGMENTS: &str = "fragments";
 
 /// (node IPv4 address → 1): the addresses NodePorts answer on.
 pub const NODE_ADDRS: &str = "node_addrs";
+/// (node IPv6 address → 1)
+pub const NODE_ADDRS6: &str = "node_addrs6";
 /// array of one NodeConfig
 pub const NODE_CONFIG: &str = "node_config";
 /// LPM trie ((service id, client range) → 1): the `loadBalancerSourceRanges` of
@@ -44,21 +54,26 @@ pub const DROPS: &str = "drops";
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 23] = [
     SERVICES,
+    SERVICES6,
     BACKEND_SLOTS,
     BACKENDS,
+    BACKENDS6,
     SERVICE_NAMES,
     UNUSED_ENDPOINTS,
+    UNUSED_ENDPOINTS6,
     SERVICE_STATS,
     BACKEND_STATS,
     CONNTRACK,
     AFFINITY,
     SOCK_REV_NAT,
+    SOCK_REV_NAT6,
     CT_STATS,
     FRAGMENTS,
     AGENT_STATUS,
     NODE_ADDRS,
+    NODE_ADDRS6,
     NODE_CONFIG,
     SOURCE_RANGES,
     DROPS,
@@ -77,10 +92,12 @@ pub const RESIZABLE: [&str; 6] = [
 ];
 
 /// Maps sized with another: a service id and a backend id can be as many as the entries of
-/// `services` and `backends`.
-pub const COMPANIONS: [(&str, &[&str]); 2] = [
-    (SERVICES, &[SERVICE_NAMES, SERVICE_STATS]),
-    (BACKENDS, &[BACKEND_STATS]),
+/// `services` and `backends`; the IPv6 maps of frontends, backends and sockets take their
+/// IPv4 map's size (ids are shared by the two families).
+pub const COMPANIONS: [(&str, &[&str]); 3] = [
+    (SERVICES, &[SERVICE_NAMES, SERVICE_STATS, SERVICES6]),
+    (BACKENDS, &[BACKEND_STATS, BACKENDS6]),
+    (SOCK_REV_NAT, &[SOCK_REV_NAT6]),
 ];
 
 /// Service frontends (each cluster IP, node port, external and load-balancer IP of a

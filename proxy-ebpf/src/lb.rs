@@ -7,22 +7,21 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, Backend, CT_TIMEOUT_UDP_SECS, Counters,
-    CtKey, DropEvent, DropReason, NODE_PORT_ADDR, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_INTERNAL_SCOPE, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
-    SourceRange,
+    AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, BackendOf, CT_TIMEOUT_UDP_SECS, Counters,
+    CtKey, DropFlow, DropReason, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_SCOPE,
+    SVC_FLAG_SOURCE_RANGES, ServiceKeyOf, ServiceValue, SlotKey, SourceRange, v4_mapped,
 };
 
-use crate::maps::{
-    AFFINITY, BACKEND_SLOTS, BACKEND_STATS, BACKENDS, DROPS, EVENTS, NODE_ADDRS, SERVICE_STATS,
-    SERVICES, SOURCE_RANGES,
+use crate::{
+    family::Family,
+    maps::{AFFINITY, BACKEND_SLOTS, BACKEND_STATS, DROPS, EVENTS, SERVICE_STATS, SOURCE_RANGES},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-pub struct Chosen {
+pub struct Chosen<A = [u8; 4]> {
     pub backend_id: u32,
-    pub backend: Backend,
+    pub backend: BackendOf<A>,
 }
 
 /// A client's claim to keep the backend it had: an affinity entry and its idle timeout.
@@ -66,7 +65,7 @@ impl Sticky {
     /// The remembered backend, if the entry exists, has not expired and the backend still
     /// exists; refreshes the entry's idle timer.
     #[inline(always)]
-    pub fn backend(&self, now: u64) -> Option<Chosen> {
+    pub fn backend<A: Family>(&self, now: u64) -> Option<Chosen<A>> {
         let entry = AFFINITY.get_ptr_mut(self.key)?;
         // SAFETY: LRU values stay valid for the program's run; a concurrent update of the
         // timestamp is harmless.
@@ -75,7 +74,7 @@ impl Sticky {
                 return None;
             }
             let backend_id = (*entry).backend_id;
-            let backend = *BACKENDS.get(backend_id)?;
+            let backend = *A::backends().get(backend_id)?;
             (*entry).last_used_ns = now;
             Some(Chosen {
                 backend_id,
@@ -85,7 +84,7 @@ impl Sticky {
     }
 
     #[inline(always)]
-    pub fn remember(&self, chosen: &Chosen, now: u64) {
+    pub fn remember<A>(&self, chosen: &Chosen<A>, now: u64) {
         let value = AffinityValue {
             backend_id: chosen.backend_id,
             pad: 0,
@@ -97,22 +96,22 @@ impl Sticky {
 }
 
 #[inline(always)]
-pub fn service(key: &ServiceKey) -> Option<ServiceValue> {
+pub fn service<A: Family>(key: &ServiceKeyOf<A>) -> Option<ServiceValue> {
     // SAFETY: copied out at once; the agent replaces values whole, never in place.
-    unsafe { SERVICES.get(key).copied() }
+    unsafe { A::services().get(key).copied() }
 }
 
 /// The service port at `key`: a cluster, external or load-balancer IP exactly, else a
 /// NodePort when the address is one of this node's. At most three lookups.
 #[inline(always)]
-pub fn service_for(key: &ServiceKey) -> Option<ServiceValue> {
+pub fn service_for<A: Family>(key: &ServiceKeyOf<A>) -> Option<ServiceValue> {
     if let Some(svc) = service(key) {
         return Some(svc);
     }
     // SAFETY: only tests for presence.
-    unsafe { NODE_ADDRS.get(key.addr) }?;
-    service(&ServiceKey {
-        addr: NODE_PORT_ADDR,
+    unsafe { A::node_addrs().get(key.addr) }?;
+    service(&ServiceKeyOf {
+        addr: A::NODE_PORT,
         ..*key
     })
 }
@@ -123,7 +122,7 @@ pub fn service_for(key: &ServiceKey) -> Option<ServiceValue> {
 /// which sees the client's address (kube-proxy filters pods by theirs; a socket has none
 /// yet at connect()). At most five lookups.
 #[inline(always)]
-pub fn service_in_cluster(key: &ServiceKey) -> Option<ServiceValue> {
+pub fn service_in_cluster<A: Family>(key: &ServiceKeyOf<A>) -> Option<ServiceValue> {
     let svc = service_for(key)?;
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 {
         return None;
@@ -131,15 +130,15 @@ pub fn service_in_cluster(key: &ServiceKey) -> Option<ServiceValue> {
     if svc.flags & SVC_FLAG_INTERNAL_SCOPE == 0 {
         return Some(svc);
     }
-    let internal = ServiceKey {
+    let internal = ServiceKeyOf {
         scope: SCOPE_INTERNAL,
         ..*key
     };
     // The frontend matched exactly, or as a NodePort.
     service(&internal)
         .or_else(|| {
-            service(&ServiceKey {
-                addr: NODE_PORT_ADDR,
+            service(&ServiceKeyOf {
+                addr: A::NODE_PORT,
                 ..internal
             })
         })
@@ -159,7 +158,11 @@ pub fn now_ns() -> u64 {
 /// Picks the backend of a new connection: the sticky one if still valid, else a uniformly
 /// random slot of the current generation. `None` when the service has no usable backend.
 #[inline(always)]
-pub fn select_backend(svc: &ServiceValue, sticky: Option<&Sticky>, now: u64) -> Option<Chosen> {
+pub fn select_backend<A: Family>(
+    svc: &ServiceValue,
+    sticky: Option<&Sticky>,
+    now: u64,
+) -> Option<Chosen<A>> {
     if svc.count == 0 {
         return None;
     }
@@ -175,7 +178,7 @@ pub fn select_backend(svc: &ServiceValue, sticky: Option<&Sticky>, now: u64) -> 
     };
     // SAFETY: both values are copied out at once.
     let backend_id = unsafe { *BACKEND_SLOTS.get(slot_key)? };
-    let backend = unsafe { *BACKENDS.get(backend_id)? };
+    let backend = unsafe { *A::backends().get(backend_id)? };
     let chosen = Chosen {
         backend_id,
         backend,
@@ -226,11 +229,13 @@ pub fn source_allowed(service_id: u32, client: [u8; 4]) -> bool {
 }
 
 /// What was dropped or refused, where: for the `drops` counters and `proxyctl monitor`.
-pub struct Dropped {
+/// `F` is the flow as the hook knows it: a packet's `CtKey` (kept as small as it is, the tc
+/// programs are near the stack limit), or a refused socket's `DropFlow`.
+pub struct Dropped<F = CtKey> {
     pub reason: DropReason,
     /// The service frontend's id; 0 when not known.
     pub service_id: u32,
-    pub flow: CtKey,
+    pub flow: F,
     /// `HOOK_*`.
     pub hook: u8,
     /// The process refused (socket hooks); 0 for packets.
@@ -249,26 +254,60 @@ impl Dropped {
     }
 }
 
+/// A flow as a `DropEvent` holds it, written field by field where it goes.
+pub trait EventFlow {
+    /// # Safety
+    /// `out` points to writable memory for a `DropFlow`.
+    unsafe fn write_to(&self, out: *mut DropFlow);
+}
+
+impl EventFlow for CtKey {
+    unsafe fn write_to(&self, out: *mut DropFlow) {
+        // SAFETY: the caller's guarantee.
+        unsafe {
+            (*out).src = v4_mapped(self.src);
+            (*out).dst = v4_mapped(self.dst);
+            (*out).sport = self.sport;
+            (*out).dport = self.dport;
+            (*out).proto = self.proto;
+            (*out).pad = [0; 3];
+        }
+    }
+}
+
+impl EventFlow for DropFlow {
+    unsafe fn write_to(&self, out: *mut DropFlow) {
+        // SAFETY: the caller's guarantee.
+        unsafe { *out = *self };
+    }
+}
+
 /// Counts a dropped packet or refused connection under its reason, and sends it to
 /// `proxyctl monitor`. With nobody reading, the ring fills and the event is lost; the count
-/// is not.
-#[inline(always)]
-pub fn count_drop(dropped: Dropped) {
+/// is not. Not inlined: the tc programs call it from many places, and near the stack limit.
+#[inline(never)]
+pub fn count_drop<F: EventFlow>(dropped: Dropped<F>) {
     if let Some(n) = DROPS.get_ptr_mut(dropped.reason as u32) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { *n += 1 };
     }
-    let event = DropEvent {
-        time_ns: now_ns(),
-        reason: dropped.reason as u32,
-        service_id: dropped.service_id,
-        flow: dropped.flow,
-        hook: dropped.hook,
-        pad: [0; 3],
-        pid: dropped.pid,
-        pad2: 0,
+    // Written in place in the ring, not built on the stack first.
+    let Some(mut entry) = EVENTS.reserve(0) else {
+        return;
     };
-    let _ = EVENTS.output(&event, 0);
+    let event = entry.as_mut_ptr();
+    // SAFETY: the reserved entry is ours until submitted; every field is written.
+    unsafe {
+        (*event).time_ns = now_ns();
+        (*event).reason = dropped.reason as u32;
+        (*event).service_id = dropped.service_id;
+        dropped.flow.write_to(&raw mut (*event).flow);
+        (*event).hook = dropped.hook;
+        (*event).pad = [0; 3];
+        (*event).pid = dropped.pid;
+        (*event).pad2 = 0;
+    }
+    entry.submit(0);
 }
 
 /// Adds to the counters of a service port and of one of its backends.

@@ -5,9 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, AgentStatus, Backend, Counters, CtEntry, CtKey, CtStats,
+    AffinityKey, AffinityValue, AgentStatus, Backend, Backend6, Counters, CtEntry, CtKey, CtStats,
     DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey,
-    ServiceValue, SlotKey, SockRevKey, SockRevValue, SourceRange, UnusedEndpoint, UnusedKey,
+    ServiceKey6, ServiceValue, SlotKey, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6,
+    SourceRange, UnusedEndpoint, UnusedEndpoint6, UnusedKey,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
         MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_SOURCE_RANGES, MAX_UNUSED_ENDPOINTS,
@@ -15,10 +16,14 @@ use proxy_common::{
 };
 
 // The agent owns these; they hold only what it wrote, so they need no preallocation.
-const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+pub const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 #[btf_map(name = "services")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "services6")]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue, { MAX_SERVICES as usize }, NO_PREALLOC> =
     HashMap::new();
 
 #[btf_map(name = "backend_slots")]
@@ -27,6 +32,10 @@ pub static BACKEND_SLOTS: HashMap<SlotKey, u32, { MAX_BACKEND_SLOTS as usize }, 
 
 #[btf_map(name = "backends")]
 pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map(name = "backends6")]
+pub static BACKENDS6: HashMap<u32, Backend6, { MAX_BACKENDS as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// Read by `proxyctl` and `bpftool` only; declared here so that it carries BTF and is pinned
 /// beside the others.
@@ -39,6 +48,14 @@ pub static SERVICE_NAMES: HashMap<u32, ServiceInfo, { MAX_SERVICES as usize }, N
 pub static UNUSED_ENDPOINTS: HashMap<
     UnusedKey,
     UnusedEndpoint,
+    { MAX_UNUSED_ENDPOINTS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "unused_endpoints6")]
+pub static UNUSED_ENDPOINTS6: HashMap<
+    UnusedKey,
+    UnusedEndpoint6,
     { MAX_UNUSED_ENDPOINTS as usize },
     NO_PREALLOC,
 > = HashMap::new();
@@ -63,6 +80,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as us
 pub static SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevValue, { MAX_SOCK_REV_NAT as usize }> =
     LruHashMap::new();
 
+#[btf_map(name = "sock_rev_nat6")]
+pub static SOCK_REV_NAT6: LruHashMap<SockRevKey6, SockRevValue6, { MAX_SOCK_REV_NAT as usize }> =
+    LruHashMap::new();
+
 /// Conntrack entries created and deleted, by the datapath and the agent alike (it maps
 /// this array to add atomically).
 #[btf_map(name = "ct_stats")]
@@ -78,6 +99,9 @@ pub static AGENT_STATUS: Array<AgentStatus, 1> = Array::new();
 
 #[btf_map(name = "node_addrs")]
 pub static NODE_ADDRS: HashMap<[u8; 4], u32, { MAX_NODE_ADDRS as usize }> = HashMap::new();
+
+#[btf_map(name = "node_addrs6")]
+pub static NODE_ADDRS6: HashMap<[u8; 16], u32, { MAX_NODE_ADDRS as usize }> = HashMap::new();
 
 #[btf_map(name = "node_config")]
 pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();

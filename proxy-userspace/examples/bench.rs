@@ -27,6 +27,7 @@ use proxy::{
     controller::Controller,
     datapath::Datapath,
     desired::{DesiredService, DesiredState, Topology},
+    family::{Backend, ServiceKey},
     manifest::parse_manifest,
     maps::Maps,
     metrics::Metrics,
@@ -35,7 +36,7 @@ use proxy::{
     sync_state::SharedSyncState,
     testbed::{Binaries, World},
 };
-use proxy_common::{Backend, CtEntry, CtKey, ServiceKey, maps};
+use proxy_common::{CtEntry, CtKey, maps};
 
 #[path = "bench/node_port.rs"]
 mod node_port;
@@ -80,13 +81,13 @@ fn desired(n: usize) -> DesiredState {
         .map(|i| {
             let backends = (1..=3)
                 .map(|b| Backend {
-                    addr: [10, 244, (i % 250) as u8, b],
+                    addr: [10, 244, (i % 250) as u8, b].into(),
                     port: 8080,
                     proto: 6,
                     flags: 0,
                 })
                 .collect();
-            let key = ServiceKey::new(vip(i), 80, 6);
+            let key = ServiceKey::new(vip(i).into(), 80, 6);
             let service = DesiredService {
                 name: format!("bench/svc-{i}:http"),
                 backends,

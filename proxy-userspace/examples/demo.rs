@@ -56,6 +56,15 @@ fn main() -> anyhow::Result<()> {
             &["udp", "--to", "10.96.0.10:53", "--count", "3"]
         )?
     );
+    step("IPv6: the same dual-stack service at its IPv6 cluster IP [fd00:96::10] (socket LB)");
+    print!(
+        "{}",
+        world.probe_text(
+            CLIENT,
+            true,
+            &["http", "--to", "[fd00:96::10]:80", "--count", "4"]
+        )?
+    );
     step(
         "tc path: a client outside the hooked cgroup; tc DNATs to a backend and reverse-NATs the replies",
     );

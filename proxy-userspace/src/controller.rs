@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use proxy_common::{SCOPE_ALL, SCOPE_INTERNAL, ServiceKey};
+use proxy_common::{SCOPE_ALL, SCOPE_INTERNAL};
 
 use crate::{
     claims::{Claimant, Claims},
@@ -19,6 +19,7 @@ use crate::{
         DesiredService, FrontendEntry, HealthChecks, Topology, Translation, frontend_conflict,
         health_check_conflict, in_cluster_key, service_object, translate,
     },
+    family::ServiceKey,
     reconcile::{KeyCounts, Reconciler, Repair, ServiceMaps, Snapshot},
     rejection::Rejection,
     store::{Kind, Name, Object, Outcome, Store},
@@ -447,8 +448,8 @@ impl<M: ServiceMaps> Controller<M> {
 mod tests {
     use std::{collections::BTreeMap, time::Duration};
 
+    use crate::family::Backend;
     use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-    use proxy_common::Backend;
     use serde_json::json;
 
     use super::*;
@@ -580,7 +581,7 @@ mod tests {
             (NAMED_CHANGES, 10_000 - NAMED_CHANGES)
         );
         assert!(first.failures.is_empty() && first.rejections.is_empty());
-        let id = c.reconciler.maps().services[&ServiceKey::new([10, 96, 20, 1], 80, 6)]
+        let id = c.reconciler.maps().services[&ServiceKey::new([10, 96, 20, 1].into(), 80, 6)]
             .0
             .id;
         c.reconciler.maps_mut().log.clear();
@@ -629,7 +630,7 @@ mod tests {
             "{}",
             sync.rejections[0]
         );
-        let key = ServiceKey::new([10, 96, 0, 1], 80, 6);
+        let key = ServiceKey::new([10, 96, 0, 1].into(), 80, 6);
         let owner = |c: &Controller<&mut Fake>| c.reconciler.maps().services[&key].1.name.clone();
         assert_eq!(owner(&c), "ns/a");
         // b's endpoints change: b still loses, and is not reported again.
@@ -642,7 +643,7 @@ mod tests {
         assert_eq!(sync.services, 1);
         assert_eq!(owner(&c), "ns/b");
         let backends = &served(c.reconciler.maps())[&key].3;
-        assert_eq!(backends[0].addr, [10, 244, 0, 3]);
+        assert_eq!(backends[0].addr, std::net::IpAddr::from([10, 244, 0, 3]));
         // a comes back and wins again: b's conflict is news again.
         c.apply(&cluster_ip("a", "10.96.0.1", 80));
         assert_eq!(c.sync(Instant::now()).rejections.len(), 1);

@@ -69,12 +69,13 @@ const XDP_PROGRAM: &str = "proxy_xdp";
 
 /// IPv6 sockets' sends to IPv4-mapped addresses go through `sendmsg4` (the kernel hands
 /// them to the IPv4 path): `sendmsg6` would only serve IPv6 services, which are not yet.
-const SOCKET_HOOKS: [&str; 7] = [
+const SOCKET_HOOKS: [&str; 8] = [
     "proxy_connect4",
     "proxy_sendmsg4",
     "proxy_recvmsg4",
     "proxy_getpeername4",
     "proxy_connect6",
+    "proxy_sendmsg6",
     "proxy_recvmsg6",
     "proxy_getpeername6",
 ];
@@ -213,7 +214,8 @@ impl Datapath {
             loader.map_max_entries(name, *size);
             let companions = maps::COMPANIONS.iter().filter(|(owner, _)| owner == name);
             for companion in companions.flat_map(|(_, companions)| companions.iter()) {
-                // Ids start at 1: one more slot than the entries they number.
+                // Ids start at 1: one more slot than the entries they number (one more is
+                // harmless for the IPv6 maps).
                 loader.map_max_entries(companion, size.saturating_add(1));
             }
         }

@@ -4,9 +4,9 @@
 //! scrape they cost seconds, mostly allocating and freeing (a 33 MB answer). The handles of
 //! the maps stay open between scrapes, so a scrape also works while the pins are being put
 //! back; conntrack is walked once (to count its entries), whatever the number of services.
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, sync::Mutex};
+use std::{fmt::Write as _, path::PathBuf, sync::Mutex};
 
-use crate::{inspect, maps::Maps};
+use crate::{family::socket_text, inspect, maps::Maps};
 
 /// Appends a metric family's header.
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
@@ -126,7 +126,7 @@ impl DatapathMetrics {
         let mut backends = Samples { rows: Vec::new() };
         let tables = inspect::Tables::read(maps)?;
         for row in inspect::services(&tables)? {
-            let address = format!("{}:{}/{}", row.address, row.port, row.protocol);
+            let address = format!("{}/{}", socket_text(row.address, row.port), row.protocol);
             let labels = label_text(&[
                 ("address", address.as_str()),
                 ("namespace", row.namespace.as_str()),
@@ -139,9 +139,8 @@ impl DatapathMetrics {
             // Each service port has its own backend ids, so its own counters per backend.
             for (_, b, c) in inspect::backend_counters(&tables, &row)? {
                 let backend = format!(
-                    "{}:{}/{}",
-                    Ipv4Addr::from(b.addr),
-                    b.port,
+                    "{}/{}",
+                    socket_text(b.addr, b.port),
                     inspect::protocol(b.proto)
                 );
                 let labels = label_text(&[

@@ -3,16 +3,20 @@
 //! and load-balancer IPs), with its usable backends, plus the in-cluster scope of the
 //! frontends whose in-cluster clients see other backends; and the health-check ports to
 //! serve.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
+    net::IpAddr,
+};
 
 use proxy_common::{
-    BACKEND_FLAG_LOCAL, Backend, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP, FRONTEND_LOAD_BALANCER,
-    FRONTEND_NODE_PORT, NODE_PORT_ADDR, SCOPE_INTERNAL, ServiceKey, UNUSED_NOT_LOCAL,
-    UNUSED_NOT_READY, UNUSED_OTHER_NODE, UNUSED_OTHER_ZONE, UNUSED_TERMINATING, UnusedEndpoint,
+    BACKEND_FLAG_LOCAL, FRONTEND_CLUSTER_IP, FRONTEND_EXTERNAL_IP, FRONTEND_LOAD_BALANCER,
+    FRONTEND_NODE_PORT, SCOPE_INTERNAL, UNUSED_NOT_LOCAL, UNUSED_NOT_READY, UNUSED_OTHER_NODE,
+    UNUSED_OTHER_ZONE, UNUSED_TERMINATING,
 };
 
 use crate::{
     cidr::Cidr,
+    family::{Backend, ServiceKey, UnusedEndpoint, node_port_addr, socket_text},
     model::{EndpointSpec, PortSpec, Protocol, ServiceSpec, ServiceType, SliceSpec},
     rejection::{Reason, Rejection},
 };
@@ -118,7 +122,7 @@ pub struct DesiredService {
     /// sockets to them are kept when they leave its backends, as kube-proxy's conntrack
     /// clean-up keeps flows to serving endpoints; the reconciler holds such a backend until
     /// it leaves this list.
-    pub still_serving: Vec<([u8; 4], u16)>,
+    pub still_serving: Vec<(IpAddr, u16)>,
 }
 
 pub type DesiredState = BTreeMap<ServiceKey, DesiredService>;
@@ -145,23 +149,31 @@ pub struct Desired {
     pub rejections: Vec<Rejection>,
 }
 
-/// The frontends of a service port: where clients address it.
-fn frontends(spec: &ServiceSpec, port: &PortSpec) -> Vec<(Frontend, ServiceKey)> {
-    let key = |addr: [u8; 4], port_number: u16| {
+/// The frontends of a service port in the family of `cluster_ip`, one of its cluster IPs:
+/// where clients address it.
+fn frontends(
+    spec: &ServiceSpec,
+    port: &PortSpec,
+    cluster_ip: IpAddr,
+) -> Vec<(Frontend, ServiceKey)> {
+    let key = |addr: IpAddr, port_number: u16| {
         ServiceKey::new(addr, port_number, port.protocol.ip_proto())
     };
-    let mut out = vec![(
-        Frontend::ClusterIp,
-        key(spec.cluster_ip.octets(), port.port),
-    )];
-    if let Some(node_port) = port.node_port {
-        out.push((Frontend::NodePort, key(NODE_PORT_ADDR, node_port)));
+    let same_family = |ip: &&IpAddr| ip.is_ipv4() == cluster_ip.is_ipv4();
+    let mut out = vec![(Frontend::ClusterIp, key(cluster_ip, port.port))];
+    // IPv6 node ports wait for the node's IPv6 addresses (`node_addrs6`), which the agent
+    // does not learn yet: without them such a frontend would be listed and never reached.
+    if let Some(node_port) = port.node_port.filter(|_| cluster_ip.is_ipv4()) {
+        out.push((
+            Frontend::NodePort,
+            key(node_port_addr(cluster_ip), node_port),
+        ));
     }
-    for ip in &spec.external_ips {
-        out.push((Frontend::ExternalIp, key(ip.octets(), port.port)));
+    for ip in spec.external_ips.iter().filter(same_family) {
+        out.push((Frontend::ExternalIp, key(*ip, port.port)));
     }
-    for ip in &spec.load_balancer_ips {
-        out.push((Frontend::LoadBalancer, key(ip.octets(), port.port)));
+    for ip in spec.load_balancer_ips.iter().filter(same_family) {
+        out.push((Frontend::LoadBalancer, key(*ip, port.port)));
     }
     out
 }
@@ -252,7 +264,7 @@ struct Backends {
     /// The other endpoints, and why each is not used.
     unused: Vec<UnusedEndpoint>,
     /// Those of them that still serve.
-    still_serving: Vec<([u8; 4], u16)>,
+    still_serving: Vec<(IpAddr, u16)>,
     /// They are the serving-terminating fallback.
     terminating: bool,
     /// None here, but the service has usable endpoints elsewhere.
@@ -298,7 +310,7 @@ fn backends(
     let mut out: Vec<Backend> = chosen
         .into_iter()
         .map(|(e, target)| Backend {
-            addr: e.addr.octets(),
+            addr: e.addr,
             port: *target,
             proto: port.protocol.ip_proto(),
             flags: if topology.is_local(e) {
@@ -328,12 +340,12 @@ fn backends(
             UNUSED_OTHER_ZONE
         }
     };
-    let used: HashSet<([u8; 4], u16)> = out.iter().map(|b| (b.addr, b.port)).collect();
+    let used: HashSet<(IpAddr, u16)> = out.iter().map(|b| (b.addr, b.port)).collect();
     let mut unused: Vec<UnusedEndpoint> = candidates
         .iter()
-        .filter(|(e, target)| !used.contains(&(e.addr.octets(), *target)))
+        .filter(|(e, target)| !used.contains(&(e.addr, *target)))
         .map(|(e, target)| UnusedEndpoint {
-            addr: e.addr.octets(),
+            addr: e.addr,
             port: *target,
             proto: port.protocol.ip_proto(),
             reason: why(e),
@@ -355,24 +367,29 @@ fn backends(
     }
 }
 
-/// The endpoints of a service port: those of its slices' matching ports, with the target
-/// port, one per address and port. Where slices list one twice (a pod's IP reused while its
+/// The endpoints of a service port in `cluster_ip`'s family: those of its slices' matching
+/// ports, with the target port, one per address and port. Where slices list one twice (a pod's IP reused while its
 /// old pod terminates), kube-proxy keeps a local one over a remote one, and a
 /// non-terminating one over a terminating one (kubernetes PR #135593: a new pod is not
 /// served through its predecessor's conditions); else the first, in slice name order.
 fn candidates<'a>(
     port: &PortSpec,
     slices: &[&'a SliceSpec],
+    cluster_ip: IpAddr,
     topology: &Topology,
 ) -> Vec<(&'a EndpointSpec, u16)> {
     let mut out: Vec<(&'a EndpointSpec, u16)> = Vec::new();
-    let mut at: HashMap<(std::net::Ipv4Addr, u16), usize> = HashMap::new();
+    let mut at: HashMap<(IpAddr, u16), usize> = HashMap::new();
     let all = slices.iter().filter_map(|s| {
         let p = s
             .ports
             .iter()
             .find(|p| p.name == port.name && p.protocol == port.protocol)?;
-        Some(s.endpoints.iter().map(move |e| (e, p.port)))
+        let of_family = s
+            .endpoints
+            .iter()
+            .filter(|e| e.addr.is_ipv4() == cluster_ip.is_ipv4());
+        Some(of_family.map(move |e| (e, p.port)))
     });
     for (e, target) in all.flatten() {
         match at.entry((e.addr, target)) {
@@ -429,9 +446,15 @@ pub fn service_object(namespace: &str, name: &str) -> String {
 /// check.
 pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology) -> Translation {
     let mut out = Translation::default();
-    for port in &spec.ports {
+    // A dual-stack service is two services to the datapath, one per family (as kube-proxy
+    // runs one proxier per family), each with the endpoints of its family's slices.
+    let per_family = spec
+        .cluster_ips
+        .iter()
+        .flat_map(|ip| spec.ports.iter().map(move |p| (*ip, p)));
+    for (cluster_ip, port) in per_family {
         let name = port_display_name(spec, port);
-        let candidates = candidates(port, slices, topology);
+        let candidates = candidates(port, slices, cluster_ip, topology);
         let internal = backends(port, &candidates, spec.internal_local, topology);
         let external = backends(port, &candidates, spec.external_local, topology);
         // kube-proxy sends pods and nodes reaching a Local external frontend to every
@@ -440,7 +463,7 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
         let cluster_wide = spec
             .external_local
             .then(|| backends(port, &candidates, false, topology));
-        for (frontend, key) in frontends(spec, port) {
+        for (frontend, key) in frontends(spec, port, cluster_ip) {
             let (chosen, local) = if frontend.is_external() {
                 (&external, spec.external_local)
             } else {
@@ -493,10 +516,12 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
         }
     }
     if let Some(port) = spec.health_check_node_port {
+        // The primary family's endpoints: a dual-stack pod is one endpoint, not two.
+        let primary = spec.cluster_ips.first().is_none_or(IpAddr::is_ipv4);
         let local_endpoints = slices
             .iter()
             .flat_map(|s| &s.endpoints)
-            .filter(|e| e.ready && topology.is_local(e))
+            .filter(|e| e.ready && topology.is_local(e) && e.addr.is_ipv4() == primary)
             .map(|e| e.addr)
             .collect::<BTreeSet<_>>()
             .len();
@@ -515,19 +540,16 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
 /// `object`'s frontend `entry` loses its key to the service port named `owner`.
 pub fn frontend_conflict(object: &str, entry: &FrontendEntry, owner: &str) -> Rejection {
     let key = &entry.key;
-    let addr = match entry.service.frontend {
-        Frontend::NodePort => "node port ".to_owned(),
-        _ => format!("{}:", std::net::Ipv4Addr::from(key.addr)),
+    let frontend = match entry.service.frontend {
+        Frontend::NodePort => format!("node port {}", key.port),
+        _ => socket_text(key.addr, key.port),
     };
     let protocol = Protocol::from_ip_proto(key.proto).map_or("?", Protocol::name);
     Rejection::new(
         object,
         entry.service.frontend.field(),
         Reason::Conflict,
-        format!(
-            "{addr}{}/{protocol} is already served for {owner}",
-            key.port
-        ),
+        format!("{frontend}/{protocol} is already served for {owner}"),
     )
 }
 
@@ -599,7 +621,17 @@ pub fn desired_state<'a>(
 mod tests {
     use std::net::Ipv4Addr;
 
+    use proxy_common::NODE_PORT_ADDR;
+
     use super::*;
+
+    /// The last byte of an IPv4 address, as the tests name endpoints.
+    fn last(addr: IpAddr) -> u8 {
+        match addr {
+            IpAddr::V4(a) => a.octets()[3],
+            IpAddr::V6(a) => a.octets()[15],
+        }
+    }
 
     fn port(name: &str, port: u16, protocol: Protocol) -> PortSpec {
         PortSpec {
@@ -615,7 +647,7 @@ mod tests {
             namespace: "ns".into(),
             name: name.into(),
             service_type: ServiceType::ClusterIp,
-            cluster_ip: Ipv4Addr::from(ip),
+            cluster_ips: vec![Ipv4Addr::from(ip).into()],
             ports,
             external_ips: vec![],
             load_balancer_ips: vec![],
@@ -639,7 +671,7 @@ mod tests {
 
     fn ep(last: u8, ready: bool, serving: bool, terminating: bool) -> EndpointSpec {
         EndpointSpec {
-            addr: Ipv4Addr::new(10, 244, 0, last),
+            addr: Ipv4Addr::new(10, 244, 0, last).into(),
             ready,
             serving,
             terminating,
@@ -665,7 +697,52 @@ mod tests {
     }
 
     fn addrs(d: &DesiredService) -> Vec<(u8, u16)> {
-        d.backends.iter().map(|b| (b.addr[3], b.port)).collect()
+        d.backends.iter().map(|b| (last(b.addr), b.port)).collect()
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_served_per_family_with_that_familys_endpoints() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut web = svc("web", [10, 96, 0, 10], vec![port("", 80, Protocol::Tcp)]);
+        web.cluster_ips.insert(0, v6("fd00:96::10"));
+        web.external_ips = vec![v6("2001:db8::20"), IpAddr::from([203, 0, 113, 20])];
+        let slices = [
+            slice(
+                "web-4",
+                "web",
+                vec![port("", 8080, Protocol::Tcp)],
+                vec![ep(2, true, true, false)],
+            ),
+            slice(
+                "web-6",
+                "web",
+                vec![port("", 8080, Protocol::Tcp)],
+                vec![EndpointSpec {
+                    addr: v6("fd00:244::2"),
+                    ..ep(0, true, true, false)
+                }],
+            ),
+        ];
+        let (state, rejections) = desired([web].iter(), slices.iter(), &Topology::default());
+        assert!(rejections.is_empty());
+        let served: Vec<(String, Vec<IpAddr>)> = state
+            .iter()
+            .map(|(k, d)| {
+                let addr = crate::family::socket_text(k.addr, k.port);
+                (addr, d.backends.iter().map(|b| b.addr).collect())
+            })
+            .collect();
+        let four = vec![IpAddr::from([10, 244, 0, 2])];
+        let six = vec![v6("fd00:244::2")];
+        assert_eq!(
+            served,
+            [
+                ("10.96.0.10:80".to_owned(), four.clone()),
+                ("203.0.113.20:80".to_owned(), four),
+                ("[2001:db8::20]:80".to_owned(), six.clone()),
+                ("[fd00:96::10]:80".to_owned(), six),
+            ]
+        );
     }
 
     #[test]
@@ -704,10 +781,10 @@ mod tests {
         ];
         let (state, rejections) = desired([&web].into_iter(), slices.iter(), &Topology::default());
         assert!(rejections.is_empty());
-        let http = &state[&ServiceKey::new([10, 96, 0, 10], 80, 6)];
+        let http = &state[&ServiceKey::new([10, 96, 0, 10].into(), 80, 6)];
         assert_eq!(http.name, "ns/web:http");
         assert_eq!(addrs(http), [(1, 8080), (2, 8080)]);
-        let dns = &state[&ServiceKey::new([10, 96, 0, 10], 53, 17)];
+        let dns = &state[&ServiceKey::new([10, 96, 0, 10].into(), 53, 17)];
         assert_eq!(addrs(dns), [(1, 5353)]);
     }
 
@@ -731,7 +808,7 @@ mod tests {
         // not-serving one's are not.
         assert_eq!(
             state.values().next().unwrap().still_serving,
-            [([10, 244, 0, 2], 80)]
+            [(IpAddr::from([10, 244, 0, 2]), 80)]
         );
 
         let draining = [slice(
@@ -870,7 +947,7 @@ mod tests {
         let why: Vec<(u8, &str)> = cluster_ip
             .unused
             .iter()
-            .map(|u| (u.addr[3], unused_reason(u.reason)))
+            .map(|u| (last(u.addr), unused_reason(u.reason)))
             .collect();
         assert_eq!(
             why,
@@ -891,7 +968,7 @@ mod tests {
         let unused = &state.values().next().unwrap().unused;
         assert_eq!(unused.len(), 1);
         assert_eq!(
-            (unused[0].addr[3], unused_reason(unused[0].reason)),
+            (last(unused[0].addr), unused_reason(unused[0].reason)),
             (2, "other_zone")
         );
     }
@@ -956,7 +1033,7 @@ mod tests {
             let why: Vec<(u8, &str)> = d
                 .unused
                 .iter()
-                .map(|u| (u.addr[3], unused_reason(u.reason)))
+                .map(|u| (last(u.addr), unused_reason(u.reason)))
                 .collect();
             (addrs(&d), why)
         };
@@ -1046,8 +1123,8 @@ mod tests {
     fn load_balancer(external_local: bool) -> ServiceSpec {
         ServiceSpec {
             service_type: ServiceType::LoadBalancer,
-            external_ips: vec![Ipv4Addr::new(203, 0, 113, 20)],
-            load_balancer_ips: vec![Ipv4Addr::new(203, 0, 113, 10)],
+            external_ips: vec![Ipv4Addr::new(203, 0, 113, 20).into()],
+            load_balancer_ips: vec![Ipv4Addr::new(203, 0, 113, 10).into()],
             external_local,
             health_check_node_port: external_local.then_some(32000),
             ..svc(
@@ -1062,7 +1139,7 @@ mod tests {
     }
 
     fn frontend(state: &DesiredState, addr: [u8; 4], port: u16) -> &DesiredService {
-        &state[&ServiceKey::new(addr, port, 6)]
+        &state[&ServiceKey::new(addr.into(), port, 6)]
     }
 
     #[test]
@@ -1124,7 +1201,7 @@ mod tests {
             assert!(outside.internal_scope, "{addr:?}");
             let inside = &state[&ServiceKey {
                 scope: SCOPE_INTERNAL,
-                ..ServiceKey::new(addr, port, 6)
+                ..ServiceKey::new(addr.into(), port, 6)
             }];
             assert_eq!(addrs(inside), [(1, 80), (2, 80)], "{addr:?}");
             assert_eq!(inside.frontend, outside.frontend);
@@ -1176,7 +1253,7 @@ mod tests {
         let a = load_balancer(true);
         let b = ServiceSpec {
             name: "other".into(),
-            cluster_ip: Ipv4Addr::new(10, 96, 0, 21),
+            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, 21).into()],
             external_ips: vec![],
             load_balancer_ips: vec![],
             ..load_balancer(true)

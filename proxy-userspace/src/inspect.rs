@@ -2,27 +2,28 @@
 //! conntrack, map fill and the agent's status. They work while the agent is down.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray};
 use proxy_common::{
-    AgentStatus, BACKEND_FLAG_LOCAL, Backend, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DropReason, SCOPE_ALL,
-    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
-    UNUSED_NOT_LOCAL, UnusedEndpoint, UnusedKey, maps,
+    AgentStatus, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DropReason, SCOPE_ALL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_DROP_IF_EMPTY, ServiceInfo, ServiceValue, SlotKey, UNUSED_NOT_LOCAL, UnusedKey, maps,
 };
 use serde::Serialize;
 
 use crate::{
     clock::{monotonic_ns, unix_now},
     desired::{Frontend, unused_reason},
+    family::{Backend, ServiceKey, UnusedEndpoint, frontend_text, socket_text},
     link_target::LinkTarget,
     map_batch,
     maps::{Maps, decode_info, open},
     model::Protocol,
+    model::family_name,
     reconcile::ServiceMeta,
 };
 
@@ -62,7 +63,7 @@ impl Tables {
     pub fn read(maps: &Maps) -> anyhow::Result<Self> {
         let read = |name: &str| format!("reading map {name}");
         Ok(Self {
-            services: map_batch::read_all(&maps.services).with_context(|| read(maps::SERVICES))?,
+            services: maps.read_services()?,
             names: map_batch::read_all(&maps.names)
                 .with_context(|| read(maps::SERVICE_NAMES))?
                 .into_iter()
@@ -71,14 +72,8 @@ impl Tables {
                 .with_context(|| read(maps::BACKEND_SLOTS))?
                 .into_iter()
                 .collect(),
-            backends: map_batch::read_all(&maps.backends)
-                .with_context(|| read(maps::BACKENDS))?
-                .into_iter()
-                .collect(),
-            unused: map_batch::read_all(&maps.unused)
-                .with_context(|| read(maps::UNUSED_ENDPOINTS))?
-                .into_iter()
-                .collect(),
+            backends: maps.read_backends()?.into_iter().collect(),
+            unused: maps.read_unused()?.into_iter().collect(),
             service_stats: array_values(
                 map_batch::read_all(&maps.service_stats)
                     .with_context(|| read(maps::SERVICE_STATS))?,
@@ -140,12 +135,14 @@ pub struct ServiceRow {
     pub port_name: String,
     #[serde(rename = "type")]
     pub service_type: &'static str,
-    pub address: Ipv4Addr,
+    /// IPv4 or IPv6: a dual-stack service port has a row per family.
+    pub ip_family: &'static str,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: &'static str,
     pub node_port: Option<u16>,
     /// External IPs, then load-balancer ingress IPs.
-    pub external_addresses: Vec<Ipv4Addr>,
+    pub external_addresses: Vec<IpAddr>,
     pub ready_backends: u16,
     pub terminating_backends: u16,
     pub session_affinity_timeout_seconds: Option<u32>,
@@ -204,7 +201,8 @@ fn service_row(
         name: name.to_owned(),
         port_name: port_name.to_owned(),
         service_type: meta.service_type.name(),
-        address: Ipv4Addr::from(key.addr),
+        ip_family: family_name(key.addr),
+        address: key.addr,
         port: key.port,
         protocol: protocol(key.proto),
         node_port: frontends
@@ -216,7 +214,7 @@ fn service_row(
             .filter(|(f, k, _)| {
                 matches!(f, Frontend::ExternalIp | Frontend::LoadBalancer) && k.scope == SCOPE_ALL
             })
-            .map(|(_, k, _)| Ipv4Addr::from(k.addr))
+            .map(|(_, k, _)| k.addr)
             .collect(),
         ready_backends: ready,
         terminating_backends: terminating,
@@ -231,9 +229,10 @@ fn service_row(
     })
 }
 
-/// Every service port, sorted by namespace, name and port.
+/// Every service port, a row per family, sorted by namespace, name, port and family.
 pub fn services(tables: &Tables) -> anyhow::Result<Vec<ServiceRow>> {
-    let mut by_port: BTreeMap<String, (ServiceMeta, Vec<FrontendEntry>)> = BTreeMap::new();
+    type Group = (ServiceMeta, Vec<FrontendEntry>);
+    let mut by_port: BTreeMap<(String, bool), Group> = BTreeMap::new();
     for (key, value) in &tables.services {
         let meta = tables.names.get(&value.id).map_or_else(
             || ServiceMeta {
@@ -243,7 +242,7 @@ pub fn services(tables: &Tables) -> anyhow::Result<Vec<ServiceRow>> {
             decode_info,
         );
         let group = by_port
-            .entry(meta.name.clone())
+            .entry((meta.name.clone(), key.addr.is_ipv6()))
             .or_insert_with(|| (meta.clone(), Vec::new()));
         if meta.frontend == Frontend::ClusterIp {
             group.0 = meta.clone();
@@ -256,11 +255,12 @@ pub fn services(tables: &Tables) -> anyhow::Result<Vec<ServiceRow>> {
         rows.push(service_row(tables, &meta, frontends)?);
     }
     rows.sort_by(|a, b| {
-        (&a.namespace, &a.name, a.port, a.protocol).cmp(&(
+        (&a.namespace, &a.name, a.port, a.protocol, a.ip_family).cmp(&(
             &b.namespace,
             &b.name,
             b.port,
             b.protocol,
+            b.ip_family,
         ))
     });
     Ok(rows)
@@ -283,10 +283,10 @@ pub enum ServiceQuery {
     Service(String),
     /// `namespace/name:port`, a named port.
     Port(String),
-    /// `ADDRESS:PORT` or `ADDRESS:PORT/PROTOCOL`: the port with that frontend — cluster,
-    /// external or load-balancer IP, or `0.0.0.0:NODEPORT`.
+    /// `ADDRESS:PORT` or `ADDRESS:PORT/PROTOCOL` (`[ADDRESS]:PORT` for IPv6): the port with
+    /// that frontend — cluster, external or load-balancer IP, or `0.0.0.0:NODEPORT`.
     Frontend {
-        address: std::net::SocketAddrV4,
+        address: SocketAddr,
         protocol: Option<String>,
     },
 }
@@ -312,7 +312,7 @@ impl ServiceQuery {
             Self::Service(name) => *name == format!("{}/{}", row.namespace, row.name),
             Self::Port(name) => *name == row.full_name(),
             Self::Frontend { address, protocol } => row.frontends.iter().any(|(_, key, _)| {
-                Ipv4Addr::from(key.addr) == *address.ip()
+                key.addr == address.ip()
                     && key.port == address.port()
                     && protocol
                         .as_deref()
@@ -328,7 +328,7 @@ fn open_conntrack(dir: &Path) -> anyhow::Result<BpfHashMap<MapData, CtKey, CtEnt
 
 #[derive(Debug, Serialize)]
 pub struct BackendRow {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: &'static str,
     /// Whether the endpoint runs on this node (its `nodeName` is the agent's node).
@@ -407,7 +407,7 @@ pub fn backends(
     Ok(rows
         .into_iter()
         .map(|(id, b, c)| BackendRow {
-            address: Ipv4Addr::from(b.addr),
+            address: b.addr,
             port: b.port,
             protocol: protocol(b.proto),
             node_local: b.flags & BACKEND_FLAG_LOCAL != 0,
@@ -475,7 +475,7 @@ fn unused_by_cluster_ip(tables: &Tables, service: &ServiceRow) -> Vec<(String, &
                 pad: 0,
             };
             let u = tables.unused.get(&key)?;
-            let endpoint = format!("{}:{}", Ipv4Addr::from(u.addr), u.port);
+            let endpoint = socket_text(u.addr, u.port);
             Some((endpoint, unused_reason(u.reason)))
         })
         .collect()
@@ -500,17 +500,12 @@ pub fn frontends(tables: &Tables, service: &ServiceRow) -> anyhow::Result<Vec<Fr
             let backends: Vec<String> = tables
                 .slot_backends(service, value)?
                 .iter()
-                .map(|(_, b)| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
+                .map(|(_, b)| socket_text(b.addr, b.port))
                 .collect();
             let counters = tables.service_counters(value.id);
             Ok(FrontendRow {
                 frontend: frontend.name(),
-                address: format!(
-                    "{}:{}/{}",
-                    Ipv4Addr::from(key.addr),
-                    key.port,
-                    protocol(key.proto)
-                ),
+                address: frontend_text(key),
                 clients: if key.scope == SCOPE_ALL {
                     "all"
                 } else {
@@ -683,14 +678,29 @@ pub fn map_fill(dir: &Path, tables: Option<&Tables>) -> anyhow::Result<Vec<MapRo
         let info = map
             .info()
             .with_context(|| format!("reading map {}", path.display()))?;
+        let of_family = |addrs: &mut dyn Iterator<Item = IpAddr>, v6: bool| {
+            addrs.filter(|a| a.is_ipv6() == v6).count() as u64
+        };
         let entries = match (name, tables) {
-            (maps::SERVICES, Some(t)) => Some(t.services.len() as u64),
+            (maps::SERVICES | maps::SERVICES6, Some(t)) => Some(of_family(
+                &mut t.services.iter().map(|(k, _)| k.addr),
+                name == maps::SERVICES6,
+            )),
             (maps::BACKEND_SLOTS, Some(t)) => Some(t.slots.len() as u64),
-            (maps::BACKENDS, Some(t)) => Some(t.backends.len() as u64),
+            (maps::BACKENDS | maps::BACKENDS6, Some(t)) => Some(of_family(
+                &mut t.backends.values().map(|b| b.addr),
+                name == maps::BACKENDS6,
+            )),
             (maps::SERVICE_NAMES, Some(t)) => Some(t.names.len() as u64),
-            (maps::SERVICES, None) => Some(count::<ServiceKey, ServiceValue>(dir, name)?),
+            (maps::SERVICES, None) => {
+                Some(count::<proxy_common::ServiceKey, ServiceValue>(dir, name)?)
+            }
+            (maps::SERVICES6, None) => {
+                Some(count::<proxy_common::ServiceKey6, ServiceValue>(dir, name)?)
+            }
             (maps::BACKEND_SLOTS, None) => Some(count::<SlotKey, u32>(dir, name)?),
-            (maps::BACKENDS, None) => Some(count::<u32, Backend>(dir, name)?),
+            (maps::BACKENDS, None) => Some(count::<u32, proxy_common::Backend>(dir, name)?),
+            (maps::BACKENDS6, None) => Some(count::<u32, proxy_common::Backend6>(dir, name)?),
             (maps::SERVICE_NAMES, None) => Some(count::<u32, ServiceInfo>(dir, name)?),
             (maps::CONNTRACK, _) => Some(count::<CtKey, CtEntry>(dir, name)?),
             (maps::AFFINITY, _) => Some(count::<
@@ -700,6 +710,10 @@ pub fn map_fill(dir: &Path, tables: Option<&Tables>) -> anyhow::Result<Vec<MapRo
             (maps::SOCK_REV_NAT, _) => {
                 Some(count::<proxy_common::SockRevKey, proxy_common::SockRevValue>(dir, name)?)
             }
+            (maps::SOCK_REV_NAT6, _) => Some(count::<
+                proxy_common::SockRevKey6,
+                proxy_common::SockRevValue6,
+            >(dir, name)?),
             _ => None,
         };
         let capacity = info.max_entries();
@@ -806,23 +820,24 @@ mod tests {
 
     #[test]
     fn every_printed_name_is_a_query() {
-        let key = |addr: [u8; 4], port| ServiceKey {
-            addr,
+        let key = |addr: &str, port| ServiceKey {
+            addr: addr.parse().unwrap(),
             port,
             proto: 6,
             scope: 0,
         };
         let value = ServiceValue::default();
-        let row = ServiceRow {
+        let row = |frontends: Vec<FrontendEntry>| ServiceRow {
             namespace: "shop".into(),
             name: "web".into(),
             port_name: "http".into(),
             service_type: "LoadBalancer",
-            address: Ipv4Addr::new(10, 96, 0, 10),
+            ip_family: family_name(frontends[0].1.addr),
+            address: frontends[0].1.addr,
             port: 80,
             protocol: "TCP",
             node_port: Some(30080),
-            external_addresses: vec![Ipv4Addr::new(192, 0, 2, 7)],
+            external_addresses: vec![frontends[2].1.addr],
             ready_backends: 0,
             terminating_backends: 0,
             session_affinity_timeout_seconds: None,
@@ -831,12 +846,22 @@ mod tests {
             connections: 0,
             packets: 0,
             bytes: 0,
-            frontends: vec![
-                (Frontend::ClusterIp, key([10, 96, 0, 10], 80), value),
-                (Frontend::NodePort, key([0, 0, 0, 0], 30080), value),
-                (Frontend::LoadBalancer, key([192, 0, 2, 7], 80), value),
-            ],
+            frontends,
         };
+        let six = row(vec![
+            (Frontend::ClusterIp, key("fd00::10", 80), value),
+            (Frontend::NodePort, key("::", 30080), value),
+            (Frontend::LoadBalancer, key("2001:db8::7", 80), value),
+        ]);
+        for query in ["[fd00::10]:80/TCP", "[2001:db8::7]:80", "shop/web:http"] {
+            assert!(ServiceQuery::parse(query).matches(&six), "{query}");
+        }
+        let row = row(vec![
+            (Frontend::ClusterIp, key("10.96.0.10", 80), value),
+            (Frontend::NodePort, key("0.0.0.0", 30080), value),
+            (Frontend::LoadBalancer, key("192.0.2.7", 80), value),
+        ]);
+        assert!(!ServiceQuery::parse("[fd00::10]:80").matches(&row));
         let accepted = [
             "shop/web",
             "shop/web:http",

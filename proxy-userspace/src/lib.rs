@@ -14,6 +14,7 @@ pub mod ct_account;
 pub mod datapath;
 pub mod datapath_metrics;
 pub mod desired;
+pub mod family;
 pub mod health_check;
 pub mod http;
 pub mod inspect;

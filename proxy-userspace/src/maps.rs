@@ -8,6 +8,7 @@ use crate::{
     cidr::Cidr,
     ct_account::CtAccount,
     desired::Frontend,
+    family::{Backend, ServiceKey, UnusedEndpoint, frontend_text},
     map_batch,
     map_error::MapWriteError,
     model::ServiceType,
@@ -21,16 +22,21 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use proxy_common::{
-    Backend, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
-    SourceRange, UnusedEndpoint, UnusedKey, maps,
+    ByFamily, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceValue, SlotKey, SourceRange,
+    UnusedKey, from_map, maps,
 };
 
+/// The pinned maps the reconciler writes; those holding addresses come in one map per
+/// family, written through `ByFamily`.
 pub struct Maps {
-    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub services: HashMap<MapData, proxy_common::ServiceKey, ServiceValue>,
+    pub services6: HashMap<MapData, proxy_common::ServiceKey6, ServiceValue>,
     pub slots: HashMap<MapData, SlotKey, u32>,
-    pub backends: HashMap<MapData, u32, Backend>,
+    pub backends: HashMap<MapData, u32, proxy_common::Backend>,
+    pub backends6: HashMap<MapData, u32, proxy_common::Backend6>,
     pub names: HashMap<MapData, u32, ServiceInfo>,
-    pub unused: HashMap<MapData, UnusedKey, UnusedEndpoint>,
+    pub unused: HashMap<MapData, UnusedKey, proxy_common::UnusedEndpoint>,
+    pub unused6: HashMap<MapData, UnusedKey, proxy_common::UnusedEndpoint6>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
     pub service_stats: Array<MapData, Counters>,
     pub backend_stats: Array<MapData, Counters>,
@@ -69,15 +75,73 @@ where
         .with_context(|| format!("map {} has an unexpected type or layout", path.display()))
 }
 
+/// Every entry of a family's two maps, read whole, with their addresses as `IpAddr`s
+/// (`Addressed` in the key or in the value: `f` converts the entry).
+fn read_both<K4, V4, K6, V6, T>(
+    v4: (&HashMap<MapData, K4, V4>, &str),
+    v6: (&HashMap<MapData, K6, V6>, &str),
+    f4: impl Fn(K4, V4) -> T,
+    f6: impl Fn(K6, V6) -> T,
+) -> anyhow::Result<Vec<T>>
+where
+    K4: aya::Pod,
+    V4: aya::Pod,
+    K6: aya::Pod,
+    V6: aya::Pod,
+{
+    let read = |name: &str| format!("reading map {name}");
+    let mut out: Vec<T> = map_batch::read_all(v4.0)
+        .with_context(|| read(v4.1))?
+        .into_iter()
+        .map(|(k, v)| f4(k, v))
+        .collect();
+    let six = map_batch::read_all(v6.0).with_context(|| read(v6.1))?;
+    out.extend(six.into_iter().map(|(k, v)| f6(k, v)));
+    Ok(out)
+}
+
 impl Maps {
+    /// Every frontend, both families.
+    pub fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
+        read_both(
+            (&self.services, maps::SERVICES),
+            (&self.services6, maps::SERVICES6),
+            |k, v| (from_map(&k), v),
+            |k, v| (from_map(&k), v),
+        )
+    }
+
+    /// Every backend, both families.
+    pub fn read_backends(&self) -> anyhow::Result<Vec<(u32, Backend)>> {
+        read_both(
+            (&self.backends, maps::BACKENDS),
+            (&self.backends6, maps::BACKENDS6),
+            |id, b| (id, from_map(&b)),
+            |id, b| (id, from_map(&b)),
+        )
+    }
+
+    /// Every listed unused endpoint, both families.
+    pub fn read_unused(&self) -> anyhow::Result<Vec<(UnusedKey, UnusedEndpoint)>> {
+        read_both(
+            (&self.unused, maps::UNUSED_ENDPOINTS),
+            (&self.unused6, maps::UNUSED_ENDPOINTS6),
+            |k, e| (k, from_map(&e)),
+            |k, e| (k, from_map(&e)),
+        )
+    }
+
     /// Opens the maps pinned under `dir` (the agent's `--bpffs`).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
             services: open(dir, maps::SERVICES)?,
+            services6: open(dir, maps::SERVICES6)?,
             slots: open(dir, maps::BACKEND_SLOTS)?,
             backends: open(dir, maps::BACKENDS)?,
+            backends6: open(dir, maps::BACKENDS6)?,
             names: open(dir, maps::SERVICE_NAMES)?,
             unused: open(dir, maps::UNUSED_ENDPOINTS)?,
+            unused6: open(dir, maps::UNUSED_ENDPOINTS6)?,
             source_ranges: open(dir, maps::SOURCE_RANGES)?,
             service_stats: open(dir, maps::SERVICE_STATS)?,
             backend_stats: open(dir, maps::BACKEND_STATS)?,
@@ -138,15 +202,6 @@ fn slot_name(key: &SlotKey) -> String {
     )
 }
 
-fn frontend_name(key: &ServiceKey) -> String {
-    format!(
-        "{}:{}/{}",
-        std::net::Ipv4Addr::from(key.addr),
-        key.port,
-        crate::inspect::protocol(key.proto)
-    )
-}
-
 fn unused_name(key: &UnusedKey) -> String {
     format!(
         "unused endpoint {} of service id {}",
@@ -157,18 +212,24 @@ fn unused_name(key: &UnusedKey) -> String {
 impl crate::reconcile::ServiceMaps for Maps {
     fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
         self.writes += 1;
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(|e| MapWriteError::from_aya(maps::BACKENDS, e))
-            .with_context(|| format!("writing backend {id} to map {}", maps::BACKENDS))
+        let (map, result) = match ByFamily::of(backend) {
+            ByFamily::V4(b) => (maps::BACKENDS, self.backends.insert(id, b, 0)),
+            ByFamily::V6(b) => (maps::BACKENDS6, self.backends6.insert(id, b, 0)),
+        };
+        result
+            .map_err(|e| MapWriteError::from_aya(map, e))
+            .with_context(|| format!("writing backend {id} to map {map}"))
     }
 
-    fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
+    fn delete_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()> {
         self.writes += 1;
-        self.backends
-            .remove(&id)
-            .map_err(|e| MapWriteError::from_aya(maps::BACKENDS, e))
-            .with_context(|| format!("deleting backend {id} from map {}", maps::BACKENDS))
+        let (map, result) = match backend.addr.is_ipv4() {
+            true => (maps::BACKENDS, self.backends.remove(&id)),
+            false => (maps::BACKENDS6, self.backends6.remove(&id)),
+        };
+        result
+            .map_err(|e| MapWriteError::from_aya(map, e))
+            .with_context(|| format!("deleting backend {id} from map {map}"))
     }
 
     fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()> {
@@ -210,24 +271,24 @@ impl crate::reconcile::ServiceMaps for Maps {
                     maps::SERVICE_NAMES
                 )
             })?;
-        self.services
-            .insert(key, value, 0)
-            .map_err(|e| MapWriteError::from_aya(maps::SERVICES, e))
-            .with_context(|| format!("writing {} to map {}", meta.name, maps::SERVICES))
+        let (map, result) = match ByFamily::of(key) {
+            ByFamily::V4(k) => (maps::SERVICES, self.services.insert(k, value, 0)),
+            ByFamily::V6(k) => (maps::SERVICES6, self.services6.insert(k, value, 0)),
+        };
+        result
+            .map_err(|e| MapWriteError::from_aya(map, e))
+            .with_context(|| format!("writing {} to map {map}", meta.name))
     }
 
     fn delete_service(&mut self, key: &ServiceKey, id: u32) -> anyhow::Result<()> {
         self.writes += 1;
-        self.services
-            .remove(key)
-            .map_err(|e| MapWriteError::from_aya(maps::SERVICES, e))
-            .with_context(|| {
-                format!(
-                    "deleting {} from map {}",
-                    frontend_name(key),
-                    maps::SERVICES
-                )
-            })?;
+        let (map, result) = match ByFamily::of(key) {
+            ByFamily::V4(k) => (maps::SERVICES, self.services.remove(&k)),
+            ByFamily::V6(k) => (maps::SERVICES6, self.services6.remove(&k)),
+        };
+        result
+            .map_err(|e| MapWriteError::from_aya(map, e))
+            .with_context(|| format!("deleting {} from map {map}", frontend_text(key)))?;
         self.names
             .remove(&id)
             .map_err(|e| MapWriteError::from_aya(maps::SERVICE_NAMES, e))
@@ -262,30 +323,24 @@ impl crate::reconcile::ServiceMaps for Maps {
 
     fn put_unused(&mut self, key: &UnusedKey, endpoint: &UnusedEndpoint) -> anyhow::Result<()> {
         self.writes += 1;
-        self.unused
-            .insert(key, endpoint, 0)
-            .map_err(|e| MapWriteError::from_aya(maps::UNUSED_ENDPOINTS, e))
-            .with_context(|| {
-                format!(
-                    "writing {} to map {}",
-                    unused_name(key),
-                    maps::UNUSED_ENDPOINTS
-                )
-            })
+        let (map, result) = match ByFamily::of(endpoint) {
+            ByFamily::V4(e) => (maps::UNUSED_ENDPOINTS, self.unused.insert(key, e, 0)),
+            ByFamily::V6(e) => (maps::UNUSED_ENDPOINTS6, self.unused6.insert(key, e, 0)),
+        };
+        result
+            .map_err(|e| MapWriteError::from_aya(map, e))
+            .with_context(|| format!("writing {} to map {map}", unused_name(key)))
     }
 
-    fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()> {
+    fn delete_unused(&mut self, key: &UnusedKey, listed: &UnusedEndpoint) -> anyhow::Result<()> {
         self.writes += 1;
-        self.unused
-            .remove(key)
-            .map_err(|e| MapWriteError::from_aya(maps::UNUSED_ENDPOINTS, e))
-            .with_context(|| {
-                format!(
-                    "deleting {} from map {}",
-                    unused_name(key),
-                    maps::UNUSED_ENDPOINTS
-                )
-            })
+        let (map, result) = match listed.addr.is_ipv4() {
+            true => (maps::UNUSED_ENDPOINTS, self.unused.remove(key)),
+            false => (maps::UNUSED_ENDPOINTS6, self.unused6.remove(key)),
+        };
+        result
+            .map_err(|e| MapWriteError::from_aya(map, e))
+            .with_context(|| format!("deleting {} from map {map}", unused_name(key)))
     }
 
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()> {
@@ -335,15 +390,14 @@ impl crate::reconcile::ServiceMaps for Maps {
             .collect();
         let meta_of = |id: u32| names.get(&id).map(decode_info).unwrap_or_default();
         Ok(crate::reconcile::Existing {
-            services: map_batch::read_all(&self.services)
-                .with_context(|| read(maps::SERVICES))?
+            services: self
+                .read_services()?
                 .into_iter()
                 .map(|(k, v)| (k, v, meta_of(v.id)))
                 .collect(),
             slots: map_batch::read_all(&self.slots).with_context(|| read(maps::BACKEND_SLOTS))?,
-            backends: map_batch::read_all(&self.backends).with_context(|| read(maps::BACKENDS))?,
-            unused: map_batch::read_all(&self.unused)
-                .with_context(|| read(maps::UNUSED_ENDPOINTS))?,
+            backends: self.read_backends()?,
+            unused: self.read_unused()?,
             source_ranges: self
                 .source_ranges
                 .keys()

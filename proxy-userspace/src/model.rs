@@ -1,7 +1,7 @@
 //! Validation of Kubernetes objects into the proxy's model: what of a `Service` and an
 //! `EndpointSlice` the datapath serves, with every problem reported as a `Rejection`.
 //! Pure functions: every source (manifests, the API server) feeds objects through here.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -93,13 +93,15 @@ pub struct ServiceSpec {
     pub namespace: String,
     pub name: String,
     pub service_type: ServiceType,
-    pub cluster_ip: Ipv4Addr,
+    /// `spec.clusterIPs`: one per family (two for a dual-stack service), the primary first.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<PortSpec>,
-    /// `spec.externalIPs` (IPv4 ones).
-    pub external_ips: Vec<Ipv4Addr>,
-    /// `status.loadBalancer.ingress[].ip` of a LoadBalancer, except `ipMode: Proxy` ones
-    /// (the load balancer proxies, so its traffic arrives addressed to the node).
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `spec.externalIPs`, of the service's families.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` of a LoadBalancer, of the service's families,
+    /// except `ipMode: Proxy` ones (the load balancer proxies, so its traffic arrives
+    /// addressed to the node).
+    pub load_balancer_ips: Vec<IpAddr>,
     /// `spec.loadBalancerSourceRanges` of a LoadBalancer (else its
     /// `service.beta.kubernetes.io/load-balancer-source-ranges` annotation), IPv4 ones:
     /// `None` when none is given; `Some` of an empty list lets no IPv4 client in (a list
@@ -138,7 +140,8 @@ pub struct SliceSpec {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
-    pub addr: Ipv4Addr,
+    /// Of the slice's `addressType`.
+    pub addr: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -280,21 +283,24 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
         ));
     }
     let mut warnings = Vec::new();
-    let mut cluster_ip = None;
+    let mut parsed = Vec::new();
     for (i, ip) in cluster_ips.iter().enumerate() {
         let field = if spec.cluster_ips.is_some() {
             format!("spec.clusterIPs[{i}]")
         } else {
             "spec.clusterIP".to_owned()
         };
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => cluster_ip = cluster_ip.or(Some(v4)),
-            Ok(std::net::IpAddr::V6(_)) => warnings.push(Rejection::new(
-                &object,
-                field,
-                Reason::UnsupportedFamily,
-                format!("IPv6 address {ip} is not served yet (IPv4 only)"),
-            )),
+        match ip.parse::<IpAddr>() {
+            // One per family, as the API server guarantees; a second of a family is ignored.
+            Ok(ip) if parsed.iter().any(|p: &IpAddr| p.is_ipv4() == ip.is_ipv4()) => {
+                warnings.push(Rejection::new(
+                    &object,
+                    field,
+                    Reason::Conflict,
+                    format!("a second {} cluster IP ({ip}) is ignored", family_name(ip)),
+                ))
+            }
+            Ok(ip) => parsed.push(ip),
             Err(_) => {
                 return Validated::Invalid(vec![Rejection::new(
                     &object,
@@ -305,11 +311,7 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
             }
         }
     }
-    let Some(cluster_ip) = cluster_ip else {
-        return Validated::Ignored(format!(
-            "{object}: IPv6-only service; not served yet (IPv4 only)"
-        ));
-    };
+    let cluster_ips = parsed;
     let internal_local = match spec.internal_traffic_policy.as_deref() {
         None | Some("Cluster") => false,
         Some("Local") => true,
@@ -413,8 +415,9 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
         ));
         return Validated::Invalid(warnings);
     }
-    let external_ips = ipv4_list(
+    let external_ips = ip_list(
         spec.external_ips.iter().flatten().map(String::as_str),
+        &cluster_ips,
         &object,
         "spec.externalIPs",
         &mut warnings,
@@ -425,12 +428,13 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
     let load_balancer_ips = match service_type {
-        ServiceType::LoadBalancer => ipv4_list(
+        ServiceType::LoadBalancer => ip_list(
             ingress
                 .into_iter()
                 .flatten()
                 .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
                 .filter_map(|i| i.ip.as_deref()),
+            &cluster_ips,
             &object,
             "status.loadBalancer.ingress",
             &mut warnings,
@@ -458,7 +462,7 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
             namespace,
             name,
             service_type,
-            cluster_ip,
+            cluster_ips,
             ports,
             external_ips,
             load_balancer_ips,
@@ -529,23 +533,36 @@ fn source_ranges(svc: &Service, object: &str, warnings: &mut Vec<Rejection>) -> 
     Some(out)
 }
 
-/// The IPv4 addresses of a list; IPv6 ones and garbage become warnings.
-fn ipv4_list<'a>(
+/// "IPv4" or "IPv6", as Kubernetes names the families.
+pub fn family_name(ip: IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
+    }
+}
+
+/// The addresses of a list that are of a family of `cluster_ips` (kube-proxy serves a
+/// service's addresses in its own families only); others and garbage become warnings.
+fn ip_list<'a>(
     addrs: impl Iterator<Item = &'a str>,
+    cluster_ips: &[IpAddr],
     object: &str,
     field: &str,
     warnings: &mut Vec<Rejection>,
-) -> Vec<Ipv4Addr> {
+) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for (i, addr) in addrs.enumerate() {
-        match addr.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) if !out.contains(&v4) => out.push(v4),
-            Ok(std::net::IpAddr::V4(_)) => {}
-            Ok(std::net::IpAddr::V6(_)) => warnings.push(Rejection::new(
+        match addr.parse::<IpAddr>() {
+            Ok(ip) if out.contains(&ip) => {}
+            Ok(ip) if cluster_ips.iter().any(|c| c.is_ipv4() == ip.is_ipv4()) => out.push(ip),
+            Ok(ip) => warnings.push(Rejection::new(
                 object,
                 format!("{field}[{i}]"),
                 Reason::UnsupportedFamily,
-                format!("IPv6 address {addr} is not served yet (IPv4 only)"),
+                format!(
+                    "{ip} is {}, not a family of the service (ipFamilies); not served",
+                    family_name(ip)
+                ),
             )),
             Err(_) => warnings.push(Rejection::new(
                 object,
@@ -579,13 +596,9 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
             "{object}: labelled {HEADLESS_LABEL}; nothing to proxy"
         ));
     }
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" => {
-            return Validated::Ignored(format!(
-                "{object}: IPv6 endpoints are not served yet (IPv4 only)"
-            ));
-        }
+    let ipv4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
         "FQDN" => return Validated::Ignored(format!("{object}: FQDN endpoints are not proxied")),
         other => {
             return Validated::Invalid(vec![Rejection::new(
@@ -595,7 +608,7 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
                 format!("unknown address type {other:?}"),
             )]);
         }
-    }
+    };
     let mut warnings = Vec::new();
     let mut ports = Vec::new();
     for (i, port) in slice.ports.iter().flatten().enumerate() {
@@ -641,14 +654,17 @@ pub fn validate_slice(slice: &EndpointSlice) -> Validated<SliceSpec> {
             ));
             continue;
         };
-        let Ok(addr) = addr.parse::<Ipv4Addr>() else {
-            warnings.push(Rejection::new(
-                &object,
-                field,
-                Reason::InvalidAddress,
-                format!("{addr:?} is not an IPv4 address"),
-            ));
-            continue;
+        let addr = match addr.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv4() == ipv4 => ip,
+            _ => {
+                warnings.push(Rejection::new(
+                    &object,
+                    field,
+                    Reason::InvalidAddress,
+                    format!("{addr:?} is not an {} address", slice.address_type),
+                ));
+                continue;
+            }
         };
         let conditions = endpoint.conditions.as_ref();
         // As kube-proxy reads them (endpointslicecache.go): an unset ready or serving means
@@ -716,7 +732,7 @@ spec:
         };
         assert!(warnings.is_empty());
         assert_eq!(spec.namespace, "shop");
-        assert_eq!(spec.cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
+        assert_eq!(spec.cluster_ips, [IpAddr::from([10, 96, 0, 10])]);
         assert_eq!(
             spec.ports[0],
             PortSpec {
@@ -791,11 +807,10 @@ spec:
     }
 
     #[test]
-    fn headless_external_name_and_ipv6_are_ignored_not_rejected() {
+    fn headless_and_external_name_are_ignored_not_rejected() {
         for yaml in [
             "metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}",
             "metadata: {name: e}\nspec: {type: ExternalName, externalName: example.org}",
-            "metadata: {name: v6}\nspec: {clusterIP: 'fd00::1', ports: [{port: 80}]}",
         ] {
             assert!(
                 matches!(
@@ -836,17 +851,55 @@ spec:
     }
 
     #[test]
-    fn dual_stack_serves_the_ipv4_family_and_says_what_is_not_served() {
+    fn dual_stack_serves_both_families_and_their_addresses_only() {
         let s = service(
-            "metadata: {name: d}\nspec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.10], ipFamilies: [IPv6, IPv4], internalTrafficPolicy: Local, ports: [{port: 80}]}",
+            "metadata: {name: d}\nspec: {type: LoadBalancer, clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.10], ipFamilies: [IPv6, IPv4], internalTrafficPolicy: Local, externalIPs: ['2001:db8::1', 203.0.113.1], ports: [{port: 80}]}",
         );
         let Validated::Valid(spec, warnings) = validate_service(&s, None) else {
             panic!()
         };
-        assert_eq!(spec.cluster_ip, Ipv4Addr::new(10, 96, 0, 10));
+        let v6: IpAddr = "fd00::10".parse().unwrap();
+        assert_eq!(spec.cluster_ips, [v6, IpAddr::from([10, 96, 0, 10])]);
+        assert_eq!(spec.external_ips.len(), 2);
         assert!(spec.internal_local);
-        assert_eq!(warnings[0].field, "spec.clusterIPs[0]");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // A single-stack service's addresses of the other family are not served.
+        let s = service(
+            "metadata: {name: s}\nspec: {clusterIP: 'fd00::11', externalIPs: ['2001:db8::1', 203.0.113.1], ports: [{port: 80}]}",
+        );
+        let Validated::Valid(spec, warnings) = validate_service(&s, None) else {
+            panic!()
+        };
+        assert_eq!(spec.cluster_ips, ["fd00::11".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            spec.external_ips,
+            ["2001:db8::1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(warnings[0].field, "spec.externalIPs[1]");
         assert_eq!(warnings[0].reason, Reason::UnsupportedFamily);
+    }
+
+    #[test]
+    fn ipv6_slices_hold_ipv6_endpoints_only() {
+        let s = slice(
+            "
+metadata: {name: web-6, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- addresses: ['fd00:244::2']
+- addresses: [10.244.1.3]
+",
+        );
+        let Validated::Valid(spec, warnings) = validate_slice(&s) else {
+            panic!()
+        };
+        assert_eq!(spec.endpoints.len(), 1);
+        assert_eq!(
+            spec.endpoints[0].addr,
+            "fd00:244::2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(warnings[0].field, "endpoints[1].addresses[0]");
     }
 
     #[test]
@@ -888,7 +941,7 @@ endpoints:
         assert_eq!(spec.service, "web");
         let ep =
             |last, ready, serving, terminating, node: Option<&str>, zones: &[&str]| EndpointSpec {
-                addr: Ipv4Addr::new(10, 244, 1, last),
+                addr: IpAddr::from([10, 244, 1, last]),
                 ready,
                 serving,
                 terminating,
@@ -924,9 +977,9 @@ endpoints:
         assert_eq!(spec.service_type, ServiceType::LoadBalancer);
         assert!(spec.external_local);
         assert_eq!(spec.health_check_node_port, Some(32000));
-        assert_eq!(spec.external_ips, [Ipv4Addr::new(203, 0, 113, 20)]);
+        assert_eq!(spec.external_ips, [IpAddr::from([203, 0, 113, 20])]);
         // ipMode: Proxy ingress points are the load balancer's own: traffic arrives at nodes.
-        assert_eq!(spec.load_balancer_ips, [Ipv4Addr::new(203, 0, 113, 10)]);
+        assert_eq!(spec.load_balancer_ips, [IpAddr::from([203, 0, 113, 10])]);
         assert_eq!(spec.ports[0].node_port, Some(30080));
         let fields: Vec<&str> = warnings.iter().map(|w| w.field.as_str()).collect();
         assert_eq!(

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv6Addr, SocketAddr},
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     time::Duration,
@@ -58,11 +58,13 @@ fn hook_name(hook: u8) -> &'static str {
     }
 }
 
-fn endpoint(addr: [u8; 4], port: u16) -> String {
+/// An event's address (IPv4 ones IPv4-mapped) and port, as the family writes them.
+fn endpoint(addr: [u8; 16], port: u16) -> String {
+    let addr = Ipv6Addr::from(addr).to_canonical();
     match port {
         // A packet reported after translation, whose ports were not kept.
-        0 => Ipv4Addr::from(addr).to_string(),
-        port => SocketAddrV4::new(addr.into(), port).to_string(),
+        0 => addr.to_string(),
+        port => SocketAddr::new(addr, port).to_string(),
     }
 }
 

@@ -2,19 +2,22 @@
 //! did not change costs no map write. An update never exposes a half-written service: the
 //! new generation's slots are written first, then the service entry flips to them in one
 //! map update, then the old generation is deleted.
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use anyhow::{Context as _, anyhow};
 use proxy_common::{
-    Backend, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_INTERNAL_SCOPE,
-    SVC_FLAG_MASQUERADE, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey, UnusedEndpoint,
-    UnusedKey, maps,
+    SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_INTERNAL_SCOPE, SVC_FLAG_MASQUERADE,
+    SVC_FLAG_SOURCE_RANGES, ServiceValue, SlotKey, UnusedKey, maps,
 };
 use tracing::warn;
 
 use crate::{
     cidr::Cidr,
     desired::{DesiredService, DesiredState, Frontend},
+    family::{Backend, ServiceKey, UnusedEndpoint},
     map_error::{MapFailure, MapWriteError},
     model::ServiceType,
 };
@@ -36,7 +39,8 @@ pub struct LostBackend {
 /// pinned maps, the tests on memory.
 pub trait ServiceMaps {
     fn put_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
-    fn delete_backend(&mut self, id: u32) -> anyhow::Result<()>;
+    /// Deletes backend `id`, which is `backend` (its family says which map holds it).
+    fn delete_backend(&mut self, id: u32, backend: &Backend) -> anyhow::Result<()>;
     fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> anyhow::Result<()>;
     fn delete_slot(&mut self, key: &SlotKey) -> anyhow::Result<()>;
     /// Writes the service entry (the atomic flip) and its metadata.
@@ -52,7 +56,8 @@ pub trait ServiceMaps {
     fn delete_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()>;
     /// An entry of the list of endpoints a cluster IP does not use (for `proxyctl`).
     fn put_unused(&mut self, key: &UnusedKey, endpoint: &UnusedEndpoint) -> anyhow::Result<()>;
-    fn delete_unused(&mut self, key: &UnusedKey) -> anyhow::Result<()>;
+    /// Deletes the entry at `key`, which lists `listed` (its family says which map).
+    fn delete_unused(&mut self, key: &UnusedKey, listed: &UnusedEndpoint) -> anyhow::Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> anyhow::Result<()>;
     fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()>;
     /// Forgets what `service_id` keeps of backends it no longer has: session affinity to
@@ -391,18 +396,18 @@ impl<M: ServiceMaps> Reconciler<M> {
             .values()
             .map(|p| (p.value.id, p.unused.len()))
             .collect();
-        for (key, _) in &existing.unused {
+        for (key, listed) in &existing.unused {
             if usize::from(key.index) > listed_len.get(&key.service_id).copied().unwrap_or(0) {
-                maps.delete_unused(key)?;
+                maps.delete_unused(key, listed)?;
             }
         }
         let live_backends: HashSet<u32> = backends.values().map(|b| b.id).collect();
-        for (id, _) in existing
+        for (id, backend) in existing
             .backends
             .iter()
             .filter(|(id, _)| !live_backends.contains(id))
         {
-            maps.delete_backend(*id)?;
+            maps.delete_backend(*id, backend)?;
         }
         let (max_services, max_backends) = maps.id_capacity();
         let service_ids = Ids::with_used(
@@ -543,8 +548,8 @@ impl<M: ServiceMaps> Reconciler<M> {
                 result = result.and(self.maps.put_unused(&key(i), endpoint));
             }
         }
-        for i in now.len()..previous.len() {
-            result = result.and(self.maps.delete_unused(&key(i)));
+        for (i, listed) in previous.iter().enumerate().skip(now.len()) {
+            result = result.and(self.maps.delete_unused(&key(i), listed));
         }
         if let Err(e) = result
             && !std::mem::replace(&mut self.unused_warned, true)
@@ -597,7 +602,7 @@ impl<M: ServiceMaps> Reconciler<M> {
             self.touch_backend(id);
             self.backends.remove(&(port, *backend));
             self.backend_by_id.remove(&id);
-            if let Err(e) = self.maps.delete_backend(id) {
+            if let Err(e) = self.maps.delete_backend(id, backend) {
                 warn!(backend_id = id, "deleting backend: {e:#}");
             }
             self.backend_ids.release(id);
@@ -752,7 +757,7 @@ impl<M: ServiceMaps> Reconciler<M> {
         &mut self,
         key: &ServiceKey,
         kept: &HashSet<u32>,
-        still_serving: &[([u8; 4], u16)],
+        still_serving: &[(IpAddr, u16)],
         port: u64,
     ) -> Vec<(u32, Backend)> {
         let Some(old) = self.services.get(key) else {
@@ -844,7 +849,7 @@ pub mod fake {
             self.backends.insert(id, *b);
             Ok(())
         }
-        fn delete_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        fn delete_backend(&mut self, id: u32, _: &Backend) -> anyhow::Result<()> {
             self.log.push(format!("delete backend {id}"));
             self.backends.remove(&id);
             Ok(())
@@ -905,7 +910,7 @@ pub mod fake {
             self.unused.insert(*k, *u);
             Ok(())
         }
-        fn delete_unused(&mut self, k: &UnusedKey) -> anyhow::Result<()> {
+        fn delete_unused(&mut self, k: &UnusedKey, _: &UnusedEndpoint) -> anyhow::Result<()> {
             self.log
                 .push(format!("delete unused {}/{}", k.service_id, k.index));
             self.unused.remove(k);
@@ -958,12 +963,12 @@ mod tests {
     use super::{fake::Fake, *};
 
     fn key(port: u16) -> ServiceKey {
-        ServiceKey::new([10, 96, 0, 1], port, 6)
+        ServiceKey::new([10, 96, 0, 1].into(), port, 6)
     }
 
     fn backend(last: u8) -> Backend {
         Backend {
-            addr: [10, 244, 0, last],
+            addr: [10, 244, 0, last].into(),
             port: 8080,
             proto: 6,
             flags: 0,
@@ -1025,7 +1030,7 @@ mod tests {
         // 2 terminates (still serving) and 3 goes: flows to 2 are kept, to 3 forgotten.
         let mut next = state(&[(80, &[1])]);
         for service in next.values_mut() {
-            service.still_serving = vec![([10, 244, 0, 2], 8080)];
+            service.still_serving = vec![([10, 244, 0, 2].into(), 8080)];
         }
         r.apply(&next);
         assert_eq!(
@@ -1169,7 +1174,7 @@ mod tests {
 
     fn unused(last: u8, reason: u8) -> UnusedEndpoint {
         UnusedEndpoint {
-            addr: [10, 244, 0, last],
+            addr: [10, 244, 0, last].into(),
             port: 8080,
             proto: 6,
             reason,

@@ -128,12 +128,14 @@ impl RemovedBackends {
 
 #[cfg(test)]
 mod tests {
+    use proxy_common::Addressed as _;
+
     use super::*;
 
     fn lost(id: u32, serving: bool) -> LostBackend {
         LostBackend {
             id,
-            backend: proxy_common::Backend::default(),
+            backend: proxy_common::Backend::default().with_addr([0, 0, 0, 0].into()),
             serving,
         }
     }

@@ -31,9 +31,12 @@ pub struct Removed(HashMap<u32, (Protocol, HashSet<Endpoint>)>);
 impl Removed {
     /// Adds the backends lost by `service_id` that no longer serve (a socket to one that
     /// does is kept, as kube-proxy keeps such flows); other protocols than TCP and UDP are
-    /// ignored.
+    /// ignored, and so are IPv6 backends (their sockets are not looked for yet).
     pub fn add(&mut self, service_id: u32, lost: &[LostBackend]) {
         for b in lost.iter().filter(|l| !l.serving).map(|l| l.backend) {
+            let std::net::IpAddr::V4(addr) = b.addr else {
+                continue;
+            };
             let protocol = match b.proto {
                 IPPROTO_UDP => Protocol::Udp,
                 IPPROTO_TCP => Protocol::Tcp,
@@ -43,7 +46,7 @@ impl Removed {
                 .entry(service_id)
                 .or_insert_with(|| (protocol, HashSet::new()))
                 .1
-                .insert((b.addr, b.port));
+                .insert((addr.octets(), b.port));
         }
     }
 
@@ -201,8 +204,8 @@ mod tests {
     fn lost(addr: [u8; 4], port: u16, proto: u8, serving: bool) -> LostBackend {
         LostBackend {
             id: 0,
-            backend: proxy_common::Backend {
-                addr,
+            backend: crate::family::Backend {
+                addr: addr.into(),
                 port,
                 proto,
                 flags: 0,

@@ -1,6 +1,7 @@
 //! A test world made of network namespaces: `node` namespaces (where the tc programs
 //! attach and an agent runs) and `pod` namespaces joined to their node by veth pairs. Pod
-//! `i` has address 10.244.i.2/24 with its gateway 10.244.i.1 on the node side of its veth
+//! `i` has addresses 10.244.i.2/24 and fd00:244:i::2/64 (unique local: never routed off the
+//! machine) with its gateways 10.244.i.1 and fd00:244:i::1 on the node side of its veth
 //! `vhI`. A two-node world adds `ext`, an outside client on a LAN (a bridge in `ext`,
 //! 192.168.50.0/24) with each node's `eth0`: node-a is 192.168.50.1, node-b .2, ext .100;
 //! ext routes `EXTERNAL_NET` (external and load-balancer IPs) to node-a, and each node
@@ -10,7 +11,7 @@
 //! test fails.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -93,6 +94,7 @@ pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
 pub struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     /// The node-side veth.
     pub iface: String,
     /// Index of its node in `World::nodes`.
@@ -267,6 +269,7 @@ impl World {
                 "sysctl",
                 "-qw",
                 "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
             ]))?;
             if let (Some(node_ip), Some(ext)) = (node_ip, &world.ext) {
                 let port = lan_port(n);
@@ -346,6 +349,18 @@ impl World {
             "dev",
             &iface,
         ])?;
+        // No duplicate address detection: the addresses are usable at once.
+        let ip6 = |host: u16| Ipv6Addr::new(0xfd00, 0x244, i as u16, 0, 0, 0, 0, host);
+        ip(&[
+            "-n",
+            &node_netns,
+            "addr",
+            "add",
+            &format!("{}/64", ip6(1)),
+            "dev",
+            &iface,
+            "nodad",
+        ])?;
         ip(&["-n", &node_netns, "link", "set", &iface, "up"])?;
         ip(&[
             "-n",
@@ -356,8 +371,18 @@ impl World {
             "dev",
             "eth0",
         ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{}/64", ip6(2)),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        // The pod's only route out leads to its node.
+        // The pod's only routes out lead to its node.
         ip(&[
             "-n",
             &netns,
@@ -367,9 +392,20 @@ impl World {
             "via",
             &format!("10.244.{i}.1"),
         ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &ip6(1).to_string(),
+        ])?;
         self.pods.push(Pod {
             netns,
             ip: Ipv4Addr::new(10, 244, i as u8, 2),
+            ip6: ip6(2),
             iface,
             node,
         });
@@ -943,12 +979,13 @@ impl Agent {
 }
 
 /// A ClusterIP service `default/NAME` at `vip` with TCP port 80 "http" and UDP port 53 "dns"
-/// to `BACKEND_PORT` on the given pods (by address; `(addr, ready, serving, terminating)`).
-pub fn service_manifest(
+/// to `BACKEND_PORT` on the given pods (by address, all of `vip`'s family;
+/// `(addr, ready, serving, terminating)`).
+pub fn service_manifest<A: Into<IpAddr> + Copy>(
     name: &str,
     vip: &str,
     affinity_secs: Option<u32>,
-    endpoints: &[(Ipv4Addr, bool, bool, bool)],
+    endpoints: &[(A, bool, bool, bool)],
 ) -> String {
     let affinity = affinity_secs.map_or(String::new(), |t| {
         format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n")
@@ -957,18 +994,37 @@ pub fn service_manifest(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n{affinity}  ports:\n  - {{name: http, port: 80, targetPort: {BACKEND_PORT}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {BACKEND_PORT}}}\n"
     );
     if !endpoints.is_empty() {
-        yaml += &format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}\nendpoints:\n"
-        );
-        for (addr, ready, serving, terminating) in endpoints {
-            yaml += &format!(
-                "- addresses: [{addr}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n"
-            );
-        }
+        yaml += &endpoint_slice(&format!("{name}-1"), name, endpoints);
     }
     yaml
 }
 
-pub fn ready(addrs: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool, bool, bool)> {
+/// An EndpointSlice `default/SLICE` of service `NAME`'s ports "http" and "dns" (see
+/// `service_manifest`), of the endpoints' family.
+pub fn endpoint_slice<A: Into<IpAddr> + Copy>(
+    slice: &str,
+    name: &str,
+    endpoints: &[(A, bool, bool, bool)],
+) -> String {
+    let family = match endpoints.first().map(|e| e.0.into()) {
+        Some(IpAddr::V6(_)) => "IPv6",
+        _ => "IPv4",
+    };
+    let mut yaml = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {slice}, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}\nendpoints:\n"
+    );
+    for (addr, ready, serving, terminating) in endpoints {
+        let addr: IpAddr = (*addr).into();
+        yaml += &format!(
+            "- addresses: ['{addr}']\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n"
+        );
+    }
+    yaml
+}
+
+/// No endpoints, for `service_manifest`.
+pub const NO_ENDPOINTS: &[(Ipv4Addr, bool, bool, bool)] = &[];
+
+pub fn ready<A: Copy>(addrs: &[A]) -> Vec<(A, bool, bool, bool)> {
     addrs.iter().map(|a| (*a, true, true, false)).collect()
 }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{BACKEND_PORT, World, ready, service_manifest};
+use proxy::testbed::{BACKEND_PORT, NO_ENDPOINTS, World, ready, service_manifest};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
@@ -474,7 +474,7 @@ fn an_ipv6_socket_reaches_an_ipv4_service_through_its_mapped_address() {
     let (mut world, backends) = three_backends();
     let manifest = [
         service_manifest("web", VIP, None, &ready(&backends)),
-        service_manifest("empty", "10.96.0.20", None, &[]),
+        service_manifest("empty", "10.96.0.20", None, NO_ENDPOINTS),
     ]
     .join("---\n");
     world.start_agent(&manifest, true).unwrap();
@@ -537,7 +537,7 @@ fn service_without_usable_endpoints_refuses_at_once_and_conditions_are_honoured(
     let (mut world, backends) = three_backends();
     let [p1, p2, p3]: [Ipv4Addr; 3] = backends.try_into().unwrap();
     let manifest = [
-        service_manifest("empty", "10.96.0.20", None, &[]),
+        service_manifest("empty", "10.96.0.20", None, NO_ENDPOINTS),
         service_manifest("unready", "10.96.0.21", None, &[(p1, false, false, false)]),
         // Ready endpoints only: the not-ready and the terminating ones get nothing.
         service_manifest(

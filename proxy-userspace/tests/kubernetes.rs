@@ -4,7 +4,7 @@
 //! a missing or unreachable API server a failure instead of a skip.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
@@ -767,14 +767,14 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
     );
 
     // The maps hold exactly the desired state: every service with its ready endpoints.
-    let expected: BTreeMap<String, BTreeSet<Ipv4Addr>> = (0..services)
+    let expected: BTreeMap<String, BTreeSet<IpAddr>> = (0..services)
         .map(|s| {
             let eps = last.get(&s).cloned().unwrap_or_else(|| endpoints(s));
             (
                 vips[s].clone(),
                 eps.into_iter()
                     .filter(|(_, ready)| *ready)
-                    .map(|(a, _)| a)
+                    .map(|(a, _)| IpAddr::V4(a))
                     .collect(),
             )
         })
@@ -789,7 +789,7 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
             .into_iter()
             .filter(|(key, _, _)| key.port == 80)
             .map(|(key, value, _)| {
-                let set: BTreeSet<Ipv4Addr> = (1..=value.count)
+                let set: BTreeSet<IpAddr> = (1..=value.count)
                     .map(|slot| {
                         let id = slots[&proxy_common::SlotKey {
                             service_id: value.id,
@@ -797,10 +797,10 @@ fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
                             pad: 0,
                             slot,
                         }];
-                        Ipv4Addr::from(addrs[&id].addr)
+                        addrs[&id].addr
                     })
                     .collect();
-                (Ipv4Addr::from(key.addr).to_string(), set)
+                (key.addr.to_string(), set)
             })
             .collect::<BTreeMap<_, _>>()
     };

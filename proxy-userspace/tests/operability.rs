@@ -2,7 +2,7 @@
 //! traffic the test sent.
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
-use proxy::testbed::{World, ready, service_manifest};
+use proxy::testbed::{NO_ENDPOINTS, World, ready, service_manifest};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
@@ -488,7 +488,7 @@ fn at_debug_the_agents_libraries_stay_at_info() {
 fn monitor_shows_a_refused_connection_with_its_service_and_process() {
     let (mut world, _) = world();
     world
-        .start_agent(&service_manifest("empty", VIP, None, &[]), true)
+        .start_agent(&service_manifest("empty", VIP, None, NO_ENDPOINTS), true)
         .unwrap();
     let event = world
         .first_monitored(0, |world| {

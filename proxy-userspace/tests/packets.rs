@@ -14,14 +14,12 @@ use aya::{
 use proxy::{
     datapath::Datapath,
     desired::{DesiredService, DesiredState},
+    family::{Backend, ServiceKey},
     maps::Maps,
     node::NodeAddressing,
     reconcile::Reconciler,
 };
-use proxy_common::{
-    Backend, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN, ServiceKey,
-    maps,
-};
+use proxy_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN, maps};
 
 const VIP1: [u8; 4] = [10, 96, 0, 1];
 const VIP2: [u8; 4] = [10, 96, 0, 2];
@@ -59,7 +57,7 @@ impl Fixture {
         for (vip, name) in [(VIP1, "one"), (VIP2, "two")] {
             for (port, proto) in [(80, IPPROTO_TCP), (53, IPPROTO_UDP)] {
                 let backend = Backend {
-                    addr: BACKEND,
+                    addr: BACKEND.into(),
                     port: BACKEND_PORT,
                     proto,
                     flags: 0,
@@ -69,7 +67,7 @@ impl Fixture {
                     backends: vec![backend],
                     ..DesiredService::default()
                 };
-                desired.insert(ServiceKey::new(vip, port, proto), service);
+                desired.insert(ServiceKey::new(vip.into(), port, proto), service);
             }
         }
         let maps = Maps::open(&fixture.pins).expect("opening the maps");

@@ -211,10 +211,33 @@ fn answer(line: &str) -> (String, String) {
     )
 }
 
+/// A socket bound to `port` on every address of one family: IPv6 ones only for IPv6, so
+/// that IPv4 clients meet the IPv4 socket and see their own address (not IPv4-mapped).
+fn bound(kind: Type, port: u16, v6: bool) -> anyhow::Result<Socket> {
+    let (domain, protocol, any) = match v6 {
+        false => (Domain::IPV4, None, SocketAddr::from(([0, 0, 0, 0], port))),
+        true => (Domain::IPV6, None, SocketAddr::from(([0u16; 8], port))),
+    };
+    let socket = Socket::new(domain, kind, protocol)?;
+    if v6 {
+        socket.set_only_v6(true)?;
+    }
+    if kind == Type::STREAM {
+        // As std's TcpListener: a restarted server binds again at once.
+        socket.set_reuse_address(true)?;
+    }
+    socket
+        .bind(&any.into())
+        .with_context(|| format!("binding {kind:?} port {port} on {any}"))?;
+    Ok(socket)
+}
+
 fn serve(id: String, tcp: Vec<u16>, udp: Vec<u16>, max_secs: u64) -> anyhow::Result<()> {
-    for port in tcp {
-        let listener = TcpListener::bind(("0.0.0.0", port))
-            .with_context(|| format!("binding TCP port {port}"))?;
+    for (port, v6) in tcp.iter().flat_map(|p| [(*p, false), (*p, true)]) {
+        let socket = bound(Type::STREAM, port, v6)?;
+        // As std's TcpListener on Linux: the kernel's maximum backlog.
+        socket.listen(-1)?;
+        let listener = TcpListener::from(socket);
         let id = id.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -223,9 +246,8 @@ fn serve(id: String, tcp: Vec<u16>, udp: Vec<u16>, max_secs: u64) -> anyhow::Res
             }
         });
     }
-    for port in udp {
-        let socket = UdpSocket::bind(("0.0.0.0", port))
-            .with_context(|| format!("binding UDP port {port}"))?;
+    for (port, v6) in udp.iter().flat_map(|p| [(*p, false), (*p, true)]) {
+        let socket = UdpSocket::from(bound(Type::DGRAM, port, v6)?);
         let id = id.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];

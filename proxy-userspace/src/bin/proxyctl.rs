@@ -3,7 +3,7 @@
 //! Exit codes: 0 success, 1 error (e.g. maps not pinned, no permission), 2 usage error,
 //! 3 the service asked for does not exist.
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
@@ -11,6 +11,7 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy::{
+    family::socket_text,
     inspect::{self, Tables},
     maps::Maps,
 };
@@ -177,13 +178,13 @@ fn service_table(rows: &[inspect::ServiceRow]) -> String {
         cells.push(vec![
             r.full_name(),
             r.service_type.to_owned(),
-            format!("{}:{}/{}", r.address, r.port, r.protocol),
+            format!("{}/{}", socket_text(r.address, r.port), r.protocol),
             or_dash(r.node_port),
             match r.external_addresses.as_slice() {
                 [] => "-".to_owned(),
                 addrs => addrs
                     .iter()
-                    .map(Ipv4Addr::to_string)
+                    .map(IpAddr::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
             },
@@ -329,7 +330,7 @@ fn run(args: Args) -> Result<String, Failure> {
                         ];
                         for b in &d.backends {
                             cells.push(vec![
-                                format!("{}:{}/{}", b.address, b.port, b.protocol),
+                                format!("{}/{}", socket_text(b.address, b.port), b.protocol),
                                 if b.node_local { "yes" } else { "no" }.to_owned(),
                                 b.state.to_owned(),
                                 b.active_connections.to_string(),

@@ -5,9 +5,10 @@
 //! comparison, since the snapshot may predate it.
 use std::collections::{HashMap, HashSet};
 
-use proxy_common::{Backend, ServiceKey, ServiceValue, SlotKey};
+use proxy_common::{ServiceValue, SlotKey};
 
 use super::{Existing, Reconciler, ServiceMaps, Touched};
+use crate::family::{Backend, ServiceKey};
 
 /// The maps as read, indexed for lookups.
 pub struct Snapshot {
@@ -132,8 +133,11 @@ impl Repair {
                     self.repaired += 1;
                 }
             } else if let Some(id) = self.backends.pop() {
-                if !r.backend_by_id.contains_key(&id) && !touched.backends.contains(&id) {
-                    r.maps.delete_backend(id)?;
+                if !r.backend_by_id.contains_key(&id)
+                    && !touched.backends.contains(&id)
+                    && let Some(backend) = snap.backends.get(&id)
+                {
+                    r.maps.delete_backend(id, backend)?;
                     self.repaired += 1;
                 }
             } else {

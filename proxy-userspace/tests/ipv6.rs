@@ -1,0 +1,172 @@
+//! IPv6 and dual-stack services through the socket hooks, with real TCP and UDP between
+//! network namespaces: pods 1-3 serve as backends on their IPv4 and IPv6 (unique local)
+//! addresses, pod 4 is the client, in the cgroup of the socket hooks.
+use std::{collections::BTreeMap, net::Ipv6Addr, time::Instant};
+
+use proxy::testbed::{World, endpoint_slice, ready, service_manifest};
+use serde_json::Value;
+
+const VIP6: &str = "fd00:96::10";
+const VIP4: &str = "10.96.0.10";
+const CLIENT: usize = 4;
+
+/// Pods 1-3 serving as backend-1..3 (both families), pod 4 as client; the backends' IPv6
+/// addresses.
+fn three_backends() -> (World, Vec<Ipv6Addr>) {
+    let (world, _) =
+        World::three_backends(proxy::test_binaries!()).expect("building the namespace world");
+    let backends = (1..=3).map(|i| world.pod(i).ip6).collect();
+    (world, backends)
+}
+
+/// `[ADDRESS]:PORT`.
+fn at(addr: &str, port: u16) -> String {
+    std::net::SocketAddr::new(addr.parse().unwrap(), port).to_string()
+}
+
+/// How many results each backend answered; fails the test on a failed attempt.
+fn spread(results: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in results {
+        assert_eq!(r["ok"], true, "attempt failed: {r}");
+        *counts
+            .entry(r["backend"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn an_ipv6_cluster_ip_balances_tcp_and_udp_and_apps_see_the_service_address() {
+    let (mut world, backends) = three_backends();
+    world
+        .start_agent(
+            &service_manifest("web6", VIP6, None, &ready(&backends)),
+            true,
+        )
+        .unwrap();
+    let client = world.pod(CLIENT).ip6.to_string();
+    let cases: [(&str, u16, &[&str]); 3] = [
+        ("tcp", 80, &[]),
+        ("udp", 53, &[]),
+        ("udp", 53, &["--connected"]),
+    ];
+    for (protocol, port, extra) in cases {
+        let to = at(VIP6, port);
+        let mut args = vec![protocol, "--to", &to, "--count", "90"];
+        args.extend_from_slice(extra);
+        let results = world.probe(CLIENT, true, &args).unwrap();
+        let counts = spread(&results);
+        assert_eq!(
+            counts.len(),
+            3,
+            "{protocol} {extra:?}: every backend: {counts:?}"
+        );
+        for r in &results {
+            // getpeername()/recvfrom() report the service; the backend saw the pod itself.
+            assert_eq!(r["peer"], to, "{protocol} {extra:?}: {r}");
+            let saw = r["server_saw"].as_str().unwrap();
+            assert!(saw.starts_with(&format!("[{client}]:")), "{r}");
+        }
+    }
+    // Balanced at the socket: no conntrack flow, per-service counters, the IPv6 row.
+    let rows: Value = serde_json::from_str(
+        &world
+            .proxyctl(&["service", "list", "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let http = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["port_name"] == "http")
+        .unwrap();
+    assert_eq!(http["ip_family"], "IPv6", "{rows}");
+    assert_eq!(http["address"], VIP6, "{rows}");
+    assert_eq!(http["ready_backends"], 3, "{rows}");
+    assert_eq!(http["connections"], 90, "{rows}");
+    let detail = world
+        .proxyctl(&["service", "get", &format!("{}/TCP", at(VIP6, 80))])
+        .unwrap();
+    for b in &backends {
+        assert!(detail.contains(&at(&b.to_string(), 8080)), "{detail}");
+    }
+}
+
+#[test]
+fn an_ipv6_service_without_endpoints_is_refused_at_once_and_monitored() {
+    let (mut world, _) = three_backends();
+    let none: &[(Ipv6Addr, bool, bool, bool)] = &[];
+    world
+        .start_agent(&service_manifest("empty6", VIP6, None, none), true)
+        .unwrap();
+    let to = at(VIP6, 80);
+    let event = world
+        .first_monitored(0, |world| {
+            let started = Instant::now();
+            let refused = world
+                .probe(CLIENT, true, &["tcp", "--to", &to, "--timeout-ms", "2000"])
+                .unwrap();
+            assert_eq!(refused[0]["kind"], "refused", "{refused:?}");
+            assert!(
+                started.elapsed().as_millis() < 2000,
+                "refused, not timed out"
+            );
+        })
+        .unwrap();
+    assert_eq!(event["reason"], "no_endpoints", "{event}");
+    assert_eq!(event["service"], "default/empty6:http", "{event}");
+    assert_eq!(event["destination"], to, "{event}");
+    assert_eq!(event["hook"], "connect", "{event}");
+}
+
+#[test]
+fn a_dual_stack_service_is_reached_over_both_families_each_to_its_own_endpoints() {
+    let (mut world, backends6) = three_backends();
+    let backends4: Vec<_> = (1..=3).map(|i| world.pod(i).ip).collect();
+    // Backends 1 and 2 in the IPv6 slice, 2 and 3 in the IPv4 one: each family is balanced
+    // over its own slice.
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dual, namespace: default}}\nspec:\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIP: '{VIP6}'\n  clusterIPs: ['{VIP6}', {VIP4}]\n  sessionAffinity: ClientIP\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 8080}}\n{}{}",
+        endpoint_slice("dual-6", "dual", &ready(&backends6[..2])),
+        endpoint_slice("dual-4", "dual", &ready(&backends4[1..])),
+    );
+    world.start_agent(&manifest, true).unwrap();
+    for (vip, expected) in [
+        (VIP6, ["backend-1", "backend-2"]),
+        (VIP4, ["backend-2", "backend-3"]),
+    ] {
+        for (protocol, port) in [("tcp", 80), ("udp", 53)] {
+            let to = at(vip, port);
+            let results = world
+                .probe(CLIENT, true, &[protocol, "--to", &to, "--count", "30"])
+                .unwrap();
+            let counts = spread(&results);
+            // Session affinity (ClientIP) holds per family: one backend for all 30.
+            assert_eq!(counts.len(), 1, "{to} {protocol}: {counts:?}");
+            let backend = counts.keys().next().unwrap();
+            assert!(expected.contains(&backend.as_str()), "{to}: {counts:?}");
+            assert!(results.iter().all(|r| r["peer"] == to), "{results:?}");
+        }
+    }
+    let rows: Value = serde_json::from_str(
+        &world
+            .proxyctl(&["service", "list", "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let families: Vec<(&str, &str)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["port_name"] == "http")
+        .map(|r| {
+            (
+                r["ip_family"].as_str().unwrap(),
+                r["address"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(families, [("IPv4", VIP4), ("IPv6", VIP6)], "{rows}");
+}
