@@ -69,7 +69,7 @@ pub struct Config {
     pub cgroup: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub interfaces: Vec<String>,
-    pub node_ip: Option<std::net::Ipv4Addr>,
+    pub node_ip: crate::node::NodeIps,
     /// Which node addresses NodePorts answer on.
     pub node_port_addresses: NodePortAddresses,
     /// Destroy connected TCP sockets to removed backends too (UDP ones always are).

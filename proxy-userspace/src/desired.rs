@@ -161,9 +161,7 @@ fn frontends(
     };
     let same_family = |ip: &&IpAddr| ip.is_ipv4() == cluster_ip.is_ipv4();
     let mut out = vec![(Frontend::ClusterIp, key(cluster_ip, port.port))];
-    // IPv6 node ports wait for the node's IPv6 addresses (`node_addrs6`), which the agent
-    // does not learn yet: without them such a frontend would be listed and never reached.
-    if let Some(node_port) = port.node_port.filter(|_| cluster_ip.is_ipv4()) {
+    if let Some(node_port) = port.node_port {
         out.push((
             Frontend::NodePort,
             key(node_port_addr(cluster_ip), node_port),

@@ -3,11 +3,13 @@
 //! node's external interface: those of the default routes and the one holding the node
 //! IP). Patterns and `auto` are resolved again while the agent runs, so that a new pod's
 //! veth gets the programs and a deleted one is let go.
-use std::net::Ipv4Addr;
 
 use anyhow::bail;
 
-use crate::{link_target, node::interface_addrs};
+use crate::{
+    link_target,
+    node::{NodeIps, interface_addrs},
+};
 
 /// One entry of `--interfaces`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,14 +88,14 @@ fn default_route_interfaces() -> Vec<String> {
 /// Resolves `--interfaces` on this node now.
 pub struct Interfaces {
     specs: Vec<Spec>,
-    node_ip: Option<Ipv4Addr>,
+    node_ips: NodeIps,
 }
 
 impl Interfaces {
-    pub fn new(entries: &[String], node_ip: Option<Ipv4Addr>) -> Self {
+    pub fn new(entries: &[String], node_ips: NodeIps) -> Self {
         Self {
             specs: Spec::parse(entries),
-            node_ip,
+            node_ips,
         }
     }
 
@@ -117,19 +119,16 @@ impl Interfaces {
         crate::preflight::interfaces(&names, "--interfaces")?;
         let mut external = default_route_interfaces();
         if self.specs.contains(&Spec::Auto) {
-            if let Some(ip) = self.node_ip {
-                let holding = interface_addrs(&present)?
-                    .into_iter()
-                    .filter(|(_, a)| *a == ip)
-                    .map(|(name, _)| name);
-                external.extend(holding);
-            }
+            let holding = interface_addrs(&present)?
+                .into_iter()
+                .filter(|(_, a)| self.node_ips.iter().any(|ip| ip == *a))
+                .map(|(name, _)| name);
+            external.extend(holding);
             if external.is_empty() {
                 bail!(
                     "--interfaces auto: no default route and no interface holding --node-ip \
                      {} in this network namespace; name the external interface instead",
-                    self.node_ip
-                        .map_or("<none>".to_owned(), |ip| ip.to_string())
+                    self.node_ips
                 );
             }
         }

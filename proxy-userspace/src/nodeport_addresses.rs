@@ -1,11 +1,12 @@
 //! Which node addresses NodePorts answer on: kube-proxy's `--nodeport-addresses`.
-use std::{fmt, net::Ipv4Addr};
+use std::{fmt, net::IpAddr};
 
 use crate::cidr::Cidr;
 
-/// `--nodeport-addresses`: `primary` (kube-proxy's nftables default: the node IP only),
-/// `all` (every address of the served interfaces), or IPv4 CIDRs (the addresses of the
-/// served interfaces and the node IP inside them).
+/// `--nodeport-addresses`: `primary` (kube-proxy's nftables default: the node IP of each
+/// family only), `all` (every address of the served interfaces), or IPv4 CIDRs (the IPv4
+/// addresses of the served interfaces and the node IP inside them; as kube-proxy, a family
+/// without a CIDR in the list answers on all its addresses).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodePortAddresses {
     Primary,
@@ -14,12 +15,13 @@ pub enum NodePortAddresses {
 }
 
 impl NodePortAddresses {
-    /// Whether NodePorts answer on `addr`, given the node's primary address.
-    pub fn admits(&self, addr: Ipv4Addr, primary: Option<Ipv4Addr>) -> bool {
-        match self {
-            NodePortAddresses::Primary => Some(addr) == primary,
-            NodePortAddresses::All => true,
-            NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| c.contains(addr)),
+    /// Whether NodePorts answer on `addr`, given the node's primary address of its family.
+    pub fn admits(&self, addr: IpAddr, primary: Option<IpAddr>) -> bool {
+        match (self, addr) {
+            (NodePortAddresses::Primary, _) => Some(addr) == primary,
+            (NodePortAddresses::All, _) => true,
+            (NodePortAddresses::Cidrs(cidrs), IpAddr::V4(a)) => cidrs.iter().any(|c| c.contains(a)),
+            (NodePortAddresses::Cidrs(_), IpAddr::V6(_)) => true,
         }
     }
 
@@ -62,9 +64,9 @@ mod tests {
 
     #[test]
     fn keywords_and_cidrs_as_kube_proxy_takes_them() {
-        let node_ip = Ipv4Addr::new(192, 168, 50, 1);
+        let node_ip = IpAddr::from([192, 168, 50, 1]);
         let primary = Some(node_ip);
-        let other = Ipv4Addr::new(192, 168, 50, 11);
+        let other = IpAddr::from([192, 168, 50, 11]);
         let p = NodePortAddresses::parse("primary").unwrap();
         assert!(p.admits(node_ip, primary) && !p.admits(other, primary));
         assert!(
@@ -74,7 +76,9 @@ mod tests {
         );
         let c = NodePortAddresses::parse("192.168.50.8/29, 10.0.0.0/8").unwrap();
         assert!(c.admits(other, primary) && !c.admits(node_ip, primary));
-        assert!(c.admits(Ipv4Addr::new(10, 1, 2, 3), None));
+        assert!(c.admits(IpAddr::from([10, 1, 2, 3]), None));
+        // No IPv6 CIDR: every IPv6 address, as kube-proxy.
+        assert!(c.admits("fd00::1".parse().unwrap(), None));
         assert!(
             NodePortAddresses::parse("0.0.0.0/0")
                 .unwrap()

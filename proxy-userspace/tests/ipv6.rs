@@ -170,3 +170,40 @@ fn a_dual_stack_service_is_reached_over_both_families_each_to_its_own_endpoints(
         .collect();
     assert_eq!(families, [("IPv4", VIP4), ("IPv6", VIP6)], "{rows}");
 }
+
+#[test]
+fn node_ports_answer_on_the_nodes_primary_address_of_each_family() {
+    let (mut world, backends6) = three_backends();
+    let backends4: Vec<_> = (1..=3).map(|i| world.pod(i).ip).collect();
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.30\n  clusterIPs: [10.96.0.30, 'fd00:96::30']\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}}\n{}{}",
+        endpoint_slice("np-6", "np", &ready(&backends6)),
+        endpoint_slice("np-4", "np", &ready(&backends4)),
+    );
+    world.start_agent(&manifest, true).unwrap();
+    // Without --node-ip, the primary address of a family is the first one of the served
+    // interfaces (vh1's); NodePorts answer there only (`--nodeport-addresses primary`).
+    let primary6 = "fd00:244:1::1";
+    for (protocol, port) in [("tcp", 30080), ("udp", 30053)] {
+        let to = at(primary6, port);
+        let results = world
+            .probe(CLIENT, true, &[protocol, "--to", &to, "--count", "30"])
+            .unwrap();
+        assert!(spread(&results).len() > 1, "{to}: {results:?}");
+        assert!(results.iter().all(|r| r["peer"] == to), "{results:?}");
+    }
+    let other = at("fd00:244:2::1", 30080);
+    let refused = world
+        .probe(
+            CLIENT,
+            true,
+            &["tcp", "--to", &other, "--timeout-ms", "2000"],
+        )
+        .unwrap();
+    assert_eq!(
+        refused[0]["kind"], "refused",
+        "{other} is no NodePort address: {refused:?}"
+    );
+    let node_ports = world.proxyctl(&["service", "get", "[::]:30080"]).unwrap();
+    assert!(node_ports.contains("[::]:30080/TCP"), "{node_ports}");
+}

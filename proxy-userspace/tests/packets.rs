@@ -74,7 +74,10 @@ impl Fixture {
         let report = Reconciler::adopt(maps).unwrap().apply(&desired);
         assert!(report.errors.is_empty(), "programming the services");
         NodeAddressing::new(
-            Some(Ipv4Addr::new(192, 168, 1, 1)),
+            proxy::node::NodeIps {
+                v4: Some(Ipv4Addr::new(192, 168, 1, 1)),
+                v6: None,
+            },
             &[],
             SNAT_PORT_MIN..=SNAT_PORT_MAX,
             &proxy::nodeport_addresses::NodePortAddresses::Primary,

@@ -7,6 +7,7 @@ use proxy::{
     agent::{self, SourceConfig},
     datapath::{TcAttach, XdpAttach},
     kubernetes::ApiServer,
+    node::NodeIps,
     nodeport_addresses::NodePortAddresses,
 };
 
@@ -81,10 +82,11 @@ struct Args {
     /// their IPv4 addresses.
     #[arg(long, env = "PROXY_INTERFACES", value_delimiter = ',')]
     interfaces: Vec<String>,
-    /// This node's IPv4 address: NodePorts answer on it, and connections to other nodes'
-    /// backends are masqueraded to it [default: the first address of --interfaces].
-    #[arg(long, env = "PROXY_NODE_IP")]
-    node_ip: Option<std::net::Ipv4Addr>,
+    /// This node's address, or one per family (`IPV4,IPV6`, as kubelet's --node-ip):
+    /// NodePorts answer on it, and connections to other nodes' backends are masqueraded to
+    /// the IPv4 one [default: the first address of each family of --interfaces].
+    #[arg(long, env = "PROXY_NODE_IP", value_parser = NodeIps::parse, default_value = "", hide_default_value = true)]
+    node_ip: NodeIps,
     /// Which node addresses NodePorts answer on, as kube-proxy's --nodeport-addresses:
     /// `primary` (the node IP only: kube-proxy's nftables default), `all` (every address of
     /// --interfaces and the node IP), or IPv4 CIDRs (those addresses inside them).
