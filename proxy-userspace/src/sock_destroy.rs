@@ -11,6 +11,7 @@
 use std::{
     ffi::CString,
     fs::File,
+    net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
 };
 
@@ -23,9 +24,9 @@ use aya_obj::{
     btf::BtfKind,
     generated::{
         BPF_ADD, BPF_ALU64, BPF_B, BPF_CALL, BPF_DW, BPF_EXIT, BPF_F_NO_PREALLOC, BPF_H, BPF_IMM,
-        BPF_JEQ, BPF_JMP, BPF_JNE, BPF_K, BPF_LD, BPF_LDX, BPF_MEM, BPF_MOV, BPF_PSEUDO_KFUNC_CALL,
-        BPF_PSEUDO_MAP_FD, BPF_ST, BPF_STX, BPF_W, BPF_X, bpf_attach_type, bpf_map_type,
-        bpf_prog_type,
+        BPF_JA, BPF_JEQ, BPF_JMP, BPF_JNE, BPF_K, BPF_LD, BPF_LDX, BPF_MEM, BPF_MOV,
+        BPF_PSEUDO_KFUNC_CALL, BPF_PSEUDO_MAP_FD, BPF_ST, BPF_STX, BPF_W, BPF_X, bpf_attach_type,
+        bpf_map_type, bpf_prog_type,
     },
 };
 
@@ -33,26 +34,34 @@ use crate::bpf_syscall::{attr, bpf_cmd, bpf_fd};
 
 /// A socket to destroy: its cookie and the destination it must still be connected to (a
 /// socket the hooks once pointed at the backend may have been connected elsewhere since).
+/// The destination is an IPv6 address, IPv4 ones IPv4-mapped: an IPv6 socket connected to
+/// an IPv4 service holds it so, and an IPv4 socket is made to look the same.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Target {
     pub cookie: u64,
-    pub addr: [u8; 4],
+    pub addr: [u8; 16],
     /// Network byte order, as the kernel keeps it in the socket.
     pub port_be: u16,
     pub pad: u16,
+    pub pad2: u32,
 }
 
-// SAFETY: plain integers, no padding (16 bytes).
+// SAFETY: plain integers, no padding (32 bytes).
 unsafe impl aya::Pod for Target {}
 
 impl Target {
-    pub fn new(cookie: u64, addr: [u8; 4], port: u16) -> Self {
+    pub fn new(cookie: u64, addr: IpAddr, port: u16) -> Self {
+        let addr = match addr {
+            IpAddr::V4(a) => a.to_ipv6_mapped(),
+            IpAddr::V6(a) => a,
+        };
         Self {
             cookie,
-            addr,
+            addr: addr.octets(),
             port_be: port.to_be(),
             pad: 0,
+            pad2: 0,
         }
     }
 }
@@ -84,11 +93,12 @@ const VERIFIER_LOG: usize = 64 * 1024;
 
 // Offsets the program reads. `bpf_iter__udp` and `bpf_iter__tcp` both hold the socket right
 // after the `bpf_iter_meta` pointer; `struct sock_common` starts with skc_daddr, skc_dport
-// is at 12 and skc_state at 18 (its layout has not moved since Linux 2.6). An IPv6 socket
-// connected to an IPv4-mapped address keeps the IPv4 destination in skc_daddr too.
+// is at 12, skc_family at 16 and skc_state at 18 (its layout has not moved since Linux
+// 2.6). Where skc_v6_daddr lies depends on the kernel's configuration: read from its BTF.
 const CTX_SOCKET: i16 = 8;
 const SKC_DADDR: i16 = 0;
 const SKC_DPORT: i16 = 12;
+const SKC_FAMILY: i16 = 16;
 const SKC_STATE: i16 = 18;
 /// `TCP_ESTABLISHED`, also the state of a connected UDP socket.
 const ESTABLISHED: i32 = 1;
@@ -98,7 +108,9 @@ const FN_GET_SOCKET_COOKIE: i32 = 46;
 /// A jump's offset until the program's end is known: jumps go only there.
 const TO_END: i16 = i16::MAX;
 /// Where the program builds its `Target` key on the stack.
-const KEY: i16 = -16;
+const KEY: i16 = -32;
+/// `::ffff:0:0/96`'s third word as the key holds it.
+const V4_MAPPED_WORD: i32 = i32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// One instruction (`struct bpf_insn`, little-endian: the register nibbles are dst, src).
 fn insn(code: u32, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
@@ -110,8 +122,9 @@ fn insn(code: u32, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
 
 /// The program: for the socket in the context, if it is established and its (cookie,
 /// destination) is a target in map `targets` (a file descriptor of this process), destroy
-/// it (kfunc `destroy`, a BTF id of vmlinux) and delete the target.
-fn program(targets: i32, destroy: u32) -> Vec<u64> {
+/// it (kfunc `destroy`, a BTF id of vmlinux) and delete the target. `v6_daddr` is the
+/// offset of skc_v6_daddr in `struct sock_common`.
+fn program(targets: i32, destroy: u32, v6_daddr: i16) -> Vec<u64> {
     const R0: u8 = 0;
     const R1: u8 = 1;
     const R2: u8 = 2;
@@ -140,12 +153,43 @@ fn program(targets: i32, destroy: u32) -> Vec<u64> {
         insn(BPF_ALU64 | BPF_MOV | BPF_X, R1, R6, 0, 0),
         call(FN_GET_SOCKET_COOKIE),
         insn(BPF_STX | BPF_MEM | BPF_DW, FP, R0, KEY, 0),
-        insn(BPF_LDX | BPF_MEM | BPF_W, R1, R6, SKC_DADDR, 0),
-        insn(BPF_STX | BPF_MEM | BPF_W, FP, R1, KEY + 8, 0),
-        insn(BPF_LDX | BPF_MEM | BPF_H, R1, R6, SKC_DPORT, 0),
-        insn(BPF_STX | BPF_MEM | BPF_H, FP, R1, KEY + 12, 0),
-        insn(BPF_ST | BPF_MEM | BPF_H, FP, 0, KEY + 14, 0),
     ];
+    let word = |from: i16, to: i16| {
+        [
+            insn(BPF_LDX | BPF_MEM | BPF_W, R1, R6, from, 0),
+            insn(BPF_STX | BPF_MEM | BPF_W, FP, R1, to, 0),
+        ]
+    };
+    // An IPv6 socket's destination as it is; an IPv4 one's IPv4-mapped.
+    let v6: Vec<u64> = (0..4)
+        .flat_map(|i| word(v6_daddr + 4 * i, KEY + 8 + 4 * i))
+        .collect();
+    let mut v4 = vec![
+        insn(BPF_ST | BPF_MEM | BPF_W, FP, 0, KEY + 8, 0),
+        insn(BPF_ST | BPF_MEM | BPF_W, FP, 0, KEY + 12, 0),
+        insn(BPF_ST | BPF_MEM | BPF_W, FP, 0, KEY + 16, V4_MAPPED_WORD),
+    ];
+    v4.extend(word(SKC_DADDR, KEY + 20));
+    // Past the IPv6 block.
+    v4.push(insn(BPF_JMP | BPF_JA, 0, 0, v6.len() as i16, 0));
+    prog.extend([
+        insn(BPF_LDX | BPF_MEM | BPF_H, R1, R6, SKC_FAMILY, 0),
+        insn(
+            BPF_JMP | BPF_JEQ | BPF_K,
+            R1,
+            0,
+            v4.len() as i16,
+            libc::AF_INET6,
+        ),
+    ]);
+    prog.extend(v4);
+    prog.extend(v6);
+    prog.extend([
+        insn(BPF_LDX | BPF_MEM | BPF_H, R1, R6, SKC_DPORT, 0),
+        insn(BPF_STX | BPF_MEM | BPF_H, FP, R1, KEY + 24, 0),
+        insn(BPF_ST | BPF_MEM | BPF_H, FP, 0, KEY + 26, 0),
+        insn(BPF_ST | BPF_MEM | BPF_W, FP, 0, KEY + 28, 0),
+    ]);
     prog.extend(load_map);
     prog.extend(key_in_r2);
     prog.extend([
@@ -248,6 +292,7 @@ impl SockDestroy {
         let destroy = btf
             .id_by_type_name_kind("bpf_sock_destroy", BtfKind::Func)
             .context("this kernel has no bpf_sock_destroy (Linux 6.5 or later has it)")?;
+        let v6_daddr = sock_common_offset("skc_v6_daddr")?;
         let map = MapData::create(
             aya_obj::Map::new_from_params(
                 bpf_map_type::BPF_MAP_TYPE_HASH as u32,
@@ -266,7 +311,7 @@ impl SockDestroy {
             let attach = btf
                 .id_by_type_name_kind(protocol.iterator(), BtfKind::Func)
                 .with_context(|| format!("this kernel has no {} iterator", protocol.name()))?;
-            let prog = load_program(protocol, &program(map_fd, destroy), attach)?;
+            let prog = load_program(protocol, &program(map_fd, destroy, v6_daddr), attach)?;
             let mut link_attr = attr();
             link_attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
             link_attr.link_create.attach_type = bpf_attach_type::BPF_TRACE_ITER as u32;
@@ -342,6 +387,25 @@ fn load_program(protocol: Protocol, insns: &[u64], attach_btf_id: u32) -> anyhow
     }
 }
 
+/// The byte offset of `member` in the kernel's `struct sock_common`, from its BTF (aya's
+/// does not show members).
+fn sock_common_offset(member: &str) -> anyhow::Result<i16> {
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    let btf = btf_rs::Btf::from_file(VMLINUX).with_context(|| format!("reading {VMLINUX}"))?;
+    for ty in btf.resolve_types_by_name("sock_common")? {
+        let btf_rs::Type::Struct(s) = ty else {
+            continue;
+        };
+        for m in &s.members {
+            if btf.resolve_name(m).is_ok_and(|name| name == member) {
+                return i16::try_from(m.bit_offset() / 8)
+                    .with_context(|| format!("sock_common.{member} at an unexpected offset"));
+            }
+        }
+    }
+    bail!("the kernel's struct sock_common has no {member} (a kernel without IPv6?)")
+}
+
 /// Runs the iterator `link` once in the current network namespace.
 fn walk(link: &OwnedFd) -> std::io::Result<()> {
     let mut create = attr();
@@ -357,28 +421,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_jump_lands_on_the_exit_and_the_key_is_a_target() {
-        let prog = program(7, 99);
+    fn every_jump_lands_where_it_should_and_the_key_is_a_target() {
+        let prog = program(7, 99, 56);
         let exit = prog.len() - 2;
+        let lands = |pc: usize| pc + 1 + (prog[pc] >> 16) as i16 as usize;
         let jumps: Vec<usize> = (0..prog.len())
             .filter(|&pc| {
                 let code = prog[pc] as u8 as u32;
                 code & 0x07 == BPF_JMP && code & 0xf0 != BPF_CALL && code & 0xf0 != BPF_EXIT
             })
             .collect();
-        assert_eq!(jumps.len(), 4);
-        for pc in jumps {
-            let off = (prog[pc] >> 16) as i16;
-            assert_eq!(pc + 1 + off as usize, exit, "jump at {pc}");
-        }
+        // Four to the exit; the family test to the IPv6 block (its first load from offset
+        // 56), the IPv4 block's end past it (to the port's load, from offset 12).
+        let (to_exit, within): (Vec<usize>, Vec<usize>) =
+            jumps.into_iter().partition(|pc| lands(*pc) == exit);
+        assert_eq!(to_exit.len(), 4);
+        assert_eq!(within.len(), 2);
+        let offset = |pc: usize| (prog[pc] >> 16) as i16;
+        assert_eq!(offset(lands(within[0])), 56);
+        assert_eq!(offset(lands(within[1])), SKC_DPORT);
         // The key the program builds: cookie, address, port, zeroed padding.
         assert_eq!(std::mem::offset_of!(Target, addr) as i16, 8);
-        assert_eq!(std::mem::offset_of!(Target, port_be) as i16, 12);
+        assert_eq!(std::mem::offset_of!(Target, port_be) as i16, 24);
         assert_eq!(size_of::<Target>() as i16, -KEY);
-        assert_eq!(
-            Target::new(1, [10, 0, 0, 1], 53).port_be.to_ne_bytes(),
-            [0, 53]
-        );
+        let mapped = Target::new(1, [10, 0, 0, 1].into(), 53);
+        assert_eq!(mapped.port_be.to_ne_bytes(), [0, 53]);
+        assert_eq!(mapped.addr[8..12], V4_MAPPED_WORD.to_ne_bytes());
+        assert_eq!(mapped.addr[12..], [10, 0, 0, 1]);
+    }
+
+    #[test]
+    fn skc_v6_daddr_is_found_in_the_kernels_btf() {
+        let offset = sock_common_offset("skc_v6_daddr").unwrap();
+        // After skc_daddr, ports, family, state, the bind node and the protocol pointer.
+        assert!(offset >= 40 && offset % 4 == 0, "{offset}");
+        assert!(sock_common_offset("no_such_member").is_err());
     }
 
     fn cookie(socket: &impl std::os::fd::AsRawFd) -> u64 {
@@ -419,22 +496,20 @@ mod tests {
         // A dual-stack application's: an IPv6 socket connected to an IPv4-mapped address.
         let mapped = UdpSocket::bind("[::]:0").unwrap();
         mapped.connect("[::ffff:127.0.0.1]:9").unwrap();
+        let native = UdpSocket::bind("[::1]:0").unwrap();
+        native.connect("[::1]:9").unwrap();
         let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
         moved.connect("127.0.0.1:10").unwrap();
+        let loopback = IpAddr::from([127, 0, 0, 1]);
         let targets = [
+            (Protocol::Udp, Target::new(cookie(&doomed), loopback, 9)),
+            (Protocol::Udp, Target::new(cookie(&mapped), loopback, 9)),
             (
                 Protocol::Udp,
-                Target::new(cookie(&doomed), [127, 0, 0, 1], 9),
-            ),
-            (
-                Protocol::Udp,
-                Target::new(cookie(&mapped), [127, 0, 0, 1], 9),
+                Target::new(cookie(&native), "::1".parse().unwrap(), 9),
             ),
             // Named with a destination it is no longer connected to.
-            (
-                Protocol::Udp,
-                Target::new(cookie(&moved), [127, 0, 0, 1], 9),
-            ),
+            (Protocol::Udp, Target::new(cookie(&moved), loopback, 9)),
         ];
         let destroyed = run(
             &mut *destroyer(&[Protocol::Udp]),
@@ -442,9 +517,9 @@ mod tests {
             &this_namespace(),
         )
         .unwrap();
-        assert_eq!((destroyed.udp, destroyed.tcp), (2, 0));
+        assert_eq!((destroyed.udp, destroyed.tcp), (3, 0));
         assert!(destroyed.errors.is_empty(), "{:?}", destroyed.errors);
-        for socket in [&doomed, &mapped] {
+        for socket in [&doomed, &mapped, &native] {
             assert_eq!(
                 socket.take_error().unwrap().and_then(|e| e.raw_os_error()),
                 Some(libc::ECONNABORTED)
@@ -465,7 +540,7 @@ mod tests {
         let _server = listener.accept().unwrap();
         let target = [(
             Protocol::Tcp,
-            Target::new(cookie(&client), [127, 0, 0, 1], port),
+            Target::new(cookie(&client), [127, 0, 0, 1].into(), port),
         )];
         let none = run(
             &mut *destroyer(&[Protocol::Udp]),
@@ -506,7 +581,7 @@ mod tests {
     #[test]
     fn the_iterators_leave_no_target_behind() {
         let mut destroy = SockDestroy::load(&[Protocol::Udp], 16).unwrap();
-        let nowhere = [(Protocol::Udp, Target::new(1, [127, 0, 0, 1], 9))];
+        let nowhere = [(Protocol::Udp, Target::new(1, [127, 0, 0, 1].into(), 9))];
         let destroyed = run(&mut destroy, &nowhere, &this_namespace()).unwrap();
         assert_eq!(destroyed.udp, 0);
         assert_eq!(destroy.targets.keys().count(), 0);

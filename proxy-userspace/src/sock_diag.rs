@@ -31,7 +31,8 @@ const REQ_V2: usize = 8 + SOCKID;
 /// Where the socket id starts in `inet_diag_msg` (after family, state, timer, retransmits).
 const MSG_ID_AT: usize = 4;
 
-/// The families dumped: IPv6 sockets reach IPv4 services through IPv4-mapped addresses.
+/// The families dumped: IPv6 sockets reach IPv6 services, and IPv4 ones through
+/// IPv4-mapped addresses.
 const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
 /// Where the destination address starts in a socket id.
 const DST_AT: usize = 20;
@@ -43,25 +44,25 @@ const V4_MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 struct SockId([u8; SOCKID]);
 
 impl SockId {
-    /// Its cookie and IPv4 destination (IPv4-mapped for `AF_INET6`), as targets name
-    /// sockets; `None` for an IPv6 destination that maps no IPv4 one.
+    /// Its cookie and destination, as targets name sockets (IPv4 ones IPv4-mapped, as an
+    /// IPv6 socket connected to an IPv4 address holds it).
     fn target(&self, family: u8) -> Option<Target> {
         let b = &self.0;
-        let addr = if family == libc::AF_INET6 as u8 {
-            if b[DST_AT..DST_AT + 12] != V4_MAPPED {
-                return None;
-            }
-            &b[DST_AT + 12..DST_AT + 16]
+        let mut addr = [0u8; 16];
+        if family == libc::AF_INET6 as u8 {
+            addr.copy_from_slice(&b[DST_AT..DST_AT + 16]);
         } else {
-            &b[DST_AT..DST_AT + 4]
-        };
+            addr[..12].copy_from_slice(&V4_MAPPED);
+            addr[12..].copy_from_slice(&b[DST_AT..DST_AT + 4]);
+        }
         let cookie_lo = u32::from_ne_bytes(b[40..44].try_into().ok()?);
         let cookie_hi = u32::from_ne_bytes(b[44..48].try_into().ok()?);
         Some(Target {
             cookie: u64::from(cookie_hi) << 32 | u64::from(cookie_lo),
-            addr: addr.try_into().ok()?,
+            addr,
             port_be: u16::from_ne_bytes([b[2], b[3]]),
             pad: 0,
+            pad2: 0,
         })
     }
 }

@@ -7,12 +7,15 @@
 //! a backend that still answers is kept by kube-proxy too.
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use prometheus::IntCounterVec;
-use proxy_common::{IPPROTO_TCP, IPPROTO_UDP, SockRevKey, SockRevValue, maps};
+use proxy_common::{
+    IPPROTO_TCP, IPPROTO_UDP, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, maps,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -22,7 +25,7 @@ use crate::{
 };
 
 /// An endpoint: address and port.
-type Endpoint = ([u8; 4], u16);
+type Endpoint = (IpAddr, u16);
 
 /// Endpoints removed from service ids, by service id, with the service's protocol.
 #[derive(Debug, Default)]
@@ -31,12 +34,9 @@ pub struct Removed(HashMap<u32, (Protocol, HashSet<Endpoint>)>);
 impl Removed {
     /// Adds the backends lost by `service_id` that no longer serve (a socket to one that
     /// does is kept, as kube-proxy keeps such flows); other protocols than TCP and UDP are
-    /// ignored, and so are IPv6 backends (their sockets are not looked for yet).
+    /// ignored.
     pub fn add(&mut self, service_id: u32, lost: &[LostBackend]) {
         for b in lost.iter().filter(|l| !l.serving).map(|l| l.backend) {
-            let std::net::IpAddr::V4(addr) = b.addr else {
-                continue;
-            };
             let protocol = match b.proto {
                 IPPROTO_UDP => Protocol::Udp,
                 IPPROTO_TCP => Protocol::Tcp,
@@ -46,7 +46,7 @@ impl Removed {
                 .entry(service_id)
                 .or_insert_with(|| (protocol, HashSet::new()))
                 .1
-                .insert((addr.octets(), b.port));
+                .insert((b.addr, b.port));
         }
     }
 
@@ -54,23 +54,31 @@ impl Removed {
         self.0.is_empty()
     }
 
-    /// The socket `key` → `value` of `sock_rev_nat` names, if it was pointed at an endpoint
-    /// removed from its service.
-    fn target(&self, key: &SockRevKey, value: &SockRevValue) -> Option<(Protocol, Target)> {
-        let (protocol, endpoints) = self.0.get(&value.service_id)?;
+    /// The socket `cookie` a `sock_rev_nat` entry names, pointed at `backend` for
+    /// `service_id`, if that endpoint was removed from the service.
+    fn target(
+        &self,
+        cookie: u64,
+        backend: Endpoint,
+        service_id: u32,
+    ) -> Option<(Protocol, Target)> {
+        let (protocol, endpoints) = self.0.get(&service_id)?;
         endpoints
-            .contains(&(key.addr, key.port))
-            .then(|| (*protocol, Target::new(key.cookie, key.addr, key.port)))
+            .contains(&backend)
+            .then(|| (*protocol, Target::new(cookie, backend.0, backend.1)))
     }
 }
 
-/// `sock_rev_nat`: (socket cookie, backend) → the service it was balanced for.
+/// `sock_rev_nat` and `sock_rev_nat6`: (socket cookie, backend) → the service it was
+/// balanced for.
 type Socks = BpfHashMap<MapData, SockRevKey, SockRevValue>;
+type Socks6 = BpfHashMap<MapData, SockRevKey6, SockRevValue6>;
 
 pub struct StaleSockets {
     destroy: Box<dyn Destroyer>,
     protocols: Vec<Protocol>,
     rev_nat: Socks,
+    rev_nat6: Socks6,
     cgroup: PathBuf,
     destroyed: IntCounterVec,
     /// What could not be done, by errno, is said once, not at every removal.
@@ -85,12 +93,15 @@ impl StaleSockets {
         if tcp {
             protocols.push(Protocol::Tcp);
         }
-        // The targets come from it: its capacity is theirs.
-        let opened = crate::maps::open::<Socks>(bpffs, maps::SOCK_REV_NAT).and_then(|map| {
-            let capacity = aya::maps::IterableMap::map(&map).info()?.max_entries();
-            Ok((map, capacity))
-        });
-        let (rev_nat, capacity) = match opened {
+        // The targets come from them: their capacity is theirs.
+        let opened = (|| {
+            let v4 = crate::maps::open::<Socks>(bpffs, maps::SOCK_REV_NAT)?;
+            let v6 = crate::maps::open::<Socks6>(bpffs, maps::SOCK_REV_NAT6)?;
+            let capacity = aya::maps::IterableMap::map(&v4).info()?.max_entries()
+                + aya::maps::IterableMap::map(&v6).info()?.max_entries();
+            anyhow::Ok((v4, v6, capacity))
+        })();
+        let (rev_nat, rev_nat6, capacity) = match opened {
             Ok(opened) => opened,
             Err(e) => {
                 warn!(
@@ -115,6 +126,7 @@ impl StaleSockets {
             destroy,
             protocols,
             rev_nat,
+            rev_nat6,
             cgroup: cgroup.to_path_buf(),
             destroyed,
             said: HashSet::new(),
@@ -131,16 +143,22 @@ impl StaleSockets {
         if removed.is_empty() {
             return;
         }
-        let mut targets = Vec::new();
+        let mut found = Vec::new();
         // A map that cannot be read now leaves those sockets as they are.
         let _ = crate::map_batch::for_each_chunk(&self.rev_nat, |keys, values| {
-            targets.extend(
-                keys.iter()
-                    .zip(values)
-                    .filter_map(|(k, v)| removed.target(k, v))
-                    .filter(|(p, _)| self.protocols.contains(p)),
-            );
+            found.extend(keys.iter().zip(values).filter_map(|(k, v)| {
+                removed.target(k.cookie, (k.addr.into(), k.port), v.service_id)
+            }));
         });
+        let _ = crate::map_batch::for_each_chunk(&self.rev_nat6, |keys, values| {
+            found.extend(keys.iter().zip(values).filter_map(|(k, v)| {
+                removed.target(k.cookie, (k.addr.into(), k.port), v.service_id)
+            }));
+        });
+        let targets: Vec<(Protocol, Target)> = found
+            .into_iter()
+            .filter(|(p, _)| self.protocols.contains(p))
+            .collect();
         if targets.is_empty() {
             return;
         }
@@ -201,7 +219,7 @@ impl StaleSockets {
 mod tests {
     use super::*;
 
-    fn lost(addr: [u8; 4], port: u16, proto: u8, serving: bool) -> LostBackend {
+    fn lost(addr: impl Into<IpAddr>, port: u16, proto: u8, serving: bool) -> LostBackend {
         LostBackend {
             id: 0,
             backend: crate::family::Backend {
@@ -225,27 +243,22 @@ mod tests {
             ],
         );
         removed.add(2, &[lost([10, 0, 0, 2], 80, IPPROTO_TCP, false)]);
-        let socket = |cookie, addr, port, service_id| {
-            removed.target(
-                &SockRevKey {
-                    cookie,
-                    addr,
-                    port,
-                    pad: 0,
-                },
-                &SockRevValue {
-                    service_id,
-                    ..SockRevValue::default()
-                },
-            )
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        removed.add(3, &[lost(v6, 53, IPPROTO_UDP, false)]);
+        assert_eq!(
+            removed.target(7, (v6, 53), 3),
+            Some((Protocol::Udp, Target::new(7, v6, 53)))
+        );
+        let socket = |cookie, addr: [u8; 4], port, service_id| {
+            removed.target(cookie, (addr.into(), port), service_id)
         };
         assert_eq!(
             socket(5, [10, 0, 0, 1], 53, 1),
-            Some((Protocol::Udp, Target::new(5, [10, 0, 0, 1], 53)))
+            Some((Protocol::Udp, Target::new(5, [10, 0, 0, 1].into(), 53)))
         );
         assert_eq!(
             socket(6, [10, 0, 0, 2], 80, 2),
-            Some((Protocol::Tcp, Target::new(6, [10, 0, 0, 2], 80)))
+            Some((Protocol::Tcp, Target::new(6, [10, 0, 0, 2].into(), 80)))
         );
         assert_eq!(
             socket(5, [10, 0, 0, 1], 53, 3),

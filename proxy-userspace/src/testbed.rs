@@ -349,7 +349,6 @@ impl World {
             "dev",
             &iface,
         ])?;
-        // No duplicate address detection: the addresses are usable at once.
         let ip6 = |host: u16| Ipv6Addr::new(0xfd00, 0x244, i as u16, 0, 0, 0, 0, host);
         ip(&[
             "-n",
@@ -359,7 +358,6 @@ impl World {
             &format!("{}/64", ip6(1)),
             "dev",
             &iface,
-            "nodad",
         ])?;
         ip(&["-n", &node_netns, "link", "set", &iface, "up"])?;
         ip(&[
@@ -379,7 +377,6 @@ impl World {
             &format!("{}/64", ip6(2)),
             "dev",
             "eth0",
-            "nodad",
         ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         // The pod's only routes out lead to its node.
@@ -469,6 +466,18 @@ impl World {
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
         ip(&["netns", "add", name])?;
         self.netns.push(name.to_owned());
+        // No duplicate address detection on its interfaces: their link-local IPv6
+        // addresses (which neighbour discovery speaks from) are usable at once, not a
+        // second or two after the link comes up.
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ]))?;
         ip(&["-n", name, "link", "set", "lo", "up"])
     }
 

@@ -207,3 +207,64 @@ fn node_ports_answer_on_the_nodes_primary_address_of_each_family() {
     let node_ports = world.proxyctl(&["service", "get", "[::]:30080"]).unwrap();
     assert!(node_ports.contains("[::]:30080/TCP"), "{node_ports}");
 }
+
+#[test]
+fn a_connected_ipv6_udp_socket_pointed_at_a_removed_backend_is_destroyed() {
+    // As for IPv4 (see clusterip.rs): the hook connected the socket to the backend's IPv6
+    // address; once that endpoint leaves, the socket is destroyed (ECONNABORTED) and the
+    // client's next one is balanced to a backend still there. The removed backend still
+    // answers throughout.
+    let (mut world, backends) = three_backends();
+    let agent = world
+        .start_agent(
+            &service_manifest("web6", VIP6, None, &ready(&backends)),
+            true,
+        )
+        .unwrap();
+    let to = at(VIP6, 53);
+    let hold = [
+        "udp",
+        "--to",
+        &to,
+        "--connected",
+        "--reconnect-on-error",
+        "--hold-ms",
+        "4000",
+        "--interval-ms",
+        "100",
+    ];
+    let started = Instant::now();
+    let (flow, first) = world.spawn_probe(CLIENT, true, &hold).unwrap();
+    assert_eq!(first["peer"], to, "{first}");
+    let left = first["backend"].as_str().unwrap().to_owned();
+    let kept: Vec<Ipv6Addr> = (1..=3)
+        .filter(|i| format!("backend-{i}") != left)
+        .map(|i| world.pod(i).ip6)
+        .collect();
+    let syncs = agent.syncs();
+    world
+        .write_manifest(&service_manifest("web6", VIP6, None, &ready(&kept)))
+        .unwrap();
+    agent.wait_for_syncs(syncs + 1).unwrap();
+    let removed_at = started.elapsed().as_millis() as u64;
+    let summary = world.finish_probe(flow).unwrap();
+    let last = summary["last_backend"].as_str().unwrap();
+    assert_ne!(
+        last, left,
+        "the socket still reaches the removed backend: {summary}"
+    );
+    assert!(last.starts_with("backend-"), "{summary}");
+    assert_eq!(summary["reconnects"], 1, "{summary}");
+    assert_eq!(summary["failures"], 1, "{summary}");
+    let failed_at = summary["failed_at_ms"][0].as_u64().unwrap();
+    assert!(
+        failed_at < removed_at + 2000,
+        "destroyed {} ms after the removal was programmed: {summary}",
+        failed_at.saturating_sub(removed_at)
+    );
+    let metrics = world.agent_http("/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"proxy_stale_sockets_destroyed_total{protocol="udp"} 1"#),
+        "{metrics}"
+    );
+}
