@@ -4,7 +4,7 @@
 //! are some (and the proxy is healthy), 503 otherwise, in kube-proxy's JSON shape.
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -120,15 +120,31 @@ impl HealthCheckServers {
     }
 }
 
+/// A listener on `port` of every address, IPv4 and IPv6 (a dual-stack socket: load
+/// balancers of either family check the node), or IPv4 alone where IPv6 is off.
+fn listen(port: u16) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let dual = || {
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        socket.set_only_v6(false)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        socket.listen(1024)?;
+        Ok(std::net::TcpListener::from(socket))
+    };
+    dual().or_else(|_: std::io::Error| {
+        std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+    })
+}
+
 fn start(port: u16, check: &HealthCheck, proxy: &ProxyHealth) -> anyhow::Result<Server> {
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+    let bound = listen(port).and_then(|l| {
         l.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(l)
     });
     let listener = bound.with_context(|| {
         format!(
-            "binding health check port {addr} of service {}/{}",
+            "binding health check port {port} of service {}/{}",
             check.namespace, check.name
         )
     })?;

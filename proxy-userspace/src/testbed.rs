@@ -892,15 +892,17 @@ impl World {
     pub fn http_in(
         &self,
         netns: &str,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         path: &str,
     ) -> anyhow::Result<String> {
+        let addr: IpAddr = addr.into();
         let netns = PathBuf::from("/var/run/netns").join(netns);
         let path = path.to_owned();
         in_netns(netns, move || {
-            let mut stream = TcpStream::connect((addr, port))
-                .with_context(|| format!("connecting to {addr}:{port}"))?;
+            let to = std::net::SocketAddr::new(addr, port);
+            let mut stream =
+                TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
             let mut response = String::new();

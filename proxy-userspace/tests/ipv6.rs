@@ -268,3 +268,29 @@ fn a_connected_ipv6_udp_socket_pointed_at_a_removed_backend_is_destroyed() {
         "{metrics}"
     );
 }
+
+#[test]
+fn health_check_node_ports_answer_over_both_families() {
+    // Load balancers of either family check a node's healthCheckNodePort: it answers on the
+    // node's IPv4 and IPv6 addresses alike.
+    let (mut world, backends6) = three_backends();
+    let backends4: Vec<_> = (1..=3).map(|i| world.pod(i).ip).collect();
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: default}}\nspec:\n  type: LoadBalancer\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.40\n  clusterIPs: [10.96.0.40, 'fd00:96::40']\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\n{}{}",
+        endpoint_slice("lb-6", "lb", &ready(&backends6)),
+        endpoint_slice("lb-4", "lb", &ready(&backends4)),
+    );
+    world.start_agent(&manifest, true).unwrap();
+    let netns = world.pod(CLIENT).netns.clone();
+    let node6: std::net::IpAddr = "fd00:244:4::1".parse().unwrap();
+    let node4: std::net::IpAddr = [10, 244, 4, 1].into();
+    for node in [node4, node6] {
+        let answer = world.http_in(&netns, node, 32000, "/").unwrap();
+        // No endpoint runs on this node (the slices name none): 503, as kube-proxy says.
+        assert!(answer.starts_with("HTTP/1.0 503"), "{node}: {answer}");
+        assert!(
+            answer.contains(r#""localEndpoints": 0"#),
+            "{node}: {answer}"
+        );
+    }
+}
