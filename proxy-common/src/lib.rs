@@ -212,14 +212,21 @@ pub struct Counters {
 /// A conntrack key: the 5-tuple of a packet as seen by the tc programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+pub struct CtKeyOf<A> {
+    pub src: A,
+    pub dst: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub pad: [u8; 3],
+    // Padding as fields, not a `[u8; 3]`: initialising an odd-sized array makes LLVM call
+    // `memset`, a loop the verifier walks at every key built in the datapath's loops.
+    pub pad: u8,
+    pub pad2: u16,
 }
+
+pub type CtKey = CtKeyOf<[u8; 4]>;
+/// `CONNTRACK6` key.
+pub type CtKey6 = CtKeyOf<[u8; 16]>;
 
 /// `CtEntry::direction` of the entry that DNATs client → service to client → backend.
 pub const CT_FORWARD: u8 = 0;
@@ -250,9 +257,9 @@ pub const CT_FLAG_PASS: u8 = 2;
 /// `CT_REPLY` under the backend's reply tuple.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtEntry {
+pub struct CtEntryOf<A> {
     /// FORWARD: the backend to DNAT to. REPLY: the service address to restore as source.
-    pub nat_addr: [u8; 4],
+    pub nat_addr: A,
     pub nat_port: u16,
     pub direction: u8,
     pub state: u8,
@@ -261,7 +268,7 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// FORWARD: the source the packet leaves with (the client's own, or the SNAT address
     /// and port). REPLY: the client, the destination to restore.
-    pub peer_addr: [u8; 4],
+    pub peer_addr: A,
     pub peer_port: u16,
     pub flags: u8,
     pub pad: u8,
@@ -269,9 +276,13 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
-impl CtKey {
+pub type CtEntry = CtEntryOf<[u8; 4]>;
+/// `CONNTRACK6` value.
+pub type CtEntry6 = CtEntryOf<[u8; 16]>;
+
+impl<A: Copy> CtKeyOf<A> {
     /// The key of the other entry of the same flow, given this key's entry.
-    pub fn peer(&self, entry: &CtEntry) -> CtKey {
+    pub fn peer(&self, entry: &CtEntryOf<A>) -> CtKeyOf<A> {
         let (src, dst, sport, dport) = if entry.direction == CT_FORWARD {
             // client → service; the reply comes from the backend (nat) to the client or
             // to the SNAT address (peer).
@@ -290,13 +301,14 @@ impl CtKey {
                 entry.nat_port,
             )
         };
-        CtKey {
+        CtKeyOf {
             src,
             dst,
             sport,
             dport,
             proto: self.proto,
-            pad: [0; 3],
+            pad: 0,
+            pad2: 0,
         }
     }
 }
@@ -440,6 +452,17 @@ pub const fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
 }
 
 impl DropFlow {
+    pub fn v6(key: &CtKey6) -> Self {
+        Self {
+            src: key.src,
+            dst: key.dst,
+            sport: key.sport,
+            dport: key.dport,
+            proto: key.proto,
+            pad: [0; 3],
+        }
+    }
+
     pub fn v4(key: &CtKey) -> Self {
         Self {
             src: v4_mapped(key.src),
@@ -671,6 +694,8 @@ mod pod {
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtEntry6 {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockRevKey {}

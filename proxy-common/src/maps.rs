@@ -28,6 +28,8 @@ pub const SERVICE_STATS: &str = "service_stats";
 pub const BACKEND_STATS: &str = "backend_stats";
 /// LRU (CtKey → CtEntry)
 pub const CONNTRACK: &str = "conntrack";
+/// LRU (CtKey6 → CtEntry6): IPv6 flows
+pub const CONNTRACK6: &str = "conntrack6";
 /// LRU (AffinityKey → AffinityValue)
 pub const AFFINITY: &str = "affinity";
 /// LRU (SockRevKey → SockRevValue)
@@ -54,7 +56,7 @@ pub const DROPS: &str = "drops";
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     SERVICES,
     SERVICES6,
     BACKEND_SLOTS,
@@ -66,6 +68,7 @@ pub const ALL: [&str; 23] = [
     SERVICE_STATS,
     BACKEND_STATS,
     CONNTRACK,
+    CONNTRACK6,
     AFFINITY,
     SOCK_REV_NAT,
     SOCK_REV_NAT6,
@@ -82,11 +85,12 @@ pub const ALL: [&str; 23] = [
 
 /// Maps whose capacity the agent may change (`--map-size`). Ids index the counter arrays
 /// and `service_names`, so those follow the map that owns the ids: see `COMPANIONS`.
-pub const RESIZABLE: [&str; 6] = [
+pub const RESIZABLE: [&str; 7] = [
     SERVICES,
     BACKEND_SLOTS,
     BACKENDS,
     CONNTRACK,
+    CONNTRACK6,
     AFFINITY,
     SOCK_REV_NAT,
 ];
@@ -110,6 +114,10 @@ pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
 /// Two entries per flow: 262,144 flows, as Linux's `nf_conntrack_max` on a large node, so that
 /// a busy node rarely fills it (an LRU map evicts live flows once full).
 pub const MAX_CONNTRACK: u32 = 524_288;
+/// IPv6 flows are kept apart (an IPv4 lookup never pays for IPv6 keys) in a smaller map by
+/// default, 65,536 flows (18 MiB preallocated): a dual-stack node's pods reach most IPv6
+/// services through the socket hooks, without conntrack (`--map-size conntrack6=` raises it).
+pub const MAX_CONNTRACK6: u32 = 131_072;
 pub const MAX_AFFINITY: u32 = 65_536;
 /// Endpoints listed as unused by cluster IPs (not ready, terminating, other node or zone);
 /// past this, the rest go unlisted (the agent says so once).

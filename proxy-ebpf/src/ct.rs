@@ -2,12 +2,9 @@
 //! agent compares the account with the entries in the map, and the difference is what the
 //! LRU map evicted to make room.
 use aya_ebpf::bindings::{BPF_EXIST, BPF_NOEXIST};
-use proxy_common::{CtEntry, CtKey};
+use proxy_common::{CtEntryOf, CtKeyOf};
 
-use crate::{
-    lb::atomic_add,
-    maps::{CONNTRACK, CT_STATS},
-};
+use crate::{family::Family, lb::atomic_add, maps::CT_STATS};
 
 #[inline(always)]
 fn account(created: u64, deleted: u64) {
@@ -20,10 +17,20 @@ fn account(created: u64, deleted: u64) {
     }
 }
 
+/// The entry under `key`, copied.
+#[inline(always)]
+pub fn get<A: Family>(key: &CtKeyOf<A>) -> Option<CtEntryOf<A>> {
+    // SAFETY: LRU values stay valid during the program's run; the entry is copied at once.
+    A::ct_get_ptr_mut(key).map(|entry| unsafe { *entry })
+}
+
+// Keys and entries by reference: the map helpers take pointers, and copies of IPv6's would
+// take stack the IPv6 path does not have.
+
 /// Records `entry` under `key` if no entry is there.
 #[inline(always)]
-pub fn create(key: CtKey, entry: CtEntry) -> bool {
-    let created = CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok();
+pub fn create<A: Family>(key: &CtKeyOf<A>, entry: &CtEntryOf<A>) -> bool {
+    let created = A::ct_insert(key, entry, BPF_NOEXIST as u64);
     if created {
         account(1, 0);
     }
@@ -33,17 +40,15 @@ pub fn create(key: CtKey, entry: CtEntry) -> bool {
 /// Records `entry` under `key`, replacing what is there. Creating is tried first: it is
 /// the common case where this is used (a new flow's entry).
 #[inline(always)]
-pub fn put(key: CtKey, entry: CtEntry) -> bool {
+pub fn put<A: Family>(key: &CtKeyOf<A>, entry: &CtEntryOf<A>) -> bool {
     // Created, replaced, or created after all (the entry went while this ran).
-    create(key, entry)
-        || CONNTRACK.insert(key, entry, BPF_EXIST as u64).is_ok()
-        || create(key, entry)
+    create(key, entry) || A::ct_insert(key, entry, BPF_EXIST as u64) || create(key, entry)
 }
 
 /// Removes the entry under `key`, if there is one.
 #[inline(always)]
-pub fn remove(key: CtKey) -> bool {
-    let removed = CONNTRACK.remove(key).is_ok();
+pub fn remove<A: Family>(key: &CtKeyOf<A>) -> bool {
+    let removed = A::ct_remove(key);
     if removed {
         account(0, 1);
     }

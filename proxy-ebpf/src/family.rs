@@ -1,23 +1,37 @@
-//! What differs between IPv4 and IPv6 for the service lookup and the socket hooks: which
-//! maps hold the family's frontends, backends, node addresses and socket translations.
-//! Everything else (slots, ids, counters, affinity) is shared.
+//! What differs between IPv4 and IPv6 for the service lookup, the socket hooks and the
+//! packet path: which maps hold the family's frontends, backends, node addresses, socket
+//! translations and flows, and how a packet's address is rewritten. Everything else (slots,
+//! ids, counters, affinity) is shared.
 use aya_ebpf::btf_maps::{HashMap, LruHashMap};
 use proxy_common::{
-    BackendOf, NODE_PORT_ADDR, NODE_PORT_ADDR6, ServiceKeyOf, ServiceValue, SockRevKey,
-    SockRevKey6, SockRevValueOf,
+    BackendOf, CtEntryOf, CtKeyOf, NODE_PORT_ADDR, NODE_PORT_ADDR6, NodeConfig, ServiceKeyOf,
+    ServiceValue, SockRevKey, SockRevKey6, SockRevValueOf,
     maps::{MAX_BACKENDS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT},
     v4_mapped,
 };
 
-use crate::maps::{
-    BACKENDS, BACKENDS6, NO_PREALLOC, NODE_ADDRS, NODE_ADDRS6, SERVICES, SERVICES6, SOCK_REV_NAT,
-    SOCK_REV_NAT6,
+use crate::{
+    lb,
+    maps::{
+        BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, NEW_ENTRIES, NEW_ENTRIES6, NO_PREALLOC,
+        NODE_ADDRS, NODE_ADDRS6, SERVICES, SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6,
+    },
+    nat::{self, NewEntries},
+    packet::{ETH_HDR_LEN, Flow, FlowOf, Frame, IP_DST_OFF, IP_SRC_OFF},
 };
 
 /// An address family, as its address: `[u8; 4]` or `[u8; 16]`.
-pub trait Family: Copy + Sized + 'static {
-    /// The frontend address of a NodePort.
-    const NODE_PORT: Self;
+pub trait Family: Copy + Sized + PartialEq + 'static {
+    /// The all-zero address; also the frontend address of a NodePort.
+    const ZERO: Self;
+    /// Offsets of the IP header's source and destination address in a frame.
+    const SRC_OFF: usize;
+    const DST_OFF: usize;
+    /// Offset of the TTL (hop limit) in a frame.
+    const TTL_OFF: usize;
+    /// Whether the datapath masquerades and routes this family's flows itself (IPv4 only,
+    /// so far: an IPv6 flow that needs it is dropped as `no_masquerade_address`).
+    const MASQUERADES: bool;
     /// A key of the family's socket translations (cookie, backend address and port).
     type SockRev: Copy;
 
@@ -30,10 +44,41 @@ pub trait Family: Copy + Sized + 'static {
     fn sock_rev_key(cookie: u64, addr: Self, port: u16) -> Self::SockRev;
     /// As a `DropFlow` holds it.
     fn to_drop_flow(self) -> [u8; 16];
+
+    // Conntrack (the maps differ in size, so they are reached through these).
+    fn ct_get_ptr_mut(key: &CtKeyOf<Self>) -> Option<*mut CtEntryOf<Self>>;
+    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> bool;
+    fn ct_remove(key: &CtKeyOf<Self>) -> bool;
+
+    /// A client address as session affinity remembers it.
+    fn affinity_client(addr: Self) -> u64;
+    /// Whether `client` is in the `loadBalancerSourceRanges` of frontend `service_id`.
+    fn source_allowed(service_id: u32, client: Self) -> bool;
+    /// The address masqueraded flows leave with, if any.
+    fn snat_addr(config: &NodeConfig) -> Option<Self>;
+    /// Keeps a first fragment's ports for the later fragments of its datagram.
+    fn remember_fragment(flow: &FlowOf<Self>);
+    /// Room for a new flow's entries, in a per-CPU map: the packet path has no stack left
+    /// for them (IPv6's take 152 bytes). `None` if the map cannot be read.
+    fn new_entries() -> Option<&'static mut NewEntries<Self>>;
+    /// Rewrites the address at `addr_off` from `old` to `new`, with the IP header checksum
+    /// (IPv4) and the TCP or UDP checksum at `csum_off` (its pseudo-header holds the address).
+    fn rewrite_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        old: Self,
+        new: Self,
+        csum_off: usize,
+        udp: bool,
+    ) -> Option<()>;
 }
 
 impl Family for [u8; 4] {
-    const NODE_PORT: Self = NODE_PORT_ADDR;
+    const ZERO: Self = NODE_PORT_ADDR;
+    const SRC_OFF: usize = IP_SRC_OFF;
+    const DST_OFF: usize = IP_DST_OFF;
+    const TTL_OFF: usize = ETH_HDR_LEN + 8;
+    const MASQUERADES: bool = true;
     type SockRev = SockRevKey;
 
     fn services()
@@ -63,10 +108,63 @@ impl Family for [u8; 4] {
     fn to_drop_flow(self) -> [u8; 16] {
         v4_mapped(self)
     }
+
+    #[inline(always)]
+    fn ct_get_ptr_mut(key: &CtKeyOf<Self>) -> Option<*mut CtEntryOf<Self>> {
+        CONNTRACK.get_ptr_mut(key)
+    }
+    #[inline(always)]
+    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> bool {
+        CONNTRACK.insert(key, entry, flags).is_ok()
+    }
+    #[inline(always)]
+    fn ct_remove(key: &CtKeyOf<Self>) -> bool {
+        CONNTRACK.remove(key).is_ok()
+    }
+
+    #[inline(always)]
+    fn affinity_client(addr: Self) -> u64 {
+        u32::from_ne_bytes(addr) as u64
+    }
+    #[inline(always)]
+    fn source_allowed(service_id: u32, client: Self) -> bool {
+        lb::source_allowed(service_id, client)
+    }
+    #[inline(always)]
+    fn snat_addr(config: &NodeConfig) -> Option<Self> {
+        (config.snat_addr != [0; 4]).then_some(config.snat_addr)
+    }
+    #[inline(always)]
+    fn remember_fragment(flow: &Flow) {
+        nat::remember_fragment(flow)
+    }
+    #[inline(always)]
+    fn new_entries() -> Option<&'static mut NewEntries<Self>> {
+        // SAFETY: a per-CPU value, this program's alone for its run.
+        NEW_ENTRIES.get_ptr_mut(0).map(|e| unsafe { &mut *e })
+    }
+
+    #[inline(always)]
+    fn rewrite_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        old: Self,
+        new: Self,
+        csum_off: usize,
+        udp: bool,
+    ) -> Option<()> {
+        ctx.update_l4_csum_addr(csum_off, old, new, udp)?;
+        ctx.update_ip_csum32(old, new)?;
+        ctx.write(addr_off, &new)
+    }
 }
 
 impl Family for [u8; 16] {
-    const NODE_PORT: Self = NODE_PORT_ADDR6;
+    const ZERO: Self = NODE_PORT_ADDR6;
+    const SRC_OFF: usize = ETH_HDR_LEN + 8;
+    const DST_OFF: usize = ETH_HDR_LEN + 24;
+    const TTL_OFF: usize = ETH_HDR_LEN + 7;
+    const MASQUERADES: bool = false;
     type SockRev = SockRevKey6;
 
     fn services()
@@ -96,5 +194,69 @@ impl Family for [u8; 16] {
     }
     fn to_drop_flow(self) -> [u8; 16] {
         self
+    }
+
+    #[inline(always)]
+    fn ct_get_ptr_mut(key: &CtKeyOf<Self>) -> Option<*mut CtEntryOf<Self>> {
+        CONNTRACK6.get_ptr_mut(key)
+    }
+    #[inline(always)]
+    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> bool {
+        CONNTRACK6.insert(key, entry, flags).is_ok()
+    }
+    #[inline(always)]
+    fn ct_remove(key: &CtKeyOf<Self>) -> bool {
+        CONNTRACK6.remove(key).is_ok()
+    }
+
+    /// The address folded to 64 bits: two clients that fold alike share their stickiness,
+    /// which affinity allows (it is a preference, not an isolation).
+    #[inline(always)]
+    fn affinity_client(addr: Self) -> u64 {
+        let [a, b]: [[u8; 8]; 2] = [
+            [
+                addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+            ],
+            [
+                addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+            ],
+        ];
+        u64::from_ne_bytes(a) ^ u64::from_ne_bytes(b)
+    }
+    /// IPv6 ranges are not programmed: an IPv6 frontend never has the flag.
+    #[inline(always)]
+    fn source_allowed(_: u32, _: Self) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn snat_addr(_: &NodeConfig) -> Option<Self> {
+        None
+    }
+    /// IPv6 fragments are left to the kernel (see `packet::parse6`).
+    #[inline(always)]
+    fn remember_fragment(_: &FlowOf<Self>) {}
+    #[inline(always)]
+    fn new_entries() -> Option<&'static mut NewEntries<Self>> {
+        // SAFETY: a per-CPU value, this program's alone for its run.
+        NEW_ENTRIES6.get_ptr_mut(0).map(|e| unsafe { &mut *e })
+    }
+
+    #[inline(always)]
+    fn rewrite_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        old: Self,
+        new: Self,
+        csum_off: usize,
+        udp: bool,
+    ) -> Option<()> {
+        // The pseudo-header's address, a word at a time; IPv6 has no header checksum.
+        for i in 0..4 {
+            let word = |a: &Self| [a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]];
+            if word(&old) != word(&new) {
+                ctx.update_l4_csum_addr(csum_off, word(&old), word(&new), udp)?;
+            }
+        }
+        ctx.write(addr_off, &new)
     }
 }

@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, BackendOf, CT_TIMEOUT_UDP_SECS, Counters,
-    CtKey, DropFlow, DropReason, SCOPE_INTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_SCOPE,
-    SVC_FLAG_SOURCE_RANGES, ServiceKeyOf, ServiceValue, SlotKey, SourceRange, v4_mapped,
+    CtKey, CtKey6, DropFlow, DropReason, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
+    SVC_FLAG_INTERNAL_SCOPE, SVC_FLAG_SOURCE_RANGES, ServiceKeyOf, ServiceValue, SlotKey,
+    SourceRange, v4_mapped,
 };
 
 use crate::{
@@ -111,7 +112,7 @@ pub fn service_for<A: Family>(key: &ServiceKeyOf<A>) -> Option<ServiceValue> {
     // SAFETY: only tests for presence.
     unsafe { A::node_addrs().get(key.addr) }?;
     service(&ServiceKeyOf {
-        addr: A::NODE_PORT,
+        addr: A::ZERO,
         ..*key
     })
 }
@@ -138,7 +139,7 @@ pub fn service_in_cluster<A: Family>(key: &ServiceKeyOf<A>) -> Option<ServiceVal
     service(&internal)
         .or_else(|| {
             service(&ServiceKeyOf {
-                addr: A::NODE_PORT,
+                addr: A::ZERO,
                 ..internal
             })
         })
@@ -242,8 +243,8 @@ pub struct Dropped<F = CtKey> {
     pub pid: u32,
 }
 
-impl Dropped {
-    pub fn packet(reason: DropReason, service_id: u32, flow: CtKey, hook: u8) -> Self {
+impl<F: EventFlow> Dropped<F> {
+    pub fn packet(reason: DropReason, service_id: u32, flow: F, hook: u8) -> Self {
         Self {
             reason,
             service_id,
@@ -272,6 +273,13 @@ impl EventFlow for CtKey {
             (*out).proto = self.proto;
             (*out).pad = [0; 3];
         }
+    }
+}
+
+impl EventFlow for CtKey6 {
+    unsafe fn write_to(&self, out: *mut DropFlow) {
+        // SAFETY: the caller's guarantee.
+        unsafe { *out = DropFlow::v6(self) };
     }
 }
 

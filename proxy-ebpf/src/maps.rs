@@ -5,13 +5,14 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, AgentStatus, Backend, Backend6, Counters, CtEntry, CtKey, CtStats,
-    DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragPorts, NodeConfig, ServiceInfo, ServiceKey,
-    ServiceKey6, ServiceValue, SlotKey, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6,
-    SourceRange, UnusedEndpoint, UnusedEndpoint6, UnusedKey,
+    AffinityKey, AffinityValue, AgentStatus, Backend, Backend6, Counters, CtEntry, CtEntry6, CtKey,
+    CtKey6, CtStats, DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragPorts, NodeConfig,
+    ServiceInfo, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevKey, SockRevKey6,
+    SockRevValue, SockRevValue6, SourceRange, UnusedEndpoint, UnusedEndpoint6, UnusedKey,
     maps::{
-        MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS,
-        MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_SOURCE_RANGES, MAX_UNUSED_ENDPOINTS,
+        MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK6,
+        MAX_FRAGMENTS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_SOURCE_RANGES,
+        MAX_UNUSED_ENDPOINTS,
     },
 };
 
@@ -71,6 +72,17 @@ pub static BACKEND_STATS: Array<Counters, { MAX_BACKENDS as usize }> = Array::ne
 
 #[btf_map(name = "conntrack")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+
+#[btf_map(name = "conntrack6")]
+pub static CONNTRACK6: LruHashMap<CtKey6, CtEntry6, { MAX_CONNTRACK6 as usize }> =
+    LruHashMap::new();
+
+/// Room for a new flow's conntrack entries (`Family::new_entries`); not pinned.
+#[btf_map(name = "new_entries")]
+pub static NEW_ENTRIES: PerCpuArray<crate::nat::NewEntries<[u8; 4]>, 1> = PerCpuArray::new();
+
+#[btf_map(name = "new_entries6")]
+pub static NEW_ENTRIES6: PerCpuArray<crate::nat::NewEntries<[u8; 16]>, 1> = PerCpuArray::new();
 
 #[btf_map(name = "affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> =

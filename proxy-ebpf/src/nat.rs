@@ -1,18 +1,22 @@
 //! What to do with a packet that did not go through the socket hooks, shared by the tc and
 //! XDP programs: follow its conntrack entry, or balance a new flow to a service backend
 //! (masquerading it when the reply would otherwise bypass this node) and record it.
+//!
+//! The flow logic is generic over the address family (`Family`): IPv4 and IPv6 flows are
+//! tracked alike, each in its family's conntrack map. Fragments and ICMP errors are IPv4's.
 use proxy_common::{
     AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntry, CtKey, DropReason,
-    FragKey, FragPorts, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntryOf, CtKey, CtKeyOf,
+    DropReason, FragKey, FragPorts, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE,
+    SVC_FLAG_SOURCE_RANGES, ServiceKeyOf, ServiceValue,
 };
 
 use crate::{
     ct,
+    family::Family,
     lb::{self, Chosen, Sticky},
-    maps::{CONNTRACK, FRAGMENTS, NODE_CONFIG},
-    packet::{ErrorTranslation, Flow, Rewrite, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{FRAGMENTS, NODE_CONFIG},
+    packet::{ErrorTranslation, Flow, FlowOf, Rewrite, RewriteOf, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Random source ports tried for a masqueraded (or clashing) flow: first this many that
@@ -29,7 +33,7 @@ const ENDED_PORT_ATTEMPTS: u32 = 16;
 /// the time a port sits unusable bounds the connection rate to one backend (ports / grace).
 const SNAT_REUSE_AFTER_NS: u64 = 250_000_000;
 
-pub enum Verdict {
+pub enum Verdict<A = [u8; 4]> {
     /// Not a service flow: leave it alone.
     Pass,
     /// Drop, counted under this reason, for this service id (0: none).
@@ -37,13 +41,13 @@ pub enum Verdict {
     /// A service (this id) without backends: answer ICMP port unreachable, as kube-proxy's
     /// REJECT.
     Reject(u32),
-    Translate(Translation),
+    Translate(Translation<A>),
 }
 
 /// The rewrites of one packet, and what to count once it is sent on.
-pub struct Translation {
-    pub src: Rewrite,
-    pub dst: Rewrite,
+pub struct Translation<A = [u8; 4]> {
+    pub src: RewriteOf<A>,
+    pub dst: RewriteOf<A>,
     /// A masqueraded flow's packet: route it ourselves, as the kernel drops packets that
     /// arrive with one of its own addresses as source.
     pub route: bool,
@@ -61,16 +65,19 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 20_000_000;
 /// The other entry of the flow whose entry under `key` is `entry`, if the map still holds
 /// it: its key may carry a newer flow already, whose entry is not this flow's.
 #[inline(always)]
-fn partner(key: &CtKey, entry: &CtEntry) -> Option<(CtKey, *mut CtEntry)> {
+fn partner<A: Family>(
+    key: &CtKeyOf<A>,
+    entry: &CtEntryOf<A>,
+) -> Option<(CtKeyOf<A>, *mut CtEntryOf<A>)> {
     let other = key.peer(entry);
-    let ptr = CONNTRACK.get_ptr_mut(other)?;
+    let ptr = A::ct_get_ptr_mut(&other)?;
     // SAFETY: LRU values stay valid during the program's run; only compared here.
     (other.peer(unsafe { &*ptr }) == *key).then_some((other, ptr))
 }
 
 /// Marks an entry as seen now, to `LAST_SEEN_GRANULARITY_NS`.
 #[inline(always)]
-fn touch(entry: &mut CtEntry, now: u64) {
+fn touch<A>(entry: &mut CtEntryOf<A>, now: u64) {
     if now.wrapping_sub(entry.last_seen_ns) >= LAST_SEEN_GRANULARITY_NS {
         entry.last_seen_ns = now;
     }
@@ -81,7 +88,7 @@ fn touch(entry: &mut CtEntry, now: u64) {
 /// closing too (else a flow reset from one side would hold its masquerade port until the
 /// GC, instead of giving it up once quiet).
 #[inline(always)]
-fn track(entry: &mut CtEntry, flow: &Flow, now: u64) {
+fn track<A: Family>(entry: &mut CtEntryOf<A>, flow: &FlowOf<A>, now: u64) {
     touch(entry, now);
     if flow.tcp_flags & TCP_RST != 0
         && let Some((_, peer)) = partner(&flow.key, entry)
@@ -117,102 +124,163 @@ fn traffic(len: u64, conns: u64) -> Counters {
 /// a masqueraded one, or the first packet of a new service flow. The caller counts the
 /// translation once it has sent the packet on.
 #[inline(always)]
-pub fn ingress(flow: &Flow, len: u64) -> Verdict {
-    remember_fragment(flow);
+pub fn ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
+    match tracked_ingress(flow, len) {
+        Some(verdict) => verdict,
+        None => new_flow(flow, len),
+    }
+}
+
+/// `ingress` for a packet of a tracked flow; `None` for one that `new_flow` must see (no
+/// entry, or a new connection on a closed flow's tuple).
+#[inline(always)]
+pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Option<Verdict<A>> {
+    A::remember_fragment(flow);
     let now = lb::now_ns();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) {
+    if let Some(entry) = A::ct_get_ptr_mut(&flow.key) {
         // SAFETY: LRU values stay valid during the program's run; racing updates of the
         // state and timestamp from another CPU are benign.
         let entry = unsafe { &mut *entry };
         if entry.flags & CT_FLAG_PASS != 0 {
             touch(entry, now);
-            return Verdict::Pass;
+            return Some(Verdict::Pass);
         }
         // A new SYN on a closed flow's tuple is a new connection: balance it again. The old
         // flow is over: its reply tuple (a masquerade port) is given up at once, rather than
         // held until the GC while the client reuses its ports faster than that.
         let reused = flow.is_syn() && entry.state == CT_STATE_CLOSING;
         if reused && let Some((reply, _)) = partner(&flow.key, entry) {
-            ct::remove(reply);
+            ct::remove(&reply);
         }
         let snat = entry.flags & CT_FLAG_SNAT != 0;
         if !reused && let Some((src, dst)) = rewrites(entry, &flow.key, Side::Ingress) {
             track(entry, flow, now);
-            return Verdict::Translate(Translation {
+            return Some(Verdict::Translate(Translation {
                 src,
                 dst,
                 route: snat,
                 service_id: entry.rev_nat_id,
                 backend_id: entry.backend_id,
                 counters: traffic(len, 0),
-            });
+            }));
         }
         // An unmasqueraded reply is reverse-translated on its way out (`egress`).
     }
-    let service = ServiceKey::new(flow.key.dst, flow.key.dport, flow.key.proto);
+    None
+}
+
+/// The first packet of a flow without an entry: balanced to a backend and recorded, if it
+/// is for a service.
+#[inline(always)]
+pub fn new_flow<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
+    let now = lb::now_ns();
+    match choose(flow, now) {
+        Choice::Done(verdict) => verdict,
+        Choice::Chosen(svc, chosen) => record(flow, len, now, &svc, &chosen),
+    }
+}
+
+/// What `choose` found for a new flow: its verdict already, or the service port and the
+/// backend to record it with (`record`).
+pub enum Choice<A> {
+    Done(Verdict<A>),
+    Chosen(ServiceValue, Chosen<A>),
+}
+
+/// The first half of `new_flow`: the service port the flow is for, and its backend.
+#[inline(always)]
+pub fn choose<A: Family>(flow: &FlowOf<A>, now: u64) -> Choice<A> {
+    let service = ServiceKeyOf::new(flow.key.dst, flow.key.dport, flow.key.proto);
     let Some(svc) = lb::service_for(&service) else {
-        return Verdict::Pass;
+        return Choice::Done(Verdict::Pass);
     };
     // A TCP segment other than a SYN with no entry of ours belongs to a connection made
     // before the flow was ours: kube-proxy's kernel NAT carries it during a migration (tc
     // runs before netfilter). Balancing it anew would send it mid-stream to a backend that
     // knows nothing of it; left alone, the kernel's conntrack keeps translating it.
     if flow.is_tcp() && !flow.is_syn() {
-        return Verdict::Pass;
+        return Choice::Done(Verdict::Pass);
     }
-    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, flow.key.src) {
-        return Verdict::Drop(DropReason::SourceRange, svc.id);
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !A::source_allowed(svc.id, flow.key.src) {
+        return Choice::Done(Verdict::Drop(DropReason::SourceRange, svc.id));
     }
-    let client = u32::from_ne_bytes(flow.key.src) as u64;
+    let client = A::affinity_client(flow.key.src);
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
-    let Some(chosen) = lb::select_backend(&svc, affinity.as_ref(), now) else {
-        return if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
+    let Some(chosen) = lb::select_backend::<A>(&svc, affinity.as_ref(), now) else {
+        return Choice::Done(if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
             Verdict::Drop(DropReason::NoLocalEndpoint, svc.id)
         } else {
             Verdict::Reject(svc.id)
-        };
+        });
     };
+    Choice::Chosen(svc, chosen)
+}
+
+/// The second half of `new_flow`: the flow recorded with `chosen`, a backend of `svc`,
+/// masqueraded if it must be.
+#[inline(always)]
+pub fn record<A: Family>(
+    flow: &FlowOf<A>,
+    len: u64,
+    now: u64,
+    svc: &ServiceValue,
+    chosen: &Chosen<A>,
+) -> Verdict<A> {
     // A remote backend of an externalTrafficPolicy: Cluster frontend would answer the client
     // directly; a pod sent to itself (hairpin) would see its own address as source.
     let masquerade = (svc.flags & SVC_FLAG_MASQUERADE != 0
         && chosen.backend.flags & BACKEND_FLAG_LOCAL == 0)
         || chosen.backend.addr == flow.key.src;
-    let mut forward = CtEntry {
-        nat_addr: chosen.backend.addr,
-        nat_port: chosen.backend.port,
-        direction: CT_FORWARD,
-        state: CT_STATE_NEW,
-        rev_nat_id: svc.id,
-        backend_id: chosen.backend_id,
-        peer_addr: flow.key.src,
-        peer_port: flow.key.sport,
-        flags: 0,
-        pad: 0,
-        last_seen_ns: now,
-    };
-    track(&mut forward, flow, now);
-    let reply = CtEntry {
-        nat_addr: flow.key.dst,
-        nat_port: flow.key.dport,
-        direction: CT_REPLY,
-        ..forward
-    };
-    let src = match claim_reply_tuple(flow, &chosen, masquerade, &mut forward, reply, now) {
-        Ok(src) => src,
-        Err(reason) => return Verdict::Drop(reason, svc.id),
-    };
-    if !ct::put(flow.key, forward) {
-        ct::remove(flow.key.peer(&forward));
+    let Some(e) = A::new_entries() else {
         return Verdict::Drop(DropReason::ConntrackInsert, svc.id);
+    };
+    {
+        e.forward = CtEntryOf {
+            nat_addr: chosen.backend.addr,
+            nat_port: chosen.backend.port,
+            direction: CT_FORWARD,
+            state: CT_STATE_NEW,
+            rev_nat_id: svc.id,
+            backend_id: chosen.backend_id,
+            peer_addr: flow.key.src,
+            peer_port: flow.key.sport,
+            flags: 0,
+            pad: 0,
+            last_seen_ns: now,
+        };
+        track(&mut e.forward, flow, now);
+        e.reply = CtEntryOf {
+            nat_addr: flow.key.dst,
+            nat_port: flow.key.dport,
+            direction: CT_REPLY,
+            ..e.forward
+        };
+        let src = match claim_reply_tuple(flow, chosen, masquerade, e, now) {
+            Ok(src) => src,
+            Err(reason) => return Verdict::Drop(reason, svc.id),
+        };
+        if !ct::put(&flow.key, &e.forward) {
+            e.key = flow.key.peer(&e.forward);
+            ct::remove(&e.key);
+            return Verdict::Drop(DropReason::ConntrackInsert, svc.id);
+        }
+        Verdict::Translate(Translation {
+            src,
+            dst: RewriteOf::to(chosen.backend.addr, chosen.backend.port),
+            route: masquerade,
+            service_id: svc.id,
+            backend_id: chosen.backend_id,
+            counters: traffic(len, 1),
+        })
     }
-    Verdict::Translate(Translation {
-        src,
-        dst: Rewrite::to(chosen.backend.addr, chosen.backend.port),
-        route: masquerade,
-        service_id: svc.id,
-        backend_id: chosen.backend_id,
-        counters: traffic(len, 1),
-    })
+}
+
+/// A new flow's two entries, and a key, as `record` builds them (`Family::new_entries`).
+#[derive(Clone, Copy)]
+pub struct NewEntries<A> {
+    pub forward: CtEntryOf<A>,
+    pub reply: CtEntryOf<A>,
+    pub key: CtKeyOf<A>,
 }
 
 /// A new connection of the node's own to a service port that drops new connections (a
@@ -221,11 +289,11 @@ pub fn ingress(flow: &Flow, len: u64) -> Verdict {
 /// rather than sent after the default route. A pod's is dropped by `ingress` on its veth.
 /// Costs one lookup, for SYNs and UDP only.
 #[inline(always)]
-fn unserved_from_node(flow: &Flow) -> Verdict {
+fn unserved_from_node<A: Family>(flow: &FlowOf<A>) -> Verdict<A> {
     if flow.is_tcp() && !flow.is_syn() {
         return Verdict::Pass;
     }
-    let key = ServiceKey::new(flow.key.dst, flow.key.dport, flow.key.proto);
+    let key = ServiceKeyOf::new(flow.key.dst, flow.key.dport, flow.key.proto);
     match lb::service(&key) {
         Some(svc) if svc.count == 0 && svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 => {
             Verdict::Drop(DropReason::NoLocalEndpoint, svc.id)
@@ -242,28 +310,38 @@ fn unserved_from_node(flow: &Flow) -> Verdict {
 /// share a backend) keeps its address and moves to a free port, as Linux's NAT does. Each
 /// claim is an insert with `BPF_NOEXIST`, so checking and taking a tuple is one step.
 #[inline(always)]
-fn claim_reply_tuple(
-    flow: &Flow,
-    chosen: &Chosen,
+fn claim_reply_tuple<A: Family>(
+    flow: &FlowOf<A>,
+    chosen: &Chosen<A>,
     masquerade: bool,
-    forward: &mut CtEntry,
-    mut reply: CtEntry,
+    e: &mut NewEntries<A>,
     now: u64,
-) -> Result<Rewrite, DropReason> {
+) -> Result<RewriteOf<A>, DropReason> {
     if !masquerade {
-        let key = flow.key.peer(forward);
-        if ct::create(key, reply) || (replaceable(&key, flow, now) && ct::put(key, reply)) {
-            return Ok(Rewrite::NONE);
+        e.key = flow.key.peer(&e.forward);
+        let (key, reply) = (&e.key, &e.reply);
+        if ct::create(key, reply) || (replaceable(key, flow, now) && ct::put(key, reply)) {
+            return Ok(RewriteOf::NONE);
         }
+    }
+    // Choosing another source port is IPv4's: with IPv6's tries too, the program's two
+    // families passed the verifier's million-instruction budget. An IPv6 flow whose reply
+    // tuple a live flow holds is refused (`conntrack_clash`), one that needs masquerading
+    // dropped (`no_masquerade_address`).
+    if !A::MASQUERADES {
+        return Err(match masquerade {
+            true => DropReason::NoMasqueradeAddress,
+            false => DropReason::ConntrackClash,
+        });
     }
     let config = NODE_CONFIG.get(0).ok_or(DropReason::NoMasqueradeAddress)?;
     let (addr, exhausted) = if masquerade {
-        if config.snat_addr == [0; 4] {
+        let Some(snat_addr) = A::snat_addr(config) else {
             return Err(DropReason::NoMasqueradeAddress);
-        }
-        reply.flags = CT_FLAG_SNAT;
-        forward.flags = CT_FLAG_SNAT;
-        (config.snat_addr, DropReason::NoMasqueradePort)
+        };
+        e.reply.flags = CT_FLAG_SNAT;
+        e.forward.flags = CT_FLAG_SNAT;
+        (snat_addr, DropReason::NoMasqueradePort)
     } else {
         (flow.key.src, DropReason::ConntrackClash)
     };
@@ -271,30 +349,31 @@ fn claim_reply_tuple(
         return Err(exhausted);
     }
     let range = (config.snat_port_max - config.snat_port_min) as u32 + 1;
-    forward.peer_addr = addr;
+    e.forward.peer_addr = addr;
     // Independent tries: consecutive ports would keep hitting the same run of busy ones.
-    let reply_key = |port: u16| CtKey {
+    let reply_key = |port: u16| CtKeyOf {
         src: chosen.backend.addr,
         dst: addr,
         sport: chosen.backend.port,
         dport: port,
         proto: flow.key.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad2: 0,
     };
     let random_port = || config.snat_port_min + (lb::random() % range) as u16;
     for _ in 0..FREE_PORT_ATTEMPTS {
         let port = random_port();
-        if ct::create(reply_key(port), reply) {
-            forward.peer_port = port;
-            return Ok(Rewrite::to(addr, port));
+        if ct::create(&reply_key(port), &e.reply) {
+            e.forward.peer_port = port;
+            return Ok(RewriteOf::to(addr, port));
         }
     }
     for _ in 0..ENDED_PORT_ATTEMPTS {
         let port = random_port();
         let key = reply_key(port);
-        if free_if_ended(&key, now) && ct::create(key, reply) {
-            forward.peer_port = port;
-            return Ok(Rewrite::to(addr, port));
+        if free_if_ended(&key, now) && ct::create(&key, &e.reply) {
+            e.forward.peer_port = port;
+            return Ok(RewriteOf::to(addr, port));
         }
     }
     Err(exhausted)
@@ -304,12 +383,12 @@ fn claim_reply_tuple(
 /// it holds the previous flow of the same client tuple (a closed connection's tuple used
 /// again, or another CPU recording the same new flow), or a flow that has ended (freed).
 #[inline(always)]
-fn replaceable(key: &CtKey, flow: &Flow, now: u64) -> bool {
-    // SAFETY: LRU values stay valid during the program's run; the entry is copied.
-    let Some(held) = (unsafe { CONNTRACK.get(key) }).copied() else {
+fn replaceable<A: Family>(key: &CtKeyOf<A>, flow: &FlowOf<A>, now: u64) -> bool {
+    let Some(held) = A::ct_get_ptr_mut(key) else {
         return false;
     };
-    key.peer(&held) == flow.key || free_if_ended(key, now)
+    // SAFETY: LRU values stay valid during the program's run; only read here.
+    key.peer(unsafe { &*held }) == flow.key || free_if_ended(key, now)
 }
 
 /// Frees the reply tuple `key` if its TCP flow has ended: a FIN or RST was seen and it has
@@ -317,13 +396,12 @@ fn replaceable(key: &CtKey, flow: &Flow, now: u64) -> bool {
 /// keeps short connections from exhausting the port range while their entries wait out the
 /// closing timeout.
 #[inline(always)]
-fn free_if_ended(key: &CtKey, now: u64) -> bool {
-    let ended = |entry: &CtEntry| {
+fn free_if_ended<A: Family>(key: &CtKeyOf<A>, now: u64) -> bool {
+    let ended = |entry: &CtEntryOf<A>| {
         entry.state == CT_STATE_CLOSING
             && now.saturating_sub(entry.last_seen_ns) >= SNAT_REUSE_AFTER_NS
     };
-    // SAFETY: LRU values stay valid during the program's run; the entry is copied.
-    let Some(reply) = (unsafe { CONNTRACK.get(key) }).copied() else {
+    let Some(reply) = ct::get(key) else {
         return false;
     };
     if reply.direction != CT_REPLY || !ended(&reply) {
@@ -336,13 +414,12 @@ fn free_if_ended(key: &CtKey, now: u64) -> bool {
         if !ended(unsafe { &*forward }) {
             return false;
         }
-        ct::remove(forward_key);
+        ct::remove(&forward_key);
     }
     // Another CPU may have freed and re-claimed the tuple since the read above: remove it
     // only if it is still the entry that was read.
-    // SAFETY: as above.
-    match unsafe { CONNTRACK.get(key) } {
-        Some(now_there) if now_there.last_seen_ns == reply.last_seen_ns => ct::remove(*key),
+    match ct::get(key) {
+        Some(now_there) if now_there.last_seen_ns == reply.last_seen_ns => ct::remove(key),
         _ => false,
     }
 }
@@ -350,9 +427,9 @@ fn free_if_ended(key: &CtKey, now: u64) -> bool {
 /// A packet leaving through an interface: the reply of an unmasqueraded flow gets its
 /// service address back as source.
 #[inline(always)]
-pub fn egress(flow: &Flow, len: u64) -> Verdict {
-    remember_fragment(flow);
-    let Some(entry) = CONNTRACK.get_ptr_mut(flow.key) else {
+pub fn egress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
+    A::remember_fragment(flow);
+    let Some(entry) = A::ct_get_ptr_mut(&flow.key) else {
         return unserved_from_node(flow);
     };
     // SAFETY: as in `ingress`.
@@ -364,7 +441,7 @@ pub fn egress(flow: &Flow, len: u64) -> Verdict {
     // client made to the backend directly from the same port (the backend would not accept
     // one on a tuple it still has a connection on): the tuple is no longer this flow's.
     if entry.state != CT_STATE_NEW && flow.tcp_flags & TCP_SYN != 0 {
-        ct::remove(flow.key);
+        ct::remove(&flow.key);
         return Verdict::Pass;
     }
     let Some((src, dst)) = rewrites(entry, &flow.key, Side::Egress) else {
@@ -383,7 +460,7 @@ pub fn egress(flow: &Flow, len: u64) -> Verdict {
 
 /// Keeps a first fragment's ports for the later fragments of its datagram.
 #[inline(always)]
-fn remember_fragment(flow: &Flow) {
+pub fn remember_fragment(flow: &Flow) {
     if flow.first_fragment {
         let ports = FragPorts {
             sport: flow.key.sport,
@@ -417,7 +494,8 @@ pub fn fragment(frag: &FragKey, len: u64, side: Side) -> Option<Translation> {
         sport: ports.sport,
         dport: ports.dport,
         proto: frag.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad2: 0,
     };
     let (entry, src, dst) = tracked(&key, side)?;
     Some(Translation {
@@ -441,9 +519,8 @@ pub enum Side {
 /// translated there: for packets that only follow a flow (fragments, ICMP errors), whose
 /// entry they do not update.
 #[inline(always)]
-fn tracked(key: &CtKey, side: Side) -> Option<(CtEntry, Rewrite, Rewrite)> {
-    // SAFETY: LRU values stay valid during the program's run; the entry is copied.
-    let entry = (unsafe { CONNTRACK.get(key) }).copied()?;
+fn tracked(key: &CtKey, side: Side) -> Option<(CtEntryOf<[u8; 4]>, Rewrite, Rewrite)> {
+    let entry = ct::get(key)?;
     let (src, dst) = rewrites(&entry, key, side)?;
     Some((entry, src, dst))
 }
@@ -452,13 +529,17 @@ fn tracked(key: &CtKey, side: Side) -> Option<(CtEntry, Rewrite, Rewrite)> {
 /// `side`: ingress translates forward entries and masqueraded replies, egress the replies
 /// of unmasqueraded flows (they leave towards the client). `None`: not translated there.
 #[inline(always)]
-fn rewrites(entry: &CtEntry, key: &CtKey, side: Side) -> Option<(Rewrite, Rewrite)> {
+fn rewrites<A: Family>(
+    entry: &CtEntryOf<A>,
+    key: &CtKeyOf<A>,
+    side: Side,
+) -> Option<(RewriteOf<A>, RewriteOf<A>)> {
     if entry.flags & CT_FLAG_PASS != 0 {
         return None;
     }
     let snat = entry.flags & CT_FLAG_SNAT != 0;
-    let nat = Rewrite::to(entry.nat_addr, entry.nat_port);
-    let peer = Rewrite::to(entry.peer_addr, entry.peer_port);
+    let nat = RewriteOf::to(entry.nat_addr, entry.nat_port);
+    let peer = RewriteOf::to(entry.peer_addr, entry.peer_port);
     match (side, entry.direction) {
         // The client's source stays unless the flow was masqueraded or moved to another
         // source port.
@@ -466,7 +547,7 @@ fn rewrites(entry: &CtEntry, key: &CtKey, side: Side) -> Option<(Rewrite, Rewrit
             if snat || entry.peer_port != key.sport {
                 peer
             } else {
-                Rewrite::NONE
+                RewriteOf::NONE
             },
             nat,
         )),
@@ -477,7 +558,7 @@ fn rewrites(entry: &CtEntry, key: &CtKey, side: Side) -> Option<(Rewrite, Rewrit
             if entry.peer_port != key.dport {
                 peer
             } else {
-                Rewrite::NONE
+                RewriteOf::NONE
             },
         )),
         _ => None,
@@ -499,7 +580,8 @@ pub fn icmp_error(quoted: &CtKey, sender: [u8; 4], side: Side) -> Option<ErrorTr
         sport: quoted.dport,
         dport: quoted.sport,
         proto: quoted.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad2: 0,
     };
     let (entry, src, dst) = tracked(&reply, side)?;
     let outer_src = if src.set && sender == quoted.dst {

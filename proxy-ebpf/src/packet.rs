@@ -1,13 +1,21 @@
-//! IPv4 packets as the datapath sees them: parsed once (tc and XDP) into a TCP/UDP `Flow`,
-//! a later fragment or an ICMP error quoting a flow, and rewritten an end at a time with
-//! incremental checksum updates, over `Frame`.
-use proxy_common::{CtKey, FragKey, IPPROTO_TCP, IPPROTO_UDP};
+//! IPv4 and IPv6 packets as the datapath sees them: parsed once (tc and XDP) into a TCP/UDP
+//! `Flow` (`Flow6`), a later fragment or an ICMP error quoting a flow (IPv4), and rewritten
+//! an end at a time with incremental checksum updates, over `Frame`.
+use proxy_common::{CtKey, CtKeyOf, FragKey, IPPROTO_TCP, IPPROTO_UDP};
 
 pub use crate::frame::Frame;
-use crate::frame::fold;
+use crate::{family::Family, frame::fold};
 
 pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IP6_HDR_LEN: usize = 40;
+/// Extension headers walked before giving up on a packet (more is no traffic of ours).
+const IP6_MAX_EXT_HEADERS: usize = 4;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
 pub const IP_TTL_OFF: usize = ETH_HDR_LEN + 8;
 pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HDR_LEN + 12;
@@ -20,20 +28,25 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// An IPv4 TCP or UDP packet (first fragment or unfragmented) whose headers are whole and
+/// A TCP or UDP packet (first fragment or unfragmented) whose headers are whole and
 /// consistent, so that every rewrite of them succeeds.
-pub struct Flow {
-    pub key: CtKey,
+pub struct FlowOf<A> {
+    pub key: CtKeyOf<A>,
     pub l4_off: usize,
+    /// The IPv4 header's length (options included); IPv6: the fixed header's and its
+    /// extension headers'.
     pub ip_hdr_len: usize,
     /// TCP flags; 0 for UDP.
     pub tcp_flags: u8,
-    /// The first fragment of a datagram (more follow), and its IP id.
+    /// The first fragment of a datagram (more follow), and its IP id (IPv4).
     pub first_fragment: bool,
     pub ip_id: u16,
 }
 
-impl Flow {
+pub type Flow = FlowOf<[u8; 4]>;
+pub type Flow6 = FlowOf<[u8; 16]>;
+
+impl<A> FlowOf<A> {
     pub fn is_tcp(&self) -> bool {
         self.key.proto == IPPROTO_TCP
     }
@@ -147,8 +160,7 @@ pub const ICMP_PORT_UNREACH: u8 = 3;
 /// to the kernel (which drops what is malformed) before any state is recorded for it.
 #[inline(always)]
 pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
-    let ethertype: u16 = ctx.read(12)?;
-    if u16::from_be(ethertype) != ETH_P_IP || ctx.vlan_tagged() {
+    if !is_ipv6(ctx).is_some_and(|v6| !v6) {
         return None;
     }
     let ip: Ipv4Words = ctx.read(ETH_HDR_LEN)?;
@@ -219,7 +231,8 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
             sport: u16::from_be(sport),
             dport: u16::from_be(dport),
             proto,
-            pad: [0; 3],
+            pad: 0,
+            pad2: 0,
         },
         l4_off,
         ip_hdr_len,
@@ -227,6 +240,114 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
         first_fragment: frag & IP_MF != 0,
         ip_id: ip.be16(2),
     }))
+}
+
+/// Whether the frame holds IPv6 (`Some(true)`) or IPv4 (`Some(false)`) for this interface
+/// (not a frame of a VLAN device), else `None`.
+#[inline(always)]
+pub fn is_ipv6<F: Frame>(ctx: &F) -> Option<bool> {
+    let ethertype: u16 = ctx.read(12)?;
+    if ctx.vlan_tagged() {
+        return None;
+    }
+    match u16::from_be(ethertype) {
+        ETH_P_IP => Some(false),
+        ETH_P_IPV6 => Some(true),
+        _ => None,
+    }
+}
+
+/// The fixed IPv6 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Header {
+    version_class_flow: [u8; 4],
+    payload_len: u16,
+    next: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// The start of an extension header: the next header and its length in 8-byte units,
+/// not counting the first 8.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Extension {
+    next: u8,
+    len: u8,
+}
+
+/// The packet, if it is an IPv6 TCP or UDP packet that the kernel itself would accept: its
+/// payload length within the frame, hop-by-hop, routing and destination options headers
+/// skipped (at most `IP6_MAX_EXT_HEADERS`), a TCP data offset of at least 5, a UDP length
+/// within the payload. Fragments, ICMPv6 and anything else are left to the kernel.
+#[inline(always)]
+pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
+    if is_ipv6(ctx) != Some(true) {
+        return None;
+    }
+    let ip: Ipv6Header = ctx.read(ETH_HDR_LEN)?;
+    if ip.version_class_flow[0] >> 4 != 6 {
+        return None;
+    }
+    let payload = u16::from_be(ip.payload_len) as usize;
+    // The frame may be longer (Ethernet padding), never shorter; a zero length is a jumbogram.
+    if payload == 0 || payload > ctx.frame_len().saturating_sub(ETH_HDR_LEN + IP6_HDR_LEN) {
+        return None;
+    }
+    let mut next = ip.next;
+    let mut ip_hdr_len = IP6_HDR_LEN;
+    for _ in 0..IP6_MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext: Ipv6Extension = ctx.read(ETH_HDR_LEN + ip_hdr_len)?;
+                next = ext.next;
+                ip_hdr_len += (ext.len as usize + 1) * 8;
+            }
+            _ => break,
+        }
+    }
+    if next == IPPROTO_FRAGMENT || ip_hdr_len - IP6_HDR_LEN > payload {
+        return None;
+    }
+    let l4_off = ETH_HDR_LEN + ip_hdr_len;
+    let l4_len = payload - (ip_hdr_len - IP6_HDR_LEN);
+    let (sport, dport, tcp_flags) = match next {
+        IPPROTO_TCP => {
+            let tcp: TcpStart = ctx.read(l4_off)?;
+            let tcp_hdr_len = (tcp.data_off >> 4) as usize * 4;
+            if tcp_hdr_len < TCP_HDR_MIN_LEN || tcp_hdr_len > l4_len {
+                return None;
+            }
+            (tcp.sport, tcp.dport, tcp.flags)
+        }
+        IPPROTO_UDP => {
+            let udp: UdpHeader = ctx.read(l4_off)?;
+            let udp_len = u16::from_be(udp.len) as usize;
+            if udp_len < UDP_HDR_LEN || udp_len > l4_len {
+                return None;
+            }
+            (udp.sport, udp.dport, 0)
+        }
+        _ => return None,
+    };
+    Some(Flow6 {
+        key: CtKeyOf {
+            src: ip.src,
+            dst: ip.dst,
+            sport: u16::from_be(sport),
+            dport: u16::from_be(dport),
+            proto: next,
+            pad: 0,
+            pad2: 0,
+        },
+        l4_off,
+        ip_hdr_len,
+        tcp_flags,
+        first_fragment: false,
+        ip_id: 0,
+    })
 }
 
 /// The ICMP error at `icmp_off` (`len` bytes of ICMP message), if it quotes at least the
@@ -269,7 +390,8 @@ fn parse_icmp_error<F: Frame>(
             sport: u16::from_be(ports[0]),
             dport: u16::from_be(ports[1]),
             proto,
-            pad: [0; 3],
+            pad: 0,
+            pad2: 0,
         },
         icmp_off,
         inner_ip_off,
@@ -281,22 +403,24 @@ fn parse_icmp_error<F: Frame>(
 /// A new address and port for one end of a packet, if `set`. Not an `Option`: the verifier
 /// rejects the uninitialised payload of a `None` when the compiler spills it.
 #[derive(Clone, Copy)]
-pub struct Rewrite {
+pub struct RewriteOf<A> {
     pub set: bool,
-    pub addr: [u8; 4],
+    pub addr: A,
     pub port: u16,
 }
 
-impl Rewrite {
-    pub const NONE: Rewrite = Rewrite {
+pub type Rewrite = RewriteOf<[u8; 4]>;
+
+impl<A: Family> RewriteOf<A> {
+    pub const NONE: Self = RewriteOf {
         set: false,
-        addr: [0; 4],
+        addr: A::ZERO,
         port: 0,
     };
 
     #[inline(always)]
-    pub fn to(addr: [u8; 4], port: u16) -> Self {
-        Rewrite {
+    pub fn to(addr: A, port: u16) -> Self {
+        RewriteOf {
             set: true,
             addr,
             port,
@@ -323,13 +447,13 @@ pub enum Endpoint {
     Destination,
 }
 
-impl Flow {
+impl<A: Family> FlowOf<A> {
     /// Offsets of an endpoint's address and port, and its current values.
     #[inline(always)]
-    pub fn endpoint(&self, which: Endpoint) -> (usize, usize, [u8; 4], u16) {
+    pub fn endpoint(&self, which: Endpoint) -> (usize, usize, A, u16) {
         match which {
-            Endpoint::Source => (IP_SRC_OFF, self.l4_off, self.key.src, self.key.sport),
-            Endpoint::Destination => (IP_DST_OFF, self.l4_off + 2, self.key.dst, self.key.dport),
+            Endpoint::Source => (A::SRC_OFF, self.l4_off, self.key.src, self.key.sport),
+            Endpoint::Destination => (A::DST_OFF, self.l4_off + 2, self.key.dst, self.key.dport),
         }
     }
 
@@ -342,16 +466,19 @@ impl Flow {
 
 /// Rewrites one end of the packet, address and port, with the IP and L4 checksums.
 #[inline(always)]
-pub fn rewrite<F: Frame>(ctx: &F, flow: &Flow, which: Endpoint, to: Rewrite) -> Option<()> {
+pub fn rewrite<F: Frame, A: Family>(
+    ctx: &F,
+    flow: &FlowOf<A>,
+    which: Endpoint,
+    to: RewriteOf<A>,
+) -> Option<()> {
     if !to.set {
         return Some(());
     }
     let (addr_off, port_off, old_addr, old_port) = flow.endpoint(which);
     let csum_off = flow.l4_csum_off();
     let udp = !flow.is_tcp();
-    ctx.update_l4_csum_addr(csum_off, old_addr, to.addr, udp)?;
-    ctx.update_ip_csum32(old_addr, to.addr)?;
-    ctx.write(addr_off, &to.addr)?;
+    A::rewrite_address(ctx, addr_off, old_addr, to.addr, csum_off, udp)?;
     let new_port = to.port.to_be();
     ctx.update_l4_csum_port(csum_off, old_port.to_be(), new_port, udp)?;
     ctx.write(port_off, &new_port)

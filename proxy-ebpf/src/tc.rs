@@ -7,15 +7,17 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{DropReason, FragKey, HOOK_TC, XDP_META_NOTHING_FOR_US, XdpMeta};
+use proxy_common::{DropReason, FragKey, HOOK_TC, ServiceKey6, XDP_META_NOTHING_FOR_US, XdpMeta};
 
 use crate::{
+    family::Family,
     icmp,
-    lb::{self, Dropped},
+    lb::{self, Dropped, EventFlow},
     nat::{self, Side, Translation, Verdict},
     packet::{
-        self, Endpoint, ErrorTranslation, Flow, Frame, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH,
-        ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, IPPROTO_ICMP, IcmpError, Packet,
+        self, Endpoint, ErrorTranslation, Flow, FlowOf, Frame, ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IcmpError,
+        Packet,
     },
     route,
 };
@@ -60,19 +62,96 @@ pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// A packet the program began to change and could not finish is dropped: half-rewritten,
-/// it would carry a wrong checksum or address.
+/// IPv4 and IPv6 each have functions of their own (BPF subprograms, each with its own
+/// stack frame): inlined together, they would not fit the 512-byte stack. IPv6's tracked
+/// flows and new flows are two calls, one after the other, for the same reason: one
+/// calling the other would add their frames up.
 #[inline(always)]
 fn run(ctx: &TcContext, side: Side) -> i32 {
+    match packet::is_ipv6(ctx) {
+        Some(true) => match tracked6(ctx, side) {
+            NEW_FLOW => match choose6(ctx) {
+                picked if picked >> 32 != 0 => record6(ctx, picked),
+                action => action as i32,
+            },
+            action => action,
+        },
+        Some(false) => run4(ctx, side),
+        None => TC_ACT_OK,
+    }
+}
+
+/// `tracked6`'s answer for a packet that `new_flow6` must see.
+const NEW_FLOW: i32 = i32::MIN;
+
+/// An IPv6 packet of a tracked flow (ingress), or any leaving one (egress). A packet the
+/// program began to change and could not finish is dropped: half-rewritten, it would carry
+/// a wrong checksum or address.
+#[inline(never)]
+fn tracked6(ctx: &TcContext, side: Side) -> i32 {
+    let Some(flow) = packet::parse6(ctx) else {
+        return TC_ACT_OK;
+    };
+    let len = ctx.len() as u64;
+    let verdict = match side {
+        Side::Ingress => match nat::tracked_ingress(&flow, len) {
+            Some(verdict) => verdict,
+            None => return NEW_FLOW,
+        },
+        Side::Egress => nat::egress(&flow, len),
+    };
+    apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
+}
+
+/// The first IPv6 packet of a flow, arriving: `nat::new_flow` in two halves, each parsing
+/// the packet again (a frame of its own is what they are for). The first chooses the
+/// backend and returns the service port and backend ids (`id << 32 | backend id`; service
+/// ids start at 1), or, with nothing to record, the packet's tc action (the upper half 0).
+#[inline(never)]
+fn choose6(ctx: &TcContext) -> u64 {
+    let Some(flow) = packet::parse6(ctx) else {
+        return TC_ACT_OK as u64;
+    };
+    match nat::choose(&flow, lb::now_ns()) {
+        nat::Choice::Chosen(svc, chosen) => u64::from(svc.id) << 32 | u64::from(chosen.backend_id),
+        nat::Choice::Done(verdict) => apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT) as u64,
+    }
+}
+
+/// The second half: the flow recorded with the backend `choose6` picked. Service and
+/// backend are looked up again by their ids (what a subprogram can be handed); if either
+/// changed meanwhile, the packet waits for its retransmission, balanced anew.
+#[inline(never)]
+fn record6(ctx: &TcContext, picked: u64) -> i32 {
+    let Some(flow) = packet::parse6(ctx) else {
+        return TC_ACT_OK;
+    };
+    let (service_id, backend_id) = ((picked >> 32) as u32, picked as u32);
+    let service = ServiceKey6::new(flow.key.dst, flow.key.dport, flow.key.proto);
+    let chosen = lb::service_for(&service)
+        .filter(|svc| svc.id == service_id)
+        .and_then(|svc| {
+            // SAFETY: copied out at once.
+            let backend = unsafe { *<[u8; 16] as Family>::backends().get(backend_id)? };
+            Some((
+                svc,
+                lb::Chosen {
+                    backend_id,
+                    backend,
+                },
+            ))
+        });
+    let Some((svc, chosen)) = chosen else {
+        return TC_ACT_SHOT;
+    };
+    let verdict = nat::record(&flow, ctx.len() as u64, lb::now_ns(), &svc, &chosen);
+    apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
+}
+
+#[inline(never)]
+fn run4(ctx: &TcContext, side: Side) -> i32 {
     match packet::parse(ctx) {
-        Some(Packet::Transport(flow)) => {
-            let len = ctx.len() as u64;
-            let verdict = match side {
-                Side::Ingress => nat::ingress(&flow, len),
-                Side::Egress => nat::egress(&flow, len),
-            };
-            apply(ctx, &flow, verdict)
-        }
+        Some(Packet::Transport(flow)) => transport(ctx, &flow, side),
         Some(Packet::Fragment(frag)) => match nat::fragment(&frag, ctx.len() as u64, side) {
             Some(t) => translate_fragment(ctx, &frag, t),
             None => Some(TC_ACT_OK),
@@ -86,8 +165,27 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
     .unwrap_or(TC_ACT_SHOT)
 }
 
+/// A TCP or UDP packet of either family: translated as its flow says.
 #[inline(always)]
-fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Option<i32> {
+fn transport<A: Family>(ctx: &TcContext, flow: &FlowOf<A>, side: Side) -> Option<i32>
+where
+    FlowOf<A>: Answer,
+    proxy_common::CtKeyOf<A>: EventFlow + Copy,
+{
+    let len = ctx.len() as u64;
+    let verdict = match side {
+        Side::Ingress => nat::ingress(flow, len),
+        Side::Egress => nat::egress(flow, len),
+    };
+    apply(ctx, flow, verdict)
+}
+
+#[inline(always)]
+fn apply<A: Family>(ctx: &TcContext, flow: &FlowOf<A>, verdict: Verdict<A>) -> Option<i32>
+where
+    FlowOf<A>: Answer,
+    proxy_common::CtKeyOf<A>: EventFlow + Copy,
+{
     match verdict {
         Verdict::Pass => Some(TC_ACT_OK),
         Verdict::Drop(reason, service_id) => {
@@ -101,29 +199,46 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Option<i32> {
                 flow.key,
                 HOOK_TC,
             ));
-            answer(ctx, flow, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
+            flow.answer(ctx, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
         }
         Verdict::Translate(t) => {
             // A packet we would route ourselves whose TTL runs out here gets the answer a
             // router gives (traceroute through a masqueraded node port), quoting it as the
             // client sent it.
-            if t.route && ctx.read::<u8>(IP_TTL_OFF)? <= 1 {
-                return answer(ctx, flow, ICMP_TIME_EXCEEDED, 0);
+            let route = A::MASQUERADES && t.route;
+            if route && ctx.read::<u8>(A::TTL_OFF)? <= 1 {
+                return flow.answer(ctx, ICMP_TIME_EXCEEDED, 0);
             }
             lb::count(t.service_id, t.backend_id, t.counters);
             packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)?;
             packet::rewrite(ctx, flow, Endpoint::Source, t.src)?;
-            sent_on(ctx, t.route, flow.key.proto, t.service_id)
+            sent_on(ctx, route, flow.key.proto, t.service_id)
         }
     }
 }
 
+/// The ICMP error a flow's packet is turned into, back to its sender.
+trait Answer {
+    fn answer(&self, ctx: &TcContext, kind: u8, code: u8) -> Option<i32>;
+}
+
 /// Turns the packet into an ICMP error back to its sender, out of the interface it came in on.
-#[inline(always)]
-fn answer(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Option<i32> {
-    icmp::into_icmp_error(ctx, flow, kind, code).ok()?;
-    // SAFETY: valid context.
-    Some(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
+impl Answer for Flow {
+    #[inline(always)]
+    fn answer(&self, ctx: &TcContext, kind: u8, code: u8) -> Option<i32> {
+        icmp::into_icmp_error(ctx, self, kind, code).ok()?;
+        // SAFETY: valid context.
+        Some(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
+    }
+}
+
+/// ICMPv6 errors are not written yet: the packet is dropped (counted, and shown by
+/// `proxyctl monitor`), and the client times out.
+impl Answer for packet::Flow6 {
+    #[inline(always)]
+    fn answer(&self, _: &TcContext, _: u8, _: u8) -> Option<i32> {
+        Some(TC_ACT_SHOT)
+    }
 }
 
 #[inline(always)]

@@ -265,7 +265,8 @@ fn per_packet(n: usize, runs: u32) -> anyhow::Result<Datapoint> {
         sport: 40000,
         dport: 80,
         proto: 6,
-        pad: [0; 3],
+        pad: 0,
+        pad2: 0,
     };
     let entry = conntrack.get(&key, 0).context("the flow's forward entry")?;
     conntrack.insert(
@@ -775,7 +776,8 @@ fn fill_conntrack(dir: &Path, flows: usize) -> anyhow::Result<()> {
             sport: i as u16,
             dport: 80,
             proto: 6,
-            pad: [0; 3],
+            pad: 0,
+            pad2: 0,
         };
         let entry = CtEntry {
             state: proxy_common::CT_STATE_ESTABLISHED,
@@ -827,7 +829,7 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
     let mut workers = Vec::new();
     if let Load::Busy(flows) = load {
         fill_conntrack(&pins.0, flows)?;
-        let mut conntrack = proxy::maps::open(&pins.0, maps::CONNTRACK)?;
+        let mut conntrack = proxy::conntrack::Conntracks::open(&pins.0)?;
         let account = proxy::ct_account::CtAccount::open(&pins.0)?;
         let stopped = stop.clone();
         workers.push(std::thread::spawn(move || {

@@ -115,6 +115,9 @@ const FOLLOW_INTERFACES_EVERY: Duration = Duration::from_secs(1);
 
 /// `/livez` fails when the loop has not gone round for three heartbeats, and never sooner.
 const MIN_STALL: Duration = Duration::from_secs(30);
+/// The `ip_family` label values of the per-family conntrack series, in `Conntracks` order.
+const FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
+
 /// At most one warning a minute about flows lost to a full conntrack map.
 const EVICTION_WARNING_EVERY: Duration = Duration::from_secs(60);
 
@@ -639,17 +642,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             reconciler.len()
         );
     }
-    let mut conntrack = crate::maps::open(&config.bpffs, proxy_common::maps::CONNTRACK)?;
+    let mut conntrack = conntrack::Conntracks::open(&config.bpffs)?;
     let ct_account = CtAccount::open(&config.bpffs)?;
-    let entries = crate::map_batch::count(&conntrack).unwrap_or(0);
+    let entries = crate::map_batch::count(&conntrack.v4).unwrap_or(0)
+        + crate::map_batch::count(&conntrack.v6).unwrap_or(0);
     ct_account.start_from(entries);
     // Evictions before this agent started are counted, not warned about.
     let mut evicted_before =
         crate::ct_account::evicted(ct_account.read(), ct_account.read(), entries);
     if reconciler.is_empty() {
         // A first start on this node, maybe beside kube-proxy: its UDP flows stay its own.
-        match crate::kernel_flows::pass_translated_udp(&mut conntrack, crate::clock::monotonic_ns())
-        {
+        match crate::kernel_flows::pass_translated_udp(
+            &mut conntrack.v4,
+            crate::clock::monotonic_ns(),
+        ) {
             Ok(0) => {}
             Ok(n) => {
                 ct_account.add_created(n as u64);
@@ -663,14 +669,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ),
         }
     }
-    // The pinned map's own: one created by an earlier agent keeps its size.
-    let conntrack_capacity = aya::maps::IterableMap::map(&conntrack)
-        .info()
-        .context("reading the conntrack map's definition")?
-        .max_entries();
-    metrics
-        .conntrack_capacity
-        .set(i64::from(conntrack_capacity));
+    let conntrack_capacities = conntrack
+        .capacities()
+        .context("reading the conntrack maps' definitions")?;
+    for (family, capacity) in FAMILIES.iter().zip(conntrack_capacities) {
+        metrics
+            .conntrack_capacity
+            .with_label_values(&[family])
+            .set(i64::from(capacity));
+        // Exported before the first collection counts them.
+        metrics
+            .conntrack_entries
+            .with_label_values(&[family])
+            .set(0);
+    }
     let proxy_health = ProxyHealth {
         state,
         max_lag: config.healthz_max_lag,
@@ -735,7 +747,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ct_account,
         config.conntrack_gc_interval,
         move |report| {
-            metrics.conntrack_entries.set(report.entries as i64);
+            for (family, entries) in FAMILIES.iter().zip(report.entries) {
+                metrics
+                    .conntrack_entries
+                    .with_label_values(&[family])
+                    .set(entries as i64);
+            }
             metrics.conntrack_expired.inc_by(report.expired as u64);
             let counted = metrics.conntrack_evicted.get();
             metrics
@@ -745,7 +762,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             evicted_before = evicted_before.max(report.evicted);
             let now = std::time::Instant::now();
             if let Some(warning) =
-                evictions.note(new as usize, report.entries, conntrack_capacity, now)
+                evictions.note(new as usize, report.entries, conntrack_capacities, now)
             {
                 warn!("{warning}");
             }

@@ -1,23 +1,54 @@
-//! Garbage collection of our conntrack map: a flow's two entries expire together once
-//! both have been idle longer than the flow's timeout (by protocol and TCP state). The LRU
-//! map also evicts the least recently used entries when it is full: each collection counts
-//! those (`ct_account`) and removes what is left of a flow that lost one entry so.
+//! Garbage collection of our conntrack maps (one per address family): a flow's two entries
+//! expire together once both have been idle longer than the flow's timeout (by protocol and
+//! TCP state). An LRU map also evicts the least recently used entries when it is full: each
+//! collection counts those (`ct_account`, shared by the two maps) and removes what is left of
+//! a flow that lost one entry so.
 use std::{
     collections::HashMap,
+    hash::Hash,
+    path::Path,
     time::{Duration, Instant},
 };
 
-use aya::maps::MapData;
+use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::ct_account::{CtAccount, evicted};
-use proxy_common::{CT_FLAG_PASS, CT_STATE_CLOSING, CtEntry, CtKey, ct_flow_timeout_secs};
+use proxy_common::{
+    CT_FLAG_PASS, CT_STATE_CLOSING, CtEntry, CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf,
+    ct_flow_timeout_secs, maps,
+};
+
+/// The conntrack maps, IPv4 and IPv6.
+pub struct Conntracks {
+    pub v4: BpfHashMap<MapData, CtKey, CtEntry>,
+    pub v6: BpfHashMap<MapData, CtKey6, CtEntry6>,
+}
+
+impl Conntracks {
+    pub fn open(bpffs: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            v4: crate::maps::open(bpffs, maps::CONNTRACK)?,
+            v6: crate::maps::open(bpffs, maps::CONNTRACK6)?,
+        })
+    }
+
+    /// Each map's capacity (the pinned map's own: one created by an earlier agent keeps its
+    /// size), IPv4's then IPv6's.
+    pub fn capacities(&self) -> anyhow::Result<[u32; 2]> {
+        use aya::maps::IterableMap as _;
+        Ok([
+            self.v4.map().info()?.max_entries(),
+            self.v6.map().info()?.max_entries(),
+        ])
+    }
+}
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
-    /// Entries left in the map.
-    pub entries: usize,
+    /// Entries left in each map, IPv4's then IPv6's.
+    pub entries: [usize; 2],
     /// Entries of flows idle past their timeout, and the remaining entries of live flows
     /// whose other entry was evicted (a flow cannot work on one; a UDP flow then starts
     /// afresh with its next datagram): both removed.
@@ -27,12 +58,12 @@ pub struct GcReport {
 }
 
 /// What one collection removes from a map read at `read_at_ns`.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Garbage {
+#[derive(Debug, PartialEq, Eq)]
+pub struct Garbage<A> {
     /// Entries of flows idle past their timeout.
-    pub expired: Vec<CtKey>,
+    pub expired: Vec<CtKeyOf<A>>,
     /// The remaining entry of each live flow that lost the other.
-    pub orphaned: Vec<CtKey>,
+    pub orphaned: Vec<CtKeyOf<A>>,
 }
 
 /// Sorts `entries`, read whole starting at `read_at_ns`, into garbage: flows idle past their
@@ -40,8 +71,15 @@ pub struct Garbage {
 /// lost one only if its remaining entry was last used before the read began (a flow made
 /// during the read may show one entry only), is not a pass entry (those come alone) and is
 /// not closing (a closing flow's entries are removed one at a time by the datapath).
-pub fn garbage(entries: &HashMap<CtKey, CtEntry>, read_at_ns: u64, now_ns: u64) -> Garbage {
-    let mut found = Garbage::default();
+pub fn garbage<A: Copy + Eq + Hash>(
+    entries: &HashMap<CtKeyOf<A>, CtEntryOf<A>>,
+    read_at_ns: u64,
+    now_ns: u64,
+) -> Garbage<A> {
+    let mut found = Garbage {
+        expired: Vec::new(),
+        orphaned: Vec::new(),
+    };
     for (key, entry) in entries {
         let peer = entries.get(&key.peer(entry));
         let last_seen = peer.map_or(entry.last_seen_ns, |p| {
@@ -65,39 +103,62 @@ pub fn garbage(entries: &HashMap<CtKey, CtEntry>, read_at_ns: u64, now_ns: u64) 
     found
 }
 
-/// One collection; `None` if the map could not be read this pass (it is read at the next):
-/// an unread map would look empty, and every entry in it evicted.
-pub fn collect_garbage(
-    conntrack: &mut aya::maps::HashMap<MapData, CtKey, CtEntry>,
-    account: &CtAccount,
-) -> Option<GcReport> {
-    let before = account.read();
-    let read_at = crate::clock::monotonic_ns();
-    let entries: HashMap<CtKey, CtEntry> = crate::map_batch::read_all(conntrack)
-        .ok()?
-        .into_iter()
-        .collect();
-    let evicted = evicted(before, account.read(), entries.len() as u64);
-    let found = garbage(&entries, read_at, crate::clock::monotonic_ns());
+/// One map's entries, read whole.
+fn read<A>(
+    map: &BpfHashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
+) -> Option<HashMap<CtKeyOf<A>, CtEntryOf<A>>>
+where
+    A: Copy + Eq + Hash,
+    CtKeyOf<A>: aya::Pod,
+    CtEntryOf<A>: aya::Pod,
+{
+    Some(crate::map_batch::read_all(map).ok()?.into_iter().collect())
+}
+
+/// Removes `entries`' garbage from `map`: how many entries it removed, and how many were
+/// garbage.
+fn sweep<A>(
+    map: &mut BpfHashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
+    entries: &HashMap<CtKeyOf<A>, CtEntryOf<A>>,
+    read_at: u64,
+) -> (u64, usize)
+where
+    A: Copy + Eq + Hash,
+    CtKeyOf<A>: aya::Pod,
+    CtEntryOf<A>: aya::Pod,
+{
+    let found = garbage(entries, read_at, crate::clock::monotonic_ns());
     let mut removed = 0;
     for key in found.expired.iter().chain(&found.orphaned) {
         // The datapath may have refreshed or evicted it meanwhile; either way is fine.
-        removed += u64::from(conntrack.remove(key).is_ok());
+        removed += u64::from(map.remove(key).is_ok());
     }
-    account.add_deleted(removed);
-    let garbage = found.expired.len() + found.orphaned.len();
+    (removed, found.expired.len() + found.orphaned.len())
+}
+
+/// One collection; `None` if a map could not be read this pass (it is read at the next):
+/// an unread map would look empty, and every entry in it evicted.
+pub fn collect_garbage(conntrack: &mut Conntracks, account: &CtAccount) -> Option<GcReport> {
+    let before = account.read();
+    let read_at = crate::clock::monotonic_ns();
+    let v4 = read(&conntrack.v4)?;
+    let v6 = read(&conntrack.v6)?;
+    let evicted = evicted(before, account.read(), (v4.len() + v6.len()) as u64);
+    let (removed4, garbage4) = sweep(&mut conntrack.v4, &v4, read_at);
+    let (removed6, garbage6) = sweep(&mut conntrack.v6, &v6, read_at);
+    account.add_deleted(removed4 + removed6);
     Some(GcReport {
-        entries: entries.len() - garbage,
-        expired: garbage,
+        entries: [v4.len() - garbage4, v6.len() - garbage6],
+        expired: garbage4 + garbage6,
         evicted,
     })
 }
 
-/// Collects garbage every `interval` on a background thread, so that scanning the map
+/// Collects garbage every `interval` on a background thread, so that scanning the maps
 /// never delays programming; `report` gets the outcome of every pass. The receiver hears
 /// only if the thread ends (it panicked).
 pub fn collect_garbage_every(
-    mut conntrack: aya::maps::HashMap<MapData, CtKey, CtEntry>,
+    mut conntrack: Conntracks,
     account: CtAccount,
     interval: std::time::Duration,
     mut report: impl FnMut(GcReport) + Send + 'static,
@@ -129,12 +190,14 @@ impl EvictionWarnings {
         }
     }
 
-    /// Notes `evicted` more entries evicted at `now`; the warning to log, if one is due.
+    /// Notes `evicted` more entries evicted at `now`, with each map's (IPv4's, IPv6's)
+    /// entries and capacity; the warning to log, if one is due. It names the fuller map:
+    /// an LRU map evicts only when full.
     pub fn note(
         &mut self,
         evicted: usize,
-        entries: usize,
-        capacity: u32,
+        entries: [usize; 2],
+        capacities: [u32; 2],
         now: Instant,
     ) -> Option<String> {
         self.unreported += evicted;
@@ -143,10 +206,14 @@ impl EvictionWarnings {
         }
         self.last = Some(now);
         let lost = std::mem::take(&mut self.unreported);
+        let fill = |i: usize| entries[i] as f64 / f64::from(capacities[i].max(1));
+        let i = usize::from(fill(1) > fill(0));
+        let (entries, capacity) = (entries[i], capacities[i]);
+        let map = [maps::CONNTRACK, maps::CONNTRACK6][i];
         Some(format!(
-            "conntrack map full: {lost} entries of live flows evicted to make room, each \
-             breaking its flow ({entries} of {capacity} entries in use); raise --map-size {}={}",
-            proxy_common::maps::CONNTRACK,
+            "conntrack map {map} full: {lost} entries of live flows evicted to make room, each \
+             breaking its flow ({entries} of {capacity} entries in use); raise --map-size \
+             {map}={}",
             u64::from(capacity) * 2
         ))
     }
@@ -178,7 +245,8 @@ mod tests {
             sport: 40000,
             dport: 80,
             proto,
-            pad: [0; 3],
+            pad: 0,
+            pad2: 0,
         };
         let forward = CtEntry {
             nat_addr: [10, 244, 0, 2],
@@ -284,19 +352,26 @@ mod tests {
     }
 
     #[test]
-    fn eviction_warnings_are_rate_limited_and_count_what_they_held_back() {
+    fn eviction_warnings_are_rate_limited_count_what_they_held_back_and_name_the_full_map() {
         let mut warnings = EvictionWarnings::new(Duration::from_secs(60));
         let t0 = Instant::now();
-        assert_eq!(warnings.note(0, 10, 64, t0), None);
-        let first = warnings.note(3, 64, 64, t0).unwrap();
+        let caps = [64, 32];
+        assert_eq!(warnings.note(0, [10, 0], caps, t0), None);
+        let first = warnings.note(3, [64, 1], caps, t0).unwrap();
         assert!(
             first.contains("3 entries") && first.contains("conntrack=128"),
             "{first}"
         );
-        assert_eq!(warnings.note(5, 64, 64, t0 + Duration::from_secs(30)), None);
+        assert_eq!(
+            warnings.note(5, [64, 1], caps, t0 + Duration::from_secs(30)),
+            None
+        );
         let next = warnings
-            .note(1, 64, 64, t0 + Duration::from_secs(61))
+            .note(1, [10, 32], caps, t0 + Duration::from_secs(61))
             .unwrap();
-        assert!(next.contains("6 entries"), "{next}");
+        assert!(
+            next.contains("6 entries") && next.contains("conntrack6=64"),
+            "{next}"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! conntrack, map fill and the agent's status. They work while the agent is down.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -10,13 +10,15 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray};
 use proxy_common::{
     AgentStatus, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, Counters, CtEntry, CtKey, DropReason, SCOPE_ALL, SVC_FLAG_AFFINITY,
-    SVC_FLAG_DROP_IF_EMPTY, ServiceInfo, ServiceValue, SlotKey, UNUSED_NOT_LOCAL, UnusedKey, maps,
+    CT_STATE_ESTABLISHED, Counters, CtEntry, CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf,
+    DropReason, SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, ServiceInfo, ServiceValue,
+    SlotKey, UNUSED_NOT_LOCAL, UnusedKey, maps,
 };
 use serde::Serialize;
 
 use crate::{
     clock::{monotonic_ns, unix_now},
+    conntrack::Conntracks,
     desired::{Frontend, unused_reason},
     family::{Backend, ServiceKey, UnusedEndpoint, frontend_text, socket_text},
     link_target::LinkTarget,
@@ -322,8 +324,25 @@ impl ServiceQuery {
     }
 }
 
-fn open_conntrack(dir: &Path) -> anyhow::Result<BpfHashMap<MapData, CtKey, CtEntry>> {
-    open(dir, maps::CONNTRACK)
+/// Every forward entry of the conntrack map of family `A`.
+fn forward_entries<A>(
+    map: &BpfHashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
+    name: &str,
+) -> anyhow::Result<Vec<(CtKeyOf<A>, CtEntryOf<A>)>>
+where
+    CtKeyOf<A>: aya::Pod,
+    CtEntryOf<A>: aya::Pod,
+{
+    let mut forward = Vec::new();
+    map_batch::for_each_chunk(map, |keys, entries| {
+        let chunk = keys
+            .iter()
+            .zip(entries)
+            .filter(|(_, e)| e.direction == CT_FORWARD);
+        forward.extend(chunk.map(|(k, e)| (*k, *e)));
+    })
+    .with_context(|| format!("reading map {name}"))?;
+    Ok(forward)
 }
 
 #[derive(Debug, Serialize)]
@@ -348,21 +367,22 @@ pub struct ActiveFlows(HashMap<(u32, u32), u64>);
 
 impl ActiveFlows {
     pub fn read(dir: &Path) -> anyhow::Result<Self> {
-        let conntrack = open_conntrack(dir)?;
+        let conntrack = Conntracks::open(dir)?;
         let mut active = HashMap::new();
-        map_batch::for_each_chunk(&conntrack, |_, entries| {
-            let open = entries.iter().filter(|e| {
-                e.direction == CT_FORWARD
-                    && e.state != CT_STATE_CLOSING
-                    && e.flags & CT_FLAG_PASS == 0
-            });
-            for entry in open {
-                *active
-                    .entry((entry.rev_nat_id, entry.backend_id))
-                    .or_default() += 1;
+        let v4 = forward_entries(&conntrack.v4, maps::CONNTRACK)?;
+        let v6 = forward_entries(&conntrack.v6, maps::CONNTRACK6)?;
+        let ids = v4
+            .iter()
+            .map(|(_, e)| (e.state, e.flags, e.rev_nat_id, e.backend_id));
+        let ids = ids.chain(
+            v6.iter()
+                .map(|(_, e)| (e.state, e.flags, e.rev_nat_id, e.backend_id)),
+        );
+        for (state, flags, service_id, backend_id) in ids {
+            if state != CT_STATE_CLOSING && flags & CT_FLAG_PASS == 0 {
+                *active.entry((service_id, backend_id)).or_default() += 1;
             }
-        })
-        .context("reading map conntrack")?;
+        }
         Ok(Self(active))
     }
 
@@ -570,20 +590,64 @@ fn state_name(state: u8) -> &'static str {
     }
 }
 
-/// Flows in our conntrack (one row per flow: its forward entry), of one service's ports if
-/// `ids` is given.
+/// The keys of a flow's two entries, in its family's map.
+#[derive(Clone, Copy, Debug)]
+pub enum FlowKeys {
+    V4(CtKey, CtKey),
+    V6(CtKey6, CtKey6),
+}
+
+/// A flow's forward entry with its addresses as `IpAddr`s, and its entries' keys.
+fn as_flow<A: Copy + Into<IpAddr>>(
+    key: CtKeyOf<A>,
+    entry: CtEntryOf<A>,
+    keys: fn(CtKeyOf<A>, CtKeyOf<A>) -> FlowKeys,
+) -> (CtKeyOf<IpAddr>, CtEntryOf<IpAddr>, FlowKeys) {
+    let flow_keys = keys(key, key.peer(&entry));
+    let key = CtKeyOf {
+        src: key.src.into(),
+        dst: key.dst.into(),
+        sport: key.sport,
+        dport: key.dport,
+        proto: key.proto,
+        pad: 0,
+        pad2: 0,
+    };
+    let entry = CtEntryOf {
+        nat_addr: entry.nat_addr.into(),
+        peer_addr: entry.peer_addr.into(),
+        nat_port: entry.nat_port,
+        direction: entry.direction,
+        state: entry.state,
+        rev_nat_id: entry.rev_nat_id,
+        backend_id: entry.backend_id,
+        peer_port: entry.peer_port,
+        flags: entry.flags,
+        pad: entry.pad,
+        last_seen_ns: entry.last_seen_ns,
+    };
+    (key, entry, flow_keys)
+}
+
+/// Flows in our conntrack maps (one row per flow: its forward entry), of one service's
+/// ports if `ids` is given.
 pub fn flows(
     maps: &Maps,
     dir: &Path,
     ids: Option<&[u32]>,
-) -> anyhow::Result<Vec<(CtKey, CtEntry, FlowRow)>> {
-    let conntrack = open_conntrack(dir)?;
+) -> anyhow::Result<Vec<(FlowKeys, FlowRow)>> {
+    let conntrack = Conntracks::open(dir)?;
     let now = monotonic_ns();
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut rows = Vec::new();
-    for (key, entry) in map_batch::read_all(&conntrack).context("reading map conntrack")? {
-        if entry.direction != CT_FORWARD || ids.is_some_and(|ids| !ids.contains(&entry.rev_nat_id))
-        {
+    let v4 = forward_entries(&conntrack.v4, maps::CONNTRACK)?
+        .into_iter()
+        .map(|(k, e)| as_flow(k, e, FlowKeys::V4));
+    let v6 = forward_entries(&conntrack.v6, maps::CONNTRACK6)?
+        .into_iter()
+        .map(|(k, e)| as_flow(k, e, FlowKeys::V6));
+    for (key, entry, keys) in v4.chain(v6) {
+        if ids.is_some_and(|ids| !ids.contains(&entry.rev_nat_id)) {
             continue;
         }
         let service = if entry.flags & CT_FLAG_PASS != 0 {
@@ -601,32 +665,35 @@ pub fn flows(
         };
         let row = FlowRow {
             protocol: protocol(key.proto),
-            client: format!("{}:{}", Ipv4Addr::from(key.src), key.sport),
-            service_address: format!("{}:{}", Ipv4Addr::from(key.dst), key.dport),
-            backend: format!("{}:{}", Ipv4Addr::from(entry.nat_addr), entry.nat_port),
+            client: socket_text(key.src, key.sport),
+            service_address: socket_text(key.dst, key.dport),
+            backend: socket_text(entry.nat_addr, entry.nat_port),
             masqueraded_as: (entry.flags & CT_FLAG_SNAT != 0
                 || (entry.peer_addr, entry.peer_port) != (key.src, key.sport))
-                .then(|| format!("{}:{}", Ipv4Addr::from(entry.peer_addr), entry.peer_port)),
+                .then(|| socket_text(entry.peer_addr, entry.peer_port)),
             service,
             state: state_name(entry.state),
             idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
         };
-        rows.push((key, entry, row));
+        rows.push((keys, row));
     }
-    rows.sort_by(|a, b| (&a.2.service, &a.2.client).cmp(&(&b.2.service, &b.2.client)));
+    rows.sort_by(|a, b| (&a.1.service, &a.1.client).cmp(&(&b.1.service, &b.1.client)));
     Ok(rows)
 }
 
 /// Deletes flows (both entries of each); returns how many flows.
 pub fn flush(maps: &Maps, dir: &Path, ids: Option<&[u32]>) -> anyhow::Result<usize> {
     let flows = flows(maps, dir, ids)?;
-    let mut conntrack = open_conntrack(dir)?;
+    let mut conntrack = Conntracks::open(dir)?;
     let account = crate::ct_account::CtAccount::open(dir)?;
     let mut removed = 0;
-    for (key, entry, _) in &flows {
+    for (keys, _) in &flows {
         // Gone already (expired, evicted) is fine.
-        removed += u64::from(conntrack.remove(key).is_ok());
-        removed += u64::from(conntrack.remove(&key.peer(entry)).is_ok());
+        let gone = match keys {
+            FlowKeys::V4(a, b) => [conntrack.v4.remove(a), conntrack.v4.remove(b)],
+            FlowKeys::V6(a, b) => [conntrack.v6.remove(a), conntrack.v6.remove(b)],
+        };
+        removed += gone.iter().filter(|r| r.is_ok()).count() as u64;
     }
     // Deleted by us, not evicted.
     account.add_deleted(removed);
@@ -703,6 +770,7 @@ pub fn map_fill(dir: &Path, tables: Option<&Tables>) -> anyhow::Result<Vec<MapRo
             (maps::BACKENDS6, None) => Some(count::<u32, proxy_common::Backend6>(dir, name)?),
             (maps::SERVICE_NAMES, None) => Some(count::<u32, ServiceInfo>(dir, name)?),
             (maps::CONNTRACK, _) => Some(count::<CtKey, CtEntry>(dir, name)?),
+            (maps::CONNTRACK6, _) => Some(count::<CtKey6, CtEntry6>(dir, name)?),
             (maps::AFFINITY, _) => Some(count::<
                 proxy_common::AffinityKey,
                 proxy_common::AffinityValue,

@@ -68,7 +68,8 @@ pub fn pass_translated_udp(
             sport: original.sport,
             dport: original.dport,
             proto: IPPROTO_UDP,
-            pad: [0; 3],
+            pad: 0,
+            pad2: 0,
         };
         let entry = CtEntry {
             nat_addr: reply.src.octets(),

@@ -363,7 +363,7 @@ impl crate::reconcile::ServiceMaps for Maps {
             None => {
                 let maps = removed_backends::Maps {
                     affinity: open(&self.dir, maps::AFFINITY)?,
-                    conntrack: open(&self.dir, maps::CONNTRACK)?,
+                    conntrack: crate::conntrack::Conntracks::open(&self.dir)?,
                     account: CtAccount::open(&self.dir)?,
                     sockets: self.stale_sockets.take(),
                 };

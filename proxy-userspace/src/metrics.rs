@@ -36,8 +36,9 @@ pub struct Metrics {
     pub datapath_repairs: IntCounter,
     datapath_missing: IntGauge,
     pub service_ports: IntGauge,
-    pub conntrack_entries: IntGauge,
-    pub conntrack_capacity: IntGauge,
+    /// By `ip_family` (IPv4, IPv6): one conntrack map each.
+    pub conntrack_entries: IntGaugeVec,
+    pub conntrack_capacity: IntGaugeVec,
     pub conntrack_expired: IntCounter,
     pub conntrack_evicted: IntCounter,
     pub source_errors: IntCounter,
@@ -207,16 +208,22 @@ impl Metrics {
             )?,
             conntrack_entries: register(
                 &r,
-                IntGauge::new(
-                    "proxy_conntrack_entries",
-                    "Entries in the conntrack map (two per translated flow).",
+                IntGaugeVec::new(
+                    Opts::new(
+                        "proxy_conntrack_entries",
+                        "Entries in the conntrack map of the family (two per translated flow).",
+                    ),
+                    &["ip_family"],
                 )?,
             )?,
             conntrack_capacity: register(
                 &r,
-                IntGauge::new(
-                    "proxy_conntrack_capacity",
-                    "Capacity of the conntrack map; entries/capacity is its fill.",
+                IntGaugeVec::new(
+                    Opts::new(
+                        "proxy_conntrack_capacity",
+                        "Capacity of the conntrack map of the family; entries/capacity is its fill.",
+                    ),
+                    &["ip_family"],
                 )?,
             )?,
             conntrack_expired: register(

@@ -13,10 +13,13 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use proxy_common::{AffinityKey, AffinityValue, CT_FLAG_PASS, CtEntry, CtKey, IPPROTO_UDP};
+use proxy_common::{AffinityKey, AffinityValue, CT_FLAG_PASS, CtEntryOf, CtKeyOf, IPPROTO_UDP};
 use tracing::warn;
 
-use crate::{ct_account::CtAccount, reconcile::LostBackend, stale_sockets::StaleSockets};
+use crate::{
+    conntrack::Conntracks, ct_account::CtAccount, reconcile::LostBackend,
+    stale_sockets::StaleSockets,
+};
 
 /// Backend ids to forget, by service id.
 type Stale = HashMap<u32, HashSet<u32>>;
@@ -46,7 +49,7 @@ fn is_stale(stale: &Stale, service_id: u32, backend_id: u32) -> bool {
 }
 
 /// A UDP flow of the tc path to a removed backend (either of its two entries).
-fn is_stale_flow(stale: &Stale, key: &CtKey, entry: &CtEntry) -> bool {
+fn is_stale_flow<A>(stale: &Stale, key: &CtKeyOf<A>, entry: &CtEntryOf<A>) -> bool {
     key.proto == IPPROTO_UDP
         && entry.flags & CT_FLAG_PASS == 0
         && is_stale(stale, entry.rev_nat_id, entry.backend_id)
@@ -55,7 +58,7 @@ fn is_stale_flow(stale: &Stale, key: &CtKey, entry: &CtEntry) -> bool {
 /// The maps the worker cleans.
 pub struct Maps {
     pub affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
-    pub conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
+    pub conntrack: Conntracks,
     pub account: CtAccount,
     /// `None` where sockets cannot be destroyed (said at start-up).
     pub sockets: Option<StaleSockets>,
@@ -108,7 +111,8 @@ impl RemovedBackends {
                 remove_where(&mut maps.affinity, |k, v| {
                     is_stale(&sticky, k.service_id, v.backend_id)
                 });
-                let flows = remove_where(&mut maps.conntrack, |k, e| is_stale_flow(&gone, k, e));
+                let flows = remove_where(&mut maps.conntrack.v4, |k, e| is_stale_flow(&gone, k, e))
+                    + remove_where(&mut maps.conntrack.v6, |k, e| is_stale_flow(&gone, k, e));
                 maps.account.add_deleted(flows);
             }
         })?;
@@ -180,15 +184,15 @@ mod tests {
             not_serving,
         );
         let flow = |proto, flags, backend_id| {
-            let key = CtKey {
+            let key = proxy_common::CtKey {
                 proto,
-                ..CtKey::default()
+                ..Default::default()
             };
-            let entry = CtEntry {
+            let entry = proxy_common::CtEntry {
                 rev_nat_id: 1,
                 backend_id,
                 flags,
-                ..CtEntry::default()
+                ..Default::default()
             };
             is_stale_flow(&stale, &key, &entry)
         };

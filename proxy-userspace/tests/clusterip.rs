@@ -985,7 +985,7 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
         let metrics = world.agent_http("/metrics").unwrap();
         let entries = metrics
             .lines()
-            .find_map(|l| l.strip_prefix("proxy_conntrack_entries "))
+            .find_map(|l| l.strip_prefix(r#"proxy_conntrack_entries{ip_family="IPv4"} "#))
             .and_then(|v| v.trim().parse::<u64>().ok());
         if entries.is_some_and(|n| n >= expected) {
             break;
@@ -1320,7 +1320,7 @@ fn flows_lost_to_a_full_conntrack_map_are_counted_and_logged() {
     let line = agent
         .wait_for_log(
             &[
-                "conntrack map full",
+                "conntrack map conntrack full",
                 "entries of live flows evicted",
                 "conntrack=128",
             ],
@@ -1341,7 +1341,10 @@ fn flows_lost_to_a_full_conntrack_map_are_counted_and_logged() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no eviction counter in {metrics}"));
     assert!(counted >= lost, "counted {counted}, logged {lost}");
-    assert!(metrics.contains("proxy_conntrack_capacity 64"), "{metrics}");
+    assert!(
+        metrics.contains(r#"proxy_conntrack_capacity{ip_family="IPv4"} 64"#),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -294,3 +294,87 @@ fn health_check_node_ports_answer_over_both_families() {
         );
     }
 }
+
+#[test]
+fn an_ipv6_cluster_ip_is_served_on_the_tc_path_to_clients_outside_the_cgroup() {
+    // The client is not in the hooked cgroup: tc on the pods' veths DNATs its packets to a
+    // backend and reverse-translates the replies, tracking the flows in conntrack6.
+    let (mut world, backends) = three_backends();
+    world
+        .start_agent(
+            &service_manifest("web6", VIP6, None, &ready(&backends)),
+            true,
+        )
+        .unwrap();
+    let client = world.pod(CLIENT).ip6.to_string();
+    for (protocol, port) in [("tcp", 80), ("udp", 53)] {
+        let to = at(VIP6, port);
+        let results = world
+            .probe(CLIENT, false, &[protocol, "--to", &to, "--count", "60"])
+            .unwrap();
+        let counts = spread(&results);
+        assert_eq!(counts.len(), 3, "{protocol}: every backend: {counts:?}");
+        for r in &results {
+            assert_eq!(r["peer"], to, "replies come from the service: {r}");
+            let saw = r["server_saw"].as_str().unwrap();
+            assert!(saw.starts_with(&format!("[{client}]:")), "{r}");
+        }
+    }
+    let flows: Value = serde_json::from_str(
+        &world
+            .proxyctl(&["conntrack", "list", "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let flows = flows.as_array().unwrap();
+    assert!(!flows.is_empty(), "the flows are tracked");
+    for f in flows {
+        assert!(
+            f["service_address"]
+                .as_str()
+                .unwrap()
+                .starts_with("[fd00:96::10]:"),
+            "{f}"
+        );
+        assert!(
+            f["client"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("[{client}]:")),
+            "{f}"
+        );
+    }
+    let maps = world.proxyctl(&["maps"]).unwrap();
+    assert!(maps.lines().any(|l| l.starts_with("conntrack6 ")), "{maps}");
+}
+
+#[test]
+fn an_ipv6_service_without_endpoints_drops_on_the_tc_path_and_says_so() {
+    // ICMPv6 port unreachable is not written yet: the packet is dropped, counted as
+    // no_endpoints and shown by proxyctl monitor with the client's flow.
+    let (mut world, _) = three_backends();
+    let none: Vec<Ipv6Addr> = Vec::new();
+    world
+        .start_agent(&service_manifest("empty6", VIP6, None, &ready(&none)), true)
+        .unwrap();
+    let to = at(VIP6, 53);
+    let event = world
+        .first_monitored(0, |world| {
+            let lost = world
+                .probe(CLIENT, false, &["udp", "--to", &to, "--timeout-ms", "200"])
+                .unwrap();
+            assert_eq!(lost[0]["ok"], false, "{lost:?}");
+        })
+        .unwrap();
+    assert_eq!(event["reason"], "no_endpoints", "{event}");
+    assert_eq!(event["hook"], "tc", "{event}");
+    assert_eq!(event["destination"], to, "{event}");
+    let client = world.pod(CLIENT).ip6.to_string();
+    assert!(
+        event["source"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("[{client}]:")),
+        "{event}"
+    );
+}

@@ -2,7 +2,7 @@
 //! checksums, verdicts and the conntrack entries each packet leaves, with no namespace
 //! world. Two ClusterIPs share one backend, so that one client port can reach both.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -26,6 +26,9 @@ const VIP2: [u8; 4] = [10, 96, 0, 2];
 const BACKEND: [u8; 4] = [10, 244, 0, 2];
 const BACKEND_PORT: u16 = 8080;
 const CLIENT: [u8; 4] = [10, 244, 0, 9];
+const VIP6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const BACKEND6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const CLIENT6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 const TC_ACT_OK: u32 = 0;
 
 const FIN: u8 = 0x01;
@@ -54,10 +57,15 @@ impl Fixture {
         let datapath = Datapath::load(&pins, &sizes).expect("loading the datapath");
         let fixture = Fixture { pins, datapath };
         let mut desired = DesiredState::new();
-        for (vip, name) in [(VIP1, "one"), (VIP2, "two")] {
+        let frontends = [
+            (IpAddr::from(VIP1), IpAddr::from(BACKEND), "one"),
+            (VIP2.into(), BACKEND.into(), "two"),
+            (VIP6.into(), BACKEND6.into(), "six"),
+        ];
+        for (vip, backend, name) in frontends {
             for (port, proto) in [(80, IPPROTO_TCP), (53, IPPROTO_UDP)] {
                 let backend = Backend {
-                    addr: BACKEND.into(),
+                    addr: backend,
                     port: BACKEND_PORT,
                     proto,
                     flags: 0,
@@ -67,7 +75,7 @@ impl Fixture {
                     backends: vec![backend],
                     ..DesiredService::default()
                 };
-                desired.insert(ServiceKey::new(vip.into(), port, proto), service);
+                desired.insert(ServiceKey::new(vip, port, proto), service);
             }
         }
         let maps = Maps::open(&fixture.pins).expect("opening the maps");
@@ -622,7 +630,8 @@ fn a_reset_closes_both_entries_and_a_new_syn_on_the_tuple_starts_afresh() {
         sport: BACKEND_PORT,
         dport: 40000,
         proto: IPPROTO_TCP,
-        pad: [0; 3],
+        pad: 0,
+        pad2: 0,
     };
     let state = |fx: &Fixture| {
         let entries = fx.conntrack();
@@ -633,7 +642,8 @@ fn a_reset_closes_both_entries_and_a_new_syn_on_the_tuple_starts_afresh() {
             sport: 40000,
             dport: 80,
             proto: IPPROTO_TCP,
-            pad: [0; 3],
+            pad: 0,
+            pad2: 0,
         };
         (of(&forward), of(&reply_key))
     };
@@ -681,4 +691,98 @@ fn xdp_tells_tc_what_has_nothing_of_ours_and_only_that() {
     let (verdict, out) = run_xdp(&service);
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, service, "unmarked and untouched, for tc");
+}
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+/// An Ethernet + IPv6 frame with extension headers `ext` (each: its type and length in
+/// 8-byte units, filled with Pad1 options) before the L4 segment `l4` of `proto` (whose
+/// checksum is filled in).
+fn frame6(
+    ext: &[(u8, usize)],
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    mut l4: Vec<u8>,
+) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+    let mut headers = Vec::new();
+    for (i, (_, units)) in ext.iter().enumerate() {
+        let next = ext.get(i + 1).map_or(proto, |(kind, _)| *kind);
+        let mut h = vec![0u8; units * 8];
+        h[0] = next;
+        h[1] = (units - 1) as u8;
+        headers.extend(h);
+    }
+    let csum_off = if proto == IPPROTO_TCP { 16 } else { 6 };
+    let pseudo = sum(&src) + sum(&dst) + l4.len() as u32 + u32::from(proto);
+    let csum = !fold(pseudo + sum(&l4));
+    l4[csum_off..csum_off + 2].copy_from_slice(&csum.to_be_bytes());
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&((headers.len() + l4.len()) as u16).to_be_bytes());
+    ip[6] = ext.first().map_or(proto, |(kind, _)| *kind);
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src);
+    ip[24..40].copy_from_slice(&dst);
+    f.extend_from_slice(&ip);
+    f.extend(headers);
+    f.extend(l4);
+    f
+}
+
+fn tcp6(ext: &[(u8, usize)], src: End6, dst: End6, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&src.1.to_be_bytes());
+    t[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    frame6(ext, IPPROTO_TCP, src.0, dst.0, t)
+}
+
+/// An IPv6 address and port.
+type End6 = ([u8; 16], u16);
+
+/// The addresses and ports of an IPv6 TCP frame whose L4 header is at `l4`, and whether
+/// its checksum holds.
+fn ends6(f: &[u8], l4: usize) -> (End6, End6, bool) {
+    let addr = |at: usize| -> [u8; 16] { f[at..at + 16].try_into().unwrap() };
+    let port = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+    let (src, dst) = (addr(22), addr(38));
+    let segment = &f[l4..];
+    let pseudo = sum(&src) + sum(&dst) + segment.len() as u32 + u32::from(IPPROTO_TCP);
+    let holds = fold(pseudo + sum(segment)) == 0xffff;
+    ((src, port(l4)), (dst, port(l4 + 2)), holds)
+}
+
+#[test]
+fn ipv6_packets_are_translated_past_their_extension_headers() {
+    let mut fx = Fixture::new();
+    // Hop-by-hop and destination options before TCP: the SYN reaches the backend, the
+    // checksum (over the IPv6 pseudo-header) still holds, and the flow is tracked.
+    let ext = [(IPPROTO_HOPOPTS, 1), (IPPROTO_DSTOPTS, 2)];
+    let l4 = 14 + 40 + 8 + 16;
+    let syn = tcp6(&ext, (CLIENT6, 40000), (VIP6, 80), SYN);
+    let (verdict, out) = fx.ingress(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, holds) = ends6(&out, l4);
+    assert_eq!((src, dst), ((CLIENT6, 40000), (BACKEND6, BACKEND_PORT)));
+    assert!(holds, "checksum after DNAT");
+    let conntrack6: HashMap<MapData, proxy_common::CtKey6, proxy_common::CtEntry6> =
+        proxy::maps::open(&fx.pins, maps::CONNTRACK6).unwrap();
+    assert_eq!(conntrack6.keys().count(), 2, "forward and reply entries");
+    // The backend's reply leaves with the service address as source.
+    let reply = tcp6(&[], (BACKEND6, BACKEND_PORT), (CLIENT6, 40000), SYN | ACK);
+    let (verdict, out) = fx.egress(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, holds) = ends6(&out, 14 + 40);
+    assert_eq!((src, dst), ((VIP6, 80), (CLIENT6, 40000)));
+    assert!(holds, "checksum after reverse NAT");
+    // A fragment header: left to the kernel, untouched, nothing tracked for it.
+    let fragmented = tcp6(&[(IPPROTO_FRAGMENT, 1)], (CLIENT6, 40001), (VIP6, 80), SYN);
+    let (verdict, out) = fx.ingress(&fragmented);
+    assert_eq!((verdict, out), (TC_ACT_OK, fragmented));
+    assert_eq!(conntrack6.keys().count(), 2);
 }

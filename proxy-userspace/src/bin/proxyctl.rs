@@ -359,7 +359,7 @@ fn run(args: Args) -> Result<String, Failure> {
             let ids = service_ids(&maps, service.as_deref())?;
             let flows: Vec<inspect::FlowRow> = inspect::flows(&maps, dir, ids.as_deref())?
                 .into_iter()
-                .map(|(_, _, r)| r)
+                .map(|(_, r)| r)
                 .collect();
             match out {
                 Output::Table => flows_table(&flows),
@@ -378,7 +378,7 @@ fn run(args: Args) -> Result<String, Failure> {
             let ids = service_ids(&maps, service.as_deref())?;
             let flows: Vec<inspect::FlowRow> = inspect::flows(&maps, dir, ids.as_deref())?
                 .into_iter()
-                .map(|(_, _, r)| r)
+                .map(|(_, r)| r)
                 .collect();
             let breaking: Vec<&inspect::FlowRow> = flows
                 .iter()
