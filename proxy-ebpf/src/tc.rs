@@ -64,8 +64,9 @@ pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
 
 /// IPv4 and IPv6 each have functions of their own (BPF subprograms, each with its own
 /// stack frame): inlined together, they would not fit the 512-byte stack. IPv6's tracked
-/// flows and new flows are two calls, one after the other, for the same reason: one
-/// calling the other would add their frames up.
+/// flows and new flows are calls one after the other, for the same reason: one calling
+/// the other would add their frames up. A packet a function began to change and could not
+/// finish is dropped: half-rewritten, it would carry a wrong checksum or address.
 #[inline(always)]
 fn run(ctx: &TcContext, side: Side) -> i32 {
     match packet::is_ipv6(ctx) {
@@ -81,12 +82,10 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
     }
 }
 
-/// `tracked6`'s answer for a packet that `new_flow6` must see.
+/// `tracked6`'s answer for a packet that `choose6` and `record6` must see: a new flow.
 const NEW_FLOW: i32 = i32::MIN;
 
-/// An IPv6 packet of a tracked flow (ingress), or any leaving one (egress). A packet the
-/// program began to change and could not finish is dropped: half-rewritten, it would carry
-/// a wrong checksum or address.
+/// An IPv6 packet of a tracked flow (ingress), or any leaving one (egress).
 #[inline(never)]
 fn tracked6(ctx: &TcContext, side: Side) -> i32 {
     let Some(flow) = packet::parse6(ctx) else {
@@ -151,7 +150,14 @@ fn record6(ctx: &TcContext, picked: u64) -> i32 {
 #[inline(never)]
 fn run4(ctx: &TcContext, side: Side) -> i32 {
     match packet::parse(ctx) {
-        Some(Packet::Transport(flow)) => transport(ctx, &flow, side),
+        Some(Packet::Transport(flow)) => {
+            let len = ctx.len() as u64;
+            let verdict = match side {
+                Side::Ingress => nat::ingress(&flow, len),
+                Side::Egress => nat::egress(&flow, len),
+            };
+            apply(ctx, &flow, verdict)
+        }
         Some(Packet::Fragment(frag)) => match nat::fragment(&frag, ctx.len() as u64, side) {
             Some(t) => translate_fragment(ctx, &frag, t),
             None => Some(TC_ACT_OK),
@@ -163,21 +169,6 @@ fn run4(ctx: &TcContext, side: Side) -> i32 {
         None => Some(TC_ACT_OK),
     }
     .unwrap_or(TC_ACT_SHOT)
-}
-
-/// A TCP or UDP packet of either family: translated as its flow says.
-#[inline(always)]
-fn transport<A: Family>(ctx: &TcContext, flow: &FlowOf<A>, side: Side) -> Option<i32>
-where
-    FlowOf<A>: Answer,
-    proxy_common::CtKeyOf<A>: EventFlow + Copy,
-{
-    let len = ctx.len() as u64;
-    let verdict = match side {
-        Side::Ingress => nat::ingress(flow, len),
-        Side::Egress => nat::egress(flow, len),
-    };
-    apply(ctx, flow, verdict)
 }
 
 #[inline(always)]
