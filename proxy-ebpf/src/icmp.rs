@@ -1,6 +1,7 @@
 //! ICMP errors the tc programs write: an answer built from the packet (port unreachable for
-//! a service without endpoints, time exceeded for a routed packet whose TTL ran out), and the
-//! translation of an error about a translated flow, quoted header included.
+//! a service without endpoints — ICMPv6's too —, time exceeded for a routed packet whose TTL
+//! ran out), and the translation of an error about a translated flow, quoted header
+//! included.
 use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_skb_change_tail},
     programs::TcContext,
@@ -10,8 +11,8 @@ use proxy_common::IPPROTO_TCP;
 use crate::{
     frame::{replace16, replace32},
     packet::{
-        ETH_HDR_LEN, Endpoint, ErrorTranslation, Flow, IP_DST_OFF, IP_HDR_MIN_LEN, IP_SRC_OFF,
-        IPPROTO_ICMP, IcmpError, Rewrite, rewrite_address,
+        ETH_HDR_LEN, Endpoint, ErrorTranslation, Flow, Flow6, IP_DST_OFF, IP_HDR_MIN_LEN,
+        IP_SRC_OFF, IPPROTO_ICMP, IcmpError, Rewrite, rewrite_address,
     },
 };
 
@@ -25,15 +26,25 @@ struct IcmpQuote {
 
 const REPLY_IP_LEN: usize = IP_HDR_MIN_LEN + core::mem::size_of::<IcmpQuote>();
 
-/// One's-complement checksum of `len` bytes at `ptr` (a multiple of 4), in memory order:
-/// store it with `to_ne_bytes`.
+/// One's-complement sum of `len` bytes at `ptr` (a multiple of 4) added to `seed`, unfolded.
 #[inline(always)]
-fn checksum(ptr: *mut u8, len: u32) -> u16 {
+fn partial_sum(ptr: *mut u8, len: u32, seed: u32) -> u64 {
     // SAFETY: ptr points to `len` readable bytes on the stack.
-    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, ptr.cast(), len, 0) } as u64;
+    unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, ptr.cast(), len, seed) as u32 as u64 }
+}
+
+/// The checksum of a sum, in memory order: store it with `to_ne_bytes`.
+#[inline(always)]
+fn complement(sum: u64) -> u16 {
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// One's-complement checksum of `len` bytes at `ptr` (a multiple of 4), in memory order.
+#[inline(always)]
+fn checksum(ptr: *mut u8, len: u32) -> u16 {
+    complement(partial_sum(ptr, len, 0))
 }
 
 /// Turns the packet into an ICMP error of `kind` and `code` from its destination back to
@@ -77,6 +88,84 @@ pub fn into_icmp_error(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Resu
     ctx.store(0, &macs, 0)?;
     ctx.store(ETH_HDR_LEN, &ip, 0)?;
     ctx.store(ETH_HDR_LEN + IP_HDR_MIN_LEN, &icmp, 0)?;
+    Ok(())
+}
+
+const IP6_HDR_LEN: usize = 40;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// ICMPv6 header (type, code, checksum, unused) followed by the quoted IPv6 header and the
+/// first 8 bytes of its payload: enough for the sender's stack to find the socket (RFC 4443
+/// allows up to the minimum MTU; Linux needs these).
+#[repr(C)]
+struct Icmp6Quote {
+    header: [u8; 8],
+    quote: [u8; IP6_HDR_LEN + 8],
+}
+
+/// The IPv6 pseudo-header an ICMPv6 checksum covers.
+#[repr(C)]
+struct Pseudo6 {
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// Upper-layer length, network order.
+    len: u32,
+    zero: [u8; 3],
+    next: u8,
+}
+
+/// `into_icmp_error` for IPv6: an ICMPv6 error of `kind` and `code` (destination
+/// unreachable / port unreachable for a service without endpoints) back to the sender. Only
+/// for packets without extension headers.
+#[inline(always)]
+pub fn into_icmp6_error(ctx: &TcContext, flow: &Flow6, kind: u8, code: u8) -> Result<(), i64> {
+    if flow.ip_hdr_len != IP6_HDR_LEN {
+        return Err(0);
+    }
+    const MESSAGE_LEN: usize = core::mem::size_of::<Icmp6Quote>();
+    let mut icmp = Icmp6Quote {
+        header: [0; 8],
+        quote: ctx.load(ETH_HDR_LEN)?,
+    };
+    icmp.header[0] = kind;
+    icmp.header[1] = code;
+    let mut pseudo = Pseudo6 {
+        src: flow.key.dst,
+        dst: flow.key.src,
+        len: (MESSAGE_LEN as u32).to_be(),
+        zero: [0; 3],
+        next: IPPROTO_ICMPV6,
+    };
+    let pseudo_len = core::mem::size_of::<Pseudo6>() as u32;
+    let sum = partial_sum((&mut pseudo as *mut Pseudo6).cast(), pseudo_len, 0);
+    let sum = partial_sum(
+        (&mut icmp as *mut Icmp6Quote).cast(),
+        MESSAGE_LEN as u32,
+        sum as u32,
+    );
+    icmp.header[2..4].copy_from_slice(&complement(sum).to_ne_bytes());
+
+    let mut ip = [0u8; IP6_HDR_LEN];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(MESSAGE_LEN as u16).to_be_bytes());
+    ip[6] = IPPROTO_ICMPV6;
+    ip[7] = 64; // hop limit
+    ip[8..24].copy_from_slice(&flow.key.dst);
+    ip[24..40].copy_from_slice(&flow.key.src);
+
+    let mut macs: [u8; 12] = ctx.load(0)?;
+    let (dst, src) = macs.split_at_mut(6);
+    dst.swap_with_slice(src);
+
+    let frame_len = (ETH_HDR_LEN + IP6_HDR_LEN + MESSAGE_LEN) as u32;
+    // SAFETY: valid context.
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, frame_len, 0) };
+    if ret != 0 {
+        return Err(ret);
+    }
+    ctx.store(0, &macs, 0)?;
+    ctx.store(ETH_HDR_LEN, &ip, 0)?;
+    ctx.store(ETH_HDR_LEN + IP6_HDR_LEN, &icmp, 0)?;
     Ok(())
 }
 

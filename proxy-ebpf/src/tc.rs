@@ -218,17 +218,29 @@ impl Answer for Flow {
     #[inline(always)]
     fn answer(&self, ctx: &TcContext, kind: u8, code: u8) -> Option<i32> {
         icmp::into_icmp_error(ctx, self, kind, code).ok()?;
-        // SAFETY: valid context.
-        Some(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
+        Some(back_out(ctx))
     }
 }
 
-/// ICMPv6 errors are not written yet: the packet is dropped (counted, and shown by
-/// `proxyctl monitor`), and the client times out.
+/// Sends the packet back out of the interface it came in on.
+#[inline(always)]
+fn back_out(ctx: &TcContext) -> i32 {
+    // SAFETY: valid context.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+/// The ICMPv6 error of the same meaning (destination unreachable / port unreachable); the
+/// others have no IPv6 use yet (IPv6 is not routed by us), and drop the packet.
 impl Answer for packet::Flow6 {
     #[inline(always)]
-    fn answer(&self, _: &TcContext, _: u8, _: u8) -> Option<i32> {
-        Some(TC_ACT_SHOT)
+    fn answer(&self, ctx: &TcContext, kind: u8, code: u8) -> Option<i32> {
+        const ICMPV6_DEST_UNREACH: u8 = 1;
+        const ICMPV6_PORT_UNREACH: u8 = 4;
+        if (kind, code) != (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) {
+            return Some(TC_ACT_SHOT);
+        }
+        icmp::into_icmp6_error(ctx, self, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH).ok()?;
+        Some(back_out(ctx))
     }
 }
 

@@ -349,24 +349,30 @@ fn an_ipv6_cluster_ip_is_served_on_the_tc_path_to_clients_outside_the_cgroup() {
 }
 
 #[test]
-fn an_ipv6_service_without_endpoints_drops_on_the_tc_path_and_says_so() {
-    // ICMPv6 port unreachable is not written yet: the packet is dropped, counted as
-    // no_endpoints and shown by proxyctl monitor with the client's flow.
+fn an_ipv6_service_without_endpoints_is_refused_on_the_tc_path_with_icmpv6() {
+    // As kube-proxy's REJECT: ICMPv6 port unreachable, so the client fails at once; counted
+    // as no_endpoints and shown by proxyctl monitor with the client's flow.
     let (mut world, _) = three_backends();
     let none: Vec<Ipv6Addr> = Vec::new();
     world
         .start_agent(&service_manifest("empty6", VIP6, None, &ready(&none)), true)
         .unwrap();
-    let to = at(VIP6, 53);
+    let to = at(VIP6, 80);
     let event = world
         .first_monitored(0, |world| {
-            let lost = world
-                .probe(CLIENT, false, &["udp", "--to", &to, "--timeout-ms", "200"])
+            let started = Instant::now();
+            let refused = world
+                .probe(CLIENT, false, &["tcp", "--to", &to, "--timeout-ms", "2000"])
                 .unwrap();
-            assert_eq!(lost[0]["ok"], false, "{lost:?}");
+            assert_eq!(refused[0]["kind"], "refused", "{refused:?}");
+            assert!(
+                started.elapsed().as_millis() < 2000,
+                "refused, not timed out"
+            );
         })
         .unwrap();
     assert_eq!(event["reason"], "no_endpoints", "{event}");
+    assert_eq!(event["action"], "reject", "{event}");
     assert_eq!(event["hook"], "tc", "{event}");
     assert_eq!(event["destination"], to, "{event}");
     let client = world.pod(CLIENT).ip6.to_string();
