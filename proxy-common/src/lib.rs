@@ -124,14 +124,17 @@ pub const SVC_FLAG_INTERNAL_SCOPE: u8 = 8;
 /// connections only from the client ranges in `SOURCE_RANGES` under its id.
 pub const SVC_FLAG_SOURCE_RANGES: u8 = 16;
 
-/// The data of a `SOURCE_RANGES` key (an LPM trie key: its prefix length is 32 + the
-/// range's): a frontend's service id, then a client address range.
+/// The data of a `SOURCE_RANGES` (`SOURCE_RANGES6`) key (an LPM trie key: its prefix
+/// length is 32 + the range's): a frontend's service id, then a client address range.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SourceRange {
+pub struct SourceRangeOf<A> {
     pub service_id: u32,
-    pub addr: [u8; 4],
+    pub addr: A,
 }
+
+pub type SourceRange = SourceRangeOf<[u8; 4]>;
+pub type SourceRange6 = SourceRangeOf<[u8; 16]>;
 
 /// What the datapath needs to pick a backend for a service port.
 ///
@@ -711,6 +714,7 @@ mod pod {
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for DropFlow {}
     unsafe impl aya::Pod for SourceRange {}
+    unsafe impl aya::Pod for SourceRange6 {}
     unsafe impl aya::Pod for UnusedKey {}
     unsafe impl aya::Pod for UnusedEndpoint {}
     unsafe impl aya::Pod for UnusedEndpoint6 {}

@@ -50,13 +50,15 @@ pub const NODE_CONFIG: &str = "node_config";
 /// LPM trie ((service id, client range) → 1): the `loadBalancerSourceRanges` of
 /// load-balancer frontends
 pub const SOURCE_RANGES: &str = "source_ranges";
+/// LPM trie ((service id, IPv6 client range) → 1): the same for IPv6 frontends
+pub const SOURCE_RANGES6: &str = "source_ranges6";
 /// per-CPU array (`DROP_*` reason → packets dropped)
 pub const DROPS: &str = "drops";
 /// ring buffer of `DropEvent`s, read by `proxyctl monitor`
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 25] = [
     SERVICES,
     SERVICES6,
     BACKEND_SLOTS,
@@ -79,6 +81,7 @@ pub const ALL: [&str; 24] = [
     NODE_ADDRS6,
     NODE_CONFIG,
     SOURCE_RANGES,
+    SOURCE_RANGES6,
     DROPS,
     EVENTS,
 ];

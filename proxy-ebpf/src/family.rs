@@ -2,19 +2,19 @@
 //! packet path: which maps hold the family's frontends, backends, node addresses, socket
 //! translations and flows, and how a packet's address is rewritten. Everything else (slots,
 //! ids, counters, affinity) is shared.
-use aya_ebpf::btf_maps::{HashMap, LruHashMap};
+use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap};
 use proxy_common::{
     BackendOf, CtEntryOf, CtKeyOf, NODE_PORT_ADDR, NODE_PORT_ADDR6, NodeConfig, ServiceKeyOf,
-    ServiceValue, SockRevKey, SockRevKey6, SockRevValueOf,
-    maps::{MAX_BACKENDS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT},
+    ServiceValue, SockRevKey, SockRevKey6, SockRevValueOf, SourceRangeOf,
+    maps::{MAX_BACKENDS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_SOURCE_RANGES},
     v4_mapped,
 };
 
 use crate::{
-    lb,
     maps::{
         BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, NEW_ENTRIES, NEW_ENTRIES6, NO_PREALLOC,
-        NODE_ADDRS, NODE_ADDRS6, SERVICES, SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6,
+        NODE_ADDRS, NODE_ADDRS6, SERVICES, SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOURCE_RANGES,
+        SOURCE_RANGES6,
     },
     nat::{self, NewEntries},
     packet::{ETH_HDR_LEN, Flow, FlowOf, Frame, IP_DST_OFF, IP_SRC_OFF},
@@ -52,8 +52,8 @@ pub trait Family: Copy + Sized + PartialEq + 'static {
 
     /// A client address as session affinity remembers it.
     fn affinity_client(addr: Self) -> u64;
-    /// Whether `client` is in the `loadBalancerSourceRanges` of frontend `service_id`.
-    fn source_allowed(service_id: u32, client: Self) -> bool;
+    /// The `loadBalancerSourceRanges` of the family's load-balancer frontends.
+    fn source_ranges() -> &'static LpmTrie<SourceRangeOf<Self>, u8, { MAX_SOURCE_RANGES as usize }>;
     /// The address masqueraded flows leave with, if any.
     fn snat_addr(config: &NodeConfig) -> Option<Self>;
     /// Keeps a first fragment's ports for the later fragments of its datagram.
@@ -126,9 +126,9 @@ impl Family for [u8; 4] {
     fn affinity_client(addr: Self) -> u64 {
         u32::from_ne_bytes(addr) as u64
     }
-    #[inline(always)]
-    fn source_allowed(service_id: u32, client: Self) -> bool {
-        lb::source_allowed(service_id, client)
+    fn source_ranges() -> &'static LpmTrie<SourceRangeOf<Self>, u8, { MAX_SOURCE_RANGES as usize }>
+    {
+        &SOURCE_RANGES
     }
     #[inline(always)]
     fn snat_addr(config: &NodeConfig) -> Option<Self> {
@@ -223,10 +223,9 @@ impl Family for [u8; 16] {
         ];
         u64::from_ne_bytes(a) ^ u64::from_ne_bytes(b)
     }
-    /// IPv6 ranges are not programmed: an IPv6 frontend never has the flag.
-    #[inline(always)]
-    fn source_allowed(_: u32, _: Self) -> bool {
-        false
+    fn source_ranges() -> &'static LpmTrie<SourceRangeOf<Self>, u8, { MAX_SOURCE_RANGES as usize }>
+    {
+        &SOURCE_RANGES6
     }
     #[inline(always)]
     fn snat_addr(_: &NodeConfig) -> Option<Self> {

@@ -10,12 +10,12 @@ use proxy_common::{
     AFFINITY_CLIENT_SOCKET, AffinityKey, AffinityValue, BackendOf, CT_TIMEOUT_UDP_SECS, Counters,
     CtKey, CtKey6, DropFlow, DropReason, SCOPE_INTERNAL, SVC_FLAG_AFFINITY,
     SVC_FLAG_INTERNAL_SCOPE, SVC_FLAG_SOURCE_RANGES, ServiceKeyOf, ServiceValue, SlotKey,
-    SourceRange, v4_mapped,
+    SourceRangeOf, v4_mapped,
 };
 
 use crate::{
     family::Family,
-    maps::{AFFINITY, BACKEND_SLOTS, BACKEND_STATS, DROPS, EVENTS, SERVICE_STATS, SOURCE_RANGES},
+    maps::{AFFINITY, BACKEND_SLOTS, BACKEND_STATS, DROPS, EVENTS, SERVICE_STATS},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -218,15 +218,16 @@ fn add<const N: usize>(stats: &Array<Counters, N>, id: u32, delta: &Counters) {
 /// Whether `client` may open connections to load-balancer frontend `service_id`, which
 /// has `loadBalancerSourceRanges`: a range under its id holds the address.
 #[inline(always)]
-pub fn source_allowed(service_id: u32, client: [u8; 4]) -> bool {
+pub fn source_allowed<A: Family>(service_id: u32, client: A) -> bool {
+    let bits = 32 + 8 * core::mem::size_of::<A>() as u32;
     let key = Key::new(
-        64,
-        SourceRange {
+        bits,
+        SourceRangeOf {
             service_id,
             addr: client,
         },
     );
-    SOURCE_RANGES.get(&key).is_some()
+    A::source_ranges().get(&key).is_some()
 }
 
 /// What was dropped or refused, where: for the `drops` counters and `proxyctl monitor`.

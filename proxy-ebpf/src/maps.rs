@@ -8,7 +8,8 @@ use proxy_common::{
     AffinityKey, AffinityValue, AgentStatus, Backend, Backend6, Counters, CtEntry, CtEntry6, CtKey,
     CtKey6, CtStats, DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragPorts, NodeConfig,
     ServiceInfo, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevKey, SockRevKey6,
-    SockRevValue, SockRevValue6, SourceRange, UnusedEndpoint, UnusedEndpoint6, UnusedKey,
+    SockRevValue, SockRevValue6, SourceRange, SourceRange6, UnusedEndpoint, UnusedEndpoint6,
+    UnusedKey,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK6,
         MAX_FRAGMENTS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_SOURCE_RANGES,
@@ -120,6 +121,10 @@ pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
 
 #[btf_map(name = "source_ranges")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+
+#[btf_map(name = "source_ranges6")]
+pub static SOURCE_RANGES6: LpmTrie<SourceRange6, u8, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 #[btf_map(name = "drops")]
 pub static DROPS: PerCpuArray<u64, { DROP_SLOTS as usize }> = PerCpuArray::new();

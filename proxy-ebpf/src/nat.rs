@@ -201,7 +201,7 @@ pub fn choose<A: Family>(flow: &FlowOf<A>, now: u64) -> Choice<A> {
     if flow.is_tcp() && !flow.is_syn() {
         return Choice::Done(Verdict::Pass);
     }
-    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !A::source_allowed(svc.id, flow.key.src) {
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, flow.key.src) {
         return Choice::Done(Verdict::Drop(DropReason::SourceRange, svc.id));
     }
     let client = A::affinity_client(flow.key.src);

@@ -1,20 +1,39 @@
-//! IPv4 CIDRs, as `--nodeport-addresses` and `loadBalancerSourceRanges` give them.
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+//! IPv4 and IPv6 CIDRs, as `--nodeport-addresses` and `loadBalancerSourceRanges` give them.
+use std::{fmt, net::IpAddr, str::FromStr};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
     /// The network address (host bits cleared).
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
+/// `addr` as a number, and its family's width in bits.
+fn bits(addr: IpAddr) -> (u128, u8) {
+    match addr {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    }
+}
+
+/// The mask of the top `len` of `width` bits.
+fn mask(len: u8, width: u8) -> u128 {
+    let all = u128::MAX >> (128 - u32::from(width));
+    match len.min(width) {
+        0 => 0,
+        len => all & (all << (width - len)),
+    }
+}
+
 impl Cidr {
-    fn mask(len: u8) -> u32 {
-        u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+    /// Whether `addr` is in the range (never for another family).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let ((net, width), (a, w)) = (bits(self.addr), bits(addr));
+        width == w && a & mask(self.len, width) == net
     }
 
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        u32::from(addr) & Self::mask(self.len) == u32::from(self.addr)
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
     }
 }
 
@@ -26,16 +45,23 @@ impl FromStr for Cidr {
         let (addr, len) = text
             .trim()
             .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not an IPv4 CIDR (ADDRESS/LENGTH)"))?;
-        let addr: Ipv4Addr = addr
+            .ok_or_else(|| format!("{text:?} is not a CIDR (ADDRESS/LENGTH)"))?;
+        let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("{addr:?} in {text:?} is not an IPv4 address"))?;
+            .map_err(|_| format!("{addr:?} in {text:?} is not an IP address"))?;
+        let (n, width) = bits(addr);
         match len.parse::<u8>() {
-            Ok(len) if len <= 32 => Ok(Self {
-                addr: Ipv4Addr::from(u32::from(addr) & Self::mask(len)),
-                len,
-            }),
-            _ => Err(format!("{len:?} in {text:?} is not a prefix length (0-32)")),
+            Ok(len) if len <= width => {
+                let net = n & mask(len, width);
+                let addr = match addr {
+                    IpAddr::V4(_) => IpAddr::from((net as u32).to_be_bytes()),
+                    IpAddr::V6(_) => IpAddr::from(net.to_be_bytes()),
+                };
+                Ok(Self { addr, len })
+            }
+            _ => Err(format!(
+                "{len:?} in {text:?} is not a prefix length (0-{width})"
+            )),
         }
     }
 }
@@ -50,15 +76,29 @@ impl fmt::Display for Cidr {
 mod tests {
     use super::*;
 
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
     #[test]
-    fn parsed_normalised_and_matched() {
+    fn parsed_normalised_and_matched_in_both_families() {
         let c: Cidr = "192.168.50.9/29".parse().unwrap();
         assert_eq!(c.to_string(), "192.168.50.8/29");
-        assert!(c.contains(Ipv4Addr::new(192, 168, 50, 15)));
-        assert!(!c.contains(Ipv4Addr::new(192, 168, 50, 16)));
+        assert!(c.contains(ip("192.168.50.15")));
+        assert!(!c.contains(ip("192.168.50.16")));
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(Ipv4Addr::new(203, 0, 113, 1)));
-        for bad in ["", "10.0.0.0", "10.0.0.0/33", "fd00::/64", "10.0.0/8"] {
+        assert!(all.contains(ip("203.0.113.1")));
+        assert!(!all.contains(ip("::1")), "another family");
+        let six: Cidr = "fd00:244:4::9/64".parse().unwrap();
+        assert_eq!(six.to_string(), "fd00:244:4::/64");
+        assert!(six.contains(ip("fd00:244:4::2")));
+        assert!(!six.contains(ip("fd00:244:5::2")));
+        assert!(!six.contains(ip("10.0.0.1")));
+        let host: Cidr = "fd00::1/128".parse().unwrap();
+        assert!(host.contains(ip("fd00::1")) && !host.contains(ip("fd00::2")));
+        let any6: Cidr = "::/0".parse().unwrap();
+        assert!(any6.contains(ip("2001:db8::1")));
+        for bad in ["", "10.0.0.0", "10.0.0.0/33", "fd00::/129", "10.0.0/8"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }

@@ -427,6 +427,22 @@ pub struct Translation {
     pub health_check: Option<(u16, HealthCheck)>,
 }
 
+/// A load-balancer frontend's `loadBalancerSourceRanges` at `addr`: those of its family, as
+/// kube-proxy's proxier per family takes them — a list without any of this family leaves
+/// this family's frontend open; a list none of whose ranges parsed keeps every one closed.
+fn source_ranges(spec: &ServiceSpec, frontend: Frontend, addr: IpAddr) -> Option<Vec<Cidr>> {
+    let ranges = spec
+        .source_ranges
+        .as_ref()
+        .filter(|_| frontend == Frontend::LoadBalancer)?;
+    let of_family: Vec<Cidr> = ranges
+        .iter()
+        .filter(|r| r.is_ipv4() == addr.is_ipv4())
+        .copied()
+        .collect();
+    (ranges.is_empty() || !of_family.is_empty()).then_some(of_family)
+}
+
 /// The key of a frontend's in-cluster scope entry.
 pub fn in_cluster_key(key: &ServiceKey) -> ServiceKey {
     ServiceKey {
@@ -480,10 +496,7 @@ pub fn translate(spec: &ServiceSpec, slices: &[&SliceSpec], topology: &Topology)
                 masquerade: frontend.is_external() && !spec.external_local,
                 drop_if_empty: local && chosen.only_elsewhere,
                 internal_scope: in_cluster.is_some(),
-                source_ranges: spec
-                    .source_ranges
-                    .clone()
-                    .filter(|_| frontend == Frontend::LoadBalancer),
+                source_ranges: source_ranges(spec, frontend, key.addr),
                 unused: if frontend == Frontend::ClusterIp {
                     chosen.unused.clone()
                 } else {

@@ -1,6 +1,6 @@
 //! Typed access to the datapath's pinned maps, for the agent and for `proxyctl`.
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -23,7 +23,7 @@ use aya::maps::{
 };
 use proxy_common::{
     ByFamily, Counters, SERVICE_NAME_LEN, ServiceInfo, ServiceValue, SlotKey, SourceRange,
-    UnusedKey, from_map, maps,
+    SourceRange6, SourceRangeOf, UnusedKey, from_map, maps,
 };
 
 /// The pinned maps the reconciler writes; those holding addresses come in one map per
@@ -38,6 +38,7 @@ pub struct Maps {
     pub unused: HashMap<MapData, UnusedKey, proxy_common::UnusedEndpoint>,
     pub unused6: HashMap<MapData, UnusedKey, proxy_common::UnusedEndpoint6>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    pub source_ranges6: LpmTrie<MapData, SourceRange6, u8>,
     pub service_stats: Array<MapData, Counters>,
     pub backend_stats: Array<MapData, Counters>,
     /// Where the maps are pinned.
@@ -143,6 +144,7 @@ impl Maps {
             unused: open(dir, maps::UNUSED_ENDPOINTS)?,
             unused6: open(dir, maps::UNUSED_ENDPOINTS6)?,
             source_ranges: open(dir, maps::SOURCE_RANGES)?,
+            source_ranges6: open(dir, maps::SOURCE_RANGES6)?,
             service_stats: open(dir, maps::SERVICE_STATS)?,
             backend_stats: open(dir, maps::BACKEND_STATS)?,
             dir: dir.to_path_buf(),
@@ -184,14 +186,44 @@ pub fn decode_info(info: &ServiceInfo) -> ServiceMeta {
     }
 }
 
-/// The `source_ranges` key of range `range` of frontend `id`: the id's 32 bits, then the
-/// range's.
-fn range_key(id: u32, range: &Cidr) -> Key<SourceRange> {
-    let data = SourceRange {
+/// The `source_ranges` (`source_ranges6`) key of range `range` of frontend `id`: the id's
+/// 32 bits, then the range's.
+fn range_key<A>(id: u32, addr: A, range: &Cidr) -> Key<SourceRangeOf<A>>
+where
+    SourceRangeOf<A>: aya::Pod,
+{
+    let data = SourceRangeOf {
         service_id: id,
-        addr: range.addr.octets(),
+        addr,
     };
     Key::new(32 + u32::from(range.len), data)
+}
+
+/// A range as its family's trie holds it.
+enum RangeKey {
+    V4(Key<SourceRange>),
+    V6(Key<SourceRange6>),
+}
+
+impl RangeKey {
+    fn of(id: u32, range: &Cidr) -> Self {
+        match range.addr {
+            IpAddr::V4(a) => RangeKey::V4(range_key(id, a.octets(), range)),
+            IpAddr::V6(a) => RangeKey::V6(range_key(id, a.octets(), range)),
+        }
+    }
+}
+
+/// The range a trie key holds.
+fn range_of<A: Into<IpAddr> + Copy>(key: &Key<SourceRangeOf<A>>) -> (u32, Cidr)
+where
+    SourceRangeOf<A>: aya::Pod,
+{
+    let range = Cidr {
+        addr: key.data().addr.into(),
+        len: (key.prefix_len() - 32) as u8,
+    };
+    (key.data().service_id, range)
 }
 
 // Keys as messages name them.
@@ -297,28 +329,24 @@ impl crate::reconcile::ServiceMaps for Maps {
 
     fn put_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()> {
         self.writes += 1;
-        self.source_ranges
-            .insert(&range_key(id, range), 1, 0)
-            .map_err(|e| MapWriteError::from_aya(maps::SOURCE_RANGES, e))
-            .with_context(|| {
-                format!(
-                    "writing range {range} of service id {id} to map {}",
-                    maps::SOURCE_RANGES
-                )
-            })
+        let (map, result) = match RangeKey::of(id, range) {
+            RangeKey::V4(k) => (maps::SOURCE_RANGES, self.source_ranges.insert(&k, 1, 0)),
+            RangeKey::V6(k) => (maps::SOURCE_RANGES6, self.source_ranges6.insert(&k, 1, 0)),
+        };
+        result
+            .map_err(|e| MapWriteError::from_aya(map, e))
+            .with_context(|| format!("writing range {range} of service id {id} to map {map}"))
     }
 
     fn delete_source_range(&mut self, id: u32, range: &Cidr) -> anyhow::Result<()> {
         self.writes += 1;
-        self.source_ranges
-            .remove(&range_key(id, range))
-            .map_err(|e| MapWriteError::from_aya(maps::SOURCE_RANGES, e))
-            .with_context(|| {
-                format!(
-                    "deleting range {range} of service id {id} from map {}",
-                    maps::SOURCE_RANGES
-                )
-            })
+        let (map, result) = match RangeKey::of(id, range) {
+            RangeKey::V4(k) => (maps::SOURCE_RANGES, self.source_ranges.remove(&k)),
+            RangeKey::V6(k) => (maps::SOURCE_RANGES6, self.source_ranges6.remove(&k)),
+        };
+        result
+            .map_err(|e| MapWriteError::from_aya(map, e))
+            .with_context(|| format!("deleting range {range} of service id {id} from map {map}"))
     }
 
     fn put_unused(&mut self, key: &UnusedKey, endpoint: &UnusedEndpoint) -> anyhow::Result<()> {
@@ -401,14 +429,12 @@ impl crate::reconcile::ServiceMaps for Maps {
             source_ranges: self
                 .source_ranges
                 .keys()
-                .map(|k| {
-                    let k = k.with_context(|| read(maps::SOURCE_RANGES))?;
-                    let range = Cidr {
-                        addr: Ipv4Addr::from(k.data().addr),
-                        len: (k.prefix_len() - 32) as u8,
-                    };
-                    Ok((k.data().service_id, range))
-                })
+                .map(|k| Ok(range_of(&k.with_context(|| read(maps::SOURCE_RANGES))?)))
+                .chain(
+                    self.source_ranges6
+                        .keys()
+                        .map(|k| Ok(range_of(&k.with_context(|| read(maps::SOURCE_RANGES6))?))),
+                )
                 .collect::<anyhow::Result<_>>()?,
         })
     }

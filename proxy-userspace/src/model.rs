@@ -103,9 +103,9 @@ pub struct ServiceSpec {
     /// addressed to the node).
     pub load_balancer_ips: Vec<IpAddr>,
     /// `spec.loadBalancerSourceRanges` of a LoadBalancer (else its
-    /// `service.beta.kubernetes.io/load-balancer-source-ranges` annotation), IPv4 ones:
-    /// `None` when none is given; `Some` of an empty list lets no IPv4 client in (a list
-    /// none of whose ranges parses does not open the load balancer).
+    /// `service.beta.kubernetes.io/load-balancer-source-ranges` annotation), both families:
+    /// `None` when none is given; `Some` of an empty list lets no client in (a list none of
+    /// whose ranges parses does not open the load balancer).
     pub source_ranges: Option<Vec<Cidr>>,
     /// `Some(timeout)` for `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
@@ -477,7 +477,7 @@ pub fn validate_service(svc: &Service, proxy_name: Option<&str>) -> Validated<Se
 }
 
 /// kube-proxy's source ranges of a LoadBalancer: the field, else the annotation
-/// (comma-separated). IPv6 ranges and garbage become warnings.
+/// (comma-separated), both families. Garbage becomes warnings.
 fn source_ranges(svc: &Service, object: &str, warnings: &mut Vec<Rejection>) -> Option<Vec<Cidr>> {
     let field = svc
         .spec
@@ -514,19 +514,12 @@ fn source_ranges(svc: &Service, object: &str, warnings: &mut Vec<Rejection>) -> 
         match text.parse::<Cidr>() {
             Ok(cidr) if !out.contains(&cidr) => out.push(cidr),
             Ok(_) => {}
-            Err(detail) => {
-                let reason = if text.contains(':') {
-                    Reason::UnsupportedFamily
-                } else {
-                    Reason::InvalidAddress
-                };
-                warnings.push(Rejection::new(
-                    object,
-                    format!("{path}[{i}]"),
-                    reason,
-                    detail,
-                ));
-            }
+            Err(detail) => warnings.push(Rejection::new(
+                object,
+                format!("{path}[{i}]"),
+                Reason::InvalidAddress,
+                detail,
+            )),
         }
     }
     out.sort();
@@ -1011,11 +1004,15 @@ endpoints:
         );
         assert_eq!(
             ranges(&format!(
-                "metadata: {{name: lb}}\n{lb}  loadBalancerSourceRanges: [10.0.0.0/8, 2001:db8::/32, 192.168.1.7/24]\n"
+                "metadata: {{name: lb}}\n{lb}  loadBalancerSourceRanges: [10.0.0.0/8, 2001:db8::/32, 192.168.1.7/24, bogus]\n"
             )),
             (
-                Some(vec!["10.0.0.0/8".into(), "192.168.1.0/24".into()]),
-                vec![Reason::UnsupportedFamily]
+                Some(vec![
+                    "10.0.0.0/8".into(),
+                    "192.168.1.0/24".into(),
+                    "2001:db8::/32".into()
+                ]),
+                vec![Reason::InvalidAddress]
             )
         );
         // kube-proxy reads the annotation when the field is empty.

@@ -4,9 +4,9 @@ use std::{fmt, net::IpAddr};
 use crate::cidr::Cidr;
 
 /// `--nodeport-addresses`: `primary` (kube-proxy's nftables default: the node IP of each
-/// family only), `all` (every address of the served interfaces), or IPv4 CIDRs (the IPv4
-/// addresses of the served interfaces and the node IP inside them; as kube-proxy, a family
-/// without a CIDR in the list answers on all its addresses).
+/// family only), `all` (every address of the served interfaces), or CIDRs (the addresses
+/// of the served interfaces and the node IPs inside them; as kube-proxy, a family without a
+/// CIDR in the list answers on all its addresses).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodePortAddresses {
     Primary,
@@ -17,15 +17,20 @@ pub enum NodePortAddresses {
 impl NodePortAddresses {
     /// Whether NodePorts answer on `addr`, given the node's primary address of its family.
     pub fn admits(&self, addr: IpAddr, primary: Option<IpAddr>) -> bool {
-        match (self, addr) {
-            (NodePortAddresses::Primary, _) => Some(addr) == primary,
-            (NodePortAddresses::All, _) => true,
-            (NodePortAddresses::Cidrs(cidrs), IpAddr::V4(a)) => cidrs.iter().any(|c| c.contains(a)),
-            (NodePortAddresses::Cidrs(_), IpAddr::V6(_)) => true,
+        match self {
+            NodePortAddresses::Primary => Some(addr) == primary,
+            NodePortAddresses::All => true,
+            NodePortAddresses::Cidrs(cidrs) => {
+                let mut of_family = cidrs
+                    .iter()
+                    .filter(|c| c.is_ipv4() == addr.is_ipv4())
+                    .peekable();
+                of_family.peek().is_none() || of_family.any(|c| c.contains(addr))
+            }
         }
     }
 
-    /// Parses `primary`, `all` or comma-separated IPv4 CIDRs.
+    /// Parses `primary`, `all` or comma-separated CIDRs.
     pub fn parse(text: &str) -> Result<Self, String> {
         match text.trim() {
             "primary" => return Ok(NodePortAddresses::Primary),
@@ -39,7 +44,7 @@ impl NodePortAddresses {
             .map(str::parse)
             .collect::<Result<Vec<Cidr>, _>>()?;
         if cidrs.is_empty() {
-            return Err("expected primary, all, or IPv4 CIDRs".to_owned());
+            return Err("expected primary, all, or CIDRs".to_owned());
         }
         Ok(NodePortAddresses::Cidrs(cidrs))
     }
@@ -79,6 +84,13 @@ mod tests {
         assert!(c.admits(IpAddr::from([10, 1, 2, 3]), None));
         // No IPv6 CIDR: every IPv6 address, as kube-proxy.
         assert!(c.admits("fd00::1".parse().unwrap(), None));
+        let six = NodePortAddresses::parse("fd00:50::/64").unwrap();
+        assert!(six.admits("fd00:50::1".parse().unwrap(), None));
+        assert!(!six.admits("fd00:51::1".parse().unwrap(), None));
+        assert!(
+            six.admits(node_ip, primary),
+            "no IPv4 CIDR: every IPv4 address"
+        );
         assert!(
             NodePortAddresses::parse("0.0.0.0/0")
                 .unwrap()
@@ -89,7 +101,7 @@ mod tests {
             "",
             "10.0.0.0",
             "10.0.0.0/33",
-            "fd00::/64",
+            "fd00::/129",
             "primary,10.0.0.0/8",
         ] {
             assert!(NodePortAddresses::parse(bad).is_err(), "{bad}");

@@ -384,3 +384,54 @@ fn an_ipv6_service_without_endpoints_is_refused_on_the_tc_path_with_icmpv6() {
         "{event}"
     );
 }
+
+#[test]
+fn load_balancer_source_ranges_apply_per_family() {
+    // As kube-proxy's proxier per family: the IPv6 range admits pod 4 alone at the IPv6
+    // load-balancer IP; the list has no IPv4 range, so the IPv4 one stays open to all.
+    // (externalTrafficPolicy: Local and the endpoints on this node: IPv6 is not masqueraded
+    // yet.)
+    let (mut world, _) = three_backends();
+    let local_slice = |name: &str, family: &str, addrs: Vec<String>| {
+        let endpoints: String = addrs
+            .iter()
+            .map(|a| format!("- {{addresses: ['{a}'], nodeName: node-a}}\n"))
+            .collect();
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: lb}}}}\naddressType: {family}\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}"
+        )
+    };
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: default}}\nspec:\n  type: LoadBalancer\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.50\n  clusterIPs: [10.96.0.50, 'fd00:96::50']\n  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: ['fd00:244:4::/64']\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 203.0.113.50}}, {{ip: 'fd00:200::50'}}]}}}}\n{}{}",
+        local_slice(
+            "lb-6",
+            "IPv6",
+            (1..=3).map(|i| world.pod(i).ip6.to_string()).collect()
+        ),
+        local_slice(
+            "lb-4",
+            "IPv4",
+            (1..=3).map(|i| world.pod(i).ip.to_string()).collect()
+        ),
+    );
+    world.start_agent(&manifest, true).unwrap();
+    let (lb6, lb4) = (at("fd00:200::50", 80), "203.0.113.50:80".to_owned());
+    let tcp = |world: &World, pod: usize, to: &str| {
+        world
+            .probe(pod, false, &["tcp", "--to", to, "--timeout-ms", "1500"])
+            .unwrap()
+            .remove(0)
+    };
+    let inside = tcp(&world, CLIENT, &lb6);
+    assert_eq!(inside["ok"], true, "pod 4 is in the range: {inside}");
+    let outside = tcp(&world, 3, &lb6);
+    assert_eq!(outside["kind"], "timeout", "pod 3 is not: {outside}");
+    let four = tcp(&world, 3, &lb4);
+    assert_eq!(four["ok"], true, "no IPv4 range: open: {four}");
+    let status: Value =
+        serde_json::from_str(&world.proxyctl(&["status", "--output", "json"]).unwrap()).unwrap();
+    assert!(
+        status["drops"]["source_range"].as_u64().unwrap_or(0) >= 1,
+        "{status}"
+    );
+}
