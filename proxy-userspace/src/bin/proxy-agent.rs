@@ -88,8 +88,9 @@ struct Args {
     #[arg(long, env = "PROXY_NODE_IP", value_parser = NodeIps::parse, default_value = "", hide_default_value = true)]
     node_ip: NodeIps,
     /// Which node addresses NodePorts answer on, as kube-proxy's --nodeport-addresses:
-    /// `primary` (the node IP only: kube-proxy's nftables default), `all` (every address of
-    /// --interfaces and the node IP), or IPv4 CIDRs (those addresses inside them).
+    /// `primary` (the node IP of each family only: kube-proxy's nftables default), `all`
+    /// (every address of --interfaces and the node IPs), or CIDRs of either family (those
+    /// addresses inside them; a family without a CIDR answers on all its addresses).
     #[arg(
         long,
         env = "PROXY_NODEPORT_ADDRESSES",
