@@ -95,30 +95,45 @@ fn an_ipv6_cluster_ip_balances_tcp_and_udp_and_apps_see_the_service_address() {
 }
 
 #[test]
-fn an_ipv6_service_without_endpoints_is_refused_at_once_and_monitored() {
+fn an_ipv6_service_without_endpoints_is_refused_at_once_by_the_hooks_and_by_tc() {
+    // As kube-proxy's REJECT: ECONNREFUSED from the connect hook, ICMPv6 port unreachable
+    // from tc; each counted as no_endpoints and shown by proxyctl monitor.
     let (mut world, _) = three_backends();
     let none: &[(Ipv6Addr, bool, bool, bool)] = &[];
     world
         .start_agent(&service_manifest("empty6", VIP6, None, none), true)
         .unwrap();
     let to = at(VIP6, 80);
-    let event = world
-        .first_monitored(0, |world| {
-            let started = Instant::now();
-            let refused = world
-                .probe(CLIENT, true, &["tcp", "--to", &to, "--timeout-ms", "2000"])
-                .unwrap();
-            assert_eq!(refused[0]["kind"], "refused", "{refused:?}");
-            assert!(
-                started.elapsed().as_millis() < 2000,
-                "refused, not timed out"
-            );
-        })
-        .unwrap();
-    assert_eq!(event["reason"], "no_endpoints", "{event}");
-    assert_eq!(event["service"], "default/empty6:http", "{event}");
-    assert_eq!(event["destination"], to, "{event}");
-    assert_eq!(event["hook"], "connect", "{event}");
+    let client = world.pod(CLIENT).ip6.to_string();
+    for (hooked, hook) in [(true, "connect"), (false, "tc")] {
+        let event = world
+            .first_monitored(0, |world| {
+                let started = Instant::now();
+                let refused = world
+                    .probe(
+                        CLIENT,
+                        hooked,
+                        &["tcp", "--to", &to, "--timeout-ms", "2000"],
+                    )
+                    .unwrap();
+                assert_eq!(refused[0]["kind"], "refused", "{hook}: {refused:?}");
+                assert!(
+                    started.elapsed().as_millis() < 2000,
+                    "refused, not timed out"
+                );
+            })
+            .unwrap();
+        assert_eq!(event["reason"], "no_endpoints", "{event}");
+        assert_eq!(event["action"], "reject", "{event}");
+        assert_eq!(event["service"], "default/empty6:http", "{event}");
+        assert_eq!(event["destination"], to, "{event}");
+        assert_eq!(event["hook"], hook, "{event}");
+        if !hooked {
+            // tc sees the client's flow; a refused connect() has no source yet.
+            let source = event["source"].as_str().unwrap();
+            assert!(source.starts_with(&format!("[{client}]:")), "{event}");
+        }
+    }
 }
 
 #[test]
@@ -346,43 +361,6 @@ fn an_ipv6_cluster_ip_is_served_on_the_tc_path_to_clients_outside_the_cgroup() {
     }
     let maps = world.proxyctl(&["maps"]).unwrap();
     assert!(maps.lines().any(|l| l.starts_with("conntrack6 ")), "{maps}");
-}
-
-#[test]
-fn an_ipv6_service_without_endpoints_is_refused_on_the_tc_path_with_icmpv6() {
-    // As kube-proxy's REJECT: ICMPv6 port unreachable, so the client fails at once; counted
-    // as no_endpoints and shown by proxyctl monitor with the client's flow.
-    let (mut world, _) = three_backends();
-    let none: Vec<Ipv6Addr> = Vec::new();
-    world
-        .start_agent(&service_manifest("empty6", VIP6, None, &ready(&none)), true)
-        .unwrap();
-    let to = at(VIP6, 80);
-    let event = world
-        .first_monitored(0, |world| {
-            let started = Instant::now();
-            let refused = world
-                .probe(CLIENT, false, &["tcp", "--to", &to, "--timeout-ms", "2000"])
-                .unwrap();
-            assert_eq!(refused[0]["kind"], "refused", "{refused:?}");
-            assert!(
-                started.elapsed().as_millis() < 2000,
-                "refused, not timed out"
-            );
-        })
-        .unwrap();
-    assert_eq!(event["reason"], "no_endpoints", "{event}");
-    assert_eq!(event["action"], "reject", "{event}");
-    assert_eq!(event["hook"], "tc", "{event}");
-    assert_eq!(event["destination"], to, "{event}");
-    let client = world.pod(CLIENT).ip6.to_string();
-    assert!(
-        event["source"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("[{client}]:")),
-        "{event}"
-    );
 }
 
 #[test]
