@@ -17,11 +17,11 @@ use crate::{
         SOURCE_RANGES6,
     },
     nat::{self, NewEntries},
-    packet::{ETH_HDR_LEN, Flow, FlowOf, Frame, IP_DST_OFF, IP_SRC_OFF},
+    packet::{self, ETH_HDR_LEN, Flow, FlowOf, Frame, IP_DST_OFF, IP_SRC_OFF},
 };
 
 /// An address family, as its address: `[u8; 4]` or `[u8; 16]`.
-pub trait Family: Copy + Sized + PartialEq + 'static {
+pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// The all-zero address; also the frontend address of a NodePort.
     const ZERO: Self;
     /// Offsets of the IP header's source and destination address in a frame.
@@ -29,6 +29,8 @@ pub trait Family: Copy + Sized + PartialEq + 'static {
     const DST_OFF: usize;
     /// Offset of the TTL (hop limit) in a frame.
     const TTL_OFF: usize;
+    /// Whether the IP header has a checksum (IPv4's).
+    const HEADER_CHECKSUM: bool;
     /// Whether the datapath masquerades and routes this family's flows itself (IPv4 only,
     /// so far: an IPv6 flow that needs it is dropped as `no_masquerade_address`).
     const MASQUERADES: bool;
@@ -71,6 +73,16 @@ pub trait Family: Copy + Sized + PartialEq + 'static {
         csum_off: usize,
         udp: bool,
     ) -> Option<()>;
+    /// Rewrites the address at `addr_off` of an ICMP (ICMPv6) error's own header from `old`
+    /// to `new`: the IPv4 header checksum follows, or the ICMPv6 checksum at
+    /// `icmp_csum_off`, whose pseudo-header holds the address.
+    fn rewrite_error_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        old: Self,
+        new: Self,
+        icmp_csum_off: usize,
+    ) -> Option<()>;
 }
 
 impl Family for [u8; 4] {
@@ -78,6 +90,7 @@ impl Family for [u8; 4] {
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
     const TTL_OFF: usize = ETH_HDR_LEN + 8;
+    const HEADER_CHECKSUM: bool = true;
     const MASQUERADES: bool = true;
     type SockRev = SockRevKey;
 
@@ -157,6 +170,17 @@ impl Family for [u8; 4] {
         ctx.update_ip_csum32(old, new)?;
         ctx.write(addr_off, &new)
     }
+
+    #[inline(always)]
+    fn rewrite_error_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        old: Self,
+        new: Self,
+        _: usize,
+    ) -> Option<()> {
+        packet::rewrite_address(ctx, addr_off, old, new)
+    }
 }
 
 impl Family for [u8; 16] {
@@ -164,6 +188,7 @@ impl Family for [u8; 16] {
     const SRC_OFF: usize = ETH_HDR_LEN + 8;
     const DST_OFF: usize = ETH_HDR_LEN + 24;
     const TTL_OFF: usize = ETH_HDR_LEN + 7;
+    const HEADER_CHECKSUM: bool = false;
     const MASQUERADES: bool = false;
     type SockRev = SockRevKey6;
 
@@ -257,5 +282,16 @@ impl Family for [u8; 16] {
             }
         }
         ctx.write(addr_off, &new)
+    }
+
+    #[inline(always)]
+    fn rewrite_error_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        old: Self,
+        new: Self,
+        icmp_csum_off: usize,
+    ) -> Option<()> {
+        Self::rewrite_address(ctx, addr_off, old, new, icmp_csum_off, false)
     }
 }

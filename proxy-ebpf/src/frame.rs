@@ -33,7 +33,7 @@ pub trait Frame {
     /// Updates the IPv4 header checksum for an address changing.
     #[inline(always)]
     fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()> {
-        update_csum(self, IP_CSUM_OFF, false, |c| replace32(c, old, new))
+        update_csum(self, IP_CSUM_OFF, false, |c| replace_words(c, &old, &new))
     }
 
     /// Updates the TCP or UDP checksum at `offset` for an address of the pseudo-header
@@ -46,7 +46,7 @@ pub trait Frame {
         new: [u8; 4],
         udp: bool,
     ) -> Option<()> {
-        update_csum(self, offset, udp, |c| replace32(c, old, new))
+        update_csum(self, offset, udp, |c| replace_words(c, &old, &new))
     }
 
     /// Updates the TCP or UDP checksum at `offset` for a port changing (both as in memory).
@@ -72,19 +72,17 @@ pub fn replace16(csum: u16, old: u16, new: u16) -> u16 {
     (!fold(sum)).to_be()
 }
 
-/// The same for a 4-byte field (an address).
+/// The same for a field of 16-bit words (an address, of either family; both as in memory).
 #[inline(always)]
-pub fn replace32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let csum = replace16(
-        csum,
-        u16::from_ne_bytes([old[0], old[1]]),
-        u16::from_ne_bytes([new[0], new[1]]),
-    );
-    replace16(
-        csum,
-        u16::from_ne_bytes([old[2], old[3]]),
-        u16::from_ne_bytes([new[2], new[3]]),
-    )
+pub fn replace_words(mut csum: u16, old: &[u8], new: &[u8]) -> u16 {
+    for i in 0..old.len().min(new.len()) / 2 {
+        csum = replace16(
+            csum,
+            u16::from_ne_bytes([old[2 * i], old[2 * i + 1]]),
+            u16::from_ne_bytes([new[2 * i], new[2 * i + 1]]),
+        );
+    }
+    csum
 }
 
 /// `size_of::<T>()` bytes at `offset` of the frame `start..end`, if they are in it — the

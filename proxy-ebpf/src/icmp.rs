@@ -1,7 +1,7 @@
 //! ICMP errors the tc programs write: an answer built from the packet (port unreachable for
 //! a service without endpoints — ICMPv6's too —, time exceeded for a routed packet whose TTL
-//! ran out), and the translation of an error about a translated flow, quoted header
-//! included.
+//! ran out), and the translation of an error (ICMP or ICMPv6) about a translated flow,
+//! quoted header included.
 use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_skb_change_tail},
     programs::TcContext,
@@ -9,10 +9,11 @@ use aya_ebpf::{
 use proxy_common::IPPROTO_TCP;
 
 use crate::{
-    frame::{replace16, replace32},
+    family::Family,
+    frame::{replace_words, replace16},
     packet::{
-        ETH_HDR_LEN, Endpoint, ErrorTranslation, Flow, Flow6, IP_DST_OFF, IP_HDR_MIN_LEN,
-        IP_SRC_OFF, IPPROTO_ICMP, IcmpError, Rewrite, rewrite_address,
+        ETH_HDR_LEN, Endpoint, ErrorTranslationOf, Flow, Flow6, IP_HDR_MIN_LEN, IP6_HDR_LEN,
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpErrorOf, RewriteOf,
     },
 };
 
@@ -90,9 +91,6 @@ pub fn into_icmp_error(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Resu
     ctx.store(ETH_HDR_LEN + IP_HDR_MIN_LEN, &icmp, 0)?;
     Ok(())
 }
-
-const IP6_HDR_LEN: usize = 40;
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// ICMPv6 header (type, code, checksum, unused) followed by the quoted IPv6 header and the
 /// first 8 bytes of its payload: enough for the sender's stack to find the socket (RFC 4443
@@ -178,41 +176,53 @@ fn icmp_store16(ctx: &TcContext, csum_off: usize, off: usize, new: u16) -> Resul
     ctx.store(off, &new, 0)
 }
 
-/// Rewrites one end of the packet an ICMP error quotes: its address, with the quoted IP
-/// header's checksum, its port, and the quoted TCP or UDP checksum when it is quoted (a
-/// zero UDP checksum stays zero); the ICMP checksum follows every word changed.
+/// Rewrites one end of the packet an ICMP (ICMPv6) error quotes: its address, with the
+/// quoted IPv4 header's checksum, its port, and the quoted TCP or UDP checksum when it is
+/// quoted (a zero UDP checksum stays zero); the ICMP checksum follows every word changed.
 #[inline(always)]
-fn rewrite_quoted(
+fn rewrite_quoted<A: Family>(
     ctx: &TcContext,
-    error: &IcmpError,
+    error: &IcmpErrorOf<A>,
     which: Endpoint,
-    to: Rewrite,
+    to: RewriteOf<A>,
 ) -> Result<(), i64> {
     if !to.set {
         return Ok(());
     }
     let csum_off = error.icmp_off + 2;
     let q = &error.quoted;
+    // The quoted IP header is laid out as the frame's own, from its IP header on.
     let (addr_off, port_off, old_addr, old_port) = match which {
-        Endpoint::Source => (error.inner_ip_off + 12, error.inner_l4_off, q.src, q.sport),
+        Endpoint::Source => (
+            error.inner_ip_off + A::SRC_OFF - ETH_HDR_LEN,
+            error.inner_l4_off,
+            q.src,
+            q.sport,
+        ),
         Endpoint::Destination => (
-            error.inner_ip_off + 16,
+            error.inner_ip_off + A::DST_OFF - ETH_HDR_LEN,
             error.inner_l4_off + 2,
             q.dst,
             q.dport,
         ),
     };
-    let ip_csum_off = error.inner_ip_off + 10;
-    let ip_csum: u16 = ctx.load(ip_csum_off)?;
-    icmp_store16(
-        ctx,
-        csum_off,
-        ip_csum_off,
-        replace32(ip_csum, old_addr, to.addr),
-    )?;
-    let [a, b, c, d] = to.addr;
-    icmp_store16(ctx, csum_off, addr_off, u16::from_ne_bytes([a, b]))?;
-    icmp_store16(ctx, csum_off, addr_off + 2, u16::from_ne_bytes([c, d]))?;
+    let (old, new) = (old_addr.as_ref(), to.addr.as_ref());
+    if A::HEADER_CHECKSUM {
+        let ip_csum_off = error.inner_ip_off + 10;
+        let ip_csum: u16 = ctx.load(ip_csum_off)?;
+        icmp_store16(ctx, csum_off, ip_csum_off, replace_words(ip_csum, old, new))?;
+    }
+    for i in 0..size_of::<A>() / 2 {
+        let (old_word, new_word) = ([old[2 * i], old[2 * i + 1]], [new[2 * i], new[2 * i + 1]]);
+        if old_word != new_word {
+            icmp_store16(
+                ctx,
+                csum_off,
+                addr_off + 2 * i,
+                u16::from_ne_bytes(new_word),
+            )?;
+        }
+    }
     let new_port = to.port.to_be();
     icmp_store16(ctx, csum_off, port_off, new_port)?;
     if error.inner_csum_present {
@@ -220,11 +230,7 @@ fn rewrite_quoted(
         let l4_csum_off = error.inner_l4_off + if tcp { 16 } else { 6 };
         let l4_csum: u16 = ctx.load(l4_csum_off)?;
         if tcp || l4_csum != 0 {
-            let mut csum = replace16(
-                replace32(l4_csum, old_addr, to.addr),
-                old_port.to_be(),
-                new_port,
-            );
+            let mut csum = replace16(replace_words(l4_csum, old, new), old_port.to_be(), new_port);
             if !tcp && csum == 0 {
                 csum = 0xffff;
             }
@@ -234,23 +240,25 @@ fn rewrite_quoted(
     Ok(())
 }
 
-/// Translates an ICMP error: the quoted packet's ends, then the error's own addresses
-/// (ICMP has no pseudo-header: only the IP checksum follows those).
+/// Translates an ICMP (ICMPv6) error: the quoted packet's ends, then the error's own
+/// addresses (`Family::rewrite_error_address`: ICMP has no pseudo-header, ICMPv6 has).
 #[inline(always)]
-pub fn rewrite_icmp_error(
+pub fn rewrite_icmp_error<A: Family>(
     ctx: &TcContext,
-    error: &IcmpError,
-    t: &ErrorTranslation,
+    error: &IcmpErrorOf<A>,
+    t: &ErrorTranslationOf<A>,
 ) -> Result<(), i64> {
     rewrite_quoted(ctx, error, Endpoint::Source, t.inner_src)?;
     rewrite_quoted(ctx, error, Endpoint::Destination, t.inner_dst)?;
-    for (to, off, old) in [
-        (t.outer_src, IP_SRC_OFF, error.src),
-        (t.outer_dst, IP_DST_OFF, error.dst),
-    ] {
-        if to.set {
-            rewrite_address(ctx, off, old, to.addr).ok_or(0)?;
-        }
+    // One at a time, not over an array of both: IPv6's would take stack there is none of.
+    let csum_off = error.icmp_off + 2;
+    if t.outer_src.set {
+        A::rewrite_error_address(ctx, A::SRC_OFF, error.src, t.outer_src.addr, csum_off)
+            .ok_or(0)?;
+    }
+    if t.outer_dst.set {
+        A::rewrite_error_address(ctx, A::DST_OFF, error.dst, t.outer_dst.addr, csum_off)
+            .ok_or(0)?;
     }
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! (masquerading it when the reply would otherwise bypass this node) and record it.
 //!
 //! The flow logic is generic over the address family (`Family`): IPv4 and IPv6 flows are
-//! tracked alike, each in its family's conntrack map. Fragments and ICMP errors are IPv4's.
+//! tracked alike, each in its family's conntrack map, and so are the ICMP errors about
+//! them. Fragments are IPv4's.
 use proxy_common::{
     AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntryOf, CtKey, CtKeyOf,
@@ -16,7 +17,7 @@ use crate::{
     family::Family,
     lb::{self, Chosen, Sticky},
     maps::{FRAGMENTS, NODE_CONFIG},
-    packet::{ErrorTranslation, Flow, FlowOf, Rewrite, RewriteOf, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{ErrorTranslationOf, Flow, FlowOf, RewriteOf, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Random source ports tried for a masqueraded (or clashing) flow: first this many that
@@ -519,7 +520,10 @@ pub enum Side {
 /// translated there: for packets that only follow a flow (fragments, ICMP errors), whose
 /// entry they do not update.
 #[inline(always)]
-fn tracked(key: &CtKey, side: Side) -> Option<(CtEntryOf<[u8; 4]>, Rewrite, Rewrite)> {
+fn tracked<A: Family>(
+    key: &CtKeyOf<A>,
+    side: Side,
+) -> Option<(CtEntryOf<A>, RewriteOf<A>, RewriteOf<A>)> {
     let entry = ct::get(key)?;
     let (src, dst) = rewrites(&entry, key, side)?;
     Some((entry, src, dst))
@@ -573,8 +577,12 @@ fn rewrites<A: Family>(
 /// destination sent it). Linux's NAT and Cilium do the same; without it path-MTU discovery,
 /// traceroute and port-unreachable answers break through a service.
 #[inline(always)]
-pub fn icmp_error(quoted: &CtKey, sender: [u8; 4], side: Side) -> Option<ErrorTranslation> {
-    let reply = CtKey {
+pub fn icmp_error<A: Family>(
+    quoted: &CtKeyOf<A>,
+    sender: A,
+    side: Side,
+) -> Option<ErrorTranslationOf<A>> {
+    let reply = CtKeyOf {
         src: quoted.dst,
         dst: quoted.src,
         sport: quoted.dport,
@@ -585,16 +593,16 @@ pub fn icmp_error(quoted: &CtKey, sender: [u8; 4], side: Side) -> Option<ErrorTr
     };
     let (entry, src, dst) = tracked(&reply, side)?;
     let outer_src = if src.set && sender == quoted.dst {
-        Rewrite::to(src.addr, 0)
+        RewriteOf::to(src.addr, 0)
     } else {
-        Rewrite::NONE
+        RewriteOf::NONE
     };
     let outer_dst = if dst.set && dst.addr != quoted.src {
-        Rewrite::to(dst.addr, 0)
+        RewriteOf::to(dst.addr, 0)
     } else {
-        Rewrite::NONE
+        RewriteOf::NONE
     };
-    Some(ErrorTranslation {
+    Some(ErrorTranslationOf {
         inner_src: dst,
         inner_dst: src,
         outer_src,

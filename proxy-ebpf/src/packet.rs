@@ -1,5 +1,5 @@
 //! IPv4 and IPv6 packets as the datapath sees them: parsed once (tc and XDP) into a TCP/UDP
-//! `Flow` (`Flow6`), a later fragment or an ICMP error quoting a flow (IPv4), and rewritten
+//! `Flow` (`Flow6`), a later fragment (IPv4) or an ICMP (ICMPv6) error quoting a flow, and rewritten
 //! an end at a time with incremental checksum updates, over `Frame`.
 use proxy_common::{CtKey, CtKeyOf, FragKey, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -9,7 +9,8 @@ use crate::{family::Family, frame::fold};
 pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IP6_HDR_LEN: usize = 40;
+pub const IP6_HDR_LEN: usize = 40;
+pub const IPPROTO_ICMPV6: u8 = 58;
 /// Extension headers walked before giving up on a packet (more is no traffic of ours).
 const IP6_MAX_EXT_HEADERS: usize = 4;
 const IPPROTO_HOPOPTS: u8 = 0;
@@ -132,14 +133,15 @@ pub enum Packet {
     IcmpError(IcmpError),
 }
 
-/// An ICMP error (destination unreachable, time exceeded, parameter problem) and the
-/// headers it quotes: the quoted packet's addresses and ports, as it was sent.
-pub struct IcmpError {
+/// An ICMP (ICMPv6) error — destination unreachable, time exceeded, parameter problem;
+/// ICMPv6's packet too big — and the headers it quotes: the quoted packet's addresses and
+/// ports, as it was sent.
+pub struct IcmpErrorOf<A> {
     /// The error's sender (its IP source) and destination.
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: A,
+    pub dst: A,
     /// The quoted packet's tuple.
-    pub quoted: CtKey,
+    pub quoted: CtKeyOf<A>,
     /// Offsets of the ICMP header, the quoted IP header and the quoted L4 header.
     pub icmp_off: usize,
     pub inner_ip_off: usize,
@@ -148,11 +150,19 @@ pub struct IcmpError {
     pub inner_csum_present: bool,
 }
 
+pub type IcmpError = IcmpErrorOf<[u8; 4]>;
+pub type IcmpError6 = IcmpErrorOf<[u8; 16]>;
+
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_HDR_LEN: usize = 8;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+pub const ICMPV6_PORT_UNREACH: u8 = 4;
 
 /// The packet, if it is an IPv4 TCP or UDP packet (first fragment or whole) or an ICMP
 /// error quoting one, that the kernel itself would accept: lengths consistent with the
@@ -278,12 +288,13 @@ struct Ipv6Extension {
     len: u8,
 }
 
-/// The packet, if it is an IPv6 TCP or UDP packet that the kernel itself would accept: its
-/// payload length within the frame, hop-by-hop, routing and destination options headers
-/// skipped (at most `IP6_MAX_EXT_HEADERS`), a TCP data offset of at least 5, a UDP length
-/// within the payload. Fragments, ICMPv6 and anything else are left to the kernel.
+/// An IPv6 packet's headers up to its upper layer: the fixed header, the upper layer's
+/// protocol, the length of the IPv6 headers (extension headers included) and of what
+/// follows them. Only if its payload length is within the frame; hop-by-hop, routing and
+/// destination options headers skipped (at most `IP6_MAX_EXT_HEADERS`); fragments (and
+/// anything else) left to the kernel.
 #[inline(always)]
-pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
+fn ipv6_upper_layer<F: Frame>(ctx: &F) -> Option<(Ipv6Header, u8, usize, usize)> {
     if is_ipv6(ctx) != Some(true) {
         return None;
     }
@@ -311,8 +322,16 @@ pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
     if next == IPPROTO_FRAGMENT || ip_hdr_len - IP6_HDR_LEN > payload {
         return None;
     }
+    Some((ip, next, ip_hdr_len, payload - (ip_hdr_len - IP6_HDR_LEN)))
+}
+
+/// The packet, if it is an IPv6 TCP or UDP packet that the kernel itself would accept
+/// (`ipv6_upper_layer`): a TCP data offset of at least 5, a UDP length within the payload.
+/// Fragments, ICMPv6 and anything else are left to the kernel.
+#[inline(always)]
+pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
+    let (ip, next, ip_hdr_len, l4_len) = ipv6_upper_layer(ctx)?;
     let l4_off = ETH_HDR_LEN + ip_hdr_len;
-    let l4_len = payload - (ip_hdr_len - IP6_HDR_LEN);
     let (sport, dport, tcp_flags) = match next {
         IPPROTO_TCP => {
             let tcp: TcpStart = ctx.read(l4_off)?;
@@ -350,6 +369,40 @@ pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
     })
 }
 
+/// The packet, if it is an ICMPv6 error (destination unreachable, packet too big, time
+/// exceeded, parameter problem) quoting at least the IPv6 header and the ports of a TCP or
+/// UDP packet; the quoted packet without extension headers (ours are sent without).
+#[inline(always)]
+pub fn parse_icmp6_error<F: Frame>(ctx: &F) -> Option<IcmpError6> {
+    let (ip, next, ip_hdr_len, len) = ipv6_upper_layer(ctx)?;
+    if next != IPPROTO_ICMPV6 {
+        return None;
+    }
+    let icmp_off = ETH_HDR_LEN + ip_hdr_len;
+    let kind: u8 = ctx.read(icmp_off)?;
+    if !matches!(
+        kind,
+        ICMPV6_DEST_UNREACH
+            | ICMPV6_PACKET_TOO_BIG
+            | ICMPV6_TIME_EXCEEDED
+            | ICMPV6_PARAMETER_PROBLEM
+    ) {
+        return None;
+    }
+    let inner_ip_off = icmp_off + ICMP_HDR_LEN;
+    let inner: Ipv6Header = ctx.read(inner_ip_off)?;
+    if inner.version_class_flow[0] >> 4 != 6 {
+        return None;
+    }
+    quoting(
+        ctx,
+        (ip.src, ip.dst),
+        (inner.src, inner.dst, inner.next),
+        (icmp_off, inner_ip_off, inner_ip_off + IP6_HDR_LEN),
+        len,
+    )
+}
+
 /// The ICMP error at `icmp_off` (`len` bytes of ICMP message), if it quotes at least the
 /// IP header and the ports of a TCP or UDP packet.
 #[inline(always)]
@@ -370,23 +423,43 @@ fn parse_icmp_error<F: Frame>(
     if inner.byte(0) >> 4 != 4 || inner_ihl < IP_HDR_MIN_LEN {
         return None;
     }
+    quoting(
+        ctx,
+        (ip.addr(6), ip.addr(8)),
+        (inner.addr(6), inner.addr(8), proto),
+        (icmp_off, inner_ip_off, inner_ip_off + inner_ihl),
+        len,
+    )
+}
+
+/// The error whose `len` bytes of ICMP message from `icmp_off` quote a packet between
+/// `inner` addresses of protocol `inner.2` at `offsets` (ICMP header, quoted IP header,
+/// quoted L4 header), sent between `outer` addresses; if that packet is TCP or UDP and
+/// at least its ports are quoted (RFC 792: the first 8 bytes of the payload).
+#[inline(always)]
+fn quoting<F: Frame, A: Copy>(
+    ctx: &F,
+    outer: (A, A),
+    inner: (A, A, u8),
+    (icmp_off, inner_ip_off, inner_l4_off): (usize, usize, usize),
+    len: usize,
+) -> Option<IcmpErrorOf<A>> {
+    let proto = inner.2;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    // The ports, at least, must be quoted (RFC 792: the first 8 bytes of the payload).
-    let inner_l4_off = inner_ip_off + inner_ihl;
-    let quoted = ICMP_HDR_LEN + inner_ihl;
+    let quoted = inner_l4_off - icmp_off;
     if len < quoted + 8 {
         return None;
     }
     let ports: [u16; 2] = ctx.read(inner_l4_off)?;
     let csum_end = if proto == IPPROTO_TCP { 18 } else { 8 };
-    Some(IcmpError {
-        src: ip.addr(6),
-        dst: ip.addr(8),
-        quoted: CtKey {
-            src: inner.addr(6),
-            dst: inner.addr(8),
+    Some(IcmpErrorOf {
+        src: outer.0,
+        dst: outer.1,
+        quoted: CtKeyOf {
+            src: inner.0,
+            dst: inner.1,
             sport: u16::from_be(ports[0]),
             dport: u16::from_be(ports[1]),
             proto,
@@ -409,8 +482,6 @@ pub struct RewriteOf<A> {
     pub port: u16,
 }
 
-pub type Rewrite = RewriteOf<[u8; 4]>;
-
 impl<A: Family> RewriteOf<A> {
     pub const NONE: Self = RewriteOf {
         set: false,
@@ -429,17 +500,19 @@ impl<A: Family> RewriteOf<A> {
 }
 
 /// The rewrites of an ICMP error about a translated flow.
-pub struct ErrorTranslation {
+pub struct ErrorTranslationOf<A> {
     /// The quoted packet's new source and destination.
-    pub inner_src: Rewrite,
-    pub inner_dst: Rewrite,
+    pub inner_src: RewriteOf<A>,
+    pub inner_dst: RewriteOf<A>,
     /// The error's own new source (when the quoted packet's destination sent it) and
     /// destination; their ports are unused.
-    pub outer_src: Rewrite,
-    pub outer_dst: Rewrite,
+    pub outer_src: RewriteOf<A>,
+    pub outer_dst: RewriteOf<A>,
     /// A masqueraded flow's error: route it ourselves.
     pub route: bool,
 }
+
+pub type ErrorTranslation = ErrorTranslationOf<[u8; 4]>;
 
 #[derive(Clone, Copy)]
 pub enum Endpoint {

@@ -16,8 +16,8 @@ use crate::{
     nat::{self, Side, Translation, Verdict},
     packet::{
         self, Endpoint, ErrorTranslation, Flow, FlowOf, Frame, ICMP_DEST_UNREACH,
-        ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IcmpError,
-        Packet,
+        ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH,
+        IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IcmpError, Packet,
     },
     route,
 };
@@ -64,8 +64,8 @@ pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
 
 /// IPv4 and IPv6 each have functions of their own (BPF subprograms, each with its own
 /// stack frame): inlined together, they would not fit the 512-byte stack. IPv6's tracked
-/// flows and new flows are calls one after the other, for the same reason: one calling
-/// the other would add their frames up. A packet a function began to change and could not
+/// flows, new flows and ICMPv6 errors are calls one after the other, for the same reason:
+/// one calling the other would add their frames up. A packet a function began to change and could not
 /// finish is dropped: half-rewritten, it would carry a wrong checksum or address.
 #[inline(always)]
 fn run(ctx: &TcContext, side: Side) -> i32 {
@@ -75,6 +75,7 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
                 picked if picked >> 32 != 0 => record6(ctx, picked),
                 action => action as i32,
             },
+            NOT_A_FLOW => error6(ctx, side),
             action => action,
         },
         Some(false) => run4(ctx, side),
@@ -84,12 +85,14 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
 
 /// `tracked6`'s answer for a packet that `choose6` and `record6` must see: a new flow.
 const NEW_FLOW: i32 = i32::MIN;
+/// `tracked6`'s answer for a packet that is no TCP or UDP flow's: `error6`'s, maybe.
+const NOT_A_FLOW: i32 = i32::MIN + 1;
 
 /// An IPv6 packet of a tracked flow (ingress), or any leaving one (egress).
 #[inline(never)]
 fn tracked6(ctx: &TcContext, side: Side) -> i32 {
     let Some(flow) = packet::parse6(ctx) else {
-        return TC_ACT_OK;
+        return NOT_A_FLOW;
     };
     let len = ctx.len() as u64;
     let verdict = match side {
@@ -145,6 +148,23 @@ fn record6(ctx: &TcContext, picked: u64) -> i32 {
     };
     let verdict = nat::record(&flow, ctx.len() as u64, lb::now_ns(), &svc, &chosen);
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
+}
+
+/// An ICMPv6 error about a translated flow (packet too big above all: IPv6 routers do not
+/// fragment), translated as `run4` translates ICMP's. IPv6 flows are not masqueraded, so
+/// there is nothing to route.
+#[inline(never)]
+fn error6(ctx: &TcContext, side: Side) -> i32 {
+    let Some(error) = packet::parse_icmp6_error(ctx) else {
+        return TC_ACT_OK;
+    };
+    let Some(t) = nat::icmp_error(&error.quoted, error.src, side) else {
+        return TC_ACT_OK;
+    };
+    match icmp::rewrite_icmp_error(ctx, &error, &t) {
+        Ok(()) => TC_ACT_OK,
+        Err(_) => TC_ACT_SHOT,
+    }
 }
 
 #[inline(never)]
@@ -234,8 +254,6 @@ fn back_out(ctx: &TcContext) -> i32 {
 impl Answer for packet::Flow6 {
     #[inline(always)]
     fn answer(&self, ctx: &TcContext, kind: u8, code: u8) -> Option<i32> {
-        const ICMPV6_DEST_UNREACH: u8 = 1;
-        const ICMPV6_PORT_UNREACH: u8 = 4;
         if (kind, code) != (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) {
             return Some(TC_ACT_SHOT);
         }

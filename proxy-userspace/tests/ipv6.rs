@@ -364,6 +364,62 @@ fn an_ipv6_cluster_ip_is_served_on_the_tc_path_to_clients_outside_the_cgroup() {
 }
 
 #[test]
+fn icmpv6_errors_about_tc_path_flows_reach_the_client_translated() {
+    let (mut world, backends) = three_backends();
+    // UDP port 54 leads to a port the backend does not serve.
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web6, namespace: default}}\nspec:\n  clusterIP: '{VIP6}'\n  ipFamilies: [IPv6]\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: closed, port: 54, protocol: UDP, targetPort: 9999}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web6-1, namespace: default, labels: {{kubernetes.io/service-name: web6}}}}\naddressType: IPv6\nports:\n- {{name: http, port: 8080}}\n- {{name: closed, port: 9999, protocol: UDP}}\nendpoints:\n- addresses: ['{}']\n",
+        backends[0]
+    );
+    world.start_agent(&manifest, true).unwrap();
+    // The backend's port unreachable comes back as from the ClusterIP, quoting what the
+    // client sent: a connected socket sees ECONNREFUSED at once, not a timeout.
+    let udp = world
+        .probe(
+            CLIENT,
+            false,
+            &[
+                "udp",
+                "--to",
+                &at(VIP6, 54),
+                "--connected",
+                "--count",
+                "3",
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+        .unwrap();
+    assert!(udp.iter().all(|r| r["kind"] == "refused"), "{udp:?}");
+    // IPv6's minimum MTU towards the backend: the node's "packet too big" quotes the
+    // translated segment; translated back, the client's TCP lowers its segment size and a
+    // line longer than any segment gets through (IPv6 routers do not fragment: without the
+    // translation the path is a black hole).
+    let iface = world.pod(1).iface.clone();
+    world
+        .run_in_node(0, "ip", &["link", "set", &iface, "mtu", "1280"])
+        .unwrap();
+    for hooked in [false, true] {
+        let tcp = world
+            .probe(
+                CLIENT,
+                hooked,
+                &[
+                    "tcp",
+                    "--to",
+                    &at(VIP6, 80),
+                    "--line-bytes",
+                    "20000",
+                    "--timeout-ms",
+                    "5000",
+                ],
+            )
+            .unwrap();
+        assert_eq!(tcp[0]["ok"], true, "hooked: {hooked}: {tcp:?}");
+    }
+}
+
+#[test]
 fn load_balancer_source_ranges_apply_per_family() {
     // As kube-proxy's proxier per family: the IPv6 range admits pod 4 alone at the IPv6
     // load-balancer IP; the list has no IPv4 range, so the IPv4 one stays open to all.

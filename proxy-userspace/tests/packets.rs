@@ -716,7 +716,11 @@ fn frame6(
         h[1] = (units - 1) as u8;
         headers.extend(h);
     }
-    let csum_off = if proto == IPPROTO_TCP { 16 } else { 6 };
+    let csum_off = match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        _ => 2, // ICMPv6
+    };
     let pseudo = sum(&src) + sum(&dst) + l4.len() as u32 + u32::from(proto);
     let csum = !fold(pseudo + sum(&l4));
     l4[csum_off..csum_off + 2].copy_from_slice(&csum.to_be_bytes());
@@ -785,4 +789,74 @@ fn ipv6_packets_are_translated_past_their_extension_headers() {
     let (verdict, out) = fx.ingress(&fragmented);
     assert_eq!((verdict, out), (TC_ACT_OK, fragmented));
     assert_eq!(conntrack6.keys().count(), 2);
+}
+
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// An ICMPv6 error of `kind`/`code` from `src` to `dst` quoting `quoted` (an IPv6 frame
+/// without extension headers: its IP packet, whole, is quoted).
+fn icmp6_error(kind: u8, code: u8, src: [u8; 16], dst: [u8; 16], quoted: &[u8]) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+    message.extend_from_slice(&quoted[14..]);
+    frame6(&[], IPPROTO_ICMPV6, src, dst, message)
+}
+
+/// An ICMPv6 error frame's source, the ends of the TCP segment it quotes, and whether
+/// both checksums hold: the ICMPv6 message's (over its pseudo-header) and the quoted
+/// segment's.
+fn icmp6_quoting(f: &[u8]) -> ([u8; 16], End6, End6, bool) {
+    let (src, dst): ([u8; 16], [u8; 16]) =
+        (f[22..38].try_into().unwrap(), f[38..54].try_into().unwrap());
+    let message = &f[54..];
+    let pseudo = sum(&src) + sum(&dst) + message.len() as u32 + u32::from(IPPROTO_ICMPV6);
+    let mut quoted = f[..14].to_vec();
+    quoted.extend_from_slice(&message[8..]);
+    let (qsrc, qdst, quote_holds) = ends6(&quoted, 14 + 40);
+    let holds = fold(pseudo + sum(message)) == 0xffff && quote_holds;
+    (src, qsrc, qdst, holds)
+}
+
+#[test]
+fn icmpv6_errors_about_translated_flows_are_translated_outer_and_inner() {
+    let mut fx = Fixture::new();
+    const DEST_UNREACH: u8 = 1;
+    const PACKET_TOO_BIG: u8 = 2;
+    let client = (CLIENT6, 40000);
+    let backend = (BACKEND6, BACKEND_PORT);
+    let (_, sent) = fx.ingress(&tcp6(&[], client, (VIP6, 80), SYN));
+    // A router on the way to the backend (the node) finds the segment too big: the error
+    // keeps the router's address and quotes the segment as the client sent it.
+    let router = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let error = icmp6_error(PACKET_TOO_BIG, 0, router, CLIENT6, &sent);
+    let (verdict, out) = fx.egress(&error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        icmp6_quoting(&out),
+        (router, client, (VIP6, 80), true),
+        "{out:02x?}"
+    );
+    // The backend's own port unreachable comes from the ClusterIP.
+    let error = icmp6_error(DEST_UNREACH, 4, BACKEND6, CLIENT6, &sent);
+    let (_, out) = fx.egress(&error);
+    assert_eq!(
+        icmp6_quoting(&out),
+        (VIP6, client, (VIP6, 80), true),
+        "{out:02x?}"
+    );
+    // From the client's side about a reply (arriving): to the backend, quoting the reply
+    // as the backend sent it.
+    let (_, reply) = fx.egress(&tcp6(&[], backend, client, SYN | ACK));
+    let error = icmp6_error(PACKET_TOO_BIG, 0, CLIENT6, VIP6, &reply);
+    let (verdict, out) = fx.ingress(&error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[38..54], &BACKEND6, "to the backend");
+    assert_eq!(
+        icmp6_quoting(&out),
+        (CLIENT6, backend, client, true),
+        "{out:02x?}"
+    );
+    // An error about a flow we do not track passes untouched.
+    let stranger = tcp6(&[], (CLIENT6, 41000), (BACKEND6, 9999), SYN);
+    let error = icmp6_error(DEST_UNREACH, 4, BACKEND6, CLIENT6, &stranger);
+    assert_eq!(fx.egress(&error), (TC_ACT_OK, error.clone()));
 }
