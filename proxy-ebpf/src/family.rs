@@ -11,6 +11,7 @@ use proxy_common::{
 };
 
 use crate::{
+    frame::words_diff,
     maps::{
         BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, NEW_ENTRIES, NEW_ENTRIES6, NO_PREALLOC,
         NODE_ADDRS, NODE_ADDRS6, SERVICES, SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOURCE_RANGES,
@@ -274,13 +275,8 @@ impl Family for [u8; 16] {
         csum_off: usize,
         udp: bool,
     ) -> Option<()> {
-        // The pseudo-header's address, a word at a time; IPv6 has no header checksum.
-        for i in 0..4 {
-            let word = |a: &Self| [a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]];
-            if word(&old) != word(&new) {
-                ctx.update_l4_csum_addr(csum_off, word(&old), word(&new), udp)?;
-            }
-        }
+        // The pseudo-header's address, in one update; IPv6 has no header checksum.
+        ctx.update_l4_csum_diff(csum_off, words_diff(&old, &new), udp)?;
         ctx.write(addr_off, &new)
     }
 

@@ -6,7 +6,7 @@
 //! 1624), which is right for frames from a wire.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    helpers::{bpf_csum_update, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     programs::{TcContext, XdpContext},
 };
 
@@ -49,6 +49,13 @@ pub trait Frame {
         update_csum(self, offset, udp, |c| replace_words(c, &old, &new))
     }
 
+    /// Updates the TCP or UDP checksum at `offset` by `diff` (`words_diff`) for an IPv6
+    /// address of the pseudo-header changing: one update for the whole address.
+    #[inline(always)]
+    fn update_l4_csum_diff(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
+        update_csum(self, offset, udp, |c| !fold(u32::from(!c) + diff))
+    }
+
     /// Updates the TCP or UDP checksum at `offset` for a port changing (both as in memory).
     #[inline(always)]
     fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()> {
@@ -84,6 +91,25 @@ pub fn replace_words(mut csum: u16, old: &[u8], new: &[u8]) -> u16 {
     }
     csum
 }
+
+/// What a field of 16-bit words changing from `old` to `new` adds to a one's-complement
+/// sum of words as in memory, unfolded (at most 16 words: no overflow).
+#[inline(always)]
+pub fn words_diff(old: &[u8], new: &[u8]) -> u32 {
+    let mut diff = 0;
+    for i in 0..old.len().min(new.len()) / 2 {
+        diff += u32::from(!u16::from_ne_bytes([old[2 * i], old[2 * i + 1]]))
+            + u32::from(u16::from_ne_bytes([new[2 * i], new[2 * i + 1]]));
+    }
+    diff
+}
+
+/// Whether the kernel takes `BPF_F_IPV6` in `bpf_l4_csum_replace` (6.16 on, and stable
+/// kernels the fix went to): set by the agent at load time (a constant to the verifier).
+#[unsafe(no_mangle)]
+static KERNEL_HAS_BPF_F_IPV6: u8 = 0;
+/// `BPF_F_IPV6`, newer than aya's bindings.
+const BPF_F_IPV6: u64 = 1 << 7;
 
 /// `size_of::<T>()` bytes at `offset` of the frame `start..end`, if they are in it — the
 /// linear part of a socket buffer, an XDP frame's first buffer — where the program may read
@@ -157,6 +183,29 @@ impl Frame for TcContext {
         let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp) | 4;
         self.l4_csum_replace(offset, old as u64, new as u64, flags)
             .ok()
+    }
+
+    /// A received packet's checksum may be complete (`CHECKSUM_COMPLETE`: the sum of the
+    /// whole packet, from the NIC): an IPv6 address changed with its pseudo-header's
+    /// checksum leaves that sum as it was, but the helper, unless told `BPF_F_IPV6`, takes
+    /// the checksum's change off it (right for IPv4, whose header checksum changes too).
+    /// Kernels without the flag get that change added back (`bpf_csum_update` acts on
+    /// complete sums only); else the stack would find the sum wrong, check the packet in
+    /// software and log "hw csum failure".
+    #[inline(always)]
+    fn update_l4_csum_diff(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
+        // SAFETY: a constant of the object, read as the loader set it.
+        let flag_known = unsafe { core::ptr::read_volatile(&KERNEL_HAS_BPF_F_IPV6) } != 0;
+        let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp);
+        if flag_known {
+            self.l4_csum_replace(offset, 0, diff as u64, flags | BPF_F_IPV6)
+                .ok()
+        } else {
+            self.l4_csum_replace(offset, 0, diff as u64, flags).ok()?;
+            // SAFETY: valid context.
+            unsafe { bpf_csum_update(self.skb.skb, diff) };
+            Some(())
+        }
     }
 
     #[inline(always)]

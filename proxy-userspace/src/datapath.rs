@@ -192,6 +192,16 @@ pub struct Datapath {
     tcx: bool,
 }
 
+/// Whether the kernel takes `BPF_F_IPV6` in `bpf_l4_csum_replace` (what the IPv6 address
+/// rewrite needs for packets whose checksum the NIC completed): its BTF names the flag
+/// (the enumerator's name is in the string table of every kernel that has it). Without
+/// BTF, assumed not: the datapath then keeps the checksum state right itself, at one more
+/// helper call per IPv6 address rewrite.
+fn kernel_has_bpf_f_ipv6() -> bool {
+    std::fs::read("/sys/kernel/btf/vmlinux")
+        .is_ok_and(|btf| btf.windows(12).any(|w| w == b"\0BPF_F_IPV6\0"))
+}
+
 impl Datapath {
     /// Takes the pin directory's lock and loads the datapath; `sizes` overrides map
     /// capacities (a map already pinned keeps the capacity it was created with).
@@ -200,7 +210,9 @@ impl Datapath {
         std::fs::create_dir_all(bpffs)
             .with_context(|| format!("creating the pin directory {}", bpffs.display()))?;
         let lock = NodeLock::acquire(bpffs)?;
+        let bpf_f_ipv6 = u8::from(kernel_has_bpf_f_ipv6());
         let mut loader = EbpfLoader::new();
+        loader.override_global("KERNEL_HAS_BPF_F_IPV6", &bpf_f_ipv6, true);
         for name in maps::ALL {
             loader.map_pin_path(name, bpffs.join(name));
         }
@@ -590,5 +602,15 @@ fn add_clsact(iface: &str) -> anyhow::Result<()> {
         Ok(()) | Err(TcError::AlreadyAttached) => Ok(()),
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         Err(e) => Err(e).with_context(|| format!("adding a clsact qdisc to {iface}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernels this project is tested on (6.16 on) have the flag; an older one, or a
+    /// change in how BTF stores names, would turn this false.
+    #[test]
+    fn this_kernels_btf_names_bpf_f_ipv6() {
+        assert!(super::kernel_has_bpf_f_ipv6());
     }
 }
