@@ -1,7 +1,8 @@
 //! The benchmark behind `cargo xtask bench`, for N services of 3 endpoints each:
 //! - per-packet cost of the tc ingress program with `BPF_PROG_TEST_RUN`, for a TCP SYN to
 //!   the last service added (conntrack miss: a new client per run) and for an established
-//!   flow (conntrack hit), against an empty classifier run the same way;
+//!   flow (conntrack hit), against an empty classifier run the same way, IPv4 and IPv6
+//!   (`bench/per_packet.rs`);
 //! - the map memory of the datapath and the agent's resident memory;
 //! - the agent's cold start: from its start to N services programmed from a manifest;
 //! - end to end, new connections through each data path, ours and kube-proxy's;
@@ -20,14 +21,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use aya::programs::{TestRun as _, TestRunOptions};
 use clap::Parser;
 use proxy::{
     agent::REPAIR_STEP,
     controller::Controller,
     datapath::Datapath,
-    desired::{DesiredService, DesiredState, Topology},
-    family::{Backend, ServiceKey},
+    desired::Topology,
     manifest::parse_manifest,
     maps::Maps,
     metrics::Metrics,
@@ -36,10 +35,14 @@ use proxy::{
     sync_state::SharedSyncState,
     testbed::{Binaries, World},
 };
-use proxy_common::{CtEntry, CtKey, maps};
+use proxy_common::maps;
 
 #[path = "bench/node_port.rs"]
 mod node_port;
+#[path = "bench/per_packet.rs"]
+mod per_packet;
+
+use per_packet::{Datapoint, fill_conntrack, per_packet};
 
 #[derive(Parser)]
 struct Args {
@@ -76,105 +79,6 @@ fn vip(i: usize) -> [u8; 4] {
     [10, 96 + (i >> 16) as u8, (i >> 8) as u8, i as u8]
 }
 
-fn desired(n: usize) -> DesiredState {
-    (0..n)
-        .map(|i| {
-            let backends = (1..=3)
-                .map(|b| Backend {
-                    addr: [10, 244, (i % 250) as u8, b].into(),
-                    port: 8080,
-                    proto: 6,
-                    flags: 0,
-                })
-                .collect();
-            let key = ServiceKey::new(vip(i).into(), 80, 6);
-            let service = DesiredService {
-                name: format!("bench/svc-{i}:http"),
-                backends,
-                ..DesiredService::default()
-            };
-            (key, service)
-        })
-        .collect()
-}
-
-/// An Ethernet + IPv4 + TCP packet with `flags` from `client:40000` to `dst:80`.
-fn tcp_packet(client: [u8; 4], dst: [u8; 4], flags: u8) -> Vec<u8> {
-    let mut p = vec![0u8; 14 + 20 + 20];
-    p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-    p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut p[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&client);
-    ip[16..20].copy_from_slice(&dst);
-    let sum: u32 = ip
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    let sum = (sum & 0xffff) + (sum >> 16);
-    ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
-    let tcp = &mut p[34..54];
-    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    p
-}
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-
-fn syn(client: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
-    tcp_packet(client, dst, SYN)
-}
-
-/// Mean kernel-measured run time, in ns, of `runs` single runs of `program` on `packet(i)`.
-/// Single runs let every run see a packet of its own (a new flow each time), but each is
-/// cache-cold and carries about 50 ns of the kernel's timer: compare them with the empty
-/// program measured the same way.
-fn mean_ns(
-    program: &aya::programs::SchedClassifier,
-    runs: u32,
-    packet: impl Fn(u32) -> Vec<u8>,
-) -> anyhow::Result<f64> {
-    let mut total = Duration::ZERO;
-    let mut out = vec![0u8; 256];
-    for i in 0..runs {
-        let data = packet(i);
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(&data);
-        opts.data_out = Some(&mut out);
-        total += program
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?
-            .duration;
-    }
-    Ok(total.as_nanos() as f64 / f64::from(runs))
-}
-
-/// Mean run time, in ns, of `program` run `repeat` times in a row on `packet` by the kernel
-/// (one timer around them all, caches warm): the steady cost of a packet. The kernel
-/// runs every repetition on the same buffer, so the packet must come out as it went in.
-fn repeat_ns(
-    program: &aya::programs::SchedClassifier,
-    repeat: u32,
-    packet: &[u8],
-) -> anyhow::Result<f64> {
-    let mut out = vec![0u8; 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(packet);
-    opts.data_out = Some(&mut out);
-    opts.repeat = repeat;
-    let run = program.test_run(opts).context("BPF_PROG_TEST_RUN")?;
-    Ok(run.duration.as_nanos() as f64)
-}
-
-/// Bytes of kernel memory charged to the maps pinned in `dir` (`memlock` in fdinfo).
 /// Kernel memory of the maps pinned under `dir`: as measured, and as it would be with 128
 /// possible CPUs (per-CPU maps grow with them; the others do not).
 fn map_memory(dir: &Path) -> anyhow::Result<(u64, u64)> {
@@ -205,89 +109,6 @@ impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-struct Datapoint {
-    baseline_ns: f64,
-    miss_ns: f64,
-    hit_ns: f64,
-    /// Repeat mode: the empty program and an established flow's packet.
-    repeat_baseline_ns: f64,
-    repeat_hit_ns: f64,
-    /// Conntrack fill (entries / capacity) around which first packets were measured.
-    conntrack_fill: f64,
-    /// Kernel memory of the maps, measured and for 128 possible CPUs.
-    map_bytes: (u64, u64),
-}
-
-fn per_packet(n: usize, runs: u32) -> anyhow::Result<Datapoint> {
-    let pins = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/proxy-bench-{}-{n}",
-        std::process::id()
-    )));
-    let mut datapath = Datapath::load(&pins.0, &[])?;
-    let mut reconciler = Reconciler::adopt(Maps::open(&pins.0)?)?;
-    let report = reconciler.apply(&desired(n));
-    ensure!(
-        report.errors.is_empty() && report.keys.changed == n,
-        "programming {n} services: {:?}",
-        report.errors.first().map(|e| format!("{:#}", e.1))
-    );
-    // First packets are measured around a half-full conntrack map: each run adds two
-    // entries, so the runs start that far below half and end as far above it.
-    let capacity = maps::MAX_CONNTRACK as usize;
-    fill_conntrack(&pins.0, (capacity / 2).saturating_sub(runs as usize))?;
-    let last = vip(n - 1);
-    let baseline = datapath.load_classifier("proxy_bench_baseline")?;
-    let baseline_ns = mean_ns(baseline, runs, |_| syn([10, 1, 0, 1], last))?;
-    let repeat_baseline_ns = repeat_ns(baseline, runs, &syn([10, 1, 0, 1], last))?;
-    let ingress = datapath.load_classifier("proxy_ingress")?;
-    // A new client every run: conntrack miss, backend selection, two conntrack inserts.
-    let miss_ns = mean_ns(ingress, runs, |i| {
-        syn([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8], last)
-    })?;
-    let conntrack: aya::maps::HashMap<_, CtKey, CtEntry> =
-        proxy::maps::open(&pins.0, maps::CONNTRACK)?;
-    // The fill halfway through the runs.
-    let start = (capacity / 2).saturating_sub(runs as usize) as u64;
-    let middle = (start + proxy::map_batch::count(&conntrack)?) / 2;
-    // An established flow: its SYN made the entries, its segments hit them.
-    let client = [10, 200, 0, 1];
-    mean_ns(ingress, 1, |_| syn(client, last))?;
-    let hit_ns = mean_ns(ingress, runs, |_| tcp_packet(client, last, ACK))?;
-    // Repeat mode runs one buffer again and again: the flow's entry is made to translate
-    // the packet to itself, which costs what any translation costs (the same lookups,
-    // stores and checksum updates), so every repetition is an established flow's packet.
-    let mut conntrack = conntrack;
-    let key = CtKey {
-        src: client,
-        dst: last,
-        sport: 40000,
-        dport: 80,
-        proto: 6,
-        pad: 0,
-        pad2: 0,
-    };
-    let entry = conntrack.get(&key, 0).context("the flow's forward entry")?;
-    conntrack.insert(
-        key,
-        CtEntry {
-            nat_addr: last,
-            nat_port: 80,
-            ..entry
-        },
-        0,
-    )?;
-    let repeat_hit_ns = repeat_ns(ingress, runs, &tcp_packet(client, last, ACK))?;
-    Ok(Datapoint {
-        baseline_ns,
-        miss_ns,
-        hit_ns,
-        repeat_baseline_ns,
-        repeat_hit_ns,
-        conntrack_fill: middle as f64 / capacity as f64,
-        map_bytes: map_memory(&pins.0)?,
-    })
 }
 
 /// `n` services (ClusterIP `vip(i)`, port 80) whose endpoints are `endpoints`, port 8080.
@@ -520,9 +341,14 @@ fn rate(
     ))
 }
 
-/// One size's figures: per packet, the agent's process, end to end, change latency
-/// (p50, p99).
-type Row = (Datapoint, AgentFigures, EndToEnd, (Duration, Duration));
+/// One size's figures: per packet (IPv4, IPv6), the agent's process, end to end, change
+/// latency (p50, p99).
+type Row = (
+    (Datapoint, Datapoint),
+    AgentFigures,
+    EndToEnd,
+    (Duration, Duration),
+);
 
 struct EndToEnd {
     /// (connections per second, median connect latency in microseconds) per data path.
@@ -763,32 +589,6 @@ struct ChangeLatency {
     scrape: Option<Duration>,
 }
 
-/// Fills the conntrack map with `flows` established TCP entries (none expires during the
-/// measurement, so every GC pass scans them all).
-fn fill_conntrack(dir: &Path, flows: usize) -> anyhow::Result<()> {
-    let mut conntrack: aya::maps::HashMap<_, CtKey, CtEntry> =
-        proxy::maps::open(dir, maps::CONNTRACK)?;
-    let now = proxy::clock::monotonic_ns();
-    for i in 0..flows {
-        let key = CtKey {
-            src: [10, 244, (i >> 16) as u8, (i >> 8) as u8],
-            dst: [10, 96, 0, 1],
-            sport: i as u16,
-            dport: 80,
-            proto: 6,
-            pad: 0,
-            pad2: 0,
-        };
-        let entry = CtEntry {
-            state: proxy_common::CT_STATE_ESTABLISHED,
-            last_seen_ns: now,
-            ..CtEntry::default()
-        };
-        conntrack.insert(key, entry, 0)?;
-    }
-    Ok(())
-}
-
 /// Latency of one EndpointSlice change landing in the maps while `n` services exist, through
 /// the agent's path for a watch event: the controller's store update, then its sync of the
 /// one dirty service.
@@ -828,7 +628,7 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
     let (snapshot_tx, snapshots) = std::sync::mpsc::channel();
     let mut workers = Vec::new();
     if let Load::Busy(flows) = load {
-        fill_conntrack(&pins.0, flows)?;
+        fill_conntrack::<[u8; 4]>(&pins.0, flows)?;
         let mut conntrack = proxy::conntrack::Conntracks::open(&pins.0)?;
         let account = proxy::ct_account::CtAccount::open(&pins.0)?;
         let stopped = stop.clone();
@@ -1019,7 +819,10 @@ fn main() -> anyhow::Result<()> {
     let mut rows: BTreeMap<usize, Row> = BTreeMap::new();
     for &n in &args.sizes {
         eprintln!("bench: {n} services");
-        let point = per_packet(n, args.runs)?;
+        let point = (
+            per_packet::<[u8; 4]>(n, args.runs)?,
+            per_packet::<[u8; 16]>(n, args.runs)?,
+        );
         let process = agent(n, &bin_dir)?;
         let e2e = end_to_end(n, &bins, args.duration_ms, n <= args.baseline_max)?;
         let idle = change_latency(n, 200, Load::Idle)?;
@@ -1028,16 +831,13 @@ fn main() -> anyhow::Result<()> {
         let paths = [e2e.direct, e2e.socket_lb, e2e.tc]
             .into_iter()
             .chain(baselines);
-        let figures = [
-            point.baseline_ns,
-            point.miss_ns,
-            point.hit_ns,
-            point.repeat_baseline_ns,
-            point.repeat_hit_ns,
-            process.cold_start.as_secs_f64(),
-        ]
-        .into_iter()
-        .chain(paths.flat_map(|(r, l)| [r, l]));
+        let figures = point
+            .0
+            .figures()
+            .into_iter()
+            .chain(point.1.figures())
+            .chain([process.cold_start.as_secs_f64()])
+            .chain(paths.flat_map(|(r, l)| [r, l]));
         for v in figures {
             ensure!(
                 v.is_finite() && v > 0.0,
@@ -1093,7 +893,7 @@ fn main() -> anyhow::Result<()> {
         args.runs,
         args.runs,
     );
-    for (n, (p, process, _, _)) in &rows {
+    for (n, ((p, _), process, _, _)) in &rows {
         md += &format!(
             "| {n} | {:.0} / {:.0} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}; {:.0}%) | {:.1} ({:.1}) | {:.1} |\n",
             p.repeat_baseline_ns,
@@ -1108,6 +908,33 @@ fn main() -> anyhow::Result<()> {
             p.map_bytes.0 as f64 / (1 << 20) as f64,
             p.map_bytes.1 as f64 / (1 << 20) as f64,
             process.rss_bytes as f64 / (1 << 20) as f64,
+        );
+    }
+    md += &format!(
+        "\n**Per packet, IPv6**: the same measurements with IPv6 services, clients and conntrack \
+         map (`conntrack6`, {} entries: first packets around half of it). In brackets, the cost \
+         above the empty program as a ratio to IPv4's in the table above (1.10x: 10% dearer).\n\n\
+         | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty; to IPv4) | established flow, single (ns; above empty; to IPv4) | first packet, single (ns; above empty; to IPv4; conntrack fill) |\n\
+         | ---: | ---: | ---: | ---: | ---: |\n",
+        maps::MAX_CONNTRACK6
+    );
+    for (n, ((p4, p6), _, _, _)) in &rows {
+        let above = |f: fn(&Datapoint) -> (f64, f64)| {
+            let ((v6, base6), (v4, base4)) = (f(p6), f(p4));
+            format!(
+                "{v6:.0} ({:.0}; {:.2}x)",
+                v6 - base6,
+                (v6 - base6) / (v4 - base4)
+            )
+        };
+        md += &format!(
+            "| {n} | {:.0} / {:.0} | {} | {} | {}, {:.0}% |\n",
+            p6.repeat_baseline_ns,
+            p6.baseline_ns,
+            above(|p| (p.repeat_hit_ns, p.repeat_baseline_ns)),
+            above(|p| (p.hit_ns, p.baseline_ns)),
+            above(|p| (p.miss_ns, p.baseline_ns)),
+            p6.conntrack_fill * 100.0,
         );
     }
     md += "\n**New connections end to end** to the last service (sequential TCP connect, one exchange, close; connections/s, median first-packet latency (connect), and the rate as a ratio of connecting to the pod directly; each data path from a client pod of its own). The last column is the tc programs' own cost on that real traffic, kernel-measured (`BPF_ENABLE_STATS`): mean ns per run, ingress and egress, over every packet of the tc path's run:\n\n\
@@ -1214,17 +1041,28 @@ fn main() -> anyhow::Result<()> {
         &[
             (
                 "empty program (repeat)",
-                column(&|r| Some(r.0.repeat_baseline_ns)),
+                column(&|r| Some(r.0.0.repeat_baseline_ns)),
             ),
             (
                 "established flow (repeat)",
-                column(&|r| Some(r.0.repeat_hit_ns)),
+                column(&|r| Some(r.0.0.repeat_hit_ns)),
             ),
-            ("empty program (single)", column(&|r| Some(r.0.baseline_ns))),
-            ("established flow (single)", column(&|r| Some(r.0.hit_ns))),
+            (
+                "empty program (single)",
+                column(&|r| Some(r.0.0.baseline_ns)),
+            ),
+            ("established flow (single)", column(&|r| Some(r.0.0.hit_ns))),
             (
                 "first packet (single, half-full conntrack)",
-                column(&|r| Some(r.0.miss_ns)),
+                column(&|r| Some(r.0.0.miss_ns)),
+            ),
+            (
+                "IPv6 established flow (repeat)",
+                column(&|r| Some(r.0.1.repeat_hit_ns)),
+            ),
+            (
+                "IPv6 first packet (single, half-full conntrack6)",
+                column(&|r| Some(r.0.1.miss_ns)),
             ),
         ],
     )?;

@@ -1,0 +1,335 @@
+//! Per-packet cost of the tc ingress program with `BPF_PROG_TEST_RUN`, for each address
+//! family: a TCP SYN to the last of N services (conntrack miss: a new client per run) and an
+//! established flow's segment (conntrack hit), against an empty classifier run the same way.
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, ensure};
+use aya::{
+    Pod,
+    maps::{HashMap, MapData},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use proxy::{
+    datapath::Datapath,
+    desired::{DesiredService, DesiredState},
+    family::{Backend, ServiceKey},
+    maps::Maps,
+    reconcile::Reconciler,
+};
+use proxy_common::{CtEntryOf, CtKeyOf, maps};
+
+use super::{PinDir, map_memory};
+
+/// An address family as the per-packet figures measure it: its addresses, the frames of
+/// its TCP segments, its conntrack map.
+pub trait Measured: Copy + Default + Into<IpAddr> + 'static {
+    const LABEL: &'static str;
+    const CONNTRACK: &'static str;
+    const CONNTRACK_CAPACITY: u32;
+    /// Service `i`'s cluster IP.
+    fn vip(i: usize) -> Self;
+    /// Backend `b` (1-3) of service `i`.
+    fn backend(i: usize, b: u8) -> Self;
+    /// The `i`th of distinct clients (a new flow each; up to 2^20 + 1 of them).
+    fn client(i: u32) -> Self;
+    /// The Ethernet frame of a TCP segment with `flags` from `client:40000` to `dst:80`
+    /// (its TCP checksum unset: the programs do not check it).
+    fn tcp_frame(client: Self, dst: Self, flags: u8) -> Vec<u8>;
+}
+
+impl Measured for [u8; 4] {
+    const LABEL: &'static str = "IPv4";
+    const CONNTRACK: &'static str = maps::CONNTRACK;
+    const CONNTRACK_CAPACITY: u32 = maps::MAX_CONNTRACK;
+    fn vip(i: usize) -> Self {
+        super::vip(i)
+    }
+    fn backend(i: usize, b: u8) -> Self {
+        [10, 244, (i % 250) as u8, b]
+    }
+    fn client(i: u32) -> Self {
+        [10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8]
+    }
+    fn tcp_frame(client: Self, dst: Self, flags: u8) -> Vec<u8> {
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&client);
+        ip[16..20].copy_from_slice(&dst);
+        let sum: u32 = ip
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        let sum = (sum & 0xffff) + (sum >> 16);
+        ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
+        frame(0x0800, ip, flags)
+    }
+}
+
+impl Measured for [u8; 16] {
+    const LABEL: &'static str = "IPv6";
+    const CONNTRACK: &'static str = maps::CONNTRACK6;
+    const CONNTRACK_CAPACITY: u32 = maps::MAX_CONNTRACK6;
+    /// fd00:96::/96 and the service's number.
+    fn vip(i: usize) -> Self {
+        let mut a = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        a[12..].copy_from_slice(&(i as u32).to_be_bytes());
+        a
+    }
+    fn backend(i: usize, b: u8) -> Self {
+        [
+            0xfd,
+            0,
+            2,
+            0x44,
+            0,
+            (i % 250) as u8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            b,
+        ]
+    }
+    fn client(i: u32) -> Self {
+        let mut a = [0xfd, 0, 0, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        a[12..].copy_from_slice(&i.to_be_bytes());
+        a
+    }
+    fn tcp_frame(client: Self, dst: Self, flags: u8) -> Vec<u8> {
+        let mut ip = vec![0u8; 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+        ip[6] = 6;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&client);
+        ip[24..40].copy_from_slice(&dst);
+        frame(0x86dd, ip, flags)
+    }
+}
+
+/// An Ethernet frame of `ethertype` around the IP header `ip` and a TCP header with
+/// `flags` from port 40000 to port 80.
+fn frame(ethertype: u16, ip: Vec<u8>, flags: u8) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend(ip);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    f.extend(tcp);
+    f
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+/// `n` services of the family (TCP port 80), three backends each (port 8080).
+fn desired<A: Measured>(n: usize) -> DesiredState
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    (0..n)
+        .map(|i| {
+            let backends = (1..=3)
+                .map(|b| Backend {
+                    addr: A::backend(i, b).into(),
+                    port: 8080,
+                    proto: 6,
+                    flags: 0,
+                })
+                .collect();
+            let key = ServiceKey::new(A::vip(i).into(), 80, 6);
+            let service = DesiredService {
+                name: format!("bench/svc-{i}:http"),
+                backends,
+                ..DesiredService::default()
+            };
+            (key, service)
+        })
+        .collect()
+}
+
+/// Mean kernel-measured run time, in ns, of `runs` single runs of `program` on `packet(i)`.
+/// Single runs let every run see a packet of its own (a new flow each time), but each is
+/// cache-cold and carries about 50 ns of the kernel's timer: compare them with the empty
+/// program measured the same way.
+fn mean_ns(
+    program: &SchedClassifier,
+    runs: u32,
+    packet: impl Fn(u32) -> Vec<u8>,
+) -> anyhow::Result<f64> {
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; 256];
+    for i in 0..runs {
+        let data = packet(i);
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&data);
+        opts.data_out = Some(&mut out);
+        total += program
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?
+            .duration;
+    }
+    Ok(total.as_nanos() as f64 / f64::from(runs))
+}
+
+/// Mean run time, in ns, of `program` run `repeat` times in a row on `packet` by the kernel
+/// (one timer around them all, caches warm): the steady cost of a packet. The kernel
+/// runs every repetition on the same buffer, so the packet must come out as it went in.
+fn repeat_ns(program: &SchedClassifier, repeat: u32, packet: &[u8]) -> anyhow::Result<f64> {
+    let mut out = vec![0u8; 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
+    let run = program.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    Ok(run.duration.as_nanos() as f64)
+}
+
+pub struct Datapoint {
+    pub baseline_ns: f64,
+    pub miss_ns: f64,
+    pub hit_ns: f64,
+    /// Repeat mode: the empty program and an established flow's packet.
+    pub repeat_baseline_ns: f64,
+    pub repeat_hit_ns: f64,
+    /// Conntrack fill (entries / capacity) around which first packets were measured.
+    pub conntrack_fill: f64,
+    /// Kernel memory of the maps, measured and for 128 possible CPUs.
+    pub map_bytes: (u64, u64),
+}
+
+impl Datapoint {
+    pub fn figures(&self) -> [f64; 5] {
+        [
+            self.baseline_ns,
+            self.miss_ns,
+            self.hit_ns,
+            self.repeat_baseline_ns,
+            self.repeat_hit_ns,
+        ]
+    }
+}
+
+/// The per-packet figures of family `A` with `n` of its services programmed, each from
+/// `runs` runs.
+pub fn per_packet<A: Measured>(n: usize, runs: u32) -> anyhow::Result<Datapoint>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/proxy-bench-{}-{}-{n}",
+        std::process::id(),
+        A::LABEL
+    )));
+    let mut datapath = Datapath::load(&pins.0, &[])?;
+    let mut reconciler = Reconciler::adopt(Maps::open(&pins.0)?)?;
+    let report = reconciler.apply(&desired::<A>(n));
+    ensure!(
+        report.errors.is_empty() && report.keys.changed == n,
+        "programming {n} {} services: {:?}",
+        A::LABEL,
+        report.errors.first().map(|e| format!("{:#}", e.1))
+    );
+    // First packets are measured around a half-full conntrack map: each run adds two
+    // entries, so the runs start that far below half and end as far above it.
+    let capacity = A::CONNTRACK_CAPACITY as usize;
+    let start = (capacity / 2).saturating_sub(runs as usize);
+    fill_conntrack::<A>(&pins.0, start)?;
+    let last = A::vip(n - 1);
+    let syn = |i| A::tcp_frame(A::client(i), last, SYN);
+    let baseline = datapath.load_classifier("proxy_bench_baseline")?;
+    let baseline_ns = mean_ns(baseline, runs, syn)?;
+    let repeat_baseline_ns = repeat_ns(baseline, runs, &syn(0))?;
+    let ingress = datapath.load_classifier("proxy_ingress")?;
+    // A new client every run: conntrack miss, backend selection, two conntrack inserts.
+    let miss_ns = mean_ns(ingress, runs, syn)?;
+    let mut conntrack: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> =
+        proxy::maps::open(&pins.0, A::CONNTRACK)?;
+    // The fill halfway through the runs.
+    let middle = (start as u64 + proxy::map_batch::count(&conntrack)?) / 2;
+    // An established flow: its SYN made the entries, its segments hit them.
+    let client = A::client(1 << 20);
+    mean_ns(ingress, 1, |_| A::tcp_frame(client, last, SYN))?;
+    let hit_ns = mean_ns(ingress, runs, |_| A::tcp_frame(client, last, ACK))?;
+    // Repeat mode runs one buffer again and again: the flow's entry is made to translate
+    // the packet to itself, which costs what any translation costs (the same lookups,
+    // stores and checksum updates), so every repetition is an established flow's packet.
+    let key = CtKeyOf {
+        src: client,
+        dst: last,
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        pad: 0,
+        pad2: 0,
+    };
+    let entry = conntrack.get(&key, 0).context("the flow's forward entry")?;
+    conntrack.insert(
+        key,
+        CtEntryOf {
+            nat_addr: last,
+            nat_port: 80,
+            ..entry
+        },
+        0,
+    )?;
+    let repeat_hit_ns = repeat_ns(ingress, runs, &A::tcp_frame(client, last, ACK))?;
+    Ok(Datapoint {
+        baseline_ns,
+        miss_ns,
+        hit_ns,
+        repeat_baseline_ns,
+        repeat_hit_ns,
+        conntrack_fill: middle as f64 / capacity as f64,
+        map_bytes: map_memory(&pins.0)?,
+    })
+}
+
+/// Fills family `A`'s conntrack map with `flows` established TCP entries (none expires
+/// during a measurement, so every GC pass scans them all).
+pub fn fill_conntrack<A: Measured>(dir: &Path, flows: usize) -> anyhow::Result<()>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    let mut conntrack: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> =
+        proxy::maps::open(dir, A::CONNTRACK)?;
+    let now = proxy::clock::monotonic_ns();
+    for i in 0..flows {
+        // From addresses of the backends' range, 256 ports each.
+        let key = CtKeyOf {
+            src: A::backend(i >> 16, (i >> 8) as u8),
+            dst: A::vip(0),
+            sport: i as u16,
+            dport: 80,
+            proto: 6,
+            pad: 0,
+            pad2: 0,
+        };
+        let entry = CtEntryOf {
+            state: proxy_common::CT_STATE_ESTABLISHED,
+            last_seen_ns: now,
+            ..CtEntryOf::default()
+        };
+        conntrack.insert(key, entry, 0)?;
+    }
+    Ok(())
+}
