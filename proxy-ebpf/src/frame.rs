@@ -53,7 +53,7 @@ pub trait Frame {
     /// address of the pseudo-header changing: one update for the whole address.
     #[inline(always)]
     fn update_l4_csum_diff(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
-        update_csum(self, offset, udp, |c| !fold(u32::from(!c) + diff))
+        update_csum(self, offset, udp, |c| add_diff(c, diff))
     }
 
     /// Updates the TCP or UDP checksum at `offset` for a port changing (both as in memory).
@@ -81,15 +81,8 @@ pub fn replace16(csum: u16, old: u16, new: u16) -> u16 {
 
 /// The same for a field of 16-bit words (an address, of either family; both as in memory).
 #[inline(always)]
-pub fn replace_words(mut csum: u16, old: &[u8], new: &[u8]) -> u16 {
-    for i in 0..old.len().min(new.len()) / 2 {
-        csum = replace16(
-            csum,
-            u16::from_ne_bytes([old[2 * i], old[2 * i + 1]]),
-            u16::from_ne_bytes([new[2 * i], new[2 * i + 1]]),
-        );
-    }
-    csum
+pub fn replace_words(csum: u16, old: &[u8], new: &[u8]) -> u16 {
+    add_diff(csum, words_diff(old, new))
 }
 
 /// What a field of 16-bit words changing from `old` to `new` adds to a one's-complement
@@ -102,6 +95,13 @@ pub fn words_diff(old: &[u8], new: &[u8]) -> u32 {
             + u32::from(u16::from_ne_bytes([new[2 * i], new[2 * i + 1]]));
     }
     diff
+}
+
+/// A checksum (as in memory) updated by `diff` (`words_diff`): the sum is independent of
+/// byte order, so words as in memory need no swapping.
+#[inline(always)]
+fn add_diff(csum: u16, diff: u32) -> u16 {
+    !fold(u32::from(!csum) + diff)
 }
 
 /// Whether the kernel takes `BPF_F_IPV6` in `bpf_l4_csum_replace` (6.16 on, and stable

@@ -65,8 +65,9 @@ pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
 /// IPv4 and IPv6 each have functions of their own (BPF subprograms, each with its own
 /// stack frame): inlined together, they would not fit the 512-byte stack. IPv6's tracked
 /// flows, new flows and ICMPv6 errors are calls one after the other, for the same reason:
-/// one calling the other would add their frames up. A packet a function began to change and could not
-/// finish is dropped: half-rewritten, it would carry a wrong checksum or address.
+/// one calling the other would add their frames up. A packet a function began to change
+/// and could not finish is dropped: half-rewritten, it would carry a wrong checksum or
+/// address.
 #[inline(always)]
 fn run(ctx: &TcContext, side: Side) -> i32 {
     match packet::is_ipv6(ctx) {
