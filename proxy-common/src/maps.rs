@@ -41,6 +41,14 @@ pub const CT_STATS: &str = "ct_stats";
 /// LRU (FragKey → FragPorts): the ports of fragmented datagrams, for their later fragments
 pub const FRAGMENTS: &str = "fragments";
 
+/// program array (`TC_IPV6_INGRESS`/`TC_IPV6_EGRESS` → the IPv6 tc program of that
+/// direction): `proxy_ingress` and `proxy_egress` hand IPv6 packets on to them (a tail
+/// call), so that IPv6 is verified as a program of its own, within its own budget of
+/// instructions
+pub const TC_IPV6: &str = "tc_ipv6";
+pub const TC_IPV6_INGRESS: u32 = 0;
+pub const TC_IPV6_EGRESS: u32 = 1;
+
 /// (node IPv4 address → 1): the addresses NodePorts answer on.
 pub const NODE_ADDRS: &str = "node_addrs";
 /// (node IPv6 address → 1)
@@ -58,7 +66,7 @@ pub const DROPS: &str = "drops";
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 25] = [
+pub const ALL: [&str; 26] = [
     SERVICES,
     SERVICES6,
     BACKEND_SLOTS,
@@ -76,6 +84,7 @@ pub const ALL: [&str; 25] = [
     SOCK_REV_NAT6,
     CT_STATS,
     FRAGMENTS,
+    TC_IPV6,
     AGENT_STATUS,
     NODE_ADDRS,
     NODE_ADDRS6,

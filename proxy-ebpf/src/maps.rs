@@ -1,7 +1,7 @@
 //! The datapath's maps; names and sizes come from `proxy_common::maps`.
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     macros::btf_map,
 };
 use proxy_common::{
@@ -105,6 +105,10 @@ pub static CT_STATS: Array<CtStats, 1, { BPF_F_MMAPABLE as usize }> = Array::new
 #[btf_map(name = "fragments")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
+
+/// The IPv6 tc programs, by direction (`proxy_common::maps::TC_IPV6`).
+#[btf_map(name = "tc_ipv6")]
+pub static TC_IPV6: ProgramArray<2> = ProgramArray::new();
 
 /// Written by the agent for `proxyctl status`; declared here to carry BTF and be pinned.
 #[btf_map(name = "agent_status")]

@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
+    maps::ProgramArray,
     programs::{
         CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier, TcAttachType,
         Xdp, XdpMode,
@@ -82,6 +83,11 @@ const SOCKET_HOOKS: [&str; 8] = [
 pub(crate) const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("proxy_ingress", TcAttachType::Ingress),
     ("proxy_egress", TcAttachType::Egress),
+];
+/// The IPv6 program each tc program hands IPv6 packets on to, and its slot in `tc_ipv6`.
+const TC_IPV6_PROGRAMS: [(&str, &str, u32); 2] = [
+    ("proxy_ingress", "proxy_ingress6", maps::TC_IPV6_INGRESS),
+    ("proxy_egress", "proxy_egress6", maps::TC_IPV6_EGRESS),
 ];
 
 /// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
@@ -310,7 +316,7 @@ impl Datapath {
                     add_clsact(iface)?;
                     TcAttachOptions::Netlink(NlOptions::default())
                 };
-                let classifier = self.loaded(program, SchedClassifier::load)?;
+                let classifier = self.loaded_tc(program)?;
                 let id = classifier
                     .attach_with_options(iface, *direction, options)
                     .with_context(|| format!("attaching {program} to {iface} ({direction:?})"))?;
@@ -392,7 +398,27 @@ impl Datapath {
 
     /// A tc program loaded but not attached, e.g. for `BPF_PROG_TEST_RUN` in the benchmark.
     pub fn load_classifier(&mut self, name: &str) -> anyhow::Result<&SchedClassifier> {
-        Ok(self.loaded(name, SchedClassifier::load)?)
+        Ok(self.loaded_tc(name)?)
+    }
+
+    /// The tc program `name` loaded, with the IPv6 program it tail-calls in its slot of
+    /// `tc_ipv6` (the map is pinned: the slot outlives the agent, as the attachment does).
+    fn loaded_tc(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
+        if let Some((_, ipv6, slot)) = TC_IPV6_PROGRAMS.iter().find(|(n, ..)| *n == name) {
+            let fd = self
+                .loaded(ipv6, SchedClassifier::load)?
+                .fd()?
+                .try_clone()
+                .with_context(|| format!("duplicating the descriptor of {ipv6}"))?;
+            let map = self
+                .ebpf
+                .map_mut(maps::TC_IPV6)
+                .with_context(|| format!("map {} missing from the eBPF object", maps::TC_IPV6))?;
+            ProgramArray::try_from(map)?
+                .set(*slot, &fd, 0)
+                .with_context(|| format!("putting {ipv6} in map {}", maps::TC_IPV6))?;
+        }
+        self.loaded(name, SchedClassifier::load)
     }
 
     /// The XDP program loaded but not attached, for `BPF_PROG_TEST_RUN` in the tests.
