@@ -338,6 +338,19 @@ pub struct FragKey {
     pub pad: u8,
 }
 
+/// An IPv6 datagram's fragments (`FRAGMENTS6` key): as `FragKey`, with the fragment
+/// header's 32-bit identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub pad: u8,
+    pub pad2: u16,
+}
+
 /// The ports of a fragmented datagram, from its first fragment: later fragments carry
 /// none, and are translated as the flow they name.
 #[repr(C)]
@@ -709,6 +722,7 @@ mod pod {
     unsafe impl aya::Pod for AgentStatus {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragKey6 {}
     unsafe impl aya::Pod for CtStats {}
     unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for DropEvent {}

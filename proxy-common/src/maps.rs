@@ -40,6 +40,8 @@ pub const SOCK_REV_NAT6: &str = "sock_rev_nat6";
 pub const CT_STATS: &str = "ct_stats";
 /// LRU (FragKey → FragPorts): the ports of fragmented datagrams, for their later fragments
 pub const FRAGMENTS: &str = "fragments";
+/// LRU (FragKey6 → FragPorts): the same for IPv6
+pub const FRAGMENTS6: &str = "fragments6";
 
 /// program array (`TC_IPV6_INGRESS`/`TC_IPV6_EGRESS` → the IPv6 tc program of that
 /// direction): `proxy_ingress` and `proxy_egress` hand IPv6 packets on to them (a tail
@@ -66,7 +68,7 @@ pub const DROPS: &str = "drops";
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 26] = [
+pub const ALL: [&str; 27] = [
     SERVICES,
     SERVICES6,
     BACKEND_SLOTS,
@@ -84,6 +86,7 @@ pub const ALL: [&str; 26] = [
     SOCK_REV_NAT6,
     CT_STATS,
     FRAGMENTS,
+    FRAGMENTS6,
     TC_IPV6,
     AGENT_STATUS,
     NODE_ADDRS,

@@ -4,21 +4,24 @@
 //! ids, counters, affinity) is shared.
 use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap};
 use proxy_common::{
-    BackendOf, CtEntryOf, CtKeyOf, NODE_PORT_ADDR, NODE_PORT_ADDR6, NodeConfig, ServiceKeyOf,
-    ServiceValue, SockRevKey, SockRevKey6, SockRevValueOf, SourceRangeOf,
-    maps::{MAX_BACKENDS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_SOURCE_RANGES},
+    BackendOf, CtEntryOf, CtKeyOf, FragKey, FragKey6, FragPorts, NODE_PORT_ADDR, NODE_PORT_ADDR6,
+    NodeConfig, ServiceKeyOf, ServiceValue, SockRevKey, SockRevKey6, SockRevValueOf, SourceRangeOf,
+    maps::{
+        MAX_BACKENDS, MAX_FRAGMENTS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT,
+        MAX_SOURCE_RANGES,
+    },
     v4_mapped,
 };
 
 use crate::{
     frame::words_diff,
     maps::{
-        BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, NEW_ENTRIES, NEW_ENTRIES6, NO_PREALLOC,
-        NODE_ADDRS, NODE_ADDRS6, SERVICES, SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOURCE_RANGES,
-        SOURCE_RANGES6,
+        BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, FRAGMENTS, FRAGMENTS6, NEW_ENTRIES,
+        NEW_ENTRIES6, NO_PREALLOC, NODE_ADDRS, NODE_ADDRS6, SERVICES, SERVICES6, SOCK_REV_NAT,
+        SOCK_REV_NAT6, SOURCE_RANGES, SOURCE_RANGES6,
     },
-    nat::{self, NewEntries},
-    packet::{self, ETH_HDR_LEN, Flow, FlowOf, Frame, IP_DST_OFF, IP_SRC_OFF},
+    nat::NewEntries,
+    packet::{self, ETH_HDR_LEN, Frame, IP_DST_OFF, IP_SRC_OFF},
 };
 
 /// An address family, as its address: `[u8; 4]` or `[u8; 16]`.
@@ -59,8 +62,10 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     fn source_ranges() -> &'static LpmTrie<SourceRangeOf<Self>, u8, { MAX_SOURCE_RANGES as usize }>;
     /// The address masqueraded flows leave with, if any.
     fn snat_addr(config: &NodeConfig) -> Option<Self>;
-    /// Keeps a first fragment's ports for the later fragments of its datagram.
-    fn remember_fragment(flow: &FlowOf<Self>);
+    /// A key of the family's fragmented datagrams, and the map of their ports.
+    type FragKey;
+    fn fragment_key(src: Self, dst: Self, proto: u8, id: u32) -> Self::FragKey;
+    fn fragments() -> &'static LruHashMap<Self::FragKey, FragPorts, { MAX_FRAGMENTS as usize }>;
     /// Room for a new flow's entries, in a per-CPU map: the packet path has no stack left
     /// for them (IPv6's take 152 bytes). `None` if the map cannot be read.
     fn new_entries() -> Option<&'static mut NewEntries<Self>>;
@@ -74,6 +79,10 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
         csum_off: usize,
         udp: bool,
     ) -> Option<()>;
+    /// Rewrites the address at `addr_off` of the IP header alone, with the header checksum
+    /// (IPv4): a later fragment has no L4 header (its first fragment's L4 checksum covers the
+    /// pseudo-header).
+    fn rewrite_l3_address<F: Frame>(ctx: &F, addr_off: usize, old: Self, new: Self) -> Option<()>;
     /// Rewrites the address at `addr_off` of an ICMP (ICMPv6) error's own header from `old`
     /// to `new`: the IPv4 header checksum follows, or the ICMPv6 checksum at
     /// `icmp_csum_off`, whose pseudo-header holds the address.
@@ -148,9 +157,19 @@ impl Family for [u8; 4] {
     fn snat_addr(config: &NodeConfig) -> Option<Self> {
         (config.snat_addr != [0; 4]).then_some(config.snat_addr)
     }
+    type FragKey = FragKey;
     #[inline(always)]
-    fn remember_fragment(flow: &Flow) {
-        nat::remember_fragment(flow)
+    fn fragment_key(src: Self, dst: Self, proto: u8, id: u32) -> FragKey {
+        FragKey {
+            src,
+            dst,
+            id: id as u16,
+            proto,
+            pad: 0,
+        }
+    }
+    fn fragments() -> &'static LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }> {
+        &FRAGMENTS
     }
     #[inline(always)]
     fn new_entries() -> Option<&'static mut NewEntries<Self>> {
@@ -180,6 +199,10 @@ impl Family for [u8; 4] {
         new: Self,
         _: usize,
     ) -> Option<()> {
+        Self::rewrite_l3_address(ctx, addr_off, old, new)
+    }
+    #[inline(always)]
+    fn rewrite_l3_address<F: Frame>(ctx: &F, addr_off: usize, old: Self, new: Self) -> Option<()> {
         packet::rewrite_address(ctx, addr_off, old, new)
     }
 }
@@ -257,9 +280,21 @@ impl Family for [u8; 16] {
     fn snat_addr(_: &NodeConfig) -> Option<Self> {
         None
     }
-    /// IPv6 fragments are left to the kernel (see `packet::parse6`).
+    type FragKey = FragKey6;
     #[inline(always)]
-    fn remember_fragment(_: &FlowOf<Self>) {}
+    fn fragment_key(src: Self, dst: Self, proto: u8, id: u32) -> FragKey6 {
+        FragKey6 {
+            src,
+            dst,
+            id,
+            proto,
+            pad: 0,
+            pad2: 0,
+        }
+    }
+    fn fragments() -> &'static LruHashMap<FragKey6, FragPorts, { MAX_FRAGMENTS as usize }> {
+        &FRAGMENTS6
+    }
     #[inline(always)]
     fn new_entries() -> Option<&'static mut NewEntries<Self>> {
         // SAFETY: a per-CPU value, this program's alone for its run.
@@ -289,5 +324,10 @@ impl Family for [u8; 16] {
         icmp_csum_off: usize,
     ) -> Option<()> {
         Self::rewrite_address(ctx, addr_off, old, new, icmp_csum_off, false)
+    }
+    /// No header checksum.
+    #[inline(always)]
+    fn rewrite_l3_address<F: Frame>(ctx: &F, addr_off: usize, _: Self, new: Self) -> Option<()> {
+        ctx.write(addr_off, &new)
     }
 }

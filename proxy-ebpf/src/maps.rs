@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, AgentStatus, Backend, Backend6, Counters, CtEntry, CtEntry6, CtKey,
-    CtKey6, CtStats, DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragPorts, NodeConfig,
+    CtKey6, CtStats, DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragKey6, FragPorts, NodeConfig,
     ServiceInfo, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevKey, SockRevKey6,
     SockRevValue, SockRevValue6, SourceRange, SourceRange6, UnusedEndpoint, UnusedEndpoint6,
     UnusedKey,
@@ -104,6 +104,10 @@ pub static CT_STATS: Array<CtStats, 1, { BPF_F_MMAPABLE as usize }> = Array::new
 
 #[btf_map(name = "fragments")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "fragments6")]
+pub static FRAGMENTS6: LruHashMap<FragKey6, FragPorts, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
 
 /// The IPv6 tc programs, by direction (`proxy_common::maps::TC_IPV6`).

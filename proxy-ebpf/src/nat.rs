@@ -4,20 +4,20 @@
 //!
 //! The flow logic is generic over the address family (`Family`): IPv4 and IPv6 flows are
 //! tracked alike, each in its family's conntrack map, and so are the ICMP errors about
-//! them. Fragments are IPv4's.
+//! them, and fragments.
 use proxy_common::{
     AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntryOf, CtKey, CtKeyOf,
-    DropReason, FragKey, FragPorts, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE,
-    SVC_FLAG_SOURCE_RANGES, ServiceKeyOf, ServiceValue,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntryOf, CtKeyOf, DropReason,
+    FragPorts, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, SVC_FLAG_SOURCE_RANGES, ServiceKeyOf,
+    ServiceValue,
 };
 
 use crate::{
     ct,
     family::Family,
     lb::{self, Chosen, Sticky},
-    maps::{FRAGMENTS, NODE_CONFIG},
-    packet::{ErrorTranslationOf, Flow, FlowOf, RewriteOf, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::NODE_CONFIG,
+    packet::{ErrorTranslationOf, FlowOf, FragmentOf, RewriteOf, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Random source ports tried for a masqueraded (or clashing) flow: first this many that
@@ -136,7 +136,7 @@ pub fn ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
 /// entry, or a new connection on a closed flow's tuple).
 #[inline(always)]
 pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Option<Verdict<A>> {
-    A::remember_fragment(flow);
+    remember_fragment(flow);
     let now = lb::now_ns();
     if let Some(entry) = A::ct_get_ptr_mut(&flow.key) {
         // SAFETY: LRU values stay valid during the program's run; racing updates of the
@@ -429,7 +429,7 @@ fn free_if_ended<A: Family>(key: &CtKeyOf<A>, now: u64) -> bool {
 /// service address back as source.
 #[inline(always)]
 pub fn egress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
-    A::remember_fragment(flow);
+    remember_fragment(flow);
     let Some(entry) = A::ct_get_ptr_mut(&flow.key) else {
         return unserved_from_node(flow);
     };
@@ -461,24 +461,14 @@ pub fn egress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
 
 /// Keeps a first fragment's ports for the later fragments of its datagram.
 #[inline(always)]
-pub fn remember_fragment(flow: &Flow) {
+fn remember_fragment<A: Family>(flow: &FlowOf<A>) {
     if flow.first_fragment {
         let ports = FragPorts {
             sport: flow.key.sport,
             dport: flow.key.dport,
         };
-        let _ = FRAGMENTS.insert(fragment_key(&flow.key, flow.ip_id), ports, 0);
-    }
-}
-
-#[inline(always)]
-fn fragment_key(key: &CtKey, id: u16) -> FragKey {
-    FragKey {
-        src: key.src,
-        dst: key.dst,
-        id,
-        proto: key.proto,
-        pad: 0,
+        let key = A::fragment_key(flow.key.src, flow.key.dst, flow.key.proto, flow.ip_id);
+        let _ = A::fragments().insert(&key, &ports, 0);
     }
 }
 
@@ -486,10 +476,11 @@ fn fragment_key(key: &CtKey, id: u16) -> FragKey {
 /// carried), addresses only. Without a first fragment seen (lost, or out of order) it is
 /// left alone, as the datagram could not be reassembled anyway.
 #[inline(always)]
-pub fn fragment(frag: &FragKey, len: u64, side: Side) -> Option<Translation> {
+pub fn fragment<A: Family>(frag: &FragmentOf<A>, len: u64, side: Side) -> Option<Translation<A>> {
+    let key = A::fragment_key(frag.src, frag.dst, frag.proto, frag.id);
     // SAFETY: LRU values stay valid during the program's run; the value is copied.
-    let ports = (unsafe { FRAGMENTS.get(frag) }).copied()?;
-    let key = CtKey {
+    let ports = (unsafe { A::fragments().get(&key) }).copied()?;
+    let key = CtKeyOf {
         src: frag.src,
         dst: frag.dst,
         sport: ports.sport,

@@ -1,7 +1,7 @@
 //! IPv4 and IPv6 packets as the datapath sees them: parsed once (tc and XDP) into a TCP/UDP
-//! `Flow` (`Flow6`), a later fragment (IPv4) or an ICMP (ICMPv6) error quoting a flow, and rewritten
+//! `Flow` (`Flow6`), a later fragment or an ICMP (ICMPv6) error quoting a flow, and rewritten
 //! an end at a time with incremental checksum updates, over `Frame`.
-use proxy_common::{CtKey, CtKeyOf, FragKey, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{CtKey, CtKeyOf, IPPROTO_TCP, IPPROTO_UDP};
 
 pub use crate::frame::Frame;
 use crate::{family::Family, frame::fold};
@@ -39,9 +39,10 @@ pub struct FlowOf<A> {
     pub ip_hdr_len: usize,
     /// TCP flags; 0 for UDP.
     pub tcp_flags: u8,
-    /// The first fragment of a datagram (more follow), and its IP id (IPv4).
+    /// The first fragment of a datagram (more follow), and its identification (IPv4's
+    /// 16-bit IP id, IPv6's 32-bit fragment header one).
     pub first_fragment: bool,
-    pub ip_id: u16,
+    pub ip_id: u32,
 }
 
 pub type Flow = FlowOf<[u8; 4]>;
@@ -128,10 +129,20 @@ pub enum Packet {
     /// TCP or UDP (first fragment or whole).
     Transport(Flow),
     /// A later fragment of a TCP or UDP datagram: no ports of its own.
-    Fragment(FragKey),
+    Fragment(Fragment),
     /// An ICMP error quoting a TCP or UDP packet.
     IcmpError(IcmpError),
 }
+
+/// A later fragment of a datagram (no L4 header): what names its datagram.
+pub struct FragmentOf<A> {
+    pub src: A,
+    pub dst: A,
+    pub id: u32,
+    pub proto: u8,
+}
+
+pub type Fragment = FragmentOf<[u8; 4]>;
 
 /// An ICMP (ICMPv6) error — destination unreachable, time exceeded, parameter problem;
 /// ICMPv6's packet too big — and the headers it quotes: the quoted packet's addresses and
@@ -193,12 +204,11 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
         {
             return None;
         }
-        return Some(Packet::Fragment(FragKey {
+        return Some(Packet::Fragment(Fragment {
             src: ip.addr(6),
             dst: ip.addr(8),
-            id: ip.be16(2),
+            id: ip.be16(2).into(),
             proto,
-            pad: 0,
         }));
     }
     let l4_off = ETH_HDR_LEN + ip_hdr_len;
@@ -248,7 +258,7 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
         ip_hdr_len,
         tcp_flags,
         first_fragment: frag & IP_MF != 0,
-        ip_id: ip.be16(2),
+        ip_id: ip.be16(2).into(),
     }))
 }
 
@@ -288,13 +298,43 @@ struct Ipv6Extension {
     len: u8,
 }
 
-/// An IPv6 packet's headers up to its upper layer: the fixed header, the upper layer's
-/// protocol, the length of the IPv6 headers (extension headers included) and of what
-/// follows them. Only if its payload length is within the frame; hop-by-hop, routing and
-/// destination options headers skipped (at most `IP6_MAX_EXT_HEADERS`); fragments (and
-/// anything else) left to the kernel.
+/// The fragment header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Fragment {
+    next: u8,
+    reserved: u8,
+    /// Offset (13 bits, in 8-byte units), 2 reserved bits, the M (more fragments) flag.
+    offset_flags: u16,
+    id: u32,
+}
+
+/// An IPv6 packet's headers up to its upper layer.
+struct Ipv6Headers {
+    ip: Ipv6Header,
+    /// The upper layer's protocol.
+    next: u8,
+    /// Length of the IPv6 headers (extension headers included), and of what follows them.
+    ip_hdr_len: usize,
+    l4_len: usize,
+    /// A fragment header's: more fragments follow, the fragment is not the first, and the
+    /// identification.
+    more_fragments: bool,
+    later_fragment: bool,
+    fragment_id: u32,
+}
+
+impl Ipv6Headers {
+    fn fragmented(&self) -> bool {
+        self.more_fragments || self.later_fragment
+    }
+}
+
+/// An IPv6 packet's headers up to its upper layer, if its payload length is within the
+/// frame; hop-by-hop, routing and destination options headers (at most
+/// `IP6_MAX_EXT_HEADERS`) and a fragment header after them skipped.
 #[inline(always)]
-fn ipv6_upper_layer<F: Frame>(ctx: &F) -> Option<(Ipv6Header, u8, usize, usize)> {
+fn ipv6_headers<F: Frame>(ctx: &F) -> Option<Ipv6Headers> {
     if is_ipv6(ctx) != Some(true) {
         return None;
     }
@@ -307,32 +347,51 @@ fn ipv6_upper_layer<F: Frame>(ctx: &F) -> Option<(Ipv6Header, u8, usize, usize)>
     if payload == 0 || payload > ctx.frame_len().saturating_sub(ETH_HDR_LEN + IP6_HDR_LEN) {
         return None;
     }
-    let mut next = ip.next;
-    let mut ip_hdr_len = IP6_HDR_LEN;
+    let mut h = Ipv6Headers {
+        ip,
+        next: ip.next,
+        ip_hdr_len: IP6_HDR_LEN,
+        l4_len: 0,
+        more_fragments: false,
+        later_fragment: false,
+        fragment_id: 0,
+    };
     for _ in 0..IP6_MAX_EXT_HEADERS {
-        match next {
+        match h.next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext: Ipv6Extension = ctx.read(ETH_HDR_LEN + ip_hdr_len)?;
-                next = ext.next;
-                ip_hdr_len += (ext.len as usize + 1) * 8;
+                let ext: Ipv6Extension = ctx.read(ETH_HDR_LEN + h.ip_hdr_len)?;
+                h.next = ext.next;
+                h.ip_hdr_len += (ext.len as usize + 1) * 8;
             }
             _ => break,
         }
     }
-    if next == IPPROTO_FRAGMENT || ip_hdr_len - IP6_HDR_LEN > payload {
-        return None;
+    // The fragment header follows those (RFC 8200's order), once: read after the walk, so
+    // that the verifier does not follow each header's kind with each fragment's state.
+    if h.next == IPPROTO_FRAGMENT {
+        let frag: Ipv6Fragment = ctx.read(ETH_HDR_LEN + h.ip_hdr_len)?;
+        let offset_flags = u16::from_be(frag.offset_flags);
+        h.next = frag.next;
+        h.ip_hdr_len += 8;
+        h.more_fragments = offset_flags & 1 != 0;
+        h.later_fragment = offset_flags >> 3 != 0;
+        h.fragment_id = u32::from_be(frag.id);
     }
-    Some((ip, next, ip_hdr_len, payload - (ip_hdr_len - IP6_HDR_LEN)))
+    h.l4_len = payload.checked_sub(h.ip_hdr_len - IP6_HDR_LEN)?;
+    Some(h)
 }
 
-/// The packet, if it is an IPv6 TCP or UDP packet that the kernel itself would accept
-/// (`ipv6_upper_layer`): a TCP data offset of at least 5, a UDP length within the payload.
-/// Fragments, ICMPv6 and anything else are left to the kernel.
+/// The packet, if it is an IPv6 TCP or UDP packet (first fragment or whole) that the kernel
+/// itself would accept (`ipv6_headers`): a TCP data offset of at least 5, a UDP length within
+/// the payload (of a whole datagram). Later fragments, ICMPv6 and anything else are not.
 #[inline(always)]
 pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
-    let (ip, next, ip_hdr_len, l4_len) = ipv6_upper_layer(ctx)?;
-    let l4_off = ETH_HDR_LEN + ip_hdr_len;
-    let (sport, dport, tcp_flags) = match next {
+    let h = ipv6_headers(ctx)?;
+    if h.later_fragment {
+        return None;
+    }
+    let (l4_off, l4_len) = (ETH_HDR_LEN + h.ip_hdr_len, h.l4_len);
+    let (sport, dport, tcp_flags) = match h.next {
         IPPROTO_TCP => {
             let tcp: TcpStart = ctx.read(l4_off)?;
             let tcp_hdr_len = (tcp.data_off >> 4) as usize * 4;
@@ -344,7 +403,9 @@ pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
         IPPROTO_UDP => {
             let udp: UdpHeader = ctx.read(l4_off)?;
             let udp_len = u16::from_be(udp.len) as usize;
-            if udp_len < UDP_HDR_LEN || udp_len > l4_len {
+            // A first fragment holds only part of the datagram its length counts.
+            let whole = !h.more_fragments;
+            if udp_len < UDP_HDR_LEN || l4_len < UDP_HDR_LEN || (whole && udp_len > l4_len) {
                 return None;
             }
             (udp.sport, udp.dport, 0)
@@ -353,19 +414,34 @@ pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
     };
     Some(Flow6 {
         key: CtKeyOf {
-            src: ip.src,
-            dst: ip.dst,
+            src: h.ip.src,
+            dst: h.ip.dst,
             sport: u16::from_be(sport),
             dport: u16::from_be(dport),
-            proto: next,
+            proto: h.next,
             pad: 0,
             pad2: 0,
         },
         l4_off,
-        ip_hdr_len,
+        ip_hdr_len: h.ip_hdr_len,
         tcp_flags,
-        first_fragment: false,
-        ip_id: 0,
+        first_fragment: h.more_fragments,
+        ip_id: h.fragment_id,
+    })
+}
+
+/// The packet, if it is a later fragment of an IPv6 TCP or UDP datagram.
+#[inline(always)]
+pub fn parse_fragment6<F: Frame>(ctx: &F) -> Option<FragmentOf<[u8; 16]>> {
+    let h = ipv6_headers(ctx)?;
+    if !h.later_fragment || (h.next != IPPROTO_TCP && h.next != IPPROTO_UDP) {
+        return None;
+    }
+    Some(FragmentOf {
+        src: h.ip.src,
+        dst: h.ip.dst,
+        id: h.fragment_id,
+        proto: h.next,
     })
 }
 
@@ -374,11 +450,12 @@ pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
 /// UDP packet; the quoted packet without extension headers (ours are sent without).
 #[inline(always)]
 pub fn parse_icmp6_error<F: Frame>(ctx: &F) -> Option<IcmpError6> {
-    let (ip, next, ip_hdr_len, len) = ipv6_upper_layer(ctx)?;
-    if next != IPPROTO_ICMPV6 {
+    let h = ipv6_headers(ctx)?;
+    if h.next != IPPROTO_ICMPV6 || h.fragmented() {
         return None;
     }
-    let icmp_off = ETH_HDR_LEN + ip_hdr_len;
+    let (ip, len) = (h.ip, h.l4_len);
+    let icmp_off = ETH_HDR_LEN + h.ip_hdr_len;
     let kind: u8 = ctx.read(icmp_off)?;
     if !matches!(
         kind,

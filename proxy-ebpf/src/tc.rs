@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    DropReason, FragKey, HOOK_TC, ServiceKey6, XDP_META_NOTHING_FOR_US, XdpMeta,
+    DropReason, HOOK_TC, ServiceKey6, XDP_META_NOTHING_FOR_US, XdpMeta,
     maps::{TC_IPV6_EGRESS, TC_IPV6_INGRESS},
 };
 
@@ -19,9 +19,9 @@ use crate::{
     maps::TC_IPV6,
     nat::{self, Side, Translation, Verdict},
     packet::{
-        self, Endpoint, ErrorTranslation, Flow, FlowOf, Frame, ICMP_DEST_UNREACH,
+        self, Endpoint, ErrorTranslation, Flow, FlowOf, FragmentOf, Frame, ICMP_DEST_UNREACH,
         ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH,
-        IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IcmpError, Packet,
+        IPPROTO_ICMP, IcmpError, Packet,
     },
     route,
 };
@@ -102,7 +102,7 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
 
 /// IPv4 and IPv6 have functions of their own (BPF subprograms, each with its own stack
 /// frame): together, they would not fit the 512-byte stack. IPv6's tracked flows, new
-/// flows and ICMPv6 errors are calls one after the other, for the same reason: one calling
+/// flows, later fragments and ICMPv6 errors are calls one after the other, for the same reason: one calling
 /// the other would add their frames up. A packet a function began to change and could not
 /// finish is dropped: half-rewritten, it would carry a wrong checksum or address.
 #[inline(always)]
@@ -112,15 +112,21 @@ fn run6(ctx: &TcContext, side: Side) -> i32 {
             picked if picked >> 32 != 0 => record6(ctx, picked),
             action => action as i32,
         },
-        NOT_A_FLOW => error6(ctx, side),
+        NOT_A_FLOW => match fragment6(ctx, side) {
+            NOT_A_FRAGMENT => error6(ctx, side),
+            action => action,
+        },
         action => action,
     }
 }
 
 /// `tracked6`'s answer for a packet that `choose6` and `record6` must see: a new flow.
 const NEW_FLOW: i32 = i32::MIN;
-/// `tracked6`'s answer for a packet that is no TCP or UDP flow's: `error6`'s, maybe.
+/// `tracked6`'s answer for a packet that is no TCP or UDP flow's: `fragment6`'s or
+/// `error6`'s, maybe.
 const NOT_A_FLOW: i32 = i32::MIN + 1;
+/// `fragment6`'s answer for a packet that is not a later fragment.
+const NOT_A_FRAGMENT: i32 = i32::MIN + 2;
 
 /// An IPv6 packet of a tracked flow (ingress), or any leaving one (egress).
 #[inline(never)]
@@ -182,6 +188,18 @@ fn record6(ctx: &TcContext, picked: u64) -> i32 {
     };
     let verdict = nat::record(&flow, ctx.len() as u64, lb::now_ns(), &svc, &chosen);
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
+}
+
+/// A later fragment of an IPv6 datagram, translated as its first fragment's flow.
+#[inline(never)]
+fn fragment6(ctx: &TcContext, side: Side) -> i32 {
+    let Some(frag) = packet::parse_fragment6(ctx) else {
+        return NOT_A_FRAGMENT;
+    };
+    match nat::fragment(&frag, ctx.len() as u64, side) {
+        Some(t) => translate_fragment(ctx, &frag, t).unwrap_or(TC_ACT_SHOT),
+        None => TC_ACT_OK,
+    }
 }
 
 /// An ICMPv6 error about a translated flow (packet too big above all: IPv6 routers do not
@@ -297,15 +315,19 @@ impl Answer for packet::Flow6 {
 }
 
 #[inline(always)]
-fn translate_fragment(ctx: &TcContext, frag: &FragKey, t: Translation) -> Option<i32> {
+fn translate_fragment<A: Family>(
+    ctx: &TcContext,
+    frag: &FragmentOf<A>,
+    t: Translation<A>,
+) -> Option<i32> {
     lb::count(t.service_id, t.backend_id, t.counters);
     if t.dst.set {
-        packet::rewrite_address(ctx, IP_DST_OFF, frag.dst, t.dst.addr)?;
+        A::rewrite_l3_address(ctx, A::DST_OFF, frag.dst, t.dst.addr)?;
     }
     if t.src.set {
-        packet::rewrite_address(ctx, IP_SRC_OFF, frag.src, t.src.addr)?;
+        A::rewrite_l3_address(ctx, A::SRC_OFF, frag.src, t.src.addr)?;
     }
-    sent_on(ctx, t.route, frag.proto, t.service_id)
+    sent_on(ctx, A::MASQUERADES && t.route, frag.proto, t.service_id)
 }
 
 #[inline(always)]

@@ -420,6 +420,41 @@ fn icmpv6_errors_about_tc_path_flows_reach_the_client_translated() {
 }
 
 #[test]
+fn udp_datagrams_larger_than_the_mtu_arrive_whole_through_an_ipv6_cluster_ip() {
+    let (mut world, backends) = three_backends();
+    world
+        .start_agent(
+            &service_manifest("web6", VIP6, None, &ready(&backends)),
+            true,
+        )
+        .unwrap();
+    // 4,000 bytes: three fragments each way. On the tc path every fragment must follow its
+    // datagram's flow (to one backend, and back from the ClusterIP) or nothing arrives.
+    let to = at(VIP6, 53);
+    for hooked in [false, true] {
+        let udp = world
+            .probe(
+                CLIENT,
+                hooked,
+                &[
+                    "udp",
+                    "--to",
+                    &to,
+                    "--count",
+                    "30",
+                    "--datagram-bytes",
+                    "4000",
+                ],
+            )
+            .unwrap();
+        assert_eq!(spread(&udp).len(), 3, "hooked: {hooked}: every backend");
+        for r in &udp {
+            assert_eq!(r["peer"], to, "hooked: {hooked}: {r}");
+        }
+    }
+}
+
+#[test]
 fn load_balancer_source_ranges_apply_per_family() {
     // As kube-proxy's proxier per family: the IPv6 range admits pod 4 alone at the IPv6
     // load-balancer IP; the list has no IPv4 range, so the IPv4 one stays open to all.

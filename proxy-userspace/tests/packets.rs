@@ -784,11 +784,86 @@ fn ipv6_packets_are_translated_past_their_extension_headers() {
     let (src, dst, holds) = ends6(&out, 14 + 40);
     assert_eq!((src, dst), ((VIP6, 80), (CLIENT6, 40000)));
     assert!(holds, "checksum after reverse NAT");
-    // A fragment header: left to the kernel, untouched, nothing tracked for it.
-    let fragmented = tcp6(&[(IPPROTO_FRAGMENT, 1)], (CLIENT6, 40001), (VIP6, 80), SYN);
-    let (verdict, out) = fx.ingress(&fragmented);
-    assert_eq!((verdict, out), (TC_ACT_OK, fragmented));
-    assert_eq!(conntrack6.keys().count(), 2);
+}
+
+/// An IPv6 fragment of a UDP datagram: `payload` at `offset` (in 8-byte units) of the
+/// datagram's L4 bytes, behind a fragment header with identification 0x4242; `more`
+/// fragments follow.
+fn fragment6(src: [u8; 16], dst: [u8; 16], offset: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    ip[6] = IPPROTO_FRAGMENT;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src);
+    ip[24..40].copy_from_slice(&dst);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[IPPROTO_UDP, 0]);
+    f.extend_from_slice(&(offset << 3 | u16::from(more)).to_be_bytes());
+    f.extend_from_slice(&0x4242u32.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A UDP datagram with a 40-byte payload, in two IPv6 fragments (24 and 24 bytes).
+fn fragmented_udp6(src: End6, dst: End6) -> [Vec<u8>; 2] {
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&48u16.to_be_bytes());
+    udp.extend((0..40).map(|i| i as u8));
+    let pseudo = sum(&src.0) + sum(&dst.0) + udp.len() as u32 + u32::from(IPPROTO_UDP);
+    let csum = !fold(pseudo + sum(&udp));
+    udp[6..8].copy_from_slice(&csum.to_be_bytes());
+    [
+        fragment6(src.0, dst.0, 0, true, &udp[..24]),
+        fragment6(src.0, dst.0, 3, false, &udp[24..]),
+    ]
+}
+
+/// The IPv6 datagram the fragments make, checked: they agree on addresses and the
+/// reassembled UDP checksum holds. Returns its ends.
+fn reassembled6(fragments: &[Vec<u8>]) -> (End6, End6) {
+    let header = 14 + 40 + 8;
+    let mut udp = Vec::new();
+    for f in fragments {
+        assert_eq!(f[22..54], fragments[0][22..54], "one datagram's addresses");
+        udp.extend_from_slice(&f[header..]);
+    }
+    let first = &fragments[0];
+    let pseudo =
+        sum(&first[22..38]) + sum(&first[38..54]) + udp.len() as u32 + u32::from(IPPROTO_UDP);
+    assert_eq!(
+        fold(pseudo + sum(&udp)),
+        0xffff,
+        "UDP checksum of the datagram"
+    );
+    let addr = |at: usize| -> [u8; 16] { first[at..at + 16].try_into().unwrap() };
+    let port = |at: usize| u16::from_be_bytes([first[header + at], first[header + at + 1]]);
+    ((addr(22), port(0)), (addr(38), port(2)))
+}
+
+#[test]
+fn every_fragment_of_an_ipv6_datagram_follows_its_flow() {
+    let mut fx = Fixture::new();
+    let client = (CLIENT6, 40000);
+    let backend = (BACKEND6, BACKEND_PORT);
+    // A later fragment before any first one: its flow is unknown, it passes untouched.
+    let [_, early] = fragmented_udp6(client, (VIP6, 53));
+    assert_eq!(fx.ingress(&early), (TC_ACT_OK, early.clone()));
+    // Request: both fragments to the backend; the datagram is whole and valid there.
+    let out: Vec<Vec<u8>> = fragmented_udp6(client, (VIP6, 53))
+        .iter()
+        .map(|f| fx.ingress(f).1)
+        .collect();
+    assert_eq!(reassembled6(&out), (client, backend));
+    // Reply: both fragments from the ClusterIP.
+    let out: Vec<Vec<u8>> = fragmented_udp6(backend, client)
+        .iter()
+        .map(|f| fx.egress(f).1)
+        .collect();
+    assert_eq!(reassembled6(&out), ((VIP6, 53), client));
 }
 
 const IPPROTO_ICMPV6: u8 = 58;
