@@ -4,7 +4,7 @@
 //! a missing or unreachable API server a failure instead of a skip.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
@@ -30,10 +30,15 @@ struct Cluster {
     namespace: String,
 }
 
+/// Whether a test that cannot run against the given cluster fails rather than skips.
+fn required() -> bool {
+    std::env::var("PROXY_K8S_TESTS").is_ok_and(|v| v == "required")
+}
+
 /// A fresh namespace on the test API server, or `None` (skip) when there is none and none
 /// is required.
 fn cluster() -> Option<Cluster> {
-    let required = std::env::var("PROXY_K8S_TESTS").is_ok_and(|v| v == "required");
+    let required = required();
     let Ok(kubeconfig) = std::env::var("KUBECONFIG") else {
         assert!(
             !required,
@@ -96,15 +101,24 @@ fn service_object(name: &str, labels: Value, affinity: bool) -> Service {
 }
 
 /// A slice of `service` with endpoints (address, ready); the "http" port is the named
-/// targetPort "web" resolved to BACKEND_PORT.
-fn slice_object(name: &str, service: &str, endpoints: &[(Ipv4Addr, bool)]) -> EndpointSlice {
+/// targetPort "web" resolved to BACKEND_PORT. Its address type is that of the endpoints
+/// (IPv4 for none).
+fn slice_object<A: Into<IpAddr> + Copy>(
+    name: &str,
+    service: &str,
+    endpoints: &[(A, bool)],
+) -> EndpointSlice {
+    let address_type = match endpoints.first().map(|(addr, _)| (*addr).into()) {
+        Some(IpAddr::V6(_)) => "IPv6",
+        _ => "IPv4",
+    };
     let endpoints: Vec<Value> = endpoints
         .iter()
-        .map(|(addr, ready)| json!({"addresses": [addr.to_string()], "conditions": {"ready": ready}, "nodeName": "node-a"}))
+        .map(|(addr, ready)| json!({"addresses": [(*addr).into().to_string()], "conditions": {"ready": ready}, "nodeName": "node-a"}))
         .collect();
     serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
+        "addressType": address_type,
         "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}, {"name": "dns", "port": BACKEND_PORT, "protocol": "UDP"}],
         "endpoints": endpoints,
     }))
@@ -122,14 +136,20 @@ impl Cluster {
 
     /// Creates a service and returns its allocated ClusterIP.
     fn create_service(&self, service: &Service) -> String {
+        self.try_create_service(service)
+            .expect("creating a Service")
+            .swap_remove(0)
+    }
+
+    /// Creates a service and returns its allocated ClusterIPs (one per family).
+    fn try_create_service(&self, service: &Service) -> kube::Result<Vec<String>> {
         let created = self
             .rt
-            .block_on(self.services().create(&PostParams::default(), service))
-            .expect("creating a Service");
-        created
+            .block_on(self.services().create(&PostParams::default(), service))?;
+        Ok(created
             .spec
-            .and_then(|s| s.cluster_ip)
-            .expect("an allocated clusterIP")
+            .and_then(|s| s.cluster_ips)
+            .expect("allocated clusterIPs"))
     }
 
     fn create_slice(&self, slice: &EndpointSlice) {
@@ -138,7 +158,12 @@ impl Cluster {
             .expect("creating an EndpointSlice");
     }
 
-    fn set_endpoints(&self, slice: &str, service: &str, endpoints: &[(Ipv4Addr, bool)]) {
+    fn set_endpoints<A: Into<IpAddr> + Copy>(
+        &self,
+        slice: &str,
+        service: &str,
+        endpoints: &[(A, bool)],
+    ) {
         let patch =
             Patch::Merge(json!({"endpoints": slice_object(slice, service, endpoints).endpoints}));
         self.rt
@@ -204,6 +229,11 @@ fn world() -> (World, Vec<Ipv4Addr>) {
     World::three_backends(proxy::test_binaries!()).expect("building the namespace world")
 }
 
+/// `vip:port` (`[vip]:port` for IPv6).
+fn at(vip: &str, port: u16) -> String {
+    SocketAddr::new(vip.parse().expect("a ClusterIP"), port).to_string()
+}
+
 /// Backends that answered `count` TCP connections to `vip:80` (failures are counted as
 /// "<kind>").
 fn tcp_spread(world: &World, vip: &str, hooked: bool, count: u32) -> BTreeMap<String, usize> {
@@ -214,7 +244,7 @@ fn tcp_spread(world: &World, vip: &str, hooked: bool, count: u32) -> BTreeMap<St
             &[
                 "tcp",
                 "--to",
-                &format!("{vip}:80"),
+                &at(vip, 80),
                 "--count",
                 &count.to_string(),
                 "--timeout-ms",
@@ -293,12 +323,12 @@ fn services_follow_the_api_create_scale_unready_affinity_delete_and_labels() {
         .probe(
             CLIENT,
             true,
-            &["udp", "--to", &format!("{vip}:53"), "--count", "30"],
+            &["udp", "--to", &at(&vip, 53), "--count", "30"],
         )
         .unwrap();
     assert!(
         udp.iter()
-            .all(|r| r["ok"] == true && r["peer"] == format!("{vip}:53")),
+            .all(|r| r["ok"] == true && r["peer"] == at(&vip, 53)),
         "{udp:?}"
     );
 
@@ -421,6 +451,142 @@ fn services_follow_the_api_create_scale_unready_affinity_delete_and_labels() {
     }
 }
 
+/// `service` with the given `ipFamilyPolicy` and, if any, `ipFamilies`.
+fn with_families(mut service: Service, policy: &str, families: &[&str]) -> Service {
+    let spec = service.spec.get_or_insert_default();
+    spec.ip_family_policy = Some(policy.into());
+    if !families.is_empty() {
+        spec.ip_families = Some(families.iter().map(|f| f.to_string()).collect());
+    }
+    service
+}
+
+/// The service list's (name, ip_family, ready_backends) rows.
+fn family_rows(world: &World) -> BTreeSet<(String, String, u64)> {
+    let rows: Value = serde_json::from_str(
+        &world
+            .proxyctl(&["service", "list", "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["port_name"] == "http")
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_owned(),
+                r["ip_family"].as_str().unwrap().to_owned(),
+                r["ready_backends"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn dual_stack_and_ipv6_services_follow_the_api_per_family() {
+    let Some(cluster) = cluster() else { return };
+    let (mut world, pods) = world();
+    let v6: Vec<Ipv6Addr> = (1..=3).map(|i| world.pod(i).ip6).collect();
+    let _agent = cluster.start_agent(&mut world);
+
+    // A dual-stack Service: one ClusterIP per family (cargo xtask test's API server has an
+    // IPv6 service range; another cluster may not).
+    let dual = with_families(
+        service_object("web", json!({}), false),
+        "RequireDualStack",
+        &["IPv4", "IPv6"],
+    );
+    let ips = match cluster.try_create_service(&dual) {
+        Ok(ips) => ips,
+        Err(e) if !required() => {
+            eprintln!("skipping: the cluster has no dual-stack service ranges: {e}");
+            return;
+        }
+        Err(e) => panic!("creating a dual-stack Service: {e}"),
+    };
+    let [vip4, vip6]: [String; 2] = ips.try_into().unwrap();
+    assert!(vip4.parse::<Ipv4Addr>().is_ok() && vip6.parse::<Ipv6Addr>().is_ok());
+    let v4_slice: Vec<(Ipv4Addr, bool)> = pods.iter().map(|p| (*p, true)).collect();
+    cluster.create_slice(&slice_object("web-v4", "web", &v4_slice));
+    cluster.create_slice(&slice_object(
+        "web-v6",
+        "web",
+        &[(v6[0], true), (v6[1], true), (v6[2], true)],
+    ));
+    let all = backends(&["backend-1", "backend-2", "backend-3"]);
+    for vip in [&vip4, &vip6] {
+        eventually(
+            &format!("{vip} answers from all backends"),
+            || tcp_spread(&world, vip, true, 60),
+            |s| answered(s) == all,
+        );
+    }
+    let udp = world
+        .probe(
+            CLIENT,
+            true,
+            &["udp", "--to", &at(&vip6, 53), "--count", "30"],
+        )
+        .unwrap();
+    assert!(
+        udp.iter()
+            .all(|r| r["ok"] == true && r["peer"] == at(&vip6, 53)),
+        "{udp:?}"
+    );
+    let row = |family: &str, ready: u64| ("web".to_owned(), family.to_owned(), ready);
+    assert_eq!(family_rows(&world), [row("IPv4", 3), row("IPv6", 3)].into());
+
+    // Each family follows its own slice: the IPv6 one scaled down and one endpoint unready
+    // changes the IPv6 ClusterIP only, through the hooks and through tc.
+    cluster.set_endpoints("web-v6", "web", &[(v6[0], true), (v6[1], false)]);
+    let first = backends(&["backend-1"]);
+    for hooked in [true, false] {
+        eventually(
+            "the IPv6 ClusterIP follows its slice",
+            || tcp_spread(&world, &vip6, hooked, 20),
+            |s| answered(s) == first,
+        );
+    }
+    assert_eq!(answered(&tcp_spread(&world, &vip4, true, 60)), all);
+    assert_eq!(family_rows(&world), [row("IPv4", 3), row("IPv6", 1)].into());
+
+    // An IPv6-only Service with ClientIP affinity.
+    let sticky = cluster.create_service(&with_families(
+        service_object("sticky6", json!({}), true),
+        "SingleStack",
+        &["IPv6"],
+    ));
+    assert!(sticky.parse::<Ipv6Addr>().is_ok(), "{sticky}");
+    cluster.create_slice(&slice_object(
+        "sticky6-1",
+        "sticky6",
+        &[(v6[0], true), (v6[1], true), (v6[2], true)],
+    ));
+    let spread = eventually(
+        "sticky6 reachable",
+        || tcp_spread(&world, &sticky, true, 20),
+        |s| s.keys().all(|k| k.starts_with("backend")),
+    );
+    assert_eq!(spread.len(), 1, "ClientIP affinity over IPv6: {spread:?}");
+
+    // The IPv6 slice deleted: refused over IPv6 at once, IPv4 untouched; the Service
+    // deleted: both families gone.
+    cluster.delete_slice("web-v6");
+    eventually(
+        "the IPv6 ClusterIP refuses without endpoints",
+        || tcp_spread(&world, &vip6, true, 3),
+        |s| answered(s) == backends(&["<refused>"]),
+    );
+    assert_eq!(answered(&tcp_spread(&world, &vip4, true, 30)), all);
+    cluster.delete_service("web");
+    eventually(
+        "web gone from the maps",
+        || family_rows(&world),
+        |rows| *rows == [("sticky6".to_owned(), "IPv6".to_owned(), 3)].into(),
+    );
+}
+
 /// What the kubernetes-mixin's "Kubernetes / Proxy" dashboard queries, where it has a
 /// meaning here: all but `go_goroutines` (no Go runtime) and `up` (Prometheus' own).
 const MIXIN_PROXY_SERIES: [&str; 8] = [
@@ -497,8 +663,8 @@ fn killed_agent_restarts_without_breaking_flows_or_rewriting_maps() {
 
     // Long-lived flows through both paths, TCP and UDP.
     let hold = ["--hold-ms", "6000", "--interval-ms", "100"];
-    let tcp_to = format!("{vip}:80");
-    let udp_to = format!("{vip}:53");
+    let tcp_to = at(&vip, 80);
+    let udp_to = at(&vip, 53);
     let flows: Vec<usize> = [
         (true, ["tcp", "--to", &tcp_to]),
         (false, ["tcp", "--to", &tcp_to]),

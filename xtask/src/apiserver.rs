@@ -10,6 +10,10 @@ use anyhow::{Context as _, ensure};
 /// Port of the test API server (etcd uses PORT+6000..+6002).
 const PORT: &str = "16443";
 
+/// The service ranges: start.sh's IPv4 one and a unique-local IPv6 one (/108: the largest
+/// Kubernetes 1.20 allocates from).
+const SERVICE_RANGES: &str = "10.96.0.0/16,fd00:96::/108";
+
 pub struct ApiServer {
     scripts: PathBuf,
     dir: PathBuf,
@@ -39,13 +43,15 @@ impl ApiServer {
         // A previous run's servers, if it was interrupted.
         let _ = Command::new("bash")
             .arg(scripts.join("stop.sh"))
-            .arg(dir)
+            .arg(dir.join("run"))
             .status();
         let _ = std::fs::remove_dir_all(dir);
+        let home = dual_stack_home(dir)?;
         let out = Command::new("bash")
             .arg(scripts.join("start.sh"))
-            .arg(dir)
+            .arg(dir.join("run"))
             .arg(PORT)
+            .env("K8S_HOME", &home)
             .output()
             .context("running start.sh")?;
         ensure!(
@@ -67,10 +73,43 @@ impl ApiServer {
         );
         Ok(Self {
             scripts: scripts.to_path_buf(),
-            dir: dir.to_path_buf(),
+            dir: dir.join("run"),
             kubeconfig,
         })
     }
+}
+
+/// A `K8S_HOME` for start.sh whose kube-apiserver is the built one configured as a
+/// dual-stack cluster's (IPv4 first, so Services default to IPv4 as before): IPv6 and
+/// dual-stack Services exist only where the service range has an IPv6 half, and start.sh
+/// gives only an IPv4 one. Kubernetes 1.20 gates dual-stack (alpha); a repeated flag's last
+/// value wins and feature gates add up.
+fn dual_stack_home(dir: &Path) -> anyhow::Result<PathBuf> {
+    let built = PathBuf::from(
+        std::env::var_os("K8S_HOME").unwrap_or_else(|| "/var/cache/k8s-apiserver".into()),
+    )
+    .join("bin");
+    let home = dir.join("home");
+    let bin = home.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    std::os::unix::fs::symlink(built.join("etcd"), bin.join("etcd"))
+        .with_context(|| format!("linking etcd into {}", bin.display()))?;
+    let wrapper = bin.join("kube-apiserver");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec '{}' \"$@\" --service-cluster-ip-range={SERVICE_RANGES} \\\n  \
+             --feature-gates=IPv6DualStack=true\n",
+            built.join("kube-apiserver").display()
+        ),
+    )
+    .with_context(|| format!("writing {}", wrapper.display()))?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .with_context(|| format!("making {} executable", wrapper.display()))?;
+    Ok(home)
 }
 
 impl Drop for ApiServer {
