@@ -8,6 +8,9 @@ fn main() -> anyhow::Result<()> {
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
+    // aya-build watches the eBPF crate only; the map layouts it shares with this crate live
+    // in proxy-common, and a stale object would disagree with the agent about them.
+    println!("cargo:rerun-if-changed={manifest_dir}/../proxy-common");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "proxy-ebpf",

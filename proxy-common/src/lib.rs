@@ -7,7 +7,10 @@
 //!   other anything per packet; structs that hold an address are generic over it (`…Of<A>`),
 //!   with an alias per family, and the agent uses them with `core::net::IpAddr` (`Addressed`);
 //! - ports are `u16` in host order, so they dump as `80`;
-//! - every struct is `#[repr(C)]` with explicit padding fields, so layout and BTF agree.
+//! - every struct is `#[repr(C)]` with explicit padding fields, so layout and BTF agree;
+//!   one that holds an address and no wider field is also `align(4)` (its layout unchanged:
+//!   sizes are multiples of 4): the verifier refuses misaligned stack accesses, so for a
+//!   byte-aligned key LLVM copies a 16-byte address one byte at a time.
 #![no_std]
 
 pub mod maps;
@@ -70,7 +73,7 @@ where
 
 /// A service port as clients address it: (virtual IP, port, protocol), and which clients
 /// (`SCOPE_*`).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKeyOf<A> {
     pub addr: A,
@@ -167,7 +170,7 @@ pub struct SlotKey {
 
 /// A backend endpoint (`BACKENDS` / `BACKENDS6` value, keyed by backend id; ids are shared
 /// by the two families).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendOf<A> {
     pub addr: A,
@@ -213,7 +216,7 @@ pub struct Counters {
 }
 
 /// A conntrack key: the 5-tuple of a packet as seen by the tc programs.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKeyOf<A> {
     pub src: A,
@@ -286,32 +289,31 @@ pub type CtEntry6 = CtEntryOf<[u8; 16]>;
 impl<A: Copy> CtKeyOf<A> {
     /// The key of the other entry of the same flow, given this key's entry.
     pub fn peer(&self, entry: &CtEntryOf<A>) -> CtKeyOf<A> {
-        let (src, dst, sport, dport) = if entry.direction == CT_FORWARD {
+        // Each branch builds the whole key: a tuple of addresses picked first would be a
+        // byte-aligned temporary, copied a byte at a time by the datapath.
+        if entry.direction == CT_FORWARD {
             // client → service; the reply comes from the backend (nat) to the client or
             // to the SNAT address (peer).
-            (
-                entry.nat_addr,
-                entry.peer_addr,
-                entry.nat_port,
-                entry.peer_port,
-            )
+            CtKeyOf {
+                src: entry.nat_addr,
+                dst: entry.peer_addr,
+                sport: entry.nat_port,
+                dport: entry.peer_port,
+                proto: self.proto,
+                pad: 0,
+                pad2: 0,
+            }
         } else {
             // backend → client; the request went from the client (peer) to the service (nat).
-            (
-                entry.peer_addr,
-                entry.nat_addr,
-                entry.peer_port,
-                entry.nat_port,
-            )
-        };
-        CtKeyOf {
-            src,
-            dst,
-            sport,
-            dport,
-            proto: self.proto,
-            pad: 0,
-            pad2: 0,
+            CtKeyOf {
+                src: entry.peer_addr,
+                dst: entry.nat_addr,
+                sport: entry.peer_port,
+                dport: entry.nat_port,
+                proto: self.proto,
+                pad: 0,
+                pad2: 0,
+            }
         }
     }
 }
@@ -449,7 +451,7 @@ pub struct DropEvent {
 }
 
 /// A dropped packet's flow, either family: IPv4 addresses IPv4-mapped (`::ffff:a.b.c.d`).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropFlow {
     pub src: [u8; 16],

@@ -6,6 +6,8 @@
 // is the atomic add the counters need.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// Word loads from packet memory of unknown alignment (`frame::read_packet`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod ct;

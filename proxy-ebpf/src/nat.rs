@@ -34,15 +34,70 @@ const ENDED_PORT_ATTEMPTS: u32 = 16;
 /// the time a port sits unusable bounds the connection rate to one backend (ports / grace).
 const SNAT_REUSE_AFTER_NS: u64 = 250_000_000;
 
-pub enum Verdict<A = [u8; 4]> {
+/// What a verdict says to do with a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Action {
     /// Not a service flow: leave it alone.
     Pass,
-    /// Drop, counted under this reason, for this service id (0: none).
-    Drop(DropReason, u32),
-    /// A service (this id) without backends: answer ICMP port unreachable, as kube-proxy's
-    /// REJECT.
-    Reject(u32),
-    Translate(Translation<A>),
+    /// Drop, counted under `Verdict::reason`.
+    Drop,
+    /// A service without backends: answer ICMP port unreachable, as kube-proxy's REJECT.
+    Reject,
+    /// Rewrite the packet as `Verdict::translation` says.
+    Translate,
+}
+
+/// What to do with a packet. A struct whose every field is set on every path rather than
+/// an enum with data: LLVM leaves the data of the variants not taken undefined, and where
+/// two paths' verdicts merge it may copy such a register, which the verifier refuses
+/// ("R5 !read_ok").
+pub struct Verdict<A = [u8; 4]> {
+    pub action: Action,
+    /// `Drop`'s reason.
+    pub reason: DropReason,
+    /// `Translate`'s rewrites; for every action, `service_id` is the service port the packet
+    /// is for (0: none).
+    pub translation: Translation<A>,
+}
+
+impl<A: Family> Verdict<A> {
+    #[inline(always)]
+    fn new(action: Action, reason: DropReason, translation: Translation<A>) -> Self {
+        Verdict {
+            action,
+            reason,
+            translation,
+        }
+    }
+
+    #[inline(always)]
+    pub fn pass() -> Self {
+        Self::new(Action::Pass, DropReason::NoEndpoints, Translation::none(0))
+    }
+
+    #[inline(always)]
+    pub fn drop_for(reason: DropReason, service_id: u32) -> Self {
+        Self::new(Action::Drop, reason, Translation::none(service_id))
+    }
+
+    #[inline(always)]
+    pub fn reject(service_id: u32) -> Self {
+        Self::new(
+            Action::Reject,
+            DropReason::NoEndpoints,
+            Translation::none(service_id),
+        )
+    }
+
+    #[inline(always)]
+    pub fn translate(translation: Translation<A>) -> Self {
+        Self::new(Action::Translate, DropReason::NoEndpoints, translation)
+    }
+
+    #[inline(always)]
+    pub fn service_id(&self) -> u32 {
+        self.translation.service_id
+    }
 }
 
 /// The rewrites of one packet, and what to count once it is sent on.
@@ -55,6 +110,21 @@ pub struct Translation<A = [u8; 4]> {
     pub service_id: u32,
     pub backend_id: u32,
     pub counters: Counters,
+}
+
+impl<A: Family> Translation<A> {
+    /// No rewrite, nothing to count; for `service_id`.
+    #[inline(always)]
+    fn none(service_id: u32) -> Self {
+        Translation {
+            src: RewriteOf::NONE,
+            dst: RewriteOf::NONE,
+            route: false,
+            service_id,
+            backend_id: 0,
+            counters: Counters::default(),
+        }
+    }
 }
 
 /// How stale an entry's `last_seen_ns` may be: far finer than what reads it (the 250 ms
@@ -144,7 +214,7 @@ pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Option<Verdict<
         let entry = unsafe { &mut *entry };
         if entry.flags & CT_FLAG_PASS != 0 {
             touch(entry, now);
-            return Some(Verdict::Pass);
+            return Some(Verdict::pass());
         }
         // A new SYN on a closed flow's tuple is a new connection: balance it again. The old
         // flow is over: its reply tuple (a masquerade port) is given up at once, rather than
@@ -156,7 +226,7 @@ pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Option<Verdict<
         let snat = entry.flags & CT_FLAG_SNAT != 0;
         if !reused && let Some((src, dst)) = rewrites(entry, &flow.key, Side::Ingress) {
             track(entry, flow, now);
-            return Some(Verdict::Translate(Translation {
+            return Some(Verdict::translate(Translation {
                 src,
                 dst,
                 route: snat,
@@ -193,25 +263,25 @@ pub enum Choice<A> {
 pub fn choose<A: Family>(flow: &FlowOf<A>, now: u64) -> Choice<A> {
     let service = ServiceKeyOf::new(flow.key.dst, flow.key.dport, flow.key.proto);
     let Some(svc) = lb::service_for(&service) else {
-        return Choice::Done(Verdict::Pass);
+        return Choice::Done(Verdict::pass());
     };
     // A TCP segment other than a SYN with no entry of ours belongs to a connection made
     // before the flow was ours: kube-proxy's kernel NAT carries it during a migration (tc
     // runs before netfilter). Balancing it anew would send it mid-stream to a backend that
     // knows nothing of it; left alone, the kernel's conntrack keeps translating it.
     if flow.is_tcp() && !flow.is_syn() {
-        return Choice::Done(Verdict::Pass);
+        return Choice::Done(Verdict::pass());
     }
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, flow.key.src) {
-        return Choice::Done(Verdict::Drop(DropReason::SourceRange, svc.id));
+        return Choice::Done(Verdict::drop_for(DropReason::SourceRange, svc.id));
     }
     let client = A::affinity_client(flow.key.src);
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
     let Some(chosen) = lb::select_backend::<A>(&svc, affinity.as_ref(), now) else {
         return Choice::Done(if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
-            Verdict::Drop(DropReason::NoLocalEndpoint, svc.id)
+            Verdict::drop_for(DropReason::NoLocalEndpoint, svc.id)
         } else {
-            Verdict::Reject(svc.id)
+            Verdict::reject(svc.id)
         });
     };
     Choice::Chosen(svc, chosen)
@@ -233,7 +303,7 @@ pub fn record<A: Family>(
         && chosen.backend.flags & BACKEND_FLAG_LOCAL == 0)
         || chosen.backend.addr == flow.key.src;
     let Some(e) = A::new_entries() else {
-        return Verdict::Drop(DropReason::ConntrackInsert, svc.id);
+        return Verdict::drop_for(DropReason::ConntrackInsert, svc.id);
     };
     {
         e.forward = CtEntryOf {
@@ -258,14 +328,14 @@ pub fn record<A: Family>(
         };
         let src = match claim_reply_tuple(flow, chosen, masquerade, e, now) {
             Ok(src) => src,
-            Err(reason) => return Verdict::Drop(reason, svc.id),
+            Err(reason) => return Verdict::drop_for(reason, svc.id),
         };
         if !ct::put(&flow.key, &e.forward) {
             e.key = flow.key.peer(&e.forward);
             ct::remove(&e.key);
-            return Verdict::Drop(DropReason::ConntrackInsert, svc.id);
+            return Verdict::drop_for(DropReason::ConntrackInsert, svc.id);
         }
-        Verdict::Translate(Translation {
+        Verdict::translate(Translation {
             src,
             dst: RewriteOf::to(chosen.backend.addr, chosen.backend.port),
             route: masquerade,
@@ -292,14 +362,14 @@ pub struct NewEntries<A> {
 #[inline(always)]
 fn unserved_from_node<A: Family>(flow: &FlowOf<A>) -> Verdict<A> {
     if flow.is_tcp() && !flow.is_syn() {
-        return Verdict::Pass;
+        return Verdict::pass();
     }
     let key = ServiceKeyOf::new(flow.key.dst, flow.key.dport, flow.key.proto);
     match lb::service(&key) {
         Some(svc) if svc.count == 0 && svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 => {
-            Verdict::Drop(DropReason::NoLocalEndpoint, svc.id)
+            Verdict::drop_for(DropReason::NoLocalEndpoint, svc.id)
         }
-        _ => Verdict::Pass,
+        _ => Verdict::pass(),
     }
 }
 
@@ -436,20 +506,20 @@ pub fn egress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
     // SAFETY: as in `ingress`.
     let entry = unsafe { &mut *entry };
     if entry.direction != CT_REPLY || entry.flags & CT_FLAG_SNAT != 0 {
-        return Verdict::Pass;
+        return Verdict::pass();
     }
     // A SYN from the backend once the handshake is over answers a new connection the
     // client made to the backend directly from the same port (the backend would not accept
     // one on a tuple it still has a connection on): the tuple is no longer this flow's.
     if entry.state != CT_STATE_NEW && flow.tcp_flags & TCP_SYN != 0 {
         ct::remove(&flow.key);
-        return Verdict::Pass;
+        return Verdict::pass();
     }
     let Some((src, dst)) = rewrites(entry, &flow.key, Side::Egress) else {
-        return Verdict::Pass;
+        return Verdict::pass();
     };
     track(entry, flow, lb::now_ns());
-    Verdict::Translate(Translation {
+    Verdict::translate(Translation {
         src,
         dst,
         route: false,

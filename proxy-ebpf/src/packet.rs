@@ -61,7 +61,9 @@ impl<A> FlowOf<A> {
 }
 
 /// The fixed IPv4 header as 16-bit words in memory order: one load, and its checksum is
-/// their one's-complement sum whatever the byte order.
+/// their one's-complement sum whatever the byte order. Aligned to 4, so that the load is
+/// five words (`Frame::read`).
+#[repr(C, align(4))]
 #[derive(Clone, Copy)]
 struct Ipv4Words([u16; 10]);
 
@@ -277,8 +279,8 @@ pub fn is_ipv6<F: Frame>(ctx: &F) -> Option<bool> {
     }
 }
 
-/// The fixed IPv6 header.
-#[repr(C)]
+/// The fixed IPv6 header; aligned to 8, so that it is read in five words (`Frame::read`).
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 struct Ipv6Header {
     version_class_flow: [u8; 4],

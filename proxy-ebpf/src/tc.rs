@@ -17,7 +17,7 @@ use crate::{
     icmp,
     lb::{self, Dropped, EventFlow},
     maps::TC_IPV6,
-    nat::{self, Side, Translation, Verdict},
+    nat::{self, Action, Side, Translation, Verdict},
     packet::{
         self, Endpoint, ErrorTranslation, Flow, FlowOf, FragmentOf, Frame, ICMP_DEST_UNREACH,
         ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH,
@@ -249,22 +249,28 @@ where
     FlowOf<A>: Answer,
     proxy_common::CtKeyOf<A>: EventFlow + Copy,
 {
-    match verdict {
-        Verdict::Pass => Some(TC_ACT_OK),
-        Verdict::Drop(reason, service_id) => {
-            lb::count_drop(Dropped::packet(reason, service_id, flow.key, HOOK_TC));
+    match verdict.action {
+        Action::Pass => Some(TC_ACT_OK),
+        Action::Drop => {
+            lb::count_drop(Dropped::packet(
+                verdict.reason,
+                verdict.service_id(),
+                flow.key,
+                HOOK_TC,
+            ));
             Some(TC_ACT_SHOT)
         }
-        Verdict::Reject(service_id) => {
+        Action::Reject => {
             lb::count_drop(Dropped::packet(
                 DropReason::NoEndpoints,
-                service_id,
+                verdict.service_id(),
                 flow.key,
                 HOOK_TC,
             ));
             flow.answer(ctx, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
         }
-        Verdict::Translate(t) => {
+        Action::Translate => {
+            let t = verdict.translation;
             // A packet we would route ourselves whose TTL runs out here gets the answer a
             // router gives (traceroute through a masqueraded node port), quoting it as the
             // client sent it.

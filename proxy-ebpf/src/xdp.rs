@@ -18,7 +18,7 @@ use proxy_common::{Counters, HOOK_XDP, XDP_META_NOTHING_FOR_US, XdpMeta};
 
 use crate::{
     lb::{self, Dropped},
-    nat::{self, Translation, Verdict},
+    nat::{self, Action, Translation},
     packet::{self, Endpoint, Flow, Frame, IP_TTL_OFF, Packet},
     route::{self, NextHop},
 };
@@ -29,18 +29,27 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
     let Some(Packet::Transport(flow)) = packet::parse(&ctx) else {
         return XDP_PASS;
     };
-    match nat::ingress(&flow, (ctx.data_end() - ctx.data()) as u64) {
-        Verdict::Translate(t) => match t.route {
-            true => forward(&ctx, &flow, &t),
-            false => None,
+    let verdict = nat::ingress(&flow, (ctx.data_end() - ctx.data()) as u64);
+    match verdict.action {
+        Action::Translate => {
+            let t = &verdict.translation;
+            match t.route {
+                true => forward(&ctx, &flow, t),
+                false => None,
+            }
+            .unwrap_or_else(|| pass_to_tc(t))
         }
-        .unwrap_or_else(|| pass_to_tc(&t)),
-        Verdict::Drop(reason, service_id) => {
-            lb::count_drop(Dropped::packet(reason, service_id, flow.key, HOOK_XDP));
+        Action::Drop => {
+            lb::count_drop(Dropped::packet(
+                verdict.reason,
+                verdict.service_id(),
+                flow.key,
+                HOOK_XDP,
+            ));
             XDP_DROP
         }
-        Verdict::Pass => nothing_for_us(&ctx),
-        Verdict::Reject(_) => XDP_PASS,
+        Action::Pass => nothing_for_us(&ctx),
+        Action::Reject => XDP_PASS,
     }
 }
 
