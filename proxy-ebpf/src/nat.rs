@@ -12,6 +12,10 @@ use proxy_common::{
     ServiceValue,
 };
 
+use core::num::NonZeroU32;
+
+use aya_ebpf::{cty::c_void, helpers::bpf_loop};
+
 use crate::{
     ct,
     family::Family,
@@ -395,15 +399,9 @@ fn claim_reply_tuple<A: Family>(
             return Ok(RewriteOf::NONE);
         }
     }
-    // Choosing another source port is IPv4's: with IPv6's tries too, the program's two
-    // families passed the verifier's million-instruction budget. An IPv6 flow whose reply
-    // tuple a live flow holds is refused (`conntrack_clash`), one that needs masquerading
-    // dropped (`no_masquerade_address`).
-    if !A::MASQUERADES {
-        return Err(match masquerade {
-            true => DropReason::NoMasqueradeAddress,
-            false => DropReason::ConntrackClash,
-        });
+    // An IPv6 flow that needs masquerading is dropped (`no_masquerade_address`).
+    if !A::MASQUERADES && masquerade {
+        return Err(DropReason::NoMasqueradeAddress);
     }
     let config = NODE_CONFIG.get(0).ok_or(DropReason::NoMasqueradeAddress)?;
     let (addr, exhausted) = if masquerade {
@@ -419,35 +417,73 @@ fn claim_reply_tuple<A: Family>(
     if config.snat_port_max < config.snat_port_min {
         return Err(exhausted);
     }
-    let range = (config.snat_port_max - config.snat_port_min) as u32 + 1;
+    // Never zero, by type: the callback's `%` then has no division-by-zero panic path (a
+    // subprogram the verifier refuses).
+    let range =
+        NonZeroU32::MIN.saturating_add((config.snat_port_max - config.snat_port_min).into());
     e.forward.peer_addr = addr;
-    // Independent tries: consecutive ports would keep hitting the same run of busy ones.
-    let reply_key = |port: u16| CtKeyOf {
+    e.key = CtKeyOf {
         src: chosen.backend.addr,
         dst: addr,
         sport: chosen.backend.port,
-        dport: port,
+        dport: 0,
         proto: flow.key.proto,
         pad: 0,
         pad2: 0,
     };
-    let random_port = || config.snat_port_min + (lb::random() % range) as u16;
-    for _ in 0..FREE_PORT_ATTEMPTS {
-        let port = random_port();
-        if ct::create(&reply_key(port), &e.reply) {
-            e.forward.peer_port = port;
-            return Ok(RewriteOf::to(addr, port));
-        }
-    }
-    for _ in 0..ENDED_PORT_ATTEMPTS {
-        let port = random_port();
-        let key = reply_key(port);
-        if free_if_ended(&key, now) && ct::create(&key, &e.reply) {
-            e.forward.peer_port = port;
-            return Ok(RewriteOf::to(addr, port));
+    let mut search = PortSearch {
+        entries: e,
+        port_min: config.snat_port_min,
+        range,
+        now,
+        ended: false,
+        found: false,
+    };
+    for (tries, ended) in [(FREE_PORT_ATTEMPTS, false), (ENDED_PORT_ATTEMPTS, true)] {
+        search.ended = ended;
+        // SAFETY: `try_port::<A>` takes the `PortSearch<A>` it is given, which outlives
+        // the loop. A function item cast to a pointer directly, never through an integer,
+        // so that it stays the callback relocation the verifier needs.
+        unsafe {
+            bpf_loop(
+                tries,
+                try_port::<A> as *mut c_void,
+                (&raw mut search).cast(),
+                0,
+            )
+        };
+        if search.found {
+            e.forward.peer_port = e.key.dport;
+            return Ok(RewriteOf::to(addr, e.key.dport));
         }
     }
     Err(exhausted)
+}
+
+/// The source port search of `claim_reply_tuple`: `bpf_loop`'s context.
+struct PortSearch<A> {
+    /// The new flow's entries; `key` is the reply tuple, its `dport` the port tried.
+    entries: *mut NewEntries<A>,
+    port_min: u16,
+    range: NonZeroU32,
+    now: u64,
+    /// Try ports whose flow may have ended (else only free ones).
+    ended: bool,
+    found: bool,
+}
+
+/// One try of a random source port (`bpf_loop`'s callback: the verifier checks it once,
+/// not once per try, as it did each try of a loop unrolled in the program, ~9,000
+/// instructions each); 1 ends the search, with the reply entry recorded under the port.
+/// Independent tries: consecutive ports would keep hitting the same run of busy ones.
+extern "C" fn try_port<A: Family>(_: u64, search: *mut c_void) -> i64 {
+    // SAFETY: the `PortSearch<A>` of `claim_reply_tuple`, and its per-CPU entries.
+    let search = unsafe { &mut *search.cast::<PortSearch<A>>() };
+    let e = unsafe { &mut *search.entries };
+    e.key.dport = search.port_min + (lb::random() % search.range) as u16;
+    search.found =
+        (!search.ended || free_if_ended(&e.key, search.now)) && ct::create(&e.key, &e.reply);
+    i64::from(search.found)
 }
 
 /// The reply tuple `key` that a new flow of `flow`'s client tuple wants may be taken over:

@@ -297,6 +297,7 @@ impl World {
                 next += 1;
             }
         }
+        world.wait_for_link_local_addresses()?;
         // Each node reaches the other nodes' pods through them.
         for pod in &world.pods {
             let Some(via) = world.nodes[pod.node].ip else {
@@ -318,6 +319,30 @@ impl World {
             }
         }
         Ok(world)
+    }
+
+    /// Waits until both ends of every pod's veth have their IPv6 link-local address, which
+    /// the kernel adds a moment after the link comes up: until then neighbour discovery
+    /// over it can fail (seen as the first IPv6 datagram of a fresh world lost).
+    fn wait_for_link_local_addresses(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for pod in &self.pods {
+            for (netns, dev) in [
+                (&pod.netns, "eth0"),
+                (&self.nodes[pod.node].netns, pod.iface.as_str()),
+            ] {
+                let args = ["-n", netns, "-6", "-o", "addr", "show", "dev", dev];
+                let link_local = [&args[..], &["scope", "link", "-tentative"]].concat();
+                while run(Command::new("ip").args(&link_local))?.trim().is_empty() {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "{dev} in {netns} has no IPv6 link-local address after 5 s"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Pod `i` (10.244.i.2) on node `node`.

@@ -504,3 +504,85 @@ fn load_balancer_source_ranges_apply_per_family() {
         "{status}"
     );
 }
+
+#[test]
+fn one_client_port_to_two_ipv6_cluster_ips_sharing_a_backend_keeps_both_flows_right() {
+    // The tc path: the second flow's reply tuple would be the first's, so its source port
+    // moves; every UDP answer comes from the address it was sent to, and a TCP connection
+    // to the second ClusterIP opens while one from the same port to the first lives on.
+    let (mut world, backends) = three_backends();
+    let vip6b = "fd00:96::11";
+    let manifest = [("web6", VIP6), ("web6b", vip6b)]
+        .map(|(name, vip)| service_manifest(name, vip, None, &ready(&backends[..1])))
+        .join("---\n");
+    world.start_agent(&manifest, true).unwrap();
+    let (to1, to2) = (at(VIP6, 53), at(vip6b, 53));
+    let udp = world
+        .probe(
+            CLIENT,
+            false,
+            &[
+                "udp",
+                "--to",
+                &to1,
+                "--to",
+                &to2,
+                "--count",
+                "6",
+                "--source-port",
+                "40001",
+            ],
+        )
+        .unwrap();
+    for (r, to) in udp.iter().zip([&to1, &to2].into_iter().cycle()) {
+        assert_eq!(r["ok"], true, "{udp:?}");
+        assert_eq!(&r["peer"], to, "{udp:?}");
+    }
+    let client = world.pod(CLIENT).ip6.to_string();
+    let flows: Value = serde_json::from_str(
+        &world
+            .proxyctl(&["conntrack", "list", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let moved: Vec<&Value> = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["client"] == at(&client, 40001) && f["service_address"] == to2)
+        .collect();
+    assert_eq!(moved.len(), 1, "{flows}");
+    assert_eq!(moved[0]["masqueraded_as"], udp[1]["server_saw"], "{flows}");
+
+    let hold = |to: String, ms: &str| {
+        [
+            "tcp",
+            "--to",
+            &to,
+            "--source-port",
+            "40002",
+            "--hold-ms",
+            ms,
+            "--interval-ms",
+            "100",
+        ]
+        .map(str::to_owned)
+    };
+    let first = hold(at(VIP6, 80), "2500");
+    let (long, opened) = world
+        .spawn_probe(CLIENT, false, &first.each_ref().map(String::as_str))
+        .unwrap();
+    assert_eq!(opened["ok"], true, "{opened}");
+    let second = hold(at(vip6b, 80), "1000");
+    let other = world
+        .probe(CLIENT, false, &second.each_ref().map(String::as_str))
+        .unwrap();
+    assert_eq!(other[0]["ok"], true, "{other:?}");
+    assert_eq!(other.last().unwrap()["failures"], 0, "{other:?}");
+    let summary = world.finish_probe(long).unwrap();
+    assert_eq!(
+        summary["failures"], 0,
+        "the first connection lives on: {summary}"
+    );
+    assert!(summary["exchanges"].as_u64().unwrap() >= 20, "{summary}");
+}

@@ -27,6 +27,7 @@ const BACKEND: [u8; 4] = [10, 244, 0, 2];
 const BACKEND_PORT: u16 = 8080;
 const CLIENT: [u8; 4] = [10, 244, 0, 9];
 const VIP6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const VIP6B: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const BACKEND6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const CLIENT6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 const TC_ACT_OK: u32 = 0;
@@ -61,6 +62,7 @@ impl Fixture {
             (IpAddr::from(VIP1), IpAddr::from(BACKEND), "one"),
             (VIP2.into(), BACKEND.into(), "two"),
             (VIP6.into(), BACKEND6.into(), "six"),
+            (VIP6B.into(), BACKEND6.into(), "six-b"),
         ];
         for (vip, backend, name) in frontends {
             for (port, proto) in [(80, IPPROTO_TCP), (53, IPPROTO_UDP)] {
@@ -749,16 +751,65 @@ fn tcp6(ext: &[(u8, usize)], src: End6, dst: End6, flags: u8) -> Vec<u8> {
 /// An IPv6 address and port.
 type End6 = ([u8; 16], u16);
 
-/// The addresses and ports of an IPv6 TCP frame whose L4 header is at `l4`, and whether
-/// its checksum holds.
+/// The addresses and ports of an IPv6 TCP (UDP, if it has no extension headers) frame
+/// whose L4 header is at `l4`, and whether its checksum holds.
 fn ends6(f: &[u8], l4: usize) -> (End6, End6, bool) {
     let addr = |at: usize| -> [u8; 16] { f[at..at + 16].try_into().unwrap() };
     let port = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
     let (src, dst) = (addr(22), addr(38));
     let segment = &f[l4..];
-    let pseudo = sum(&src) + sum(&dst) + segment.len() as u32 + u32::from(IPPROTO_TCP);
+    let proto = if f[20] == IPPROTO_UDP {
+        IPPROTO_UDP
+    } else {
+        IPPROTO_TCP
+    };
+    let pseudo = sum(&src) + sum(&dst) + segment.len() as u32 + u32::from(proto);
     let holds = fold(pseudo + sum(segment)) == 0xffff;
     ((src, port(l4)), (dst, port(l4 + 2)), holds)
+}
+
+fn udp6(src: End6, dst: End6) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&src.1.to_be_bytes());
+    u[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    u[4..6].copy_from_slice(&13u16.to_be_bytes());
+    u.extend_from_slice(b"hello");
+    frame6(&[], IPPROTO_UDP, src.0, dst.0, u)
+}
+
+#[test]
+fn one_client_port_to_two_ipv6_cluster_ips_sharing_a_backend_gets_two_reply_tuples() {
+    // As IPv4's: the second flow's reply tuple would be the first's, so it moves to a free
+    // source port, and each reply goes back from its own ClusterIP to the client's port.
+    for (proto, port) in [(IPPROTO_TCP, 80), (IPPROTO_UDP, 53)] {
+        let mut fx = Fixture::new();
+        let packet = |src, dst| match proto {
+            IPPROTO_TCP => tcp6(&[], src, dst, SYN),
+            _ => udp6(src, dst),
+        };
+        let reply = |src, dst| match proto {
+            IPPROTO_TCP => tcp6(&[], src, dst, SYN | ACK),
+            _ => udp6(src, dst),
+        };
+        let client = (CLIENT6, 40000);
+        let backend = (BACKEND6, BACKEND_PORT);
+        let (_, first) = fx.ingress(&packet(client, (VIP6, port)));
+        assert_eq!(ends6(&first, 54), (client, backend, true), "{proto}");
+        let (_, second) = fx.ingress(&packet(client, (VIP6B, port)));
+        let ((src, moved), dst, holds) = ends6(&second, 54);
+        assert_eq!((src, dst, holds), (CLIENT6, backend, true), "{proto}");
+        assert!(
+            (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&moved),
+            "{proto}: the second flow moves to a free port, not {moved}"
+        );
+        for (to_port, vip) in [(40000, VIP6), (moved, VIP6B)] {
+            let (verdict, out) = fx.egress(&reply(backend, (CLIENT6, to_port)));
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(ends6(&out, 54), ((vip, port), client, true), "{proto}");
+        }
+        let (_, again) = fx.ingress(&packet(client, (VIP6B, port)));
+        assert_eq!(ends6(&again, 54).0, (CLIENT6, moved));
+    }
 }
 
 #[test]
