@@ -199,6 +199,16 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
 }
 
+/// The node's IPv6 addressing for masquerading (`NODE_CONFIG6`, one entry): a map of its
+/// own, as `NodeConfig`'s layout is fixed by the pinned map an older agent may have made.
+/// The source ports are `NodeConfig`'s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig6 {
+    /// Source address of masqueraded IPv6 connections; all zero: no IPv6 masquerading.
+    pub snat_addr: [u8; 16],
+}
+
 /// Default `NodeConfig` SNAT ports: above Linux's default ephemeral range (32768-60999).
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
@@ -723,6 +733,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for AgentStatus {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for NodeConfig6 {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragKey6 {}
     unsafe impl aya::Pod for CtStats {}

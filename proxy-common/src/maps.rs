@@ -57,6 +57,8 @@ pub const NODE_ADDRS: &str = "node_addrs";
 pub const NODE_ADDRS6: &str = "node_addrs6";
 /// array of one NodeConfig
 pub const NODE_CONFIG: &str = "node_config";
+/// array of one NodeConfig6
+pub const NODE_CONFIG6: &str = "node_config6";
 /// LPM trie ((service id, client range) → 1): the `loadBalancerSourceRanges` of
 /// load-balancer frontends
 pub const SOURCE_RANGES: &str = "source_ranges";
@@ -68,7 +70,7 @@ pub const DROPS: &str = "drops";
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 28] = [
     SERVICES,
     SERVICES6,
     BACKEND_SLOTS,
@@ -92,6 +94,7 @@ pub const ALL: [&str; 27] = [
     NODE_ADDRS,
     NODE_ADDRS6,
     NODE_CONFIG,
+    NODE_CONFIG6,
     SOURCE_RANGES,
     SOURCE_RANGES6,
     DROPS,

@@ -2,10 +2,13 @@
 //! packet path: which maps hold the family's frontends, backends, node addresses, socket
 //! translations and flows, and how a packet's address is rewritten. Everything else (slots,
 //! ids, counters, affinity) is shared.
-use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap};
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    btf_maps::{HashMap, LpmTrie, LruHashMap},
+};
 use proxy_common::{
     BackendOf, CtEntryOf, CtKeyOf, FragKey, FragKey6, FragPorts, NODE_PORT_ADDR, NODE_PORT_ADDR6,
-    NodeConfig, ServiceKeyOf, ServiceValue, SockRevKey, SockRevKey6, SockRevValueOf, SourceRangeOf,
+    ServiceKeyOf, ServiceValue, SockRevKey, SockRevKey6, SockRevValueOf, SourceRangeOf,
     maps::{
         MAX_BACKENDS, MAX_FRAGMENTS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT,
         MAX_SOURCE_RANGES,
@@ -17,8 +20,8 @@ use crate::{
     frame::words_diff,
     maps::{
         BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, FRAGMENTS, FRAGMENTS6, NEW_ENTRIES,
-        NEW_ENTRIES6, NO_PREALLOC, NODE_ADDRS, NODE_ADDRS6, SERVICES, SERVICES6, SOCK_REV_NAT,
-        SOCK_REV_NAT6, SOURCE_RANGES, SOURCE_RANGES6,
+        NEW_ENTRIES6, NO_PREALLOC, NODE_ADDRS, NODE_ADDRS6, NODE_CONFIG, NODE_CONFIG6, SERVICES,
+        SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOURCE_RANGES, SOURCE_RANGES6,
     },
     nat::NewEntries,
     packet::{self, ETH_HDR_LEN, Frame, IP_DST_OFF, IP_SRC_OFF},
@@ -35,9 +38,8 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     const TTL_OFF: usize;
     /// Whether the IP header has a checksum (IPv4's).
     const HEADER_CHECKSUM: bool;
-    /// Whether the datapath masquerades and routes this family's flows itself (IPv4 only,
-    /// so far: an IPv6 flow that needs it is dropped as `no_masquerade_address`).
-    const MASQUERADES: bool;
+    /// The address family of a FIB lookup (`AF_INET`, `AF_INET6`).
+    const AF: u8;
     /// A key of the family's socket translations (cookie, backend address and port).
     type SockRev: Copy;
 
@@ -61,7 +63,9 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// The `loadBalancerSourceRanges` of the family's load-balancer frontends.
     fn source_ranges() -> &'static LpmTrie<SourceRangeOf<Self>, u8, { MAX_SOURCE_RANGES as usize }>;
     /// The address masqueraded flows leave with, if any.
-    fn snat_addr(config: &NodeConfig) -> Option<Self>;
+    fn snat_addr() -> Option<Self>;
+    /// Sets the source and destination of a FIB lookup.
+    fn fib_addresses(params: &mut bpf_fib_lookup, src: Self, dst: Self);
     /// A key of the family's fragmented datagrams, and the map of their ports.
     type FragKey;
     fn fragment_key(src: Self, dst: Self, proto: u8, id: u32) -> Self::FragKey;
@@ -101,7 +105,7 @@ impl Family for [u8; 4] {
     const DST_OFF: usize = IP_DST_OFF;
     const TTL_OFF: usize = ETH_HDR_LEN + 8;
     const HEADER_CHECKSUM: bool = true;
-    const MASQUERADES: bool = true;
+    const AF: u8 = 2;
     type SockRev = SockRevKey;
 
     fn services()
@@ -154,8 +158,14 @@ impl Family for [u8; 4] {
         &SOURCE_RANGES
     }
     #[inline(always)]
-    fn snat_addr(config: &NodeConfig) -> Option<Self> {
-        (config.snat_addr != [0; 4]).then_some(config.snat_addr)
+    fn snat_addr() -> Option<Self> {
+        let addr = NODE_CONFIG.get(0)?.snat_addr;
+        (addr != Self::ZERO).then_some(addr)
+    }
+    #[inline(always)]
+    fn fib_addresses(params: &mut bpf_fib_lookup, src: Self, dst: Self) {
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     }
     type FragKey = FragKey;
     #[inline(always)]
@@ -213,7 +223,7 @@ impl Family for [u8; 16] {
     const DST_OFF: usize = ETH_HDR_LEN + 24;
     const TTL_OFF: usize = ETH_HDR_LEN + 7;
     const HEADER_CHECKSUM: bool = false;
-    const MASQUERADES: bool = false;
+    const AF: u8 = 10;
     type SockRev = SockRevKey6;
 
     fn services()
@@ -277,8 +287,19 @@ impl Family for [u8; 16] {
         &SOURCE_RANGES6
     }
     #[inline(always)]
-    fn snat_addr(_: &NodeConfig) -> Option<Self> {
-        None
+    fn snat_addr() -> Option<Self> {
+        let addr = NODE_CONFIG6.get(0)?.snat_addr;
+        (addr != Self::ZERO).then_some(addr)
+    }
+    #[inline(always)]
+    fn fib_addresses(params: &mut bpf_fib_lookup, src: Self, dst: Self) {
+        let words = |a: Self| {
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+            })
+        };
+        params.__bindgen_anon_3.ipv6_src = words(src);
+        params.__bindgen_anon_4.ipv6_dst = words(dst);
     }
     type FragKey = FragKey6;
     #[inline(always)]

@@ -176,6 +176,43 @@ fn icmp_store16(ctx: &TcContext, csum_off: usize, off: usize, new: u16) -> Resul
     ctx.store(off, &new, 0)
 }
 
+/// Where a family's `rewrite_quoted` runs.
+pub trait QuotedRewrite: Family {
+    fn rewrite_quoted(
+        ctx: &TcContext,
+        error: &IcmpErrorOf<Self>,
+        which: Endpoint,
+        to: RewriteOf<Self>,
+    ) -> Result<(), i64>;
+}
+
+/// Inlined: as a subprogram, its frame under `run4`'s would pass 512 bytes.
+impl QuotedRewrite for [u8; 4] {
+    #[inline(always)]
+    fn rewrite_quoted(
+        ctx: &TcContext,
+        error: &IcmpErrorOf<Self>,
+        which: Endpoint,
+        to: RewriteOf<Self>,
+    ) -> Result<(), i64> {
+        rewrite_quoted(ctx, error, which, to)
+    }
+}
+
+/// A subprogram: inlined, its temporaries would take `error6`'s frame past 512 bytes (with
+/// masqueraded flows' errors translated, and routed, too).
+impl QuotedRewrite for [u8; 16] {
+    #[inline(never)]
+    fn rewrite_quoted(
+        ctx: &TcContext,
+        error: &IcmpErrorOf<Self>,
+        which: Endpoint,
+        to: RewriteOf<Self>,
+    ) -> Result<(), i64> {
+        rewrite_quoted(ctx, error, which, to)
+    }
+}
+
 /// Rewrites one end of the packet an ICMP (ICMPv6) error quotes: its address, with the
 /// quoted IPv4 header's checksum, its port, and the quoted TCP or UDP checksum when it is
 /// quoted (a zero UDP checksum stays zero); the ICMP checksum follows every word changed.
@@ -243,13 +280,13 @@ fn rewrite_quoted<A: Family>(
 /// Translates an ICMP (ICMPv6) error: the quoted packet's ends, then the error's own
 /// addresses (`Family::rewrite_error_address`: ICMP has no pseudo-header, ICMPv6 has).
 #[inline(always)]
-pub fn rewrite_icmp_error<A: Family>(
+pub fn rewrite_icmp_error<A: QuotedRewrite>(
     ctx: &TcContext,
     error: &IcmpErrorOf<A>,
     t: &ErrorTranslationOf<A>,
 ) -> Result<(), i64> {
-    rewrite_quoted(ctx, error, Endpoint::Source, t.inner_src)?;
-    rewrite_quoted(ctx, error, Endpoint::Destination, t.inner_dst)?;
+    A::rewrite_quoted(ctx, error, Endpoint::Source, t.inner_src)?;
+    A::rewrite_quoted(ctx, error, Endpoint::Destination, t.inner_dst)?;
     // One at a time, not over an array of both: IPv6's would take stack there is none of.
     let csum_off = error.icmp_off + 2;
     if t.outer_src.set {

@@ -7,9 +7,9 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey, AffinityValue, AgentStatus, Backend, Backend6, Counters, CtEntry, CtEntry6, CtKey,
     CtKey6, CtStats, DROP_SLOTS, DropEvent, EVENTS_BYTES, FragKey, FragKey6, FragPorts, NodeConfig,
-    ServiceInfo, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevKey, SockRevKey6,
-    SockRevValue, SockRevValue6, SourceRange, SourceRange6, UnusedEndpoint, UnusedEndpoint6,
-    UnusedKey,
+    NodeConfig6, ServiceInfo, ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevKey,
+    SockRevKey6, SockRevValue, SockRevValue6, SourceRange, SourceRange6, UnusedEndpoint,
+    UnusedEndpoint6, UnusedKey,
     maps::{
         MAX_AFFINITY, MAX_BACKEND_SLOTS, MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK6,
         MAX_FRAGMENTS, MAX_NODE_ADDRS, MAX_SERVICES, MAX_SOCK_REV_NAT, MAX_SOURCE_RANGES,
@@ -126,6 +126,9 @@ pub static NODE_ADDRS6: HashMap<[u8; 16], u32, { MAX_NODE_ADDRS as usize }> = Ha
 
 #[btf_map(name = "node_config")]
 pub static NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map(name = "node_config6")]
+pub static NODE_CONFIG6: Array<NodeConfig6, 1> = Array::new();
 
 #[btf_map(name = "source_ranges")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();

@@ -399,13 +399,9 @@ fn claim_reply_tuple<A: Family>(
             return Ok(RewriteOf::NONE);
         }
     }
-    // An IPv6 flow that needs masquerading is dropped (`no_masquerade_address`).
-    if !A::MASQUERADES && masquerade {
-        return Err(DropReason::NoMasqueradeAddress);
-    }
     let config = NODE_CONFIG.get(0).ok_or(DropReason::NoMasqueradeAddress)?;
     let (addr, exhausted) = if masquerade {
-        let Some(snat_addr) = A::snat_addr(config) else {
+        let Some(snat_addr) = A::snat_addr() else {
             return Err(DropReason::NoMasqueradeAddress);
         };
         e.reply.flags = CT_FLAG_SNAT;

@@ -173,7 +173,7 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_PORT_UNREACH: u8 = 3;
 pub const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
-const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 pub const ICMPV6_PORT_UNREACH: u8 = 4;
 
@@ -590,8 +590,6 @@ pub struct ErrorTranslationOf<A> {
     /// A masqueraded flow's error: route it ourselves.
     pub route: bool,
 }
-
-pub type ErrorTranslation = ErrorTranslationOf<[u8; 4]>;
 
 #[derive(Clone, Copy)]
 pub enum Endpoint {

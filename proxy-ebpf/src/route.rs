@@ -7,14 +7,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use proxy_common::{CtKey, DropReason, HOOK_TC};
+use proxy_common::{CtKeyOf, DropReason, HOOK_TC};
 
 use crate::{
-    lb::{self, Dropped},
-    packet::{Frame, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+    family::Family,
+    lb::{self, Dropped, EventFlow},
+    packet::Frame,
 };
-
-const AF_INET: u8 = 2;
 
 /// Where a packet goes next.
 #[derive(Clone, Copy)]
@@ -25,22 +24,21 @@ pub enum NextHop {
     Unresolved { ifindex: u32 },
 }
 
-/// The route of an IPv4 packet from `src` to `dst` that arrived on `ifindex`.
+/// The route of a packet from `src` to `dst` that arrived on `ifindex`.
 #[inline(always)]
-pub fn lookup(
+pub fn lookup<A: Family>(
     ctx: *mut core::ffi::c_void,
     ifindex: u32,
     proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
+    src: A,
+    dst: A,
 ) -> Option<NextHop> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    params.family = A::AF;
     params.l4_protocol = proto;
     params.ifindex = ifindex;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    A::fib_addresses(&mut params, src, dst);
     // SAFETY: params is a valid, initialised request of the size passed.
     let ret = unsafe {
         fib_lookup(
@@ -67,37 +65,52 @@ pub fn lookup(
     }
 }
 
-/// Readies a packet for its next hop as the kernel's forwarding would: TTL decremented
-/// (`None`, untouched, when it has run out) and, when known, the next hop's MACs.
+/// Readies a packet for its next hop as the kernel's forwarding would: TTL (hop limit)
+/// decremented (`None`, untouched, when it has run out) and, when known, the next hop's
+/// MACs.
 #[inline(always)]
-pub fn to_next_hop<F: Frame>(ctx: &F, macs: Option<[u8; 12]>) -> Option<()> {
-    // TTL and protocol share a 16-bit word of the header checksum.
-    let word: u16 = ctx.read(IP_TTL_OFF)?;
-    if u16::from_be(word) >> 8 <= 1 {
-        return None;
+pub fn to_next_hop<A: Family, F: Frame>(ctx: &F, macs: Option<[u8; 12]>) -> Option<()> {
+    if A::HEADER_CHECKSUM {
+        // TTL and protocol share a 16-bit word of the header checksum.
+        let word: u16 = ctx.read(A::TTL_OFF)?;
+        if u16::from_be(word) >> 8 <= 1 {
+            return None;
+        }
+        let decremented = (u16::from_be(word) - 0x0100).to_be();
+        ctx.update_ip_csum16(word, decremented)?;
+        ctx.write(A::TTL_OFF, &decremented)?;
+    } else {
+        let hop_limit: u8 = ctx.read(A::TTL_OFF)?;
+        if hop_limit <= 1 {
+            return None;
+        }
+        ctx.write(A::TTL_OFF, &(hop_limit - 1))?;
     }
-    let decremented = (u16::from_be(word) - 0x0100).to_be();
-    ctx.update_ip_csum16(word, decremented)?;
-    ctx.write(IP_TTL_OFF, &decremented)?;
     match macs {
         Some(macs) => ctx.write(0, &macs),
         None => Some(()),
     }
 }
 
-/// Sends a rewritten IPv4 packet on towards its new destination, as the kernel's forwarding
+/// Sends a rewritten packet on towards its new destination, as the kernel's forwarding
 /// would.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, proto: u8, service_id: u32) -> Option<i32> {
-    let src: [u8; 4] = ctx.read(IP_SRC_OFF)?;
-    let dst: [u8; 4] = ctx.read(IP_DST_OFF)?;
+pub fn forward<A: Family>(ctx: &TcContext, proto: u8, service_id: u32) -> Option<i32>
+where
+    CtKeyOf<A>: EventFlow,
+{
+    let src: A = ctx.read(A::SRC_OFF)?;
+    let dst: A = ctx.read(A::DST_OFF)?;
     // Reported as translated, without ports: the route is for the packet as it leaves.
     let no_route = || {
-        let flow = CtKey {
+        let flow = CtKeyOf {
             src,
             dst,
+            sport: 0,
+            dport: 0,
             proto,
-            ..CtKey::default()
+            pad: 0,
+            pad2: 0,
         };
         lb::count_drop(Dropped::packet(
             DropReason::NoRoute,
@@ -116,7 +129,7 @@ pub fn forward(ctx: &TcContext, proto: u8, service_id: u32) -> Option<i32> {
         NextHop::Resolved { macs, .. } => Some(macs),
         NextHop::Unresolved { .. } => None,
     };
-    if to_next_hop(ctx, macs).is_none() {
+    if to_next_hop::<A, _>(ctx, macs).is_none() {
         no_route();
         return Some(TC_ACT_SHOT);
     }

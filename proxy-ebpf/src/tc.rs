@@ -19,9 +19,9 @@ use crate::{
     maps::TC_IPV6,
     nat::{self, Action, Side, Translation, Verdict},
     packet::{
-        self, Endpoint, ErrorTranslation, Flow, FlowOf, FragmentOf, Frame, ICMP_DEST_UNREACH,
+        self, Endpoint, ErrorTranslationOf, Flow, FlowOf, FragmentOf, Frame, ICMP_DEST_UNREACH,
         ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH,
-        IPPROTO_ICMP, IcmpError, Packet,
+        ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpErrorOf, Packet,
     },
     route,
 };
@@ -79,8 +79,10 @@ pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
 }
 
 /// IPv6 is a program of its own (`proxy_ingress6`, `proxy_egress6`), tail-called here: the
-/// verifier's million instructions per program would not cover both families' paths (IPv4's
-/// alone take ~780,000), and IPv4 pays no more than this test for it. Without the IPv6
+/// verifier's million instructions per program did not cover both families' paths (IPv4's
+/// alone took ~780,000 before its source-port search became a `bpf_loop` callback; ~185,000
+/// now), and each family's stack frames stay its own; IPv4 pays no more than this test for
+/// it. Without the IPv6
 /// program in place (an agent starting), IPv6 passes untouched.
 #[inline(always)]
 fn run(ctx: &TcContext, side: Side) -> i32 {
@@ -107,7 +109,7 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
 /// finish is dropped: half-rewritten, it would carry a wrong checksum or address.
 #[inline(always)]
 fn run6(ctx: &TcContext, side: Side) -> i32 {
-    match tracked6(ctx, side) {
+    let action = match tracked6(ctx, side) {
         NEW_FLOW => match choose6(ctx) {
             picked if picked >> 32 != 0 => record6(ctx, picked),
             action => action as i32,
@@ -116,6 +118,11 @@ fn run6(ctx: &TcContext, side: Side) -> i32 {
             NOT_A_FRAGMENT => error6(ctx, side),
             action => action,
         },
+        action => action,
+    };
+    match action {
+        HOP_LIMIT_EXPIRED => expired6(ctx),
+        routed if routed >= ROUTE => routed6(ctx, routed),
         action => action,
     }
 }
@@ -203,19 +210,15 @@ fn fragment6(ctx: &TcContext, side: Side) -> i32 {
 }
 
 /// An ICMPv6 error about a translated flow (packet too big above all: IPv6 routers do not
-/// fragment), translated as `run4` translates ICMP's. IPv6 flows are not masqueraded, so
-/// there is nothing to route.
+/// fragment), translated as `run4` translates ICMP's.
 #[inline(never)]
 fn error6(ctx: &TcContext, side: Side) -> i32 {
     let Some(error) = packet::parse_icmp6_error(ctx) else {
         return TC_ACT_OK;
     };
-    let Some(t) = nat::icmp_error(&error.quoted, error.src, side) else {
-        return TC_ACT_OK;
-    };
-    match icmp::rewrite_icmp_error(ctx, &error, &t) {
-        Ok(()) => TC_ACT_OK,
-        Err(_) => TC_ACT_SHOT,
+    match nat::icmp_error(&error.quoted, error.src, side) {
+        Some(t) => translate_error(ctx, &error, &t, IPPROTO_ICMPV6).unwrap_or(TC_ACT_SHOT),
+        None => TC_ACT_OK,
     }
 }
 
@@ -235,7 +238,7 @@ fn run4(ctx: &TcContext, side: Side) -> i32 {
             None => Some(TC_ACT_OK),
         },
         Some(Packet::IcmpError(error)) => match nat::icmp_error(&error.quoted, error.src, side) {
-            Some(t) => translate_error(ctx, &error, &t),
+            Some(t) => translate_error(ctx, &error, &t, IPPROTO_ICMP),
             None => Some(TC_ACT_OK),
         },
         None => Some(TC_ACT_OK),
@@ -244,7 +247,7 @@ fn run4(ctx: &TcContext, side: Side) -> i32 {
 }
 
 #[inline(always)]
-fn apply<A: Family>(ctx: &TcContext, flow: &FlowOf<A>, verdict: Verdict<A>) -> Option<i32>
+fn apply<A: Routing>(ctx: &TcContext, flow: &FlowOf<A>, verdict: Verdict<A>) -> Option<i32>
 where
     FlowOf<A>: Answer,
     proxy_common::CtKeyOf<A>: EventFlow + Copy,
@@ -274,14 +277,14 @@ where
             // A packet we would route ourselves whose TTL runs out here gets the answer a
             // router gives (traceroute through a masqueraded node port), quoting it as the
             // client sent it.
-            let route = A::MASQUERADES && t.route;
+            let route = t.route;
             if route && ctx.read::<u8>(A::TTL_OFF)? <= 1 {
-                return flow.answer(ctx, ICMP_TIME_EXCEEDED, 0);
+                return Some(A::expired(ctx, flow));
             }
             lb::count(t.service_id, t.backend_id, t.counters);
             packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)?;
             packet::rewrite(ctx, flow, Endpoint::Source, t.src)?;
-            sent_on(ctx, route, flow.key.proto, t.service_id)
+            sent_on::<A>(ctx, route, flow.key.proto, t.service_id)
         }
     }
 }
@@ -307,21 +310,23 @@ fn back_out(ctx: &TcContext) -> i32 {
     unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
 }
 
-/// The ICMPv6 error of the same meaning (destination unreachable / port unreachable); the
-/// others have no IPv6 use yet (IPv6 is not routed by us), and drop the packet.
+/// The ICMPv6 error of the same meaning: destination unreachable / port unreachable, or
+/// time exceeded in transit (hop limit).
 impl Answer for packet::Flow6 {
     #[inline(always)]
     fn answer(&self, ctx: &TcContext, kind: u8, code: u8) -> Option<i32> {
-        if (kind, code) != (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) {
-            return Some(TC_ACT_SHOT);
-        }
-        icmp::into_icmp6_error(ctx, self, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH).ok()?;
+        let (kind, code) = match (kind, code) {
+            (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) => (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH),
+            (ICMP_TIME_EXCEEDED, 0) => (ICMPV6_TIME_EXCEEDED, 0),
+            _ => return Some(TC_ACT_SHOT),
+        };
+        icmp::into_icmp6_error(ctx, self, kind, code).ok()?;
         Some(back_out(ctx))
     }
 }
 
 #[inline(always)]
-fn translate_fragment<A: Family>(
+fn translate_fragment<A: Routing>(
     ctx: &TcContext,
     frag: &FragmentOf<A>,
     t: Translation<A>,
@@ -333,21 +338,88 @@ fn translate_fragment<A: Family>(
     if t.src.set {
         A::rewrite_l3_address(ctx, A::SRC_OFF, frag.src, t.src.addr)?;
     }
-    sent_on(ctx, A::MASQUERADES && t.route, frag.proto, t.service_id)
+    sent_on::<A>(ctx, t.route, frag.proto, t.service_id)
 }
 
 #[inline(always)]
-fn translate_error(ctx: &TcContext, error: &IcmpError, t: &ErrorTranslation) -> Option<i32> {
+fn translate_error<A: Routing>(
+    ctx: &TcContext,
+    error: &IcmpErrorOf<A>,
+    t: &ErrorTranslationOf<A>,
+    proto: u8,
+) -> Option<i32> {
     icmp::rewrite_icmp_error(ctx, error, t).ok()?;
-    sent_on(ctx, t.route, IPPROTO_ICMP, 0)
+    sent_on::<A>(ctx, t.route, proto, 0)
 }
 
 /// A translated packet goes on: routed by us (masqueraded), or left to the kernel.
 #[inline(always)]
-fn sent_on(ctx: &TcContext, route: bool, proto: u8, service_id: u32) -> Option<i32> {
+fn sent_on<A: Routing>(ctx: &TcContext, route: bool, proto: u8, service_id: u32) -> Option<i32> {
     if route {
-        route::forward(ctx, proto, service_id)
+        Some(A::route(ctx, proto, service_id))
     } else {
         Some(TC_ACT_OK)
     }
+}
+
+/// How a family's masqueraded packets are routed, and answered when their TTL (hop limit)
+/// runs out here.
+trait Routing: icmp::QuotedRewrite {
+    fn route(ctx: &TcContext, proto: u8, service_id: u32) -> i32;
+    /// Time exceeded back to the sender, quoting the packet as it came (untranslated).
+    fn expired(ctx: &TcContext, flow: &FlowOf<Self>) -> i32;
+}
+
+/// In place: `run4` has the stack for the FIB request and the ICMP answer.
+impl Routing for [u8; 4] {
+    #[inline(always)]
+    fn route(ctx: &TcContext, proto: u8, service_id: u32) -> i32 {
+        route::forward::<Self>(ctx, proto, service_id).unwrap_or(TC_ACT_SHOT)
+    }
+    #[inline(always)]
+    fn expired(ctx: &TcContext, flow: &Flow) -> i32 {
+        flow.answer(ctx, ICMP_TIME_EXCEEDED, 0)
+            .unwrap_or(TC_ACT_SHOT)
+    }
+}
+
+/// By `run6`, after the subprogram that translated the packet has returned (`routed6`,
+/// `expired6`): in it, the FIB request's frame or the ICMPv6 answer's would take the chain
+/// of frames past 512 bytes.
+impl Routing for [u8; 16] {
+    #[inline(always)]
+    fn route(_: &TcContext, proto: u8, service_id: u32) -> i32 {
+        ROUTE | i32::from(proto) << ROUTE_PROTO_SHIFT | (service_id & ROUTE_SERVICE_MASK) as i32
+    }
+    #[inline(always)]
+    fn expired(_: &TcContext, _: &packet::Flow6) -> i32 {
+        HOP_LIMIT_EXPIRED
+    }
+}
+
+/// An IPv6 subprogram's answer for a packet to route whose hop limit ran out here, left
+/// untouched: `expired6` answers it.
+const HOP_LIMIT_EXPIRED: i32 = i32::MIN + 3;
+
+/// Answers an IPv6 packet whose hop limit ran out as a router does (ICMPv6 time exceeded).
+#[inline(never)]
+fn expired6(ctx: &TcContext) -> i32 {
+    packet::parse6(ctx)
+        .and_then(|flow| flow.answer(ctx, ICMP_TIME_EXCEEDED, 0))
+        .unwrap_or(TC_ACT_SHOT)
+}
+
+/// An IPv6 subprogram's answer for a packet that `routed6` must route: this bit, the
+/// packet's protocol and its service id (for a `no_route` drop's event; an id past the
+/// mask, beyond any map size the agent allows, would be reported by its low bits).
+const ROUTE: i32 = 1 << 30;
+const ROUTE_PROTO_SHIFT: u32 = 22;
+const ROUTE_SERVICE_MASK: u32 = (1 << ROUTE_PROTO_SHIFT) - 1;
+
+/// Routes a masqueraded IPv6 packet as `Routing::route`'s answer says.
+#[inline(never)]
+fn routed6(ctx: &TcContext, answer: i32) -> i32 {
+    let proto = (answer >> ROUTE_PROTO_SHIFT) as u8;
+    let service_id = answer as u32 & ROUTE_SERVICE_MASK;
+    route::forward::<[u8; 16]>(ctx, proto, service_id).unwrap_or(TC_ACT_SHOT)
 }

@@ -117,7 +117,7 @@ fn forward(ctx: &XdpContext, flow: &Flow, t: &Translation) -> Option<u32> {
     // half-rewritten.
     let rewritten = packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)
         .and_then(|()| packet::rewrite(ctx, flow, Endpoint::Source, t.src))
-        .and_then(|()| route::to_next_hop(ctx, Some(macs)));
+        .and_then(|()| route::to_next_hop::<[u8; 4], _>(ctx, Some(macs)));
     if rewritten.is_none() {
         return Some(XDP_DROP);
     }

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, MapData};
-use proxy_common::{NodeConfig, maps};
+use proxy_common::{NodeConfig, NodeConfig6, maps};
 
 use crate::nodeport_addresses::NodePortAddresses;
 
@@ -179,6 +179,9 @@ pub struct NodeAddressing {
     /// `None`: no address to masquerade with; externalTrafficPolicy: Cluster traffic to
     /// other nodes' backends is dropped.
     pub snat_addr: Option<Ipv4Addr>,
+    /// The same for IPv6: the primary IPv6 address, if it is one other nodes can answer
+    /// (not loopback or link-local).
+    pub snat_addr6: Option<Ipv6Addr>,
     /// Source ports of masqueraded connections.
     pub snat_ports: RangeInclusive<u16>,
 }
@@ -186,16 +189,23 @@ pub struct NodeAddressing {
 impl std::fmt::Display for NodeAddressing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "NodePorts answer on {:?}; ", self.node_port_addrs)?;
-        match self.snat_addr {
-            Some(addr) => write!(
-                f,
-                "masquerading as {addr}, ports {}-{}",
-                self.snat_ports.start(),
-                self.snat_ports.end()
-            ),
-            None => write!(
+        let addrs: Vec<IpAddr> = [
+            self.snat_addr.map(IpAddr::V4),
+            self.snat_addr6.map(IpAddr::V6),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match addrs.as_slice() {
+            [] => write!(
                 f,
                 "no masquerade address (no --node-ip or interface address)"
+            ),
+            addrs => write!(
+                f,
+                "masquerading as {addrs:?}, ports {}-{}",
+                self.snat_ports.start(),
+                self.snat_ports.end()
             ),
         }
     }
@@ -223,7 +233,8 @@ pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
 impl NodeAddressing {
     /// From `--node-ip` and the addresses of the served interfaces: the node's primary
     /// address in each family is its node IP, else the first interface address of the
-    /// family; masquerading uses the IPv4 one and `snat_ports`; NodePorts answer on those
+    /// family; masquerading uses them (an IPv6 one only if global) and `snat_ports`;
+    /// NodePorts answer on those
     /// of the addresses `node_ports` admits.
     pub fn new(
         node_ips: NodeIps,
@@ -249,9 +260,14 @@ impl NodeAddressing {
             Some(IpAddr::V4(a)) => Some(a),
             _ => None,
         };
+        let snat_addr6 = match primary(Ipv6Addr::UNSPECIFIED.into()) {
+            Some(IpAddr::V6(a)) if !a.is_loopback() && !a.is_unicast_link_local() => Some(a),
+            _ => None,
+        };
         Self {
             node_port_addrs,
             snat_addr,
+            snat_addr6,
             snat_ports,
         }
     }
@@ -289,8 +305,8 @@ impl NodeAddressing {
         Ok(external)
     }
 
-    /// Writes `node_addrs`, `node_addrs6` and `node_config` under `bpffs`, replacing what
-    /// they held.
+    /// Writes `node_addrs`, `node_addrs6`, `node_config` and `node_config6` under `bpffs`,
+    /// replacing what they held.
     pub fn program(&self, bpffs: &Path) -> anyhow::Result<()> {
         let v4 = self.node_port_addrs.iter().filter_map(|a| match a {
             IpAddr::V4(a) => Some(a.octets()),
@@ -310,7 +326,15 @@ impl NodeAddressing {
         };
         config
             .set(0, value, 0)
-            .with_context(|| format!("writing map {}", maps::NODE_CONFIG))
+            .with_context(|| format!("writing map {}", maps::NODE_CONFIG))?;
+        let mut config6: Array<MapData, NodeConfig6> =
+            crate::maps::open(bpffs, maps::NODE_CONFIG6)?;
+        let value = NodeConfig6 {
+            snat_addr: self.snat_addr6.map_or([0; 16], |a| a.octets()),
+        };
+        config6
+            .set(0, value, 0)
+            .with_context(|| format!("writing map {}", maps::NODE_CONFIG6))
     }
 }
 
@@ -402,6 +426,9 @@ mod tests {
         assert_eq!(both.v4, Some(node_ip));
         let dual = NodeAddressing::new(both, &lo, PORTS, &NodePortAddresses::Primary);
         let fd00: IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(dual.snat_addr6, Some("fd00::1".parse().unwrap()));
+        // Loopback is no address to masquerade IPv6 with (other nodes cannot answer it).
+        assert_eq!(none.snat_addr6, None);
         assert_eq!(
             dual.node_port_addrs,
             [node_ip.into(), fd00].into_iter().collect()

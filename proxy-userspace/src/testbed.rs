@@ -91,6 +91,11 @@ pub const EXTERNAL_NET: &str = "203.0.113.0/24";
 /// ext's address on the LAN of a two-node world.
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
 
+/// Host `host` of the LAN's IPv6 prefix (fd00:50::/64): node-a is 1, node-b 2, ext 100.
+pub const fn lan6(host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, host)
+}
+
 pub struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
@@ -107,6 +112,8 @@ pub struct Node {
     pub netns: String,
     /// Its `eth0` address on the LAN, in a two-node world.
     pub ip: Option<Ipv4Addr>,
+    /// Its `eth0` IPv6 address on the LAN (`LAN6`), in a two-node world.
+    pub ip6: Option<Ipv6Addr>,
     /// The cgroup of its pods, where its agent's socket hooks attach.
     pub cgroup: PathBuf,
     /// Its agent's pin directory.
@@ -230,6 +237,15 @@ impl World {
                 "dev",
                 "lan",
             ])?;
+            ip(&[
+                "-n",
+                &ext,
+                "addr",
+                "add",
+                &format!("{}/64", lan6(100)),
+                "dev",
+                "lan",
+            ])?;
             ip(&["-n", &ext, "link", "set", "lan", "up"])?;
             ip(&[
                 "-n",
@@ -253,13 +269,14 @@ impl World {
                 name: format!("node-{letter}"),
                 netns: format!("{id}-node{suffix}"),
                 ip: lan.then(|| Ipv4Addr::new(192, 168, 50, n as u8 + 1)),
+                ip6: lan.then(|| lan6(n as u16 + 1)),
                 cgroup: crate::datapath::cgroup2_mount()?.join(format!("proxy-test-{id}{suffix}")),
                 bpffs: PathBuf::from(format!("/sys/fs/bpf/proxy-test-{id}{suffix}")),
             };
             std::fs::create_dir(&node.cgroup)
                 .with_context(|| format!("creating the test cgroup {}", node.cgroup.display()))?;
             let netns = node.netns.clone();
-            let node_ip = node.ip;
+            let (node_ip, node_ip6) = (node.ip, node.ip6);
             world.nodes.push(node);
             world.add_netns(&netns)?;
             run(Command::new("ip").args([
@@ -287,6 +304,17 @@ impl World {
                     "dev",
                     "eth0",
                 ])?;
+                if let Some(node_ip6) = node_ip6 {
+                    ip(&[
+                        "-n",
+                        &netns,
+                        "addr",
+                        "add",
+                        &format!("{node_ip6}/64"),
+                        "dev",
+                        "eth0",
+                    ])?;
+                }
                 ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
             }
         }
@@ -298,22 +326,30 @@ impl World {
             }
         }
         world.wait_for_link_local_addresses()?;
-        // Each node reaches the other nodes' pods through them.
+        // Each node reaches the other nodes' pods through them, in both families.
         for pod in &world.pods {
-            let Some(via) = world.nodes[pod.node].ip else {
+            let home = &world.nodes[pod.node];
+            let (Some(via), Some(via6)) = (home.ip, home.ip6) else {
                 continue;
             };
+            let subnet = pod.ip.octets()[2];
             for (n, node) in world.nodes.iter().enumerate() {
                 if n != pod.node {
-                    let subnet = format!("10.244.{}.0/24", pod.ip.octets()[2]);
+                    let ns = node.netns.as_str();
+                    let (subnet4, subnet6) = (
+                        format!("10.244.{subnet}.0/24"),
+                        format!("fd00:244:{subnet}::/64"),
+                    );
+                    ip(&["-n", ns, "route", "add", &subnet4, "via", &via.to_string()])?;
                     ip(&[
                         "-n",
-                        &node.netns,
+                        ns,
+                        "-6",
                         "route",
                         "add",
-                        &subnet,
+                        &subnet6,
                         "via",
-                        &via.to_string(),
+                        &via6.to_string(),
                     ])?;
                 }
             }
@@ -321,25 +357,31 @@ impl World {
         Ok(world)
     }
 
-    /// Waits until both ends of every pod's veth have their IPv6 link-local address, which
-    /// the kernel adds a moment after the link comes up: until then neighbour discovery
-    /// over it can fail (seen as the first IPv6 datagram of a fresh world lost).
+    /// Waits until both ends of every pod's veth (and the LAN's ports) have their IPv6
+    /// link-local address, which the kernel adds a moment after the link comes up: until
+    /// then neighbour discovery over it can fail (seen as the first IPv6 datagram of a fresh
+    /// world lost).
     fn wait_for_link_local_addresses(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(5);
-        for pod in &self.pods {
-            for (netns, dev) in [
+        let pods = self.pods.iter().flat_map(|pod| {
+            [
                 (&pod.netns, "eth0"),
                 (&self.nodes[pod.node].netns, pod.iface.as_str()),
-            ] {
-                let args = ["-n", netns, "-6", "-o", "addr", "show", "dev", dev];
-                let link_local = [&args[..], &["scope", "link", "-tentative"]].concat();
-                while run(Command::new("ip").args(&link_local))?.trim().is_empty() {
-                    ensure!(
-                        Instant::now() < deadline,
-                        "{dev} in {netns} has no IPv6 link-local address after 5 s"
-                    );
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+            ]
+        });
+        let lan = self.nodes.iter().filter(|n| n.ip.is_some());
+        let lan = lan
+            .map(|n| (&n.netns, "eth0"))
+            .chain(self.ext.iter().map(|ext| (ext, "lan")));
+        for (netns, dev) in pods.chain(lan) {
+            let args = ["-n", netns, "-6", "-o", "addr", "show", "dev", dev];
+            let link_local = [&args[..], &["scope", "link", "-tentative"]].concat();
+            while run(Command::new("ip").args(&link_local))?.trim().is_empty() {
+                ensure!(
+                    Instant::now() < deadline,
+                    "{dev} in {netns} has no IPv6 link-local address after 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
         Ok(())
@@ -610,8 +652,13 @@ impl World {
             .arg("--interfaces")
             .arg(interfaces)
             .args(["--conntrack-gc-interval", "1", "--node-name", &n.name]);
-        if let Some(node_ip) = n.ip {
-            command.args(["--node-ip", &node_ip.to_string()]);
+        let node_ips: Vec<String> = [n.ip.map(IpAddr::V4), n.ip6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+            .map(|a| a.to_string())
+            .collect();
+        if !node_ips.is_empty() {
+            command.args(["--node-ip", &node_ips.join(",")]);
         }
         let mut child = command
             .env("RUST_LOG", &self.agent_log)

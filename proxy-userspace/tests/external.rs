@@ -4,11 +4,11 @@
 //! (node-b) as `pod-b`.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{Agent, BACKEND_PORT, EXT_IP, World};
+use proxy::testbed::{Agent, BACKEND_PORT, EXT_IP, World, lan6};
 use serde_json::Value;
 
 const CLUSTER_IP: &str = "10.96.0.20";
@@ -90,22 +90,20 @@ fn tcp(world: &World, to: String, count: u32) -> Vec<Value> {
 }
 
 /// For each backend that answered: the client addresses it saw. Fails on a failed attempt.
-fn seen_by_backend(results: &[Value]) -> BTreeMap<String, Vec<Ipv4Addr>> {
-    let mut seen: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+fn seen_by_backend(results: &[Value]) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut seen: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for r in results {
         assert_eq!(r["ok"], true, "attempt failed: {r}");
-        let saw: std::net::SocketAddr = r["server_saw"].as_str().unwrap().parse().unwrap();
-        let std::net::IpAddr::V4(ip) = saw.ip() else {
-            panic!("IPv6 client address {saw}")
-        };
+        let saw: SocketAddr = r["server_saw"].as_str().unwrap().parse().unwrap();
         seen.entry(r["backend"].as_str().unwrap().to_owned())
             .or_default()
-            .push(ip);
+            .push(saw.ip());
     }
     seen
 }
 
-fn assert_all(addrs: &[Ipv4Addr], expected: Ipv4Addr, what: &str) {
+fn assert_all(addrs: &[IpAddr], expected: impl Into<IpAddr>, what: &str) {
+    let expected = expected.into();
     assert!(
         addrs.iter().all(|a| *a == expected),
         "{what}: expected every connection from {expected}, saw {addrs:?}"
@@ -215,6 +213,130 @@ fn cluster_policy_node_port(mode: Mode) -> World {
     world
 }
 
+/// An IPv6 EndpointSlice of `web` with the given endpoints as `(address, node)`, all ready.
+fn slice6(endpoints: &[(Ipv6Addr, &str)]) -> String {
+    let mut yaml = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv6\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}\nendpoints:\n"
+    );
+    for (addr, node) in endpoints {
+        yaml += &format!(
+            "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
+        );
+    }
+    yaml
+}
+
+/// `web` dual-stack (its IPv6 cluster IP `fd00:96::20`), pod-a and pod-b behind both
+/// families.
+fn dual_stack_manifest() -> String {
+    let dual = "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.20, \"fd00:96::20\"]\n";
+    let endpoints = [
+        (world_pod(1), "node-a", true),
+        (world_pod(2), "node-b", true),
+    ];
+    manifest(dual, "", &endpoints)
+        + &slice6(&[(world_pod6(1), "node-a"), (world_pod6(2), "node-b")])
+}
+
+#[test]
+fn an_ipv6_node_port_masquerades_remote_pods_and_a_pod_balanced_to_itself() {
+    // As the IPv4 node port: through each node's IPv6 address, a local pod sees ext's
+    // address and a remote one the node that masqueraded, which routes the replies back.
+    let (world, _agents) = cluster(&dual_stack_manifest(), Mode::Tc);
+    let ext6 = lan6(100);
+    for (node, local, remote) in [(lan6(1), "pod-a", "pod-b"), (lan6(2), "pod-b", "pod-a")] {
+        let to = SocketAddr::new(node.into(), NODE_PORT_TCP).to_string();
+        let results = tcp(&world, to.clone(), 60);
+        for r in &results {
+            assert_eq!(r["peer"], to, "{r}");
+        }
+        let seen = seen_by_backend(&results);
+        assert_eq!(
+            seen.len(),
+            2,
+            "both nodes' pods answer via {node}: {seen:?}"
+        );
+        assert_all(&seen[local], ext6, &format!("{local} via {node}"));
+        assert_all(&seen[remote], node, &format!("{remote} via {node}"));
+    }
+    let flows: Vec<Value> = serde_json::from_str(
+        &world
+            .proxyctl(&["conntrack", "list", "--output", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let masqueraded: Vec<&str> = flows
+        .iter()
+        .filter_map(|f| f["masqueraded_as"].as_str())
+        .collect();
+    assert!(!masqueraded.is_empty(), "{flows:?}");
+    for m in masqueraded {
+        let port: u16 = m
+            .strip_prefix(&format!("[{}]:", lan6(1)))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(port >= proxy_common::SNAT_PORT_MIN, "{m}");
+    }
+    // UDP, datagrams in three fragments each way included.
+    let to = SocketAddr::new(lan6(1).into(), NODE_PORT_UDP).to_string();
+    for bytes in ["16", "4000"] {
+        let results = world
+            .probe_ext(&[
+                "udp",
+                "--to",
+                &to,
+                "--count",
+                "40",
+                "--datagram-bytes",
+                bytes,
+            ])
+            .unwrap();
+        for r in &results {
+            assert_eq!(r["peer"], to, "{r}");
+        }
+        let seen = seen_by_backend(&results);
+        assert_eq!(
+            seen.len(),
+            2,
+            "{bytes}-byte UDP reaches both pods: {seen:?}"
+        );
+        assert_all(&seen["pod-b"], lan6(1), "UDP to the remote pod");
+    }
+    // The hop limit running out at the node: time exceeded comes back, whether the kernel
+    // forwards to the local pod or the datapath routes a masqueraded datagram to the remote.
+    let expired = world
+        .probe_ext(&[
+            "udp",
+            "--to",
+            &to,
+            "--connected",
+            "--ttl",
+            "1",
+            "--count",
+            "5",
+        ])
+        .unwrap();
+    assert!(
+        expired.iter().all(|r| r["kind"] == "unreachable"),
+        "{expired:?}"
+    );
+    // Hairpin: pod-a, outside the hooked cgroup, balanced to itself through the IPv6
+    // cluster IP is masqueraded (its own reply comes back through the node); balanced to
+    // pod-b, it is not.
+    let to = "[fd00:96::20]:80";
+    let results = world
+        .probe(1, false, &["tcp", "--to", to, "--count", "30"])
+        .unwrap();
+    for r in &results {
+        assert_eq!(r["peer"], to, "{r}");
+    }
+    let seen = seen_by_backend(&results);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_all(&seen["pod-a"], lan6(1), "pod-a balanced to itself");
+    assert_all(&seen["pod-b"], world_pod6(1), "pod-a to pod-b");
+}
+
 #[test]
 fn masquerade_ports_of_ended_connections_are_reused() {
     // Four masquerade ports for eight connections, one after the other: a port comes back
@@ -320,6 +442,10 @@ fn node_ports_follow_addresses_added_while_the_agent_runs() {
 /// Pod `i`'s address (10.244.i.2), known before the world exists.
 fn world_pod(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, i, 2)
+}
+
+fn world_pod6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, i, 0, 0, 0, 0, 2)
 }
 
 /// A health-check answer from ext: (status code, JSON body).

@@ -338,14 +338,18 @@ fn socket_from(kind: Type, port: Option<u16>, to: SocketAddr) -> std::io::Result
 
 /// Reports ICMP errors (time exceeded among them) to the socket's user: without
 /// IP_RECVERR, Linux reports only hard errors (port unreachable) on a UDP socket.
-fn recv_errors(socket: &Socket) -> std::io::Result<()> {
+fn recv_errors(socket: &Socket, to: SocketAddr) -> std::io::Result<()> {
     let on: libc::c_int = 1;
+    let (level, option) = match to {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_RECVERR),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVERR),
+    };
     // SAFETY: a valid socket and an int option of the size passed.
     let ret = unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::IPPROTO_IP,
-            libc::IP_RECVERR,
+            level,
+            option,
             (&on as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -448,8 +452,12 @@ fn udp_once(to: SocketAddr, args: &Udp) -> serde_json::Value {
     let open = || -> std::io::Result<UdpSocket> {
         let s = socket_from(Type::DGRAM, source_port.or(Some(0)), to)?;
         if let Some(ttl) = ttl {
-            s.set_ttl_v4(ttl)?;
-            recv_errors(&s)?;
+            if to.is_ipv4() {
+                s.set_ttl_v4(ttl)?;
+            } else {
+                s.set_unicast_hops_v6(ttl)?;
+            }
+            recv_errors(&s, to)?;
         }
         let s = UdpSocket::from(s);
         s.set_read_timeout(Some(timeout))?;
