@@ -213,36 +213,59 @@ fn cluster_policy_node_port(mode: Mode) -> World {
     world
 }
 
-/// An IPv6 EndpointSlice of `web` with the given endpoints as `(address, node)`, all ready.
-fn slice6(endpoints: &[(Ipv6Addr, &str)]) -> String {
+/// An IPv6 EndpointSlice of `web` with the given endpoints as `(address, node, ready)`.
+fn slice6(endpoints: &[(Ipv6Addr, &str, bool)]) -> String {
     let mut yaml = format!(
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv6\nports:\n- {{name: http, port: {BACKEND_PORT}}}\n- {{name: dns, port: {BACKEND_PORT}, protocol: UDP}}\nendpoints:\n"
     );
-    for (addr, node) in endpoints {
+    for (addr, node, ready) in endpoints {
         yaml += &format!(
-            "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
+            "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n"
         );
     }
     yaml
 }
 
-/// `web` dual-stack (its IPv6 cluster IP `fd00:96::20`), pod-a and pod-b behind both
-/// families.
-fn dual_stack_manifest() -> String {
-    let dual = "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.20, \"fd00:96::20\"]\n";
+/// `web` dual-stack (its IPv6 cluster IP `fd00:96::20`) with `extra_spec` lines, pod-a and
+/// pod-b (ready or not) behind both families.
+fn dual_stack_manifest(extra_spec: &str, ready: [bool; 2]) -> String {
+    let dual = format!(
+        "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.20, \"fd00:96::20\"]\n{extra_spec}"
+    );
     let endpoints = [
-        (world_pod(1), "node-a", true),
-        (world_pod(2), "node-b", true),
+        (world_pod(1), "node-a", ready[0]),
+        (world_pod(2), "node-b", ready[1]),
     ];
-    manifest(dual, "", &endpoints)
-        + &slice6(&[(world_pod6(1), "node-a"), (world_pod6(2), "node-b")])
+    let endpoints6 = [
+        (world_pod6(1), "node-a", ready[0]),
+        (world_pod6(2), "node-b", ready[1]),
+    ];
+    manifest(&dual, "", &endpoints) + &slice6(&endpoints6)
+}
+
+#[test]
+fn an_ipv6_local_policy_node_port_keeps_the_client_and_a_node_without_local_endpoints_drops() {
+    let (world, _agents) = cluster(&dual_stack_manifest(LOCAL_POLICY, [true, false]), Mode::Tc);
+    let to = SocketAddr::new(lan6(1).into(), NODE_PORT_TCP).to_string();
+    let seen = seen_by_backend(&tcp(&world, to.clone(), 20));
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{to}: {seen:?}");
+    assert_all(&seen["pod-a"], lan6(100), &to);
+    let to = SocketAddr::new(lan6(2).into(), NODE_PORT_TCP).to_string();
+    let dropped = world
+        .probe_ext(&["tcp", "--to", &to, "--timeout-ms", "500"])
+        .unwrap();
+    assert_eq!(
+        dropped[0]["kind"], "timeout",
+        "dropped, not refused: {dropped:?}"
+    );
+    assert!(drops(&world, 1, "no_local_endpoint") > 0);
 }
 
 #[test]
 fn an_ipv6_node_port_masquerades_remote_pods_and_a_pod_balanced_to_itself() {
     // As the IPv4 node port: through each node's IPv6 address, a local pod sees ext's
     // address and a remote one the node that masqueraded, which routes the replies back.
-    let (world, _agents) = cluster(&dual_stack_manifest(), Mode::Tc);
+    let (world, _agents) = cluster(&dual_stack_manifest("", [true, true]), Mode::Tc);
     let ext6 = lan6(100);
     for (node, local, remote) in [(lan6(1), "pod-a", "pod-b"), (lan6(2), "pod-b", "pod-a")] {
         let to = SocketAddr::new(node.into(), NODE_PORT_TCP).to_string();
