@@ -263,9 +263,13 @@ fn an_ipv6_local_policy_node_port_keeps_the_client_and_a_node_without_local_endp
 
 #[test]
 fn an_ipv6_node_port_masquerades_remote_pods_and_a_pod_balanced_to_itself() {
+    ipv6_node_port(Mode::Tc);
+}
+
+fn ipv6_node_port(mode: Mode) {
     // As the IPv4 node port: through each node's IPv6 address, a local pod sees ext's
     // address and a remote one the node that masqueraded, which routes the replies back.
-    let (world, _agents) = cluster(&dual_stack_manifest("", [true, true]), Mode::Tc);
+    let (world, _agents) = cluster(&dual_stack_manifest("", [true, true]), mode);
     let ext6 = lan6(100);
     for (node, local, remote) in [(lan6(1), "pod-a", "pod-b"), (lan6(2), "pod-b", "pod-a")] {
         let to = SocketAddr::new(node.into(), NODE_PORT_TCP).to_string();
@@ -818,6 +822,8 @@ fn with_xdp(mode: Mode, program: &str) {
     local_policy(mode);
     load_balancer_and_external_ips(mode);
     hairpin(mode);
+    // IPv6, which XDP passes to tc.
+    ipv6_node_port(mode);
 }
 
 #[test]
