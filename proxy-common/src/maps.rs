@@ -50,6 +50,8 @@ pub const FRAGMENTS6: &str = "fragments6";
 pub const TC_IPV6: &str = "tc_ipv6";
 pub const TC_IPV6_INGRESS: u32 = 0;
 pub const TC_IPV6_EGRESS: u32 = 1;
+/// program array: the IPv6 XDP program (`proxy_xdp6`, slot 0), tail-called by `proxy_xdp`
+pub const XDP_IPV6: &str = "xdp_ipv6";
 
 /// (node IPv4 address → 1): the addresses NodePorts answer on.
 pub const NODE_ADDRS: &str = "node_addrs";
@@ -70,7 +72,7 @@ pub const DROPS: &str = "drops";
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 28] = [
+pub const ALL: [&str; 29] = [
     SERVICES,
     SERVICES6,
     BACKEND_SLOTS,
@@ -90,6 +92,7 @@ pub const ALL: [&str; 28] = [
     FRAGMENTS,
     FRAGMENTS6,
     TC_IPV6,
+    XDP_IPV6,
     AGENT_STATUS,
     NODE_ADDRS,
     NODE_ADDRS6,

@@ -114,6 +114,14 @@ pub static FRAGMENTS6: LruHashMap<FragKey6, FragPorts, { MAX_FRAGMENTS as usize 
 #[btf_map(name = "tc_ipv6")]
 pub static TC_IPV6: ProgramArray<2> = ProgramArray::new();
 
+/// The IPv6 XDP program (`proxy_common::maps::XDP_IPV6`).
+#[btf_map(name = "xdp_ipv6")]
+pub static XDP_IPV6: ProgramArray<1> = ProgramArray::new();
+
+/// What `proxy_xdp6`'s steps hand on to each other (`xdp::Forward6`); not pinned.
+#[btf_map(name = "xdp_forward6")]
+pub static XDP_FORWARD6: PerCpuArray<crate::xdp::Forward6, 1> = PerCpuArray::new();
+
 /// Written by the agent for `proxyctl status`; declared here to carry BTF and be pinned.
 #[btf_map(name = "agent_status")]
 pub static AGENT_STATUS: Array<AgentStatus, 1> = Array::new();

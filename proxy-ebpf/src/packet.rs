@@ -31,6 +31,7 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// A TCP or UDP packet (first fragment or unfragmented) whose headers are whole and
 /// consistent, so that every rewrite of them succeeds.
+#[derive(Clone, Copy)]
 pub struct FlowOf<A> {
     pub key: CtKeyOf<A>,
     pub l4_off: usize,

@@ -1,7 +1,8 @@
 //! The XDP fast path on external interfaces: packets of masqueraded flows (a NodePort,
 //! external or load-balancer IP balanced to another node's backend, and the replies) are
 //! rewritten and sent back out from the driver, before any socket buffer exists. Everything
-//! else passes to the stack and the tc programs, which share the conntrack.
+//! else passes to the stack and the tc programs, which share the conntrack. IPv6 in a
+//! program of its own (`proxy_xdp6`), for established flows.
 //!
 //! The rewrite is tc's (`packet::rewrite` over `Frame`); checksums are updated in the frame
 //! (RFC 1624), which is right for frames from a wire; a locally generated frame on a
@@ -17,14 +18,22 @@ use aya_ebpf::{
 use proxy_common::{Counters, HOOK_XDP, XDP_META_NOTHING_FOR_US, XdpMeta};
 
 use crate::{
+    family::Family,
     lb::{self, Dropped},
+    maps::{XDP_FORWARD6, XDP_IPV6},
     nat::{self, Action, Translation},
-    packet::{self, Endpoint, Flow, Frame, IP_TTL_OFF, Packet},
+    packet::{self, Endpoint, Flow, Flow6, FlowOf, Frame, IP_TTL_OFF, Packet},
     route::{self, NextHop},
 };
 
 #[xdp]
 pub fn proxy_xdp(ctx: XdpContext) -> u32 {
+    if packet::is_ipv6(&ctx) == Some(true) {
+        // SAFETY: a tail call to an XDP program; on failure (an empty slot: an agent
+        // starting) it returns here, and tc sees the packet.
+        unsafe { XDP_IPV6.tail_call(&ctx, 0) };
+        return XDP_PASS;
+    }
     // ICMP errors are translated by tc.
     let Some(Packet::Transport(flow)) = packet::parse(&ctx) else {
         return XDP_PASS;
@@ -33,11 +42,11 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
     match verdict.action {
         Action::Translate => {
             let t = &verdict.translation;
-            match t.route {
-                true => forward(&ctx, &flow, t),
+            let forwarded = match t.route {
+                true => next_hop(&ctx, &flow, t).map(|hop| send(&ctx, &flow, t, hop)),
                 false => None,
-            }
-            .unwrap_or_else(|| pass_to_tc(t))
+            };
+            forwarded.unwrap_or_else(|| pass_to_tc(t))
         }
         Action::Drop => {
             lb::count_drop(Dropped::packet(
@@ -52,6 +61,117 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
         Action::Reject => XDP_PASS,
     }
 }
+
+/// `proxy_xdp` for IPv6, which it tail-calls: a program of its own, as on tc, for the
+/// verifier's budget. Established flows only: a masqueraded one's packets are forwarded
+/// from here; a new flow (a masquerade port claimed, two entries recorded, in subprograms
+/// on tc) and anything else goes to tc, and its later packets take this path. Three
+/// subprograms one after the other, handing on through a per-CPU map (`XDP_FORWARD6`):
+/// the flow's translation, its next hop, the rewrite — in one, the frames passed 512 bytes.
+#[xdp]
+pub fn proxy_xdp6(ctx: XdpContext) -> u32 {
+    match tracked6(&ctx) {
+        FORWARD => match next_hop6(&ctx) {
+            FORWARD => send6(&ctx),
+            action => action,
+        },
+        action => action,
+    }
+}
+
+/// `tracked6`'s and `next_hop6`'s answer when the packet goes on to the next step.
+const FORWARD: u32 = u32::MAX;
+
+/// A masqueraded IPv6 flow's packet as `proxy_xdp6`'s steps see it.
+pub struct Forward6 {
+    pub flow: Flow6,
+    pub translation: Translation<[u8; 16]>,
+    /// The packet's new source and destination.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub hop: Option<(u32, [u8; 12])>,
+}
+
+/// The per-CPU `Forward6`: the program runs on one CPU from start to end.
+#[inline(always)]
+fn forward6() -> Option<&'static mut Forward6> {
+    // SAFETY: a per-CPU value, this program's alone for its run.
+    XDP_FORWARD6.get_ptr_mut(0).map(|f| unsafe { &mut *f })
+}
+
+/// The first step: the flow's translation, if it is a tracked, masqueraded one.
+#[inline(never)]
+fn tracked6(ctx: &XdpContext) -> u32 {
+    let Some(flow) = packet::parse6(ctx) else {
+        return XDP_PASS;
+    };
+    let Some(verdict) = nat::tracked_ingress(&flow, (ctx.data_end() - ctx.data()) as u64) else {
+        return XDP_PASS;
+    };
+    let t = verdict.translation;
+    match verdict.action {
+        Action::Translate if t.route => match forward6() {
+            Some(f) => {
+                f.src = if t.src.set { t.src.addr } else { flow.key.src };
+                f.dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
+                f.flow = flow;
+                f.translation = t;
+                FORWARD
+            }
+            None => pass_to_tc(&t),
+        },
+        Action::Translate => pass_to_tc(&t),
+        Action::Pass => nothing_for_us(ctx),
+        Action::Drop | Action::Reject => XDP_PASS,
+    }
+}
+
+/// The second step: the next hop of the translated packet.
+#[inline(never)]
+fn next_hop6(ctx: &XdpContext) -> u32 {
+    let Some(f) = forward6() else {
+        return XDP_PASS;
+    };
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let hop = route::lookup(ctx.ctx.cast(), ifindex, f.flow.key.proto, f.src, f.dst);
+    f.hop = match hop {
+        Some(NextHop::Resolved { ifindex, macs }) => Some((ifindex, macs)),
+        _ => None,
+    };
+    match f.hop.is_some()
+        && ctx
+            .read::<u8>(<[u8; 16]>::TTL_OFF)
+            .is_some_and(|hop| hop > 1)
+    {
+        true => FORWARD,
+        false => pass_to_tc(&f.translation),
+    }
+}
+
+/// The last step: the packet rewritten and sent to its next hop.
+#[inline(never)]
+fn send6(ctx: &XdpContext) -> u32 {
+    let Some(Forward6 {
+        flow,
+        translation,
+        hop: Some(hop),
+        ..
+    }) = forward6()
+    else {
+        return XDP_PASS;
+    };
+    // An offset read from a map is any number to the verifier, which adds only bounded ones
+    // to a packet pointer: the flow is copied to the stack and its offset bounded there (the
+    // parser's are far below the bound: four extension headers of at most 2 KiB each).
+    let flow = *flow;
+    if flow.l4_off > L4_OFF_MAX {
+        return XDP_PASS;
+    }
+    send(ctx, &flow, translation, *hop)
+}
+
+/// Bound of an IPv6 packet's L4 offset.
+const L4_OFF_MAX: usize = 16 * 1024;
 
 /// Passes a packet that has nothing of ours, saying so to tc ingress (XDP metadata), which
 /// would look it up in the same maps again: on a node with XDP, the traffic it does not
@@ -87,7 +207,7 @@ pub fn proxy_wire_pass(_ctx: XdpContext) -> u32 {
 /// this run if the flow is new) and counts the packet; a new connection is counted here,
 /// as tc sees an already tracked flow.
 #[inline(always)]
-fn pass_to_tc(t: &Translation) -> u32 {
+fn pass_to_tc<A>(t: &Translation<A>) -> u32 {
     let conns = Counters {
         conns: t.counters.conns,
         packets: 0,
@@ -97,11 +217,11 @@ fn pass_to_tc(t: &Translation) -> u32 {
     XDP_PASS
 }
 
-/// Rewrites a masqueraded flow's packet and sends it towards its next hop, or `None` to
-/// leave it (untouched) to the stack and tc: while the neighbour is unresolved, or when its
-/// TTL has run out (tc answers that).
+/// The next hop (interface, MACs) of a masqueraded flow's packet once translated, or
+/// `None` to leave it (untouched) to the stack and tc: while the neighbour is unresolved,
+/// or when its TTL has run out (tc answers that).
 #[inline(always)]
-fn forward(ctx: &XdpContext, flow: &Flow, t: &Translation) -> Option<u32> {
+fn next_hop(ctx: &XdpContext, flow: &Flow, t: &Translation) -> Option<(u32, [u8; 12])> {
     let src = if t.src.set { t.src.addr } else { flow.key.src };
     let dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
     let ifindex = ctx.ingress_ifindex() as u32;
@@ -110,22 +230,30 @@ fn forward(ctx: &XdpContext, flow: &Flow, t: &Translation) -> Option<u32> {
     else {
         return None;
     };
-    if ctx.read::<u8>(IP_TTL_OFF)? <= 1 {
-        return None;
-    }
+    (ctx.read::<u8>(IP_TTL_OFF)? > 1).then_some((out, macs))
+}
+
+/// Rewrites a masqueraded flow's packet and sends it to its next hop `(out, macs)`.
+#[inline(always)]
+fn send<A: Family>(
+    ctx: &XdpContext,
+    flow: &FlowOf<A>,
+    t: &Translation<A>,
+    (out, macs): (u32, [u8; 12]),
+) -> u32 {
     // The frame changes from here on: one that cannot be finished is dropped, not passed on
     // half-rewritten.
     let rewritten = packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)
         .and_then(|()| packet::rewrite(ctx, flow, Endpoint::Source, t.src))
-        .and_then(|()| route::to_next_hop::<[u8; 4], _>(ctx, Some(macs)));
+        .and_then(|()| route::to_next_hop::<A, _>(ctx, Some(macs)));
     if rewritten.is_none() {
-        return Some(XDP_DROP);
+        return XDP_DROP;
     }
     lb::count(t.service_id, t.backend_id, t.counters);
-    Some(if out == ifindex {
+    if out == ctx.ingress_ifindex() as u32 {
         XDP_TX
     } else {
         // SAFETY: an interface index from the FIB.
         unsafe { bpf_redirect(out, 0) as u32 }
-    })
+    }
 }

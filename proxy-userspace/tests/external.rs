@@ -286,6 +286,12 @@ fn ipv6_node_port(mode: Mode) {
         assert_all(&seen[local], ext6, &format!("{local} via {node}"));
         assert_all(&seen[remote], node, &format!("{remote} via {node}"));
     }
+    if let Mode::XdpNative = mode {
+        // The driver's own count: node-a sent masqueraded IPv6 packets back out from XDP
+        // (only IPv6 traffic in this world so far).
+        let stats = world.device_stats(0, "eth0").unwrap();
+        assert!(stats["rx_queue_0_xdp_tx"] > 0, "{stats:?}");
+    }
     let flows: Vec<Value> = serde_json::from_str(
         &world
             .proxyctl(&["conntrack", "list", "--output", "json"])
@@ -822,7 +828,6 @@ fn with_xdp(mode: Mode, program: &str) {
     local_policy(mode);
     load_balancer_and_external_ips(mode);
     hairpin(mode);
-    // IPv6, which XDP passes to tc.
     ipv6_node_port(mode);
 }
 
