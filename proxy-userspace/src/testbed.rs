@@ -88,6 +88,8 @@ fn lan_port(n: usize) -> String {
 
 /// Where ext routes external and load-balancer IPs (via node-a) in a two-node world.
 pub const EXTERNAL_NET: &str = "203.0.113.0/24";
+/// The same for IPv6 (a documentation prefix).
+pub const EXTERNAL_NET6: &str = "2001:db8:203::/64";
 /// ext's address on the LAN of a two-node world.
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
 
@@ -255,6 +257,17 @@ impl World {
                 EXTERNAL_NET,
                 "via",
                 "192.168.50.1",
+            ])?;
+            let via6 = lan6(1).to_string();
+            ip(&[
+                "-n",
+                &ext,
+                "-6",
+                "route",
+                "add",
+                EXTERNAL_NET6,
+                "via",
+                &via6,
             ])?;
             world.ext = Some(ext);
         }

@@ -773,6 +773,47 @@ fn load_balancer_and_external_ips(mode: Mode) {
 }
 
 #[test]
+fn ipv6_load_balancer_and_external_ips_reach_pods_on_both_nodes() {
+    ipv6_load_balancer_and_external_ips(Mode::Tc);
+}
+
+/// As `load_balancer_and_external_ips`, over IPv6 (ext routes `EXTERNAL_NET6` to node-a).
+fn ipv6_load_balancer_and_external_ips(mode: Mode) {
+    let (lb6, external6) = ("2001:db8:203::10", "2001:db8:203::20");
+    let spec = format!("  externalIPs: [{EXTERNAL_IP}, \"{external6}\"]\n");
+    let status =
+        format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}, {{ip: \"{lb6}\"}}]}}}}\n");
+    let endpoints = [
+        (world_pod(1), "node-a", true),
+        (world_pod(2), "node-b", true),
+    ];
+    let endpoints6 = [
+        (world_pod6(1), "node-a", true),
+        (world_pod6(2), "node-b", true),
+    ];
+    let dual = format!(
+        "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.20, \"fd00:96::20\"]\n{spec}"
+    );
+    let yaml = manifest(&dual, &status, &endpoints) + &slice6(&endpoints6);
+    let (world, _agents) = cluster(&yaml, mode);
+    for ip in [lb6, external6] {
+        let to = SocketAddr::new(ip.parse().unwrap(), 80).to_string();
+        let results = tcp(&world, to.clone(), 60);
+        for r in &results {
+            assert_eq!(r["peer"], to, "the client sees the address it used: {r}");
+        }
+        let seen = seen_by_backend(&results);
+        assert_eq!(seen.len(), 2, "{to} reaches both nodes' pods: {seen:?}");
+        assert_all(
+            &seen["pod-a"],
+            lan6(100),
+            &format!("{to} to node-a's own pod"),
+        );
+        assert_all(&seen["pod-b"], lan6(1), &format!("{to} to node-b's pod"));
+    }
+}
+
+#[test]
 fn hairpin_a_pod_balanced_to_itself_reaches_itself() {
     hairpin(Mode::Tc);
 }
@@ -829,6 +870,7 @@ fn with_xdp(mode: Mode, program: &str) {
     load_balancer_and_external_ips(mode);
     hairpin(mode);
     ipv6_node_port(mode);
+    ipv6_load_balancer_and_external_ips(mode);
 }
 
 #[test]
