@@ -374,32 +374,33 @@ fn ipv6_node_port(mode: Mode) {
 fn masquerade_ports_of_ended_connections_are_reused() {
     // Four masquerade ports for eight connections, one after the other: a port comes back
     // once its connection has closed (both FINs) and been quiet for 250 ms; until then the
-    // SYN that needs it is dropped, and its retransmission gets it.
-    let (world, _agents) = cluster_with(
-        &manifest("", "", &[(world_pod(2), "node-b", true)]),
-        Mode::Tc,
-        &["--masquerade-ports", "61000-61003"],
+    // SYN that needs it is dropped, and its retransmission gets it. IPv4, then IPv6 (whose
+    // flows have a conntrack map, and so the four ports, of their own).
+    let yaml = format!(
+        "{}{}",
+        manifest(
+            "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.20, \"fd00:96::20\"]\n",
+            "",
+            &[(world_pod(2), "node-b", true)],
+        ),
+        slice6(&[(world_pod6(2), "node-b", true)]),
     );
-    let results = world
-        .probe_ext(&[
-            "tcp",
-            "--to",
-            &format!("{NODE_A}:{NODE_PORT_TCP}"),
-            "--count",
-            "8",
-            "--timeout-ms",
-            "5000",
-        ])
-        .unwrap();
-    let mut ports = std::collections::BTreeSet::new();
-    for r in &results {
-        assert_eq!(r["ok"], true, "attempt failed: {r}");
-        let saw: std::net::SocketAddr = r["server_saw"].as_str().unwrap().parse().unwrap();
-        assert_eq!(saw.ip(), NODE_A, "{r}");
-        assert!((61000..=61003).contains(&saw.port()), "{r}");
-        ports.insert(saw.port());
+    let (world, _agents) = cluster_with(&yaml, Mode::Tc, &["--masquerade-ports", "61000-61003"]);
+    for node in [IpAddr::V4(NODE_A), IpAddr::V6(lan6(1))] {
+        let to = SocketAddr::new(node, NODE_PORT_TCP).to_string();
+        let results = world
+            .probe_ext(&["tcp", "--to", &to, "--count", "8", "--timeout-ms", "5000"])
+            .unwrap();
+        let mut ports = std::collections::BTreeSet::new();
+        for r in &results {
+            assert_eq!(r["ok"], true, "attempt failed: {r}");
+            let saw: SocketAddr = r["server_saw"].as_str().unwrap().parse().unwrap();
+            assert_eq!(saw.ip(), node, "{r}");
+            assert!((61000..=61003).contains(&saw.port()), "{r}");
+            ports.insert(saw.port());
+        }
+        assert!(ports.len() <= 4, "{ports:?}");
     }
-    assert!(ports.len() <= 4, "{ports:?}");
     // The SYNs that found every port taken were dropped, and counted.
     assert!(drops(&world, 0, "no_masquerade_port") > 0);
 }
