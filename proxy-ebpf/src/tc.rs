@@ -342,7 +342,7 @@ fn translate_fragment<A: Routing>(
 }
 
 #[inline(always)]
-fn translate_error<A: Routing>(
+fn translate_error<A: Routing + icmp::QuotedRewrite>(
     ctx: &TcContext,
     error: &IcmpErrorOf<A>,
     t: &ErrorTranslationOf<A>,
@@ -364,7 +364,7 @@ fn sent_on<A: Routing>(ctx: &TcContext, route: bool, proto: u8, service_id: u32)
 
 /// How a family's masqueraded packets are routed, and answered when their TTL (hop limit)
 /// runs out here.
-trait Routing: icmp::QuotedRewrite {
+trait Routing: Family {
     fn route(ctx: &TcContext, proto: u8, service_id: u32) -> i32;
     /// Time exceeded back to the sender, quoting the packet as it came (untranslated).
     fn expired(ctx: &TcContext, flow: &FlowOf<Self>) -> i32;

@@ -3,7 +3,7 @@
 //! the cgroup with the socket hooks (socket LB); an unhooked one goes through tc DNAT.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -998,23 +998,50 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
     }
 }
 
-/// Two ClusterIPs whose only endpoint is the same pod.
-fn two_services_sharing_a_backend(world: &mut World, backend: Ipv4Addr) {
-    let manifest = [("web", VIP), ("web2", VIP2)]
+/// Two ClusterIPs whose only endpoint is the same pod (of their family).
+fn two_services_sharing_a_backend<A: Into<IpAddr> + Copy>(
+    world: &mut World,
+    vips: [&str; 2],
+    backend: A,
+) {
+    let manifest = [("web", vips[0]), ("web2", vips[1])]
         .map(|(name, vip)| service_manifest(name, vip, None, &ready(&[backend])))
         .join("---\n");
     world.start_agent(&manifest, true).unwrap();
 }
 
 const VIP2: &str = "10.96.0.11";
+const VIP6: &str = "fd00:96::10";
+const VIP6B: &str = "fd00:96::11";
+
+/// `vip:port`, `[vip]:port` for IPv6.
+fn at(vip: &str, port: u16) -> String {
+    SocketAddr::new(vip.parse().unwrap(), port).to_string()
+}
 
 #[test]
 fn one_client_port_to_two_cluster_ips_sharing_a_backend_keeps_both_flows_right() {
     let (mut world, backends) = three_backends();
-    two_services_sharing_a_backend(&mut world, backends[0]);
-    // UDP: datagrams from one port to each ClusterIP in turn; every answer comes from the
-    // address it was sent to (one reply tuple per flow, not the last one's).
-    let (to1, to2) = (format!("{VIP}:53"), format!("{VIP2}:53"));
+    two_services_sharing_a_backend(&mut world, [VIP, VIP2], backends[0]);
+    let client = world.pod(CLIENT).ip.into();
+    both_flows_stay_right(&mut world, [VIP, VIP2], client);
+}
+
+#[test]
+fn one_client_port_to_two_ipv6_cluster_ips_sharing_a_backend_keeps_both_flows_right() {
+    let (mut world, _) = three_backends();
+    let backend = world.pod(1).ip6;
+    two_services_sharing_a_backend(&mut world, [VIP6, VIP6B], backend);
+    let client = world.pod(CLIENT).ip6.into();
+    both_flows_stay_right(&mut world, [VIP6, VIP6B], client);
+}
+
+/// The tc path, one client port to `vips`, which share their backend: the second flow's
+/// reply tuple would be the first's, so its source port moves; every UDP answer comes from
+/// the address it was sent to, and a TCP connection to the second opens while one from
+/// the same port to the first lives on.
+fn both_flows_stay_right(world: &mut World, vips: [&str; 2], client: IpAddr) {
+    let (to1, to2) = (at(vips[0], 53), at(vips[1], 53));
     let udp = world
         .probe(
             CLIENT,
@@ -1037,7 +1064,6 @@ fn one_client_port_to_two_cluster_ips_sharing_a_backend_keeps_both_flows_right()
         assert_eq!(&r["peer"], to, "{udp:?}");
     }
     // proxyctl shows the second flow moved to another port, as the backend saw it.
-    let client = world.pod(CLIENT).ip;
     let flows: Value = serde_json::from_str(
         &world
             .proxyctl(&["conntrack", "list", "-o", "json"])
@@ -1048,20 +1074,19 @@ fn one_client_port_to_two_cluster_ips_sharing_a_backend_keeps_both_flows_right()
         .as_array()
         .unwrap()
         .iter()
-        .filter(|f| f["client"] == format!("{client}:40001") && f["service_address"] == to2)
+        .filter(|f| {
+            f["client"] == SocketAddr::new(client, 40001).to_string() && f["service_address"] == to2
+        })
         .collect();
     assert_eq!(moved.len(), 1, "{flows}");
     assert_eq!(moved[0]["masqueraded_as"], udp[1]["server_saw"], "{flows}");
-    // TCP: a long connection to the first ClusterIP keeps working while the same port
-    // connects to the second.
-    let port = "40002";
-    let hold = |to: &str, ms: &str| {
+    let hold = |to: String, ms: &str| {
         [
             "tcp",
             "--to",
-            to,
+            &to,
             "--source-port",
-            port,
+            "40002",
             "--hold-ms",
             ms,
             "--interval-ms",
@@ -1069,12 +1094,12 @@ fn one_client_port_to_two_cluster_ips_sharing_a_backend_keeps_both_flows_right()
         ]
         .map(str::to_owned)
     };
-    let first = hold(&format!("{VIP}:80"), "2500");
+    let first = hold(at(vips[0], 80), "2500");
     let (long, opened) = world
         .spawn_probe(CLIENT, false, &first.each_ref().map(String::as_str))
         .unwrap();
     assert_eq!(opened["ok"], true, "{opened}");
-    let second = hold(&format!("{VIP2}:80"), "1000");
+    let second = hold(at(vips[1], 80), "1000");
     let other = world
         .probe(CLIENT, false, &second.each_ref().map(String::as_str))
         .unwrap();
@@ -1091,7 +1116,7 @@ fn one_client_port_to_two_cluster_ips_sharing_a_backend_keeps_both_flows_right()
 #[test]
 fn a_direct_connection_reusing_a_closed_service_flows_tuple_is_not_rewritten() {
     let (mut world, backends) = three_backends();
-    two_services_sharing_a_backend(&mut world, backends[0]);
+    two_services_sharing_a_backend(&mut world, [VIP, VIP2], backends[0]);
     let direct = format!("{}:{BACKEND_PORT}", backends[0]);
     for round in 0..3 {
         // A service connection from the port, closed; then one straight to its backend.

@@ -115,28 +115,28 @@ fn cluster_policy_node_port_reaches_pods_on_both_nodes_masquerading_remote_ones(
     cluster_policy_node_port(Mode::Tc);
 }
 
-fn cluster_policy_node_port(mode: Mode) -> World {
-    let endpoints = [
-        (world_pod(1), "node-a", true),
-        (world_pod(2), "node-b", true),
-    ];
-    let (world, _agents) = cluster(&manifest("", "", &endpoints), mode);
-    for (node, local, remote) in [(NODE_A, "pod-a", "pod-b"), (NODE_B, "pod-b", "pod-a")] {
-        let results = tcp(&world, format!("{node}:{NODE_PORT_TCP}"), 60);
-        for r in &results {
-            assert_eq!(r["peer"], format!("{node}:{NODE_PORT_TCP}"), "{r}");
-        }
-        let seen = seen_by_backend(&results);
-        assert_eq!(
-            seen.len(),
-            2,
-            "both nodes' pods answer via {node}: {seen:?}"
-        );
-        // A local backend sees the client; a remote one the node that masqueraded.
-        assert_all(&seen[local], EXT_IP, &format!("{local} via {node}"));
-        assert_all(&seen[remote], node, &format!("{remote} via {node}"));
+/// 60 connections from ext to the TCP node port on `node`: both pods answer, the one on
+/// `node` (`pods[0]`) seeing `client`, the other (`pods[1]`) the node that masqueraded.
+fn node_port_masquerades(world: &World, node: IpAddr, client: IpAddr, pods: [&str; 2]) {
+    let to = SocketAddr::new(node, NODE_PORT_TCP).to_string();
+    let results = tcp(world, to.clone(), 60);
+    for r in &results {
+        assert_eq!(r["peer"], to, "{r}");
     }
-    // proxyctl shows which flows were masqueraded, and as what.
+    let seen = seen_by_backend(&results);
+    assert_eq!(
+        seen.len(),
+        2,
+        "both nodes' pods answer via {node}: {seen:?}"
+    );
+    let [local, remote] = pods;
+    assert_all(&seen[local], client, &format!("{local} via {node}"));
+    assert_all(&seen[remote], node, &format!("{remote} via {node}"));
+}
+
+/// `proxyctl conntrack` on node-a shows masqueraded flows, as `node` and a port of the
+/// masquerade range.
+fn masqueraded_as(world: &World, node: IpAddr) {
     let flows: Vec<Value> = serde_json::from_str(
         &world
             .proxyctl(&["conntrack", "list", "--output", "json"])
@@ -149,13 +149,22 @@ fn cluster_policy_node_port(mode: Mode) -> World {
         .collect();
     assert!(!masqueraded.is_empty(), "{flows:?}");
     for m in masqueraded {
-        let port: u16 = m
-            .strip_prefix(&format!("{NODE_A}:"))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(port >= proxy_common::SNAT_PORT_MIN, "{m}");
+        let saw: SocketAddr = m.parse().unwrap();
+        assert_eq!(saw.ip(), node, "{m}");
+        assert!(saw.port() >= proxy_common::SNAT_PORT_MIN, "{m}");
     }
+}
+
+fn cluster_policy_node_port(mode: Mode) -> World {
+    let endpoints = [
+        (world_pod(1), "node-a", true),
+        (world_pod(2), "node-b", true),
+    ];
+    let (world, _agents) = cluster(&manifest("", "", &endpoints), mode);
+    for (node, local, remote) in [(NODE_A, "pod-a", "pod-b"), (NODE_B, "pod-b", "pod-a")] {
+        node_port_masquerades(&world, node.into(), EXT_IP.into(), [local, remote]);
+    }
+    masqueraded_as(&world, NODE_A.into());
     // UDP: both backends answer, from the node port's address.
     let results = world
         .probe_ext(&[
@@ -270,21 +279,8 @@ fn ipv6_node_port(mode: Mode) {
     // As the IPv4 node port: through each node's IPv6 address, a local pod sees ext's
     // address and a remote one the node that masqueraded, which routes the replies back.
     let (world, _agents) = cluster(&dual_stack_manifest("", [true, true]), mode);
-    let ext6 = lan6(100);
     for (node, local, remote) in [(lan6(1), "pod-a", "pod-b"), (lan6(2), "pod-b", "pod-a")] {
-        let to = SocketAddr::new(node.into(), NODE_PORT_TCP).to_string();
-        let results = tcp(&world, to.clone(), 60);
-        for r in &results {
-            assert_eq!(r["peer"], to, "{r}");
-        }
-        let seen = seen_by_backend(&results);
-        assert_eq!(
-            seen.len(),
-            2,
-            "both nodes' pods answer via {node}: {seen:?}"
-        );
-        assert_all(&seen[local], ext6, &format!("{local} via {node}"));
-        assert_all(&seen[remote], node, &format!("{remote} via {node}"));
+        node_port_masquerades(&world, node.into(), lan6(100).into(), [local, remote]);
     }
     if let Mode::XdpNative = mode {
         // The driver's own count: node-a sent masqueraded IPv6 packets back out from XDP
@@ -292,25 +288,7 @@ fn ipv6_node_port(mode: Mode) {
         let stats = world.device_stats(0, "eth0").unwrap();
         assert!(stats["rx_queue_0_xdp_tx"] > 0, "{stats:?}");
     }
-    let flows: Vec<Value> = serde_json::from_str(
-        &world
-            .proxyctl(&["conntrack", "list", "--output", "json"])
-            .unwrap(),
-    )
-    .unwrap();
-    let masqueraded: Vec<&str> = flows
-        .iter()
-        .filter_map(|f| f["masqueraded_as"].as_str())
-        .collect();
-    assert!(!masqueraded.is_empty(), "{flows:?}");
-    for m in masqueraded {
-        let port: u16 = m
-            .strip_prefix(&format!("[{}]:", lan6(1)))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(port >= proxy_common::SNAT_PORT_MIN, "{m}");
-    }
+    masqueraded_as(&world, lan6(1).into());
     // UDP, datagrams in three fragments each way included.
     let to = SocketAddr::new(lan6(1).into(), NODE_PORT_UDP).to_string();
     for bytes in ["16", "4000"] {
