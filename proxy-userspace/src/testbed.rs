@@ -98,6 +98,39 @@ pub const fn lan6(host: u16) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, host)
 }
 
+/// The address family a scenario runs over, for the tests written once for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    /// Test ClusterIP number `n`: 10.96.0.`n`, or fd00:96::`n` for IPv6 (the same digits:
+    /// 10.96.0.30 and fd00:96::30).
+    pub fn cluster_ip(self, n: u8) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::new(10, 96, 0, n).into(),
+            Family::V6 => format!("fd00:96::{n}").parse::<Ipv6Addr>().unwrap().into(),
+        }
+    }
+
+    /// Its name in `ipFamilies` and in proxyctl's `ip_family`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// `addr:port`, `[addr]:port` for IPv6.
+pub fn at(addr: impl Into<IpAddr>, port: u16) -> String {
+    std::net::SocketAddr::new(addr.into(), port).to_string()
+}
+
 pub struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
@@ -106,6 +139,16 @@ pub struct Pod {
     pub iface: String,
     /// Index of its node in `World::nodes`.
     pub node: usize,
+}
+
+impl Pod {
+    /// Its address of `family`.
+    pub fn addr(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => self.ip.into(),
+            Family::V6 => self.ip6.into(),
+        }
+    }
 }
 
 pub struct Node {
