@@ -99,7 +99,7 @@ pub const fn lan6(host: u16) -> Ipv6Addr {
 }
 
 /// The address family a scenario runs over, for the tests written once for both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Family {
     V4,
     V6,

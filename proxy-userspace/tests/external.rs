@@ -411,43 +411,47 @@ fn drops(world: &World, node: usize, reason: &str) -> u64 {
 #[test]
 fn node_ports_follow_addresses_added_while_the_agent_runs() {
     // By default NodePorts answer on the node's primary address only (kube-proxy's
-    // nftables default); --nodeport-addresses CIDRs admit the others inside them.
-    let added = "192.168.50.11";
-    for (extra, served) in [
-        (&[][..], false),
-        (&["--nodeport-addresses", "192.168.50.0/24"][..], true),
-    ] {
-        let (world, agents) = cluster_with(
-            &manifest("", "", &[(world_pod(1), "node-a", true)]),
-            Mode::Tc,
-            extra,
-        );
-        let status = std::process::Command::new("ip")
-            .args(["-n", &world.nodes[0].netns, "addr", "add"])
-            .args([&format!("{added}/24"), "dev", "eth0"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        // The agent re-reads its interfaces' addresses at every housekeeping tick (1 s here).
-        agents[0]
-            .wait_for_log(&["node addresses changed"], Duration::from_secs(5))
-            .unwrap();
-        let to = format!("{added}:{NODE_PORT_TCP}");
-        if served {
+    // nftables default); --nodeport-addresses CIDRs admit the others inside them. Each
+    // family: an address added to node-a's LAN interface.
+    let families: [(&str, &str, IpAddr); 2] = [
+        ("192.168.50.11/24", "192.168.50.0/24", NODE_A.into()),
+        ("fd00:50::11/64", "fd00:50::/64", lan6(1).into()),
+    ];
+    for (added, cidr, primary) in families {
+        for (extra, served) in [
+            (&[][..], false),
+            (&["--nodeport-addresses", cidr][..], true),
+        ] {
+            let (world, agents) =
+                cluster_with(&dual_stack_manifest("", [true, false]), Mode::Tc, extra);
+            // No duplicate address detection: the address is usable at once.
+            world
+                .run_in_node(0, "ip", &["addr", "add", added, "dev", "eth0", "nodad"])
+                .unwrap();
+            // The agent re-reads its interfaces' addresses at every housekeeping tick (1 s
+            // here).
+            agents[0]
+                .wait_for_log(&["node addresses changed"], Duration::from_secs(5))
+                .unwrap();
+            let added: IpAddr = added.split('/').next().unwrap().parse().unwrap();
+            let to = SocketAddr::new(added, NODE_PORT_TCP).to_string();
+            if served {
+                let seen = seen_by_backend(&tcp(&world, to, 3));
+                assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{seen:?}");
+            } else {
+                let refused = &world
+                    .probe_ext(&["tcp", "--to", &to, "--timeout-ms", "1000"])
+                    .unwrap()[0];
+                assert_eq!(
+                    refused["kind"], "refused",
+                    "{to} is not a node port address: {refused}"
+                );
+            }
+            // The primary address serves either way.
+            let to = SocketAddr::new(primary, NODE_PORT_TCP).to_string();
             let seen = seen_by_backend(&tcp(&world, to, 3));
             assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{seen:?}");
-        } else {
-            let refused = &world
-                .probe_ext(&["tcp", "--to", &to, "--timeout-ms", "1000"])
-                .unwrap()[0];
-            assert_eq!(
-                refused["kind"], "refused",
-                "not a node port address: {refused}"
-            );
         }
-        // The primary address serves either way.
-        let seen = seen_by_backend(&tcp(&world, format!("{NODE_A}:{NODE_PORT_TCP}"), 3));
-        assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-a"], "{seen:?}");
     }
 }
 

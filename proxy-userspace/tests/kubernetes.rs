@@ -17,7 +17,7 @@ use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use proxy::testbed::{Agent, BACKEND_PORT, World};
+use proxy::testbed::{Agent, BACKEND_PORT, Family, World};
 use serde_json::{Value, json};
 
 const CLIENT: usize = 4;
@@ -152,6 +152,38 @@ impl Cluster {
             .expect("allocated clusterIPs"))
     }
 
+    /// Creates `service` dual-stack and returns its ClusterIPs, IPv4's first; on a cluster
+    /// without an IPv6 service range (`cargo xtask test`'s has one) IPv4's alone, unless
+    /// the Kubernetes tests are required.
+    fn create_dual_stack(&self, service: &Service) -> Vec<(Family, String)> {
+        let dual = with_families(service.clone(), "RequireDualStack", &["IPv4", "IPv6"]);
+        let ips = match self.try_create_service(&dual) {
+            Ok(ips) => ips,
+            Err(e) if !required() => {
+                eprintln!("IPv4 only: the cluster has no dual-stack service ranges: {e}");
+                vec![self.create_service(service)]
+            }
+            Err(e) => panic!("creating a dual-stack Service: {e}"),
+        };
+        Family::BOTH.into_iter().zip(ips).collect()
+    }
+
+    /// For each of `vips`' families, a slice (`family_slice`) of service `name` over the
+    /// world's pods `pods`, ready.
+    fn create_family_slices(
+        &self,
+        world: &World,
+        name: &str,
+        vips: &[(Family, String)],
+        pods: &[usize],
+    ) {
+        for (family, _) in vips {
+            let endpoints = ready_pods(world, *family, pods);
+            let slice = family_slice(name, *family);
+            self.create_slice(&slice_object(&slice, name, &endpoints));
+        }
+    }
+
     fn create_slice(&self, slice: &EndpointSlice) {
         self.rt
             .block_on(self.slices().create(&PostParams::default(), slice))
@@ -222,6 +254,18 @@ impl Cluster {
             )
             .expect("starting the agent in Kubernetes mode")
     }
+}
+
+/// The EndpointSlice of service `name` for `family`: `NAME-ipv4`, `NAME-ipv6`.
+fn family_slice(name: &str, family: Family) -> String {
+    format!("{name}-{}", family.name().to_lowercase())
+}
+
+/// The world's pods `pods` as ready endpoints of `family`.
+fn ready_pods(world: &World, family: Family, pods: &[usize]) -> Vec<(IpAddr, bool)> {
+    pods.iter()
+        .map(|i| (world.pod(*i).addr(family), true))
+        .collect()
 }
 
 /// Pods 1-3 serving as backend-1..3 (their addresses), pod 4 as client.
@@ -646,59 +690,61 @@ fn dashboard_series() -> BTreeSet<String> {
 #[test]
 fn killed_agent_restarts_without_breaking_flows_or_rewriting_maps() {
     let Some(cluster) = cluster() else { return };
-    let (mut world, pods) = world();
-    let [p1, p2, p3]: [Ipv4Addr; 3] = pods.try_into().unwrap();
+    let (mut world, _) = world();
     let agent = cluster.start_agent(&mut world);
-    let vip = cluster.create_service(&service_object("web", json!({}), false));
-    cluster.create_slice(&slice_object(
-        "web-1",
-        "web",
-        &[(p1, true), (p2, true), (p3, true)],
-    ));
-    eventually(
-        "web reachable",
-        || tcp_spread(&world, &vip, true, 10),
-        |s| s.keys().all(|k| k.starts_with("backend")),
-    );
-
-    // Long-lived flows through both paths, TCP and UDP.
-    let hold = ["--hold-ms", "6000", "--interval-ms", "100"];
-    let tcp_to = at(&vip, 80);
-    let udp_to = at(&vip, 53);
-    let flows: Vec<usize> = [
-        (true, ["tcp", "--to", &tcp_to]),
-        (false, ["tcp", "--to", &tcp_to]),
-        (true, ["udp", "--to", &udp_to]),
-        (false, ["udp", "--to", &udp_to]),
-    ]
-    .into_iter()
-    .map(|(hooked, args)| {
-        let args: Vec<&str> = args.iter().copied().chain(hold).collect();
-        let (handle, first) = world.spawn_probe(CLIENT, hooked, &args).unwrap();
-        assert_eq!(first["ok"], true, "{first}");
-        handle
-    })
-    .collect();
-
-    world.kill(agent.pid).unwrap();
-    // The datapath does not need the agent: new connections work while it is down.
-    for hooked in [true, false] {
-        let spread = tcp_spread(&world, &vip, hooked, 30);
-        assert!(
-            spread.keys().all(|k| k.starts_with("backend")),
-            "agent down (hooked={hooked}): {spread:?}"
+    // Dual-stack: both families' flows and maps live through the restart.
+    let vips = cluster.create_dual_stack(&service_object("web", json!({}), false));
+    cluster.create_family_slices(&world, "web", &vips, &[1, 2, 3]);
+    for (_, vip) in &vips {
+        eventually(
+            &format!("web reachable at {vip}"),
+            || tcp_spread(&world, vip, true, 10),
+            |s| s.keys().all(|k| k.starts_with("backend")),
         );
     }
 
+    // Long-lived flows through both paths, TCP and UDP, of each family.
+    let hold = ["--hold-ms", "6000", "--interval-ms", "100"];
+    let mut flows = Vec::new();
+    for (_, vip) in &vips {
+        let (tcp_to, udp_to) = (at(vip, 80), at(vip, 53));
+        for hooked in [true, false] {
+            for (protocol, to) in [("tcp", &tcp_to), ("udp", &udp_to)] {
+                let args: Vec<&str> = [protocol, "--to", to].into_iter().chain(hold).collect();
+                let (handle, first) = world.spawn_probe(CLIENT, hooked, &args).unwrap();
+                assert_eq!(first["ok"], true, "{first}");
+                flows.push(handle);
+            }
+        }
+    }
+
+    world.kill(agent.pid).unwrap();
+    // The datapath does not need the agent: new connections work while it is down.
+    for (_, vip) in &vips {
+        for hooked in [true, false] {
+            let spread = tcp_spread(&world, vip, hooked, 30);
+            assert!(
+                spread.keys().all(|k| k.starts_with("backend")),
+                "agent down ({vip}, hooked={hooked}): {spread:?}"
+            );
+        }
+    }
+
     let restarted = cluster.start_agent(&mut world);
+    let ports = 2 * vips.len();
     restarted
-        .wait_for_log(&["adopted 2 service ports"], Duration::from_secs(5))
+        .wait_for_log(
+            &[&format!("adopted {ports} service ports")],
+            Duration::from_secs(5),
+        )
         .unwrap();
     let synced = restarted
         .wait_for_log(&["synced"], Duration::from_secs(5))
         .unwrap();
     assert!(
-        synced.contains("0 service ports changed, 0 removed, 2 unchanged"),
+        synced.contains(&format!(
+            "0 service ports changed, 0 removed, {ports} unchanged"
+        )),
         "no rewrite after a restart: {synced}"
     );
     let metrics = world.agent_http("/metrics").unwrap();
@@ -800,16 +846,18 @@ fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
         namespace: "default".into(),
     };
     drop(cluster);
-    let (mut world, pods) = world();
-    let [p1, p2, _]: [Ipv4Addr; 3] = pods.try_into().unwrap();
+    let (mut world, _) = world();
     let agent = private.start_agent(&mut world);
-    let vip = private.create_service(&service_object("web", json!({}), false));
-    private.create_slice(&slice_object("web-1", "web", &[(p1, true)]));
-    eventually(
-        "web reachable",
-        || tcp_spread(&world, &vip, true, 5),
-        |s| answered(s) == backends(&["backend-1"]),
-    );
+    // Dual-stack (the test run's K8S_HOME configures private API servers so too).
+    let vips = private.create_dual_stack(&service_object("web", json!({}), false));
+    private.create_family_slices(&world, "web", &vips, &[1]);
+    for (_, vip) in &vips {
+        eventually(
+            &format!("web reachable at {vip}"),
+            || tcp_spread(&world, vip, true, 5),
+            |s| answered(s) == backends(&["backend-1"]),
+        );
+    }
 
     // A crash (or a partition): SIGKILL our own API server and etcd by their PID files.
     // (A graceful stop keeps open watches alive while it drains, which is no outage.)
@@ -836,12 +884,14 @@ fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
             Duration::from_secs(30),
         )
         .unwrap();
-    let spread = tcp_spread(&world, &vip, true, 10);
-    assert_eq!(
-        answered(&spread),
-        backends(&["backend-1"]),
-        "serving the last state while the API server is down"
-    );
+    for (_, vip) in &vips {
+        let spread = tcp_spread(&world, vip, true, 10);
+        assert_eq!(
+            answered(&spread),
+            backends(&["backend-1"]),
+            "{vip}: serving the last state while the API server is down"
+        );
+    }
     let metrics = world.agent_http("/metrics").unwrap();
     assert!(metrics.contains("proxy_source_connected 0"), "{metrics}");
     assert!(
@@ -864,14 +914,19 @@ fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
 
     run("start.sh");
     // The agent reconnects by itself (watch back-off) and catches up with a change made after.
-    private.set_endpoints("web-1", "web", &[(p2, true)]);
+    for (family, _) in &vips {
+        let endpoints = ready_pods(&world, *family, &[2]);
+        private.set_endpoints(&family_slice("web", *family), "web", &endpoints);
+    }
     // Within the watchers' reconnect back-off.
-    eventually_within(
-        Duration::from_secs(45),
-        "caught up after the API server came back",
-        || tcp_spread(&world, &vip, true, 5),
-        |s| answered(s) == backends(&["backend-2"]),
-    );
+    for (_, vip) in &vips {
+        eventually_within(
+            Duration::from_secs(45),
+            &format!("{vip} caught up after the API server came back"),
+            || tcp_spread(&world, vip, true, 5),
+            |s| answered(s) == backends(&["backend-2"]),
+        );
+    }
     agent
         .wait_for_log(&["source is reachable again"], Duration::from_secs(30))
         .unwrap();
@@ -886,63 +941,76 @@ fn agent_keeps_serving_while_the_api_server_is_down_and_catches_up_after() {
 #[test]
 fn churn_of_services_and_endpoints_ends_with_maps_equal_to_the_api() {
     let Some(cluster) = cluster() else { return };
-    let (mut world, pods) = world();
+    let (mut world, _) = world();
     let agent = cluster.start_agent(&mut world);
     // CI size by default; PROXY_CHURN_FULL=1 runs the full scenario: 1,000 services x 10
-    // endpoints, then 100 endpoint changes per second for a minute.
+    // endpoints, then 100 endpoint changes per second for a minute. The services are
+    // dual-stack, each family's slice changing in turn.
     let full = std::env::var("PROXY_CHURN_FULL").is_ok_and(|v| v == "1");
     let (services, changes) = if full { (1000, 6000) } else { (100, 300) };
     const ENDPOINTS: u8 = 10;
-    let endpoints = |seed: usize| -> Vec<(Ipv4Addr, bool)> {
+    let endpoints = |family: Family, seed: usize| -> Vec<(IpAddr, bool)> {
         (0..ENDPOINTS)
             .map(|i| {
-                (
-                    Ipv4Addr::new(10, 245, (seed % 200) as u8, i + 1),
-                    !(seed + i as usize).is_multiple_of(3),
-                )
+                let (third, host) = ((seed % 200) as u8, i + 1);
+                let addr: IpAddr = match family {
+                    Family::V4 => Ipv4Addr::new(10, 245, third, host).into(),
+                    Family::V6 => {
+                        Ipv6Addr::new(0xfd00, 0x245, third.into(), 0, 0, 0, 0, host.into()).into()
+                    }
+                };
+                (addr, !(seed + i as usize).is_multiple_of(3))
             })
             .collect()
     };
+    // (service, its ClusterIPs by family)
     let mut vips = Vec::new();
     for s in 0..services {
-        vips.push(cluster.create_service(&service_object(&format!("svc-{s}"), json!({}), false)));
-        cluster.create_slice(&slice_object(
-            &format!("svc-{s}-1"),
-            &format!("svc-{s}"),
-            &endpoints(s),
-        ));
+        let name = format!("svc-{s}");
+        let ips = cluster.create_dual_stack(&service_object(&name, json!({}), false));
+        for (family, _) in &ips {
+            let slice = family_slice(&name, *family);
+            cluster.create_slice(&slice_object(&slice, &name, &endpoints(*family, s)));
+        }
+        vips.push(ips);
     }
     // 100 endpoint changes per second.
     let mut last = BTreeMap::new();
     let started = Instant::now();
     for c in 0..changes {
         let s = (c * 7) % services;
-        let eps = endpoints(s + c + 1);
-        cluster.set_endpoints(&format!("svc-{s}-1"), &format!("svc-{s}"), &eps);
-        last.insert(s, eps);
+        let family = vips[s][c % vips[s].len()].0;
+        let eps = endpoints(family, s + c + 1);
+        let name = format!("svc-{s}");
+        cluster.set_endpoints(&family_slice(&name, family), &name, &eps);
+        last.insert((s, family), eps);
         let due = started + Duration::from_millis(10 * (c as u64 + 1));
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
     }
-    // One real service among them still works.
-    cluster.set_endpoints("svc-0-1", "svc-0", &[(pods[0], true)]);
-    last.insert(0, vec![(pods[0], true)]);
-    eventually(
-        "svc-0 follows",
-        || tcp_spread(&world, &vips[0], true, 3),
-        |s| answered(s) == backends(&["backend-1"]),
-    );
+    // One real service among them still works, over each family.
+    for (family, vip) in vips[0].clone() {
+        let eps = ready_pods(&world, family, &[1]);
+        cluster.set_endpoints(&family_slice("svc-0", family), "svc-0", &eps);
+        last.insert((0, family), eps);
+        eventually(
+            &format!("svc-0 follows at {vip}"),
+            || tcp_spread(&world, &vip, true, 3),
+            |s| answered(s) == backends(&["backend-1"]),
+        );
+    }
 
     // The maps hold exactly the desired state: every service with its ready endpoints.
-    let expected: BTreeMap<String, BTreeSet<IpAddr>> = (0..services)
-        .map(|s| {
-            let eps = last.get(&s).cloned().unwrap_or_else(|| endpoints(s));
-            (
-                vips[s].clone(),
-                eps.into_iter()
-                    .filter(|(_, ready)| *ready)
-                    .map(|(a, _)| IpAddr::V4(a))
-                    .collect(),
-            )
+    let expected: BTreeMap<String, BTreeSet<IpAddr>> = vips
+        .iter()
+        .enumerate()
+        .flat_map(|(s, ips)| ips.iter().map(move |(family, vip)| (s, *family, vip)))
+        .map(|(s, family, vip)| {
+            let eps = last
+                .get(&(s, family))
+                .cloned()
+                .unwrap_or_else(|| endpoints(family, s));
+            let ready = eps.into_iter().filter(|(_, ready)| *ready).map(|(a, _)| a);
+            (vip.clone(), ready.collect())
         })
         .collect();
     let programmed = || {

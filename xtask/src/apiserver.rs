@@ -18,6 +18,8 @@ pub struct ApiServer {
     scripts: PathBuf,
     dir: PathBuf,
     pub kubeconfig: PathBuf,
+    /// The dual-stack `K8S_HOME`, for tests that start API servers of their own.
+    pub home: PathBuf,
 }
 
 impl ApiServer {
@@ -75,6 +77,7 @@ impl ApiServer {
             scripts: scripts.to_path_buf(),
             dir: dir.join("run"),
             kubeconfig,
+            home,
         })
     }
 }

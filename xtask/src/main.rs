@@ -91,6 +91,7 @@ fn test() -> anyhow::Result<()> {
         .args(args)
         .current_dir(root())
         .env("KUBECONFIG", &apiserver.kubeconfig)
+        .env("K8S_HOME", &apiserver.home)
         .env("PROXY_K8S_TESTS", "required")
         .env("PROXY_K8S_SCRIPTS", &scripts)
         .stdout(std::process::Stdio::piped())
