@@ -312,14 +312,12 @@ struct Ipv6Fragment {
     id: u32,
 }
 
-/// An IPv6 packet's headers up to its upper layer.
-struct Ipv6Headers {
-    ip: Ipv6Header,
+/// Where an IPv6 header's extension headers lead.
+struct Extensions {
     /// The upper layer's protocol.
     next: u8,
-    /// Length of the IPv6 headers (extension headers included), and of what follows them.
+    /// Length of the IPv6 headers (the fixed one and the extension headers).
     ip_hdr_len: usize,
-    l4_len: usize,
     /// A fragment header's: more fragments follow, the fragment is not the first, and the
     /// identification.
     more_fragments: bool,
@@ -327,15 +325,58 @@ struct Ipv6Headers {
     fragment_id: u32,
 }
 
-impl Ipv6Headers {
+impl Extensions {
     fn fragmented(&self) -> bool {
         self.more_fragments || self.later_fragment
     }
 }
 
-/// An IPv6 packet's headers up to its upper layer, if its payload length is within the
-/// frame; hop-by-hop, routing and destination options headers (at most
-/// `IP6_MAX_EXT_HEADERS`) and a fragment header after them skipped.
+/// The extension headers after the IPv6 header at `ip_off`, whose next header is `next`,
+/// skipped: hop-by-hop, routing and destination options headers (at most
+/// `IP6_MAX_EXT_HEADERS`) and a fragment header after them.
+#[inline(always)]
+fn extensions<F: Frame>(ctx: &F, ip_off: usize, next: u8) -> Option<Extensions> {
+    let mut e = Extensions {
+        next,
+        ip_hdr_len: IP6_HDR_LEN,
+        more_fragments: false,
+        later_fragment: false,
+        fragment_id: 0,
+    };
+    for _ in 0..IP6_MAX_EXT_HEADERS {
+        match e.next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext: Ipv6Extension = ctx.read(ip_off + e.ip_hdr_len)?;
+                e.next = ext.next;
+                e.ip_hdr_len += (ext.len as usize + 1) * 8;
+            }
+            _ => break,
+        }
+    }
+    // The fragment header follows those (RFC 8200's order), once: read after the walk, so
+    // that the verifier does not follow each header's kind with each fragment's state.
+    if e.next == IPPROTO_FRAGMENT {
+        let frag: Ipv6Fragment = ctx.read(ip_off + e.ip_hdr_len)?;
+        let offset_flags = u16::from_be(frag.offset_flags);
+        e.next = frag.next;
+        e.ip_hdr_len += 8;
+        e.more_fragments = offset_flags & 1 != 0;
+        e.later_fragment = offset_flags >> 3 != 0;
+        e.fragment_id = u32::from_be(frag.id);
+    }
+    Some(e)
+}
+
+/// An IPv6 packet's headers up to its upper layer.
+struct Ipv6Headers {
+    ip: Ipv6Header,
+    ext: Extensions,
+    /// Length of what follows the IPv6 headers.
+    l4_len: usize,
+}
+
+/// An IPv6 packet's headers up to its upper layer (`extensions`), if its payload length is
+/// within the frame.
 #[inline(always)]
 fn ipv6_headers<F: Frame>(ctx: &F) -> Option<Ipv6Headers> {
     if is_ipv6(ctx) != Some(true) {
@@ -350,38 +391,9 @@ fn ipv6_headers<F: Frame>(ctx: &F) -> Option<Ipv6Headers> {
     if payload == 0 || payload > ctx.frame_len().saturating_sub(ETH_HDR_LEN + IP6_HDR_LEN) {
         return None;
     }
-    let mut h = Ipv6Headers {
-        ip,
-        next: ip.next,
-        ip_hdr_len: IP6_HDR_LEN,
-        l4_len: 0,
-        more_fragments: false,
-        later_fragment: false,
-        fragment_id: 0,
-    };
-    for _ in 0..IP6_MAX_EXT_HEADERS {
-        match h.next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext: Ipv6Extension = ctx.read(ETH_HDR_LEN + h.ip_hdr_len)?;
-                h.next = ext.next;
-                h.ip_hdr_len += (ext.len as usize + 1) * 8;
-            }
-            _ => break,
-        }
-    }
-    // The fragment header follows those (RFC 8200's order), once: read after the walk, so
-    // that the verifier does not follow each header's kind with each fragment's state.
-    if h.next == IPPROTO_FRAGMENT {
-        let frag: Ipv6Fragment = ctx.read(ETH_HDR_LEN + h.ip_hdr_len)?;
-        let offset_flags = u16::from_be(frag.offset_flags);
-        h.next = frag.next;
-        h.ip_hdr_len += 8;
-        h.more_fragments = offset_flags & 1 != 0;
-        h.later_fragment = offset_flags >> 3 != 0;
-        h.fragment_id = u32::from_be(frag.id);
-    }
-    h.l4_len = payload.checked_sub(h.ip_hdr_len - IP6_HDR_LEN)?;
-    Some(h)
+    let ext = extensions(ctx, ETH_HDR_LEN, ip.next)?;
+    let l4_len = payload.checked_sub(ext.ip_hdr_len - IP6_HDR_LEN)?;
+    Some(Ipv6Headers { ip, ext, l4_len })
 }
 
 /// The packet, if it is an IPv6 TCP or UDP packet (first fragment or whole) that the kernel
@@ -390,11 +402,11 @@ fn ipv6_headers<F: Frame>(ctx: &F) -> Option<Ipv6Headers> {
 #[inline(always)]
 pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
     let h = ipv6_headers(ctx)?;
-    if h.later_fragment {
+    if h.ext.later_fragment {
         return None;
     }
-    let (l4_off, l4_len) = (ETH_HDR_LEN + h.ip_hdr_len, h.l4_len);
-    let (sport, dport, tcp_flags) = match h.next {
+    let (l4_off, l4_len) = (ETH_HDR_LEN + h.ext.ip_hdr_len, h.l4_len);
+    let (sport, dport, tcp_flags) = match h.ext.next {
         IPPROTO_TCP => {
             let tcp: TcpStart = ctx.read(l4_off)?;
             let tcp_hdr_len = (tcp.data_off >> 4) as usize * 4;
@@ -407,7 +419,7 @@ pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
             let udp: UdpHeader = ctx.read(l4_off)?;
             let udp_len = u16::from_be(udp.len) as usize;
             // A first fragment holds only part of the datagram its length counts.
-            let whole = !h.more_fragments;
+            let whole = !h.ext.more_fragments;
             if udp_len < UDP_HDR_LEN || l4_len < UDP_HDR_LEN || (whole && udp_len > l4_len) {
                 return None;
             }
@@ -421,15 +433,15 @@ pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
             dst: h.ip.dst,
             sport: u16::from_be(sport),
             dport: u16::from_be(dport),
-            proto: h.next,
+            proto: h.ext.next,
             pad: 0,
             pad2: 0,
         },
         l4_off,
-        ip_hdr_len: h.ip_hdr_len,
+        ip_hdr_len: h.ext.ip_hdr_len,
         tcp_flags,
-        first_fragment: h.more_fragments,
-        ip_id: h.fragment_id,
+        first_fragment: h.ext.more_fragments,
+        ip_id: h.ext.fragment_id,
     })
 }
 
@@ -437,28 +449,29 @@ pub fn parse6<F: Frame>(ctx: &F) -> Option<Flow6> {
 #[inline(always)]
 pub fn parse_fragment6<F: Frame>(ctx: &F) -> Option<FragmentOf<[u8; 16]>> {
     let h = ipv6_headers(ctx)?;
-    if !h.later_fragment || (h.next != IPPROTO_TCP && h.next != IPPROTO_UDP) {
+    if !h.ext.later_fragment || (h.ext.next != IPPROTO_TCP && h.ext.next != IPPROTO_UDP) {
         return None;
     }
     Some(FragmentOf {
         src: h.ip.src,
         dst: h.ip.dst,
-        id: h.fragment_id,
-        proto: h.next,
+        id: h.ext.fragment_id,
+        proto: h.ext.next,
     })
 }
 
 /// The packet, if it is an ICMPv6 error (destination unreachable, packet too big, time
-/// exceeded, parameter problem) quoting at least the IPv6 header and the ports of a TCP or
-/// UDP packet; the quoted packet without extension headers (ours are sent without).
+/// exceeded, parameter problem) quoting at least the IPv6 headers and the ports of a TCP or
+/// UDP packet (whole or a first fragment): a translated packet keeps the client's
+/// extension headers, and the quote has them.
 #[inline(always)]
 pub fn parse_icmp6_error<F: Frame>(ctx: &F) -> Option<IcmpError6> {
     let h = ipv6_headers(ctx)?;
-    if h.next != IPPROTO_ICMPV6 || h.fragmented() {
+    if h.ext.next != IPPROTO_ICMPV6 || h.ext.fragmented() {
         return None;
     }
     let (ip, len) = (h.ip, h.l4_len);
-    let icmp_off = ETH_HDR_LEN + h.ip_hdr_len;
+    let icmp_off = ETH_HDR_LEN + h.ext.ip_hdr_len;
     let kind: u8 = ctx.read(icmp_off)?;
     if !matches!(
         kind,
@@ -474,11 +487,15 @@ pub fn parse_icmp6_error<F: Frame>(ctx: &F) -> Option<IcmpError6> {
     if inner.version_class_flow[0] >> 4 != 6 {
         return None;
     }
+    let quoted = extensions(ctx, inner_ip_off, inner.next)?;
+    if quoted.later_fragment {
+        return None;
+    }
     quoting(
         ctx,
         (ip.src, ip.dst),
-        (inner.src, inner.dst, inner.next),
-        (icmp_off, inner_ip_off, inner_ip_off + IP6_HDR_LEN),
+        (inner.src, inner.dst, quoted.next),
+        (icmp_off, inner_ip_off, inner_ip_off + quoted.ip_hdr_len),
         len,
     )
 }

@@ -919,25 +919,25 @@ fn every_fragment_of_an_ipv6_datagram_follows_its_flow() {
 
 const IPPROTO_ICMPV6: u8 = 58;
 
-/// An ICMPv6 error of `kind`/`code` from `src` to `dst` quoting `quoted` (an IPv6 frame
-/// without extension headers: its IP packet, whole, is quoted).
+/// An ICMPv6 error of `kind`/`code` from `src` to `dst` quoting `quoted` (an IPv6 frame:
+/// its IP packet, whole, is quoted).
 fn icmp6_error(kind: u8, code: u8, src: [u8; 16], dst: [u8; 16], quoted: &[u8]) -> Vec<u8> {
     let mut message = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
     message.extend_from_slice(&quoted[14..]);
     frame6(&[], IPPROTO_ICMPV6, src, dst, message)
 }
 
-/// An ICMPv6 error frame's source, the ends of the TCP segment it quotes, and whether
-/// both checksums hold: the ICMPv6 message's (over its pseudo-header) and the quoted
-/// segment's.
-fn icmp6_quoting(f: &[u8]) -> ([u8; 16], End6, End6, bool) {
+/// An ICMPv6 error frame's source, the ends of the TCP segment it quotes (at `l4` in the
+/// quoted packet as a frame: past its extension headers), and whether both checksums hold:
+/// the ICMPv6 message's (over its pseudo-header) and the quoted segment's.
+fn icmp6_quoting(f: &[u8], l4: usize) -> ([u8; 16], End6, End6, bool) {
     let (src, dst): ([u8; 16], [u8; 16]) =
         (f[22..38].try_into().unwrap(), f[38..54].try_into().unwrap());
     let message = &f[54..];
     let pseudo = sum(&src) + sum(&dst) + message.len() as u32 + u32::from(IPPROTO_ICMPV6);
     let mut quoted = f[..14].to_vec();
     quoted.extend_from_slice(&message[8..]);
-    let (qsrc, qdst, quote_holds) = ends6(&quoted, 14 + 40);
+    let (qsrc, qdst, quote_holds) = ends6(&quoted, l4);
     let holds = fold(pseudo + sum(message)) == 0xffff && quote_holds;
     (src, qsrc, qdst, holds)
 }
@@ -957,7 +957,7 @@ fn icmpv6_errors_about_translated_flows_are_translated_outer_and_inner() {
     let (verdict, out) = fx.egress(&error);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
-        icmp6_quoting(&out),
+        icmp6_quoting(&out, 14 + 40),
         (router, client, (VIP6, 80), true),
         "{out:02x?}"
     );
@@ -965,7 +965,7 @@ fn icmpv6_errors_about_translated_flows_are_translated_outer_and_inner() {
     let error = icmp6_error(DEST_UNREACH, 4, BACKEND6, CLIENT6, &sent);
     let (_, out) = fx.egress(&error);
     assert_eq!(
-        icmp6_quoting(&out),
+        icmp6_quoting(&out, 14 + 40),
         (VIP6, client, (VIP6, 80), true),
         "{out:02x?}"
     );
@@ -977,7 +977,7 @@ fn icmpv6_errors_about_translated_flows_are_translated_outer_and_inner() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(&out[38..54], &BACKEND6, "to the backend");
     assert_eq!(
-        icmp6_quoting(&out),
+        icmp6_quoting(&out, 14 + 40),
         (CLIENT6, backend, client, true),
         "{out:02x?}"
     );
@@ -985,4 +985,43 @@ fn icmpv6_errors_about_translated_flows_are_translated_outer_and_inner() {
     let stranger = tcp6(&[], (CLIENT6, 41000), (BACKEND6, 9999), SYN);
     let error = icmp6_error(DEST_UNREACH, 4, BACKEND6, CLIENT6, &stranger);
     assert_eq!(fx.egress(&error), (TC_ACT_OK, error.clone()));
+}
+
+#[test]
+fn icmpv6_errors_quoting_extension_headers_or_a_first_fragment_are_translated() {
+    let mut fx = Fixture::new();
+    const PACKET_TOO_BIG: u8 = 2;
+    let router = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    // A translated segment keeps the client's hop-by-hop and destination options headers,
+    // and an error quotes them: the ports are found past them.
+    let ext = [(IPPROTO_HOPOPTS, 1), (IPPROTO_DSTOPTS, 2)];
+    let client = (CLIENT6, 40000);
+    let (_, sent) = fx.ingress(&tcp6(&ext, client, (VIP6, 80), SYN));
+    let error = icmp6_error(PACKET_TOO_BIG, 0, router, CLIENT6, &sent);
+    let (verdict, out) = fx.egress(&error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        icmp6_quoting(&out, 14 + 40 + 24),
+        (router, client, (VIP6, 80), true),
+        "{out:02x?}"
+    );
+    // The first fragment of a datagram (fragment header; the ports in it): translated.
+    let client = (CLIENT6, 40001);
+    let [first, _] = fragmented_udp6(client, (VIP6, 53));
+    let (_, sent) = fx.ingress(&first);
+    let error = icmp6_error(PACKET_TOO_BIG, 0, router, CLIENT6, &sent);
+    let (_, out) = fx.egress(&error);
+    // The quoted UDP checksum covers the whole datagram: compare it with the first
+    // fragment the client sent, which it must equal again.
+    let quoted_ip = 14 + 40 + 8;
+    assert_eq!(
+        &out[quoted_ip..],
+        &first[14..],
+        "the client's fragment, quoted"
+    );
+    let (src, _, _, _) = icmp6_quoting(&out, 14 + 40 + 8);
+    assert_eq!(src, router);
+    let message = &out[54..];
+    let pseudo = sum(&out[22..38]) + sum(&out[38..54]) + message.len() as u32 + 58;
+    assert_eq!(fold(pseudo + sum(message)), 0xffff, "ICMPv6 checksum");
 }
