@@ -4,11 +4,13 @@
 //! such flow gets a pass entry in our conntrack (`CT_FLAG_PASS`), under the client's tuple:
 //! its packets are left to the kernel, which keeps sending them to the backend kube-proxy
 //! chose, until the flow has been idle for our UDP timeout. TCP needs none of this: a segment
-//! other than a SYN without an entry of ours is left alone anyway.
-use std::net::Ipv4Addr;
+//! other than a SYN without an entry of ours is left alone anyway. IPv4 and IPv6 alike
+//! (ip6tables' DNAT, in a dual-stack cluster), each in its family's conntrack map.
+use std::net::IpAddr;
 
-use aya::maps::{HashMap, MapData};
-use proxy_common::{CT_FLAG_PASS, CT_FORWARD, CT_STATE_ESTABLISHED, CtEntry, CtKey};
+use proxy_common::{CT_FLAG_PASS, CT_FORWARD, CT_STATE_ESTABLISHED, CtEntryOf, CtKeyOf};
+
+use crate::conntrack::Conntracks;
 
 const IPPROTO_UDP: u8 = 17;
 /// `BPF_NOEXIST` (linux/bpf.h): insert only if the key is absent.
@@ -19,8 +21,8 @@ const NF_CONNTRACK: &str = "/proc/net/nf_conntrack";
 /// One side of a kernel conntrack entry.
 #[derive(Debug, PartialEq)]
 struct Tuple {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     sport: u16,
     dport: u16,
 }
@@ -31,7 +33,8 @@ fn translated_udp(text: &str) -> Vec<(Tuple, Tuple)> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.first() != Some(&"ipv4") || fields.get(2) != Some(&"udp") {
+            let family = fields.first()?;
+            if (*family != "ipv4" && *family != "ipv6") || fields.get(2) != Some(&"udp") {
                 return None;
             }
             let value =
@@ -52,41 +55,72 @@ fn translated_udp(text: &str) -> Vec<(Tuple, Tuple)> {
         .collect()
 }
 
-/// Adds a pass entry for every UDP flow the kernel translates now; returns how many. An
-/// entry of ours under the same tuple is kept. Without a readable `nf_conntrack` (kernels
-/// built without its procfs file) nothing is added and `Err` says so.
-pub fn pass_translated_udp(
-    conntrack: &mut HashMap<MapData, CtKey, CtEntry>,
-    now_ns: u64,
-) -> std::io::Result<usize> {
+/// Adds a pass entry for every UDP flow the kernel translates now, in its family's map;
+/// returns how many. An entry of ours under the same tuple is kept. Without a readable
+/// `nf_conntrack` (kernels built without its procfs file) nothing is added and `Err` says
+/// so.
+pub fn pass_translated_udp(conntrack: &mut Conntracks, now_ns: u64) -> std::io::Result<usize> {
     let text = std::fs::read_to_string(NF_CONNTRACK)?;
     let mut added = 0;
     for (original, reply) in translated_udp(&text) {
-        let key = CtKey {
-            src: original.src.octets(),
-            dst: original.dst.octets(),
-            sport: original.sport,
-            dport: original.dport,
-            proto: IPPROTO_UDP,
-            pad: 0,
-            pad2: 0,
+        let ends = (original.src, original.dst, reply.src);
+        let inserted = match ends {
+            (IpAddr::V4(src), IpAddr::V4(dst), IpAddr::V4(backend)) => {
+                let (key, entry) = pass_entry(
+                    &original,
+                    &reply,
+                    [src, dst, backend].map(|a| a.octets()),
+                    now_ns,
+                );
+                conntrack.v4.insert(key, entry, BPF_NOEXIST).is_ok()
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst), IpAddr::V6(backend)) => {
+                let (key, entry) = pass_entry(
+                    &original,
+                    &reply,
+                    [src, dst, backend].map(|a| a.octets()),
+                    now_ns,
+                );
+                conntrack.v6.insert(key, entry, BPF_NOEXIST).is_ok()
+            }
+            // NAT46/64 is none of kube-proxy's.
+            _ => false,
         };
-        let entry = CtEntry {
-            nat_addr: reply.src.octets(),
-            nat_port: reply.sport,
-            direction: CT_FORWARD,
-            state: CT_STATE_ESTABLISHED,
-            peer_addr: original.src.octets(),
-            peer_port: original.sport,
-            flags: CT_FLAG_PASS,
-            last_seen_ns: now_ns,
-            ..CtEntry::default()
-        };
-        if conntrack.insert(key, entry, BPF_NOEXIST).is_ok() {
-            added += 1;
-        }
+        added += usize::from(inserted);
     }
     Ok(added)
+}
+
+/// The pass entry of a flow the kernel translates, under the client's tuple: the backend
+/// the kernel chose. `[client, service, backend]` are the tuples' addresses in the
+/// family's form.
+fn pass_entry<A: Copy + Default>(
+    original: &Tuple,
+    reply: &Tuple,
+    [client, service, backend]: [A; 3],
+    now_ns: u64,
+) -> (CtKeyOf<A>, CtEntryOf<A>) {
+    let key = CtKeyOf {
+        src: client,
+        dst: service,
+        sport: original.sport,
+        dport: original.dport,
+        proto: IPPROTO_UDP,
+        pad: 0,
+        pad2: 0,
+    };
+    let entry = CtEntryOf {
+        nat_addr: backend,
+        nat_port: reply.sport,
+        direction: CT_FORWARD,
+        state: CT_STATE_ESTABLISHED,
+        peer_addr: client,
+        peer_port: original.sport,
+        flags: CT_FLAG_PASS,
+        last_seen_ns: now_ns,
+        ..CtEntryOf::default()
+    };
+    (key, entry)
 }
 
 #[cfg(test)]
@@ -102,15 +136,25 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=10.244.4.2 dst=10.96.0.10 sport=400
 ipv6     10 udp      17 20 src=fd00::2 dst=fd00::10 sport=1 dport=53 src=fd00::3 dst=fd00::2 sport=8080 dport=1 mark=0 zone=0 use=2
 ";
         let flows = translated_udp(text);
-        assert_eq!(flows.len(), 1);
+        assert_eq!(flows.len(), 2);
         let (original, reply) = &flows[0];
         assert_eq!(
             (original.dst, original.dport, original.sport),
-            (Ipv4Addr::new(10, 96, 0, 10), 53, 41234)
+            ("10.96.0.10".parse().unwrap(), 53, 41234)
         );
         assert_eq!(
             (reply.src, reply.sport),
-            (Ipv4Addr::new(10, 244, 1, 2), 8080)
+            ("10.244.1.2".parse().unwrap(), 8080)
+        );
+        let (original, reply) = &flows[1];
+        assert_eq!(
+            (original.dst, original.dport, reply.src, reply.sport),
+            (
+                "fd00::10".parse().unwrap(),
+                53,
+                "fd00::3".parse().unwrap(),
+                8080
+            )
         );
     }
 }

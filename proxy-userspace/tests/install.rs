@@ -4,13 +4,13 @@
 //! and taken away again with `--cleanup`. Pods 1-3 serve as backends, pod 4 is the client.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{BACKEND_PORT, World, ready, service_manifest};
+use proxy::testbed::{BACKEND_PORT, Family, World, at, ready, service_manifest};
 use serde_json::Value;
 
 const CLIENT: usize = 4;
@@ -23,12 +23,16 @@ fn three_backends() -> (World, Vec<Ipv4Addr>) {
 
 /// Backend → connections, over `count` new TCP connections from the client.
 fn tcp_spread(world: &World, hooked: bool, count: u32) -> BTreeMap<String, usize> {
-    let to = format!("{VIP}:80");
+    tcp_spread_to(world, hooked, &format!("{VIP}:80"), count)
+}
+
+/// `tcp_spread` to `to`.
+fn tcp_spread_to(world: &World, hooked: bool, to: &str, count: u32) -> BTreeMap<String, usize> {
     let lines = world
         .probe(
             CLIENT,
             hooked,
-            &["tcp", "--to", &to, "--count", &count.to_string()],
+            &["tcp", "--to", to, "--count", &count.to_string()],
         )
         .unwrap();
     let mut counts = BTreeMap::new();
@@ -70,9 +74,10 @@ fn body_of(response: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
 }
 
-/// What kube-proxy's iptables mode programs for `VIP` (TCP 80 and UDP 53 to the backends),
-/// in the shape and with the names it uses.
-fn kube_proxy_iptables(backends: &[Ipv4Addr]) -> String {
+/// What kube-proxy's iptables mode programs for `vip` (TCP 80 and UDP 53 to the backends),
+/// in the shape and with the names it uses; for `ip6tables-restore` with IPv6 addresses.
+fn kube_proxy_iptables(vip: IpAddr, backends: &[IpAddr]) -> String {
+    let host = if vip.is_ipv6() { 128 } else { 32 };
     let mut nat = String::from(
         "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
          :KUBE-MARK-MASQ - [0:0]\n:KUBE-PROXY-CANARY - [0:0]\n",
@@ -89,7 +94,7 @@ fn kube_proxy_iptables(backends: &[Ipv4Addr]) -> String {
         let svc = format!("KUBE-SVC-WEB{}", proto.to_uppercase());
         nat += &format!(":{svc} - [0:0]\n");
         rules += &format!(
-            "-A KUBE-SERVICES -d {VIP}/32 -p {proto} -m {proto} --dport {port} -j {svc}\n"
+            "-A KUBE-SERVICES -d {vip}/{host} -p {proto} -m {proto} --dport {port} -j {svc}\n"
         );
         for (i, backend) in backends.iter().enumerate() {
             let sep = format!("KUBE-SEP-WEB{}{i}", proto.to_uppercase());
@@ -104,7 +109,8 @@ fn kube_proxy_iptables(backends: &[Ipv4Addr]) -> String {
                 rules += &format!("-A {svc} -j {sep}\n");
             }
             rules += &format!(
-                "-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {backend}:{BACKEND_PORT}\n"
+                "-A {sep} -p {proto} -m {proto} -j DNAT --to-destination {}\n",
+                at(*backend, BACKEND_PORT)
             );
         }
     }
@@ -117,38 +123,53 @@ fn kube_proxy_iptables(backends: &[Ipv4Addr]) -> String {
     format!("{nat}{rules}COMMIT\n{filter}")
 }
 
-/// Packets that kube-proxy's `KUBE-SERVICES` rules for `VIP` matched: one per connection
-/// they balanced (the nat table sees a connection's first packet only).
+/// Packets that kube-proxy's `KUBE-SERVICES` rules (the service portals of both families)
+/// matched: one per connection they balanced (the nat table sees a connection's first
+/// packet only).
 fn kube_proxy_balanced(world: &World) -> u64 {
-    let saved = world
-        .run_in_node(0, "iptables-save", &["-c", "-t", "nat"])
-        .unwrap();
-    saved
-        .lines()
-        .filter(|l| l.contains("-A KUBE-SERVICES") && l.contains(VIP))
-        .map(|l| {
-            let counters = l.trim_start_matches('[').split(']').next().unwrap();
-            counters.split(':').next().unwrap().parse::<u64>().unwrap()
+    ["iptables-save", "ip6tables-save"]
+        .iter()
+        .flat_map(|save| {
+            let saved = world.run_in_node(0, save, &["-c", "-t", "nat"]).unwrap();
+            saved
+                .lines()
+                .filter(|l| l.contains("-A KUBE-SERVICES"))
+                .map(|l| {
+                    let counters = l.trim_start_matches('[').split(']').next().unwrap();
+                    counters.split(':').next().unwrap().parse::<u64>().unwrap()
+                })
+                .collect::<Vec<_>>()
         })
         .sum()
 }
 
-fn iptables_restore(world: &World, rules: &str) {
+/// kube-proxy's rules for `family`'s ClusterIP 10 over pods 1-3, restored as it does.
+fn restore_kube_proxy_rules(world: &World, family: Family) {
+    let backends: Vec<IpAddr> = (1..=3).map(|i| world.pod(i).addr(family)).collect();
+    let rules = kube_proxy_iptables(family.cluster_ip(10), &backends);
+    let restore = match family {
+        Family::V4 => "iptables-restore",
+        Family::V6 => "ip6tables-restore",
+    };
     let mut child = world
-        .in_node(0, "iptables-restore")
+        .in_node(0, restore)
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), rules.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "iptables-restore failed");
+    assert!(child.wait().unwrap().success(), "{restore} failed");
 }
 
-/// The chart's kube-proxy migration, step by step, on a node where kube-proxy's iptables
-/// rules carry long-lived TCP and UDP flows and kube-proxy holds 10249 and 10256.
+/// The chart's kube-proxy migration, step by step, on a dual-stack node where kube-proxy's
+/// iptables and ip6tables rules carry long-lived TCP and UDP flows and kube-proxy holds
+/// 10249 and 10256.
 #[test]
 fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
     let (mut world, backends) = three_backends();
-    iptables_restore(&world, &kube_proxy_iptables(&backends));
+    for family in Family::BOTH {
+        restore_kube_proxy_rules(&world, family);
+    }
+    let vip6 = Family::V6.cluster_ip(10);
     // A node that once ran kube-proxy in nftables mode keeps its table too.
     world
         .run_in_node(
@@ -192,26 +213,32 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
         || listening(&world, 10249) && listening(&world, 10256),
     );
     // Long-lived flows through kube-proxy's rules, from a pod in the cgroup that will be
-    // hooked and from one outside it (tc path), TCP and connected UDP.
-    let hold = |proto: &'static str| {
-        let mut args = vec![proto, "--to"];
-        args.push(if proto == "tcp" {
-            "10.96.0.10:80"
-        } else {
-            "10.96.0.10:53"
-        });
+    // hooked and from one outside it (tc path), TCP and connected UDP; over IPv6 through
+    // tc.
+    let hold = |proto: &'static str, vip: IpAddr| {
+        let port = if proto == "tcp" { 80 } else { 53 };
+        let mut args = vec![proto.to_owned(), "--to".into(), at(vip, port)];
         if proto == "udp" {
-            args.push("--connected");
+            args.push("--connected".into());
         }
-        args.extend(["--hold-ms", "8000", "--interval-ms", "100"]);
+        args.extend(["--hold-ms", "8000", "--interval-ms", "100"].map(String::from));
         args
     };
+    let vip4: IpAddr = VIP.parse().unwrap();
     let mut flows = Vec::new();
-    for (proto, hooked) in [("tcp", true), ("tcp", false), ("udp", false)] {
-        let (handle, first) = world.spawn_probe(CLIENT, hooked, &hold(proto)).unwrap();
+    for (proto, hooked, vip) in [
+        ("tcp", true, vip4),
+        ("tcp", false, vip4),
+        ("udp", false, vip4),
+        ("tcp", false, vip6),
+        ("udp", false, vip6),
+    ] {
+        let args = hold(proto, vip);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (handle, first) = world.spawn_probe(CLIENT, hooked, &args).unwrap();
         assert_eq!(first["ok"], true, "{first}");
         flows.push((
-            proto,
+            format!("{proto} to {vip}"),
             hooked,
             handle,
             first["backend"].as_str().unwrap().to_owned(),
@@ -219,14 +246,17 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
     }
     let balanced_by_kube_proxy = kube_proxy_balanced(&world);
     assert!(
-        balanced_by_kube_proxy >= 3,
+        balanced_by_kube_proxy >= 5,
         "the flows went through kube-proxy's rules"
     );
 
     // 1. Install: the agent becomes ready while kube-proxy still holds its ports.
-    let manifest = world
-        .write_manifest(&service_manifest("web", VIP, None, &ready(&backends)))
-        .unwrap();
+    let backends6: Vec<IpAddr> = (1..=3).map(|i| world.pod(i).addr(Family::V6)).collect();
+    let services = [
+        service_manifest("web", VIP, None, &ready(&backends)),
+        service_manifest("web6", &vip6.to_string(), None, &ready(&backends6)),
+    ];
+    let manifest = world.write_manifest(&services.join("---\n")).unwrap();
     let probe_bind = format!("0.0.0.0:{PROBE_PORT}");
     let agent = world
         .start_agent_with(
@@ -251,10 +281,10 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
             Duration::from_secs(5),
         )
         .unwrap();
-    // The UDP flow kube-proxy translates is left to the kernel's NAT.
+    // The UDP flows kube-proxy translates (one per family) are left to the kernel's NAT.
     agent
         .wait_for_log(
-            &["left 1 UDP flows to the kernel's NAT"],
+            &["left 2 UDP flows to the kernel's NAT"],
             Duration::from_secs(1),
         )
         .unwrap();
@@ -270,6 +300,7 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
     // New connections go through eBPF: kube-proxy's rules balance none of them.
     for hooked in [true, false] {
         assert_eq!(tcp_spread(&world, hooked, 30).len(), 3);
+        assert_eq!(tcp_spread_to(&world, hooked, &at(vip6, 80), 30).len(), 3);
     }
     assert_eq!(kube_proxy_balanced(&world), balanced_by_kube_proxy);
 
@@ -289,7 +320,7 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
         world
             .agent_http("/metrics")
             .unwrap()
-            .contains("proxy_service_ports 2")
+            .contains("proxy_service_ports 4")
     );
 
     // 3. Its rules go, as `kube-proxy --cleanup` removes them.
@@ -301,11 +332,11 @@ fn replacing_kube_proxy_keeps_every_connection_and_leaves_none_of_its_rules() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("nftables table ip kube-proxy"), "{log}");
-    for table in ["nat", "filter"] {
-        let saved = world
-            .run_in_node(0, "iptables-save", &["-t", table])
-            .unwrap();
-        assert!(!saved.contains("KUBE-"), "left in {table}:\n{saved}");
+    for save in ["iptables-save", "ip6tables-save"] {
+        for table in ["nat", "filter"] {
+            let saved = world.run_in_node(0, save, &["-t", table]).unwrap();
+            assert!(!saved.contains("KUBE-"), "left in {save} {table}:\n{saved}");
+        }
     }
     let tables = world.run_in_node(0, "nft", &["list", "tables"]).unwrap();
     assert!(!tables.contains("table ip kube-proxy"), "{tables}");
