@@ -78,6 +78,11 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = L
 pub static CONNTRACK6: LruHashMap<CtKey6, CtEntry6, { MAX_CONNTRACK6 as usize }> =
     LruHashMap::new();
 
+/// Where the next masquerade port search starts in the range (`nat::PORT_ATTEMPTS`); not
+/// pinned: a new datapath starts it afresh.
+#[btf_map(name = "snat_cursor")]
+pub static SNAT_CURSOR: Array<u32, 1> = Array::new();
+
 /// Room for a new flow's conntrack entries (`Family::new_entries`); not pinned.
 #[btf_map(name = "new_entries")]
 pub static NEW_ENTRIES: PerCpuArray<crate::nat::NewEntries<[u8; 4]>, 1> = PerCpuArray::new();

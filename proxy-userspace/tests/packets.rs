@@ -457,6 +457,26 @@ fn one_client_port_to_two_cluster_ips_sharing_a_backend_gets_two_reply_tuples() 
 }
 
 #[test]
+fn moved_flows_take_source_ports_in_turn() {
+    // The port search starts where the last one stopped: the ports flows move to follow
+    // one another through the range, so a port comes back only after all the others.
+    let mut fx = Fixture::new();
+    let moved: Vec<u16> = (40000..40003)
+        .map(|port| {
+            fx.ingress(&tcp((CLIENT, port), (VIP1, 80), SYN));
+            let (_, second) = fx.ingress(&tcp((CLIENT, port), (VIP2, 80), SYN));
+            ends(&second).0.1
+        })
+        .collect();
+    let first = moved[0];
+    assert!(
+        (SNAT_PORT_MIN..=SNAT_PORT_MAX - 2).contains(&first),
+        "{moved:?}"
+    );
+    assert_eq!(moved, [first, first + 1, first + 2]);
+}
+
+#[test]
 fn a_direct_connection_on_a_closed_service_flows_tuple_is_not_rewritten() {
     let mut fx = Fixture::new();
     let client = (CLIENT, 40000);
