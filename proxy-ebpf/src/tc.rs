@@ -143,7 +143,7 @@ fn tracked6(ctx: &TcContext, side: Side) -> i32 {
     };
     let len = ctx.len() as u64;
     let verdict = match side {
-        Side::Ingress => match nat::tracked_ingress(&flow, len) {
+        Side::Ingress => match nat::tracked_ingress(&flow, len, lb::now_ns()) {
             Some(verdict) => verdict,
             None => return NEW_FLOW,
         },
