@@ -33,7 +33,7 @@ use proxy::{
     reconcile::{Reconciler, ServiceMaps as _, Snapshot},
     store::{Kind, Object, Store},
     sync_state::SharedSyncState,
-    testbed::{Binaries, World},
+    testbed::{Binaries, World, remove_cgroup},
 };
 use proxy_common::maps;
 
@@ -108,6 +108,23 @@ struct PinDir(PathBuf);
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A cgroup made for a measurement, removed on drop (also on an early return).
+struct CgroupDir(PathBuf);
+
+impl CgroupDir {
+    fn create(path: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating the cgroup {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        remove_cgroup(&self.0);
     }
 }
 
@@ -497,13 +514,14 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 /// Starts the agent on a directory holding `n` services, waits until they are programmed,
 /// then writes one small file beside them and waits until that lands.
 fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<AgentFigures> {
+    // Dropped after the pins (which hold its attachments).
+    let cgroup = CgroupDir::create(
+        proxy::datapath::cgroup2_mount()?.join(format!("proxy-bench-{}", std::process::id())),
+    )?;
     let pins = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/proxy-bench-agent-{}-{n}",
         std::process::id()
     )));
-    let cgroup =
-        proxy::datapath::cgroup2_mount()?.join(format!("proxy-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&cgroup)?;
     let manifests =
         PinDir(std::env::temp_dir().join(format!("proxy-bench-{}-{n}", std::process::id())));
     std::fs::create_dir_all(&manifests.0)?;
@@ -520,7 +538,7 @@ fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<AgentFigures> {
         .arg("--manifests")
         .arg(&manifests.0)
         .arg("--cgroup")
-        .arg(&cgroup)
+        .arg(&cgroup.0)
         .arg("--bpffs")
         .arg(&pins.0)
         .args([
@@ -564,7 +582,6 @@ fn agent(n: usize, bin_dir: &Path) -> anyhow::Result<AgentFigures> {
     })();
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir(&cgroup);
     result
 }
 

@@ -1051,17 +1051,19 @@ impl Drop for World {
             let _ = Command::new("ip").args(["netns", "del", netns]).status();
         }
         for node in &self.nodes {
-            // The cgroup can be removed once its processes are gone, which takes a moment.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while std::fs::remove_dir(&node.cgroup).is_err()
-                && node.cgroup.exists()
-                && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            remove_cgroup(&node.cgroup);
             let _ = std::fs::remove_dir_all(&node.bpffs);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes a cgroup made for a test or benchmark: possible once the processes that were in
+/// it are gone and it is released, which can take a moment after they exit (up to 5 s).
+pub fn remove_cgroup(cgroup: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(cgroup).is_err() && cgroup.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
