@@ -123,6 +123,10 @@ pub static TC_IPV6: ProgramArray<2> = ProgramArray::new();
 #[btf_map(name = "xdp_ipv6")]
 pub static XDP_IPV6: ProgramArray<1> = ProgramArray::new();
 
+/// A new IPv6 flow as the tc programs' steps hand it on (`tc::NewFlow6`); not pinned.
+#[btf_map(name = "new_flow6")]
+pub static NEW_FLOW6: PerCpuArray<crate::tc::NewFlow6, 1> = PerCpuArray::new();
+
 /// What `proxy_xdp6`'s steps hand on to each other (`xdp::Forward6`); not pinned.
 #[btf_map(name = "xdp_forward6")]
 pub static XDP_FORWARD6: PerCpuArray<crate::xdp::Forward6, 1> = PerCpuArray::new();

@@ -49,6 +49,20 @@ pub struct FlowOf<A> {
 pub type Flow = FlowOf<[u8; 4]>;
 pub type Flow6 = FlowOf<[u8; 16]>;
 
+/// Bound of an IPv6 packet's L4 offset: far above the parser's (four extension headers of
+/// at most 2 KiB each).
+const L4_OFF_MAX: usize = 16 * 1024;
+
+impl<A: Copy> FlowOf<A> {
+    /// The flow, if its offsets are within bounds the verifier can see. A flow read from a
+    /// map has offsets that are any number to the verifier, which adds only bounded ones to
+    /// a packet pointer: copied to the stack (this returns it) and bounded there.
+    #[inline(always)]
+    pub fn bounded(self) -> Option<Self> {
+        (self.l4_off <= L4_OFF_MAX && self.ip_hdr_len <= L4_OFF_MAX).then_some(self)
+    }
+}
+
 impl<A> FlowOf<A> {
     pub fn is_tcp(&self) -> bool {
         self.key.proto == IPPROTO_TCP

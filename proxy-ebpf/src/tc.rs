@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    DropReason, HOOK_TC, ServiceKey6, XDP_META_NOTHING_FOR_US, XdpMeta,
+    DropReason, HOOK_TC, ServiceValue, XDP_META_NOTHING_FOR_US, XdpMeta,
     maps::{TC_IPV6_EGRESS, TC_IPV6_INGRESS},
 };
 
@@ -16,12 +16,13 @@ use crate::{
     family::Family,
     icmp,
     lb::{self, Dropped, EventFlow},
-    maps::TC_IPV6,
+    maps::{NEW_FLOW6, TC_IPV6},
     nat::{self, Action, Side, Translation, Verdict},
     packet::{
-        self, Endpoint, ErrorTranslationOf, Flow, FlowOf, FragmentOf, Frame, ICMP_DEST_UNREACH,
-        ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH,
-        ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpErrorOf, Packet,
+        self, Endpoint, ErrorTranslationOf, Flow, Flow6, FlowOf, FragmentOf, Frame,
+        ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH,
+        ICMPV6_PORT_UNREACH, ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpErrorOf,
+        Packet,
     },
     route,
 };
@@ -111,8 +112,8 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
 fn run6(ctx: &TcContext, side: Side) -> i32 {
     let action = match tracked6(ctx, side) {
         NEW_FLOW => match choose6(ctx) {
-            picked if picked >> 32 != 0 => record6(ctx, picked),
-            action => action as i32,
+            CHOSEN => record6(ctx),
+            action => action,
         },
         NOT_A_FLOW => match fragment6(ctx, side) {
             NOT_A_FRAGMENT => error6(ctx, side),
@@ -134,6 +135,25 @@ const NEW_FLOW: i32 = i32::MIN;
 const NOT_A_FLOW: i32 = i32::MIN + 1;
 /// `fragment6`'s answer for a packet that is not a later fragment.
 const NOT_A_FRAGMENT: i32 = i32::MIN + 2;
+/// `choose6`'s answer for a new flow that `record6` must record.
+const CHOSEN: i32 = i32::MIN + 3;
+
+/// A new IPv6 flow as `tracked6` hands it to `choose6` and `choose6` to `record6` (per CPU:
+/// the program runs on one CPU from start to end), so that neither parses the packet,
+/// reads the clock or looks the service port and backend up again.
+pub struct NewFlow6 {
+    flow: Flow6,
+    now: u64,
+    svc: ServiceValue,
+    chosen: lb::Chosen<[u8; 16]>,
+}
+
+/// This CPU's `NewFlow6`.
+#[inline(always)]
+fn new_flow6() -> Option<&'static mut NewFlow6> {
+    // SAFETY: a per-CPU value, this program's alone for its run.
+    NEW_FLOW6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 
 /// An IPv6 packet of a tracked flow (ingress), or any leaving one (egress).
 #[inline(never)]
@@ -143,57 +163,56 @@ fn tracked6(ctx: &TcContext, side: Side) -> i32 {
     };
     let len = ctx.len() as u64;
     let verdict = match side {
-        Side::Ingress => match nat::tracked_ingress(&flow, len, lb::now_ns()) {
-            Some(verdict) => verdict,
-            None => return NEW_FLOW,
-        },
+        Side::Ingress => {
+            let now = lb::now_ns();
+            match nat::tracked_ingress(&flow, len, now) {
+                Some(verdict) => verdict,
+                None => {
+                    let Some(new) = new_flow6() else {
+                        return TC_ACT_OK;
+                    };
+                    new.flow = flow;
+                    new.now = now;
+                    return NEW_FLOW;
+                }
+            }
+        }
         Side::Egress => nat::egress(&flow, len),
     };
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
 }
 
-/// The first IPv6 packet of a flow, arriving: `nat::new_flow` in two halves, each parsing
-/// the packet again (a frame of its own is what they are for). The first chooses the
-/// backend and returns the service port and backend ids (`id << 32 | backend id`; service
-/// ids start at 1), or, with nothing to record, the packet's tc action (the upper half 0).
+/// The first IPv6 packet of a flow, arriving: `nat::new_flow` in two halves (a frame of its
+/// own is what each is for), handing on through `NewFlow6`. The first chooses the service
+/// port and backend (`CHOSEN`), or, with nothing to record, answers the packet's tc action.
 #[inline(never)]
-fn choose6(ctx: &TcContext) -> u64 {
-    let Some(flow) = packet::parse6(ctx) else {
-        return TC_ACT_OK as u64;
+fn choose6(ctx: &TcContext) -> i32 {
+    let Some(new) = new_flow6() else {
+        return TC_ACT_OK;
     };
-    match nat::choose(&flow, lb::now_ns()) {
-        nat::Choice::Chosen(svc, chosen) => u64::from(svc.id) << 32 | u64::from(chosen.backend_id),
-        nat::Choice::Done(verdict) => apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT) as u64,
+    let Some(flow) = new.flow.bounded() else {
+        return TC_ACT_OK;
+    };
+    match nat::choose(&flow, new.now) {
+        nat::Choice::Chosen(svc, chosen) => {
+            new.svc = svc;
+            new.chosen = chosen;
+            CHOSEN
+        }
+        nat::Choice::Done(verdict) => apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT),
     }
 }
 
-/// The second half: the flow recorded with the backend `choose6` picked. Service and
-/// backend are looked up again by their ids (what a subprogram can be handed); if either
-/// changed meanwhile, the packet waits for its retransmission, balanced anew.
+/// The second half: the flow recorded with the backend `choose6` picked.
 #[inline(never)]
-fn record6(ctx: &TcContext, picked: u64) -> i32 {
-    let Some(flow) = packet::parse6(ctx) else {
+fn record6(ctx: &TcContext) -> i32 {
+    let Some(new) = new_flow6() else {
         return TC_ACT_OK;
     };
-    let (service_id, backend_id) = ((picked >> 32) as u32, picked as u32);
-    let service = ServiceKey6::new(flow.key.dst, flow.key.dport, flow.key.proto);
-    let chosen = lb::service_for(&service)
-        .filter(|svc| svc.id == service_id)
-        .and_then(|svc| {
-            // SAFETY: copied out at once.
-            let backend = unsafe { *<[u8; 16] as Family>::backends().get(backend_id)? };
-            Some((
-                svc,
-                lb::Chosen {
-                    backend_id,
-                    backend,
-                },
-            ))
-        });
-    let Some((svc, chosen)) = chosen else {
-        return TC_ACT_SHOT;
+    let Some(flow) = new.flow.bounded() else {
+        return TC_ACT_OK;
     };
-    let verdict = nat::record(&flow, ctx.len() as u64, lb::now_ns(), &svc, &chosen);
+    let verdict = nat::record(&flow, ctx.len() as u64, new.now, &new.svc, &new.chosen);
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
 }
 

@@ -162,18 +162,11 @@ fn send6(ctx: &XdpContext) -> u32 {
     else {
         return XDP_PASS;
     };
-    // An offset read from a map is any number to the verifier, which adds only bounded ones
-    // to a packet pointer: the flow is copied to the stack and its offset bounded there (the
-    // parser's are far below the bound: four extension headers of at most 2 KiB each).
-    let flow = *flow;
-    if flow.l4_off > L4_OFF_MAX {
+    let Some(flow) = flow.bounded() else {
         return XDP_PASS;
-    }
+    };
     send(ctx, &flow, translation, *hop)
 }
-
-/// Bound of an IPv6 packet's L4 offset.
-const L4_OFF_MAX: usize = 16 * 1024;
 
 /// Passes a packet that has nothing of ours, saying so to tc ingress (XDP metadata), which
 /// would look it up in the same maps again: on a node with XDP, the traffic it does not
