@@ -75,11 +75,13 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     fn new_entries() -> Option<&'static mut NewEntries<Self>>;
     /// Rewrites the address at `addr_off` from `old` to `new`, with the IP header checksum
     /// (IPv4) and the TCP or UDP checksum at `csum_off` (its pseudo-header holds the address).
+    /// By reference: a copy of an address (align 1) is made a byte at a time, where the
+    /// aligned originals are read in words.
     fn rewrite_address<F: Frame>(
         ctx: &F,
         addr_off: usize,
-        old: Self,
-        new: Self,
+        old: &Self,
+        new: &Self,
         csum_off: usize,
         udp: bool,
     ) -> Option<()>;
@@ -191,14 +193,14 @@ impl Family for [u8; 4] {
     fn rewrite_address<F: Frame>(
         ctx: &F,
         addr_off: usize,
-        old: Self,
-        new: Self,
+        old: &Self,
+        new: &Self,
         csum_off: usize,
         udp: bool,
     ) -> Option<()> {
-        ctx.update_l4_csum_addr(csum_off, old, new, udp)?;
-        ctx.update_ip_csum32(old, new)?;
-        ctx.write(addr_off, &new)
+        ctx.update_l4_csum_addr(csum_off, *old, *new, udp)?;
+        ctx.update_ip_csum32(*old, *new)?;
+        ctx.write(addr_off, new)
     }
 
     #[inline(always)]
@@ -326,14 +328,14 @@ impl Family for [u8; 16] {
     fn rewrite_address<F: Frame>(
         ctx: &F,
         addr_off: usize,
-        old: Self,
-        new: Self,
+        old: &Self,
+        new: &Self,
         csum_off: usize,
         udp: bool,
     ) -> Option<()> {
         // The pseudo-header's address, in one update; IPv6 has no header checksum.
-        ctx.update_l4_csum_diff(csum_off, words_diff(&old, &new), udp)?;
-        ctx.write(addr_off, &new)
+        ctx.update_l4_csum_diff(csum_off, words_diff(old, new), udp)?;
+        ctx.write(addr_off, new)
     }
 
     #[inline(always)]
@@ -344,7 +346,7 @@ impl Family for [u8; 16] {
         new: Self,
         icmp_csum_off: usize,
     ) -> Option<()> {
-        Self::rewrite_address(ctx, addr_off, old, new, icmp_csum_off, false)
+        Self::rewrite_address(ctx, addr_off, &old, &new, icmp_csum_off, false)
     }
     /// No header checksum.
     #[inline(always)]

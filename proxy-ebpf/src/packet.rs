@@ -585,12 +585,15 @@ fn quoting<F: Frame, A: Copy>(
 }
 
 /// A new address and port for one end of a packet, if `set`. Not an `Option`: the verifier
-/// rejects the uninitialised payload of a `None` when the compiler spills it.
+/// rejects the uninitialised payload of a `None` when the compiler spills it. The address
+/// first and aligned to 4, as in the conntrack entries it comes from: copied and summed in
+/// words, not a byte at a time (BPF may not load misaligned stack data).
+#[repr(C, align(4))]
 #[derive(Clone, Copy)]
 pub struct RewriteOf<A> {
-    pub set: bool,
     pub addr: A,
     pub port: u16,
+    pub set: bool,
 }
 
 impl<A: Family> RewriteOf<A> {
@@ -660,7 +663,7 @@ pub fn rewrite<F: Frame, A: Family>(
     let (addr_off, port_off, old_addr, old_port) = flow.endpoint(which);
     let csum_off = flow.l4_csum_off();
     let udp = !flow.is_tcp();
-    A::rewrite_address(ctx, addr_off, old_addr, to.addr, csum_off, udp)?;
+    A::rewrite_address(ctx, addr_off, &old_addr, &to.addr, csum_off, udp)?;
     let new_port = to.port.to_be();
     ctx.update_l4_csum_port(csum_off, old_port.to_be(), new_port, udp)?;
     ctx.write(port_off, &new_port)
