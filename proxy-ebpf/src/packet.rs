@@ -49,8 +49,8 @@ pub struct FlowOf<A> {
 pub type Flow = FlowOf<[u8; 4]>;
 pub type Flow6 = FlowOf<[u8; 16]>;
 
-/// Bound of an IPv6 packet's L4 offset: far above the parser's (four extension headers of
-/// at most 2 KiB each).
+/// Bound of a flow's header offsets: far above what the parsers accept (IPv6: four
+/// extension headers of at most 2 KiB each).
 const L4_OFF_MAX: usize = 16 * 1024;
 
 impl<A: Copy> FlowOf<A> {

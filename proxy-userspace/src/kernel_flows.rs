@@ -8,6 +8,10 @@
 //! (ip6tables' DNAT, in a dual-stack cluster), each in its family's conntrack map.
 use std::net::IpAddr;
 
+use aya::{
+    Pod,
+    maps::{HashMap, MapData},
+};
 use proxy_common::{CT_FLAG_PASS, CT_FORWARD, CT_STATE_ESTABLISHED, CtEntryOf, CtKeyOf};
 
 use crate::conntrack::Conntracks;
@@ -63,26 +67,18 @@ pub fn pass_translated_udp(conntrack: &mut Conntracks, now_ns: u64) -> std::io::
     let text = std::fs::read_to_string(NF_CONNTRACK)?;
     let mut added = 0;
     for (original, reply) in translated_udp(&text) {
-        let ends = (original.src, original.dst, reply.src);
-        let inserted = match ends {
-            (IpAddr::V4(src), IpAddr::V4(dst), IpAddr::V4(backend)) => {
-                let (key, entry) = pass_entry(
-                    &original,
-                    &reply,
-                    [src, dst, backend].map(|a| a.octets()),
-                    now_ns,
-                );
-                conntrack.v4.insert(key, entry, BPF_NOEXIST).is_ok()
-            }
-            (IpAddr::V6(src), IpAddr::V6(dst), IpAddr::V6(backend)) => {
-                let (key, entry) = pass_entry(
-                    &original,
-                    &reply,
-                    [src, dst, backend].map(|a| a.octets()),
-                    now_ns,
-                );
-                conntrack.v6.insert(key, entry, BPF_NOEXIST).is_ok()
-            }
+        let flow = (&original, &reply, now_ns);
+        let inserted = match (original.src, original.dst, reply.src) {
+            (IpAddr::V4(src), IpAddr::V4(dst), IpAddr::V4(backend)) => pass(
+                &mut conntrack.v4,
+                [src, dst, backend].map(|a| a.octets()),
+                flow,
+            ),
+            (IpAddr::V6(src), IpAddr::V6(dst), IpAddr::V6(backend)) => pass(
+                &mut conntrack.v6,
+                [src, dst, backend].map(|a| a.octets()),
+                flow,
+            ),
             // NAT46/64 is none of kube-proxy's.
             _ => false,
         };
@@ -91,15 +87,19 @@ pub fn pass_translated_udp(conntrack: &mut Conntracks, now_ns: u64) -> std::io::
     Ok(added)
 }
 
-/// The pass entry of a flow the kernel translates, under the client's tuple: the backend
-/// the kernel chose. `[client, service, backend]` are the tuples' addresses in the
-/// family's form.
-fn pass_entry<A: Copy + Default>(
-    original: &Tuple,
-    reply: &Tuple,
+/// Inserts the pass entry of a flow the kernel translates (`original`, `reply`, seen at
+/// `now_ns`) into its family's `conntrack`, under the client's tuple: the backend the
+/// kernel chose. `[client, service, backend]` are the tuples' addresses in the family's
+/// form. Whether it was inserted (not when an entry of ours holds the tuple).
+fn pass<A: Copy + Default>(
+    conntrack: &mut HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
     [client, service, backend]: [A; 3],
-    now_ns: u64,
-) -> (CtKeyOf<A>, CtEntryOf<A>) {
+    (original, reply, now_ns): (&Tuple, &Tuple, u64),
+) -> bool
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
     let key = CtKeyOf {
         src: client,
         dst: service,
@@ -120,7 +120,7 @@ fn pass_entry<A: Copy + Default>(
         last_seen_ns: now_ns,
         ..CtEntryOf::default()
     };
-    (key, entry)
+    conntrack.insert(key, entry, BPF_NOEXIST).is_ok()
 }
 
 #[cfg(test)]
