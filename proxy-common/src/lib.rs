@@ -288,7 +288,8 @@ pub struct CtEntryOf<A> {
     pub peer_port: u16,
     pub flags: u8,
     pub pad: u8,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the last packet, to
+    /// 20 ms (the datapath's `LAST_SEEN_GRANULARITY_NS`).
     pub last_seen_ns: u64,
 }
 

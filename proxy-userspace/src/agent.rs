@@ -652,8 +652,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::ct_account::evicted(ct_account.read(), ct_account.read(), entries);
     if reconciler.is_empty() {
         // A first start on this node, maybe beside kube-proxy: its UDP flows stay its own.
-        match crate::kernel_flows::pass_translated_udp(&mut conntrack, crate::clock::monotonic_ns())
-        {
+        match crate::kernel_flows::pass_translated_udp(
+            &mut conntrack,
+            crate::clock::flow_clock_ns(),
+        ) {
             Ok(0) => {}
             Ok(n) => {
                 ct_account.add_created(n as u64);

@@ -127,7 +127,7 @@ where
     CtKeyOf<A>: aya::Pod,
     CtEntryOf<A>: aya::Pod,
 {
-    let found = garbage(entries, read_at, crate::clock::monotonic_ns());
+    let found = garbage(entries, read_at, crate::clock::flow_clock_ns());
     let mut removed = 0;
     for key in found.expired.iter().chain(&found.orphaned) {
         // The datapath may have refreshed or evicted it meanwhile; either way is fine.
@@ -140,7 +140,7 @@ where
 /// an unread map would look empty, and every entry in it evicted.
 pub fn collect_garbage(conntrack: &mut Conntracks, account: &CtAccount) -> Option<GcReport> {
     let before = account.read();
-    let read_at = crate::clock::monotonic_ns();
+    let read_at = crate::clock::flow_clock_ns();
     let v4 = read(&conntrack.v4)?;
     let v6 = read(&conntrack.v6)?;
     let evicted = evicted(before, account.read(), (v4.len() + v6.len()) as u64);

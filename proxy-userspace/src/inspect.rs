@@ -17,7 +17,7 @@ use proxy_common::{
 use serde::Serialize;
 
 use crate::{
-    clock::{monotonic_ns, unix_now},
+    clock::{flow_clock_ns, unix_now},
     conntrack::Conntracks,
     desired::{Frontend, unused_reason},
     family::{Backend, ServiceKey, UnusedEndpoint, frontend_text, socket_text},
@@ -637,7 +637,7 @@ pub fn flows(
     ids: Option<&[u32]>,
 ) -> anyhow::Result<Vec<(FlowKeys, FlowRow)>> {
     let conntrack = Conntracks::open(dir)?;
-    let now = monotonic_ns();
+    let now = flow_clock_ns();
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut rows = Vec::new();
     let v4 = forward_entries(&conntrack.v4, maps::CONNTRACK)?

@@ -312,7 +312,7 @@ where
 {
     let mut conntrack: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> =
         proxy::maps::open(dir, A::CONNTRACK)?;
-    let now = proxy::clock::monotonic_ns();
+    let now = proxy::clock::flow_clock_ns();
     for i in 0..flows {
         // From addresses of the backends' range, 256 ports each.
         let key = CtKeyOf {
