@@ -42,7 +42,7 @@ mod node_port;
 #[path = "bench/per_packet.rs"]
 mod per_packet;
 
-use per_packet::{Datapoint, fill_conntrack, per_packet};
+use per_packet::{Datapoint, fill_conntrack, first_packet_runs, per_packet};
 
 #[derive(Parser)]
 struct Args {
@@ -900,7 +900,9 @@ fn main() -> anyhow::Result<()> {
          *Single*: {} runs of one packet each, each cache-cold and timed alone (about 50 ns of \
          timer in every figure, the empty program's included) — a first packet needs a new flow \
          every run. \"Above\" is the difference from the empty program measured the same way; \
-         first packets are measured around the stated conntrack fill.\n\n\
+         first packets are measured around the stated conntrack fill, at most a quarter of the \
+         map's capacity of them, so that no insert meets a full map (which evicts, and costs \
+         more).\n\n\
          | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty) | established flow, single (ns; above empty) | first packet, single (ns; above empty; conntrack fill) | map memory (MiB; with 128 possible CPUs) | agent RSS (MiB) |\n\
          | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         date.trim(),
@@ -929,11 +931,12 @@ fn main() -> anyhow::Result<()> {
     }
     md += &format!(
         "\n**Per packet, IPv6**: the same measurements with IPv6 services, clients and conntrack \
-         map (`conntrack6`, {} entries: first packets around half of it). In brackets, the cost \
+         map (`conntrack6`, {} entries: {} first packets, around half of it). In brackets, the cost \
          above the empty program as a ratio to IPv4's in the table above (1.10x: 10% dearer).\n\n\
          | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty; to IPv4) | established flow, single (ns; above empty; to IPv4) | first packet, single (ns; above empty; to IPv4; conntrack fill) |\n\
          | ---: | ---: | ---: | ---: | ---: |\n",
-        maps::MAX_CONNTRACK6
+        maps::MAX_CONNTRACK6,
+        first_packet_runs::<[u8; 16]>(args.runs),
     );
     for (n, ((p4, p6), _, _, _)) in &rows {
         let above = |f: fn(&Datapoint) -> (f64, f64)| {
