@@ -1,9 +1,9 @@
 //! Access to a frame, from its Ethernet header on, for parsing and for rewriting, the same
 //! for tc and XDP: the translation code is written once over this trait. Both read and
 //! write the headers directly where they are in the frame's linear part (its first buffer,
-//! for XDP), else through the helpers; tc updates checksums with the socket buffer's
-//! helpers, which also keep offloaded (partial) checksums right, XDP in the frame (RFC
-//! 1624), which is right for frames from a wire.
+//! for XDP), else through the helpers. Checksums are updated in the frame (RFC 1624), but
+//! for tc's TCP and UDP checksums, which the socket buffer's helpers update: they also keep
+//! offloaded (partial) checksums and a complete one of the packet right.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_csum_update, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
@@ -20,9 +20,12 @@ pub trait Frame {
     /// The frame carries a VLAN tag outside its data (tc sees offloaded tags so): it
     /// belongs to a VLAN device, not to the interface the program runs on.
     fn vlan_tagged(&self) -> bool;
-    // The checksum updates below are done in the frame by default (RFC 1624), as XDP needs;
-    // tc overrides them with its helpers, which also keep offloaded (partial) checksums right
-    // (and, inlined, take less of the 512-byte stack than the arithmetic does).
+    // The checksum updates below are done in the frame by default (RFC 1624). tc overrides
+    // the TCP and UDP ones with its helpers, which also keep offloaded (partial) checksums
+    // right, and the packet's complete one. The IPv4 header's needs no helper: no checksum
+    // offload covers it, and a complete sum of the packet does not change with it (a
+    // header's sum stays 0). In the frame, it costs 11 ns less per established flow's packet
+    // than `bpf_l3_csum_replace` (repeat mode, 156 to 145 ns).
 
     /// Updates the IPv4 header checksum for a 16-bit word changing (both as in memory).
     #[inline(always)]
@@ -207,19 +210,6 @@ impl Frame for TcContext {
     fn vlan_tagged(&self) -> bool {
         // SAFETY: valid context.
         unsafe { (*self.skb.skb).vlan_present != 0 }
-    }
-
-    #[inline(always)]
-    fn update_ip_csum16(&self, old: u16, new: u16) -> Option<()> {
-        self.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 2)
-            .ok()
-    }
-
-    #[inline(always)]
-    fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()> {
-        let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-        self.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)
-            .ok()
     }
 
     #[inline(always)]
