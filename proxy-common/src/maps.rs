@@ -43,16 +43,6 @@ pub const FRAGMENTS: &str = "fragments";
 /// LRU (FragKey6 → FragPorts): the same for IPv6
 pub const FRAGMENTS6: &str = "fragments6";
 
-/// program array (`TC_IPV6_INGRESS`/`TC_IPV6_EGRESS` → the IPv6 tc program of that
-/// direction): `proxy_ingress` and `proxy_egress` hand IPv6 packets on to them (a tail
-/// call), so that IPv6 is verified as a program of its own, within its own budget of
-/// instructions
-pub const TC_IPV6: &str = "tc_ipv6";
-pub const TC_IPV6_INGRESS: u32 = 0;
-pub const TC_IPV6_EGRESS: u32 = 1;
-/// program array: the IPv6 XDP program (`proxy_xdp6`, slot 0), tail-called by `proxy_xdp`
-pub const XDP_IPV6: &str = "xdp_ipv6";
-
 /// (node IPv4 address → 1): the addresses NodePorts answer on.
 pub const NODE_ADDRS: &str = "node_addrs";
 /// (node IPv6 address → 1)
@@ -72,7 +62,7 @@ pub const DROPS: &str = "drops";
 pub const EVENTS: &str = "events";
 
 /// Every map the agent pins.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 27] = [
     SERVICES,
     SERVICES6,
     BACKEND_SLOTS,
@@ -91,8 +81,6 @@ pub const ALL: [&str; 29] = [
     CT_STATS,
     FRAGMENTS,
     FRAGMENTS6,
-    TC_IPV6,
-    XDP_IPV6,
     AGENT_STATUS,
     NODE_ADDRS,
     NODE_ADDRS6,
@@ -103,6 +91,11 @@ pub const ALL: [&str; 29] = [
     DROPS,
     EVENTS,
 ];
+
+/// Maps an earlier version pinned and this one does not use: removed at start and by
+/// cleanup. The program arrays through which the packet programs tail-called their IPv6
+/// half (each pin kept the programs in it loaded).
+pub const RETIRED: [&str; 2] = ["tc_ipv6", "xdp_ipv6"];
 
 /// Maps whose capacity the agent may change (`--map-size`). Ids index the counter arrays
 /// and `service_names`, so those follow the map that owns the ids: see `COMPANIONS`.

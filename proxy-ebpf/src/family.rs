@@ -24,7 +24,7 @@ use crate::{
         SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOURCE_RANGES, SOURCE_RANGES6,
     },
     nat::NewEntries,
-    packet::{self, ETH_HDR_LEN, Frame, IP_DST_OFF, IP_SRC_OFF},
+    packet::{ETH_HDR_LEN, Frame, IP_DST_OFF, IP_SRC_OFF, RewriteOf},
 };
 
 /// An address family, as its address: `[u8; 4]` or `[u8; 16]`.
@@ -76,19 +76,25 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// Rewrites the address at `addr_off` from `old` to `new`, with the IP header checksum
     /// (IPv4) and the TCP or UDP checksum at `csum_off` (its pseudo-header holds the address).
     /// By reference: a copy of an address (align 1) is made a byte at a time, where the
-    /// aligned originals are read in words.
+    /// aligned originals are read in words; `new` as a `RewriteOf`, whose address is aligned
+    /// to 4, so that it is written to the packet in words too.
     fn rewrite_address<F: Frame>(
         ctx: &F,
         addr_off: usize,
         old: &Self,
-        new: &Self,
+        new: &RewriteOf<Self>,
         csum_off: usize,
         udp: bool,
     ) -> Option<()>;
     /// Rewrites the address at `addr_off` of the IP header alone, with the header checksum
     /// (IPv4): a later fragment has no L4 header (its first fragment's L4 checksum covers the
     /// pseudo-header).
-    fn rewrite_l3_address<F: Frame>(ctx: &F, addr_off: usize, old: Self, new: Self) -> Option<()>;
+    fn rewrite_l3_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        old: Self,
+        new: &RewriteOf<Self>,
+    ) -> Option<()>;
     /// Rewrites the address at `addr_off` of an ICMP (ICMPv6) error's own header from `old`
     /// to `new`: the IPv4 header checksum follows, or the ICMPv6 checksum at
     /// `icmp_csum_off`, whose pseudo-header holds the address.
@@ -96,7 +102,7 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
         ctx: &F,
         addr_off: usize,
         old: Self,
-        new: Self,
+        new: &RewriteOf<Self>,
         icmp_csum_off: usize,
     ) -> Option<()>;
 }
@@ -194,13 +200,12 @@ impl Family for [u8; 4] {
         ctx: &F,
         addr_off: usize,
         old: &Self,
-        new: &Self,
+        new: &RewriteOf<Self>,
         csum_off: usize,
         udp: bool,
     ) -> Option<()> {
-        ctx.update_l4_csum_addr(csum_off, *old, *new, udp)?;
-        ctx.update_ip_csum32(*old, *new)?;
-        ctx.write(addr_off, new)
+        ctx.update_l4_csum_addr(csum_off, *old, new.addr, udp)?;
+        Self::rewrite_l3_address(ctx, addr_off, *old, new)
     }
 
     #[inline(always)]
@@ -208,14 +213,20 @@ impl Family for [u8; 4] {
         ctx: &F,
         addr_off: usize,
         old: Self,
-        new: Self,
+        new: &RewriteOf<Self>,
         _: usize,
     ) -> Option<()> {
         Self::rewrite_l3_address(ctx, addr_off, old, new)
     }
     #[inline(always)]
-    fn rewrite_l3_address<F: Frame>(ctx: &F, addr_off: usize, old: Self, new: Self) -> Option<()> {
-        packet::rewrite_address(ctx, addr_off, old, new)
+    fn rewrite_l3_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        old: Self,
+        new: &RewriteOf<Self>,
+    ) -> Option<()> {
+        ctx.update_ip_csum32(old, new.addr)?;
+        ctx.write_aligned(addr_off, &new.addr, RewriteOf::<Self>::ADDR_ALIGN)
     }
 }
 
@@ -329,13 +340,13 @@ impl Family for [u8; 16] {
         ctx: &F,
         addr_off: usize,
         old: &Self,
-        new: &Self,
+        new: &RewriteOf<Self>,
         csum_off: usize,
         udp: bool,
     ) -> Option<()> {
         // The pseudo-header's address, in one update; IPv6 has no header checksum.
-        ctx.update_l4_csum_diff(csum_off, words_diff(old, new), udp)?;
-        ctx.write(addr_off, new)
+        ctx.update_l4_csum_diff(csum_off, words_diff(old, &new.addr), udp)?;
+        Self::rewrite_l3_address(ctx, addr_off, *old, new)
     }
 
     #[inline(always)]
@@ -343,14 +354,19 @@ impl Family for [u8; 16] {
         ctx: &F,
         addr_off: usize,
         old: Self,
-        new: Self,
+        new: &RewriteOf<Self>,
         icmp_csum_off: usize,
     ) -> Option<()> {
-        Self::rewrite_address(ctx, addr_off, &old, &new, icmp_csum_off, false)
+        Self::rewrite_address(ctx, addr_off, &old, new, icmp_csum_off, false)
     }
     /// No header checksum.
     #[inline(always)]
-    fn rewrite_l3_address<F: Frame>(ctx: &F, addr_off: usize, _: Self, new: Self) -> Option<()> {
-        ctx.write(addr_off, &new)
+    fn rewrite_l3_address<F: Frame>(
+        ctx: &F,
+        addr_off: usize,
+        _: Self,
+        new: &RewriteOf<Self>,
+    ) -> Option<()> {
+        ctx.write_aligned(addr_off, &new.addr, RewriteOf::<Self>::ADDR_ALIGN)
     }
 }

@@ -14,7 +14,13 @@ use crate::packet::IP_CSUM_OFF;
 
 pub trait Frame {
     fn read<T: Copy>(&self, offset: usize) -> Option<T>;
-    fn write<T>(&self, offset: usize, value: &T) -> Option<()>;
+    fn write<T>(&self, offset: usize, value: &T) -> Option<()> {
+        self.write_aligned(offset, value, core::mem::align_of::<T>())
+    }
+    /// `write` of a value that lies at an address aligned to `align` (at least its type's
+    /// alignment; a power of two), which lets it be copied in words of that width: an
+    /// address of a 4-aligned struct (`RewriteOf`), though a byte array.
+    fn write_aligned<T>(&self, offset: usize, value: &T, align: usize) -> Option<()>;
     /// Bytes from the Ethernet header to the end of the frame.
     fn frame_len(&self) -> usize;
     /// The frame carries a VLAN tag outside its data (tc sees offloaded tags so): it
@@ -163,6 +169,38 @@ unsafe fn read_packet<T: Copy>(src: *const T) -> T {
     unsafe { value.assume_init() }
 }
 
+/// Writes `*src`, which lies at an address aligned to `align` (at least `T`'s alignment),
+/// to packet memory at `dst`, which may be misaligned: in words as wide as `align` (up to 8
+/// bytes) where `T`'s size allows, read straight from `src`, without a copy on the stack
+/// (IPv6's frames have no room for one). Rust's unaligned write is a byte at a time on BPF,
+/// 16 stores for an IPv6 address.
+///
+/// SAFETY: `dst..dst + size_of::<T>()` is in the packet, bounds-checked; `src` is aligned
+/// to `align`.
+#[inline(always)]
+unsafe fn write_packet<T>(dst: *mut T, src: *const T, align: usize) {
+    let (size, align) = (core::mem::size_of::<T>(), align.min(8));
+    if align < 2 || size % align != 0 {
+        // SAFETY: in the packet (the caller's contract).
+        return unsafe { dst.write_unaligned(core::ptr::read(src)) };
+    }
+    let (from, to) = (src.cast::<u8>(), dst.cast::<u8>());
+    let mut at = 0;
+    while at < size {
+        // SAFETY: `at` < size: inside `*src`, at a multiple of `align` (the caller's
+        // contract), and inside the packet bytes.
+        unsafe {
+            let (from, to) = (from.add(at), to.add(at));
+            match align {
+                8 => store!(to, "u64", from.cast::<u64>().read()),
+                4 => store!(to, "u32", u64::from(from.cast::<u32>().read())),
+                _ => store!(to, "u16", u64::from(from.cast::<u16>().read())),
+            }
+        }
+        at += align;
+    }
+}
+
 /// A load of the given width from `ptr`, whatever its alignment.
 macro_rules! load {
     ($ptr:expr, $width:literal) => {{
@@ -178,6 +216,20 @@ macro_rules! load {
 }
 use load;
 
+/// A store of the given width to `ptr`, whatever its alignment.
+macro_rules! store {
+    ($ptr:expr, $width:literal, $value:expr) => {{
+        let word: u64 = $value;
+        core::arch::asm!(
+            concat!("*(", $width, " *)({0} + 0) = {1}"),
+            in(reg) $ptr,
+            in(reg) word,
+            options(nostack, preserves_flags),
+        );
+    }};
+}
+use store;
+
 /// Direct access where the headers are in the linear part, the helpers elsewhere.
 impl Frame for TcContext {
     #[inline(always)]
@@ -190,11 +242,11 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn write<T>(&self, offset: usize, value: &T) -> Option<()> {
+    fn write_aligned<T>(&self, offset: usize, value: &T, align: usize) -> Option<()> {
         match linear::<T>(self.data(), self.data_end(), offset) {
-            // SAFETY: as in `read`.
+            // SAFETY: as in `read`; `value`'s alignment is the caller's.
             Some(ptr) => {
-                unsafe { ptr.write_unaligned(core::ptr::read(value)) };
+                unsafe { write_packet(ptr, value, align) };
                 Some(())
             }
             None => self.store(offset, value, 0).ok(),
@@ -308,10 +360,10 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn write<T>(&self, offset: usize, value: &T) -> Option<()> {
+    fn write_aligned<T>(&self, offset: usize, value: &T, align: usize) -> Option<()> {
         if let Some(ptr) = linear::<T>(self.data(), self.data_end(), offset) {
-            // SAFETY: as in `read`.
-            unsafe { ptr.write_unaligned(core::ptr::read(value)) };
+            // SAFETY: as in `read`; `value`'s alignment is the caller's.
+            unsafe { write_packet(ptr, value, align) };
             return Some(());
         }
         // SAFETY: the helper reads size_of::<T>() bytes from `value` and bounds-checks the

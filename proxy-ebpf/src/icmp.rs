@@ -290,12 +290,10 @@ pub fn rewrite_icmp_error<A: QuotedRewrite>(
     // One at a time, not over an array of both: IPv6's would take stack there is none of.
     let csum_off = error.icmp_off + 2;
     if t.outer_src.set {
-        A::rewrite_error_address(ctx, A::SRC_OFF, error.src, t.outer_src.addr, csum_off)
-            .ok_or(0)?;
+        A::rewrite_error_address(ctx, A::SRC_OFF, error.src, &t.outer_src, csum_off).ok_or(0)?;
     }
     if t.outer_dst.set {
-        A::rewrite_error_address(ctx, A::DST_OFF, error.dst, t.outer_dst.addr, csum_off)
-            .ok_or(0)?;
+        A::rewrite_error_address(ctx, A::DST_OFF, error.dst, &t.outer_dst, csum_off).ok_or(0)?;
     }
     Ok(())
 }

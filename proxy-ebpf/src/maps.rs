@@ -1,7 +1,7 @@
 //! The datapath's maps; names and sizes come from `proxy_common::maps`.
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use proxy_common::{
@@ -114,14 +114,6 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }>
 #[btf_map(name = "fragments6")]
 pub static FRAGMENTS6: LruHashMap<FragKey6, FragPorts, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
-
-/// The IPv6 tc programs, by direction (`proxy_common::maps::TC_IPV6`).
-#[btf_map(name = "tc_ipv6")]
-pub static TC_IPV6: ProgramArray<2> = ProgramArray::new();
-
-/// The IPv6 XDP program (`proxy_common::maps::XDP_IPV6`).
-#[btf_map(name = "xdp_ipv6")]
-pub static XDP_IPV6: ProgramArray<1> = ProgramArray::new();
 
 /// A new IPv6 flow as the tc programs' steps hand it on (`tc::NewFlow6`); not pinned.
 #[btf_map(name = "new_flow6")]

@@ -648,24 +648,10 @@ fn rewrites<A: Family>(
     match (side, entry.direction) {
         // The client's source stays unless the flow was masqueraded or moved to another
         // source port.
-        (Side::Ingress, CT_FORWARD) => Some((
-            if snat || entry.peer_port != key.sport {
-                peer
-            } else {
-                RewriteOf::NONE
-            },
-            nat,
-        )),
+        (Side::Ingress, CT_FORWARD) => Some((peer.when(snat || entry.peer_port != key.sport), nat)),
         (Side::Ingress, CT_REPLY) if snat => Some((nat, peer)),
         // A flow moved to another source port gets its client's port back.
-        (Side::Egress, CT_REPLY) if !snat => Some((
-            nat,
-            if entry.peer_port != key.dport {
-                peer
-            } else {
-                RewriteOf::NONE
-            },
-        )),
+        (Side::Egress, CT_REPLY) if !snat => Some((nat, peer.when(entry.peer_port != key.dport))),
         _ => None,
     }
 }

@@ -596,6 +596,11 @@ pub struct RewriteOf<A> {
     pub set: bool,
 }
 
+impl<A> RewriteOf<A> {
+    /// The alignment of `addr`: the struct's, as it comes first.
+    pub const ADDR_ALIGN: usize = core::mem::align_of::<Self>();
+}
+
 impl<A: Family> RewriteOf<A> {
     pub const NONE: Self = RewriteOf {
         set: false,
@@ -609,6 +614,17 @@ impl<A: Family> RewriteOf<A> {
             set: true,
             addr,
             port,
+        }
+    }
+
+    /// This rewrite if `needed`, else none. Rather than `NONE` on a packet's path: it keeps
+    /// the address it has, where `NONE`'s zero IPv6 address is a call to a byte-at-a-time
+    /// `memset` (bpf-linker has LLVM leave memset unexpanded).
+    #[inline(always)]
+    pub fn when(self, needed: bool) -> Self {
+        RewriteOf {
+            set: self.set && needed,
+            ..self
         }
     }
 }
@@ -663,16 +679,8 @@ pub fn rewrite<F: Frame, A: Family>(
     let (addr_off, port_off, old_addr, old_port) = flow.endpoint(which);
     let csum_off = flow.l4_csum_off();
     let udp = !flow.is_tcp();
-    A::rewrite_address(ctx, addr_off, &old_addr, &to.addr, csum_off, udp)?;
+    A::rewrite_address(ctx, addr_off, &old_addr, &to, csum_off, udp)?;
     let new_port = to.port.to_be();
     ctx.update_l4_csum_port(csum_off, old_port.to_be(), new_port, udp)?;
     ctx.write(port_off, &new_port)
-}
-
-/// Rewrites an address in the IP header alone (a later fragment has no L4 header; its
-/// first fragment's L4 checksum covers the pseudo-header).
-#[inline(always)]
-pub fn rewrite_address<F: Frame>(ctx: &F, offset: usize, old: [u8; 4], new: [u8; 4]) -> Option<()> {
-    ctx.update_ip_csum32(old, new)?;
-    ctx.write(offset, &new)
 }

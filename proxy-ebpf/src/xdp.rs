@@ -20,22 +20,25 @@ use proxy_common::{Counters, HOOK_XDP, XDP_META_NOTHING_FOR_US, XdpMeta};
 use crate::{
     family::Family,
     lb::{self, Dropped},
-    maps::{XDP_FORWARD6, XDP_IPV6},
+    maps::XDP_FORWARD6,
     nat::{self, Action, Translation},
     packet::{self, Endpoint, Flow, Flow6, FlowOf, Frame, IP_TTL_OFF, Packet},
     route::{self, NextHop},
 };
 
+/// Each family's path is a call of its own, with stack frames of its own, as on tc.
 #[xdp]
 pub fn proxy_xdp(ctx: XdpContext) -> u32 {
-    if packet::is_ipv6(&ctx) == Some(true) {
-        // SAFETY: a tail call to an XDP program; on failure (an empty slot: an agent
-        // starting) it returns here, and tc sees the packet.
-        unsafe { XDP_IPV6.tail_call(&ctx, 0) };
-        return XDP_PASS;
+    match packet::is_ipv6(&ctx) {
+        Some(true) => xdp6(&ctx),
+        _ => xdp4(&ctx),
     }
+}
+
+#[inline(never)]
+fn xdp4(ctx: &XdpContext) -> u32 {
     // ICMP errors are translated by tc.
-    let Some(Packet::Transport(flow)) = packet::parse(&ctx) else {
+    let Some(Packet::Transport(flow)) = packet::parse(ctx) else {
         return XDP_PASS;
     };
     let verdict = nat::ingress(&flow, (ctx.data_end() - ctx.data()) as u64);
@@ -43,7 +46,7 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
         Action::Translate => {
             let t = &verdict.translation;
             let forwarded = match t.route {
-                true => next_hop(&ctx, &flow, t).map(|hop| send(&ctx, &flow, t, hop)),
+                true => next_hop(ctx, &flow, t).map(|hop| send(ctx, &flow, t, hop)),
                 false => None,
             };
             forwarded.unwrap_or_else(|| pass_to_tc(t))
@@ -57,22 +60,21 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
             ));
             XDP_DROP
         }
-        Action::Pass => nothing_for_us(&ctx),
+        Action::Pass => nothing_for_us(ctx),
         Action::Reject => XDP_PASS,
     }
 }
 
-/// `proxy_xdp` for IPv6, which it tail-calls: a program of its own, as on tc, for the
-/// verifier's budget. Established flows only: a masqueraded one's packets are forwarded
+/// `proxy_xdp` for IPv6. Established flows only: a masqueraded one's packets are forwarded
 /// from here; a new flow (a masquerade port claimed, two entries recorded, in subprograms
 /// on tc) and anything else goes to tc, and its later packets take this path. Three
 /// subprograms one after the other, handing on through a per-CPU map (`XDP_FORWARD6`):
 /// the flow's translation, its next hop, the rewrite — in one, the frames passed 512 bytes.
-#[xdp]
-pub fn proxy_xdp6(ctx: XdpContext) -> u32 {
-    match tracked6(&ctx) {
-        FORWARD => match next_hop6(&ctx) {
-            FORWARD => send6(&ctx),
+#[inline(always)]
+fn xdp6(ctx: &XdpContext) -> u32 {
+    match tracked6(ctx) {
+        FORWARD => match next_hop6(ctx) {
+            FORWARD => send6(ctx),
             action => action,
         },
         action => action,

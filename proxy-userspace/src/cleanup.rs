@@ -82,7 +82,7 @@ pub fn agent_datapath(bpffs: &Path) -> anyhow::Result<Removed> {
         }
         std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
-    for name in maps::ALL {
+    for name in maps::ALL.iter().chain(&maps::RETIRED) {
         let path = bpffs.join(name);
         if path.exists() {
             std::fs::remove_file(&path)

@@ -15,7 +15,6 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::ProgramArray,
     programs::{
         CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier, TcAttachType,
         Xdp, XdpMode,
@@ -84,24 +83,6 @@ pub(crate) const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("proxy_ingress", TcAttachType::Ingress),
     ("proxy_egress", TcAttachType::Egress),
 ];
-/// The IPv6 program each packet program hands IPv6 packets on to, the program array it
-/// sits in, and its slot there.
-const IPV6_PROGRAMS: [(&str, &str, &str, u32); 3] = [
-    (
-        "proxy_ingress",
-        "proxy_ingress6",
-        maps::TC_IPV6,
-        maps::TC_IPV6_INGRESS,
-    ),
-    (
-        "proxy_egress",
-        "proxy_egress6",
-        maps::TC_IPV6,
-        maps::TC_IPV6_EGRESS,
-    ),
-    (XDP_PROGRAM, "proxy_xdp6", maps::XDP_IPV6, 0),
-];
-
 /// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
     let mountinfo =
@@ -234,6 +215,15 @@ impl Datapath {
         for name in maps::ALL {
             loader.map_pin_path(name, bpffs.join(name));
         }
+        for name in maps::RETIRED {
+            let path = bpffs.join(name);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(e)
+                    .with_context(|| format!("removing the retired pin {}", path.display()));
+            }
+        }
         for (name, size) in sizes {
             let Some(name) = maps::RESIZABLE.iter().find(|n| **n == name.as_str()) else {
                 bail!(
@@ -328,7 +318,7 @@ impl Datapath {
                     add_clsact(iface)?;
                     TcAttachOptions::Netlink(NlOptions::default())
                 };
-                let classifier = self.loaded_with_ipv6(program, SchedClassifier::load)?;
+                let classifier = self.loaded(program, SchedClassifier::load)?;
                 let id = classifier
                     .attach_with_options(iface, *direction, options)
                     .with_context(|| format!("attaching {program} to {iface} ({direction:?})"))?;
@@ -345,7 +335,7 @@ impl Datapath {
                     XdpAttach::Native => XdpMode::Driver,
                     _ => XdpMode::Skb,
                 };
-                let xdp = self.loaded_with_ipv6(program, Xdp::load)?;
+                let xdp = self.loaded(program, Xdp::load)?;
                 let id = xdp.attach(iface, xdp_mode).with_context(|| {
                     format!("attaching {program} to {iface} in {} mode", mode.label())
                 })?;
@@ -410,43 +400,12 @@ impl Datapath {
 
     /// A tc program loaded but not attached, e.g. for `BPF_PROG_TEST_RUN` in the benchmark.
     pub fn load_classifier(&mut self, name: &str) -> anyhow::Result<&SchedClassifier> {
-        Ok(self.loaded_with_ipv6(name, SchedClassifier::load)?)
-    }
-
-    /// The packet program `name` loaded, with the IPv6 program it tail-calls in its slot of
-    /// its program array (the map is pinned: the slot outlives the agent, as the
-    /// attachment does).
-    fn loaded_with_ipv6<P>(
-        &mut self,
-        name: &str,
-        load: fn(&mut P) -> Result<(), ProgramError>,
-    ) -> anyhow::Result<&mut P>
-    where
-        for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
-    {
-        if let Some((_, ipv6, array, slot)) = IPV6_PROGRAMS.iter().find(|(n, ..)| *n == name) {
-            self.loaded(ipv6, load)?;
-            let fd = self
-                .ebpf
-                .program(ipv6)
-                .with_context(|| format!("program {ipv6} missing from the eBPF object"))?
-                .fd()?
-                .try_clone()
-                .with_context(|| format!("duplicating the descriptor of {ipv6}"))?;
-            let map = self
-                .ebpf
-                .map_mut(array)
-                .with_context(|| format!("map {array} missing from the eBPF object"))?;
-            ProgramArray::try_from(map)?
-                .set(*slot, &fd, 0)
-                .with_context(|| format!("putting {ipv6} in map {array}"))?;
-        }
-        self.loaded(name, load)
+        Ok(self.loaded(name, SchedClassifier::load)?)
     }
 
     /// The XDP program loaded but not attached, for `BPF_PROG_TEST_RUN` in the tests.
     pub fn load_xdp(&mut self) -> anyhow::Result<&Xdp> {
-        Ok(self.loaded_with_ipv6(XDP_PROGRAM, Xdp::load)?)
+        Ok(self.loaded(XDP_PROGRAM, Xdp::load)?)
     }
 
     /// The XDP fast path for masqueraded flows on `interfaces`; `Off` attaches nothing (and

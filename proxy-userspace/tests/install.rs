@@ -638,7 +638,10 @@ fn attachments_and_pins_removed_behind_the_agent_are_put_back() {
 fn cleanup_removes_everything_the_agent_created() {
     let (mut world, backends) = three_backends();
     let manifest = service_manifest("web", VIP, None, &ready(&backends));
+    let bpffs = world.nodes[0].bpffs.clone();
     for tc in ["tcx", "netlink"] {
+        // A program array an earlier version pinned (`maps::RETIRED`): the agent removes it.
+        pin_retired_map(&bpffs, "tc_ipv6");
         let path = world.write_manifest(&manifest).unwrap();
         let agent = world
             .start_agent_with(
@@ -646,9 +649,15 @@ fn cleanup_removes_everything_the_agent_created() {
                 true,
             )
             .unwrap();
+        assert!(
+            !bpffs.join("tc_ipv6").exists(),
+            "{tc}: the retired pin stayed"
+        );
         assert!(!tcp_spread(&world, false, 10).is_empty());
         // Killed, not stopped: an agent that exits detaches its netlink filters itself.
         world.kill(agent.pid).unwrap();
+        // So does cleanup, which then removes the directory too.
+        pin_retired_map(&bpffs, "xdp_ipv6");
         let out = cleanup(&world);
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{log}");
@@ -677,6 +686,33 @@ fn cleanup_removes_everything_the_agent_created() {
             assert_eq!(refused[0]["ok"], false, "{tc} hooked={hooked}: {refused:?}");
         }
     }
+}
+
+/// Pins a program array under `name` in `bpffs`, as an earlier version of the agent did.
+fn pin_retired_map(bpffs: &Path, name: &str) {
+    std::fs::create_dir_all(bpffs).unwrap();
+    let path = bpffs.join(name);
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args([
+            "type",
+            "prog_array",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "2",
+        ])
+        .args(["name", name])
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The chart grants BPF, PERFMON, NET_ADMIN, SYS_RESOURCE and SYS_ADMIN, the last only to
