@@ -73,11 +73,16 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// Room for a new flow's entries, in a per-CPU map: the packet path has no stack left
     /// for them (IPv6's take 152 bytes). `None` if the map cannot be read.
     fn new_entries() -> Option<&'static mut NewEntries<Self>>;
-    /// Rewrites the address at `addr_off` from `old` to `new`, with the IP header checksum
-    /// (IPv4) and the TCP or UDP checksum at `csum_off` (its pseudo-header holds the address).
-    /// By reference: a copy of an address (align 1) is made a byte at a time, where the
-    /// aligned originals are read in words; `new` as a `RewriteOf`, whose address is aligned
-    /// to 4, so that it is written to the packet in words too.
+    /// Updates the checksums that cover the IP header's addresses for them changing by
+    /// `diff` (`words_diff`): the IPv4 header's, and the TCP or UDP (ICMPv6) checksum at
+    /// `csum_off`, whose pseudo-header holds them.
+    fn update_pseudo_header<F: Frame>(ctx: &F, csum_off: usize, diff: u32, udp: bool)
+    -> Option<()>;
+    /// Rewrites the address at `addr_off` from `old` to `new`, with the checksums
+    /// (`update_pseudo_header`). By reference: a copy of an address (align 1) is made a byte
+    /// at a time, where the aligned originals are read in words; `new` as a `RewriteOf`,
+    /// whose address is aligned to 4, so that it is written to the packet in words too.
+    #[inline(always)]
     fn rewrite_address<F: Frame>(
         ctx: &F,
         addr_off: usize,
@@ -85,7 +90,15 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
         new: &RewriteOf<Self>,
         csum_off: usize,
         udp: bool,
-    ) -> Option<()>;
+    ) -> Option<()> {
+        Self::update_pseudo_header(
+            ctx,
+            csum_off,
+            words_diff(old.as_ref(), new.addr.as_ref()),
+            udp,
+        )?;
+        ctx.write_aligned(addr_off, &new.addr, RewriteOf::<Self>::ADDR_ALIGN)
+    }
     /// Rewrites the address at `addr_off` of the IP header alone, with the header checksum
     /// (IPv4): a later fragment has no L4 header (its first fragment's L4 checksum covers the
     /// pseudo-header).
@@ -196,16 +209,14 @@ impl Family for [u8; 4] {
     }
 
     #[inline(always)]
-    fn rewrite_address<F: Frame>(
+    fn update_pseudo_header<F: Frame>(
         ctx: &F,
-        addr_off: usize,
-        old: &Self,
-        new: &RewriteOf<Self>,
         csum_off: usize,
+        diff: u32,
         udp: bool,
     ) -> Option<()> {
-        ctx.update_l4_csum_addr(csum_off, *old, new.addr, udp)?;
-        Self::rewrite_l3_address(ctx, addr_off, *old, new)
+        ctx.update_l4_csum_pseudo(csum_off, diff, udp, false)?;
+        ctx.update_ip_csum_diff(diff)
     }
 
     #[inline(always)]
@@ -225,7 +236,7 @@ impl Family for [u8; 4] {
         old: Self,
         new: &RewriteOf<Self>,
     ) -> Option<()> {
-        ctx.update_ip_csum32(old, new.addr)?;
+        ctx.update_ip_csum_diff(words_diff(&old, &new.addr))?;
         ctx.write_aligned(addr_off, &new.addr, RewriteOf::<Self>::ADDR_ALIGN)
     }
 }
@@ -335,18 +346,15 @@ impl Family for [u8; 16] {
         NEW_ENTRIES6.get_ptr_mut(0).map(|e| unsafe { &mut *e })
     }
 
+    /// No header checksum.
     #[inline(always)]
-    fn rewrite_address<F: Frame>(
+    fn update_pseudo_header<F: Frame>(
         ctx: &F,
-        addr_off: usize,
-        old: &Self,
-        new: &RewriteOf<Self>,
         csum_off: usize,
+        diff: u32,
         udp: bool,
     ) -> Option<()> {
-        // The pseudo-header's address, in one update; IPv6 has no header checksum.
-        ctx.update_l4_csum_diff(csum_off, words_diff(old, &new.addr), udp)?;
-        Self::rewrite_l3_address(ctx, addr_off, *old, new)
+        ctx.update_l4_csum_pseudo(csum_off, diff, udp, true)
     }
 
     #[inline(always)]

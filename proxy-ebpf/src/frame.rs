@@ -23,6 +23,11 @@ pub trait Frame {
     fn write_aligned<T>(&self, offset: usize, value: &T, align: usize) -> Option<()>;
     /// Bytes from the Ethernet header to the end of the frame.
     fn frame_len(&self) -> usize;
+    /// The frame's ethertype (host order).
+    #[inline(always)]
+    fn ethertype(&self) -> Option<u16> {
+        self.read::<u16>(12).map(u16::from_be)
+    }
     /// The frame carries a VLAN tag outside its data (tc sees offloaded tags so): it
     /// belongs to a VLAN device, not to the interface the program runs on.
     fn vlan_tagged(&self) -> bool;
@@ -39,36 +44,31 @@ pub trait Frame {
         update_csum(self, IP_CSUM_OFF, false, |c| replace16(c, old, new))
     }
 
-    /// Updates the IPv4 header checksum for an address changing.
+    /// Updates the IPv4 header checksum by `diff` (`words_diff`): addresses changed.
     #[inline(always)]
-    fn update_ip_csum32(&self, old: [u8; 4], new: [u8; 4]) -> Option<()> {
-        update_csum(self, IP_CSUM_OFF, false, |c| replace_words(c, &old, &new))
+    fn update_ip_csum_diff(&self, diff: u32) -> Option<()> {
+        update_csum(self, IP_CSUM_OFF, false, |c| add_diff(c, diff))
     }
 
-    /// Updates the TCP or UDP checksum at `offset` for an address of the pseudo-header
-    /// changing; a zero UDP checksum means "none" and stays so.
+    /// Updates the TCP or UDP checksum at `offset` by `diff` (`words_diff`) for addresses of
+    /// its pseudo-header changing (`ipv6`: an IPv6 header's, which has no checksum of its
+    /// own); a zero UDP checksum means "none" and stays so.
     #[inline(always)]
-    fn update_l4_csum_addr(
+    fn update_l4_csum_pseudo(
         &self,
         offset: usize,
-        old: [u8; 4],
-        new: [u8; 4],
+        diff: u32,
         udp: bool,
+        _ipv6: bool,
     ) -> Option<()> {
-        update_csum(self, offset, udp, |c| replace_words(c, &old, &new))
-    }
-
-    /// Updates the TCP or UDP checksum at `offset` by `diff` (`words_diff`) for an IPv6
-    /// address of the pseudo-header changing: one update for the whole address.
-    #[inline(always)]
-    fn update_l4_csum_diff(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
         update_csum(self, offset, udp, |c| add_diff(c, diff))
     }
 
-    /// Updates the TCP or UDP checksum at `offset` for a port changing (both as in memory).
+    /// Updates the TCP or UDP checksum at `offset` by `diff` (`word_diff`s) for fields of
+    /// the segment itself changing (ports).
     #[inline(always)]
-    fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()> {
-        update_csum(self, offset, udp, |c| replace16(c, old, new))
+    fn update_l4_csum_fields(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
+        update_csum(self, offset, udp, |c| add_diff(c, diff))
     }
 }
 
@@ -86,6 +86,13 @@ pub fn fold(mut sum: u32) -> u16 {
 pub fn replace16(csum: u16, old: u16, new: u16) -> u16 {
     let sum = !u16::from_be(csum) as u32 + !u16::from_be(old) as u32 + u16::from_be(new) as u32;
     (!fold(sum)).to_be()
+}
+
+/// What a 16-bit word changing from `old` to `new` (both as in memory) adds to a
+/// one's-complement sum of words as in memory, unfolded.
+#[inline(always)]
+pub fn word_diff(old: u16, new: u16) -> u32 {
+    u32::from(!old) + u32::from(new)
 }
 
 /// The same for a field of 16-bit words (an address, of either family; both as in memory).
@@ -264,18 +271,13 @@ impl Frame for TcContext {
         unsafe { (*self.skb.skb).vlan_present != 0 }
     }
 
+    /// As the socket buffer has it, as the frame's (untagged, or tagged outside its data,
+    /// which `vlan_tagged` tells): no read of the frame, whose helper fallback would give
+    /// the program entry a stack frame of its own, on top of each family's.
     #[inline(always)]
-    fn update_l4_csum_addr(
-        &self,
-        offset: usize,
-        old: [u8; 4],
-        new: [u8; 4],
-        udp: bool,
-    ) -> Option<()> {
-        let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-        let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp) | 4;
-        self.l4_csum_replace(offset, old as u64, new as u64, flags)
-            .ok()
+    fn ethertype(&self) -> Option<u16> {
+        // SAFETY: valid context.
+        Some(u16::from_be(unsafe { (*self.skb.skb).protocol } as u16))
     }
 
     /// A received packet's checksum may be complete (`CHECKSUM_COMPLETE`: the sum of the
@@ -286,10 +288,13 @@ impl Frame for TcContext {
     /// complete sums only); else the stack would find the sum wrong, check the packet in
     /// software and log "hw csum failure".
     #[inline(always)]
-    fn update_l4_csum_diff(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
+    fn update_l4_csum_pseudo(&self, offset: usize, diff: u32, udp: bool, ipv6: bool) -> Option<()> {
+        let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp);
+        if !ipv6 {
+            return self.l4_csum_replace(offset, 0, diff as u64, flags).ok();
+        }
         // SAFETY: a constant of the object, read as the loader set it.
         let flag_known = unsafe { core::ptr::read_volatile(&KERNEL_HAS_BPF_F_IPV6) } != 0;
-        let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp);
         if flag_known {
             self.l4_csum_replace(offset, 0, diff as u64, flags | BPF_F_IPV6)
                 .ok()
@@ -301,9 +306,11 @@ impl Frame for TcContext {
         }
     }
 
+    /// Not for a partial checksum, which covers the pseudo-header alone: the helper leaves
+    /// it as it is.
     #[inline(always)]
-    fn update_l4_csum_port(&self, offset: usize, old: u16, new: u16, udp: bool) -> Option<()> {
-        self.l4_csum_replace(offset, old as u64, new as u64, mangled_0(udp) | 2)
+    fn update_l4_csum_fields(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
+        self.l4_csum_replace(offset, 0, diff as u64, mangled_0(udp))
             .ok()
     }
 }

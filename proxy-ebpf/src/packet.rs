@@ -4,7 +4,10 @@
 use proxy_common::{CtKey, CtKeyOf, IPPROTO_TCP, IPPROTO_UDP};
 
 pub use crate::frame::Frame;
-use crate::{family::Family, frame::fold};
+use crate::{
+    family::Family,
+    frame::{fold, word_diff, words_diff},
+};
 
 pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -283,11 +286,11 @@ pub fn parse<F: Frame>(ctx: &F) -> Option<Packet> {
 /// (not a frame of a VLAN device), else `None`.
 #[inline(always)]
 pub fn is_ipv6<F: Frame>(ctx: &F) -> Option<bool> {
-    let ethertype: u16 = ctx.read(12)?;
+    let ethertype = ctx.ethertype()?;
     if ctx.vlan_tagged() {
         return None;
     }
-    match u16::from_be(ethertype) {
+    match ethertype {
         ETH_P_IP => Some(false),
         ETH_P_IPV6 => Some(true),
         _ => None,
@@ -649,15 +652,6 @@ pub enum Endpoint {
 }
 
 impl<A: Family> FlowOf<A> {
-    /// Offsets of an endpoint's address and port, and its current values.
-    #[inline(always)]
-    pub fn endpoint(&self, which: Endpoint) -> (usize, usize, A, u16) {
-        match which {
-            Endpoint::Source => (A::SRC_OFF, self.l4_off, self.key.src, self.key.sport),
-            Endpoint::Destination => (A::DST_OFF, self.l4_off + 2, self.key.dst, self.key.dport),
-        }
-    }
-
     /// Offset of the L4 checksum.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
@@ -665,22 +659,41 @@ impl<A: Family> FlowOf<A> {
     }
 }
 
-/// Rewrites one end of the packet, address and port, with the IP and L4 checksums.
+/// Rewrites the ends of the packet that `src` and `dst` set, addresses and ports. Each
+/// checksum is updated once for all that changed: on tc, one helper call for the
+/// pseudo-header's addresses and one for the ports (a partial checksum takes the first
+/// alone), where a call per field took four for a masqueraded packet.
 #[inline(always)]
 pub fn rewrite<F: Frame, A: Family>(
     ctx: &F,
     flow: &FlowOf<A>,
-    which: Endpoint,
-    to: RewriteOf<A>,
+    src: &RewriteOf<A>,
+    dst: &RewriteOf<A>,
 ) -> Option<()> {
-    if !to.set {
+    if !src.set && !dst.set {
         return Some(());
     }
-    let (addr_off, port_off, old_addr, old_port) = flow.endpoint(which);
+    let key = &flow.key;
+    let (mut addrs, mut ports) = (0, 0);
+    if src.set {
+        addrs += words_diff(key.src.as_ref(), src.addr.as_ref());
+        ports += word_diff(key.sport.to_be(), src.port.to_be());
+    }
+    if dst.set {
+        addrs += words_diff(key.dst.as_ref(), dst.addr.as_ref());
+        ports += word_diff(key.dport.to_be(), dst.port.to_be());
+    }
     let csum_off = flow.l4_csum_off();
     let udp = !flow.is_tcp();
-    A::rewrite_address(ctx, addr_off, &old_addr, &to, csum_off, udp)?;
-    let new_port = to.port.to_be();
-    ctx.update_l4_csum_port(csum_off, old_port.to_be(), new_port, udp)?;
-    ctx.write(port_off, &new_port)
+    A::update_pseudo_header(ctx, csum_off, addrs, udp)?;
+    ctx.update_l4_csum_fields(csum_off, ports, udp)?;
+    if src.set {
+        ctx.write_aligned(A::SRC_OFF, &src.addr, RewriteOf::<A>::ADDR_ALIGN)?;
+        ctx.write(flow.l4_off, &src.port.to_be())?;
+    }
+    if dst.set {
+        ctx.write_aligned(A::DST_OFF, &dst.addr, RewriteOf::<A>::ADDR_ALIGN)?;
+        ctx.write(flow.l4_off + 2, &dst.port.to_be())?;
+    }
+    Some(())
 }

@@ -16,10 +16,9 @@ use crate::{
     maps::NEW_FLOW6,
     nat::{self, Action, Side, Translation, Verdict},
     packet::{
-        self, Endpoint, ErrorTranslationOf, Flow, Flow6, FlowOf, FragmentOf, Frame,
-        ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH,
-        ICMPV6_PORT_UNREACH, ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpErrorOf,
-        Packet,
+        self, ErrorTranslationOf, Flow, Flow6, FlowOf, FragmentOf, Frame, ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH,
+        ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpErrorOf, Packet,
     },
     route,
 };
@@ -48,13 +47,18 @@ fn xdp_found_nothing(ctx: &TcContext) -> bool {
     if meta + size_of::<XdpMeta>() > data {
         return false;
     }
-    // SAFETY: the bound is checked against the frame's start, as the verifier wants.
-    let mark = unsafe { *(meta as *const XdpMeta) };
-    mark.magic == XDP_META_NOTHING_FOR_US && mark.ifindex == ifindex
+    // SAFETY: the bound is checked against the frame's start, as the verifier wants. Read
+    // in place, field by field: a copy would give this program a stack frame of its own,
+    // on top of each family's.
+    let mark = meta as *const XdpMeta;
+    unsafe { (*mark).magic == XDP_META_NOTHING_FOR_US && (*mark).ifindex == ifindex }
 }
 
 #[classifier]
 pub fn proxy_egress(ctx: TcContext) -> i32 {
+    if route::routed_here(&ctx) {
+        return TC_ACT_OK;
+    }
     run(&ctx, Side::Egress)
 }
 
@@ -275,8 +279,7 @@ where
                 return Some(A::expired(ctx, flow));
             }
             lb::count(t.service_id, t.backend_id, t.counters);
-            packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)?;
-            packet::rewrite(ctx, flow, Endpoint::Source, t.src)?;
+            packet::rewrite(ctx, flow, &t.src, &t.dst)?;
             sent_on::<A>(ctx, route, flow.key.proto, t.service_id)
         }
     }

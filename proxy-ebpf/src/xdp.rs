@@ -22,7 +22,7 @@ use crate::{
     lb::{self, Dropped},
     maps::XDP_FORWARD6,
     nat::{self, Action, Translation},
-    packet::{self, Endpoint, Flow, Flow6, FlowOf, Frame, IP_TTL_OFF, Packet},
+    packet::{self, Flow, Flow6, FlowOf, Frame, IP_TTL_OFF, Packet},
     route::{self, NextHop},
 };
 
@@ -240,8 +240,7 @@ fn send<A: Family>(
 ) -> u32 {
     // The frame changes from here on: one that cannot be finished is dropped, not passed on
     // half-rewritten.
-    let rewritten = packet::rewrite(ctx, flow, Endpoint::Destination, t.dst)
-        .and_then(|()| packet::rewrite(ctx, flow, Endpoint::Source, t.src))
+    let rewritten = packet::rewrite(ctx, flow, &t.src, &t.dst)
         .and_then(|()| route::to_next_hop::<A, _>(ctx, Some(macs)));
     if rewritten.is_none() {
         return XDP_DROP;
