@@ -70,7 +70,7 @@ pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
 
 /// Each family's path is a call of its own (`run4`, `run6`'s subprograms), with stack frames
 /// of its own. IPv6 was once a program of its own, tail-called here, when one program's
-/// million verified instructions did not cover both families; they take ~250,000 together
+/// million verified instructions did not cover both families; they take ~190,000 together
 /// now, and the tail call cost an IPv6 packet 7 ns (repeat mode, 159 to 152 ns).
 #[inline(always)]
 fn run(ctx: &TcContext, side: Side) -> i32 {
