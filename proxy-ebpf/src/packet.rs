@@ -607,7 +607,7 @@ impl<A> RewriteOf<A> {
 impl<A: Family> RewriteOf<A> {
     pub const NONE: Self = RewriteOf {
         set: false,
-        addr: A::ZERO,
+        addr: A::UNSET,
         port: 0,
     };
 
