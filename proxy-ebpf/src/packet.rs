@@ -620,9 +620,7 @@ impl<A: Family> RewriteOf<A> {
         }
     }
 
-    /// This rewrite if `needed`, else none. Rather than `NONE` on a packet's path: it keeps
-    /// the address it has, where `NONE`'s zero IPv6 address is a call to a byte-at-a-time
-    /// `memset` (bpf-linker has LLVM leave memset unexpanded).
+    /// This rewrite if `needed`, else none.
     #[inline(always)]
     pub fn when(self, needed: bool) -> Self {
         RewriteOf {
