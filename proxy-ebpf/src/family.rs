@@ -81,12 +81,22 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// Updates the checksums that cover the IP header's addresses for them changing by
     /// `diff` (`words_diff`): the IPv4 header's, and the TCP or UDP (ICMPv6) checksum at
     /// `csum_off`, whose pseudo-header holds them.
-    fn update_pseudo_header<F: Frame>(ctx: &F, csum_off: usize, diff: u32, udp: bool)
-    -> Option<()>;
+    #[inline(always)]
+    fn update_pseudo_header<F: Frame>(
+        ctx: &F,
+        csum_off: usize,
+        diff: u32,
+        udp: bool,
+    ) -> Option<()> {
+        ctx.update_l4_csum_pseudo(csum_off, diff, udp, !Self::HEADER_CHECKSUM)?;
+        if Self::HEADER_CHECKSUM {
+            ctx.update_ip_csum_diff(diff)?;
+        }
+        Some(())
+    }
     /// Rewrites the address at `addr_off` from `old` to `new`, with the checksums
     /// (`update_pseudo_header`). By reference: a copy of an address (align 1) is made a byte
-    /// at a time, where the aligned originals are read in words; `new` as a `RewriteOf`,
-    /// whose address is aligned to 4, so that it is written to the packet in words too.
+    /// at a time, where the aligned originals are read in words.
     #[inline(always)]
     fn rewrite_address<F: Frame>(
         ctx: &F,
@@ -102,17 +112,23 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
             words_diff(old.as_ref(), new.addr.as_ref()),
             udp,
         )?;
-        ctx.write_aligned(addr_off, &new.addr, RewriteOf::<Self>::ADDR_ALIGN)
+        new.write_address(ctx, addr_off)
     }
     /// Rewrites the address at `addr_off` of the IP header alone, with the header checksum
     /// (IPv4): a later fragment has no L4 header (its first fragment's L4 checksum covers the
     /// pseudo-header).
+    #[inline(always)]
     fn rewrite_l3_address<F: Frame>(
         ctx: &F,
         addr_off: usize,
-        old: Self,
+        old: &Self,
         new: &RewriteOf<Self>,
-    ) -> Option<()>;
+    ) -> Option<()> {
+        if Self::HEADER_CHECKSUM {
+            ctx.update_ip_csum_diff(words_diff(old.as_ref(), new.addr.as_ref()))?;
+        }
+        new.write_address(ctx, addr_off)
+    }
     /// Rewrites the address at `addr_off` of an ICMP (ICMPv6) error's own header from `old`
     /// to `new`: the IPv4 header checksum follows, or the ICMPv6 checksum at
     /// `icmp_csum_off`, whose pseudo-header holds the address.
@@ -215,17 +231,6 @@ impl Family for [u8; 4] {
     }
 
     #[inline(always)]
-    fn update_pseudo_header<F: Frame>(
-        ctx: &F,
-        csum_off: usize,
-        diff: u32,
-        udp: bool,
-    ) -> Option<()> {
-        ctx.update_l4_csum_pseudo(csum_off, diff, udp, false)?;
-        ctx.update_ip_csum_diff(diff)
-    }
-
-    #[inline(always)]
     fn rewrite_error_address<F: Frame>(
         ctx: &F,
         addr_off: usize,
@@ -233,17 +238,7 @@ impl Family for [u8; 4] {
         new: &RewriteOf<Self>,
         _: usize,
     ) -> Option<()> {
-        Self::rewrite_l3_address(ctx, addr_off, old, new)
-    }
-    #[inline(always)]
-    fn rewrite_l3_address<F: Frame>(
-        ctx: &F,
-        addr_off: usize,
-        old: Self,
-        new: &RewriteOf<Self>,
-    ) -> Option<()> {
-        ctx.update_ip_csum_diff(words_diff(&old, &new.addr))?;
-        ctx.write_aligned(addr_off, &new.addr, RewriteOf::<Self>::ADDR_ALIGN)
+        Self::rewrite_l3_address(ctx, addr_off, &old, new)
     }
 }
 
@@ -353,17 +348,6 @@ impl Family for [u8; 16] {
         NEW_ENTRIES6.get_ptr_mut(0).map(|e| unsafe { &mut *e })
     }
 
-    /// No header checksum.
-    #[inline(always)]
-    fn update_pseudo_header<F: Frame>(
-        ctx: &F,
-        csum_off: usize,
-        diff: u32,
-        udp: bool,
-    ) -> Option<()> {
-        ctx.update_l4_csum_pseudo(csum_off, diff, udp, true)
-    }
-
     #[inline(always)]
     fn rewrite_error_address<F: Frame>(
         ctx: &F,
@@ -373,15 +357,5 @@ impl Family for [u8; 16] {
         icmp_csum_off: usize,
     ) -> Option<()> {
         Self::rewrite_address(ctx, addr_off, &old, new, icmp_csum_off, false)
-    }
-    /// No header checksum.
-    #[inline(always)]
-    fn rewrite_l3_address<F: Frame>(
-        ctx: &F,
-        addr_off: usize,
-        _: Self,
-        new: &RewriteOf<Self>,
-    ) -> Option<()> {
-        ctx.write_aligned(addr_off, &new.addr, RewriteOf::<Self>::ADDR_ALIGN)
     }
 }

@@ -600,8 +600,12 @@ pub struct RewriteOf<A> {
 }
 
 impl<A> RewriteOf<A> {
-    /// The alignment of `addr`: the struct's, as it comes first.
-    pub const ADDR_ALIGN: usize = core::mem::align_of::<Self>();
+    /// Writes the new address at `offset` of the frame, in words: it comes first in this
+    /// 4-aligned struct, though a byte array.
+    #[inline(always)]
+    pub fn write_address<F: Frame>(&self, ctx: &F, offset: usize) -> Option<()> {
+        ctx.write_aligned(offset, &self.addr, core::mem::align_of::<Self>())
+    }
 }
 
 impl<A: Family> RewriteOf<A> {
@@ -686,11 +690,11 @@ pub fn rewrite<F: Frame, A: Family>(
     A::update_pseudo_header(ctx, csum_off, addrs, udp)?;
     ctx.update_l4_csum_fields(csum_off, ports, udp)?;
     if src.set {
-        ctx.write_aligned(A::SRC_OFF, &src.addr, RewriteOf::<A>::ADDR_ALIGN)?;
+        src.write_address(ctx, A::SRC_OFF)?;
         ctx.write(flow.l4_off, &src.port.to_be())?;
     }
     if dst.set {
-        ctx.write_aligned(A::DST_OFF, &dst.addr, RewriteOf::<A>::ADDR_ALIGN)?;
+        dst.write_address(ctx, A::DST_OFF)?;
         ctx.write(flow.l4_off + 2, &dst.port.to_be())?;
     }
     Some(())

@@ -115,6 +115,9 @@ const NOT_A_FLOW: i32 = i32::MIN + 1;
 const NOT_A_FRAGMENT: i32 = i32::MIN + 2;
 /// `choose6`'s answer for a new flow that `record6` must record.
 const CHOSEN: i32 = i32::MIN + 3;
+/// An IPv6 subprogram's answer for a packet to route whose hop limit ran out here, left
+/// untouched: `expired6` answers it. Each of these answers distinct, none a tc action.
+const HOP_LIMIT_EXPIRED: i32 = i32::MIN + 4;
 
 /// A new IPv6 flow as `tracked6` hands it to `choose6` and `choose6` to `record6` (per CPU:
 /// the program runs on one CPU from start to end), so that neither parses the packet,
@@ -329,10 +332,10 @@ fn translate_fragment<A: Routing>(
 ) -> Option<i32> {
     lb::count(t.service_id, t.backend_id, t.counters);
     if t.dst.set {
-        A::rewrite_l3_address(ctx, A::DST_OFF, frag.dst, &t.dst)?;
+        A::rewrite_l3_address(ctx, A::DST_OFF, &frag.dst, &t.dst)?;
     }
     if t.src.set {
-        A::rewrite_l3_address(ctx, A::SRC_OFF, frag.src, &t.src)?;
+        A::rewrite_l3_address(ctx, A::SRC_OFF, &frag.src, &t.src)?;
     }
     sent_on::<A>(ctx, t.route, frag.proto, t.service_id)
 }
@@ -392,10 +395,6 @@ impl Routing for [u8; 16] {
         HOP_LIMIT_EXPIRED
     }
 }
-
-/// An IPv6 subprogram's answer for a packet to route whose hop limit ran out here, left
-/// untouched: `expired6` answers it.
-const HOP_LIMIT_EXPIRED: i32 = i32::MIN + 3;
 
 /// Answers an IPv6 packet whose hop limit ran out as a router does (ICMPv6 time exceeded).
 #[inline(never)]
