@@ -234,8 +234,7 @@ pub struct CtKeyOf<A> {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    // Padding as fields, not a `[u8; 3]`: initialising an odd-sized array makes LLVM call
-    // `memset`, a loop the verifier walks at every key built in the datapath's loops.
+    // Padding as fields, not a `[u8; 3]`: a store each.
     pub pad: u8,
     pub pad2: u16,
 }
@@ -478,30 +477,6 @@ pub const fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
     ]
-}
-
-impl DropFlow {
-    pub fn v6(key: &CtKey6) -> Self {
-        Self {
-            src: key.src,
-            dst: key.dst,
-            sport: key.sport,
-            dport: key.dport,
-            proto: key.proto,
-            pad: [0; 3],
-        }
-    }
-
-    pub fn v4(key: &CtKey) -> Self {
-        Self {
-            src: v4_mapped(key.src),
-            dst: v4_mapped(key.dst),
-            sport: key.sport,
-            dport: key.dport,
-            proto: key.proto,
-            pad: [0; 3],
-        }
-    }
 }
 
 /// `DropEvent::hook`: the tc programs.

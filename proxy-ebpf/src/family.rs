@@ -31,11 +31,6 @@ use crate::{
 pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// The all-zero address; also the frontend address of a NodePort.
     const ZERO: Self;
-    /// The address of a rewrite that is not made (`RewriteOf::NONE`), never read. Not
-    /// IPv6's zero: LLVM zeroes 16 bytes with `memset`, which bpf-linker has it leave
-    /// unexpanded, a call to a byte-at-a-time subprogram; bytes unlike each other are stored
-    /// as words.
-    const UNSET: Self;
     /// Offsets of the IP header's source and destination address in a frame.
     const SRC_OFF: usize;
     const DST_OFF: usize;
@@ -143,7 +138,6 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
 
 impl Family for [u8; 4] {
     const ZERO: Self = NODE_PORT_ADDR;
-    const UNSET: Self = NODE_PORT_ADDR;
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
     const TTL_OFF: usize = ETH_HDR_LEN + 8;
@@ -244,7 +238,6 @@ impl Family for [u8; 4] {
 
 impl Family for [u8; 16] {
     const ZERO: Self = NODE_PORT_ADDR6;
-    const UNSET: Self = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     const SRC_OFF: usize = ETH_HDR_LEN + 8;
     const DST_OFF: usize = ETH_HDR_LEN + 24;
     const TTL_OFF: usize = ETH_HDR_LEN + 7;

@@ -611,7 +611,7 @@ impl<A> RewriteOf<A> {
 impl<A: Family> RewriteOf<A> {
     pub const NONE: Self = RewriteOf {
         set: false,
-        addr: A::UNSET,
+        addr: A::ZERO,
         port: 0,
     };
 
