@@ -266,17 +266,19 @@ pub enum Choice<A> {
 /// The first half of `new_flow`: the service port the flow is for, and its backend.
 #[inline(always)]
 pub fn choose<A: Family>(flow: &FlowOf<A>, now: u64) -> Choice<A> {
+    // A TCP segment other than a SYN with no entry of ours belongs to a connection made
+    // before the flow was ours: kube-proxy's kernel NAT carries it during a migration (tc
+    // runs before netfilter). Balancing it anew would send it mid-stream to a backend that
+    // knows nothing of it; left alone, the kernel's conntrack keeps translating it. Asked
+    // first: most packets that pass are such segments of flows that are no service's, and
+    // the service lookups would not change their verdict.
+    if flow.is_tcp() && !flow.is_syn() {
+        return Choice::Done(Verdict::pass());
+    }
     let service = ServiceKeyOf::new(flow.key.dst, flow.key.dport, flow.key.proto);
     let Some(svc) = lb::service_for(&service) else {
         return Choice::Done(Verdict::pass());
     };
-    // A TCP segment other than a SYN with no entry of ours belongs to a connection made
-    // before the flow was ours: kube-proxy's kernel NAT carries it during a migration (tc
-    // runs before netfilter). Balancing it anew would send it mid-stream to a backend that
-    // knows nothing of it; left alone, the kernel's conntrack keeps translating it.
-    if flow.is_tcp() && !flow.is_syn() {
-        return Choice::Done(Verdict::pass());
-    }
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !lb::source_allowed(svc.id, flow.key.src) {
         return Choice::Done(Verdict::drop_for(DropReason::SourceRange, svc.id));
     }
