@@ -226,7 +226,10 @@ impl Agent {
                 }
             }
             SourceEvent::NodeEligible(eligible) => {
-                if eligible != self.state.get().node_eligible {
+                // The state first: once the line below is logged, /healthz says so.
+                let was = self.state.get().node_eligible;
+                self.state.update(|s| s.node_eligible = eligible);
+                if eligible != was {
                     if eligible {
                         info!("this node is eligible for load-balanced traffic again");
                     } else {
@@ -236,7 +239,6 @@ impl Agent {
                         );
                     }
                 }
-                self.state.update(|s| s.node_eligible = eligible);
             }
             SourceEvent::Topology(topology) => {
                 if self.controller.set_topology(topology.clone()) {
