@@ -399,7 +399,9 @@ pub enum DropReason {
     NoMasqueradeAddress = 2,
     /// A new flow could not be recorded in the conntrack map.
     ConntrackInsert = 3,
-    /// A packet the datapath routes itself had no route, or its TTL ran out.
+    /// A packet the datapath routes itself had no route, its TTL ran out, or it was larger
+    /// than the next hop's MTU and may be fragmented (IPv4 without DF), which the datapath
+    /// does not do.
     NoRoute = 4,
     /// A new flow's reply tuple was held by another live flow and every other source port
     /// tried for it was taken too.

@@ -24,7 +24,7 @@ use crate::{
         SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOURCE_RANGES, SOURCE_RANGES6,
     },
     nat::NewEntries,
-    packet::{ETH_HDR_LEN, Frame, IP_DST_OFF, IP_SRC_OFF, RewriteOf},
+    packet::{ETH_HDR_LEN, Frame, IP_DST_OFF, IP_SRC_OFF, IP6_HDR_LEN, RewriteOf},
 };
 
 /// An address family, as its address: `[u8; 4]` or `[u8; 16]`.
@@ -38,6 +38,10 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     const TTL_OFF: usize;
     /// Whether the IP header has a checksum (IPv4's).
     const HEADER_CHECKSUM: bool;
+    /// Offset of the IP header's length field in a frame, and what that length leaves out
+    /// (IPv6's: its 40-byte header).
+    const IP_LEN_OFF: usize;
+    const IP_LEN_BASE: u16;
     /// The address family of a FIB lookup (`AF_INET`, `AF_INET6`).
     const AF: u8;
     /// A key of the family's socket translations (cookie, backend address and port).
@@ -73,6 +77,11 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// Room for a new flow's entries, in a per-CPU map: the packet path has no stack left
     /// for them (IPv6's take 152 bytes). `None` if the map cannot be read.
     fn new_entries() -> Option<&'static mut NewEntries<Self>>;
+    /// The packet's IP length, header included, as its header gives it.
+    #[inline(always)]
+    fn ip_len<F: Frame>(ctx: &F) -> Option<u16> {
+        Some(u16::from_be(ctx.read(Self::IP_LEN_OFF)?).saturating_add(Self::IP_LEN_BASE))
+    }
     /// Updates the checksums that cover the IP header's addresses for them changing by
     /// `diff` (`words_diff`): the IPv4 header's, and the TCP or UDP (ICMPv6) checksum at
     /// `csum_off`, whose pseudo-header holds them.
@@ -142,6 +151,8 @@ impl Family for [u8; 4] {
     const DST_OFF: usize = IP_DST_OFF;
     const TTL_OFF: usize = ETH_HDR_LEN + 8;
     const HEADER_CHECKSUM: bool = true;
+    const IP_LEN_OFF: usize = ETH_HDR_LEN + 2;
+    const IP_LEN_BASE: u16 = 0;
     const AF: u8 = 2;
     type SockRev = SockRevKey;
 
@@ -241,6 +252,8 @@ impl Family for [u8; 16] {
     const SRC_OFF: usize = ETH_HDR_LEN + 8;
     const DST_OFF: usize = ETH_HDR_LEN + 24;
     const TTL_OFF: usize = ETH_HDR_LEN + 7;
+    const IP_LEN_OFF: usize = ETH_HDR_LEN + 4;
+    const IP_LEN_BASE: u16 = IP6_HDR_LEN as u16;
     const HEADER_CHECKSUM: bool = false;
     const AF: u8 = 10;
     type SockRev = SockRevKey6;

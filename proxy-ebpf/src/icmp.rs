@@ -51,10 +51,17 @@ fn checksum(ptr: *mut u8, len: u32) -> u16 {
 /// Turns the packet into an ICMP error of `kind` and `code` from its destination back to
 /// its source, quoting it as it arrived: port unreachable, as kube-proxy's REJECT rule
 /// answers for a service without endpoints; time exceeded, as a router answers a packet
-/// whose TTL ran out. The caller sends it back out of the interface it came in on. Only
-/// for packets without IP options.
+/// whose TTL ran out; fragmentation needed, with `next_hop_mtu`, as a router answers a
+/// packet too large for the link it would leave by. The caller sends it back out of the
+/// interface it came in on. Only for packets without IP options.
 #[inline(always)]
-pub fn into_icmp_error(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Result<(), i64> {
+pub fn into_icmp_error(
+    ctx: &TcContext,
+    flow: &Flow,
+    kind: u8,
+    code: u8,
+    next_hop_mtu: u16,
+) -> Result<(), i64> {
     if flow.ip_hdr_len != IP_HDR_MIN_LEN {
         return Err(0);
     }
@@ -64,6 +71,7 @@ pub fn into_icmp_error(ctx: &TcContext, flow: &Flow, kind: u8, code: u8) -> Resu
     };
     icmp.header[0] = kind;
     icmp.header[1] = code;
+    icmp.header[6..8].copy_from_slice(&next_hop_mtu.to_be_bytes());
     let icmp_csum = checksum((&mut icmp as *mut IcmpQuote).cast(), 36);
     icmp.header[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());
 
@@ -113,10 +121,16 @@ struct Pseudo6 {
 }
 
 /// `into_icmp_error` for IPv6: an ICMPv6 error of `kind` and `code` (destination
-/// unreachable / port unreachable for a service without endpoints) back to the sender. Only
-/// for packets without extension headers.
+/// unreachable / port unreachable for a service without endpoints, time exceeded, packet
+/// too big with `mtu`) back to the sender. Only for packets without extension headers.
 #[inline(always)]
-pub fn into_icmp6_error(ctx: &TcContext, flow: &Flow6, kind: u8, code: u8) -> Result<(), i64> {
+pub fn into_icmp6_error(
+    ctx: &TcContext,
+    flow: &Flow6,
+    kind: u8,
+    code: u8,
+    mtu: u32,
+) -> Result<(), i64> {
     if flow.ip_hdr_len != IP6_HDR_LEN {
         return Err(0);
     }
@@ -127,6 +141,7 @@ pub fn into_icmp6_error(ctx: &TcContext, flow: &Flow6, kind: u8, code: u8) -> Re
     };
     icmp.header[0] = kind;
     icmp.header[1] = code;
+    icmp.header[4..8].copy_from_slice(&mtu.to_be_bytes());
     let mut pseudo = Pseudo6 {
         src: flow.key.dst,
         dst: flow.key.src,

@@ -119,6 +119,11 @@ pub static FRAGMENTS6: LruHashMap<FragKey6, FragPorts, { MAX_FRAGMENTS as usize 
 #[btf_map(name = "new_flow6")]
 pub static NEW_FLOW6: PerCpuArray<crate::tc::NewFlow6, 1> = PerCpuArray::new();
 
+/// A masqueraded IPv6 packet as tc's translating step hands it, untouched, to the step that
+/// routes it (`tc::ToRoute6`); not pinned.
+#[btf_map(name = "tc_to_route6")]
+pub static TC_TO_ROUTE6: PerCpuArray<crate::tc::ToRoute6, 1> = PerCpuArray::new();
+
 /// What `proxy_xdp6`'s steps hand on to each other (`xdp::Forward6`); not pinned.
 #[btf_map(name = "xdp_forward6")]
 pub static XDP_FORWARD6: PerCpuArray<crate::xdp::Forward6, 1> = PerCpuArray::new();

@@ -20,6 +20,9 @@ const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
+/// The byte of the IPv4 header holding its flags, and the "don't fragment" one.
+pub const IP_FLAGS_OFF: usize = ETH_HDR_LEN + 6;
+pub const IP_DF: u8 = 0x40;
 pub const IP_TTL_OFF: usize = ETH_HDR_LEN + 8;
 pub const IP_CSUM_OFF: usize = ETH_HDR_LEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HDR_LEN + 12;
@@ -139,8 +142,8 @@ struct UdpHeader {
     csum: u16,
 }
 
-const TCP_HDR_MIN_LEN: usize = 20;
-const UDP_HDR_LEN: usize = 8;
+pub const TCP_HDR_MIN_LEN: usize = 20;
+pub const UDP_HDR_LEN: usize = 8;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
@@ -189,8 +192,10 @@ const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_HDR_LEN: usize = 8;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_PORT_UNREACH: u8 = 3;
+/// Destination unreachable's "fragmentation needed and DF set", with the next hop's MTU.
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 pub const ICMPV6_PORT_UNREACH: u8 = 4;

@@ -2,7 +2,10 @@
 //! egress interface and next-hop MAC, and the packet is redirected there. Used for
 //! masqueraded flows, whose packets the kernel's own forwarding would drop as martians.
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        TC_ACT_SHOT, bpf_fib_lookup,
+    },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
@@ -24,20 +27,34 @@ pub enum NextHop {
     Unresolved { ifindex: u32 },
 }
 
-/// The route of a packet from `src` to `dst` that arrived on `ifindex`.
+/// Why a packet cannot be routed.
+#[derive(Clone, Copy)]
+pub enum Unroutable {
+    NoRoute,
+    /// It is larger than the MTU (`mtu`) of the interface it would leave by.
+    TooBig {
+        mtu: u16,
+    },
+}
+
+/// The route of a packet from `src` to `dst` that arrived on `ifindex`, and whether a
+/// packet of IP length `ip_len` fits the MTU on the way (0: none is too big). XDP's lookup
+/// checks the MTU against that length alone; a socket buffer's, given 0, checks the packet
+/// itself (`lookup_tc`).
 #[inline(always)]
 pub fn lookup<A: Family>(
     ctx: *mut core::ffi::c_void,
     ifindex: u32,
     proto: u8,
-    src: A,
-    dst: A,
-) -> Option<NextHop> {
+    (src, dst): (A, A),
+    ip_len: u16,
+) -> Result<NextHop, Unroutable> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = A::AF;
     params.l4_protocol = proto;
     params.ifindex = ifindex;
+    params.__bindgen_anon_1.tot_len = ip_len;
     A::fib_addresses(&mut params, src, dst);
     // SAFETY: params is a valid, initialised request of the size passed.
     let ret = unsafe {
@@ -53,15 +70,19 @@ pub fn lookup<A: Family>(
             let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(&params.dmac);
             macs[6..].copy_from_slice(&params.smac);
-            Some(NextHop::Resolved {
+            Ok(NextHop::Resolved {
                 ifindex: params.ifindex,
                 macs,
             })
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Some(NextHop::Unresolved {
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(NextHop::Unresolved {
             ifindex: params.ifindex,
         }),
-        _ => None,
+        // SAFETY: the lookup wrote the MTU over the length it was given.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Unroutable::TooBig {
+            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
+        }),
+        _ => Err(Unroutable::NoRoute),
     }
 }
 
@@ -115,8 +136,52 @@ pub fn routed_here(ctx: &TcContext) -> bool {
     true
 }
 
+/// Counts a packet we route that cannot go on (no route, its TTL run out, too large for the
+/// next hop without fragmenting), as translated (`src`, `dst`) and without ports: the route
+/// is for the packet as it leaves.
+#[inline(always)]
+pub fn no_route<A: Family>(src: A, dst: A, proto: u8, service_id: u32) -> i32
+where
+    CtKeyOf<A>: EventFlow,
+{
+    let flow = CtKeyOf {
+        src,
+        dst,
+        sport: 0,
+        dport: 0,
+        proto,
+        pad: 0,
+        pad2: 0,
+    };
+    lb::count_drop(Dropped::packet(
+        DropReason::NoRoute,
+        service_id,
+        flow,
+        HOOK_TC,
+    ));
+    TC_ACT_SHOT
+}
+
+/// The route of a packet that arrived on this context's interface, from `src` to `dst`.
+/// `segment_len`: for a GSO packet, the IP length of the packets it leaves as, which the MTU
+/// is checked against (the socket buffer's lookup counts a GSO packet as fitting any MTU,
+/// where the kernel's forwarding checks its segments); 0 for any other.
+#[inline(always)]
+pub fn lookup_tc<A: Family>(
+    ctx: &TcContext,
+    proto: u8,
+    ends: (A, A),
+    segment_len: u16,
+) -> Result<NextHop, Unroutable> {
+    // SAFETY: valid context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    lookup(ctx.skb.skb.cast(), ifindex, proto, ends, segment_len)
+}
+
 /// Sends a rewritten packet on towards its new destination, as the kernel's forwarding
-/// would.
+/// would: a later fragment, an ICMP error, an IPv6 packet (whose path has no stack left to
+/// look the route up before the rewrite). One too large for the next hop is dropped
+/// (`no_route`).
 #[inline(always)]
 pub fn forward<A: Family>(ctx: &TcContext, proto: u8, service_id: u32) -> Option<i32>
 where
@@ -124,44 +189,34 @@ where
 {
     let src: A = ctx.read(A::SRC_OFF)?;
     let dst: A = ctx.read(A::DST_OFF)?;
-    // Reported as translated, without ports: the route is for the packet as it leaves.
-    let no_route = || {
-        let flow = CtKeyOf {
-            src,
-            dst,
-            sport: 0,
-            dport: 0,
-            proto,
-            pad: 0,
-            pad2: 0,
-        };
-        lb::count_drop(Dropped::packet(
-            DropReason::NoRoute,
-            service_id,
-            flow,
-            HOOK_TC,
-        ));
-    };
-    // SAFETY: valid context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(hop) = lookup(ctx.skb.skb.cast(), ifindex, proto, src, dst) else {
-        no_route();
-        return Some(TC_ACT_SHOT);
-    };
+    Some(match lookup_tc(ctx, proto, (src, dst), 0) {
+        Ok(hop) => send::<A>(ctx, hop, proto, service_id),
+        Err(_) => no_route(src, dst, proto, service_id),
+    })
+}
+
+/// Sends a rewritten packet to `hop`, its TTL (hop limit) decremented; drops it
+/// (`no_route`) if that has run out.
+#[inline(always)]
+pub fn send<A: Family>(ctx: &TcContext, hop: NextHop, proto: u8, service_id: u32) -> i32
+where
+    CtKeyOf<A>: EventFlow,
+{
     let macs = match hop {
         NextHop::Resolved { macs, .. } => Some(macs),
         NextHop::Unresolved { .. } => None,
     };
     if to_next_hop::<A, _>(ctx, macs).is_none() {
-        no_route();
-        return Some(TC_ACT_SHOT);
+        let src: A = ctx.read(A::SRC_OFF).unwrap_or(A::ZERO);
+        let dst: A = ctx.read(A::DST_OFF).unwrap_or(A::ZERO);
+        return no_route(src, dst, proto, service_id);
     }
     // SAFETY: valid context; then an interface index from the FIB.
     unsafe { (*ctx.skb.skb).tc_index = ROUTED_TC_INDEX };
-    Some(match hop {
+    match hop {
         NextHop::Resolved { ifindex, .. } => unsafe { bpf_redirect(ifindex, 0) as i32 },
         NextHop::Unresolved { ifindex } => unsafe {
             bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
-    })
+    }
 }

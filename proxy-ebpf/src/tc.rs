@@ -13,14 +13,15 @@ use crate::{
     family::Family,
     icmp,
     lb::{self, Dropped, EventFlow},
-    maps::NEW_FLOW6,
+    maps::{NEW_FLOW6, TC_TO_ROUTE6},
     nat::{self, Action, Side, Translation, Verdict},
     packet::{
         self, ErrorTranslationOf, Flow, Flow6, FlowOf, FragmentOf, Frame, ICMP_DEST_UNREACH,
-        ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH,
-        ICMPV6_TIME_EXCEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpErrorOf, Packet,
+        ICMP_FRAG_NEEDED, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH,
+        ICMPV6_PACKET_TOO_BIG, ICMPV6_PORT_UNREACH, ICMPV6_TIME_EXCEEDED, IP_DF, IP_FLAGS_OFF,
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpErrorOf, Packet, TCP_HDR_MIN_LEN, UDP_HDR_LEN,
     },
-    route,
+    route::{self, NextHop, Unroutable},
 };
 
 #[classifier]
@@ -101,6 +102,13 @@ fn run6(ctx: &TcContext, side: Side) -> i32 {
     };
     match action {
         HOP_LIMIT_EXPIRED => expired6(ctx),
+        TO_ROUTE => match next_hop6(ctx) {
+            SEND => send6(ctx),
+            too_big if (TOO_BIG..TOO_BIG + 0x10000).contains(&too_big) => {
+                packet_too_big6(ctx, (too_big - TOO_BIG) as u32)
+            }
+            action => action,
+        },
         routed if routed >= ROUTE => routed6(ctx, routed),
         action => action,
     }
@@ -116,8 +124,16 @@ const NOT_A_FRAGMENT: i32 = i32::MIN + 2;
 /// `choose6`'s answer for a new flow that `record6` must record.
 const CHOSEN: i32 = i32::MIN + 3;
 /// An IPv6 subprogram's answer for a packet to route whose hop limit ran out here, left
-/// untouched: `expired6` answers it. Each of these answers distinct, none a tc action.
+/// untouched: `expired6` answers it.
 const HOP_LIMIT_EXPIRED: i32 = i32::MIN + 4;
+/// An IPv6 subprogram's answer for a masqueraded packet it left untouched, handing its flow
+/// and translation on in `ToRoute6`: `next_hop6` looks its route up.
+const TO_ROUTE: i32 = i32::MIN + 5;
+/// `next_hop6`'s answer for a packet with a next hop (in `ToRoute6`): `send6` sends it.
+const SEND: i32 = i32::MIN + 6;
+/// `next_hop6`'s answer for a packet too large for its next hop: this plus the next hop's
+/// MTU (16 bits), for `packet_too_big6`. Each of these answers distinct, none a tc action.
+const TOO_BIG: i32 = i32::MIN + 0x10000;
 
 /// A new IPv6 flow as `tracked6` hands it to `choose6` and `choose6` to `record6` (per CPU:
 /// the program runs on one CPU from start to end), so that neither parses the packet,
@@ -127,6 +143,16 @@ pub struct NewFlow6 {
     now: u64,
     svc: ServiceValue,
     chosen: lb::Chosen<[u8; 16]>,
+}
+
+/// A masqueraded IPv6 packet as the subprogram that translated its flow hands it on, still
+/// untouched (per CPU, as `NewFlow6`): `next_hop6` looks its route up first, so that one
+/// too large for the next hop can be answered quoting it as the client sent it.
+pub struct ToRoute6 {
+    flow: Flow6,
+    translation: Translation<[u8; 16]>,
+    /// `next_hop6`'s finding, for `send6`.
+    hop: NextHop,
 }
 
 /// This CPU's `NewFlow6`.
@@ -274,16 +300,19 @@ where
         }
         Action::Translate => {
             let t = verdict.translation;
-            // A packet we would route ourselves whose TTL runs out here gets the answer a
-            // router gives (traceroute through a masqueraded node port), quoting it as the
-            // client sent it.
-            let route = t.route;
-            if route && ctx.read::<u8>(A::TTL_OFF)? <= 1 {
-                return Some(A::expired(ctx, flow));
-            }
+            let hop = match t.route {
+                true => match A::next_hop(ctx, flow, &t) {
+                    Ok(hop) => Some(hop),
+                    Err(answer) => return Some(answer),
+                },
+                false => None,
+            };
             lb::count(t.service_id, t.backend_id, t.counters);
             packet::rewrite(ctx, flow, &t.src, &t.dst)?;
-            sent_on::<A>(ctx, route, flow.key.proto, t.service_id)
+            Some(match hop {
+                Some(hop) => A::send(ctx, hop, flow.key.proto, t.service_id),
+                None => TC_ACT_OK,
+            })
         }
     }
 }
@@ -297,7 +326,7 @@ trait Answer {
 impl Answer for Flow {
     #[inline(always)]
     fn answer(&self, ctx: &TcContext, kind: u8, code: u8) -> Option<i32> {
-        icmp::into_icmp_error(ctx, self, kind, code).ok()?;
+        icmp::into_icmp_error(ctx, self, kind, code, 0).ok()?;
         Some(back_out(ctx))
     }
 }
@@ -319,7 +348,7 @@ impl Answer for packet::Flow6 {
             (ICMP_TIME_EXCEEDED, 0) => (ICMPV6_TIME_EXCEEDED, 0),
             _ => return Some(TC_ACT_SHOT),
         };
-        icmp::into_icmp6_error(ctx, self, kind, code).ok()?;
+        icmp::into_icmp6_error(ctx, self, kind, code, 0).ok()?;
         Some(back_out(ctx))
     }
 }
@@ -361,38 +390,185 @@ fn sent_on<A: Routing>(ctx: &TcContext, route: bool, proto: u8, service_id: u32)
     }
 }
 
-/// How a family's masqueraded packets are routed, and answered when their TTL (hop limit)
-/// runs out here.
+/// How a family's masqueraded packets are routed, and answered when they cannot go on.
 trait Routing: Family {
+    /// What `send` needs of the route, found before the rewrite.
+    type Hop;
+    /// Before the rewrite: the packet's next hop, or, when it cannot go on as translated,
+    /// the answer a router gives, quoting it as the client sent it — time exceeded when its
+    /// TTL (hop limit) runs out here (traceroute through a masqueraded node port),
+    /// fragmentation needed when it is larger than the next hop's MTU and may not be
+    /// fragmented (path MTU discovery) — or the drop of one without a route.
+    fn next_hop(
+        ctx: &TcContext,
+        flow: &FlowOf<Self>,
+        t: &Translation<Self>,
+    ) -> Result<Self::Hop, i32>;
+    /// After the rewrite: the packet sent to `hop`.
+    fn send(ctx: &TcContext, hop: Self::Hop, proto: u8, service_id: u32) -> i32;
+    /// A rewritten packet (a later fragment, an ICMP error) routed as it now is.
     fn route(ctx: &TcContext, proto: u8, service_id: u32) -> i32;
-    /// Time exceeded back to the sender, quoting the packet as it came (untranslated).
-    fn expired(ctx: &TcContext, flow: &FlowOf<Self>) -> i32;
 }
 
 /// In place: `run4` has the stack for the FIB request and the ICMP answer.
 impl Routing for [u8; 4] {
+    type Hop = NextHop;
+    #[inline(always)]
+    fn next_hop(ctx: &TcContext, flow: &Flow, t: &Translation) -> Result<NextHop, i32> {
+        let ttl = ctx.read::<u8>(Self::TTL_OFF).ok_or(TC_ACT_SHOT)?;
+        if ttl <= 1 {
+            return Err(flow
+                .answer(ctx, ICMP_TIME_EXCEEDED, 0)
+                .unwrap_or(TC_ACT_SHOT));
+        }
+        let src = if t.src.set { t.src.addr } else { flow.key.src };
+        let dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
+        let proto = flow.key.proto;
+        match route::lookup_tc(ctx, proto, (src, dst), segment_len(ctx, flow)) {
+            Ok(hop) => Ok(hop),
+            Err(Unroutable::TooBig { mtu }) if dont_fragment(ctx) => {
+                Err(frag_needed(ctx, flow, mtu))
+            }
+            Err(_) => Err(route::no_route(src, dst, proto, t.service_id)),
+        }
+    }
+    #[inline(always)]
+    fn send(ctx: &TcContext, hop: NextHop, proto: u8, service_id: u32) -> i32 {
+        route::send::<Self>(ctx, hop, proto, service_id)
+    }
     #[inline(always)]
     fn route(ctx: &TcContext, proto: u8, service_id: u32) -> i32 {
         route::forward::<Self>(ctx, proto, service_id).unwrap_or(TC_ACT_SHOT)
     }
-    #[inline(always)]
-    fn expired(ctx: &TcContext, flow: &Flow) -> i32 {
-        flow.answer(ctx, ICMP_TIME_EXCEEDED, 0)
-            .unwrap_or(TC_ACT_SHOT)
+}
+
+/// For a GSO packet (a TCP or UDP stream's aggregate), the IP length of each packet it
+/// leaves as: headers plus the segment size. 0 for any other packet.
+#[inline(always)]
+fn segment_len<A>(ctx: &TcContext, flow: &FlowOf<A>) -> u16 {
+    // SAFETY: valid context.
+    let segment = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    if segment == 0 {
+        return 0;
+    }
+    let l4_hdr_len = match flow.is_tcp() {
+        // The data offset, in 32-bit words.
+        true => ctx
+            .read::<u8>(flow.l4_off + 12)
+            .map_or(TCP_HDR_MIN_LEN, |b| usize::from(b >> 4) * 4),
+        false => UDP_HDR_LEN,
+    };
+    (flow.ip_hdr_len + l4_hdr_len + segment).min(usize::from(u16::MAX)) as u16
+}
+
+/// Whether the IPv4 packet's "don't fragment" flag is set.
+#[inline(always)]
+fn dont_fragment(ctx: &TcContext) -> bool {
+    ctx.read::<u8>(IP_FLAGS_OFF)
+        .is_some_and(|flags| flags & IP_DF != 0)
+}
+
+/// ICMP fragmentation needed, with the next hop's MTU, back to the sender.
+#[inline(always)]
+fn frag_needed(ctx: &TcContext, flow: &Flow, mtu: u16) -> i32 {
+    match icmp::into_icmp_error(ctx, flow, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu) {
+        Ok(()) => back_out(ctx),
+        Err(_) => TC_ACT_SHOT,
     }
 }
 
-/// By `run6`, after the subprogram that translated the packet has returned (`routed6`,
-/// `expired6`): in it, the FIB request's frame or the ICMPv6 answer's would take the chain
-/// of frames past 512 bytes.
+/// By `run6`, after the subprogram that translated the flow has returned (`expired6`,
+/// `next_hop6` and `send6`, `routed6`): in it, the FIB request's frame or the ICMPv6 answer's
+/// would take the chain of frames past 512 bytes. So `next_hop` hands the packet on and is
+/// never `Ok`.
 impl Routing for [u8; 16] {
+    type Hop = core::convert::Infallible;
+    #[inline(always)]
+    fn next_hop(ctx: &TcContext, flow: &Flow6, t: &Translation<Self>) -> Result<Self::Hop, i32> {
+        match ctx.read::<u8>(Self::TTL_OFF) {
+            Some(hop_limit) if hop_limit > 1 => {}
+            Some(_) => return Err(HOP_LIMIT_EXPIRED),
+            None => return Err(TC_ACT_SHOT),
+        }
+        let Some(routed) = to_route6() else {
+            return Err(TC_ACT_SHOT);
+        };
+        routed.flow = *flow;
+        routed.translation = Translation { ..*t };
+        Err(TO_ROUTE)
+    }
+    #[inline(always)]
+    fn send(_: &TcContext, hop: Self::Hop, _: u8, _: u32) -> i32 {
+        match hop {}
+    }
     #[inline(always)]
     fn route(_: &TcContext, proto: u8, service_id: u32) -> i32 {
         ROUTE | i32::from(proto) << ROUTE_PROTO_SHIFT | (service_id & ROUTE_SERVICE_MASK) as i32
     }
-    #[inline(always)]
-    fn expired(_: &TcContext, _: &packet::Flow6) -> i32 {
-        HOP_LIMIT_EXPIRED
+}
+
+/// This CPU's `ToRoute6`.
+#[inline(always)]
+fn to_route6() -> Option<&'static mut ToRoute6> {
+    // SAFETY: a per-CPU value, this program's alone for its run.
+    TC_TO_ROUTE6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The first step of routing a masqueraded IPv6 packet that its flow's subprogram left
+/// untouched (`ToRoute6`): the route for its translated addresses, kept for `send6`
+/// (`SEND`); a packet too large for the next hop is left for `packet_too_big6` (`TOO_BIG`:
+/// IPv6 routers do not fragment), one without a route dropped. Steps of their own, as on
+/// XDP: in one, the frames passed 512 bytes.
+#[inline(never)]
+fn next_hop6(ctx: &TcContext) -> i32 {
+    let Some(routed) = to_route6() else {
+        return TC_ACT_SHOT;
+    };
+    let Some(flow) = routed.flow.bounded() else {
+        return TC_ACT_SHOT;
+    };
+    let t = &routed.translation;
+    let src = if t.src.set { t.src.addr } else { flow.key.src };
+    let dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
+    let proto = flow.key.proto;
+    match route::lookup_tc(ctx, proto, (src, dst), segment_len(ctx, &flow)) {
+        Ok(hop) => {
+            routed.hop = hop;
+            SEND
+        }
+        Err(Unroutable::TooBig { mtu }) => TOO_BIG + i32::from(mtu),
+        Err(Unroutable::NoRoute) => route::no_route(src, dst, proto, t.service_id),
+    }
+}
+
+/// The last step: the packet translated, counted and sent to the next hop `next_hop6`
+/// found.
+#[inline(never)]
+fn send6(ctx: &TcContext) -> i32 {
+    let Some(routed) = to_route6() else {
+        return TC_ACT_SHOT;
+    };
+    let Some(flow) = routed.flow.bounded() else {
+        return TC_ACT_SHOT;
+    };
+    let t = &routed.translation;
+    lb::count(t.service_id, t.backend_id, t.counters);
+    match packet::rewrite(ctx, &flow, &t.src, &t.dst) {
+        Some(()) => route::send::<[u8; 16]>(ctx, routed.hop, flow.key.proto, t.service_id),
+        None => TC_ACT_SHOT,
+    }
+}
+
+/// Answers an IPv6 packet too large for its next hop (`mtu`) as a router does (ICMPv6
+/// packet too big), quoting it as the client sent it: `next_hop6` left it untouched. A subprogram of its own, for the answer's frame.
+#[inline(never)]
+fn packet_too_big6(ctx: &TcContext, mtu: u32) -> i32 {
+    let Some(flow) = to_route6().and_then(|routed| routed.flow.bounded()) else {
+        return TC_ACT_SHOT;
+    };
+    match icmp::into_icmp6_error(ctx, &flow, ICMPV6_PACKET_TOO_BIG, 0, mtu) {
+        Ok(()) => back_out(ctx),
+        Err(_) => TC_ACT_SHOT,
     }
 }
 

@@ -137,9 +137,17 @@ fn next_hop6(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     };
     let ifindex = ctx.ingress_ifindex() as u32;
-    let hop = route::lookup(ctx.ctx.cast(), ifindex, f.flow.key.proto, f.src, f.dst);
+    // Its length too: one larger than the next hop's MTU goes to tc, which answers it.
+    let len = <[u8; 16]>::ip_len(ctx).unwrap_or(u16::MAX);
+    let hop = route::lookup(
+        ctx.ctx.cast(),
+        ifindex,
+        f.flow.key.proto,
+        (f.src, f.dst),
+        len,
+    );
     f.hop = match hop {
-        Some(NextHop::Resolved { ifindex, macs }) => Some((ifindex, macs)),
+        Ok(NextHop::Resolved { ifindex, macs }) => Some((ifindex, macs)),
         _ => None,
     };
     match f.hop.is_some()
@@ -216,14 +224,16 @@ fn pass_to_tc<A>(t: &Translation<A>) -> u32 {
 
 /// The next hop (interface, MACs) of a masqueraded flow's packet once translated, or
 /// `None` to leave it (untouched) to the stack and tc: while the neighbour is unresolved,
-/// or when its TTL has run out (tc answers that).
+/// when its TTL has run out or it is too large for the next hop (tc answers those).
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, flow: &Flow, t: &Translation) -> Option<(u32, [u8; 12])> {
     let src = if t.src.set { t.src.addr } else { flow.key.src };
     let dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
     let ifindex = ctx.ingress_ifindex() as u32;
-    let NextHop::Resolved { ifindex: out, macs } =
-        route::lookup(ctx.ctx.cast(), ifindex, flow.key.proto, src, dst)?
+    // Its length too: one larger than the next hop's MTU goes to tc, which answers it.
+    let len = <[u8; 4]>::ip_len(ctx)?;
+    let Ok(NextHop::Resolved { ifindex: out, macs }) =
+        route::lookup(ctx.ctx.cast(), ifindex, flow.key.proto, (src, dst), len)
     else {
         return None;
     };

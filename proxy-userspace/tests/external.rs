@@ -383,6 +383,88 @@ fn masquerade_ports_of_ended_connections_are_reused() {
     assert!(drops(&world, 0, "no_masquerade_port") > 0);
 }
 
+/// A masqueraded flow whose next hop has a smaller MTU (a narrower link between the nodes,
+/// as a tunnel would be): node-a answers "fragmentation needed" (IPv6: packet too big) with
+/// that MTU, quoting the segment as the client sent it, and the client's TCP lowers its
+/// segment size, so a line larger than any segment gets through, as through the kernel's
+/// forwarding. Else the full-size segments vanish at node-a and the transfer hangs. On tc
+/// the client's segments arrive as GSO packets (the veths keep TSO on), checked by the
+/// size they leave in; with XDP as single packets (checksums on the wire), which XDP leaves
+/// to tc to answer.
+#[test]
+fn a_masqueraded_flow_over_a_narrower_link_gets_fragmentation_needed() {
+    for mode in [Mode::Tc, Mode::XdpGeneric] {
+        let (world, _agents) = cluster(&dual_stack_manifest("", [false, true]), mode);
+        narrow_link(&world);
+        let paths: [(IpAddr, IpAddr, &str); 2] = [
+            (NODE_A.into(), world_pod(2).into(), "10.250.0.2"),
+            (lan6(1).into(), world_pod6(2).into(), "fd00:250::2"),
+        ];
+        for (node, pod, via) in paths {
+            // Node-a's route to pod-b takes the narrow link; its answers come by the LAN.
+            let pod = format!("{pod}/{}", if pod.is_ipv4() { 32 } else { 128 });
+            world
+                .run_in_node(
+                    0,
+                    "ip",
+                    &["route", "replace", &pod, "via", via, "dev", "narrow0"],
+                )
+                .unwrap();
+            let to = SocketAddr::new(node, NODE_PORT_TCP).to_string();
+            let tcp = world
+                .probe_ext(&[
+                    "tcp",
+                    "--to",
+                    &to,
+                    "--line-bytes",
+                    "20000",
+                    "--timeout-ms",
+                    "5000",
+                ])
+                .unwrap();
+            assert_eq!(tcp[0]["ok"], true, "{mode:?} {to}: {tcp:?}");
+            let saw: SocketAddr = tcp[0]["server_saw"].as_str().unwrap().parse().unwrap();
+            assert_eq!(saw.ip(), node, "{mode:?} {to}: masqueraded");
+        }
+    }
+}
+
+/// A link of MTU 1280 (IPv6's least) between node-a and node-b, with addresses of both
+/// families, below the LAN's 1500.
+fn narrow_link(world: &World) {
+    let node_b = world.nodes[1].netns.as_str();
+    let peer = [
+        "link", "add", "narrow0", "mtu", "1280", "type", "veth", "peer", "name", "narrow1",
+        "netns", node_b, "mtu", "1280",
+    ];
+    world.run_in_node(0, "ip", &peer).unwrap();
+    for (node, end) in [(0, "narrow0"), (1, "narrow1")] {
+        let (v4, v6) = match node {
+            0 => ("10.250.0.1/30", "fd00:250::1/64"),
+            _ => ("10.250.0.2/30", "fd00:250::2/64"),
+        };
+        for args in [
+            &["addr", "add", v4, "dev", end][..],
+            &["-6", "addr", "add", v6, "dev", end, "nodad"],
+            &["link", "set", end, "up"],
+        ] {
+            world.run_in_node(node, "ip", args).unwrap();
+        }
+    }
+    // Node-a's packets arrive by the narrow link from an address node-b reaches by the LAN.
+    world
+        .run_in_node(
+            1,
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.narrow1.rp_filter=0",
+            ],
+        )
+        .unwrap();
+}
+
 /// Node `node`'s datapath drops for `reason`, from `proxyctl status`, checked against its
 /// metric.
 fn drops(world: &World, node: usize, reason: &str) -> u64 {
