@@ -106,6 +106,7 @@ impl<A: Family> Verdict<A> {
 }
 
 /// The rewrites of one packet, and what to count once it is sent on.
+#[derive(Clone, Copy)]
 pub struct Translation<A = [u8; 4]> {
     pub src: RewriteOf<A>,
     pub dst: RewriteOf<A>,
@@ -118,6 +119,15 @@ pub struct Translation<A = [u8; 4]> {
 }
 
 impl<A: Family> Translation<A> {
+    /// The source and destination of a packet of flow `key` once translated: what its route
+    /// is looked up for.
+    #[inline(always)]
+    pub fn ends(&self, key: &CtKeyOf<A>) -> (A, A) {
+        let src = if self.src.set { self.src.addr } else { key.src };
+        let dst = if self.dst.set { self.dst.addr } else { key.dst };
+        (src, dst)
+    }
+
     /// No rewrite, nothing to count; for `service_id`.
     #[inline(always)]
     fn none(service_id: u32) -> Self {

@@ -421,8 +421,7 @@ impl Routing for [u8; 4] {
                 .answer(ctx, ICMP_TIME_EXCEEDED, 0)
                 .unwrap_or(TC_ACT_SHOT));
         }
-        let src = if t.src.set { t.src.addr } else { flow.key.src };
-        let dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
+        let (src, dst) = t.ends(&flow.key);
         let proto = flow.key.proto;
         match route::lookup_tc(ctx, proto, (src, dst), segment_len(ctx, flow)) {
             Ok(hop) => Ok(hop),
@@ -494,7 +493,7 @@ impl Routing for [u8; 16] {
             return Err(TC_ACT_SHOT);
         };
         routed.flow = *flow;
-        routed.translation = Translation { ..*t };
+        routed.translation = *t;
         Err(TO_ROUTE)
     }
     #[inline(always)]
@@ -514,6 +513,14 @@ fn to_route6() -> Option<&'static mut ToRoute6> {
     TC_TO_ROUTE6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// This CPU's `ToRoute6` as a later step reads it, with its flow bounded for the verifier.
+#[inline(always)]
+fn handed_on6() -> Option<(&'static mut ToRoute6, Flow6)> {
+    let routed = to_route6()?;
+    let flow = routed.flow.bounded()?;
+    Some((routed, flow))
+}
+
 /// The first step of routing a masqueraded IPv6 packet that its flow's subprogram left
 /// untouched (`ToRoute6`): the route for its translated addresses, kept for `send6`
 /// (`SEND`); a packet too large for the next hop is left for `packet_too_big6` (`TOO_BIG`:
@@ -521,15 +528,11 @@ fn to_route6() -> Option<&'static mut ToRoute6> {
 /// XDP: in one, the frames passed 512 bytes.
 #[inline(never)]
 fn next_hop6(ctx: &TcContext) -> i32 {
-    let Some(routed) = to_route6() else {
-        return TC_ACT_SHOT;
-    };
-    let Some(flow) = routed.flow.bounded() else {
+    let Some((routed, flow)) = handed_on6() else {
         return TC_ACT_SHOT;
     };
     let t = &routed.translation;
-    let src = if t.src.set { t.src.addr } else { flow.key.src };
-    let dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
+    let (src, dst) = t.ends(&flow.key);
     let proto = flow.key.proto;
     match route::lookup_tc(ctx, proto, (src, dst), segment_len(ctx, &flow)) {
         Ok(hop) => {
@@ -545,10 +548,7 @@ fn next_hop6(ctx: &TcContext) -> i32 {
 /// found.
 #[inline(never)]
 fn send6(ctx: &TcContext) -> i32 {
-    let Some(routed) = to_route6() else {
-        return TC_ACT_SHOT;
-    };
-    let Some(flow) = routed.flow.bounded() else {
+    let Some((routed, flow)) = handed_on6() else {
         return TC_ACT_SHOT;
     };
     let t = &routed.translation;
@@ -563,7 +563,7 @@ fn send6(ctx: &TcContext) -> i32 {
 /// packet too big), quoting it as the client sent it: `next_hop6` left it untouched. A subprogram of its own, for the answer's frame.
 #[inline(never)]
 fn packet_too_big6(ctx: &TcContext, mtu: u32) -> i32 {
-    let Some(flow) = to_route6().and_then(|routed| routed.flow.bounded()) else {
+    let Some((_, flow)) = handed_on6() else {
         return TC_ACT_SHOT;
     };
     match icmp::into_icmp6_error(ctx, &flow, ICMPV6_PACKET_TOO_BIG, 0, mtu) {

@@ -116,8 +116,7 @@ fn tracked6(ctx: &XdpContext) -> u32 {
     match verdict.action {
         Action::Translate if t.route => match forward6() {
             Some(f) => {
-                f.src = if t.src.set { t.src.addr } else { flow.key.src };
-                f.dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
+                (f.src, f.dst) = t.ends(&flow.key);
                 f.flow = flow;
                 f.translation = t;
                 FORWARD
@@ -227,8 +226,7 @@ fn pass_to_tc<A>(t: &Translation<A>) -> u32 {
 /// when its TTL has run out or it is too large for the next hop (tc answers those).
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, flow: &Flow, t: &Translation) -> Option<(u32, [u8; 12])> {
-    let src = if t.src.set { t.src.addr } else { flow.key.src };
-    let dst = if t.dst.set { t.dst.addr } else { flow.key.dst };
+    let (src, dst) = t.ends(&flow.key);
     let ifindex = ctx.ingress_ifindex() as u32;
     // Its length too: one larger than the next hop's MTU goes to tc, which answers it.
     let len = <[u8; 4]>::ip_len(ctx)?;
