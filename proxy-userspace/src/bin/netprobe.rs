@@ -402,9 +402,21 @@ fn tcp_once(
         Err(e) => return failure(&e, started),
     };
     let first = json!({"ok": true, "backend": backend, "server_saw": server_saw, "peer": peer, "ms": started.elapsed().as_secs_f64() * 1000.0});
-    hold_on(first, started, hold, interval, || {
+    let result = hold_on(first, started, hold, interval, || {
         exchange(&mut reader, &mut writer, HELLO)
-    })
+    });
+    close_after_the_server(&mut reader, &writer);
+    result
+}
+
+/// Closes our side and waits (up to the read timeout) for the server to close its own, so
+/// that the connection is over on both ends when we return: a client connecting again from
+/// the same port to the same server then finds its tuple in TIME_WAIT, which the kernel
+/// lets it reuse, and not still in FIN_WAIT, which it refuses (EADDRNOTAVAIL).
+fn close_after_the_server(reader: &mut BufReader<TcpStream>, writer: &TcpStream) {
+    if writer.shutdown(std::net::Shutdown::Write).is_ok() {
+        let _ = std::io::copy(reader, &mut std::io::sink());
+    }
 }
 
 /// Keeps a flow open until `hold` has passed since `started`, one `exchange` per
