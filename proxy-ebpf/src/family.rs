@@ -82,24 +82,26 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     fn ip_len<F: Frame>(ctx: &F) -> Option<u16> {
         Some(u16::from_be(ctx.read(Self::IP_LEN_OFF)?).saturating_add(Self::IP_LEN_BASE))
     }
-    /// Updates the checksums that cover the IP header's addresses for them changing by
-    /// `diff` (`words_diff`): the IPv4 header's, and the TCP or UDP (ICMPv6) checksum at
-    /// `csum_off`, whose pseudo-header holds them.
+    /// Updates the checksums for the IP header's addresses changing by `addrs` and, if
+    /// any, fields of the TCP or UDP segment (ports) by `fields` (`words_diff`s): the IPv4
+    /// header's, and the TCP or UDP (ICMPv6) checksum at `csum_off`, whose pseudo-header
+    /// holds the addresses.
     #[inline(always)]
-    fn update_pseudo_header<F: Frame>(
+    fn update_checksums<F: Frame>(
         ctx: &F,
         csum_off: usize,
-        diff: u32,
+        addrs: u32,
+        fields: Option<u32>,
         udp: bool,
     ) -> Option<()> {
-        ctx.update_l4_csum_pseudo(csum_off, diff, udp, !Self::HEADER_CHECKSUM)?;
+        ctx.update_l4_csum(csum_off, addrs, fields, udp, !Self::HEADER_CHECKSUM)?;
         if Self::HEADER_CHECKSUM {
-            ctx.update_ip_csum_diff(diff)?;
+            ctx.update_ip_csum_diff(addrs)?;
         }
         Some(())
     }
     /// Rewrites the address at `addr_off` from `old` to `new`, with the checksums
-    /// (`update_pseudo_header`). By reference: a copy of an address (align 1) is made a byte
+    /// (`update_checksums`). By reference: a copy of an address (align 1) is made a byte
     /// at a time, where the aligned originals are read in words.
     #[inline(always)]
     fn rewrite_address<F: Frame>(
@@ -110,10 +112,11 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
         csum_off: usize,
         udp: bool,
     ) -> Option<()> {
-        Self::update_pseudo_header(
+        Self::update_checksums(
             ctx,
             csum_off,
             words_diff(old.as_ref(), new.addr.as_ref()),
+            None,
             udp,
         )?;
         new.write_address(ctx, addr_off)

@@ -2,8 +2,8 @@
 //! for tc and XDP: the translation code is written once over this trait. Both read and
 //! write the headers directly where they are in the frame's linear part (its first buffer,
 //! for XDP), else through the helpers. Checksums are updated in the frame (RFC 1624), but
-//! for tc's TCP and UDP checksums, which the socket buffer's helpers update: they also keep
-//! offloaded (partial) checksums and a complete one of the packet right.
+//! for the part of tc's TCP and UDP checksums that a socket buffer's helper must update, as
+//! it also keeps offloaded (partial) checksums and a complete one of the packet right.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_csum_update, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
@@ -32,10 +32,10 @@ pub trait Frame {
     /// belongs to a VLAN device, not to the interface the program runs on.
     fn vlan_tagged(&self) -> bool;
     // The checksum updates below are done in the frame by default (RFC 1624). tc overrides
-    // the TCP and UDP ones with its helpers, which also keep offloaded (partial) checksums
-    // right, and the packet's complete one. The IPv4 header's needs no helper: no checksum
-    // offload covers it, and a complete sum of the packet does not change with it (a
-    // header's sum stays 0). In the frame, it costs 11 ns less per established flow's packet
+    // the TCP and UDP one with its helper where it must: for the pseudo-header, which also
+    // keeps offloaded (partial) checksums right, and the packet's complete one. The IPv4
+    // header's needs no helper: no checksum offload covers it, and a complete sum of the
+    // packet does not change with it (a header's sum stays 0). In the frame, it costs 11 ns less per established flow's packet
     // than `bpf_l3_csum_replace` (repeat mode, 156 to 145 ns).
 
     /// Updates the IPv4 header checksum for a 16-bit word changing (both as in memory).
@@ -50,25 +50,22 @@ pub trait Frame {
         update_csum(self, IP_CSUM_OFF, false, |c| add_diff(c, diff))
     }
 
-    /// Updates the TCP or UDP checksum at `offset` by `diff` (`words_diff`) for addresses of
-    /// its pseudo-header changing (`ipv6`: an IPv6 header's, which has no checksum of its
-    /// own); a zero UDP checksum means "none" and stays so.
+    /// Updates the TCP or UDP checksum at `offset` for the addresses of its pseudo-header
+    /// changing by `pseudo` (`ipv6`: an IPv6 header's, which has no checksum of its own)
+    /// and, if any, fields of the segment itself (ports) by `fields` (both `words_diff`s);
+    /// a zero UDP checksum means "none" and stays so.
     #[inline(always)]
-    fn update_l4_csum_pseudo(
+    fn update_l4_csum(
         &self,
         offset: usize,
-        diff: u32,
+        pseudo: u32,
+        fields: Option<u32>,
         udp: bool,
         _ipv6: bool,
     ) -> Option<()> {
-        update_csum(self, offset, udp, |c| add_diff(c, diff))
-    }
-
-    /// Updates the TCP or UDP checksum at `offset` by `diff` (`word_diff`s) for fields of
-    /// the segment itself changing (ports).
-    #[inline(always)]
-    fn update_l4_csum_fields(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
-        update_csum(self, offset, udp, |c| add_diff(c, diff))
+        update_csum(self, offset, udp, |c| {
+            add_diff(c, pseudo + fields.unwrap_or(0))
+        })
     }
 }
 
@@ -280,38 +277,122 @@ impl Frame for TcContext {
         Some(u16::from_be(unsafe { (*self.skb.skb).protocol } as u16))
     }
 
-    /// A received packet's checksum may be complete (`CHECKSUM_COMPLETE`: the sum of the
-    /// whole packet, from the NIC): an IPv6 address changed with its pseudo-header's
-    /// checksum leaves that sum as it was, but the helper, unless told `BPF_F_IPV6`, takes
-    /// the checksum's change off it (right for IPv4, whose header checksum changes too).
-    /// Kernels without the flag get that change added back (`bpf_csum_update` acts on
-    /// complete sums only); else the stack would find the sum wrong, check the packet in
-    /// software and log "hw csum failure".
+    /// The pseudo-header through the helper, which keeps the checksum as the socket buffer
+    /// has it (`pseudo_csum_by_helper`). The fields, which a partial checksum does not
+    /// cover, in the frame when the helper's effect showed a full checksum
+    /// (`SumKind::after_pseudo`): a helper call less per translated packet. Through the
+    /// helper when that could not be told.
     #[inline(always)]
-    fn update_l4_csum_pseudo(&self, offset: usize, diff: u32, udp: bool, ipv6: bool) -> Option<()> {
-        let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp);
-        if !ipv6 {
-            return self.l4_csum_replace(offset, 0, diff as u64, flags).ok();
-        }
-        // SAFETY: a constant of the object, read as the loader set it.
-        let flag_known = unsafe { core::ptr::read_volatile(&KERNEL_HAS_BPF_F_IPV6) } != 0;
-        if flag_known {
-            self.l4_csum_replace(offset, 0, diff as u64, flags | BPF_F_IPV6)
-                .ok()
-        } else {
-            self.l4_csum_replace(offset, 0, diff as u64, flags).ok()?;
-            // SAFETY: valid context.
-            unsafe { bpf_csum_update(self.skb.skb, diff) };
-            Some(())
+    fn update_l4_csum(
+        &self,
+        offset: usize,
+        pseudo: u32,
+        fields: Option<u32>,
+        udp: bool,
+        ipv6: bool,
+    ) -> Option<()> {
+        // A value on every path, which LLVM cannot trace back to the bounds check (`opaque`):
+        // it would test the bounds again after the helper call, whose packet pointers the
+        // verifier has forgotten by then, and read a `before` only one path wrote.
+        let before = opaque(linear_csum(self, offset).map_or(NOT_LINEAR, u64::from));
+        pseudo_csum_by_helper(self, offset, pseudo, udp, ipv6)?;
+        let Some(fields) = fields else {
+            return Some(());
+        };
+        let kind = match (before, linear_csum(self, offset)) {
+            (NOT_LINEAR, _) | (_, None) => SumKind::Unknown,
+            (before, Some(after)) => SumKind::after_pseudo(before as u16, after, pseudo),
+        };
+        match kind {
+            SumKind::Full => update_csum(self, offset, udp, |c| add_diff(c, fields)),
+            SumKind::Partial => Some(()),
+            SumKind::Unknown => self
+                .l4_csum_replace(offset, 0, fields as u64, mangled_0(udp))
+                .ok(),
         }
     }
+}
 
-    /// Not for a partial checksum, which covers the pseudo-header alone: the helper leaves
-    /// it as it is.
-    #[inline(always)]
-    fn update_l4_csum_fields(&self, offset: usize, diff: u32, udp: bool) -> Option<()> {
-        self.l4_csum_replace(offset, 0, diff as u64, mangled_0(udp))
+/// No checksum read (`linear_csum`), beside the 16-bit ones.
+const NOT_LINEAR: u64 = 0x1_0000;
+
+/// `value`, of which LLVM knows nothing past this point.
+#[inline(always)]
+fn opaque(mut value: u64) -> u64 {
+    // SAFETY: a register moved to itself.
+    unsafe {
+        core::arch::asm!("{0} = {0}", inout(reg) value, options(pure, nomem, nostack, preserves_flags))
+    };
+    value
+}
+
+/// The checksum at `offset`, if in the linear part (else its reads would be helper calls,
+/// more than the one they save).
+#[inline(always)]
+fn linear_csum(ctx: &TcContext, offset: usize) -> Option<u16> {
+    let ptr = linear::<u16>(ctx.data(), ctx.data_end(), offset)?;
+    // SAFETY: bounds-checked against the packet's end.
+    Some(unsafe { read_packet(ptr) })
+}
+
+/// A received packet's checksum may be complete (`CHECKSUM_COMPLETE`: the sum of the
+/// whole packet, from the NIC): an IPv6 address changed with its pseudo-header's
+/// checksum leaves that sum as it was, but the helper, unless told `BPF_F_IPV6`, takes
+/// the checksum's change off it (right for IPv4, whose header checksum changes too).
+/// Kernels without the flag get that change added back (`bpf_csum_update` acts on
+/// complete sums only); else the stack would find the sum wrong, check the packet in
+/// software and log "hw csum failure".
+#[inline(always)]
+fn pseudo_csum_by_helper(
+    ctx: &TcContext,
+    offset: usize,
+    diff: u32,
+    udp: bool,
+    ipv6: bool,
+) -> Option<()> {
+    let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0(udp);
+    if !ipv6 {
+        return ctx.l4_csum_replace(offset, 0, diff as u64, flags).ok();
+    }
+    // SAFETY: a constant of the object, read as the loader set it.
+    let flag_known = unsafe { core::ptr::read_volatile(&KERNEL_HAS_BPF_F_IPV6) } != 0;
+    if flag_known {
+        ctx.l4_csum_replace(offset, 0, diff as u64, flags | BPF_F_IPV6)
             .ok()
+    } else {
+        ctx.l4_csum_replace(offset, 0, diff as u64, flags).ok()?;
+        // SAFETY: valid context.
+        unsafe { bpf_csum_update(ctx.skb.skb, diff) };
+        Some(())
+    }
+}
+
+/// How a socket buffer keeps its TCP or UDP checksum, as far as the checksum field goes:
+/// full (`CHECKSUM_NONE`, `_UNNECESSARY`, `_COMPLETE`: the field is the segment's whole
+/// checksum) or partial (`CHECKSUM_PARTIAL`: the field holds the pseudo-header's sum, the
+/// NIC or the stack adds the segment's later). No `__sk_buff` field says which.
+enum SumKind {
+    Full,
+    Partial,
+    Unknown,
+}
+
+impl SumKind {
+    /// Which of its two updates `bpf_l4_csum_replace` made of the field, from `before` to
+    /// `after`, for a pseudo-header change of `diff`: the full checksum's (its complement's
+    /// sum with `diff`) or the partial one's (its sum with `diff`). The two agree only for
+    /// a change of zero (mod 0xffff), when it cannot be told. Sums compare mod 0xffff, as
+    /// one's-complement sums: all ones is zero too (a helper writes a UDP zero so).
+    #[inline(always)]
+    fn after_pseudo(before: u16, after: u16, diff: u32) -> SumKind {
+        let same = |a: u16, b: u16| a % 0xffff == b % 0xffff;
+        let full = same(after, add_diff(before, diff));
+        let partial = same(after, !add_diff(!before, diff));
+        match (full, partial) {
+            (true, false) => SumKind::Full,
+            (false, true) => SumKind::Partial,
+            _ => SumKind::Unknown,
+        }
     }
 }
 

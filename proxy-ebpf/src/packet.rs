@@ -668,8 +668,8 @@ impl<A: Family> FlowOf<A> {
 
 /// Rewrites the ends of the packet that `src` and `dst` set, addresses and ports. Each
 /// checksum is updated once for all that changed: on tc, one helper call for the
-/// pseudo-header's addresses and one for the ports (a partial checksum takes the first
-/// alone), where a call per field took four for a masqueraded packet.
+/// pseudo-header's addresses, and the ports in the frame unless the checksum is partial
+/// (`Frame::update_l4_csum`), where a call per field took four for a masqueraded packet.
 #[inline(always)]
 pub fn rewrite<F: Frame, A: Family>(
     ctx: &F,
@@ -692,8 +692,7 @@ pub fn rewrite<F: Frame, A: Family>(
     }
     let csum_off = flow.l4_csum_off();
     let udp = !flow.is_tcp();
-    A::update_pseudo_header(ctx, csum_off, addrs, udp)?;
-    ctx.update_l4_csum_fields(csum_off, ports, udp)?;
+    A::update_checksums(ctx, csum_off, addrs, Some(ports), udp)?;
     if src.set {
         src.write_address(ctx, A::SRC_OFF)?;
         ctx.write(flow.l4_off, &src.port.to_be())?;

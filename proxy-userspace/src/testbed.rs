@@ -86,6 +86,13 @@ fn lan_port(n: usize) -> String {
     format!("lan-{}", node_letter(n))
 }
 
+/// Turns off `device`'s transmit checksum offload (and so its segmentation offloads): the
+/// stack completes checksums before the packet leaves.
+fn tx_checksums_off(netns: &str, device: &str) -> anyhow::Result<()> {
+    run(Command::new("ip").args(["netns", "exec", netns, "ethtool", "-K", device, "tx", "off"]))?;
+    Ok(())
+}
+
 /// Where ext routes external and load-balancer IPs (via node-a) in a two-node world.
 pub const EXTERNAL_NET: &str = "203.0.113.0/24";
 /// The same for IPv6 (a documentation prefix).
@@ -535,23 +542,27 @@ impl World {
     /// Makes every veth send complete checksums, as frames from a wire carry: XDP cannot
     /// see a checksum that a virtual device deferred.
     pub fn use_wire_checksums(&self) -> anyhow::Result<()> {
-        let mut devices: Vec<(&str, String)> = Vec::new();
-        if let Some(ext) = &self.ext {
-            for n in 0..self.nodes.len() {
-                devices.push((ext, lan_port(n)));
-            }
+        self.complete_checksums_from_ext()?;
+        (0..self.nodes.len()).try_for_each(|n| self.complete_checksums_from_node(n))
+    }
+
+    /// Makes ext's LAN ports send complete checksums: the nodes receive no partial ones
+    /// from outside.
+    pub fn complete_checksums_from_ext(&self) -> anyhow::Result<()> {
+        let ext = self.ext.as_deref().context("this world has no LAN")?;
+        (0..self.nodes.len()).try_for_each(|n| tx_checksums_off(ext, &lan_port(n)))
+    }
+
+    /// Makes node `n`'s `eth0` and its pods' veths (both ends) send complete checksums:
+    /// what leaves the node carries the sum the stack computed from what it was left.
+    pub fn complete_checksums_from_node(&self, n: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[n];
+        if node.ip.is_some() {
+            tx_checksums_off(&node.netns, "eth0")?;
         }
-        for node in self.nodes.iter().filter(|n| n.ip.is_some()) {
-            devices.push((&node.netns, "eth0".to_owned()));
-        }
-        for pod in &self.pods {
-            devices.push((&self.nodes[pod.node].netns, pod.iface.clone()));
-            devices.push((&pod.netns, "eth0".to_owned()));
-        }
-        for (netns, device) in devices {
-            run(Command::new("ip").args([
-                "netns", "exec", netns, "ethtool", "-K", &device, "tx", "off",
-            ]))?;
+        for pod in self.pods.iter().filter(|p| p.node == n) {
+            tx_checksums_off(&node.netns, &pod.iface)?;
+            tx_checksums_off(&pod.netns, "eth0")?;
         }
         Ok(())
     }

@@ -429,6 +429,47 @@ fn a_masqueraded_flow_over_a_narrower_link_gets_fragmentation_needed() {
     }
 }
 
+#[test]
+fn masqueraded_packets_leave_with_a_right_checksum_whether_it_came_partial_or_whole() {
+    let (world, _agents) = cluster(&dual_stack_manifest("", [false, true]), Mode::Tc);
+    // Node-a completes the checksums of what it sends, from what the datapath left in the
+    // checksum field, and the receivers check them. First, packets arrive at node-a with
+    // their checksums left to the NIC (partial: the field holds the pseudo-header's sum),
+    // from ext and from node-b alike; then with whole ones.
+    world.complete_checksums_from_node(0).unwrap();
+    for arriving in ["partial", "whole"] {
+        if arriving == "whole" {
+            world.complete_checksums_from_ext().unwrap();
+            world.complete_checksums_from_node(1).unwrap();
+        }
+        for node in [IpAddr::from(NODE_A), lan6(1).into()] {
+            // A line of many segments, and datagrams, each way through pod-b.
+            let to = SocketAddr::new(node, NODE_PORT_TCP).to_string();
+            let tcp = world
+                .probe_ext(&[
+                    "tcp",
+                    "--to",
+                    &to,
+                    "--line-bytes",
+                    "20000",
+                    "--timeout-ms",
+                    "5000",
+                ])
+                .unwrap();
+            assert_eq!(tcp[0]["ok"], true, "{arriving}, {to}: {tcp:?}");
+            let to = SocketAddr::new(node, NODE_PORT_UDP).to_string();
+            let udp = world
+                .probe_ext(&["udp", "--to", &to, "--count", "5", "--timeout-ms", "2000"])
+                .unwrap();
+            let answered = udp.iter().filter(|r| r["ok"] == true).count();
+            assert_eq!(answered, 5, "{arriving}, {to}: {udp:?}");
+            for r in tcp.iter().chain(&udp) {
+                assert_eq!(r["backend"], "pod-b", "{arriving}: {r}");
+            }
+        }
+    }
+}
+
 /// A link of MTU 1280 (IPv6's least) between node-a and node-b, with addresses of both
 /// families, below the LAN's 1500.
 fn narrow_link(world: &World) {
