@@ -1019,10 +1019,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     md += &format!(
-        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; ratio to routing to the pod without NAT). The last column is the time all our packet programs ran (tc and XDP, kernel-measured) during the round trips, per round trip: the same work, a request and its answer translated and forwarded, done by tc or by XDP:\n\n\
+        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; round trips: the median of {} such windows; ratio to routing to the pod without NAT). The last column is the time all our packet programs ran (tc and XDP, kernel-measured) during the round trips, per round trip: the same work, a request and its answer translated and forwarded, done by tc or by XDP:\n\n\
          | data path | new connections/s | median connect (µs) | failed connections | round trips/s on one connection | median round trip (µs) | our programs' kernel time per round trip (ns) |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-        args.duration_ms
+        args.duration_ms,
+        node_port::ROUND_TRIP_WINDOWS,
     );
     // Path::ALL starts with the baseline.
     let base = &external[0].1;

@@ -47,15 +47,22 @@ impl Path {
     }
 }
 
+/// Windows of round trips on one connection per path, each as long as the connection rate's:
+/// each round-trip figure is their median, so that a window the shared VM disturbed (one
+/// path's figure 10% off in a quick run) does not decide a comparison between paths.
+pub const ROUND_TRIP_WINDOWS: usize = 3;
+
 /// What a client in ext measured through one path.
 pub struct Figures {
     /// New connections per second and median connect latency (µs), sequentially.
     pub connections: (f64, f64),
-    /// Round trips per second and their median latency (µs) on one connection.
+    /// Round trips per second and their median latency (µs) on one connection, each the
+    /// median of `ROUND_TRIP_WINDOWS` windows.
     pub round_trips: (f64, f64),
     /// Connections that failed while measuring the connection rate.
     pub failed_connections: u64,
-    /// Our packet programs' kernel time per round trip (our paths only).
+    /// Our packet programs' kernel time per round trip (our paths only), the median of the
+    /// windows'.
     pub datapath_ns_per_round_trip: Option<f64>,
 }
 
@@ -200,13 +207,26 @@ fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow:
         }
     }
     let (connections, failed_connections) = measure(&world, "rate", &to, duration_ms)?;
-    let ((round_trips, _), programs, _) =
-        super::program_cost(|| measure(&world, "rr", &to, duration_ms))?;
-    let count = round_trips.0 * duration_ms as f64 / 1000.0;
+    let mut windows = Vec::with_capacity(ROUND_TRIP_WINDOWS);
+    for _ in 0..ROUND_TRIP_WINDOWS {
+        let ((round_trips, _), programs, _) =
+            super::program_cost(|| measure(&world, "rr", &to, duration_ms))?;
+        let count = round_trips.0 * duration_ms as f64 / 1000.0;
+        windows.push([
+            round_trips.0,
+            round_trips.1,
+            programs.as_nanos() as f64 / count,
+        ]);
+    }
+    let median = |i: usize| {
+        let mut values: Vec<f64> = windows.iter().map(|w| w[i]).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
     Ok(Figures {
         connections,
-        round_trips,
+        round_trips: (median(0), median(1)),
         failed_connections,
-        datapath_ns_per_round_trip: xdp.map(|_| programs.as_nanos() as f64 / count),
+        datapath_ns_per_round_trip: xdp.map(|_| median(2)),
     })
 }
