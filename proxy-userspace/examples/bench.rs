@@ -895,8 +895,9 @@ fn main() -> anyhow::Result<()> {
     let mut md = format!(
         "Run {} on {} — {} runs per per-packet figure, {} ms of connections per data path.\n\n\
          **Per packet** (`BPF_PROG_TEST_RUN` of the tc ingress program). *Repeat*: the kernel runs \
-         one packet {} times under one timer, caches warm — an established flow's steady cost (its \
-         entry translates the packet to itself, so that every repetition does the full work). \
+         one packet {} times, in {} batches under one timer each, caches warm; the median batch's \
+         mean — an established flow's steady cost (its entry translates the packet to itself, so \
+         that every repetition does the full work). \
          *Single*: {} runs of one packet each, each cache-cold and timed alone (about 50 ns of \
          timer in every figure, the empty program's included) — a first packet needs a new flow \
          every run. \"Above\" is the difference from the empty program measured the same way; \
@@ -910,6 +911,7 @@ fn main() -> anyhow::Result<()> {
         args.runs,
         args.duration_ms,
         args.runs,
+        per_packet::REPEAT_BATCHES,
         args.runs,
     );
     for (n, ((p, _), process, _, _)) in &rows {
