@@ -411,17 +411,7 @@ fn a_masqueraded_flow_over_a_narrower_link_gets_fragmentation_needed() {
                 )
                 .unwrap();
             let to = SocketAddr::new(node, NODE_PORT_TCP).to_string();
-            let tcp = world
-                .probe_ext(&[
-                    "tcp",
-                    "--to",
-                    &to,
-                    "--line-bytes",
-                    "20000",
-                    "--timeout-ms",
-                    "5000",
-                ])
-                .unwrap();
+            let tcp = long_line(&world, &to);
             assert_eq!(tcp[0]["ok"], true, "{mode:?} {to}: {tcp:?}");
             let saw: SocketAddr = tcp[0]["server_saw"].as_str().unwrap().parse().unwrap();
             assert_eq!(saw.ip(), node, "{mode:?} {to}: masqueraded");
@@ -445,17 +435,7 @@ fn masqueraded_packets_leave_with_a_right_checksum_whether_it_came_partial_or_wh
         for node in [IpAddr::from(NODE_A), lan6(1).into()] {
             // A line of many segments, and datagrams, each way through pod-b.
             let to = SocketAddr::new(node, NODE_PORT_TCP).to_string();
-            let tcp = world
-                .probe_ext(&[
-                    "tcp",
-                    "--to",
-                    &to,
-                    "--line-bytes",
-                    "20000",
-                    "--timeout-ms",
-                    "5000",
-                ])
-                .unwrap();
+            let tcp = long_line(&world, &to);
             assert_eq!(tcp[0]["ok"], true, "{arriving}, {to}: {tcp:?}");
             let to = SocketAddr::new(node, NODE_PORT_UDP).to_string();
             let udp = world
@@ -468,6 +448,22 @@ fn masqueraded_packets_leave_with_a_right_checksum_whether_it_came_partial_or_wh
             }
         }
     }
+}
+
+/// One TCP connection from ext to `to` carrying a 20,000-byte line each way: segments as
+/// large as the path allows, many of them.
+fn long_line(world: &World, to: &str) -> Vec<Value> {
+    world
+        .probe_ext(&[
+            "tcp",
+            "--to",
+            to,
+            "--line-bytes",
+            "20000",
+            "--timeout-ms",
+            "5000",
+        ])
+        .unwrap()
 }
 
 /// A link of MTU 1280 (IPv6's least) between node-a and node-b, with addresses of both
