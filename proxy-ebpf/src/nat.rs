@@ -211,20 +211,21 @@ fn traffic(len: u64, conns: u64) -> Counters {
 /// translation once it has sent the packet on.
 #[inline(always)]
 pub fn ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
-    // One clock read for both halves: a helper call costs as much as a map lookup.
-    let now = lb::now_ns();
-    match tracked_ingress(flow, len, now) {
+    match tracked_ingress(flow, len) {
         Some(verdict) => verdict,
-        None => new_flow(flow, len, now),
+        None => new_flow(flow, len),
     }
 }
 
 /// `ingress` for a packet of a tracked flow; `None` for one that `new_flow` must see (no
 /// entry, or a new connection on a closed flow's tuple).
 #[inline(always)]
-pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64, now: u64) -> Option<Verdict<A>> {
+pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Option<Verdict<A>> {
     remember_fragment(flow);
     if let Some(entry) = A::ct_get_ptr_mut(&flow.key) {
+        // The clock is read only for packets that use it (a helper call costs as much as a
+        // map lookup): most packets that pass have no entry and are no new flow's.
+        let now = lb::now_ns();
         // SAFETY: LRU values stay valid during the program's run; racing updates of the
         // state and timestamp from another CPU are benign.
         let entry = unsafe { &mut *entry };
@@ -259,23 +260,27 @@ pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64, now: u64) -> Optio
 /// The first packet of a flow without an entry: balanced to a backend and recorded, if it
 /// is for a service.
 #[inline(always)]
-pub fn new_flow<A: Family>(flow: &FlowOf<A>, len: u64, now: u64) -> Verdict<A> {
-    match choose(flow, now) {
+pub fn new_flow<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
+    match choose(flow) {
         Choice::Done(verdict) => verdict,
-        Choice::Chosen(svc, chosen) => record(flow, len, now, &svc, &chosen),
+        Choice::Chosen { svc, chosen, now } => record(flow, len, now, &svc, &chosen),
     }
 }
 
 /// What `choose` found for a new flow: its verdict already, or the service port and the
-/// backend to record it with (`record`).
+/// backend to record it with (`record`), and the time it was chosen.
 pub enum Choice<A> {
     Done(Verdict<A>),
-    Chosen(ServiceValue, Chosen<A>),
+    Chosen {
+        svc: ServiceValue,
+        chosen: Chosen<A>,
+        now: u64,
+    },
 }
 
 /// The first half of `new_flow`: the service port the flow is for, and its backend.
 #[inline(always)]
-pub fn choose<A: Family>(flow: &FlowOf<A>, now: u64) -> Choice<A> {
+pub fn choose<A: Family>(flow: &FlowOf<A>) -> Choice<A> {
     // A TCP segment other than a SYN with no entry of ours belongs to a connection made
     // before the flow was ours: kube-proxy's kernel NAT carries it during a migration (tc
     // runs before netfilter). Balancing it anew would send it mid-stream to a backend that
@@ -294,6 +299,7 @@ pub fn choose<A: Family>(flow: &FlowOf<A>, now: u64) -> Choice<A> {
     }
     let client = A::affinity_client(flow.key.src);
     let affinity = Sticky::client_affinity(&svc, client, AFFINITY_CLIENT_IP);
+    let now = lb::now_ns();
     let Some(chosen) = lb::select_backend::<A>(&svc, affinity.as_ref(), now) else {
         return Choice::Done(if svc.flags & SVC_FLAG_DROP_IF_EMPTY != 0 {
             Verdict::drop_for(DropReason::NoLocalEndpoint, svc.id)
@@ -301,7 +307,7 @@ pub fn choose<A: Family>(flow: &FlowOf<A>, now: u64) -> Choice<A> {
             Verdict::reject(svc.id)
         });
     };
-    Choice::Chosen(svc, chosen)
+    Choice::Chosen { svc, chosen, now }
 }
 
 /// The second half of `new_flow`: the flow recorded with `chosen`, a backend of `svc`,

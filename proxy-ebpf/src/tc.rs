@@ -170,20 +170,16 @@ fn tracked6(ctx: &TcContext, side: Side) -> i32 {
     };
     let len = ctx.len() as u64;
     let verdict = match side {
-        Side::Ingress => {
-            let now = lb::now_ns();
-            match nat::tracked_ingress(&flow, len, now) {
-                Some(verdict) => verdict,
-                None => {
-                    let Some(new) = new_flow6() else {
-                        return TC_ACT_OK;
-                    };
-                    new.flow = flow;
-                    new.now = now;
-                    return NEW_FLOW;
-                }
+        Side::Ingress => match nat::tracked_ingress(&flow, len) {
+            Some(verdict) => verdict,
+            None => {
+                let Some(new) = new_flow6() else {
+                    return TC_ACT_OK;
+                };
+                new.flow = flow;
+                return NEW_FLOW;
             }
-        }
+        },
         Side::Egress => nat::egress(&flow, len),
     };
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
@@ -200,10 +196,11 @@ fn choose6(ctx: &TcContext) -> i32 {
     let Some(flow) = new.flow.bounded() else {
         return TC_ACT_OK;
     };
-    match nat::choose(&flow, new.now) {
-        nat::Choice::Chosen(svc, chosen) => {
+    match nat::choose(&flow) {
+        nat::Choice::Chosen { svc, chosen, now } => {
             new.svc = svc;
             new.chosen = chosen;
+            new.now = now;
             CHOSEN
         }
         nat::Choice::Done(verdict) => apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT),

@@ -107,9 +107,7 @@ fn tracked6(ctx: &XdpContext) -> u32 {
     let Some(flow) = packet::parse6(ctx) else {
         return XDP_PASS;
     };
-    let Some(verdict) =
-        nat::tracked_ingress(&flow, (ctx.data_end() - ctx.data()) as u64, lb::now_ns())
-    else {
+    let Some(verdict) = nat::tracked_ingress(&flow, (ctx.data_end() - ctx.data()) as u64) else {
         return XDP_PASS;
     };
     let t = verdict.translation;
