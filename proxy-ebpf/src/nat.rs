@@ -278,16 +278,22 @@ pub enum Choice<A> {
     },
 }
 
+/// Whether a packet without an entry of ours may start a flow. A TCP segment other than a
+/// SYN may not: it belongs to a connection made before the flow was ours, which
+/// kube-proxy's kernel NAT carries during a migration (tc runs before netfilter). Balancing
+/// it anew would send it mid-stream to a backend that knows nothing of it; left alone, the
+/// kernel's conntrack keeps translating it. Asked before anything else about a new flow:
+/// most packets that pass are such segments of flows that are no service's, and the service
+/// lookups would not change their verdict.
+#[inline(always)]
+pub fn may_start_flow<A>(flow: &FlowOf<A>) -> bool {
+    !flow.is_tcp() || flow.is_syn()
+}
+
 /// The first half of `new_flow`: the service port the flow is for, and its backend.
 #[inline(always)]
 pub fn choose<A: Family>(flow: &FlowOf<A>) -> Choice<A> {
-    // A TCP segment other than a SYN with no entry of ours belongs to a connection made
-    // before the flow was ours: kube-proxy's kernel NAT carries it during a migration (tc
-    // runs before netfilter). Balancing it anew would send it mid-stream to a backend that
-    // knows nothing of it; left alone, the kernel's conntrack keeps translating it. Asked
-    // first: most packets that pass are such segments of flows that are no service's, and
-    // the service lookups would not change their verdict.
-    if flow.is_tcp() && !flow.is_syn() {
+    if !may_start_flow(flow) {
         return Choice::Done(Verdict::pass());
     }
     let service = ServiceKeyOf::new(flow.key.dst, flow.key.dport, flow.key.proto);

@@ -172,6 +172,8 @@ fn tracked6(ctx: &TcContext, side: Side) -> i32 {
     let verdict = match side {
         Side::Ingress => match nat::tracked_ingress(&flow, len) {
             Some(verdict) => verdict,
+            // Passed here, not handed on to `choose6`, which would pass it too.
+            None if !nat::may_start_flow(&flow) => return TC_ACT_OK,
             None => {
                 let Some(new) = new_flow6() else {
                     return TC_ACT_OK;
