@@ -390,7 +390,7 @@ pub struct NewEntries<A> {
 /// Costs one lookup, for SYNs and UDP only.
 #[inline(always)]
 fn unserved_from_node<A: Family>(flow: &FlowOf<A>) -> Verdict<A> {
-    if flow.is_tcp() && !flow.is_syn() {
+    if !may_start_flow(flow) {
         return Verdict::pass();
     }
     let key = ServiceKeyOf::new(flow.key.dst, flow.key.dport, flow.key.proto);
