@@ -423,6 +423,13 @@ fn end_to_end(
 /// The datapath's packet programs, by their kernel names.
 const PACKET_PROGRAMS: [&str; 3] = ["proxy_ingress", "proxy_egress", "proxy_xdp"];
 
+/// The middle one of `values` (the upper middle of an even count), for figures taken as the
+/// median of a few measurements so that one the shared VM disturbed does not make them.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// What `measure` returns, with the kernel-measured time the datapath's packet programs ran
 /// while it did and how many runs that was (`BPF_ENABLE_STATS`).
 fn program_cost<T>(

@@ -218,11 +218,7 @@ fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow:
             programs.as_nanos() as f64 / count,
         ]);
     }
-    let median = |i: usize| {
-        let mut values: Vec<f64> = windows.iter().map(|w| w[i]).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
+    let median = |i: usize| super::median(windows.iter().map(|w| w[i]).collect());
     Ok(Figures {
         connections,
         round_trips: (median(0), median(1)),

@@ -209,8 +209,7 @@ fn repeat_ns(program: &SchedClassifier, repeat: u32, packet: &[u8]) -> anyhow::R
         let run = program.test_run(opts).context("BPF_PROG_TEST_RUN")?;
         means.push(run.duration.as_nanos() as f64);
     }
-    means.sort_by(f64::total_cmp);
-    Ok(means[means.len() / 2])
+    Ok(super::median(means))
 }
 
 pub struct Datapoint {
