@@ -355,7 +355,8 @@ impl Extensions {
 
 /// The extension headers after the IPv6 header at `ip_off`, whose next header is `next`,
 /// skipped: hop-by-hop, routing and destination options headers (at most
-/// `IP6_MAX_EXT_HEADERS`) and a fragment header after them.
+/// `IP6_MAX_EXT_HEADERS`) and a fragment header after them. `None` for a hop-by-hop header
+/// that is not the first, which the kernel drops (RFC 8200 allows it only there).
 #[inline(always)]
 fn extensions<F: Frame>(ctx: &F, ip_off: usize, next: u8) -> Option<Extensions> {
     let mut e = Extensions {
@@ -367,6 +368,7 @@ fn extensions<F: Frame>(ctx: &F, ip_off: usize, next: u8) -> Option<Extensions> 
     };
     for _ in 0..IP6_MAX_EXT_HEADERS {
         match e.next {
+            IPPROTO_HOPOPTS if e.ip_hdr_len != IP6_HDR_LEN => return None,
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let ext: Ipv6Extension = ctx.read(ip_off + e.ip_hdr_len)?;
                 e.next = ext.next;

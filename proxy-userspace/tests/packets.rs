@@ -8,8 +8,9 @@ use std::{
 };
 
 use aya::{
+    TestRunResult,
     maps::{HashMap, MapData},
-    programs::{TestRun as _, TestRunOptions},
+    programs::{TestRun, TestRunOptions},
 };
 use proxy::{
     datapath::Datapath,
@@ -19,7 +20,9 @@ use proxy::{
     node::NodeAddressing,
     reconcile::Reconciler,
 };
-use proxy_common::{CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN, maps};
+use proxy_common::{
+    CtEntry, CtEntry6, CtKey, CtKey6, IPPROTO_TCP, IPPROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN, maps,
+};
 
 const VIP1: [u8; 4] = [10, 96, 0, 1];
 const VIP2: [u8; 4] = [10, 96, 0, 2];
@@ -31,6 +34,7 @@ const VIP6B: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const BACKEND6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const CLIENT6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 const TC_ACT_OK: u32 = 0;
+const XDP_PASS: u32 = 2;
 
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
@@ -54,7 +58,10 @@ impl Fixture {
             FIXTURES.fetch_add(1, Ordering::Relaxed)
         ));
         // Small, so that checking it is empty is quick.
-        let sizes = [(maps::CONNTRACK.to_owned(), 4096)];
+        let sizes = [
+            (maps::CONNTRACK.to_owned(), 4096),
+            (maps::CONNTRACK6.to_owned(), 4096),
+        ];
         let datapath = Datapath::load(&pins, &sizes).expect("loading the datapath");
         let fixture = Fixture { pins, datapath };
         let mut desired = DesiredState::new();
@@ -99,16 +106,7 @@ impl Fixture {
 
     /// Runs tc program `name` on `frame`: its verdict and the frame it left.
     fn run(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program = self.datapath.load_classifier(name).unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let result = program
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {frame:02x?}: {e}"));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        test_run(self.datapath.load_classifier(name).unwrap(), frame)
     }
 
     fn ingress(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -119,6 +117,12 @@ impl Fixture {
         self.run("proxy_egress", frame)
     }
 
+    /// Runs the XDP program on `frame`: its verdict and the frame it left, from where its
+    /// metadata starts.
+    fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        test_run(self.datapath.load_xdp().unwrap(), frame)
+    }
+
     fn conntrack_map(&self) -> HashMap<MapData, CtKey, CtEntry> {
         proxy::maps::open(&self.pins, maps::CONNTRACK).unwrap()
     }
@@ -127,13 +131,43 @@ impl Fixture {
         self.conntrack_map().iter().map(Result::unwrap).collect()
     }
 
-    fn clear_conntrack(&self) {
-        let mut map = self.conntrack_map();
-        let keys: Vec<CtKey> = map.keys().map(Result::unwrap).collect();
-        for key in keys {
-            let _ = map.remove(&key);
-        }
+    fn conntrack6_map(&self) -> HashMap<MapData, CtKey6, CtEntry6> {
+        proxy::maps::open(&self.pins, maps::CONNTRACK6).unwrap()
     }
+
+    /// Entries in both conntrack maps.
+    fn conntrack_entries(&self) -> usize {
+        self.conntrack_map().keys().count() + self.conntrack6_map().keys().count()
+    }
+
+    /// Empties both conntrack maps.
+    fn clear_conntrack(&self) {
+        clear(self.conntrack_map());
+        clear(self.conntrack6_map());
+    }
+}
+
+fn clear<K: aya::Pod, V: aya::Pod>(mut map: HashMap<MapData, K, V>) {
+    let keys: Vec<K> = map.keys().map(Result::unwrap).collect();
+    for key in keys {
+        let _ = map.remove(&key);
+    }
+}
+
+/// Runs `program` on `frame` (`BPF_PROG_TEST_RUN`): its verdict and the frame it left.
+fn test_run<P>(program: &P, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    let result = program
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {frame:02x?}: {e}"));
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
 }
 
 impl Drop for Fixture {
@@ -246,26 +280,43 @@ fn ends(f: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
 }
 
 /// What the kernel would accept as an IPv4 TCP or UDP packet, checked independently of
-/// the datapath's parser; `None` if the frame is not one.
-fn well_formed(f: &[u8]) -> Option<()> {
-    (f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[14] >> 4 == 4).then_some(())?;
+/// the datapath's parser.
+fn well_formed(f: &[u8]) -> Judged {
+    let ip_ok = f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[14] >> 4 == 4;
     let ihl = usize::from(f[14] & 0x0f) * 4;
     let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
-    (ihl >= 20 && total >= ihl && 14 + total <= f.len()).then_some(())?;
-    (fold(sum(&f[14..14 + ihl])) == 0xffff).then_some(())?;
-    let l4 = &f[14 + ihl..14 + total];
-    match f[23] {
-        IPPROTO_TCP => {
-            let off = usize::from(*l4.get(12)? >> 4) * 4;
-            (off >= 20 && off <= l4.len()).then_some(())
-        }
+    if !ip_ok || ihl < 20 || total < ihl || 14 + total > f.len() {
+        return Judged::Malformed;
+    }
+    if fold(sum(&f[14..14 + ihl])) != 0xffff {
+        return Judged::Malformed;
+    }
+    if u16::from_be_bytes([f[20], f[21]]) & 0x1fff != 0 {
+        return Judged::LaterFragment;
+    }
+    upper_layer(f[23], &f[14 + ihl..14 + total], f[20] & 0x20 != 0)
+}
+
+/// The judge of a packet's upper layer `l4` of protocol `proto`, to the packet's end: a TCP
+/// header with a data offset of 5 to its length, or a UDP header whose length is at least
+/// 8 and, unless the packet is a first fragment (more follow), at most its length.
+fn upper_layer(proto: u8, l4: &[u8], first_fragment: bool) -> Judged {
+    let ok = match proto {
+        IPPROTO_TCP => l4
+            .get(12)
+            .is_some_and(|b| (20..=l4.len()).contains(&(usize::from(b >> 4) * 4))),
         IPPROTO_UDP => {
-            let len = usize::from(u16::from_be_bytes([*l4.get(4)?, *l4.get(5)?]));
-            // A first fragment (more fragments follow) holds only part of the datagram.
-            let first_fragment = f[20] & 0x20 != 0;
-            (l4.len() >= 8 && len >= 8 && (first_fragment || len <= l4.len())).then_some(())
+            l4.len() >= 8 && {
+                let len = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
+                len >= 8 && (first_fragment || len <= l4.len())
+            }
         }
-        _ => None,
+        _ => false,
+    };
+    if ok {
+        Judged::Packet
+    } else {
+        Judged::Malformed
     }
 }
 
@@ -328,6 +379,52 @@ fn malformed_packets_leave_no_state_and_pass_untouched() {
     assert_eq!(fx.conntrack().len(), 2, "forward and reply entries");
 }
 
+#[test]
+fn malformed_ipv6_packets_leave_no_state_and_pass_untouched() {
+    let mut fx = Fixture::new();
+    let options = [(IPPROTO_DSTOPTS, 1)];
+    let syn = tcp6(&options, (CLIENT6, 40000), (VIP6, 80), SYN);
+    let l4 = 54 + 8;
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let hop_by_hop_second = [(IPPROTO_DSTOPTS, 1), (IPPROTO_HOPOPTS, 1)];
+    let second = tcp6(&hop_by_hop_second, (CLIENT6, 40000), (VIP6, 80), SYN);
+    cases.push(("hop-by-hop options not first", second));
+    let mut long_ext = syn.clone();
+    long_ext[55] = 200;
+    cases.push(("extension header beyond the payload", long_ext));
+    let mut jumbo = syn.clone();
+    jumbo[18..20].fill(0);
+    cases.push(("payload length 0 (a jumbogram)", jumbo));
+    let mut long_payload = syn.clone();
+    long_payload[18..20].copy_from_slice(&200u16.to_be_bytes());
+    cases.push(("payload length beyond the frame", long_payload));
+    let mut short_offset = syn.clone();
+    short_offset[l4 + 12] = 4 << 4;
+    cases.push(("TCP data offset 4", short_offset));
+    cases.push(("TCP header cut short", syn[..l4 + 12].to_vec()));
+    let mut short_udp = udp6(&[], (CLIENT6, 40001), (VIP6, 53));
+    short_udp[54 + 4..54 + 6].copy_from_slice(&4u16.to_be_bytes());
+    cases.push(("UDP length 4", short_udp));
+    let mut long_udp = udp6(&[], (CLIENT6, 40002), (VIP6, 53));
+    long_udp[54 + 4..54 + 6].copy_from_slice(&200u16.to_be_bytes());
+    cases.push(("UDP length beyond the packet", long_udp));
+    for (what, input) in &cases {
+        assert!(
+            matches!(well_formed6(input), Judged::Malformed),
+            "{what}: the fuzz's judge agrees"
+        );
+        let (verdict, out) = fx.ingress(input);
+        assert_eq!(verdict, TC_ACT_OK, "{what}: left to the kernel");
+        assert_eq!(&out, input, "{what}: not modified");
+        assert_eq!(fx.conntrack_entries(), 0, "{what}: no conntrack entry");
+    }
+    // The well-formed SYN itself is translated and recorded.
+    let (verdict, out) = fx.ingress(&syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(ends6(&out, l4).1, (BACKEND6, BACKEND_PORT));
+    assert_eq!(fx.conntrack_entries(), 2, "forward and reply entries");
+}
+
 /// A small xorshift generator: reproducible mutations without a dependency.
 struct Rng(u64);
 
@@ -344,75 +441,312 @@ impl Rng {
     }
 }
 
-#[test]
-fn mutated_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
-    let mut fx = Fixture::new();
-    let seeds = [
-        tcp((CLIENT, 40000), (VIP1, 80), SYN),
-        tcp((CLIENT, 40000), (VIP2, 80), ACK),
-        udp((CLIENT, 40000), (VIP1, 53)),
-        udp((CLIENT, 40000), (VIP2, 53)),
+/// A frame the fuzz mutates, and the offsets of its header fields, which its mutations aim
+/// at besides any byte: lengths, fragment fields, and the protocol (next header) fields,
+/// which they also set to the protocols the datapath parses.
+struct Seed {
+    frame: Vec<u8>,
+    /// The packet that opens the flow a reply is of, run through tc ingress before it.
+    opened_by: Option<Vec<u8>>,
+    fields: Vec<usize>,
+    protocols: Vec<usize>,
+}
+
+/// Which packets of their flows the seeds are.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// The clients' first packets to the services (for tc ingress and XDP).
+    Requests,
+    /// The backend's replies, each once its flow's first packet has opened it (tc egress).
+    Replies,
+}
+
+impl Direction {
+    fn seed(
+        self,
+        request: Vec<u8>,
+        reply: Vec<u8>,
+        fields: Vec<usize>,
+        protocols: Vec<usize>,
+    ) -> Seed {
+        let (frame, opened_by) = match self {
+            Direction::Requests => (request, None),
+            Direction::Replies => (reply, Some(request)),
+        };
+        Seed {
+            frame,
+            opened_by,
+            fields,
+            protocols,
+        }
+    }
+}
+
+/// What a frame is, judged independently of the datapath's parser.
+enum Judged {
+    /// Not a TCP or UDP packet the kernel would accept.
+    Malformed,
+    /// A later fragment, which carries no ports: translated as its first fragment's flow if
+    /// one was seen, never a flow of its own.
+    LaterFragment,
+    /// A TCP or UDP packet, whole or a first fragment.
+    Packet,
+}
+
+/// One IP family's frames, as the fuzz makes and judges them.
+struct Fuzzed {
+    seeds: Vec<Seed>,
+    judge: fn(&[u8]) -> Judged,
+    checksums_hold: fn(&[u8]) -> bool,
+    /// Gives the frame a valid IP header checksum again (IPv4's): most mutated frames get
+    /// one, so that the mutation reaches further.
+    seal: Option<fn(&mut [u8])>,
+}
+
+impl Fuzzed {
+    fn ipv4(direction: Direction) -> Fuzzed {
+        let fields = vec![14, 16, 17, 20, 14 + 20 + 12, 14 + 20 + 4, 14 + 20 + 5];
+        // A SYN to port 80 or a datagram to port 53 of `vip`, or the backend's reply.
+        let seed = |proto: u8, vip: [u8; 4]| {
+            let (client, backend) = ((CLIENT, 40000), (BACKEND, BACKEND_PORT));
+            let (request, reply) = match proto {
+                IPPROTO_TCP => (tcp(client, (vip, 80), SYN), tcp(backend, client, SYN | ACK)),
+                _ => (udp(client, (vip, 53)), udp(backend, client)),
+            };
+            direction.seed(request, reply, fields.clone(), vec![23])
+        };
+        Fuzzed {
+            seeds: vec![
+                seed(IPPROTO_TCP, VIP1),
+                seed(IPPROTO_TCP, VIP2),
+                seed(IPPROTO_UDP, VIP1),
+                seed(IPPROTO_UDP, VIP2),
+            ],
+            judge: well_formed,
+            checksums_hold,
+            seal: Some(|f| {
+                let ihl = (usize::from(f[14] & 0x0f) * 4).clamp(20, f.len() - 14);
+                f[24..26].fill(0);
+                let csum = !fold(sum(&f[14..14 + ihl]));
+                f[24..26].copy_from_slice(&csum.to_be_bytes());
+            }),
+        }
+    }
+
+    fn ipv6(direction: Direction) -> Fuzzed {
+        // A SYN to port 80 or a datagram to port 53 of `vip` behind extension headers `ext`,
+        // or the backend's reply behind the same. Its fields: the payload length, each
+        // extension header's length (and a fragment header's offset and flags), the TCP
+        // data offset or UDP length; its protocol fields: the IPv6 header's next header and
+        // each extension header's.
+        let seed = |ext: &[(u8, usize)], proto: u8, vip: [u8; 16]| {
+            let (mut fields, mut protocols, mut at) = (vec![18, 19], vec![20], 54);
+            for &(kind, units) in ext {
+                protocols.push(at);
+                fields.push(at + 1);
+                if kind == IPPROTO_FRAGMENT {
+                    fields.extend([at + 2, at + 3]);
+                }
+                at += units * 8;
+            }
+            let (client, backend) = ((CLIENT6, 40000), (BACKEND6, BACKEND_PORT));
+            let (request, reply, length) = match proto {
+                IPPROTO_TCP => (
+                    tcp6(ext, client, (vip, 80), SYN),
+                    tcp6(ext, backend, client, SYN | ACK),
+                    at + 12,
+                ),
+                _ => (
+                    udp6(ext, client, (vip, 53)),
+                    udp6(ext, backend, client),
+                    at + 4,
+                ),
+            };
+            fields.extend([length, length + 1]);
+            direction.seed(request, reply, fields, protocols)
+        };
+        let options = [(IPPROTO_HOPOPTS, 1), (IPPROTO_DSTOPTS, 1)];
+        let fragment = [(IPPROTO_FRAGMENT, 1)];
+        Fuzzed {
+            seeds: vec![
+                seed(&[], IPPROTO_TCP, VIP6),
+                seed(&options, IPPROTO_TCP, VIP6B),
+                seed(&[], IPPROTO_UDP, VIP6),
+                seed(&fragment, IPPROTO_UDP, VIP6B),
+            ],
+            judge: well_formed6,
+            checksums_hold: checksums_hold6,
+            seal: None,
+        }
+    }
+
+    /// The protocol numbers a mutation sets a protocol field to: TCP, UDP, ICMP, ICMPv6 and
+    /// IPv6's extension headers.
+    const PROTOCOLS: [u8; 9] = [
+        IPPROTO_TCP,
+        IPPROTO_UDP,
+        IPPROTO_ICMP,
+        IPPROTO_ICMPV6,
+        IPPROTO_HOPOPTS,
+        IPPROTO_ROUTING,
+        IPPROTO_FRAGMENT,
+        IPPROTO_DSTOPTS,
+        59, // No next header.
     ];
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let (mut malformed, mut translated) = (0, 0);
-    for i in 0..12_000 {
-        let mut f = seeds[i % seeds.len()].clone();
+
+    /// `seed` with one to three mutations: a byte anywhere after the Ethernet header, a
+    /// header field, a protocol field, the frame cut short (not below its IP header:
+    /// `BPF_PROG_TEST_RUN` refuses those); mostly sealed.
+    fn mutated(&self, rng: &mut Rng, seed: &Seed) -> Vec<u8> {
+        let mut f = seed.frame.clone();
+        let ip_end = if f[12..14] == [0x86, 0xdd] { 54 } else { 34 };
         for _ in 0..1 + rng.below(3) {
             match rng.below(4) {
-                // Any byte after the Ethernet header.
                 0 => {
                     let at = 14 + rng.below(f.len() - 14);
                     f[at] = rng.next() as u8;
                 }
-                // A header length field.
                 1 => {
-                    let at = [14, 16, 17, 14 + 20 + 12, 14 + 20 + 4, 14 + 20 + 5][rng.below(6)];
+                    let at = seed.fields[rng.below(seed.fields.len())];
                     if let Some(byte) = f.get_mut(at) {
                         *byte = rng.next() as u8;
                     }
                 }
-                // Cut short (not below an IP header: BPF_PROG_TEST_RUN refuses those).
-                2 => f.truncate(34 + rng.below(f.len() - 33)),
-                // Fragment bits.
-                _ => f[20] = rng.next() as u8,
+                2 => {
+                    let at = seed.protocols[rng.below(seed.protocols.len())];
+                    if let Some(byte) = f.get_mut(at) {
+                        *byte = Self::PROTOCOLS[rng.below(Self::PROTOCOLS.len())];
+                    }
+                }
+                _ => f.truncate(ip_end + rng.below(f.len() - ip_end + 1)),
             }
         }
-        // Mostly with a valid header checksum, so that the mutation reaches further.
-        if f.len() >= 34 && rng.below(4) != 0 {
-            let ihl = (usize::from(f[14] & 0x0f) * 4).clamp(20, f.len() - 14);
-            f[24..26].fill(0);
-            let csum = !fold(sum(&f[14..14 + ihl]));
-            f[24..26].copy_from_slice(&csum.to_be_bytes());
+        if let Some(seal) = self.seal
+            && rng.below(4) != 0
+        {
+            seal(&mut f);
         }
-        let (verdict, out) = fx.ingress(&f);
-        if well_formed(&f).is_none() {
-            malformed += 1;
-            assert_eq!(
-                verdict, TC_ACT_OK,
-                "malformed input {i} {f:02x?} left alone"
-            );
-            assert_eq!(out, f, "malformed input {i} {f:02x?} not modified");
-            let left = fx.conntrack();
-            assert!(
-                left.is_empty(),
-                "malformed input {i} {f:02x?} left {left:?}"
-            );
-            continue;
+        f
+    }
+}
+
+/// The programs the fuzz runs frames through.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    TcIngress,
+    TcEgress,
+    Xdp,
+}
+
+/// Runs `runs` mutated frames of `family`'s seeds, in turn, through `hook`: a malformed
+/// frame is left to the kernel untouched, no frame but a TCP or UDP packet adds a conntrack
+/// entry, and a translated packet whose checksums held still holds them. Returns how many
+/// frames were malformed and how many translated.
+fn fuzz(fx: &mut Fixture, hook: Hook, family: &Fuzzed, runs: usize) -> (usize, usize) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut malformed, mut translated) = (0, 0);
+    for i in 0..runs {
+        let seed = &family.seeds[i % family.seeds.len()];
+        if let Some(request) = &seed.opened_by {
+            fx.ingress(request);
         }
-        if out != f {
-            translated += 1;
-            assert!(
-                !checksums_hold(&f) || checksums_hold(&out),
-                "input {i} {f:02x?} came out with a broken checksum: {out:02x?}"
-            );
+        let before = fx.conntrack_entries();
+        let f = family.mutated(&mut rng, seed);
+        let (verdict, out) = match hook {
+            Hook::TcIngress => fx.ingress(&f),
+            Hook::TcEgress => fx.egress(&f),
+            Hook::Xdp => {
+                let (verdict, out) = fx.xdp(&f);
+                // Less the mark of a frame with nothing of ours, if it has one.
+                let marked = out.len() == f.len() + 8
+                    && out[..4] == proxy_common::XDP_META_NOTHING_FOR_US.to_ne_bytes();
+                (verdict, out[if marked { 8 } else { 0 }..].to_vec())
+            }
+        };
+        let left = fx.conntrack_entries();
+        match (family.judge)(&f) {
+            Judged::Malformed => {
+                malformed += 1;
+                let passed = match hook {
+                    Hook::TcIngress | Hook::TcEgress => TC_ACT_OK,
+                    Hook::Xdp => XDP_PASS,
+                };
+                assert_eq!(
+                    verdict, passed,
+                    "{hook:?}: malformed input {i} {f:02x?} passed"
+                );
+                assert_eq!(
+                    out, f,
+                    "{hook:?}: malformed input {i} {f:02x?} not modified"
+                );
+                assert_eq!(
+                    left, before,
+                    "{hook:?}: malformed input {i} {f:02x?} left state"
+                );
+            }
+            Judged::LaterFragment => {
+                assert_eq!(
+                    left, before,
+                    "{hook:?}: later fragment {i} {f:02x?} left state"
+                );
+            }
+            Judged::Packet if out != f => {
+                translated += 1;
+                assert!(
+                    !(family.checksums_hold)(&f) || (family.checksums_hold)(&out),
+                    "{hook:?}: input {i} {f:02x?} came out with a broken checksum: {out:02x?}"
+                );
+            }
+            Judged::Packet => {}
         }
         fx.clear_conntrack();
     }
-    assert!(
-        malformed > 5_000,
-        "{malformed} of the inputs were malformed"
-    );
-    assert!(translated > 500, "{translated} inputs were translated");
+    (malformed, translated)
+}
+
+/// Through tc ingress, the clients' first packets, and tc egress, the backend's replies.
+fn fuzz_tc(family: fn(Direction) -> Fuzzed) {
+    let mut fx = Fixture::new();
+    let hooks = [
+        (Hook::TcIngress, Direction::Requests),
+        (Hook::TcEgress, Direction::Replies),
+    ];
+    for (hook, direction) in hooks {
+        let (malformed, translated) = fuzz(&mut fx, hook, &family(direction), 12_000);
+        assert!(
+            malformed > 5_000,
+            "{hook:?}: {malformed} of the inputs were malformed"
+        );
+        assert!(
+            translated > 500,
+            "{hook:?}: {translated} inputs were translated"
+        );
+    }
+}
+
+#[test]
+fn mutated_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
+    fuzz_tc(Fuzzed::ipv4);
+}
+
+#[test]
+fn mutated_ipv6_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
+    fuzz_tc(Fuzzed::ipv6);
+}
+
+/// XDP translates nothing it cannot route itself (`BPF_PROG_TEST_RUN` has no route for it):
+/// what it must never do is touch garbage or record state for it.
+#[test]
+fn xdp_leaves_mutated_garbage_untouched_and_without_state() {
+    let mut fx = Fixture::new();
+    for family in [Fuzzed::ipv4, Fuzzed::ipv6] {
+        let family = family(Direction::Requests);
+        let (malformed, _) = fuzz(&mut fx, Hook::Xdp, &family, 6_000);
+        assert!(
+            malformed > 2_500,
+            "{malformed} of the inputs were malformed"
+        );
+    }
 }
 
 #[test]
@@ -685,22 +1019,10 @@ fn a_reset_closes_both_entries_and_a_new_syn_on_the_tuple_starts_afresh() {
 
 #[test]
 fn xdp_tells_tc_what_has_nothing_of_ours_and_only_that() {
-    const XDP_PASS: u32 = 2;
     let mut fx = Fixture::new();
-    let mut run_xdp = |frame: &[u8]| {
-        let program = fx.datapath.load_xdp().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let result = program.test_run(opts).unwrap();
-        // The output starts where the frame's metadata does.
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    };
     // To a pod, not a service: passed, with the mark tc ingress skips its lookups on.
     let other = udp((CLIENT, 40000), (BACKEND, BACKEND_PORT));
-    let (verdict, out) = run_xdp(&other);
+    let (verdict, out) = fx.xdp(&other);
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out.len(), other.len() + 8, "{out:02x?}");
     let word = |at: usize| u32::from_ne_bytes(out[at..at + 4].try_into().unwrap());
@@ -710,7 +1032,7 @@ fn xdp_tells_tc_what_has_nothing_of_ours_and_only_that() {
     assert_eq!(out[8..], other[..]);
     // To a service, translated but not routed by us: passed for tc to finish, unmarked.
     let service = udp((CLIENT, 40001), (VIP1, 53));
-    let (verdict, out) = run_xdp(&service);
+    let (verdict, out) = fx.xdp(&service);
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, service, "unmarked and untouched, for tc");
 }
@@ -788,13 +1110,70 @@ fn ends6(f: &[u8], l4: usize) -> (End6, End6, bool) {
     ((src, port(l4)), (dst, port(l4 + 2)), holds)
 }
 
-fn udp6(src: End6, dst: End6) -> Vec<u8> {
+fn udp6(ext: &[(u8, usize)], src: End6, dst: End6) -> Vec<u8> {
     let mut u = vec![0u8; 8];
     u[0..2].copy_from_slice(&src.1.to_be_bytes());
     u[2..4].copy_from_slice(&dst.1.to_be_bytes());
     u[4..6].copy_from_slice(&13u16.to_be_bytes());
     u.extend_from_slice(b"hello");
-    frame6(&[], IPPROTO_UDP, src.0, dst.0, u)
+    frame6(ext, IPPROTO_UDP, src.0, dst.0, u)
+}
+
+const IPPROTO_ROUTING: u8 = 43;
+
+/// Where an IPv6 frame's upper layer starts and ends, and its protocol, as the kernel
+/// would find them: a payload length within the frame, a hop-by-hop options header only
+/// first, every extension header within the payload; `None` for a frame that is not such
+/// a packet, `Some(None)` for a later fragment (no upper-layer header).
+fn upper_layer6(f: &[u8]) -> Option<Option<(usize, usize, u8, bool)>> {
+    (f.len() >= 54 && f[12..14] == [0x86, 0xdd] && f[14] >> 4 == 6).then_some(())?;
+    let payload = usize::from(u16::from_be_bytes([f[18], f[19]]));
+    (payload > 0 && 54 + payload <= f.len()).then_some(())?;
+    let end = 54 + payload;
+    let (mut next, mut at, mut more) = (f[20], 54, false);
+    loop {
+        match next {
+            IPPROTO_HOPOPTS if at == 54 => {}
+            IPPROTO_ROUTING | IPPROTO_DSTOPTS => {}
+            IPPROTO_FRAGMENT => {
+                (at + 8 <= end).then_some(())?;
+                let offset_flags = u16::from_be_bytes([f[at + 2], f[at + 3]]);
+                if offset_flags >> 3 != 0 {
+                    return Some(None);
+                }
+                more = offset_flags & 1 != 0;
+                (next, at) = (f[at], at + 8);
+                continue;
+            }
+            _ => break,
+        }
+        (at + 2 <= end).then_some(())?;
+        (next, at) = (f[at], at + (usize::from(f[at + 1]) + 1) * 8);
+        (at <= end).then_some(())?;
+    }
+    Some(Some((at, end, next, more)))
+}
+
+/// What the kernel would accept as an IPv6 TCP or UDP packet (`upper_layer6`), checked
+/// independently of the datapath's parser.
+fn well_formed6(f: &[u8]) -> Judged {
+    let Some(upper) = upper_layer6(f) else {
+        return Judged::Malformed;
+    };
+    let Some((at, end, proto, more)) = upper else {
+        return Judged::LaterFragment;
+    };
+    upper_layer(proto, &f[at..end], more)
+}
+
+/// The TCP or UDP checksum of an IPv6 frame the judge found to be a packet holds.
+fn checksums_hold6(f: &[u8]) -> bool {
+    let Some(Some((at, end, proto, _))) = upper_layer6(f) else {
+        return false;
+    };
+    let segment = &f[at..end];
+    let pseudo = sum(&f[22..54]) + segment.len() as u32 + u32::from(proto);
+    fold(pseudo + sum(segment)) == 0xffff
 }
 
 #[test]
@@ -805,11 +1184,11 @@ fn one_client_port_to_two_ipv6_cluster_ips_sharing_a_backend_gets_two_reply_tupl
         let mut fx = Fixture::new();
         let packet = |src, dst| match proto {
             IPPROTO_TCP => tcp6(&[], src, dst, SYN),
-            _ => udp6(src, dst),
+            _ => udp6(&[], src, dst),
         };
         let reply = |src, dst| match proto {
             IPPROTO_TCP => tcp6(&[], src, dst, SYN | ACK),
-            _ => udp6(src, dst),
+            _ => udp6(&[], src, dst),
         };
         let client = (CLIENT6, 40000);
         let backend = (BACKEND6, BACKEND_PORT);
