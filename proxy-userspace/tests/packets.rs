@@ -242,12 +242,6 @@ fn quoted(error: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Every checksum of an ICMP error frame holds: its IP header, the ICMP message, and the
-/// quoted packet's own.
-fn icmp_checksums_hold(f: &[u8]) -> bool {
-    fold(sum(&f[14..34])) == 0xffff && fold(sum(&f[34..])) == 0xffff && checksums_hold(&quoted(f))
-}
-
 fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     t[0..2].copy_from_slice(&src.1.to_be_bytes());
@@ -280,7 +274,7 @@ fn ends(f: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
 }
 
 /// What the kernel would accept as an IPv4 TCP or UDP packet, checked independently of
-/// the datapath's parser.
+/// the datapath's parser; a later fragment or an ICMP message starts no flow.
 fn well_formed(f: &[u8]) -> Judged {
     let ip_ok = f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[14] >> 4 == 4;
     let ihl = usize::from(f[14] & 0x0f) * 4;
@@ -291,8 +285,8 @@ fn well_formed(f: &[u8]) -> Judged {
     if fold(sum(&f[14..14 + ihl])) != 0xffff {
         return Judged::Malformed;
     }
-    if u16::from_be_bytes([f[20], f[21]]) & 0x1fff != 0 {
-        return Judged::LaterFragment;
+    if u16::from_be_bytes([f[20], f[21]]) & 0x1fff != 0 || f[23] == IPPROTO_ICMP {
+        return Judged::NoFlow;
     }
     upper_layer(f[23], &f[14 + ihl..14 + total], f[20] & 0x20 != 0)
 }
@@ -320,24 +314,41 @@ fn upper_layer(proto: u8, l4: &[u8], first_fragment: bool) -> Judged {
     }
 }
 
-/// The frame's IPv4 header checksum holds, and its TCP or UDP checksum (unless a UDP
-/// checksum is absent).
+/// Every checksum of an IPv4 frame holds (`ip_checksums_hold`).
 fn checksums_hold(f: &[u8]) -> bool {
-    let ihl = usize::from(f[14] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
-    let (proto, src, dst) = (f[23], &f[26..30], &f[30..34]);
-    let l4 = &f[14 + ihl..14 + total];
-    let absent = proto == IPPROTO_UDP && l4[6..8] == [0, 0];
-    let l4_ok = absent
-        || fold(
-            pseudo_sum(
-                proto,
-                src.try_into().unwrap(),
-                dst.try_into().unwrap(),
-                l4.len(),
-            ) + sum(l4),
-        ) == 0xffff;
-    fold(sum(&f[14..14 + ihl])) == 0xffff && l4_ok
+    ip_checksums_hold(&f[14..])
+}
+
+/// Every checksum of the IPv4 packet `ip` (from its header on) holds, as far as the packet
+/// is whole here (an ICMP error quotes the start of one): its header's and, but for a
+/// fragment, its TCP or UDP checksum (a UDP checksum may be absent) or its ICMP message's,
+/// with the checksums of the packet an ICMP error quotes.
+fn ip_checksums_hold(ip: &[u8]) -> bool {
+    let ihl = usize::from(ip.first().map_or(0, |b| b & 0x0f)) * 4;
+    if ihl < 20 || ip.len() < ihl {
+        return true;
+    }
+    if fold(sum(&ip[..ihl])) != 0xffff {
+        return false;
+    }
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    if total < ihl || total > ip.len() || fragment {
+        return true;
+    }
+    let (proto, l4) = (ip[9], &ip[ihl..total]);
+    let (src, dst) = (
+        ip[12..16].try_into().unwrap(),
+        ip[16..20].try_into().unwrap(),
+    );
+    match proto {
+        IPPROTO_ICMP => fold(sum(l4)) == 0xffff && l4.get(8..).is_none_or(ip_checksums_hold),
+        IPPROTO_UDP if l4.get(6..8) == Some(&[0, 0]) => true,
+        IPPROTO_TCP | IPPROTO_UDP => {
+            fold(pseudo_sum(proto, src, dst, l4.len()) + sum(l4)) == 0xffff
+        }
+        _ => true,
+    }
 }
 
 #[test]
@@ -455,23 +466,28 @@ struct Seed {
 /// Which packets of their flows the seeds are.
 #[derive(Clone, Copy)]
 enum Direction {
-    /// The clients' first packets to the services (for tc ingress and XDP).
+    /// Arriving (for tc ingress and XDP): the clients' first packets to the services, and an
+    /// ICMP error from the client's side about a reply.
     Requests,
-    /// The backend's replies, each once its flow's first packet has opened it (tc egress).
+    /// Leaving (tc egress): the backend's replies, and its ICMP error about a request.
     Replies,
 }
 
+/// A frame of a seed, and the packet that opens its flow before it, if any.
+type Framed = (Vec<u8>, Option<Vec<u8>>);
+
 impl Direction {
+    /// The seed of this direction: `arriving`'s or `leaving`'s.
     fn seed(
         self,
-        request: Vec<u8>,
-        reply: Vec<u8>,
+        arriving: Framed,
+        leaving: Framed,
         fields: Vec<usize>,
         protocols: Vec<usize>,
     ) -> Seed {
         let (frame, opened_by) = match self {
-            Direction::Requests => (request, None),
-            Direction::Replies => (reply, Some(request)),
+            Direction::Requests => arriving,
+            Direction::Replies => leaving,
         };
         Seed {
             frame,
@@ -486,9 +502,10 @@ impl Direction {
 enum Judged {
     /// Not a TCP or UDP packet the kernel would accept.
     Malformed,
-    /// A later fragment, which carries no ports: translated as its first fragment's flow if
-    /// one was seen, never a flow of its own.
-    LaterFragment,
+    /// A packet that starts no flow: a later fragment, which carries no ports (translated as
+    /// its first fragment's flow, if one was seen), or an ICMP message (translated if it is
+    /// an error about a tracked flow).
+    NoFlow,
     /// A TCP or UDP packet, whole or a first fragment.
     Packet,
 }
@@ -513,14 +530,33 @@ impl Fuzzed {
                 IPPROTO_TCP => (tcp(client, (vip, 80), SYN), tcp(backend, client, SYN | ACK)),
                 _ => (udp(client, (vip, 53)), udp(backend, client)),
             };
-            direction.seed(request, reply, fields.clone(), vec![23])
+            let leaving = (reply, Some(request.clone()));
+            direction.seed((request, None), leaving, fields.clone(), vec![23])
         };
+        // Fragmentation needed about the reply, port unreachable about the request, in the
+        // flow the request opens; their fields: the outer header's, the ICMP type and code,
+        // and the quoted header's.
+        let (client, backend) = ((CLIENT, 40000), (BACKEND, BACKEND_PORT));
+        let request = Some(udp(client, (VIP1, 53)));
+        let error = direction.seed(
+            (
+                icmp_error(3, 4, CLIENT, VIP1, &udp((VIP1, 53), client)),
+                request.clone(),
+            ),
+            (
+                icmp_error(3, 3, BACKEND, CLIENT, &udp(client, backend)),
+                request,
+            ),
+            vec![14, 16, 17, 20, 34, 35, 42, 44, 45, 48],
+            vec![23, 51],
+        );
         Fuzzed {
             seeds: vec![
                 seed(IPPROTO_TCP, VIP1),
                 seed(IPPROTO_TCP, VIP2),
                 seed(IPPROTO_UDP, VIP1),
                 seed(IPPROTO_UDP, VIP2),
+                error,
             ],
             judge: well_formed,
             checksums_hold,
@@ -563,16 +599,33 @@ impl Fuzzed {
                 ),
             };
             fields.extend([length, length + 1]);
-            direction.seed(request, reply, fields, protocols)
+            let leaving = (reply, Some(request.clone()));
+            direction.seed((request, None), leaving, fields, protocols)
         };
         let options = [(IPPROTO_HOPOPTS, 1), (IPPROTO_DSTOPTS, 1)];
         let fragment = [(IPPROTO_FRAGMENT, 1)];
+        // Packet too big about the reply, port unreachable about the request, as IPv4's.
+        let (client, backend) = ((CLIENT6, 40000), (BACKEND6, BACKEND_PORT));
+        let request = Some(udp6(&[], client, (VIP6, 53)));
+        let error = direction.seed(
+            (
+                icmp6_error(2, 0, CLIENT6, VIP6, &udp6(&[], (VIP6, 53), client)),
+                request.clone(),
+            ),
+            (
+                icmp6_error(1, 4, BACKEND6, CLIENT6, &udp6(&[], client, backend)),
+                request,
+            ),
+            vec![18, 19, 54, 55, 66, 67],
+            vec![20, 68],
+        );
         Fuzzed {
             seeds: vec![
                 seed(&[], IPPROTO_TCP, VIP6),
                 seed(&options, IPPROTO_TCP, VIP6B),
                 seed(&[], IPPROTO_UDP, VIP6),
                 seed(&fragment, IPPROTO_UDP, VIP6B),
+                error,
             ],
             judge: well_formed6,
             checksums_hold: checksums_hold6,
@@ -640,7 +693,7 @@ enum Hook {
 
 /// Runs `runs` mutated frames of `family`'s seeds, in turn, through `hook`: a malformed
 /// frame is left to the kernel untouched, no frame but a TCP or UDP packet adds a conntrack
-/// entry, and a translated packet whose checksums held still holds them. Returns how many
+/// entry, and a translated frame whose checksums held still holds them. Returns how many
 /// frames were malformed and how many translated.
 fn fuzz(fx: &mut Fixture, hook: Hook, family: &Fuzzed, runs: usize) -> (usize, usize) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -684,20 +737,18 @@ fn fuzz(fx: &mut Fixture, hook: Hook, family: &Fuzzed, runs: usize) -> (usize, u
                     "{hook:?}: malformed input {i} {f:02x?} left state"
                 );
             }
-            Judged::LaterFragment => {
-                assert_eq!(
-                    left, before,
-                    "{hook:?}: later fragment {i} {f:02x?} left state"
-                );
+            judged => {
+                if let Judged::NoFlow = judged {
+                    assert_eq!(left, before, "{hook:?}: input {i} {f:02x?} started a flow");
+                }
+                if out != f {
+                    translated += 1;
+                    assert!(
+                        !(family.checksums_hold)(&f) || (family.checksums_hold)(&out),
+                        "{hook:?}: input {i} {f:02x?} came out with a broken checksum: {out:02x?}"
+                    );
+                }
             }
-            Judged::Packet if out != f => {
-                translated += 1;
-                assert!(
-                    !(family.checksums_hold)(&f) || (family.checksums_hold)(&out),
-                    "{hook:?}: input {i} {f:02x?} came out with a broken checksum: {out:02x?}"
-                );
-            }
-            Judged::Packet => {}
         }
         fx.clear_conntrack();
     }
@@ -863,7 +914,7 @@ fn icmp_errors_about_translated_flows_are_translated_outer_and_inner() {
             (client, (vip, 53)),
             "the quote as sent"
         );
-        assert!(icmp_checksums_hold(&out), "{out:02x?}");
+        assert!(checksums_hold(&out), "{out:02x?}");
     }
     // A router on the way (the node itself: time exceeded) keeps its own address.
     let node = [192, 168, 1, 1];
@@ -871,7 +922,7 @@ fn icmp_errors_about_translated_flows_are_translated_outer_and_inner() {
     let (_, out) = fx.egress(&error);
     assert_eq!(ends(&out).0.0, node);
     assert_eq!(ends(&quoted(&out)), (client, (VIP1, 53)));
-    assert!(icmp_checksums_hold(&out));
+    assert!(checksums_hold(&out));
     // Fragmentation needed from the client's side about a reply (arriving): to the
     // backend, quoting the reply as the backend sent it.
     let (_, reply) = fx.egress(&udp(backend, moved));
@@ -881,7 +932,7 @@ fn icmp_errors_about_translated_flows_are_translated_outer_and_inner() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(ends(&out).1.0, BACKEND, "to the backend");
     assert_eq!(ends(&quoted(&out)), (backend, moved));
-    assert!(icmp_checksums_hold(&out));
+    assert!(checksums_hold(&out));
     // An error about a flow we do not track passes untouched; so does one quoting too
     // little to name the flow.
     let stranger = udp((CLIENT, 41000), (BACKEND, 9999));
@@ -1155,25 +1206,38 @@ fn upper_layer6(f: &[u8]) -> Option<Option<(usize, usize, u8, bool)>> {
 }
 
 /// What the kernel would accept as an IPv6 TCP or UDP packet (`upper_layer6`), checked
-/// independently of the datapath's parser.
+/// independently of the datapath's parser; a later fragment or an ICMPv6 message starts no
+/// flow.
 fn well_formed6(f: &[u8]) -> Judged {
     let Some(upper) = upper_layer6(f) else {
         return Judged::Malformed;
     };
-    let Some((at, end, proto, more)) = upper else {
-        return Judged::LaterFragment;
-    };
-    upper_layer(proto, &f[at..end], more)
+    match upper {
+        Some((_, _, IPPROTO_ICMPV6, _)) | None => Judged::NoFlow,
+        Some((at, end, proto, more)) => upper_layer(proto, &f[at..end], more),
+    }
 }
 
-/// The TCP or UDP checksum of an IPv6 frame the judge found to be a packet holds.
+/// The checksum of an IPv6 frame's upper layer holds, as far as the packet is whole here (an
+/// ICMPv6 error quotes the start of one): but for a fragment, its TCP or UDP checksum or
+/// its ICMPv6 message's, with the checksum of the packet an ICMPv6 error quotes.
 fn checksums_hold6(f: &[u8]) -> bool {
-    let Some(Some((at, end, proto, _))) = upper_layer6(f) else {
-        return false;
+    let Some(Some((at, end, proto, false))) = upper_layer6(f) else {
+        return true;
     };
     let segment = &f[at..end];
     let pseudo = sum(&f[22..54]) + segment.len() as u32 + u32::from(proto);
-    fold(pseudo + sum(segment)) == 0xffff
+    let holds = fold(pseudo + sum(segment)) == 0xffff;
+    match proto {
+        IPPROTO_ICMPV6 => {
+            holds
+                && segment
+                    .get(8..)
+                    .is_none_or(|quote| checksums_hold6(&[&f[..14], quote].concat()))
+        }
+        IPPROTO_TCP | IPPROTO_UDP => holds,
+        _ => true,
+    }
 }
 
 #[test]
