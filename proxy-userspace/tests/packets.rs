@@ -1,6 +1,8 @@
-//! Crafted packets through the real tc programs with `BPF_PROG_TEST_RUN`: output bytes,
-//! checksums, verdicts and the conntrack entries each packet leaves, with no namespace
-//! world. Two ClusterIPs share one backend, so that one client port can reach both.
+//! Crafted packets through the real tc and XDP programs with `BPF_PROG_TEST_RUN`: output
+//! bytes, checksums, verdicts and the conntrack entries each packet leaves, with no
+//! namespace world (but for one test's network namespace of its own, whose routes the
+//! masqueraded flows' FIB lookups use). Two ClusterIPs share one backend, so that one
+//! client port can reach both.
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
@@ -14,7 +16,7 @@ use aya::{
 };
 use proxy::{
     datapath::Datapath,
-    desired::{DesiredService, DesiredState},
+    desired::{DesiredService, DesiredState, Frontend},
     family::{Backend, ServiceKey},
     maps::Maps,
     node::NodeAddressing,
@@ -33,6 +35,10 @@ const VIP6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const VIP6B: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const BACKEND6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const CLIENT6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+/// The node's address, and a client outside the cluster.
+const NODE: [u8; 4] = [192, 168, 1, 1];
+const NODE_PORT: u16 = 30080;
+const EXTERNAL: [u8; 4] = [198, 51, 100, 7];
 const TC_ACT_OK: u32 = 0;
 const XDP_PASS: u32 = 2;
 
@@ -44,7 +50,8 @@ const ACK: u8 = 0x10;
 static FIXTURES: AtomicUsize = AtomicUsize::new(0);
 
 /// The datapath loaded with its maps pinned in a directory of its own (removed on drop),
-/// serving TCP port 80 and UDP port 53 of `VIP1` and `VIP2`, both to `BACKEND`.
+/// serving TCP port 80 and UDP port 53 of `VIP1` and `VIP2`, both to `BACKEND`, and
+/// `NODE_PORT` (TCP and UDP) of the node's address `NODE`, masqueraded to `BACKEND`.
 struct Fixture {
     pins: PathBuf,
     datapath: Datapath,
@@ -87,12 +94,28 @@ impl Fixture {
                 desired.insert(ServiceKey::new(vip, port, proto), service);
             }
         }
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let service = DesiredService {
+                name: format!("test/node-port:{proto}"),
+                frontend: Frontend::NodePort,
+                masquerade: true,
+                backends: vec![Backend {
+                    addr: BACKEND.into(),
+                    port: BACKEND_PORT,
+                    proto,
+                    flags: 0,
+                }],
+                ..DesiredService::default()
+            };
+            let any = IpAddr::from(Ipv4Addr::UNSPECIFIED);
+            desired.insert(ServiceKey::new(any, NODE_PORT, proto), service);
+        }
         let maps = Maps::open(&fixture.pins).expect("opening the maps");
         let report = Reconciler::adopt(maps).unwrap().apply(&desired);
         assert!(report.errors.is_empty(), "programming the services");
         NodeAddressing::new(
             proxy::node::NodeIps {
-                v4: Some(Ipv4Addr::new(192, 168, 1, 1)),
+                v4: Some(NODE.into()),
                 v6: None,
             },
             &[],
@@ -569,6 +592,29 @@ impl Fuzzed {
         }
     }
 
+    /// A client outside the cluster's first packets to the node port: masqueraded, and
+    /// routed by the datapath itself (`routed_namespace`).
+    fn node_port() -> Fuzzed {
+        let ipv4 = Fuzzed::ipv4(Direction::Requests);
+        // Their fields are the ClusterIP seeds'.
+        let like = &ipv4.seeds[0];
+        let (fields, protocols) = (like.fields.clone(), like.protocols.clone());
+        let seed = |frame| Seed {
+            frame,
+            opened_by: None,
+            fields: fields.clone(),
+            protocols: protocols.clone(),
+        };
+        let (client, node_port) = ((EXTERNAL, 40000), (NODE, NODE_PORT));
+        Fuzzed {
+            seeds: vec![
+                seed(tcp(client, node_port, SYN)),
+                seed(udp(client, node_port)),
+            ],
+            ..ipv4
+        }
+    }
+
     fn ipv6(direction: Direction) -> Fuzzed {
         // A SYN to port 80 or a datagram to port 53 of `vip` behind extension headers `ext`,
         // or the backend's reply behind the same. Its fields: the payload length, each
@@ -785,8 +831,70 @@ fn mutated_ipv6_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
     fuzz_tc(Fuzzed::ipv6);
 }
 
-/// XDP translates nothing it cannot route itself (`BPF_PROG_TEST_RUN` has no route for it):
-/// what it must never do is touch garbage or record state for it.
+/// Makes this thread's network namespace one of its own (it goes with the thread), in
+/// which the FIB lookups of masqueraded flows find a route: the node's address
+/// on one end of a veth pair, forwarding on, the pods' network behind a neighbour there.
+/// Nothing is sent: `BPF_PROG_TEST_RUN` returns a redirect without making it.
+fn routed_namespace() {
+    // SAFETY: unsharing the network namespace affects this thread alone.
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(unshared, 0, "unshare: {}", std::io::Error::last_os_error());
+    // Per namespace: this thread's, as it writes.
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").unwrap();
+    let node = format!("{}/24", Ipv4Addr::from(NODE));
+    let commands: [&[&str]; 6] = [
+        &[
+            "link", "add", "node0", "type", "veth", "peer", "name", "node1",
+        ],
+        &["addr", "add", &node, "dev", "node0"],
+        &["link", "set", "node0", "up"],
+        &["link", "set", "node1", "up"],
+        &[
+            "neigh",
+            "add",
+            "192.168.1.2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "node0",
+        ],
+        &["route", "add", "10.244.0.0/16", "via", "192.168.1.2"],
+    ];
+    for args in commands {
+        // A child of this thread, in its namespace.
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+}
+
+/// Masqueraded flows, which the datapath translates and routes itself (tc ingress, and
+/// XDP on its own); on a thread of its own, whose network namespace goes with it.
+#[test]
+fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
+    let run = std::thread::spawn(|| {
+        routed_namespace();
+        let mut fx = Fixture::new();
+        for hook in [Hook::TcIngress, Hook::Xdp] {
+            let (malformed, translated) = fuzz(&mut fx, hook, &Fuzzed::node_port(), 6_000);
+            assert!(
+                malformed > 2_500,
+                "{hook:?}: {malformed} of the inputs were malformed"
+            );
+            assert!(
+                translated > 250,
+                "{hook:?}: {translated} inputs were translated"
+            );
+        }
+    });
+    run.join().expect("the node port fuzz");
+}
+
+/// XDP leaves the ClusterIPs' flows to tc (it finishes only masqueraded flows, which it
+/// routes itself: the node port fuzz): what it must never do is touch garbage or record
+/// state for it.
 #[test]
 fn xdp_leaves_mutated_garbage_untouched_and_without_state() {
     let mut fx = Fixture::new();
@@ -917,10 +1025,9 @@ fn icmp_errors_about_translated_flows_are_translated_outer_and_inner() {
         assert!(checksums_hold(&out), "{out:02x?}");
     }
     // A router on the way (the node itself: time exceeded) keeps its own address.
-    let node = [192, 168, 1, 1];
-    let error = icmp_error(TIME_EXCEEDED, 0, node, CLIENT, &first);
+    let error = icmp_error(TIME_EXCEEDED, 0, NODE, CLIENT, &first);
     let (_, out) = fx.egress(&error);
-    assert_eq!(ends(&out).0.0, node);
+    assert_eq!(ends(&out).0.0, NODE);
     assert_eq!(ends(&quoted(&out)), (client, (VIP1, 53)));
     assert!(checksums_hold(&out));
     // Fragmentation needed from the client's side about a reply (arriving): to the
