@@ -4,7 +4,7 @@
 //! masqueraded flows' FIB lookups use). Two ClusterIPs share one backend, so that one
 //! client port can reach both.
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -35,10 +35,12 @@ const VIP6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const VIP6B: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const BACKEND6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const CLIENT6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
-/// The node's address, and a client outside the cluster.
+/// The node's addresses, and a client outside the cluster.
 const NODE: [u8; 4] = [192, 168, 1, 1];
+const NODE6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const NODE_PORT: u16 = 30080;
 const EXTERNAL: [u8; 4] = [198, 51, 100, 7];
+const EXTERNAL6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
 const TC_ACT_OK: u32 = 0;
 const XDP_PASS: u32 = 2;
 
@@ -51,7 +53,8 @@ static FIXTURES: AtomicUsize = AtomicUsize::new(0);
 
 /// The datapath loaded with its maps pinned in a directory of its own (removed on drop),
 /// serving TCP port 80 and UDP port 53 of `VIP1` and `VIP2`, both to `BACKEND`, and
-/// `NODE_PORT` (TCP and UDP) of the node's address `NODE`, masqueraded to `BACKEND`.
+/// `NODE_PORT` (TCP and UDP) of the node's addresses `NODE` and `NODE6`, masqueraded to
+/// `BACKEND` and `BACKEND6`.
 struct Fixture {
     pins: PathBuf,
     datapath: Datapath,
@@ -94,21 +97,26 @@ impl Fixture {
                 desired.insert(ServiceKey::new(vip, port, proto), service);
             }
         }
-        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
-            let service = DesiredService {
-                name: format!("test/node-port:{proto}"),
-                frontend: Frontend::NodePort,
-                masquerade: true,
-                backends: vec![Backend {
-                    addr: BACKEND.into(),
-                    port: BACKEND_PORT,
-                    proto,
-                    flags: 0,
-                }],
-                ..DesiredService::default()
-            };
-            let any = IpAddr::from(Ipv4Addr::UNSPECIFIED);
-            desired.insert(ServiceKey::new(any, NODE_PORT, proto), service);
+        let node_ports = [
+            (IpAddr::from(Ipv4Addr::UNSPECIFIED), IpAddr::from(BACKEND)),
+            (Ipv6Addr::UNSPECIFIED.into(), BACKEND6.into()),
+        ];
+        for (any, backend) in node_ports {
+            for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+                let service = DesiredService {
+                    name: format!("test/node-port:{proto}"),
+                    frontend: Frontend::NodePort,
+                    masquerade: true,
+                    backends: vec![Backend {
+                        addr: backend,
+                        port: BACKEND_PORT,
+                        proto,
+                        flags: 0,
+                    }],
+                    ..DesiredService::default()
+                };
+                desired.insert(ServiceKey::new(any, NODE_PORT, proto), service);
+            }
         }
         let maps = Maps::open(&fixture.pins).expect("opening the maps");
         let report = Reconciler::adopt(maps).unwrap().apply(&desired);
@@ -116,7 +124,7 @@ impl Fixture {
         NodeAddressing::new(
             proxy::node::NodeIps {
                 v4: Some(NODE.into()),
-                v6: None,
+                v6: Some(NODE6.into()),
             },
             &[],
             SNAT_PORT_MIN..=SNAT_PORT_MAX,
@@ -592,26 +600,22 @@ impl Fuzzed {
         }
     }
 
-    /// A client outside the cluster's first packets to the node port: masqueraded, and
-    /// routed by the datapath itself (`routed_namespace`).
-    fn node_port() -> Fuzzed {
-        let ipv4 = Fuzzed::ipv4(Direction::Requests);
-        // Their fields are the ClusterIP seeds'.
-        let like = &ipv4.seeds[0];
+    /// A client outside the cluster's packets to the node port, `frames` (each after the
+    /// packet that opens its flow, if any), judged and mutated as `family`'s first packets
+    /// (its first seed's fields): masqueraded, and routed by the datapath itself
+    /// (`routed_namespace`).
+    fn node_port(family: Fuzzed, frames: [Framed; 4]) -> Fuzzed {
+        let like = &family.seeds[0];
         let (fields, protocols) = (like.fields.clone(), like.protocols.clone());
-        let seed = |frame| Seed {
+        let seeds = frames.map(|(frame, opened_by)| Seed {
             frame,
-            opened_by: None,
+            opened_by,
             fields: fields.clone(),
             protocols: protocols.clone(),
-        };
-        let (client, node_port) = ((EXTERNAL, 40000), (NODE, NODE_PORT));
+        });
         Fuzzed {
-            seeds: vec![
-                seed(tcp(client, node_port, SYN)),
-                seed(udp(client, node_port)),
-            ],
-            ..ipv4
+            seeds: seeds.into(),
+            ..family
         }
     }
 
@@ -833,40 +837,36 @@ fn mutated_ipv6_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
 
 /// Makes this thread's network namespace one of its own (it goes with the thread), in
 /// which the FIB lookups of masqueraded flows find a route: the node's address
-/// on one end of a veth pair, forwarding on, the pods' network behind a neighbour there.
+/// on one end of a veth pair, forwarding on, the backend behind a neighbour there.
 /// Nothing is sent: `BPF_PROG_TEST_RUN` returns a redirect without making it.
 fn routed_namespace() {
     // SAFETY: unsharing the network namespace affects this thread alone.
     let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(unshared, 0, "unshare: {}", std::io::Error::last_os_error());
     // Per namespace: this thread's, as it writes.
-    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").unwrap();
-    let node = format!("{}/24", Ipv4Addr::from(NODE));
-    let commands: [&[&str]; 6] = [
-        &[
-            "link", "add", "node0", "type", "veth", "peer", "name", "node1",
-        ],
-        &["addr", "add", &node, "dev", "node0"],
-        &["link", "set", "node0", "up"],
-        &["link", "set", "node1", "up"],
-        &[
-            "neigh",
-            "add",
-            "192.168.1.2",
-            "lladdr",
-            "02:00:00:00:00:02",
-            "dev",
-            "node0",
-        ],
-        &["route", "add", "10.244.0.0/16", "via", "192.168.1.2"],
+    for family in ["ipv4", "ipv6"] {
+        std::fs::write(format!("/proc/sys/net/{family}/conf/all/forwarding"), "1").unwrap();
+    }
+    let (node, node6) = (Ipv4Addr::from(NODE), Ipv6Addr::from(NODE6));
+    let (backend, backend6) = (Ipv4Addr::from(BACKEND), Ipv6Addr::from(BACKEND6));
+    let commands = [
+        "link add node0 type veth peer name node1".to_owned(),
+        format!("addr add {node}/24 dev node0"),
+        format!("-6 addr add {node6}/64 dev node0 nodad"),
+        "link set node0 up".to_owned(),
+        "link set node1 up".to_owned(),
+        "neigh add 192.168.1.2 lladdr 02:00:00:00:00:02 dev node0".to_owned(),
+        "-6 neigh add fd00:1::2 lladdr 02:00:00:00:00:02 dev node0".to_owned(),
+        format!("route add {backend}/32 via 192.168.1.2"),
+        format!("-6 route add {backend6}/128 via fd00:1::2"),
     ];
-    for args in commands {
+    for command in commands {
         // A child of this thread, in its namespace.
         let out = std::process::Command::new("ip")
-            .args(args)
+            .args(command.split(' '))
             .output()
             .unwrap();
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        assert!(out.status.success(), "ip {command}: {out:?}");
     }
 }
 
@@ -877,16 +877,47 @@ fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage
     let run = std::thread::spawn(|| {
         routed_namespace();
         let mut fx = Fixture::new();
+        // First packets, and later ones of a flow the first opened (XDP forwards IPv6's
+        // tracked flows only).
+        let (client, client6) = ((EXTERNAL, 40000), (EXTERNAL6, 40000));
+        let (node_port, node_port6) = ((NODE, NODE_PORT), (NODE6, NODE_PORT));
+        let (syn, datagram) = (tcp(client, node_port, SYN), udp(client, node_port));
+        let (syn6, datagram6) = (
+            tcp6(&[], client6, node_port6, SYN),
+            udp6(&[], client6, node_port6),
+        );
         for hook in [Hook::TcIngress, Hook::Xdp] {
-            let (malformed, translated) = fuzz(&mut fx, hook, &Fuzzed::node_port(), 6_000);
-            assert!(
-                malformed > 2_500,
-                "{hook:?}: {malformed} of the inputs were malformed"
-            );
-            assert!(
-                translated > 250,
-                "{hook:?}: {translated} inputs were translated"
-            );
+            let families = [
+                Fuzzed::node_port(
+                    Fuzzed::ipv4(Direction::Requests),
+                    [
+                        (syn.clone(), None),
+                        (datagram.clone(), None),
+                        (tcp(client, node_port, ACK), Some(syn.clone())),
+                        (datagram.clone(), Some(datagram.clone())),
+                    ],
+                ),
+                Fuzzed::node_port(
+                    Fuzzed::ipv6(Direction::Requests),
+                    [
+                        (syn6.clone(), None),
+                        (datagram6.clone(), None),
+                        (tcp6(&[], client6, node_port6, ACK), Some(syn6.clone())),
+                        (datagram6.clone(), Some(datagram6.clone())),
+                    ],
+                ),
+            ];
+            for family in families {
+                let (malformed, translated) = fuzz(&mut fx, hook, &family, 6_000);
+                assert!(
+                    malformed > 2_500,
+                    "{hook:?}: {malformed} of the inputs were malformed"
+                );
+                assert!(
+                    translated > 150,
+                    "{hook:?}: {translated} inputs were translated"
+                );
+            }
         }
     });
     run.join().expect("the node port fuzz");
