@@ -161,6 +161,23 @@ fn partner<A: Family>(
     (other.peer(unsafe { &*ptr }) == *key).then_some((other, ptr))
 }
 
+/// Retires the flow that the packet translated by `t` has just recorded (its first: `t`
+/// counts a new connection), when the packet cannot go on (no route, its TTL run out, too
+/// large for the next hop), as Linux frees the unconfirmed entry of a packet it drops: no
+/// state for it, and its masquerade port free at once rather than held by the GC's timeout
+/// (a traceroute, or a route gone, would claim one per packet).
+#[inline(always)]
+pub fn forget_new<A: Family>(key: &CtKeyOf<A>, t: &Translation<A>) {
+    if t.counters.conns == 0 {
+        return;
+    }
+    if let Some(entry) = A::ct_get_ptr_mut(key) {
+        // SAFETY: LRU values stay valid during the program's run; only read here.
+        ct::remove(&key.peer(unsafe { &*entry }));
+    }
+    ct::remove(key);
+}
+
 /// Marks an entry as seen now, to `LAST_SEEN_GRANULARITY_NS`.
 #[inline(always)]
 fn touch<A>(entry: &mut CtEntryOf<A>, now: u64) {

@@ -397,7 +397,8 @@ trait Routing: Family {
     /// the answer a router gives, quoting it as the client sent it — time exceeded when its
     /// TTL (hop limit) runs out here (traceroute through a masqueraded node port),
     /// fragmentation needed when it is larger than the next hop's MTU and may not be
-    /// fragmented (path MTU discovery) — or the drop of one without a route.
+    /// fragmented (path MTU discovery) — or the drop of one without a route. A flow the
+    /// packet has just opened is forgotten then (`nat::forget_new`).
     fn next_hop(
         ctx: &TcContext,
         flow: &FlowOf<Self>,
@@ -414,21 +415,11 @@ impl Routing for [u8; 4] {
     type Hop = NextHop;
     #[inline(always)]
     fn next_hop(ctx: &TcContext, flow: &Flow, t: &Translation) -> Result<NextHop, i32> {
-        let ttl = ctx.read::<u8>(Self::TTL_OFF).ok_or(TC_ACT_SHOT)?;
-        if ttl <= 1 {
-            return Err(flow
-                .answer(ctx, ICMP_TIME_EXCEEDED, 0)
-                .unwrap_or(TC_ACT_SHOT));
+        let hop = next_hop4(ctx, flow, t);
+        if hop.is_err() {
+            nat::forget_new(&flow.key, t);
         }
-        let (src, dst) = t.ends(&flow.key);
-        let proto = flow.key.proto;
-        match route::lookup_tc(ctx, proto, (src, dst), segment_len(ctx, flow)) {
-            Ok(hop) => Ok(hop),
-            Err(Unroutable::TooBig { mtu }) if dont_fragment(ctx) => {
-                Err(frag_needed(ctx, flow, mtu))
-            }
-            Err(_) => Err(route::no_route(src, dst, proto, t.service_id)),
-        }
+        hop
     }
     #[inline(always)]
     fn send(ctx: &TcContext, hop: NextHop, proto: u8, service_id: u32) -> i32 {
@@ -437,6 +428,24 @@ impl Routing for [u8; 4] {
     #[inline(always)]
     fn route(ctx: &TcContext, proto: u8, service_id: u32) -> i32 {
         route::forward::<Self>(ctx, proto, service_id).unwrap_or(TC_ACT_SHOT)
+    }
+}
+
+/// `Routing::next_hop` of an IPv4 packet.
+#[inline(always)]
+fn next_hop4(ctx: &TcContext, flow: &Flow, t: &Translation) -> Result<NextHop, i32> {
+    let ttl = ctx.read::<u8>(<[u8; 4]>::TTL_OFF).ok_or(TC_ACT_SHOT)?;
+    if ttl <= 1 {
+        return Err(flow
+            .answer(ctx, ICMP_TIME_EXCEEDED, 0)
+            .unwrap_or(TC_ACT_SHOT));
+    }
+    let (src, dst) = t.ends(&flow.key);
+    let proto = flow.key.proto;
+    match route::lookup_tc(ctx, proto, (src, dst), segment_len(ctx, flow)) {
+        Ok(hop) => Ok(hop),
+        Err(Unroutable::TooBig { mtu }) if dont_fragment(ctx) => Err(frag_needed(ctx, flow, mtu)),
+        Err(_) => Err(route::no_route(src, dst, proto, t.service_id)),
     }
 }
 
@@ -485,7 +494,10 @@ impl Routing for [u8; 16] {
     fn next_hop(ctx: &TcContext, flow: &Flow6, t: &Translation<Self>) -> Result<Self::Hop, i32> {
         match ctx.read::<u8>(Self::TTL_OFF) {
             Some(hop_limit) if hop_limit > 1 => {}
-            Some(_) => return Err(HOP_LIMIT_EXPIRED),
+            Some(_) => {
+                nat::forget_new(&flow.key, t);
+                return Err(HOP_LIMIT_EXPIRED);
+            }
             None => return Err(TC_ACT_SHOT),
         }
         let Some(routed) = to_route6() else {
@@ -538,8 +550,13 @@ fn next_hop6(ctx: &TcContext) -> i32 {
             routed.hop = hop;
             SEND
         }
-        Err(Unroutable::TooBig { mtu }) => TOO_BIG + i32::from(mtu),
-        Err(Unroutable::NoRoute) => route::no_route(src, dst, proto, t.service_id),
+        Err(unroutable) => {
+            nat::forget_new(&flow.key, t);
+            match unroutable {
+                Unroutable::TooBig { mtu } => TOO_BIG + i32::from(mtu),
+                Unroutable::NoRoute => route::no_route(src, dst, proto, t.service_id),
+            }
+        }
     }
 }
 

@@ -45,11 +45,18 @@ fn xdp4(ctx: &XdpContext) -> u32 {
     match verdict.action {
         Action::Translate => {
             let t = &verdict.translation;
-            let forwarded = match t.route {
-                true => next_hop(ctx, &flow, t).map(|hop| send(ctx, &flow, t, hop)),
-                false => None,
-            };
-            forwarded.unwrap_or_else(|| pass_to_tc(t))
+            if !t.route {
+                return pass_to_tc(t);
+            }
+            match next_hop(ctx, &flow, t) {
+                Some(hop) => send(ctx, &flow, t, hop),
+                // tc answers the packet, or sends it while the neighbour is unresolved: as
+                // a new flow again if it opened one here, which tc records and counts then.
+                None => {
+                    nat::forget_new(&flow.key, t);
+                    XDP_PASS
+                }
+            }
         }
         Action::Drop => {
             lb::count_drop(Dropped::packet(

@@ -322,6 +322,14 @@ fn well_formed(f: &[u8]) -> Judged {
     upper_layer(f[23], &f[14 + ihl..14 + total], f[20] & 0x20 != 0)
 }
 
+/// Gives an IPv4 frame's header a valid checksum again.
+fn seal(f: &mut [u8]) {
+    let ihl = (usize::from(f[14] & 0x0f) * 4).clamp(20, f.len() - 14);
+    f[24..26].fill(0);
+    let csum = !fold(sum(&f[14..14 + ihl]));
+    f[24..26].copy_from_slice(&csum.to_be_bytes());
+}
+
 /// The judge of a packet's upper layer `l4` of protocol `proto`, to the packet's end: a TCP
 /// header with a data offset of 5 to its length, or a UDP header whose length is at least
 /// 8 and, unless the packet is a first fragment (more follow), at most its length.
@@ -591,12 +599,7 @@ impl Fuzzed {
             ],
             judge: well_formed,
             checksums_hold,
-            seal: Some(|f| {
-                let ihl = (usize::from(f[14] & 0x0f) * 4).clamp(20, f.len() - 14);
-                f[24..26].fill(0);
-                let csum = !fold(sum(&f[14..14 + ihl]));
-                f[24..26].copy_from_slice(&csum.to_be_bytes());
-            }),
+            seal: Some(seal),
         }
     }
 
@@ -861,13 +864,18 @@ fn routed_namespace() {
         format!("-6 route add {backend6}/128 via fd00:1::2"),
     ];
     for command in commands {
-        // A child of this thread, in its namespace.
-        let out = std::process::Command::new("ip")
-            .args(command.split(' '))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip {command}: {out:?}");
+        ip(&command);
     }
+}
+
+/// Runs `ip` with `command`'s words, in this thread's network namespace (a child inherits
+/// the thread's).
+fn ip(command: &str) {
+    let out = std::process::Command::new("ip")
+        .args(command.split(' '))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip {command}: {out:?}");
 }
 
 /// Masqueraded flows, which the datapath translates and routes itself (tc ingress, and
@@ -921,6 +929,49 @@ fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage
         }
     });
     run.join().expect("the node port fuzz");
+}
+
+/// A masqueraded flow's first packet that cannot go on — its TTL (hop limit) run out here,
+/// or no route to the backend — is answered or dropped by tc and left to tc by XDP, and
+/// leaves no entry (nor a masquerade port held); on a thread of its own, as the fuzz above.
+#[test]
+fn a_first_packet_that_cannot_go_on_leaves_no_state() {
+    const TC_ACT_SHOT: u32 = 2;
+    const TC_ACT_REDIRECT: u32 = 7;
+    let run = std::thread::spawn(|| {
+        routed_namespace();
+        let mut fx = Fixture::new();
+        let syn = tcp((EXTERNAL, 40000), (NODE, NODE_PORT), SYN);
+        let syn6 = tcp6(&[], (EXTERNAL6, 40000), (NODE6, NODE_PORT), SYN);
+        let (mut expiring, mut expiring6) = (syn.clone(), syn6.clone());
+        expiring[22] = 1;
+        seal(&mut expiring);
+        expiring6[21] = 1;
+        let check = |fx: &mut Fixture, frame: &[u8], verdict: u32, what: &str| {
+            assert_eq!(fx.ingress(frame).0, verdict, "tc: {what}");
+            assert_eq!(fx.conntrack_entries(), 0, "tc: {what}: no entry");
+            assert_eq!(fx.xdp(frame), (XDP_PASS, frame.to_vec()), "XDP: {what}");
+            assert_eq!(fx.conntrack_entries(), 0, "XDP: {what}: no entry");
+        };
+        for frame in [&expiring, &expiring6] {
+            check(
+                &mut fx,
+                frame,
+                TC_ACT_REDIRECT,
+                "time exceeded back to the client",
+            );
+        }
+        // With a route, the flow is recorded.
+        assert_eq!(fx.ingress(&syn).0, TC_ACT_REDIRECT, "sent to the backend");
+        assert_eq!(fx.conntrack_entries(), 2, "forward and reply entries");
+        fx.clear_conntrack();
+        ip(&format!("route del {}/32", Ipv4Addr::from(BACKEND)));
+        ip(&format!("-6 route del {}/128", Ipv6Addr::from(BACKEND6)));
+        for frame in [&syn, &syn6] {
+            check(&mut fx, frame, TC_ACT_SHOT, "no route to the backend");
+        }
+    });
+    run.join().expect("the test's thread");
 }
 
 /// XDP leaves the ClusterIPs' flows to tc (it finishes only masqueraded flows, which it
