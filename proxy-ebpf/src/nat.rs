@@ -171,9 +171,11 @@ pub fn forget_new<A: Family>(key: &CtKeyOf<A>, t: &Translation<A>) {
     if t.counters.conns == 0 {
         return;
     }
-    if let Some(entry) = A::ct_get_ptr_mut(key) {
+    if let Some(entry) = A::ct_get_ptr_mut(key)
         // SAFETY: LRU values stay valid during the program's run; only read here.
-        ct::remove(&key.peer(unsafe { &*entry }));
+        && let Some((reply, _)) = partner(key, unsafe { &*entry })
+    {
+        ct::remove(&reply);
     }
     ct::remove(key);
 }

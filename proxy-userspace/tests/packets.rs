@@ -878,45 +878,54 @@ fn ip(command: &str) {
     assert!(out.status.success(), "ip {command}: {out:?}");
 }
 
-/// Masqueraded flows, which the datapath translates and routes itself (tc ingress, and
-/// XDP on its own); on a thread of its own, whose network namespace goes with it.
-#[test]
-fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
+/// Runs `test` with a fixture on a thread of its own whose network namespace is its own
+/// (`routed_namespace`), and goes with it.
+fn in_routed_namespace(test: impl FnOnce(&mut Fixture) + Send + 'static) {
     let run = std::thread::spawn(|| {
         routed_namespace();
-        let mut fx = Fixture::new();
+        test(&mut Fixture::new());
+    });
+    run.join().expect("the test's thread");
+}
+
+/// Masqueraded flows, which the datapath translates and routes itself (tc ingress, and
+/// XDP on its own).
+#[test]
+fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
+    in_routed_namespace(|fx| {
         // First packets, and later ones of a flow the first opened (XDP forwards IPv6's
         // tracked flows only).
+        let frames = |syn: Vec<u8>, ack, datagram: Vec<u8>| {
+            [
+                (syn.clone(), None),
+                (datagram.clone(), None),
+                (ack, Some(syn)),
+                (datagram.clone(), Some(datagram)),
+            ]
+        };
         let (client, client6) = ((EXTERNAL, 40000), (EXTERNAL6, 40000));
         let (node_port, node_port6) = ((NODE, NODE_PORT), (NODE6, NODE_PORT));
-        let (syn, datagram) = (tcp(client, node_port, SYN), udp(client, node_port));
-        let (syn6, datagram6) = (
-            tcp6(&[], client6, node_port6, SYN),
-            udp6(&[], client6, node_port6),
-        );
         for hook in [Hook::TcIngress, Hook::Xdp] {
             let families = [
                 Fuzzed::node_port(
                     Fuzzed::ipv4(Direction::Requests),
-                    [
-                        (syn.clone(), None),
-                        (datagram.clone(), None),
-                        (tcp(client, node_port, ACK), Some(syn.clone())),
-                        (datagram.clone(), Some(datagram.clone())),
-                    ],
+                    frames(
+                        tcp(client, node_port, SYN),
+                        tcp(client, node_port, ACK),
+                        udp(client, node_port),
+                    ),
                 ),
                 Fuzzed::node_port(
                     Fuzzed::ipv6(Direction::Requests),
-                    [
-                        (syn6.clone(), None),
-                        (datagram6.clone(), None),
-                        (tcp6(&[], client6, node_port6, ACK), Some(syn6.clone())),
-                        (datagram6.clone(), Some(datagram6.clone())),
-                    ],
+                    frames(
+                        tcp6(&[], client6, node_port6, SYN),
+                        tcp6(&[], client6, node_port6, ACK),
+                        udp6(&[], client6, node_port6),
+                    ),
                 ),
             ];
             for family in families {
-                let (malformed, translated) = fuzz(&mut fx, hook, &family, 6_000);
+                let (malformed, translated) = fuzz(fx, hook, &family, 6_000);
                 assert!(
                     malformed > 2_500,
                     "{hook:?}: {malformed} of the inputs were malformed"
@@ -928,19 +937,16 @@ fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage
             }
         }
     });
-    run.join().expect("the node port fuzz");
 }
 
 /// A masqueraded flow's first packet that cannot go on — its TTL (hop limit) run out here,
 /// or no route to the backend — is answered or dropped by tc and left to tc by XDP, and
-/// leaves no entry (nor a masquerade port held); on a thread of its own, as the fuzz above.
+/// leaves no entry (nor a masquerade port held).
 #[test]
 fn a_first_packet_that_cannot_go_on_leaves_no_state() {
     const TC_ACT_SHOT: u32 = 2;
     const TC_ACT_REDIRECT: u32 = 7;
-    let run = std::thread::spawn(|| {
-        routed_namespace();
-        let mut fx = Fixture::new();
+    in_routed_namespace(|fx| {
         let syn = tcp((EXTERNAL, 40000), (NODE, NODE_PORT), SYN);
         let syn6 = tcp6(&[], (EXTERNAL6, 40000), (NODE6, NODE_PORT), SYN);
         let (mut expiring, mut expiring6) = (syn.clone(), syn6.clone());
@@ -955,7 +961,7 @@ fn a_first_packet_that_cannot_go_on_leaves_no_state() {
         };
         for frame in [&expiring, &expiring6] {
             check(
-                &mut fx,
+                fx,
                 frame,
                 TC_ACT_REDIRECT,
                 "time exceeded back to the client",
@@ -968,10 +974,9 @@ fn a_first_packet_that_cannot_go_on_leaves_no_state() {
         ip(&format!("route del {}/32", Ipv4Addr::from(BACKEND)));
         ip(&format!("-6 route del {}/128", Ipv6Addr::from(BACKEND6)));
         for frame in [&syn, &syn6] {
-            check(&mut fx, frame, TC_ACT_SHOT, "no route to the backend");
+            check(fx, frame, TC_ACT_SHOT, "no route to the backend");
         }
     });
-    run.join().expect("the test's thread");
 }
 
 /// XDP leaves the ClusterIPs' flows to tc (it finishes only masqueraded flows, which it
