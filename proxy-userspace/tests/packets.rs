@@ -495,11 +495,31 @@ impl Rng {
 /// at besides any byte: lengths, fragment fields, and the protocol (next header) fields,
 /// which they also set to the protocols the datapath parses.
 struct Seed {
-    frame: Vec<u8>,
+    frame: SeedFrame,
     /// The packet that opens the flow a reply is of, run through tc ingress before it.
     opened_by: Option<Vec<u8>>,
     fields: Vec<usize>,
     protocols: Vec<usize>,
+}
+
+/// A seed's frame: as it is, or made from what the packet that opens its flow came out as
+/// (a masqueraded flow's source port is chosen at run time): a reply to it, an ICMP error
+/// quoting it.
+enum SeedFrame {
+    Fixed(Vec<u8>),
+    Answering(FromSent),
+}
+
+/// Makes a frame from another as it was sent on.
+type FromSent = fn(&[u8]) -> Vec<u8>;
+
+/// A node port seed of the second kind: the packet that opens the flow, and how its answer
+/// is made of what that came out as.
+struct Answer {
+    opened_by: Vec<u8>,
+    make: FromSent,
+    /// An ICMP error (mutated in an error's fields), not a packet of the flow.
+    error: bool,
 }
 
 /// Which packets of their flows the seeds are.
@@ -529,7 +549,7 @@ impl Direction {
             Direction::Replies => leaving,
         };
         Seed {
-            frame,
+            frame: SeedFrame::Fixed(frame),
             opened_by,
             fields,
             protocols,
@@ -604,20 +624,31 @@ impl Fuzzed {
     }
 
     /// A client outside the cluster's packets to the node port, `frames` (each after the
-    /// packet that opens its flow, if any), judged and mutated as `family`'s first packets
-    /// (its first seed's fields): masqueraded, and routed by the datapath itself
-    /// (`routed_namespace`).
-    fn node_port(family: Fuzzed, frames: [Framed; 4]) -> Fuzzed {
-        let like = &family.seeds[0];
-        let (fields, protocols) = (like.fields.clone(), like.protocols.clone());
-        let seeds = frames.map(|(frame, opened_by)| Seed {
-            frame,
+    /// packet that opens its flow, if any), and the `answers` that arrive for it from the
+    /// backend's side: masqueraded, and routed by the datapath itself (`routed_namespace`).
+    /// Judged as `family`'s, mutated as its first packets (its first seed's fields) and, for
+    /// ICMP errors, as its error (its last seed's).
+    fn node_port(family: Fuzzed, frames: [Framed; 4], answers: [Answer; 3]) -> Fuzzed {
+        let fields_of = |seed: &Seed| (seed.fields.clone(), seed.protocols.clone());
+        let packet = fields_of(&family.seeds[0]);
+        let error = fields_of(family.seeds.last().expect("the family's error seed"));
+        let packets = frames.map(|(frame, opened_by)| Seed {
+            frame: SeedFrame::Fixed(frame),
             opened_by,
-            fields: fields.clone(),
-            protocols: protocols.clone(),
+            fields: packet.0.clone(),
+            protocols: packet.1.clone(),
+        });
+        let answers = answers.map(|answer| {
+            let (fields, protocols) = if answer.error { &error } else { &packet }.clone();
+            Seed {
+                frame: SeedFrame::Answering(answer.make),
+                opened_by: Some(answer.opened_by),
+                fields,
+                protocols,
+            }
         });
         Fuzzed {
-            seeds: seeds.into(),
+            seeds: packets.into_iter().chain(answers).collect(),
             ..family
         }
     }
@@ -700,11 +731,11 @@ impl Fuzzed {
         59, // No next header.
     ];
 
-    /// `seed` with one to three mutations: a byte anywhere after the Ethernet header, a
-    /// header field, a protocol field, the frame cut short (not below its IP header:
-    /// `BPF_PROG_TEST_RUN` refuses those); mostly sealed.
-    fn mutated(&self, rng: &mut Rng, seed: &Seed) -> Vec<u8> {
-        let mut f = seed.frame.clone();
+    /// `seed`'s `frame` with one to three mutations: a byte anywhere after the Ethernet
+    /// header, a header field, a protocol field, the frame cut short (not below its IP
+    /// header: `BPF_PROG_TEST_RUN` refuses those); mostly sealed.
+    fn mutated(&self, rng: &mut Rng, seed: &Seed, frame: &[u8]) -> Vec<u8> {
+        let mut f = frame.to_vec();
         let ip_end = if f[12..14] == [0x86, 0xdd] { 54 } else { 34 };
         for _ in 0..1 + rng.below(3) {
             match rng.below(4) {
@@ -747,17 +778,19 @@ enum Hook {
 /// Runs `runs` mutated frames of `family`'s seeds, in turn, through `hook`: a malformed
 /// frame is left to the kernel untouched, no frame but a TCP or UDP packet adds a conntrack
 /// entry, and a translated frame whose checksums held still holds them. Returns how many
-/// frames were malformed and how many translated.
-fn fuzz(fx: &mut Fixture, hook: Hook, family: &Fuzzed, runs: usize) -> (usize, usize) {
+/// frames were malformed, and how many of each seed's were translated.
+fn fuzz(fx: &mut Fixture, hook: Hook, family: &Fuzzed, runs: usize) -> (usize, Vec<usize>) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let (mut malformed, mut translated) = (0, 0);
+    let (mut malformed, mut translated) = (0, vec![0; family.seeds.len()]);
     for i in 0..runs {
         let seed = &family.seeds[i % family.seeds.len()];
-        if let Some(request) = &seed.opened_by {
-            fx.ingress(request);
-        }
+        let opened = seed.opened_by.as_ref().map(|request| fx.ingress(request).1);
+        let frame = match &seed.frame {
+            SeedFrame::Fixed(frame) => frame.clone(),
+            SeedFrame::Answering(answer) => answer(opened.as_deref().expect("an opened flow")),
+        };
         let before = fx.conntrack_entries();
-        let f = family.mutated(&mut rng, seed);
+        let f = family.mutated(&mut rng, seed, &frame);
         let (verdict, out) = match hook {
             Hook::TcIngress => fx.ingress(&f),
             Hook::TcEgress => fx.egress(&f),
@@ -795,7 +828,7 @@ fn fuzz(fx: &mut Fixture, hook: Hook, family: &Fuzzed, runs: usize) -> (usize, u
                     assert_eq!(left, before, "{hook:?}: input {i} {f:02x?} started a flow");
                 }
                 if out != f {
-                    translated += 1;
+                    translated[i % family.seeds.len()] += 1;
                     assert!(
                         !(family.checksums_hold)(&f) || (family.checksums_hold)(&out),
                         "{hook:?}: input {i} {f:02x?} came out with a broken checksum: {out:02x?}"
@@ -817,6 +850,7 @@ fn fuzz_tc(family: fn(Direction) -> Fuzzed) {
     ];
     for (hook, direction) in hooks {
         let (malformed, translated) = fuzz(&mut fx, hook, &family(direction), 12_000);
+        let translated: usize = translated.iter().sum();
         assert!(
             malformed > 5_000,
             "{hook:?}: {malformed} of the inputs were malformed"
@@ -840,7 +874,8 @@ fn mutated_ipv6_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
 
 /// Makes this thread's network namespace one of its own (it goes with the thread), in
 /// which the FIB lookups of masqueraded flows find a route: the node's address
-/// on one end of a veth pair, forwarding on, the backend behind a neighbour there.
+/// on one end of a veth pair, forwarding on, the backend and the client behind a neighbour
+/// there.
 /// Nothing is sent: `BPF_PROG_TEST_RUN` returns a redirect without making it.
 fn routed_namespace() {
     // SAFETY: unsharing the network namespace affects this thread alone.
@@ -852,6 +887,7 @@ fn routed_namespace() {
     }
     let (node, node6) = (Ipv4Addr::from(NODE), Ipv6Addr::from(NODE6));
     let (backend, backend6) = (Ipv4Addr::from(BACKEND), Ipv6Addr::from(BACKEND6));
+    let (external, external6) = (Ipv4Addr::from(EXTERNAL), Ipv6Addr::from(EXTERNAL6));
     let commands = [
         "link add node0 type veth peer name node1".to_owned(),
         format!("addr add {node}/24 dev node0"),
@@ -862,6 +898,9 @@ fn routed_namespace() {
         "-6 neigh add fd00:1::2 lladdr 02:00:00:00:00:02 dev node0".to_owned(),
         format!("route add {backend}/32 via 192.168.1.2"),
         format!("-6 route add {backend6}/128 via fd00:1::2"),
+        // The way back to the client, for the replies.
+        format!("route add {external}/32 via 192.168.1.2"),
+        format!("-6 route add {external6}/128 via fd00:1::2"),
     ];
     for command in commands {
         ip(&command);
@@ -894,7 +933,8 @@ fn in_routed_namespace(test: impl FnOnce(&mut Fixture) + Send + 'static) {
 fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
     in_routed_namespace(|fx| {
         // First packets, and later ones of a flow the first opened (XDP forwards IPv6's
-        // tracked flows only).
+        // tracked flows only); then the backend's replies, and an ICMP error from its side
+        // (left to tc by XDP).
         let frames = |syn: Vec<u8>, ack, datagram: Vec<u8>| {
             [
                 (syn.clone(), None),
@@ -902,6 +942,21 @@ fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage
                 (ack, Some(syn)),
                 (datagram.clone(), Some(datagram)),
             ]
+        };
+        // The backend's answers to a segment and to a datagram as sent on: a reply to each,
+        // an ICMP error about the datagram.
+        let answers = |segment: Vec<u8>, datagram: Vec<u8>, make: [FromSent; 3]| {
+            let [segment_reply, datagram_reply, error] = make;
+            [
+                (segment, segment_reply, false),
+                (datagram.clone(), datagram_reply, false),
+                (datagram, error, true),
+            ]
+            .map(|(opened_by, make, error)| Answer {
+                opened_by,
+                make,
+                error,
+            })
         };
         let (client, client6) = ((EXTERNAL, 40000), (EXTERNAL6, 40000));
         let (node_port, node_port6) = ((NODE, NODE_PORT), (NODE6, NODE_PORT));
@@ -914,6 +969,16 @@ fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage
                         tcp(client, node_port, ACK),
                         udp(client, node_port),
                     ),
+                    answers(
+                        tcp(client, node_port, SYN),
+                        udp(client, node_port),
+                        [
+                            |sent| tcp(ends(sent).1, ends(sent).0, SYN | ACK),
+                            |sent| udp(ends(sent).1, ends(sent).0),
+                            // Fragmentation needed, from the backend.
+                            |sent| icmp_error(3, 4, BACKEND, NODE, sent),
+                        ],
+                    ),
                 ),
                 Fuzzed::node_port(
                     Fuzzed::ipv6(Direction::Requests),
@@ -921,6 +986,22 @@ fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage
                         tcp6(&[], client6, node_port6, SYN),
                         tcp6(&[], client6, node_port6, ACK),
                         udp6(&[], client6, node_port6),
+                    ),
+                    answers(
+                        tcp6(&[], client6, node_port6, SYN),
+                        udp6(&[], client6, node_port6),
+                        [
+                            |sent| {
+                                let (src, dst, _) = ends6(sent, 54);
+                                tcp6(&[], dst, src, SYN | ACK)
+                            },
+                            |sent| {
+                                let (src, dst, _) = ends6(sent, 54);
+                                udp6(&[], dst, src)
+                            },
+                            // Packet too big, from the backend.
+                            |sent| icmp6_error(2, 0, BACKEND6, NODE6, sent),
+                        ],
                     ),
                 ),
             ];
@@ -931,9 +1012,22 @@ fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage
                     "{hook:?}: {malformed} of the inputs were malformed"
                 );
                 assert!(
-                    translated > 150,
-                    "{hook:?}: {translated} inputs were translated"
+                    translated.iter().sum::<usize>() > 150,
+                    "{hook:?}: {translated:?} inputs of each seed were translated"
                 );
+                // The answers (the last seeds): the replies translated, and the ICMP error
+                // too, but by XDP, which leaves it to tc.
+                let &[.., segment_reply, datagram_reply, error] = translated.as_slice() else {
+                    panic!("the answers' seeds")
+                };
+                assert!(
+                    segment_reply > 30 && datagram_reply > 30,
+                    "{hook:?}: {translated:?} inputs of each seed were translated"
+                );
+                match hook {
+                    Hook::Xdp => assert_eq!(error, 0, "XDP leaves ICMP errors to tc"),
+                    _ => assert!(error > 30, "{hook:?}: {error} errors translated"),
+                }
             }
         }
     });
