@@ -910,9 +910,13 @@ fn main() -> anyhow::Result<()> {
          every run. \"Above\" is the difference from the empty program measured the same way; \
          first packets are measured around the stated conntrack fill, at most a quarter of the \
          map's capacity of them, so that no insert meets a full map (which evicts, and costs \
-         more).\n\n\
-         | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty) | established flow, single (ns; above empty) | first packet, single (ns; above empty; conntrack fill) | map memory (MiB; with 128 possible CPUs) | agent RSS (MiB) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         more). *After churn*: as many first packets again, of new clients, once the first ones' \
+         entries have been freed as the agent's GC frees expired flows (one at a time, in random \
+         order), at the same fill: new flows then take freed entries scattered over the map's \
+         memory, as in a map that has run for a while, where a fresh map hands out entries in \
+         the order they lie.\n\n\
+         | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty) | established flow, single (ns; above empty) | first packet, single (ns; above empty; conntrack fill) | first packet after churn, single (ns; above empty) | map memory (MiB; with 128 possible CPUs) | agent RSS (MiB) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         date.trim(),
         machine(),
         args.runs,
@@ -923,7 +927,7 @@ fn main() -> anyhow::Result<()> {
     );
     for (n, ((p, _), process, _, _)) in &rows {
         md += &format!(
-            "| {n} | {:.0} / {:.0} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}; {:.0}%) | {:.1} ({:.1}) | {:.1} |\n",
+            "| {n} | {:.0} / {:.0} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}; {:.0}%) | {:.0} ({:.0}) | {:.1} ({:.1}) | {:.1} |\n",
             p.repeat_baseline_ns,
             p.baseline_ns,
             p.repeat_hit_ns,
@@ -933,6 +937,8 @@ fn main() -> anyhow::Result<()> {
             p.miss_ns,
             p.miss_ns - p.baseline_ns,
             p.conntrack_fill * 100.0,
+            p.churned_miss_ns,
+            p.churned_miss_ns - p.baseline_ns,
             p.map_bytes.0 as f64 / (1 << 20) as f64,
             p.map_bytes.1 as f64 / (1 << 20) as f64,
             process.rss_bytes as f64 / (1 << 20) as f64,
@@ -942,8 +948,8 @@ fn main() -> anyhow::Result<()> {
         "\n**Per packet, IPv6**: the same measurements with IPv6 services, clients and conntrack \
          map (`conntrack6`, {} entries: {} first packets, around half of it). In brackets, the cost \
          above the empty program as a ratio to IPv4's in the table above (1.10x: 10% dearer).\n\n\
-         | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty; to IPv4) | established flow, single (ns; above empty; to IPv4) | first packet, single (ns; above empty; to IPv4; conntrack fill) |\n\
-         | ---: | ---: | ---: | ---: | ---: |\n",
+         | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty; to IPv4) | established flow, single (ns; above empty; to IPv4) | first packet, single (ns; above empty; to IPv4; conntrack fill) | first packet after churn, single (ns; above empty; to IPv4) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         maps::MAX_CONNTRACK6,
         first_packet_runs::<[u8; 16]>(args.runs),
     );
@@ -957,13 +963,14 @@ fn main() -> anyhow::Result<()> {
             )
         };
         md += &format!(
-            "| {n} | {:.0} / {:.0} | {} | {} | {}, {:.0}% |\n",
+            "| {n} | {:.0} / {:.0} | {} | {} | {}, {:.0}% | {} |\n",
             p6.repeat_baseline_ns,
             p6.baseline_ns,
             above(|p| (p.repeat_hit_ns, p.repeat_baseline_ns)),
             above(|p| (p.hit_ns, p.baseline_ns)),
             above(|p| (p.miss_ns, p.baseline_ns)),
             p6.conntrack_fill * 100.0,
+            above(|p| (p.churned_miss_ns, p.baseline_ns)),
         );
     }
     md += "\n**New connections end to end** to the last service (sequential TCP connect, one exchange, close; connections/s, median first-packet latency (connect), and the rate as a ratio of connecting to the pod directly; each data path from a client pod of its own). The last column is the tc programs' own cost on that real traffic, kernel-measured (`BPF_ENABLE_STATS`): mean ns per run, ingress and egress, over every packet of the tc path's run:\n\n\
@@ -1085,6 +1092,10 @@ fn main() -> anyhow::Result<()> {
             (
                 "first packet (single, half-full conntrack)",
                 column(&|r| Some(r.0.0.miss_ns)),
+            ),
+            (
+                "first packet after the GC's churn",
+                column(&|r| Some(r.0.0.churned_miss_ns)),
             ),
             (
                 "IPv6 established flow (repeat)",

@@ -26,7 +26,7 @@ use super::{PinDir, map_memory};
 
 /// An address family as the per-packet figures measure it: its addresses, the frames of
 /// its TCP segments, its conntrack map.
-pub trait Measured: Copy + Default + Into<IpAddr> + 'static {
+pub trait Measured: Copy + Default + Eq + std::hash::Hash + Into<IpAddr> + 'static {
     const LABEL: &'static str;
     const CONNTRACK: &'static str;
     const CONNTRACK_CAPACITY: u32;
@@ -215,6 +215,8 @@ fn repeat_ns(program: &SchedClassifier, repeat: u32, packet: &[u8]) -> anyhow::R
 pub struct Datapoint {
     pub baseline_ns: f64,
     pub miss_ns: f64,
+    /// First packets again after the GC freed the first ones' entries (`free_as_gc`).
+    pub churned_miss_ns: f64,
     pub hit_ns: f64,
     /// Repeat mode: the empty program and an established flow's packet.
     pub repeat_baseline_ns: f64,
@@ -226,10 +228,11 @@ pub struct Datapoint {
 }
 
 impl Datapoint {
-    pub fn figures(&self) -> [f64; 5] {
+    pub fn figures(&self) -> [f64; 6] {
         [
             self.baseline_ns,
             self.miss_ns,
+            self.churned_miss_ns,
             self.hit_ns,
             self.repeat_baseline_ns,
             self.repeat_hit_ns,
@@ -283,6 +286,10 @@ where
         proxy::maps::open(&pins.0, A::CONNTRACK)?;
     // The fill halfway through the runs.
     let middle = (start as u64 + proxy::map_batch::count(&conntrack)?) / 2;
+    // As in steady state: the flows end, the GC frees their entries, and new ones (the same
+    // number again, from new clients) take them, around the same fill.
+    free_as_gc::<A>(&mut conntrack, (0..first_runs).map(A::client), last)?;
+    let churned_miss_ns = mean_ns(ingress, first_runs, |i| syn(first_runs + i))?;
     // An established flow: its SYN made the entries, its segments hit them.
     let client = A::client(1 << 20);
     mean_ns(ingress, 1, |_| A::tcp_frame(client, last, SYN))?;
@@ -292,15 +299,7 @@ where
     // what any translation costs (the same lookups, stores and checksum updates), or a
     // little more: from an address change summing to zero, tc cannot tell a partial
     // checksum from a full one, so the ports' change takes the helper.
-    let key = CtKeyOf {
-        src: client,
-        dst: last,
-        sport: 40000,
-        dport: 80,
-        proto: 6,
-        pad: 0,
-        pad2: 0,
-    };
+    let key = forward_key(client, last);
     let entry = conntrack.get(&key, 0).context("the flow's forward entry")?;
     conntrack.insert(
         key,
@@ -315,12 +314,54 @@ where
     Ok(Datapoint {
         baseline_ns,
         miss_ns,
+        churned_miss_ns,
         hit_ns,
         repeat_baseline_ns,
         repeat_hit_ns,
         conntrack_fill: middle as f64 / capacity as f64,
         map_bytes: map_memory(&pins.0)?,
     })
+}
+
+/// The forward conntrack key of `client`'s TCP flow (`tcp_frame`) to `service`.
+fn forward_key<A: Measured>(client: A, service: A) -> CtKeyOf<A> {
+    CtKeyOf {
+        src: client,
+        dst: service,
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        pad: 0,
+        pad2: 0,
+    }
+}
+
+/// Removes the flows of `clients` to `service` (port 80) from the conntrack map as the
+/// agent's GC removes expired flows: both entries of each, one at a time, in the random order
+/// of a `std` hash map (`proxy::conntrack::collect_garbage`). The map's free entries are then
+/// scattered over its memory, as in a map that has run for a while, where a fresh one hands
+/// them out in the order they lie.
+fn free_as_gc<A: Measured>(
+    conntrack: &mut HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
+    clients: impl Iterator<Item = A>,
+    service: A,
+) -> anyhow::Result<()>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    let mut keys = std::collections::HashSet::new();
+    for client in clients {
+        let forward = forward_key(client, service);
+        let entry = conntrack
+            .get(&forward, 0)
+            .context("a first packet's forward entry")?;
+        keys.extend([forward, forward.peer(&entry)]);
+    }
+    for key in keys {
+        conntrack.remove(&key).context("freeing a flow's entry")?;
+    }
+    Ok(())
 }
 
 /// Fills family `A`'s conntrack map with `flows` established TCP entries (none expires
