@@ -1035,8 +1035,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     md += &format!(
-        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; round trips: the median of {} such windows; ratio to routing to the pod without NAT). The last column is the time all our packet programs ran (tc and XDP, kernel-measured) during the round trips, per round trip: the same work, a request and its answer translated and forwarded, done by tc or by XDP:\n\n\
-         | data path | new connections/s | median connect (µs) | failed connections | round trips/s on one connection | median round trip (µs) | our programs' kernel time per round trip (ns) |\n\
+        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; round trips: the median of {} such windows; ratio to routing to the pod without NAT). The last column is the time all our packet programs ran (tc and XDP, kernel-measured) during the round trips, per round trip: the same work, a request and its answer translated and forwarded, done by tc or by XDP; and how many program runs that was, on both nodes (each run carries the kernel's cost of calling a program and timing it, whatever the program does):\n\n\
+         | data path | new connections/s | median connect (µs) | failed connections | round trips/s on one connection | median round trip (µs) | our programs' kernel time per round trip (ns; program runs) |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         args.duration_ms,
         node_port::ROUND_TRIP_WINDOWS,
@@ -1054,8 +1054,12 @@ fn main() -> anyhow::Result<()> {
             f.round_trips.0,
             f.round_trips.0 / base.round_trips.0,
             f.round_trips.1,
-            f.datapath_ns_per_round_trip
-                .map_or("—".to_owned(), |ns| format!("{ns:.0}")),
+            f.datapath_per_round_trip
+                .as_ref()
+                .map_or("—".to_owned(), |p| format!(
+                    "{:.0} ({:.1} runs)",
+                    p.ns, p.runs
+                )),
         );
     }
     let font = std::fs::read(FONT).with_context(|| {

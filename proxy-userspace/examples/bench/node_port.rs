@@ -61,9 +61,14 @@ pub struct Figures {
     pub round_trips: (f64, f64),
     /// Connections that failed while measuring the connection rate.
     pub failed_connections: u64,
-    /// Our packet programs' kernel time per round trip (our paths only), the median of the
-    /// windows'.
-    pub datapath_ns_per_round_trip: Option<f64>,
+    /// Our packet programs per round trip (our paths only), each the median of the windows'.
+    pub datapath_per_round_trip: Option<ProgramTime>,
+}
+
+/// Our packet programs' kernel time and runs (each program's each run, on both nodes).
+pub struct ProgramTime {
+    pub ns: f64,
+    pub runs: f64,
 }
 
 /// A NodePort service on 30080 whose endpoint is `pod` on node-b.
@@ -209,13 +214,14 @@ fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow:
     let (connections, failed_connections) = measure(&world, "rate", &to, duration_ms)?;
     let mut windows = Vec::with_capacity(ROUND_TRIP_WINDOWS);
     for _ in 0..ROUND_TRIP_WINDOWS {
-        let ((round_trips, _), programs, _) =
+        let ((round_trips, _), programs, runs) =
             super::program_cost(|| measure(&world, "rr", &to, duration_ms))?;
         let count = round_trips.0 * duration_ms as f64 / 1000.0;
         windows.push([
             round_trips.0,
             round_trips.1,
             programs.as_nanos() as f64 / count,
+            runs as f64 / count,
         ]);
     }
     let median = |i: usize| super::median(windows.iter().map(|w| w[i]).collect());
@@ -223,6 +229,9 @@ fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow:
         connections,
         round_trips: (median(0), median(1)),
         failed_connections,
-        datapath_ns_per_round_trip: xdp.map(|_| median(2)),
+        datapath_per_round_trip: xdp.map(|_| ProgramTime {
+            ns: median(2),
+            runs: median(3),
+        }),
     })
 }
