@@ -932,77 +932,71 @@ fn in_routed_namespace(test: impl FnOnce(&mut Fixture) + Send + 'static) {
 #[test]
 fn mutated_node_port_packets_never_leave_a_broken_checksum_or_state_from_garbage() {
     in_routed_namespace(|fx| {
-        // First packets, and later ones of a flow the first opened (XDP forwards IPv6's
-        // tracked flows only); then the backend's replies, and an ICMP error from its side
-        // (left to tc by XDP).
-        let frames = |syn: Vec<u8>, ack, datagram: Vec<u8>| {
-            [
-                (syn.clone(), None),
-                (datagram.clone(), None),
-                (ack, Some(syn)),
-                (datagram.clone(), Some(datagram)),
-            ]
-        };
-        // The backend's answers to a segment and to a datagram as sent on: a reply to each,
-        // an ICMP error about the datagram.
-        let answers = |segment: Vec<u8>, datagram: Vec<u8>, make: [FromSent; 3]| {
+        // A family's seeds: first packets, and later ones of a flow the first opened (XDP
+        // forwards IPv6's tracked flows only); then the backend's answers, made from the
+        // segment and the datagram as sent on (`make`): a reply to each, and an ICMP error
+        // about the datagram (left to tc by XDP).
+        let seeds = |family, syn: Vec<u8>, ack, datagram: Vec<u8>, make: [FromSent; 3]| {
             let [segment_reply, datagram_reply, error] = make;
-            [
-                (segment, segment_reply, false),
-                (datagram.clone(), datagram_reply, false),
-                (datagram, error, true),
-            ]
-            .map(|(opened_by, make, error)| Answer {
+            let answer = |opened_by, make, error| Answer {
                 opened_by,
                 make,
                 error,
-            })
+            };
+            Fuzzed::node_port(
+                family,
+                [
+                    (syn.clone(), None),
+                    (datagram.clone(), None),
+                    (ack, Some(syn.clone())),
+                    (datagram.clone(), Some(datagram.clone())),
+                ],
+                [
+                    answer(syn, segment_reply, false),
+                    answer(datagram.clone(), datagram_reply, false),
+                    answer(datagram, error, true),
+                ],
+            )
         };
         let (client, client6) = ((EXTERNAL, 40000), (EXTERNAL6, 40000));
         let (node_port, node_port6) = ((NODE, NODE_PORT), (NODE6, NODE_PORT));
         for hook in [Hook::TcIngress, Hook::Xdp] {
             let families = [
-                Fuzzed::node_port(
+                seeds(
                     Fuzzed::ipv4(Direction::Requests),
-                    frames(
-                        tcp(client, node_port, SYN),
-                        tcp(client, node_port, ACK),
-                        udp(client, node_port),
-                    ),
-                    answers(
-                        tcp(client, node_port, SYN),
-                        udp(client, node_port),
-                        [
-                            |sent| tcp(ends(sent).1, ends(sent).0, SYN | ACK),
-                            |sent| udp(ends(sent).1, ends(sent).0),
-                            // Fragmentation needed, from the backend.
-                            |sent| icmp_error(3, 4, BACKEND, NODE, sent),
-                        ],
-                    ),
+                    tcp(client, node_port, SYN),
+                    tcp(client, node_port, ACK),
+                    udp(client, node_port),
+                    [
+                        |sent| {
+                            let (src, dst) = ends(sent);
+                            tcp(dst, src, SYN | ACK)
+                        },
+                        |sent| {
+                            let (src, dst) = ends(sent);
+                            udp(dst, src)
+                        },
+                        // Fragmentation needed, from the backend.
+                        |sent| icmp_error(3, 4, BACKEND, NODE, sent),
+                    ],
                 ),
-                Fuzzed::node_port(
+                seeds(
                     Fuzzed::ipv6(Direction::Requests),
-                    frames(
-                        tcp6(&[], client6, node_port6, SYN),
-                        tcp6(&[], client6, node_port6, ACK),
-                        udp6(&[], client6, node_port6),
-                    ),
-                    answers(
-                        tcp6(&[], client6, node_port6, SYN),
-                        udp6(&[], client6, node_port6),
-                        [
-                            |sent| {
-                                let (src, dst, _) = ends6(sent, 54);
-                                tcp6(&[], dst, src, SYN | ACK)
-                            },
-                            |sent| {
-                                let (src, dst, _) = ends6(sent, 54);
-                                udp6(&[], dst, src)
-                            },
-                            // Packet too big, from the backend.
-                            |sent| icmp6_error(2, 0, BACKEND6, NODE6, sent),
-                        ],
-                    ),
+                    tcp6(&[], client6, node_port6, SYN),
+                    tcp6(&[], client6, node_port6, ACK),
+                    udp6(&[], client6, node_port6),
+                    [
+                        |sent| {
+                            let (src, dst, _) = ends6(sent, 54);
+                            tcp6(&[], dst, src, SYN | ACK)
+                        },
+                        |sent| {
+                            let (src, dst, _) = ends6(sent, 54);
+                            udp6(&[], dst, src)
+                        },
+                        // Packet too big, from the backend.
+                        |sent| icmp6_error(2, 0, BACKEND6, NODE6, sent),
+                    ],
                 ),
             ];
             for family in families {
