@@ -17,11 +17,13 @@ use proxy_common::{
 };
 
 use crate::{
+    ct::RecentFlows,
     frame::words_diff,
     maps::{
         BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, FRAGMENTS, FRAGMENTS6, NEW_ENTRIES,
-        NEW_ENTRIES6, NO_PREALLOC, NODE_ADDRS, NODE_ADDRS6, NODE_CONFIG, NODE_CONFIG6, SERVICES,
-        SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6, SOURCE_RANGES, SOURCE_RANGES6,
+        NEW_ENTRIES6, NO_PREALLOC, NODE_ADDRS, NODE_ADDRS6, NODE_CONFIG, NODE_CONFIG6,
+        RECENT_FLOWS, RECENT_FLOWS6, SERVICES, SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6,
+        SOURCE_RANGES, SOURCE_RANGES6,
     },
     nat::NewEntries,
     packet::{ETH_HDR_LEN, Frame, IP_DST_OFF, IP_SRC_OFF, IP6_HDR_LEN, RewriteOf},
@@ -59,8 +61,12 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
 
     // Conntrack (the maps differ in size, so they are reached through these).
     fn ct_get_ptr_mut(key: &CtKeyOf<Self>) -> Option<*mut CtEntryOf<Self>>;
-    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> bool;
+    /// `Err`: the helper's error (negative errno).
+    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> Result<(), i32>;
     fn ct_remove(key: &CtKeyOf<Self>) -> bool;
+    /// The last flows this CPU recorded (`ct::early_drop`'s candidates). `None` if the map
+    /// cannot be read.
+    fn recent_flows() -> Option<&'static mut RecentFlows<Self>>;
 
     /// A client address as session affinity remembers it.
     fn affinity_client(addr: Self) -> u64;
@@ -192,12 +198,17 @@ impl Family for [u8; 4] {
         CONNTRACK.get_ptr_mut(key)
     }
     #[inline(always)]
-    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> bool {
-        CONNTRACK.insert(key, entry, flags).is_ok()
+    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> Result<(), i32> {
+        CONNTRACK.insert(key, entry, flags)
     }
     #[inline(always)]
     fn ct_remove(key: &CtKeyOf<Self>) -> bool {
         CONNTRACK.remove(key).is_ok()
+    }
+    #[inline(always)]
+    fn recent_flows() -> Option<&'static mut RecentFlows<Self>> {
+        // SAFETY: a per-CPU value, this program's alone for its run.
+        RECENT_FLOWS.get_ptr_mut(0).map(|r| unsafe { &mut *r })
     }
 
     #[inline(always)]
@@ -295,12 +306,17 @@ impl Family for [u8; 16] {
         CONNTRACK6.get_ptr_mut(key)
     }
     #[inline(always)]
-    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> bool {
-        CONNTRACK6.insert(key, entry, flags).is_ok()
+    fn ct_insert(key: &CtKeyOf<Self>, entry: &CtEntryOf<Self>, flags: u64) -> Result<(), i32> {
+        CONNTRACK6.insert(key, entry, flags)
     }
     #[inline(always)]
     fn ct_remove(key: &CtKeyOf<Self>) -> bool {
         CONNTRACK6.remove(key).is_ok()
+    }
+    #[inline(always)]
+    fn recent_flows() -> Option<&'static mut RecentFlows<Self>> {
+        // SAFETY: a per-CPU value, this program's alone for its run.
+        RECENT_FLOWS6.get_ptr_mut(0).map(|r| unsafe { &mut *r })
     }
 
     /// The address folded to 64 bits: two clients that fold alike share their stickiness,

@@ -71,12 +71,21 @@ pub static SERVICE_STATS: Array<Counters, { MAX_SERVICES as usize }> = Array::ne
 #[btf_map(name = "backend_stats")]
 pub static BACKEND_STATS: Array<Counters, { MAX_BACKENDS as usize }> = Array::new();
 
+// Plain hash maps, preallocated: an LRU map's lists cost a new flow 20-30% more, and
+// evict answered flows for new ones; a full map here drops a flow never answered instead,
+// or refuses the new one (`ct::early_drop`), as Linux's conntrack does.
 #[btf_map(name = "conntrack")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+pub static CONNTRACK: HashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = HashMap::new();
 
 #[btf_map(name = "conntrack6")]
-pub static CONNTRACK6: LruHashMap<CtKey6, CtEntry6, { MAX_CONNTRACK6 as usize }> =
-    LruHashMap::new();
+pub static CONNTRACK6: HashMap<CtKey6, CtEntry6, { MAX_CONNTRACK6 as usize }> = HashMap::new();
+
+/// The flows each CPU recorded lately (`ct::RecentFlows`); not pinned.
+#[btf_map(name = "recent_flows")]
+pub static RECENT_FLOWS: PerCpuArray<crate::ct::RecentFlows<[u8; 4]>, 1> = PerCpuArray::new();
+
+#[btf_map(name = "recent_flows6")]
+pub static RECENT_FLOWS6: PerCpuArray<crate::ct::RecentFlows<[u8; 16]>, 1> = PerCpuArray::new();
 
 /// Where the next masquerade port search starts in the range (`nat::PORT_ATTEMPTS`); not
 /// pinned: a new datapath starts it afresh.

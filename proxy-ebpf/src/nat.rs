@@ -17,7 +17,7 @@ use core::num::NonZeroU32;
 use aya_ebpf::{cty::c_void, helpers::bpf_loop};
 
 use crate::{
-    ct,
+    ct::{self, Refused},
     family::Family,
     lb::{self, Chosen, Sticky},
     maps::{NODE_CONFIG, SNAT_CURSOR},
@@ -157,7 +157,7 @@ fn partner<A: Family>(
 ) -> Option<(CtKeyOf<A>, *mut CtEntryOf<A>)> {
     let other = key.peer(entry);
     let ptr = A::ct_get_ptr_mut(&other)?;
-    // SAFETY: LRU values stay valid during the program's run; only compared here.
+    // SAFETY: map values stay valid during the program's run; only compared here.
     (other.peer(unsafe { &*ptr }) == *key).then_some((other, ptr))
 }
 
@@ -172,7 +172,7 @@ pub fn forget_new<A: Family>(key: &CtKeyOf<A>, t: &Translation<A>) {
         return;
     }
     if let Some(entry) = A::ct_get_ptr_mut(key)
-        // SAFETY: LRU values stay valid during the program's run; only read here.
+        // SAFETY: map values stay valid during the program's run; only read here.
         && let Some((reply, _)) = partner(key, unsafe { &*entry })
     {
         ct::remove(&reply);
@@ -245,7 +245,7 @@ pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Option<Verdict<
         // The clock is read only for packets that use it (a helper call costs as much as a
         // map lookup): most packets that pass have no entry and are no new flow's.
         let now = lb::now_ns();
-        // SAFETY: LRU values stay valid during the program's run; racing updates of the
+        // SAFETY: map values stay valid during the program's run; racing updates of the
         // state and timestamp from another CPU are benign.
         let entry = unsafe { &mut *entry };
         if entry.flags & CT_FLAG_PASS != 0 {
@@ -368,10 +368,14 @@ pub fn record<A: Family>(
             last_seen_ns: now,
         };
         track(&mut e.forward, flow, now);
+        // The reply entry has seen no packet yet: `NEW` until the first reply (UDP's too,
+        // whose forward entry is established at once), which tells `ct::early_drop` a flow
+        // never answered.
         e.reply = CtEntryOf {
             nat_addr: flow.key.dst,
             nat_port: flow.key.dport,
             direction: CT_REPLY,
+            state: CT_STATE_NEW,
             ..e.forward
         };
         let src = match claim_reply_tuple(flow, chosen, masquerade, e, now) {
@@ -382,6 +386,9 @@ pub fn record<A: Family>(
             e.key = flow.key.peer(&e.forward);
             ct::remove(&e.key);
             return Verdict::drop_for(DropReason::ConntrackInsert, svc.id);
+        }
+        if let Some(recent) = A::recent_flows() {
+            recent.note(&flow.key);
         }
         Verdict::translate(Translation {
             src,
@@ -439,8 +446,13 @@ fn claim_reply_tuple<A: Family>(
     if !masquerade {
         e.key = flow.key.peer(&e.forward);
         let (key, reply) = (&e.key, &e.reply);
-        if ct::create(key, reply) || (replaceable(key, flow, now) && ct::put(key, reply)) {
-            return Ok(RewriteOf::NONE);
+        match ct::create(key, reply) {
+            Ok(()) => return Ok(RewriteOf::NONE),
+            Err(Refused::Full) => return Err(DropReason::ConntrackInsert),
+            Err(Refused::Taken) if replaceable(key, flow, now) && ct::put(key, reply) => {
+                return Ok(RewriteOf::NONE);
+            }
+            Err(Refused::Taken) => {}
         }
     }
     let config = NODE_CONFIG.get(0).ok_or(DropReason::NoMasqueradeAddress)?;
@@ -482,22 +494,32 @@ fn claim_reply_tuple<A: Family>(
         // SAFETY: a valid array slot, read and written whole.
         start: cursor.map_or(0, |c| unsafe { *c }),
         found: false,
+        full: false,
     };
     // SAFETY: `try_port::<A>` takes the `PortSearch<A>` it is given, which outlives the
     // loop. A function item cast to a pointer directly, never through an integer, so that
     // it stays the callback relocation the verifier needs.
-    let tries = unsafe {
+    let search_ports = |search: &mut PortSearch<A>| unsafe {
         bpf_loop(
             PORT_ATTEMPTS,
             try_port::<A> as *mut c_void,
-            (&raw mut search).cast(),
+            (search as *mut PortSearch<A>).cast(),
             0,
         )
     };
+    let mut tries = search_ports(&mut search);
+    // A full map: room made, the search runs once more.
+    if search.full && ct::early_drop::<A>() {
+        search.full = false;
+        tries = search_ports(&mut search);
+    }
     if let Some(cursor) = cursor {
         // SAFETY: as above. Past the port taken (the callback's index + 1), or past every
         // port tried.
         unsafe { *cursor = search.start.wrapping_add(tries.max(0) as u32) };
+    }
+    if search.full {
+        return Err(DropReason::ConntrackInsert);
     }
     if !search.found {
         return Err(exhausted);
@@ -516,21 +538,30 @@ struct PortSearch<A> {
     /// Where in the range the search starts (`SNAT_CURSOR`).
     start: u32,
     found: bool,
+    /// The map is full: no port would do.
+    full: bool,
 }
 
 /// Try `index` of the source port search (`bpf_loop`'s callback: the verifier checks it
 /// once, not once per try, as it did each try of a loop unrolled in the program, ~9,000
 /// instructions each): the port `index` places past the start, taken if free or if its
-/// flow has ended; 1 ends the search, with the reply entry recorded under the port.
+/// flow has ended; 1 ends the search, with the reply entry recorded under the port or the
+/// map full.
 extern "C" fn try_port<A: Family>(index: u64, search: *mut c_void) -> i64 {
     // SAFETY: the `PortSearch<A>` of `claim_reply_tuple`, and its per-CPU entries.
     let search = unsafe { &mut *search.cast::<PortSearch<A>>() };
     let e = unsafe { &mut *search.entries };
     let step = search.start.wrapping_add(index as u32);
     e.key.dport = search.port_min + (step % search.range) as u16;
-    search.found = ct::create(&e.key, &e.reply)
-        || (free_if_ended(&e.key, search.now) && ct::create(&e.key, &e.reply));
-    i64::from(search.found)
+    let created = match ct::create_in_room(&e.key, &e.reply) {
+        Err(Refused::Taken) if free_if_ended(&e.key, search.now) => {
+            ct::create_in_room(&e.key, &e.reply)
+        }
+        created => created,
+    };
+    search.found = created.is_ok();
+    search.full = created == Err(Refused::Full);
+    i64::from(search.found || search.full)
 }
 
 /// The reply tuple `key` that a new flow of `flow`'s client tuple wants may be taken over:
@@ -541,7 +572,7 @@ fn replaceable<A: Family>(key: &CtKeyOf<A>, flow: &FlowOf<A>, now: u64) -> bool 
     let Some(held) = A::ct_get_ptr_mut(key) else {
         return false;
     };
-    // SAFETY: LRU values stay valid during the program's run; only read here.
+    // SAFETY: map values stay valid during the program's run; only read here.
     key.peer(unsafe { &*held }) == flow.key || free_if_ended(key, now)
 }
 
@@ -631,7 +662,7 @@ fn remember_fragment<A: Family>(flow: &FlowOf<A>) {
 #[inline(always)]
 pub fn fragment<A: Family>(frag: &FragmentOf<A>, len: u64, side: Side) -> Option<Translation<A>> {
     let key = A::fragment_key(frag.src, frag.dst, frag.proto, frag.id);
-    // SAFETY: LRU values stay valid during the program's run; the value is copied.
+    // SAFETY: map values stay valid during the program's run; the value is copied.
     let ports = (unsafe { A::fragments().get(&key) }).copied()?;
     let key = CtKeyOf {
         src: frag.src,

@@ -909,8 +909,8 @@ fn main() -> anyhow::Result<()> {
          timer in every figure, the empty program's included) — a first packet needs a new flow \
          every run. \"Above\" is the difference from the empty program measured the same way; \
          first packets are measured around the stated conntrack fill, at most a quarter of the \
-         map's capacity of them, so that no insert meets a full map (which evicts, and costs \
-         more). *After churn*: as many first packets again, of new clients, once the first ones' \
+         map's capacity of them, so that no insert meets a full map (which must make room, or \
+         refuses). *After churn*: as many first packets again, of new clients, once the first ones' \
          entries have been freed as the agent's GC frees expired flows (one at a time, in random \
          order), at the same fill: new flows then take freed entries scattered over the map's \
          memory, as in a map that has run for a while, where a fresh map hands out entries in \

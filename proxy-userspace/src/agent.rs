@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use proxy_common::AgentStatus;
+use proxy_common::{AgentStatus, DropReason};
 
 use crate::{
     clock::unix_now,
@@ -118,8 +118,8 @@ const MIN_STALL: Duration = Duration::from_secs(30);
 /// The `ip_family` label values of the per-family conntrack series, in `Conntracks` order.
 const FAMILIES: [&str; 2] = ["IPv4", "IPv6"];
 
-/// At most one warning a minute about flows lost to a full conntrack map.
-const EVICTION_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// At most one warning a minute about a full conntrack map.
+const FULL_MAP_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 struct Agent {
     controller: Controller<Maps>,
@@ -615,6 +615,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     datapath.attach_tc(&served, config.tc_attach)?;
     datapath.attach_xdp(&xdp_interfaces, config.xdp)?;
     datapath.detach_stale()?;
+    datapath.finish_upgrade()?;
     node_addresses.current.program(&config.bpffs)?;
     info!("{}", node_addresses.current);
     let state = SharedSyncState::default();
@@ -649,9 +650,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let entries = crate::map_batch::count(&conntrack.v4).unwrap_or(0)
         + crate::map_batch::count(&conntrack.v6).unwrap_or(0);
     ct_account.start_from(entries);
-    // Evictions before this agent started are counted, not warned about.
+    // Entries dropped and flows refused before this agent started are counted, not warned
+    // about.
     let mut evicted_before =
         crate::ct_account::evicted(ct_account.read(), ct_account.read(), entries);
+    let refused = {
+        let bpffs = config.bpffs.clone();
+        move || {
+            crate::inspect::drops(&bpffs)
+                .ok()
+                .and_then(|drops| drops.get(DropReason::ConntrackInsert.name()).copied())
+                .unwrap_or(0)
+        }
+    };
+    let mut refused_before = refused();
     if reconciler.is_empty() {
         // A first start on this node, maybe beside kube-proxy: its UDP flows stay its own.
         match crate::kernel_flows::pass_translated_udp(
@@ -743,7 +755,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let metrics = agent.metrics.clone();
-    let mut evictions = conntrack::EvictionWarnings::new(EVICTION_WARNING_EVERY);
+    let mut warnings = conntrack::FullMapWarnings::new(FULL_MAP_WARNING_EVERY);
     let mut gc = conntrack::collect_garbage_every(
         conntrack,
         ct_account,
@@ -760,11 +772,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             metrics
                 .conntrack_evicted
                 .inc_by(report.evicted.saturating_sub(counted));
-            let new = report.evicted.saturating_sub(evicted_before);
+            let dropped = report.evicted.saturating_sub(evicted_before);
             evicted_before = evicted_before.max(report.evicted);
+            let refused_now = refused();
+            let refused = refused_now.saturating_sub(refused_before);
+            refused_before = refused_before.max(refused_now);
             let now = std::time::Instant::now();
             if let Some(warning) =
-                evictions.note(new as usize, report.entries, conntrack_capacities, now)
+                warnings.note(dropped, refused, report.entries, conntrack_capacities, now)
             {
                 warn!("{warning}");
             }

@@ -82,7 +82,12 @@ pub fn agent_datapath(bpffs: &Path) -> anyhow::Result<Removed> {
         }
         std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
-    for name in maps::ALL.iter().chain(&maps::RETIRED) {
+    let set_aside = crate::ct_upgrade::CONNTRACK_MAPS.map(crate::ct_upgrade::aside_name);
+    let names = maps::ALL
+        .iter()
+        .chain(&maps::RETIRED)
+        .map(|name| name.to_string());
+    for name in names.chain(set_aside) {
         let path = bpffs.join(name);
         if path.exists() {
             std::fs::remove_file(&path)

@@ -50,10 +50,11 @@ pub struct GcReport {
     /// Entries left in each map, IPv4's then IPv6's.
     pub entries: [usize; 2],
     /// Entries of flows idle past their timeout, and the remaining entries of live flows
-    /// whose other entry was evicted (a flow cannot work on one; a UDP flow then starts
+    /// that lost their other entry (a flow cannot work on one; a UDP flow then starts
     /// afresh with its next datagram): both removed.
     pub expired: usize,
-    /// Entries the LRU map evicted since it was created, at least (`ct_account`).
+    /// Entries the datapath dropped from a full map to make room since it was created, at
+    /// least (`ct_account`).
     pub evicted: u64,
 }
 
@@ -173,47 +174,55 @@ pub fn collect_garbage_every(
     })
 }
 
-/// Warnings about entries evicted from a full conntrack map, at most one per `every`:
-/// each says how many since the last one.
-pub struct EvictionWarnings {
+/// Warnings about a full conntrack map, at most one per `every`: each says how many
+/// entries the datapath dropped to make room and how many new flows it refused since the
+/// last one.
+pub struct FullMapWarnings {
     every: Duration,
     last: Option<Instant>,
-    unreported: usize,
+    dropped: u64,
+    refused: u64,
 }
 
-impl EvictionWarnings {
+impl FullMapWarnings {
     pub fn new(every: Duration) -> Self {
         Self {
             every,
             last: None,
-            unreported: 0,
+            dropped: 0,
+            refused: 0,
         }
     }
 
-    /// Notes `evicted` more entries evicted at `now`, with each map's (IPv4's, IPv6's)
-    /// entries and capacity; the warning to log, if one is due. It names the fuller map:
-    /// an LRU map evicts only when full.
+    /// Notes `dropped` more entries dropped to make room and `refused` more new flows
+    /// refused at `now`, with each map's (IPv4's, IPv6's) entries and capacity; the warning
+    /// to log, if one is due. It names the fuller map: only a full map drops or refuses.
     pub fn note(
         &mut self,
-        evicted: usize,
+        dropped: u64,
+        refused: u64,
         entries: [usize; 2],
         capacities: [u32; 2],
         now: Instant,
     ) -> Option<String> {
-        self.unreported += evicted;
-        if self.unreported == 0 || self.last.is_some_and(|t| now < t + self.every) {
+        self.dropped += dropped;
+        self.refused += refused;
+        if self.dropped + self.refused == 0 || self.last.is_some_and(|t| now < t + self.every) {
             return None;
         }
         self.last = Some(now);
-        let lost = std::mem::take(&mut self.unreported);
+        let (dropped, refused) = (
+            std::mem::take(&mut self.dropped),
+            std::mem::take(&mut self.refused),
+        );
         let fill = |i: usize| entries[i] as f64 / f64::from(capacities[i].max(1));
         let i = usize::from(fill(1) > fill(0));
         let (entries, capacity) = (entries[i], capacities[i]);
         let map = [maps::CONNTRACK, maps::CONNTRACK6][i];
         Some(format!(
-            "conntrack map {map} full: {lost} entries of live flows evicted to make room, each \
-             breaking its flow ({entries} of {capacity} entries in use); raise --map-size \
-             {map}={}",
+            "conntrack map {map} full: {dropped} entries of flows never answered dropped to \
+             make room, {refused} new flows refused ({entries} of {capacity} entries in use); \
+             raise --map-size {map}={}",
             u64::from(capacity) * 2
         ))
     }
@@ -352,25 +361,29 @@ mod tests {
     }
 
     #[test]
-    fn eviction_warnings_are_rate_limited_count_what_they_held_back_and_name_the_full_map() {
-        let mut warnings = EvictionWarnings::new(Duration::from_secs(60));
+    fn full_map_warnings_are_rate_limited_count_what_they_held_back_and_name_the_full_map() {
+        let mut warnings = FullMapWarnings::new(Duration::from_secs(60));
         let t0 = Instant::now();
         let caps = [64, 32];
-        assert_eq!(warnings.note(0, [10, 0], caps, t0), None);
-        let first = warnings.note(3, [64, 1], caps, t0).unwrap();
+        assert_eq!(warnings.note(0, 0, [10, 0], caps, t0), None);
+        let first = warnings.note(4, 1, [64, 1], caps, t0).unwrap();
         assert!(
-            first.contains("3 entries") && first.contains("conntrack=128"),
+            first.contains("4 entries")
+                && first.contains("1 new flows")
+                && first.contains("conntrack=128"),
             "{first}"
         );
         assert_eq!(
-            warnings.note(5, [64, 1], caps, t0 + Duration::from_secs(30)),
+            warnings.note(2, 3, [64, 1], caps, t0 + Duration::from_secs(30)),
             None
         );
         let next = warnings
-            .note(1, [10, 32], caps, t0 + Duration::from_secs(61))
+            .note(0, 2, [10, 32], caps, t0 + Duration::from_secs(61))
             .unwrap();
         assert!(
-            next.contains("6 entries") && next.contains("conntrack6=64"),
+            next.contains("2 entries")
+                && next.contains("5 new flows")
+                && next.contains("conntrack6=64"),
             "{next}"
         );
     }

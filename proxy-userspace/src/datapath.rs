@@ -27,6 +27,7 @@ use proxy_common::maps;
 use tracing::info;
 
 use crate::{
+    ct_upgrade::CtUpgrade,
     link_target::{self, LinkTarget},
     node_lock::NodeLock,
     preflight,
@@ -189,6 +190,8 @@ pub struct Datapath {
     wanted: Vec<Attachment>,
     /// How `attach_tc` attaches (TCX links or netlink filters), for `follow_tc`.
     tcx: bool,
+    /// Conntrack maps of an earlier agent whose flows are moving (`finish_upgrade`).
+    upgrade: Option<CtUpgrade>,
 }
 
 /// Whether the kernel takes `BPF_F_IPV6` in `bpf_l4_csum_replace` (what the IPv6 address
@@ -224,6 +227,10 @@ impl Datapath {
                     .with_context(|| format!("removing the retired pin {}", path.display()));
             }
         }
+        let (upgrade, capacities) = CtUpgrade::prepare(bpffs)?;
+        for (name, capacity) in capacities {
+            loader.map_max_entries(name, capacity);
+        }
         for (name, size) in sizes {
             let Some(name) = maps::RESIZABLE.iter().find(|n| **n == name.as_str()) else {
                 bail!(
@@ -245,16 +252,24 @@ impl Datapath {
                 bpffs.display()
             )
         })?;
+        upgrade.copy()?;
         let datapath = Self {
             ebpf,
             bpffs: bpffs.to_path_buf(),
             lock,
             wanted: Vec::new(),
             tcx: false,
+            upgrade: Some(upgrade),
         };
         let links = datapath.links_dir();
         std::fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
         Ok(datapath)
+    }
+
+    /// Once this datapath's programs are attached: moves the last flows out of the
+    /// conntrack maps of an earlier agent, and removes those (`ct_upgrade`).
+    pub fn finish_upgrade(&mut self) -> anyhow::Result<()> {
+        self.upgrade.take().map_or(Ok(()), CtUpgrade::finish)
     }
 
     fn links_dir(&self) -> PathBuf {

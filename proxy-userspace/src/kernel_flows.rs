@@ -14,11 +14,9 @@ use aya::{
 };
 use proxy_common::{CT_FLAG_PASS, CT_FORWARD, CT_STATE_ESTABLISHED, CtEntryOf, CtKeyOf};
 
-use crate::conntrack::Conntracks;
+use crate::{conntrack::Conntracks, maps::BPF_NOEXIST};
 
 const IPPROTO_UDP: u8 = 17;
-/// `BPF_NOEXIST` (linux/bpf.h): insert only if the key is absent.
-const BPF_NOEXIST: u64 = 1;
 /// The kernel's connection table of this network namespace (`/proc/self/net/...`).
 const NF_CONNTRACK: &str = "/proc/net/nf_conntrack";
 

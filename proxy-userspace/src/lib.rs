@@ -11,6 +11,7 @@ pub mod clock;
 pub mod conntrack;
 pub mod controller;
 pub mod ct_account;
+pub mod ct_upgrade;
 pub mod datapath;
 pub mod datapath_metrics;
 pub mod desired;

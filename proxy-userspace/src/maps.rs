@@ -51,6 +51,9 @@ pub struct Maps {
     pub writes: u64,
 }
 
+/// `BPF_NOEXIST` (linux/bpf.h): insert only if the key is absent.
+pub const BPF_NOEXIST: u64 = 1;
+
 /// Opens the map `name` pinned under `dir`, as type `T`.
 pub fn open<T>(dir: &Path, name: &str) -> anyhow::Result<T>
 where

@@ -230,15 +230,18 @@ impl Metrics {
                 &r,
                 IntCounter::new(
                     "proxy_conntrack_expired_total",
-                    "Conntrack entries deleted by the GC: idle past their timeout, or left alone by an evicted partner.",
+                    "Conntrack entries deleted by the GC: idle past their timeout, or left alone by a dropped partner.",
                 )?,
             )?,
             conntrack_evicted: register(
                 &r,
                 IntCounter::new(
                     "proxy_conntrack_evicted_total",
-                    "Live flows that lost a conntrack entry to eviction from the full map \
-                     (found by the GC); each broke. Raise the map's size if this grows.",
+                    "Conntrack entries the datapath dropped from a full map to make room for \
+                     new flows (found by the GC): two per flow never answered, as Linux's \
+                     early drop. New flows a full map refused are counted in \
+                     proxy_datapath_drops_total{reason=\"conntrack_insert_failed\"}. Raise \
+                     the map's size if either grows.",
                 )?,
             )?,
             source_connected: register(

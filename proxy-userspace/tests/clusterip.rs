@@ -1395,20 +1395,73 @@ fn resync_repairs_map_entries_changed_behind_the_agents_back() {
 }
 
 #[test]
-fn flows_lost_to_a_full_conntrack_map_are_counted_and_logged() {
+fn a_full_conntrack_map_drops_flows_never_answered_and_refuses_when_none_is_left() {
     for family in Family::BOTH {
         full_conntrack(family);
     }
 }
 
+/// Keeps the calling thread, and the processes it starts, on CPU 0 until dropped.
+struct OnOneCpu(libc::cpu_set_t);
+
+impl OnOneCpu {
+    fn new() -> Self {
+        // SAFETY: cpu_set_t is plain data; the calls get valid pointers and its size.
+        unsafe {
+            let mut before: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            assert_eq!(libc::sched_getaffinity(0, size, &mut before), 0);
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut one);
+            assert_eq!(libc::sched_setaffinity(0, size, &one), 0);
+            Self(before)
+        }
+    }
+}
+
+impl Drop for OnOneCpu {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
+/// A metric's value in an exposition `metrics`, by its line's start (name and labels).
+fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+}
+
 fn full_conntrack(family: Family) {
     let (mut world, backends) = three_backends_of(family);
+    // "silent"'s only endpoint is an address no pod has: its flows are never answered.
+    let nobody = match world.pod(1).addr(family) {
+        IpAddr::V4(a) => IpAddr::from({
+            let mut o = a.octets();
+            o[3] = 250;
+            o
+        }),
+        IpAddr::V6(a) => IpAddr::from({
+            let mut o = a.octets();
+            o[15] = 250;
+            o
+        }),
+    };
+    let silent = family.cluster_ip(20);
+    let manifest = format!(
+        "{}---\n{}",
+        web(family, &ready(&backends)),
+        service_manifest("silent", &silent.to_string(), None, &ready(&[nobody]))
+    );
     let path = world
-        .write_manifest(&web(family, &ready(&backends)))
+        .write_manifest(&manifest)
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    // Each family's flows have a conntrack map of their own.
+    // Each family's flows have a conntrack map of their own: 64 entries, 32 flows.
     let map = match family {
         Family::V4 => "conntrack",
         Family::V6 => "conntrack6",
@@ -1417,52 +1470,166 @@ fn full_conntrack(family: Family) {
     let agent = world
         .start_agent_with(&["--manifests", &path, "--map-size", &size], true)
         .unwrap();
-    // The test world's agents collect garbage every second. 150 UDP flows (each from a
-    // new socket, live for a minute) on the tc path: 300 entries for a map of 64. The LRU
-    // map evicts live flows' entries to make room.
-    let udp = world
-        .probe(
-            CLIENT,
-            false,
-            &[
-                "udp",
-                "--to",
-                &at(family.cluster_ip(10), 53),
-                "--count",
-                "150",
-            ],
-        )
-        .unwrap();
-    assert_each_backend_got_a_fair_share(&spread(&udp), 150);
+    // Early drop chooses among the flows the CPU recorded lately: the clients run on one
+    // CPU, so that the flood's flows are among those its later flows meet (a real flood
+    // reaches every CPU).
+    let _cpu = OnOneCpu::new();
+    let web_dns = at(family.cluster_ip(10), 53);
+    let udp = |world: &World, to: &str, count: &str, timeout_ms: &str| {
+        let args = [
+            "udp",
+            "--to",
+            to,
+            "--count",
+            count,
+            "--timeout-ms",
+            timeout_ms,
+        ];
+        world.probe(CLIENT, false, &args).unwrap()
+    };
+    // Answered flows on the tc path (each UDP flow from a new socket, its entries kept a
+    // minute): 12 done, one held open throughout.
+    assert_eq!(
+        spread(&udp(&world, &web_dns, "12", "1000"))
+            .values()
+            .sum::<usize>(),
+        12
+    );
+    let hold = [
+        "udp",
+        "--to",
+        &web_dns,
+        "--hold-ms",
+        "8000",
+        "--interval-ms",
+        "200",
+    ];
+    let (held, first) = world.spawn_probe(CLIENT, false, &hold).unwrap();
+    assert_eq!(first["ok"], true, "{first}");
+    // A flood of flows never answered fills the map; each new one past that makes room by
+    // dropping an older one.
+    let flood = udp(&world, &at(silent, 53), "60", "20");
+    assert!(
+        flood.iter().all(|r| r["ok"] != true),
+        "silent answered: {flood:?}"
+    );
     let line = agent
         .wait_for_log(
             &[
                 &format!("conntrack map {map} full"),
-                "entries of live flows evicted",
+                "entries of flows never answered dropped to make room",
                 &format!("{map}=128"),
             ],
             Duration::from_secs(5),
         )
         .unwrap();
-    let lost: u64 = line
+    let dropped: u64 = line
         .split("full: ")
         .nth(1)
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("a count in {line:?}"));
-    assert!(lost > 0, "{line}");
+    assert!(dropped > 0, "{line}");
+    // New answered flows still get in, in room the flood's flows make (as many as each
+    // CPU's recent flows hold of them).
+    assert_eq!(
+        spread(&udp(&world, &web_dns, "6", "1000"))
+            .values()
+            .sum::<usize>(),
+        6
+    );
+    // Answered flows are never dropped for new ones: with no flood flow left to drop among
+    // the recent ones, new flows are refused, and counted.
+    let more = udp(&world, &web_dns, "24", "100");
+    let refused = more.iter().filter(|r| r["ok"] != true).count();
+    assert!(
+        refused > 0,
+        "a full map of answered flows took 24 more: {more:?}"
+    );
+    let summary = world.finish_probe(held).unwrap();
+    assert_eq!(summary["failures"], 0, "the held flow broke: {summary}");
+    assert_eq!(summary["last_backend"], summary["backend"], "{summary}");
     let metrics = world.agent_http("/metrics").unwrap();
-    let counted: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("proxy_conntrack_evicted_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no eviction counter in {metrics}"));
-    assert!(counted >= lost, "counted {counted}, logged {lost}");
+    let counted = metric(&metrics, "proxy_conntrack_evicted_total");
+    assert!(counted >= dropped, "counted {counted}, logged {dropped}");
+    let refusals = metric(
+        &metrics,
+        "proxy_datapath_drops_total{reason=\"conntrack_insert_failed\"}",
+    );
+    assert!(
+        refusals >= refused as u64,
+        "{refusals} drops counted, {refused} refused"
+    );
     let capacity = format!(
         "proxy_conntrack_capacity{{ip_family=\"{}\"}} 64",
         family.name()
     );
     assert!(metrics.contains(&capacity), "{metrics}");
+}
+
+#[test]
+fn an_lru_conntrack_map_of_an_earlier_agent_becomes_a_hash_map_with_its_entries() {
+    let (mut world, backends) = three_backends_of(Family::V4);
+    let path = world
+        .write_manifest(&web(Family::V4, &ready(&backends)))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    // What an earlier agent pinned: an LRU map of 1024 entries, with one flow's entry (a
+    // pass entry, which comes alone; seen now, so that the GC keeps it).
+    let bpffs = world.nodes[0].bpffs.clone();
+    std::fs::create_dir_all(&bpffs).unwrap();
+    let pin = bpffs.join("conntrack");
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let pin_arg = pin.to_str().unwrap();
+    let create = "map create PIN type lru_hash key 16 value 32 entries 1024 name conntrack";
+    let create: Vec<&str> = create
+        .split(' ')
+        .map(|a| if a == "PIN" { pin_arg } else { a })
+        .collect();
+    bpftool(&create);
+    let key = "10 1 0 9 10 96 0 10 0x9c 0x40 0 53 17 0 0 0";
+    // SAFETY: clock_gettime with a valid pointer.
+    let now = unsafe {
+        let mut t: libc::timespec = std::mem::zeroed();
+        assert_eq!(libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t), 0);
+        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    };
+    let stamp: Vec<String> = now.to_le_bytes().iter().map(|b| b.to_string()).collect();
+    let value = format!(
+        "10 244 1 2 0 53 0 1 1 0 0 0 1 0 0 0 10 1 0 9 0x9c 0x40 2 0 {}",
+        stamp.join(" ")
+    );
+    let update = format!("map update pinned {pin_arg} key {key} value {value}");
+    bpftool(&update.split(' ').collect::<Vec<_>>());
+
+    let agent = world
+        .start_agent_with(&["--manifests", &path], true)
+        .unwrap();
+    for line in [
+        "conntrack map conntrack: 1 entries copied",
+        "conntrack map conntrack: now a hash map",
+    ] {
+        agent.wait_for_log(&[line], Duration::from_secs(5)).unwrap();
+    }
+    let shown = bpftool(&["map", "show", "pinned", pin_arg]);
+    assert!(
+        shown.contains(": hash ") && shown.contains("max_entries 1024"),
+        "{shown}"
+    );
+    let lookup = format!("map lookup pinned {pin_arg} key {key}");
+    let found = bpftool(&lookup.split(' ').collect::<Vec<_>>());
+    assert!(found.contains("\"flags\": 2"), "{found}");
+    assert!(!bpffs.join("conntrack_lru").exists());
+    // Flows of the new map are balanced and translated as ever.
+    assert_eq!(tcp_spread(&world, false, &format!("{VIP}:80"), 30).len(), 3);
 }
 
 #[test]

@@ -241,8 +241,8 @@ impl Datapoint {
 }
 
 /// How many of `runs` first packets are measured: at most a quarter of the conntrack map's
-/// capacity (IPv6's is the smaller), so that the map never fills: an insert into a full LRU
-/// map evicts, which costs more.
+/// capacity (IPv6's is the smaller), so that the map never fills: an insert into a full map
+/// must make room first, or is refused.
 pub fn first_packet_runs<A: Measured>(runs: u32) -> u32 {
     runs.min(A::CONNTRACK_CAPACITY / 4)
 }
