@@ -330,7 +330,8 @@ impl<A: Copy> CtKeyOf<A> {
 
 /// The account of conntrack entries (`CT_STATS`, one value): created and deleted, by
 /// the datapath and the agent. Entries created, less deleted, less those in the map were
-/// evicted by the LRU map to make room.
+/// dropped by the datapath to make room in a full map (its early drop, which leaves them
+/// out of the account).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtStats {

@@ -26,9 +26,9 @@ pub const AGENT_STATUS: &str = "agent_status";
 pub const SERVICE_STATS: &str = "service_stats";
 /// per-CPU array (backend id → Counters)
 pub const BACKEND_STATS: &str = "backend_stats";
-/// LRU (CtKey → CtEntry)
+/// hash, preallocated (CtKey → CtEntry)
 pub const CONNTRACK: &str = "conntrack";
-/// LRU (CtKey6 → CtEntry6): IPv6 flows
+/// hash, preallocated (CtKey6 → CtEntry6): IPv6 flows
 pub const CONNTRACK6: &str = "conntrack6";
 /// LRU (AffinityKey → AffinityValue)
 pub const AFFINITY: &str = "affinity";
@@ -126,7 +126,8 @@ pub const MAX_BACKENDS: u32 = 524_288;
 /// Backend slots of all services, for two generations during an update.
 pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
 /// Two entries per flow: 262,144 flows, as Linux's `nf_conntrack_max` on a large node, so that
-/// a busy node rarely fills it (an LRU map evicts live flows once full).
+/// a busy node rarely fills it (a full map refuses new flows once none never answered is
+/// left to drop).
 pub const MAX_CONNTRACK: u32 = 524_288;
 /// IPv6 flows are kept apart (an IPv4 lookup never pays for IPv6 keys) in a smaller map by
 /// default, 65,536 flows (18 MiB preallocated): a dual-stack node's pods reach most IPv6

@@ -1,8 +1,8 @@
 //! Garbage collection of our conntrack maps (one per address family): a flow's two entries
 //! expire together once both have been idle longer than the flow's timeout (by protocol and
-//! TCP state). An LRU map also evicts the least recently used entries when it is full: each
-//! collection counts those (`ct_account`, shared by the two maps) and removes what is left of
-//! a flow that lost one entry so.
+//! TCP state). A full map also has the datapath drop flows never answered to make room:
+//! each collection counts those (`ct_account`, shared by the two maps) and removes what is
+//! left of a flow that lost one entry.
 use std::{
     collections::HashMap,
     hash::Hash,
@@ -324,7 +324,7 @@ mod tests {
         );
         let (key, entry) = whole.iter().next().map(|(k, e)| (*k, *e)).unwrap();
         let lone = HashMap::from([(key, entry)]);
-        // Used before the read began: its partner was evicted.
+        // Used before the read began: its partner was dropped.
         let found = garbage(&lone, 120 * NS_PER_SEC, 120 * NS_PER_SEC);
         assert_eq!((found.orphaned, found.expired), (vec![key], vec![]));
         // Used during the read: its partner may be inserted in a part already read.

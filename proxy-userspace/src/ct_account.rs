@@ -1,7 +1,8 @@
 //! The account of conntrack entries created and deleted (`ct_stats`), shared with the
 //! datapath: the agent and `proxyctl` add their own creations and deletions to it
 //! atomically, through a shared mapping of the array. Entries created, less deleted, less
-//! those in the map, are the entries the LRU map evicted to make room: live flows broken.
+//! those in the map, are the entries the datapath dropped to make room in a full map (flows
+//! never answered: `early_drop`, which leaves them out of the account).
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
@@ -85,7 +86,7 @@ impl CtAccount {
     }
 
     /// An account created beside entries it never saw (a map pinned by an agent that kept
-    /// none) starts from them, so that they are not taken for evictions' absence.
+    /// none) starts from them, so that they are not taken for entries dropped.
     pub fn start_from(&self, entries: u64) {
         let s = self.shared();
         if s.created.load(Ordering::Relaxed) == 0 && s.deleted.load(Ordering::Relaxed) == 0 {
@@ -101,7 +102,7 @@ impl Drop for CtAccount {
     }
 }
 
-/// Entries the LRU map evicted since it was created, at least, given the account read
+/// Entries the datapath dropped to make room since the map was created, at least, given the account read
 /// `before` and `after` counting `counted` entries in the map. Entries made during the
 /// count may be missing from it and entries removed during it may be in it, so this takes
 /// the creations from before and the deletions from after: never more than the truth,

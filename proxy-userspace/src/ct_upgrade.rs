@@ -43,8 +43,8 @@ impl CtUpgrade {
         for name in CONNTRACK_MAPS {
             let (pin, old) = (bpffs.join(name), bpffs.join(aside_name(name)));
             if pin.exists() && pinned_type(&pin)? == MapType::LruHash {
-                // An older map aside (left by an agent that stopped midway, then a
-                // downgrade) holds flows older than this one's.
+                // A map already aside (an agent stopped midway, then a downgrade pinned
+                // this one) holds older flows: this one replaces it.
                 set_aside(&pin, &old)?;
             }
             if old.exists() {

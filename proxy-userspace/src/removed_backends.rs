@@ -79,7 +79,7 @@ fn remove_where<K: aya::Pod, V: aya::Pod>(
                 .map(|(k, _)| *k),
         );
     });
-    // Already gone (LRU eviction, a datapath race) is fine.
+    // Already gone (evicted or dropped to make room, a datapath race) is fine.
     keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64
 }
 
