@@ -6,19 +6,26 @@
 //! An agent that finds an LRU map pinned pins it aside (`<name>_lru`: bpffs takes no dots
 //! in names) before loading, so that the loader creates and pins a map of the new kind, as
 //! large as the old one. It copies the old map's entries into it before its programs
-//! replace the old programs (so that they find every flow), and once more after (the flows
-//! the old programs recorded meanwhile), without replacing any entry, then removes the old
-//! map. An agent that stops midway leaves the old map aside for the next one, which does
-//! the same.
-use std::path::{Path, PathBuf};
+//! replace the old programs (so that they find every flow). Once they have, it replays what
+//! the old programs changed in the old map meanwhile (new flows, flows answered or closed)
+//! onto the entries the new programs have not changed since (`Moving::finish`), then
+//! removes the old map. An agent that stops midway leaves the old map aside for the next
+//! one, which does the same.
+use std::{
+    collections::HashMap as StdHashMap,
+    hash::Hash,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use aya::{
     Pod,
-    maps::{HashMap, MapData, MapInfo, MapType},
+    maps::{HashMap, MapData, MapError, MapInfo, MapType},
 };
 use proxy_common::{CtEntry, CtEntry6, CtKey, CtKey6, maps};
 use tracing::{info, warn};
+
+use crate::maps::{BPF_EXIST, BPF_NOEXIST};
 
 /// The conntrack maps, by name.
 pub const CONNTRACK_MAPS: [&str; 2] = [maps::CONNTRACK, maps::CONNTRACK6];
@@ -28,17 +35,17 @@ pub fn aside_name(map: &str) -> String {
     format!("{map}_lru")
 }
 
-/// The pins set aside under `bpffs`: the maps whose entries are still to be moved.
+/// The conntrack maps set aside under `bpffs`, whose entries are still to be moved.
 pub struct CtUpgrade {
     bpffs: PathBuf,
-    aside: Vec<&'static str>,
+    v4: Option<Moving<CtKey, CtEntry>>,
+    v6: Option<Moving<CtKey6, CtEntry6>>,
 }
 
 impl CtUpgrade {
     /// Before the datapath is loaded: moves each pinned LRU conntrack map aside. Returns
     /// the capacities the new maps take (the old maps', which `--map-size` may override).
     pub fn prepare(bpffs: &Path) -> anyhow::Result<(Self, Vec<(&'static str, u32)>)> {
-        let mut aside = Vec::new();
         let mut capacities = Vec::new();
         for name in CONNTRACK_MAPS {
             let (pin, old) = (bpffs.join(name), bpffs.join(aside_name(name)));
@@ -52,56 +59,153 @@ impl CtUpgrade {
                     .with_context(|| format!("reading the map {}", old.display()))?
                     .max_entries();
                 capacities.push((name, capacity));
-                aside.push(name);
             }
         }
-        Ok((
-            Self {
-                bpffs: bpffs.to_path_buf(),
-                aside,
-            },
-            capacities,
-        ))
+        let upgrade = Self {
+            bpffs: bpffs.to_path_buf(),
+            v4: Moving::aside(bpffs, maps::CONNTRACK),
+            v6: Moving::aside(bpffs, maps::CONNTRACK6),
+        };
+        Ok((upgrade, capacities))
     }
 
     /// Copies the entries of the maps set aside into the new ones, keeping those there.
-    pub fn copy(&self) -> anyhow::Result<()> {
-        for (name, copied) in self.copy_all()? {
-            info!(
-                "conntrack map {name}: {copied} entries copied from the LRU map of an earlier \
-                 agent"
-            );
+    pub fn copy(&mut self) -> anyhow::Result<()> {
+        if let Some(v4) = &mut self.v4 {
+            v4.copy(&self.bpffs)?;
+        }
+        if let Some(v6) = &mut self.v6 {
+            v6.copy(&self.bpffs)?;
         }
         Ok(())
     }
 
-    /// Once the new programs run: copies what the old ones recorded meanwhile, then removes
+    /// Once the new programs run: replays what the old ones changed meanwhile, then removes
     /// the old maps.
     pub fn finish(self) -> anyhow::Result<()> {
-        for (name, copied) in self.copy_all()? {
-            let old = self.bpffs.join(aside_name(name));
-            std::fs::remove_file(&old)
-                .with_context(|| format!("removing the pin {}", old.display()))?;
-            info!(
-                "conntrack map {name}: now a hash map ({copied} more entries copied; the LRU \
-                 map removed)"
-            );
+        if let Some(v4) = self.v4 {
+            v4.finish(&self.bpffs)?;
+        }
+        if let Some(v6) = self.v6 {
+            v6.finish(&self.bpffs)?;
         }
         Ok(())
     }
+}
 
-    fn copy_all(&self) -> anyhow::Result<Vec<(&'static str, usize)>> {
-        self.aside
-            .iter()
-            .map(|&name| {
-                let copied = match name {
-                    maps::CONNTRACK => copy::<CtKey, CtEntry>(&self.bpffs, name),
-                    _ => copy::<CtKey6, CtEntry6>(&self.bpffs, name),
-                }?;
-                Ok((name, copied))
-            })
-            .collect()
+type CtMap<K, V> = HashMap<MapData, K, V>;
+
+/// One conntrack map whose entries are moving, and its old map's entries as `copy` found
+/// them.
+struct Moving<K, V> {
+    name: &'static str,
+    copied: StdHashMap<K, V>,
+}
+
+impl<K: Pod + Eq + Hash, V: Pod + PartialEq> Moving<K, V> {
+    /// The map `name`, if its old map is aside.
+    fn aside(bpffs: &Path, name: &'static str) -> Option<Self> {
+        bpffs.join(aside_name(name)).exists().then(|| Self {
+            name,
+            copied: StdHashMap::new(),
+        })
     }
+
+    /// The old map (aside) and the new one.
+    fn maps(&self, bpffs: &Path) -> anyhow::Result<(CtMap<K, V>, CtMap<K, V>)> {
+        let old = crate::maps::open(bpffs, &aside_name(self.name))?;
+        Ok((old, crate::maps::open(bpffs, self.name)?))
+    }
+
+    fn copy(&mut self, bpffs: &Path) -> anyhow::Result<()> {
+        let (old, mut new) = self.maps(bpffs)?;
+        self.copied = crate::map_batch::read_all(&old)
+            .with_context(|| format!("reading the map {}", aside_name(self.name)))?
+            .into_iter()
+            .collect();
+        let written = write(
+            &mut new,
+            self.name,
+            self.copied.iter().map(|(k, v)| (k, v, false)),
+        )?;
+        info!(
+            "conntrack map {}: {written} entries copied from the LRU map of an earlier agent",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Replays what the old programs changed in the old map since `copy`, and removes it.
+    /// Only onto entries the new programs have left as `copy` wrote them (or absent, as they
+    /// were): whatever those recorded since is newer. A flow the old map lost meanwhile
+    /// (closed, or evicted by the LRU) stays in the new map, whose GC removes it once it
+    /// has ended: an LRU evicts live flows too.
+    fn finish(self, bpffs: &Path) -> anyhow::Result<()> {
+        let (old, mut new) = self.maps(bpffs)?;
+        let now = crate::map_batch::read_all(&old)
+            .with_context(|| format!("reading the map {}", aside_name(self.name)))?;
+        let mut replayed = Vec::new();
+        for (key, entry) in &now {
+            let copied = self.copied.get(key);
+            if copied == Some(entry) {
+                continue;
+            }
+            let current = match new.get(key, 0) {
+                Ok(current) => Some(current),
+                Err(MapError::KeyNotFound) => None,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("reading an entry of the map {}", self.name));
+                }
+            };
+            if current.as_ref() == copied {
+                replayed.push((key, entry, current.is_some()));
+            }
+        }
+        let written = write(&mut new, self.name, replayed.into_iter())?;
+        let old_pin = bpffs.join(aside_name(self.name));
+        std::fs::remove_file(&old_pin)
+            .with_context(|| format!("removing the pin {}", old_pin.display()))?;
+        info!(
+            "conntrack map {}: now a hash map ({written} entries the earlier agent's programs \
+             recorded or changed meanwhile copied; the LRU map removed)",
+            self.name
+        );
+        Ok(())
+    }
+}
+
+/// Writes `entries` into the map `name`: each an insert, or with `true` a replacement of
+/// the entry there. An entry that the datapath made or removed meanwhile is left to it; one
+/// that does not fit (a new map smaller than the old one, `--map-size`) is counted and
+/// reported. Returns how many were written.
+fn write<'a, K: Pod + 'a, V: Pod + 'a>(
+    map: &mut CtMap<K, V>,
+    name: &str,
+    entries: impl Iterator<Item = (&'a K, &'a V, bool)>,
+) -> anyhow::Result<usize> {
+    let (mut written, mut full) = (0, 0);
+    for (key, value, replace) in entries {
+        let flags = if replace { BPF_EXIST } else { BPF_NOEXIST };
+        match map.insert(key, value, flags) {
+            Ok(()) => written += 1,
+            Err(MapError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::EEXIST | libc::ENOENT)) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                full += 1
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("copying an entry into the map {name}"));
+            }
+        }
+    }
+    if full > 0 {
+        warn!(
+            "conntrack map {name} full: {full} entries of the LRU map of an earlier agent left \
+             out (their flows will be balanced anew); --map-size {name}= larger keeps them"
+        );
+    }
+    Ok(written)
 }
 
 /// Pins the map at `pin` at `old` too, replacing what is there, then unpins it from `pin`
@@ -123,35 +227,136 @@ fn pinned_type(pin: &Path) -> anyhow::Result<MapType> {
         .with_context(|| format!("reading the type of the map pinned at {}", pin.display()))
 }
 
-/// Copies the entries of `name`'s map aside into `name`'s map, without replacing any;
-/// returns how many it copied. A new map smaller than the old one (`--map-size`) takes
-/// what fits: the flows left out are counted and reported.
-fn copy<K: Pod, V: Pod>(bpffs: &Path, name: &str) -> anyhow::Result<usize> {
-    let old: HashMap<MapData, K, V> = crate::maps::open(bpffs, &aside_name(name))?;
-    let mut new: HashMap<MapData, K, V> = crate::maps::open(bpffs, name)?;
-    let entries = crate::map_batch::read_all(&old)
-        .with_context(|| format!("reading the map {}", aside_name(name)))?;
-    let (mut copied, mut full) = (0, 0);
-    for (key, value) in &entries {
-        match new.insert(key, value, crate::maps::BPF_NOEXIST) {
-            Ok(()) => copied += 1,
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
-                full += 1
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("copying an entry into the map {name}"));
-            }
+#[cfg(test)]
+mod tests {
+    use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LRU_HASH;
+    use proxy_common::{CT_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED};
+
+    use super::*;
+
+    /// A directory of bpffs for this test's pins, removed with them however it ends.
+    struct Pins(PathBuf);
+
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-    if full > 0 {
-        warn!(
-            "conntrack map {name} full: {full} entries of the LRU map of an earlier agent left \
-             out (their flows will be balanced anew); --map-size {name}= larger keeps them"
-        );
+
+    fn key(i: u8) -> CtKey {
+        CtKey {
+            src: [10, 1, 0, i],
+            dst: [10, 96, 0, 10],
+            sport: 40000,
+            dport: 80,
+            proto: 6,
+            ..CtKey::default()
+        }
     }
-    Ok(copied)
+
+    fn entry(backend: u8, state: u8, last_seen_ns: u64) -> CtEntry {
+        CtEntry {
+            nat_addr: [10, 244, 1, backend],
+            nat_port: 8080,
+            direction: CT_FORWARD,
+            state,
+            last_seen_ns,
+            ..CtEntry::default()
+        }
+    }
+
+    /// Real kernel maps (the tests run as root), changed between the two copies as the old
+    /// and the new programs would change them.
+    #[test]
+    fn the_last_copy_replays_the_old_programs_changes_onto_entries_the_new_ones_left() {
+        let pins = Pins(PathBuf::from(format!(
+            "/sys/fs/bpf/proxy-test-ct-upgrade-{}",
+            std::process::id()
+        )));
+        std::fs::create_dir_all(&pins.0).unwrap();
+        let lru = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_LRU_HASH as u32,
+            size_of::<CtKey>() as u32,
+            size_of::<CtEntry>() as u32,
+            64,
+            0,
+        );
+        MapData::create(lru, "conntrack", None)
+            .unwrap()
+            .pin(pins.0.join(maps::CONNTRACK))
+            .unwrap();
+        let mut old: HashMap<MapData, CtKey, CtEntry> =
+            crate::maps::open(&pins.0, maps::CONNTRACK).unwrap();
+        for i in 1..=4 {
+            old.insert(key(i), entry(1, CT_STATE_ESTABLISHED, 100), 0)
+                .unwrap();
+        }
+
+        let (mut upgrade, capacities) = CtUpgrade::prepare(&pins.0).unwrap();
+        assert_eq!(capacities, [(maps::CONNTRACK, 64)]);
+        assert!(!pins.0.join(maps::CONNTRACK).exists());
+        // What the loader does: a hash map as large, pinned where the old one was.
+        let new: HashMap<MapData, CtKey, CtEntry> = HashMap::create(64, 0).unwrap();
+        aya::maps::IterableMap::map(&new)
+            .pin(pins.0.join(maps::CONNTRACK))
+            .unwrap();
+        let mut new: HashMap<MapData, CtKey, CtEntry> =
+            crate::maps::open(&pins.0, maps::CONNTRACK).unwrap();
+        upgrade.copy().unwrap();
+        assert_eq!(new.keys().count(), 4);
+
+        // The old programs, until replaced: flow 2 closes, flow 3 and flow 4 see packets,
+        // flow 5 starts.
+        let mut old: HashMap<MapData, CtKey, CtEntry> =
+            crate::maps::open(&pins.0, &aside_name(maps::CONNTRACK)).unwrap();
+        old.insert(key(2), entry(1, CT_STATE_CLOSING, 200), 0)
+            .unwrap();
+        old.insert(key(3), entry(1, CT_STATE_ESTABLISHED, 200), 0)
+            .unwrap();
+        old.insert(key(4), entry(1, CT_STATE_ESTABLISHED, 200), 0)
+            .unwrap();
+        old.insert(key(5), entry(2, CT_STATE_ESTABLISHED, 200), 0)
+            .unwrap();
+        // The new programs, meanwhile: flow 3 sees a later packet, flow 4's entry is
+        // removed (a new connection on its tuple retired it), flow 6 starts.
+        new.insert(key(3), entry(1, CT_STATE_ESTABLISHED, 300), 0)
+            .unwrap();
+        new.remove(&key(4)).unwrap();
+        new.insert(key(6), entry(3, CT_STATE_ESTABLISHED, 300), 0)
+            .unwrap();
+
+        upgrade.finish().unwrap();
+        let get = |i| new.get(&key(i), 0).ok();
+        assert_eq!(
+            get(1),
+            Some(entry(1, CT_STATE_ESTABLISHED, 100)),
+            "unchanged"
+        );
+        assert_eq!(
+            get(2),
+            Some(entry(1, CT_STATE_CLOSING, 200)),
+            "closed by the old"
+        );
+        assert_eq!(
+            get(3),
+            Some(entry(1, CT_STATE_ESTABLISHED, 300)),
+            "the new's is newer"
+        );
+        assert_eq!(
+            get(4),
+            None,
+            "removed by the new programs, not brought back"
+        );
+        assert_eq!(
+            get(5),
+            Some(entry(2, CT_STATE_ESTABLISHED, 200)),
+            "started in the old"
+        );
+        assert_eq!(
+            get(6),
+            Some(entry(3, CT_STATE_ESTABLISHED, 300)),
+            "started in the new"
+        );
+        assert!(!pins.0.join(aside_name(maps::CONNTRACK)).exists());
+    }
 }

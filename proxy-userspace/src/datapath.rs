@@ -227,7 +227,7 @@ impl Datapath {
                     .with_context(|| format!("removing the retired pin {}", path.display()));
             }
         }
-        let (upgrade, capacities) = CtUpgrade::prepare(bpffs)?;
+        let (mut upgrade, capacities) = CtUpgrade::prepare(bpffs)?;
         for (name, capacity) in capacities {
             loader.map_max_entries(name, capacity);
         }

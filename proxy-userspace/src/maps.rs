@@ -53,6 +53,8 @@ pub struct Maps {
 
 /// `BPF_NOEXIST` (linux/bpf.h): insert only if the key is absent.
 pub const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST` (linux/bpf.h): replace only if the key is present.
+pub const BPF_EXIST: u64 = 2;
 
 /// Opens the map `name` pinned under `dir`, as type `T`.
 pub fn open<T>(dir: &Path, name: &str) -> anyhow::Result<T>
