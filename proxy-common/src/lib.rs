@@ -271,7 +271,7 @@ pub const CT_FLAG_PASS: u8 = 2;
 /// A conntrack entry. A translated flow has two: `CT_FORWARD` under the client's tuple and
 /// `CT_REPLY` under the backend's reply tuple.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtEntryOf<A> {
     /// FORWARD: the backend to DNAT to. REPLY: the service address to restore as source.
     pub nat_addr: A,

@@ -13,7 +13,8 @@
 //! one, which does the same.
 use std::{
     collections::HashMap as StdHashMap,
-    hash::Hash,
+    hash::{DefaultHasher, Hash, Hasher as _},
+    marker::PhantomData,
     path::{Path, PathBuf},
 };
 
@@ -95,19 +96,22 @@ impl CtUpgrade {
 
 type CtMap<K, V> = HashMap<MapData, K, V>;
 
-/// One conntrack map whose entries are moving, and its old map's entries as `copy` found
-/// them.
+/// One conntrack map whose entries are moving, and a fingerprint of each entry of its old
+/// map as `copy` found it (a hash rather than the entry: half the memory, which an agent
+/// needs most at an upgrade of a busy node).
 struct Moving<K, V> {
     name: &'static str,
-    copied: StdHashMap<K, V>,
+    copied: StdHashMap<K, u64>,
+    entries: PhantomData<V>,
 }
 
-impl<K: Pod + Eq + Hash, V: Pod + PartialEq> Moving<K, V> {
+impl<K: Pod + Eq + Hash, V: Pod + Hash> Moving<K, V> {
     /// The map `name`, if its old map is aside.
     fn aside(bpffs: &Path, name: &'static str) -> Option<Self> {
         bpffs.join(aside_name(name)).exists().then(|| Self {
             name,
             copied: StdHashMap::new(),
+            entries: PhantomData,
         })
     }
 
@@ -119,15 +123,14 @@ impl<K: Pod + Eq + Hash, V: Pod + PartialEq> Moving<K, V> {
 
     fn copy(&mut self, bpffs: &Path) -> anyhow::Result<()> {
         let (old, mut new) = self.maps(bpffs)?;
-        self.copied = crate::map_batch::read_all(&old)
-            .with_context(|| format!("reading the map {}", aside_name(self.name)))?
-            .into_iter()
-            .collect();
+        let entries = crate::map_batch::read_all(&old)
+            .with_context(|| format!("reading the map {}", aside_name(self.name)))?;
         let written = write(
             &mut new,
             self.name,
-            self.copied.iter().map(|(k, v)| (k, v, false)),
+            entries.iter().map(|(k, v)| (k, v, false)),
         )?;
+        self.copied = entries.iter().map(|(k, v)| (*k, fingerprint(v))).collect();
         info!(
             "conntrack map {}: {written} entries copied from the LRU map of an earlier agent",
             self.name
@@ -139,30 +142,39 @@ impl<K: Pod + Eq + Hash, V: Pod + PartialEq> Moving<K, V> {
     /// Only onto entries the new programs have left as `copy` wrote them (or absent, as they
     /// were): whatever those recorded since is newer. A flow the old map lost meanwhile
     /// (closed, or evicted by the LRU) stays in the new map, whose GC removes it once it
-    /// has ended: an LRU evicts live flows too.
+    /// has ended: an LRU evicts live flows too. The old map is read a chunk at a time.
     fn finish(self, bpffs: &Path) -> anyhow::Result<()> {
         let (old, mut new) = self.maps(bpffs)?;
-        let now = crate::map_batch::read_all(&old)
-            .with_context(|| format!("reading the map {}", aside_name(self.name)))?;
         let mut replayed = Vec::new();
-        for (key, entry) in &now {
-            let copied = self.copied.get(key);
-            if copied == Some(entry) {
-                continue;
-            }
-            let current = match new.get(key, 0) {
-                Ok(current) => Some(current),
-                Err(MapError::KeyNotFound) => None,
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("reading an entry of the map {}", self.name));
+        let mut failed = None;
+        crate::map_batch::for_each_chunk(&old, |keys, entries| {
+            for (key, entry) in keys.iter().zip(entries) {
+                let copied = self.copied.get(key).copied();
+                if copied == Some(fingerprint(entry)) {
+                    continue;
                 }
-            };
-            if current.as_ref() == copied {
-                replayed.push((key, entry, current.is_some()));
+                let current = match new.get(key, 0) {
+                    Ok(current) => Some(current),
+                    Err(MapError::KeyNotFound) => None,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        continue;
+                    }
+                };
+                if current.as_ref().map(fingerprint) == copied {
+                    replayed.push((*key, *entry, current.is_some()));
+                }
             }
+        })
+        .with_context(|| format!("reading the map {}", aside_name(self.name)))?;
+        if let Some(e) = failed {
+            return Err(e).with_context(|| format!("reading an entry of the map {}", self.name));
         }
-        let written = write(&mut new, self.name, replayed.into_iter())?;
+        let written = write(
+            &mut new,
+            self.name,
+            replayed.iter().map(|(k, v, replace)| (k, v, *replace)),
+        )?;
         let old_pin = bpffs.join(aside_name(self.name));
         std::fs::remove_file(&old_pin)
             .with_context(|| format!("removing the pin {}", old_pin.display()))?;
@@ -173,6 +185,15 @@ impl<K: Pod + Eq + Hash, V: Pod + PartialEq> Moving<K, V> {
         );
         Ok(())
     }
+}
+
+/// A 64-bit hash of `entry`, the same for equal entries across calls (`DefaultHasher::new`
+/// has fixed keys): two different entries taken for equal are vanishingly rare, and only
+/// leave a change of the old programs unreplayed.
+fn fingerprint<V: Hash>(entry: &V) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    entry.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Writes `entries` into the map `name`: each an insert, or with `true` a replacement of
