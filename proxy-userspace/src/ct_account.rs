@@ -102,11 +102,11 @@ impl Drop for CtAccount {
     }
 }
 
-/// Entries the datapath dropped to make room since the map was created, at least, given the account read
-/// `before` and `after` counting `counted` entries in the map. Entries made during the
-/// count may be missing from it and entries removed during it may be in it, so this takes
-/// the creations from before and the deletions from after: never more than the truth,
-/// and exactly it when the map was quiet.
+/// Entries the datapath dropped to make room since the map was created, at least, given
+/// the account read `before` and `after` counting `counted` entries in the map. Entries
+/// made during the count may be missing from it and entries removed during it may be in
+/// it, so this takes the creations from before and the deletions from after: never more
+/// than the truth, and exactly it when the map was quiet.
 pub fn evicted(before: CtStats, after: CtStats, counted: u64) -> u64 {
     before
         .created

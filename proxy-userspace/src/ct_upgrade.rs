@@ -317,27 +317,25 @@ mod tests {
         assert_eq!(capacities, [(maps::CONNTRACK, 64)]);
         assert!(!pins.0.join(maps::CONNTRACK).exists());
         // What the loader does: a hash map as large, pinned where the old one was.
-        let new: HashMap<MapData, CtKey, CtEntry> = HashMap::create(64, 0).unwrap();
+        let mut new: HashMap<MapData, CtKey, CtEntry> = HashMap::create(64, 0).unwrap();
         aya::maps::IterableMap::map(&new)
             .pin(pins.0.join(maps::CONNTRACK))
             .unwrap();
-        let mut new: HashMap<MapData, CtKey, CtEntry> =
-            crate::maps::open(&pins.0, maps::CONNTRACK).unwrap();
         upgrade.copy().unwrap();
         assert_eq!(new.keys().count(), 4);
 
-        // The old programs, until replaced: flow 2 closes, flow 3 and flow 4 see packets,
-        // flow 5 starts.
+        // The old programs, until replaced: flow 2 closes, flows 3 and 4 see packets, flow
+        // 5 starts.
         let mut old: HashMap<MapData, CtKey, CtEntry> =
             crate::maps::open(&pins.0, &aside_name(maps::CONNTRACK)).unwrap();
-        old.insert(key(2), entry(1, CT_STATE_CLOSING, 200), 0)
-            .unwrap();
-        old.insert(key(3), entry(1, CT_STATE_ESTABLISHED, 200), 0)
-            .unwrap();
-        old.insert(key(4), entry(1, CT_STATE_ESTABLISHED, 200), 0)
-            .unwrap();
-        old.insert(key(5), entry(2, CT_STATE_ESTABLISHED, 200), 0)
-            .unwrap();
+        for (i, state, backend) in [
+            (2, CT_STATE_CLOSING, 1),
+            (3, CT_STATE_ESTABLISHED, 1),
+            (4, CT_STATE_ESTABLISHED, 1),
+            (5, CT_STATE_ESTABLISHED, 2),
+        ] {
+            old.insert(key(i), entry(backend, state, 200), 0).unwrap();
+        }
         // The new programs, meanwhile: flow 3 sees a later packet, flow 4's entry is
         // removed (a new connection on its tuple retired it), flow 6 starts.
         new.insert(key(3), entry(1, CT_STATE_ESTABLISHED, 300), 0)
@@ -347,37 +345,21 @@ mod tests {
             .unwrap();
 
         upgrade.finish().unwrap();
-        let get = |i| new.get(&key(i), 0).ok();
-        assert_eq!(
-            get(1),
-            Some(entry(1, CT_STATE_ESTABLISHED, 100)),
-            "unchanged"
-        );
-        assert_eq!(
-            get(2),
-            Some(entry(1, CT_STATE_CLOSING, 200)),
-            "closed by the old"
-        );
-        assert_eq!(
-            get(3),
-            Some(entry(1, CT_STATE_ESTABLISHED, 300)),
-            "the new's is newer"
-        );
-        assert_eq!(
-            get(4),
-            None,
-            "removed by the new programs, not brought back"
-        );
-        assert_eq!(
-            get(5),
-            Some(entry(2, CT_STATE_ESTABLISHED, 200)),
-            "started in the old"
-        );
-        assert_eq!(
-            get(6),
-            Some(entry(3, CT_STATE_ESTABLISHED, 300)),
-            "started in the new"
-        );
+        let established = |backend, at| Some(entry(backend, CT_STATE_ESTABLISHED, at));
+        for (i, expected, why) in [
+            (1, established(1, 100), "unchanged"),
+            (
+                2,
+                Some(entry(1, CT_STATE_CLOSING, 200)),
+                "closed by the old programs",
+            ),
+            (3, established(1, 300), "the new programs' change is newer"),
+            (4, None, "removed by the new programs, not brought back"),
+            (5, established(2, 200), "started under the old programs"),
+            (6, established(3, 300), "started under the new programs"),
+        ] {
+            assert_eq!(new.get(&key(i), 0).ok(), expected, "flow {i}: {why}");
+        }
         assert!(!pins.0.join(aside_name(maps::CONNTRACK)).exists());
     }
 }
