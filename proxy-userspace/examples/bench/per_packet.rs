@@ -1,6 +1,7 @@
 //! Per-packet cost of the tc ingress program with `BPF_PROG_TEST_RUN`, for each address
 //! family: a TCP SYN to the last of N services (conntrack miss: a new client per run) and an
-//! established flow's segment (conntrack hit), against an empty classifier run the same way.
+//! established flow's segment (conntrack hit), against an empty classifier run the same way;
+//! and first packets in repeat mode, along a chain of services (`first_packet_repeat`).
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -144,12 +145,23 @@ where
     CtKeyOf<A>: Pod,
     CtEntryOf<A>: Pod,
 {
+    services::<A>(n, |i| (1..=3).map(|b| (A::backend(i, b), 8080)).collect())
+}
+
+/// `n` services of the family (TCP port 80), service `i`'s backends (address, TCP port)
+/// `backends(i)`.
+fn services<A: Measured>(n: usize, backends: impl Fn(usize) -> Vec<(A, u16)>) -> DesiredState
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
     (0..n)
         .map(|i| {
-            let backends = (1..=3)
-                .map(|b| Backend {
-                    addr: A::backend(i, b).into(),
-                    port: 8080,
+            let backends = backends(i)
+                .into_iter()
+                .map(|(addr, port)| Backend {
+                    addr: addr.into(),
+                    port,
                     proto: 6,
                     flags: 0,
                 })
@@ -194,18 +206,24 @@ fn mean_ns(
 /// figure was one batch) does not make it.
 pub const REPEAT_BATCHES: u32 = 5;
 
-/// Run time, in ns, of `program` run `repeat` times in a row on `packet` by the kernel, in
-/// `REPEAT_BATCHES` batches (one timer around each, caches warm): the mean of the median
-/// batch, the steady cost of a packet. The kernel runs every repetition on the same buffer,
-/// so the packet must come out as it went in.
-fn repeat_ns(program: &SchedClassifier, repeat: u32, packet: &[u8]) -> anyhow::Result<f64> {
-    let mut means = Vec::with_capacity(REPEAT_BATCHES as usize);
-    for _ in 0..REPEAT_BATCHES {
+/// Run time, in ns, of `program` run `repeat` times in a row by the kernel, in `batches`
+/// batches (one timer around each, caches warm), batch `b` on `packet(b)`: the mean of the
+/// median batch. The kernel runs every repetition of a batch on the same buffer, as the one
+/// before left it.
+fn repeat_ns(
+    program: &SchedClassifier,
+    batches: u32,
+    repeat: u32,
+    packet: impl Fn(u32) -> Vec<u8>,
+) -> anyhow::Result<f64> {
+    let mut means = Vec::with_capacity(batches as usize);
+    for b in 0..batches {
+        let data = packet(b);
         let mut out = vec![0u8; 256];
         let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
+        opts.data_in = Some(&data);
         opts.data_out = Some(&mut out);
-        opts.repeat = (repeat / REPEAT_BATCHES).max(1);
+        opts.repeat = repeat;
         let run = program.test_run(opts).context("BPF_PROG_TEST_RUN")?;
         means.push(run.duration.as_nanos() as f64);
     }
@@ -259,26 +277,16 @@ where
         std::process::id(),
         A::LABEL
     )));
-    let mut datapath = Datapath::load(&pins.0, &[])?;
-    let mut reconciler = Reconciler::adopt(Maps::open(&pins.0)?)?;
-    let report = reconciler.apply(&desired::<A>(n));
-    ensure!(
-        report.errors.is_empty() && report.keys.changed == n,
-        "programming {n} {} services: {:?}",
-        A::LABEL,
-        report.errors.first().map(|e| format!("{:#}", e.1))
-    );
-    // First packets are measured around a half-full conntrack map: each run adds two
-    // entries, so the runs start that far below half and end as far above it.
+    let mut datapath = programmed::<A>(&pins.0, &desired::<A>(n))?;
     let capacity = A::CONNTRACK_CAPACITY as usize;
     let first_runs = first_packet_runs::<A>(runs);
-    let start = capacity / 2 - first_runs as usize;
-    fill_conntrack::<A>(&pins.0, start)?;
+    let start = fill_below_half::<A>(&pins.0, first_runs as usize)?;
     let last = A::vip(n - 1);
     let syn = |i| A::tcp_frame(A::client(i), last, SYN);
     let baseline = datapath.load_classifier("proxy_bench_baseline")?;
     let baseline_ns = mean_ns(baseline, runs, syn)?;
-    let repeat_baseline_ns = repeat_ns(baseline, runs, &syn(0))?;
+    let per_batch = (runs / REPEAT_BATCHES).max(1);
+    let repeat_baseline_ns = repeat_ns(baseline, REPEAT_BATCHES, per_batch, |_| syn(0))?;
     let ingress = datapath.load_classifier("proxy_ingress")?;
     // A new client every run: conntrack miss, backend selection, two conntrack inserts.
     let miss_ns = mean_ns(ingress, first_runs, syn)?;
@@ -310,7 +318,9 @@ where
         },
         0,
     )?;
-    let repeat_hit_ns = repeat_ns(ingress, runs, &A::tcp_frame(client, last, ACK))?;
+    let repeat_hit_ns = repeat_ns(ingress, REPEAT_BATCHES, per_batch, |_| {
+        A::tcp_frame(client, last, ACK)
+    })?;
     Ok(Datapoint {
         baseline_ns,
         miss_ns,
@@ -321,6 +331,90 @@ where
         conntrack_fill: middle as f64 / capacity as f64,
         map_bytes: map_memory(&pins.0)?,
     })
+}
+
+/// Services in the chain that first packets are measured in repeat mode along: few enough
+/// that their own map entries stay in the caches, as the single runs' one service's do.
+pub const CHAIN: u32 = 100;
+
+/// First packets in repeat mode, the program's code and the services' entries in the
+/// caches as on a node taking new flows one after another.
+pub struct ChainPoint {
+    /// The empty program, run the same way.
+    pub baseline_ns: f64,
+    pub first_ns: f64,
+    /// Conntrack fill (entries / capacity) halfway through.
+    pub conntrack_fill: f64,
+}
+
+/// First packets of family `A` in repeat mode, as many as single runs measure
+/// (`first_packet_runs`). Each service of a chain of `CHAIN` has one backend, the next
+/// service's address (port 80), so that each repetition's packet, as the one before
+/// translated it, is the first packet of a flow to the next service: lookups that miss, a
+/// backend chosen, two conntrack entries made, the packet translated. Each batch sends a
+/// client of its own along the chain, around a half-full conntrack map.
+pub fn first_packet_repeat<A: Measured>(runs: u32) -> anyhow::Result<ChainPoint>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/proxy-bench-chain-{}-{}",
+        std::process::id(),
+        A::LABEL
+    )));
+    let chain = services::<A>(CHAIN as usize, |i| vec![(A::vip(i + 1), 80)]);
+    let mut datapath = programmed::<A>(&pins.0, &chain)?;
+    let batches = first_packet_runs::<A>(runs) / CHAIN;
+    let first_packets = (batches * CHAIN) as usize;
+    let start = fill_below_half::<A>(&pins.0, first_packets)?;
+    let syn = |b| A::tcp_frame(A::client(b), A::vip(0), SYN);
+    let baseline = datapath.load_classifier("proxy_bench_baseline")?;
+    let baseline_ns = repeat_ns(baseline, batches, CHAIN, syn)?;
+    let ingress = datapath.load_classifier("proxy_ingress")?;
+    let first_ns = repeat_ns(ingress, batches, CHAIN, syn)?;
+    let conntrack: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> =
+        proxy::maps::open(&pins.0, A::CONNTRACK)?;
+    let entries = proxy::map_batch::count(&conntrack)? as usize;
+    ensure!(
+        entries == start + 2 * first_packets,
+        "{} chain: {entries} conntrack entries after {first_packets} first packets into \
+         {start}: not every repetition made a flow",
+        A::LABEL
+    );
+    Ok(ChainPoint {
+        baseline_ns,
+        first_ns,
+        conntrack_fill: (start + first_packets) as f64 / A::CONNTRACK_CAPACITY as f64,
+    })
+}
+
+/// The datapath loaded with its maps pinned in `dir`, `services` of family `A` programmed.
+fn programmed<A: Measured>(dir: &Path, services: &DesiredState) -> anyhow::Result<Datapath> {
+    let datapath = Datapath::load(dir, &[])?;
+    let mut reconciler = Reconciler::adopt(Maps::open(dir)?)?;
+    let report = reconciler.apply(services);
+    ensure!(
+        report.errors.is_empty() && report.keys.changed == services.len(),
+        "programming {} {} services: {:?}",
+        services.len(),
+        A::LABEL,
+        report.errors.first().map(|e| format!("{:#}", e.1))
+    );
+    Ok(datapath)
+}
+
+/// Fills family `A`'s conntrack map (`fill_conntrack`) so that `first_packets`, two entries
+/// each, are measured around half of it: they start that far below half and end as far
+/// above. Returns the entries filled.
+fn fill_below_half<A: Measured>(dir: &Path, first_packets: usize) -> anyhow::Result<usize>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    let start = A::CONNTRACK_CAPACITY as usize / 2 - first_packets;
+    fill_conntrack::<A>(dir, start)?;
+    Ok(start)
 }
 
 /// The forward conntrack key of `client`'s TCP flow (`tcp_frame`) to `service`.
