@@ -875,7 +875,10 @@ fn main() -> anyhow::Result<()> {
         ("IPv4", first_packet_repeat::<[u8; 4]>(args.runs)?),
         ("IPv6", first_packet_repeat::<[u8; 16]>(args.runs)?),
     ];
-    for v in chains.iter().flat_map(|(_, c)| [c.baseline_ns, c.first_ns]) {
+    for v in chains
+        .iter()
+        .flat_map(|(_, c)| [c.baseline_ns, c.first_ns, c.churned_ns])
+    {
         ensure!(
             v.is_finite() && v > 0.0,
             "a measurement is not a positive number: {v}"
@@ -994,17 +997,21 @@ fn main() -> anyhow::Result<()> {
          program's code and the services' entries stay in the caches, as on a node taking new \
          flows one after another; the conntrack buckets do not, as in any map of that size. \
          \"Above\" is the difference from the empty program run the same way.\n\n\
-         | family | empty program, repeat (ns) | first packet, repeat (ns; above empty; conntrack fill) |\n\
-         | --- | ---: | ---: |\n",
+         *After churn*: as many again, of new clients, once the first ones' entries have been \
+         freed as the GC frees them, as in the single runs.\n\n\
+         | family | empty program, repeat (ns) | first packet, repeat (ns; above empty; conntrack fill) | first packet after churn, repeat (ns; above empty) |\n\
+         | --- | ---: | ---: | ---: |\n",
         per_packet::CHAIN,
     );
     for (family, c) in &chains {
         md += &format!(
-            "| {family} | {:.0} | {:.0} ({:.0}; {:.0}%) |\n",
+            "| {family} | {:.0} | {:.0} ({:.0}; {:.0}%) | {:.0} ({:.0}) |\n",
             c.baseline_ns,
             c.first_ns,
             c.first_ns - c.baseline_ns,
-            c.conntrack_fill * 100.0
+            c.conntrack_fill * 100.0,
+            c.churned_ns,
+            c.churned_ns - c.baseline_ns,
         );
     }
     md += "\n**New connections end to end** to the last service (sequential TCP connect, one exchange, close; connections/s, median first-packet latency (connect), and the rate as a ratio of connecting to the pod directly; each data path from a client pod of its own). The last column is the tc programs' own cost on that real traffic, kernel-measured (`BPF_ENABLE_STATS`): mean ns per run, ingress and egress, over every packet of the tc path's run:\n\n\

@@ -296,7 +296,8 @@ where
     let middle = (start as u64 + proxy::map_batch::count(&conntrack)?) / 2;
     // As in steady state: the flows end, the GC frees their entries, and new ones (the same
     // number again, from new clients) take them, around the same fill.
-    free_as_gc::<A>(&mut conntrack, (0..first_runs).map(A::client), last)?;
+    let flows = (0..first_runs).map(|i| (A::client(i), last));
+    free_as_gc::<A>(&mut conntrack, flows)?;
     let churned_miss_ns = mean_ns(ingress, first_runs, |i| syn(first_runs + i))?;
     // An established flow: its SYN made the entries, its segments hit them.
     let client = A::client(1 << 20);
@@ -343,6 +344,8 @@ pub struct ChainPoint {
     /// The empty program, run the same way.
     pub baseline_ns: f64,
     pub first_ns: f64,
+    /// First packets again after the GC freed the first ones' entries (`free_as_gc`).
+    pub churned_ns: f64,
     /// Conntrack fill (entries / capacity) halfway through.
     pub conntrack_fill: f64,
 }
@@ -373,18 +376,32 @@ where
     let baseline_ns = repeat_ns(baseline, batches, CHAIN, syn)?;
     let ingress = datapath.load_classifier("proxy_ingress")?;
     let first_ns = repeat_ns(ingress, batches, CHAIN, syn)?;
-    let conntrack: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> =
+    let mut conntrack: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> =
         proxy::maps::open(&pins.0, A::CONNTRACK)?;
-    let entries = proxy::map_batch::count(&conntrack)? as usize;
-    ensure!(
-        entries == start + 2 * first_packets,
-        "{} chain: {entries} conntrack entries after {first_packets} first packets into \
-         {start}: not every repetition made a flow",
-        A::LABEL
-    );
+    let made = |conntrack: &HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>| -> anyhow::Result<()> {
+        let entries = proxy::map_batch::count(conntrack)? as usize;
+        ensure!(
+            entries == start + 2 * first_packets,
+            "{} chain: {entries} conntrack entries after {first_packets} first packets into \
+             {start}: not every repetition made a flow",
+            A::LABEL
+        );
+        Ok(())
+    };
+    made(&conntrack)?;
+    // After churn, as the single runs: the flows freed as the GC frees them, then as many
+    // again from new clients.
+    let flows = (0..batches).flat_map(|b| (0..CHAIN as usize).map(move |i| (b, i)));
+    free_as_gc::<A>(
+        &mut conntrack,
+        flows.map(|(b, i)| (A::client(b), A::vip(i))),
+    )?;
+    let churned_ns = repeat_ns(ingress, batches, CHAIN, |b| syn(batches + b))?;
+    made(&conntrack)?;
     Ok(ChainPoint {
         baseline_ns,
         first_ns,
+        churned_ns,
         conntrack_fill: (start + first_packets) as f64 / A::CONNTRACK_CAPACITY as f64,
     })
 }
@@ -430,22 +447,21 @@ fn forward_key<A: Measured>(client: A, service: A) -> CtKeyOf<A> {
     }
 }
 
-/// Removes the flows of `clients` to `service` (port 80) from the conntrack map as the
+/// Removes the flows of `(client, service)` pairs (port 80) from the conntrack map as the
 /// agent's GC removes expired flows: both entries of each, one at a time, in the random order
 /// of a `std` hash map (`proxy::conntrack::collect_garbage`). The map's free entries are then
 /// scattered over its memory, as in a map that has run for a while, where a fresh one hands
 /// them out in the order they lie.
 fn free_as_gc<A: Measured>(
     conntrack: &mut HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
-    clients: impl Iterator<Item = A>,
-    service: A,
+    flows: impl Iterator<Item = (A, A)>,
 ) -> anyhow::Result<()>
 where
     CtKeyOf<A>: Pod,
     CtEntryOf<A>: Pod,
 {
     let mut keys = std::collections::HashSet::new();
-    for client in clients {
+    for (client, service) in flows {
         let forward = forward_key(client, service);
         let entry = conntrack
             .get(&forward, 0)
