@@ -5,7 +5,8 @@
 //! `vhI`. A two-node world adds `ext`, an outside client on a LAN (a bridge in `ext`,
 //! 192.168.50.0/24) with each node's `eth0`: node-a is 192.168.50.1, node-b .2, ext .100;
 //! ext routes `EXTERNAL_NET` (external and load-balancer IPs) to node-a, and each node
-//! routes the other's pod subnets to it. No namespace has a route to the host's
+//! routes the other's pod subnets to it (`client_behind_ext` moves the client a routed hop
+//! away, behind ext). No namespace has a route to the host's
 //! interfaces; each node's socket hooks attach to a cgroup made for the test and its maps
 //! are pinned in a directory of its own. Everything is torn down on drop, also when the
 //! test fails.
@@ -99,6 +100,14 @@ pub const EXTERNAL_NET: &str = "203.0.113.0/24";
 pub const EXTERNAL_NET6: &str = "2001:db8:203::/64";
 /// ext's address on the LAN of a two-node world.
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
+/// The LAN of a two-node world.
+const LAN_NET: &str = "192.168.50.0/24";
+/// The subnet between ext and an outside client behind it (`client_behind_ext`), and ext's
+/// address there.
+const CLIENT_NET: &str = "192.168.60.0/24";
+const CLIENT_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
+/// The address of an outside client behind ext (`client_behind_ext`).
+pub const ROUTED_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 2);
 
 /// Host `host` of the LAN's IPv6 prefix (fd00:50::/64): node-a is 1, node-b 2, ext 100.
 pub const fn lan6(host: u16) -> Ipv6Addr {
@@ -185,6 +194,8 @@ pub struct World {
     pub pods: Vec<Pod>,
     /// The outside client's namespace, in a two-node world.
     pub ext: Option<String>,
+    /// Where `probe_ext` runs when not in ext: behind it (`client_behind_ext`).
+    ext_client: Option<String>,
     pub dir: PathBuf,
     netns: Vec<String>,
     children: Vec<Child>,
@@ -269,6 +280,7 @@ impl World {
             nodes: Vec::new(),
             pods: Vec::new(),
             ext: None,
+            ext_client: None,
             dir,
             netns: Vec::new(),
             children: Vec::new(),
@@ -599,6 +611,50 @@ impl World {
             .collect())
     }
 
+    /// Moves the outside client of a two-node world one routed hop from the LAN, over
+    /// IPv4: into a namespace of its own behind ext (`ROUTED_CLIENT_IP`), which forwards,
+    /// with routes through ext to the LAN, the pods and the external IPs; `probe_ext` runs
+    /// there from then on. A client on ext itself hands the nodes the very buffers its TCP
+    /// keeps for retransmission (a veth passes them on as they are): a tc program that
+    /// writes to a packet copies it first, within its run, and XDP's copy comes before the
+    /// program runs. Forwarded, as from a NIC, a packet arrives in a buffer of its own.
+    pub fn client_behind_ext(&mut self) -> anyhow::Result<()> {
+        let ext = self
+            .ext
+            .clone()
+            .context("this world has no ext namespace")?;
+        let client = format!("{ext}-client");
+        self.add_netns(&client)?;
+        ip(&[
+            "-n", &ext, "link", "add", "client", "type", "veth", "peer", "name", "eth0", "netns",
+            &client,
+        ])?;
+        let (gateway, at) = (CLIENT_GATEWAY.to_string(), format!("{ROUTED_CLIENT_IP}/24"));
+        let at_gateway = format!("{gateway}/24");
+        ip(&["-n", &ext, "addr", "add", &at_gateway, "dev", "client"])?;
+        ip(&["-n", &ext, "link", "set", "client", "up"])?;
+        ip(&["-n", &client, "addr", "add", &at, "dev", "eth0"])?;
+        ip(&["-n", &client, "link", "set", "eth0", "up"])?;
+        for to in [LAN_NET, "10.244.0.0/16", EXTERNAL_NET] {
+            ip(&["-n", &client, "route", "add", to, "via", &gateway])?;
+        }
+        let forward = [
+            "netns",
+            "exec",
+            &ext,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ];
+        run(Command::new("ip").args(forward))?;
+        let via = EXT_IP.to_string();
+        for node in &self.nodes {
+            ip(&["-n", &node.netns, "route", "add", CLIENT_NET, "via", &via])?;
+        }
+        self.ext_client = Some(client);
+        Ok(())
+    }
+
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
         ip(&["netns", "add", name])?;
         self.netns.push(name.to_owned());
@@ -847,15 +903,16 @@ impl World {
         cmd
     }
 
-    /// Runs a netprobe client in ext, the outside client of a two-node world; returns its
-    /// JSON lines.
+    /// Runs a netprobe client in ext, the outside client of a two-node world (or behind it,
+    /// `client_behind_ext`); returns its JSON lines.
     pub fn probe_ext(&self, args: &[&str]) -> anyhow::Result<Vec<Value>> {
-        let ext = self
-            .ext
+        let client = self
+            .ext_client
             .as_deref()
+            .or(self.ext.as_deref())
             .context("this world has no ext namespace")?;
         let out = run(Command::new(&self.bins.netprobe)
-            .args(["--netns", ext])
+            .args(["--netns", client])
             .args(args))?;
         out.lines()
             .map(|l| serde_json::from_str(l).with_context(|| format!("bad netprobe line {l:?}")))

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{Agent, BACKEND_PORT, EXT_IP, World, lan6};
+use proxy::testbed::{Agent, BACKEND_PORT, EXT_IP, ROUTED_CLIENT_IP, World, lan6};
 use serde_json::Value;
 
 const CLUSTER_IP: &str = "10.96.0.20";
@@ -132,6 +132,24 @@ fn node_port_masquerades(world: &World, node: IpAddr, client: IpAddr, pods: [&st
     let [local, remote] = pods;
     assert_all(&seen[local], client, &format!("{local} via {node}"));
     assert_all(&seen[remote], node, &format!("{remote} via {node}"));
+}
+
+/// A client a routed hop away, behind ext: node-a sends the answers it translates back
+/// through ext, the route's gateway; the local pod sees the client's own address, the
+/// remote one node-a's.
+#[test]
+fn a_client_behind_a_router_reaches_a_node_port() {
+    for mode in [Mode::Tc, Mode::XdpGeneric] {
+        eprintln!("{mode:?}");
+        let endpoints = [
+            (world_pod(1), "node-a", true),
+            (world_pod(2), "node-b", true),
+        ];
+        let (mut world, _agents) = cluster(&manifest("", "", &endpoints), mode);
+        world.client_behind_ext().unwrap();
+        let pods = ["pod-a", "pod-b"];
+        node_port_masquerades(&world, NODE_A.into(), ROUTED_CLIENT_IP.into(), pods);
+    }
 }
 
 /// `proxyctl conntrack` on node-a shows masqueraded flows, as `node` and a port of the

@@ -1,7 +1,7 @@
-//! External traffic: a client outside the cluster (`ext`) reaches a NodePort on node-a whose
-//! only backend is a pod on node-b, so every connection is masqueraded by node-a; through
-//! kube-proxy's iptables rules, our tc path, and our XDP fast path in generic and native
-//! mode. The baseline is the same client reaching the pod routed by node-b, without NAT.
+//! External traffic: a client outside the cluster (behind `ext`, which routes) reaches a
+//! NodePort on node-a whose only backend is a pod on node-b, so every connection is
+//! masqueraded by node-a; through kube-proxy's iptables rules, our tc path, and our XDP fast
+//! path in generic and native mode. The baseline is the same client reaching the pod routed by node-b, without NAT.
 //!
 //! Everything runs on one CPU: client, server and the softirqs their packets raise. The
 //! figures are then the CPU cost of the path; across CPUs, the wake-ups between client and
@@ -171,6 +171,8 @@ pub fn measure_path(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow::Re
 
 fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow::Result<Figures> {
     let mut world = World::two_nodes(0, 1, bins.clone())?;
+    // As outside clients are: a routed hop away, its packets in buffers of their own.
+    world.client_behind_ext()?;
     // Complete checksums on every path alike: XDP needs them (see the testbed).
     world.use_wire_checksums()?;
     world.serve(1, "pod")?;
