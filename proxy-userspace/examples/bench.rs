@@ -991,8 +991,9 @@ fn main() -> anyhow::Result<()> {
         "\n**First packets in repeat mode**: the kernel runs one SYN {} times in a row, in \
          batches from a client each (the median batch's mean), along a chain of as many \
          services, each one's only backend the next one's address, so that every repetition, \
-         as the one before translated it, is the first packet of a new flow to the next service (lookups that \
-         miss, a backend chosen, two conntrack entries made, the packet translated); around \
+         as the one before translated it, is the first packet of a new flow to the next \
+         service (lookups that miss, a backend chosen, two conntrack entries made, the packet \
+         translated); around \
          the stated conntrack fill, as many first packets as single runs measure. The \
          program's code and the services' entries stay in the caches, as on a node taking new \
          flows one after another; the conntrack buckets do not, as in any map of that size. \

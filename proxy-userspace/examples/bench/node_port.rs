@@ -1,7 +1,8 @@
 //! External traffic: a client outside the cluster (behind `ext`, which routes) reaches a
 //! NodePort on node-a whose only backend is a pod on node-b, so every connection is
 //! masqueraded by node-a; through kube-proxy's iptables rules, our tc path, and our XDP fast
-//! path in generic and native mode. The baseline is the same client reaching the pod routed by node-b, without NAT.
+//! path in generic and native mode. The baseline is the same client reaching the pod routed
+//! by node-b, without NAT.
 //!
 //! Everything runs on one CPU: client, server and the softirqs their packets raise. The
 //! figures are then the CPU cost of the path; across CPUs, the wake-ups between client and

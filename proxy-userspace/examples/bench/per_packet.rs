@@ -272,11 +272,7 @@ where
     CtKeyOf<A>: Pod,
     CtEntryOf<A>: Pod,
 {
-    let pins = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/proxy-bench-{}-{}-{n}",
-        std::process::id(),
-        A::LABEL
-    )));
+    let pins = pin_dir::<A>(&n.to_string());
     let mut datapath = programmed::<A>(&pins.0, &desired::<A>(n))?;
     let capacity = A::CONNTRACK_CAPACITY as usize;
     let first_runs = first_packet_runs::<A>(runs);
@@ -361,11 +357,7 @@ where
     CtKeyOf<A>: Pod,
     CtEntryOf<A>: Pod,
 {
-    let pins = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/proxy-bench-chain-{}-{}",
-        std::process::id(),
-        A::LABEL
-    )));
+    let pins = pin_dir::<A>("chain");
     let chain = services::<A>(CHAIN as usize, |i| vec![(A::vip(i + 1), 80)]);
     let mut datapath = programmed::<A>(&pins.0, &chain)?;
     let batches = first_packet_runs::<A>(runs) / CHAIN;
@@ -391,11 +383,9 @@ where
     made(&conntrack)?;
     // After churn, as the single runs: the flows freed as the GC frees them, then as many
     // again from new clients.
-    let flows = (0..batches).flat_map(|b| (0..CHAIN as usize).map(move |i| (b, i)));
-    free_as_gc::<A>(
-        &mut conntrack,
-        flows.map(|(b, i)| (A::client(b), A::vip(i))),
-    )?;
+    let flows =
+        (0..batches).flat_map(|b| (0..CHAIN as usize).map(move |i| (A::client(b), A::vip(i))));
+    free_as_gc::<A>(&mut conntrack, flows)?;
     let churned_ns = repeat_ns(ingress, batches, CHAIN, |b| syn(batches + b))?;
     made(&conntrack)?;
     Ok(ChainPoint {
@@ -404,6 +394,15 @@ where
         churned_ns,
         conntrack_fill: (start + first_packets) as f64 / A::CONNTRACK_CAPACITY as f64,
     })
+}
+
+/// A pin directory of its own for a measurement of family `A` (`what`), removed on drop.
+fn pin_dir<A: Measured>(what: &str) -> PinDir {
+    PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/proxy-bench-{what}-{}-{}",
+        std::process::id(),
+        A::LABEL
+    )))
 }
 
 /// The datapath loaded with its maps pinned in `dir`, `services` of family `A` programmed.
