@@ -28,7 +28,9 @@ use proxy_common::{
 
 const VIP1: [u8; 4] = [10, 96, 0, 1];
 const VIP2: [u8; 4] = [10, 96, 0, 2];
+const VIP3: [u8; 4] = [10, 96, 0, 3];
 const BACKEND: [u8; 4] = [10, 244, 0, 2];
+const BACKEND3: [u8; 4] = [10, 244, 0, 3];
 const BACKEND_PORT: u16 = 8080;
 const CLIENT: [u8; 4] = [10, 244, 0, 9];
 const VIP6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
@@ -52,7 +54,8 @@ const ACK: u8 = 0x10;
 static FIXTURES: AtomicUsize = AtomicUsize::new(0);
 
 /// The datapath loaded with its maps pinned in a directory of its own (removed on drop),
-/// serving TCP port 80 and UDP port 53 of `VIP1` and `VIP2`, both to `BACKEND`, and
+/// serving TCP port 80 and UDP port 53 of `VIP1` and `VIP2`, both to `BACKEND`, and of
+/// `VIP3` to `BACKEND3`, and
 /// `NODE_PORT` (TCP and UDP) of the node's addresses `NODE` and `NODE6`, masqueraded to
 /// `BACKEND` and `BACKEND6`.
 struct Fixture {
@@ -78,6 +81,7 @@ impl Fixture {
         let frontends = [
             (IpAddr::from(VIP1), IpAddr::from(BACKEND), "one"),
             (VIP2.into(), BACKEND.into(), "two"),
+            (VIP3.into(), BACKEND3.into(), "three"),
             (VIP6.into(), BACKEND6.into(), "six"),
             (VIP6B.into(), BACKEND6.into(), "six-b"),
         ];
@@ -1121,6 +1125,53 @@ fn one_client_port_to_two_cluster_ips_sharing_a_backend_gets_two_reply_tuples() 
         assert_eq!(ends(&again).0, (CLIENT, moved));
         let (_, again) = fx.ingress(&packet((CLIENT, 40000), (VIP1, port)));
         assert_eq!(ends(&again).0, (CLIENT, 40000));
+    }
+}
+
+#[test]
+fn one_client_port_to_two_cluster_ips_with_their_own_backends_keeps_both_flows() {
+    // Linux reuses a source port for different destinations, and an unconnected UDP socket
+    // sends to many from one port: both flows keep the client's port, each reply comes
+    // back from its own ClusterIP, and the end of one (a reset, then a new connection on
+    // its tuple) leaves the other translated.
+    for (proto, port) in [(IPPROTO_TCP, 80), (IPPROTO_UDP, 53)] {
+        let mut fx = Fixture::new();
+        let client = (CLIENT, 40000);
+        let packet = |dst, flags| match proto {
+            IPPROTO_TCP => tcp(client, dst, flags),
+            _ => udp(client, dst),
+        };
+        let reply = |src, flags| match proto {
+            IPPROTO_TCP => tcp(src, client, flags),
+            _ => udp(src, client),
+        };
+        let flows = [
+            ((VIP1, port), (BACKEND, BACKEND_PORT)),
+            ((VIP3, port), (BACKEND3, BACKEND_PORT)),
+        ];
+        let both_translated = |fx: &mut Fixture, flags: u8, what: &str| {
+            for (vip, backend) in flows {
+                let (verdict, out) = fx.ingress(&packet(vip, flags));
+                assert_eq!(verdict, TC_ACT_OK);
+                assert_eq!(ends(&out), (client, backend), "{proto}, {what}: to {vip:?}");
+                assert!(checksums_hold(&out));
+                let (verdict, out) = fx.egress(&reply(backend, flags | ACK));
+                assert_eq!(verdict, TC_ACT_OK);
+                assert_eq!(ends(&out), (vip, client), "{proto}, {what}: from {backend:?}");
+                assert!(checksums_hold(&out));
+            }
+        };
+        both_translated(&mut fx, SYN, "first packets");
+        both_translated(&mut fx, ACK, "later packets");
+        if proto == IPPROTO_TCP {
+            let (vip, backend) = flows[0];
+            fx.ingress(&packet(vip, RST));
+            let (_, out) = fx.ingress(&packet(flows[1].0, ACK));
+            assert_eq!(ends(&out), (client, flows[1].1), "the other flow outlives a reset");
+            let (_, out) = fx.ingress(&packet(vip, SYN));
+            assert_eq!(ends(&out), (client, backend), "a new connection on the reset tuple");
+            both_translated(&mut fx, ACK, "after the new connection");
+        }
     }
 }
 
