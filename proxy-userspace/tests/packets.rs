@@ -35,7 +35,9 @@ const BACKEND_PORT: u16 = 8080;
 const CLIENT: [u8; 4] = [10, 244, 0, 9];
 const VIP6: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const VIP6B: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const VIP6C: [u8; 16] = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
 const BACKEND6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const BACKEND6C: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
 const CLIENT6: [u8; 16] = [0xfd, 0, 2, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 /// The node's addresses, and a client outside the cluster.
 const NODE: [u8; 4] = [192, 168, 1, 1];
@@ -55,7 +57,7 @@ static FIXTURES: AtomicUsize = AtomicUsize::new(0);
 
 /// The datapath loaded with its maps pinned in a directory of its own (removed on drop),
 /// serving TCP port 80 and UDP port 53 of `VIP1` and `VIP2`, both to `BACKEND`, and of
-/// `VIP3` to `BACKEND3`, and
+/// `VIP3` to `BACKEND3` (IPv6: `VIP6` and `VIP6B` to `BACKEND6`, `VIP6C` to `BACKEND6C`), and
 /// `NODE_PORT` (TCP and UDP) of the node's addresses `NODE` and `NODE6`, masqueraded to
 /// `BACKEND` and `BACKEND6`.
 struct Fixture {
@@ -84,6 +86,7 @@ impl Fixture {
             (VIP3.into(), BACKEND3.into(), "three"),
             (VIP6.into(), BACKEND6.into(), "six"),
             (VIP6B.into(), BACKEND6.into(), "six-b"),
+            (VIP6C.into(), BACKEND6C.into(), "six-c"),
         ];
         for (vip, backend, name) in frontends {
             for (port, proto) in [(80, IPPROTO_TCP), (53, IPPROTO_UDP)] {
@@ -1128,51 +1131,103 @@ fn one_client_port_to_two_cluster_ips_sharing_a_backend_gets_two_reply_tuples() 
     }
 }
 
-#[test]
-fn one_client_port_to_two_cluster_ips_with_their_own_backends_keeps_both_flows() {
-    // Linux reuses a source port for different destinations, and an unconnected UDP socket
-    // sends to many from one port: both flows keep the client's port, each reply comes
-    // back from its own ClusterIP, and the end of one (a reset, then a new connection on
-    // its tuple) leaves the other translated.
+/// An address and port.
+type End<A> = (A, u16);
+/// A frame's source and destination.
+type Ends<A> = (End<A>, End<A>);
+
+/// One address family's TCP and UDP frames, for the tests that run alike in both.
+struct Frames<A> {
+    tcp: fn(End<A>, End<A>, u8) -> Vec<u8>,
+    udp: fn(End<A>, End<A>) -> Vec<u8>,
+    /// A frame's source and destination, if its checksums hold.
+    ends: fn(&[u8]) -> Option<Ends<A>>,
+}
+
+const FRAMES: Frames<[u8; 4]> = Frames {
+    tcp,
+    udp,
+    ends: |f| checksums_hold(f).then(|| ends(f)),
+};
+
+const FRAMES6: Frames<[u8; 16]> = Frames {
+    tcp: |src, dst, flags| tcp6(&[], src, dst, flags),
+    udp: |src, dst| udp6(&[], src, dst),
+    ends: |f| {
+        let (src, dst, holds) = ends6(f, 54);
+        holds.then_some((src, dst))
+    },
+};
+
+/// Linux reuses a source port for different destinations, and an unconnected UDP socket
+/// sends to many from one port: both flows keep the client's port, each reply comes back
+/// from its own ClusterIP, and the end of one (a reset, then a new connection on its tuple)
+/// leaves the other translated. `flows`: two ClusterIPs and their backends.
+fn one_client_port_to_two_cluster_ips<A: Copy + PartialEq + std::fmt::Debug>(
+    frames: &Frames<A>,
+    client: A,
+    flows: [(A, A); 2],
+) {
     for (proto, port) in [(IPPROTO_TCP, 80), (IPPROTO_UDP, 53)] {
         let mut fx = Fixture::new();
-        let client = (CLIENT, 40000);
+        let client = (client, 40000);
+        let flows = flows.map(|(vip, backend)| ((vip, port), (backend, BACKEND_PORT)));
         let packet = |dst, flags| match proto {
-            IPPROTO_TCP => tcp(client, dst, flags),
-            _ => udp(client, dst),
+            IPPROTO_TCP => (frames.tcp)(client, dst, flags),
+            _ => (frames.udp)(client, dst),
         };
         let reply = |src, flags| match proto {
-            IPPROTO_TCP => tcp(src, client, flags),
-            _ => udp(src, client),
+            IPPROTO_TCP => (frames.tcp)(src, client, flags),
+            _ => (frames.udp)(src, client),
         };
-        let flows = [
-            ((VIP1, port), (BACKEND, BACKEND_PORT)),
-            ((VIP3, port), (BACKEND3, BACKEND_PORT)),
-        ];
         let both_translated = |fx: &mut Fixture, flags: u8, what: &str| {
             for (vip, backend) in flows {
                 let (verdict, out) = fx.ingress(&packet(vip, flags));
                 assert_eq!(verdict, TC_ACT_OK);
-                assert_eq!(ends(&out), (client, backend), "{proto}, {what}: to {vip:?}");
-                assert!(checksums_hold(&out));
+                assert_eq!(
+                    (frames.ends)(&out),
+                    Some((client, backend)),
+                    "{proto}, {what}: to {vip:?}"
+                );
                 let (verdict, out) = fx.egress(&reply(backend, flags | ACK));
                 assert_eq!(verdict, TC_ACT_OK);
-                assert_eq!(ends(&out), (vip, client), "{proto}, {what}: from {backend:?}");
-                assert!(checksums_hold(&out));
+                assert_eq!(
+                    (frames.ends)(&out),
+                    Some((vip, client)),
+                    "{proto}, {what}: from {backend:?}"
+                );
             }
         };
         both_translated(&mut fx, SYN, "first packets");
         both_translated(&mut fx, ACK, "later packets");
         if proto == IPPROTO_TCP {
-            let (vip, backend) = flows[0];
+            let [(vip, backend), other] = flows;
             fx.ingress(&packet(vip, RST));
-            let (_, out) = fx.ingress(&packet(flows[1].0, ACK));
-            assert_eq!(ends(&out), (client, flows[1].1), "the other flow outlives a reset");
+            let (_, out) = fx.ingress(&packet(other.0, ACK));
+            assert_eq!(
+                (frames.ends)(&out),
+                Some((client, other.1)),
+                "the other flow outlives a reset"
+            );
             let (_, out) = fx.ingress(&packet(vip, SYN));
-            assert_eq!(ends(&out), (client, backend), "a new connection on the reset tuple");
+            assert_eq!(
+                (frames.ends)(&out),
+                Some((client, backend)),
+                "a new connection on the reset tuple"
+            );
             both_translated(&mut fx, ACK, "after the new connection");
         }
     }
+}
+
+#[test]
+fn one_client_port_to_two_cluster_ips_with_their_own_backends_keeps_both_flows() {
+    one_client_port_to_two_cluster_ips(&FRAMES, CLIENT, [(VIP1, BACKEND), (VIP3, BACKEND3)]);
+}
+
+#[test]
+fn one_client_port_to_two_ipv6_cluster_ips_with_their_own_backends_keeps_both_flows() {
+    one_client_port_to_two_cluster_ips(&FRAMES6, CLIENT6, [(VIP6, BACKEND6), (VIP6C, BACKEND6C)]);
 }
 
 #[test]
