@@ -225,7 +225,9 @@ pub struct Counters {
     pub bytes: u64,
 }
 
-/// A conntrack key: the 5-tuple of a packet as seen by the tc programs.
+/// A conntrack key: the 5-tuple of a packet as seen by the tc programs (`CT_KEY_TUPLE`), or
+/// a client's address, port and protocol alone (`CT_KEY_CLIENT`: `dst` and `dport` zero),
+/// under which a flow's one entry is found from both directions.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKeyOf<A> {
@@ -234,19 +236,73 @@ pub struct CtKeyOf<A> {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    // Padding as fields, not a `[u8; 3]`: a store each.
-    pub pad: u8,
-    pub pad2: u16,
+    /// `CT_KEY_*`: the two kinds never meet, whatever a packet carries.
+    pub kind: u8,
+    // Padding as a field, not part of a `[u8; 3]`: a store each.
+    pub pad: u16,
+}
+
+/// `CtKey::kind` of a packet's 5-tuple.
+pub const CT_KEY_TUPLE: u8 = 0;
+/// `CtKey::kind` of a client's address and port: the key of a flow's one entry.
+pub const CT_KEY_CLIENT: u8 = 1;
+
+impl<A: Copy + Default> CtKeyOf<A> {
+    /// The client key of `addr`, `port` and `proto`.
+    pub fn client(addr: A, port: u16, proto: u8) -> Self {
+        CtKeyOf {
+            src: addr,
+            dst: A::default(),
+            sport: port,
+            dport: 0,
+            proto,
+            kind: CT_KEY_CLIENT,
+            pad: 0,
+        }
+    }
+
+    /// Makes this the client key of `addr`, `port` and `proto`, field by field (the
+    /// datapath keeps keys off its stack).
+    #[inline(always)]
+    pub fn set_client(&mut self, addr: A, port: u16, proto: u8) {
+        self.src = addr;
+        self.dst = A::default();
+        self.sport = port;
+        self.dport = 0;
+        self.proto = proto;
+        self.kind = CT_KEY_CLIENT;
+        self.pad = 0;
+    }
+
+    /// The 5-tuple key of a packet from `src`:`sport` to `dst`:`dport`.
+    pub fn tuple(src: A, dst: A, sport: u16, dport: u16, proto: u8) -> Self {
+        CtKeyOf {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            kind: CT_KEY_TUPLE,
+            pad: 0,
+        }
+    }
 }
 
 pub type CtKey = CtKeyOf<[u8; 4]>;
 /// `CONNTRACK6` key.
 pub type CtKey6 = CtKeyOf<[u8; 16]>;
 
-/// `CtEntry::direction` of the entry that DNATs client → service to client → backend.
+/// `CtEntry::direction` of the entry that DNATs client → service to client → backend: a
+/// flow's one entry under its client key (`CT_KEY_CLIENT`), or, for a flow whose client
+/// key another flow holds, its forward entry under its 5-tuple.
 pub const CT_FORWARD: u8 = 0;
-/// `CtEntry::direction` of the entry that reverse-NATs backend → client to service → client.
+/// `CtEntry::direction` of the entry under a reply 5-tuple (backend → client, or backend
+/// → masquerade address and port), for a flow whose reply its client key cannot find: a
+/// masqueraded one's, or one whose client key another flow holds.
 pub const CT_REPLY: u8 = 1;
+/// `CtEntry::direction` of an entry under a client key that holds no flow (an anchor): it
+/// is there for its `CT_FLAG_SHARED`, which sends lookups on to 5-tuple keys.
+pub const CT_ANCHOR: u8 = 2;
 
 /// TCP handshake not complete (or a new UDP flow).
 pub const CT_STATE_NEW: u8 = 0;
@@ -265,66 +321,102 @@ pub const CT_TIMEOUT_UDP_SECS: u64 = 60;
 pub const CT_FLAG_SNAT: u8 = 1;
 /// `CtEntry::flags`: a flow the kernel's NAT translates (kube-proxy's, during a migration):
 /// its packets are left alone, so that they keep the backend kube-proxy chose. Only a
-/// forward entry, under the client's tuple; `nat_addr`/`nat_port` say that backend.
+/// forward entry; `nat_addr`/`nat_port` say that backend.
 pub const CT_FLAG_PASS: u8 = 2;
+/// `CtEntry::flags` of an entry under a client key: other flows of this client address and
+/// port are under 5-tuple keys (one client port to several frontends, or a flow moved to
+/// this port), so a packet its flow does not match is looked up by its 5-tuple too.
+pub const CT_FLAG_SHARED: u8 = 4;
+/// `CtEntry::flags` of a reply entry whose flow is under its client key (`peer`), not under
+/// a forward 5-tuple.
+pub const CT_FLAG_CLIENT_KEYED: u8 = 8;
 
-/// A conntrack entry. A translated flow has two: `CT_FORWARD` under the client's tuple and
-/// `CT_REPLY` under the backend's reply tuple.
-#[repr(C)]
+/// A conntrack entry. A flow has one, `CT_FORWARD` under its client key, found by the
+/// packets from the client by their source and by the replies by their destination. A
+/// masqueraded flow's replies are addressed to the node, so it also has a `CT_REPLY` entry
+/// under their 5-tuple; and so do both directions of a flow whose client key is another
+/// flow's (`CT_FLAG_SHARED`), which then has two entries under 5-tuples.
+///
+/// `last_seen_ns` comes first and the struct is packed to 4 bytes, so that neither family
+/// needs padding of its own: three addresses of 4 bytes are not a multiple of 8.
+#[repr(C, packed(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtEntryOf<A> {
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the last packet, to
+    /// 20 ms (the datapath's `LAST_SEEN_GRANULARITY_NS`). 8-byte aligned in the map.
+    pub last_seen_ns: u64,
     /// FORWARD: the backend to DNAT to. REPLY: the service address to restore as source.
     pub nat_addr: A,
     pub nat_port: u16,
     pub direction: u8,
+    /// The TCP state the client's packets have brought (a REPLY entry's: the backend's).
     pub state: u8,
     /// Service-port id; the rev-NAT id of the flow.
     pub rev_nat_id: u32,
     pub backend_id: u32,
-    /// FORWARD: the source the packet leaves with (the client's own, or the SNAT address
-    /// and port). REPLY: the client, the destination to restore.
+    /// FORWARD: the frontend the client addressed (the service address and port). REPLY:
+    /// the client, the destination to restore.
     pub peer_addr: A,
     pub peer_port: u16,
     pub flags: u8,
-    pub pad: u8,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the last packet, to
-    /// 20 ms (the datapath's `LAST_SEEN_GRANULARITY_NS`).
-    pub last_seen_ns: u64,
+    /// FORWARD under a client key, unmasqueraded: the TCP state the backend's packets have
+    /// brought (a flow with a REPLY entry keeps it there).
+    pub reply_state: u8,
+    /// FORWARD: the source the backend sees: the client's own, or the masquerade address
+    /// and port, or the client moved to another port.
+    pub src_addr: A,
+    pub src_port: u16,
+    pub pad: u16,
 }
 
 pub type CtEntry = CtEntryOf<[u8; 4]>;
 /// `CONNTRACK6` value.
 pub type CtEntry6 = CtEntryOf<[u8; 16]>;
 
-impl<A: Copy> CtKeyOf<A> {
-    /// The key of the other entry of the same flow, given this key's entry.
-    pub fn peer(&self, entry: &CtEntryOf<A>) -> CtKeyOf<A> {
-        // Each branch builds the whole key: a tuple of addresses picked first would be a
-        // byte-aligned temporary, copied a byte at a time by the datapath.
-        if entry.direction == CT_FORWARD {
-            // client → service; the reply comes from the backend (nat) to the client or
-            // to the SNAT address (peer).
-            CtKeyOf {
-                src: entry.nat_addr,
-                dst: entry.peer_addr,
-                sport: entry.nat_port,
-                dport: entry.peer_port,
-                proto: self.proto,
-                pad: 0,
-                pad2: 0,
+impl<A: Copy + Default> CtKeyOf<A> {
+    /// The key of the other entry of the same flow, given this key's entry: `None` for a
+    /// flow that has one entry (unmasqueraded, under its client key) and for an anchor.
+    pub fn peer(&self, entry: &CtEntryOf<A>) -> Option<CtKeyOf<A>> {
+        let mut peer = CtKeyOf::default();
+        self.write_peer(entry, &mut peer).then_some(peer)
+    }
+
+    /// `peer`, written into `out` (the datapath keeps keys off its stack); `false` for none.
+    /// Field by field, so that no key is built on the stack first; a call of its own (a BPF
+    /// subprogram), whose copies of addresses take no room in its callers' frames.
+    #[inline(never)]
+    pub fn write_peer(&self, entry: &CtEntryOf<A>, out: &mut CtKeyOf<A>) -> bool {
+        out.proto = self.proto;
+        out.pad = 0;
+        match entry.direction {
+            // client → service; the reply comes from the backend (nat) to the source the
+            // backend sees (src).
+            CT_FORWARD if self.kind == CT_KEY_TUPLE || entry.flags & CT_FLAG_SNAT != 0 => {
+                out.src = entry.nat_addr;
+                out.dst = entry.src_addr;
+                out.sport = entry.nat_port;
+                out.dport = entry.src_port;
+                out.kind = CT_KEY_TUPLE;
             }
-        } else {
-            // backend → client; the request went from the client (peer) to the service (nat).
-            CtKeyOf {
-                src: entry.peer_addr,
-                dst: entry.nat_addr,
-                sport: entry.peer_port,
-                dport: entry.nat_port,
-                proto: self.proto,
-                pad: 0,
-                pad2: 0,
+            // backend → client; its flow is under the client's key (peer)...
+            CT_REPLY if entry.flags & CT_FLAG_CLIENT_KEYED != 0 => {
+                out.src = entry.peer_addr;
+                out.dst = A::default();
+                out.sport = entry.peer_port;
+                out.dport = 0;
+                out.kind = CT_KEY_CLIENT;
             }
+            // ...or under the 5-tuple from the client (peer) to the service (nat).
+            CT_REPLY => {
+                out.src = entry.peer_addr;
+                out.dst = entry.nat_addr;
+                out.sport = entry.peer_port;
+                out.dport = entry.nat_port;
+                out.kind = CT_KEY_TUPLE;
+            }
+            _ => return false,
         }
+        true
     }
 }
 

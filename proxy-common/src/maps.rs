@@ -26,10 +26,15 @@ pub const AGENT_STATUS: &str = "agent_status";
 pub const SERVICE_STATS: &str = "service_stats";
 /// per-CPU array (backend id → Counters)
 pub const BACKEND_STATS: &str = "backend_stats";
-/// hash, preallocated (CtKey → CtEntry)
-pub const CONNTRACK: &str = "conntrack";
+/// hash, preallocated (CtKey → CtEntry): flows, one entry each under the client's key
+pub const CONNTRACK: &str = "ct_flows";
 /// hash, preallocated (CtKey6 → CtEntry6): IPv6 flows
-pub const CONNTRACK6: &str = "conntrack6";
+pub const CONNTRACK6: &str = "ct_flows6";
+/// The conntrack maps of earlier agents (two entries per flow, which `ct_upgrade` converts),
+/// by the map that replaces each: a new name, so that an earlier agent (a rollback) never
+/// reads entries it cannot. `--map-size` still takes the earlier names.
+pub const FORMER_CONNTRACK: [(&str, &str); 2] =
+    [(CONNTRACK, "conntrack"), (CONNTRACK6, "conntrack6")];
 /// LRU (AffinityKey → AffinityValue)
 pub const AFFINITY: &str = "affinity";
 /// LRU (SockRevKey → SockRevValue)
@@ -131,7 +136,7 @@ pub const MAX_BACKEND_SLOTS: u32 = 1_048_576;
 pub const MAX_CONNTRACK: u32 = 524_288;
 /// IPv6 flows are kept apart (an IPv4 lookup never pays for IPv6 keys) in a smaller map by
 /// default, 65,536 flows (18 MiB preallocated): a dual-stack node's pods reach most IPv6
-/// services through the socket hooks, without conntrack (`--map-size conntrack6=` raises it).
+/// services through the socket hooks, without conntrack (`--map-size ct_flows6=` raises it).
 pub const MAX_CONNTRACK6: u32 = 131_072;
 pub const MAX_AFFINITY: u32 = 65_536;
 /// Endpoints listed as unused by cluster IPs (not ready, terminating, other node or zone);

@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::bpf_loop,
 };
 use proxy_common::{
-    CT_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtEntryOf, CtKeyOf, IPPROTO_TCP,
+    CT_FLAG_SHARED, CT_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtEntryOf, CtKeyOf, IPPROTO_TCP,
 };
 
 use crate::{family::Family, lb::atomic_add, maps::CT_STATS};
@@ -18,7 +18,7 @@ const FULL: i32 = -7;
 /// How many of the flows a CPU recorded lately `early_drop` may choose from.
 pub const RECENT_FLOWS: usize = 8;
 
-/// The client tuples of the last flows a CPU recorded, in turn (`Family::recent_flows`):
+/// The keys of the last flows a CPU recorded (client keys, or forward 5-tuples), in turn (`Family::recent_flows`):
 /// the candidates of `early_drop`. A flood of new flows never answered is what fills a map
 /// with them, so the oldest of the last few are likely its own.
 #[derive(Clone, Copy)]
@@ -26,8 +26,10 @@ pub struct RecentFlows<A> {
     pub keys: [CtKeyOf<A>; RECENT_FLOWS],
     /// The oldest, and the next to be replaced.
     pub next: u32,
-    /// Where `try_drop` builds a reply key: the IPv6 path has no stack left for it.
+    /// Where `try_drop` builds a reply key, and the key its entry leads back to: the IPv6
+    /// path has no stack left for them.
     pub reply_key: CtKeyOf<A>,
+    pub back_key: CtKeyOf<A>,
 }
 
 impl<A: Copy> RecentFlows<A> {
@@ -37,6 +39,13 @@ impl<A: Copy> RecentFlows<A> {
             *slot = *key;
         }
         self.next = self.next.wrapping_add(1);
+    }
+
+    /// The key of the flow recorded last.
+    #[inline(always)]
+    pub fn last(&self) -> Option<&CtKeyOf<A>> {
+        self.keys
+            .get(self.next.wrapping_sub(1) as usize % RECENT_FLOWS)
     }
 }
 
@@ -123,8 +132,9 @@ pub fn remove<A: Family>(key: &CtKeyOf<A>) -> bool {
 /// never answered — a TCP handshake not completed, a UDP flow without a reply — the oldest
 /// such of the last flows this CPU recorded. A flood of new flows then cannot keep others
 /// out, and no answered flow is ever dropped for a new one: when none of these can go, the
-/// new flow is refused. The two entries are left out of the account's deletions, so that
-/// the agent counts them as dropped to make room. The candidates are tried in a `bpf_loop`,
+/// new flow is refused. The flow's entries are left out of the account's deletions, so
+/// that the agent counts them as dropped to make room. A client key that other flows need
+/// (`CT_FLAG_SHARED`) is not a candidate. The candidates are tried in a `bpf_loop`,
 /// whose callback the verifier checks once rather than at every insert.
 #[inline(always)]
 pub fn early_drop<A: Family>() -> bool {
@@ -158,10 +168,20 @@ extern "C" fn try_drop<A: Family>(index: u64, dropped: *mut c_void) -> i64 {
     };
     // SAFETY: map values stay valid during the program's run; only read here.
     let forward = unsafe { &*forward };
-    if forward.direction != CT_FORWARD {
+    // A client key other flows need stays (it would only become an anchor).
+    if forward.direction != CT_FORWARD || forward.flags & CT_FLAG_SHARED != 0 {
         return 0;
     }
-    recent.reply_key = key.peer(forward);
+    let established = key.proto == IPPROTO_TCP && forward.state == CT_STATE_ESTABLISHED;
+    // A flow with one entry keeps both directions' states in it.
+    if !key.write_peer(forward, &mut recent.reply_key) {
+        if established || forward.reply_state != CT_STATE_NEW {
+            return 0;
+        }
+        // SAFETY: `early_drop`'s `bool`.
+        unsafe { *dropped.cast::<bool>() = A::ct_remove(key) };
+        return 1;
+    }
     let reply_key = &recent.reply_key;
     let Some(reply) = A::ct_get_ptr_mut(reply_key) else {
         return 0;
@@ -170,10 +190,9 @@ extern "C" fn try_drop<A: Family>(index: u64, dropped: *mut c_void) -> i64 {
     let reply = unsafe { &*reply };
     // A reply seen (UDP), or the handshake completed (TCP: a SYN-ACK leaves the reply entry
     // `NEW`, the client's ACK makes the forward entry established).
-    let answered = reply.state != CT_STATE_NEW
-        || (key.proto == IPPROTO_TCP && forward.state == CT_STATE_ESTABLISHED);
+    let answered = reply.state != CT_STATE_NEW || established;
     // The reply tuple may hold a newer flow already, which is not this one's.
-    if answered || reply_key.peer(reply) != *key {
+    if answered || !reply_key.write_peer(reply, &mut recent.back_key) || recent.back_key != *key {
         return 0;
     }
     A::ct_remove(reply_key);

@@ -20,17 +20,17 @@ use crate::{
     ct::RecentFlows,
     frame::words_diff,
     maps::{
-        BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, FRAGMENTS, FRAGMENTS6, NEW_ENTRIES,
-        NEW_ENTRIES6, NO_PREALLOC, NODE_ADDRS, NODE_ADDRS6, NODE_CONFIG, NODE_CONFIG6,
+        BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, FRAGMENTS, FRAGMENTS6, KEY_ROOM, KEY_ROOM6,
+        NEW_ENTRIES, NEW_ENTRIES6, NO_PREALLOC, NODE_ADDRS, NODE_ADDRS6, NODE_CONFIG, NODE_CONFIG6,
         RECENT_FLOWS, RECENT_FLOWS6, SERVICES, SERVICES6, SOCK_REV_NAT, SOCK_REV_NAT6,
         SOURCE_RANGES, SOURCE_RANGES6,
     },
-    nat::NewEntries,
+    nat::{KeyRoom, NewEntries},
     packet::{ETH_HDR_LEN, Frame, IP_DST_OFF, IP_SRC_OFF, IP6_HDR_LEN, RewriteOf},
 };
 
 /// An address family, as its address: `[u8; 4]` or `[u8; 16]`.
-pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
+pub trait Family: Copy + Default + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// The all-zero address; also the frontend address of a NodePort.
     const ZERO: Self;
     /// Offsets of the IP header's source and destination address in a frame.
@@ -83,6 +83,8 @@ pub trait Family: Copy + Sized + PartialEq + AsRef<[u8]> + 'static {
     /// Room for a new flow's entries, in a per-CPU map: the packet path has no stack left
     /// for them (IPv6's take 152 bytes). `None` if the map cannot be read.
     fn new_entries() -> Option<&'static mut NewEntries<Self>>;
+    /// This CPU's room for `nat::partner`'s keys.
+    fn key_room() -> Option<&'static mut KeyRoom<Self>>;
     /// The packet's IP length, header included, as its header gives it.
     #[inline(always)]
     fn ip_len<F: Frame>(ctx: &F) -> Option<u16> {
@@ -248,6 +250,11 @@ impl Family for [u8; 4] {
         // SAFETY: a per-CPU value, this program's alone for its run.
         NEW_ENTRIES.get_ptr_mut(0).map(|e| unsafe { &mut *e })
     }
+    #[inline(always)]
+    fn key_room() -> Option<&'static mut KeyRoom<Self>> {
+        // SAFETY: a per-CPU value, this program's alone for its run.
+        KEY_ROOM.get_ptr_mut(0).map(|r| unsafe { &mut *r })
+    }
 
     #[inline(always)]
     fn rewrite_error_address<F: Frame>(
@@ -371,6 +378,11 @@ impl Family for [u8; 16] {
     fn new_entries() -> Option<&'static mut NewEntries<Self>> {
         // SAFETY: a per-CPU value, this program's alone for its run.
         NEW_ENTRIES6.get_ptr_mut(0).map(|e| unsafe { &mut *e })
+    }
+    #[inline(always)]
+    fn key_room() -> Option<&'static mut KeyRoom<Self>> {
+        // SAFETY: a per-CPU value, this program's alone for its run.
+        KEY_ROOM6.get_ptr_mut(0).map(|r| unsafe { &mut *r })
     }
 
     #[inline(always)]

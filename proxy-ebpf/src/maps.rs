@@ -74,10 +74,10 @@ pub static BACKEND_STATS: Array<Counters, { MAX_BACKENDS as usize }> = Array::ne
 // Plain hash maps, preallocated: an LRU map's lists cost a new flow 20-30% more, and
 // evict answered flows for new ones; a full map here drops a flow never answered instead,
 // or refuses the new one (`ct::early_drop`), as Linux's conntrack does.
-#[btf_map(name = "conntrack")]
+#[btf_map(name = "ct_flows")]
 pub static CONNTRACK: HashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = HashMap::new();
 
-#[btf_map(name = "conntrack6")]
+#[btf_map(name = "ct_flows6")]
 pub static CONNTRACK6: HashMap<CtKey6, CtEntry6, { MAX_CONNTRACK6 as usize }> = HashMap::new();
 
 /// The flows each CPU recorded lately (`ct::RecentFlows`); not pinned.
@@ -98,6 +98,13 @@ pub static NEW_ENTRIES: PerCpuArray<crate::nat::NewEntries<[u8; 4]>, 1> = PerCpu
 
 #[btf_map(name = "new_entries6")]
 pub static NEW_ENTRIES6: PerCpuArray<crate::nat::NewEntries<[u8; 16]>, 1> = PerCpuArray::new();
+
+/// Room for the keys of a flow's other entry (`Family::key_room`); not pinned.
+#[btf_map(name = "key_room")]
+pub static KEY_ROOM: PerCpuArray<crate::nat::KeyRoom<[u8; 4]>, 1> = PerCpuArray::new();
+
+#[btf_map(name = "key_room6")]
+pub static KEY_ROOM6: PerCpuArray<crate::nat::KeyRoom<[u8; 16]>, 1> = PerCpuArray::new();
 
 #[btf_map(name = "affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> =
@@ -124,9 +131,12 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { MAX_FRAGMENTS as usize }>
 pub static FRAGMENTS6: LruHashMap<FragKey6, FragPorts, { MAX_FRAGMENTS as usize }> =
     LruHashMap::new();
 
-/// A new IPv6 flow as the tc programs' steps hand it on (`tc::NewFlow6`); not pinned.
+/// A new flow as the tc programs' steps hand it on (`tc::NewFlow`); not pinned.
+#[btf_map(name = "new_flow")]
+pub static NEW_FLOW4: PerCpuArray<crate::tc::NewFlow<[u8; 4]>, 1> = PerCpuArray::new();
+
 #[btf_map(name = "new_flow6")]
-pub static NEW_FLOW6: PerCpuArray<crate::tc::NewFlow6, 1> = PerCpuArray::new();
+pub static NEW_FLOW6: PerCpuArray<crate::tc::NewFlow<[u8; 16]>, 1> = PerCpuArray::new();
 
 /// A masqueraded IPv6 packet as tc's translating step hands it, untouched, to the step that
 /// routes it (`tc::ToRoute6`); not pinned.

@@ -5,10 +5,16 @@
 //! The flow logic is generic over the address family (`Family`): IPv4 and IPv6 flows are
 //! tracked alike, each in its family's conntrack map, and so are the ICMP errors about
 //! them, and fragments.
+//!
+//! A flow has one entry, under its client key (`CtKeyOf::client`), which both directions
+//! find (`find`); a masqueraded flow also has a reply entry under its replies' 5-tuple, and
+//! a flow whose client key another flow holds has two entries under 5-tuples, found through
+//! that key's `CT_FLAG_SHARED` (the agent's GC keeps the mark while they live).
 use proxy_common::{
-    AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntryOf, CtKeyOf, DropReason,
-    FragPorts, SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, SVC_FLAG_SOURCE_RANGES, ServiceKeyOf,
+    AFFINITY_CLIENT_IP, BACKEND_FLAG_LOCAL, CT_ANCHOR, CT_FLAG_CLIENT_KEYED, CT_FLAG_PASS,
+    CT_FLAG_SHARED, CT_FLAG_SNAT, CT_FORWARD, CT_KEY_CLIENT, CT_REPLY, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, Counters, CtEntryOf, CtKeyOf, DropReason, FragPorts,
+    SVC_FLAG_DROP_IF_EMPTY, SVC_FLAG_MASQUERADE, SVC_FLAG_SOURCE_RANGES, ServiceKeyOf,
     ServiceValue,
 };
 
@@ -148,36 +154,70 @@ impl<A: Family> Translation<A> {
 /// from the other CPUs, on every packet.
 const LAST_SEEN_GRANULARITY_NS: u64 = 20_000_000;
 
-/// The other entry of the flow whose entry under `key` is `entry`, if the map still holds
-/// it: its key may carry a newer flow already, whose entry is not this flow's.
+/// The other entry of the flow whose entry under `key` is `entry`, if it has one and the map
+/// still holds it: its key may carry a newer flow already, whose entry is not this flow's.
+/// The key is built in per-CPU memory (`KeyRoom`), valid until the next call.
 #[inline(always)]
 fn partner<A: Family>(
     key: &CtKeyOf<A>,
     entry: &CtEntryOf<A>,
-) -> Option<(CtKeyOf<A>, *mut CtEntryOf<A>)> {
-    let other = key.peer(entry);
-    let ptr = A::ct_get_ptr_mut(&other)?;
+) -> Option<(&'static CtKeyOf<A>, *mut CtEntryOf<A>)> {
+    let room = A::key_room()?;
+    if !key.write_peer(entry, &mut room.other) {
+        return None;
+    }
+    let ptr = A::ct_get_ptr_mut(&room.other)?;
     // SAFETY: map values stay valid during the program's run; only compared here.
-    (other.peer(unsafe { &*ptr }) == *key).then_some((other, ptr))
+    let back = room.other.write_peer(unsafe { &*ptr }, &mut room.back);
+    (back && room.back == *key).then_some((&room.other, ptr))
+}
+
+/// Where `partner` builds keys: the IPv6 path has no stack left for them.
+pub struct KeyRoom<A> {
+    /// The partner's key.
+    pub other: CtKeyOf<A>,
+    /// The partner's own partner's key, which must be the key it was found from.
+    pub back: CtKeyOf<A>,
+}
+
+/// Ends the flow whose entry is `entry` under `key`: removes the entry, or, under a client
+/// key that other flows of the client's port need (`CT_FLAG_SHARED`), leaves it there as
+/// an anchor holding no flow.
+#[inline(always)]
+fn retire<A: Family>(key: &CtKeyOf<A>, entry: &mut CtEntryOf<A>) {
+    if key.kind == CT_KEY_CLIENT && entry.flags & CT_FLAG_SHARED != 0 {
+        entry.direction = CT_ANCHOR;
+    } else {
+        ct::remove(key);
+    }
 }
 
 /// Retires the flow that the packet translated by `t` has just recorded (its first: `t`
 /// counts a new connection), when the packet cannot go on (no route, its TTL run out, too
 /// large for the next hop), as Linux frees the unconfirmed entry of a packet it drops: no
 /// state for it, and its masquerade port free at once rather than held by the GC's timeout
-/// (a traceroute, or a route gone, would claim one per packet).
+/// (a traceroute, or a route gone, would claim one per packet). The flow is the last this
+/// CPU recorded (`RecentFlows`).
 #[inline(always)]
-pub fn forget_new<A: Family>(key: &CtKeyOf<A>, t: &Translation<A>) {
+pub fn forget_new<A: Family>(t: &Translation<A>) {
     if t.counters.conns == 0 {
         return;
     }
-    if let Some(entry) = A::ct_get_ptr_mut(key)
-        // SAFETY: map values stay valid during the program's run; only read here.
-        && let Some((reply, _)) = partner(key, unsafe { &*entry })
-    {
-        ct::remove(&reply);
+    let Some(recent) = A::recent_flows() else {
+        return;
+    };
+    let Some(key) = recent.last() else {
+        return;
+    };
+    let Some(entry) = A::ct_get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: map values stay valid during the program's run.
+    let entry = unsafe { &mut *entry };
+    if let Some((reply, _)) = partner(key, entry) {
+        ct::remove(reply);
     }
-    ct::remove(key);
+    retire(key, entry);
 }
 
 /// Marks an entry as seen now, to `LAST_SEEN_GRANULARITY_NS`.
@@ -189,30 +229,46 @@ fn touch<A>(entry: &mut CtEntryOf<A>, now: u64) {
 }
 
 /// Advances an entry's TCP state with a packet's flags and marks it as seen now; writes
-/// only what changed. A RST ends the connection both ways, so the flow's other entry is
-/// closing too (else a flow reset from one side would hold its masquerade port until the
-/// GC, instead of giving it up once quiet).
+/// only what changed. A flow's one entry keeps the state of each direction: the client's
+/// packets (`Side::Ingress`) advance `state`, the backend's `reply_state`. A RST ends the
+/// connection both ways, so the flow's other direction, and its other entry if it has one
+/// (found under `key`), are closing too (else a flow reset from one side would hold its
+/// masquerade port until the GC, instead of giving it up once quiet).
 #[inline(always)]
-fn track<A: Family>(entry: &mut CtEntryOf<A>, flow: &FlowOf<A>, now: u64) {
+fn track<A: Family>(
+    entry: &mut CtEntryOf<A>,
+    key: &CtKeyOf<A>,
+    flow: &FlowOf<A>,
+    now: u64,
+    side: Side,
+) {
     touch(entry, now);
-    if flow.tcp_flags & TCP_RST != 0
-        && let Some((_, peer)) = partner(&flow.key, entry)
-    {
-        // SAFETY: as in `ingress`; only the state byte is written.
-        let peer = unsafe { &mut *peer };
-        if peer.state != CT_STATE_CLOSING {
-            peer.state = CT_STATE_CLOSING;
+    if flow.tcp_flags & TCP_RST != 0 {
+        if let Some((_, peer)) = partner(key, entry) {
+            // SAFETY: as in `tracked_ingress`; only the state byte is written.
+            let peer = unsafe { &mut *peer };
+            if peer.state != CT_STATE_CLOSING {
+                peer.state = CT_STATE_CLOSING;
+            }
         }
+        entry.state = CT_STATE_CLOSING;
+        entry.reply_state = CT_STATE_CLOSING;
+        return;
     }
-    let state = if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    let state = if side == Side::Egress && entry.direction == CT_FORWARD {
+        &mut entry.reply_state
+    } else {
+        &mut entry.state
+    };
+    let next = if flow.tcp_flags & TCP_FIN != 0 {
         CT_STATE_CLOSING
-    } else if entry.state == CT_STATE_NEW && (!flow.is_tcp() || flow.tcp_flags & TCP_SYN == 0) {
+    } else if *state == CT_STATE_NEW && (!flow.is_tcp() || flow.tcp_flags & TCP_SYN == 0) {
         CT_STATE_ESTABLISHED
     } else {
-        entry.state
+        *state
     };
-    if state != entry.state {
-        entry.state = state;
+    if next != *state {
+        *state = next;
     }
 }
 
@@ -225,76 +281,57 @@ fn traffic(len: u64, conns: u64) -> Counters {
     }
 }
 
-/// A packet arriving on an interface: the forward direction of a tracked flow, the reply of
-/// a masqueraded one, or the first packet of a new service flow. The caller counts the
-/// translation once it has sent the packet on.
-#[inline(always)]
-pub fn ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
-    match tracked_ingress(flow, len) {
-        Some(verdict) => verdict,
-        None => new_flow(flow, len),
-    }
-}
-
-/// `ingress` for a packet of a tracked flow; `None` for one that `new_flow` must see (no
-/// entry, or a new connection on a closed flow's tuple).
+/// A packet arriving on an interface, of a tracked flow: its forward direction, or the
+/// reply of a masqueraded one. `None` for one that `choose` and `record` must see (no
+/// entry, or a new connection on a closed flow's tuple). The caller counts the translation
+/// once it has sent the packet on.
 #[inline(always)]
 pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Option<Verdict<A>> {
     remember_fragment(flow);
-    if let Some(entry) = A::ct_get_ptr_mut(&flow.key) {
-        // The clock is read only for packets that use it (a helper call costs as much as a
-        // map lookup): most packets that pass have no entry and are no new flow's.
-        let now = lb::now_ns();
-        // SAFETY: map values stay valid during the program's run; racing updates of the
-        // state and timestamp from another CPU are benign.
-        let entry = unsafe { &mut *entry };
-        if entry.flags & CT_FLAG_PASS != 0 {
-            touch(entry, now);
-            return Some(Verdict::pass());
-        }
-        // A new SYN on a closed flow's tuple is a new connection: balance it again. The old
-        // flow is over: its reply tuple (a masquerade port) is given up at once, rather than
-        // held until the GC while the client reuses its ports faster than that.
-        let reused = flow.is_syn() && entry.state == CT_STATE_CLOSING;
-        if reused && let Some((reply, _)) = partner(&flow.key, entry) {
-            ct::remove(&reply);
-        }
-        let snat = entry.flags & CT_FLAG_SNAT != 0;
-        if !reused && let Some((src, dst)) = rewrites(entry, &flow.key, Side::Ingress) {
-            track(entry, flow, now);
-            return Some(Verdict::translate(Translation {
-                src,
-                dst,
-                route: snat,
-                service_id: entry.rev_nat_id,
-                backend_id: entry.backend_id,
-                counters: traffic(len, 0),
-            }));
-        }
-        // An unmasqueraded reply is reverse-translated on its way out (`egress`).
+    let (entry, found) = find(&flow.key, Side::Ingress)?;
+    // The clock is read only for packets that use it (a helper call costs as much as a map
+    // lookup): most packets that pass have no entry and are no new flow's.
+    let now = lb::now_ns();
+    // SAFETY: map values stay valid during the program's run; racing updates of the state
+    // and timestamp from another CPU are benign.
+    let entry = unsafe { &mut *entry };
+    if entry.flags & CT_FLAG_PASS != 0 {
+        touch(entry, now);
+        return Some(Verdict::pass());
     }
-    None
+    // A new SYN on a closed flow's tuple is a new connection: balance it again. The old flow
+    // is over: its reply tuple (a masquerade port) is given up at once, rather than held
+    // until the GC while the client reuses its ports faster than that.
+    if flow.is_syn() && entry.state == CT_STATE_CLOSING {
+        if let Some((reply, _)) = partner(found, entry) {
+            ct::remove(reply);
+        }
+        return None;
+    }
+    let (src, dst) = rewrites(entry, found, &flow.key, Side::Ingress)?;
+    track(entry, found, flow, now, Side::Ingress);
+    Some(Verdict::translate(Translation {
+        src,
+        dst,
+        route: entry.flags & CT_FLAG_SNAT != 0,
+        service_id: entry.rev_nat_id,
+        backend_id: entry.backend_id,
+        counters: traffic(len, 0),
+    }))
 }
 
-/// The first packet of a flow without an entry: balanced to a backend and recorded, if it
-/// is for a service.
-#[inline(always)]
-pub fn new_flow<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
-    match choose(flow) {
-        Choice::Done(verdict) => verdict,
-        Choice::Chosen { svc, chosen, now } => record(flow, len, now, &svc, &chosen),
-    }
+/// A new flow's service port, its backend, and when they were chosen.
+pub struct Picked<A> {
+    pub svc: ServiceValue,
+    pub chosen: Chosen<A>,
+    pub now: u64,
 }
 
 /// What `choose` found for a new flow: its verdict already, or the service port and the
 /// backend to record it with (`record`), and the time it was chosen.
 pub enum Choice<A> {
     Done(Verdict<A>),
-    Chosen {
-        svc: ServiceValue,
-        chosen: Chosen<A>,
-        now: u64,
-    },
+    Chosen(Picked<A>),
 }
 
 /// Whether a packet without an entry of ours may start a flow. A TCP segment other than a
@@ -309,7 +346,8 @@ pub fn may_start_flow<A>(flow: &FlowOf<A>) -> bool {
     !flow.is_tcp() || flow.is_syn()
 }
 
-/// The first half of `new_flow`: the service port the flow is for, and its backend.
+/// The first half of a new flow's handling: the service port the flow is for, and its
+/// backend.
 #[inline(always)]
 pub fn choose<A: Family>(flow: &FlowOf<A>) -> Choice<A> {
     if !may_start_flow(flow) {
@@ -332,19 +370,14 @@ pub fn choose<A: Family>(flow: &FlowOf<A>) -> Choice<A> {
             Verdict::reject(svc.id)
         });
     };
-    Choice::Chosen { svc, chosen, now }
+    Choice::Chosen(Picked { svc, chosen, now })
 }
 
-/// The second half of `new_flow`: the flow recorded with `chosen`, a backend of `svc`,
+/// The second half: the flow recorded with `chosen`, a backend of `svc`,
 /// masqueraded if it must be.
 #[inline(always)]
-pub fn record<A: Family>(
-    flow: &FlowOf<A>,
-    len: u64,
-    now: u64,
-    svc: &ServiceValue,
-    chosen: &Chosen<A>,
-) -> Verdict<A> {
+pub fn record<A: Family>(flow: &FlowOf<A>, len: u64, picked: &Picked<A>) -> Verdict<A> {
+    let (svc, chosen, now) = (&picked.svc, &picked.chosen, picked.now);
     // A remote backend of an externalTrafficPolicy: Cluster frontend would answer the client
     // directly; a pod sent to itself (hairpin) would see its own address as source.
     let masquerade = (svc.flags & SVC_FLAG_MASQUERADE != 0
@@ -353,66 +386,178 @@ pub fn record<A: Family>(
     let Some(e) = A::new_entries() else {
         return Verdict::drop_for(DropReason::ConntrackInsert, svc.id);
     };
-    {
-        e.forward = CtEntryOf {
-            nat_addr: chosen.backend.addr,
-            nat_port: chosen.backend.port,
-            direction: CT_FORWARD,
-            state: CT_STATE_NEW,
-            rev_nat_id: svc.id,
-            backend_id: chosen.backend_id,
-            peer_addr: flow.key.src,
-            peer_port: flow.key.sport,
-            flags: 0,
-            pad: 0,
-            last_seen_ns: now,
-        };
-        track(&mut e.forward, flow, now);
-        // The reply entry has seen no packet yet: `NEW` until the first reply (UDP's too,
-        // whose forward entry is established at once), which tells `ct::early_drop` a flow
-        // never answered.
-        e.reply = CtEntryOf {
-            nat_addr: flow.key.dst,
-            nat_port: flow.key.dport,
-            direction: CT_REPLY,
-            state: CT_STATE_NEW,
-            ..e.forward
-        };
-        let src = match claim_reply_tuple(flow, chosen, masquerade, e, now) {
-            Ok(src) => src,
-            Err(reason) => return Verdict::drop_for(reason, svc.id),
-        };
-        if !ct::put(&flow.key, &e.forward) {
-            e.key = flow.key.peer(&e.forward);
+    e.client
+        .set_client(flow.key.src, flow.key.sport, flow.key.proto);
+    e.forward = CtEntryOf {
+        last_seen_ns: now,
+        nat_addr: chosen.backend.addr,
+        nat_port: chosen.backend.port,
+        direction: CT_FORWARD,
+        state: CT_STATE_NEW,
+        rev_nat_id: svc.id,
+        backend_id: chosen.backend_id,
+        peer_addr: flow.key.dst,
+        peer_port: flow.key.dport,
+        flags: 0,
+        reply_state: CT_STATE_NEW,
+        src_addr: flow.key.src,
+        src_port: flow.key.sport,
+        pad: 0,
+    };
+    // A new flow has no other entry yet, whose state a RST would close.
+    track(&mut e.forward, &e.client, flow, now, Side::Ingress);
+    // The reply entry, if the flow needs one, has seen no packet yet: `NEW` until the first
+    // reply (UDP's too, whose forward entry is established at once), which tells
+    // `ct::early_drop` a flow never answered.
+    e.reply = CtEntryOf {
+        nat_addr: flow.key.dst,
+        nat_port: flow.key.dport,
+        direction: CT_REPLY,
+        state: CT_STATE_NEW,
+        peer_addr: flow.key.src,
+        peer_port: flow.key.sport,
+        ..e.forward
+    };
+    let holder = client_key_holder(flow, chosen, masquerade, e, now);
+    let src = match claim_reply_tuple(flow, chosen, masquerade, &holder, e, now) {
+        Ok(src) => src,
+        Err(reason) => return Verdict::drop_for(reason, svc.id),
+    };
+    if !ct::put(&e.client, &e.forward) {
+        if e.client.write_peer(&e.forward, &mut e.key) {
             ct::remove(&e.key);
-            return Verdict::drop_for(DropReason::ConntrackInsert, svc.id);
         }
-        if let Some(recent) = A::recent_flows() {
-            recent.note(&flow.key);
-        }
-        Verdict::translate(Translation {
-            src,
-            dst: RewriteOf::to(chosen.backend.addr, chosen.backend.port),
-            route: masquerade,
-            service_id: svc.id,
-            backend_id: chosen.backend_id,
-            counters: traffic(len, 1),
-        })
+        return Verdict::drop_for(DropReason::ConntrackInsert, svc.id);
     }
+    if let Some(recent) = A::recent_flows() {
+        recent.note(&e.client);
+    }
+    Verdict::translate(Translation {
+        src,
+        dst: RewriteOf::to(chosen.backend.addr, chosen.backend.port),
+        route: masquerade,
+        service_id: svc.id,
+        backend_id: chosen.backend_id,
+        counters: traffic(len, 1),
+    })
 }
 
-/// A new flow's two entries, and a key, as `record` builds them (`Family::new_entries`).
-#[derive(Clone, Copy)]
+/// A new flow's entries, and keys, as `record` builds them (`Family::new_entries`).
 pub struct NewEntries<A> {
     pub forward: CtEntryOf<A>,
     pub reply: CtEntryOf<A>,
+    /// A reply 5-tuple.
     pub key: CtKeyOf<A>,
+    /// A client key.
+    pub client: CtKeyOf<A>,
+    /// Where `find` leaves the key it found an entry under.
+    pub found: CtKeyOf<A>,
+}
+
+/// Whether a new flow takes its client key (`own`), and what of the entry there it keeps.
+/// The key it goes under is in `NewEntries::client` either way (per-CPU memory: a pointer
+/// sometimes to the stack and sometimes to a map would double every path after it for the
+/// verifier).
+struct ClientKey {
+    /// The flow goes under its client key, with one entry if unmasqueraded. Else the key is
+    /// another live flow's, and the new flow goes under its 5-tuples (two entries).
+    own: bool,
+    /// The other flow's replies have the reply tuple the new flow would have (one client
+    /// port to two frontends that share a backend): the new flow must move to another port.
+    clash: bool,
+}
+
+/// Who holds the client key of a new flow: nobody; or an anchor, or this client tuple's
+/// previous flow (a closed connection's tuple used again, or another CPU recording the same
+/// new flow), or a flow that has ended, which the new flow replaces (keeping the key's
+/// `CT_FLAG_SHARED`); or another live flow, whose entry is marked shared so that packets it
+/// does not match are looked up by their 5-tuples.
+#[inline(always)]
+fn client_key_holder<A: Family>(
+    flow: &FlowOf<A>,
+    chosen: &Chosen<A>,
+    masquerade: bool,
+    e: &mut NewEntries<A>,
+    now: u64,
+) -> ClientKey {
+    let Some(held) = A::ct_get_ptr_mut(&e.client) else {
+        return ClientKey {
+            own: true,
+            clash: false,
+        };
+    };
+    // SAFETY: map values stay valid during the program's run.
+    let held = unsafe { &mut *held };
+    let shared = held.flags & CT_FLAG_SHARED;
+    let previous = held.direction == CT_ANCHOR
+        || ({ held.peer_addr } == flow.key.dst && held.peer_port == flow.key.dport);
+    if !previous && !ended(held, now) {
+        if shared == 0 {
+            held.flags |= CT_FLAG_SHARED;
+        }
+        let clash = held.flags & CT_FLAG_SNAT == 0
+            && { held.nat_addr } == chosen.backend.addr
+            && held.nat_port == chosen.backend.port;
+        e.client = flow.key;
+        return ClientKey { own: false, clash };
+    }
+    if !previous && let Some((reply, _)) = partner(&e.client, held) {
+        ct::remove(reply);
+    }
+    e.forward.flags = shared;
+    // A shared port's flows under 5-tuples may hold the reply tuple this flow would have:
+    // the one entry found by its client key would take their replies. (Rare enough not to
+    // tell an ended flow's tuple from a live one's here.)
+    if shared != 0 && !masquerade {
+        e.key = CtKeyOf::tuple(
+            chosen.backend.addr,
+            flow.key.src,
+            chosen.backend.port,
+            flow.key.sport,
+            flow.key.proto,
+        );
+        // Taken by a flow under 5-tuples, live or not: this flow joins them, moved.
+        if A::ct_get_ptr_mut(&e.key).is_some() {
+            e.forward.flags = 0;
+            e.client = flow.key;
+            return ClientKey {
+                own: false,
+                clash: true,
+            };
+        }
+    }
+    ClientKey {
+        own: true,
+        clash: false,
+    }
+}
+
+/// Marks the client key `e.found` shared, recording an anchor there if it holds nothing.
+#[inline(always)]
+fn share<A: Family>(e: &mut NewEntries<A>, now: u64) {
+    if let Some(held) = A::ct_get_ptr_mut(&e.found) {
+        // SAFETY: map values stay valid during the program's run; only the flags are written.
+        let held = unsafe { &mut *held };
+        if held.flags & CT_FLAG_SHARED == 0 {
+            held.flags |= CT_FLAG_SHARED;
+        }
+        return;
+    }
+    // The reply entry, recorded already, is the room the anchor is built in.
+    e.reply = CtEntryOf {
+        last_seen_ns: now,
+        direction: CT_ANCHOR,
+        flags: CT_FLAG_SHARED,
+        ..CtEntryOf::default()
+    };
+    // Without making room in a full map: the GC restores a missing anchor.
+    let _ = ct::create_in_room(&e.found, &e.reply);
 }
 
 /// A new connection of the node's own to a service port that drops new connections (a
 /// `Local` traffic policy with endpoints on other nodes only): the socket hooks leave it
 /// addressed to the service, as kube-proxy drops it, and it is dropped here on its way out
-/// rather than sent after the default route. A pod's is dropped by `ingress` on its veth.
+/// rather than sent after the default route. A pod's is dropped on its veth's ingress.
 /// Costs one lookup, for SYNs and UDP only.
 #[inline(always)]
 fn unserved_from_node<A: Family>(flow: &FlowOf<A>) -> Verdict<A> {
@@ -428,23 +573,35 @@ fn unserved_from_node<A: Family>(flow: &FlowOf<A>) -> Verdict<A> {
     }
 }
 
-/// Records a new flow's reply entry under a reply tuple (backend → client) that no other
-/// live flow holds, and returns the rewrite of the packet's source that the tuple needs.
-/// The client's own address and port when free, or held by an ended flow or by this client
-/// tuple's previous flow; a masqueraded flow gets the node's address and a free port; an
-/// unmasqueraded flow whose tuple a live flow holds (one client port to two frontends that
-/// share a backend) keeps its address and moves to a free port, as Linux's NAT does. Each
-/// claim is an insert with `BPF_NOEXIST`, so checking and taking a tuple is one step.
+/// Records a new flow's reply entry, if it needs one, under a reply tuple (backend →
+/// client) that no other live flow holds, and returns the rewrite of the packet's source
+/// that the tuple needs. An unmasqueraded flow under its client key needs none: its replies
+/// find it there. Else: the client's own address and port when free, or held by an ended
+/// flow or by this client tuple's previous flow; a masqueraded flow gets the node's address
+/// and a free port; an unmasqueraded flow whose tuple a live flow holds (one client port to
+/// two frontends that share a backend) keeps its address and moves to a free port, as
+/// Linux's NAT does. Each claim is an insert with `BPF_NOEXIST`, so checking and taking a
+/// tuple is one step.
 #[inline(always)]
 fn claim_reply_tuple<A: Family>(
     flow: &FlowOf<A>,
     chosen: &Chosen<A>,
     masquerade: bool,
+    holder: &ClientKey,
     e: &mut NewEntries<A>,
     now: u64,
 ) -> Result<RewriteOf<A>, DropReason> {
-    if !masquerade {
-        e.key = flow.key.peer(&e.forward);
+    if !masquerade && holder.own {
+        return Ok(RewriteOf::NONE);
+    }
+    if !masquerade && !holder.clash {
+        e.key = CtKeyOf::tuple(
+            chosen.backend.addr,
+            flow.key.src,
+            chosen.backend.port,
+            flow.key.sport,
+            flow.key.proto,
+        );
         let (key, reply) = (&e.key, &e.reply);
         match ct::create(key, reply) {
             Ok(()) => return Ok(RewriteOf::NONE),
@@ -460,8 +617,12 @@ fn claim_reply_tuple<A: Family>(
         let Some(snat_addr) = A::snat_addr() else {
             return Err(DropReason::NoMasqueradeAddress);
         };
-        e.reply.flags = CT_FLAG_SNAT;
-        e.forward.flags = CT_FLAG_SNAT;
+        e.reply.flags = if holder.own {
+            CT_FLAG_SNAT | CT_FLAG_CLIENT_KEYED
+        } else {
+            CT_FLAG_SNAT
+        };
+        e.forward.flags |= CT_FLAG_SNAT;
         (snat_addr, DropReason::NoMasqueradePort)
     } else {
         (flow.key.src, DropReason::ConntrackClash)
@@ -473,16 +634,14 @@ fn claim_reply_tuple<A: Family>(
     // subprogram the verifier refuses).
     let range =
         NonZeroU32::MIN.saturating_add((config.snat_port_max - config.snat_port_min).into());
-    e.forward.peer_addr = addr;
-    e.key = CtKeyOf {
-        src: chosen.backend.addr,
-        dst: addr,
-        sport: chosen.backend.port,
-        dport: 0,
-        proto: flow.key.proto,
-        pad: 0,
-        pad2: 0,
-    };
+    e.forward.src_addr = addr;
+    e.key = CtKeyOf::tuple(
+        chosen.backend.addr,
+        addr,
+        chosen.backend.port,
+        0,
+        flow.key.proto,
+    );
     // Shared by every CPU without a lock: two searches starting from the same place meet
     // at the atomic insert, and the one that loses tries the next port.
     let cursor = SNAT_CURSOR.get_ptr_mut(0);
@@ -524,7 +683,13 @@ fn claim_reply_tuple<A: Family>(
     if !search.found {
         return Err(exhausted);
     }
-    e.forward.peer_port = e.key.dport;
+    e.forward.src_port = e.key.dport;
+    // A flow moved to another port of its client: its replies, addressed to that port, are
+    // looked up under its 5-tuple once that port's client key says so.
+    if !masquerade {
+        e.found.set_client(addr, e.key.dport, flow.key.proto);
+        share(e, now);
+    }
     Ok(RewriteOf::to(addr, e.key.dport))
 }
 
@@ -573,33 +738,36 @@ fn replaceable<A: Family>(key: &CtKeyOf<A>, flow: &FlowOf<A>, now: u64) -> bool 
         return false;
     };
     // SAFETY: map values stay valid during the program's run; only read here.
-    key.peer(unsafe { &*held }) == flow.key || free_if_ended(key, now)
+    key.peer(unsafe { &*held }) == Some(flow.key) || free_if_ended(key, now)
 }
 
-/// Frees the reply tuple `key` if its TCP flow has ended: a FIN or RST was seen and it has
-/// been quiet for `SNAT_REUSE_AFTER_NS`. As the kernel's NAT reuses TIME_WAIT tuples, this
-/// keeps short connections from exhausting the port range while their entries wait out the
-/// closing timeout.
+/// Whether `entry`'s TCP flow has ended: a FIN or RST was seen and it has been quiet for
+/// `SNAT_REUSE_AFTER_NS`.
+#[inline(always)]
+fn ended<A>(entry: &CtEntryOf<A>, now: u64) -> bool {
+    entry.state == CT_STATE_CLOSING && now.saturating_sub(entry.last_seen_ns) >= SNAT_REUSE_AFTER_NS
+}
+
+/// Frees the reply tuple `key` if its TCP flow has ended (`ended`). As the kernel's NAT
+/// reuses TIME_WAIT tuples, this keeps short connections from exhausting the port range
+/// while their entries wait out the closing timeout.
 #[inline(always)]
 fn free_if_ended<A: Family>(key: &CtKeyOf<A>, now: u64) -> bool {
-    let ended = |entry: &CtEntryOf<A>| {
-        entry.state == CT_STATE_CLOSING
-            && now.saturating_sub(entry.last_seen_ns) >= SNAT_REUSE_AFTER_NS
-    };
     let Some(reply) = ct::get(key) else {
         return false;
     };
-    if reply.direction != CT_REPLY || !ended(&reply) {
+    if reply.direction != CT_REPLY || !ended(&reply, now) {
         return false;
     }
     // The client's tuple may already carry a new flow, masqueraded to another port: that
     // entry is not this flow's and stays.
     if let Some((forward_key, forward)) = partner(key, &reply) {
         // SAFETY: as above.
-        if !ended(unsafe { &*forward }) {
+        let forward = unsafe { &mut *forward };
+        if !ended(forward, now) {
             return false;
         }
-        ct::remove(&forward_key);
+        retire(forward_key, forward);
     }
     // Another CPU may have freed and re-claimed the tuple since the read above: remove it
     // only if it is still the entry that was read.
@@ -614,25 +782,27 @@ fn free_if_ended<A: Family>(key: &CtKeyOf<A>, now: u64) -> bool {
 #[inline(always)]
 pub fn egress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
     remember_fragment(flow);
-    let Some(entry) = A::ct_get_ptr_mut(&flow.key) else {
+    let Some((entry, found)) = find(&flow.key, Side::Egress) else {
         return unserved_from_node(flow);
     };
-    // SAFETY: as in `ingress`.
+    // SAFETY: as in `tracked_ingress`.
     let entry = unsafe { &mut *entry };
-    if entry.direction != CT_REPLY || entry.flags & CT_FLAG_SNAT != 0 {
+    let Some((src, dst)) = rewrites(entry, found, &flow.key, Side::Egress) else {
         return Verdict::pass();
-    }
+    };
     // A SYN from the backend once the handshake is over answers a new connection the
     // client made to the backend directly from the same port (the backend would not accept
     // one on a tuple it still has a connection on): the tuple is no longer this flow's.
-    if entry.state != CT_STATE_NEW && flow.tcp_flags & TCP_SYN != 0 {
-        ct::remove(&flow.key);
+    let answered = if entry.direction == CT_FORWARD {
+        entry.reply_state
+    } else {
+        entry.state
+    };
+    if answered != CT_STATE_NEW && flow.tcp_flags & TCP_SYN != 0 {
+        retire(found, entry);
         return Verdict::pass();
     }
-    let Some((src, dst)) = rewrites(entry, &flow.key, Side::Egress) else {
-        return Verdict::pass();
-    };
-    track(entry, flow, lb::now_ns());
+    track(entry, found, flow, lb::now_ns(), Side::Egress);
     Verdict::translate(Translation {
         src,
         dst,
@@ -664,15 +834,7 @@ pub fn fragment<A: Family>(frag: &FragmentOf<A>, len: u64, side: Side) -> Option
     let key = A::fragment_key(frag.src, frag.dst, frag.proto, frag.id);
     // SAFETY: map values stay valid during the program's run; the value is copied.
     let ports = (unsafe { A::fragments().get(&key) }).copied()?;
-    let key = CtKeyOf {
-        src: frag.src,
-        dst: frag.dst,
-        sport: ports.sport,
-        dport: ports.dport,
-        proto: frag.proto,
-        pad: 0,
-        pad2: 0,
-    };
+    let key = CtKeyOf::tuple(frag.src, frag.dst, ports.sport, ports.dport, frag.proto);
     let (entry, src, dst) = tracked(&key, side)?;
     Some(Translation {
         src,
@@ -691,25 +853,87 @@ pub enum Side {
     Egress,
 }
 
-/// The entry under `key` and the rewrites of a packet under it on `side`, if tracked and
-/// translated there: for packets that only follow a flow (fragments, ICMP errors), whose
-/// entry they do not update.
+/// The entry that tracks a packet with the 5-tuple `key` seen on `side`, and the key it is
+/// under. A flow's entry is under the client key of the packet's client end: its source
+/// arriving, its destination leaving; it is the packet's if it names the packet's other
+/// end (its frontend, or its backend). A masqueraded reply (to the node's masquerade
+/// address and a port of the range) is under its 5-tuple, and so is the flow of a packet
+/// whose client key is shared and not its own. Either way one lookup, when the first finds
+/// the packet's flow or finds nothing.
+///
+/// The key found under is always returned in the same per-CPU room (`NewEntries::found`):
+/// the IPv6 path has no stack left for a key, and a pointer that is sometimes to the stack
+/// and sometimes to a map would double every path after it for the verifier.
+#[inline(always)]
+fn find<A: Family>(
+    key: &CtKeyOf<A>,
+    side: Side,
+) -> Option<(*mut CtEntryOf<A>, &'static CtKeyOf<A>)> {
+    let found = &mut A::new_entries()?.found;
+    if side == Side::Ingress && masquerade_reply(key) {
+        *found = *key;
+        if let Some(entry) = A::ct_get_ptr_mut(found) {
+            return Some((entry, found));
+        }
+    }
+    match side {
+        Side::Ingress => found.set_client(key.src, key.sport, key.proto),
+        Side::Egress => found.set_client(key.dst, key.dport, key.proto),
+    }
+    let entry = A::ct_get_ptr_mut(found)?;
+    // SAFETY: map values stay valid during the program's run; only read here.
+    let held = unsafe { &*entry };
+    let ours = held.direction == CT_FORWARD
+        && match side {
+            Side::Ingress => ({ held.peer_addr } == key.dst && held.peer_port == key.dport),
+            Side::Egress => ({ held.nat_addr } == key.src && held.nat_port == key.sport),
+        };
+    if ours {
+        return Some((entry, found));
+    }
+    if held.flags & CT_FLAG_SHARED == 0 {
+        return None;
+    }
+    *found = *key;
+    Some((A::ct_get_ptr_mut(found)?, found))
+}
+
+/// Whether a packet with the 5-tuple `key` is addressed to the node's masquerade address
+/// and a port of the masquerade range: a masqueraded flow's reply, if any flow's. The
+/// range is kept apart from NodePorts and the node's own ephemeral ports.
+#[inline(always)]
+fn masquerade_reply<A: Family>(key: &CtKeyOf<A>) -> bool {
+    let Some(config) = NODE_CONFIG.get(0) else {
+        return false;
+    };
+    key.dport >= config.snat_port_min
+        && key.dport <= config.snat_port_max
+        && A::snat_addr() == Some(key.dst)
+}
+
+/// The entry that tracks `key` and the rewrites of a packet under it on `side`, if tracked
+/// and translated there: for packets that only follow a flow (fragments, ICMP errors),
+/// whose entry they do not update.
 #[inline(always)]
 fn tracked<A: Family>(
     key: &CtKeyOf<A>,
     side: Side,
 ) -> Option<(CtEntryOf<A>, RewriteOf<A>, RewriteOf<A>)> {
-    let entry = ct::get(key)?;
-    let (src, dst) = rewrites(&entry, key, side)?;
+    let (entry, found) = find(key, side)?;
+    // SAFETY: map values stay valid during the program's run; the entry is copied at once.
+    let entry = unsafe { *entry };
+    let (src, dst) = rewrites(&entry, found, key, side)?;
     Some((entry, src, dst))
 }
 
-/// The rewrites (source, destination) of a packet under `key`, tracked by `entry`, on
-/// `side`: ingress translates forward entries and masqueraded replies, egress the replies
-/// of unmasqueraded flows (they leave towards the client). `None`: not translated there.
+/// The rewrites (source, destination) of a packet with the 5-tuple `key`, tracked by
+/// `entry` under `found`, on `side`: ingress translates forward entries and masqueraded
+/// replies, egress the replies of unmasqueraded flows (they leave towards the client).
+/// `None`: not translated there.
 #[inline(always)]
 fn rewrites<A: Family>(
     entry: &CtEntryOf<A>,
+    found: &CtKeyOf<A>,
     key: &CtKeyOf<A>,
     side: Side,
 ) -> Option<(RewriteOf<A>, RewriteOf<A>)> {
@@ -722,8 +946,15 @@ fn rewrites<A: Family>(
     match (side, entry.direction) {
         // The client's source stays unless the flow was masqueraded or moved to another
         // source port.
-        (Side::Ingress, CT_FORWARD) => Some((peer.when(snat || entry.peer_port != key.sport), nat)),
+        (Side::Ingress, CT_FORWARD) => {
+            let src = RewriteOf::to(entry.src_addr, entry.src_port);
+            Some((src.when(snat || entry.src_port != key.sport), nat))
+        }
         (Side::Ingress, CT_REPLY) if snat => Some((nat, peer)),
+        // A reply found by its client key gets its frontend back as source.
+        (Side::Egress, CT_FORWARD) if !snat && found.kind == CT_KEY_CLIENT => {
+            Some((peer, RewriteOf::NONE))
+        }
         // A flow moved to another source port gets its client's port back.
         (Side::Egress, CT_REPLY) if !snat => Some((nat, peer.when(entry.peer_port != key.dport))),
         _ => None,
@@ -743,15 +974,13 @@ pub fn icmp_error<A: Family>(
     sender: A,
     side: Side,
 ) -> Option<ErrorTranslationOf<A>> {
-    let reply = CtKeyOf {
-        src: quoted.dst,
-        dst: quoted.src,
-        sport: quoted.dport,
-        dport: quoted.sport,
-        proto: quoted.proto,
-        pad: 0,
-        pad2: 0,
-    };
+    let reply = CtKeyOf::tuple(
+        quoted.dst,
+        quoted.src,
+        quoted.dport,
+        quoted.sport,
+        quoted.proto,
+    );
     let (entry, src, dst) = tracked(&reply, side)?;
     let outer_src = if src.set && sender == quoted.dst {
         RewriteOf::to(src.addr, 0)

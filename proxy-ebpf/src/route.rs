@@ -150,8 +150,8 @@ where
         sport: 0,
         dport: 0,
         proto,
+        kind: proxy_common::CT_KEY_TUPLE,
         pad: 0,
-        pad2: 0,
     };
     lb::count_drop(Dropped::packet(
         DropReason::NoRoute,

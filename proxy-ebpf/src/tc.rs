@@ -7,13 +7,13 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{DropReason, HOOK_TC, ServiceValue, XDP_META_NOTHING_FOR_US, XdpMeta};
+use proxy_common::{DropReason, HOOK_TC, XDP_META_NOTHING_FOR_US, XdpMeta};
 
 use crate::{
     family::Family,
     icmp,
     lb::{self, Dropped, EventFlow},
-    maps::{NEW_FLOW6, TC_TO_ROUTE6},
+    maps::{NEW_FLOW4, NEW_FLOW6, TC_TO_ROUTE6},
     nat::{self, Action, Side, Translation, Verdict},
     packet::{
         self, ErrorTranslationOf, Flow, Flow6, FlowOf, FragmentOf, Frame, ICMP_DEST_UNREACH,
@@ -26,10 +26,15 @@ use crate::{
 
 #[classifier]
 pub fn proxy_ingress(ctx: TcContext) -> i32 {
-    if xdp_found_nothing(&ctx) {
+    ingress(&ctx)
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> i32 {
+    if xdp_found_nothing(ctx) {
         return TC_ACT_OK;
     }
-    run(&ctx, Side::Ingress)
+    run(ctx, Side::Ingress)
 }
 
 /// Whether the XDP program of this interface passed the packet as having nothing of ours
@@ -69,6 +74,42 @@ pub fn proxy_bench_baseline(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// The benchmark's first packets in repeat mode (`first_packet_repeat`): each repetition
+/// runs on the packet the one before translated, which keeps its client's address and
+/// port, so a client of its own (the next source port) makes it a new flow's first packet.
+#[classifier]
+pub fn proxy_bench_next_client(ctx: TcContext) -> i32 {
+    if next_client(&ctx).is_none() {
+        return TC_ACT_SHOT;
+    }
+    ingress(&ctx)
+}
+
+/// `proxy_bench_next_client`'s baseline: the source port stepped, nothing else.
+#[classifier]
+pub fn proxy_bench_next_client_baseline(ctx: TcContext) -> i32 {
+    match next_client(&ctx) {
+        Some(()) => TC_ACT_OK,
+        None => TC_ACT_SHOT,
+    }
+}
+
+/// Steps the TCP source port of the benchmark's frames (no IPv4 options, no IPv6 extension
+/// headers) and the checksum with it. A call of its own: its frame is gone before the
+/// ingress program's deepest calls.
+#[inline(never)]
+fn next_client(ctx: &TcContext) -> Option<()> {
+    let l4 = match packet::is_ipv6(ctx)? {
+        true => packet::ETH_HDR_LEN + packet::IP6_HDR_LEN,
+        false => packet::ETH_HDR_LEN + 20,
+    };
+    let sport: u16 = ctx.load(l4).ok()?;
+    let next = u16::from_be(sport).wrapping_add(1).to_be();
+    ctx.l4_csum_replace(l4 + 16, u64::from(sport), u64::from(next), 2)
+        .ok()?;
+    ctx.store(l4, &next, 0).ok()
+}
+
 /// Each family's path is a call of its own (`run4`, `run6`'s subprograms), with stack frames
 /// of its own. IPv6 was once a program of its own, tail-called here, when one program's
 /// million verified instructions did not cover both families; they take ~190,000 together
@@ -89,9 +130,13 @@ fn run(ctx: &TcContext, side: Side) -> i32 {
 /// finish is dropped: half-rewritten, it would carry a wrong checksum or address.
 #[inline(always)]
 fn run6(ctx: &TcContext, side: Side) -> i32 {
-    let action = match tracked6(ctx, side) {
-        NEW_FLOW => match choose6(ctx) {
-            CHOSEN => record6(ctx),
+    let first = match side {
+        Side::Ingress => tracked6(ctx),
+        Side::Egress => leaving6(ctx),
+    };
+    let action = match first {
+        NEW_FLOW => match choose::<[u8; 16]>(ctx) {
+            CHOSEN => record::<[u8; 16]>(ctx),
             action => action,
         },
         NOT_A_FLOW => match fragment6(ctx, side) {
@@ -114,14 +159,15 @@ fn run6(ctx: &TcContext, side: Side) -> i32 {
     }
 }
 
-/// `tracked6`'s answer for a packet that `choose6` and `record6` must see: a new flow.
+/// `tracked4`'s and `tracked6`'s answer for a packet that `choose` and `record` must see: a
+/// new flow.
 const NEW_FLOW: i32 = i32::MIN;
 /// `tracked6`'s answer for a packet that is no TCP or UDP flow's: `fragment6`'s or
 /// `error6`'s, maybe.
 const NOT_A_FLOW: i32 = i32::MIN + 1;
 /// `fragment6`'s answer for a packet that is not a later fragment.
 const NOT_A_FRAGMENT: i32 = i32::MIN + 2;
-/// `choose6`'s answer for a new flow that `record6` must record.
+/// `choose`'s answer for a new flow that `record` must record.
 const CHOSEN: i32 = i32::MIN + 3;
 /// An IPv6 subprogram's answer for a packet to route whose hop limit ran out here, left
 /// untouched: `expired6` answers it.
@@ -135,14 +181,12 @@ const SEND: i32 = i32::MIN + 6;
 /// MTU (16 bits), for `packet_too_big6`. Each of these answers distinct, none a tc action.
 const TOO_BIG: i32 = i32::MIN + 0x10000;
 
-/// A new IPv6 flow as `tracked6` hands it to `choose6` and `choose6` to `record6` (per CPU:
-/// the program runs on one CPU from start to end), so that neither parses the packet,
-/// reads the clock or looks the service port and backend up again.
-pub struct NewFlow6 {
-    flow: Flow6,
-    now: u64,
-    svc: ServiceValue,
-    chosen: lb::Chosen<[u8; 16]>,
+/// A new flow as `tracked4` or `tracked6` hands it to `choose` and `choose` to `record`
+/// (per CPU: the program runs on one CPU from start to end), so that neither parses the
+/// packet, reads the clock or looks the service port and backend up again.
+pub struct NewFlow<A> {
+    flow: FlowOf<A>,
+    picked: nat::Picked<A>,
 }
 
 /// A masqueraded IPv6 packet as the subprogram that translated its flow hands it on, still
@@ -155,70 +199,100 @@ pub struct ToRoute6 {
     hop: NextHop,
 }
 
-/// This CPU's `NewFlow6`.
-#[inline(always)]
-fn new_flow6() -> Option<&'static mut NewFlow6> {
-    // SAFETY: a per-CPU value, this program's alone for its run.
-    NEW_FLOW6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+/// Where a family's new flow is handed on (`NewFlow`).
+trait NewFlows: Sized {
+    /// This CPU's `NewFlow`.
+    fn new_flow() -> Option<&'static mut NewFlow<Self>>;
 }
 
-/// An IPv6 packet of a tracked flow (ingress), or any leaving one (egress).
+impl NewFlows for [u8; 4] {
+    #[inline(always)]
+    fn new_flow() -> Option<&'static mut NewFlow<Self>> {
+        // SAFETY: a per-CPU value, this program's alone for its run.
+        NEW_FLOW4.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    }
+}
+
+impl NewFlows for [u8; 16] {
+    #[inline(always)]
+    fn new_flow() -> Option<&'static mut NewFlow<Self>> {
+        // SAFETY: as for IPv4's.
+        NEW_FLOW6.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    }
+}
+
+/// An IPv6 packet of a tracked flow, arriving.
 #[inline(never)]
-fn tracked6(ctx: &TcContext, side: Side) -> i32 {
+fn tracked6(ctx: &TcContext) -> i32 {
     let Some(flow) = packet::parse6(ctx) else {
         return NOT_A_FLOW;
     };
-    let len = ctx.len() as u64;
-    let verdict = match side {
-        Side::Ingress => match nat::tracked_ingress(&flow, len) {
-            Some(verdict) => verdict,
-            // Passed here, not handed on to `choose6`, which would pass it too.
-            None if !nat::may_start_flow(&flow) => return TC_ACT_OK,
-            None => {
-                let Some(new) = new_flow6() else {
-                    return TC_ACT_OK;
-                };
-                new.flow = flow;
-                return NEW_FLOW;
-            }
-        },
-        Side::Egress => nat::egress(&flow, len),
+    let verdict = match nat::tracked_ingress(&flow, ctx.len() as u64) {
+        Some(verdict) => verdict,
+        // Passed here, not handed on to `choose`, which would pass it too.
+        None if !nat::may_start_flow(&flow) => return TC_ACT_OK,
+        None => {
+            let Some(new) = <[u8; 16]>::new_flow() else {
+                return TC_ACT_OK;
+            };
+            new.flow = flow;
+            return NEW_FLOW;
+        }
     };
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
 }
 
-/// The first IPv6 packet of a flow, arriving: `nat::new_flow` in two halves (a frame of its
-/// own is what each is for), handing on through `NewFlow6`. The first chooses the service
-/// port and backend (`CHOSEN`), or, with nothing to record, answers the packet's tc action.
+/// An IPv6 packet leaving: a subprogram of its own, as its frame and `tracked6`'s would
+/// not fit one.
 #[inline(never)]
-fn choose6(ctx: &TcContext) -> i32 {
-    let Some(new) = new_flow6() else {
+fn leaving6(ctx: &TcContext) -> i32 {
+    let Some(flow) = packet::parse6(ctx) else {
+        return NOT_A_FLOW;
+    };
+    let verdict = nat::egress(&flow, ctx.len() as u64);
+    apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
+}
+
+/// The first packet of a flow, arriving: `nat::new_flow` in two halves (a frame of its own
+/// is what each is for; and the verifier checks what follows each once per way it can
+/// end, not once per way through all of it), handing on through `NewFlow`. The first
+/// chooses the service port and backend (`CHOSEN`), or, with nothing to record, answers the
+/// packet's tc action.
+#[inline(never)]
+fn choose<A: Routing + NewFlows>(ctx: &TcContext) -> i32
+where
+    FlowOf<A>: Answer,
+    proxy_common::CtKeyOf<A>: EventFlow + Copy,
+{
+    let Some(new) = A::new_flow() else {
         return TC_ACT_OK;
     };
     let Some(flow) = new.flow.bounded() else {
         return TC_ACT_OK;
     };
     match nat::choose(&flow) {
-        nat::Choice::Chosen { svc, chosen, now } => {
-            new.svc = svc;
-            new.chosen = chosen;
-            new.now = now;
+        nat::Choice::Chosen(picked) => {
+            new.picked = picked;
             CHOSEN
         }
         nat::Choice::Done(verdict) => apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT),
     }
 }
 
-/// The second half: the flow recorded with the backend `choose6` picked.
+/// The second half: the flow recorded with the backend `choose` picked.
 #[inline(never)]
-fn record6(ctx: &TcContext) -> i32 {
-    let Some(new) = new_flow6() else {
+fn record<A: Routing + NewFlows>(ctx: &TcContext) -> i32
+where
+    FlowOf<A>: Answer,
+    proxy_common::CtKeyOf<A>: EventFlow + Copy,
+{
+    let Some(new) = A::new_flow() else {
         return TC_ACT_OK;
     };
     let Some(flow) = new.flow.bounded() else {
         return TC_ACT_OK;
     };
-    let verdict = nat::record(&flow, ctx.len() as u64, new.now, &new.svc, &new.chosen);
+    let verdict = nat::record(&flow, ctx.len() as u64, &new.picked);
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
 }
 
@@ -247,13 +321,37 @@ fn error6(ctx: &TcContext, side: Side) -> i32 {
     }
 }
 
-#[inline(never)]
+/// IPv4: the packet's flow, then, for a new one, `choose` and `record`, as IPv6's.
+#[inline(always)]
 fn run4(ctx: &TcContext, side: Side) -> i32 {
+    match tracked4(ctx, side) {
+        NEW_FLOW => match choose::<[u8; 4]>(ctx) {
+            CHOSEN => record::<[u8; 4]>(ctx),
+            action => action,
+        },
+        action => action,
+    }
+}
+
+/// An IPv4 packet of a tracked flow, or a later fragment or an ICMP error about one
+/// (arriving); or any leaving.
+#[inline(never)]
+fn tracked4(ctx: &TcContext, side: Side) -> i32 {
     match packet::parse(ctx) {
         Some(Packet::Transport(flow)) => {
             let len = ctx.len() as u64;
             let verdict = match side {
-                Side::Ingress => nat::ingress(&flow, len),
+                Side::Ingress => match nat::tracked_ingress(&flow, len) {
+                    Some(verdict) => verdict,
+                    None if !nat::may_start_flow(&flow) => return TC_ACT_OK,
+                    None => {
+                        let Some(new) = <[u8; 4]>::new_flow() else {
+                            return TC_ACT_OK;
+                        };
+                        new.flow = flow;
+                        return NEW_FLOW;
+                    }
+                },
                 Side::Egress => nat::egress(&flow, len),
             };
             apply(ctx, &flow, verdict)
@@ -417,7 +515,7 @@ impl Routing for [u8; 4] {
     fn next_hop(ctx: &TcContext, flow: &Flow, t: &Translation) -> Result<NextHop, i32> {
         let hop = next_hop4(ctx, flow, t);
         if hop.is_err() {
-            nat::forget_new(&flow.key, t);
+            nat::forget_new(t);
         }
         hop
     }
@@ -495,7 +593,7 @@ impl Routing for [u8; 16] {
         match ctx.read::<u8>(Self::TTL_OFF) {
             Some(hop_limit) if hop_limit > 1 => {}
             Some(_) => {
-                nat::forget_new(&flow.key, t);
+                nat::forget_new(t);
                 return Err(HOP_LIMIT_EXPIRED);
             }
             None => return Err(TC_ACT_SHOT),
@@ -551,7 +649,7 @@ fn next_hop6(ctx: &TcContext) -> i32 {
             SEND
         }
         Err(unroutable) => {
-            nat::forget_new(&flow.key, t);
+            nat::forget_new(t);
             match unroutable {
                 Unroutable::TooBig { mtu } => TOO_BIG + i32::from(mtu),
                 Unroutable::NoRoute => route::no_route(src, dst, proto, t.service_id),

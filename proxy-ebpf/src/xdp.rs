@@ -41,7 +41,16 @@ fn xdp4(ctx: &XdpContext) -> u32 {
     let Some(Packet::Transport(flow)) = packet::parse(ctx) else {
         return XDP_PASS;
     };
-    let verdict = nat::ingress(&flow, (ctx.data_end() - ctx.data()) as u64);
+    let verdict = match nat::tracked_ingress(&flow, (ctx.data_end() - ctx.data()) as u64) {
+        Some(verdict) => verdict,
+        None => match nat::choose(&flow) {
+            // A new flow is recorded by tc (as IPv6's): recording it here too would take
+            // this program past its stack and the verifier's limit. What it would drop or
+            // pass is decided here.
+            nat::Choice::Chosen(_) => return XDP_PASS,
+            nat::Choice::Done(verdict) => verdict,
+        },
+    };
     match verdict.action {
         Action::Translate => {
             let t = &verdict.translation;
@@ -50,12 +59,8 @@ fn xdp4(ctx: &XdpContext) -> u32 {
             }
             match next_hop(ctx, &flow, t) {
                 Some(hop) => send(ctx, &flow, t, hop),
-                // tc answers the packet, or sends it while the neighbour is unresolved: as
-                // a new flow again if it opened one here, which tc records and counts then.
-                None => {
-                    nat::forget_new(&flow.key, t);
-                    XDP_PASS
-                }
+                // tc answers the packet, or sends it while the neighbour is unresolved.
+                None => XDP_PASS,
             }
         }
         Action::Drop => {
@@ -73,7 +78,7 @@ fn xdp4(ctx: &XdpContext) -> u32 {
 }
 
 /// `proxy_xdp` for IPv6. Established flows only: a masqueraded one's packets are forwarded
-/// from here; a new flow (a masquerade port claimed, two entries recorded, in subprograms
+/// from here; a new flow (a masquerade port claimed, its entries recorded, in subprograms
 /// on tc) and anything else goes to tc, and its later packets take this path. Three
 /// subprograms one after the other, handing on through a per-CPU map (`XDP_FORWARD6`):
 /// the flow's translation, its next hop, the rewrite — in one, the frames passed 512 bytes.

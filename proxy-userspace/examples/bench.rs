@@ -960,7 +960,7 @@ fn main() -> anyhow::Result<()> {
     }
     md += &format!(
         "\n**Per packet, IPv6**: the same measurements with IPv6 services, clients and conntrack \
-         map (`conntrack6`, {} entries: {} first packets, around half of it). In brackets, the cost \
+         map (`ct_flows6`, {} entries: {} first packets, around half of it). In brackets, the cost \
          above the empty program as a ratio to IPv4's in the table above (1.10x: 10% dearer).\n\n\
          | services | empty program, repeat / single (ns) | established flow, repeat (ns; above empty; to IPv4) | established flow, single (ns; above empty; to IPv4) | first packet, single (ns; above empty; to IPv4; conntrack fill) | first packet after churn, single (ns; above empty; to IPv4) |\n\
          | ---: | ---: | ---: | ---: | ---: | ---: |\n",
@@ -991,9 +991,10 @@ fn main() -> anyhow::Result<()> {
         "\n**First packets in repeat mode**: the kernel runs one SYN {} times in a row, in \
          batches from a client each (the median batch's mean), along a chain of as many \
          services, each one's only backend the next one's address, so that every repetition, \
-         as the one before translated it, is the first packet of a new flow to the next \
-         service (lookups that miss, a backend chosen, two conntrack entries made, the packet \
-         translated); around \
+         as the one before translated it, is addressed to the next service, and the program \
+         (`proxy_bench_next_client`) steps its source port first, so that it is a new \
+         client's first packet (lookups that miss, a backend chosen, a conntrack entry made, \
+         the packet translated); its empty program is the step alone; around \
          the stated conntrack fill, as many first packets as single runs measure. The \
          program's code and the services' entries stay in the caches, as on a node taking new \
          flows one after another; the conntrack buckets do not, as in any map of that size. \
@@ -1148,7 +1149,7 @@ fn main() -> anyhow::Result<()> {
                 column(&|r| Some(r.0.1.repeat_hit_ns)),
             ),
             (
-                "IPv6 first packet (single, half-full conntrack6)",
+                "IPv6 first packet (single, half-full conntrack)",
                 column(&|r| Some(r.0.1.miss_ns)),
             ),
         ],

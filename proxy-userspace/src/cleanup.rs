@@ -82,12 +82,15 @@ pub fn agent_datapath(bpffs: &Path) -> anyhow::Result<Removed> {
         }
         std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
-    let set_aside = crate::ct_upgrade::CONNTRACK_MAPS.map(crate::ct_upgrade::aside_name);
+    // Earlier agents' conntrack maps, pinned or set aside.
+    let earlier = maps::FORMER_CONNTRACK
+        .iter()
+        .flat_map(|(map, former)| [former.to_string(), crate::ct_upgrade::aside_name(map)]);
     let names = maps::ALL
         .iter()
         .chain(&maps::RETIRED)
         .map(|name| name.to_string());
-    for name in names.chain(set_aside) {
+    for name in names.chain(earlier) {
         let path = bpffs.join(name);
         if path.exists() {
             std::fs::remove_file(&path)

@@ -1,10 +1,10 @@
-//! Garbage collection of our conntrack maps (one per address family): a flow's two entries
-//! expire together once both have been idle longer than the flow's timeout (by protocol and
-//! TCP state). A full map also has the datapath drop flows never answered to make room:
+//! Garbage collection of our conntrack maps (one per address family): a flow's entries
+//! expire together once all have been idle longer than the flow's timeout (by protocol and
+//! TCP state), and the client keys that flows under 5-tuples need stay marked (anchors). A full map also has the datapath drop flows never answered to make room:
 //! each collection counts those (`ct_account`, shared by the two maps) and removes what is
 //! left of a flow that lost one entry.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::Hash,
     path::Path,
     time::{Duration, Instant},
@@ -14,8 +14,9 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use crate::ct_account::{CtAccount, evicted};
 use proxy_common::{
-    CT_FLAG_PASS, CT_STATE_CLOSING, CtEntry, CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf,
-    ct_flow_timeout_secs, maps,
+    CT_ANCHOR, CT_FLAG_CLIENT_KEYED, CT_FLAG_PASS, CT_FLAG_SHARED, CT_FLAG_SNAT, CT_FORWARD,
+    CT_KEY_CLIENT, CT_KEY_TUPLE, CT_REPLY, CT_STATE_CLOSING, CtEntry, CtEntry6, CtEntryOf, CtKey,
+    CtKey6, CtKeyOf, ct_flow_timeout_secs, maps,
 };
 
 /// The conntrack maps, IPv4 and IPv6.
@@ -58,13 +59,50 @@ pub struct GcReport {
     pub evicted: u64,
 }
 
-/// What one collection removes from a map read at `read_at_ns`.
+/// What one collection removes from (and repairs in) a map read at `read_at_ns`.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Garbage<A> {
-    /// Entries of flows idle past their timeout.
+pub struct Garbage<A: Copy> {
+    /// Entries of flows idle past their timeout, and anchors no flow needs any more.
     pub expired: Vec<CtKeyOf<A>>,
     /// The remaining entry of each live flow that lost the other.
     pub orphaned: Vec<CtKeyOf<A>>,
+    /// Client keys that live flows under 5-tuples need marked shared, with what to write
+    /// there: an anchor where nothing (or a flow that ended) is, or the flow there marked.
+    pub repairs: Vec<(CtKeyOf<A>, CtEntryOf<A>)>,
+}
+
+/// An anchor: a client key's entry that holds no flow, only `CT_FLAG_SHARED`.
+pub fn anchor<A: Copy + Default>(now_ns: u64) -> CtEntryOf<A> {
+    CtEntryOf {
+        direction: CT_ANCHOR,
+        flags: CT_FLAG_SHARED,
+        last_seen_ns: now_ns,
+        ..CtEntryOf::default()
+    }
+}
+
+/// Ends a flow's entry under `key` as the datapath does: removes it, or, under a client
+/// key that other flows need (`shared`), leaves an anchor there. Whether it removed one
+/// (gone already is fine).
+pub fn retire<A>(
+    map: &mut BpfHashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
+    key: &CtKeyOf<A>,
+    shared: bool,
+) -> bool
+where
+    A: Copy + Default,
+    CtKeyOf<A>: aya::Pod,
+    CtEntryOf<A>: aya::Pod,
+{
+    if shared && key.kind == CT_KEY_CLIENT {
+        let _ = map.insert(
+            key,
+            anchor(crate::clock::flow_clock_ns()),
+            crate::maps::BPF_EXIST,
+        );
+        return false;
+    }
+    map.remove(key).is_ok()
 }
 
 /// Sorts `entries`, read whole starting at `read_at_ns`, into garbage: flows idle past their
@@ -72,7 +110,13 @@ pub struct Garbage<A> {
 /// lost one only if its remaining entry was last used before the read began (a flow made
 /// during the read may show one entry only), is not a pass entry (those come alone) and is
 /// not closing (a closing flow's entries are removed one at a time by the datapath).
-pub fn garbage<A: Copy + Eq + Hash>(
+///
+/// It also keeps the invariant the datapath relies on: every live flow under 5-tuples is
+/// found from a client key marked shared (its client's, and for an unmasqueraded reply
+/// the port it is addressed to). An expired flow entry such a flow needs becomes an anchor;
+/// a missing anchor (a race between the datapath's removal and its mark) is recreated; an
+/// anchor that nothing needs, and that was not touched during the read, goes.
+pub fn garbage<A: Copy + Default + Eq + Hash>(
     entries: &HashMap<CtKeyOf<A>, CtEntryOf<A>>,
     read_at_ns: u64,
     now_ns: u64,
@@ -80,28 +124,77 @@ pub fn garbage<A: Copy + Eq + Hash>(
     let mut found = Garbage {
         expired: Vec::new(),
         orphaned: Vec::new(),
+        repairs: Vec::new(),
     };
-    for (key, entry) in entries {
-        let peer = entries.get(&key.peer(entry));
+    let idle = |key: &CtKeyOf<A>, entry: &CtEntryOf<A>| {
+        let peer = key.peer(entry).and_then(|peer| entries.get(&peer));
         let last_seen = peer.map_or(entry.last_seen_ns, |p| {
             p.last_seen_ns.max(entry.last_seen_ns)
         });
-        let timeout = ct_flow_timeout_secs(
-            key.proto,
-            entry.state,
-            peer.map_or(entry.state, |p| p.state),
-        );
-        if now_ns.saturating_sub(last_seen) > timeout * NS_PER_SEC {
-            found.expired.push(*key);
-        } else if peer.is_none()
+        // A flow with one entry keeps both directions' states in it.
+        let other_state = match (key.peer(entry), peer) {
+            (None, _) => entry.reply_state,
+            (Some(_), Some(p)) => p.state,
+            (Some(_), None) => entry.state,
+        };
+        let timeout = ct_flow_timeout_secs(key.proto, entry.state, other_state);
+        now_ns.saturating_sub(last_seen) > timeout * NS_PER_SEC
+    };
+    let needed: HashSet<CtKeyOf<A>> = entries
+        .iter()
+        .filter(|(key, entry)| key.kind == CT_KEY_TUPLE && !idle(key, entry))
+        .filter_map(|(key, entry)| shared_client_key(key, entry))
+        .collect();
+    for (key, entry) in entries {
+        let needs_anchor = needed.contains(key);
+        if entry.direction == CT_ANCHOR {
+            if !needs_anchor && entry.last_seen_ns < read_at_ns {
+                found.expired.push(*key);
+            }
+            continue;
+        }
+        let lost_peer = key
+            .peer(entry)
+            .is_some_and(|peer| !entries.contains_key(&peer))
             && entry.flags & CT_FLAG_PASS == 0
             && entry.state != CT_STATE_CLOSING
-            && entry.last_seen_ns < read_at_ns
-        {
+            && entry.last_seen_ns < read_at_ns;
+        let expired = idle(key, entry);
+        if (expired || lost_peer) && needs_anchor {
+            found.repairs.push((*key, anchor(now_ns)));
+        } else if expired {
+            found.expired.push(*key);
+        } else if lost_peer {
             found.orphaned.push(*key);
+        } else if needs_anchor && entry.flags & CT_FLAG_SHARED == 0 {
+            let mut marked = *entry;
+            marked.flags |= CT_FLAG_SHARED;
+            found.repairs.push((*key, marked));
+        }
+    }
+    for key in needed {
+        if !entries.contains_key(&key) {
+            found.repairs.push((key, anchor(now_ns)));
         }
     }
     found
+}
+
+/// The client key that the flow entry `entry` under the 5-tuple `key` must be found from,
+/// marked shared: a forward entry's client (the packet's source), an unmasqueraded reply's
+/// client port (its destination). A masqueraded reply is found by its destination alone,
+/// and a reply whose flow is under its client key by that key.
+fn shared_client_key<A: Copy + Default>(
+    key: &CtKeyOf<A>,
+    entry: &CtEntryOf<A>,
+) -> Option<CtKeyOf<A>> {
+    match entry.direction {
+        CT_FORWARD => Some(CtKeyOf::client(key.src, key.sport, key.proto)),
+        CT_REPLY if entry.flags & (CT_FLAG_SNAT | CT_FLAG_CLIENT_KEYED) == 0 => {
+            Some(CtKeyOf::client(key.dst, key.dport, key.proto))
+        }
+        _ => None,
+    }
 }
 
 /// One map's entries, read whole.
@@ -109,22 +202,22 @@ fn read<A>(
     map: &BpfHashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
 ) -> Option<HashMap<CtKeyOf<A>, CtEntryOf<A>>>
 where
-    A: Copy + Eq + Hash,
+    A: Copy + Default + Eq + Hash,
     CtKeyOf<A>: aya::Pod,
     CtEntryOf<A>: aya::Pod,
 {
     Some(crate::map_batch::read_all(map).ok()?.into_iter().collect())
 }
 
-/// Removes `entries`' garbage from `map`: how many entries it removed, and how many were
-/// garbage.
+/// Removes `entries`' garbage from `map` and makes its repairs: how many entries it
+/// removed, and how many were garbage.
 fn sweep<A>(
     map: &mut BpfHashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
     entries: &HashMap<CtKeyOf<A>, CtEntryOf<A>>,
     read_at: u64,
 ) -> (u64, usize)
 where
-    A: Copy + Eq + Hash,
+    A: Copy + Default + Eq + Hash,
     CtKeyOf<A>: aya::Pod,
     CtEntryOf<A>: aya::Pod,
 {
@@ -133,6 +226,10 @@ where
     for key in found.expired.iter().chain(&found.orphaned) {
         // The datapath may have refreshed or evicted it meanwhile; either way is fine.
         removed += u64::from(map.remove(key).is_ok());
+    }
+    for (key, entry) in &found.repairs {
+        // A full map keeps the repair for the next pass.
+        let _ = map.insert(key, entry, 0);
     }
     (removed, found.expired.len() + found.orphaned.len())
 }
@@ -230,10 +327,7 @@ impl FullMapWarnings {
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::{
-        CT_FORWARD, CT_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, IPPROTO_TCP,
-        IPPROTO_UDP,
-    };
+    use proxy_common::{CT_STATE_ESTABLISHED, CT_STATE_NEW, IPPROTO_TCP, IPPROTO_UDP};
 
     use super::*;
 
@@ -241,6 +335,10 @@ mod tests {
         garbage(entries, now_ns, now_ns).expired
     }
 
+    const CLIENT: [u8; 4] = [10, 0, 0, 1];
+    const NODE: [u8; 4] = [192, 168, 0, 1];
+
+    /// A masqueraded flow: its entry under the client key, and its reply entry.
     fn flow(
         proto: u8,
         forward_state: u8,
@@ -248,15 +346,7 @@ mod tests {
         reply_state: u8,
         reply_seen_s: u64,
     ) -> HashMap<CtKey, CtEntry> {
-        let key = CtKey {
-            src: [10, 0, 0, 1],
-            dst: [10, 96, 0, 10],
-            sport: 40000,
-            dport: 80,
-            proto,
-            pad: 0,
-            pad2: 0,
-        };
+        let key = CtKey::client(CLIENT, 40000, proto);
         let forward = CtEntry {
             nat_addr: [10, 244, 0, 2],
             nat_port: 8080,
@@ -264,21 +354,39 @@ mod tests {
             state: forward_state,
             rev_nat_id: 1,
             backend_id: 1,
-            peer_addr: key.src,
-            peer_port: key.sport,
-            flags: 0,
-            pad: 0,
+            peer_addr: [10, 96, 0, 10],
+            peer_port: 80,
+            flags: CT_FLAG_SNAT,
+            src_addr: NODE,
+            src_port: 61000,
             last_seen_ns: forward_seen_s * NS_PER_SEC,
+            ..CtEntry::default()
         };
         let reply = CtEntry {
-            nat_addr: key.dst,
-            nat_port: key.dport,
+            nat_addr: forward.peer_addr,
+            nat_port: forward.peer_port,
             direction: CT_REPLY,
             state: reply_state,
+            peer_addr: CLIENT,
+            peer_port: 40000,
+            flags: CT_FLAG_SNAT | CT_FLAG_CLIENT_KEYED,
             last_seen_ns: reply_seen_s * NS_PER_SEC,
             ..forward
         };
-        HashMap::from([(key, forward), (key.peer(&forward), reply)])
+        HashMap::from([(key, forward), (key.peer(&forward).unwrap(), reply)])
+    }
+
+    /// An unmasqueraded flow: one entry, under the client key, with both states.
+    fn one_entry(proto: u8, state: u8, reply_state: u8, seen_s: u64) -> (CtKey, CtEntry) {
+        let (key, mut entry) = flow(proto, state, seen_s, reply_state, seen_s)
+            .into_iter()
+            .find(|(k, _)| k.kind == CT_KEY_CLIENT)
+            .unwrap();
+        entry.flags = 0;
+        entry.reply_state = reply_state;
+        entry.src_addr = CLIENT;
+        entry.src_port = 40000;
+        (key, entry)
     }
 
     #[test]
@@ -290,6 +398,17 @@ mod tests {
             expired(&entries, (1000 + 6 * 3600 + 1) * NS_PER_SEC).len(),
             2
         );
+        // The same with one entry: the backend's state established, the client's new.
+        let one = HashMap::from([one_entry(
+            IPPROTO_TCP,
+            CT_STATE_NEW,
+            CT_STATE_ESTABLISHED,
+            1000,
+        )]);
+        assert!(expired(&one, 1500 * NS_PER_SEC).is_empty());
+        assert_eq!(expired(&one, (1000 + 6 * 3600 + 1) * NS_PER_SEC).len(), 1);
+        let half_open = HashMap::from([one_entry(IPPROTO_TCP, CT_STATE_NEW, CT_STATE_NEW, 1000)]);
+        assert_eq!(expired(&half_open, 1061 * NS_PER_SEC).len(), 1);
     }
 
     #[test]
@@ -322,42 +441,126 @@ mod tests {
             CT_STATE_ESTABLISHED,
             100,
         );
-        let (key, entry) = whole.iter().next().map(|(k, e)| (*k, *e)).unwrap();
-        let lone = HashMap::from([(key, entry)]);
-        // Used before the read began: its partner was dropped.
-        let found = garbage(&lone, 120 * NS_PER_SEC, 120 * NS_PER_SEC);
-        assert_eq!((found.orphaned, found.expired), (vec![key], vec![]));
-        // Used during the read: its partner may be inserted in a part already read.
-        assert!(
-            garbage(&lone, 100 * NS_PER_SEC, 101 * NS_PER_SEC)
-                .orphaned
-                .is_empty()
-        );
-        // Idle past its timeout: expired, not lost.
-        let found = garbage(&lone, 500 * NS_PER_SEC, 500 * NS_PER_SEC);
-        assert_eq!((found.orphaned, found.expired), (vec![], vec![key]));
-        // A whole flow, a closing one and a pass entry are not orphans.
-        assert!(
-            garbage(&whole, 120 * NS_PER_SEC, 120 * NS_PER_SEC)
-                .orphaned
-                .is_empty()
-        );
-        let closing = CtEntry {
-            state: CT_STATE_CLOSING,
-            ..entry
-        };
-        let pass = CtEntry {
-            flags: CT_FLAG_PASS,
-            ..entry
-        };
-        for alone in [closing, pass] {
-            let map = HashMap::from([(key, alone)]);
+        for (key, entry) in whole.iter().map(|(k, e)| (*k, *e)) {
+            let lone = HashMap::from([(key, entry)]);
+            // Used before the read began: its partner was dropped.
+            let found = garbage(&lone, 120 * NS_PER_SEC, 120 * NS_PER_SEC);
+            assert_eq!((found.orphaned, found.expired), (vec![key], vec![]));
+            // Used during the read: its partner may be inserted in a part already read.
+            assert!(
+                garbage(&lone, 100 * NS_PER_SEC, 101 * NS_PER_SEC)
+                    .orphaned
+                    .is_empty()
+            );
+            // Idle past its timeout: expired, not lost.
+            let found = garbage(&lone, 500 * NS_PER_SEC, 500 * NS_PER_SEC);
+            assert_eq!((found.orphaned, found.expired), (vec![], vec![key]));
+            let closing = CtEntry {
+                state: CT_STATE_CLOSING,
+                ..entry
+            };
+            let map = HashMap::from([(key, closing)]);
             assert!(
                 garbage(&map, 120 * NS_PER_SEC, 120 * NS_PER_SEC)
                     .orphaned
                     .is_empty()
             );
         }
+        // A whole flow, a flow with one entry and a pass entry are not orphans.
+        let (key, entry) = one_entry(IPPROTO_UDP, CT_STATE_ESTABLISHED, CT_STATE_NEW, 100);
+        let pass = CtEntry {
+            flags: CT_FLAG_PASS,
+            ..entry
+        };
+        for map in [
+            whole,
+            HashMap::from([(key, entry)]),
+            HashMap::from([(key, pass)]),
+        ] {
+            assert!(
+                garbage(&map, 120 * NS_PER_SEC, 120 * NS_PER_SEC)
+                    .orphaned
+                    .is_empty()
+            );
+        }
+    }
+
+    /// Two flows from one client port: the first under the client key, the second under
+    /// 5-tuples, moved to another port; and the keys the second needs marked.
+    fn shared_port(first_seen_s: u64, second_seen_s: u64) -> HashMap<CtKey, CtEntry> {
+        let (client, mut first) = one_entry(
+            IPPROTO_UDP,
+            CT_STATE_ESTABLISHED,
+            CT_STATE_NEW,
+            first_seen_s,
+        );
+        first.flags = CT_FLAG_SHARED;
+        let forward_key = CtKey::tuple(CLIENT, [10, 96, 0, 11], 40000, 53, IPPROTO_UDP);
+        let second = CtEntry {
+            peer_addr: forward_key.dst,
+            peer_port: 53,
+            src_port: 61000,
+            flags: 0,
+            last_seen_ns: second_seen_s * NS_PER_SEC,
+            ..first
+        };
+        let reply_key = forward_key.peer(&second).unwrap();
+        let reply = CtEntry {
+            nat_addr: forward_key.dst,
+            nat_port: 53,
+            direction: CT_REPLY,
+            peer_addr: CLIENT,
+            peer_port: 40000,
+            ..second
+        };
+        let moved_to = CtKey::client(CLIENT, 61000, IPPROTO_UDP);
+        HashMap::from([
+            (client, first),
+            (forward_key, second),
+            (reply_key, reply),
+            (moved_to, anchor(second_seen_s * NS_PER_SEC)),
+        ])
+    }
+
+    #[test]
+    fn client_keys_that_flows_under_5_tuples_need_stay_marked_and_anchors_no_flow_needs_go() {
+        let client = CtKey::client(CLIENT, 40000, IPPROTO_UDP);
+        let moved_to = CtKey::client(CLIENT, 61000, IPPROTO_UDP);
+        // Both flows live: nothing to do.
+        let both = shared_port(100, 100);
+        assert_eq!(
+            garbage(&both, 120 * NS_PER_SEC, 120 * NS_PER_SEC),
+            Garbage {
+                expired: vec![],
+                orphaned: vec![],
+                repairs: vec![]
+            }
+        );
+        // The first flow expired while the second lives: its entry becomes an anchor.
+        let first_over = shared_port(100, 150);
+        let found = garbage(&first_over, 200 * NS_PER_SEC, 200 * NS_PER_SEC);
+        assert_eq!(found.repairs, vec![(client, anchor(200 * NS_PER_SEC))]);
+        assert!(found.expired.is_empty());
+        // A missing anchor, or a missing mark, is restored.
+        let mut lost = shared_port(100, 100);
+        lost.remove(&moved_to);
+        lost.get_mut(&client).unwrap().flags = 0;
+        let mut repairs = garbage(&lost, 120 * NS_PER_SEC, 120 * NS_PER_SEC).repairs;
+        repairs.sort_by_key(|(k, _)| k.sport);
+        let marked = CtEntry {
+            flags: CT_FLAG_SHARED,
+            ..both[&client]
+        };
+        assert_eq!(
+            repairs,
+            vec![(client, marked), (moved_to, anchor(120 * NS_PER_SEC))]
+        );
+        // Both expired: everything goes, the anchor too once untouched during the read.
+        let mut gone = garbage(&both, 500 * NS_PER_SEC, 500 * NS_PER_SEC).expired;
+        gone.sort_by_key(|k| (k.kind, k.sport, k.dport));
+        assert_eq!(gone.len(), 4, "{gone:?}");
+        let anchors_read_after = garbage(&both, 50 * NS_PER_SEC, 500 * NS_PER_SEC).expired;
+        assert!(!anchors_read_after.contains(&moved_to));
     }
 
     #[test]
@@ -370,7 +573,7 @@ mod tests {
         assert!(
             first.contains("4 entries")
                 && first.contains("1 new flows")
-                && first.contains("conntrack=128"),
+                && first.contains("ct_flows=128"),
             "{first}"
         );
         assert_eq!(
@@ -383,7 +586,7 @@ mod tests {
         assert!(
             next.contains("2 entries")
                 && next.contains("5 new flows")
-                && next.contains("conntrack6=64"),
+                && next.contains("ct_flows6=64"),
             "{next}"
         );
     }

@@ -9,10 +9,10 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray};
 use proxy_common::{
-    AgentStatus, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SNAT, CT_FORWARD, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, Counters, CtEntry, CtEntry6, CtEntryOf, CtKey, CtKey6, CtKeyOf,
-    DropReason, SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY, ServiceInfo, ServiceValue,
-    SlotKey, UNUSED_NOT_LOCAL, UnusedKey, maps,
+    AgentStatus, BACKEND_FLAG_LOCAL, CT_FLAG_PASS, CT_FLAG_SHARED, CT_FLAG_SNAT, CT_FORWARD,
+    CT_KEY_CLIENT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, Counters, CtEntry, CtEntry6, CtEntryOf,
+    CtKey, CtKey6, CtKeyOf, DropReason, SCOPE_ALL, SVC_FLAG_AFFINITY, SVC_FLAG_DROP_IF_EMPTY,
+    ServiceInfo, ServiceValue, SlotKey, UNUSED_NOT_LOCAL, UnusedKey, maps,
 };
 use serde::Serialize;
 
@@ -590,40 +590,46 @@ fn state_name(state: u8) -> &'static str {
     }
 }
 
-/// The keys of a flow's two entries, in its family's map.
+/// The keys of a flow's entries in its family's map: its forward entry's, its reply
+/// entry's if it has one, and whether the forward entry is a client key that other flows
+/// need (`CT_FLAG_SHARED`: removing the flow leaves an anchor there).
 #[derive(Clone, Copy, Debug)]
 pub enum FlowKeys {
-    V4(CtKey, CtKey),
-    V6(CtKey6, CtKey6),
+    V4(CtKey, Option<CtKey>, bool),
+    V6(CtKey6, Option<CtKey6>, bool),
 }
 
 /// A flow's forward entry with its addresses as `IpAddr`s, and its entries' keys.
-fn as_flow<A: Copy + Into<IpAddr>>(
+fn as_flow<A: Copy + Default + Into<IpAddr>>(
     key: CtKeyOf<A>,
     entry: CtEntryOf<A>,
-    keys: fn(CtKeyOf<A>, CtKeyOf<A>) -> FlowKeys,
+    keys: fn(CtKeyOf<A>, Option<CtKeyOf<A>>, bool) -> FlowKeys,
 ) -> (CtKeyOf<IpAddr>, CtEntryOf<IpAddr>, FlowKeys) {
-    let flow_keys = keys(key, key.peer(&entry));
+    let shared = key.kind == CT_KEY_CLIENT && entry.flags & CT_FLAG_SHARED != 0;
+    let flow_keys = keys(key, key.peer(&entry), shared);
     let key = CtKeyOf {
         src: key.src.into(),
         dst: key.dst.into(),
         sport: key.sport,
         dport: key.dport,
         proto: key.proto,
+        kind: key.kind,
         pad: 0,
-        pad2: 0,
     };
     let entry = CtEntryOf {
         nat_addr: entry.nat_addr.into(),
         peer_addr: entry.peer_addr.into(),
+        src_addr: entry.src_addr.into(),
         nat_port: entry.nat_port,
         direction: entry.direction,
         state: entry.state,
+        reply_state: entry.reply_state,
         rev_nat_id: entry.rev_nat_id,
         backend_id: entry.backend_id,
         peer_port: entry.peer_port,
+        src_port: entry.src_port,
         flags: entry.flags,
-        pad: entry.pad,
+        pad: 0,
         last_seen_ns: entry.last_seen_ns,
     };
     (key, entry, flow_keys)
@@ -666,11 +672,11 @@ pub fn flows(
         let row = FlowRow {
             protocol: protocol(key.proto),
             client: socket_text(key.src, key.sport),
-            service_address: socket_text(key.dst, key.dport),
+            service_address: socket_text(entry.peer_addr, entry.peer_port),
             backend: socket_text(entry.nat_addr, entry.nat_port),
             masqueraded_as: (entry.flags & CT_FLAG_SNAT != 0
-                || (entry.peer_addr, entry.peer_port) != (key.src, key.sport))
-                .then(|| socket_text(entry.peer_addr, entry.peer_port)),
+                || (entry.src_addr, entry.src_port) != (key.src, key.sport))
+                .then(|| socket_text(entry.src_addr, entry.src_port)),
             service,
             state: state_name(entry.state),
             idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
@@ -681,7 +687,8 @@ pub fn flows(
     Ok(rows)
 }
 
-/// Deletes flows (both entries of each); returns how many flows.
+/// Deletes flows (every entry of each); returns how many flows. A client key that other
+/// flows need is left as an anchor, as the datapath leaves it.
 pub fn flush(maps: &Maps, dir: &Path, ids: Option<&[u32]>) -> anyhow::Result<usize> {
     let flows = flows(maps, dir, ids)?;
     let mut conntrack = Conntracks::open(dir)?;
@@ -689,15 +696,29 @@ pub fn flush(maps: &Maps, dir: &Path, ids: Option<&[u32]>) -> anyhow::Result<usi
     let mut removed = 0;
     for (keys, _) in &flows {
         // Gone already (expired, evicted) is fine.
-        let gone = match keys {
-            FlowKeys::V4(a, b) => [conntrack.v4.remove(a), conntrack.v4.remove(b)],
-            FlowKeys::V6(a, b) => [conntrack.v6.remove(a), conntrack.v6.remove(b)],
+        removed += match keys {
+            FlowKeys::V4(key, reply, shared) => remove_flow(&mut conntrack.v4, key, reply, *shared),
+            FlowKeys::V6(key, reply, shared) => remove_flow(&mut conntrack.v6, key, reply, *shared),
         };
-        removed += gone.iter().filter(|r| r.is_ok()).count() as u64;
     }
     // Deleted by us, not evicted.
     account.add_deleted(removed);
     Ok(flows.len())
+}
+
+/// Removes a flow's entries from `map`: how many were removed.
+fn remove_flow<A: Copy + Default>(
+    map: &mut BpfHashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
+    key: &CtKeyOf<A>,
+    reply: &Option<CtKeyOf<A>>,
+    shared: bool,
+) -> u64
+where
+    CtKeyOf<A>: aya::Pod,
+    CtEntryOf<A>: aya::Pod,
+{
+    let reply = reply.is_some_and(|reply| map.remove(&reply).is_ok());
+    u64::from(reply) + u64::from(crate::conntrack::retire(map, key, shared))
 }
 
 #[derive(Debug, Serialize)]

@@ -1,7 +1,7 @@
 //! UDP flows the kernel's NAT translates when the agent starts (kube-proxy's, during a
 //! migration): UDP has no SYN to tell a new flow from one in the middle, so without this the
 //! tc program would balance their next datagram anew, possibly to another backend. Each
-//! such flow gets a pass entry in our conntrack (`CT_FLAG_PASS`), under the client's tuple:
+//! such flow gets a pass entry in our conntrack (`CT_FLAG_PASS`), under the client's key:
 //! its packets are left to the kernel, which keeps sending them to the backend kube-proxy
 //! chose, until the flow has been idle for our UDP timeout. TCP needs none of this: a segment
 //! other than a SYN without an entry of ours is left alone anyway. IPv4 and IPv6 alike
@@ -12,9 +12,14 @@ use aya::{
     Pod,
     maps::{HashMap, MapData},
 };
-use proxy_common::{CT_FLAG_PASS, CT_FORWARD, CT_STATE_ESTABLISHED, CtEntryOf, CtKeyOf};
+use proxy_common::{
+    CT_FLAG_PASS, CT_FLAG_SHARED, CT_FORWARD, CT_STATE_ESTABLISHED, CtEntryOf, CtKeyOf,
+};
 
-use crate::{conntrack::Conntracks, maps::BPF_NOEXIST};
+use crate::{
+    conntrack::Conntracks,
+    maps::{BPF_EXIST, BPF_NOEXIST},
+};
 
 const IPPROTO_UDP: u8 = 17;
 /// The kernel's connection table of this network namespace (`/proc/self/net/...`).
@@ -86,10 +91,12 @@ pub fn pass_translated_udp(conntrack: &mut Conntracks, now_ns: u64) -> std::io::
 }
 
 /// Inserts the pass entry of a flow the kernel translates (`original`, `reply`, seen at
-/// `now_ns`) into its family's `conntrack`, under the client's tuple: the backend the
-/// kernel chose. `[client, service, backend]` are the tuples' addresses in the family's
-/// form. Whether it was inserted (not when an entry of ours holds the tuple).
-fn pass<A: Copy + Default>(
+/// `now_ns`) into its family's `conntrack`, under the client's key: the backend the kernel
+/// chose. `[client, service, backend]` are the tuples' addresses in the family's form.
+/// Where the client key holds another flow of the same client port (one socket to several
+/// services), under its 5-tuple, with the client key marked shared. Whether it was
+/// inserted (not when an entry of ours holds the flow).
+fn pass<A: Copy + Default + PartialEq>(
     conntrack: &mut HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
     [client, service, backend]: [A; 3],
     (original, reply, now_ns): (&Tuple, &Tuple, u64),
@@ -98,27 +105,38 @@ where
     CtKeyOf<A>: Pod,
     CtEntryOf<A>: Pod,
 {
-    let key = CtKeyOf {
-        src: client,
-        dst: service,
-        sport: original.sport,
-        dport: original.dport,
-        proto: IPPROTO_UDP,
-        pad: 0,
-        pad2: 0,
-    };
     let entry = CtEntryOf {
         nat_addr: backend,
         nat_port: reply.sport,
         direction: CT_FORWARD,
         state: CT_STATE_ESTABLISHED,
-        peer_addr: client,
-        peer_port: original.sport,
+        reply_state: CT_STATE_ESTABLISHED,
+        peer_addr: service,
+        peer_port: original.dport,
+        src_addr: client,
+        src_port: original.sport,
         flags: CT_FLAG_PASS,
         last_seen_ns: now_ns,
         ..CtEntryOf::default()
     };
-    conntrack.insert(key, entry, BPF_NOEXIST).is_ok()
+    let client_key = CtKeyOf::client(client, original.sport, IPPROTO_UDP);
+    if conntrack.insert(client_key, entry, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    let Ok(mut held) = conntrack.get(&client_key, 0) else {
+        return false;
+    };
+    if ({ held.peer_addr }, held.peer_port) == (service, original.dport) {
+        return false;
+    }
+    let key = CtKeyOf::tuple(client, service, original.sport, original.dport, IPPROTO_UDP);
+    if conntrack.insert(key, entry, BPF_NOEXIST).is_err() {
+        return false;
+    }
+    held.flags |= CT_FLAG_SHARED;
+    // Lost to a race with the datapath, the mark is restored by the next GC pass.
+    let _ = conntrack.insert(client_key, held, BPF_EXIST);
+    true
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use proxy_common::{AffinityKey, AffinityValue, CT_FLAG_PASS, CtEntryOf, CtKeyOf, IPPROTO_UDP};
+use proxy_common::{
+    AffinityKey, AffinityValue, CT_FLAG_PASS, CT_FLAG_SHARED, CtEntryOf, CtKeyOf, IPPROTO_UDP,
+};
 use tracing::warn;
 
 use crate::{
@@ -48,7 +50,7 @@ fn is_stale(stale: &Stale, service_id: u32, backend_id: u32) -> bool {
         .is_some_and(|backends| backends.contains(&backend_id))
 }
 
-/// A UDP flow of the tc path to a removed backend (either of its two entries).
+/// A UDP flow of the tc path to a removed backend (any of its entries).
 fn is_stale_flow<A>(stale: &Stale, key: &CtKeyOf<A>, entry: &CtEntryOf<A>) -> bool {
     key.proto == IPPROTO_UDP
         && entry.flags & CT_FLAG_PASS == 0
@@ -83,6 +85,31 @@ fn remove_where<K: aya::Pod, V: aya::Pod>(
     keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64
 }
 
+/// Ends the UDP flows of `map` to backends of `stale` (each of their entries), as the
+/// datapath ends a flow: a client key other flows need stays as an anchor. How many
+/// entries went.
+fn remove_flows<A>(map: &mut BpfHashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>, stale: &Stale) -> u64
+where
+    A: Copy + Default,
+    CtKeyOf<A>: aya::Pod,
+    CtEntryOf<A>: aya::Pod,
+{
+    let mut flows: Vec<(CtKeyOf<A>, bool)> = Vec::new();
+    // A map that cannot be read now is cleaned at the next removal.
+    let _ = crate::map_batch::for_each_chunk(map, |k, v| {
+        flows.extend(
+            k.iter()
+                .zip(v)
+                .filter(|(k, e)| is_stale_flow(stale, k, e))
+                .map(|(k, e)| (*k, e.flags & CT_FLAG_SHARED != 0)),
+        );
+    });
+    let removed = flows
+        .iter()
+        .filter(|(key, shared)| crate::conntrack::retire(map, key, *shared));
+    removed.count() as u64
+}
+
 pub struct RemovedBackends {
     requests: mpsc::Sender<Request>,
 }
@@ -111,8 +138,8 @@ impl RemovedBackends {
                 remove_where(&mut maps.affinity, |k, v| {
                     is_stale(&sticky, k.service_id, v.backend_id)
                 });
-                let flows = remove_where(&mut maps.conntrack.v4, |k, e| is_stale_flow(&gone, k, e))
-                    + remove_where(&mut maps.conntrack.v6, |k, e| is_stale_flow(&gone, k, e));
+                let flows = remove_flows(&mut maps.conntrack.v4, &gone)
+                    + remove_flows(&mut maps.conntrack.v6, &gone);
                 maps.account.add_deleted(flows);
             }
         })?;

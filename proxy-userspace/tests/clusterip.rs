@@ -1037,7 +1037,7 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
     // Our conntrack holds the flows (bpftool shows named fields) and its fill is a metric.
     let dump = std::process::Command::new("bpftool")
         .args(["map", "dump", "pinned"])
-        .arg(world.nodes[0].bpffs.join("conntrack"))
+        .arg(world.nodes[0].bpffs.join(proxy_common::maps::CONNTRACK))
         .output()
         .expect("running bpftool");
     let dump = String::from_utf8_lossy(&dump.stdout);
@@ -1045,27 +1045,16 @@ fn tc_path_dnat_and_reverse_nat_for_pods_outside_the_hooked_cgroup() {
         dump.contains("\"nat_port\": 8080") && dump.contains("\"rev_nat_id\""),
         "{dump}"
     );
-    // Two entries per flow: one keyed on the client's tuple, one on the backend's. A UDP
-    // client port that came round again is its earlier flow again (same entries, same
-    // backend), so count the distinct tuples rather than the flows.
-    let tuples = |with_backend: bool| {
-        let flows = tcp
-            .iter()
-            .map(|r| ("tcp", r))
-            .chain(udp.iter().map(|r| ("udp", r)));
-        flows
-            .map(|(proto, r)| {
-                let backend = if with_backend {
-                    r["backend"].to_string()
-                } else {
-                    String::new()
-                };
-                (proto, r["server_saw"].to_string(), backend)
-            })
-            .collect::<std::collections::BTreeSet<_>>()
-            .len() as u64
-    };
-    let expected = tuples(false) + tuples(true);
+    // One entry per flow, under the client's address and port. A UDP client port that came
+    // round again is its earlier flow again (the same entry, the same backend), so count
+    // the distinct client tuples rather than the flows.
+    let expected = tcp
+        .iter()
+        .map(|r| ("tcp", r))
+        .chain(udp.iter().map(|r| ("udp", r)))
+        .map(|(proto, r)| (proto, r["server_saw"].to_string()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let metrics = world.agent_http("/metrics").unwrap();
@@ -1461,10 +1450,10 @@ fn full_conntrack(family: Family) {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    // Each family's flows have a conntrack map of their own: 64 entries, 32 flows.
+    // Each family's flows have a conntrack map of their own: 64 entries, one per flow.
     let map = match family {
-        Family::V4 => "conntrack",
-        Family::V6 => "conntrack6",
+        Family::V4 => proxy_common::maps::CONNTRACK,
+        Family::V6 => proxy_common::maps::CONNTRACK6,
     };
     let size = format!("{map}=64");
     let agent = world
@@ -1614,19 +1603,24 @@ fn an_lru_conntrack_map_of_an_earlier_agent_becomes_a_hash_map_with_its_entries(
         .start_agent_with(&["--manifests", &path], true)
         .unwrap();
     for line in [
-        "conntrack map conntrack: 1 entries copied",
-        "conntrack map conntrack: now a hash map",
+        "conntrack map ct_flows: 1 entries copied",
+        "conntrack map ct_flows: now of this agent's kind and layout",
     ] {
         agent.wait_for_log(&[line], Duration::from_secs(5)).unwrap();
     }
-    let shown = bpftool(&["map", "show", "pinned", pin_arg]);
+    let new_pin = bpffs.join(proxy_common::maps::CONNTRACK);
+    let new_pin = new_pin.to_str().unwrap();
+    let shown = bpftool(&["map", "show", "pinned", new_pin]);
     assert!(
         shown.contains(": hash ") && shown.contains("max_entries 1024"),
         "{shown}"
     );
-    let lookup = format!("map lookup pinned {pin_arg} key {key}");
+    // The flow, one entry under its client key (kind 1).
+    let client_key = "10 1 0 9 0 0 0 0 0x9c 0x40 0 0 17 1 0 0";
+    let lookup = format!("map lookup pinned {new_pin} key {client_key}");
     let found = bpftool(&lookup.split(' ').collect::<Vec<_>>());
     assert!(found.contains("\"flags\": 2"), "{found}");
+    assert!(!bpffs.join("conntrack").exists());
     assert!(!bpffs.join("conntrack_lru").exists());
     // Flows of the new map are balanced and translated as ever.
     assert_eq!(tcp_spread(&world, false, &format!("{VIP}:80"), 30).len(), 3);

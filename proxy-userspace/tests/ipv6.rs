@@ -360,7 +360,7 @@ fn an_ipv6_cluster_ip_is_served_on_the_tc_path_to_clients_outside_the_cgroup() {
         );
     }
     let maps = world.proxyctl(&["maps"]).unwrap();
-    assert!(maps.lines().any(|l| l.starts_with("conntrack6 ")), "{maps}");
+    assert!(maps.lines().any(|l| l.starts_with("ct_flows6 ")), "{maps}");
 }
 
 #[test]

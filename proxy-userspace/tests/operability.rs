@@ -266,7 +266,12 @@ fn conntrack_list_and_flush_maps_and_status() {
     };
     assert_eq!(row("services")["entries"], 2);
     assert_eq!(row("backends")["entries"], 6, "3 pods x TCP and UDP");
-    assert!(row("conntrack")["capacity"].as_u64().unwrap() > 0);
+    assert!(
+        row(proxy_common::maps::CONNTRACK)["capacity"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     assert!(row("service_stats")["entries"].is_null());
     // Counters are shared by all CPUs: entries × 24 bytes, not × CPUs.
     let stats = row("service_stats");
@@ -406,7 +411,7 @@ fn metrics_have_kube_proxy_names_and_per_service_and_backend_counters() {
         .sum();
     assert_eq!(per_backend, results.len() as f64);
     assert_eq!(value("proxy_map_entries{map=\"services\"}"), 2.0);
-    assert!(value("proxy_map_capacity{map=\"conntrack\"}") > 0.0);
+    assert!(value("proxy_map_capacity{map=\"ct_flows\"}") > 0.0);
     // What the "Kubernetes / Proxy" dashboard and the KubeProxyDown alert read.
     assert!(value("process_resident_memory_bytes") > 1e6);
     assert!(value("process_start_time_seconds") > 1.6e9);

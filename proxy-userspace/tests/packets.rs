@@ -433,7 +433,7 @@ fn malformed_packets_leave_no_state_and_pass_untouched() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(ends(&out).1, (BACKEND, BACKEND_PORT));
     assert!(checksums_hold(&out));
-    assert_eq!(fx.conntrack().len(), 2, "forward and reply entries");
+    assert_eq!(fx.conntrack().len(), 1, "one entry, under the client key");
 }
 
 #[test]
@@ -479,7 +479,7 @@ fn malformed_ipv6_packets_leave_no_state_and_pass_untouched() {
     let (verdict, out) = fx.ingress(&syn);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(ends6(&out, l4).1, (BACKEND6, BACKEND_PORT));
-    assert_eq!(fx.conntrack_entries(), 2, "forward and reply entries");
+    assert_eq!(fx.conntrack_entries(), 1, "one entry, under the client key");
 }
 
 /// A small xorshift generator: reproducible mutations without a dependency.
@@ -1064,7 +1064,11 @@ fn a_first_packet_that_cannot_go_on_leaves_no_state() {
         }
         // With a route, the flow is recorded.
         assert_eq!(fx.ingress(&syn).0, TC_ACT_REDIRECT, "sent to the backend");
-        assert_eq!(fx.conntrack_entries(), 2, "forward and reply entries");
+        assert_eq!(
+            fx.conntrack_entries(),
+            2,
+            "the flow's entry and its masqueraded reply's"
+        );
         fx.clear_conntrack();
         ip(&format!("route del {}/32", Ipv4Addr::from(BACKEND)));
         ip(&format!("-6 route del {}/128", Ipv6Addr::from(BACKEND6)));
@@ -1412,48 +1416,32 @@ fn every_fragment_of_a_datagram_follows_its_flow() {
 }
 
 #[test]
-fn a_reset_closes_both_entries_and_a_new_syn_on_the_tuple_starts_afresh() {
+fn a_reset_closes_both_directions_and_a_new_syn_on_the_tuple_starts_afresh() {
     let mut fx = Fixture::new();
     let client = (CLIENT, 40000);
     let backend = (BACKEND, BACKEND_PORT);
     fx.ingress(&tcp(client, (VIP1, 80), SYN));
     fx.egress(&tcp(backend, client, SYN | ACK));
     fx.ingress(&tcp(client, (VIP1, 80), ACK));
-    let reply_key = CtKey {
-        src: BACKEND,
-        dst: CLIENT,
-        sport: BACKEND_PORT,
-        dport: 40000,
-        proto: IPPROTO_TCP,
-        pad: 0,
-        pad2: 0,
-    };
+    let key = CtKey::client(CLIENT, 40000, IPPROTO_TCP);
+    // The flow's one entry, and each direction's state in it.
     let state = |fx: &Fixture| {
         let entries = fx.conntrack();
-        let of = |key: &CtKey| entries.iter().find(|(k, _)| k == key).map(|(_, e)| e.state);
-        let forward = CtKey {
-            src: CLIENT,
-            dst: VIP1,
-            sport: 40000,
-            dport: 80,
-            proto: IPPROTO_TCP,
-            pad: 0,
-            pad2: 0,
-        };
-        (of(&forward), of(&reply_key))
+        let entry = entries.iter().find(|(k, _)| *k == key);
+        (entries.len(), entry.map(|(_, e)| (e.state, e.reply_state)))
     };
     const NEW: u8 = proxy_common::CT_STATE_NEW;
     const ESTABLISHED: u8 = proxy_common::CT_STATE_ESTABLISHED;
     const CLOSING: u8 = proxy_common::CT_STATE_CLOSING;
-    assert_eq!(state(&fx), (Some(ESTABLISHED), Some(NEW)));
-    // The client's RST ends the connection both ways: the backend's entry is closing too
+    assert_eq!(state(&fx), (1, Some((ESTABLISHED, NEW))));
+    // The client's RST ends the connection both ways: the backend's side is closing too
     // (a masqueraded flow's port is then free to reuse once quiet).
     fx.ingress(&tcp(client, (VIP1, 80), RST | ACK));
-    assert_eq!(state(&fx), (Some(CLOSING), Some(CLOSING)));
-    // The same client tuple opens a new connection: a new flow, with a new reply entry.
+    assert_eq!(state(&fx), (1, Some((CLOSING, CLOSING))));
+    // The same client tuple opens a new connection: a new flow.
     let (_, out) = fx.ingress(&tcp(client, (VIP1, 80), SYN));
     assert_eq!(ends(&out), (client, backend));
-    assert_eq!(state(&fx), (Some(NEW), Some(NEW)));
+    assert_eq!(state(&fx), (1, Some((NEW, NEW))));
 }
 
 #[test]
@@ -1678,7 +1666,11 @@ fn ipv6_packets_are_translated_past_their_extension_headers() {
     assert!(holds, "checksum after DNAT");
     let conntrack6: HashMap<MapData, proxy_common::CtKey6, proxy_common::CtEntry6> =
         proxy::maps::open(&fx.pins, maps::CONNTRACK6).unwrap();
-    assert_eq!(conntrack6.keys().count(), 2, "forward and reply entries");
+    assert_eq!(
+        conntrack6.keys().count(),
+        1,
+        "one entry, under the client key"
+    );
     // The backend's reply leaves with the service address as source.
     let reply = tcp6(&[], (BACKEND6, BACKEND_PORT), (CLIENT6, 40000), SYN | ACK);
     let (verdict, out) = fx.egress(&reply);

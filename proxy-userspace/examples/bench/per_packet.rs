@@ -284,7 +284,7 @@ where
     let per_batch = (runs / REPEAT_BATCHES).max(1);
     let repeat_baseline_ns = repeat_ns(baseline, REPEAT_BATCHES, per_batch, |_| syn(0))?;
     let ingress = datapath.load_classifier("proxy_ingress")?;
-    // A new client every run: conntrack miss, backend selection, two conntrack inserts.
+    // A new client every run: conntrack miss, backend selection, one conntrack insert.
     let miss_ns = mean_ns(ingress, first_runs, syn)?;
     let mut conntrack: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> =
         proxy::maps::open(&pins.0, A::CONNTRACK)?;
@@ -292,7 +292,7 @@ where
     let middle = (start as u64 + proxy::map_batch::count(&conntrack)?) / 2;
     // As in steady state: the flows end, the GC frees their entries, and new ones (the same
     // number again, from new clients) take them, around the same fill.
-    let flows = (0..first_runs).map(|i| (A::client(i), last));
+    let flows = (0..first_runs).map(|i| flow_key(A::client(i), 40000));
     free_as_gc::<A>(&mut conntrack, flows)?;
     let churned_miss_ns = mean_ns(ingress, first_runs, |i| syn(first_runs + i))?;
     // An established flow: its SYN made the entries, its segments hit them.
@@ -304,8 +304,8 @@ where
     // what any translation costs (the same lookups, stores and checksum updates), or a
     // little more: from an address change summing to zero, tc cannot tell a partial
     // checksum from a full one, so the ports' change takes the helper.
-    let key = forward_key(client, last);
-    let entry = conntrack.get(&key, 0).context("the flow's forward entry")?;
+    let key = flow_key(client, 40000);
+    let entry = conntrack.get(&key, 0).context("the flow's entry")?;
     conntrack.insert(
         key,
         CtEntryOf {
@@ -349,9 +349,11 @@ pub struct ChainPoint {
 /// First packets of family `A` in repeat mode, as many as single runs measure
 /// (`first_packet_runs`). Each service of a chain of `CHAIN` has one backend, the next
 /// service's address (port 80), so that each repetition's packet, as the one before
-/// translated it, is the first packet of a flow to the next service: lookups that miss, a
-/// backend chosen, two conntrack entries made, the packet translated. Each batch sends a
-/// client of its own along the chain, around a half-full conntrack map.
+/// translated it, is addressed to the next service; the program measured first steps its
+/// source port (`proxy_bench_next_client`, its baseline the same step alone), so that it
+/// is a new client's first packet: lookups that miss, a backend chosen, a conntrack entry
+/// made, the packet translated. Each batch sends a client address of its own along the
+/// chain, around a half-full conntrack map.
 pub fn first_packet_repeat<A: Measured>(runs: u32) -> anyhow::Result<ChainPoint>
 where
     CtKeyOf<A>: Pod,
@@ -364,16 +366,16 @@ where
     let first_packets = (batches * CHAIN) as usize;
     let start = fill_below_half::<A>(&pins.0, first_packets)?;
     let syn = |b| A::tcp_frame(A::client(b), A::vip(0), SYN);
-    let baseline = datapath.load_classifier("proxy_bench_baseline")?;
+    let baseline = datapath.load_classifier("proxy_bench_next_client_baseline")?;
     let baseline_ns = repeat_ns(baseline, batches, CHAIN, syn)?;
-    let ingress = datapath.load_classifier("proxy_ingress")?;
+    let ingress = datapath.load_classifier("proxy_bench_next_client")?;
     let first_ns = repeat_ns(ingress, batches, CHAIN, syn)?;
     let mut conntrack: HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>> =
         proxy::maps::open(&pins.0, A::CONNTRACK)?;
     let made = |conntrack: &HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>| -> anyhow::Result<()> {
         let entries = proxy::map_batch::count(conntrack)? as usize;
         ensure!(
-            entries == start + 2 * first_packets,
+            entries == start + first_packets,
             "{} chain: {entries} conntrack entries after {first_packets} first packets into \
              {start}: not every repetition made a flow",
             A::LABEL
@@ -383,8 +385,8 @@ where
     made(&conntrack)?;
     // After churn, as the single runs: the flows freed as the GC frees them, then as many
     // again from new clients.
-    let flows =
-        (0..batches).flat_map(|b| (0..CHAIN as usize).map(move |i| (A::client(b), A::vip(i))));
+    let flows = (0..batches)
+        .flat_map(|b| (1..=CHAIN as u16).map(move |i| flow_key(A::client(b), 40000 + i)));
     free_as_gc::<A>(&mut conntrack, flows)?;
     let churned_ns = repeat_ns(ingress, batches, CHAIN, |b| syn(batches + b))?;
     made(&conntrack)?;
@@ -420,54 +422,43 @@ fn programmed<A: Measured>(dir: &Path, services: &DesiredState) -> anyhow::Resul
     Ok(datapath)
 }
 
-/// Fills family `A`'s conntrack map (`fill_conntrack`) so that `first_packets`, two entries
-/// each, are measured around half of it: they start that far below half and end as far
-/// above. Returns the entries filled.
+/// Fills family `A`'s conntrack map (`fill_conntrack`) so that `first_packets`, one entry
+/// each, are measured around half of it: they start half as far below half as they make
+/// entries, and end as far above. Returns the entries filled.
 fn fill_below_half<A: Measured>(dir: &Path, first_packets: usize) -> anyhow::Result<usize>
 where
     CtKeyOf<A>: Pod,
     CtEntryOf<A>: Pod,
 {
-    let start = A::CONNTRACK_CAPACITY as usize / 2 - first_packets;
+    let start = A::CONNTRACK_CAPACITY as usize / 2 - first_packets / 2;
     fill_conntrack::<A>(dir, start)?;
     Ok(start)
 }
 
-/// The forward conntrack key of `client`'s TCP flow (`tcp_frame`) to `service`.
-fn forward_key<A: Measured>(client: A, service: A) -> CtKeyOf<A> {
-    CtKeyOf {
-        src: client,
-        dst: service,
-        sport: 40000,
-        dport: 80,
-        proto: 6,
-        pad: 0,
-        pad2: 0,
-    }
+/// The key of `client`'s TCP flow from `port` (`tcp_frame`'s is 40000): its client key.
+fn flow_key<A: Measured>(client: A, port: u16) -> CtKeyOf<A> {
+    CtKeyOf::client(client, port, 6)
 }
 
-/// Removes the flows of `(client, service)` pairs (port 80) from the conntrack map as the
-/// agent's GC removes expired flows: both entries of each, one at a time, in the random order
-/// of a `std` hash map (`proxy::conntrack::collect_garbage`). The map's free entries are then
-/// scattered over its memory, as in a map that has run for a while, where a fresh one hands
-/// them out in the order they lie.
+/// Removes the flows under `keys` from the conntrack map as the agent's GC removes expired
+/// flows: each entry, one at a time, in the random order of a `std` hash map
+/// (`proxy::conntrack::collect_garbage`). The map's free entries are then scattered over
+/// its memory, as in a map that has run for a while, where a fresh one hands them out in
+/// the order they lie.
 fn free_as_gc<A: Measured>(
     conntrack: &mut HashMap<MapData, CtKeyOf<A>, CtEntryOf<A>>,
-    flows: impl Iterator<Item = (A, A)>,
+    keys: impl Iterator<Item = CtKeyOf<A>>,
 ) -> anyhow::Result<()>
 where
     CtKeyOf<A>: Pod,
     CtEntryOf<A>: Pod,
 {
-    let mut keys = std::collections::HashSet::new();
-    for (client, service) in flows {
-        let forward = forward_key(client, service);
-        let entry = conntrack
-            .get(&forward, 0)
-            .context("a first packet's forward entry")?;
-        keys.extend([forward, forward.peer(&entry)]);
-    }
+    let mut entries = std::collections::HashSet::new();
     for key in keys {
+        let entry = conntrack.get(&key, 0).context("a first packet's entry")?;
+        entries.extend([Some(key), key.peer(&entry)].into_iter().flatten());
+    }
+    for key in entries {
         conntrack.remove(&key).context("freeing a flow's entry")?;
     }
     Ok(())
@@ -485,17 +476,10 @@ where
     let now = proxy::clock::flow_clock_ns();
     for i in 0..flows {
         // From addresses of the backends' range, 256 ports each.
-        let key = CtKeyOf {
-            src: A::backend(i >> 16, (i >> 8) as u8),
-            dst: A::vip(0),
-            sport: i as u16,
-            dport: 80,
-            proto: 6,
-            pad: 0,
-            pad2: 0,
-        };
+        let key = flow_key(A::backend(i >> 16, (i >> 8) as u8), i as u16);
         let entry = CtEntryOf {
             state: proxy_common::CT_STATE_ESTABLISHED,
+            reply_state: proxy_common::CT_STATE_ESTABLISHED,
             last_seen_ns: now,
             ..CtEntryOf::default()
         };

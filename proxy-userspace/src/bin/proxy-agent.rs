@@ -140,8 +140,9 @@ struct Args {
     /// to be programmed (kube-proxy's stays 200 while its rules rot).
     #[arg(long, env = "PROXY_HEALTHZ_MAX_LAG_SECS", default_value_t = 10)]
     healthz_max_lag_secs: u64,
-    /// Capacity of a map, as NAME=ENTRIES (repeatable), e.g. conntrack=1048576. Applies
-    /// when the map is created: a map already pinned keeps its capacity.
+    /// Capacity of a map, as NAME=ENTRIES (repeatable), e.g. ct_flows=1048576 (`conntrack`,
+    /// an earlier name, is taken too). Applies when the map is created: a map already
+    /// pinned keeps its capacity.
     #[arg(long = "map-size", env = "PROXY_MAP_SIZES", value_delimiter = ',', value_parser = parse_map_size)]
     map_sizes: Vec<(String, u32)>,
     /// Seconds between conntrack garbage collections; the interfaces' addresses (where
@@ -174,6 +175,10 @@ fn parse_map_size(text: &str) -> Result<(String, u32), String> {
     if size == 0 {
         return Err("a map needs at least one entry".into());
     }
+    let name = proxy_common::maps::FORMER_CONNTRACK
+        .iter()
+        .find(|(_, former)| *former == name)
+        .map_or(name, |(map, _)| map);
     Ok((name.to_owned(), size))
 }
 
