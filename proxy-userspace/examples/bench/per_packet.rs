@@ -394,7 +394,8 @@ where
         baseline_ns,
         first_ns,
         churned_ns,
-        conntrack_fill: (start + first_packets) as f64 / A::CONNTRACK_CAPACITY as f64,
+        // Halfway through: one entry per first packet.
+        conntrack_fill: (start + first_packets / 2) as f64 / A::CONNTRACK_CAPACITY as f64,
     })
 }
 
