@@ -250,15 +250,9 @@ pub const CT_KEY_CLIENT: u8 = 1;
 impl<A: Copy + Default> CtKeyOf<A> {
     /// The client key of `addr`, `port` and `proto`.
     pub fn client(addr: A, port: u16, proto: u8) -> Self {
-        CtKeyOf {
-            src: addr,
-            dst: A::default(),
-            sport: port,
-            dport: 0,
-            proto,
-            kind: CT_KEY_CLIENT,
-            pad: 0,
-        }
+        let mut key = CtKeyOf::default();
+        key.set_client(addr, port, proto);
+        key
     }
 
     /// Makes this the client key of `addr`, `port` and `proto`, field by field (the

@@ -134,6 +134,20 @@ impl<A: Family> Translation<A> {
         (src, dst)
     }
 
+    /// The rewrites `src` and `dst` of a packet (`len` bytes) of the tracked flow `entry`:
+    /// routed by us if masqueraded, no new connection.
+    #[inline(always)]
+    fn following(entry: &CtEntryOf<A>, src: RewriteOf<A>, dst: RewriteOf<A>, len: u64) -> Self {
+        Translation {
+            src,
+            dst,
+            route: entry.flags & CT_FLAG_SNAT != 0,
+            service_id: entry.rev_nat_id,
+            backend_id: entry.backend_id,
+            counters: traffic(len, 0),
+        }
+    }
+
     /// No rewrite, nothing to count; for `service_id`.
     #[inline(always)]
     fn none(service_id: u32) -> Self {
@@ -310,14 +324,9 @@ pub fn tracked_ingress<A: Family>(flow: &FlowOf<A>, len: u64) -> Option<Verdict<
     }
     let (src, dst) = rewrites(entry, found, &flow.key, Side::Ingress)?;
     track(entry, found, flow, now, Side::Ingress);
-    Some(Verdict::translate(Translation {
-        src,
-        dst,
-        route: entry.flags & CT_FLAG_SNAT != 0,
-        service_id: entry.rev_nat_id,
-        backend_id: entry.backend_id,
-        counters: traffic(len, 0),
-    }))
+    Some(Verdict::translate(Translation::following(
+        entry, src, dst, len,
+    )))
 }
 
 /// A new flow's service port, its backend, and when they were chosen.
@@ -803,6 +812,7 @@ pub fn egress<A: Family>(flow: &FlowOf<A>, len: u64) -> Verdict<A> {
         return Verdict::pass();
     }
     track(entry, found, flow, lb::now_ns(), Side::Egress);
+    // Never routed by us: the flows translated leaving are the unmasqueraded ones.
     Verdict::translate(Translation {
         src,
         dst,
@@ -836,14 +846,7 @@ pub fn fragment<A: Family>(frag: &FragmentOf<A>, len: u64, side: Side) -> Option
     let ports = (unsafe { A::fragments().get(&key) }).copied()?;
     let key = CtKeyOf::tuple(frag.src, frag.dst, ports.sport, ports.dport, frag.proto);
     let (entry, src, dst) = tracked(&key, side)?;
-    Some(Translation {
-        src,
-        dst,
-        route: entry.flags & CT_FLAG_SNAT != 0,
-        service_id: entry.rev_nat_id,
-        backend_id: entry.backend_id,
-        counters: traffic(len, 0),
-    })
+    Some(Translation::following(&entry, src, dst, len))
 }
 
 /// Where a packet is seen: arriving on an interface, or leaving through one.

@@ -200,7 +200,7 @@ pub struct ToRoute6 {
 }
 
 /// Where a family's new flow is handed on (`NewFlow`).
-trait NewFlows: Sized {
+trait NewFlows: Sized + 'static {
     /// This CPU's `NewFlow`.
     fn new_flow() -> Option<&'static mut NewFlow<Self>>;
 }
@@ -227,17 +227,8 @@ fn tracked6(ctx: &TcContext) -> i32 {
     let Some(flow) = packet::parse6(ctx) else {
         return NOT_A_FLOW;
     };
-    let verdict = match nat::tracked_ingress(&flow, ctx.len() as u64) {
-        Some(verdict) => verdict,
-        // Passed here, not handed on to `choose`, which would pass it too.
-        None if !nat::may_start_flow(&flow) => return TC_ACT_OK,
-        None => {
-            let Some(new) = <[u8; 16]>::new_flow() else {
-                return TC_ACT_OK;
-            };
-            new.flow = flow;
-            return NEW_FLOW;
-        }
+    let Some(verdict) = nat::tracked_ingress(&flow, ctx.len() as u64) else {
+        return untracked(&flow);
     };
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
 }
@@ -253,9 +244,23 @@ fn leaving6(ctx: &TcContext) -> i32 {
     apply(ctx, &flow, verdict).unwrap_or(TC_ACT_SHOT)
 }
 
-/// The first packet of a flow, arriving: `nat::new_flow` in two halves (a frame of its own
-/// is what each is for; and the verifier checks what follows each once per way it can
-/// end, not once per way through all of it), handing on through `NewFlow`. The first
+/// An arriving packet of no tracked flow: passed here if it may not start one (not handed
+/// on to `choose`, which would pass it too), else handed on as a new flow (`NEW_FLOW`).
+#[inline(always)]
+fn untracked<A: NewFlows + Copy>(flow: &FlowOf<A>) -> i32 {
+    if !nat::may_start_flow(flow) {
+        return TC_ACT_OK;
+    }
+    let Some(new) = A::new_flow() else {
+        return TC_ACT_OK;
+    };
+    new.flow = *flow;
+    NEW_FLOW
+}
+
+/// The first packet of a flow, arriving: `nat::choose` and `nat::record` apart (a frame
+/// of its own is what each is for; and the verifier checks what follows each once per way
+/// it can end, not once per way through all of it), handing on through `NewFlow`. The first
 /// chooses the service port and backend (`CHOSEN`), or, with nothing to record, answers the
 /// packet's tc action.
 #[inline(never)]
@@ -343,14 +348,7 @@ fn tracked4(ctx: &TcContext, side: Side) -> i32 {
             let verdict = match side {
                 Side::Ingress => match nat::tracked_ingress(&flow, len) {
                     Some(verdict) => verdict,
-                    None if !nat::may_start_flow(&flow) => return TC_ACT_OK,
-                    None => {
-                        let Some(new) = <[u8; 4]>::new_flow() else {
-                            return TC_ACT_OK;
-                        };
-                        new.flow = flow;
-                        return NEW_FLOW;
-                    }
+                    None => return untracked(&flow),
                 },
                 Side::Egress => nat::egress(&flow, len),
             };
