@@ -430,40 +430,103 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// What `measure` returns, with the kernel-measured time the datapath's packet programs ran
-/// while it did and how many runs that was (`BPF_ENABLE_STATS`).
+/// One packet program's kernel-measured time and runs over a measurement.
+pub struct ProgramRuns {
+    pub name: String,
+    pub time: Duration,
+    pub runs: u64,
+}
+
+/// What `measure` returns, with each of the datapath's packet programs' kernel-measured time
+/// and runs while it did (`BPF_ENABLE_STATS`), by program id.
 fn program_cost<T>(
     measure: impl FnOnce() -> anyhow::Result<T>,
-) -> anyhow::Result<(T, Duration, u64)> {
+) -> anyhow::Result<(T, BTreeMap<u32, ProgramRuns>)> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics")?;
-    let sample = || {
+    let sample = || -> BTreeMap<u32, ProgramRuns> {
         aya::programs::loaded_programs()
             .filter_map(Result::ok)
-            .filter(|p| {
-                p.name_as_str()
-                    .is_some_and(|n| PACKET_PROGRAMS.contains(&n))
+            .filter_map(|p| {
+                let name = p.name_as_str().filter(|n| PACKET_PROGRAMS.contains(n))?;
+                let runs = ProgramRuns {
+                    name: name.to_owned(),
+                    time: p.run_time(),
+                    runs: p.run_count(),
+                };
+                Some((p.id(), runs))
             })
-            .fold((Duration::ZERO, 0u64), |(t, n), p| {
-                (t + p.run_time(), n + p.run_count())
-            })
+            .collect()
     };
     let before = sample();
     let result = measure()?;
-    let after = sample();
-    Ok((
-        result,
-        after.0.saturating_sub(before.0),
-        after.1.saturating_sub(before.1),
-    ))
+    let mut after = sample();
+    for (id, p) in &mut after {
+        // A program loaded meanwhile counts from zero.
+        if let Some(b) = before.get(id) {
+            p.time = p.time.saturating_sub(b.time);
+            p.runs = p.runs.saturating_sub(b.runs);
+        }
+    }
+    Ok((result, after))
+}
+
+/// The time and runs of all of `programs` together.
+fn total(programs: &BTreeMap<u32, ProgramRuns>) -> (Duration, u64) {
+    programs
+        .values()
+        .fold((Duration::ZERO, 0), |(t, n), p| (t + p.time, n + p.runs))
 }
 
 /// What `measure` returns, and the mean kernel-measured time of one run of the packet
 /// programs (every packet through them, ingress and egress) while it ran.
 fn tc_program_cost<T>(measure: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
-    let (result, time, runs) = program_cost(measure)?;
+    let (result, programs) = program_cost(measure)?;
+    let (time, runs) = total(&programs);
     ensure!(runs > 0, "the tc programs did not run");
     Ok((result, time.as_nanos() as f64 / runs as f64))
+}
+
+/// Where our paths' time per round trip goes: each node's packet programs, their mean time
+/// per run and their runs per round trip.
+fn program_breakdown(external: &[(node_port::Path, node_port::Figures)]) -> String {
+    let mut columns: Vec<(&str, &str)> = external
+        .iter()
+        .flat_map(|(_, f)| &f.by_program)
+        .map(|p| (p.node.as_str(), p.program.as_str()))
+        .collect();
+    columns.sort_by_key(|&(node, program)| {
+        let hook = PACKET_PROGRAMS.iter().position(|&p| p == program);
+        (node, hook)
+    });
+    columns.dedup();
+    let hook = |program: &str| match program {
+        "proxy_ingress" => "tc ingress",
+        "proxy_egress" => "tc egress",
+        _ => "XDP",
+    };
+    let mut md = String::from(
+        "\n**Where our programs' time goes**, on the same windows: each node's packet programs, their mean kernel time per run (ns) × their runs per round trip (each the median of the windows'; a program that ran fewer than once in 20 round trips is left out):\n\n| data path |",
+    );
+    for (node, program) in &columns {
+        md += &format!(" {node} {} |", hook(program));
+    }
+    md += &format!("\n| --- |{}\n", " ---: |".repeat(columns.len()));
+    for (path, f) in external.iter().filter(|(_, f)| !f.by_program.is_empty()) {
+        md += &format!("| {} |", path.label());
+        for &(node, program) in &columns {
+            let share = f
+                .by_program
+                .iter()
+                .find(|p| p.node == node && p.program == program && p.runs >= 0.05);
+            md += &match share {
+                Some(p) => format!(" {:.0} × {:.1} |", p.ns_per_run, p.runs),
+                None => " — |".to_owned(),
+            };
+        }
+        md += "\n";
+    }
+    md
 }
 
 /// kube-proxy's rulesets for `n` services: load time and connection rate to `last`.
@@ -1105,6 +1168,7 @@ fn main() -> anyhow::Result<()> {
                 )),
         );
     }
+    md += &program_breakdown(&external);
     let font = std::fs::read(FONT).with_context(|| {
         format!("reading the plots' font {FONT} (apt package fonts-dejavu-core)")
     })?;

@@ -7,7 +7,11 @@
 //! Everything runs on one CPU: client, server and the softirqs their packets raise. The
 //! figures are then the CPU cost of the path; across CPUs, the wake-ups between client and
 //! server (IPIs, expensive on a VM) dominate and vary tenfold from run to run.
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    process::Command,
+};
 
 use anyhow::{Context as _, ensure};
 use proxy::testbed::{BACKEND_PORT, Binaries, World};
@@ -64,11 +68,24 @@ pub struct Figures {
     pub failed_connections: u64,
     /// Our packet programs per round trip (our paths only), each the median of the windows'.
     pub datapath_per_round_trip: Option<ProgramTime>,
+    /// The same, program by program (our paths only).
+    pub by_program: Vec<ProgramShare>,
 }
 
 /// Our packet programs' kernel time and runs (each program's each run, on both nodes).
 pub struct ProgramTime {
     pub ns: f64,
+    pub runs: f64,
+}
+
+/// One packet program of one node's agent: its mean time per run and its runs per round
+/// trip, each the median of the windows'.
+pub struct ProgramShare {
+    /// node-a, node-b.
+    pub node: String,
+    /// `proxy_ingress`, `proxy_egress`, `proxy_xdp`.
+    pub program: String,
+    pub ns_per_run: f64,
     pub runs: f64,
 }
 
@@ -207,27 +224,61 @@ fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow:
             (node_port, Some("native"))
         }
     };
+    let mut agents = Vec::new();
     if let Some(mode) = xdp {
         let manifest = world.write_manifest(&manifest(pod))?;
         let manifest = manifest.to_string_lossy().into_owned();
         for node in 0..2 {
-            world.start_agent_on(node, &["--manifests", &manifest, "--xdp", mode], false)?;
+            agents.push(world.start_agent_on(
+                node,
+                &["--manifests", &manifest, "--xdp", mode],
+                false,
+            )?);
         }
     }
     let (connections, failed_connections) = measure(&world, "rate", &to, duration_ms)?;
+    let owners = agents
+        .iter()
+        .zip(&world.nodes)
+        .map(|(agent, node)| Ok((node.name.clone(), programs_held_by(agent.pid)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut windows = Vec::with_capacity(ROUND_TRIP_WINDOWS);
+    let mut shares: BTreeMap<(String, String), Vec<[f64; 2]>> = BTreeMap::new();
     for _ in 0..ROUND_TRIP_WINDOWS {
-        let ((round_trips, _), programs, runs) =
+        let ((round_trips, _), programs) =
             super::program_cost(|| measure(&world, "rr", &to, duration_ms))?;
         let count = round_trips.0 * duration_ms as f64 / 1000.0;
+        let (time, runs) = super::total(&programs);
         windows.push([
             round_trips.0,
             round_trips.1,
-            programs.as_nanos() as f64 / count,
+            time.as_nanos() as f64 / count,
             runs as f64 / count,
         ]);
+        for (id, p) in &programs {
+            let Some((node, _)) = owners.iter().find(|(_, ids)| ids.contains(id)) else {
+                continue;
+            };
+            let per_run = p.time.as_nanos() as f64 / p.runs.max(1) as f64;
+            shares
+                .entry((node.clone(), p.name.clone()))
+                .or_default()
+                .push([per_run, p.runs as f64 / count]);
+        }
     }
     let median = |i: usize| super::median(windows.iter().map(|w| w[i]).collect());
+    let by_program = shares
+        .into_iter()
+        .map(|((node, program), w)| {
+            let median = |i: usize| super::median(w.iter().map(|v| v[i]).collect());
+            ProgramShare {
+                node,
+                program,
+                ns_per_run: median(0),
+                runs: median(1),
+            }
+        })
+        .collect();
     Ok(Figures {
         connections,
         round_trips: (median(0), median(1)),
@@ -236,5 +287,24 @@ fn measure_on_this_cpu(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow:
             ns: median(2),
             runs: median(3),
         }),
+        by_program,
     })
+}
+
+/// The ids of the BPF programs process `pid` holds (its programs' and links' descriptors), by
+/// which the programs each node's agent loaded are told apart.
+fn programs_held_by(pid: u32) -> anyhow::Result<BTreeSet<u32>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        // A descriptor closed since the listing has no information left: skipped.
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        ids.extend(info.lines().filter_map(|l| {
+            l.strip_prefix("prog_id:")
+                .and_then(|id| id.trim().parse::<u32>().ok())
+        }));
+    }
+    Ok(ids)
 }
