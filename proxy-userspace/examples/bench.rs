@@ -42,7 +42,7 @@ mod node_port;
 #[path = "bench/per_packet.rs"]
 mod per_packet;
 
-use per_packet::{Datapoint, fill_conntrack, first_packet_repeat, first_packet_runs, per_packet};
+use per_packet::{Datapoint, fill_conntrack, first_packet_repeat_maps, first_packet_runs, per_packet};
 
 #[derive(Parser)]
 struct Args {
@@ -506,7 +506,7 @@ fn program_breakdown(external: &[(node_port::Path, node_port::Figures)]) -> Stri
         _ => "XDP",
     };
     let mut md = String::from(
-        "\n**Where our programs' time goes**, on the same windows: each node's packet programs, their mean kernel time per run (ns) × their runs per round trip (each the median of the windows'; a program that ran fewer than once in 20 round trips is left out):\n\n| data path |",
+        "\n**Where our programs' time goes**, on the same windows: each node's packet programs, their mean kernel time per run (ns) × their runs per round trip (each the median of the windows', then of the worlds'; a program that ran fewer than once in 20 round trips is left out):\n\n| data path |",
     );
     for (node, program) in &columns {
         md += &format!(" {node} {} |", hook(program));
@@ -935,13 +935,12 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("bench: first packets in repeat mode, along a chain of services");
     let chains = [
-        ("IPv4", first_packet_repeat::<[u8; 4]>(args.runs)?),
-        ("IPv6", first_packet_repeat::<[u8; 16]>(args.runs)?),
+        ("IPv4", first_packet_repeat_maps::<[u8; 4]>(args.runs)?),
+        ("IPv6", first_packet_repeat_maps::<[u8; 16]>(args.runs)?),
     ];
-    for v in chains
-        .iter()
-        .flat_map(|(_, c)| [c.baseline_ns, c.first_ns, c.churned_ns])
-    {
+    for v in chains.iter().flat_map(|(_, c)| {
+        [c.baseline_ns, c.baseline_ns + c.first_above_ns, c.baseline_ns + c.churned_above_ns]
+    }) {
         ensure!(
             v.is_finite() && v > 0.0,
             "a measurement is not a positive number: {v}"
@@ -955,20 +954,7 @@ fn main() -> anyhow::Result<()> {
         scale.push((n, idle, busy));
     }
     eprintln!("bench: NodePort from outside, masqueraded to another node");
-    let mut external = Vec::new();
-    for path in node_port::Path::ALL {
-        let figures = node_port::measure_path(path, &bins, args.duration_ms)
-            .with_context(|| format!("measuring {}", path.label()))?;
-        let (c, r) = (figures.connections, figures.round_trips);
-        for v in [c.0, c.1, r.0, r.1] {
-            ensure!(
-                v.is_finite() && v > 0.0,
-                "{}: a measurement is not a positive number: {v}",
-                path.label()
-            );
-        }
-        external.push((path, figures));
-    }
+    let external = node_port::measure_all(&bins, args.duration_ms)?;
     let date = String::from_utf8(
         Command::new("date")
             .arg("-u")
@@ -1064,19 +1050,30 @@ fn main() -> anyhow::Result<()> {
          \"Above\" is the difference from the empty program run the same way.\n\n\
          *After churn*: as many again, of new clients, once the first ones' entries have been \
          freed as the GC frees them, as in the single runs.\n\n\
-         | family | empty program, repeat (ns) | first packet, repeat (ns; above empty; conntrack fill) | first packet after churn, repeat (ns; above empty) |\n\
-         | --- | ---: | ---: | ---: |\n",
+         Each family's chain runs on {} fresh maps, one after another, and each figure is the \
+         median of the maps': what a first packet costs depends on where a fresh map's memory \
+         lies (its buckets' cache and TLB misses), and each map's figures are in the last \
+         column.\n\n\
+         | family | empty program, repeat (ns) | first packet, repeat (ns; above empty; conntrack fill) | first packet after churn, repeat (ns; above empty) | above empty, each map (fresh / after churn) |\n\
+         | --- | ---: | ---: | ---: | ---: |\n",
         per_packet::CHAIN,
+        per_packet::CHAIN_MAPS,
     );
     for (family, c) in &chains {
+        let each_map = c
+            .each_map
+            .iter()
+            .map(|(first, churned)| format!("{first:.0} / {churned:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         md += &format!(
-            "| {family} | {:.0} | {:.0} ({:.0}; {:.0}%) | {:.0} ({:.0}) |\n",
+            "| {family} | {:.0} | {:.0} ({:.0}; {:.0}%) | {:.0} ({:.0}) | {each_map} |\n",
             c.baseline_ns,
-            c.first_ns,
-            c.first_ns - c.baseline_ns,
+            c.baseline_ns + c.first_above_ns,
+            c.first_above_ns,
             c.conntrack_fill * 100.0,
-            c.churned_ns,
-            c.churned_ns - c.baseline_ns,
+            c.baseline_ns + c.churned_above_ns,
+            c.churned_above_ns,
         );
     }
     md += "\n**New connections end to end** to the last service (sequential TCP connect, one exchange, close; connections/s, median first-packet latency (connect), and the rate as a ratio of connecting to the pod directly; each data path from a client pod of its own). The last column is the tc programs' own cost on that real traffic, kernel-measured (`BPF_ENABLE_STATS`): mean ns per run, ingress and egress, over every packet of the tc path's run:\n\n\
@@ -1141,11 +1138,12 @@ fn main() -> anyhow::Result<()> {
         );
     }
     md += &format!(
-        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; round trips: the median of {} such windows; ratio to routing to the pod without NAT). The last column is the time all our packet programs ran (tc and XDP, kernel-measured) during the round trips, per round trip: the same work, a request and its answer translated and forwarded, done by tc or by XDP; and how many program runs that was, on both nodes (each run carries the kernel's cost of calling a program and timing it, whatever the program does):\n\n\
+        "\n**External traffic**: a client outside the cluster connects to a NodePort on node-a whose only endpoint is a pod on node-b, so node-a masquerades every connection ({} ms per figure; round trips: the median of {} such windows; our paths each in {} worlds of their own, measured in turns, each figure the median of the worlds'; ratio to routing to the pod without NAT). The last column is the time all our packet programs ran (tc and XDP, kernel-measured) during the round trips, per round trip: the same work, a request and its answer translated and forwarded, done by tc or by XDP; and how many program runs that was, on both nodes (each run carries the kernel's cost of calling a program and timing it, whatever the program does):\n\n\
          | data path | new connections/s | median connect (µs) | failed connections | round trips/s on one connection | median round trip (µs) | our programs' kernel time per round trip (ns; program runs) |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         args.duration_ms,
         node_port::ROUND_TRIP_WINDOWS,
+        node_port::OUR_PATH_WORLDS,
     );
     // Path::ALL starts with the baseline.
     let base = &external[0].1;

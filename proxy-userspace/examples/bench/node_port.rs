@@ -41,6 +41,11 @@ impl Path {
         Path::XdpNative,
     ];
 
+    /// Ours, rather than a baseline.
+    fn ours(self) -> bool {
+        matches!(self, Path::Tc | Path::XdpGeneric | Path::XdpNative)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Path::Routed => "routed to the pod, no NAT",
@@ -50,6 +55,41 @@ impl Path {
             Path::XdpNative => "our XDP, native",
         }
     }
+}
+
+/// Worlds each of our paths is measured in, in turns (tc, generic XDP, native XDP, then
+/// again), each figure the median of the worlds': a fresh world's maps lie elsewhere in
+/// memory, and the VM's load drifts over minutes; either moved a path's time per round trip
+/// by 5-10% between quick runs of one world each.
+pub const OUR_PATH_WORLDS: usize = 3;
+
+/// Every path measured, in `Path::ALL`'s order: the baselines in one world each, ours in
+/// `OUR_PATH_WORLDS` each.
+pub fn measure_all(bins: &Binaries, duration_ms: u64) -> anyhow::Result<Vec<(Path, Figures)>> {
+    let mut worlds: Vec<(Path, Vec<Figures>)> =
+        Path::ALL.iter().map(|&path| (path, Vec::new())).collect();
+    for round in 0..OUR_PATH_WORLDS {
+        for (path, figures) in &mut worlds {
+            if round > 0 && !path.ours() {
+                continue;
+            }
+            let f = measure_path(*path, bins, duration_ms)
+                .with_context(|| format!("measuring {}", path.label()))?;
+            let (c, r) = (f.connections, f.round_trips);
+            for v in [c.0, c.1, r.0, r.1] {
+                ensure!(
+                    v.is_finite() && v > 0.0,
+                    "{}: a measurement is not a positive number: {v}",
+                    path.label()
+                );
+            }
+            figures.push(f);
+        }
+    }
+    Ok(worlds
+        .into_iter()
+        .map(|(path, figures)| (path, Figures::median_of(&figures)))
+        .collect())
 }
 
 /// Windows of round trips on one connection per path, each as long as the connection rate's:
@@ -70,6 +110,43 @@ pub struct Figures {
     pub datapath_per_round_trip: Option<ProgramTime>,
     /// The same, program by program (our paths only).
     pub by_program: Vec<ProgramShare>,
+}
+
+impl Figures {
+    /// Each figure the median of `worlds`' (failed connections: their sum).
+    fn median_of(worlds: &[Figures]) -> Figures {
+        let median = |f: &dyn Fn(&Figures) -> f64| super::median(worlds.iter().map(f).collect());
+        let mut programs: BTreeMap<(&str, &str), Vec<&ProgramShare>> = BTreeMap::new();
+        for p in worlds.iter().flat_map(|w| &w.by_program) {
+            programs
+                .entry((p.node.as_str(), p.program.as_str()))
+                .or_default()
+                .push(p);
+        }
+        Figures {
+            connections: (median(&|f| f.connections.0), median(&|f| f.connections.1)),
+            round_trips: (median(&|f| f.round_trips.0), median(&|f| f.round_trips.1)),
+            failed_connections: worlds.iter().map(|f| f.failed_connections).sum(),
+            datapath_per_round_trip: worlds[0].datapath_per_round_trip.as_ref().map(|_| {
+                let of = |f: &Figures, g: fn(&ProgramTime) -> f64| {
+                    f.datapath_per_round_trip.as_ref().map_or(0.0, g)
+                };
+                ProgramTime {
+                    ns: median(&|f| of(f, |p| p.ns)),
+                    runs: median(&|f| of(f, |p| p.runs)),
+                }
+            }),
+            by_program: programs
+                .into_iter()
+                .map(|((node, program), shares)| ProgramShare {
+                    node: node.to_owned(),
+                    program: program.to_owned(),
+                    ns_per_run: super::median(shares.iter().map(|p| p.ns_per_run).collect()),
+                    runs: super::median(shares.iter().map(|p| p.runs).collect()),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Our packet programs' kernel time and runs (each program's each run, on both nodes).
@@ -169,7 +246,7 @@ fn set_affinity(set: &libc::cpu_set_t) -> anyhow::Result<()> {
 }
 
 /// Builds the two-node world for `path` and measures it, on one CPU.
-pub fn measure_path(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow::Result<Figures> {
+fn measure_path(path: Path, bins: &Binaries, duration_ms: u64) -> anyhow::Result<Figures> {
     let all = affinity()?;
     // SAFETY: a valid set and CPU numbers below CPU_SETSIZE.
     let first = (0..libc::CPU_SETSIZE as usize)

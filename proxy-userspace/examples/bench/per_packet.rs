@@ -336,14 +336,52 @@ pub const CHAIN: u32 = 100;
 
 /// First packets in repeat mode, the program's code and the services' entries in the
 /// caches as on a node taking new flows one after another.
-pub struct ChainPoint {
+struct ChainPoint {
     /// The empty program, run the same way.
-    pub baseline_ns: f64,
-    pub first_ns: f64,
+    baseline_ns: f64,
+    first_ns: f64,
     /// First packets again after the GC freed the first ones' entries (`free_as_gc`).
-    pub churned_ns: f64,
+    churned_ns: f64,
     /// Conntrack fill (entries / capacity) halfway through.
+    conntrack_fill: f64,
+}
+
+/// Fresh maps each family's chain is measured on, one after another. What a first packet
+/// costs depends on where a fresh map's memory lies (its buckets' cache and TLB misses):
+/// the same chain on fresh maps, back to back, took 525-824 ns above empty.
+pub const CHAIN_MAPS: usize = 3;
+
+/// A family's chain on its fresh maps: each figure the median of the maps', and each map's
+/// first packets above empty (fresh, after churn).
+pub struct Chain {
+    pub baseline_ns: f64,
+    pub first_above_ns: f64,
+    pub churned_above_ns: f64,
+    /// Conntrack fill (entries / capacity) halfway through, the same on every map.
     pub conntrack_fill: f64,
+    pub each_map: Vec<(f64, f64)>,
+}
+
+/// The chain on `CHAIN_MAPS` fresh maps.
+pub fn first_packet_repeat_maps<A: Measured>(runs: u32) -> anyhow::Result<Chain>
+where
+    CtKeyOf<A>: Pod,
+    CtEntryOf<A>: Pod,
+{
+    let points = (0..CHAIN_MAPS)
+        .map(|_| first_packet_repeat::<A>(runs))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let median = |f: fn(&ChainPoint) -> f64| super::median(points.iter().map(f).collect());
+    Ok(Chain {
+        baseline_ns: median(|p| p.baseline_ns),
+        first_above_ns: median(|p| p.first_ns - p.baseline_ns),
+        churned_above_ns: median(|p| p.churned_ns - p.baseline_ns),
+        conntrack_fill: points[0].conntrack_fill,
+        each_map: points
+            .iter()
+            .map(|p| (p.first_ns - p.baseline_ns, p.churned_ns - p.baseline_ns))
+            .collect(),
+    })
 }
 
 /// First packets of family `A` in repeat mode, as many as single runs measure
@@ -354,7 +392,7 @@ pub struct ChainPoint {
 /// is a new client's first packet: lookups that miss, a backend chosen, a conntrack entry
 /// made, the packet translated. Each batch sends a client address of its own along the
 /// chain, around a half-full conntrack map.
-pub fn first_packet_repeat<A: Measured>(runs: u32) -> anyhow::Result<ChainPoint>
+fn first_packet_repeat<A: Measured>(runs: u32) -> anyhow::Result<ChainPoint>
 where
     CtKeyOf<A>: Pod,
     CtEntryOf<A>: Pod,
