@@ -25,7 +25,7 @@ use clap::Parser;
 use proxy::{
     agent::REPAIR_STEP,
     controller::Controller,
-    datapath::Datapath,
+    datapath::{Datapath, XdpAttach},
     desired::Topology,
     manifest::parse_manifest,
     maps::Maps,
@@ -684,7 +684,7 @@ fn change_latency(n: usize, changes: usize, load: Load) -> anyhow::Result<Change
         "/sys/fs/bpf/proxy-bench-change-{}-{n}",
         std::process::id()
     )));
-    let _datapath = Datapath::load(&pins.0, &[])?;
+    let _datapath = Datapath::load(&pins.0, &[], XdpAttach::Off)?;
     let reconciler = Reconciler::adopt(Maps::open(&pins.0)?)?;
     let endpoints = [
         Ipv4Addr::new(10, 244, 250, 1),

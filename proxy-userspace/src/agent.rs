@@ -610,7 +610,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes)?;
+    let mut datapath = Datapath::load(&config.bpffs, &config.map_sizes, config.xdp)?;
     datapath.attach_socket_hooks(&cgroup)?;
     datapath.attach_tc(&served, config.tc_attach)?;
     datapath.attach_xdp(&xdp_interfaces, config.xdp)?;

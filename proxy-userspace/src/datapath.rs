@@ -206,8 +206,9 @@ fn kernel_has_bpf_f_ipv6() -> bool {
 
 impl Datapath {
     /// Takes the pin directory's lock and loads the datapath; `sizes` overrides map
-    /// capacities (a map already pinned keeps the capacity it was created with).
-    pub fn load(bpffs: &Path, sizes: &[(String, u32)]) -> anyhow::Result<Self> {
+    /// capacities (a map already pinned keeps the capacity it was created with); `xdp`: the
+    /// XDP mode `attach_xdp` will be given, without which tc ingress reads no XDP marks.
+    pub fn load(bpffs: &Path, sizes: &[(String, u32)], xdp: XdpAttach) -> anyhow::Result<Self> {
         preflight::bpffs(bpffs)?;
         std::fs::create_dir_all(bpffs)
             .with_context(|| format!("creating the pin directory {}", bpffs.display()))?;
@@ -215,6 +216,8 @@ impl Datapath {
         let bpf_f_ipv6 = u8::from(kernel_has_bpf_f_ipv6());
         let mut loader = EbpfLoader::new();
         loader.override_global("KERNEL_HAS_BPF_F_IPV6", &bpf_f_ipv6, true);
+        let xdp_attached = u8::from(xdp != XdpAttach::Off);
+        loader.override_global("XDP_ATTACHED", &xdp_attached, true);
         for name in maps::ALL {
             loader.map_pin_path(name, bpffs.join(name));
         }

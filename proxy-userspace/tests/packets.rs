@@ -15,7 +15,7 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use proxy::{
-    datapath::Datapath,
+    datapath::{Datapath, XdpAttach},
     desired::{DesiredService, DesiredState, Frontend},
     family::{Backend, ServiceKey},
     maps::Maps,
@@ -77,7 +77,7 @@ impl Fixture {
             (maps::CONNTRACK.to_owned(), 4096),
             (maps::CONNTRACK6.to_owned(), 4096),
         ];
-        let datapath = Datapath::load(&pins, &sizes).expect("loading the datapath");
+        let datapath = Datapath::load(&pins, &sizes, XdpAttach::Off).expect("loading the datapath");
         let fixture = Fixture { pins, datapath };
         let mut desired = DesiredState::new();
         let frontends = [

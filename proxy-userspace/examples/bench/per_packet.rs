@@ -15,7 +15,7 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use proxy::{
-    datapath::Datapath,
+    datapath::{Datapath, XdpAttach},
     desired::{DesiredService, DesiredState},
     family::{Backend, ServiceKey},
     maps::Maps,
@@ -448,7 +448,7 @@ fn pin_dir<A: Measured>(what: &str) -> PinDir {
 
 /// The datapath loaded with its maps pinned in `dir`, `services` of family `A` programmed.
 fn programmed<A: Measured>(dir: &Path, services: &DesiredState) -> anyhow::Result<Datapath> {
-    let datapath = Datapath::load(dir, &[])?;
+    let datapath = Datapath::load(dir, &[], XdpAttach::Off)?;
     let mut reconciler = Reconciler::adopt(Maps::open(dir)?)?;
     let report = reconciler.apply(services);
     ensure!(
