@@ -518,13 +518,7 @@ fn client_key_holder<A: Family>(
     // the one entry found by its client key would take their replies. (Rare enough not to
     // tell an ended flow's tuple from a live one's here.)
     if shared != 0 && !masquerade {
-        e.key = CtKeyOf::tuple(
-            chosen.backend.addr,
-            flow.key.src,
-            chosen.backend.port,
-            flow.key.sport,
-            flow.key.proto,
-        );
+        e.key = reply_tuple(flow, chosen);
         // Taken by a flow under 5-tuples, live or not: this flow joins them, moved.
         if A::ct_get_ptr_mut(&e.key).is_some() {
             e.forward.flags = 0;
@@ -582,6 +576,18 @@ fn unserved_from_node<A: Family>(flow: &FlowOf<A>) -> Verdict<A> {
     }
 }
 
+/// The 5-tuple of the backend's replies to the client as it is (unmasqueraded).
+#[inline(always)]
+fn reply_tuple<A: Family>(flow: &FlowOf<A>, chosen: &Chosen<A>) -> CtKeyOf<A> {
+    CtKeyOf::tuple(
+        chosen.backend.addr,
+        flow.key.src,
+        chosen.backend.port,
+        flow.key.sport,
+        flow.key.proto,
+    )
+}
+
 /// Records a new flow's reply entry, if it needs one, under a reply tuple (backend →
 /// client) that no other live flow holds, and returns the rewrite of the packet's source
 /// that the tuple needs. An unmasqueraded flow under its client key needs none: its replies
@@ -604,13 +610,7 @@ fn claim_reply_tuple<A: Family>(
         return Ok(RewriteOf::NONE);
     }
     if !masquerade && !holder.clash {
-        e.key = CtKeyOf::tuple(
-            chosen.backend.addr,
-            flow.key.src,
-            chosen.backend.port,
-            flow.key.sport,
-            flow.key.proto,
-        );
+        e.key = reply_tuple(flow, chosen);
         let (key, reply) = (&e.key, &e.reply);
         match ct::create(key, reply) {
             Ok(()) => return Ok(RewriteOf::NONE),
