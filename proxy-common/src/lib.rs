@@ -811,3 +811,17 @@ mod pod {
     unsafe impl aya::Pod for UnusedEndpoint {}
     unsafe impl aya::Pod for UnusedEndpoint6 {}
 }
+
+/// The BTF id written, in the object, into the datapath's calls of the kernel function
+/// `bpf_cast_to_kern_ctx` (an eBPF `call` with source register 2: a kfunc), which the agent
+/// replaces with the running kernel's id before loading: aya 0.14 does not relocate kfunc
+/// calls. No kernel's BTF has this many types.
+pub const KFUNC_ID_PLACEHOLDER: u32 = 0x4b46_4e43;
+
+/// The eBPF instruction of such a call, as its eight bytes (little-endian): opcode
+/// `BPF_JMP | BPF_CALL`, source register `BPF_PSEUDO_KFUNC_CALL` (2), offset 0 (vmlinux's
+/// BTF), then the function's BTF id.
+pub const fn kfunc_call(btf_id: u32) -> [u8; 8] {
+    let id = btf_id.to_le_bytes();
+    [0x85, 0x20, 0, 0, id[0], id[1], id[2], id[3]]
+}

@@ -10,6 +10,8 @@
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
+mod csum_state;
+#[cfg(target_arch = "bpf")]
 mod ct;
 #[cfg(target_arch = "bpf")]
 mod family;

@@ -27,6 +27,7 @@ use proxy_common::maps;
 use tracing::info;
 
 use crate::{
+    csum_state::{CsumState, patch_kfunc_calls},
     ct_upgrade::CtUpgrade,
     link_target::{self, LinkTarget},
     node_lock::NodeLock,
@@ -209,6 +210,25 @@ impl Datapath {
     /// capacities (a map already pinned keeps the capacity it was created with); `xdp`: the
     /// XDP mode `attach_xdp` will be given, without which tc ingress reads no XDP marks.
     pub fn load(bpffs: &Path, sizes: &[(String, u32)], xdp: XdpAttach) -> anyhow::Result<Self> {
+        let csum_state = CsumState::from_kernel()
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "tc cannot read socket buffers' checksum state ({e:#}): it updates TCP \
+                     and UDP checksums through its helper, one more call per translated packet"
+                )
+            })
+            .ok();
+        Self::load_with_csum_state(bpffs, sizes, xdp, csum_state)
+    }
+
+    /// `load`, with tc reading socket buffers' checksum state where `csum_state` says (not
+    /// at all without it).
+    pub fn load_with_csum_state(
+        bpffs: &Path,
+        sizes: &[(String, u32)],
+        xdp: XdpAttach,
+        csum_state: Option<CsumState>,
+    ) -> anyhow::Result<Self> {
         preflight::bpffs(bpffs)?;
         std::fs::create_dir_all(bpffs)
             .with_context(|| format!("creating the pin directory {}", bpffs.display()))?;
@@ -218,6 +238,10 @@ impl Datapath {
         loader.override_global("KERNEL_HAS_BPF_F_IPV6", &bpf_f_ipv6, true);
         let xdp_attached = u8::from(xdp != XdpAttach::Off);
         loader.override_global("XDP_ATTACHED", &xdp_attached, true);
+        let (byte, shift) = csum_state.map_or((0, 0), |s| (s.byte, s.shift));
+        loader.override_global("SKB_IP_SUMMED_BYTE", &byte, true);
+        loader.override_global("SKB_IP_SUMMED_SHIFT", &shift, true);
+        let object = patch_kfunc_calls(OBJECT, csum_state.map(|s| s.kfunc_id))?;
         for name in maps::ALL {
             loader.map_pin_path(name, bpffs.join(name));
         }
@@ -249,12 +273,14 @@ impl Datapath {
                 loader.map_max_entries(companion, size.saturating_add(1));
             }
         }
-        let ebpf = loader.load(OBJECT).with_context(|| {
-            format!(
-                "loading the eBPF datapath with maps pinned under {}",
-                bpffs.display()
-            )
-        })?;
+        let ebpf = loader
+            .load(&bytemuck::cast_slice(&object)[..OBJECT.len()])
+            .with_context(|| {
+                format!(
+                    "loading the eBPF datapath with maps pinned under {}",
+                    bpffs.display()
+                )
+            })?;
         upgrade.copy()?;
         let datapath = Self {
             ebpf,

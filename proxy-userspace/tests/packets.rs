@@ -15,6 +15,7 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use proxy::{
+    csum_state::CsumState,
     datapath::{Datapath, XdpAttach},
     desired::{DesiredService, DesiredState, Frontend},
     family::{Backend, ServiceKey},
@@ -67,6 +68,12 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Self::with_csum_state(CsumState::from_kernel().ok())
+    }
+
+    /// The datapath as loaded on a kernel whose socket buffers' checksum state tc cannot
+    /// read: it updates TCP and UDP checksums through its helper.
+    fn with_csum_state(csum_state: Option<CsumState>) -> Fixture {
         let pins = PathBuf::from(format!(
             "/sys/fs/bpf/proxy-test-packets-{}-{}",
             std::process::id(),
@@ -77,7 +84,8 @@ impl Fixture {
             (maps::CONNTRACK.to_owned(), 4096),
             (maps::CONNTRACK6.to_owned(), 4096),
         ];
-        let datapath = Datapath::load(&pins, &sizes, XdpAttach::Off).expect("loading the datapath");
+        let datapath = Datapath::load_with_csum_state(&pins, &sizes, XdpAttach::Off, csum_state)
+            .expect("loading the datapath");
         let fixture = Fixture { pins, datapath };
         let mut desired = DesiredState::new();
         let frontends = [
@@ -848,24 +856,30 @@ fn fuzz(fx: &mut Fixture, hook: Hook, family: &Fuzzed, runs: usize) -> (usize, V
     (malformed, translated)
 }
 
-/// Through tc ingress, the clients' first packets, and tc egress, the backend's replies.
+/// Through tc ingress, the clients' first packets, and tc egress, the backend's replies;
+/// with the checksums updated in the frame as the socket buffer's state allows (the test
+/// run's are `CHECKSUM_NONE`), and through the helper, as where that state cannot be read.
 fn fuzz_tc(family: fn(Direction) -> Fuzzed) {
-    let mut fx = Fixture::new();
     let hooks = [
         (Hook::TcIngress, Direction::Requests),
         (Hook::TcEgress, Direction::Replies),
     ];
-    for (hook, direction) in hooks {
-        let (malformed, translated) = fuzz(&mut fx, hook, &family(direction), 12_000);
-        let translated: usize = translated.iter().sum();
-        assert!(
-            malformed > 5_000,
-            "{hook:?}: {malformed} of the inputs were malformed"
-        );
-        assert!(
-            translated > 500,
-            "{hook:?}: {translated} inputs were translated"
-        );
+    for (mut fx, checksums) in [
+        (Fixture::new(), "in the frame"),
+        (Fixture::with_csum_state(None), "by the helper"),
+    ] {
+        for (hook, direction) in hooks {
+            let (malformed, translated) = fuzz(&mut fx, hook, &family(direction), 12_000);
+            let translated: usize = translated.iter().sum();
+            assert!(
+                malformed > 5_000,
+                "{hook:?}, checksums {checksums}: {malformed} of the inputs were malformed"
+            );
+            assert!(
+                translated > 500,
+                "{hook:?}, checksums {checksums}: {translated} inputs were translated"
+            );
+        }
     }
 }
 
