@@ -7,10 +7,11 @@
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use proxy_common::KFUNC_ID_PLACEHOLDER;
 
-/// `CHECKSUM_NONE`: nothing checked yet; the field is the segment's whole checksum.
-pub const CHECKSUM_NONE: u8 = 0;
-/// `CHECKSUM_UNNECESSARY`: checked by the NIC; the field is still the whole checksum.
-pub const CHECKSUM_UNNECESSARY: u8 = 1;
+// The other two: `CHECKSUM_NONE` (nothing checked yet) and `CHECKSUM_UNNECESSARY` (checked
+// by the NIC), in both of which the field is the segment's whole checksum.
+/// `CHECKSUM_COMPLETE`: the field is the whole checksum, and the socket buffer holds the
+/// sum of the whole packet (from the NIC), which a change of the pseudo-header alters.
+pub const CHECKSUM_COMPLETE: u8 = 2;
 /// `CHECKSUM_PARTIAL`: to be completed by the NIC or the stack; the field holds the
 /// pseudo-header's sum only.
 pub const CHECKSUM_PARTIAL: u8 = 3;

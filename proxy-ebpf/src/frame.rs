@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    csum_state::{self, CHECKSUM_NONE, CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY},
+    csum_state::{self, CHECKSUM_COMPLETE, CHECKSUM_PARTIAL},
     packet::IP_CSUM_OFF,
 };
 
@@ -280,12 +280,10 @@ impl Frame for TcContext {
         Some(u16::from_be(unsafe { (*self.skb.skb).protocol } as u16))
     }
 
-    /// In the frame when the socket buffer's checksum state is known and not complete
-    /// (`csum_state`): the whole checksum, or a partial one's pseudo-header sum (which the
-    /// fields do not enter). Else the pseudo-header through the helper, which keeps the
-    /// checksum as the socket buffer has it (`pseudo_csum_by_helper`), and the fields in
-    /// the frame when the helper's effect showed a full checksum (`SumKind::after_pseudo`),
-    /// through the helper when that could not be told.
+    /// As the socket buffer keeps the checksum (`csum_state`): a partial one takes the
+    /// pseudo-header's change only, in the frame; a whole one, both changes in the frame,
+    /// but for a complete sum of the packet, which the helper keeps right along with the
+    /// pseudo-header's change. Where the state cannot be read, `update_l4_csum_inferred`.
     #[inline(always)]
     fn update_l4_csum(
         &self,
@@ -295,36 +293,52 @@ impl Frame for TcContext {
         udp: bool,
         ipv6: bool,
     ) -> Option<()> {
-        match csum_state::ip_summed(self) {
-            Some(CHECKSUM_NONE | CHECKSUM_UNNECESSARY) => {
-                return update_csum(self, offset, udp, |c| {
-                    add_diff(c, pseudo + fields.unwrap_or(0))
-                });
-            }
-            Some(CHECKSUM_PARTIAL) => {
-                return update_csum(self, offset, udp, |c| !add_diff(!c, pseudo));
-            }
-            _ => {}
-        }
-        // A value on every path, which LLVM cannot trace back to the bounds check (`opaque`):
-        // it would test the bounds again after the helper call, whose packet pointers the
-        // verifier has forgotten by then, and read a `before` only one path wrote.
-        let before = opaque(linear_csum(self, offset).map_or(NOT_LINEAR, u64::from));
-        pseudo_csum_by_helper(self, offset, pseudo, udp, ipv6)?;
-        let Some(fields) = fields else {
-            return Some(());
+        let Some(kind) = csum_state::ip_summed(self) else {
+            return update_l4_csum_inferred(self, offset, pseudo, fields, udp, ipv6);
         };
-        let kind = match (before, linear_csum(self, offset)) {
-            (NOT_LINEAR, _) | (_, None) => SumKind::Unknown,
-            (before, Some(after)) => SumKind::after_pseudo(before as u16, after, pseudo),
-        };
+        let fields = fields.unwrap_or(0);
         match kind {
-            SumKind::Full => update_csum(self, offset, udp, |c| add_diff(c, fields)),
-            SumKind::Partial => Some(()),
-            SumKind::Unknown => self
-                .l4_csum_replace(offset, 0, fields as u64, mangled_0(udp))
-                .ok(),
+            CHECKSUM_PARTIAL => update_csum(self, offset, udp, |c| !add_diff(!c, pseudo)),
+            CHECKSUM_COMPLETE => {
+                pseudo_csum_by_helper(self, offset, pseudo, udp, ipv6)?;
+                update_csum(self, offset, udp, |c| add_diff(c, fields))
+            }
+            _ => update_csum(self, offset, udp, |c| add_diff(c, pseudo + fields)),
         }
+    }
+}
+
+/// The pseudo-header's change through the helper, which keeps the checksum as the socket
+/// buffer has it (`pseudo_csum_by_helper`), and the fields' in the frame when the helper's
+/// effect showed a whole checksum (`SumKind::after_pseudo`), through the helper when that
+/// could not be told.
+#[inline(always)]
+fn update_l4_csum_inferred(
+    ctx: &TcContext,
+    offset: usize,
+    pseudo: u32,
+    fields: Option<u32>,
+    udp: bool,
+    ipv6: bool,
+) -> Option<()> {
+    // A value on every path, which LLVM cannot trace back to the bounds check (`opaque`):
+    // it would test the bounds again after the helper call, whose packet pointers the
+    // verifier has forgotten by then, and read a `before` only one path wrote.
+    let before = opaque(linear_csum(ctx, offset).map_or(NOT_LINEAR, u64::from));
+    pseudo_csum_by_helper(ctx, offset, pseudo, udp, ipv6)?;
+    let Some(fields) = fields else {
+        return Some(());
+    };
+    let kind = match (before, linear_csum(ctx, offset)) {
+        (NOT_LINEAR, _) | (_, None) => SumKind::Unknown,
+        (before, Some(after)) => SumKind::after_pseudo(before as u16, after, pseudo),
+    };
+    match kind {
+        SumKind::Full => update_csum(ctx, offset, udp, |c| add_diff(c, fields)),
+        SumKind::Partial => Some(()),
+        SumKind::Unknown => ctx
+            .l4_csum_replace(offset, 0, fields as u64, mangled_0(udp))
+            .ok(),
     }
 }
 

@@ -42,7 +42,9 @@ mod node_port;
 #[path = "bench/per_packet.rs"]
 mod per_packet;
 
-use per_packet::{Datapoint, fill_conntrack, first_packet_repeat_maps, first_packet_runs, per_packet};
+use per_packet::{
+    Datapoint, fill_conntrack, first_packet_repeat_maps, first_packet_runs, per_packet,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -939,7 +941,11 @@ fn main() -> anyhow::Result<()> {
         ("IPv6", first_packet_repeat_maps::<[u8; 16]>(args.runs)?),
     ];
     for v in chains.iter().flat_map(|(_, c)| {
-        [c.baseline_ns, c.baseline_ns + c.first_above_ns, c.baseline_ns + c.churned_above_ns]
+        [
+            c.baseline_ns,
+            c.baseline_ns + c.first_above_ns,
+            c.baseline_ns + c.churned_above_ns,
+        ]
     }) {
         ensure!(
             v.is_finite() && v > 0.0,
