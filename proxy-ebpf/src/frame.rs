@@ -452,8 +452,7 @@ fn update_csum<F: Frame + ?Sized>(
     ctx.write(offset, &csum)
 }
 
-/// Through the load and store helpers rather than direct access: LLVM merges bounds
-/// checks of direct reads in ways the verifier cannot follow.
+/// Direct access in the frame's first buffer, the helpers past it (a multi-buffer frame).
 impl Frame for XdpContext {
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
