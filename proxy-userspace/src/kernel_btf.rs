@@ -1,6 +1,7 @@
-//! Where a member of a kernel struct lies, from the running kernel's BTF
-//! (`/sys/kernel/btf/vmlinux`): for the programs that read kernel structs directly (the
-//! socket iterator, tc's checksum state). aya's BTF does not show members.
+//! Kernel functions' ids and where a member of a kernel struct lies, from the running
+//! kernel's BTF (`/sys/kernel/btf/vmlinux`), parsed once per use: for the programs that
+//! call kfuncs and read kernel structs directly (the socket iterator, tc's checksum state).
+//! aya's BTF does not show members.
 use anyhow::{Context as _, bail};
 use btf_rs::{Btf, Type};
 

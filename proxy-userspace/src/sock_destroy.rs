@@ -16,18 +16,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::{
-    Btf,
-    maps::{HashMap, Map, MapData},
-};
-use aya_obj::{
-    btf::BtfKind,
-    generated::{
-        BPF_ADD, BPF_ALU64, BPF_B, BPF_CALL, BPF_DW, BPF_EXIT, BPF_F_NO_PREALLOC, BPF_H, BPF_IMM,
-        BPF_JA, BPF_JEQ, BPF_JMP, BPF_JNE, BPF_K, BPF_LD, BPF_LDX, BPF_MEM, BPF_MOV,
-        BPF_PSEUDO_KFUNC_CALL, BPF_PSEUDO_MAP_FD, BPF_ST, BPF_STX, BPF_W, BPF_X, bpf_attach_type,
-        bpf_map_type, bpf_prog_type,
-    },
+use aya::maps::{HashMap, Map, MapData};
+use aya_obj::generated::{
+    BPF_ADD, BPF_ALU64, BPF_B, BPF_CALL, BPF_DW, BPF_EXIT, BPF_F_NO_PREALLOC, BPF_H, BPF_IMM,
+    BPF_JA, BPF_JEQ, BPF_JMP, BPF_JNE, BPF_K, BPF_LD, BPF_LDX, BPF_MEM, BPF_MOV,
+    BPF_PSEUDO_KFUNC_CALL, BPF_PSEUDO_MAP_FD, BPF_ST, BPF_STX, BPF_W, BPF_X, bpf_attach_type,
+    bpf_map_type, bpf_prog_type,
 };
 
 use crate::{
@@ -290,12 +284,10 @@ impl SockDestroy {
     /// entry `sock_rev_nat` can hold, where they come from). Fails on a kernel without
     /// `bpf_sock_destroy` (or without BTF), saying which.
     pub fn load(protocols: &[Protocol], capacity: u32) -> anyhow::Result<Self> {
-        let btf =
-            Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-        let destroy = btf
-            .id_by_type_name_kind("bpf_sock_destroy", BtfKind::Func)
+        let btf = kernel_btf::vmlinux()?;
+        let destroy = kernel_btf::func_id(&btf, "bpf_sock_destroy")
             .context("this kernel has no bpf_sock_destroy (Linux 6.5 or later has it)")?;
-        let v6_daddr = sock_common_offset("skc_v6_daddr")?;
+        let v6_daddr = sock_common_offset(&btf, "skc_v6_daddr")?;
         let map = MapData::create(
             aya_obj::Map::new_from_params(
                 bpf_map_type::BPF_MAP_TYPE_HASH as u32,
@@ -311,8 +303,7 @@ impl SockDestroy {
         let map_fd = map.fd().as_fd().as_raw_fd();
         let mut iterators = Vec::new();
         for &protocol in protocols {
-            let attach = btf
-                .id_by_type_name_kind(protocol.iterator(), BtfKind::Func)
+            let attach = kernel_btf::func_id(&btf, protocol.iterator())
                 .with_context(|| format!("this kernel has no {} iterator", protocol.name()))?;
             let prog = load_program(protocol, &program(map_fd, destroy, v6_daddr), attach)?;
             let mut link_attr = attr();
@@ -391,8 +382,8 @@ fn load_program(protocol: Protocol, insns: &[u64], attach_btf_id: u32) -> anyhow
 }
 
 /// The byte offset of `member` in the kernel's `struct sock_common`, from its BTF.
-fn sock_common_offset(member: &str) -> anyhow::Result<i16> {
-    let place = kernel_btf::member_place(&kernel_btf::vmlinux()?, "sock_common", member)?;
+fn sock_common_offset(btf: &btf_rs::Btf, member: &str) -> anyhow::Result<i16> {
+    let place = kernel_btf::member_place(btf, "sock_common", member)?;
     i16::try_from(place.bit_offset / 8)
         .with_context(|| format!("sock_common.{member} at an unexpected offset"))
 }
